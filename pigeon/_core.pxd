@@ -1,0 +1,125 @@
+# The broker core's C-level state. Every struct here is owned by one Broker
+# and freed by it; Python code only sees connection handles (ints).
+
+from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
+
+
+cdef extern from *:
+    """
+    #define PIGEON_TOPIC_MAX 255
+    """
+    int TOPIC_MAX "PIGEON_TOPIC_MAX"
+
+
+ctypedef struct BacklogEntry:
+    char *data              # the message bytes, PyMem_Malloc'd, owned by the backlog
+    size_t len
+
+
+ctypedef struct Backlog:
+    # A FIFO ring of messages waiting for a subscriber. Kept behind
+    # backlog_push/backlog_pop so it can later be backed by a log on disk.
+    BacklogEntry *ring
+    uint32_t head           # index of the oldest entry
+    uint32_t count
+    uint32_t cap            # ring size, a power of two (0 until first use)
+    size_t nbytes           # payload bytes held
+
+
+ctypedef struct Topic:
+    Topic *next             # hash-bucket chain
+    uint64_t hash
+    char *name              # points just past the struct, same allocation
+    uint16_t name_len
+    int32_t *subs           # connection handles, in subscription order
+    int32_t nsubs
+    int32_t subs_cap
+    int32_t cursor          # index of the next turn; may equal nsubs (wraps lazily)
+    Backlog backlog
+    uint64_t published      # messages accepted for this topic
+    uint64_t delivered      # messages written to a subscriber
+
+
+ctypedef struct Conn:
+    int32_t state           # CONN_FREE, CONN_OPEN or CONN_CLOSING
+    bint paused             # transport over its high-water mark: skipped by rotations
+    bint dirty              # has output not yet handed to its writer
+    uint64_t client_id      # 0 until CONNECT
+    char id_text[24]        # client_id as sent on the wire
+    uint32_t id_len
+    char *out               # output not yet handed to the writer
+    size_t out_len
+    size_t out_cap
+    char *pending           # an incomplete line carried over to the next read
+    size_t pending_len
+    Topic **subs            # topics this connection subscribes to
+    int32_t nsubs
+    int32_t subs_cap
+
+
+ctypedef struct Counters:
+    uint64_t connections_total
+    uint64_t commands
+    uint64_t published      # PUBLISH accepted
+    uint64_t delivered      # MESSAGE lines written
+    uint64_t backlogged     # messages that went through a backlog
+    uint64_t refused        # PUBLISH refused (backlog full)
+    uint64_t errors         # ERROR lines sent
+    uint64_t bytes_in
+    uint64_t bytes_out
+
+
+cdef class Broker:
+    # limits
+    cdef size_t max_line
+    cdef uint32_t max_backlog
+
+    # connections
+    cdef Conn *conns
+    cdef int32_t conns_cap
+    cdef int32_t nconns
+    cdef int32_t *free_handles
+    cdef int32_t nfree
+    cdef list writers           # writers[handle]: callable taking bytes
+    cdef uint64_t next_client_id
+
+    # connections with output to hand over, in the order they got it
+    cdef int32_t *dirty
+    cdef int32_t ndirty
+
+    # topics: a chained hash table, plus the last topic found
+    cdef Topic **buckets
+    cdef size_t nbuckets
+    cdef size_t ntopics
+    cdef Topic *last_topic
+    cdef size_t backlog_bytes
+
+    # the read buffer shared by all connections
+    cdef char *rbuf
+    cdef size_t rbuf_cap
+    cdef int32_t rbuf_owner     # handle whose pending line sits at rbuf[0]
+
+    cdef Counters counters
+
+    cdef Conn *_conn(self, int32_t h) except NULL
+    cdef int _process(self, int32_t h, char *buf, size_t n) except -1
+    cdef int _dispatch(self, int32_t h, char *line, size_t n) except -1
+    cdef int _on_connect(self, int32_t h, char *args, size_t n) except -1
+    cdef int _on_subscribe(self, int32_t h, char *args, size_t n) except -1
+    cdef int _on_unsubscribe(self, int32_t h, char *args, size_t n) except -1
+    cdef int _on_publish(self, int32_t h, char *args, size_t n) except -1
+    cdef int _check_id(self, int32_t h, char *id, size_t id_len) except -1
+    cdef int _check_topic(self, int32_t h, char *name, size_t n) except -1
+    cdef int _error(self, int32_t h, const char *reason) except -1
+    cdef int _error2(self, int32_t h, const char *reason, char *arg, size_t arg_len) except -1
+    cdef char *_out(self, int32_t h, size_t need) except NULL
+    cdef int _reply(self, int32_t h, const char *word, char *arg, size_t arg_len) except -1
+    cdef int _deliver(self, int32_t h, Topic *t, char *msg, size_t msg_len) except -1
+    cdef int _drain(self, Topic *t) except -1
+    cdef int32_t _next_subscriber(self, Topic *t)
+    cdef Topic *_find_topic(self, char *name, size_t n, uint64_t hash)
+    cdef Topic *_add_topic(self, char *name, size_t n, uint64_t hash) except NULL
+    cdef void _drop_topic_if_unused(self, Topic *t)
+    cdef int _unsubscribe(self, int32_t h, Topic *t) except -1
+    cdef int _leave_all(self, int32_t h) except -1
+    cdef int _flush(self) except -1

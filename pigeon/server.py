@@ -1,0 +1,148 @@
+"""The asyncio layer: accepts TCP connections and moves bytes between sockets and the core.
+
+Nothing here parses or routes: each read goes straight into the core's buffer
+(``asyncio.BufferedProtocol``), and the core hands each affected connection its
+output through ``transport.write``, once per read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+from typing import cast
+
+from pigeon._core import Broker
+
+log = logging.getLogger("pigeon")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 3333
+DEFAULT_MAX_LINE = 1024 * 1024
+DEFAULT_MAX_BACKLOG = 100_000
+
+# A subscriber whose unsent output passes WRITE_HIGH is paused, and so skipped by
+# every rotation, until it drains below WRITE_LOW.
+WRITE_HIGH = 1024 * 1024
+WRITE_LOW = 256 * 1024
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One client socket, tied to one core connection handle."""
+
+    __slots__ = ("_broker", "_connections", "_transport", "_handle")
+
+    def __init__(self, broker: Broker, connections: set[_Connection]) -> None:
+        self._broker = broker
+        self._connections = connections
+        self._transport: asyncio.Transport | None = None
+        self._handle = -1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but have its methods
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        self._handle = self._broker.open(transport.write)
+        self._connections.add(self)
+        log.debug("connection %d opened from %s", self._handle, transport.get_extra_info("peername"))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._broker.get_buffer(self._handle)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self._broker.buffer_updated(self._handle, nbytes):
+            self.close()
+
+    def eof_received(self) -> bool:
+        # The client will send nothing more: treat it as DISCONNECT, after the
+        # replies already written have been flushed.
+        return False
+
+    def pause_writing(self) -> None:
+        self._broker.pause(self._handle)
+
+    def resume_writing(self) -> None:
+        self._broker.resume(self._handle)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connections.discard(self)
+        self._broker.close(self._handle)
+        log.debug("connection %d closed", self._handle)
+
+    def close(self) -> None:
+        """Close after flushing what was already written."""
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping unsent output."""
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class Server:
+    """A Pigeon broker listening on one TCP address, on the running event loop.
+
+    ``port=0`` picks a free port; ``server.port`` tells which after ``start``.
+    Use ``async with Server(...) as server:`` or ``start()`` and ``stop()``.
+    """
+
+    def __init__(
+        self,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        *,
+        max_line: int = DEFAULT_MAX_LINE,
+        max_backlog: int = DEFAULT_MAX_BACKLOG,
+    ) -> None:
+        self.host = host
+        self._requested_port = port
+        self.broker = Broker(max_line=max_line, max_backlog=max_backlog)
+        self._connections: set[_Connection] = set()
+        self._listener: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (differs from the one asked for when that was 0)."""
+        if self._listener is None or not self._listener.sockets:
+            return self._requested_port
+        return int(self._listener.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        """Start listening; raises OSError when the address cannot be bound."""
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            lambda: _Connection(self.broker, self._connections),
+            self.host,
+            self._requested_port,
+            reuse_address=True,
+        )
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, flush and close every connection, wait up to ``timeout`` for them to go."""
+        if self._listener is not None:
+            self._listener.close()
+        for conn in list(self._connections):
+            conn.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._connections and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self._connections):
+            conn.abort()
+        if self._listener is not None:
+            await self._listener.wait_closed()
+            self._listener = None
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
