@@ -1,0 +1,37 @@
+"""Fixtures: a real ``pigeon`` server process per test, on each event loop."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.wire import LineClient, ServerProcess
+
+LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
+
+
+@pytest.fixture(params=LOOPS)
+def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """A server on a free port, run under each available event loop; must exit 0 on SIGTERM."""
+    proc = ServerProcess(loop=request.param)
+    assert proc.loop_name == request.param
+    yield proc
+    assert proc.stop() == 0, "".join(proc.log)
+
+
+@pytest.fixture
+def connect(server: ServerProcess) -> Iterator[Callable[[], LineClient]]:
+    """A factory of connected clients (CONNECT already sent); closes them after the test."""
+    clients: list[LineClient] = []
+
+    def make() -> LineClient:
+        client = server.client()
+        client.connect()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
