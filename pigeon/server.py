@@ -30,7 +30,7 @@ WRITE_LOW = 256 * 1024
 class _Connection(asyncio.BufferedProtocol):
     """One client socket, tied to one core connection handle."""
 
-    __slots__ = ("_broker", "_connections", "_transport", "_handle")
+    __slots__ = ("_broker", "_connections", "_handle", "_transport")
 
     def __init__(self, broker: Broker, connections: set[_Connection]) -> None:
         self._broker = broker

@@ -19,9 +19,7 @@ class ServerProcess:
     def __init__(self, *args: str, loop: str = "auto", command: Sequence[str] | None = None) -> None:
         cmd = list(command) if command else [sys.executable, "-m", "pigeon"]
         self.args = [*cmd, "--port", "0", "--loop", loop, *args]
-        self.proc = subprocess.Popen(
-            self.args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
-        )
+        self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.log: list[str] = []
         deadline = time.monotonic() + 20
         assert self.proc.stderr is not None
@@ -133,5 +131,3 @@ class LineClient:
     def close(self) -> None:
         """Close the socket without DISCONNECT."""
         self.sock.close()
-
-

@@ -1,0 +1,94 @@
+"""The ``pigeon`` command as a user runs it: flags, start-up line, signals, errors."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pigeon
+from pigeon.cli import build_parser
+from tests.wire import ServerProcess
+
+CONSOLE_SCRIPT = shutil.which("pigeon", path=str(Path(sys.executable).parent))
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pigeon", *args], capture_output=True, text=True, timeout=30)
+
+
+def test_version_matches_the_package() -> None:
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"pigeon {pigeon.__version__}"
+
+
+def test_help_lists_every_flag() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for flag in ("--host", "--port", "--max-line", "--max-backlog", "--loop", "--log-level", "--version"):
+        assert flag in result.stdout
+
+
+def test_defaults_are_a_drop_in_for_the_original() -> None:
+    args = build_parser().parse_args([])
+    assert (args.host, args.port, args.loop) == ("127.0.0.1", 3333, "auto")
+    assert (args.max_line, args.max_backlog) == (1024 * 1024, 100_000)
+
+
+@pytest.mark.parametrize("flag", ["--max-line=0", "--max-backlog=-1", "--loop=tornado", "--port=abc"])
+def test_bad_flag_values_are_refused_without_a_traceback(flag: str) -> None:
+    result = run(flag)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "error:" in result.stderr
+
+
+@pytest.mark.skipif(CONSOLE_SCRIPT is None, reason="the pigeon console script is not installed")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_console_script_logs_its_address_and_stops_cleanly_on_a_signal(sig: int) -> None:
+    assert CONSOLE_SCRIPT is not None
+    server = ServerProcess(command=[CONSOLE_SCRIPT])
+    start_line = server.log[-1]
+    assert f"pigeon {pigeon.__version__} listening on 127.0.0.1:{server.port}" in start_line
+    assert server.loop_name in ("uvloop", "asyncio")
+    client = server.client()
+    client.connect()
+    client.subscribe("t")
+    assert server.stop(sig) == 0
+    assert client.at_eof()
+    assert "Traceback" not in "".join(server.log)
+
+
+def test_a_port_in_use_is_one_clear_line() -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        result = run("--port", str(port))
+    finally:
+        holder.close()
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port}" in lines[0], result.stderr
+
+
+def test_shutdown_flushes_what_was_already_written() -> None:
+    server = ServerProcess()
+    pub, sub = server.client(), server.client()
+    pub.connect()
+    sub.connect()
+    sub.subscribe("t")
+    count = 20_000
+    pub.send(b"".join(f"PUBLISH {pub.client_id} t {i}\n".encode() for i in range(count)))
+    replies = pub.lines(count)
+    assert replies[-1] == b"PUBLISHED t"
+    assert server.stop(signal.SIGTERM) == 0
+    assert sub.lines(count)[-1] == f"MESSAGE t {count - 1}".encode()
+    assert sub.at_eof()
