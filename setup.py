@@ -1,7 +1,39 @@
 """Builds the Cython core. Metadata lives in pyproject.toml."""
 
+import sys
+
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import CCompilerError, ExecError, PlatformError
+
+NO_COMPILER = """
+pigeon-broker: cannot compile its C extension (pigeon._core): {error}
+
+There is no prebuilt wheel of pigeon-broker for this platform and Python, so pip
+is building it from source, which needs a C compiler and the Python headers.
+Pigeon has no pure-Python fallback: the broker core is C.
+
+  - Debian/Ubuntu: apt-get install gcc python3-dev
+  - Fedora/RHEL:   dnf install gcc python3-devel
+  - Alpine:        apk add gcc musl-dev python3-dev
+  - macOS:         xcode-select --install
+  - Windows:       install "Microsoft C++ Build Tools"
+
+or run the single-file server binary instead (docs/operations.md).
+"""
+
+
+class BuildExt(build_ext):
+    """``build_ext`` that turns a missing or failing C compiler into one clear message."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except (CCompilerError, ExecError, PlatformError) as exc:
+            sys.stderr.write(NO_COMPILER.format(error=exc))
+            raise SystemExit(1) from exc
+
 
 extensions = [
     Extension(
@@ -11,4 +43,7 @@ extensions = [
     )
 ]
 
-setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}))
+setup(
+    ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}),
+    cmdclass={"build_ext": BuildExt},
+)

@@ -12,6 +12,13 @@ from tests.wire import LineClient, ServerProcess
 LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the markers here, not in pyproject.toml: scripts/smoke.py runs a copy of tests/ without it."""
+    config.addinivalue_line(
+        "markers", "smoke: end-to-end subset run against installed wheels and the binary (scripts/smoke.py)"
+    )
+
+
 @pytest.fixture(params=LOOPS)
 def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     """A server on a free port, run under each available event loop; must exit 0 on SIGTERM."""

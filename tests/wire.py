@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -12,12 +14,22 @@ from collections.abc import Sequence
 
 LISTENING = re.compile(r"listening on (\S+):(\d+) \((\w+)\)")
 
+# Runs the suite against another build of the server (an installed wheel's
+# ``pigeon``, the single-file binary): a shell-quoted command line.
+SERVER_CMD_ENV = "PIGEON_TEST_SERVER_CMD"
+
+
+def server_command() -> list[str]:
+    """The command that starts the server under test: $PIGEON_TEST_SERVER_CMD, or this Python's pigeon."""
+    external = os.environ.get(SERVER_CMD_ENV, "").strip()
+    return shlex.split(external) if external else [sys.executable, "-m", "pigeon"]
+
 
 class ServerProcess:
     """A ``pigeon`` server started as a subprocess on a free port."""
 
     def __init__(self, *args: str, loop: str = "auto", command: Sequence[str] | None = None) -> None:
-        cmd = list(command) if command else [sys.executable, "-m", "pigeon"]
+        cmd = list(command) if command else server_command()
         self.args = [*cmd, "--port", "0", "--loop", loop, *args]
         self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.log: list[str] = []
