@@ -51,7 +51,7 @@ step "sdist, then a wheel built from it"
 quietly "$tools/python" -m build --outdir "$work/built" "$root"
 sdist=$(echo "$work"/built/*.tar.gz)
 listing=$(tar -tzf "$sdist")
-for wanted in pigeon/_core.pyx pigeon/_core.pxd setup.py LICENSE README.md tests/test_smoke.py; do
+for wanted in pigeon/_core.pyx pigeon/_core.pxd setup.py LICENSE README.md tests/test_server.py; do
     grep -q "/$wanted\$" <<<"$listing" || fail "sdist lacks $wanted"
 done
 if grep -E '\.(c|so|pyd)$' <<<"$listing"; then

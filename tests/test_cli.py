@@ -7,25 +7,29 @@ import signal
 import socket
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
 import pigeon
 from pigeon.cli import build_parser
-from tests.wire import ServerProcess
+from tests.wire import ServerProcess, server_command
 
 CONSOLE_SCRIPT = shutil.which("pigeon", path=str(Path(sys.executable).parent))
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pigeon", *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run([*server_command(), *args], capture_output=True, text=True, timeout=30)
 
 
+@pytest.mark.smoke
 def test_version_matches_the_package() -> None:
+    # pigeon/_version.py is the one definition; the metadata is built from it.
     result = run("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"pigeon {pigeon.__version__}"
+    assert version("pigeon-broker") == pigeon.__version__
 
 
 def test_help_lists_every_flag() -> None:

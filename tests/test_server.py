@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +21,7 @@ Connect = Callable[[], LineClient]
 CLOSE_SETTLES = 0.5
 
 
+@pytest.mark.smoke
 def test_every_command_and_its_reply(server: ServerProcess) -> None:
     c = server.client()
     cid = c.connect()
@@ -60,6 +62,7 @@ def test_commands_before_connect_get_an_error(server: ServerProcess) -> None:
     assert c.ask("PING") == b"PONG"
 
 
+@pytest.mark.smoke
 def test_round_robin_with_joins_and_leaves(connect: Connect) -> None:
     pub = connect()
     a, b, c = connect(), connect(), connect()
@@ -94,6 +97,7 @@ def test_subscribing_twice_is_one_turn_and_the_publisher_may_subscribe(connect: 
     assert b.line() == b"MESSAGE t 2"
 
 
+@pytest.mark.smoke
 def test_backlog_waits_for_the_first_subscriber_in_order(connect: Connect) -> None:
     pub = connect()
     for i in range(50):
@@ -133,6 +137,7 @@ def test_a_subscriber_that_goes_away_takes_no_more_turns(connect: Connect) -> No
     assert b.lines(4) == [f"MESSAGE t {i}".encode() for i in range(4)]
 
 
+@pytest.mark.smoke
 def test_bad_input_gets_errors_and_disturbs_nobody(connect: Connect) -> None:
     pub, sub, bad = connect(), connect(), connect()
     sub.subscribe("t")
@@ -153,6 +158,7 @@ def test_bad_input_gets_errors_and_disturbs_nobody(connect: Connect) -> None:
     assert bad.ask("PING") == b"PONG"
 
 
+@pytest.mark.smoke
 def test_a_line_over_max_line_closes_only_that_connection() -> None:
     server = ServerProcess("--max-line", "1000")
     try:
@@ -338,6 +344,7 @@ def test_eof_after_commands_flushes_replies_then_closes(server: ServerProcess) -
     assert c.at_eof()
 
 
+@pytest.mark.smoke
 def test_many_clients_at_once(connect: Connect) -> None:
     subs = [connect() for _ in range(50)]
     for s in subs:
