@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -144,3 +145,18 @@ def test_http_port_out_of_range_is_refused() -> None:
     )
     assert result.returncode == 2
     assert "must be a TCP port from 0 to 65535" in result.stderr
+
+
+def test_http_port_in_use_stops_the_server_with_a_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "pigeon", "--port", "0", "--http-port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port} for HTTP" in result.stderr
