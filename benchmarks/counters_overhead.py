@@ -13,12 +13,17 @@ the threshold (MALLOC_MMAP_THRESHOLD_) so that the comparison measures the
 code, not the allocator's state; ``--free-malloc`` leaves it alone.
 
     python benchmarks/counters_overhead.py --rounds 7 --messages 2000000
+
+On a shared, busy machine the timings swing by 2x between runs; ``--instructions``
+counts instructions per message under valgrind instead (callgrind, a run of
+``--messages`` minus an empty run), which does not depend on the load.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -76,6 +81,36 @@ def measure(tree: Path, messages: int, pin_malloc: bool = True) -> float:
     return float(out.stdout)
 
 
+def instructions(tree: Path, messages: int) -> int:
+    """Instructions executed by one run of the worker against ``tree``'s core, under callgrind."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={tmp}/out",
+                sys.executable,
+                "-c",
+                WORKER,
+                str(tree),
+                str(messages),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **PINNED_MALLOC},
+        )
+    match = re.search(r"Collected : (\d+)", out.stderr)
+    if match is None:
+        raise RuntimeError(f"no instruction count in valgrind's output: {out.stderr[-500:]}")
+    return int(match.group(1))
+
+
+def per_message(tree: Path, messages: int) -> float:
+    """Instructions per message: a run of ``messages`` minus a run that publishes none."""
+    return (instructions(tree, messages) - instructions(tree, 0)) / messages
+
+
 def main() -> int:
     """Build the baseline, alternate the runs, print the medians and the ratio."""
     parser = argparse.ArgumentParser(
@@ -85,9 +120,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--messages", type=int, default=2_000_000)
     parser.add_argument("--free-malloc", action="store_true", help="do not pin glibc's mmap threshold")
+    parser.add_argument("--instructions", action="store_true", help="count instructions (valgrind)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         baseline = build(args.rev, Path(tmp))
+        if args.instructions:
+            base, new = per_message(baseline, args.messages), per_message(ROOT, args.messages)
+            print(f"instructions per message: baseline {base:.1f}, counters {new:.1f}")
+            print(f"counters / baseline: {new / base:.3f}")
+            return 0
         runs: dict[str, list[float]] = {"baseline": [], "counters": []}
         for _ in range(args.rounds):
             runs["baseline"].append(measure(baseline, args.messages, not args.free_malloc))
