@@ -11,6 +11,31 @@ cdef extern from *:
     int TOPIC_MAX "PIGEON_TOPIC_MAX"
 
 
+cdef enum:
+    # command kinds: indexes into Counters.commands, named by COMMAND_NAMES in _core.pyx
+    CMD_CONNECT = 0
+    CMD_SUBSCRIBE
+    CMD_UNSUBSCRIBE
+    CMD_PUBLISH
+    CMD_PING
+    CMD_DISCONNECT
+    CMD_STATS
+    CMD_UNKNOWN
+    CMD_KINDS
+
+    # error kinds: indexes into Counters.errors, named by ERROR_NAMES in _core.pyx
+    ERR_USAGE = 0           # wrong arguments for a known command
+    ERR_UNKNOWN_COMMAND
+    ERR_NOT_CONNECTED
+    ERR_ALREADY_CONNECTED
+    ERR_WRONG_CLIENT_ID
+    ERR_BAD_TOPIC
+    ERR_NOT_SUBSCRIBED
+    ERR_BACKLOG_FULL
+    ERR_LINE_TOO_LONG
+    ERR_KINDS
+
+
 ctypedef struct BacklogEntry:
     char *data              # the message bytes, PyMem_Malloc'd, owned by the backlog
     size_t len
@@ -38,6 +63,7 @@ ctypedef struct Topic:
     Backlog backlog
     uint64_t published      # messages accepted for this topic
     uint64_t delivered      # messages written to a subscriber
+    bint full               # backlog at its limit; warned once until it drains
 
 
 ctypedef struct Conn:
@@ -55,18 +81,25 @@ ctypedef struct Conn:
     Topic **subs            # topics this connection subscribes to
     int32_t nsubs
     int32_t subs_cap
+    double since            # when open() was called, seconds since the epoch
+    uint64_t msgs_in        # PUBLISH accepted from this connection
+    uint64_t msgs_out       # MESSAGE lines written to it
+    uint64_t bytes_in
+    uint64_t bytes_out
 
 
 ctypedef struct Counters:
+    # Plain increments on the hot path; read all at once by Broker.stats().
     uint64_t connections_total
-    uint64_t commands
+    uint64_t commands[CMD_KINDS]
     uint64_t published      # PUBLISH accepted
     uint64_t delivered      # MESSAGE lines written
     uint64_t backlogged     # messages that went through a backlog
     uint64_t refused        # PUBLISH refused (backlog full)
-    uint64_t errors         # ERROR lines sent
+    uint64_t errors[ERR_KINDS]  # ERROR lines sent
     uint64_t bytes_in
     uint64_t bytes_out
+    uint64_t slow_consumers # connections closed for not reading their output
 
 
 cdef class Broker:
@@ -81,6 +114,8 @@ cdef class Broker:
     cdef int32_t *free_handles
     cdef int32_t nfree
     cdef list writers           # writers[handle]: callable taking bytes
+    cdef list peers             # peers[handle]: the client's address, as text
+    cdef list pendings          # pendings[handle]: None or a callable, bytes buffered past the core
     cdef uint64_t next_client_id
 
     # connections with output to hand over, in the order they got it
@@ -93,6 +128,7 @@ cdef class Broker:
     cdef size_t ntopics
     cdef Topic *last_topic
     cdef size_t backlog_bytes
+    cdef size_t backlog_messages
 
     # the read buffer shared by all connections
     cdef char *rbuf
@@ -100,6 +136,8 @@ cdef class Broker:
     cdef int32_t rbuf_owner     # handle whose pending line sits at rbuf[0]
 
     cdef Counters counters
+    cdef double started         # when the broker was created, seconds since the epoch
+    cdef public object on_warning   # None or callable(text): rare events worth an operator's eye
 
     cdef Conn *_conn(self, int32_t h) except NULL
     cdef int _process(self, int32_t h, char *buf, size_t n) except -1
@@ -110,8 +148,10 @@ cdef class Broker:
     cdef int _on_publish(self, int32_t h, char *args, size_t n) except -1
     cdef int _check_id(self, int32_t h, char *id, size_t id_len) except -1
     cdef int _check_topic(self, int32_t h, char *name, size_t n) except -1
-    cdef int _error(self, int32_t h, const char *reason) except -1
-    cdef int _error2(self, int32_t h, const char *reason, char *arg, size_t arg_len) except -1
+    cdef int _on_stats(self, int32_t h, char *args, size_t n) except -1
+    cdef int _error(self, int32_t h, int kind, const char *reason) except -1
+    cdef int _error2(self, int32_t h, int kind, const char *reason, char *arg, size_t arg_len) except -1
+    cdef int _warn(self, str text) except -1
     cdef char *_out(self, int32_t h, size_t need) except NULL
     cdef int _reply(self, int32_t h, const char *word, char *arg, size_t arg_len) except -1
     cdef int _deliver(self, int32_t h, Topic *t, char *msg, size_t msg_len) except -1

@@ -1,13 +1,28 @@
 """Type stubs of the Cython core (pigeon/_core.pyx)."""
 
 from collections.abc import Callable
+from typing import Any
+
+COMMAND_NAMES: tuple[str, ...]
+ERROR_NAMES: tuple[str, ...]
 
 class Broker:
     """All broker state: connections, topics, subscriptions and backlogs."""
 
+    on_warning: Callable[[str], object] | None
+    """Called with a sentence for rare events an operator should see (a topic's backlog filling up)."""
+
     def __init__(self, *, max_line: int = ..., max_backlog: int = ...) -> None: ...
-    def open(self, writer: Callable[[bytes], object]) -> int:
-        """Register a new connection; ``writer(bytes)`` receives its output. Returns its handle."""
+    def open(
+        self,
+        writer: Callable[[bytes], object],
+        peer: str | None = None,
+        pending: Callable[[], int] | None = None,
+    ) -> int:
+        """Register a new connection; ``writer(bytes)`` receives its output. Returns its handle.
+
+        ``peer`` is the client's address; ``pending()`` the output bytes buffered past the core.
+        """
     def get_buffer(self, handle: int) -> memoryview:
         """A writable view to read the connection's next bytes into."""
     def buffer_updated(self, handle: int, nbytes: int) -> bool:
@@ -24,8 +39,12 @@ class Broker:
         """The id CONNECT gave this connection, or None before CONNECT."""
     def topic_info(self, topic: bytes) -> tuple[int, int] | None:
         """``(subscribers, backlog_messages)`` for a topic, or None if the broker holds no such topic."""
-    def stats(self) -> dict[str, int]:
-        """Server-wide counters and gauges."""
+    def stats(self) -> dict[str, Any]:
+        """Server-wide counters and gauges: ints, dicts of ints by kind, and the uptime in seconds."""
+    def topics(self) -> list[dict[str, Any]]:
+        """Every topic: name, subscribers, backlog depth, published, delivered."""
+    def connections(self) -> list[dict[str, Any]]:
+        """Every open connection: handle, client id, address, subscriptions, traffic, age."""
     @property
     def max_line_length(self) -> int:
         """The longest accepted command line, in bytes."""

@@ -8,6 +8,9 @@ once per call into the core. Parsing, topic lookup, round-robin selection and
 writing the ``MESSAGE`` line are C; no Python object is created per message.
 """
 
+import json
+import time
+
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
@@ -28,6 +31,13 @@ cdef enum:
     READ_ROOM = 256 * 1024  # free space offered to each socket read
     OUT_KEEP = 64 * 1024    # output buffers larger than this are released after a flush
     SHOW_MAX = 64           # longest client input echoed back in an ERROR line
+
+
+# Names of the CMD_* and ERR_* kinds (see _core.pxd), in index order, as reported by stats().
+COMMAND_NAMES = ("connect", "subscribe", "unsubscribe", "publish", "ping", "disconnect", "stats", "unknown")
+ERROR_NAMES = ("usage", "unknown_command", "not_connected", "already_connected", "wrong_client_id",
+               "bad_topic", "not_subscribed", "backlog_full", "line_too_long")
+assert len(COMMAND_NAMES) == CMD_KINDS and len(ERROR_NAMES) == ERR_KINDS
 
 
 # ---------------------------------------------------------------- helpers
@@ -200,6 +210,9 @@ cdef class Broker:
         self.max_line = max_line
         self.max_backlog = max_backlog
         self.writers = []
+        self.peers = []
+        self.pendings = []
+        self.started = time.time()
         self.next_client_id = 1
         self.nbuckets = 64
         self.buckets = <Topic **>PyMem_Malloc(self.nbuckets * sizeof(Topic *))
@@ -235,8 +248,13 @@ cdef class Broker:
 
     # ------------------------------------------------------------ Python API
 
-    def open(self, writer):
-        """Register a new connection; ``writer(bytes)`` receives its output. Returns its handle."""
+    def open(self, writer, peer=None, pending=None):
+        """Register a new connection; ``writer(bytes)`` receives its output. Returns its handle.
+
+        ``peer`` is the client's address, as shown by ``connections()``;
+        ``pending()``, when given, tells how many output bytes are buffered
+        past the core (in the transport), for the same report.
+        """
         cdef int32_t h, newcap
         if self.nfree == 0:
             newcap = self.conns_cap * 2 if self.conns_cap else 16
@@ -248,12 +266,17 @@ cdef class Broker:
                 self.free_handles[self.nfree] = h
                 self.nfree += 1
             self.writers.extend([None] * (newcap - self.conns_cap))
+            self.peers.extend([None] * (newcap - self.conns_cap))
+            self.pendings.extend([None] * (newcap - self.conns_cap))
             self.conns_cap = newcap
         self.nfree -= 1
         h = self.free_handles[self.nfree]
         memset(&self.conns[h], 0, sizeof(Conn))
         self.conns[h].state = CONN_OPEN
+        self.conns[h].since = time.time()
         self.writers[h] = writer
+        self.peers[h] = None if peer is None else str(peer)
+        self.pendings[h] = pending
         self.nconns += 1
         self.counters.connections_total += 1
         return h
@@ -289,6 +312,7 @@ cdef class Broker:
             raise ValueError("nbytes is outside the buffer")
         self.rbuf_owner = -1
         self.counters.bytes_in += nbytes
+        c.bytes_in += nbytes
         self._process(handle, self.rbuf, c.pending_len + nbytes)
         self._flush()
         return self.conns[handle].state == CONN_OPEN
@@ -339,6 +363,8 @@ cdef class Broker:
         PyMem_Free(c.subs)
         memset(c, 0, sizeof(Conn))
         self.writers[handle] = None
+        self.peers[handle] = None
+        self.pendings[handle] = None
         self.free_handles[self.nfree] = handle
         self.nfree += 1
         self.nconns -= 1
@@ -365,21 +391,73 @@ cdef class Broker:
         return (t.nsubs, t.backlog.count)
 
     def stats(self):
-        """Server-wide counters and gauges, as a dict of ints."""
+        """Server-wide counters and gauges: ints, dicts of ints by kind, and the uptime in seconds."""
+        cdef int i
         return {
+            "uptime_seconds": time.time() - self.started,
             "connections": self.nconns,
             "connections_total": self.counters.connections_total,
             "topics": self.ntopics,
+            "backlog_messages": self.backlog_messages,
             "backlog_bytes": self.backlog_bytes,
-            "commands": self.counters.commands,
+            "commands": {COMMAND_NAMES[i]: self.counters.commands[i] for i in range(CMD_KINDS)},
             "published": self.counters.published,
             "delivered": self.counters.delivered,
             "backlogged": self.counters.backlogged,
             "refused": self.counters.refused,
-            "errors": self.counters.errors,
+            "errors": {ERROR_NAMES[i]: self.counters.errors[i] for i in range(ERR_KINDS)},
             "bytes_in": self.counters.bytes_in,
             "bytes_out": self.counters.bytes_out,
+            "slow_consumers": self.counters.slow_consumers,
         }
+
+    def topics(self):
+        """Every topic the broker holds, as dicts: name, subscribers, backlog depth, published, delivered."""
+        cdef size_t i
+        cdef Topic *t
+        result = []
+        for i in range(self.nbuckets):
+            t = self.buckets[i]
+            while t != NULL:
+                result.append({
+                    "name": t.name[:t.name_len].decode("utf-8", "replace"),
+                    "subscribers": t.nsubs,
+                    "backlog_messages": t.backlog.count,
+                    "backlog_bytes": t.backlog.nbytes,
+                    "published": t.published,
+                    "delivered": t.delivered,
+                })
+                t = t.next
+        result.sort(key=lambda topic: topic["name"])
+        return result
+
+    def connections(self):
+        """Every open connection, as dicts: handle, client id, address, subscriptions, traffic, age."""
+        cdef int32_t h, i
+        cdef Conn *c
+        cdef double now = time.time()
+        result = []
+        for h in range(self.conns_cap):
+            c = &self.conns[h]
+            if c.state == CONN_FREE:
+                continue
+            pending = self.pendings[h]
+            result.append({
+                "handle": h,
+                "client_id": c.id_text[:c.id_len].decode("ascii") if c.client_id else None,
+                "address": self.peers[h],
+                "subscriptions": sorted(c.subs[i].name[:c.subs[i].name_len].decode("utf-8", "replace")
+                                        for i in range(c.nsubs)),
+                "pending_bytes": c.out_len + (pending() if pending is not None else 0),
+                "messages_in": c.msgs_in,
+                "messages_out": c.msgs_out,
+                "bytes_in": c.bytes_in,
+                "bytes_out": c.bytes_out,
+                "connected_since": c.since,
+                "connected_seconds": now - c.since,
+                "closing": c.state == CONN_CLOSING,
+            })
+        return result
 
     @property
     def max_line_length(self):
@@ -418,7 +496,7 @@ cdef class Broker:
         c = &self.conns[h]
         if too_long and c.state == CONN_OPEN:
             snprintf(reason, sizeof(reason), "line too long (limit %zu bytes)", self.max_line)
-            self._error(h, reason)
+            self._error(h, ERR_LINE_TOO_LONG, reason)
             self._leave_all(h)
             c.state = CONN_CLOSING
         left = n - pos if c.state == CONN_OPEN else 0
@@ -442,34 +520,43 @@ cdef class Broker:
         an = n
         if not _next_field(&args, &an, &word, &wl):
             return 0            # blank lines are ignored, as in a telnet session
-        self.counters.commands += 1
         if _word_is(word, wl, "publish", 7):
+            self.counters.commands[CMD_PUBLISH] += 1
             return self._on_publish(h, args, an)
         if _word_is(word, wl, "subscribe", 9):
+            self.counters.commands[CMD_SUBSCRIBE] += 1
             return self._on_subscribe(h, args, an)
         if _word_is(word, wl, "unsubscribe", 11):
+            self.counters.commands[CMD_UNSUBSCRIBE] += 1
             return self._on_unsubscribe(h, args, an)
         if _word_is(word, wl, "connect", 7):
+            self.counters.commands[CMD_CONNECT] += 1
             return self._on_connect(h, args, an)
         if _word_is(word, wl, "ping", 4):
+            self.counters.commands[CMD_PING] += 1
             if not _only_spaces(args, an):
-                return self._error(h, "usage: PING")
+                return self._error(h, ERR_USAGE, "usage: PING")
             return self._reply(h, "PONG", NULL, 0)
         if _word_is(word, wl, "disconnect", 10):
+            self.counters.commands[CMD_DISCONNECT] += 1
             if not _only_spaces(args, an):
-                return self._error(h, "usage: DISCONNECT")
+                return self._error(h, ERR_USAGE, "usage: DISCONNECT")
             self._reply(h, "DISCONNECTED", NULL, 0)
             self._leave_all(h)
             self.conns[h].state = CONN_CLOSING
             return 0
-        return self._error2(h, "unknown command", word, wl)
+        if _word_is(word, wl, "stats", 5):
+            self.counters.commands[CMD_STATS] += 1
+            return self._on_stats(h, args, an)
+        self.counters.commands[CMD_UNKNOWN] += 1
+        return self._error2(h, ERR_UNKNOWN_COMMAND, "unknown command", word, wl)
 
     cdef int _on_connect(self, int32_t h, char *args, size_t n) except -1:
         cdef Conn *c = &self.conns[h]
         if not _only_spaces(args, n):
-            return self._error(h, "usage: CONNECT")
+            return self._error(h, ERR_USAGE, "usage: CONNECT")
         if c.client_id:
-            return self._error2(h, "already connected as", c.id_text, c.id_len)
+            return self._error2(h, ERR_ALREADY_CONNECTED, "already connected as", c.id_text, c.id_len)
         c.client_id = self.next_client_id
         self.next_client_id += 1
         c.id_len = snprintf(c.id_text, sizeof(c.id_text), "c%llu", <unsigned long long>c.client_id)
@@ -479,10 +566,10 @@ cdef class Broker:
         """0 when the id is this connection's own, else 1 after sending ERROR."""
         cdef Conn *c = &self.conns[h]
         if c.client_id == 0:
-            self._error(h, "not connected: send CONNECT first")
+            self._error(h, ERR_NOT_CONNECTED, "not connected: send CONNECT first")
             return 1
         if id_len != c.id_len or memcmp(id, c.id_text, id_len) != 0:
-            self._error2(h, "client id does not belong to this connection:", id, id_len)
+            self._error2(h, ERR_WRONG_CLIENT_ID, "client id does not belong to this connection:", id, id_len)
             return 1
         return 0
 
@@ -492,11 +579,11 @@ cdef class Broker:
         if problem == 0:
             return 0
         if problem == 1:
-            self._error(h, "topic must be 1 to 255 bytes")
+            self._error(h, ERR_BAD_TOPIC, "topic must be 1 to 255 bytes")
         elif problem == 2:
-            self._error(h, "topic must not contain whitespace or control characters")
+            self._error(h, ERR_BAD_TOPIC, "topic must not contain whitespace or control characters")
         else:
-            self._error(h, "topic is not valid UTF-8")
+            self._error(h, ERR_BAD_TOPIC, "topic is not valid UTF-8")
         return 1
 
     cdef int _on_subscribe(self, int32_t h, char *args, size_t n) except -1:
@@ -509,7 +596,7 @@ cdef class Broker:
         cdef int32_t i
         if (not _next_field(&args, &n, &id, &id_len) or not _next_field(&args, &n, &name, &name_len)
                 or not _only_spaces(args, n)):
-            return self._error(h, "usage: SUBSCRIBE <client_id> <topic>")
+            return self._error(h, ERR_USAGE, "usage: SUBSCRIBE <client_id> <topic>")
         if self._check_id(h, id, id_len) or self._check_topic(h, name, name_len):
             return 0
         hv = _hash(name, name_len)
@@ -544,7 +631,7 @@ cdef class Broker:
         cdef int32_t i
         if (not _next_field(&args, &n, &id, &id_len) or not _next_field(&args, &n, &name, &name_len)
                 or not _only_spaces(args, n)):
-            return self._error(h, "usage: UNSUBSCRIBE <client_id> <topic>")
+            return self._error(h, ERR_USAGE, "usage: UNSUBSCRIBE <client_id> <topic>")
         if self._check_id(h, id, id_len) or self._check_topic(h, name, name_len):
             return 0
         t = self._find_topic(name, name_len, _hash(name, name_len))
@@ -556,7 +643,7 @@ cdef class Broker:
                     self._reply(h, "UNSUBSCRIBED", name, name_len)
                     self._drop_topic_if_unused(t)
                     return 0
-        return self._error2(h, "not subscribed to", name, name_len)
+        return self._error2(h, ERR_NOT_SUBSCRIBED, "not subscribed to", name, name_len)
 
     cdef int _on_publish(self, int32_t h, char *args, size_t n) except -1:
         cdef char *id
@@ -568,7 +655,7 @@ cdef class Broker:
         cdef char reason[96]
         if (not _next_field(&args, &n, &id, &id_len) or not _next_field(&args, &n, &name, &name_len)
                 or n == 0):
-            return self._error(h, "usage: PUBLISH <client_id> <topic> <message>")
+            return self._error(h, ERR_USAGE, "usage: PUBLISH <client_id> <topic> <message>")
         if self._check_id(h, id, id_len):
             return 0
         # the message is everything after the one space that ends the topic
@@ -588,18 +675,25 @@ cdef class Broker:
             if to >= 0:
                 t.published += 1
                 self.counters.published += 1
+                self.conns[h].msgs_in += 1
                 self._reply(h, "PUBLISHED", t.name, t.name_len)
                 return self._deliver(to, t, args, n)
         if t.backlog.count >= self.max_backlog:
             self.counters.refused += 1
             snprintf(reason, sizeof(reason), "backlog full (%u messages) for topic", self.max_backlog)
-            self._error2(h, reason, t.name, t.name_len)
+            self._error2(h, ERR_BACKLOG_FULL, reason, t.name, t.name_len)
+            if not t.full:
+                t.full = True
+                self._warn(f"topic {t.name[:t.name_len].decode('utf-8', 'replace')!r}: backlog full "
+                           f"({self.max_backlog} messages), refusing publishes until a subscriber drains it")
             self._drop_topic_if_unused(t)
             return 0
         backlog_push(&t.backlog, args, n)
         self.backlog_bytes += n
+        self.backlog_messages += 1
         t.published += 1
         self.counters.published += 1
+        self.conns[h].msgs_in += 1
         self.counters.backlogged += 1
         self._reply(h, "PUBLISHED", t.name, t.name_len)
         if t.nsubs:
@@ -637,18 +731,40 @@ cdef class Broker:
         p[0] = b'\n'
         return 0
 
-    cdef int _error(self, int32_t h, const char *reason) except -1:
-        self.counters.errors += 1
+    cdef int _on_stats(self, int32_t h, char *args, size_t n) except -1:
+        cdef char *section
+        cdef size_t sl
+        cdef bytes text
+        if not _next_field(&args, &n, &section, &sl):
+            figures = self.stats()
+        elif not _only_spaces(args, n):
+            return self._error(h, ERR_USAGE, "usage: STATS [TOPICS|CONNECTIONS]")
+        elif _word_is(section, sl, "topics", 6):
+            figures = self.topics()
+        elif _word_is(section, sl, "connections", 11):
+            figures = self.connections()
+        else:
+            return self._error(h, ERR_USAGE, "usage: STATS [TOPICS|CONNECTIONS]")
+        text = json.dumps(figures, separators=(",", ":")).encode()
+        return self._reply(h, "STATS", text, len(text))
+
+    cdef int _error(self, int32_t h, int kind, const char *reason) except -1:
+        self.counters.errors[kind] += 1
         return self._reply(h, "ERROR", <char *>reason, strlen(reason))
 
-    cdef int _error2(self, int32_t h, const char *reason, char *arg, size_t arg_len) except -1:
+    cdef int _warn(self, str text) except -1:
+        if self.on_warning is not None:
+            self.on_warning(text)
+        return 0
+
+    cdef int _error2(self, int32_t h, int kind, const char *reason, char *arg, size_t arg_len) except -1:
         """ERROR <reason> '<arg>', quoting the client's input only when it is short and printable."""
         cdef char line[256]
         if _printable(arg, arg_len):
             snprintf(line, sizeof(line), "%s '%.*s'", reason, <int>arg_len, arg)
         else:
             snprintf(line, sizeof(line), "%s (not shown)", reason)
-        return self._error(h, line)
+        return self._error(h, kind, line)
 
     cdef int _deliver(self, int32_t h, Topic *t, char *msg, size_t msg_len) except -1:
         cdef char *p = self._out(h, 8 + t.name_len + 1 + msg_len + 1)
@@ -661,6 +777,7 @@ cdef class Broker:
         p[1 + msg_len] = b'\n'
         t.delivered += 1
         self.counters.delivered += 1
+        self.conns[h].msgs_out += 1
         return 0
 
     cdef int _flush(self) except -1:
@@ -677,6 +794,7 @@ cdef class Broker:
                 continue
             data = PyBytes_FromStringAndSize(c.out, c.out_len)
             self.counters.bytes_out += c.out_len
+            c.bytes_out += c.out_len
             c.out_len = 0
             if c.out_cap > OUT_KEEP:
                 PyMem_Free(c.out)
@@ -719,6 +837,9 @@ cdef class Broker:
                 return 0
             e = backlog_pop(&t.backlog)
             self.backlog_bytes -= e.len
+            self.backlog_messages -= 1
+            if t.backlog.count == 0:
+                t.full = False      # warn again only after the backlog emptied, not at every refill
             try:
                 self._deliver(to, t, e.data, e.len)
             finally:

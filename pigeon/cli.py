@@ -7,13 +7,18 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from pigeon import __version__
+from pigeon import __version__, logs
 from pigeon.server import DEFAULT_HOST, DEFAULT_MAX_BACKLOG, DEFAULT_MAX_LINE, DEFAULT_PORT, Server
 
+if TYPE_CHECKING:
+    from pigeon.monitor import Monitor
+
 log = logging.getLogger("pigeon")
+
+DEFAULT_HTTP_HOST = "127.0.0.1"
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
@@ -22,6 +27,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port from 0 to 65535, not {value}")
     return value
 
 
@@ -50,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="messages a topic keeps while no subscriber can take them (default %(default)s)",
     )
     parser.add_argument(
+        "--http-port",
+        type=_port,
+        metavar="PORT",
+        help="serve /metrics, JSON figures and a dashboard over HTTP on this port; 0 picks a free one "
+        "(off by default; needs the 'monitor' extra)",
+    )
+    parser.add_argument(
+        "--http-host",
+        default=DEFAULT_HTTP_HOST,
+        help="address of the HTTP monitoring listener (default %(default)s)",
+    )
+    parser.add_argument(
         "--loop",
         choices=("auto", "uvloop", "asyncio"),
         default="auto",
@@ -60,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("debug", "info", "warning", "error"),
         default="info",
         help="default %(default)s",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines as text or as one JSON object each (default %(default)s)",
     )
     parser.add_argument("--version", action="version", version=f"pigeon {__version__}")
     return parser
@@ -78,43 +108,65 @@ def loop_factory(choice: str) -> tuple[str, LoopFactory]:
     return "asyncio", asyncio.new_event_loop
 
 
-async def serve(server: Server, loop_name: str) -> None:
-    """Run ``server`` until SIGINT or SIGTERM, then shut it down cleanly."""
+async def serve(server: Server, loop_name: str, monitor: Monitor | None = None) -> int:
+    """Run ``server`` (and ``monitor``) until SIGINT or SIGTERM, shut down cleanly; returns the exit code.
+
+    Raises OSError when the broker's own address cannot be bound.
+    """
     await server.start()
-    log.info("pigeon %s listening on %s:%d (%s)", __version__, server.host, server.port, loop_name)
+    if monitor is not None:
+        try:
+            await monitor.start()
+        except OSError as exc:
+            log.error("cannot listen on %s:%d for HTTP: %s", monitor.host, monitor.port, exc.strerror or exc)
+            await server.stop()
+            return 1
+        log.info("monitoring on http://%s:%d/", monitor.host, monitor.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         # Windows has no add_signal_handler: Ctrl-C arrives as KeyboardInterrupt there
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    # only now, so that whoever waits for this line can signal a clean stop at once
+    log.info("pigeon %s listening on %s:%d (%s)", __version__, server.host, server.port, loop_name)
     await stop.wait()
     log.info("shutting down")
+    if monitor is not None:
+        await monitor.stop()
     await server.stop()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pigeon`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(args.log_level, args.log_format)
     try:
         loop_name, new_loop = loop_factory(args.loop)
     except ImportError:
         log.error("--loop uvloop: uvloop is not installed")
         return 2
     server = Server(args.host, args.port, max_line=args.max_line, max_backlog=args.max_backlog)
+    monitor = None
+    if args.http_port is not None:
+        try:
+            from pigeon.monitor import Monitor
+        except ImportError as exc:
+            log.error("--http-port needs the monitor extra: pip install 'pigeon-broker[monitor]' (%s)", exc)
+            return 2
+        monitor = Monitor(server.broker, args.http_host, args.http_port)
     loop = new_loop()
+    code = 0
     try:
-        loop.run_until_complete(serve(server, loop_name))
+        code = loop.run_until_complete(serve(server, loop_name, monitor))
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", args.host, args.port, exc.strerror or exc)
         return 1
     except KeyboardInterrupt:
+        if monitor is not None:
+            loop.run_until_complete(monitor.stop())
         loop.run_until_complete(server.stop())
     finally:
         loop.close()
-    return 0
+    return code

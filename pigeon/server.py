@@ -27,25 +27,35 @@ WRITE_HIGH = 1024 * 1024
 WRITE_LOW = 256 * 1024
 
 
+def format_address(peername: object) -> str:
+    """``host:port`` for an IPv4 peer, ``[host]:port`` for IPv6, else the address as text."""
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host, port = peername[0], peername[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peername)
+
+
 class _Connection(asyncio.BufferedProtocol):
     """One client socket, tied to one core connection handle."""
 
-    __slots__ = ("_broker", "_connections", "_handle", "_transport")
+    __slots__ = ("_broker", "_connections", "_handle", "_peer", "_transport")
 
     def __init__(self, broker: Broker, connections: set[_Connection]) -> None:
         self._broker = broker
         self._connections = connections
         self._transport: asyncio.Transport | None = None
         self._handle = -1
+        self._peer = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but have its methods
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
-        self._handle = self._broker.open(transport.write)
+        self._peer = format_address(transport.get_extra_info("peername"))
+        self._handle = self._broker.open(transport.write, self._peer, transport.get_write_buffer_size)
         self._connections.add(self)
-        log.debug("connection %d opened from %s", self._handle, transport.get_extra_info("peername"))
+        log.debug("connection %d opened from %s", self._handle, self._peer)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._broker.get_buffer(self._handle)
@@ -67,8 +77,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._connections.discard(self)
+        client_id = self._broker.client_id(self._handle)
         self._broker.close(self._handle)
-        log.debug("connection %d closed", self._handle)
+        log.debug("connection %d closed: client %s from %s", self._handle, client_id or "-", self._peer)
 
     def close(self) -> None:
         """Close after flushing what was already written."""
@@ -99,6 +110,7 @@ class Server:
         self.host = host
         self._requested_port = port
         self.broker = Broker(max_line=max_line, max_backlog=max_backlog)
+        self.broker.on_warning = log.warning
         self._connections: set[_Connection] = set()
         self._listener: asyncio.Server | None = None
 

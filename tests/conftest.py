@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -42,3 +43,16 @@ def connect(server: ServerProcess) -> Iterator[Callable[[], LineClient]]:
     yield make
     for client in clients:
         client.close()
+
+
+MONITORING = re.compile(r"monitoring on (http://\S+/)")
+
+
+@pytest.fixture(params=LOOPS)
+def monitored(request: pytest.FixtureRequest) -> Iterator[tuple[ServerProcess, str]]:
+    """A server with its HTTP monitoring listener on a free port, and that listener's base URL."""
+    proc = ServerProcess("--http-port", "0", loop=request.param)
+    urls = [m.group(1) for m in map(MONITORING.search, proc.log) if m]
+    assert urls, "".join(proc.log)
+    yield proc, urls[0]
+    assert proc.stop() == 0, "".join(proc.log)

@@ -1,0 +1,183 @@
+"""``pigeon-cli stats`` and ``pigeon-cli top``: the broker's figures, read with the STATS command.
+
+Both speak the wire protocol (``STATS``, ``STATS TOPICS``, ``STATS CONNECTIONS``),
+so they work against any broker, with or without its HTTP monitoring listener.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 3333
+SECTIONS = ("server", "topics", "connections")
+
+
+class StatsReader:
+    """One connection to a broker, asking for its figures on demand."""
+
+    def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
+        self._sock = socket.create_connection((host, port), timeout=timeout)
+        self._buf = b""
+
+    def read(self, section: str = "server") -> Any:
+        """The decoded JSON of ``STATS`` (section ``server``), ``STATS TOPICS`` or ``STATS CONNECTIONS``."""
+        command = b"STATS\n" if section == "server" else f"STATS {section.upper()}\n".encode()
+        self._sock.sendall(command)
+        while b"\n" not in self._buf:
+            chunk = self._sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("the broker closed the connection")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        word, _, payload = line.decode("utf-8", "replace").partition(" ")
+        if word != "STATS":
+            raise ConnectionError(f"unexpected reply to STATS: {line[:200]!r}")
+        return json.loads(payload)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._sock.close()
+
+
+def human_bytes(n: float) -> str:
+    """A byte count in B, kB, MB, GB (powers of 1000, as the dashboard)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def human_duration(seconds: float) -> str:
+    """``3d04h``, ``2h05m``, ``4m07s`` or ``9s``."""
+    s = int(seconds)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{s:02d}s"
+    return f"{s}s"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """Rows aligned under a header: the first column left-aligned, the others right-aligned."""
+    cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in cells
+    ]
+
+
+def server_rows(stats: dict[str, Any]) -> list[tuple[str, object]]:
+    """The server-wide figures as (name, value) rows, the by-kind dicts flattened."""
+    rows: list[tuple[str, object]] = []
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            rows.extend((f"{key}.{kind}", count) for kind, count in value.items())
+        elif key == "uptime_seconds":
+            rows.append(("uptime", human_duration(value)))
+        else:
+            rows.append((key, value))
+    return rows
+
+
+def topic_rows(topics: Sequence[dict[str, Any]]) -> list[tuple[object, ...]]:
+    """One row per topic, in the order given."""
+    return [
+        (t["name"], t["subscribers"], t["backlog_messages"], t["published"], t["delivered"]) for t in topics
+    ]
+
+
+TOPIC_HEADER = ("TOPIC", "SUBS", "BACKLOG", "PUBLISHED", "DELIVERED")
+
+
+def connection_rows(connections: Sequence[dict[str, Any]]) -> list[tuple[object, ...]]:
+    """One row per connection, in the order given."""
+    return [
+        (
+            c["client_id"] or "-",
+            c["address"] or "-",
+            len(c["subscriptions"]),
+            human_bytes(c["pending_bytes"]),
+            c["messages_in"],
+            c["messages_out"],
+            human_duration(c["connected_seconds"]),
+        )
+        for c in connections
+    ]
+
+
+CONNECTION_HEADER = ("CLIENT", "ADDRESS", "SUBS", "PENDING", "MSGS IN", "MSGS OUT", "AGE")
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    try:
+        reader = StatsReader(args.host, args.port)
+        try:
+            figures = reader.read(args.section)
+        finally:
+            reader.close()
+    except (OSError, ValueError) as exc:
+        print(f"pigeon-cli stats: cannot read {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return 0
+    if args.section == "server":
+        lines = table(("FIGURE", "VALUE"), server_rows(figures))
+    elif args.section == "topics":
+        lines = table(TOPIC_HEADER, topic_rows(figures))
+    else:
+        lines = table(CONNECTION_HEADER, connection_rows(figures))
+    print("\n".join(lines))
+    return 0
+
+
+def _run_top(args: argparse.Namespace) -> int:
+    from pigeon.top import run
+
+    return run(args.host, args.port, args.interval, args.iterations)
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=DEFAULT_HOST, help="broker address (default %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="broker port (default %(default)s)")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``stats`` and ``top`` subcommands to pigeon-cli."""
+    stats = subparsers.add_parser("stats", help="print the broker's figures as a table")
+    _add_address(stats)
+    stats.add_argument("section", nargs="?", choices=SECTIONS, default="server", help="default %(default)s")
+    stats.add_argument("--json", action="store_true", help="print the JSON as the broker sent it, indented")
+    stats.set_defaults(func=_run_stats)
+    top = subparsers.add_parser("top", help="a live view of the broker's traffic, topics and clients")
+    _add_address(top)
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    top.add_argument("-n", "--iterations", type=int, help="stop after this many refreshes (default: until q)")
+    top.set_defaults(func=_run_top)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pigeon.stats_cli``: the two subcommands on their own."""
+    parser = argparse.ArgumentParser(prog="pigeon-cli")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

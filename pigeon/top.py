@@ -1,0 +1,137 @@
+"""``pigeon-cli top``: a live terminal view of a broker, refreshed from its STATS replies."""
+
+from __future__ import annotations
+
+import curses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pigeon.stats_cli import (
+    CONNECTION_HEADER,
+    StatsReader,
+    connection_rows,
+    human_bytes,
+    human_duration,
+    table,
+)
+
+
+@dataclass
+class Sample:
+    """The broker's figures at one moment (``at`` is this process's monotonic clock)."""
+
+    at: float
+    stats: dict[str, Any]
+    topics: list[dict[str, Any]]
+    connections: list[dict[str, Any]]
+
+    @classmethod
+    def read(cls, reader: StatsReader) -> Sample:
+        """Ask the broker for all three sections."""
+        stats = reader.read("server")
+        topics = reader.read("topics")
+        connections = reader.read("connections")
+        return cls(time.monotonic(), stats, topics, connections)
+
+
+def _per_second(now: float, then: float, seconds: float) -> float:
+    return max(0.0, now - then) / seconds if seconds > 0 else 0.0
+
+
+def screen_lines(current: Sample, previous: Sample | None, target: str) -> list[str]:
+    """What the screen shows: a summary, the busiest topics, then the clients."""
+    s = current.stats
+    seconds = current.at - previous.at if previous is not None else 0.0
+    before = previous.stats if previous is not None else s
+
+    def rate(key: str) -> float:
+        return _per_second(s[key], before[key], seconds)
+
+    errors = sum(s["errors"].values())
+    lines = [
+        f"pigeon {target}  up {human_duration(s['uptime_seconds'])}  "
+        f"connections {s['connections']} ({s['connections_total']} total)  topics {s['topics']}",
+        f"msgs/s in {rate('published'):.0f}  out {rate('delivered'):.0f}    "
+        f"bytes/s in {human_bytes(rate('bytes_in'))}  out {human_bytes(rate('bytes_out'))}",
+        f"published {s['published']}  delivered {s['delivered']}  "
+        f"backlog {s['backlog_messages']} ({human_bytes(s['backlog_bytes'])})  "
+        f"refused {s['refused']}  errors {errors}  slow consumers {s['slow_consumers']}",
+        "",
+    ]
+    old = {t["name"]: t for t in previous.topics} if previous is not None else {}
+    rows = []
+    for t in current.topics:
+        was = old.get(t["name"], t)
+        rows.append(
+            (
+                _per_second(t["published"], was["published"], seconds),
+                _per_second(t["delivered"], was["delivered"], seconds),
+                t,
+            )
+        )
+    rows.sort(key=lambda r: (-r[0] - r[1], -r[2]["backlog_messages"], r[2]["name"]))
+    lines += table(
+        ("TOPIC", "SUBS", "BACKLOG", "IN/S", "OUT/S", "PUBLISHED", "DELIVERED"),
+        [
+            (
+                t["name"],
+                t["subscribers"],
+                t["backlog_messages"],
+                f"{r_in:.0f}",
+                f"{r_out:.0f}",
+                t["published"],
+                t["delivered"],
+            )
+            for r_in, r_out, t in rows
+        ],
+    )
+    lines.append("")
+    lines += table(CONNECTION_HEADER, connection_rows(current.connections))
+    return lines
+
+
+def _draw(screen: curses.window, lines: list[str], footer: str) -> None:
+    screen.erase()
+    height, width = screen.getmaxyx()
+    for y, line in enumerate(lines[: height - 1]):
+        screen.addnstr(y, 0, line, width - 1, curses.A_BOLD if y == 0 else curses.A_NORMAL)
+    screen.addnstr(height - 1, 0, footer, width - 1, curses.A_REVERSE)
+    screen.refresh()
+
+
+def _loop(
+    screen: curses.window, reader: StatsReader, target: str, interval: float, iterations: int | None
+) -> None:
+    curses.curs_set(0)
+    screen.timeout(int(interval * 1000))
+    previous: Sample | None = None
+    shown = 0
+    while iterations is None or shown < iterations:
+        current = Sample.read(reader)
+        _draw(screen, screen_lines(current, previous, target), "q: quit")
+        shown += 1
+        previous = current
+        key = screen.getch()
+        if key in (ord("q"), ord("Q"), 27):
+            return
+
+
+def run(host: str, port: int, interval: float, iterations: int | None) -> int:
+    """Show the live view until q (or ``iterations`` refreshes); returns the exit code."""
+    target = f"{host}:{port}"
+    try:
+        reader = StatsReader(host, port)
+    except OSError as exc:
+        print(f"pigeon-cli top: cannot connect to {target}: {exc}")
+        return 1
+    try:
+        curses.wrapper(_loop, reader, target, interval, iterations)
+    except (OSError, ValueError) as exc:
+        print(f"pigeon-cli top: lost {target}: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        reader.close()
+    return 0

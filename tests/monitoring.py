@@ -1,0 +1,42 @@
+"""Test helpers for the monitoring tests: known traffic, and blocking HTTP GETs with the standard library."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from tests.wire import LineClient, ServerProcess
+
+
+def get(url: str) -> tuple[int, str, bytes]:
+    """Status, content type and body of a GET (an HTTP error status is returned, not raised)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read()
+
+
+def get_json(url: str) -> Any:
+    """The decoded JSON body of a GET that must succeed."""
+    status, kind, body = get(url)
+    assert status == 200 and kind.startswith("application/json"), (status, kind, body)
+    return json.loads(body)
+
+
+def traffic(proc: ServerProcess) -> tuple[LineClient, LineClient]:
+    """A subscriber of 'jobs' that got 4 messages, and a publisher that also left 3 in 'idle'."""
+    sub = proc.client()
+    sub.connect()
+    sub.subscribe("jobs")
+    pub = proc.client()
+    pub.connect()
+    for i in range(4):
+        pub.publish("jobs", f"job-{i}")
+    for i in range(3):
+        pub.publish("idle", f"wait-{i}")
+    assert sub.lines(4) == [f"MESSAGE jobs job-{i}".encode() for i in range(4)]
+    assert pub.ask("NOPE") == b"ERROR unknown command 'NOPE'"
+    return sub, pub
