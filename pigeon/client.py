@@ -147,11 +147,13 @@ class Client(ClientBase):
         deadline = None if timeout is None else time.monotonic() + timeout
         messages = self._session.messages
         while not messages:
-            self._ready()
+            if self._closed or self._sock is None:
+                self._ready()  # a reconnect may bring deliveries: check again before reading
+                continue
             try:
                 self._read(deadline)
             except ConnectionClosedError:
-                if not self.reconnect or self._closed:
+                if not self.reconnect:
                     raise
         return messages.popleft()
 

@@ -56,3 +56,19 @@ def monitored(request: pytest.FixtureRequest) -> Iterator[tuple[ServerProcess, s
     assert urls, "".join(proc.log)
     yield proc, urls[0]
     assert proc.stop() == 0, "".join(proc.log)
+
+
+@pytest.fixture(params=LOOPS)
+def start_server(request: pytest.FixtureRequest) -> Iterator[Callable[..., ServerProcess]]:
+    """A factory of servers with extra flags, all on one event loop kind; each must exit 0."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        proc = ServerProcess(*args, loop=request.param)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.proc.returncode is None:
+            assert proc.stop() == 0, "".join(proc.log)
