@@ -43,23 +43,28 @@ class Refused:
     error: CommandError | Exception
 
 
-@functools.lru_cache(maxsize=4096)
 def encode_topic(topic: str | bytes) -> bytes:
     """The topic as wire bytes; raises InvalidArgumentError for a name the server would refuse."""
+    if not isinstance(topic, (str, bytes)):
+        raise InvalidArgumentError(f"topic must be str or bytes, not {type(topic).__name__}")
+    return _encode_topic(topic)
+
+
+@functools.lru_cache(maxsize=4096)
+def _encode_topic(topic: str | bytes) -> bytes:
+    # cached: a publisher checks the same few topic names over and over
     if isinstance(topic, str):
         text = topic
         try:
             raw = topic.encode()
         except UnicodeEncodeError:
             raise InvalidArgumentError(f"topic {topic!r} is not valid Unicode") from None
-    elif isinstance(topic, bytes):
+    else:
         raw = topic
         try:
             text = topic.decode()
         except UnicodeDecodeError:
             raise InvalidArgumentError(f"topic {topic!r} is not valid UTF-8") from None
-    else:
-        raise InvalidArgumentError(f"topic must be str or bytes, not {type(topic).__name__}")
     if not raw:
         raise InvalidArgumentError("topic must not be empty")
     if len(raw) > TOPIC_MAX:

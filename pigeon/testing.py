@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -53,19 +54,25 @@ class ServerThread:
 
     def start(self) -> ServerThread:
         """Start the thread and wait until the broker listens; raises OSError if it cannot bind."""
-        if self._thread is not None:
-            raise RuntimeError("ServerThread already started")
+        if self._thread is not None or self._started.done():
+            raise RuntimeError("a ServerThread can be started only once")
         self._thread = threading.Thread(target=self._run, name=f"pigeon-server-{id(self):x}", daemon=True)
         self._thread.start()
-        self._started.result(START_TIMEOUT)
+        try:
+            self._started.result(START_TIMEOUT)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """Close every connection, stop the broker and wait for the thread to end."""
-        if self._thread is None or self._loop is None or self._stop is None:
+        if self._thread is None:
             return
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._loop is not None and self._stop is not None:
+            # a closed loop means the thread is already on its way out
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout)
         self._thread = None
 

@@ -24,6 +24,7 @@ from pigeon import (
 from tests.wire import ServerProcess
 
 StartServer = Callable[..., ServerProcess]
+FakeServer = Callable[[bytes], tuple[str, int]]
 
 
 @pytest.fixture
@@ -256,7 +257,7 @@ def test_reconnect_gives_up_after_its_timeout(start_server: StartServer) -> None
 
 
 @pytest.fixture
-def fake_server() -> Iterator[Callable[[bytes], tuple[str, int]]]:
+def fake_server() -> Iterator[FakeServer]:
     """A listening socket that answers the first read with fixed bytes: for replies no real server sends."""
     threads: list[threading.Thread] = []
     listeners: list[socket.socket] = []
@@ -275,7 +276,8 @@ def fake_server() -> Iterator[Callable[[bytes], tuple[str, int]]]:
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
         threads.append(thread)
-        return listener.getsockname()[:2]
+        host, port = listener.getsockname()[:2]
+        return str(host), int(port)
 
     yield start
     for listener in listeners:
@@ -284,7 +286,7 @@ def fake_server() -> Iterator[Callable[[bytes], tuple[str, int]]]:
         thread.join(5)
 
 
-def test_nonsense_from_the_server_is_a_protocol_error(fake_server: Callable[[bytes], tuple[str, int]]) -> None:
+def test_nonsense_from_the_server_is_a_protocol_error(fake_server: FakeServer) -> None:
     host, port = fake_server(b"HELLO there\n")
     with pytest.raises(ProtocolError, match="expected CONNECTED"):
         Client(host, port)

@@ -35,14 +35,20 @@ def test_bad_topics_are_refused_with_a_clear_message(topic: str | bytes, problem
         codec.encode_topic(topic)
 
 
-def test_topic_of_the_wrong_type_is_refused() -> None:
+@pytest.mark.parametrize("topic", [42, bytearray(b"t"), None])
+def test_topic_of_the_wrong_type_is_refused(topic: object) -> None:
     with pytest.raises(InvalidArgumentError, match="str or bytes"):
-        codec.encode_topic(42)  # type: ignore[arg-type]
+        codec.encode_topic(topic)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
     ("message", "expected"),
-    [("héllo world", "héllo world".encode()), (b"", b""), (bytearray(b"ab"), b"ab"), (memoryview(b"cd"), b"cd")],
+    [
+        ("héllo world", "héllo world".encode()),
+        (b"", b""),
+        (bytearray(b"ab"), b"ab"),
+        (memoryview(b"cd"), b"cd"),
+    ],
 )
 def test_messages_encode_to_bytes(message: codec.Data, expected: bytes) -> None:
     assert codec.encode_message(message) == expected
