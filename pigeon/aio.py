@@ -149,17 +149,16 @@ class AsyncClient(ClientBase):
         was lost with the connection is reported with a ConnectionClosedError.
         """
         name = codec.encode_topic(topic)
-        data = [codec.encode_message(m) for m in messages]
+        data = codec.encode_messages(messages)
         protocol = await self._ready()
-        lines = codec.publish_lines(self._cid, name, data)
-        batch = self._session.expect_batch(len(lines))
-        for start in range(0, len(lines), CHUNK):
+        batch = self._session.expect_batch(len(data))
+        for start in range(0, len(data), CHUNK):
             if self._protocol is not protocol:
                 break  # lost: the batch already lists the rest as refused
             end = start + CHUNK
-            self._write(protocol, b"".join(lines[start:end]))
+            self._write(protocol, codec.publish_chunk(self._cid, name, data[start:end]))
             # the batch counts its unsent lines as in flight
-            await self._throttle(max(len(lines) - end, 0))
+            await self._throttle(max(len(data) - end, 0))
         await self._wait(batch)
         return batch.refused
 

@@ -120,16 +120,15 @@ class Client(ClientBase):
         was lost with the connection is reported with a ConnectionClosedError.
         """
         name = codec.encode_topic(topic)
-        data = [codec.encode_message(m) for m in messages]
+        data = codec.encode_messages(messages)
         self._ready()
-        lines = codec.publish_lines(self._cid, name, data)
-        batch = self._session.expect_batch(len(lines))
+        batch = self._session.expect_batch(len(data))
         try:
-            for start in range(0, len(lines), CHUNK):
+            for start in range(0, len(data), CHUNK):
                 end = start + CHUNK
-                self._send(b"".join(lines[start:end]))
+                self._send(codec.publish_chunk(self._cid, name, data[start:end]))
                 # the batch counts its unsent lines as in flight
-                while self._session.in_flight - max(len(lines) - end, 0) > WINDOW:
+                while self._session.in_flight - max(len(data) - end, 0) > WINDOW:
                     self._read(self._deadline())
             self._wait(batch)
         except ConnectionClosedError:

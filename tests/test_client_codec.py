@@ -65,13 +65,28 @@ def test_message_of_the_wrong_type_is_refused() -> None:
         codec.encode_message(3.5)  # type: ignore[arg-type]
 
 
+def test_many_messages_are_checked_together() -> None:
+    assert codec.encode_messages(["a", b"b", bytearray(b"c"), ""]) == [b"a", b"b", b"c", b""]
+    assert codec.encode_messages([b"a", bytearray(b"b"), memoryview(b"c")]) == [b"a", b"b", b"c"]
+    assert codec.encode_messages(m for m in (b"x", b"y")) == [b"x", b"y"]
+    assert codec.encode_messages(iter([])) == []
+    with pytest.raises(InvalidArgumentError, match="message 2: message must not contain a newline"):
+        codec.encode_messages(["a", "b", "c\nd"])
+    with pytest.raises(InvalidArgumentError, match=r"message 0: .*carriage return"):
+        codec.encode_messages([b"a\r", b"b"])
+    with pytest.raises(InvalidArgumentError, match=r"message 1: .*carriage return"):
+        codec.encode_messages([b"a", b"b\r"])
+    with pytest.raises(InvalidArgumentError, match="bytes or str"):
+        codec.encode_messages([b"a", 1])  # type: ignore[list-item]
+
+
 def test_message_text_decodes_utf8() -> None:
     assert Message("t", "naïve".encode()).text == "naïve"
 
 
 def test_command_lines() -> None:
     assert codec.publish_line(b"c1", b"t", b"a b") == b"PUBLISH c1 t a b\n"
-    assert codec.publish_lines(b"c1", b"t", [b"x", b""]) == [b"PUBLISH c1 t x\n", b"PUBLISH c1 t \n"]
+    assert codec.publish_chunk(b"c1", b"t", [b"x", b""]) == b"PUBLISH c1 t x\nPUBLISH c1 t \n"
     assert codec.subscribe_line(b"c1", b"t") == b"SUBSCRIBE c1 t\n"
     assert codec.unsubscribe_line(b"c1", b"t") == b"UNSUBSCRIBE c1 t\n"
 
