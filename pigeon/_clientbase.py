@@ -10,6 +10,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3333
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_RECONNECT_TIMEOUT = 30.0
+DEFAULT_MAX_QUEUED = 10_000  # deliveries an AsyncClient holds before it stops reading
 
 # Pipelining: commands go out in chunks of CHUNK lines, and the sender waits for
 # replies while more than WINDOW are outstanding, so neither side buffers without bound.

@@ -12,6 +12,7 @@ from pigeon import codec, errors
 from pigeon._clientbase import (
     CHUNK,
     DEFAULT_HOST,
+    DEFAULT_MAX_QUEUED,
     DEFAULT_PORT,
     DEFAULT_RECONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -57,7 +58,9 @@ class AsyncClient(ClientBase):
     ``client = await AsyncClient(...).connect()``. ``timeout`` bounds each
     wait for a reply; with ``reconnect=True`` a lost connection is
     re-established in the background, for up to ``reconnect_timeout``
-    seconds, and its subscriptions are restored.
+    seconds, and its subscriptions are restored. While more than ``max_queued``
+    deliveries wait to be consumed, the client stops reading, so that the
+    server skips it in the rotation and gives the messages to others.
     """
 
     def __init__(
@@ -68,8 +71,11 @@ class AsyncClient(ClientBase):
         timeout: float | None = DEFAULT_TIMEOUT,
         reconnect: bool = False,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        max_queued: int = DEFAULT_MAX_QUEUED,
     ) -> None:
         super().__init__(host, port, timeout, reconnect, reconnect_timeout)
+        self.max_queued = max_queued
+        self._reading_paused = False
         self._protocol: _Protocol | None = None
         self._out = bytearray()  # publish(wait=False) lines not written yet
         self._flush_scheduled = False
@@ -185,6 +191,8 @@ class AsyncClient(ClientBase):
                 await asyncio.wait_for(self._arrived.wait(), _left(deadline))
             except asyncio.TimeoutError:
                 raise errors.TimeoutError(f"no message within {timeout}s") from None
+        if self._reading_paused and len(messages) <= self.max_queued // 2:
+            self._resume_reading()
         return messages.popleft()
 
     async def messages(self, timeout: float | None = None) -> AsyncIterator[Message]:
@@ -302,6 +310,10 @@ class AsyncClient(ClientBase):
             _resolve(pending)
         if session.broken is not None:
             self._lose(protocol, ProtocolError(session.broken))
+        elif len(session.messages) > self.max_queued and not session.in_flight and protocol.transport:
+            # back pressure: the server's write buffer fills and its rotation skips us
+            protocol.transport.pause_reading()
+            self._reading_paused = True
         self._arrived.set()
 
     def _on_lost(self, protocol: _Protocol, reason: str) -> None:
@@ -311,6 +323,7 @@ class AsyncClient(ClientBase):
     def _lose(self, protocol: _Protocol, cause: ProtocolError | None, reason: str = "") -> None:
         """Forget the connection, fail what was awaited, and start reconnecting if asked to."""
         self._protocol = None
+        self._reading_paused = False
         self._out.clear()
         self._writable.set()
         if protocol.transport is not None and cause is not None:
@@ -359,8 +372,15 @@ class AsyncClient(ClientBase):
         except asyncio.TimeoutError:
             raise errors.TimeoutError(f"no reply from the server in {self.timeout}s") from None
 
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.resume_reading()
+
     def _write(self, protocol: _Protocol, data: bytes) -> None:
-        """Write ``data`` after any queued publishes."""
+        """Write ``data`` after any queued publishes; replies must be read, so reading resumes."""
+        if self._reading_paused:
+            self._resume_reading()
         if self._out:
             data = bytes(self._out) + data
             self._out.clear()

@@ -267,3 +267,32 @@ def test_reconnect_gives_up_after_its_timeout(start_server: StartServer) -> None
         await client.close()
 
     run(server, main)
+
+
+def test_a_client_that_does_not_consume_stops_reading_and_is_skipped(server: ServerProcess) -> None:
+    # Without back pressure the idle subscriber would read (and hold) half of
+    # everything; paused, it holds only what fits in the socket buffers.
+    count = 50_000
+    message = b"x" * 1000  # 50 MB: more than the kernel's socket buffers hold
+
+    async def main() -> tuple[int, int]:
+        async with (
+            AsyncClient(server.host, server.port, max_queued=100) as idle,
+            AsyncClient(server.host, server.port) as busy,
+            AsyncClient(server.host, server.port) as pub,
+        ):
+            await idle.subscribe("t")
+            await busy.subscribe("t")
+            consumer = asyncio.ensure_future(_count_until_quiet(busy))
+            assert await pub.publish_many("t", [message] * count) == []
+            busy_got = await consumer
+            idle_got = len([m async for m in idle.messages(timeout=0.5)])
+            return busy_got, idle_got
+
+    busy_got, idle_got = run(server, main)
+    assert busy_got + idle_got == count, "every message is delivered once"
+    assert busy_got > count * 0.6
+
+
+async def _count_until_quiet(client: AsyncClient) -> int:
+    return len([m async for m in client.messages(timeout=1.0)])
