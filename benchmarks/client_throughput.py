@@ -122,9 +122,9 @@ def measure(variants: dict[str, tuple[Variant, int]], messages: list[bytes], rou
         server.stop()
     floor = results["raw socket"][1]
     lines = [f"server loop {server.loop_name}, {len(messages[0])}-byte messages, best of {rounds}"]
-    lines.append(f"{'variant':<34} {'messages':>9} {'msgs/s':>11} {'vs raw':>7}")
+    lines.append(f"{'variant':<42} {'messages':>9} {'msgs/s':>11} {'vs raw':>7}")
     for name, (count, rate) in results.items():
-        lines.append(f"{name:<34} {count:>9} {rate:>11,.0f} {rate / floor:>7.2f}")
+        lines.append(f"{name:<42} {count:>9} {rate:>11,.0f} {rate / floor:>7.2f}")
     return lines
 
 
