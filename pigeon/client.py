@@ -85,7 +85,8 @@ class Client(ClientBase):
         if wait:
             self._command(b"PUBLISHED", lambda: codec.publish_line(self._cid, name, data), retry=False)
             return
-        self._ready()
+        if self._sock is None or self._closed:
+            self._ready()
         self._track_unwaited()
         self._out += codec.publish_line(self._cid, name, data)
         try:

@@ -8,7 +8,6 @@ Python loop ever walks a line byte by byte.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from collections.abc import Iterable
 from typing import NamedTuple, cast
@@ -45,28 +44,39 @@ class Refused:
     error: CommandError | Exception
 
 
+_topic_cache: dict[str | bytes, bytes] = {}
+TOPIC_CACHE_MAX = 4096
+
+
 def encode_topic(topic: str | bytes) -> bytes:
     """The topic as wire bytes; raises InvalidArgumentError for a name the server would refuse."""
-    if not isinstance(topic, (str, bytes)):
-        raise InvalidArgumentError(f"topic must be str or bytes, not {type(topic).__name__}")
-    return _encode_topic(topic)
+    # a publisher names the same few topics over and over: check each once
+    try:
+        return _topic_cache[topic]
+    except (KeyError, TypeError):  # TypeError: unhashable, so certainly not a topic
+        pass
+    raw = _check_topic(topic)
+    if len(_topic_cache) >= TOPIC_CACHE_MAX:
+        _topic_cache.clear()
+    _topic_cache[topic] = raw
+    return raw
 
 
-@functools.lru_cache(maxsize=4096)
-def _encode_topic(topic: str | bytes) -> bytes:
-    # cached: a publisher checks the same few topic names over and over
+def _check_topic(topic: str | bytes) -> bytes:
     if isinstance(topic, str):
         text = topic
         try:
             raw = topic.encode()
         except UnicodeEncodeError:
             raise InvalidArgumentError(f"topic {topic!r} is not valid Unicode") from None
-    else:
+    elif isinstance(topic, bytes):
         raw = topic
         try:
             text = topic.decode()
         except UnicodeDecodeError:
             raise InvalidArgumentError(f"topic {topic!r} is not valid UTF-8") from None
+    else:
+        raise InvalidArgumentError(f"topic must be str or bytes, not {type(topic).__name__}")
     if not raw:
         raise InvalidArgumentError("topic must not be empty")
     if len(raw) > TOPIC_MAX:
@@ -78,14 +88,7 @@ def _encode_topic(topic: str | bytes) -> bytes:
 
 def encode_message(message: Data) -> bytes:
     """The message as wire bytes; raises InvalidArgumentError for one that cannot fit on one line."""
-    if isinstance(message, str):
-        data = message.encode()
-    elif isinstance(message, bytes):
-        data = message
-    elif isinstance(message, (bytearray, memoryview)):
-        data = bytes(message)
-    else:
-        raise InvalidArgumentError(f"message must be bytes or str, not {type(message).__name__}")
+    data = message if type(message) is bytes else _as_bytes(message)
     if b"\n" in data:
         raise InvalidArgumentError("message must not contain a newline (one message is one line)")
     if data.endswith(b"\r"):
