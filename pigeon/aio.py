@@ -309,7 +309,7 @@ class AsyncClient(ClientBase):
         for pending in session.receive(data):
             _resolve(pending)
         if session.broken is not None:
-            self._lose(protocol, ProtocolError(session.broken))
+            self._lose(protocol, session.broken, ProtocolError)
         elif len(session.messages) > self.max_queued and not session.in_flight and protocol.transport:
             # back pressure: the server's write buffer fills and its rotation skips us
             protocol.transport.pause_reading()
@@ -318,17 +318,22 @@ class AsyncClient(ClientBase):
 
     def _on_lost(self, protocol: _Protocol, reason: str) -> None:
         if protocol is self._protocol:
-            self._lose(protocol, None, reason)
+            self._lose(protocol, reason)
 
-    def _lose(self, protocol: _Protocol, cause: ProtocolError | None, reason: str = "") -> None:
+    def _lose(
+        self,
+        protocol: _Protocol,
+        reason: str,
+        error_type: type[ConnectionClosedError] = ConnectionClosedError,
+    ) -> None:
         """Forget the connection, fail what was awaited, and start reconnecting if asked to."""
         self._protocol = None
         self._reading_paused = False
         self._out.clear()
         self._writable.set()
-        if protocol.transport is not None and cause is not None:
+        if error_type is ProtocolError and protocol.transport is not None:
             protocol.transport.abort()
-        failed, self._lost = self._session.lost(str(cause) if cause else reason)
+        failed, self._lost = self._session.lost(reason, error_type)
         for pending in failed:
             _resolve(pending)
         self._arrived.set()

@@ -253,10 +253,12 @@ class Client(ClientBase):
             self._sock = None
         self._out.clear()
 
-    def _lose(self, reason: str) -> ConnectionClosedError:
+    def _lose(
+        self, reason: str, error_type: type[ConnectionClosedError] = ConnectionClosedError
+    ) -> ConnectionClosedError:
         """The connection is gone: fail what was awaited and return the error to raise."""
         self._drop()
-        _, error = self._session.lost(reason)
+        _, error = self._session.lost(reason, error_type)
         self._lost = error
         return error
 
@@ -335,8 +337,7 @@ class Client(ClientBase):
         self._session.receive(data)
         broken = self._session.broken
         if broken is not None:
-            self._lose(broken)
-            raise ProtocolError(broken)
+            raise self._lose(broken, ProtocolError)
 
     def _set_timeout(self, timeout: float | None) -> None:
         if timeout != self._sock_timeout and self._sock is not None:

@@ -25,16 +25,16 @@ class BacklogFullError(CommandError):
     """A PUBLISH was refused because the topic's backlog is full: retry later or add subscribers."""
 
 
-class ProtocolError(PigeonError):
-    """The server sent something the client cannot make sense of; the connection is dropped."""
-
-
 class ConnectionClosedError(PigeonError, builtins.ConnectionError):
     """The connection is closed or was lost; ``reason`` is the server's last ERROR, if it sent one."""
 
     def __init__(self, message: str, reason: str | None = None) -> None:
         super().__init__(f"{message}: {reason}" if reason else message)
         self.reason = reason
+
+
+class ProtocolError(ConnectionClosedError):
+    """The server sent something the client cannot make sense of, so the client dropped the connection."""
 
 
 class TimeoutError(PigeonError, builtins.TimeoutError):

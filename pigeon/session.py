@@ -110,14 +110,16 @@ class Session:
                 break
         return completed
 
-    def lost(self, reason: str) -> tuple[list[Pending], ConnectionClosedError]:
+    def lost(
+        self, reason: str, error_type: type[ConnectionClosedError] = ConnectionClosedError
+    ) -> tuple[list[Pending], ConnectionClosedError]:
         """The connection is gone: fail everything still awaited.
 
         Returns the failed entries and the error that says why, with the
         server's last unasked ERROR as its ``reason``. The session is then
         ready for a new connection; received deliveries stay queued.
         """
-        error = ConnectionClosedError(reason, self.notice)
+        error = error_type(reason, self.notice)
         failed = list(self._pending)
         for entry in failed:
             if entry.batch:

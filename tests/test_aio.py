@@ -18,9 +18,11 @@ from pigeon import (
     ConnectionClosedError,
     InvalidArgumentError,
     Message,
+    ProtocolError,
     ServerThread,
 )
 from pigeon.cli import loop_factory
+from tests.conftest import FakeServer
 from tests.wire import ServerProcess
 
 T = TypeVar("T")
@@ -296,3 +298,13 @@ def test_a_client_that_does_not_consume_stops_reading_and_is_skipped(server: Ser
 
 async def _count_until_quiet(client: AsyncClient) -> int:
     return len([m async for m in client.messages(timeout=1.0)])
+
+
+def test_nonsense_from_the_server_is_a_protocol_error(fake_server: FakeServer) -> None:
+    host, port = fake_server(b"HELLO there\n")
+
+    async def main() -> None:
+        with pytest.raises(ProtocolError, match="expected CONNECTED"):
+            await AsyncClient(host, port).connect()
+
+    asyncio.run(main())

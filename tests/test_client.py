@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -21,10 +19,10 @@ from pigeon import (
     ProtocolError,
     ServerThread,
 )
+from tests.conftest import FakeServer
 from tests.wire import ServerProcess
 
 StartServer = Callable[..., ServerProcess]
-FakeServer = Callable[[bytes], tuple[str, int]]
 
 
 @pytest.fixture
@@ -254,36 +252,6 @@ def test_reconnect_gives_up_after_its_timeout(start_server: StartServer) -> None
     assert server.stop() == 0
     with pytest.raises(ConnectionClosedError, match="could not reconnect"):
         client.ping()
-
-
-@pytest.fixture
-def fake_server() -> Iterator[FakeServer]:
-    """A listening socket that answers the first read with fixed bytes: for replies no real server sends."""
-    threads: list[threading.Thread] = []
-    listeners: list[socket.socket] = []
-
-    def start(answer: bytes) -> tuple[str, int]:
-        listener = socket.create_server(("127.0.0.1", 0))
-        listeners.append(listener)
-
-        def serve() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                conn.recv(1024)
-                conn.sendall(answer)
-                conn.recv(1024)
-
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        threads.append(thread)
-        host, port = listener.getsockname()[:2]
-        return str(host), int(port)
-
-    yield start
-    for listener in listeners:
-        listener.close()
-    for thread in threads:
-        thread.join(5)
 
 
 def test_nonsense_from_the_server_is_a_protocol_error(fake_server: FakeServer) -> None:
