@@ -26,7 +26,7 @@ def register(subparsers: Subparsers) -> None:
     pub.add_argument("topic")
     pub.add_argument("message", nargs="?")
     add_connection_options(pub)
-    pub.set_defaults(run=run_pub)
+    pub.set_defaults(func=run_pub)
 
     sub = subparsers.add_parser(
         "sub",
@@ -41,12 +41,12 @@ def register(subparsers: Subparsers) -> None:
         help='print {"topic": ..., "data": ...} per message ("data_base64" when not UTF-8)',
     )
     add_connection_options(sub)
-    sub.set_defaults(run=run_sub)
+    sub.set_defaults(func=run_sub)
 
     ping = subparsers.add_parser("ping", help="measure the round trip to the broker")
     ping.add_argument("--count", type=positive, default=1, metavar="N", help="pings to send (default 1)")
     add_connection_options(ping)
-    ping.set_defaults(run=run_ping)
+    ping.set_defaults(func=run_ping)
 
 
 def _client(args: argparse.Namespace) -> Client:

@@ -1,7 +1,7 @@
 """The ``pigeon-cli`` command: shell tools that talk to a running broker, like redis-cli and nats.
 
 Each subcommand lives in a module with a ``register(subparsers)`` function that
-adds its parser and sets ``run`` (``args -> exit code``); list new modules in
+adds its parser and sets ``func`` (``args -> exit code``); list new modules in
 ``SUBCOMMAND_MODULES``. Failures print one line on stderr, never a traceback.
 """
 
@@ -18,7 +18,7 @@ from pigeon import __version__
 from pigeon._clientbase import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIMEOUT
 from pigeon.errors import PigeonError
 
-SUBCOMMAND_MODULES = ("pigeon.cli_pubsub",)
+SUBCOMMAND_MODULES = ("pigeon.cli_pubsub", "pigeon.stats_cli")
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pigeon-cli`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.run(args))
+        return int(args.func(args))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:

@@ -143,3 +143,9 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
     assert result.returncode == 2
     assert "usage: pigeon-cli" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_other_modules_subcommands_are_registered(server: ServerProcess) -> None:
+    result = cli(server, "stats", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "connections" in json.loads(result.stdout)
