@@ -12,7 +12,7 @@ import contextlib
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pigeon.cli import loop_factory
 from pigeon.server import DEFAULT_HOST, DEFAULT_MAX_BACKLOG, DEFAULT_MAX_LINE, Server
@@ -86,8 +86,8 @@ class ServerThread:
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(START_TIMEOUT)
 
-    def stats(self) -> dict[str, int]:
-        """The broker's counters, read on its own thread."""
+    def stats(self) -> dict[str, Any]:
+        """The broker's counters (``Broker.stats()``), read on its own thread."""
         return self.call(self.server.broker.stats)
 
     def __enter__(self) -> ServerThread:
