@@ -39,6 +39,7 @@ def run(server: ServerProcess, main: Callable[[], Coroutine[Any, Any, T]]) -> T:
         loop.close()
 
 
+@pytest.mark.smoke
 def test_every_method_round_trip(server: ServerProcess) -> None:
     async def main() -> None:
         async with AsyncClient(server.host, server.port) as sub, AsyncClient(server.host, server.port) as pub:

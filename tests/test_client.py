@@ -61,6 +61,7 @@ def test_context_manager_closes(server: ServerProcess) -> None:
     assert not client.connected
 
 
+@pytest.mark.smoke
 def test_publish_and_receive_round_robin(client_of: Callable[..., Client]) -> None:
     first, second, publisher = client_of(), client_of(), client_of()
     first.subscribe("jobs")

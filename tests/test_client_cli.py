@@ -56,6 +56,7 @@ def start_sub(server: ServerProcess) -> Iterator[Callable[..., subprocess.Popen[
         proc.communicate(timeout=30)
 
 
+@pytest.mark.smoke
 def test_sub_shows_what_pub_sends(server: ServerProcess, start_sub: StartSub) -> None:
     sub = start_sub("news", "--count", "4")
     assert cli(server, "pub", "news", "one message").returncode == 0

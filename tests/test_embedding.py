@@ -61,6 +61,7 @@ def test_stop_without_start_and_twice() -> None:
         server.start()
 
 
+@pytest.mark.smoke
 def test_plugin_fixtures(pigeon_server: ServerThread, pigeon_client: Client) -> None:
     assert pigeon_client.port == pigeon_server.port
     pigeon_client.subscribe("fixture")
