@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import socket
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -56,3 +58,52 @@ def monitored(request: pytest.FixtureRequest) -> Iterator[tuple[ServerProcess, s
     assert urls, "".join(proc.log)
     yield proc, urls[0]
     assert proc.stop() == 0, "".join(proc.log)
+
+
+@pytest.fixture(params=LOOPS)
+def start_server(request: pytest.FixtureRequest) -> Iterator[Callable[..., ServerProcess]]:
+    """A factory of servers with extra flags, all on one event loop kind; each must exit 0."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        proc = ServerProcess(*args, loop=request.param)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.proc.returncode is None:
+            assert proc.stop() == 0, "".join(proc.log)
+
+
+FakeServer = Callable[[bytes], tuple[str, int]]
+
+
+@pytest.fixture
+def fake_server() -> Iterator[FakeServer]:
+    """A listening socket that answers the first read with fixed bytes: for replies no real server sends."""
+    threads: list[threading.Thread] = []
+    listeners: list[socket.socket] = []
+
+    def start(answer: bytes) -> tuple[str, int]:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listeners.append(listener)
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(answer)
+                conn.recv(1024)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        threads.append(thread)
+        host, port = listener.getsockname()[:2]
+        return str(host), int(port)
+
+    yield start
+    for listener in listeners:
+        listener.close()
+    for thread in threads:
+        thread.join(5)

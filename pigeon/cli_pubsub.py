@@ -1,0 +1,117 @@
+"""``pigeon-cli`` subcommands ``pub``, ``sub`` and ``ping``."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from pigeon.client import Client
+from pigeon.client_cli import EXIT_ERROR, Subparsers, add_connection_options, positive
+from pigeon.codec import Message
+
+READ_SIZE = 64 * 1024
+
+
+def register(subparsers: Subparsers) -> None:
+    """Add ``pub``, ``sub`` and ``ping`` to ``pigeon-cli``."""
+    pub = subparsers.add_parser(
+        "pub",
+        help="publish a message, or one per line of stdin",
+        description="Publish MESSAGE to TOPIC; without MESSAGE, publish each line of stdin.",
+    )
+    pub.add_argument("topic")
+    pub.add_argument("message", nargs="?")
+    add_connection_options(pub)
+    pub.set_defaults(func=run_pub)
+
+    sub = subparsers.add_parser(
+        "sub",
+        help="print the messages delivered to this subscriber",
+        description="Subscribe and print each delivery's data on its own line, until interrupted.",
+    )
+    sub.add_argument("topics", nargs="+", metavar="topic")
+    sub.add_argument("--count", type=positive, metavar="N", help="exit after N messages")
+    sub.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"topic": ..., "data": ...} per message ("data_base64" when not UTF-8)',
+    )
+    add_connection_options(sub)
+    sub.set_defaults(func=run_sub)
+
+    ping = subparsers.add_parser("ping", help="measure the round trip to the broker")
+    ping.add_argument("--count", type=positive, default=1, metavar="N", help="pings to send (default 1)")
+    add_connection_options(ping)
+    ping.set_defaults(func=run_ping)
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.host, args.port, timeout=args.timeout)
+
+
+def stdin_lines(stream: BinaryIO) -> Iterator[list[bytes]]:
+    """Lines of ``stream`` as they become available (no trailing ``\\n`` or ``\\r\\n``), in batches."""
+    tail = b""
+    read = getattr(stream, "read1", stream.read)
+    while chunk := read(READ_SIZE):
+        lines = (tail + chunk).split(b"\n")
+        tail = lines.pop()
+        if lines:
+            yield [line[:-1] if line.endswith(b"\r") else line for line in lines]
+    if tail:
+        yield [tail[:-1] if tail.endswith(b"\r") else tail]
+
+
+def run_pub(args: argparse.Namespace) -> int:
+    """``pigeon-cli pub``: exit 1 when any message is refused (each refusal is reported)."""
+    with _client(args) as client:
+        if args.message is not None:
+            client.publish(args.topic, args.message)
+            return 0
+        failed = False
+        sent = 0
+        for lines in stdin_lines(sys.stdin.buffer):
+            for refused in client.publish_many(args.topic, lines):
+                line = sent + refused.index + 1
+                print(f"pigeon-cli: line {line} refused: {refused.error}", file=sys.stderr)
+                failed = True
+            sent += len(lines)
+        return EXIT_ERROR if failed else 0
+
+
+def _format(message: Message, as_json: bool) -> bytes:
+    if not as_json:
+        return message.data + b"\n"
+    record: dict[str, str] = {"topic": message.topic}
+    try:
+        record["data"] = message.data.decode()
+    except UnicodeDecodeError:
+        record["data_base64"] = base64.b64encode(message.data).decode()
+    return json.dumps(record, ensure_ascii=False).encode() + b"\n"
+
+
+def run_sub(args: argparse.Namespace) -> int:
+    """``pigeon-cli sub``: print deliveries until interrupted, or until ``--count`` of them."""
+    out = sys.stdout.buffer
+    with _client(args) as client:
+        for topic in args.topics:
+            client.subscribe(topic)
+        print(f"subscribed to {' '.join(args.topics)}; waiting for messages", file=sys.stderr, flush=True)
+        received = 0
+        while args.count is None or received < args.count:
+            out.write(_format(client.next_message(), args.json))
+            out.flush()
+            received += 1
+    return 0
+
+
+def run_ping(args: argparse.Namespace) -> int:
+    """``pigeon-cli ping``: print each round trip in milliseconds."""
+    with _client(args) as client:
+        for _ in range(args.count):
+            print(f"PONG {client.ping() * 1000:.3f} ms", flush=True)
+    return 0

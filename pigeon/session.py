@@ -1,0 +1,170 @@
+"""The client's protocol state, without I/O: which replies are awaited, and the deliveries received.
+
+The server answers every command with exactly one line, in order, and may put
+``MESSAGE`` deliveries anywhere in between. So replies are matched to commands
+first in, first out, and deliveries are set aside for the consumer: a delivery
+that arrives while a reply is awaited is never lost and never taken for the reply.
+
+``Client`` and ``AsyncClient`` wrap one ``Session`` each and do the socket work.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from pigeon import codec
+from pigeon.codec import Message, Refused
+from pigeon.errors import CommandError, ConnectionClosedError, PigeonError, error_from_reason
+
+
+class Pending:
+    """The replies awaited for one command, or for a run of pipelined publishes (a batch)."""
+
+    __slots__ = ("answered", "batch", "error", "refused", "reply", "total", "unwaited", "verb", "waiter")
+
+    def __init__(self, verb: bytes, *, batch: bool = False, unwaited: bool = False) -> None:
+        self.verb = verb  # the reply word that means success
+        self.batch = batch
+        self.unwaited = unwaited  # a batch of ``publish(wait=False)`` calls that later ones may extend
+        self.total = 0
+        self.answered = 0
+        self.reply = b""  # what followed the verb in a single command's reply
+        self.error: PigeonError | None = None  # why a single command failed
+        self.refused: list[Refused] = []  # a batch's failures, by index in the batch
+        self.waiter: object = None  # the async client's future, resolved when done
+
+    @property
+    def done(self) -> bool:
+        """Every reply has arrived (or the connection was lost)."""
+        return self.answered >= self.total
+
+
+class Session:
+    """Matches replies to commands and queues deliveries for one connection at a time."""
+
+    __slots__ = ("_lines", "_pending", "_topic_names", "broken", "in_flight", "messages", "notice")
+
+    def __init__(self) -> None:
+        self._lines = codec.LineSplitter()
+        self._pending: deque[Pending] = deque()
+        self._topic_names: dict[bytes, str] = {}
+        self.in_flight = 0  # replies still to come
+        self.messages: deque[Message] = deque()
+        self.notice: str | None = None  # an ERROR the server sent unasked (e.g. before closing)
+        self.broken: str | None = None  # why the server's output stopped making sense
+
+    def expect(self, verb: bytes) -> Pending:
+        """Register one command just sent; its reply word on success is ``verb``."""
+        pending = Pending(verb)
+        pending.total = 1
+        self._pending.append(pending)
+        self.in_flight += 1
+        return pending
+
+    def expect_batch(self, count: int) -> Pending:
+        """Register ``count`` pipelined PUBLISH commands just sent, as one batch."""
+        pending = Pending(b"PUBLISHED", batch=True)
+        pending.total = count
+        self._pending.append(pending)
+        self.in_flight += count
+        return pending
+
+    def expect_unwaited(self) -> Pending:
+        """Register one ``publish(wait=False)``, extending the last batch of them while it is awaited."""
+        last = self._pending[-1] if self._pending else None
+        if last is None or not last.unwaited:
+            last = Pending(b"PUBLISHED", batch=True, unwaited=True)
+            self._pending.append(last)
+        last.total += 1
+        self.in_flight += 1
+        return last
+
+    def receive(self, data: bytes) -> list[Pending]:
+        """Take bytes read from the socket; returns the entries they completed.
+
+        A line that is neither a delivery nor the reply expected next sets
+        ``broken`` and stops the reading: the connection can no longer be trusted.
+        """
+        chunk = self._lines.feed(data)
+        if not chunk:
+            return []
+        pending = self._pending
+        if pending and pending[0].batch:
+            head = pending[0]
+            count = codec.only_replies(chunk, head.verb)
+            if count and count <= head.total - head.answered:
+                head.answered += count
+                self.in_flight -= count
+                if head.done:
+                    pending.popleft()
+                    return [head]
+                return []
+        completed: list[Pending] = []
+        lines = chunk.split(b"\n")
+        lines.pop()  # the empty string after the last newline
+        for line in lines:
+            delivery = codec.parse_delivery(line)
+            if delivery is not None:
+                self._on_delivery(*delivery)
+            elif not self._on_reply(line, completed):
+                break
+        return completed
+
+    def lost(
+        self, reason: str, error_type: type[ConnectionClosedError] = ConnectionClosedError
+    ) -> tuple[list[Pending], ConnectionClosedError]:
+        """The connection is gone: fail everything still awaited.
+
+        Returns the failed entries and the error that says why, with the
+        server's last unasked ERROR as its ``reason``. The session is then
+        ready for a new connection; received deliveries stay queued.
+        """
+        error = error_type(reason, self.notice)
+        failed = list(self._pending)
+        for entry in failed:
+            if entry.batch:
+                # the reply never came: the server may or may not have taken the message
+                entry.refused.extend(Refused(i, error) for i in range(entry.answered, entry.total))
+            else:
+                entry.error = error
+            entry.answered = entry.total
+        self._pending.clear()
+        self._lines.reset()
+        self.in_flight = 0
+        self.notice = None
+        self.broken = None
+        return failed, error
+
+    def _on_delivery(self, topic: bytes, data: bytes) -> None:
+        name = self._topic_names.get(topic)
+        if name is None:
+            name = self._topic_names[topic] = topic.decode("utf-8", "replace")
+        self.messages.append(Message(name, data))
+
+    def _on_reply(self, line: bytes, completed: list[Pending]) -> bool:
+        """Match a reply to the oldest awaited command; False when the line makes no sense here."""
+        word, rest = codec.parse_reply(line)
+        if not self._pending:
+            if word == b"ERROR":
+                self.notice = rest.decode("utf-8", "replace")
+                return True
+            self.broken = f"unexpected line from the server: {line[:100]!r}"
+            return False
+        head = self._pending[0]
+        if word == head.verb:
+            head.reply = rest
+        elif word == b"ERROR":
+            error: CommandError = error_from_reason(rest.decode("utf-8", "replace"))
+            if head.batch:
+                head.refused.append(Refused(head.answered, error))
+            else:
+                head.error = error
+        else:
+            self.broken = f"expected {head.verb.decode()} or ERROR from the server, got {line[:100]!r}"
+            return False
+        head.answered += 1
+        self.in_flight -= 1
+        if head.done:
+            self._pending.popleft()
+            completed.append(head)
+        return True

@@ -1,0 +1,152 @@
+"""``pigeon-cli`` run as a subprocess against a real server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pigeon import Client
+from tests.wire import ServerProcess
+
+StartServer = Callable[..., ServerProcess]
+StartSub = Callable[..., "subprocess.Popen[str]"]
+
+
+def _script() -> str:
+    beside = Path(sys.executable).with_name("pigeon-cli")
+    found = str(beside) if beside.exists() else shutil.which("pigeon-cli")
+    assert found, "pigeon-cli is not installed (pip install -e .)"
+    return found
+
+
+PIGEON_CLI = _script()
+
+
+def cli(server: ServerProcess, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """Run ``pigeon-cli`` to completion against ``server``."""
+    command = [PIGEON_CLI, args[0], "--host", server.host, "--port", str(server.port), *args[1:]]
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def start_sub(server: ServerProcess) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start ``pigeon-cli sub`` and return once it is subscribed; kills leftovers afterwards."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        command = [PIGEON_CLI, "sub", *args, "--host", server.host, "--port", str(server.port)]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stderr is not None
+        assert proc.stderr.readline().startswith("subscribed to"), "sub did not report its subscription"
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+@pytest.mark.smoke
+def test_sub_shows_what_pub_sends(server: ServerProcess, start_sub: StartSub) -> None:
+    sub = start_sub("news", "--count", "4")
+    assert cli(server, "pub", "news", "one message").returncode == 0
+    piped = cli(server, "pub", "news", stdin="from stdin\r\nsecond  line\nno newline at the end")
+    assert piped.returncode == 0, piped.stderr
+    out, err = sub.communicate(timeout=30)
+    assert sub.returncode == 0, err
+    assert out.splitlines() == ["one message", "from stdin", "second  line", "no newline at the end"]
+
+
+def test_sub_json_output(server: ServerProcess, start_sub: StartSub) -> None:
+    sub = start_sub("a", "b", "--count", "3", "--json")
+    with Client(server.host, server.port) as client:
+        client.publish("a", "héllo")
+        client.publish("b", b"\xff\xfe")
+        client.publish("a", '{"quoted": true}')
+    out, err = sub.communicate(timeout=30)
+    assert sub.returncode == 0, err
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"topic": "a", "data": "héllo"},
+        {"topic": "b", "data_base64": "//4="},
+        {"topic": "a", "data": '{"quoted": true}'},
+    ]
+
+
+def test_sub_gets_the_backlog_and_stops_at_count(server: ServerProcess) -> None:
+    assert cli(server, "pub", "jobs", stdin="1\n2\n3\n").returncode == 0
+    result = cli(server, "sub", "jobs", "--count", "2")
+    assert result.returncode == 0
+    assert result.stdout == "1\n2\n"
+
+
+def test_sub_exits_quietly_on_ctrl_c(server: ServerProcess, start_sub: StartSub) -> None:
+    sub = start_sub("t")
+    sub.send_signal(signal.SIGINT)
+    _, err = sub.communicate(timeout=30)
+    assert sub.returncode == 130
+    assert "Traceback" not in err
+
+
+def test_ping_prints_round_trips(server: ServerProcess) -> None:
+    result = cli(server, "ping", "--count", "3")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        word, millis, unit = line.split()
+        assert (word, unit) == ("PONG", "ms") and float(millis) > 0
+
+
+def test_refused_lines_are_reported(start_server: StartServer) -> None:
+    server = start_server("--max-backlog", "1")
+    result = cli(server, "pub", "full", stdin="kept\nrefused\nrefused too\n")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "pigeon-cli: line 2 refused: backlog full (1 messages) for topic 'full'",
+        "pigeon-cli: line 3 refused: backlog full (1 messages) for topic 'full'",
+    ]
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["pub", "two words", "x"], "pigeon-cli: topic 'two words' must not contain whitespace"),
+        (["sub", "", "--count", "1"], "pigeon-cli: topic must not be empty"),
+        (["pub", "t", "x", "--port", str(_closed_port())], "pigeon-cli: cannot connect to 127.0.0.1:"),
+    ],
+)
+def test_errors_are_one_line_and_exit_1(server: ServerProcess, args: list[str], message: str) -> None:
+    result = cli(server, *args)  # a later --port overrides the server's
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(message)
+
+
+@pytest.mark.parametrize("args", [[], ["pub"], ["sub", "t", "--count", "0"], ["ping", "--port", "x"]])
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    result = subprocess.run([PIGEON_CLI, *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "usage: pigeon-cli" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_other_modules_subcommands_are_registered(server: ServerProcess) -> None:
+    result = cli(server, "stats", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "connections" in json.loads(result.stdout)

@@ -1,0 +1,84 @@
+"""``pigeon.Server`` inside an asyncio program, ``ServerThread``, and the pytest plugin's fixtures."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from pigeon import AsyncClient, Client, Server, ServerThread
+
+pytest_plugins = ["pytester"]
+
+
+def test_server_runs_inside_an_asyncio_program() -> None:
+    async def main() -> str:
+        async with Server(port=0) as server, AsyncClient(port=server.port) as client:
+            await client.subscribe("t")
+            await client.publish("t", "embedded")
+            return (await client.next_message(10)).text
+
+    assert asyncio.run(main()) == "embedded"
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "auto"])
+def test_server_thread_serves_blocking_clients(loop: str) -> None:
+    with ServerThread(loop=loop) as server:
+        assert server.port != 0
+        with Client(server.host, server.port) as client:
+            client.subscribe("t")
+            client.publish("t", "threaded")
+            assert client.next_message(10).text == "threaded"
+            stats = server.stats()
+        assert stats["connections"] == 1 and stats["published"] == 1
+    with pytest.raises(OSError):
+        socket.create_connection((server.host, server.port), timeout=5)
+
+
+def test_server_thread_options_reach_the_broker() -> None:
+    with ServerThread(max_backlog=7, max_line=100) as server:
+        assert server.call(lambda: server.server.broker.max_backlog_messages) == 7
+        assert server.call(lambda: server.server.broker.max_line_length) == 100
+
+
+def test_server_thread_reports_a_port_in_use() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        thread = ServerThread(port=port)
+        with pytest.raises(OSError):
+            thread.start()
+        thread.stop()
+
+
+def test_stop_without_start_and_twice() -> None:
+    server = ServerThread()
+    server.stop()
+    server.start()
+    server.stop()
+    server.stop()
+    with pytest.raises(RuntimeError):
+        server.start()
+
+
+@pytest.mark.smoke
+def test_plugin_fixtures(pigeon_server: ServerThread, pigeon_client: Client) -> None:
+    assert pigeon_client.port == pigeon_server.port
+    pigeon_client.subscribe("fixture")
+    pigeon_client.publish("fixture", "works")
+    assert pigeon_client.next_message(10).text == "works"
+    assert pigeon_server.stats()["connections"] == 1
+
+
+def test_plugin_is_registered_for_users(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_uses_fixtures(pigeon_server, pigeon_client):
+            pigeon_client.subscribe("t")
+            pigeon_client.publish("t", "hello")
+            assert pigeon_client.next_message(5).text == "hello"
+            assert pigeon_server.port == pigeon_client.port
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
