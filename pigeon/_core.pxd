@@ -1,6 +1,7 @@
 # The broker core's C-level state. Every struct here is owned by one Broker
 # and freed by it; Python code only sees connection handles (ints).
 
+from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 
 
@@ -73,9 +74,11 @@ ctypedef struct Conn:
     uint64_t client_id      # 0 until CONNECT
     char id_text[24]        # client_id as sent on the wire
     uint32_t id_len
-    char *out               # output not yet handed to the writer
+    PyObject *out_bytes     # a bytes object being filled with output, handed to the writer as is
+    char *out               # its data: output not yet handed to the writer
     size_t out_len
     size_t out_cap
+    size_t out_hint         # recent flush size (decaying), to size the next bytes object in one go
     char *pending           # an incomplete line carried over to the next read
     size_t pending_len
     Topic **subs            # topics this connection subscribes to

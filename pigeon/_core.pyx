@@ -11,7 +11,8 @@ writing the ``MESSAGE`` line are C; no Python object is created per message.
 import json
 import time
 
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, _PyBytes_Resize
+from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
@@ -19,6 +20,7 @@ from libc.string cimport memchr, memcmp, memcpy, memmove, memset, strlen
 
 
 cdef extern from "Python.h":
+    void Py_SET_SIZE(PyObject *o, Py_ssize_t size)
     object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
     int PyBUF_WRITE
 
@@ -29,7 +31,7 @@ cdef enum:
     CONN_CLOSING = 2        # DISCONNECT or a fatal error: output flushes, then the socket closes
 
     READ_ROOM = 256 * 1024  # free space offered to each socket read
-    OUT_KEEP = 64 * 1024    # output buffers larger than this are released after a flush
+    OUT_MIN = 256           # smallest output bytes object
     SHOW_MAX = 64           # longest client input echoed back in an ERROR line
 
 
@@ -228,7 +230,7 @@ cdef class Broker:
         cdef Topic *nxt
         for h in range(self.conns_cap):
             if self.conns[h].state != CONN_FREE:
-                PyMem_Free(self.conns[h].out)
+                Py_XDECREF(self.conns[h].out_bytes)
                 PyMem_Free(self.conns[h].pending)
                 PyMem_Free(self.conns[h].subs)
         if self.buckets != NULL:
@@ -358,7 +360,7 @@ cdef class Broker:
         cdef Conn *c = self._conn(handle)
         self._leave_all(handle)
         c = &self.conns[handle]
-        PyMem_Free(c.out)
+        Py_XDECREF(c.out_bytes)
         PyMem_Free(c.pending)
         PyMem_Free(c.subs)
         memset(c, 0, sizeof(Conn))
@@ -706,11 +708,24 @@ cdef class Broker:
         """Room for ``need`` more output bytes on connection h; marks it for the next flush."""
         cdef Conn *c = &self.conns[h]
         cdef size_t cap
+        cdef object fresh
         if c.out_len + need > c.out_cap:
-            cap = c.out_cap * 2 if c.out_cap else 256
-            while cap < c.out_len + need:
-                cap *= 2
-            c.out = <char *>_realloc(c.out, cap)
+            if c.out_bytes == NULL:
+                # sized from the last flush, so a steady stream fills one object without regrowing
+                cap = c.out_hint + c.out_hint // 4
+                if cap < OUT_MIN:
+                    cap = OUT_MIN
+                while cap < need:
+                    cap *= 2
+                fresh = PyBytes_FromStringAndSize(NULL, cap)
+                c.out_bytes = <PyObject *>fresh
+                Py_INCREF(fresh)
+            else:
+                cap = c.out_cap * 2
+                while cap < c.out_len + need:
+                    cap *= 2
+                _PyBytes_Resize(&c.out_bytes, cap)
+            c.out = PyBytes_AS_STRING(<object>c.out_bytes)
             c.out_cap = cap
         if not c.dirty:
             c.dirty = True
@@ -792,14 +807,24 @@ cdef class Broker:
             c.dirty = False
             if c.state == CONN_FREE or c.out_len == 0:
                 continue
-            data = PyBytes_FromStringAndSize(c.out, c.out_len)
+            # The writer gets the very object the output was written into: no copy.
+            # A mostly full object is only trimmed in length, since reallocating it
+            # (and so changing its size class) makes malloc map fresh pages each time.
+            if c.out_len >= c.out_cap // 2:
+                Py_SET_SIZE(c.out_bytes, c.out_len)
+                c.out[c.out_len] = 0
+            else:
+                _PyBytes_Resize(&c.out_bytes, c.out_len)
+            data = <object>c.out_bytes
+            Py_XDECREF(c.out_bytes)
+            c.out_bytes = NULL
+            c.out = NULL
             self.counters.bytes_out += c.out_len
             c.bytes_out += c.out_len
+            # decays slowly, so one short read between long ones does not shrink the next object
+            c.out_hint = c.out_len if c.out_len > c.out_hint else c.out_hint - c.out_hint // 8
             c.out_len = 0
-            if c.out_cap > OUT_KEEP:
-                PyMem_Free(c.out)
-                c.out = NULL
-                c.out_cap = 0
+            c.out_cap = 0
             try:
                 self.writers[h](data)
             except Exception:

@@ -1,0 +1,371 @@
+"""Pigeon side by side with nats-server and redis-server, same workloads, same run.
+
+Each broker is started fresh, pinned to one CPU with taskset, while this
+process (the load generator, ``pigeon.bench``) pins itself to another. The
+brokers take turns within each repeat, so they share whatever else the machine
+is doing, and the table shows the median of the repeats with the ratios the
+targets are stated in. A peer that is not installed is skipped with a note.
+
+    python benchmarks/compare.py                 # the full comparison (a few minutes)
+    python benchmarks/compare.py --quick         # a smoke run of a few seconds
+    python benchmarks/compare.py --json out.json --chart out.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+
+from pigeon import __version__
+from pigeon.bench import WORKLOADS, Options, Result, run, write_chart
+
+THROUGHPUT = ("pipe", "queue", "fanin")
+PEERS = ("nats", "redis")
+START_TIMEOUT = 20.0
+
+
+@dataclass
+class Broker:
+    """How to start one broker on a free loopback port."""
+
+    name: str
+    dialect: str
+    executable: str | None
+    start: Callable[[list[str]], tuple[subprocess.Popen[str], int]]
+    version: str = ""
+
+
+@dataclass
+class Table:
+    """Median results per broker, and the notes gathered on the way."""
+
+    results: dict[str, list[Result]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _raise_fd_limit() -> None:
+    # thousands of idle connections need thousands of descriptors on both ends
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _spawn(cmd: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_raise_fd_limit,
+    )
+
+
+def _wait_for_line(proc: subprocess.Popen[str], pattern: re.Pattern[str]) -> re.Match[str]:
+    """Read the broker's log until a line matches ``pattern``."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + START_TIMEOUT
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        match = pattern.search(line)
+        if match:
+            return match
+    proc.kill()
+    raise RuntimeError(f"{proc.args} did not start: {''.join(seen)}")
+
+
+def _free_port() -> int:
+    # redis-server cannot pick its own port, so take one the kernel just handed out
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_pigeon(pin: list[str]) -> tuple[subprocess.Popen[str], int]:
+    proc = _spawn([*pin, sys.executable, "-m", "pigeon", "--port", "0", "--loop", "uvloop"])
+    return proc, int(_wait_for_line(proc, re.compile(r"listening on \S+:(\d+)")).group(1))
+
+
+def _start_nats(pin: list[str]) -> tuple[subprocess.Popen[str], int]:
+    proc = _spawn([*pin, "nats-server", "-a", "127.0.0.1", "-p", "-1"])
+    return proc, int(_wait_for_line(proc, re.compile(r"client connections on \S+:(\d+)")).group(1))
+
+
+def _start_redis(pin: list[str]) -> tuple[subprocess.Popen[str], int]:
+    port = _free_port()
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = _spawn([*pin, *cmd])
+    _wait_for_line(proc, re.compile(r"Ready to accept connections"))
+    return proc, port
+
+
+def _start_sink(pin: list[str]) -> tuple[subprocess.Popen[str], int]:
+    proc = _spawn([*pin, sys.executable, "-m", "pigeon.bench_sink", "--port", "0"])
+    return proc, int(_wait_for_line(proc, re.compile(r"listening on \S+:(\d+)")).group(1))
+
+
+def _version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return ""
+    return out.strip().splitlines()[0] if out.strip() else ""
+
+
+def brokers(include_sink: bool) -> list[Broker]:
+    """Every broker to measure, Pigeon first; ``executable`` None marks one that is not installed."""
+    found = [
+        Broker("pigeon", "pigeon", sys.executable, _start_pigeon, f"pigeon {__version__}"),
+        Broker("nats", "nats", shutil.which("nats-server"), _start_nats),
+        Broker("redis", "redis", shutil.which("redis-server"), _start_redis),
+    ]
+    if include_sink:
+        found.append(Broker("ceiling", "pigeon", sys.executable, _start_sink, "null broker (pigeon.bench_sink)"))
+    for b in found[1:3]:
+        if b.executable:
+            b.version = _version([b.executable, "--version"])
+    return found
+
+
+@contextmanager
+def running(broker: Broker, pin: list[str]) -> Iterator[tuple[int, int]]:
+    """A fresh broker process: yields (pid, port); stopped afterwards."""
+    proc, port = broker.start(pin)
+    # keep reading its log, so a chatty broker never blocks on a full pipe
+    drain = threading.Thread(target=_drain, args=(proc,), daemon=True)
+    drain.start()
+    try:
+        yield proc.pid, port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        drain.join(10)
+
+
+def _drain(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdout is not None
+    for _ in proc.stdout:
+        pass
+    proc.stdout.close()
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def median_results(runs: Sequence[Sequence[Result]]) -> list[Result]:
+    """Per workload, the median of each figure over the repeats."""
+    merged = []
+    for i, first in enumerate(runs[0]):
+        same = [r[i] for r in runs]
+        merged.append(
+            Result(
+                first.workload,
+                msgs_per_s=_median([r.msgs_per_s for r in same]),
+                broker_cpu_percent=_median([r.broker_cpu_percent for r in same]),
+                p50_us=_median([r.p50_us for r in same]),
+                p99_us=_median([r.p99_us for r in same]),
+                p999_us=_median([r.p999_us for r in same]),
+                bytes_per_connection=_median([r.bytes_per_connection for r in same]),
+                note=first.note,
+            )
+        )
+    return merged
+
+
+def measure(
+    opts: Options, workloads: Sequence[str], repeat: int, include_sink: bool, pins: tuple[list[str], str]
+) -> Table:
+    """Run every installed broker ``repeat`` times, taking turns, and keep the medians."""
+    broker_pin, client_cpu = pins
+    table = Table()
+    runs: dict[str, list[list[Result]]] = {}
+    candidates = brokers(include_sink)
+    for b in candidates:
+        if b.executable is None:
+            table.notes.append(f"{b.name}: not installed, skipped (Debian package {b.name}-server)")
+    active = [b for b in candidates if b.executable is not None]
+    for b in active:
+        if b.version:
+            table.notes.append(f"{b.name}: {b.version}")
+    for _ in range(repeat):
+        for b in active:
+            wanted = [w for w in workloads if w in THROUGHPUT] if b.name == "ceiling" else list(workloads)
+            with running(b, broker_pin) as (pid, port):
+                results = run(replace(opts, port=port, pid=pid, dialect=b.dialect), wanted)
+            runs.setdefault(b.name, []).append(results)
+    table.results = {name: median_results(rs) for name, rs in runs.items()}
+    table.notes.append(f"broker pinned with: {' '.join(broker_pin) or '(not pinned)'}; load generator: {client_cpu}")
+    return table
+
+
+def _get(results: Sequence[Result], workload: str) -> Result | None:
+    return next((r for r in results if r.workload == workload), None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def verdicts(table: Table) -> list[tuple[str, str, float | None, bool | None]]:
+    """(target, measured as text, measured ratio or value, met) for each of the issue's targets."""
+    pigeon = table.results.get("pigeon", [])
+    nats = table.results.get("nats")
+    redis = table.results.get("redis")
+    out: list[tuple[str, str, float | None, bool | None]] = []
+
+    def tput(results: Sequence[Result] | None, w: str) -> float | None:
+        r = _get(results, w) if results is not None else None
+        return r.msgs_per_s if r else None
+
+    for w, need in (("pipe", 1.25), ("queue", 1.25), ("fanin", 1.0)):
+        ratio = _ratio(tput(pigeon, w), tput(nats, w))
+        out.append((f"{w}: >= {need} x nats", f"{ratio:.2f} x" if ratio else "-", ratio, _met(ratio, need)))
+    for w in THROUGHPUT:
+        ratio = _ratio(tput(pigeon, w), tput(redis, w))
+        out.append((f"{w}: >= 2 x redis", f"{ratio:.2f} x" if ratio else "-", ratio, _met(ratio, 2.0)))
+    mine = _get(pigeon, "latency")
+    theirs = _get(nats, "latency") if nats else None
+    if mine and theirs and mine.p99_us is not None and theirs.p99_us is not None:
+        ratio = mine.p99_us / theirs.p99_us
+        out.append(("latency p99 <= nats", f"{ratio:.2f} x nats", ratio, ratio <= 1.0))
+    conn = _get(pigeon, "connections")
+    if conn and conn.bytes_per_connection is not None:
+        kib = conn.bytes_per_connection / 1024
+        out.append(("memory <= 10 KiB/conn", f"{kib:.1f} KiB", kib, kib <= 10.0))
+    return out
+
+
+def _met(ratio: float | None, need: float) -> bool | None:
+    return None if ratio is None else ratio >= need
+
+
+def _cell(value: float | None, scale: float, digits: int) -> str:
+    return "-" if value is None else f"{value / scale:.{digits}f}"
+
+
+def format_table(table: Table) -> str:
+    """The side-by-side table, the targets and the notes, as text."""
+    names = list(table.results)
+    rows = [("workload", "figure", *names, *(f"pigeon/{p}" for p in PEERS if p in names))]
+    figures = (
+        ("M msgs/s", lambda r: r.msgs_per_s, 1e6, 3),
+        ("broker CPU %", lambda r: r.broker_cpu_percent, 1.0, 0),
+        ("p50 us", lambda r: r.p50_us, 1.0, 1),
+        ("p99 us", lambda r: r.p99_us, 1.0, 1),
+        ("p99.9 us", lambda r: r.p999_us, 1.0, 1),
+        ("bytes/conn", lambda r: r.bytes_per_connection, 1.0, 0),
+    )
+    for w in WORKLOADS:
+        for label, pick, scale, digits in figures:
+            values = {n: (pick(r) if (r := _get(table.results[n], w)) else None) for n in names}
+            if all(v is None for v in values.values()):
+                continue
+            ratios = [_ratio(values.get("pigeon"), values.get(p)) for p in PEERS if p in names]
+            rows.append(
+                (
+                    w,
+                    label,
+                    *(_cell(values[n], scale, digits) for n in names),
+                    *("-" if x is None else f"{x:.2f}" for x in ratios),
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append("")
+    for target, measured, _, met in verdicts(table):
+        mark = "n/a" if met is None else ("met" if met else "NOT met")
+        lines.append(f"target {target:<24} {measured:<14} {mark}")
+    lines.append("")
+    lines.extend(table.notes)
+    return "\n".join(lines)
+
+
+def _pins(broker_cpu: int, client_cpu: int) -> tuple[list[str], str]:
+    """The taskset prefix for brokers, after pinning this process; unpinned where impossible."""
+    cpus = os.sched_getaffinity(0)
+    if shutil.which("taskset") is None or broker_cpu not in cpus or client_cpu not in cpus:
+        return [], "not pinned (needs taskset and both CPUs)"
+    os.sched_setaffinity(0, {client_cpu})
+    return ["taskset", "-c", str(broker_cpu)], f"CPU {client_cpu}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, run the comparison, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=3, help="runs per broker; the median is shown (default 3)")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per throughput run (default 3)")
+    parser.add_argument("--size", type=int, default=64, help="message bytes (default 64)")
+    parser.add_argument("--connections", type=int, default=5000, help="idle connections (default 5000)")
+    parser.add_argument("--samples", type=int, default=20000, help="latency samples (default 20000)")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
+    parser.add_argument("--broker-cpu", type=int, default=0, help="CPU for the brokers (default 0)")
+    parser.add_argument("--client-cpu", type=int, default=1, help="CPU for the load generator (default 1)")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the generator's ceiling (null broker)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: short, one repeat")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--chart", metavar="PNG", help="also draw a chart (needs matplotlib)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeat, args.duration, args.connections, args.samples = 1, 0.3, 100, 500
+    workloads = [w for w in args.workloads.split(",") if w]
+    # a fresh broker measures connections first, before other workloads leave freed memory to reuse
+    workloads.sort(key=lambda w: w != "connections")
+    _raise_fd_limit()
+    opts = Options(
+        size=args.size,
+        duration=args.duration,
+        warmup=0.2 if args.quick else 0.5,
+        connections=args.connections,
+        samples=args.samples,
+        progress=sys.stderr.isatty(),
+    )
+    table = measure(opts, workloads, args.repeat, not args.no_ceiling, _pins(args.broker_cpu, args.client_cpu))
+    table.notes.append(
+        f"{platform.node()}: {os.cpu_count()} CPUs, {_cpu_model()}, Python {platform.python_version()}, "
+        f"{args.size}-byte messages, median of {args.repeat}"
+    )
+    print(format_table(table))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({k: [asdict(r) for r in v] for k, v in table.results.items()} | {"notes": table.notes}, f, indent=2)
+    if args.chart:
+        write_chart(table.results, args.chart)
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

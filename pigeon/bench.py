@@ -1,0 +1,552 @@
+"""``pigeon-cli bench``: an end-to-end load generator for a running broker.
+
+Workloads: ``pipe`` (1 publisher, 1 subscriber), ``queue`` (1 publisher, K
+subscribers sharing a topic), ``fanin`` (P publishers over T topics, one
+subscriber per topic), ``latency`` (one message in flight, publish to
+delivery) and ``connections`` (N idle connections with one subscription each,
+broker memory per connection).
+
+The generator is built not to be the bottleneck: publish commands are prebuilt
+into one large buffer sent with ``sendall`` from a thread per publisher, and
+readers ``recv_into`` a large buffer and only count newlines, so each thread
+spends its time in system calls that release the GIL. ``pigeon.bench_sink``
+measures the generator's own ceiling. The broker's CPU use is sampled during
+each run when its process can be found (it must run on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pigeon.bench_wire import DIALECTS, Dialect, LineSocket, dialect
+
+WORKLOADS = ("pipe", "queue", "fanin", "latency", "connections")
+CHUNK_BYTES = 256 * 1024  # publish commands per sendall
+READ_BYTES = 4 * 1024 * 1024  # recv_into buffer per reader
+SETTLE_SECONDS = 5.0  # longest wait for in-flight messages after publishers stop
+
+
+@dataclass
+class Result:
+    """One workload's figures; fields that do not apply stay None."""
+
+    workload: str
+    msgs_per_s: float | None = None
+    broker_cpu_percent: float | None = None
+    p50_us: float | None = None
+    p99_us: float | None = None
+    p999_us: float | None = None
+    bytes_per_connection: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Options:
+    """What to run, against what."""
+
+    host: str = "127.0.0.1"
+    port: int = 3333
+    dialect: str = "pigeon"
+    size: int = 64
+    duration: float = 3.0
+    warmup: float = 0.5
+    subscribers: int = 4
+    publishers: int = 8
+    topics: int = 8
+    connections: int = 1000
+    samples: int = 20000
+    pid: int | None = None
+    progress: bool = True
+
+
+class BrokerProbe:
+    """CPU time and memory of the broker's process, found by pid or by its listening port."""
+
+    def __init__(self, pid: int | None, port: int) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.process: Any = None
+        if pid is None:
+            pid = self._listener_pid(port)
+        if pid is not None:
+            self.process = psutil.Process(pid)
+
+    def _listener_pid(self, port: int) -> int | None:
+        try:
+            conns = self._psutil.net_connections(kind="tcp")
+        except self._psutil.AccessDenied:
+            return None
+        for conn in conns:
+            if conn.status == "LISTEN" and conn.laddr and conn.laddr.port == port and conn.pid:
+                return int(conn.pid)
+        return None
+
+    def cpu_seconds(self) -> float | None:
+        """User plus system CPU seconds used so far, or None when the broker is not visible."""
+        if self.process is None:
+            return None
+        times = self.process.cpu_times()
+        return float(times.user + times.system)
+
+    def rss(self) -> int | None:
+        """Resident set size in bytes, or None when the broker is not visible."""
+        if self.process is None:
+            return None
+        return int(self.process.memory_info().rss)
+
+
+class _Progress:
+    """A tqdm bar over seconds, or nothing when disabled."""
+
+    def __init__(self, enabled: bool, label: str, total: float) -> None:
+        self._bar: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=round(total, 1), desc=label, unit="s", leave=False, file=sys.stderr, bar_format=_BAR
+            )
+
+    def advance(self, seconds: float, status: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(status, refresh=False)
+            self._bar.update(round(seconds, 1))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+_BAR = "{desc:>12} {bar:30} {n:.1f}/{total:.1f}s {postfix}"
+
+
+def _count_lines(sock: socket.socket, counts: list[int], index: int) -> None:
+    """Count the newlines arriving on ``sock`` into ``counts[index]`` until it closes."""
+    buf = bytearray(READ_BYTES)
+    view = memoryview(buf)
+    while True:
+        try:
+            n = sock.recv_into(view)
+        except OSError:
+            return
+        if n == 0:
+            return
+        counts[index] += buf.count(b"\n", 0, n)
+
+
+def _publish_loop(sock: socket.socket, chunk: bytes, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            sock.sendall(chunk)
+        except OSError:
+            return
+
+
+def _shutdown(sock: socket.socket, how: int) -> None:
+    # the broker may already have closed its side
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass
+
+
+def _chunk(command: bytes) -> bytes:
+    return command * max(1, CHUNK_BYTES // len(command))
+
+
+def _topic(tag: str, i: int) -> bytes:
+    return f"bench.{tag}.{i}".encode()
+
+
+def _run_tag() -> str:
+    return os.urandom(4).hex()
+
+
+@contextmanager
+def _threads() -> Iterator[list[threading.Thread]]:
+    threads: list[threading.Thread] = []
+    try:
+        yield threads
+    finally:
+        for t in threads:
+            t.join(SETTLE_SECONDS)
+
+
+def _start(threads: list[threading.Thread], target: Callable[..., None], *args: object) -> None:
+    t = threading.Thread(target=target, args=args, daemon=True)
+    t.start()
+    threads.append(t)
+
+
+def _wait_quiet(counts: list[int], limit: float) -> None:
+    """Wait until no more lines arrive for a moment (at most ``limit`` seconds)."""
+    deadline = time.monotonic() + limit
+    last = -1
+    while time.monotonic() < deadline and sum(counts) != last:
+        last = sum(counts)
+        time.sleep(0.2)
+
+
+def run_throughput(
+    opts: Options,
+    probe: BrokerProbe,
+    workload: str,
+    *,
+    publishers: int,
+    topics: int,
+    subscribers: int,
+    group: bool,
+) -> Result:
+    """Pipelined publishing; messages per second counted as they reach the subscribers."""
+    d = dialect(opts.dialect)
+    tag = _run_tag()
+    payload = b"x" * opts.size
+    subs: list[LineSocket] = []
+    pubs: list[LineSocket] = []
+    delivered = [0] * subscribers
+    acked = [0] * publishers
+    stop = threading.Event()
+    try:
+        for i in range(subscribers):
+            conn = LineSocket.open(opts.host, opts.port)
+            subs.append(conn)
+            d.subscribe(conn, d.handshake(conn), _topic(tag, i % topics), group)
+        chunks = []
+        for i in range(publishers):
+            conn = LineSocket.open(opts.host, opts.port)
+            pubs.append(conn)
+            chunks.append(_chunk(d.publish(d.handshake(conn), _topic(tag, i % topics), payload)))
+        with _threads() as threads:
+            for i, conn in enumerate(subs):
+                _start(threads, _count_lines, conn.sock, delivered, i)
+            for i, conn in enumerate(pubs):
+                _start(threads, _count_lines, conn.sock, acked, i)
+                _start(threads, _publish_loop, conn.sock, chunks[i], stop)
+            time.sleep(opts.warmup)
+            rate, cpu = _measure(opts, probe, workload, delivered, d.lines_per_message)
+            stop.set()
+            for conn in pubs:
+                _shutdown(conn.sock, socket.SHUT_WR)
+            _wait_quiet(delivered, SETTLE_SECONDS)
+            for conn in subs + pubs:
+                _shutdown(conn.sock, socket.SHUT_RDWR)
+    finally:
+        stop.set()
+        for conn in subs + pubs:
+            conn.sock.close()
+    note = f"{publishers} pub, {topics} topic(s), {subscribers} sub"
+    return Result(workload, msgs_per_s=rate, broker_cpu_percent=cpu, note=note)
+
+
+def _measure(
+    opts: Options, probe: BrokerProbe, label: str, counts: list[int], lines_per_message: int
+) -> tuple[float, float | None]:
+    """Messages per second over ``opts.duration``, and the broker's CPU use meanwhile."""
+    bar = _Progress(opts.progress, label, opts.duration)
+    cpu0 = probe.cpu_seconds()
+    c0, t0 = sum(counts), time.perf_counter()
+    try:
+        end = t0 + opts.duration
+        now = t0
+        while now < end:
+            time.sleep(min(0.1, end - now))
+            prev, now = now, time.perf_counter()
+            rate = (sum(counts) - c0) / lines_per_message / (now - t0)
+            bar.advance(now - prev, f"{rate / 1e6:.2f} M msgs/s")
+    finally:
+        bar.close()
+    c1, t1 = sum(counts), time.perf_counter()
+    cpu1 = probe.cpu_seconds()
+    cpu = None if cpu0 is None or cpu1 is None else 100.0 * (cpu1 - cpu0) / (t1 - t0)
+    return (c1 - c0) / lines_per_message / (t1 - t0), cpu
+
+
+def _read_lines(sock: socket.socket, view: memoryview, buf: bytearray, lines: int) -> None:
+    while lines > 0:
+        n = sock.recv_into(view)
+        if n == 0:
+            raise ConnectionError("broker closed the connection")
+        lines -= buf.count(b"\n", 0, n)
+
+
+def run_latency(opts: Options, probe: BrokerProbe) -> Result:
+    """One message in flight: time from PUBLISH sent to MESSAGE received, in microseconds."""
+    d = dialect(opts.dialect)
+    topic = _topic(_run_tag(), 0)
+    sub = LineSocket.open(opts.host, opts.port)
+    pub = LineSocket.open(opts.host, opts.port)
+    buf = bytearray(65536)
+    view = memoryview(buf)
+    try:
+        d.subscribe(sub, d.handshake(sub), topic, False)
+        command = d.publish(d.handshake(pub), topic, b"x" * opts.size)
+        warmup = max(100, opts.samples // 10)
+        times: list[int] = []
+        bar = _Progress(opts.progress, "latency", float(opts.samples))
+        cpu0, t0 = probe.cpu_seconds(), time.perf_counter()
+        clock = time.perf_counter_ns
+        try:
+            for i in range(warmup + opts.samples):
+                start = clock()
+                pub.sock.sendall(command)
+                _read_lines(sub.sock, view, buf, d.lines_per_message)
+                elapsed = clock() - start
+                _read_lines(pub.sock, view, buf, d.lines_per_ack)
+                if i >= warmup:
+                    times.append(elapsed)
+                    if len(times) % 1000 == 0:
+                        bar.advance(1000.0, f"p50 {sorted(times)[len(times) // 2] / 1e3:.0f} us")
+        finally:
+            bar.close()
+        cpu1, t1 = probe.cpu_seconds(), time.perf_counter()
+    finally:
+        sub.sock.close()
+        pub.sock.close()
+    times.sort()
+    cpu = None if cpu0 is None or cpu1 is None else 100.0 * (cpu1 - cpu0) / (t1 - t0)
+
+    def pct(p: float) -> float:
+        return times[min(len(times) - 1, int(p * len(times)))] / 1e3
+
+    return Result(
+        "latency",
+        broker_cpu_percent=cpu,
+        p50_us=pct(0.50),
+        p99_us=pct(0.99),
+        p999_us=pct(0.999),
+        note=f"{opts.samples} samples",
+    )
+
+
+def run_connections(opts: Options, probe: BrokerProbe) -> Result:
+    """Open N idle connections, each subscribed to its own topic; broker RSS growth per connection."""
+    d = dialect(opts.dialect)
+    tag = _run_tag()
+    conns: list[LineSocket] = []
+    before = probe.rss()
+    bar = _Progress(opts.progress, "connections", float(opts.connections))
+    try:
+        for i in range(opts.connections):
+            conn = LineSocket.open(opts.host, opts.port)
+            conns.append(conn)
+            d.subscribe(conn, d.handshake(conn), _topic(tag, i), False)
+            if (i + 1) % 100 == 0:
+                bar.advance(100.0, "")
+        time.sleep(0.5)  # let the broker finish any lazy work before sampling
+        after = probe.rss()
+    finally:
+        bar.close()
+        for conn in conns:
+            conn.sock.close()
+    per_conn = None if before is None or after is None else (after - before) / opts.connections
+    return Result("connections", bytes_per_connection=per_conn, note=f"{opts.connections} connections")
+
+
+def run(opts: Options, workloads: Sequence[str]) -> list[Result]:
+    """Run the named workloads in order against one broker."""
+    probe = BrokerProbe(opts.pid, opts.port)
+    d = dialect(opts.dialect)
+    results: list[Result] = []
+    for name in workloads:
+        if name == "pipe":
+            results.append(
+                run_throughput(opts, probe, name, publishers=1, topics=1, subscribers=1, group=False)
+            )
+        elif name == "queue":
+            if not d.has_queue_groups:
+                results.append(Result(name, note=f"{d.name} has no queue groups"))
+                continue
+            results.append(
+                run_throughput(
+                    opts, probe, name, publishers=1, topics=1, subscribers=opts.subscribers, group=True
+                )
+            )
+        elif name == "fanin":
+            results.append(
+                run_throughput(
+                    opts,
+                    probe,
+                    name,
+                    publishers=opts.publishers,
+                    topics=opts.topics,
+                    subscribers=opts.topics,
+                    group=False,
+                )
+            )
+        elif name == "latency":
+            results.append(run_latency(opts, probe))
+        elif name == "connections":
+            results.append(run_connections(opts, probe))
+        else:
+            raise ValueError(f"unknown workload {name!r}")
+    return results
+
+
+def _fmt(value: float | None, scale: float, digits: int) -> str:
+    return "-" if value is None else f"{value / scale:.{digits}f}"
+
+
+def format_table(results: Sequence[Result]) -> str:
+    """A plain-text table of the results."""
+    rows = [("workload", "M msgs/s", "broker CPU %", "p50 us", "p99 us", "p99.9 us", "B/conn", "note")]
+    for r in results:
+        rows.append(
+            (
+                r.workload,
+                _fmt(r.msgs_per_s, 1e6, 3),
+                _fmt(r.broker_cpu_percent, 1, 0),
+                _fmt(r.p50_us, 1, 1),
+                _fmt(r.p99_us, 1, 1),
+                _fmt(r.p999_us, 1, 1),
+                _fmt(r.bytes_per_connection, 1, 0),
+                r.note,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def write_chart(series: dict[str, Sequence[Result]], path: str) -> None:
+    """A PNG bar chart of throughput per workload, one bar per broker (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = [w for w in WORKLOADS if any(r.workload == w and r.msgs_per_s for rs in series.values() for r in rs)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(series))
+    for k, (broker, results) in enumerate(series.items()):
+        by_name = {r.workload: r.msgs_per_s or 0.0 for r in results}
+        xs = [i + k * width for i in range(len(workloads))]
+        ax.bar(xs, [by_name.get(w, 0.0) / 1e6 for w in workloads], width, label=broker)
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(workloads))], workloads)
+    ax.set_ylabel("M messages/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _workload_list(text: str) -> list[str]:
+    names = [w.strip() for w in text.split(",") if w.strip()]
+    for name in names:
+        if name not in WORKLOADS:
+            raise argparse.ArgumentTypeError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``bench`` command's flags."""
+    defaults = Options()
+    parser.add_argument("--host", default=defaults.host, help="broker address (default %(default)s)")
+    parser.add_argument("--port", type=int, default=defaults.port, help="broker port (default %(default)s)")
+    parser.add_argument(
+        "--workloads",
+        type=_workload_list,
+        default=list(WORKLOADS),
+        metavar="LIST",
+        help=f"comma-separated, from {','.join(WORKLOADS)} (default all)",
+    )
+    parser.add_argument("--size", type=_positive, default=defaults.size, help="message bytes (default %(default)s)")
+    parser.add_argument(
+        "--duration", type=float, default=defaults.duration, help="seconds per throughput run (default %(default)s)"
+    )
+    parser.add_argument(
+        "--subscribers", type=_positive, default=defaults.subscribers, help="queue: subscribers (default %(default)s)"
+    )
+    parser.add_argument(
+        "--publishers", type=_positive, default=defaults.publishers, help="fanin: publishers (default %(default)s)"
+    )
+    parser.add_argument(
+        "--topics", type=_positive, default=defaults.topics, help="fanin: topics (default %(default)s)"
+    )
+    parser.add_argument(
+        "--connections",
+        type=_positive,
+        default=defaults.connections,
+        help="connections: idle connections (default %(default)s)",
+    )
+    parser.add_argument(
+        "--samples", type=_positive, default=defaults.samples, help="latency: messages timed (default %(default)s)"
+    )
+    parser.add_argument(
+        "--pid", type=int, default=None, help="broker process id (default: found by its listening port)"
+    )
+    parser.add_argument(
+        "--dialect", choices=DIALECTS, default=defaults.dialect, help="wire protocol (default %(default)s)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--chart", metavar="PNG", help="also draw a chart (needs matplotlib)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    """Options from parsed ``bench`` flags."""
+    return Options(
+        host=args.host,
+        port=args.port,
+        dialect=args.dialect,
+        size=args.size,
+        duration=args.duration,
+        subscribers=args.subscribers,
+        publishers=args.publishers,
+        topics=args.topics,
+        connections=args.connections,
+        samples=args.samples,
+        pid=args.pid,
+        progress=not args.no_progress and not args.json,
+    )
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run the ``bench`` command; returns the exit code."""
+    opts = options_from(args)
+    try:
+        results = run(opts, args.workloads)
+    except (OSError, RuntimeError) as exc:
+        print(f"bench: {opts.host}:{opts.port}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"options": asdict(opts), "results": [asdict(r) for r in results]}, indent=2))
+    else:
+        print(format_table(results))
+    if args.chart:
+        write_chart({opts.dialect: results}, args.chart)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``bench`` to a command's subparsers (``pigeon-cli bench``)."""
+    parser = subparsers.add_parser("bench", help="measure a running broker", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    parser.set_defaults(func=command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pigeon.bench``."""
+    parser = argparse.ArgumentParser(prog="python -m pigeon.bench", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The wire dialects the load generator speaks: Pigeon, and NATS and Redis for comparison.
+
+A dialect knows how to open a connection, subscribe, and frame one PUBLISH.
+The generator never parses deliveries: it counts newlines, so each dialect says
+how many lines one delivered message and one publish acknowledgement take.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+DIALECTS = ("pigeon", "nats", "redis")
+
+
+class WireError(RuntimeError):
+    """The server answered a setup command with something unexpected."""
+
+
+@dataclass
+class LineSocket:
+    """A blocking TCP socket with a line reader, for the setup phase only."""
+
+    sock: socket.socket
+    buf: bytes = field(default=b"")
+
+    @classmethod
+    def open(cls, host: str, port: int, timeout: float = 10.0) -> LineSocket:
+        """Connect with TCP_NODELAY, as every client of a latency-sensitive broker should."""
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(sock)
+
+    def line(self) -> bytes:
+        """The next line without its line ending; raises WireError at EOF."""
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise WireError(f"connection closed during setup; got {self.buf!r}")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.rstrip(b"\r")
+
+    def expect(self, prefix: bytes) -> bytes:
+        """The next line, which must start with ``prefix``."""
+        line = self.line()
+        if not line.startswith(prefix):
+            raise WireError(f"expected {prefix!r}..., got {line!r}")
+        return line
+
+
+class Dialect:
+    """Pigeon's own protocol (see docs/protocol.md)."""
+
+    name = "pigeon"
+    lines_per_message = 1  # MESSAGE <topic> <message>
+    lines_per_ack = 1  # PUBLISHED <topic>
+    has_queue_groups = True
+
+    def handshake(self, conn: LineSocket) -> bytes:
+        """Open the session; returns the client id to put in commands."""
+        conn.sock.sendall(b"CONNECT\n")
+        return conn.expect(b"CONNECTED ").split(b" ", 1)[1]
+
+    def subscribe(self, conn: LineSocket, client_id: bytes, topic: bytes, group: bool) -> None:
+        """Subscribe and wait for the confirmation (Pigeon topics always share round robin)."""
+        conn.sock.sendall(b"SUBSCRIBE %s %s\n" % (client_id, topic))
+        conn.expect(b"SUBSCRIBED ")
+
+    def publish(self, client_id: bytes, topic: bytes, payload: bytes) -> bytes:
+        """One PUBLISH command, framed."""
+        return b"PUBLISH %s %s %s\n" % (client_id, topic, payload)
+
+
+class NatsDialect(Dialect):
+    """NATS with verbose off: PUBLISH gets no reply; queue groups share a subject."""
+
+    name = "nats"
+    lines_per_message = 2  # MSG <subject> <sid> <len>, then the payload
+    lines_per_ack = 0
+
+    def handshake(self, conn: LineSocket) -> bytes:
+        conn.expect(b"INFO ")
+        conn.sock.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\nPING\r\n')
+        conn.expect(b"PONG")
+        return b""
+
+    def subscribe(self, conn: LineSocket, client_id: bytes, topic: bytes, group: bool) -> None:
+        queue = b" workers" if group else b""
+        conn.sock.sendall(b"SUB %s%s 1\r\nPING\r\n" % (topic, queue))
+        conn.expect(b"PONG")
+
+    def publish(self, client_id: bytes, topic: bytes, payload: bytes) -> bytes:
+        return b"PUB %s %d\r\n%s\r\n" % (topic, len(payload), payload)
+
+
+def _resp(*parts: bytes) -> bytes:
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+class RedisDialect(Dialect):
+    """Redis pub/sub: PUBLISH is answered with the receiver count; no queue groups."""
+
+    name = "redis"
+    lines_per_message = 7  # *3, $7, message, $n, <channel>, $n, <payload>
+    lines_per_ack = 1  # :<receivers>
+    has_queue_groups = False
+
+    def handshake(self, conn: LineSocket) -> bytes:
+        return b""
+
+    def subscribe(self, conn: LineSocket, client_id: bytes, topic: bytes, group: bool) -> None:
+        conn.sock.sendall(_resp(b"SUBSCRIBE", topic))
+        for _ in range(6):  # *3, $9, subscribe, $n, <channel>, :<count>
+            conn.line()
+
+    def publish(self, client_id: bytes, topic: bytes, payload: bytes) -> bytes:
+        return _resp(b"PUBLISH", topic, payload)
+
+
+def dialect(name: str) -> Dialect:
+    """The dialect called ``name`` (one of DIALECTS)."""
+    if name == "nats":
+        return NatsDialect()
+    if name == "redis":
+        return RedisDialect()
+    if name == "pigeon":
+        return Dialect()
+    raise ValueError(f"unknown dialect {name!r}; choose from {', '.join(DIALECTS)}")
