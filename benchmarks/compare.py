@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
 from pigeon import __version__
-from pigeon.bench import WORKLOADS, Options, Result, run, write_chart
+from pigeon.bench import WORKLOADS, Options, Result, render_rows, run, write_chart
 
 THROUGHPUT = ("pipe", "queue", "fanin")
 PEERS = ("nats", "redis")
@@ -88,7 +88,7 @@ def _wait_for_line(proc: subprocess.Popen[str], pattern: re.Pattern[str]) -> re.
         if match:
             return match
     proc.kill()
-    raise RuntimeError(f"{proc.args} did not start: {''.join(seen)}")
+    raise RuntimeError(f"{proc.args!r} did not start: {''.join(seen)}")
 
 
 def _free_port() -> int:
@@ -137,7 +137,9 @@ def brokers(include_sink: bool) -> list[Broker]:
         Broker("redis", "redis", shutil.which("redis-server"), _start_redis),
     ]
     if include_sink:
-        found.append(Broker("ceiling", "pigeon", sys.executable, _start_sink, "null broker (pigeon.bench_sink)"))
+        found.append(
+            Broker("ceiling", "pigeon", sys.executable, _start_sink, "null broker (pigeon.bench_sink)")
+        )
     for b in found[1:3]:
         if b.executable:
             b.version = _version([b.executable, "--version"])
@@ -213,11 +215,15 @@ def measure(
     for _ in range(repeat):
         for b in active:
             wanted = [w for w in workloads if w in THROUGHPUT] if b.name == "ceiling" else list(workloads)
+            if not wanted:
+                continue
             with running(b, broker_pin) as (pid, port):
                 results = run(replace(opts, port=port, pid=pid, dialect=b.dialect), wanted)
             runs.setdefault(b.name, []).append(results)
     table.results = {name: median_results(rs) for name, rs in runs.items()}
-    table.notes.append(f"broker pinned with: {' '.join(broker_pin) or '(not pinned)'}; load generator: {client_cpu}")
+    table.notes.append(
+        f"broker pinned with: {' '.join(broker_pin) or '(not pinned)'}; load generator: {client_cpu}"
+    )
     return table
 
 
@@ -270,20 +276,27 @@ def format_table(table: Table) -> str:
     """The side-by-side table, the targets and the notes, as text."""
     names = list(table.results)
     rows = [("workload", "figure", *names, *(f"pigeon/{p}" for p in PEERS if p in names))]
+    # (label, Result field, scale, digits); ratios are shown for every figure but CPU use
     figures = (
-        ("M msgs/s", lambda r: r.msgs_per_s, 1e6, 3),
-        ("broker CPU %", lambda r: r.broker_cpu_percent, 1.0, 0),
-        ("p50 us", lambda r: r.p50_us, 1.0, 1),
-        ("p99 us", lambda r: r.p99_us, 1.0, 1),
-        ("p99.9 us", lambda r: r.p999_us, 1.0, 1),
-        ("bytes/conn", lambda r: r.bytes_per_connection, 1.0, 0),
+        ("M msgs/s", "msgs_per_s", 1e6, 3),
+        ("broker CPU %", "broker_cpu_percent", 1.0, 0),
+        ("p50 us", "p50_us", 1.0, 1),
+        ("p99 us", "p99_us", 1.0, 1),
+        ("p99.9 us", "p999_us", 1.0, 1),
+        ("bytes/conn", "bytes_per_connection", 1.0, 0),
     )
     for w in WORKLOADS:
-        for label, pick, scale, digits in figures:
-            values = {n: (pick(r) if (r := _get(table.results[n], w)) else None) for n in names}
+        for label, attr, scale, digits in figures:
+            values: dict[str, float | None] = {
+                n: (getattr(r, attr) if (r := _get(table.results[n], w)) else None) for n in names
+            }
             if all(v is None for v in values.values()):
                 continue
-            ratios = [_ratio(values.get("pigeon"), values.get(p)) for p in PEERS if p in names]
+            ratios = [
+                None if attr == "broker_cpu_percent" else _ratio(values.get("pigeon"), values.get(p))
+                for p in PEERS
+                if p in names
+            ]
             rows.append(
                 (
                     w,
@@ -292,8 +305,7 @@ def format_table(table: Table) -> str:
                     *("-" if x is None else f"{x:.2f}" for x in ratios),
                 )
             )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines = [render_rows(rows)]
     lines.append("")
     for target, measured, _, met in verdicts(table):
         mark = "n/a" if met is None else ("met" if met else "NOT met")
@@ -315,7 +327,9 @@ def _pins(broker_cpu: int, client_cpu: int) -> tuple[list[str], str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, run the comparison, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=int, default=3, help="runs per broker; the median is shown (default 3)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per broker; the median is shown (default 3)"
+    )
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per throughput run (default 3)")
     parser.add_argument("--size", type=int, default=64, help="message bytes (default 64)")
     parser.add_argument("--connections", type=int, default=5000, help="idle connections (default 5000)")
@@ -323,7 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     parser.add_argument("--broker-cpu", type=int, default=0, help="CPU for the brokers (default 0)")
     parser.add_argument("--client-cpu", type=int, default=1, help="CPU for the load generator (default 1)")
-    parser.add_argument("--no-ceiling", action="store_true", help="skip the generator's ceiling (null broker)")
+    parser.add_argument(
+        "--no-ceiling", action="store_true", help="skip the generator's ceiling (null broker)"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: short, one repeat")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--chart", metavar="PNG", help="also draw a chart (needs matplotlib)")
@@ -342,7 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         samples=args.samples,
         progress=sys.stderr.isatty(),
     )
-    table = measure(opts, workloads, args.repeat, not args.no_ceiling, _pins(args.broker_cpu, args.client_cpu))
+    table = measure(
+        opts, workloads, args.repeat, not args.no_ceiling, _pins(args.broker_cpu, args.client_cpu)
+    )
     table.notes.append(
         f"{platform.node()}: {os.cpu_count()} CPUs, {_cpu_model()}, Python {platform.python_version()}, "
         f"{args.size}-byte messages, median of {args.repeat}"
@@ -350,7 +368,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(table))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({k: [asdict(r) for r in v] for k, v in table.results.items()} | {"notes": table.notes}, f, indent=2)
+            json.dump(
+                {k: [asdict(r) for r in v] for k, v in table.results.items()} | {"notes": table.notes},
+                f,
+                indent=2,
+            )
     if args.chart:
         write_chart(table.results, args.chart)
     return 0

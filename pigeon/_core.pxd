@@ -149,6 +149,7 @@ cdef class Broker:
     cdef int _on_subscribe(self, int32_t h, char *args, size_t n) except -1
     cdef int _on_unsubscribe(self, int32_t h, char *args, size_t n) except -1
     cdef int _on_publish(self, int32_t h, char *args, size_t n) except -1
+    cdef Topic *_publish_fast(self, int32_t h, char **args, size_t *n) noexcept
     cdef int _check_id(self, int32_t h, char *id, size_t id_len) except -1
     cdef int _check_topic(self, int32_t h, char *name, size_t n) except -1
     cdef int _on_stats(self, int32_t h, char *args, size_t n) except -1

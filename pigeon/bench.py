@@ -23,13 +23,14 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pigeon.bench_wire import DIALECTS, Dialect, LineSocket, dialect
+from pigeon.bench_wire import DIALECTS, LineSocket, dialect
 
+DESCRIPTION = "Measure a running broker: throughput, latency and memory per connection."
 WORKLOADS = ("pipe", "queue", "fanin", "latency", "connections")
 CHUNK_BYTES = 256 * 1024  # publish commands per sendall
 READ_BYTES = 4 * 1024 * 1024  # recv_into buffer per reader
@@ -155,10 +156,8 @@ def _publish_loop(sock: socket.socket, chunk: bytes, stop: threading.Event) -> N
 
 def _shutdown(sock: socket.socket, how: int) -> None:
     # the broker may already have closed its side
-    try:
+    with suppress(OSError):
         sock.shutdown(how)
-    except OSError:
-        pass
 
 
 def _chunk(command: bytes) -> bytes:
@@ -413,18 +412,25 @@ def format_table(results: Sequence[Result]) -> str:
                 r.note,
             )
         )
+    return render_rows(rows)
+
+
+def render_rows(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as left-aligned columns."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
-def write_chart(series: dict[str, Sequence[Result]], path: str) -> None:
+def write_chart(series: Mapping[str, Sequence[Result]], path: str) -> None:
     """A PNG bar chart of throughput per workload, one bar per broker (needs matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workloads = [w for w in WORKLOADS if any(r.workload == w and r.msgs_per_s for rs in series.values() for r in rs)]
+    workloads = [
+        w for w in WORKLOADS if any(r.workload == w and r.msgs_per_s for rs in series.values() for r in rs)
+    ]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(1, len(series))
     for k, (broker, results) in enumerate(series.items()):
@@ -454,6 +460,17 @@ def _workload_list(text: str) -> list[str]:
     return names
 
 
+# integer flags named after their Options field
+_COUNT_FLAGS = (
+    ("--size", "message bytes"),
+    ("--subscribers", "queue: subscribers sharing the topic"),
+    ("--publishers", "fanin: publishers"),
+    ("--topics", "fanin: topics, one subscriber each"),
+    ("--connections", "connections: idle connections to open"),
+    ("--samples", "latency: messages timed"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench`` command's flags."""
     defaults = Options()
@@ -466,28 +483,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help=f"comma-separated, from {','.join(WORKLOADS)} (default all)",
     )
-    parser.add_argument("--size", type=_positive, default=defaults.size, help="message bytes (default %(default)s)")
     parser.add_argument(
-        "--duration", type=float, default=defaults.duration, help="seconds per throughput run (default %(default)s)"
+        "--duration",
+        type=float,
+        default=defaults.duration,
+        help="seconds per throughput run (default %(default)s)",
     )
-    parser.add_argument(
-        "--subscribers", type=_positive, default=defaults.subscribers, help="queue: subscribers (default %(default)s)"
-    )
-    parser.add_argument(
-        "--publishers", type=_positive, default=defaults.publishers, help="fanin: publishers (default %(default)s)"
-    )
-    parser.add_argument(
-        "--topics", type=_positive, default=defaults.topics, help="fanin: topics (default %(default)s)"
-    )
-    parser.add_argument(
-        "--connections",
-        type=_positive,
-        default=defaults.connections,
-        help="connections: idle connections (default %(default)s)",
-    )
-    parser.add_argument(
-        "--samples", type=_positive, default=defaults.samples, help="latency: messages timed (default %(default)s)"
-    )
+    for flag, text in _COUNT_FLAGS:
+        default = getattr(defaults, flag[2:])
+        parser.add_argument(flag, type=_positive, default=default, help=f"{text} (default {default})")
     parser.add_argument(
         "--pid", type=int, default=None, help="broker process id (default: found by its listening port)"
     )
@@ -536,14 +540,16 @@ def command(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``bench`` to a command's subparsers (``pigeon-cli bench``)."""
-    parser = subparsers.add_parser("bench", help="measure a running broker", description=__doc__.split("\n")[0])
+    parser = subparsers.add_parser(
+        "bench", help="measure a running broker", description=DESCRIPTION
+    )
     add_arguments(parser)
     parser.set_defaults(func=command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pigeon.bench``."""
-    parser = argparse.ArgumentParser(prog="python -m pigeon.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pigeon.bench", description=DESCRIPTION)
     add_arguments(parser)
     return command(parser.parse_args(argv))
 

@@ -13,6 +13,7 @@ Run ``python -m pigeon.bench_sink --port 0``; it prints the port it listens on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import sys
 import threading
@@ -93,10 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
     parser.add_argument("--size", type=int, default=64, help="message bytes streamed to subscribers")
     args = parser.parse_args(argv)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         serve(args.host, args.port, args.size)
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

@@ -1,0 +1,143 @@
+"""The load generator and the comparison script, run briefly against real processes."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pigeon.bench import Result, format_table
+from tests.wire import ServerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+SHORT = ["--duration", "0.3", "--connections", "20", "--samples", "200", "--no-progress"]
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pigeon.bench", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_every_workload_against_a_server(server: ServerProcess) -> None:
+    done = bench("--port", str(server.port), "--json", *SHORT)
+    assert done.returncode == 0, done.stderr
+    results = {r["workload"]: r for r in json.loads(done.stdout)["results"]}
+    assert list(results) == ["pipe", "queue", "fanin", "latency", "connections"]
+    for name in ("pipe", "queue", "fanin"):
+        assert results[name]["msgs_per_s"] > 0
+        assert results[name]["broker_cpu_percent"] is not None  # the broker was found by its port
+    latency = results["latency"]
+    assert 0 < latency["p50_us"] <= latency["p99_us"] <= latency["p999_us"]
+    assert results["connections"]["bytes_per_connection"] is not None
+
+
+def test_table_output_and_message_size(server: ServerProcess) -> None:
+    done = bench("--port", str(server.port), "--workloads", "pipe", "--size", "1000", *SHORT)
+    assert done.returncode == 0, done.stderr
+    header, row = done.stdout.splitlines()
+    assert header.split()[:3] == ["workload", "M", "msgs/s"]
+    assert row.startswith("pipe") and float(row.split()[1]) > 0
+
+
+def test_chart(server: ServerProcess, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    chart = tmp_path / "bench.png"
+    done = bench("--port", str(server.port), "--workloads", "pipe", "--chart", str(chart), *SHORT)
+    assert done.returncode == 0, done.stderr
+    assert chart.read_bytes().startswith(b"\x89PNG")
+
+
+def test_unreachable_broker_is_a_clear_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    done = bench("--port", str(port), "--workloads", "latency", *SHORT)
+    assert done.returncode == 1
+    assert f"bench: 127.0.0.1:{port}:" in done.stderr
+
+
+def test_bad_workload_is_rejected() -> None:
+    done = bench("--workloads", "pipe,bogus")
+    assert done.returncode == 2
+    assert "unknown workload 'bogus'" in done.stderr
+
+
+@pytest.fixture
+def sink() -> Iterator[int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pigeon.bench_sink", "--port", "0"], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    match = re.search(r":(\d+)$", proc.stdout.readline().strip())
+    assert match, "sink did not report its port"
+    yield int(match.group(1))
+    proc.terminate()
+    proc.wait(10)
+    proc.stdout.close()
+
+
+def test_generator_ceiling_against_the_null_broker(sink: int) -> None:
+    done = bench("--port", str(sink), "--workloads", "pipe,queue", "--json", *SHORT)
+    assert done.returncode == 0, done.stderr
+    for result in json.loads(done.stdout)["results"]:
+        assert result["msgs_per_s"] > 0
+
+
+def test_format_table_leaves_missing_figures_blank() -> None:
+    table = format_table([Result("pipe", msgs_per_s=2.5e6, note="n"), Result("latency", p50_us=10.0)])
+    lines = table.splitlines()
+    assert lines[1].split()[:3] == ["pipe", "2.500", "-"]
+    assert lines[2].split()[:5] == ["latency", "-", "-", "10.0", "-"]
+
+
+def test_compare_quick_prints_peers_side_by_side(tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "compare.py"),
+            "--quick",
+            "--workloads",
+            "pipe,latency",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    header = done.stdout.splitlines()[0].split()
+    assert header[:3] == ["workload", "figure", "pigeon"]
+    assert "ceiling" in header
+    results = json.loads(out.read_text())
+    assert results["pigeon"][0]["workload"] == "pipe" and results["pigeon"][0]["msgs_per_s"] > 0
+    for peer in ("nats", "redis"):
+        if shutil.which(f"{peer}-server"):
+            assert peer in header and f"pigeon/{peer}" in header
+            assert results[peer][0]["msgs_per_s"] > 0
+        else:
+            assert f"{peer}: not installed, skipped" in done.stdout
+    assert "target pipe: >= 2 x redis" in done.stdout
+
+
+def test_compare_skips_peers_that_are_not_installed(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--quick", "--workloads", "latency"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": str(Path(sys.executable).parent)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "nats: not installed, skipped" in done.stdout
+    assert "redis: not installed, skipped" in done.stdout
+    assert done.stdout.splitlines()[0].split()[2:] == ["pigeon"]
