@@ -44,6 +44,7 @@ class Result:
     workload: str
     msgs_per_s: float | None = None
     broker_cpu_percent: float | None = None
+    msgs_per_cpu_s: float | None = None  # per second of broker CPU: robust to a shared machine
     p50_us: float | None = None
     p99_us: float | None = None
     p999_us: float | None = None
@@ -245,7 +246,8 @@ def run_throughput(
         for conn in subs + pubs:
             conn.sock.close()
     note = f"{publishers} pub, {topics} topic(s), {subscribers} sub"
-    return Result(workload, msgs_per_s=rate, broker_cpu_percent=cpu, note=note)
+    per_cpu = rate * 100.0 / cpu if cpu else None
+    return Result(workload, msgs_per_s=rate, broker_cpu_percent=cpu, msgs_per_cpu_s=per_cpu, note=note)
 
 
 def _measure(
@@ -398,13 +400,26 @@ def _fmt(value: float | None, scale: float, digits: int) -> str:
 
 def format_table(results: Sequence[Result]) -> str:
     """A plain-text table of the results."""
-    rows = [("workload", "M msgs/s", "broker CPU %", "p50 us", "p99 us", "p99.9 us", "B/conn", "note")]
+    rows = [
+        (
+            "workload",
+            "M msgs/s",
+            "broker CPU %",
+            "M msgs/CPU-s",
+            "p50 us",
+            "p99 us",
+            "p99.9 us",
+            "B/conn",
+            "note",
+        )
+    ]
     for r in results:
         rows.append(
             (
                 r.workload,
                 _fmt(r.msgs_per_s, 1e6, 3),
                 _fmt(r.broker_cpu_percent, 1, 0),
+                _fmt(r.msgs_per_cpu_s, 1e6, 3),
                 _fmt(r.p50_us, 1, 1),
                 _fmt(r.p99_us, 1, 1),
                 _fmt(r.p999_us, 1, 1),
@@ -540,9 +555,7 @@ def command(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``bench`` to a command's subparsers (``pigeon-cli bench``)."""
-    parser = subparsers.add_parser(
-        "bench", help="measure a running broker", description=DESCRIPTION
-    )
+    parser = subparsers.add_parser("bench", help="measure a running broker", description=DESCRIPTION)
     add_arguments(parser)
     parser.set_defaults(func=command)
 
