@@ -27,11 +27,21 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
 from pigeon import __version__
-from pigeon.bench import WORKLOADS, Options, Result, render_rows, run, write_chart
+from pigeon.bench import (
+    LATENCY_STEP,
+    WORKLOADS,
+    BrokerProbe,
+    LatencySession,
+    Options,
+    Result,
+    render_rows,
+    run,
+    write_chart,
+)
 
 THROUGHPUT = ("pipe", "queue", "fanin")
 PEERS = ("nats", "redis")
@@ -180,8 +190,8 @@ def _median(values: Sequence[float | None]) -> float | None:
 def median_results(runs: Sequence[Sequence[Result]]) -> list[Result]:
     """Per workload, the median of each figure over the repeats."""
     merged = []
-    for i, first in enumerate(runs[0]):
-        same = [r[i] for r in runs]
+    for first in runs[0]:
+        same = [r for rs in runs if (r := _get(rs, first.workload)) is not None]
         merged.append(
             Result(
                 first.workload,
@@ -213,19 +223,55 @@ def measure(
     for b in active:
         if b.version:
             table.notes.append(f"{b.name}: {b.version}")
+    others = [w for w in workloads if w != "latency"]
     for _ in range(repeat):
         for b in active:
-            wanted = [w for w in workloads if w in THROUGHPUT] if b.name == "ceiling" else list(workloads)
-            if not wanted:
-                continue
-            with running(b, broker_pin) as (pid, port):
-                results = run(replace(opts, port=port, pid=pid, dialect=b.dialect), wanted)
-            runs.setdefault(b.name, []).append(results)
+            wanted = [w for w in others if w in THROUGHPUT] if b.name == "ceiling" else others
+            if wanted:
+                with running(b, broker_pin) as (pid, port):
+                    results = run(replace(opts, port=port, pid=pid, dialect=b.dialect), wanted)
+                runs.setdefault(b.name, []).append(results)
+        if "latency" in workloads:
+            latency = measure_latency(opts, [b for b in active if b.name != "ceiling"], broker_pin)
+            for name, result in latency.items():
+                if name in runs:
+                    runs[name][-1].append(result)
+                else:
+                    runs.setdefault(name, []).append([result])
     table.results = {name: median_results(rs) for name, rs in runs.items()}
     table.notes.append(
         f"broker pinned with: {' '.join(broker_pin) or '(not pinned)'}; load generator: {client_cpu}"
     )
     return table
+
+
+def measure_latency(opts: Options, active: Sequence[Broker], broker_pin: list[str]) -> dict[str, Result]:
+    """Every broker up at once, timed in turns of LATENCY_STEP samples, so all share the same noise."""
+    with ExitStack() as stack:
+        sessions: dict[str, tuple[LatencySession, BrokerProbe]] = {}
+        for b in active:
+            pid, port = stack.enter_context(running(b, broker_pin))
+            session = LatencySession(replace(opts, port=port, dialect=b.dialect))
+            stack.callback(session.close)
+            session.sample(max(100, opts.samples // 10), keep=False)
+            sessions[b.name] = (session, BrokerProbe(pid, port))
+        cpu: dict[str, float] = {}
+        for name, (_, probe) in sessions.items():
+            cpu[name] = -(probe.cpu_seconds() or 0.0)
+        started = time.perf_counter()
+        done = 0
+        while done < opts.samples:
+            step = min(LATENCY_STEP, opts.samples - done)
+            for session, _ in sessions.values():
+                session.sample(step)
+            done += step
+        elapsed = time.perf_counter() - started
+        results = {}
+        for name, (session, probe) in sessions.items():
+            used = probe.cpu_seconds()
+            share = None if used is None else 100.0 * (used + cpu[name]) / elapsed
+            results[name] = session.result(share)
+        return results
 
 
 def _get(results: Sequence[Result], workload: str) -> Result | None:

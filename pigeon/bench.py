@@ -281,53 +281,83 @@ def _read_lines(sock: socket.socket, view: memoryview, buf: bytearray, lines: in
         lines -= buf.count(b"\n", 0, n)
 
 
-def run_latency(opts: Options, probe: BrokerProbe) -> Result:
-    """One message in flight: time from PUBLISH sent to MESSAGE received, in microseconds."""
-    d = dialect(opts.dialect)
-    topic = _topic(_run_tag(), 0)
-    sub = LineSocket.open(opts.host, opts.port)
-    pub = LineSocket.open(opts.host, opts.port)
-    buf = bytearray(65536)
-    view = memoryview(buf)
-    try:
-        d.subscribe(sub, d.handshake(sub), topic, False)
-        command = d.publish(d.handshake(pub), topic, b"x" * opts.size)
-        warmup = max(100, opts.samples // 10)
-        times: list[int] = []
-        bar = _Progress(opts.progress, "latency", float(opts.samples))
-        cpu0, t0 = probe.cpu_seconds(), time.perf_counter()
-        clock = time.perf_counter_ns
+class LatencySession:
+    """A publisher and a subscriber on one topic, timing one message in flight at a time.
+
+    ``sample(n)`` can be called in turns on several sessions, so that brokers
+    compared on a shared machine see the same background noise.
+    """
+
+    def __init__(self, opts: Options) -> None:
+        self.dialect = dialect(opts.dialect)
+        self.times: list[int] = []
+        self._buf = bytearray(65536)
+        self._view = memoryview(self._buf)
+        topic = _topic(_run_tag(), 0)
+        self.sub = LineSocket.open(opts.host, opts.port)
+        self.pub = LineSocket.open(opts.host, opts.port)
         try:
-            for i in range(warmup + opts.samples):
-                start = clock()
-                pub.sock.sendall(command)
-                _read_lines(sub.sock, view, buf, d.lines_per_message)
-                elapsed = clock() - start
-                _read_lines(pub.sock, view, buf, d.lines_per_ack)
-                if i >= warmup:
-                    times.append(elapsed)
-                    if len(times) % 1000 == 0:
-                        bar.advance(1000.0, f"p50 {sorted(times)[len(times) // 2] / 1e3:.0f} us")
-        finally:
-            bar.close()
+            self.dialect.subscribe(self.sub, self.dialect.handshake(self.sub), topic, False)
+            self._command = self.dialect.publish(self.dialect.handshake(self.pub), topic, b"x" * opts.size)
+        except BaseException:
+            self.close()
+            raise
+
+    def sample(self, n: int, keep: bool = True) -> None:
+        """Time ``n`` messages, from PUBLISH sent to MESSAGE received; ``keep`` False warms up."""
+        clock = time.perf_counter_ns
+        d = self.dialect
+        for _ in range(n):
+            start = clock()
+            self.pub.sock.sendall(self._command)
+            _read_lines(self.sub.sock, self._view, self._buf, d.lines_per_message)
+            elapsed = clock() - start
+            _read_lines(self.pub.sock, self._view, self._buf, d.lines_per_ack)
+            if keep:
+                self.times.append(elapsed)
+
+    def result(self, cpu: float | None) -> Result:
+        """Percentiles of the kept samples, in microseconds."""
+        times = sorted(self.times)
+
+        def pct(p: float) -> float:
+            return times[min(len(times) - 1, int(p * len(times)))] / 1e3
+
+        return Result(
+            "latency",
+            broker_cpu_percent=cpu,
+            p50_us=pct(0.50),
+            p99_us=pct(0.99),
+            p999_us=pct(0.999),
+            note=f"{len(times)} samples",
+        )
+
+    def close(self) -> None:
+        """Close both sockets."""
+        self.sub.sock.close()
+        self.pub.sock.close()
+
+
+LATENCY_STEP = 1000  # samples per turn
+
+
+def run_latency(opts: Options, probe: BrokerProbe) -> Result:
+    """One message in flight: time from PUBLISH sent to MESSAGE received."""
+    session = LatencySession(opts)
+    bar = _Progress(opts.progress, "latency", float(opts.samples))
+    try:
+        session.sample(max(100, opts.samples // 10), keep=False)
+        cpu0, t0 = probe.cpu_seconds(), time.perf_counter()
+        while len(session.times) < opts.samples:
+            step = min(LATENCY_STEP, opts.samples - len(session.times))
+            session.sample(step)
+            bar.advance(float(step), "")
         cpu1, t1 = probe.cpu_seconds(), time.perf_counter()
     finally:
-        sub.sock.close()
-        pub.sock.close()
-    times.sort()
+        bar.close()
+        session.close()
     cpu = None if cpu0 is None or cpu1 is None else 100.0 * (cpu1 - cpu0) / (t1 - t0)
-
-    def pct(p: float) -> float:
-        return times[min(len(times) - 1, int(p * len(times)))] / 1e3
-
-    return Result(
-        "latency",
-        broker_cpu_percent=cpu,
-        p50_us=pct(0.50),
-        p99_us=pct(0.99),
-        p999_us=pct(0.999),
-        note=f"{opts.samples} samples",
-    )
+    return session.result(cpu)
 
 
 def run_connections(opts: Options, probe: BrokerProbe) -> Result:
