@@ -95,7 +95,7 @@ def test_format_table_leaves_missing_figures_blank() -> None:
     table = format_table([Result("pipe", msgs_per_s=2.5e6, note="n"), Result("latency", p50_us=10.0)])
     lines = table.splitlines()
     assert lines[1].split()[:3] == ["pipe", "2.500", "-"]
-    assert lines[2].split()[:5] == ["latency", "-", "-", "10.0", "-"]
+    assert lines[2].split()[:6] == ["latency", "-", "-", "-", "10.0", "-"]
 
 
 def test_compare_quick_prints_peers_side_by_side(tmp_path: Path) -> None:
