@@ -126,7 +126,7 @@ def test_compare_quick_prints_peers_side_by_side(tmp_path: Path) -> None:
             assert results[peer][0]["msgs_per_s"] > 0
         else:
             assert f"{peer}: not installed, skipped" in done.stdout
-    assert "target pipe: >= 2 x redis" in done.stdout
+    assert "target pipe: >= 2.0 x redis" in done.stdout
 
 
 def test_compare_skips_peers_that_are_not_installed(tmp_path: Path) -> None:
