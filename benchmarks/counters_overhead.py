@@ -8,7 +8,7 @@ the median throughput of each and their ratio.
 
 glibc's malloc moves its mmap threshold as large blocks come and go, so two
 builds that differ only in struct sizes can differ by 1.5x in page faults
-(the output buffers above OUT_KEEP are freed after every flush). The runs pin
+(older cores freed output buffers above OUT_KEEP after every flush). The runs pin
 the threshold (MALLOC_MMAP_THRESHOLD_) so that the comparison measures the
 code, not the allocator's state; ``--free-malloc`` leaves it alone.
 

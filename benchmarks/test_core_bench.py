@@ -40,6 +40,12 @@ def _client(broker: Broker, counter: ByteCounter | None = None) -> tuple[int, by
     return h, cid.encode(), counter
 
 
+def _errors(broker: Broker) -> int:
+    errors = broker.stats()["errors"]
+    assert isinstance(errors, dict)
+    return sum(errors.values())
+
+
 def _subscribers(broker: Broker, topic: bytes, k: int) -> list[ByteCounter]:
     counters = []
     for _ in range(k):
@@ -76,7 +82,7 @@ def test_subscribe_churn(benchmark: BenchmarkFixture) -> None:
     )
     benchmark(broker.feed, h, pairs * (BATCH // 200))
     assert broker.stats()["topics"] == 0
-    assert broker.stats()["errors"] == 0
+    assert _errors(broker) == 0
     assert out.bytes > 0
 
 
@@ -97,6 +103,6 @@ def test_topic_table(benchmark: BenchmarkFixture) -> None:
     step = max(1, ntopics // BATCH)  # spread over the table, defeating the last-topic cache
     batch = b"".join(b"PUBLISH %s t.%d %s\n" % (pub_id, i, PAYLOAD) for i in range(0, ntopics, step))
     benchmark(broker.feed, pub, batch)
-    assert acks.bytes > 0 and broker.stats()["errors"] == 0
+    assert acks.bytes > 0 and _errors(broker) == 0
     benchmark.extra_info["bytes_per_topic"] = round(per_topic, 1)
     assert per_topic < 1024

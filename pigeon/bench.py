@@ -583,7 +583,7 @@ def command(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``bench`` to a command's subparsers (``pigeon-cli bench``)."""
     parser = subparsers.add_parser("bench", help="measure a running broker", description=DESCRIPTION)
     add_arguments(parser)
