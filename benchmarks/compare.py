@@ -253,7 +253,7 @@ def measure_latency(opts: Options, active: Sequence[Broker], broker_pin: list[st
             pid, port = stack.enter_context(running(b, broker_pin))
             session = LatencySession(replace(opts, port=port, dialect=b.dialect))
             stack.callback(session.close)
-            session.sample(max(100, opts.samples // 10), keep=False)
+            session.warm_up(opts.samples)
             sessions[b.name] = (session, BrokerProbe(pid, port))
         cpu: dict[str, float] = {}
         for name, (_, probe) in sessions.items():
@@ -393,6 +393,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-ceiling", action="store_true", help="skip the generator's ceiling (null broker)"
     )
+    parser.add_argument(
+        "--noise",
+        choices=("broker", "client"),
+        help="keep a busy loop running on the brokers' or the generator's CPU: controlled contention",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: short, one repeat")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--chart", metavar="PNG", help="also draw a chart (needs matplotlib)")
@@ -411,9 +416,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         samples=args.samples,
         progress=sys.stderr.isatty(),
     )
-    table = measure(
-        opts, workloads, args.repeat, not args.no_ceiling, _pins(args.broker_cpu, args.client_cpu)
-    )
+    pins = _pins(args.broker_cpu, args.client_cpu)
+    with _busy_loop(args.broker_cpu if args.noise == "broker" else args.client_cpu, args.noise is not None):
+        table = measure(opts, workloads, args.repeat, not args.no_ceiling, pins)
+    if args.noise:
+        table.notes.append(f"with a busy loop on the {args.noise}'s CPU")
     table.notes.append(
         f"{platform.node()}: {os.cpu_count()} CPUs, {_cpu_model()}, Python {platform.python_version()}, "
         f"{args.size}-byte messages, median of {args.repeat}"
@@ -429,6 +436,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.chart:
         write_chart(table.results, args.chart)
     return 0
+
+
+@contextmanager
+def _busy_loop(cpu: int, wanted: bool) -> Iterator[None]:
+    """A CPU-bound process pinned to ``cpu`` for the duration, when ``wanted``."""
+    if not wanted:
+        yield
+        return
+    proc = subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def _cpu_model() -> str:
