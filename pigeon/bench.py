@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pigeon.bench_wire import DIALECTS, LineSocket, dialect
+from pigeon.client_cli import Subparsers, positive
 
 DESCRIPTION = "Measure a running broker: throughput, latency and memory per connection."
 WORKLOADS = ("pipe", "queue", "fanin", "latency", "connections")
@@ -497,13 +498,6 @@ def write_chart(series: Mapping[str, Sequence[Result]], path: str) -> None:
     plt.close(fig)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def _workload_list(text: str) -> list[str]:
     names = [w.strip() for w in text.split(",") if w.strip()]
     for name in names:
@@ -543,7 +537,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for flag, text in _COUNT_FLAGS:
         default = getattr(defaults, flag[2:])
-        parser.add_argument(flag, type=_positive, default=default, help=f"{text} (default {default})")
+        parser.add_argument(flag, type=positive, default=default, help=f"{text} (default {default})")
     parser.add_argument(
         "--pid", type=int, default=None, help="broker process id (default: found by its listening port)"
     )
@@ -590,7 +584,7 @@ def command(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(subparsers: Subparsers) -> None:
     """Add ``bench`` to a command's subparsers (``pigeon-cli bench``)."""
     parser = subparsers.add_parser("bench", help="measure a running broker", description=DESCRIPTION)
     add_arguments(parser)

@@ -18,7 +18,7 @@ from pigeon import __version__
 from pigeon._clientbase import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIMEOUT
 from pigeon.errors import PigeonError
 
-SUBCOMMAND_MODULES = ("pigeon.cli_pubsub", "pigeon.stats_cli")
+SUBCOMMAND_MODULES = ("pigeon.cli_pubsub", "pigeon.stats_cli", "pigeon.bench")
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 

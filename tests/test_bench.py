@@ -39,8 +39,14 @@ def test_every_workload_against_a_server(server: ServerProcess) -> None:
     assert results["connections"]["bytes_per_connection"] is not None
 
 
-def test_table_output_and_message_size(server: ServerProcess) -> None:
-    done = bench("--port", str(server.port), "--workloads", "pipe", "--size", "1000", *SHORT)
+def test_table_output_and_message_size_through_pigeon_cli(server: ServerProcess) -> None:
+    cli = [sys.executable, "-c", "import sys; from pigeon.client_cli import main; sys.exit(main())"]
+    done = subprocess.run(
+        [*cli, "bench", "--port", str(server.port), "--workloads", "pipe", "--size", "1000", *SHORT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     header, row = done.stdout.splitlines()
     assert header.split()[:3] == ["workload", "M", "msgs/s"]
