@@ -1,5 +1,11 @@
-"""Builds the Cython core. Metadata lives in pyproject.toml."""
+"""Builds the Cython core. Metadata lives in pyproject.toml.
 
+Environment variables select checked builds (see docs/operations.md):
+PIGEON_SANITIZE=1 adds AddressSanitizer and UndefinedBehaviorSanitizer;
+PIGEON_FUZZ=1 builds with clang and libFuzzer coverage for the atheris fuzzer.
+"""
+
+import os
 import sys
 
 from Cython.Build import cythonize
@@ -35,11 +41,27 @@ class BuildExt(build_ext):
             raise SystemExit(1) from exc
 
 
+compile_args = ["-O2"]
+link_args: list[str] = []
+sanitizers = []
+if os.environ.get("PIGEON_SANITIZE") == "1":
+    sanitizers.append("address,undefined")
+    # -O1 keeps stack traces readable; any UB report is fatal, not a warning
+    compile_args = ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+if os.environ.get("PIGEON_FUZZ") == "1":
+    os.environ["CC"] = "clang"
+    os.environ["LDSHARED"] = "clang -shared"
+    sanitizers.append("fuzzer-no-link")
+for sanitizer in sanitizers:
+    compile_args.append(f"-fsanitize={sanitizer}")
+    link_args.append(f"-fsanitize={sanitizer}")
+
 extensions = [
     Extension(
         "pigeon._core",
         ["pigeon/_core.pyx"],
-        extra_compile_args=["-O2"],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
     )
 ]
 

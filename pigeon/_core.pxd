@@ -34,6 +34,11 @@ cdef enum:
     ERR_NOT_SUBSCRIBED
     ERR_BACKLOG_FULL
     ERR_LINE_TOO_LONG
+    ERR_TOO_MANY_CONNECTIONS
+    ERR_TOO_MANY_SUBSCRIPTIONS
+    ERR_TOO_MANY_TOPICS
+    ERR_MEMORY_FULL         # a PUBLISH over max_memory
+    ERR_IDLE_TIMEOUT
     ERR_KINDS
 
 
@@ -71,6 +76,9 @@ ctypedef struct Conn:
     int32_t state           # CONN_FREE, CONN_OPEN or CONN_CLOSING
     bint paused             # transport over its high-water mark: skipped by rotations
     bint dirty              # has output not yet handed to its writer
+    bint starved            # skipped by a rotation for holding a full batch: drain again after its flush
+    bint rejected           # over max_connections: gets an ERROR, then closes; not counted as admitted
+    uint32_t idle_ticks     # ticks since its last input
     uint64_t client_id      # 0 until CONNECT
     char id_text[24]        # client_id as sent on the wire
     uint32_t id_len
@@ -100,15 +108,25 @@ ctypedef struct Counters:
     uint64_t backlogged     # messages that went through a backlog
     uint64_t refused        # PUBLISH refused (backlog full)
     uint64_t errors[ERR_KINDS]  # ERROR lines sent
+    uint64_t rejected       # connections refused over max_connections
+    uint64_t idle_closed    # connections closed by the idle timeout
+    uint64_t requeued       # messages given back to their topic by a dropped connection
     uint64_t bytes_in
     uint64_t bytes_out
-    uint64_t slow_consumers # connections closed for not reading their output
+    uint64_t slow_consumers # connections dropped over max_pending
 
 
 cdef class Broker:
     # limits
     cdef size_t max_line
     cdef uint32_t max_backlog
+    cdef int32_t max_connections
+    cdef size_t max_memory          # bytes in all backlogs together
+    cdef int32_t max_subscriptions  # per connection
+    cdef size_t max_topics
+    cdef size_t max_pending         # unsent output of one connection
+    cdef uint32_t idle_ticks        # ticks without input before a connection closes; 0 = never
+    cdef size_t out_batch           # output a connection takes before a rotation skips it until flushed
 
     # connections
     cdef Conn *conns
@@ -119,10 +137,12 @@ cdef class Broker:
     cdef list writers           # writers[handle]: callable taking bytes
     cdef list peers             # peers[handle]: the client's address, as text
     cdef list pendings          # pendings[handle]: None or a callable, bytes buffered past the core
+    cdef list closers           # closers[handle]: callable(reason, flush) or None
+    cdef int32_t nadmitted      # open connections not rejected
     cdef uint64_t next_client_id
 
     # connections with output to hand over, in the order they got it
-    cdef int32_t *dirty
+    cdef int32_t *dirty         # room for 2 * conns_cap: _flush re-marks connections mid-pass
     cdef int32_t ndirty
 
     # topics: a chained hash table, plus the last topic found
@@ -167,3 +187,11 @@ cdef class Broker:
     cdef int _unsubscribe(self, int32_t h, Topic *t) except -1
     cdef int _leave_all(self, int32_t h) except -1
     cdef int _flush(self) except -1
+    cdef int _hand_over(self, int32_t h) except -1
+    cdef int _requeue(self, char *out, size_t out_len, list touched) except -1
+    cdef int _drop_slow(self, int32_t h) except -1
+    cdef int _drain_subscriptions(self, int32_t h) except -1
+    cdef int _check_topic_room(self, int32_t h) except -1
+    cdef void _mark(self, int32_t h) noexcept
+    cdef size_t _unsent(self, int32_t h) except? 0
+    cdef int _close_by_core(self, int32_t h, str reason, bint flush) except -1

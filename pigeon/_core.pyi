@@ -12,16 +12,30 @@ class Broker:
     on_warning: Callable[[str], object] | None
     """Called with a sentence for rare events an operator should see (a topic's backlog filling up)."""
 
-    def __init__(self, *, max_line: int = ..., max_backlog: int = ...) -> None: ...
+    def __init__(
+        self,
+        *,
+        max_line: int = ...,
+        max_backlog: int = ...,
+        max_connections: int = ...,
+        max_memory: int = ...,
+        max_subscriptions: int = ...,
+        max_topics: int = ...,
+        max_pending: int = ...,
+        idle_ticks: int = ...,
+        out_batch: int = ...,
+    ) -> None: ...
     def open(
         self,
         writer: Callable[[bytes], object],
         peer: str | None = None,
         pending: Callable[[], int] | None = None,
+        closer: Callable[[str, bool], object] | None = None,
     ) -> int:
         """Register a new connection; ``writer(bytes)`` receives its output. Returns its handle.
 
-        ``peer`` is the client's address; ``pending()`` the output bytes buffered past the core.
+        ``peer`` is the client's address; ``pending()`` the output bytes buffered past the core;
+        ``closer(reason, flush)`` is called when the core itself ends the connection.
         """
     def get_buffer(self, handle: int) -> memoryview:
         """A writable view to read the connection's next bytes into."""
@@ -30,11 +44,13 @@ class Broker:
     def feed(self, handle: int, data: bytes) -> bool:
         """Process bytes read from the connection (a copying ``buffer_updated``)."""
     def pause(self, handle: int) -> None:
-        """The connection's transport is full: skip it in every rotation."""
+        """The connection's transport is full: skip it in every rotation, keep its output in the core."""
     def resume(self, handle: int) -> None:
-        """The connection can take output again: deliver backlogs it can serve."""
+        """The connection can take output again: hand it what was kept, deliver backlogs it can serve."""
     def close(self, handle: int) -> None:
-        """The connection is gone: leave every rotation and free its state."""
+        """The connection is gone: give back messages it was never handed, leave every rotation, free it."""
+    def tick(self) -> None:
+        """Advance the idle clock: close connections that sent nothing for more than idle_ticks ticks."""
     def client_id(self, handle: int) -> str | None:
         """The id CONNECT gave this connection, or None before CONNECT."""
     def topic_info(self, topic: bytes) -> tuple[int, int] | None:

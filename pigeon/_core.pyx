@@ -33,12 +33,14 @@ cdef enum:
     READ_ROOM = 256 * 1024  # free space offered to each socket read
     OUT_MIN = 256           # smallest output bytes object
     SHOW_MAX = 64           # longest client input echoed back in an ERROR line
+    MESSAGE_WORD_LEN = 8    # len(b"MESSAGE ")
 
 
 # Names of the CMD_* and ERR_* kinds (see _core.pxd), in index order, as reported by stats().
 COMMAND_NAMES = ("connect", "subscribe", "unsubscribe", "publish", "ping", "disconnect", "stats", "unknown")
 ERROR_NAMES = ("usage", "unknown_command", "not_connected", "already_connected", "wrong_client_id",
-               "bad_topic", "not_subscribed", "backlog_full", "line_too_long")
+               "bad_topic", "not_subscribed", "backlog_full", "line_too_long", "too_many_connections",
+               "too_many_subscriptions", "too_many_topics", "memory_full", "idle_timeout")
 assert len(COMMAND_NAMES) == CMD_KINDS and len(ERROR_NAMES) == ERR_KINDS
 
 
@@ -155,10 +157,8 @@ cdef int _topic_problem(const char *p, size_t n) noexcept nogil:
 
 # ---------------------------------------------------------------- backlog
 
-cdef int backlog_push(Backlog *b, const char *data, size_t n) except -1:
-    """Append a copy of a message at the tail."""
-    cdef BacklogEntry *e
-    cdef char *copy
+cdef int _backlog_reserve(Backlog *b) except -1:
+    """Make room for one more entry, keeping the oldest at head."""
     cdef uint32_t i, newcap
     if b.count == b.cap:
         newcap = b.cap * 2 if b.cap else 8
@@ -167,13 +167,35 @@ cdef int backlog_push(Backlog *b, const char *data, size_t n) except -1:
         for i in range(b.head):
             b.ring[b.cap + i] = b.ring[i]
         b.cap = newcap
-    copy = <char *>PyMem_Malloc(n if n else 1)
-    if copy == NULL:
+    return 0
+
+
+cdef inline BacklogEntry _backlog_copy(const char *data, size_t n) except *:
+    cdef BacklogEntry e
+    e.data = <char *>PyMem_Malloc(n if n else 1)
+    if e.data == NULL:
         raise MemoryError()
-    memcpy(copy, data, n)
-    e = &b.ring[(b.head + b.count) & (b.cap - 1)]
-    e.data = copy
+    memcpy(e.data, data, n)
     e.len = n
+    return e
+
+
+cdef int backlog_push(Backlog *b, const char *data, size_t n) except -1:
+    """Append a copy of a message at the tail."""
+    _backlog_reserve(b)
+    b.ring[(b.head + b.count) & (b.cap - 1)] = _backlog_copy(data, n)
+    b.count += 1
+    b.nbytes += n
+    return 0
+
+
+cdef int backlog_push_front(Backlog *b, const char *data, size_t n) except -1:
+    """Insert a copy of a message at the head, before the oldest one."""
+    cdef BacklogEntry e
+    _backlog_reserve(b)
+    e = _backlog_copy(data, n)
+    b.head = (b.head - 1) & (b.cap - 1)
+    b.ring[b.head] = e
     b.count += 1
     b.nbytes += n
     return 0
@@ -203,18 +225,50 @@ cdef class Broker:
 
     ``max_line`` is the longest accepted command line in bytes; a longer one
     gets an ERROR and closes its connection. ``max_backlog`` is how many
-    messages a topic keeps while no subscriber can take them.
+    messages a topic keeps while no subscriber can take them, ``max_memory``
+    how many message bytes all backlogs keep together. ``max_connections``,
+    ``max_subscriptions`` (per connection) and ``max_topics`` bound the rest
+    of the state. A connection whose unsent output passes ``max_pending``
+    bytes is dropped as a slow consumer; one that sends nothing for more than
+    ``idle_ticks`` calls of ``tick()`` is closed (0: never). ``out_batch`` is
+    how much output a connection takes before rotations skip it until that
+    output is handed to its writer, so a long backlog is not all queued on
+    one socket at once.
     """
 
-    def __cinit__(self, *, size_t max_line=1024 * 1024, uint32_t max_backlog=100_000):
+    def __cinit__(
+        self,
+        *,
+        size_t max_line=1024 * 1024,
+        uint32_t max_backlog=100_000,
+        int32_t max_connections=10_000,
+        size_t max_memory=1024 * 1024 * 1024,
+        int32_t max_subscriptions=1_000,
+        size_t max_topics=100_000,
+        size_t max_pending=64 * 1024 * 1024,
+        uint32_t idle_ticks=0,
+        size_t out_batch=1024 * 1024,
+    ):
         if max_line < 64:
             raise ValueError("max_line must be at least 64 bytes")
+        if max_connections < 1 or max_subscriptions < 1 or max_topics < 1:
+            raise ValueError("max_connections, max_subscriptions and max_topics must be at least 1")
+        if max_pending < 1 or out_batch < 1:
+            raise ValueError("max_pending and out_batch must be at least 1 byte")
         self.max_line = max_line
         self.max_backlog = max_backlog
+        self.max_connections = max_connections
+        self.max_memory = max_memory
+        self.max_subscriptions = max_subscriptions
+        self.max_topics = max_topics
+        self.max_pending = max_pending
+        self.idle_ticks = idle_ticks
+        self.out_batch = out_batch
         self.writers = []
         self.peers = []
         self.pendings = []
         self.started = time.time()
+        self.closers = []
         self.next_client_id = 1
         self.nbuckets = 64
         self.buckets = <Topic **>PyMem_Malloc(self.nbuckets * sizeof(Topic *))
@@ -250,19 +304,24 @@ cdef class Broker:
 
     # ------------------------------------------------------------ Python API
 
-    def open(self, writer, peer=None, pending=None):
+    def open(self, writer, peer=None, pending=None, closer=None):
         """Register a new connection; ``writer(bytes)`` receives its output. Returns its handle.
 
         ``peer`` is the client's address, as shown by ``connections()``;
         ``pending()``, when given, tells how many output bytes are buffered
-        past the core (in the transport), for the same report.
+        past the core (in the transport), for the same report and for the
+        max_pending check. ``closer(reason, flush)`` is called when the core
+        itself ends the connection (over max_connections, slow consumer,
+        idle): close the socket, after flushing what was written when
+        ``flush`` is true.
         """
         cdef int32_t h, newcap
+        cdef char reason[64]
         if self.nfree == 0:
             newcap = self.conns_cap * 2 if self.conns_cap else 16
             self.conns = <Conn *>_realloc(self.conns, newcap * sizeof(Conn))
             self.free_handles = <int32_t *>_realloc(self.free_handles, newcap * sizeof(int32_t))
-            self.dirty = <int32_t *>_realloc(self.dirty, newcap * sizeof(int32_t))
+            self.dirty = <int32_t *>_realloc(self.dirty, 2 * newcap * sizeof(int32_t))
             memset(&self.conns[self.conns_cap], 0, (newcap - self.conns_cap) * sizeof(Conn))
             for h in range(newcap - 1, self.conns_cap - 1, -1):
                 self.free_handles[self.nfree] = h
@@ -270,6 +329,7 @@ cdef class Broker:
             self.writers.extend([None] * (newcap - self.conns_cap))
             self.peers.extend([None] * (newcap - self.conns_cap))
             self.pendings.extend([None] * (newcap - self.conns_cap))
+            self.closers.extend([None] * (newcap - self.conns_cap))
             self.conns_cap = newcap
         self.nfree -= 1
         h = self.free_handles[self.nfree]
@@ -279,8 +339,19 @@ cdef class Broker:
         self.writers[h] = writer
         self.peers[h] = None if peer is None else str(peer)
         self.pendings[h] = pending
+        self.closers[h] = closer
         self.nconns += 1
         self.counters.connections_total += 1
+        if self.nadmitted >= self.max_connections:
+            self.conns[h].rejected = True
+            self.counters.rejected += 1
+            snprintf(reason, sizeof(reason), "too many connections (limit %d)", self.max_connections)
+            self._error(h, ERR_TOO_MANY_CONNECTIONS, reason)
+            self.conns[h].state = CONN_CLOSING
+            self._flush()
+            self._close_by_core(h, "too many connections", True)
+        else:
+            self.nadmitted += 1
         return h
 
     def get_buffer(self, int32_t handle):
@@ -315,6 +386,7 @@ cdef class Broker:
         self.rbuf_owner = -1
         self.counters.bytes_in += nbytes
         c.bytes_in += nbytes
+        c.idle_ticks = 0
         self._process(handle, self.rbuf, c.pending_len + nbytes)
         self._flush()
         return self.conns[handle].state == CONN_OPEN
@@ -340,26 +412,33 @@ cdef class Broker:
                 return True
 
     def pause(self, int32_t handle):
-        """The connection's transport is full: skip it in every rotation."""
+        """The connection's transport is full: skip it in every rotation.
+
+        Until ``resume``, the core keeps the connection's output itself, and
+        drops the connection once that plus what its transport holds passes
+        max_pending.
+        """
         self._conn(handle).paused = True
 
     def resume(self, int32_t handle):
-        """The connection can take output again: deliver backlogs it can serve."""
+        """The connection can take output again: hand it what was kept, deliver backlogs it can serve."""
         cdef Conn *c = self._conn(handle)
-        cdef int32_t i
         c.paused = False
-        i = 0
-        while i < c.nsubs:
-            if c.subs[i].backlog.count:
-                self._drain(c.subs[i])
-            i += 1
+        if c.out_len:
+            self._mark(handle)
+        self._drain_subscriptions(handle)
         self._flush()
 
     def close(self, int32_t handle):
-        """The connection is gone: leave every rotation and free its state."""
+        """The connection is gone: give back messages it was never handed, leave every rotation, free it."""
         cdef Conn *c = self._conn(handle)
+        cdef list touched = []
+        if c.out_len and c.state == CONN_OPEN:
+            self._requeue(c.out, c.out_len, touched)
         self._leave_all(handle)
         c = &self.conns[handle]
+        if not c.rejected:
+            self.nadmitted -= 1
         Py_XDECREF(c.out_bytes)
         PyMem_Free(c.pending)
         PyMem_Free(c.subs)
@@ -369,9 +448,35 @@ cdef class Broker:
         self.pendings[handle] = None
         self.free_handles[self.nfree] = handle
         self.nfree += 1
+        self.closers[handle] = None
         self.nconns -= 1
         if self.rbuf_owner == handle:
             self.rbuf_owner = -1
+        for t in touched:
+            self._drain(<Topic *><size_t>t)
+        self._flush()
+
+    def tick(self):
+        """Advance the idle clock: close connections that sent nothing for more than idle_ticks ticks."""
+        cdef int32_t h
+        cdef Conn *c
+        cdef list closing = []
+        if self.idle_ticks == 0:
+            return
+        for h in range(self.conns_cap):
+            c = &self.conns[h]
+            if c.state != CONN_OPEN:
+                continue
+            c.idle_ticks += 1
+            if c.idle_ticks > self.idle_ticks:
+                self._error(h, ERR_IDLE_TIMEOUT, "idle timeout")
+                self._leave_all(h)
+                self.conns[h].state = CONN_CLOSING
+                self.counters.idle_closed += 1
+                closing.append(h)
+        self._flush()
+        for h in closing:
+            self._close_by_core(h, "idle timeout", True)
 
     def client_id(self, int32_t handle):
         """The id CONNECT gave this connection, or None before CONNECT."""
@@ -408,6 +513,9 @@ cdef class Broker:
             "backlogged": self.counters.backlogged,
             "refused": self.counters.refused,
             "errors": {ERROR_NAMES[i]: self.counters.errors[i] for i in range(ERR_KINDS)},
+            "connections_rejected": self.counters.rejected,
+            "idle_closed": self.counters.idle_closed,
+            "requeued": self.counters.requeued,
             "bytes_in": self.counters.bytes_in,
             "bytes_out": self.counters.bytes_out,
             "slow_consumers": self.counters.slow_consumers,
@@ -588,6 +696,15 @@ cdef class Broker:
             self._error(h, ERR_BAD_TOPIC, "topic is not valid UTF-8")
         return 1
 
+    cdef int _check_topic_room(self, int32_t h) except -1:
+        """0 when one more topic fits under max_topics, else 1 after sending ERROR."""
+        cdef char reason[64]
+        if self.ntopics < self.max_topics:
+            return 0
+        snprintf(reason, sizeof(reason), "too many topics (limit %zu)", self.max_topics)
+        self._error(h, ERR_TOO_MANY_TOPICS, reason)
+        return 1
+
     cdef int _on_subscribe(self, int32_t h, char *args, size_t n) except -1:
         cdef char *id
         cdef char *name
@@ -596,6 +713,7 @@ cdef class Broker:
         cdef Topic *t
         cdef Conn *c
         cdef int32_t i
+        cdef char reason[80]
         if (not _next_field(&args, &n, &id, &id_len) or not _next_field(&args, &n, &name, &name_len)
                 or not _only_spaces(args, n)):
             return self._error(h, ERR_USAGE, "usage: SUBSCRIBE <client_id> <topic>")
@@ -603,12 +721,19 @@ cdef class Broker:
             return 0
         hv = _hash(name, name_len)
         t = self._find_topic(name, name_len, hv)
-        if t == NULL:
-            t = self._add_topic(name, name_len, hv)
-        for i in range(t.nsubs):
-            if t.subs[i] == h:
-                return self._reply(h, "SUBSCRIBED", t.name, t.name_len)
+        if t != NULL:
+            for i in range(t.nsubs):
+                if t.subs[i] == h:
+                    return self._reply(h, "SUBSCRIBED", t.name, t.name_len)
         c = &self.conns[h]
+        if c.nsubs >= self.max_subscriptions:
+            snprintf(reason, sizeof(reason), "too many subscriptions on this connection (limit %d)",
+                     self.max_subscriptions)
+            return self._error(h, ERR_TOO_MANY_SUBSCRIPTIONS, reason)
+        if t == NULL:
+            if self._check_topic_room(h):
+                return 0
+            t = self._add_topic(name, name_len, hv)
         if c.nsubs == c.subs_cap:
             c.subs_cap = c.subs_cap * 2 if c.subs_cap else 4
             c.subs = <Topic **>_realloc(c.subs, c.subs_cap * sizeof(Topic *))
@@ -690,7 +815,7 @@ cdef class Broker:
                 hv = _hash(name, name_len)
                 t = self._find_topic(name, name_len, hv)
                 if t == NULL:
-                    if self._check_topic(h, name, name_len):
+                    if self._check_topic(h, name, name_len) or self._check_topic_room(h):
                         return 0
                     t = self._add_topic(name, name_len, hv)
                 self.last_topic = t
@@ -710,6 +835,13 @@ cdef class Broker:
                 t.full = True
                 self._warn(f"topic {t.name[:t.name_len].decode('utf-8', 'replace')!r}: backlog full "
                            f"({self.max_backlog} messages), refusing publishes until a subscriber drains it")
+            self._drop_topic_if_unused(t)
+            return 0
+        if self.backlog_bytes + n > self.max_memory:
+            self.counters.refused += 1
+            snprintf(reason, sizeof(reason), "memory limit reached (%zu bytes in backlogs) for topic",
+                     self.backlog_bytes)
+            self._error2(h, ERR_MEMORY_FULL, reason, t.name, t.name_len)
             self._drop_topic_if_unused(t)
             return 0
         backlog_push(&t.backlog, args, n)
@@ -749,12 +881,16 @@ cdef class Broker:
                 _PyBytes_Resize(&c.out_bytes, cap)
             c.out = PyBytes_AS_STRING(<object>c.out_bytes)
             c.out_cap = cap
-        if not c.dirty:
-            c.dirty = True
-            self.dirty[self.ndirty] = h
-            self.ndirty += 1
+        self._mark(h)
         c.out_len += need
         return c.out + c.out_len - need
+
+    cdef inline void _mark(self, int32_t h) noexcept:
+        """Put h on the list of connections to flush."""
+        if not self.conns[h].dirty:
+            self.conns[h].dirty = True
+            self.dirty[self.ndirty] = h
+            self.ndirty += 1
 
     cdef int _reply(self, int32_t h, const char *word, char *arg, size_t arg_len) except -1:
         cdef size_t wl = strlen(word)
@@ -818,42 +954,163 @@ cdef class Broker:
         return 0
 
     cdef int _flush(self) except -1:
-        """Hand each connection that got output its bytes, one writer call each."""
-        cdef int32_t i = 0, h
+        """Hand each connection that got output its bytes, one writer call each.
+
+        A paused connection keeps its output here (dropped once it passes
+        max_pending); one that a rotation skipped for a full batch is drained
+        again after its flush, which may mark more connections: the pass
+        repeats until none is left.
+        """
+        cdef int32_t i, n, h
         cdef Conn *c
+        while self.ndirty:
+            n = self.ndirty
+            for i in range(n):
+                h = self.dirty[i]
+                c = &self.conns[h]
+                c.dirty = False
+                if c.state == CONN_FREE or c.out_len == 0:
+                    continue
+                if c.paused and c.state == CONN_OPEN:
+                    if self._unsent(h) > self.max_pending:
+                        self._drop_slow(h)
+                    continue
+                self._hand_over(h)
+                c = &self.conns[h]
+                if c.state != CONN_OPEN:
+                    continue
+                if c.paused:
+                    if self._unsent(h) > self.max_pending:
+                        self._drop_slow(h)
+                elif c.starved:
+                    c.starved = False
+                    self._drain_subscriptions(h)
+            memmove(self.dirty, self.dirty + n, (self.ndirty - n) * sizeof(int32_t))
+            self.ndirty -= n
+        return 0
+
+    cdef int _hand_over(self, int32_t h) except -1:
+        """One writer call with all of h's output; a writer that fails gives its messages back."""
+        cdef Conn *c = &self.conns[h]
+        cdef size_t n = c.out_len
         cdef object data
-        while i < self.ndirty:
-            h = self.dirty[i]
+        cdef list touched
+        # The writer gets the very object the output was written into: no copy.
+        # A mostly full object is only trimmed in length, since reallocating it
+        # (and so changing its size class) makes malloc map fresh pages each time.
+        if c.out_len >= c.out_cap // 2:
+            Py_SET_SIZE(c.out_bytes, c.out_len)
+            c.out[c.out_len] = 0
+        else:
+            _PyBytes_Resize(&c.out_bytes, c.out_len)
+        data = <object>c.out_bytes
+        Py_XDECREF(c.out_bytes)
+        c.out_bytes = NULL
+        c.out = NULL
+        # decays slowly, so one short read between long ones does not shrink the next object
+        c.out_hint = c.out_len if c.out_len > c.out_hint else c.out_hint - c.out_hint // 8
+        c.out_len = 0
+        c.out_cap = 0
+        try:
+            self.writers[h](data)
+        except Exception:
+            # its transport is already gone: the bytes went nowhere
+            touched = []
+            if self.conns[h].state == CONN_OPEN:
+                self._requeue(PyBytes_AS_STRING(data), n, touched)
+            self._leave_all(h)
+            self.conns[h].state = CONN_CLOSING
+            for t in touched:
+                self._drain(<Topic *><size_t>t)
+            return 0
+        self.counters.bytes_out += n
+        self.conns[h].bytes_out += n
+        return 0
+
+    cdef int _drain_subscriptions(self, int32_t h) except -1:
+        """Deliver the backlogs of h's topics while some subscriber can take them."""
+        cdef Conn *c = &self.conns[h]
+        cdef int32_t i = 0
+        while i < c.nsubs:
+            if c.subs[i].backlog.count:
+                self._drain(c.subs[i])
             i += 1
-            c = &self.conns[h]
-            c.dirty = False
-            if c.state == CONN_FREE or c.out_len == 0:
-                continue
-            # The writer gets the very object the output was written into: no copy.
-            # A mostly full object is only trimmed in length, since reallocating it
-            # (and so changing its size class) makes malloc map fresh pages each time.
-            if c.out_len >= c.out_cap // 2:
-                Py_SET_SIZE(c.out_bytes, c.out_len)
-                c.out[c.out_len] = 0
-            else:
-                _PyBytes_Resize(&c.out_bytes, c.out_len)
-            data = <object>c.out_bytes
-            Py_XDECREF(c.out_bytes)
-            c.out_bytes = NULL
-            c.out = NULL
-            self.counters.bytes_out += c.out_len
-            c.bytes_out += c.out_len
-            # decays slowly, so one short read between long ones does not shrink the next object
-            c.out_hint = c.out_len if c.out_len > c.out_hint else c.out_hint - c.out_hint // 8
-            c.out_len = 0
-            c.out_cap = 0
-            try:
-                self.writers[h](data)
-            except Exception:
-                # its transport is already gone: take it out of every rotation
-                self._leave_all(h)
-                self.conns[h].state = CONN_CLOSING
-        self.ndirty = 0
+        return 0
+
+    cdef int _drop_slow(self, int32_t h) except -1:
+        """Drop a slow consumer: its kept messages go back to their topics, then its socket is aborted."""
+        cdef Conn *c = &self.conns[h]
+        cdef list touched = []
+        reason = f"slow consumer: {self._unsent(h)} bytes unsent (limit {self.max_pending})"
+        self._requeue(c.out, c.out_len, touched)
+        c.out_len = 0
+        self._leave_all(h)
+        self.conns[h].state = CONN_CLOSING
+        self.counters.slow_consumers += 1
+        for t in touched:
+            self._drain(<Topic *><size_t>t)
+        return self._close_by_core(h, reason, False)
+
+    cdef size_t _unsent(self, int32_t h) except? 0:
+        """Output of h not yet sent: what the core keeps plus what its transport holds."""
+        pending = self.pendings[h]
+        return self.conns[h].out_len + (pending() if pending is not None else 0)
+
+    cdef int _close_by_core(self, int32_t h, str reason, bint flush) except -1:
+        closer = self.closers[h]
+        if closer is not None:
+            closer(reason, flush)
+        return 0
+
+    cdef int _requeue(self, char *out, size_t out_len, list touched) except -1:
+        """Put the MESSAGE lines of output that was never sent back at the head of their topics, in order.
+
+        Each topic given a message is appended to ``touched`` (as an address)
+        for the caller to drain once h has left every rotation. Other reply
+        lines are discarded: only their connection wanted them.
+        """
+        cdef size_t *starts = NULL
+        cdef size_t *lens = NULL
+        cdef size_t nlines = 0, pos = 0, line_len, k
+        cdef char *line
+        cdef char *nl
+        cdef char *sp
+        cdef size_t name_len
+        cdef uint64_t hv
+        cdef Topic *t
+        cdef size_t cap = 0
+        try:
+            while pos < out_len:
+                nl = <char *>memchr(out + pos, b'\n', out_len - pos)
+                line_len = nl - (out + pos)
+                if line_len > MESSAGE_WORD_LEN and memcmp(out + pos, b"MESSAGE ", MESSAGE_WORD_LEN) == 0:
+                    if nlines == cap:
+                        cap = cap * 2 if cap else 64
+                        starts = <size_t *>_realloc(starts, cap * sizeof(size_t))
+                        lens = <size_t *>_realloc(lens, cap * sizeof(size_t))
+                    starts[nlines] = pos + MESSAGE_WORD_LEN
+                    lens[nlines] = line_len - MESSAGE_WORD_LEN
+                    nlines += 1
+                pos += line_len + 1
+            # newest first, each to the head: the oldest ends up first
+            for k in range(nlines - 1, -1, -1):
+                line = out + starts[k]
+                sp = <char *>memchr(line, b' ', lens[k])
+                name_len = sp - line
+                hv = _hash(line, name_len)
+                t = self._find_topic(line, name_len, hv)
+                if t == NULL:
+                    t = self._add_topic(line, name_len, hv)
+                backlog_push_front(&t.backlog, sp + 1, lens[k] - name_len - 1)
+                self.backlog_bytes += lens[k] - name_len - 1
+                self.backlog_messages += 1
+                self.counters.backlogged += 1
+                self.counters.requeued += 1
+                if <size_t>t not in touched:
+                    touched.append(<size_t>t)
+        finally:
+            PyMem_Free(starts)
+            PyMem_Free(lens)
         return 0
 
     # ------------------------------------------------------------ routing
@@ -861,14 +1118,18 @@ cdef class Broker:
     cdef int32_t _next_subscriber(self, Topic *t):
         """Whose turn it is, skipping paused connections; -1 when nobody can take a message."""
         cdef int32_t k, i, h
+        cdef Conn *c
         if t.cursor >= t.nsubs:
             t.cursor = 0
         i = t.cursor
         for k in range(t.nsubs):
             h = t.subs[i]
-            if not self.conns[h].paused:
-                t.cursor = i + 1        # wraps lazily, so a new subscriber gets the next turn
-                return h
+            c = &self.conns[h]
+            if not c.paused:
+                if c.out_len < self.out_batch:
+                    t.cursor = i + 1    # wraps lazily, so a new subscriber gets the next turn
+                    return h
+                c.starved = True
             i += 1
             if i == t.nsubs:
                 i = 0

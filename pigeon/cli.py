@@ -11,7 +11,18 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from pigeon import __version__, logs
-from pigeon.server import DEFAULT_HOST, DEFAULT_MAX_BACKLOG, DEFAULT_MAX_LINE, DEFAULT_PORT, Server
+from pigeon.server import (
+    DEFAULT_HOST,
+    DEFAULT_MAX_BACKLOG,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_LINE,
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_SUBSCRIPTIONS,
+    DEFAULT_MAX_TOPICS,
+    DEFAULT_PORT,
+    Server,
+)
 
 if TYPE_CHECKING:
     from pigeon.monitor import Monitor
@@ -34,6 +45,13 @@ def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port from 0 to 65535, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or more, not {text}")
     return value
 
 
@@ -60,6 +78,48 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_BACKLOG,
         metavar="MESSAGES",
         help="messages a topic keeps while no subscriber can take them (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="open connections; one more gets ERROR and is closed (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-memory",
+        type=_positive,
+        default=DEFAULT_MAX_MEMORY,
+        metavar="BYTES",
+        help="message bytes in all backlogs together; a PUBLISH past it gets ERROR (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-subscriptions",
+        type=_positive,
+        default=DEFAULT_MAX_SUBSCRIPTIONS,
+        metavar="N",
+        help="topics one connection subscribes to (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-topics",
+        type=_positive,
+        default=DEFAULT_MAX_TOPICS,
+        metavar="N",
+        help="topics the server holds (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-pending",
+        type=_positive,
+        default=DEFAULT_MAX_PENDING,
+        metavar="BYTES",
+        help="unsent output of one connection before it is dropped as a slow consumer (default %(default)s)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="close a connection that sends nothing for this long; 0 is off (default %(default)s)",
     )
     parser.add_argument(
         "--http-port",
@@ -108,6 +168,27 @@ def loop_factory(choice: str) -> tuple[str, LoopFactory]:
     return "asyncio", asyncio.new_event_loop
 
 
+def _raise_open_files_limit(max_connections: int) -> None:
+    """Let the process hold max_connections sockets, as far as the hard limit allows (as Redis does)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # room for the listener, the log and the interpreter's own files
+    want = max_connections + 64
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    if hard != resource.RLIM_INFINITY and hard < max_connections + 64:
+        log.warning(
+            "open files limit %d is below --max-connections %d: accept will fail before the limit",
+            hard,
+            max_connections,
+        )
+
+
 async def serve(server: Server, loop_name: str, monitor: Monitor | None = None) -> int:
     """Run ``server`` (and ``monitor``) until SIGINT or SIGTERM, shut down cleanly; returns the exit code.
 
@@ -147,7 +228,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         log.error("--loop uvloop: uvloop is not installed")
         return 2
-    server = Server(args.host, args.port, max_line=args.max_line, max_backlog=args.max_backlog)
+    _raise_open_files_limit(args.max_connections)
+    server = Server(
+        args.host,
+        args.port,
+        max_line=args.max_line,
+        max_backlog=args.max_backlog,
+        max_connections=args.max_connections,
+        max_memory=args.max_memory,
+        max_subscriptions=args.max_subscriptions,
+        max_topics=args.max_topics,
+        max_pending=args.max_pending,
+        idle_timeout=args.idle_timeout,
+    )
     monitor = None
     if args.http_port is not None:
         try:

@@ -20,6 +20,19 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3333
 DEFAULT_MAX_LINE = 1024 * 1024
 DEFAULT_MAX_BACKLOG = 100_000
+DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_MAX_MEMORY = 1024 * 1024 * 1024
+DEFAULT_MAX_SUBSCRIPTIONS = 1_000
+DEFAULT_MAX_TOPICS = 100_000
+DEFAULT_MAX_PENDING = 64 * 1024 * 1024
+
+# Connections the kernel queues before the loop accepts them: asyncio's default
+# of 100 drops SYNs in a burst of connects, which clients see as 1 s stalls.
+LISTEN_BACKLOG = 4096
+
+# The idle clock ticks this many times per --idle-timeout, so a silent
+# connection is closed between 1 and 1 + 1/IDLE_TICKS timeouts after its last input.
+IDLE_TICKS = 4
 
 # A subscriber whose unsent output passes WRITE_HIGH is paused, and so skipped by
 # every rotation, until it drains below WRITE_LOW.
@@ -53,9 +66,19 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
         self._peer = format_address(transport.get_extra_info("peername"))
-        self._handle = self._broker.open(transport.write, self._peer, transport.get_write_buffer_size)
         self._connections.add(self)
+        self._handle = self._broker.open(
+            transport.write, self._peer, transport.get_write_buffer_size, self._closed_by_core
+        )
         log.debug("connection %d opened from %s", self._handle, self._peer)
+
+    def _closed_by_core(self, reason: str, flush: bool) -> None:
+        assert self._transport is not None
+        log.warning("closing connection %d from %s: %s", self._handle, self._peer, reason)
+        if flush:
+            self._transport.close()
+        else:
+            self._transport.abort()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._broker.get_buffer(self._handle)
@@ -106,13 +129,30 @@ class Server:
         *,
         max_line: int = DEFAULT_MAX_LINE,
         max_backlog: int = DEFAULT_MAX_BACKLOG,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_memory: int = DEFAULT_MAX_MEMORY,
+        max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
+        max_topics: int = DEFAULT_MAX_TOPICS,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        idle_timeout: float = 0.0,
     ) -> None:
         self.host = host
         self._requested_port = port
-        self.broker = Broker(max_line=max_line, max_backlog=max_backlog)
+        self.idle_timeout = idle_timeout
+        self.broker = Broker(
+            max_line=max_line,
+            max_backlog=max_backlog,
+            max_connections=max_connections,
+            max_memory=max_memory,
+            max_subscriptions=max_subscriptions,
+            max_topics=max_topics,
+            max_pending=max_pending,
+            idle_ticks=IDLE_TICKS if idle_timeout > 0 else 0,
+        )
         self.broker.on_warning = log.warning
         self._connections: set[_Connection] = set()
         self._listener: asyncio.Server | None = None
+        self._idle_clock: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -129,10 +169,21 @@ class Server:
             self.host,
             self._requested_port,
             reuse_address=True,
+            backlog=LISTEN_BACKLOG,
         )
+        if self.idle_timeout > 0:
+            self._idle_clock = asyncio.create_task(self._tick(self.idle_timeout / IDLE_TICKS))
+
+    async def _tick(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.broker.tick()
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, flush and close every connection, wait up to ``timeout`` for them to go."""
+        if self._idle_clock is not None:
+            self._idle_clock.cancel()
+            self._idle_clock = None
         if self._listener is not None:
             self._listener.close()
         for conn in list(self._connections):

@@ -66,6 +66,11 @@ def test_commands_and_errors_are_counted_by_kind() -> None:
         "not_subscribed": 1,
         "backlog_full": 0,
         "line_too_long": 0,
+        "too_many_connections": 0,
+        "too_many_subscriptions": 0,
+        "too_many_topics": 0,
+        "memory_full": 0,
+        "idle_timeout": 0,
     }
     assert list(stats["commands"]) == list(COMMAND_NAMES)
     assert list(stats["errors"]) == list(ERROR_NAMES)

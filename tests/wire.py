@@ -53,7 +53,9 @@ class ServerProcess:
         return LineClient(self.host, self.port, timeout)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        """Signal the server and return its exit code."""
+        """Signal the server and return its exit code; a second call just returns it again."""
+        if self.proc.stderr is None or self.proc.stderr.closed:
+            return self.proc.wait()
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
