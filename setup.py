@@ -1,8 +1,7 @@
 """Builds the Cython core. Metadata lives in pyproject.toml.
 
-Environment variables select checked builds (see docs/operations.md):
-PIGEON_SANITIZE=1 adds AddressSanitizer and UndefinedBehaviorSanitizer;
-PIGEON_FUZZ=1 builds with clang and libFuzzer coverage for the atheris fuzzer.
+PIGEON_SANITIZE=1 in the environment builds the core with AddressSanitizer and
+UndefinedBehaviorSanitizer (see docs/operations.md).
 """
 
 import os
@@ -48,10 +47,6 @@ if os.environ.get("PIGEON_SANITIZE") == "1":
     sanitizers.append("address,undefined")
     # -O1 keeps stack traces readable; any UB report is fatal, not a warning
     compile_args = ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
-if os.environ.get("PIGEON_FUZZ") == "1":
-    os.environ["CC"] = "clang"
-    os.environ["LDSHARED"] = "clang -shared"
-    sanitizers.append("fuzzer-no-link")
 for sanitizer in sanitizers:
     compile_args.append(f"-fsanitize={sanitizer}")
     link_args.append(f"-fsanitize={sanitizer}")

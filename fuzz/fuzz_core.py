@@ -3,13 +3,14 @@
 Each input is a session: limits, then operations (open, feed bytes, pause,
 resume, close, tick, transports that pause or fail) run on the Cython core and
 on tests/model.py; any difference in output, closes, counters or topic state,
-and any crash, is a finding. The model and this driver are instrumented, so
-coverage guides the search even with a plain build of the core; a build with
-PIGEON_FUZZ=1 adds the core's own C coverage (docs/operations.md).
+and any crash, is a finding. Coverage comes from the instrumented model, whose
+branches follow the core's rules one for one, so it guides the search through
+the core's states too.
 
     python fuzz/fuzz_core.py fuzz/corpus -dict=fuzz/pigeon.dict -max_total_time=600
 
-Findings become regression tests in tests/test_fuzz_regressions.py.
+A finding is saved as crash-*: copy it into fuzz/regressions/, which the test
+suite replays (tests/test_fuzz.py), and add a test that names the bug.
 """
 
 from __future__ import annotations

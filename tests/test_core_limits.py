@@ -230,3 +230,14 @@ def test_slow_subscriber_is_dropped_and_others_take_its_turns(make: Callable[...
     b.close(slow.h)
     pub.send(f"PUBLISH {pub.cid} t 5")
     assert ok.take() == b"MESSAGE t 5\n"
+
+
+def test_requeued_messages_count_in_the_backlog_gauges(make: Callable[..., AnyBroker]) -> None:
+    # found by the differential test: the requeue path once left backlog_messages behind
+    b = make()
+    pub, gone = Client(b), Client(b)
+    gone.send(f"SUBSCRIBE {gone.cid} t")
+    gone.fail = True
+    pub.send(f"PUBLISH {pub.cid} t abc")
+    stats = b.stats()
+    assert (stats["backlog_messages"], stats["backlog_bytes"], stats["requeued"]) == (1, 3, 1)
