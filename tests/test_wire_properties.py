@@ -14,13 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.model import ModelBroker
-from tests.strategies import OWN_ID, command
+from tests.strategies import OWN_ID, command, junk_lines
 from tests.wire import LineClient, ServerProcess
 
 NONCE = b"<T>"
 wire_topics = st.sampled_from([NONCE + b"a", NONCE + b"b", NONCE + "é".encode(), b"\x01", b"z" * 256])
 streams = st.lists(command(topics=wire_topics, bye=False), min_size=1, max_size=12)
-junk = st.binary(min_size=1, max_size=40).map(lambda b: b.replace(b"\n", b"") + b"\n")
+junk = junk_lines.map(lambda b: b + b"\n")
 example_settings = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
