@@ -78,7 +78,7 @@ ctypedef struct Conn:
     bint dirty              # has output not yet handed to its writer
     bint starved            # skipped by a rotation for holding a full batch: drain again after its flush
     bint rejected           # over max_connections: gets an ERROR, then closes; not counted as admitted
-    uint32_t idle_ticks     # ticks since its last input
+    uint32_t silent_ticks   # ticks since its last input
     uint64_t client_id      # 0 until CONNECT
     char id_text[24]        # client_id as sent on the wire
     uint32_t id_len

@@ -386,7 +386,7 @@ cdef class Broker:
         self.rbuf_owner = -1
         self.counters.bytes_in += nbytes
         c.bytes_in += nbytes
-        c.idle_ticks = 0
+        c.silent_ticks = 0
         self._process(handle, self.rbuf, c.pending_len + nbytes)
         self._flush()
         return self.conns[handle].state == CONN_OPEN
@@ -467,8 +467,8 @@ cdef class Broker:
             c = &self.conns[h]
             if c.state != CONN_OPEN:
                 continue
-            c.idle_ticks += 1
-            if c.idle_ticks > self.idle_ticks:
+            c.silent_ticks += 1
+            if c.silent_ticks > self.idle_ticks:
                 self._error(h, ERR_IDLE_TIMEOUT, "idle timeout")
                 self._leave_all(h)
                 self.conns[h].state = CONN_CLOSING
