@@ -2,7 +2,7 @@
 
 Run from the repository root: ``python -m benchmarks.client_throughput``. Every
 variant publishes the same messages to the same ``pigeon`` process (started
-here on a free port, with a backlog large enough that nothing is refused) and
+here on a free port, with backlog and memory limits large enough that nothing is refused) and
 waits for every reply; the table gives messages per second and the ratio to
 the raw socket, the best of ``--rounds`` rounds each.
 """
@@ -102,9 +102,15 @@ def async_no_wait(loop_name: str) -> Variant:
     return run
 
 
-def measure(variants: dict[str, tuple[Variant, int]], messages: list[bytes], rounds: int) -> list[str]:
-    """One ``pigeon`` process for every variant; returns the table's lines."""
-    server = ServerProcess("--max-backlog", str(len(messages) * (rounds * len(variants) + 1)))
+def measure(
+    variants: dict[str, tuple[Variant, int]], messages: list[bytes], rounds: int, pin: bool = False
+) -> list[str]:
+    """One ``pigeon`` process for every variant (on CPU 0 with ``pin``); returns the table's lines."""
+    # every variant's messages stay in backlogs (nobody subscribes): room for all of them
+    kept = len(messages) * (rounds * len(variants) + 1)
+    server = ServerProcess("--max-backlog", str(kept), "--max-memory", str(kept * (len(messages[0]) + 1)))
+    if pin:
+        os.sched_setaffinity(server.proc.pid, {0})
     try:
         results: dict[str, tuple[int, float]] = {}
         for round_no in range(rounds):
@@ -148,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"AsyncClient.publish(wait=False) ({client_loop})": (async_no_wait(client_loop), 1),
         "Client.publish (waited, 1/20)": (client_waited, 20),
     }
-    for line in measure(variants, messages, args.rounds):
+    for line in measure(variants, messages, args.rounds, args.pin):
         print(line)
     return 0
 
