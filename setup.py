@@ -6,6 +6,7 @@ UndefinedBehaviorSanitizer (see docs/operations.md).
 
 import os
 import sys
+from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -51,12 +52,17 @@ for sanitizer in sanitizers:
     compile_args.append(f"-fsanitize={sanitizer}")
     link_args.append(f"-fsanitize={sanitizer}")
 
+# The longest topic name, defined once for the Python side and the C core.
+TOPIC_MAX = 255
+
 extensions = [
     Extension(
         "pigeon._core",
         ["pigeon/_core.pyx"],
+        define_macros=[("PIGEON_TOPIC_MAX", str(TOPIC_MAX))],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
+        depends=[str(part) for part in Path("pigeon/core").iterdir()],
     )
 ]
 

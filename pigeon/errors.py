@@ -43,6 +43,6 @@ class TimeoutError(PigeonError, builtins.TimeoutError):
 
 def error_from_reason(reason: str) -> CommandError:
     """The exception for an ``ERROR <reason>`` line."""
-    if reason.startswith("backlog full"):
+    if reason.startswith("BACKLOG_FULL "):
         return BacklogFullError(reason)
     return CommandError(reason)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from types import TracebackType
 from typing import cast
 
@@ -30,9 +31,10 @@ DEFAULT_MAX_PENDING = 64 * 1024 * 1024
 # of 100 drops SYNs in a burst of connects, which clients see as 1 s stalls.
 LISTEN_BACKLOG = 4096
 
-# The idle clock ticks this many times per --idle-timeout, so a silent
-# connection is closed between 1 and 1 + 1/IDLE_TICKS timeouts after its last input.
-IDLE_TICKS = 4
+# Seconds between two ticks of the core's clock, which runs the idle and write
+# timeouts: a timeout fires up to one tick after it is due.
+TICK_INTERVAL = 0.25
+DEFAULT_WRITE_TIMEOUT = 10.0
 
 # A subscriber whose unsent output passes WRITE_HIGH is paused, and so skipped by
 # every rotation, until it drains below WRITE_LOW.
@@ -53,7 +55,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     __slots__ = ("_broker", "_connections", "_handle", "_peer", "_transport")
 
-    def __init__(self, broker: Broker, connections: set[_Connection]) -> None:
+    def __init__(self, broker: Broker, connections: dict[int, _Connection]) -> None:
         self._broker = broker
         self._connections = connections
         self._transport: asyncio.Transport | None = None
@@ -66,30 +68,51 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
         self._peer = format_address(transport.get_extra_info("peername"))
-        self._connections.add(self)
-        self._handle = self._broker.open(
-            transport.write, self._peer, transport.get_write_buffer_size, self._closed_by_core
-        )
+        self._handle = self._broker.open(self._write, self._peer, transport.get_write_buffer_size)
+        self._connections[self._handle] = self
         log.debug("connection %d opened from %s", self._handle, self._peer)
 
-    def _closed_by_core(self, reason: str, flush: bool) -> None:
+    def _write(self, data: bytes) -> None:
+        # After a reset or once closing, transports drop writes without a word:
+        # raising instead makes the core give the messages back to their topics.
         assert self._transport is not None
-        log.warning("closing connection %d from %s: %s", self._handle, self._peer, reason)
-        if flush:
-            self._transport.close()
-        else:
+        if self._transport.is_closing():
+            raise ConnectionResetError("transport is closing")
+        self._transport.write(data)
+
+    def closed_by_core(self, reason: str, flush: bool, write_timeout: float) -> None:
+        """The core ended this connection: close the socket, after its output when ``flush``."""
+        assert self._transport is not None
+        if reason:
+            log.warning("closing connection %d from %s: %s", self._handle, self._peer, reason)
+        if not flush:
             self._transport.abort()
+            return
+        self._transport.close()
+        if write_timeout > 0:
+            # a peer that does not read would hold a closing socket for ever
+            asyncio.get_running_loop().call_later(write_timeout, self._transport.abort)
+
+    def set_reading(self, reading: bool) -> None:
+        """Stop or restart reading from the socket, as the core asks."""
+        assert self._transport is not None
+        if self._transport.is_closing():
+            return
+        if reading:
+            self._transport.resume_reading()
+        else:
+            self._transport.pause_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._broker.get_buffer(self._handle)
 
     def buffer_updated(self, nbytes: int) -> None:
-        if not self._broker.buffer_updated(self._handle, nbytes):
-            self.close()
+        self._broker.buffer_updated(self._handle, nbytes)
 
     def eof_received(self) -> bool:
-        # The client will send nothing more: treat it as DISCONNECT, after the
-        # replies already written have been flushed.
+        # The client will send nothing more: it leaves every rotation now, and
+        # the transport closes once the replies already written are sent.
+        self._broker.eof(self._handle)
         return False
 
     def pause_writing(self) -> None:
@@ -99,7 +122,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._broker.resume(self._handle)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._connections.discard(self)
+        self._connections.pop(self._handle, None)
         client_id = self._broker.client_id(self._handle)
         self._broker.close(self._handle)
         log.debug("connection %d closed: client %s from %s", self._handle, client_id or "-", self._peer)
@@ -135,10 +158,10 @@ class Server:
         max_topics: int = DEFAULT_MAX_TOPICS,
         max_pending: int = DEFAULT_MAX_PENDING,
         idle_timeout: float = 0.0,
+        write_timeout: float = DEFAULT_WRITE_TIMEOUT,
     ) -> None:
         self.host = host
         self._requested_port = port
-        self.idle_timeout = idle_timeout
         self.broker = Broker(
             max_line=max_line,
             max_backlog=max_backlog,
@@ -147,12 +170,16 @@ class Server:
             max_subscriptions=max_subscriptions,
             max_topics=max_topics,
             max_pending=max_pending,
-            idle_ticks=IDLE_TICKS if idle_timeout > 0 else 0,
+            idle_timeout=idle_timeout,
+            write_timeout=write_timeout,
+            tick_interval=TICK_INTERVAL,
         )
         self.broker.on_warning = log.warning
-        self._connections: set[_Connection] = set()
+        self.broker.on_close = self._closed_by_core
+        self.broker.on_reading = self._set_reading
+        self._connections: dict[int, _Connection] = {}
         self._listener: asyncio.Server | None = None
-        self._idle_clock: asyncio.Task[None] | None = None
+        self._clock: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -164,6 +191,8 @@ class Server:
     async def start(self) -> None:
         """Start listening; raises OSError when the address cannot be bound."""
         loop = asyncio.get_running_loop()
+        # one flush per pass of the loop, after every read of that pass
+        self.broker.on_output = partial(loop.call_soon, self.broker.flush)
         self._listener = await loop.create_server(
             lambda: _Connection(self.broker, self._connections),
             self.host,
@@ -171,28 +200,37 @@ class Server:
             reuse_address=True,
             backlog=LISTEN_BACKLOG,
         )
-        if self.idle_timeout > 0:
-            self._idle_clock = asyncio.create_task(self._tick(self.idle_timeout / IDLE_TICKS))
+        self._clock = asyncio.create_task(self._tick(self.broker.tick_interval))
 
     async def _tick(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
             self.broker.tick()
 
+    def _closed_by_core(self, handle: int, reason: str, flush: bool) -> None:
+        conn = self._connections.get(handle)
+        if conn is not None:
+            conn.closed_by_core(reason, flush, self.broker.limits["write_timeout"])
+
+    def _set_reading(self, handle: int, reading: bool) -> None:
+        conn = self._connections.get(handle)
+        if conn is not None:
+            conn.set_reading(reading)
+
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, flush and close every connection, wait up to ``timeout`` for them to go."""
-        if self._idle_clock is not None:
-            self._idle_clock.cancel()
-            self._idle_clock = None
+        if self._clock is not None:
+            self._clock.cancel()
+            self._clock = None
         if self._listener is not None:
             self._listener.close()
-        for conn in list(self._connections):
+        for conn in list(self._connections.values()):
             conn.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self._connections and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        for conn in list(self._connections):
+        for conn in list(self._connections.values()):
             conn.abort()
         if self._listener is not None:
             await self._listener.wait_closed()

@@ -559,7 +559,7 @@ def topic_problem(name: bytes) -> bytes:
     """The ERROR reason for an invalid topic name, or b"" for a valid one (first fault wins)."""
     if not 1 <= len(name) <= TOPIC_MAX:
         return b"topic must be 1 to 255 bytes"
-    blank = b"topic must not contain whitespace or control characters"
+    blank = b"topic must not contain whitespace, control, format or separator characters"
     bad = b"topic is not valid UTF-8"
     i = 0
     while i < len(name):

@@ -38,5 +38,5 @@ def traffic(proc: ServerProcess) -> tuple[LineClient, LineClient]:
     for i in range(3):
         pub.publish("idle", f"wait-{i}")
     assert sub.lines(4) == [f"MESSAGE jobs job-{i}".encode() for i in range(4)]
-    assert pub.ask("NOPE") == b"ERROR unknown command 'NOPE'"
+    assert pub.ask("NOPE") == b"ERROR UNKNOWN_COMMAND unknown command 'NOPE'"
     return sub, pub

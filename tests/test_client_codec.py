@@ -103,7 +103,7 @@ def test_line_splitter_keeps_partial_lines() -> None:
 
 def test_only_replies_counts_uniform_chunks_and_rejects_mixed_ones() -> None:
     assert codec.only_replies(b"PUBLISHED t\n" * 3, b"PUBLISHED") == 3
-    assert codec.only_replies(b"PUBLISHED t\nERROR backlog full\n", b"PUBLISHED") == 0
+    assert codec.only_replies(b"PUBLISHED t\nERROR BACKLOG_FULL backlog full\n", b"PUBLISHED") == 0
     assert codec.only_replies(b"PUBLISHED t\nMESSAGE t PUBLISHED x\n", b"PUBLISHED") == 0
     assert codec.only_replies(b"MESSAGE t PUBLISHED x\n", b"PUBLISHED") == 0
 
@@ -130,7 +130,7 @@ def test_session_matches_replies_in_order_and_maps_errors() -> None:
     first = session.expect(b"SUBSCRIBED")
     second = session.expect(b"PUBLISHED")
     third = session.expect(b"PUBLISHED")
-    done = session.receive(b"SUBSCRIBED t\nERROR backlog full (2 messages) for topic 't'\nERROR nope\n")
+    done = session.receive(b"SUBSCRIBED t\nERROR BACKLOG_FULL backlog full (2 messages) for topic 't'\nERROR nope\n")
     assert done == [first, second, third]
     assert first.reply == b"t" and first.error is None
     assert isinstance(second.error, BacklogFullError)
@@ -143,7 +143,7 @@ def test_session_batch_reports_refusals_by_index() -> None:
     batch = session.expect_batch(4)
     session.receive(b"PUBLISHED t\nPUBLISHED t\n")  # the fast path
     assert not batch.done and session.in_flight == 2
-    done = session.receive(b"ERROR backlog full (2 messages) for topic 't'\nMESSAGE t m\nPUBLISHED t\n")
+    done = session.receive(b"ERROR BACKLOG_FULL backlog full (2 messages) for topic 't'\nMESSAGE t m\nPUBLISHED t\n")
     assert done == [batch]
     assert [r.index for r in batch.refused] == [2]
     assert isinstance(batch.refused[0].error, BacklogFullError)
@@ -182,7 +182,7 @@ def test_lost_connection_fails_everything_awaited() -> None:
 
 def test_unasked_error_becomes_the_reason_of_the_close() -> None:
     session = Session()
-    session.receive(b"ERROR idle timeout\n")
+    session.receive(b"ERROR IDLE_TIMEOUT idle timeout\n")
     batch = session.expect_batch(2)
     failed, error = session.lost("connection closed by the server")
     assert error.reason == "idle timeout"

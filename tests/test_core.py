@@ -47,7 +47,7 @@ def test_connect_assigns_distinct_ids_and_refuses_a_second_connect() -> None:
     _, id_b = h.connected()
     assert id_a != id_b and " " not in id_a
     assert h.broker.client_id(a) == id_a
-    assert h.feed(a, b"CONNECT\n") == f"ERROR already connected as '{id_a}'\n".encode()
+    assert h.feed(a, b"CONNECT\n") == f"ERROR ALREADY_CONNECTED already connected as '{id_a}'\n".encode()
     assert h.broker.client_id(a) == id_a
 
 
@@ -55,7 +55,7 @@ def test_commands_before_connect_are_refused() -> None:
     h = Harness()
     a = h.open()
     out = h.feed(a, b"SUBSCRIBE x t\nPUBLISH x t m\nUNSUBSCRIBE x t\nPING\n")
-    assert out == b"ERROR not connected: send CONNECT first\n" * 3 + b"PONG\n"
+    assert out == b"ERROR NOT_CONNECTED not connected: send CONNECT first\n" * 3 + b"PONG\n"
     assert h.broker.topic_info(b"t") is None
 
 
@@ -64,7 +64,7 @@ def test_an_id_that_is_not_the_connections_own_changes_nothing() -> None:
     a, _ = h.connected()
     b, id_b = h.connected()
     out = h.feed(a, f"SUBSCRIBE {id_b} t\nPUBLISH {id_b} t m\n".encode())
-    assert out.count(b"ERROR client id does not belong to this connection") == 2
+    assert out.count(b"ERROR WRONG_CLIENT_ID client id does not belong to this connection") == 2
     assert h.broker.topic_info(b"t") is None
     assert h.take(b) == b""
 
@@ -154,7 +154,7 @@ def test_backlog_limit_refuses_and_keeps_what_it_has() -> None:
     h = Harness(max_backlog=3)
     pub, pid = h.connected()
     out = h.feed(pub, b"".join(f"PUBLISH {pid} q m{i}\n".encode() for i in range(5)))
-    assert out == b"PUBLISHED q\n" * 3 + b"ERROR backlog full (3 messages) for topic 'q'\n" * 2
+    assert out == b"PUBLISHED q\n" * 3 + b"ERROR BACKLOG_FULL backlog full (3 messages) for topic 'q'\n" * 2
     assert h.broker.stats()["refused"] == 2
     a, ida = h.connected()
     assert (
@@ -207,33 +207,33 @@ def test_crlf_case_insensitive_words_and_extra_spaces() -> None:
 @pytest.mark.parametrize(
     ("line", "reply"),
     [
-        (b"FOO", b"ERROR unknown command 'FOO'"),
-        (b"PUBLISHX {id} t m", b"ERROR unknown command 'PUBLISHX'"),
-        (b"\x00PING", b"ERROR unknown command (not shown)"),
-        (b"P\xc3\xa9NG", b"ERROR unknown command (not shown)"),
-        (b"SUBSCRIBE", b"ERROR usage: SUBSCRIBE <client_id> <topic>"),
-        (b"SUBSCRIBE {id}", b"ERROR usage: SUBSCRIBE <client_id> <topic>"),
-        (b"SUBSCRIBE {id} t extra", b"ERROR usage: SUBSCRIBE <client_id> <topic>"),
-        (b"UNSUBSCRIBE {id}", b"ERROR usage: UNSUBSCRIBE <client_id> <topic>"),
-        (b"UNSUBSCRIBE {id} t x", b"ERROR usage: UNSUBSCRIBE <client_id> <topic>"),
-        (b"UNSUBSCRIBE {id} never", b"ERROR not subscribed to 'never'"),
-        (b"PUBLISH {id} t", b"ERROR usage: PUBLISH <client_id> <topic> <message>"),
-        (b"PUBLISH {id}", b"ERROR usage: PUBLISH <client_id> <topic> <message>"),
-        (b"PING now", b"ERROR usage: PING"),
-        (b"CONNECT me", b"ERROR usage: CONNECT"),
-        (b"DISCONNECT now", b"ERROR usage: DISCONNECT"),
-        (b"SUBSCRIBE {id} " + b"x" * 256, b"ERROR topic must be 1 to 255 bytes"),
-        (b"SUBSCRIBE {id} a\x01b", b"ERROR topic must not contain whitespace or control characters"),
-        (b"SUBSCRIBE {id} a\tb", b"ERROR topic must not contain whitespace or control characters"),
-        (b"SUBSCRIBE {id} a\x00b", b"ERROR topic must not contain whitespace or control characters"),
-        (b"SUBSCRIBE {id} a\x7fb", b"ERROR topic must not contain whitespace or control characters"),
-        (b"SUBSCRIBE {id} a\xc2\x85b", b"ERROR topic must not contain whitespace or control characters"),
-        (b"SUBSCRIBE {id} a\xffb", b"ERROR topic is not valid UTF-8"),
-        (b"SUBSCRIBE {id} a\xc3", b"ERROR topic is not valid UTF-8"),
-        (b"SUBSCRIBE {id} \xc0\xaf", b"ERROR topic is not valid UTF-8"),
-        (b"SUBSCRIBE {id} \xed\xa0\x80", b"ERROR topic is not valid UTF-8"),
-        (b"PUBLISH {id} a\xffb m", b"ERROR topic is not valid UTF-8"),
-        (b"PUBLISH c\x00 t m", b"ERROR client id does not belong to this connection: (not shown)"),
+        (b"FOO", b"ERROR UNKNOWN_COMMAND unknown command 'FOO'"),
+        (b"PUBLISHX {id} t m", b"ERROR UNKNOWN_COMMAND unknown command 'PUBLISHX'"),
+        (b"\x00PING", b"ERROR UNKNOWN_COMMAND unknown command (not shown)"),
+        (b"P\xc3\xa9NG", b"ERROR UNKNOWN_COMMAND unknown command (not shown)"),
+        (b"SUBSCRIBE", b"ERROR USAGE usage: SUBSCRIBE <client_id> <topic>"),
+        (b"SUBSCRIBE {id}", b"ERROR USAGE usage: SUBSCRIBE <client_id> <topic>"),
+        (b"SUBSCRIBE {id} t extra", b"ERROR USAGE usage: SUBSCRIBE <client_id> <topic>"),
+        (b"UNSUBSCRIBE {id}", b"ERROR USAGE usage: UNSUBSCRIBE <client_id> <topic>"),
+        (b"UNSUBSCRIBE {id} t x", b"ERROR USAGE usage: UNSUBSCRIBE <client_id> <topic>"),
+        (b"UNSUBSCRIBE {id} never", b"ERROR NOT_SUBSCRIBED not subscribed to 'never'"),
+        (b"PUBLISH {id} t", b"ERROR USAGE usage: PUBLISH <client_id> <topic> <message>"),
+        (b"PUBLISH {id}", b"ERROR USAGE usage: PUBLISH <client_id> <topic> <message>"),
+        (b"PING now", b"ERROR USAGE usage: PING"),
+        (b"CONNECT me", b"ERROR USAGE usage: CONNECT"),
+        (b"DISCONNECT now", b"ERROR USAGE usage: DISCONNECT"),
+        (b"SUBSCRIBE {id} " + b"x" * 256, b"ERROR BAD_TOPIC topic must be 1 to 255 bytes"),
+        (b"SUBSCRIBE {id} a\x01b", b"ERROR BAD_TOPIC topic must not contain whitespace, control, format or separator characters"),
+        (b"SUBSCRIBE {id} a\tb", b"ERROR USAGE usage: SUBSCRIBE <client_id> <topic>"),  # a tab separates fields
+        (b"SUBSCRIBE {id} a\x00b", b"ERROR BAD_TOPIC topic must not contain whitespace, control, format or separator characters"),
+        (b"SUBSCRIBE {id} a\x7fb", b"ERROR BAD_TOPIC topic must not contain whitespace, control, format or separator characters"),
+        (b"SUBSCRIBE {id} a\xc2\x85b", b"ERROR BAD_TOPIC topic must not contain whitespace, control, format or separator characters"),
+        (b"SUBSCRIBE {id} a\xffb", b"ERROR BAD_TOPIC topic is not valid UTF-8"),
+        (b"SUBSCRIBE {id} a\xc3", b"ERROR BAD_TOPIC topic is not valid UTF-8"),
+        (b"SUBSCRIBE {id} \xc0\xaf", b"ERROR BAD_TOPIC topic is not valid UTF-8"),
+        (b"SUBSCRIBE {id} \xed\xa0\x80", b"ERROR BAD_TOPIC topic is not valid UTF-8"),
+        (b"PUBLISH {id} a\xffb m", b"ERROR BAD_TOPIC topic is not valid UTF-8"),
+        (b"PUBLISH c\x00 t m", b"ERROR WRONG_CLIENT_ID client id does not belong to this connection: (not shown)"),
     ],
 )
 def test_bad_input_gets_one_error_line_and_the_connection_stays_usable(line: bytes, reply: bytes) -> None:
@@ -272,10 +272,10 @@ def test_a_line_over_max_line_gets_an_error_and_closes_only_that_connection() ->
     h.feed(b, f"SUBSCRIBE {idb} t\n".encode())
     h.take(b)
     assert h.broker.feed(a, b"PING " + b"x" * 200) is False  # no newline yet: refused early
-    assert h.take(a) == b"ERROR line too long (limit 100 bytes)\n"
+    assert h.take(a) == b"ERROR LINE_TOO_LONG line too long (limit 100 bytes)\n"
     c, _ = h.connected()
     assert h.broker.feed(c, b"P" * 101 + b"\nPING\n") is False
-    assert h.take(c) == b"ERROR line too long (limit 100 bytes)\n"
+    assert h.take(c) == b"ERROR LINE_TOO_LONG line too long (limit 100 bytes)\n"
     assert (
         h.feed(b, f"PUBLISH {idb} t ".encode() + b"y" * 60 + b"\n")
         == b"PUBLISHED t\n" + b"MESSAGE t " + b"y" * 60 + b"\n"
@@ -351,7 +351,7 @@ def test_any_split_into_reads_gives_the_same_output(cuts: list[int]) -> None:
     assert split.take(s) == expected
     assert expected == (
         b"CONNECTED c1\nSUBSCRIBED news\nPUBLISHED news\nMESSAGE news hello world\nPONG\n"
-        b"PUBLISHED other\nERROR unknown command 'FOO'\nSUBSCRIBED other\nMESSAGE other  spaced  out \n"
+        b"PUBLISHED other\nERROR UNKNOWN_COMMAND unknown command 'FOO'\nSUBSCRIBED other\nMESSAGE other  spaced  out \n"
         b"UNSUBSCRIBED news\nPUBLISHED news\nDISCONNECTED\n"
     )
 

@@ -66,7 +66,7 @@ def test_max_connections_refuses_one_more(make: Callable[..., AnyBroker]) -> Non
     b = make(max_connections=2)
     first, second = Client(b), Client(b)
     extra = Client(b, connect=False)
-    assert extra.take() == b"ERROR too many connections (limit 2)\n"
+    assert extra.take() == b"ERROR TOO_MANY_CONNECTIONS too many connections (limit 2)\n"
     assert extra.closed_by_core == [("too many connections", True)]
     assert first.send("PING") and first.take() == b"PONG\n"
     b.close(extra.h)
@@ -81,7 +81,7 @@ def test_max_memory_refuses_and_does_not_store(make: Callable[..., AnyBroker]) -
     pub = Client(b)
     pub.send(f"PUBLISH {pub.cid} t 123456", f"PUBLISH {pub.cid} t 12345", f"PUBLISH {pub.cid} t 1234")
     assert pub.take() == (
-        b"PUBLISHED t\nERROR memory limit reached (6 bytes in backlogs) for topic 't'\nPUBLISHED t\n"
+        b"PUBLISHED t\nERROR MEMORY_FULL memory limit reached (6 bytes in backlogs) for topic 't'\nPUBLISHED t\n"
     )
     assert b.topic_info(b"t") == (0, 2)
     assert b.stats()["backlog_bytes"] == 10
@@ -94,7 +94,7 @@ def test_full_backlog_refuses_publish(make: Callable[..., AnyBroker]) -> None:
     b = make(max_backlog=1)
     pub = Client(b)
     pub.send(f"PUBLISH {pub.cid} t a", f"PUBLISH {pub.cid} t b")
-    assert pub.take() == b"PUBLISHED t\nERROR backlog full (1 messages) for topic 't'\n"
+    assert pub.take() == b"PUBLISHED t\nERROR BACKLOG_FULL backlog full (1 messages) for topic 't'\n"
 
 
 def test_max_subscriptions_per_connection(make: Callable[..., AnyBroker]) -> None:
@@ -102,7 +102,7 @@ def test_max_subscriptions_per_connection(make: Callable[..., AnyBroker]) -> Non
     c = Client(b)
     c.send(f"SUBSCRIBE {c.cid} a", f"SUBSCRIBE {c.cid} b", f"SUBSCRIBE {c.cid} a")
     assert c.take() == (
-        b"SUBSCRIBED a\nERROR too many subscriptions on this connection (limit 1)\nSUBSCRIBED a\n"
+        b"SUBSCRIBED a\nERROR TOO_MANY_SUBSCRIPTIONS too many subscriptions on this connection (limit 1)\nSUBSCRIBED a\n"
     )
     assert b.topic_info(b"b") is None
 
@@ -112,7 +112,7 @@ def test_max_topics(make: Callable[..., AnyBroker]) -> None:
     c = Client(b)
     c.send(f"SUBSCRIBE {c.cid} a", f"SUBSCRIBE {c.cid} b", f"PUBLISH {c.cid} c x", f"PUBLISH {c.cid} a x")
     assert c.take() == (
-        b"SUBSCRIBED a\nERROR too many topics (limit 1)\nERROR too many topics (limit 1)\n"
+        b"SUBSCRIBED a\nERROR TOO_MANY_TOPICS too many topics (limit 1)\nERROR TOO_MANY_TOPICS too many topics (limit 1)\n"
         b"PUBLISHED a\nMESSAGE a x\n"
     )
 
@@ -124,7 +124,7 @@ def test_idle_timeout_closes_silent_connections_only(make: Callable[..., AnyBrok
         b.tick()
         talker.send("PING")
     assert talker.take() == b"PONG\n" * 3
-    assert silent.take() == b"ERROR idle timeout\n"
+    assert silent.take() == b"ERROR IDLE_TIMEOUT idle timeout\n"
     assert silent.closed_by_core == [("idle timeout", True)]
     assert talker.closed_by_core == []
     assert b.stats()["idle_closed"] == 1

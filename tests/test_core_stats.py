@@ -54,6 +54,7 @@ def test_commands_and_errors_are_counted_by_kind() -> None:
         "ping": 2,
         "disconnect": 0,
         "stats": 0,
+        "hello": 0,
         "unknown": 1,
     }
     assert stats["errors"] == {
@@ -124,7 +125,9 @@ def test_topics_report_subscribers_backlog_and_traffic() -> None:
     b.send(
         "CONNECT|SUBSCRIBE c2 jobs|PUBLISH c2 jobs x|PUBLISH c2 jobs y|PUBLISH c2 jobs z|PUBLISH c2 idle w"
     )
-    assert broker.topics() == [
+    listing = broker.topics()
+    assert listing["next"] == 0
+    assert sorted(listing["topics"], key=lambda topic: topic["name"]) == [
         {
             "name": "idle",
             "subscribers": 0,
@@ -152,7 +155,9 @@ def test_connections_report_identity_traffic_and_pending_output() -> None:
     anon = Peer(broker)
     sub.send("CONNECT|SUBSCRIBE c1 b|SUBSCRIBE c1 a")
     pub.send("CONNECT|PUBLISH c2 a 1|PUBLISH c2 a 2|PUBLISH c2 z 3")
-    by_handle = {c["handle"]: c for c in broker.connections()}
+    listing = broker.connections()
+    assert listing["next"] == 0
+    by_handle = {c["handle"]: c for c in listing["connections"]}
     assert set(by_handle) == {sub.handle, pub.handle, anon.handle}
     s, p, n = by_handle[sub.handle], by_handle[pub.handle], by_handle[anon.handle]
     assert (s["client_id"], s["address"], s["subscriptions"]) == ("c1", "127.0.0.1:4000", ["a", "b"])
@@ -165,7 +170,7 @@ def test_connections_report_identity_traffic_and_pending_output() -> None:
     assert before <= s["connected_since"] <= time.time()
     assert s["connected_seconds"] >= 0
     broker.close(sub.handle)
-    assert [c["handle"] for c in broker.connections()] == sorted([pub.handle, anon.handle])
+    assert [c["handle"] for c in broker.connections()["connections"]] == sorted([pub.handle, anon.handle])
 
 
 def test_stats_command_returns_the_server_figures_on_one_line() -> None:
@@ -185,21 +190,32 @@ def test_stats_sections_and_usage() -> None:
     p = Peer(broker, "10.0.0.1:1")
     p.send("CONNECT|SUBSCRIBE c1 t")
     assert stats_line(p, "STATS topics") == broker.topics()
-    (conn,) = stats_line(p, "Stats CONNECTIONS")
+    (conn,) = stats_line(p, "Stats CONNECTIONS")["connections"]
     assert (conn["client_id"], conn["address"], conn["subscriptions"]) == ("c1", "10.0.0.1:1", ["t"])
-    assert p.send("STATS queues") == ["ERROR usage: STATS [TOPICS|CONNECTIONS]"]
-    assert p.send("STATS topics extra") == ["ERROR usage: STATS [TOPICS|CONNECTIONS]"]
-    assert broker.stats()["errors"]["usage"] == 2
+    usage = "ERROR USAGE usage: STATS [TOPICS|CONNECTIONS [<cursor> [<count>]]]"
+    for bad in ("STATS queues", "STATS topics extra", "STATS topics 0 0", "STATS topics 0 1001",
+                "STATS topics -1", "STATS connections 0 5 5"):
+        assert p.send(bad) == [usage], bad
+    assert broker.stats()["errors"]["usage"] == 6
 
 
-def test_stats_needs_no_connect_and_escapes_non_ascii_topics() -> None:
+def test_stats_needs_connect() -> None:
+    broker = Broker()
+    p = Peer(broker)
+    p.send("CONNECT|SUBSCRIBE c1 secret")
+    q = Peer(broker)
+    for section in ("", " TOPICS", " CONNECTIONS"):
+        assert q.send("STATS" + section) == ["ERROR NOT_CONNECTED not connected: send CONNECT first"]
+    assert broker.stats()["errors"]["not_connected"] == 3
+
+
+def test_stats_escapes_non_ascii_topics() -> None:
     broker = Broker()
     p = Peer(broker)
     p.send("CONNECT|PUBLISH c1 café x")
-    q = Peer(broker)
-    (reply,) = q.send("STATS TOPICS")
+    (reply,) = p.send("STATS TOPICS")
     assert reply.isascii()
-    assert json.loads(reply.split(" ", 1)[1])[0]["name"] == "café"
+    assert json.loads(reply.split(" ", 1)[1])["topics"][0]["name"] == "café"
 
 
 @pytest.mark.parametrize("refills", [1, 3])

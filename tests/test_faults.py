@@ -102,7 +102,7 @@ def test_flood_of_ten_thousand_connections(start_server: Start) -> None:
         assert keeper.ask("PING") == b"PONG"
         # the default --max-connections is 10000: the last one of the flood was refused
         flood[-1].settimeout(30)
-        assert flood[-1].recv(100) == b"ERROR too many connections (limit 10000)\n"
+        assert flood[-1].recv(100) == b"ERROR TOO_MANY_CONNECTIONS too many connections (limit 10000)\n"
         assert flood[0].send(b"CONNECT\n") == 8
         flood[0].settimeout(30)
         assert flood[0].recv(100).startswith(b"CONNECTED ")
@@ -129,7 +129,7 @@ def test_hundred_mib_line(server: ServerProcess, connect: Callable[[], LineClien
         big.sock.sendall(b"\n")
         # the server closed the connection after the limit; what is left of the line is refused
         raise BrokenPipeError("all sent")
-    assert big.line() == b"ERROR line too long (limit 1048576 bytes)"
+    assert big.line() == b"ERROR LINE_TOO_LONG line too long (limit 1048576 bytes)"
     assert bystander.ask("PING") == b"PONG"
     _still_serving(connect)
 

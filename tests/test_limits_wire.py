@@ -26,7 +26,7 @@ def test_max_connections(start_server: Start) -> None:
     proc = start_server("--max-connections", "2")
     first, second = connected(proc), connected(proc)
     extra = proc.client()
-    assert extra.line() == b"ERROR too many connections (limit 2)"
+    assert extra.line() == b"ERROR TOO_MANY_CONNECTIONS too many connections (limit 2)"
     assert extra.at_eof()
     assert first.ask("PING") == b"PONG"
     assert second.ask("PING") == b"PONG"
@@ -49,7 +49,7 @@ def test_max_memory(start_server: Start) -> None:
     pub = connected(proc)
     pub.publish("t", "123456")
     assert pub.ask(f"PUBLISH {pub.client_id} t 12345") == (
-        b"ERROR memory limit reached (6 bytes in backlogs) for topic 't'"
+        b"ERROR MEMORY_FULL memory limit reached (6 bytes in backlogs) for topic 't'"
     )
     pub.publish("t", "1234")
     sub = connected(proc)
@@ -62,7 +62,7 @@ def test_full_backlog(start_server: Start) -> None:
     pub = connected(proc)
     pub.publish("t", "a")
     pub.publish("t", "b")
-    assert pub.ask(f"PUBLISH {pub.client_id} t c") == b"ERROR backlog full (2 messages) for topic 't'"
+    assert pub.ask(f"PUBLISH {pub.client_id} t c") == b"ERROR BACKLOG_FULL backlog full (2 messages) for topic 't'"
 
 
 def test_max_subscriptions_and_topics(start_server: Start) -> None:
@@ -71,11 +71,11 @@ def test_max_subscriptions_and_topics(start_server: Start) -> None:
     a.subscribe("t1")
     a.subscribe("t2")
     assert a.ask(f"SUBSCRIBE {a.client_id} t3") == (
-        b"ERROR too many subscriptions on this connection (limit 2)"
+        b"ERROR TOO_MANY_SUBSCRIPTIONS too many subscriptions on this connection (limit 2)"
     )
     b.subscribe("t3")
-    assert b.ask(f"SUBSCRIBE {b.client_id} t4") == b"ERROR too many topics (limit 3)"
-    assert b.ask(f"PUBLISH {b.client_id} t5 x") == b"ERROR too many topics (limit 3)"
+    assert b.ask(f"SUBSCRIBE {b.client_id} t4") == b"ERROR TOO_MANY_TOPICS too many topics (limit 3)"
+    assert b.ask(f"PUBLISH {b.client_id} t5 x") == b"ERROR TOO_MANY_TOPICS too many topics (limit 3)"
     b.publish("t1", "x")
     assert a.line() == b"MESSAGE t1 x"
 
@@ -95,7 +95,7 @@ def test_idle_timeout(start_server: Start) -> None:
     while waiter.is_alive():
         assert talker.ask("PING") == b"PONG"
         waiter.join(0.1)
-    assert got == [b"ERROR idle timeout"]
+    assert got == [b"ERROR IDLE_TIMEOUT idle timeout"]
     assert silent.at_eof()
     assert talker.ask("PING") == b"PONG"
 

@@ -43,7 +43,7 @@ def test_stats_command_over_the_wire(connect: Callable[[], LineClient], server: 
     assert conns[pub.client_id]["messages_in"] == 7
     host, port = pub.sock.getsockname()[:2]
     assert conns[pub.client_id]["address"] == f"{host}:{port}"
-    assert pub.ask("STATS everything") == b"ERROR usage: STATS [TOPICS|CONNECTIONS]"
+    assert pub.ask("STATS everything") == b"ERROR USAGE usage: STATS [TOPICS|CONNECTIONS]"
     sub.close()
     pub.close()
 
@@ -116,8 +116,8 @@ def test_json_logs_show_connections_and_backlog_warnings() -> None:
     client = proc.client()
     client.connect()
     client.publish("q", "a")
-    assert client.ask(f"PUBLISH {client.client_id} q b").startswith(b"ERROR backlog full")
-    assert client.ask(f"PUBLISH {client.client_id} q c").startswith(b"ERROR backlog full")
+    assert client.ask(f"PUBLISH {client.client_id} q b").startswith(b"ERROR BACKLOG_FULL backlog full")
+    assert client.ask(f"PUBLISH {client.client_id} q c").startswith(b"ERROR BACKLOG_FULL backlog full")
     address = "{}:{}".format(*client.sock.getsockname()[:2])
     assert client.ask("DISCONNECT") == b"DISCONNECTED"
     assert client.at_eof()

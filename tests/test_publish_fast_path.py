@@ -17,8 +17,8 @@ CASES = [
     ("PUBLISH {id} t crlf\r", b"MESSAGE t crlf", b"PUBLISHED t"),
     ("publish {id} t lower case", b"MESSAGE t lower case", b"PUBLISHED t"),
     ("PUBLISH {id} tt other topic", None, b"PUBLISHED tt"),
-    ("PUBLISH {id}0 t longer id", None, b"ERROR client id does not belong to this connection: '{id}0'"),
-    ("PUBLISH {id} t", None, b"ERROR usage: PUBLISH <client_id> <topic> <message>"),
+    ("PUBLISH {id}0 t longer id", None, b"ERROR WRONG_CLIENT_ID client id does not belong to this connection: '{id}0'"),
+    ("PUBLISH {id} t", None, b"ERROR USAGE usage: PUBLISH <client_id> <topic> <message>"),
 ]
 
 

@@ -46,10 +46,10 @@ def test_telnet_style_crlf_and_lowercase(server: ServerProcess) -> None:
 def test_ids_are_unique_and_cannot_be_borrowed(connect: Connect) -> None:
     a, b = connect(), connect()
     assert a.client_id != b.client_id
-    assert a.ask(f"SUBSCRIBE {b.client_id} t").startswith(b"ERROR client id does not belong")
-    assert a.ask(f"PUBLISH {b.client_id} t m").startswith(b"ERROR client id does not belong")
-    assert a.ask(f"UNSUBSCRIBE {b.client_id} t").startswith(b"ERROR client id does not belong")
-    assert a.ask("CONNECT") == f"ERROR already connected as '{a.client_id}'".encode()
+    assert a.ask(f"SUBSCRIBE {b.client_id} t").startswith(b"ERROR WRONG_CLIENT_ID client id does not belong")
+    assert a.ask(f"PUBLISH {b.client_id} t m").startswith(b"ERROR WRONG_CLIENT_ID client id does not belong")
+    assert a.ask(f"UNSUBSCRIBE {b.client_id} t").startswith(b"ERROR WRONG_CLIENT_ID client id does not belong")
+    assert a.ask("CONNECT") == f"ERROR ALREADY_CONNECTED already connected as '{a.client_id}'".encode()
     b.subscribe("t")
     a.publish("t", "only-one")
     assert b.line() == b"MESSAGE t only-one"
@@ -58,7 +58,7 @@ def test_ids_are_unique_and_cannot_be_borrowed(connect: Connect) -> None:
 def test_commands_before_connect_get_an_error(server: ServerProcess) -> None:
     c = server.client()
     for command in ("SUBSCRIBE c1 t", "PUBLISH c1 t m", "UNSUBSCRIBE c1 t"):
-        assert c.ask(command) == b"ERROR not connected: send CONNECT first"
+        assert c.ask(command) == b"ERROR NOT_CONNECTED not connected: send CONNECT first"
     assert c.ask("PING") == b"PONG"
 
 
@@ -115,7 +115,7 @@ def test_backlog_is_bounded_and_says_so() -> None:
         for i in range(3):
             pub.publish("full", f"m{i}")
         assert (
-            pub.ask(f"PUBLISH {pub.client_id} full m3") == b"ERROR backlog full (3 messages) for topic 'full'"
+            pub.ask(f"PUBLISH {pub.client_id} full m3") == b"ERROR BACKLOG_FULL backlog full (3 messages) for topic 'full'"
         )
         sub = server.client()
         sub.connect()
@@ -168,7 +168,7 @@ def test_a_line_over_max_line_closes_only_that_connection() -> None:
         bad = server.client()
         bad.connect()
         bad.send(b"PUBLISH " + b"x" * 5000)
-        assert bad.line() == b"ERROR line too long (limit 1000 bytes)"
+        assert bad.line() == b"ERROR LINE_TOO_LONG line too long (limit 1000 bytes)"
         assert bad.at_eof()
         good.publish("t", "fine")
         assert good.line() == b"MESSAGE t fine"
@@ -204,7 +204,7 @@ def test_any_split_over_a_socket_gives_the_same_replies(server: ServerProcess, c
         b"SUBSCRIBED s",
         b"PUBLISHED s",
         b"MESSAGE s one two",
-        b"ERROR unknown command 'BOGUS'",
+        b"ERROR UNKNOWN_COMMAND unknown command 'BOGUS'",
         b"PONG",
         b"PUBLISHED s",
         b"MESSAGE s  x ",

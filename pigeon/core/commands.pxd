@@ -1,0 +1,16 @@
+# Commands: one handler per protocol command, each given the arguments after
+# the command word as a pointer into the read buffer. A handler checks its
+# arguments, changes the state through the other parts and writes the reply;
+# every refusal is an ERROR line that leaves the state as it was.
+
+from libc.stdint cimport int32_t
+
+
+cdef int on_connect(Broker b, int32_t h, char *args, size_t n) except -1
+cdef int on_subscribe(Broker b, int32_t h, char *args, size_t n) except -1
+cdef int on_unsubscribe(Broker b, int32_t h, char *args, size_t n) except -1
+cdef int on_publish(Broker b, int32_t h, char *args, size_t n) except -1
+cdef int on_ping(Broker b, int32_t h, char *args, size_t n) except -1
+cdef int on_disconnect(Broker b, int32_t h, char *args, size_t n) except -1
+cdef int on_stats(Broker b, int32_t h, char *args, size_t n) except -1
+cdef int on_hello(Broker b, int32_t h, char *args, size_t n) except -1

@@ -1,0 +1,313 @@
+# Commands: the handlers (see commands.pxd).
+
+
+cdef bint _connected(Broker b, int32_t h) noexcept:
+    """True after CONNECT; else sends the ERROR."""
+    if b.conns.items[h].client_id:
+        return True
+    out_error(b, h, ERR_NOT_CONNECTED, "not connected: send CONNECT first")
+    return False
+
+
+cdef bint _own_id(Broker b, int32_t h, const char *id, size_t id_len) noexcept:
+    """True when ``id`` is this connection's own client id; else sends the ERROR."""
+    cdef Conn *c = &b.conns.items[h]
+    if not _connected(b, h):
+        return False
+    if id_len != c.id_len or memcmp(id, c.id_text, id_len) != 0:
+        out_error_quoting(b, h, ERR_WRONG_CLIENT_ID, "client id does not belong to this connection:",
+                          id, id_len)
+        return False
+    return True
+
+
+cdef bint _valid_topic(Broker b, int32_t h, const char *name, size_t n) noexcept:
+    """True for a valid topic name; else sends the ERROR."""
+    cdef int problem = topic_problem(name, n)
+    if problem == TOPIC_OK:
+        return True
+    if problem == TOPIC_BAD_LENGTH:
+        out_error(b, h, ERR_BAD_TOPIC, "topic must be 1 to 255 bytes")
+    elif problem == TOPIC_INVISIBLE:
+        out_error(b, h, ERR_BAD_TOPIC,
+                  "topic must not contain whitespace, control, format or separator characters")
+    else:
+        out_error(b, h, ERR_BAD_TOPIC, "topic is not valid UTF-8")
+    return False
+
+
+cdef void _memory_full(Broker b, int32_t h) noexcept:
+    cdef char reason[96]
+    snprintf(reason, sizeof(reason), "memory limit reached (%zu of %zu bytes held)",
+             mem_total(&b.mem), b.limit.max_memory)
+    out_error(b, h, ERR_MEMORY_FULL, reason)
+
+
+cdef bint _has_room(Broker b, size_t more) noexcept:
+    """Whether ``more`` bytes fit under max_memory."""
+    return mem_total(&b.mem) + more <= b.limit.max_memory
+
+
+cdef Topic *_new_topic(Broker b, int32_t h, const char *name, size_t n, uint64_t hv) noexcept:
+    """A new topic for a valid name, or NULL after sending the ERROR that says why not."""
+    cdef char reason[64]
+    cdef Topic *t
+    if b.topic_table.count >= b.limit.max_topics:
+        snprintf(reason, sizeof(reason), "too many topics (limit %zu)", b.limit.max_topics)
+        out_error(b, h, ERR_TOO_MANY_TOPICS, reason)
+        return NULL
+    if not _has_room(b, sizeof(Topic) + n):
+        _memory_full(b, h)
+        return NULL
+    t = topics_add(&b.mem, &b.topic_table, name, n, hv)
+    if t == NULL:
+        _memory_full(b, h)
+    return t
+
+
+cdef int on_connect(Broker b, int32_t h, char *args, size_t n) except -1:
+    cdef Conn *c = &b.conns.items[h]
+    if not only_blanks(args, n):
+        out_error(b, h, ERR_USAGE, "usage: CONNECT")
+    elif c.client_id:
+        out_error_quoting(b, h, ERR_ALREADY_CONNECTED, "already connected as", c.id_text, c.id_len)
+    else:
+        c.client_id = b.conns.next_client_id
+        b.conns.next_client_id += 1
+        c.id_len = snprintf(c.id_text, sizeof(c.id_text), "c%llu", <unsigned long long>c.client_id)
+        out_reply(b, h, "CONNECTED", c.id_text, c.id_len)
+    return 0
+
+
+cdef int on_subscribe(Broker b, int32_t h, char *args, size_t n) except -1:
+    cdef char *id
+    cdef char *name
+    cdef size_t id_len, name_len
+    cdef uint64_t hv
+    cdef Topic *t
+    cdef Conn *c
+    cdef char reason[80]
+    if (not next_field(&args, &n, &id, &id_len) or not next_field(&args, &n, &name, &name_len)
+            or not only_blanks(args, n)):
+        out_error(b, h, ERR_USAGE, "usage: SUBSCRIBE <client_id> <topic>")
+        return 0
+    if not _own_id(b, h, id, id_len) or not _valid_topic(b, h, name, name_len):
+        return 0
+    hv = topic_hash(name, name_len)
+    t = topics_find(&b.topic_table, name, name_len, hv)
+    if t != NULL and topic_has_subscriber(t, h):
+        out_reply(b, h, "SUBSCRIBED", name, name_len)
+        return 0
+    c = &b.conns.items[h]
+    if c.nsubs >= b.limit.max_subscriptions:
+        snprintf(reason, sizeof(reason), "too many subscriptions on this connection (limit %d)",
+                 b.limit.max_subscriptions)
+        out_error(b, h, ERR_TOO_MANY_SUBSCRIPTIONS, reason)
+        return 0
+    if t == NULL:
+        t = _new_topic(b, h, name, name_len, hv)
+        if t == NULL:
+            return 0
+    if topic_add_subscriber(&b.mem, t, h) < 0:
+        topics_drop_if_unused(b, t)
+        _memory_full(b, h)
+        return 0
+    if conn_add_subscription(&b.mem, c, t) < 0:
+        topic_remove_subscriber(t, h)
+        topics_drop_if_unused(b, t)
+        _memory_full(b, h)
+        return 0
+    out_reply(b, h, "SUBSCRIBED", name, name_len)
+    topic_drain(b, t)
+    return 0
+
+
+cdef int on_unsubscribe(Broker b, int32_t h, char *args, size_t n) except -1:
+    cdef char *id
+    cdef char *name
+    cdef size_t id_len, name_len
+    cdef Topic *t
+    if (not next_field(&args, &n, &id, &id_len) or not next_field(&args, &n, &name, &name_len)
+            or not only_blanks(args, n)):
+        out_error(b, h, ERR_USAGE, "usage: UNSUBSCRIBE <client_id> <topic>")
+        return 0
+    if not _own_id(b, h, id, id_len) or not _valid_topic(b, h, name, name_len):
+        return 0
+    t = topics_find(&b.topic_table, name, name_len, topic_hash(name, name_len))
+    if t == NULL or not topic_has_subscriber(t, h):
+        out_error_quoting(b, h, ERR_NOT_SUBSCRIBED, "not subscribed to", name, name_len)
+        return 0
+    topic_remove_subscriber(t, h)
+    conn_remove_subscription(&b.conns.items[h], t)
+    out_reply(b, h, "UNSUBSCRIBED", name, name_len)
+    topics_drop_if_unused(b, t)
+    return 0
+
+
+cdef inline Topic *_publish_fast(Broker b, int32_t h, char **args, size_t *n) noexcept:
+    """The pipelined case, ``' <own id> <last topic> <message>'`` with single spaces, matched
+    by comparison alone; on a match ``args``/``n`` become the message. NULL sends the line
+    through the general parser, which gives the same result."""
+    cdef Conn *c = &b.conns.items[h]
+    cdef Topic *t = b.topic_table.last
+    cdef char *p = args[0]
+    cdef size_t left = n[0]
+    if t == NULL or c.id_len == 0 or left < c.id_len + t.name_len + 3:
+        return NULL
+    if p[0] != b' ' or p[1 + c.id_len] != b' ' or memcmp(p + 1, c.id_text, c.id_len) != 0:
+        return NULL
+    p += c.id_len + 2
+    left -= c.id_len + 2
+    if p[t.name_len] != b' ' or memcmp(p, topic_name(t), t.name_len) != 0:
+        return NULL
+    args[0] = p + t.name_len + 1
+    n[0] = left - t.name_len - 1
+    return t
+
+
+cdef void _accepted(Broker b, int32_t h, Topic *t) noexcept:
+    t.published += 1
+    b.counters.published += 1
+    b.conns.items[h].msgs_in += 1
+    out_reply(b, h, "PUBLISHED", topic_name(t), t.name_len)
+
+
+cdef int _refuse_backlog_full(Broker b, int32_t h, Topic *t) except -1:
+    cdef char reason[96]
+    b.counters.refused += 1
+    snprintf(reason, sizeof(reason), "backlog full (%u messages) for topic", b.limit.max_backlog)
+    out_error_quoting(b, h, ERR_BACKLOG_FULL, reason, topic_name(t), t.name_len)
+    if not t.full:
+        t.full = True
+        warn(b, f"topic {topic_name(t)[:t.name_len].decode('utf-8', 'replace')!r}: backlog full "
+                f"({b.limit.max_backlog} messages), refusing publishes until a subscriber drains it")
+    return 0
+
+
+cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n) except -1:
+    """Route one message: straight to the next subscriber when nothing waits before it, else
+    to the tail of the backlog (refused when the backlog or the memory is full)."""
+    cdef int32_t to
+    cdef Msg *msg
+    if t.backlog.count == 0:
+        to = topic_next_subscriber(b, t)
+        if to >= 0:
+            msg = msg_new(b, t, data, n)
+            if msg == NULL:
+                b.counters.refused += 1
+                _memory_full(b, h)
+                return 0
+            _accepted(b, h, t)
+            out_deliver(b, to, msg)
+            return 0
+    if t.backlog.count >= b.limit.max_backlog:
+        return _refuse_backlog_full(b, h, t)
+    msg = NULL
+    if _has_room(b, msg_size(n) + sizeof(Msg *)):
+        msg = msg_new(b, t, data, n)
+        if msg != NULL and queue_push(&b.mem, &t.backlog, msg) < 0:
+            msg_release(b, msg)
+            msg = NULL
+    if msg == NULL:
+        b.counters.refused += 1
+        _memory_full(b, h)
+        return 0
+    b.backlog_messages += 1
+    b.backlog_bytes += n
+    b.counters.backlogged += 1
+    _accepted(b, h, t)
+    topic_drain(b, t)
+    return 0
+
+
+cdef int on_publish(Broker b, int32_t h, char *args, size_t n) except -1:
+    cdef char *id
+    cdef char *name
+    cdef size_t id_len, name_len
+    cdef uint64_t hv
+    cdef Topic *t = _publish_fast(b, h, &args, &n)
+    if t == NULL:
+        if (not next_field(&args, &n, &id, &id_len) or not next_field(&args, &n, &name, &name_len)
+                or n == 0):
+            out_error(b, h, ERR_USAGE, "usage: PUBLISH <client_id> <topic> <message>")
+            return 0
+        if not _own_id(b, h, id, id_len):
+            return 0
+        # the message is everything after the one separator that ends the topic
+        args += 1
+        n -= 1
+        t = b.topic_table.last
+        if t == NULL or t.name_len != name_len or memcmp(topic_name(t), name, name_len) != 0:
+            hv = topic_hash(name, name_len)
+            t = topics_find(&b.topic_table, name, name_len, hv)
+            if t == NULL:
+                if not _valid_topic(b, h, name, name_len):
+                    return 0
+                t = _new_topic(b, h, name, name_len, hv)
+                if t == NULL:
+                    return 0
+            b.topic_table.last = t
+    _publish_to(b, h, t, args, n)
+    topics_drop_if_unused(b, t)     # a topic made for a refused message goes again
+    return 0
+
+
+cdef int on_ping(Broker b, int32_t h, char *args, size_t n) except -1:
+    if not only_blanks(args, n):
+        out_error(b, h, ERR_USAGE, "usage: PING")
+    else:
+        out_reply(b, h, "PONG", NULL, 0)
+    return 0
+
+
+cdef int on_disconnect(Broker b, int32_t h, char *args, size_t n) except -1:
+    if not only_blanks(args, n):
+        out_error(b, h, ERR_USAGE, "usage: DISCONNECT")
+    else:
+        out_reply(b, h, "DISCONNECTED", NULL, 0)
+        close_later(b, h, "", True)
+    return 0
+
+
+cdef int on_hello(Broker b, int32_t h, char *args, size_t n) except -1:
+    if not only_blanks(args, n):
+        out_error(b, h, ERR_USAGE, "usage: HELLO")
+    else:
+        out_reply(b, h, "HELLO", b.hello, len(b.hello))
+    return 0
+
+
+cdef int on_stats(Broker b, int32_t h, char *args, size_t n) except -1:
+    cdef char *section
+    cdef char *field
+    cdef size_t sl, fl, cursor = 0, count = STATS_PAGE_DEFAULT
+    cdef bytes text
+    cdef bint topics
+    if not _connected(b, h):
+        return 0
+    if not next_field(&args, &n, &section, &sl):
+        figures = stats_dict(b)
+    else:
+        topics = word_is(section, sl, "topics", 6)
+        if not topics and not word_is(section, sl, "connections", 11):
+            out_error(b, h, ERR_USAGE, STATS_USAGE)
+            return 0
+        if next_field(&args, &n, &field, &fl):
+            if not parse_count(field, fl, &cursor):
+                out_error(b, h, ERR_USAGE, STATS_USAGE)
+                return 0
+            if next_field(&args, &n, &field, &fl):
+                if not parse_count(field, fl, &count) or count < 1 or count > STATS_PAGE_MAX:
+                    out_error(b, h, ERR_USAGE, STATS_USAGE)
+                    return 0
+        if not only_blanks(args, n):
+            out_error(b, h, ERR_USAGE, STATS_USAGE)
+            return 0
+        figures = topics_page(b, cursor, count) if topics else connections_page(b, cursor, count)
+    try:
+        text = json.dumps(figures, separators=(",", ":")).encode()
+    except MemoryError:
+        _memory_full(b, h)
+        return 0
+    out_reply(b, h, "STATS", text, len(text))
+    return 0

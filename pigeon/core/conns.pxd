@@ -1,0 +1,80 @@
+# Connections: one struct per client connection, in a table indexed by handle
+# (the small int the server knows it by), with a free list that reuses the last
+# freed handle first. The struct holds everything about the connection, its
+# Python callables included (owned references).
+
+from cpython.ref cimport PyObject
+from libc.stdint cimport int32_t, uint32_t, uint64_t
+
+
+cdef enum:
+    CONN_FREE = 0
+    CONN_OPEN = 1
+    CONN_CLOSING = 2        # no more input; output flushes (or is dropped), then the socket closes
+
+
+ctypedef struct InFlight:
+    # A message written into the connection's unsent output: given back to its
+    # topic if that output can never be sent, released once it is handed over.
+    Msg *msg                # a reference
+    size_t offset           # where its line starts in the output
+    size_t line_len
+
+
+cdef struct Conn:
+    int32_t state               # CONN_FREE, CONN_OPEN or CONN_CLOSING
+    bint rejected               # over max_connections: gets an ERROR, then closes; not admitted
+    bint paused                 # its transport is full: rotations skip it and its input waits
+    bint reading_stopped        # the server was told to stop reading it (on_reading)
+    bint dirty                  # output waits for flush()
+    bint starved                # skipped by a rotation for a full batch: drain its topics after its flush
+    bint close_queued           # to be reported through on_close at the end of flush()
+    bint close_flush            # ... after handing over its output (else its output was dropped)
+    bint broken                 # its output could not grow: skipped by rotations, closed by the next flush
+    uint32_t silent_ticks       # ticks since its last input
+    uint64_t paused_at          # the tick at which it last paused
+    uint64_t client_id          # 0 until CONNECT
+    char id_text[24]            # client_id as sent on the wire
+    uint32_t id_len
+    PyObject *writer            # callable(bytes): hands output to the transport
+    PyObject *transport_size    # callable() -> bytes its transport holds unsent, or NULL
+    PyObject *peer              # the client's address (str), or NULL
+    PyObject *out_bytes         # a bytes object being filled with output, handed to the writer as is
+    char *out                   # its data
+    size_t out_len              # output not yet handed to the writer
+    size_t out_cap
+    size_t out_hint             # recent hand-over size (decaying), to size the next bytes object
+    InFlight *inflight          # messages in the unsent output, in output order
+    uint32_t ninflight
+    uint32_t inflight_cap
+    char *input                 # input carried over: a partial line, or lines held while it is paused
+    size_t input_len
+    size_t in_transport         # what its transport held unsent when last asked
+    Topic **subs                # topics it subscribes to
+    int32_t nsubs
+    int32_t subs_cap
+    double since                # when it opened, seconds since the epoch
+    uint64_t msgs_in            # PUBLISH accepted from it
+    uint64_t msgs_out           # messages written to it
+    uint64_t bytes_in
+    uint64_t bytes_out
+    char close_reason[96]       # for on_close; empty when the client asked (DISCONNECT)
+
+
+ctypedef struct ConnTable:
+    Conn *items
+    int32_t cap
+    int32_t count               # connections not free
+    int32_t admitted            # ... and not rejected
+    int32_t *free               # free handles, the last freed on top
+    int32_t nfree
+    uint64_t next_client_id
+
+
+cdef int32_t conns_open(Broker b, object writer, object transport_size, object peer) except -2
+cdef void conn_free(Broker b, int32_t h) noexcept
+cdef Conn *conn_get(Broker b, int32_t h) except NULL
+cdef int conn_keep_input(Broker b, int32_t h, const char *data, size_t n) noexcept
+cdef int conn_add_subscription(Memory *m, Conn *c, Topic *t) noexcept
+cdef void conn_remove_subscription(Conn *c, Topic *t) noexcept
+cdef int inflight_push(Memory *m, Conn *c, Msg *msg, size_t offset, size_t line_len) noexcept

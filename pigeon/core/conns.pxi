@@ -1,0 +1,143 @@
+# Connections: the table, and each connection's own arrays (see conns.pxd).
+
+from cpython.ref cimport Py_INCREF, Py_XDECREF
+
+
+cdef int _conns_grow(Broker b) except -1:
+    """Double the table (and the lists sized by it); MemoryError when it cannot."""
+    cdef ConnTable *table = &b.conns
+    cdef int32_t h, newcap = table.cap * 2 if table.cap else 16
+    cdef size_t old = table.cap, new = newcap
+    cdef Conn *items
+    cdef int32_t *free
+    if outbox_grow(b, new) < 0:
+        raise MemoryError()
+    items = <Conn *>mem_grow(&b.mem, table.items, old * sizeof(Conn), new * sizeof(Conn))
+    if items == NULL:
+        raise MemoryError()
+    table.items = items
+    free = <int32_t *>mem_grow(&b.mem, table.free, old * sizeof(int32_t), new * sizeof(int32_t))
+    if free == NULL:
+        raise MemoryError()
+    table.free = free
+    memset(&table.items[old], 0, (new - old) * sizeof(Conn))
+    for h in range(newcap - 1, table.cap - 1, -1):
+        table.free[table.nfree] = h
+        table.nfree += 1
+    table.cap = newcap
+    return 0
+
+
+cdef int32_t conns_open(Broker b, object writer, object transport_size, object peer) except -2:
+    """A fresh connection's handle; MemoryError when the table cannot grow."""
+    cdef ConnTable *table = &b.conns
+    cdef int32_t h
+    cdef Conn *c
+    if table.nfree == 0:
+        _conns_grow(b)
+    table.nfree -= 1
+    h = table.free[table.nfree]
+    c = &table.items[h]
+    memset(c, 0, sizeof(Conn))
+    c.state = CONN_OPEN
+    c.since = time.time()
+    c.paused_at = b.ticks
+    c.writer = <PyObject *>writer
+    Py_INCREF(writer)
+    if transport_size is not None:
+        c.transport_size = <PyObject *>transport_size
+        Py_INCREF(transport_size)
+    if peer is not None:
+        peer = str(peer)
+        c.peer = <PyObject *>peer
+        Py_INCREF(peer)
+    table.count += 1
+    return h
+
+
+cdef void conn_free(Broker b, int32_t h) noexcept:
+    """Free what the connection owns (it must hold no message and no subscription) and its handle."""
+    cdef Conn *c = &b.conns.items[h]
+    Py_XDECREF(c.writer)
+    Py_XDECREF(c.transport_size)
+    Py_XDECREF(c.peer)
+    if c.out_bytes != NULL:
+        mem_count(&b.mem, 0, out_bytes_size(c.out_cap))
+        Py_XDECREF(c.out_bytes)
+    b.mem.in_transports -= c.in_transport
+    mem_free(&b.mem, c.inflight, c.inflight_cap * sizeof(InFlight))
+    mem_free(&b.mem, c.input, c.input_len)
+    mem_free(&b.mem, c.subs, c.subs_cap * sizeof(Topic *))
+    if not c.rejected:
+        b.conns.admitted -= 1
+    memset(c, 0, sizeof(Conn))
+    b.conns.count -= 1
+    b.conns.free[b.conns.nfree] = h
+    b.conns.nfree += 1
+
+
+cdef Conn *conn_get(Broker b, int32_t h) except NULL:
+    """The connection behind a handle from Python; ValueError for one that is not open."""
+    if h < 0 or h >= b.conns.cap or b.conns.items[h].state == CONN_FREE:
+        raise ValueError(f"no open connection with handle {h}")
+    return &b.conns.items[h]
+
+
+cdef int conn_keep_input(Broker b, int32_t h, const char *data, size_t n) noexcept:
+    """Carry ``data`` over as the connection's input (replacing what it held); -1 when out of memory."""
+    cdef Conn *c = &b.conns.items[h]
+    cdef char *kept = NULL
+    if n:
+        kept = <char *>mem_alloc(&b.mem, n)
+        if kept == NULL:
+            return -1
+        memcpy(kept, data, n)
+    mem_free(&b.mem, c.input, c.input_len)
+    c.input = kept
+    c.input_len = n
+    return 0
+
+
+cdef int conn_add_subscription(Memory *m, Conn *c, Topic *t) noexcept:
+    cdef int32_t newcap
+    cdef Topic **grown
+    if c.nsubs == c.subs_cap:
+        newcap = c.subs_cap * 2 if c.subs_cap else 4
+        grown = <Topic **>mem_grow(m, c.subs, c.subs_cap * sizeof(Topic *), newcap * sizeof(Topic *))
+        if grown == NULL:
+            return -1
+        c.subs = grown
+        c.subs_cap = newcap
+    c.subs[c.nsubs] = t
+    c.nsubs += 1
+    return 0
+
+
+cdef void conn_remove_subscription(Conn *c, Topic *t) noexcept:
+    cdef int32_t i
+    for i in range(c.nsubs):
+        if c.subs[i] == t:
+            c.nsubs -= 1
+            c.subs[i] = c.subs[c.nsubs]
+            return
+
+
+cdef int inflight_push(Memory *m, Conn *c, Msg *msg, size_t offset, size_t line_len) noexcept:
+    """Note a message written at ``offset`` (the list takes over the reference); -1 when out of memory."""
+    cdef uint32_t newcap
+    cdef InFlight *grown
+    cdef InFlight *e
+    if c.ninflight == c.inflight_cap:
+        newcap = c.inflight_cap * 2 if c.inflight_cap else 64
+        grown = <InFlight *>mem_grow(m, c.inflight, c.inflight_cap * sizeof(InFlight),
+                                     newcap * sizeof(InFlight))
+        if grown == NULL:
+            return -1
+        c.inflight = grown
+        c.inflight_cap = newcap
+    e = &c.inflight[c.ninflight]
+    e.msg = msg
+    e.offset = offset
+    e.line_len = line_len
+    c.ninflight += 1
+    return 0

@@ -1,0 +1,33 @@
+# Limits: every bound the broker enforces, in one struct that is also the single
+# source of their defaults (limits_default); the server and the CLI read them
+# through pigeon._core.LIMIT_DEFAULTS.
+
+from libc.stdint cimport int32_t, uint32_t
+
+
+cdef extern from *:
+    """
+    #ifndef PIGEON_TOPIC_MAX
+    #error "PIGEON_TOPIC_MAX is set by setup.py from pigeon/protocol.py"
+    #endif
+    """
+    # longest topic name in bytes; defined once, in pigeon/protocol.py
+    int TOPIC_MAX "PIGEON_TOPIC_MAX"
+
+
+ctypedef struct Limits:
+    size_t max_line             # longest command line, in bytes; a longer one closes its connection
+    uint32_t max_backlog        # messages one topic keeps while no subscriber can take them
+    int32_t max_connections     # open connections; one more is refused
+    size_t max_memory           # bytes the broker holds in all: messages, topics, buffers (memory.pxd)
+    int32_t max_subscriptions   # topics one connection subscribes to
+    size_t max_topics           # topics the broker holds
+    size_t max_pending          # unsent output of one connection before it is dropped as a slow consumer
+    double idle_timeout         # seconds without input before a connection closes; 0 = never
+    double write_timeout        # seconds a connection may leave its output untaken; 0 = never
+    size_t out_batch            # output one connection takes before rotations skip it until flushed
+
+
+cdef Limits limits_default() noexcept
+cdef int limits_set(Limits *limits, str name, object value) except -1
+cdef dict limits_dict(const Limits *limits)

@@ -1,0 +1,123 @@
+# Messages: records and backlog rings (see messages.pxd).
+
+
+cdef size_t msg_size(size_t n) noexcept:
+    """Bytes one message of n payload bytes holds: the record and its payload, rounded to its class."""
+    return (sizeof(Msg) + n + POOL_STEP - 1) & ~(<size_t>POOL_STEP - 1)
+
+
+cdef char *msg_data(Msg *msg) noexcept:
+    return <char *>(msg + 1)
+
+
+cdef Msg *msg_new(Broker b, Topic *t, const char *data, size_t n) noexcept:
+    """A record holding a copy of the payload, numbered, with one reference for the caller;
+    NULL when out of memory."""
+    cdef size_t size = msg_size(n), cls = size // POOL_STEP
+    cdef Msg *msg
+    if cls < POOL_CLASSES and b.pool.free[cls] != NULL:
+        msg = <Msg *>b.pool.free[cls]
+        b.pool.free[cls] = (<void **>msg)[0]
+        b.pool.kept -= size
+    else:
+        msg = <Msg *>mem_alloc(&b.mem, size)
+        if msg == NULL:
+            return NULL
+    b.next_seq += 1
+    msg.refs = 1
+    msg.attempt = 0
+    msg.seq = b.next_seq
+    msg.topic = t
+    msg.len = n
+    memcpy(msg_data(msg), data, n)
+    t.nmsgs += 1
+    return msg
+
+
+cdef void msg_release(Broker b, Msg *msg) noexcept:
+    """Drop one reference; the last one frees the record and lets its topic go if nothing else holds it."""
+    cdef Topic *t
+    cdef size_t size, cls
+    msg.refs -= 1
+    if msg.refs:
+        return
+    t = msg.topic
+    size = msg_size(msg.len)
+    cls = size // POOL_STEP
+    if cls < POOL_CLASSES and b.pool.kept + size <= b.pool.keep:
+        (<void **>msg)[0] = b.pool.free[cls]
+        b.pool.free[cls] = msg
+        b.pool.kept += size
+    else:
+        mem_free(&b.mem, msg, size)
+    t.nmsgs -= 1
+    if t.nmsgs == 0 and t.nsubs == 0:
+        topics_drop_if_unused(b, t)
+
+
+cdef void pool_clear(MsgPool *pool, Memory *m) noexcept:
+    """Free every kept record."""
+    cdef size_t cls
+    cdef void *p
+    for cls in range(<size_t>POOL_CLASSES):
+        while pool.free[cls] != NULL:
+            p = pool.free[cls]
+            pool.free[cls] = (<void **>p)[0]
+            mem_free(m, p, cls * POOL_STEP)
+    pool.kept = 0
+
+
+cdef int _queue_reserve(Memory *m, Queue *q) noexcept:
+    """Room for one more entry, keeping the oldest at head; -1 when out of memory."""
+    cdef uint32_t i, newcap
+    cdef Msg **grown
+    if q.count < q.cap:
+        return 0
+    newcap = q.cap * 2 if q.cap else 8
+    grown = <Msg **>mem_grow(m, q.ring, q.cap * sizeof(Msg *), newcap * sizeof(Msg *))
+    if grown == NULL:
+        return -1
+    q.ring = grown
+    # unwrap: the entries before head move to just past the old end
+    for i in range(q.head):
+        q.ring[q.cap + i] = q.ring[i]
+    q.cap = newcap
+    return 0
+
+
+cdef int queue_push(Memory *m, Queue *q, Msg *msg) noexcept:
+    """Append a reference at the tail (the queue takes it over); -1 when out of memory."""
+    if _queue_reserve(m, q) < 0:
+        return -1
+    q.ring[(q.head + q.count) & (q.cap - 1)] = msg
+    q.count += 1
+    q.nbytes += msg.len
+    return 0
+
+
+cdef int queue_push_front(Memory *m, Queue *q, Msg *msg) noexcept:
+    """Insert a reference before the oldest one (the queue takes it over); -1 when out of memory."""
+    if _queue_reserve(m, q) < 0:
+        return -1
+    q.head = (q.head - 1) & (q.cap - 1)
+    q.ring[q.head] = msg
+    q.count += 1
+    q.nbytes += msg.len
+    return 0
+
+
+cdef Msg *queue_pop(Queue *q) noexcept:
+    """Take the oldest reference (the caller now owns it); the queue must not be empty."""
+    cdef Msg *msg = q.ring[q.head]
+    q.head = (q.head + 1) & (q.cap - 1)
+    q.count -= 1
+    q.nbytes -= msg.len
+    return msg
+
+
+cdef void queue_free_ring(Memory *m, Queue *q) noexcept:
+    """Free the ring of an empty queue."""
+    mem_free(m, q.ring, q.cap * sizeof(Msg *))
+    q.ring = NULL
+    q.cap = 0
+    q.head = 0

@@ -1,0 +1,49 @@
+# Output: what each connection is sent. Replies and MESSAGE lines are written
+# straight into a bytes object per connection, which is later handed to the
+# connection's writer as is (no copy), once per flush, for every connection that
+# got output: the server runs flush() once per pass of its event loop, after
+# every read of that pass, so a connection that closed during the pass gets
+# nothing written to it. Messages written but not yet handed over stay
+# referenced by the connection's in-flight list, so output that can never be
+# sent gives its messages back to their topics, in order. Connections the core
+# closes are reported through on_close at the end of a flush, after their last
+# output went out.
+
+from libc.stdint cimport int32_t
+
+
+ctypedef struct Outbox:
+    int32_t *dirty          # connections whose output waits for flush(), in marking order
+    int32_t ndirty
+    size_t dirty_cap        # twice the connection table: a flush re-marks connections mid-pass
+    int32_t *closing        # connections the core closed, to report through on_close
+    int32_t nclosing
+    size_t closing_cap      # the connection table's
+    bint flush_due          # something waits for flush()
+    bint flush_scheduled    # on_output was called and flush() has not run since
+    bint flushing           # in flush(): calls from its callbacks leave the work to it
+
+
+cdef int outbox_grow(Broker b, size_t new_cap) noexcept
+cdef void outbox_forget(Outbox *ob, int32_t h, bint dirty, bint closing) noexcept
+cdef size_t out_bytes_size(size_t cap) noexcept
+cdef void mark_dirty(Broker b, int32_t h) noexcept
+
+cdef char *out_reserve(Broker b, int32_t h, size_t need) noexcept
+cdef void out_reply(Broker b, int32_t h, const char *word, const char *arg, size_t n) noexcept
+cdef void out_error(Broker b, int32_t h, int kind, const char *text) noexcept
+cdef void out_error_quoting(Broker b, int32_t h, int kind, const char *text,
+                            const char *arg, size_t n) noexcept
+cdef bint out_deliver(Broker b, int32_t h, Msg *msg) noexcept
+
+cdef void backlog_push(Broker b, Msg *msg, bint front) noexcept
+cdef void topic_drain(Broker b, Topic *t) noexcept
+cdef void conn_drain_topics(Broker b, int32_t h) noexcept
+
+cdef int flush(Broker b) except -1
+cdef int hand_over(Broker b, int32_t h) except -1
+cdef int note_transport(Broker b, int32_t h) except -1
+cdef void give_back_inflight(Broker b, int32_t h, bint keep_other_output) noexcept
+cdef void leave_all(Broker b, int32_t h) noexcept
+cdef void close_later(Broker b, int32_t h, const char *reason, bint flush) noexcept
+cdef void drop_slow(Broker b, int32_t h, const char *reason) noexcept

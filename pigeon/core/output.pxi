@@ -1,0 +1,518 @@
+# Output: buffers, delivery, flushing, giving messages back (see output.pxd).
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+
+
+cdef extern from "Python.h":
+    void Py_SET_SIZE(PyObject *o, Py_ssize_t size)
+
+
+cdef enum:
+    OUT_MIN = 256           # smallest output bytes object
+    INFLIGHT_KEEP = 4096    # in-flight entries a connection keeps room for between batches
+
+
+# what a bytes object costs besides its data
+cdef size_t _BYTES_HEADER = bytes.__basicsize__
+
+
+cdef size_t out_bytes_size(size_t cap) noexcept:
+    return _BYTES_HEADER + cap
+
+
+cdef int outbox_grow(Broker b, size_t new_cap) noexcept:
+    """Room in both lists for a connection table of ``new_cap``; -1 when out of memory."""
+    cdef Outbox *ob = &b.outbox
+    cdef int32_t *grown
+    grown = <int32_t *>mem_grow(&b.mem, ob.dirty, ob.dirty_cap * sizeof(int32_t),
+                                2 * new_cap * sizeof(int32_t))
+    if grown == NULL:
+        return -1
+    ob.dirty = grown
+    ob.dirty_cap = 2 * new_cap
+    grown = <int32_t *>mem_grow(&b.mem, ob.closing, ob.closing_cap * sizeof(int32_t),
+                                new_cap * sizeof(int32_t))
+    if grown == NULL:
+        return -1
+    ob.closing = grown
+    ob.closing_cap = new_cap
+    return 0
+
+
+cdef void _list_remove(int32_t *items, int32_t *n, int32_t h, bint flushing) noexcept:
+    cdef int32_t i
+    for i in range(n[0]):
+        if items[i] == h:
+            if flushing:
+                items[i] = -1       # flush() is walking the list: it skips the entry
+            else:
+                memmove(&items[i], &items[i + 1], (n[0] - i - 1) * sizeof(int32_t))
+                n[0] -= 1
+            return
+
+
+cdef void outbox_forget(Outbox *ob, int32_t h, bint dirty, bint closing) noexcept:
+    """Take a connection that is being freed off the lists it is on."""
+    if dirty:
+        _list_remove(ob.dirty, &ob.ndirty, h, ob.flushing)
+    if closing:
+        _list_remove(ob.closing, &ob.nclosing, h, ob.flushing)
+
+
+cdef void mark_dirty(Broker b, int32_t h) noexcept:
+    """Put h on the list of connections to flush."""
+    cdef Conn *c = &b.conns.items[h]
+    if not c.dirty:
+        c.dirty = True
+        b.outbox.dirty[b.outbox.ndirty] = h
+        b.outbox.ndirty += 1
+    b.outbox.flush_due = True
+
+
+cdef PyObject *_new_bytes(Broker b, const char *data, size_t n) noexcept:
+    """A new bytes object (a new reference) of n bytes, a copy of data unless NULL; NULL when out of memory."""
+    cdef object fresh
+    if mem_refuse(&b.mem):
+        return NULL
+    try:
+        fresh = PyBytes_FromStringAndSize(data, n)
+    except MemoryError:
+        b.mem.failures += 1
+        return NULL
+    Py_INCREF(fresh)
+    return <PyObject *>fresh
+
+
+cdef void _drop_output(Broker b, Conn *c) noexcept:
+    if c.out_bytes != NULL:
+        mem_count(&b.mem, 0, out_bytes_size(c.out_cap))
+        Py_XDECREF(c.out_bytes)
+    c.out_bytes = NULL
+    c.out = NULL
+    c.out_len = 0
+    c.out_cap = 0
+
+
+cdef void _out_failed(Broker b, int32_t h) noexcept:
+    """h's output cannot grow. It is skipped by every rotation from now on (as if
+    paused for good) and closed by the next flush, its messages given back: not at
+    once, since the command being run may still hold the topics it would free."""
+    cdef Conn *c = &b.conns.items[h]
+    if c.broken or c.state != CONN_OPEN:
+        return
+    c.broken = True
+    c.paused = True
+    if not c.close_queued:
+        c.close_queued = True
+        c.close_flush = False
+        strncpy(c.close_reason, "out of memory for its output", sizeof(c.close_reason) - 1)
+        b.outbox.closing[b.outbox.nclosing] = h
+        b.outbox.nclosing += 1
+    b.outbox.flush_due = True
+
+
+cdef char *out_reserve(Broker b, int32_t h, size_t need) noexcept:
+    """Room for ``need`` more output bytes of h, marked for the next flush.
+
+    NULL when the output cannot grow: h is then broken (see _out_failed).
+    """
+    cdef Conn *c = &b.conns.items[h]
+    cdef size_t cap
+    cdef PyObject *fresh
+    if c.out_len + need > c.out_cap:
+        if c.out_bytes == NULL:
+            # sized from the last hand-over, so a steady stream fills one object without regrowing
+            cap = c.out_hint + c.out_hint // 4
+            if cap < OUT_MIN:
+                cap = OUT_MIN
+            while cap < need:
+                cap *= 2
+        else:
+            cap = c.out_cap * 2
+            while cap < c.out_len + need:
+                cap *= 2
+        fresh = _new_bytes(b, NULL, cap)
+        if fresh == NULL:
+            _out_failed(b, h)
+            return NULL
+        if c.out_bytes != NULL:
+            memcpy(PyBytes_AS_STRING(<object>fresh), c.out, c.out_len)
+            mem_count(&b.mem, 0, out_bytes_size(c.out_cap))
+            Py_XDECREF(c.out_bytes)
+        mem_count(&b.mem, out_bytes_size(cap), 0)
+        c.out_bytes = fresh
+        c.out = PyBytes_AS_STRING(<object>fresh)
+        c.out_cap = cap
+    mark_dirty(b, h)
+    c.out_len += need
+    return c.out + c.out_len - need
+
+
+cdef void out_reply(Broker b, int32_t h, const char *word, const char *arg, size_t n) noexcept:
+    """``<word>\\n``, or ``<word> <arg>\\n`` when arg is not NULL."""
+    cdef size_t wl = strlen(word)
+    cdef char *p = out_reserve(b, h, wl + (n + 1 if arg != NULL else 0) + 1)
+    if p == NULL:
+        return
+    memcpy(p, word, wl)
+    p += wl
+    if arg != NULL:
+        p[0] = b' '
+        memcpy(p + 1, arg, n)
+        p += n + 1
+    p[0] = b'\n'
+
+
+cdef void out_error(Broker b, int32_t h, int kind, const char *text) noexcept:
+    """``ERROR <CODE> <text>\\n``, counted by kind."""
+    cdef const char *code = ERROR_CODE_TEXT[kind]
+    cdef size_t cl = strlen(code), tl = strlen(text)
+    cdef char *p
+    b.counters.errors[kind] += 1
+    p = out_reserve(b, h, 6 + cl + 1 + tl + 1)
+    if p == NULL:
+        return
+    memcpy(p, b"ERROR ", 6)
+    memcpy(p + 6, code, cl)
+    p[6 + cl] = b' '
+    memcpy(p + 7 + cl, text, tl)
+    p[7 + cl + tl] = b'\n'
+
+
+cdef void out_error_quoting(Broker b, int32_t h, int kind, const char *text,
+                            const char *arg, size_t n) noexcept:
+    """``ERROR <CODE> <text> '<arg>'``, quoting the client's input only when it is short and printable."""
+    cdef char line[256]
+    if printable(arg, n):
+        snprintf(line, sizeof(line), "%s '%.*s'", text, <int>n, arg)
+    else:
+        snprintf(line, sizeof(line), "%s (not shown)", text)
+    out_error(b, h, kind, line)
+
+
+cdef bint out_deliver(Broker b, int32_t h, Msg *msg) noexcept:
+    """Write ``MESSAGE <topic> <payload>`` to h, taking over the caller's reference.
+
+    False when h's output cannot grow: h is closed and the message is back at the head of its topic.
+    """
+    cdef Topic *t = msg.topic
+    cdef size_t line_len = 8 + t.name_len + 1 + msg.len + 1
+    cdef char *p = out_reserve(b, h, line_len)
+    cdef Conn *c
+    if p == NULL:
+        backlog_push(b, msg, True)
+        return False
+    c = &b.conns.items[h]
+    if c.ninflight < c.inflight_cap:
+        c.inflight[c.ninflight].msg = msg
+        c.inflight[c.ninflight].offset = p - c.out
+        c.inflight[c.ninflight].line_len = line_len
+        c.ninflight += 1
+    elif inflight_push(&b.mem, c, msg, p - c.out, line_len) < 0:
+        c.out_len -= line_len
+        _out_failed(b, h)
+        backlog_push(b, msg, True)
+        return False
+    memcpy(p, b"MESSAGE ", 8)
+    p += 8
+    memcpy(p, topic_name(t), t.name_len)
+    p += t.name_len
+    p[0] = b' '
+    memcpy(p + 1, msg_data(msg), msg.len)
+    p[1 + msg.len] = b'\n'
+    msg.attempt += 1
+    return True
+
+
+cdef void backlog_push(Broker b, Msg *msg, bint front) noexcept:
+    """Put a message (the caller's reference) in its topic's backlog; when even that
+    cannot be allocated the message is lost, counted, and warned about."""
+    cdef Queue *q = &msg.topic.backlog
+    cdef int r = queue_push_front(&b.mem, q, msg) if front else queue_push(&b.mem, q, msg)
+    if r < 0:
+        b.counters.lost += 1
+        msg_release(b, msg)
+        return
+    b.backlog_messages += 1
+    b.backlog_bytes += msg.len
+
+
+cdef inline void _pin(Topic *t) noexcept:
+    """Keep t alive across calls that may release its last message."""
+    t.nmsgs += 1
+
+
+cdef inline void _unpin(Broker b, Topic *t) noexcept:
+    t.nmsgs -= 1
+    topics_drop_if_unused(b, t)
+
+
+cdef void topic_drain(Broker b, Topic *t) noexcept:
+    """Deliver a topic's backlog in order while some subscriber can take it."""
+    cdef int32_t to
+    cdef Msg *msg
+    if t.backlog.count == 0:
+        return
+    _pin(t)
+    while t.backlog.count:
+        to = topic_next_subscriber(b, t)
+        if to < 0:
+            break
+        msg = queue_pop(&t.backlog)
+        b.backlog_messages -= 1
+        b.backlog_bytes -= msg.len
+        if t.backlog.count == 0:
+            t.full = False      # warn again only after the backlog emptied, not at every refill
+        out_deliver(b, to, msg)
+    _unpin(b, t)
+
+
+cdef void conn_drain_topics(Broker b, int32_t h) noexcept:
+    """Deliver the backlogs of h's topics while some subscriber can take them."""
+    cdef int32_t i = 0
+    cdef Conn *c = &b.conns.items[h]
+    while i < c.nsubs:
+        topic_drain(b, c.subs[i])
+        i += 1
+
+
+cdef void _release_inflight(Broker b, Conn *c) noexcept:
+    """The output was handed over: its messages are delivered, and settled."""
+    cdef uint32_t i
+    cdef Msg *msg
+    b.counters.delivered += c.ninflight
+    c.msgs_out += c.ninflight
+    for i in range(c.ninflight):
+        msg = c.inflight[i].msg
+        msg.topic.delivered += 1
+        msg_release(b, msg)
+    c.ninflight = 0
+    if c.inflight_cap > INFLIGHT_KEEP:
+        mem_free(&b.mem, c.inflight, c.inflight_cap * sizeof(InFlight))
+        c.inflight = NULL
+        c.inflight_cap = 0
+
+
+cdef void give_back_inflight(Broker b, int32_t h, bint keep_other_output) noexcept:
+    """The messages in h's unsent output go back to the head of their topics, in order.
+
+    With ``keep_other_output`` their lines are cut out and the rest of the
+    output (replies) stays to be sent; otherwise the whole output is dropped.
+    h must already be out of every rotation, so that the topics, drained
+    afterwards, cannot hand the messages straight back to it.
+    """
+    cdef Conn *c = &b.conns.items[h]
+    cdef uint32_t k, n = c.ninflight
+    cdef size_t w, r, end
+    cdef Msg *msg
+    cdef Topic *t
+    cdef Topic *touched = NULL
+    if keep_other_output:
+        if n:
+            w = c.inflight[0].offset
+            for k in range(n):
+                r = c.inflight[k].offset + c.inflight[k].line_len
+                end = c.inflight[k + 1].offset if k + 1 < n else c.out_len
+                memmove(c.out + w, c.out + r, end - r)
+                w += end - r
+            c.out_len = w
+    else:
+        _drop_output(b, c)
+    # newest first, each to the head: the oldest ends up first
+    while n:
+        n -= 1
+        msg = c.inflight[n].msg
+        t = msg.topic
+        if not t.touched:
+            t.touched = True
+            _pin(t)
+            t.touched_next = touched
+            touched = t
+        backlog_push(b, msg, True)
+        b.counters.requeued += 1
+        b.counters.backlogged += 1
+    c.ninflight = 0
+    while touched != NULL:
+        t = touched
+        touched = t.touched_next
+        t.touched = False
+        t.touched_next = NULL
+        topic_drain(b, t)
+        _unpin(b, t)
+
+
+cdef void leave_all(Broker b, int32_t h) noexcept:
+    """Take h out of every rotation; topics nothing else holds go."""
+    cdef Conn *c = &b.conns.items[h]
+    cdef Topic *t
+    while c.nsubs:
+        t = c.subs[c.nsubs - 1]
+        topic_remove_subscriber(t, h)
+        c.nsubs -= 1
+        topics_drop_if_unused(b, t)
+
+
+cdef void close_later(Broker b, int32_t h, const char *reason, bint flush) noexcept:
+    """The core ends h: it leaves every rotation and reads nothing more; at the end of the
+    next flush, after its output (when ``flush``; else its messages go back at once and its
+    output is dropped), on_close(h, reason, flush) tells the server to close the socket."""
+    cdef Conn *c = &b.conns.items[h]
+    if c.state == CONN_OPEN:
+        leave_all(b, h)
+        c.state = CONN_CLOSING
+    if not flush:
+        give_back_inflight(b, h, False)
+        c.close_flush = False
+    elif not c.close_queued:
+        c.close_flush = True
+    conn_keep_input(b, h, NULL, 0)
+    if not c.close_queued:
+        c.close_queued = True
+        strncpy(c.close_reason, reason, sizeof(c.close_reason) - 1)
+        c.close_reason[sizeof(c.close_reason) - 1] = 0
+        b.outbox.closing[b.outbox.nclosing] = h
+        b.outbox.nclosing += 1
+    b.outbox.flush_due = True
+
+
+cdef void drop_slow(Broker b, int32_t h, const char *reason) noexcept:
+    """Drop a connection that does not take its output: its messages go back, its socket is aborted."""
+    b.counters.slow_consumers += 1
+    close_later(b, h, reason, False)
+
+
+cdef int note_transport(Broker b, int32_t h) except -1:
+    """Ask h's transport how much it holds unsent: counted as memory, and as h's unsent output."""
+    cdef Conn *c = &b.conns.items[h]
+    cdef size_t size
+    if c.transport_size == NULL:
+        return 0
+    size = (<object>c.transport_size)()
+    c = &b.conns.items[h]
+    b.mem.in_transports = b.mem.in_transports - c.in_transport + size
+    c.in_transport = size
+    mem_count(&b.mem, 0, 0)
+    return 0
+
+
+cdef int hand_over(Broker b, int32_t h) except -1:
+    """One writer call with all of h's output. A writer that raises (its transport is gone
+    or closing) sent nothing: the messages go back to their topics."""
+    cdef Conn *c = &b.conns.items[h]
+    cdef size_t n = c.out_len
+    cdef PyObject *exact = NULL
+    cdef object data
+    cdef object writer
+    if n == 0:
+        return 0
+    # The writer gets the object the output was written into, only trimmed in
+    # length: no copy. One less than half full is copied to its exact size
+    # instead, since the transport may keep it while the socket is busy.
+    if n < c.out_cap // 2:
+        exact = _new_bytes(b, c.out, n)
+    if exact != NULL:
+        data = <object>exact
+        Py_XDECREF(exact)
+    else:
+        Py_SET_SIZE(c.out_bytes, n)
+        c.out[n] = 0
+        data = <object>c.out_bytes
+    _drop_output(b, c)
+    # decays slowly, so one short hand-over between long ones does not shrink the next object
+    c.out_hint = n if n > c.out_hint else c.out_hint - c.out_hint // 8
+    writer = <object>c.writer
+    try:
+        writer(data)
+    except Exception:
+        c = &b.conns.items[h]
+        if c.state == CONN_OPEN:
+            leave_all(b, h)
+            c.state = CONN_CLOSING      # the server closes it: its connection_lost is on the way
+        give_back_inflight(b, h, False)
+        return 0
+    c = &b.conns.items[h]
+    _release_inflight(b, c)
+    b.counters.bytes_out += n
+    c.bytes_out += n
+    return note_transport(b, h)
+
+
+cdef int _check_unsent(Broker b, int32_t h) except -1:
+    """Drop h as a slow consumer once its unsent output passes max_pending."""
+    cdef Conn *c = &b.conns.items[h]
+    cdef char reason[96]
+    if c.out_len + c.in_transport > b.limit.max_pending:
+        snprintf(reason, sizeof(reason), "slow consumer: %zu bytes unsent (limit %zu)",
+                 c.out_len + c.in_transport, b.limit.max_pending)
+        drop_slow(b, h, reason)
+    return 0
+
+
+cdef int flush(Broker b) except -1:
+    """Hand each connection that got output its bytes, one writer call each, then report
+    the connections the core closed.
+
+    A paused connection keeps its output here; one that a rotation skipped for
+    a full batch is drained again after its hand-over, which may mark more
+    connections: the pass repeats until none is left.
+    """
+    cdef Outbox *ob = &b.outbox
+    if ob.flushing:
+        return 0
+    ob.flushing = True
+    try:
+        _flush_pass(b)
+    finally:
+        ob.flushing = False
+    return 0
+
+
+cdef int _flush_pass(Broker b) except -1:
+    cdef Outbox *ob = &b.outbox
+    cdef int32_t i, n, h
+    cdef Conn *c
+    ob.flush_scheduled = False
+    while ob.ndirty or ob.nclosing:
+        while ob.ndirty:
+            n = ob.ndirty
+            for i in range(n):
+                h = ob.dirty[i]
+                if h < 0:
+                    continue
+                c = &b.conns.items[h]
+                if not c.dirty:
+                    continue
+                c.dirty = False
+                if c.out_len == 0 or (c.close_queued and not c.close_flush):
+                    continue
+                if c.state == CONN_OPEN and c.paused:
+                    _check_unsent(b, h)
+                    continue
+                hand_over(b, h)
+                c = &b.conns.items[h]
+                if c.state != CONN_OPEN:
+                    continue
+                if c.paused:
+                    _check_unsent(b, h)
+                elif c.starved:
+                    c.starved = False
+                    conn_drain_topics(b, h)
+            memmove(ob.dirty, ob.dirty + n, (ob.ndirty - n) * sizeof(int32_t))
+            ob.ndirty -= n
+        if ob.nclosing:
+            h = ob.closing[0]
+            memmove(ob.closing, ob.closing + 1, (ob.nclosing - 1) * sizeof(int32_t))
+            ob.nclosing -= 1
+            if h < 0:
+                continue
+            c = &b.conns.items[h]
+            if c.broken and c.state == CONN_OPEN:
+                leave_all(b, h)
+                c.state = CONN_CLOSING
+                give_back_inflight(b, h, False)
+                conn_keep_input(b, h, NULL, 0)
+            c.close_queued = False
+            if b.on_close is not None:
+                b.on_close(h, c.close_reason[:strlen(c.close_reason)].decode("utf-8", "replace"), c.close_flush)
+    ob.flush_due = False
+    return 0

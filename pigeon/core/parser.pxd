@@ -1,0 +1,78 @@
+# Parser: the protocol's vocabulary (commands and error kinds with their wire
+# codes), the tokenizer over the shared read buffer (fields are pointers into
+# it, never copies), topic-name checks, and the loop that splits a
+# connection's input into lines and dispatches each to its command handler.
+
+from libc.stdint cimport int32_t
+
+
+cdef enum:
+    # command kinds: indexes into Counters.commands, named by COMMAND_NAMES
+    CMD_CONNECT = 0
+    CMD_SUBSCRIBE
+    CMD_UNSUBSCRIBE
+    CMD_PUBLISH
+    CMD_PING
+    CMD_DISCONNECT
+    CMD_STATS
+    CMD_HELLO
+    CMD_UNKNOWN
+    CMD_KINDS
+
+    # error kinds: indexes into Counters.errors and ERROR_CODE_TEXT (the code on the wire)
+    ERR_USAGE = 0           # wrong arguments for a known command
+    ERR_UNKNOWN_COMMAND
+    ERR_NOT_CONNECTED
+    ERR_ALREADY_CONNECTED
+    ERR_WRONG_CLIENT_ID
+    ERR_BAD_TOPIC
+    ERR_NOT_SUBSCRIBED
+    ERR_BACKLOG_FULL
+    ERR_LINE_TOO_LONG
+    ERR_TOO_MANY_CONNECTIONS
+    ERR_TOO_MANY_SUBSCRIPTIONS
+    ERR_TOO_MANY_TOPICS
+    ERR_MEMORY_FULL
+    ERR_IDLE_TIMEOUT
+    ERR_KINDS
+
+    # what topic_problem finds wrong with a name
+    TOPIC_OK = 0
+    TOPIC_BAD_LENGTH
+    TOPIC_INVISIBLE         # whitespace, control, format or separator characters
+    TOPIC_BAD_UTF8
+
+    READ_ROOM = 256 * 1024  # free space offered to each socket read
+    INPUT_SLACK = 4096      # unfinished input kept even when memory is full
+
+
+cdef extern from *:
+    """
+    static const char *const pigeon_error_codes[] = {
+        "USAGE", "UNKNOWN_COMMAND", "NOT_CONNECTED", "ALREADY_CONNECTED", "WRONG_CLIENT_ID",
+        "BAD_TOPIC", "NOT_SUBSCRIBED", "BACKLOG_FULL", "LINE_TOO_LONG", "TOO_MANY_CONNECTIONS",
+        "TOO_MANY_SUBSCRIPTIONS", "TOO_MANY_TOPICS", "MEMORY_FULL", "IDLE_TIMEOUT",
+    };
+    """
+    # the stable upper-case code of each error kind, sent as ERROR <CODE> <text>
+    const char *const *ERROR_CODE_TEXT "pigeon_error_codes"
+
+
+ctypedef struct ReadBuffer:
+    # One buffer for every connection's reads: a connection's carried-over
+    # input is copied to its front, and the socket reads just after it.
+    char *data
+    size_t cap
+    int32_t owner           # handle whose input sits at the front, -1 when none
+
+
+cdef bint next_field(char **p, size_t *n, char **field, size_t *flen) noexcept
+cdef bint only_blanks(const char *p, size_t n) noexcept
+cdef bint word_is(const char *p, size_t n, const char *lower, size_t ln) noexcept
+cdef bint printable(const char *p, size_t n) noexcept
+cdef bint parse_count(const char *p, size_t n, size_t *value) noexcept
+cdef int topic_problem(const char *p, size_t n) noexcept
+
+cdef char *read_buffer_load(Broker b, int32_t h) except NULL
+cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1
+cdef int dispatch(Broker b, int32_t h, char *line, size_t n) except -1

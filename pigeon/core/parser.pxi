@@ -1,0 +1,266 @@
+# Parser: tokenizing, topic checks and dispatch (see parser.pxd).
+
+include "invisible.pxi"
+
+cdef uint64_t _PUBLISH_WORD
+memcpy(&_PUBLISH_WORD, b"publish ", 8)
+
+COMMAND_NAMES = ("connect", "subscribe", "unsubscribe", "publish", "ping", "disconnect", "stats",
+                 "hello", "unknown")
+ERROR_CODES = tuple(ERROR_CODE_TEXT[i].decode() for i in range(ERR_KINDS))
+ERROR_NAMES = tuple(code.lower() for code in ERROR_CODES)
+assert len(COMMAND_NAMES) == CMD_KINDS
+
+
+cdef inline bint _blank(char c) noexcept:
+    """Fields are separated by spaces or tabs."""
+    return c == b' ' or c == b'\t'
+
+
+cdef bint next_field(char **p, size_t *n, char **field, size_t *flen) noexcept:
+    """Take the next field from (p, n), leaving (p, n) at its separator; False when none is left."""
+    cdef char *s = p[0]
+    cdef char *end = s + n[0]
+    cdef char *e
+    while s < end and _blank(s[0]):
+        s += 1
+    if s == end:
+        p[0] = s
+        n[0] = 0
+        return False
+    e = s
+    while e < end and not _blank(e[0]):
+        e += 1
+    field[0] = s
+    flen[0] = e - s
+    p[0] = e
+    n[0] = end - e
+    return True
+
+
+cdef inline bint _starts_with_publish(const char *p) noexcept:
+    """``PUBLISH `` in any case, by one 8-byte comparison: the command of almost every line."""
+    cdef uint64_t word
+    memcpy(&word, p, 8)
+    # OR-ing 0x20 maps exactly the letters to lower case; the space is checked on its own
+    return (word | 0x2020202020202020ULL) == _PUBLISH_WORD and p[7] == b' '
+
+
+cdef bint only_blanks(const char *p, size_t n) noexcept:
+    cdef size_t i
+    for i in range(n):
+        if not _blank(p[i]):
+            return False
+    return True
+
+
+cdef bint word_is(const char *p, size_t n, const char *lower, size_t ln) noexcept:
+    """ASCII case-insensitive comparison with a lower-case word: (c | 0x20) maps exactly the letters."""
+    cdef size_t i
+    if n != ln:
+        return False
+    for i in range(n):
+        if (<unsigned char>p[i] | 0x20) != <unsigned char>lower[i]:
+            return False
+    return True
+
+
+cdef bint printable(const char *p, size_t n) noexcept:
+    """Short and printable ASCII: safe to echo back in an ERROR line."""
+    cdef size_t i
+    if n > 64:
+        return False
+    for i in range(n):
+        if <unsigned char>p[i] < 0x21 or <unsigned char>p[i] > 0x7e:
+            return False
+    return True
+
+
+cdef bint parse_count(const char *p, size_t n, size_t *value) noexcept:
+    """A decimal number of at most 18 digits; False for anything else."""
+    cdef size_t i, v = 0
+    if n == 0 or n > 18:
+        return False
+    for i in range(n):
+        if p[i] < b'0' or p[i] > b'9':
+            return False
+        v = v * 10 + <size_t>(p[i] - c'0')
+    value[0] = v
+    return True
+
+
+cdef bint _invisible(uint32_t cp) noexcept:
+    """Whether a code point is in the generated table of refused ones (a binary search)."""
+    cdef size_t low = 0, high = INVISIBLE_RANGES, mid
+    while low < high:
+        mid = (low + high) // 2
+        if cp > INVISIBLE_TABLE[2 * mid + 1]:
+            low = mid + 1
+        elif cp < INVISIBLE_TABLE[2 * mid]:
+            high = mid
+        else:
+            return True
+    return False
+
+
+cdef int topic_problem(const char *p, size_t n) noexcept:
+    """TOPIC_OK for a valid name: 1 to TOPIC_MAX bytes of UTF-8 without invisible characters."""
+    cdef size_t i = 0, k, extra
+    cdef unsigned char c
+    cdef uint32_t cp, low
+    if n == 0 or n > <size_t>TOPIC_MAX:
+        return TOPIC_BAD_LENGTH
+    while i < n:
+        c = p[i]
+        if c < 0x80:
+            if c <= 0x20 or c == 0x7f:
+                return TOPIC_INVISIBLE
+            i += 1
+            continue
+        if 0xc2 <= c <= 0xdf:
+            extra = 1
+            cp = c & 0x1f
+            low = 0x80
+        elif 0xe0 <= c <= 0xef:
+            extra = 2
+            cp = c & 0x0f
+            low = 0x800
+        elif 0xf0 <= c <= 0xf4:
+            extra = 3
+            cp = c & 0x07
+            low = 0x10000
+        else:
+            return TOPIC_BAD_UTF8
+        if i + extra >= n:
+            return TOPIC_BAD_UTF8
+        for k in range(1, extra + 1):
+            c = p[i + k]
+            if (c & 0xc0) != 0x80:
+                return TOPIC_BAD_UTF8
+            cp = (cp << 6) | (c & 0x3f)
+        if cp < low or cp > 0x10ffff or 0xd800 <= cp <= 0xdfff:
+            return TOPIC_BAD_UTF8
+        if _invisible(cp):
+            return TOPIC_INVISIBLE
+        i += extra + 1
+    return TOPIC_OK
+
+
+cdef char *read_buffer_load(Broker b, int32_t h) except NULL:
+    """Put h's carried-over input at the front of the read buffer, with READ_ROOM free after it."""
+    cdef Conn *c = &b.conns.items[h]
+    cdef size_t need = c.input_len + READ_ROOM
+    cdef char *grown
+    if b.rbuf.cap < need:
+        grown = <char *>mem_grow(&b.mem, b.rbuf.data, b.rbuf.cap, need)
+        if grown == NULL:
+            raise MemoryError()
+        b.rbuf.data = grown
+        b.rbuf.cap = need
+    if c.input_len:
+        memcpy(b.rbuf.data, c.input, c.input_len)
+    b.rbuf.owner = h
+    return b.rbuf.data
+
+
+cdef int _stop_reading(Broker b, int32_t h) except -1:
+    cdef Conn *c = &b.conns.items[h]
+    if c.reading_stopped:
+        return 0
+    c.reading_stopped = True
+    b.counters.read_pauses += 1
+    if b.on_reading is not None:
+        b.on_reading(h, False)
+    return 0
+
+
+cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
+    """Run the complete lines of ``buf`` while h can take their replies; keep the rest as its input.
+
+    Once h's transport is full (paused), the rest waits and the server is told
+    to stop reading h until it drains (resume). Output of h's own passing a
+    batch is handed over at once, so the transport can say it is full.
+    """
+    cdef size_t pos = 0, line_len, left
+    cdef char *nl
+    cdef bint too_long = False
+    cdef Conn *c = &b.conns.items[h]
+    cdef char reason[96]
+    while pos < n and c.state == CONN_OPEN and not c.paused:
+        nl = <char *>memchr(buf + pos, b'\n', n - pos)
+        if nl == NULL:
+            too_long = n - pos > b.limit.max_line
+            break
+        line_len = nl - (buf + pos)
+        if line_len > b.limit.max_line:
+            too_long = True
+            break
+        dispatch(b, h, buf + pos, line_len)
+        pos += line_len + 1
+        c = &b.conns.items[h]
+        if c.out_len >= b.limit.out_batch and c.state == CONN_OPEN:
+            hand_over(b, h)
+            c = &b.conns.items[h]
+    if too_long and c.state == CONN_OPEN:
+        snprintf(reason, sizeof(reason), "line too long (limit %zu bytes)", b.limit.max_line)
+        out_error(b, h, ERR_LINE_TOO_LONG, reason)
+        close_later(b, h, "line too long", True)
+    if c.state != CONN_OPEN:
+        conn_keep_input(b, h, NULL, 0)
+        return 0
+    left = n - pos
+    if left > INPUT_SLACK and mem_total(&b.mem) + left > b.limit.max_memory:
+        snprintf(reason, sizeof(reason), "memory limit reached: cannot hold %zu bytes of input", left)
+        out_error(b, h, ERR_MEMORY_FULL, reason)
+        close_later(b, h, "memory full", True)
+        conn_keep_input(b, h, NULL, 0)
+        return 0
+    if conn_keep_input(b, h, buf + pos, left) < 0:
+        close_later(b, h, "out of memory for its input", False)
+        return 0
+    if c.paused:
+        _stop_reading(b, h)
+    return 0
+
+
+cdef int dispatch(Broker b, int32_t h, char *line, size_t n) except -1:
+    cdef char *word
+    cdef size_t wl
+    cdef char *args
+    cdef size_t an
+    if n and line[n - 1] == b'\r':
+        n -= 1
+    if n > 8 and _starts_with_publish(line):
+        b.counters.commands[CMD_PUBLISH] += 1
+        return on_publish(b, h, line + 7, n - 7)
+    args = line
+    an = n
+    if not next_field(&args, &an, &word, &wl):
+        return 0            # blank lines are ignored, as in a telnet session
+    if word_is(word, wl, "publish", 7):
+        b.counters.commands[CMD_PUBLISH] += 1
+        return on_publish(b, h, args, an)
+    if word_is(word, wl, "subscribe", 9):
+        b.counters.commands[CMD_SUBSCRIBE] += 1
+        return on_subscribe(b, h, args, an)
+    if word_is(word, wl, "unsubscribe", 11):
+        b.counters.commands[CMD_UNSUBSCRIBE] += 1
+        return on_unsubscribe(b, h, args, an)
+    if word_is(word, wl, "connect", 7):
+        b.counters.commands[CMD_CONNECT] += 1
+        return on_connect(b, h, args, an)
+    if word_is(word, wl, "ping", 4):
+        b.counters.commands[CMD_PING] += 1
+        return on_ping(b, h, args, an)
+    if word_is(word, wl, "disconnect", 10):
+        b.counters.commands[CMD_DISCONNECT] += 1
+        return on_disconnect(b, h, args, an)
+    if word_is(word, wl, "stats", 5):
+        b.counters.commands[CMD_STATS] += 1
+        return on_stats(b, h, args, an)
+    if word_is(word, wl, "hello", 5):
+        b.counters.commands[CMD_HELLO] += 1
+        return on_hello(b, h, args, an)
+    b.counters.commands[CMD_UNKNOWN] += 1
+    out_error_quoting(b, h, ERR_UNKNOWN_COMMAND, "unknown command", word, wl)
+    return 0

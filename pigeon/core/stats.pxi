@@ -1,0 +1,106 @@
+# Stats: reports and warnings (see stats.pxd).
+
+
+cdef int warn(Broker b, str text) except -1:
+    """Tell the operator about a rare event (through on_warning)."""
+    if b.on_warning is not None:
+        b.on_warning(text)
+    return 0
+
+
+cdef dict stats_dict(Broker b):
+    cdef int i
+    return {
+        "uptime_seconds": time.time() - b.started,
+        "connections": b.conns.count,
+        "connections_total": b.counters.connections_total,
+        "topics": b.topic_table.count,
+        "backlog_messages": b.backlog_messages,
+        "backlog_bytes": b.backlog_bytes,
+        "memory_bytes": mem_total(&b.mem),
+        "memory_in_transports_bytes": b.mem.in_transports,
+        "memory_limit_bytes": b.limit.max_memory,
+        "commands": {COMMAND_NAMES[i]: b.counters.commands[i] for i in range(CMD_KINDS)},
+        "published": b.counters.published,
+        "delivered": b.counters.delivered,
+        "backlogged": b.counters.backlogged,
+        "refused": b.counters.refused,
+        "errors": {ERROR_NAMES[i]: b.counters.errors[i] for i in range(ERR_KINDS)},
+        "connections_rejected": b.counters.rejected,
+        "idle_closed": b.counters.idle_closed,
+        "write_timeouts": b.counters.write_timeouts,
+        "requeued": b.counters.requeued,
+        "lost": b.counters.lost,
+        "read_pauses": b.counters.read_pauses,
+        "reading_paused": sum(1 for h in range(b.conns.cap) if b.conns.items[h].reading_stopped),
+        "bytes_in": b.counters.bytes_in,
+        "bytes_out": b.counters.bytes_out,
+        "slow_consumers": b.counters.slow_consumers,
+    }
+
+
+cdef str _text(const char *p, size_t n):
+    return p[:n].decode("utf-8", "replace")
+
+
+cdef dict topics_page(Broker b, size_t cursor, size_t count):
+    """Up to ``count`` topics from ``cursor`` (SCAN order), about STATS_PAGE_BYTES of JSON at most:
+    ``{"topics": [...], "next": cursor}``, next 0 once the listing is complete."""
+    cdef list entries = []
+    cdef size_t size = 0
+    cdef uint64_t v = cursor & (b.topic_table.nbuckets - 1)
+    cdef Topic *t
+    while True:
+        t = b.topic_table.buckets[v]
+        while t != NULL:
+            entries.append({
+                "name": _text(topic_name(t), t.name_len),
+                "subscribers": t.nsubs,
+                "backlog_messages": t.backlog.count,
+                "backlog_bytes": t.backlog.nbytes,
+                "published": t.published,
+                "delivered": t.delivered,
+            })
+            size += 6 * t.name_len + 160   # the worst JSON escaping of the name, and the figures
+            t = t.next
+        v = topics_next_cursor(&b.topic_table, v)
+        if v == 0 or <size_t>len(entries) >= count or size >= STATS_PAGE_BYTES:
+            break
+    return {"topics": entries, "next": v}
+
+
+cdef dict connections_page(Broker b, size_t cursor, size_t count):
+    """Up to ``count`` connections from handle ``cursor``, about STATS_PAGE_BYTES of JSON at most:
+    ``{"connections": [...], "next": cursor}``, next 0 once the listing is complete."""
+    cdef list entries = []
+    cdef size_t size = 0, h = cursor
+    cdef int32_t i
+    cdef Conn *c
+    cdef double now = time.time()
+    while h < <size_t>b.conns.cap and <size_t>len(entries) < count and size < STATS_PAGE_BYTES:
+        c = &b.conns.items[h]
+        h += 1
+        if c.state == CONN_FREE:
+            continue
+        names = sorted(_text(topic_name(c.subs[i]), c.subs[i].name_len) for i in range(c.nsubs))
+        del names[STATS_SUBSCRIPTIONS_LISTED:]
+        entries.append({
+            "handle": h - 1,
+            "client_id": _text(c.id_text, c.id_len) if c.client_id else None,
+            "address": <object>c.peer if c.peer != NULL else None,
+            "subscriptions": names,
+            "subscriptions_total": c.nsubs,
+            "pending_bytes": c.out_len + c.in_transport,
+            "messages_in": c.msgs_in,
+            "messages_out": c.msgs_out,
+            "bytes_in": c.bytes_in,
+            "bytes_out": c.bytes_out,
+            "connected_since": c.since,
+            "connected_seconds": now - c.since,
+            "closing": c.state == CONN_CLOSING,
+            "paused": bool(c.paused),
+        })
+        size += 400 + sum(6 * len(name) + 3 for name in names)
+    while h < <size_t>b.conns.cap and b.conns.items[h].state == CONN_FREE:
+        h += 1
+    return {"connections": entries, "next": h if h < <size_t>b.conns.cap else 0}

@@ -1,0 +1,43 @@
+# Topics: a chained hash table keyed by a per-process random SipHash of the
+# name (so colliding names cannot be computed offline), a cache of the last
+# topic used, and per topic the rotation of its subscribers and its backlog.
+
+from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
+
+
+cdef struct Topic:
+    Topic *next             # hash-bucket chain
+    uint64_t hash
+    uint16_t name_len       # the name is stored just past the struct (topic_name)
+    bint full               # backlog at its limit: warned once until it empties
+    bint touched            # on a list of topics to drain (Topic.touched_next), pinned by one nmsgs
+    Topic *touched_next
+    uint32_t nmsgs          # messages alive that belong to it (backlog, in flight)
+    int32_t *subs           # subscribed connection handles, in subscription order
+    int32_t nsubs
+    int32_t subs_cap
+    int32_t cursor          # index of the next turn; may equal nsubs (wraps lazily)
+    Queue backlog
+    uint64_t published      # messages accepted for this topic
+    uint64_t delivered      # messages written to a subscriber
+
+
+ctypedef struct TopicTable:
+    Topic **buckets
+    size_t nbuckets         # a power of two
+    size_t count
+    Topic *last             # the topic of the last PUBLISH: pipelined publishers repeat it
+
+
+cdef uint64_t topic_hash(const char *name, size_t n) noexcept
+cdef char *topic_name(Topic *t) noexcept
+cdef int topics_init(Memory *m, TopicTable *table) noexcept
+cdef Topic *topics_find(TopicTable *table, const char *name, size_t n, uint64_t hash) noexcept
+cdef Topic *topics_add(Memory *m, TopicTable *table, const char *name, size_t n, uint64_t hash) noexcept
+cdef void topics_drop_if_unused(Broker b, Topic *t) noexcept
+cdef uint64_t topics_next_cursor(TopicTable *table, uint64_t cursor) noexcept
+
+cdef int topic_add_subscriber(Memory *m, Topic *t, int32_t h) noexcept
+cdef void topic_remove_subscriber(Topic *t, int32_t h) noexcept
+cdef bint topic_has_subscriber(Topic *t, int32_t h) noexcept
+cdef int32_t topic_next_subscriber(Broker b, Topic *t) noexcept

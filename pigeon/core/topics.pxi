@@ -1,0 +1,179 @@
+# Topics: the hash table and round robin (see topics.pxd).
+
+
+cdef extern from *:
+    """
+    #if PY_VERSION_HEX >= 0x030E0000
+    #define pigeon_hash_bytes(p, n) Py_HashBuffer((p), (n))
+    #else
+    #define pigeon_hash_bytes(p, n) _Py_HashBytes((p), (n))
+    #endif
+    """
+    # CPython's SipHash-1-3 of the bytes, keyed by the interpreter's random
+    # per-process secret (PYTHONHASHSEED fixes it; see docs/operations.md).
+    Py_hash_t pigeon_hash_bytes(const void *p, Py_ssize_t n) nogil
+
+
+cdef uint64_t topic_hash(const char *name, size_t n) noexcept:
+    return <uint64_t>pigeon_hash_bytes(name, n)
+
+
+cdef char *topic_name(Topic *t) noexcept:
+    return <char *>(t + 1)
+
+
+cdef int topics_init(Memory *m, TopicTable *table) noexcept:
+    table.nbuckets = 64
+    table.buckets = <Topic **>mem_alloc(m, table.nbuckets * sizeof(Topic *))
+    if table.buckets == NULL:
+        return -1
+    memset(table.buckets, 0, table.nbuckets * sizeof(Topic *))
+    return 0
+
+
+cdef Topic *topics_find(TopicTable *table, const char *name, size_t n, uint64_t hash) noexcept:
+    cdef Topic *t = table.buckets[hash & (table.nbuckets - 1)]
+    while t != NULL:
+        if t.hash == hash and t.name_len == n and memcmp(topic_name(t), name, n) == 0:
+            return t
+        t = t.next
+    return NULL
+
+
+cdef void _topics_grow(Memory *m, TopicTable *table) noexcept:
+    """Double the buckets; when that cannot be allocated the chains just get longer."""
+    cdef size_t i, newn = table.nbuckets * 2
+    cdef Topic **grown = <Topic **>mem_alloc(m, newn * sizeof(Topic *))
+    cdef Topic *t
+    cdef Topic *nxt
+    if grown == NULL:
+        return
+    memset(grown, 0, newn * sizeof(Topic *))
+    for i in range(table.nbuckets):
+        t = table.buckets[i]
+        while t != NULL:
+            nxt = t.next
+            t.next = grown[t.hash & (newn - 1)]
+            grown[t.hash & (newn - 1)] = t
+            t = nxt
+    mem_free(m, table.buckets, table.nbuckets * sizeof(Topic *))
+    table.buckets = grown
+    table.nbuckets = newn
+
+
+cdef Topic *topics_add(Memory *m, TopicTable *table, const char *name, size_t n, uint64_t hash) noexcept:
+    """A new, empty topic in the table; NULL when out of memory."""
+    cdef Topic *t
+    if table.count >= table.nbuckets:
+        _topics_grow(m, table)
+    t = <Topic *>mem_alloc(m, sizeof(Topic) + n)
+    if t == NULL:
+        return NULL
+    memset(t, 0, sizeof(Topic))
+    memcpy(topic_name(t), name, n)
+    t.name_len = <uint16_t>n
+    t.hash = hash
+    t.next = table.buckets[hash & (table.nbuckets - 1)]
+    table.buckets[hash & (table.nbuckets - 1)] = t
+    table.count += 1
+    return t
+
+
+cdef void topics_drop_if_unused(Broker b, Topic *t) noexcept:
+    """Free a topic once nothing holds it: no subscriber, no message (backlog or in flight)."""
+    cdef TopicTable *table = &b.topic_table
+    cdef Topic **link
+    if t.nsubs or t.nmsgs or b.tearing_down:
+        return
+    link = &table.buckets[t.hash & (table.nbuckets - 1)]
+    while link[0] != t:
+        link = &link[0].next
+    link[0] = t.next
+    if table.last == t:
+        table.last = NULL
+    queue_free_ring(&b.mem, &t.backlog)
+    mem_free(&b.mem, t.subs, t.subs_cap * sizeof(int32_t))
+    mem_free(&b.mem, t, sizeof(Topic) + t.name_len)
+    table.count -= 1
+
+
+cdef inline uint64_t _reverse_bits(uint64_t v) noexcept:
+    cdef uint64_t r = 0
+    cdef int i
+    for i in range(64):
+        r = (r << 1) | (v & 1)
+        v >>= 1
+    return r
+
+
+cdef uint64_t topics_next_cursor(TopicTable *table, uint64_t cursor) noexcept:
+    """The bucket after ``cursor`` in Redis's SCAN order (0 once every bucket was visited).
+
+    The cursor counts in reversed bit order, so a table that doubles between
+    two steps still has every topic it held throughout visited, none twice
+    unless it grew.
+    """
+    cursor |= ~(<uint64_t>(table.nbuckets - 1))
+    return _reverse_bits(_reverse_bits(cursor) + 1)
+
+
+cdef int topic_add_subscriber(Memory *m, Topic *t, int32_t h) noexcept:
+    """Put h last in t's rotation; -1 when out of memory."""
+    cdef int32_t newcap
+    cdef int32_t *grown
+    if t.nsubs == t.subs_cap:
+        newcap = t.subs_cap * 2 if t.subs_cap else 4
+        grown = <int32_t *>mem_grow(m, t.subs, t.subs_cap * sizeof(int32_t), newcap * sizeof(int32_t))
+        if grown == NULL:
+            return -1
+        t.subs = grown
+        t.subs_cap = newcap
+    t.subs[t.nsubs] = h
+    t.nsubs += 1
+    return 0
+
+
+cdef void topic_remove_subscriber(Topic *t, int32_t h) noexcept:
+    """Take h out of t's rotation so that nobody skips or repeats a turn."""
+    cdef int32_t i
+    for i in range(t.nsubs):
+        if t.subs[i] == h:
+            memmove(&t.subs[i], &t.subs[i + 1], (t.nsubs - i - 1) * sizeof(int32_t))
+            t.nsubs -= 1
+            if i < t.cursor:
+                t.cursor -= 1
+            return
+
+
+cdef bint topic_has_subscriber(Topic *t, int32_t h) noexcept:
+    cdef int32_t i
+    for i in range(t.nsubs):
+        if t.subs[i] == h:
+            return True
+    return False
+
+
+cdef int32_t topic_next_subscriber(Broker b, Topic *t) noexcept:
+    """Whose turn it is: the next subscriber that can take a message now, or -1.
+
+    Skipped: connections whose transport is full (paused), and those already
+    holding a full batch of output (marked starved, so their topics are drained
+    again once that batch is handed over).
+    """
+    cdef int32_t k, i, h
+    cdef Conn *c
+    if t.cursor >= t.nsubs:
+        t.cursor = 0
+    i = t.cursor
+    for k in range(t.nsubs):
+        h = t.subs[i]
+        c = &b.conns.items[h]
+        if not c.paused:
+            if c.out_len < b.limit.out_batch:
+                t.cursor = i + 1    # wraps lazily, so a new subscriber gets the next turn
+                return h
+            c.starved = True
+        i += 1
+        if i == t.nsubs:
+            i = 0
+    return -1
