@@ -1,7 +1,7 @@
 """Pigeon side by side with nats-server and redis-server, same workloads, same run.
 
 Each broker is started fresh, pinned to one CPU with taskset, while this
-process (the load generator, ``pigeon.bench``) pins itself to another. The
+process (the load generator, ``pigeon.bench.load``) pins itself to another. The
 brokers take turns within each repeat, so they share whatever else the machine
 is doing, and the table shows the median of the repeats with the ratios the
 targets are stated in. A peer that is not installed is skipped with a note.
@@ -31,7 +31,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
 from pigeon import __version__
-from pigeon.bench import (
+from pigeon.bench.load import (
     LATENCY_STEP,
     WORKLOADS,
     BrokerProbe,
@@ -127,7 +127,7 @@ def _start_redis(pin: list[str]) -> tuple[subprocess.Popen[str], int]:
 
 
 def _start_sink(pin: list[str]) -> tuple[subprocess.Popen[str], int]:
-    proc = _spawn([*pin, sys.executable, "-m", "pigeon.bench_sink", "--port", "0"])
+    proc = _spawn([*pin, sys.executable, "-m", "pigeon.bench.sink", "--port", "0"])
     return proc, int(_wait_for_line(proc, re.compile(r"listening on \S+:(\d+)")).group(1))
 
 
@@ -148,7 +148,7 @@ def brokers(include_sink: bool) -> list[Broker]:
     ]
     if include_sink:
         found.append(
-            Broker("ceiling", "pigeon", sys.executable, _start_sink, "null broker (pigeon.bench_sink)")
+            Broker("ceiling", "pigeon", sys.executable, _start_sink, "null broker (pigeon.bench.sink)")
         )
     for b in found[1:3]:
         if b.executable:

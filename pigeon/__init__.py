@@ -1,9 +1,7 @@
 """Pigeon: a lightweight pub/sub broker with work-queue (round-robin) delivery."""
 
 from pigeon._version import __version__
-from pigeon.aio import AsyncClient
-from pigeon.client import Client
-from pigeon.codec import Message, Refused
+from pigeon.client import AsyncClient, Client, Message, Refused
 from pigeon.errors import (
     BacklogFullError,
     CommandError,

@@ -21,7 +21,7 @@ from pigeon import (
     ProtocolError,
     ServerThread,
 )
-from pigeon.cli import loop_factory
+from pigeon.server.loops import loop_factory
 from tests.conftest import FakeServer
 from tests.wire import ServerProcess
 

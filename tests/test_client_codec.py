@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from pigeon import codec
-from pigeon.codec import Message
+from pigeon.client import codec
+from pigeon.client.codec import Message
+from pigeon.client.session import Session
 from pigeon.errors import BacklogFullError, CommandError, ConnectionClosedError, InvalidArgumentError
-from pigeon.session import Session
 
 
 @pytest.mark.parametrize("topic", ["news", "a.b.c", "x" * 255, "émoji-🐦", b"bytes-topic"])

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import cast
 
-from pigeon import codec, errors
-from pigeon._clientbase import (
+from pigeon import errors
+from pigeon.client import codec
+from pigeon.client.base import (
     CHUNK,
     DEFAULT_HOST,
     DEFAULT_MAX_QUEUED,
@@ -23,9 +24,9 @@ from pigeon._clientbase import (
     ClientBase,
     result,
 )
-from pigeon.codec import Data, Message, Refused
+from pigeon.client.codec import Data, Message, Refused
+from pigeon.client.session import Pending
 from pigeon.errors import ConnectionClosedError, PigeonError, ProtocolError
-from pigeon.session import Pending
 
 
 class _Protocol(asyncio.Protocol):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pigeon.codec import Refused
+from pigeon.client.codec import Refused
+from pigeon.client.session import Pending, Session
 from pigeon.errors import ConnectionClosedError, ProtocolError
-from pigeon.session import Pending, Session
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3333

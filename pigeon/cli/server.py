@@ -7,11 +7,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pigeon import __version__, logs
-from pigeon.server import (
+from pigeon._version import __version__
+from pigeon.server import logs
+from pigeon.server.loops import loop_factory
+from pigeon.server.protocol import (
     DEFAULT_HOST,
     DEFAULT_MAX_BACKLOG,
     DEFAULT_MAX_CONNECTIONS,
@@ -25,13 +27,11 @@ from pigeon.server import (
 )
 
 if TYPE_CHECKING:
-    from pigeon.monitor import Monitor
+    from pigeon.server.monitor import Monitor
 
 log = logging.getLogger("pigeon")
 
 DEFAULT_HTTP_HOST = "127.0.0.1"
-
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
 def _positive(text: str) -> int:
@@ -155,19 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def loop_factory(choice: str) -> tuple[str, LoopFactory]:
-    """The event loop's name and constructor for ``--loop``; raises ImportError for a missing uvloop."""
-    if choice in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise
-        else:
-            return "uvloop", uvloop.new_event_loop
-    return "asyncio", asyncio.new_event_loop
-
-
 def _raise_open_files_limit(max_connections: int) -> None:
     """Let the process hold max_connections sockets, as far as the hard limit allows (as Redis does)."""
     try:
@@ -244,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     monitor = None
     if args.http_port is not None:
         try:
-            from pigeon.monitor import Monitor
+            from pigeon.server.monitor import Monitor
         except ImportError as exc:
             log.error("--http-port needs the monitor extra: pip install 'pigeon-broker[monitor]' (%s)", exc)
             return 2
