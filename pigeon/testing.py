@@ -14,8 +14,9 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
+from pigeon.protocol import DEFAULT_HOST
 from pigeon.server.loops import loop_factory
-from pigeon.server.protocol import DEFAULT_HOST, DEFAULT_MAX_BACKLOG, DEFAULT_MAX_LINE, Server
+from pigeon.server.protocol import DEFAULT_MAX_BACKLOG, DEFAULT_MAX_LINE, Server
 
 T = TypeVar("T")
 

@@ -13,6 +13,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pigeon.protocol import TOPIC_MAX
+
 Writer = Callable[[bytes], object]
 Closer = Callable[[str, bool], object]
 Pending = Callable[[], int]
@@ -35,7 +37,6 @@ ERRORS = (
     "idle_timeout",
 )
 
-TOPIC_MAX = 255
 SHOW_MAX = 64
 READ_ROOM = 256 * 1024
 
@@ -558,7 +559,7 @@ class ModelBroker:
 def topic_problem(name: bytes) -> bytes:
     """The ERROR reason for an invalid topic name, or b"" for a valid one (first fault wins)."""
     if not 1 <= len(name) <= TOPIC_MAX:
-        return b"topic must be 1 to 255 bytes"
+        return b"topic must be 1 to %d bytes" % TOPIC_MAX
     blank = b"topic must not contain whitespace or control characters"
     bad = b"topic is not valid UTF-8"
     i = 0

@@ -30,6 +30,7 @@ from typing import Any
 
 from pigeon.bench.wire import DIALECTS, LineSocket, dialect
 from pigeon.cli.common import Subparsers, positive
+from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 
 DESCRIPTION = "Measure a running broker: throughput, latency and memory per connection."
 WORKLOADS = ("pipe", "queue", "fanin", "latency", "connections")
@@ -57,8 +58,8 @@ class Result:
 class Options:
     """What to run, against what."""
 
-    host: str = "127.0.0.1"
-    port: int = 3333
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
     dialect: str = "pigeon"
     size: int = 64
     duration: float = 3.0

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Sequence
 
 from pigeon.bench.load import CHUNK_BYTES, READ_BYTES
+from pigeon.protocol import DEFAULT_HOST
 
 
 def _stream(sock: socket.socket, topic: bytes, size: int) -> None:
@@ -90,7 +91,7 @@ def serve(host: str, port: int, size: int, ready: threading.Event | None = None)
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pigeon.bench.sink``."""
     parser = argparse.ArgumentParser(prog="python -m pigeon.bench.sink", description=__doc__.split("\n")[0])
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default=DEFAULT_HOST)
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
     parser.add_argument("--size", type=int, default=64, help="message bytes streamed to subscribers")
     args = parser.parse_args(argv)

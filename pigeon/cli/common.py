@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TypeAlias
 
-from pigeon.client.base import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIMEOUT
+from pigeon.client.base import DEFAULT_TIMEOUT
+from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 

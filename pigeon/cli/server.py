@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pigeon._version import __version__
+from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 from pigeon.server import logs
 from pigeon.server.loops import loop_factory
 from pigeon.server.protocol import (
-    DEFAULT_HOST,
     DEFAULT_MAX_BACKLOG,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_LINE,
@@ -22,7 +22,6 @@ from pigeon.server.protocol import (
     DEFAULT_MAX_PENDING,
     DEFAULT_MAX_SUBSCRIPTIONS,
     DEFAULT_MAX_TOPICS,
-    DEFAULT_PORT,
     Server,
 )
 

@@ -6,8 +6,6 @@ from pigeon.client.codec import Refused
 from pigeon.client.session import Pending, Session
 from pigeon.errors import ConnectionClosedError, ProtocolError
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 3333
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_RECONNECT_TIMEOUT = 30.0
 DEFAULT_MAX_QUEUED = 10_000  # deliveries an AsyncClient holds before it stops reading

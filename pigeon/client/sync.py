@@ -12,8 +12,6 @@ from pigeon import errors
 from pigeon.client import codec
 from pigeon.client.base import (
     CHUNK,
-    DEFAULT_HOST,
-    DEFAULT_PORT,
     DEFAULT_RECONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
     OUT_LIMIT,
@@ -27,6 +25,7 @@ from pigeon.client.base import (
 from pigeon.client.codec import Data, Message, Refused
 from pigeon.client.session import Pending
 from pigeon.errors import ConnectionClosedError, ProtocolError
+from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 
 
 class Client(ClientBase):

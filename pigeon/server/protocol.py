@@ -13,11 +13,10 @@ from types import TracebackType
 from typing import cast
 
 from pigeon._core import Broker
+from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 
 log = logging.getLogger("pigeon")
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 3333
 DEFAULT_MAX_LINE = 1024 * 1024
 DEFAULT_MAX_BACKLOG = 100_000
 DEFAULT_MAX_CONNECTIONS = 10_000
