@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import socket
 import statistics
@@ -42,6 +41,7 @@ from pigeon.bench.load import (
     run,
     write_chart,
 )
+from pigeon.server.limits import raise_open_files_limit
 
 THROUGHPUT = ("pipe", "queue", "fanin")
 PEERS = ("nats", "redis")
@@ -67,20 +67,14 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
 
-def _raise_fd_limit() -> None:
-    # thousands of idle connections need thousands of descriptors on both ends
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def _spawn(cmd: list[str]) -> subprocess.Popen[str]:
+    # thousands of idle connections need thousands of descriptors on both ends
     return subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        preexec_fn=_raise_fd_limit,
+        preexec_fn=raise_open_files_limit,
     )
 
 
@@ -407,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workloads = [w for w in args.workloads.split(",") if w]
     # a fresh broker measures connections first, before other workloads leave freed memory to reuse
     workloads.sort(key=lambda w: w != "connections")
-    _raise_fd_limit()
+    raise_open_files_limit()
     opts = Options(
         size=args.size,
         duration=args.duration,

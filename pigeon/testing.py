@@ -12,11 +12,16 @@ import contextlib
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pigeon.protocol import DEFAULT_HOST
 from pigeon.server.loops import loop_factory
-from pigeon.server.protocol import DEFAULT_MAX_BACKLOG, DEFAULT_MAX_LINE, Server
+from pigeon.server.protocol import Server
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from pigeon.server.limits import ServerLimits
 
 T = TypeVar("T")
 
@@ -28,7 +33,8 @@ class ServerThread:
 
     Use ``with ServerThread() as server:`` (or ``start()``/``stop()``) and
     connect to ``server.host``/``server.port``. ``loop`` is "auto" (uvloop
-    when installed), "uvloop" or "asyncio".
+    when installed), "uvloop" or "asyncio"; the other keywords are ``Server``'s
+    (``max_line``, ``max_backlog``, ..., ``idle_timeout``).
     """
 
     def __init__(
@@ -36,13 +42,12 @@ class ServerThread:
         host: str = DEFAULT_HOST,
         port: int = 0,
         *,
-        max_line: int = DEFAULT_MAX_LINE,
-        max_backlog: int = DEFAULT_MAX_BACKLOG,
         loop: str = "auto",
+        **limits: Unpack[ServerLimits],
     ) -> None:
         self.host = host
         self.loop_name, self._new_loop = loop_factory(loop)
-        self.server = Server(host, port, max_line=max_line, max_backlog=max_backlog)
+        self.server = Server(host, port, **limits)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None

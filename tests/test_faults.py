@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
+from pigeon.server.limits import raise_open_files_limit
 from tests.wire import LineClient, ServerProcess
 
 Start = Callable[..., ServerProcess]
@@ -76,16 +77,8 @@ def test_connect_and_vanish(server: ServerProcess, connect: Callable[[], LineCli
 
 def _room_for_sockets(n: int) -> bool:
     """Raise this process's open-files limit to hold n more sockets, if the hard limit allows."""
-    try:
-        import resource
-    except ImportError:
-        return False
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < n + 100:
-        return False
-    if soft != resource.RLIM_INFINITY and soft < n + 100:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (n + 100, hard))
-    return True
+    limit = raise_open_files_limit(n + 100)
+    return limit is None or limit >= n + 100
 
 
 def test_flood_of_ten_thousand_connections(start_server: Start) -> None:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 from pigeon._version import __version__
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 from pigeon.server import logs
-from pigeon.server.loops import loop_factory
-from pigeon.server.protocol import (
+from pigeon.server.limits import (
+    DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_BACKLOG,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_LINE,
@@ -22,8 +22,10 @@ from pigeon.server.protocol import (
     DEFAULT_MAX_PENDING,
     DEFAULT_MAX_SUBSCRIPTIONS,
     DEFAULT_MAX_TOPICS,
-    Server,
+    raise_open_files_limit,
 )
+from pigeon.server.loops import loop_factory
+from pigeon.server.protocol import Server
 
 if TYPE_CHECKING:
     from pigeon.server.monitor import Monitor
@@ -116,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--idle-timeout",
         type=_seconds,
-        default=0.0,
+        default=DEFAULT_IDLE_TIMEOUT,
         metavar="SECONDS",
         help="close a connection that sends nothing for this long; 0 is off (default %(default)s)",
     )
@@ -156,21 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _raise_open_files_limit(max_connections: int) -> None:
     """Let the process hold max_connections sockets, as far as the hard limit allows (as Redis does)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # room for the listener, the log and the interpreter's own files
     want = max_connections + 64
-    if hard != resource.RLIM_INFINITY:
-        want = min(want, hard)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    if hard != resource.RLIM_INFINITY and hard < max_connections + 64:
+    limit = raise_open_files_limit(want)
+    if limit is not None and limit < want:
         log.warning(
             "open files limit %d is below --max-connections %d: accept will fail before the limit",
-            hard,
+            limit,
             max_connections,
         )
 
