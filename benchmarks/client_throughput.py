@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pigeon import AsyncClient, Client
 from pigeon.client.base import CHUNK, WINDOW
 from pigeon.server.loops import loop_factory
-from tests.wire import ServerProcess
+from pigeon.testing import ServerProcess
 
 Variant = Callable[[str, int, str, list[bytes]], int]
 

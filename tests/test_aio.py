@@ -22,8 +22,8 @@ from pigeon import (
     ServerThread,
 )
 from pigeon.server.loops import loop_factory
+from pigeon.testing import ServerProcess
 from tests.conftest import FakeServer
-from tests.wire import ServerProcess
 
 T = TypeVar("T")
 StartServer = Callable[..., ServerProcess]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pigeon.bench.load import Result, format_table
-from tests.wire import ServerProcess
+from pigeon.testing import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = ["--duration", "0.3", "--connections", "20", "--samples", "200", "--no-progress"]

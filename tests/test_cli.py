@@ -14,7 +14,7 @@ import pytest
 
 import pigeon
 from pigeon.cli.server import build_parser
-from tests.wire import ServerProcess, server_command
+from pigeon.testing import ServerProcess, server_command
 
 CONSOLE_SCRIPT = shutil.which("pigeon", path=str(Path(sys.executable).parent))
 

@@ -20,8 +20,8 @@ from pigeon import (
     ServerThread,
 )
 from pigeon.protocol import TOPIC_MAX
+from pigeon.testing import ServerProcess
 from tests.conftest import FakeServer
-from tests.wire import ServerProcess
 
 StartServer = Callable[..., ServerProcess]
 

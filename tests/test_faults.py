@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pytest
 
 from pigeon.server.limits import raise_open_files_limit
-from tests.wire import LineClient, ServerProcess
+from pigeon.testing import LineClient, ServerProcess
 
 Start = Callable[..., ServerProcess]
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pigeon.testing import LineClient, ServerProcess
 from tests.monitoring import get, get_json, traffic
-from tests.wire import LineClient, ServerProcess
 
 Monitored = tuple[ServerProcess, str]
 

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import pytest
 
 from pigeon.cli.top import Sample, screen_lines
+from pigeon.testing import ServerProcess
 from tests.monitoring import traffic
-from tests.wire import ServerProcess
 
 CLI = [sys.executable, "-m", "pigeon.cli.client"]
 
