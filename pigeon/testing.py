@@ -38,6 +38,13 @@ T = TypeVar("T")
 
 START_TIMEOUT = 10.0
 
+# the start-up line of the pigeon command: host, port, event loop
+LISTENING = re.compile(r"listening on (\S+):(\d+) \((\w+)\)")
+
+# Runs the suite against another build of the server (an installed wheel's
+# ``pigeon``, the single-file binary): a shell-quoted command line.
+SERVER_CMD_ENV = "PIGEON_TEST_SERVER_CMD"
+
 
 class ServerThread:
     """Runs ``pigeon.Server`` in a daemon thread; ``port=0`` (the default) picks a free port.
@@ -140,13 +147,6 @@ class ServerThread:
             await self._stop.wait()
         finally:
             await self.server.stop()
-
-
-LISTENING = re.compile(r"listening on (\S+):(\d+) \((\w+)\)")
-
-# Runs the suite against another build of the server (an installed wheel's
-# ``pigeon``, the single-file binary): a shell-quoted command line.
-SERVER_CMD_ENV = "PIGEON_TEST_SERVER_CMD"
 
 
 def server_command() -> list[str]:
