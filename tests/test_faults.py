@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from pigeon.server.limits import raise_open_files_limit
+from pigeon.server.limits import DEFAULT_MAX_CONNECTIONS, raise_open_files_limit
 from pigeon.testing import LineClient, ServerProcess
 
 Start = Callable[..., ServerProcess]
@@ -82,20 +82,21 @@ def _room_for_sockets(n: int) -> bool:
 
 
 def test_flood_of_ten_thousand_connections(start_server: Start) -> None:
-    if not _room_for_sockets(10_000):
-        pytest.skip("the open-files hard limit is below 10,100")
+    n = DEFAULT_MAX_CONNECTIONS
+    if not _room_for_sockets(n):
+        pytest.skip(f"the open-files hard limit is below {n + 100}")
     proc = start_server()
     keeper = proc.client()
     keeper.connect()
     flood: list[socket.socket] = []
     try:
-        for _ in range(10_000):
+        for _ in range(n):
             flood.append(socket.create_connection((proc.host, proc.port), timeout=30))
         # a round trip through the keeper: every connection before it was accepted
         assert keeper.ask("PING") == b"PONG"
-        # the default --max-connections is 10000: the last one of the flood was refused
+        # with the keeper, the flood is one over the default --max-connections: its last one was refused
         flood[-1].settimeout(30)
-        assert flood[-1].recv(100) == b"ERROR too many connections (limit 10000)\n"
+        assert flood[-1].recv(100) == b"ERROR too many connections (limit %d)\n" % n
         assert flood[0].send(b"CONNECT\n") == 8
         flood[0].settimeout(30)
         assert flood[0].recv(100).startswith(b"CONNECTED ")
