@@ -4,6 +4,7 @@ PIGEON_SANITIZE=1 in the environment builds the core with AddressSanitizer and
 UndefinedBehaviorSanitizer (see docs/operations.md).
 """
 
+import ast
 import os
 import sys
 from pathlib import Path
@@ -52,8 +53,16 @@ for sanitizer in sanitizers:
     compile_args.append(f"-fsanitize={sanitizer}")
     link_args.append(f"-fsanitize={sanitizer}")
 
-# The longest topic name, defined once for the Python side and the C core.
-TOPIC_MAX = 255
+def protocol_constant(name: str) -> int:
+    """A constant of pigeon/protocol.py, where the wire constants are defined once for Python and C."""
+    tree = ast.parse(Path("pigeon/protocol.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [t.id for t in node.targets if isinstance(t, ast.Name)] == [name]:
+            return int(ast.literal_eval(node.value))
+    raise LookupError(f"{name} is not defined in pigeon/protocol.py")
+
+
+TOPIC_MAX = protocol_constant("TOPIC_MAX")
 
 extensions = [
     Extension(

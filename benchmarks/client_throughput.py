@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable, Sequence
 
 from pigeon import AsyncClient, Client
-from pigeon._clientbase import CHUNK, WINDOW
-from pigeon.cli import loop_factory
-from tests.wire import ServerProcess
+from pigeon.client.base import CHUNK, WINDOW
+from pigeon.server.loops import loop_factory
+from pigeon.testing import ServerProcess
 
 Variant = Callable[[str, int, str, list[bytes]], int]
 

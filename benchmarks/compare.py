@@ -1,7 +1,7 @@
 """Pigeon side by side with nats-server and redis-server, same workloads, same run.
 
 Each broker is started fresh, pinned to one CPU with taskset, while this
-process (the load generator, ``pigeon.bench``) pins itself to another. The
+process (the load generator, ``pigeon.bench.load``) pins itself to another. The
 brokers take turns within each repeat, so they share whatever else the machine
 is doing, and the table shows the median of the repeats with the ratios the
 targets are stated in. A peer that is not installed is skipped with a note.
@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import socket
 import statistics
@@ -31,7 +30,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
 from pigeon import __version__
-from pigeon.bench import (
+from pigeon.bench.load import (
     LATENCY_STEP,
     WORKLOADS,
     BrokerProbe,
@@ -42,6 +41,7 @@ from pigeon.bench import (
     run,
     write_chart,
 )
+from pigeon.server.limits import raise_open_files_limit
 
 THROUGHPUT = ("pipe", "queue", "fanin")
 PEERS = ("nats", "redis")
@@ -67,20 +67,14 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
 
-def _raise_fd_limit() -> None:
-    # thousands of idle connections need thousands of descriptors on both ends
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def _spawn(cmd: list[str]) -> subprocess.Popen[str]:
+    # thousands of idle connections need thousands of descriptors on both ends
     return subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        preexec_fn=_raise_fd_limit,
+        preexec_fn=raise_open_files_limit,
     )
 
 
@@ -127,7 +121,7 @@ def _start_redis(pin: list[str]) -> tuple[subprocess.Popen[str], int]:
 
 
 def _start_sink(pin: list[str]) -> tuple[subprocess.Popen[str], int]:
-    proc = _spawn([*pin, sys.executable, "-m", "pigeon.bench_sink", "--port", "0"])
+    proc = _spawn([*pin, sys.executable, "-m", "pigeon.bench.sink", "--port", "0"])
     return proc, int(_wait_for_line(proc, re.compile(r"listening on \S+:(\d+)")).group(1))
 
 
@@ -148,7 +142,7 @@ def brokers(include_sink: bool) -> list[Broker]:
     ]
     if include_sink:
         found.append(
-            Broker("ceiling", "pigeon", sys.executable, _start_sink, "null broker (pigeon.bench_sink)")
+            Broker("ceiling", "pigeon", sys.executable, _start_sink, "null broker (pigeon.bench.sink)")
         )
     for b in found[1:3]:
         if b.executable:
@@ -407,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workloads = [w for w in args.workloads.split(",") if w]
     # a fresh broker measures connections first, before other workloads leave freed memory to reuse
     workloads.sort(key=lambda w: w != "connections")
-    _raise_fd_limit()
+    raise_open_files_limit()
     opts = Options(
         size=args.size,
         duration=args.duration,

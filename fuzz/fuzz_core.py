@@ -2,8 +2,9 @@
 
 Each input is a session: limits, then operations (open, feed bytes, pause,
 resume, close, tick, transports that pause or fail) run on the Cython core and
-on tests/model.py; any difference in output, closes, counters or topic state,
-and any crash, is a finding. Coverage comes from the instrumented model, whose
+on tests/model.py, through the fake transports of tests/harness.py (which the
+differential test uses too); any difference in output, closes, counters or
+topic state, and any crash, is a finding. Coverage comes from the instrumented model, whose
 branches follow the core's rules one for one, so it guides the search through
 the core's states too.
 
@@ -23,8 +24,8 @@ import atheris
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 with atheris.instrument_imports(include=["tests"]):
+    from tests.harness import Pair
     from tests.model import ModelBroker
-    from tests.test_differential import Pair
 
 from pigeon._core import Broker
 
@@ -55,7 +56,7 @@ class Session:
     def step(self, fdp: atheris.FuzzedDataProvider) -> None:
         op = fdp.ConsumeIntInRange(0, 10)
         if op == 0 or not self.pairs:
-            self.pairs.append(Pair(self))  # type: ignore[arg-type]
+            self.pairs.append(Pair(self))
             return
         if op == 7:
             self.core.tick()

@@ -1,20 +1,29 @@
-"""Pigeon: a lightweight pub/sub broker with work-queue (round-robin) delivery."""
+"""Pigeon: a lightweight pub/sub broker with work-queue (round-robin) delivery.
+
+The public names are loaded on first use (PEP 562), so that ``import pigeon``
+and the client library load neither the compiled core nor the server.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from pigeon._version import __version__
-from pigeon.aio import AsyncClient
-from pigeon.client import Client
-from pigeon.codec import Message, Refused
-from pigeon.errors import (
-    BacklogFullError,
-    CommandError,
-    ConnectionClosedError,
-    InvalidArgumentError,
-    PigeonError,
-    ProtocolError,
-    TimeoutError,
-)
-from pigeon.server import Server
-from pigeon.testing import ServerThread
+
+if TYPE_CHECKING:
+    from pigeon.client import AsyncClient, Client, Message, Refused
+    from pigeon.errors import (
+        BacklogFullError,
+        CommandError,
+        ConnectionClosedError,
+        InvalidArgumentError,
+        PigeonError,
+        ProtocolError,
+        TimeoutError,
+    )
+    from pigeon.server import Server
+    from pigeon.testing import ServerThread
 
 __all__ = [
     "AsyncClient",
@@ -32,3 +41,35 @@ __all__ = [
     "TimeoutError",
     "__version__",
 ]
+
+# public name -> the module that defines it
+_MODULES = {
+    "AsyncClient": "pigeon.client",
+    "Client": "pigeon.client",
+    "Message": "pigeon.client",
+    "Refused": "pigeon.client",
+    "BacklogFullError": "pigeon.errors",
+    "CommandError": "pigeon.errors",
+    "ConnectionClosedError": "pigeon.errors",
+    "InvalidArgumentError": "pigeon.errors",
+    "PigeonError": "pigeon.errors",
+    "ProtocolError": "pigeon.errors",
+    "TimeoutError": "pigeon.errors",
+    "Server": "pigeon.server",
+    "ServerThread": "pigeon.testing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module the first time the name is asked for."""
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The module's names, the ones not loaded yet included."""
+    return sorted({*globals(), *__all__})

@@ -1,5 +1,5 @@
 """``python -m pigeon``: start the server."""
 
-from pigeon.cli import main
+from pigeon.cli.server import main
 
 raise SystemExit(main())

@@ -85,7 +85,8 @@ cdef class Broker:
                 continue
             leave_all(self, h)
             for i in range(c.ninflight):
-                msg_release(self, c.inflight[i].msg)
+                if c.inflight[i].msg != NULL:
+                    msg_release(self, c.inflight[i].msg)
             c.ninflight = 0
             conn_free(self, h)
         if self.topic_table.buckets != NULL:
@@ -219,7 +220,7 @@ cdef class Broker:
         if c.state == CONN_OPEN:
             leave_all(self, handle)
             c.state = CONN_CLOSING
-            give_back_inflight(self, handle, True)
+            give_back_inflight(self, handle, c.out, True)
             conn_keep_input(self, handle, NULL, 0)
             hand_over(self, handle)
         self._settle()
@@ -265,7 +266,7 @@ cdef class Broker:
         cdef Conn *c = conn_get(self, handle)
         if c.state == CONN_OPEN:
             leave_all(self, handle)
-        give_back_inflight(self, handle, False)
+        give_back_inflight(self, handle, c.out, False)
         c = &self.conns.items[handle]
         outbox_forget(&self.outbox, handle, c.dirty, c.close_queued)
         if self.rbuf.owner == handle:

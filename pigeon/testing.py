@@ -1,7 +1,10 @@
-"""``ServerThread``: a Pigeon broker on its own event loop in a background thread.
+"""Brokers for tests and tools: in-process (``ServerThread``) or as a ``pigeon`` process (``ServerProcess``).
 
-For synchronous programs and tests that want a broker in-process. The pytest
-fixtures built on it live in ``pigeon.pytest_plugin``.
+``ServerThread`` runs a broker on its own event loop in a background thread,
+for synchronous programs and tests; the pytest fixtures built on it live in
+``pigeon.pytest_plugin``. ``ServerProcess`` starts the ``pigeon`` command on a
+free port (or another server command: ``$PIGEON_TEST_SERVER_CMD``), and
+``LineClient`` speaks the wire protocol to it line by line over a raw socket.
 """
 
 from __future__ import annotations
@@ -9,17 +12,38 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pigeon.cli import loop_factory
-from pigeon.server import DEFAULT_HOST, DEFAULT_MAX_BACKLOG, DEFAULT_MAX_LINE, Server
+from pigeon.protocol import DEFAULT_HOST
+from pigeon.server.loops import loop_factory
+from pigeon.server.protocol import Server
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from pigeon.server.limits import ServerLimits
 
 T = TypeVar("T")
 
 START_TIMEOUT = 10.0
+
+# the start-up line of the pigeon command: host, port, event loop
+LISTENING = re.compile(r"listening on (\S+):(\d+) \((\w+)\)")
+
+# Runs the suite against another build of the server (an installed wheel's
+# ``pigeon``, the single-file binary): a shell-quoted command line.
+SERVER_CMD_ENV = "PIGEON_TEST_SERVER_CMD"
 
 
 class ServerThread:
@@ -27,7 +51,8 @@ class ServerThread:
 
     Use ``with ServerThread() as server:`` (or ``start()``/``stop()``) and
     connect to ``server.host``/``server.port``. ``loop`` is "auto" (uvloop
-    when installed), "uvloop" or "asyncio".
+    when installed), "uvloop" or "asyncio"; the other keywords are ``Server``'s
+    (``max_line``, ``max_backlog``, ..., ``idle_timeout``).
     """
 
     def __init__(
@@ -35,13 +60,12 @@ class ServerThread:
         host: str = DEFAULT_HOST,
         port: int = 0,
         *,
-        max_line: int = DEFAULT_MAX_LINE,
-        max_backlog: int = DEFAULT_MAX_BACKLOG,
         loop: str = "auto",
+        **limits: Unpack[ServerLimits],
     ) -> None:
         self.host = host
         self.loop_name, self._new_loop = loop_factory(loop)
-        self.server = Server(host, port, max_line=max_line, max_backlog=max_backlog)
+        self.server = Server(host, port, **limits)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -123,3 +147,131 @@ class ServerThread:
             await self._stop.wait()
         finally:
             await self.server.stop()
+
+
+def server_command() -> list[str]:
+    """The command that starts the server under test: $PIGEON_TEST_SERVER_CMD, or this Python's pigeon."""
+    external = os.environ.get(SERVER_CMD_ENV, "").strip()
+    return shlex.split(external) if external else [sys.executable, "-m", "pigeon"]
+
+
+class ServerProcess:
+    """A ``pigeon`` server started as a subprocess on a free port."""
+
+    def __init__(self, *args: str, loop: str = "auto", command: Sequence[str] | None = None) -> None:
+        cmd = list(command) if command else server_command()
+        self.args = [*cmd, "--port", "0", "--loop", loop, *args]
+        self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.log: list[str] = []
+        deadline = time.monotonic() + 20
+        assert self.proc.stderr is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                raise RuntimeError(f"server exited early: {''.join(self.log)}")
+            self.log.append(line)
+            match = LISTENING.search(line)
+            if match:
+                self.host = match.group(1)
+                self.port = int(match.group(2))
+                self.loop_name = match.group(3)
+                return
+        raise RuntimeError("server did not report its port")
+
+    def client(self, timeout: float = 10.0) -> LineClient:
+        """A new raw connection to this server."""
+        return LineClient(self.host, self.port, timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Signal the server and return its exit code; a second call just returns it again."""
+        if self.proc.stderr is None or self.proc.stderr.closed:
+            return self.proc.wait()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        assert self.proc.stderr is not None
+        self.log.append(self.proc.stderr.read())
+        self.proc.stderr.close()
+        return code
+
+
+class LineClient:
+    """A blocking socket that sends command lines and reads reply lines."""
+
+    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+        self.client_id = ""
+
+    def send(self, data: bytes | str) -> None:
+        """Send raw bytes (a str is encoded and gets a trailing newline)."""
+        if isinstance(data, str):
+            data = data.encode() + b"\n"
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        """The next line, without its newline; raises on timeout or EOF."""
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise EOFError(f"connection closed; unread: {self.buf!r}")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+    def lines(self, n: int) -> list[bytes]:
+        """The next n lines."""
+        return [self.line() for _ in range(n)]
+
+    def ask(self, command: bytes | str) -> bytes:
+        """Send one command and return the next line."""
+        self.send(command)
+        return self.line()
+
+    def connect(self) -> str:
+        """CONNECT and remember the id."""
+        reply = self.ask("CONNECT").decode()
+        assert reply.startswith("CONNECTED "), reply
+        self.client_id = reply.split(" ", 1)[1]
+        return self.client_id
+
+    def subscribe(self, topic: str) -> None:
+        """SUBSCRIBE with this connection's id; asserts the reply."""
+        assert self.ask(f"SUBSCRIBE {self.client_id} {topic}") == f"SUBSCRIBED {topic}".encode()
+
+    def publish(self, topic: str, message: str) -> None:
+        """PUBLISH with this connection's id; asserts the reply."""
+        assert self.ask(f"PUBLISH {self.client_id} {topic} {message}") == f"PUBLISHED {topic}".encode()
+
+    def at_eof(self, timeout: float = 10.0) -> bool:
+        """True when the server closes the connection with nothing more to read."""
+        self.sock.settimeout(timeout)
+        try:
+            return self.buf == b"" and self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def quiet(self, wait: float = 0.2) -> bool:
+        """True when nothing arrives within ``wait`` seconds."""
+        if self.buf:
+            return False
+        old = self.sock.gettimeout()
+        self.sock.settimeout(wait)
+        try:
+            data = self.sock.recv(1 << 16)
+        except TimeoutError:
+            return True
+        finally:
+            self.sock.settimeout(old)
+        self.buf += data
+        return False
+
+    def close(self) -> None:
+        """Close the socket without DISCONNECT."""
+        self.sock.close()

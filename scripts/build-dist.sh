@@ -51,7 +51,8 @@ step "sdist, then a wheel built from it"
 quietly "$tools/python" -m build --outdir "$work/built" "$root"
 sdist=$(echo "$work"/built/*.tar.gz)
 listing=$(tar -tzf "$sdist")
-for wanted in pigeon/_core.pyx pigeon/_core.pxd setup.py LICENSE README.md tests/test_server.py; do
+for wanted in pigeon/_core.pyx pigeon/_core.pxd pigeon/server/dashboard.html setup.py LICENSE README.md \
+    tests/test_server.py; do
     grep -q "/$wanted\$" <<<"$listing" || fail "sdist lacks $wanted"
 done
 if grep -E '\.(c|so|pyd)$' <<<"$listing"; then
@@ -83,6 +84,8 @@ quietly "${nocc[@]}" "$env_bin/python" -m pip install --only-binary=:all: "$whee
 extension=$("${nocc[@]}" "$env_bin/python" -c "import pigeon._core as core; print(core.__file__)")
 [[ $extension == "$work/wheel-env/"* ]] || fail "pigeon._core imported from $extension, not the wheel"
 echo "extension: $extension"
+dashboard="import importlib.resources as r, sys; sys.exit(not r.files('pigeon.server').joinpath('dashboard.html').is_file())"
+"${nocc[@]}" "$env_bin/python" -c "$dashboard" || fail "the wheel lacks pigeon/server/dashboard.html"
 "${nocc[@]}" "$env_bin/pigeon" --version
 "${nocc[@]}" "$env_bin/python" "$root/scripts/smoke.py" --server "$env_bin/pigeon"
 

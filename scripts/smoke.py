@@ -17,8 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pigeon.testing import SERVER_CMD_ENV
+
 TESTS = Path(__file__).resolve().parents[1] / "tests"
-SERVER_CMD_ENV = "PIGEON_TEST_SERVER_CMD"  # read by tests/wire.py
 
 
 def main() -> int:

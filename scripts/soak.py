@@ -28,9 +28,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.wire import ServerProcess
+from pigeon.testing import ServerProcess
 
 TOPICS = [f"soak.{i}" for i in range(60)]
 

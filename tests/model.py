@@ -13,6 +13,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pigeon.protocol import TOPIC_MAX
+from pigeon.server import limits
+
 Writer = Callable[[bytes], object]
 Closer = Callable[[str, bool], object]
 Pending = Callable[[], int]
@@ -35,7 +38,6 @@ ERRORS = (
     "idle_timeout",
 )
 
-TOPIC_MAX = 255
 SHOW_MAX = 64
 READ_ROOM = 256 * 1024
 
@@ -75,13 +77,13 @@ class ModelBroker:
     def __init__(
         self,
         *,
-        max_line: int = 1024 * 1024,
-        max_backlog: int = 100_000,
-        max_connections: int = 10_000,
-        max_memory: int = 1024**3,
-        max_subscriptions: int = 10_000,
-        max_topics: int = 1_000_000,
-        max_pending: int = 64 * 1024 * 1024,
+        max_line: int = limits.DEFAULT_MAX_LINE,
+        max_backlog: int = limits.DEFAULT_MAX_BACKLOG,
+        max_connections: int = limits.DEFAULT_MAX_CONNECTIONS,
+        max_memory: int = limits.DEFAULT_MAX_MEMORY,
+        max_subscriptions: int = limits.DEFAULT_MAX_SUBSCRIPTIONS,
+        max_topics: int = limits.DEFAULT_MAX_TOPICS,
+        max_pending: int = limits.DEFAULT_MAX_PENDING,
         idle_ticks: int = 0,
         out_batch: int = 1024 * 1024,
     ) -> None:
@@ -558,7 +560,7 @@ class ModelBroker:
 def topic_problem(name: bytes) -> bytes:
     """The ERROR reason for an invalid topic name, or b"" for a valid one (first fault wins)."""
     if not 1 <= len(name) <= TOPIC_MAX:
-        return b"topic must be 1 to 255 bytes"
+        return b"topic must be 1 to %d bytes" % TOPIC_MAX
     blank = b"topic must not contain whitespace, control, format or separator characters"
     bad = b"topic is not valid UTF-8"
     i = 0

@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from tests.wire import LineClient, ServerProcess
+from pigeon.testing import LineClient, ServerProcess
 
 
 def get(url: str) -> tuple[int, str, bytes]:

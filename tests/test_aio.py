@@ -21,9 +21,9 @@ from pigeon import (
     ProtocolError,
     ServerThread,
 )
-from pigeon.cli import loop_factory
+from pigeon.server.loops import loop_factory
+from pigeon.testing import ServerProcess
 from tests.conftest import FakeServer
-from tests.wire import ServerProcess
 
 T = TypeVar("T")
 StartServer = Callable[..., ServerProcess]

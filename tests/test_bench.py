@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pigeon.bench import Result, format_table
-from tests.wire import ServerProcess
+from pigeon.bench.load import Result, format_table
+from pigeon.testing import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = ["--duration", "0.3", "--connections", "20", "--samples", "200", "--no-progress"]
@@ -40,7 +40,7 @@ def test_every_workload_against_a_server(server: ServerProcess) -> None:
 
 
 def test_table_output_and_message_size_through_pigeon_cli(server: ServerProcess) -> None:
-    cli = [sys.executable, "-c", "import sys; from pigeon.client_cli import main; sys.exit(main())"]
+    cli = [sys.executable, "-c", "import sys; from pigeon.cli.client import main; sys.exit(main())"]
     done = subprocess.run(
         [*cli, "bench", "--port", str(server.port), "--workloads", "pipe", "--size", "1000", *SHORT],
         capture_output=True,
@@ -79,7 +79,7 @@ def test_bad_workload_is_rejected() -> None:
 @pytest.fixture
 def sink() -> Iterator[int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pigeon.bench_sink", "--port", "0"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "pigeon.bench.sink", "--port", "0"], stdout=subprocess.PIPE, text=True
     )
     assert proc.stdout is not None
     match = re.search(r":(\d+)$", proc.stdout.readline().strip())

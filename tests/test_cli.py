@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import pigeon
-from pigeon.cli import build_parser
-from tests.wire import ServerProcess, server_command
+from pigeon.cli.server import build_parser
+from pigeon.testing import ServerProcess, server_command
 
 CONSOLE_SCRIPT = shutil.which("pigeon", path=str(Path(sys.executable).parent))
 

@@ -19,8 +19,9 @@ from pigeon import (
     ProtocolError,
     ServerThread,
 )
+from pigeon.protocol import TOPIC_MAX
+from pigeon.testing import ServerProcess
 from tests.conftest import FakeServer
-from tests.wire import ServerProcess
 
 StartServer = Callable[..., ServerProcess]
 
@@ -172,7 +173,7 @@ def test_refusals_are_reported(start_server: StartServer) -> None:
     [
         (lambda c: c.subscribe("two words"), "whitespace"),
         (lambda c: c.subscribe(""), "empty"),
-        (lambda c: c.unsubscribe("x" * 300), "at most 255"),
+        (lambda c: c.unsubscribe("x" * (TOPIC_MAX + 1)), f"at most {TOPIC_MAX}"),
         (lambda c: c.publish("t", "line\nbreak"), "newline"),
         (lambda c: c.publish("t", "ok", wait=False), None),
         (lambda c: c.publish_many("t", ["fine", "bad\n"]), "newline"),

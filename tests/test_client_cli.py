@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pigeon import Client
-from tests.wire import ServerProcess
+from pigeon.testing import ServerProcess
 
 StartServer = Callable[..., ServerProcess]
 StartSub = Callable[..., "subprocess.Popen[str]"]

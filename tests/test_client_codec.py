@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from pigeon import codec
-from pigeon.codec import Message
+from pigeon.client import codec
+from pigeon.client.codec import Message
+from pigeon.client.session import Session
 from pigeon.errors import BacklogFullError, CommandError, ConnectionClosedError, InvalidArgumentError
-from pigeon.session import Session
+from pigeon.protocol import TOPIC_MAX
 
 
-@pytest.mark.parametrize("topic", ["news", "a.b.c", "x" * 255, "émoji-🐦", b"bytes-topic"])
+@pytest.mark.parametrize("topic", ["news", "a.b.c", "x" * TOPIC_MAX, "émoji-🐦", b"bytes-topic"])
 def test_valid_topics_encode_to_utf8(topic: str | bytes) -> None:
     expected = topic if isinstance(topic, bytes) else topic.encode()
     assert codec.encode_topic(topic) == expected
@@ -24,8 +25,8 @@ def test_valid_topics_encode_to_utf8(topic: str | bytes) -> None:
         ("tab\there", "whitespace"),
         ("new\nline", "whitespace"),
         ("nbsp\u00a0", "whitespace"),
-        ("x" * 256, "at most 255"),
-        ("é" * 128, "at most 255"),
+        ("x" * (TOPIC_MAX + 1), f"at most {TOPIC_MAX}"),
+        ("é" * (TOPIC_MAX // 2 + 1), f"at most {TOPIC_MAX}"),  # 2 bytes each
         (b"\xff\xfe", "UTF-8"),
         ("\ud800", "Unicode"),
     ],

@@ -1,6 +1,6 @@
 """Runs the Python examples of docs/client.md and the README's client section against a live broker.
 
-The examples connect to the default port 3333; here each runs with that port
+The examples connect to the default port; here each runs with that port
 replaced by the port of a broker started for the test.
 """
 
@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from pigeon import Client, ServerThread
+from pigeon.protocol import DEFAULT_PORT
 
 ROOT = Path(__file__).resolve().parent.parent
 if not (ROOT / "docs" / "client.md").exists():  # scripts/smoke.py runs a copy of tests/ alone
@@ -49,7 +50,7 @@ def test_the_docs_have_examples() -> None:
 
 @pytest.mark.parametrize("source", EXAMPLES)
 def test_example_runs(source: str, pigeon_server: ServerThread) -> None:
-    code = re.sub(r"\b3333\b", str(pigeon_server.port), source)
+    code = re.sub(rf"\b{DEFAULT_PORT}\b", str(pigeon_server.port), source)
     namespace: dict[str, Any] = {"__name__": "example"}
     exec(compile(code, "<example>", "exec"), namespace)
     # an example of a test written with the pytest plugin: run it the way pytest would

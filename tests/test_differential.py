@@ -12,7 +12,6 @@ documented long run uses 20000).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -24,54 +23,12 @@ from hypothesis.stateful import (
 )
 
 from pigeon._core import Broker
+from tests.harness import Pair
 from tests.model import ModelBroker
 from tests.strategies import OWN_ID, TOPICS, command, good_topics, messages
 
 # which live connection a rule acts on (modulo their number)
 picks = st.integers(0, 7)
-
-
-@dataclass
-class Endpoint:
-    """A fake transport for one connection, in front of one broker."""
-
-    chunks: list[bytes] = field(default_factory=list)
-    closes: list[tuple[str, bool]] = field(default_factory=list)
-    fail: bool = False
-    pause_on_write: bool = False
-    transport_holds: int = 0  # what pending() reports: bytes the transport has not sent
-
-
-class Pair:
-    """One connection open on both brokers."""
-
-    def __init__(self, machine: CoreVsModel) -> None:
-        self.core_end = Endpoint()
-        self.model_end = Endpoint()
-        self.handle = -1
-        self.handle = machine.core.open(
-            self._writer(self.core_end, machine.core),
-            pending=lambda: self.core_end.transport_holds,
-            closer=lambda r, f: self.core_end.closes.append((r, f)),
-        )
-        model_handle = machine.model.open(
-            self._writer(self.model_end, machine.model),
-            pending=lambda: self.model_end.transport_holds,
-            closer=lambda r, f: self.model_end.closes.append((r, f)),
-        )
-        assert self.handle == model_handle
-        self.closed = False
-        self.ended = False  # the core said to close it
-
-    def _writer(self, end: Endpoint, broker: Broker | ModelBroker):  # type: ignore[no-untyped-def]
-        def write(data: bytes) -> None:
-            end.chunks.append(data)
-            if end.fail:
-                raise ConnectionResetError("gone")
-            if end.pause_on_write and self.handle >= 0:
-                broker.pause(self.handle)
-
-        return write
 
 
 class CoreVsModel(RuleBasedStateMachine):

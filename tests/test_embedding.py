@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
 
 import pytest
 
-from pigeon import AsyncClient, Client, Server, ServerThread
+from pigeon import AsyncClient, Client, PigeonError, Server, ServerThread
+from pigeon.server.limits import ServerLimits
 
 pytest_plugins = ["pytester"]
 
@@ -40,6 +42,15 @@ def test_server_thread_options_reach_the_broker() -> None:
     with ServerThread(max_backlog=7, max_line=100) as server:
         assert server.call(lambda: server.server.broker.max_backlog_messages) == 7
         assert server.call(lambda: server.server.broker.max_line_length) == 100
+
+
+def test_server_thread_takes_every_keyword_of_server() -> None:
+    keywords = [p.name for p in inspect.signature(Server).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    assert list(ServerLimits.__annotations__) == keywords
+    with ServerThread(max_connections=1, idle_timeout=30.0) as server:
+        assert server.server.idle_timeout == 30.0
+        with Client(server.host, server.port), pytest.raises(PigeonError, match="too many connections"):
+            Client(server.host, server.port)
 
 
 def test_server_thread_reports_a_port_in_use() -> None:

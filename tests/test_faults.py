@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.wire import LineClient, ServerProcess
+from pigeon.server.limits import DEFAULT_MAX_CONNECTIONS, raise_open_files_limit
+from pigeon.testing import LineClient, ServerProcess
 
 Start = Callable[..., ServerProcess]
 
@@ -76,33 +77,26 @@ def test_connect_and_vanish(server: ServerProcess, connect: Callable[[], LineCli
 
 def _room_for_sockets(n: int) -> bool:
     """Raise this process's open-files limit to hold n more sockets, if the hard limit allows."""
-    try:
-        import resource
-    except ImportError:
-        return False
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < n + 100:
-        return False
-    if soft != resource.RLIM_INFINITY and soft < n + 100:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (n + 100, hard))
-    return True
+    limit = raise_open_files_limit(n + 100)
+    return limit is None or limit >= n + 100
 
 
 def test_flood_of_ten_thousand_connections(start_server: Start) -> None:
-    if not _room_for_sockets(10_000):
-        pytest.skip("the open-files hard limit is below 10,100")
+    n = DEFAULT_MAX_CONNECTIONS
+    if not _room_for_sockets(n):
+        pytest.skip(f"the open-files hard limit is below {n + 100}")
     proc = start_server()
     keeper = proc.client()
     keeper.connect()
     flood: list[socket.socket] = []
     try:
-        for _ in range(10_000):
+        for _ in range(n):
             flood.append(socket.create_connection((proc.host, proc.port), timeout=30))
         # a round trip through the keeper: every connection before it was accepted
         assert keeper.ask("PING") == b"PONG"
-        # the default --max-connections is 10000: the last one of the flood was refused
+        # with the keeper, the flood is one over the default --max-connections: its last one was refused
         flood[-1].settimeout(30)
-        assert flood[-1].recv(100) == b"ERROR TOO_MANY_CONNECTIONS too many connections (limit 10000)\n"
+        assert flood[-1].recv(100) == b"ERROR TOO_MANY_CONNECTIONS too many connections (limit %d)\n" % n
         assert flood[0].send(b"CONNECT\n") == 8
         flood[0].settimeout(30)
         assert flood[0].recv(100).startswith(b"CONNECTED ")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.wire import LineClient, ServerProcess
+from pigeon.testing import LineClient, ServerProcess
 
 Start = Callable[..., ServerProcess]
 

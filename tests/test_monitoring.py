@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pigeon.testing import LineClient, ServerProcess
 from tests.monitoring import get, get_json, traffic
-from tests.wire import LineClient, ServerProcess
 
 Monitored = tuple[ServerProcess, str]
 
@@ -100,7 +100,7 @@ def test_monitoring_is_off_by_default(server: ServerProcess) -> None:
 
 
 def test_http_port_without_the_monitor_extra_is_a_clear_error() -> None:
-    hide = "import sys; sys.modules['aiohttp'] = None; from pigeon.cli import main; sys.exit(main())"
+    hide = "import sys; sys.modules['aiohttp'] = None; from pigeon.cli.server import main; sys.exit(main())"
     result = subprocess.run(
         [sys.executable, "-c", hide, "--port", "0", "--http-port", "0"],
         capture_output=True,

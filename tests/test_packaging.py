@@ -17,11 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_build_without_a_compiler_fails_clearly(tmp_path: Path) -> None:
     for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, tmp_path / name)
-    (tmp_path / "pigeon").mkdir()
-    for source in (ROOT / "pigeon").iterdir():
-        # Keep a generated _core.c (saves the Cython run) but no built extension.
-        if source.is_file() and source.suffix not in (".so", ".pyd"):
-            shutil.copy2(source, tmp_path / "pigeon" / source.name)
+    # Keep a generated _core.c (saves the Cython run) but no built extension.
+    ignore = shutil.ignore_patterns("*.so", "*.pyd", "__pycache__")
+    shutil.copytree(ROOT / "pigeon", tmp_path / "pigeon", ignore=ignore)
     env = {**os.environ, "CC": str(tmp_path / "no-such-compiler")}
     # What a user on a platform without a wheel runs: pip, isolated build environment and all.
     out = tmp_path / "out"

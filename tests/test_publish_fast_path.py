@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.wire import LineClient
+from pigeon.testing import LineClient
 
 # (line after the topic "t" has been published to once, expected subscriber line or None, publisher reply)
 CASES = [

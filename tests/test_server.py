@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.wire import LineClient, ServerProcess
+from pigeon.testing import LineClient, ServerProcess
 
 Connect = Callable[[], LineClient]
 

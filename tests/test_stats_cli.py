@@ -14,11 +14,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from pigeon.top import Sample, screen_lines
+from pigeon.cli.top import Sample, screen_lines
+from pigeon.testing import ServerProcess
 from tests.monitoring import traffic
-from tests.wire import ServerProcess
 
-CLI = [sys.executable, "-m", "pigeon.stats_cli"]
+CLI = [sys.executable, "-m", "pigeon.cli.client"]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -13,9 +13,9 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pigeon.testing import LineClient, ServerProcess
 from tests.model import ModelBroker
 from tests.strategies import OWN_ID, command, junk_lines
-from tests.wire import LineClient, ServerProcess
 
 NONCE = b"<T>"
 wire_topics = st.sampled_from([NONCE + b"a", NONCE + b"b", NONCE + "é".encode(), b"\x01", b"z" * 256])

@@ -24,10 +24,12 @@ cdef bint _own_id(Broker b, int32_t h, const char *id, size_t id_len) noexcept:
 cdef bint _valid_topic(Broker b, int32_t h, const char *name, size_t n) noexcept:
     """True for a valid topic name; else sends the ERROR."""
     cdef int problem = topic_problem(name, n)
+    cdef char reason[48]
     if problem == TOPIC_OK:
         return True
     if problem == TOPIC_BAD_LENGTH:
-        out_error(b, h, ERR_BAD_TOPIC, "topic must be 1 to 255 bytes")
+        snprintf(reason, sizeof(reason), "topic must be 1 to %d bytes", TOPIC_MAX)
+        out_error(b, h, ERR_BAD_TOPIC, reason)
     elif problem == TOPIC_INVISIBLE:
         out_error(b, h, ERR_BAD_TOPIC,
                   "topic must not contain whitespace, control, format or separator characters")
@@ -192,13 +194,16 @@ cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n) 
     if t.backlog.count == 0:
         to = topic_next_subscriber(b, t)
         if to >= 0:
-            msg = msg_new(b, t, data, n)
-            if msg == NULL:
-                b.counters.refused += 1
-                _memory_full(b, h)
-                return 0
             _accepted(b, h, t)
-            out_deliver(b, to, msg)
+            if not out_deliver_direct(b, to, t, data, n):
+                # the subscriber's output could not grow: the message waits in the backlog
+                msg = msg_new(b, t, data, n)
+                if msg == NULL:
+                    b.counters.lost += 1
+                else:
+                    backlog_push(b, msg, True)
+                    b.counters.backlogged += 1
+                    topic_drain(b, t)
             return 0
     if t.backlog.count >= b.limit.max_backlog:
         return _refuse_backlog_full(b, h, t)
@@ -247,8 +252,13 @@ cdef int on_publish(Broker b, int32_t h, char *args, size_t n) except -1:
                 if t == NULL:
                     return 0
             b.topic_table.last = t
-    _publish_to(b, h, t, args, n)
-    topics_drop_if_unused(b, t)     # a topic made for a refused message goes again
+    # pinned, so that it outlives a message refused or lost on the way; a topic
+    # made for a refused message goes again when unpinned
+    _pin(t)
+    try:
+        _publish_to(b, h, t, args, n)
+    finally:
+        _unpin(b, t)
     return 0
 
 

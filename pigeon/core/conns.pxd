@@ -15,8 +15,12 @@ cdef enum:
 
 ctypedef struct InFlight:
     # A message written into the connection's unsent output: given back to its
-    # topic if that output can never be sent, released once it is handed over.
-    Msg *msg                # a reference
+    # topic if that output can never be sent, settled once it is handed over.
+    # One routed straight from its publisher has no record: its line in the
+    # output is its only copy, and a record is made from that line only if the
+    # output can never be sent.
+    Msg *msg                # its record (a reference), or NULL
+    Topic *topic            # without a record, held by one Topic.nmsgs while in flight
     size_t offset           # where its line starts in the output
     size_t line_len
 
@@ -77,4 +81,4 @@ cdef Conn *conn_get(Broker b, int32_t h) except NULL
 cdef int conn_keep_input(Broker b, int32_t h, const char *data, size_t n) noexcept
 cdef int conn_add_subscription(Memory *m, Conn *c, Topic *t) noexcept
 cdef void conn_remove_subscription(Conn *c, Topic *t) noexcept
-cdef int inflight_push(Memory *m, Conn *c, Msg *msg, size_t offset, size_t line_len) noexcept
+cdef int inflight_push(Memory *m, Conn *c, Msg *msg, Topic *t, size_t offset, size_t line_len) noexcept

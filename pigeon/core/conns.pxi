@@ -122,7 +122,7 @@ cdef void conn_remove_subscription(Conn *c, Topic *t) noexcept:
             return
 
 
-cdef int inflight_push(Memory *m, Conn *c, Msg *msg, size_t offset, size_t line_len) noexcept:
+cdef int inflight_push(Memory *m, Conn *c, Msg *msg, Topic *t, size_t offset, size_t line_len) noexcept:
     """Note a message written at ``offset`` (the list takes over the reference); -1 when out of memory."""
     cdef uint32_t newcap
     cdef InFlight *grown
@@ -137,6 +137,7 @@ cdef int inflight_push(Memory *m, Conn *c, Msg *msg, size_t offset, size_t line_
         c.inflight_cap = newcap
     e = &c.inflight[c.ninflight]
     e.msg = msg
+    e.topic = t
     e.offset = offset
     e.line_len = line_len
     c.ninflight += 1

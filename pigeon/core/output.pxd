@@ -35,6 +35,7 @@ cdef void out_error(Broker b, int32_t h, int kind, const char *text) noexcept
 cdef void out_error_quoting(Broker b, int32_t h, int kind, const char *text,
                             const char *arg, size_t n) noexcept
 cdef bint out_deliver(Broker b, int32_t h, Msg *msg) noexcept
+cdef bint out_deliver_direct(Broker b, int32_t h, Topic *t, const char *data, size_t n) noexcept
 
 cdef void backlog_push(Broker b, Msg *msg, bint front) noexcept
 cdef void topic_drain(Broker b, Topic *t) noexcept
@@ -43,7 +44,7 @@ cdef void conn_drain_topics(Broker b, int32_t h) noexcept
 cdef int flush(Broker b) except -1
 cdef int hand_over(Broker b, int32_t h) except -1
 cdef int note_transport(Broker b, int32_t h) except -1
-cdef void give_back_inflight(Broker b, int32_t h, bint keep_other_output) noexcept
+cdef void give_back_inflight(Broker b, int32_t h, const char *out, bint keep_other_output) noexcept
 cdef void leave_all(Broker b, int32_t h) noexcept
 cdef void close_later(Broker b, int32_t h, const char *reason, bint flush) noexcept
 cdef void drop_slow(Broker b, int32_t h, const char *reason) noexcept

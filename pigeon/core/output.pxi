@@ -190,37 +190,65 @@ cdef void out_error_quoting(Broker b, int32_t h, int kind, const char *text,
     out_error(b, h, kind, line)
 
 
-cdef bint out_deliver(Broker b, int32_t h, Msg *msg) noexcept:
-    """Write ``MESSAGE <topic> <payload>`` to h, taking over the caller's reference.
+cdef char *_message_line(Broker b, int32_t h, Topic *t, const char *data, size_t n) noexcept:
+    """``MESSAGE <topic> <payload>`` written to h's output; NULL when h's output cannot grow."""
+    cdef char *p = out_reserve(b, h, 8 + t.name_len + 1 + n + 1)
+    cdef char *q = p
+    if p == NULL:
+        return NULL
+    memcpy(q, b"MESSAGE ", 8)
+    q += 8
+    memcpy(q, topic_name(t), t.name_len)
+    q += t.name_len
+    q[0] = b' '
+    memcpy(q + 1, data, n)
+    q[1 + n] = b'\n'
+    return p
 
-    False when h's output cannot grow: h is closed and the message is back at the head of its topic.
+
+cdef inline bint _note_inflight(Broker b, int32_t h, Msg *msg, Topic *t, char *line, size_t line_len) noexcept:
+    cdef Conn *c = &b.conns.items[h]
+    cdef InFlight *e
+    if c.ninflight < c.inflight_cap:
+        e = &c.inflight[c.ninflight]
+        e.msg = msg
+        e.topic = t
+        e.offset = line - c.out
+        e.line_len = line_len
+        c.ninflight += 1
+        return True
+    if inflight_push(&b.mem, c, msg, t, line - c.out, line_len) == 0:
+        return True
+    c.out_len -= line_len
+    _out_failed(b, h)
+    return False
+
+
+cdef bint out_deliver(Broker b, int32_t h, Msg *msg) noexcept:
+    """Write a message from its record to h, taking over the caller's reference.
+
+    False when h's output cannot grow: h is broken and the message is back at the head of its topic.
     """
     cdef Topic *t = msg.topic
     cdef size_t line_len = 8 + t.name_len + 1 + msg.len + 1
-    cdef char *p = out_reserve(b, h, line_len)
-    cdef Conn *c
-    if p == NULL:
+    cdef char *line = _message_line(b, h, t, msg_data(msg), msg.len)
+    if line == NULL or not _note_inflight(b, h, msg, t, line, line_len):
         backlog_push(b, msg, True)
         return False
-    c = &b.conns.items[h]
-    if c.ninflight < c.inflight_cap:
-        c.inflight[c.ninflight].msg = msg
-        c.inflight[c.ninflight].offset = p - c.out
-        c.inflight[c.ninflight].line_len = line_len
-        c.ninflight += 1
-    elif inflight_push(&b.mem, c, msg, p - c.out, line_len) < 0:
-        c.out_len -= line_len
-        _out_failed(b, h)
-        backlog_push(b, msg, True)
-        return False
-    memcpy(p, b"MESSAGE ", 8)
-    p += 8
-    memcpy(p, topic_name(t), t.name_len)
-    p += t.name_len
-    p[0] = b' '
-    memcpy(p + 1, msg_data(msg), msg.len)
-    p[1 + msg.len] = b'\n'
     msg.attempt += 1
+    return True
+
+
+cdef bint out_deliver_direct(Broker b, int32_t h, Topic *t, const char *data, size_t n) noexcept:
+    """Write a message that has no record yet (straight from its publisher) to h.
+
+    False when h's output cannot grow: h is broken, and the caller keeps the message.
+    """
+    cdef size_t line_len = 8 + t.name_len + 1 + n + 1
+    cdef char *line = _message_line(b, h, t, data, n)
+    if line == NULL or not _note_inflight(b, h, NULL, t, line, line_len):
+        return False
+    t.nmsgs += 1
     return True
 
 
@@ -282,10 +310,17 @@ cdef void _release_inflight(Broker b, Conn *c) noexcept:
     cdef Msg *msg
     b.counters.delivered += c.ninflight
     c.msgs_out += c.ninflight
+    cdef Topic *t
     for i in range(c.ninflight):
         msg = c.inflight[i].msg
-        msg.topic.delivered += 1
-        msg_release(b, msg)
+        t = c.inflight[i].topic
+        t.delivered += 1
+        if msg != NULL:
+            msg_release(b, msg)
+        else:
+            t.nmsgs -= 1
+            if t.nmsgs == 0 and t.nsubs == 0:
+                topics_drop_if_unused(b, t)
     c.ninflight = 0
     if c.inflight_cap > INFLIGHT_KEEP:
         mem_free(&b.mem, c.inflight, c.inflight_cap * sizeof(InFlight))
@@ -293,45 +328,56 @@ cdef void _release_inflight(Broker b, Conn *c) noexcept:
         c.inflight_cap = 0
 
 
-cdef void give_back_inflight(Broker b, int32_t h, bint keep_other_output) noexcept:
-    """The messages in h's unsent output go back to the head of their topics, in order.
+cdef void give_back_inflight(Broker b, int32_t h, const char *out, bint keep_other_output) noexcept:
+    """The messages in h's unsent output (``out``) go back to the head of their topics, in order.
 
-    With ``keep_other_output`` their lines are cut out and the rest of the
-    output (replies) stays to be sent; otherwise the whole output is dropped.
-    h must already be out of every rotation, so that the topics, drained
-    afterwards, cannot hand the messages straight back to it.
+    One without a record gets one made from its line. With ``keep_other_output``
+    their lines are cut out and the rest of the output (replies) stays to be
+    sent; otherwise the whole output is dropped. h must already be out of
+    every rotation, so that the topics, drained afterwards, cannot hand the
+    messages straight back to it.
     """
     cdef Conn *c = &b.conns.items[h]
     cdef uint32_t k, n = c.ninflight
-    cdef size_t w, r, end
+    cdef size_t w, r, end, skip
+    cdef InFlight *e
     cdef Msg *msg
     cdef Topic *t
     cdef Topic *touched = NULL
-    if keep_other_output:
-        if n:
-            w = c.inflight[0].offset
-            for k in range(n):
-                r = c.inflight[k].offset + c.inflight[k].line_len
-                end = c.inflight[k + 1].offset if k + 1 < n else c.out_len
-                memmove(c.out + w, c.out + r, end - r)
-                w += end - r
-            c.out_len = w
-    else:
-        _drop_output(b, c)
     # newest first, each to the head: the oldest ends up first
     while n:
         n -= 1
-        msg = c.inflight[n].msg
-        t = msg.topic
+        e = &c.inflight[n]
+        t = e.topic
         if not t.touched:
             t.touched = True
             _pin(t)
             t.touched_next = touched
             touched = t
+        msg = e.msg
+        if msg == NULL:
+            skip = 8 + t.name_len + 1
+            msg = msg_new(b, t, out + e.offset + skip, e.line_len - skip - 1)
+            t.nmsgs -= 1                # the record holds the topic now
+            if msg == NULL:
+                b.counters.lost += 1
+                continue
+            msg.attempt = 1
         backlog_push(b, msg, True)
         b.counters.requeued += 1
         b.counters.backlogged += 1
+    n = c.ninflight
     c.ninflight = 0
+    if not keep_other_output:
+        _drop_output(b, c)
+    elif n:
+        w = c.inflight[0].offset
+        for k in range(n):
+            r = c.inflight[k].offset + c.inflight[k].line_len
+            end = c.inflight[k + 1].offset if k + 1 < n else c.out_len
+            memmove(c.out + w, c.out + r, end - r)
+            w += end - r
+        c.out_len = w
     while touched != NULL:
         t = touched
         touched = t.touched_next
@@ -361,7 +407,7 @@ cdef void close_later(Broker b, int32_t h, const char *reason, bint flush) noexc
         leave_all(b, h)
         c.state = CONN_CLOSING
     if not flush:
-        give_back_inflight(b, h, False)
+        give_back_inflight(b, h, c.out, False)
         c.close_flush = False
     elif not c.close_queued:
         c.close_flush = True
@@ -428,7 +474,7 @@ cdef int hand_over(Broker b, int32_t h) except -1:
         if c.state == CONN_OPEN:
             leave_all(b, h)
             c.state = CONN_CLOSING      # the server closes it: its connection_lost is on the way
-        give_back_inflight(b, h, False)
+        give_back_inflight(b, h, PyBytes_AS_STRING(data), False)
         return 0
     c = &b.conns.items[h]
     _release_inflight(b, c)
@@ -509,7 +555,7 @@ cdef int _flush_pass(Broker b) except -1:
             if c.broken and c.state == CONN_OPEN:
                 leave_all(b, h)
                 c.state = CONN_CLOSING
-                give_back_inflight(b, h, False)
+                give_back_inflight(b, h, c.out, False)
                 conn_keep_input(b, h, NULL, 0)
             c.close_queued = False
             if b.on_close is not None:

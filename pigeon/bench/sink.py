@@ -7,7 +7,7 @@ prebuilt PUBLISHED lines sent back. ``pigeon-cli bench --workloads pipe``
 against it shows the most the generator can count on this machine; a broker
 measured near that figure is being held back by the generator, not by itself.
 
-Run ``python -m pigeon.bench_sink --port 0``; it prints the port it listens on.
+Run ``python -m pigeon.bench.sink --port 0``; it prints the port it listens on.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from pigeon.bench import CHUNK_BYTES, READ_BYTES
+from pigeon.bench.load import CHUNK_BYTES, READ_BYTES
+from pigeon.protocol import DEFAULT_HOST
 
 
 def _stream(sock: socket.socket, topic: bytes, size: int) -> None:
@@ -88,9 +89,9 @@ def serve(host: str, port: int, size: int, ready: threading.Event | None = None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pigeon.bench_sink``."""
-    parser = argparse.ArgumentParser(prog="python -m pigeon.bench_sink", description=__doc__.split("\n")[0])
-    parser.add_argument("--host", default="127.0.0.1")
+    """``python -m pigeon.bench.sink``."""
+    parser = argparse.ArgumentParser(prog="python -m pigeon.bench.sink", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default=DEFAULT_HOST)
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
     parser.add_argument("--size", type=int, default=64, help="message bytes streamed to subscribers")
     args = parser.parse_args(argv)

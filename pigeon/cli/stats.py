@@ -1,7 +1,9 @@
-"""``pigeon-cli stats`` and ``pigeon-cli top``: the broker's figures, read with the STATS command.
+"""``pigeon-cli stats``: the broker's figures, read with the STATS command, as tables.
 
-Both speak the wire protocol (``STATS``, ``STATS TOPICS``, ``STATS CONNECTIONS``),
-so they work against any broker, with or without its HTTP monitoring listener.
+It speaks the wire protocol (``STATS``, ``STATS TOPICS``, ``STATS CONNECTIONS``),
+so it works against any broker, with or without its HTTP monitoring listener.
+``pigeon-cli top`` (``pigeon.cli.top``) shows the same figures live, with the
+reader and the table helpers defined here.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 3333
+from pigeon.cli.common import Subparsers, add_address
+
 SECTIONS = ("server", "topics", "connections")
 
 
@@ -146,38 +148,10 @@ def _run_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_top(args: argparse.Namespace) -> int:
-    from pigeon.top import run
-
-    return run(args.host, args.port, args.interval, args.iterations)
-
-
-def _add_address(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=DEFAULT_HOST, help="broker address (default %(default)s)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="broker port (default %(default)s)")
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``stats`` and ``top`` subcommands to pigeon-cli."""
+def register(subparsers: Subparsers) -> None:
+    """Add the ``stats`` subcommand to pigeon-cli."""
     stats = subparsers.add_parser("stats", help="print the broker's figures as a table")
-    _add_address(stats)
+    add_address(stats)
     stats.add_argument("section", nargs="?", choices=SECTIONS, default="server", help="default %(default)s")
     stats.add_argument("--json", action="store_true", help="print the JSON as the broker sent it, indented")
     stats.set_defaults(func=_run_stats)
-    top = subparsers.add_parser("top", help="a live view of the broker's traffic, topics and clients")
-    _add_address(top)
-    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
-    top.add_argument("-n", "--iterations", type=int, help="stop after this many refreshes (default: until q)")
-    top.set_defaults(func=_run_top)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pigeon.stats_cli``: the two subcommands on their own."""
-    parser = argparse.ArgumentParser(prog="pigeon-cli")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import curses
+import argparse
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pigeon.stats_cli import (
+from pigeon.cli.common import Subparsers, add_address
+from pigeon.cli.stats import (
     CONNECTION_HEADER,
     StatsReader,
     connection_rows,
@@ -15,6 +16,11 @@ from pigeon.stats_cli import (
     human_duration,
     table,
 )
+
+# curses is imported where it is used: Windows has none, and every pigeon-cli
+# command loads this module to register ``top``.
+if TYPE_CHECKING:
+    import curses
 
 
 @dataclass
@@ -92,6 +98,8 @@ def screen_lines(current: Sample, previous: Sample | None, target: str) -> list[
 
 
 def _draw(screen: curses.window, lines: list[str], footer: str) -> None:
+    import curses
+
     screen.erase()
     height, width = screen.getmaxyx()
     for y, line in enumerate(lines[: height - 1]):
@@ -103,6 +111,8 @@ def _draw(screen: curses.window, lines: list[str], footer: str) -> None:
 def _loop(
     screen: curses.window, reader: StatsReader, target: str, interval: float, iterations: int | None
 ) -> None:
+    import curses
+
     curses.curs_set(0)
     screen.timeout(int(interval * 1000))
     previous: Sample | None = None
@@ -119,6 +129,8 @@ def _loop(
 
 def run(host: str, port: int, interval: float, iterations: int | None) -> int:
     """Show the live view until q (or ``iterations`` refreshes); returns the exit code."""
+    import curses
+
     target = f"{host}:{port}"
     try:
         reader = StatsReader(host, port)
@@ -135,3 +147,16 @@ def run(host: str, port: int, interval: float, iterations: int | None) -> int:
     finally:
         reader.close()
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    return run(args.host, args.port, args.interval, args.iterations)
+
+
+def register(subparsers: Subparsers) -> None:
+    """Add the ``top`` subcommand to pigeon-cli."""
+    top = subparsers.add_parser("top", help="a live view of the broker's traffic, topics and clients")
+    add_address(top)
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    top.add_argument("-n", "--iterations", type=int, help="stop after this many refreshes (default: until q)")
+    top.set_defaults(func=_run)

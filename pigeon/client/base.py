@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pigeon.codec import Refused
+from pigeon.client.codec import Refused
+from pigeon.client.session import Pending, Session
 from pigeon.errors import ConnectionClosedError, ProtocolError
-from pigeon.session import Pending, Session
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 3333
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_RECONNECT_TIMEOUT = 30.0
 DEFAULT_MAX_QUEUED = 10_000  # deliveries an AsyncClient holds before it stops reading

@@ -8,11 +8,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 
-from pigeon import codec, errors
-from pigeon._clientbase import (
+from pigeon import errors
+from pigeon.client import codec
+from pigeon.client.base import (
     CHUNK,
-    DEFAULT_HOST,
-    DEFAULT_PORT,
     DEFAULT_RECONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
     OUT_LIMIT,
@@ -23,9 +22,10 @@ from pigeon._clientbase import (
     ClientBase,
     result,
 )
-from pigeon.codec import Data, Message, Refused
+from pigeon.client.codec import Data, Message, Refused
+from pigeon.client.session import Pending
 from pigeon.errors import ConnectionClosedError, ProtocolError
-from pigeon.session import Pending
+from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 
 
 class Client(ClientBase):

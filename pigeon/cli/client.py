@@ -3,6 +3,7 @@
 Each subcommand lives in a module with a ``register(subparsers)`` function that
 adds its parser and sets ``func`` (``args -> exit code``); list new modules in
 ``SUBCOMMAND_MODULES``. Failures print one line on stderr, never a traceback.
+``python -m pigeon.cli.client`` runs it where the console script is not installed.
 """
 
 from __future__ import annotations
@@ -12,46 +13,18 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import TypeAlias
 
-from pigeon import __version__
-from pigeon._clientbase import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIMEOUT
+from pigeon._version import __version__
+from pigeon.cli.common import EXIT_ERROR
 from pigeon.errors import PigeonError
 
-SUBCOMMAND_MODULES = ("pigeon.cli_pubsub", "pigeon.stats_cli", "pigeon.bench")
+SUBCOMMAND_MODULES = ("pigeon.cli.pubsub", "pigeon.cli.stats", "pigeon.cli.top", "pigeon.bench.load")
 
-Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-
-EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT
 
 
 class CliError(Exception):
     """A failure to report as one line on stderr."""
-
-
-def positive(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def add_connection_options(parser: argparse.ArgumentParser) -> None:
-    """``--host``, ``--port`` and ``--timeout``, which every subcommand takes."""
-    parser.add_argument("--host", default=DEFAULT_HOST, help="broker address (default %(default)s)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="broker port (default %(default)s)")
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help="longest wait for a reply (default %(default)s)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,3 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PigeonError, CliError, OSError) as exc:
         print(f"pigeon-cli: {exc}", file=sys.stderr)
         return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pigeon import __version__, logs
-from pigeon.server import (
-    DEFAULT_HOST,
+from pigeon._version import __version__
+from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
+from pigeon.server import logs
+from pigeon.server.limits import (
+    DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_BACKLOG,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_LINE,
@@ -20,18 +22,17 @@ from pigeon.server import (
     DEFAULT_MAX_PENDING,
     DEFAULT_MAX_SUBSCRIPTIONS,
     DEFAULT_MAX_TOPICS,
-    DEFAULT_PORT,
-    Server,
+    raise_open_files_limit,
 )
+from pigeon.server.loops import loop_factory
+from pigeon.server.protocol import Server
 
 if TYPE_CHECKING:
-    from pigeon.monitor import Monitor
+    from pigeon.server.monitor import Monitor
 
 log = logging.getLogger("pigeon")
 
 DEFAULT_HTTP_HOST = "127.0.0.1"
-
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
 def _positive(text: str) -> int:
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--idle-timeout",
         type=_seconds,
-        default=0.0,
+        default=DEFAULT_IDLE_TIMEOUT,
         metavar="SECONDS",
         help="close a connection that sends nothing for this long; 0 is off (default %(default)s)",
     )
@@ -155,36 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def loop_factory(choice: str) -> tuple[str, LoopFactory]:
-    """The event loop's name and constructor for ``--loop``; raises ImportError for a missing uvloop."""
-    if choice in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise
-        else:
-            return "uvloop", uvloop.new_event_loop
-    return "asyncio", asyncio.new_event_loop
-
-
 def _raise_open_files_limit(max_connections: int) -> None:
     """Let the process hold max_connections sockets, as far as the hard limit allows (as Redis does)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # room for the listener, the log and the interpreter's own files
     want = max_connections + 64
-    if hard != resource.RLIM_INFINITY:
-        want = min(want, hard)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    if hard != resource.RLIM_INFINITY and hard < max_connections + 64:
+    limit = raise_open_files_limit(want)
+    if limit is not None and limit < want:
         log.warning(
             "open files limit %d is below --max-connections %d: accept will fail before the limit",
-            hard,
+            limit,
             max_connections,
         )
 
@@ -244,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     monitor = None
     if args.http_port is not None:
         try:
-            from pigeon.monitor import Monitor
+            from pigeon.server.monitor import Monitor
         except ImportError as exc:
             log.error("--http-port needs the monitor extra: pip install 'pigeon-broker[monitor]' (%s)", exc)
             return 2

@@ -14,9 +14,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pigeon._core import Broker
-from pigeon.metrics import registry_for
+from pigeon.server.metrics import registry_for
 
-_DASHBOARD = resources.files("pigeon").joinpath("dashboard.html")
+_DASHBOARD = resources.files("pigeon.server").joinpath("dashboard.html")
 
 
 class Monitor:

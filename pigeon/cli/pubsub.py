@@ -9,9 +9,9 @@ import sys
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from pigeon.cli.common import EXIT_ERROR, Subparsers, add_connection_options, positive
 from pigeon.client import Client
-from pigeon.client_cli import EXIT_ERROR, Subparsers, add_connection_options, positive
-from pigeon.codec import Message
+from pigeon.client.codec import Message
 
 READ_SIZE = 64 * 1024
 

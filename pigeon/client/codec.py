@@ -13,8 +13,7 @@ from collections.abc import Iterable
 from typing import NamedTuple, cast
 
 from pigeon.errors import CommandError, InvalidArgumentError
-
-TOPIC_MAX = 255
+from pigeon.protocol import TOPIC_MAX
 
 # The server refuses these in a topic (whitespace, C0/C1 controls, the common
 # Unicode blanks); checking here gives the error before anything is sent.

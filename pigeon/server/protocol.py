@@ -14,18 +14,20 @@ from types import TracebackType
 from typing import cast
 
 from pigeon._core import Broker
+from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
+from pigeon.server.limits import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_BACKLOG,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_LINE,
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_SUBSCRIPTIONS,
+    DEFAULT_MAX_TOPICS,
+    DEFAULT_WRITE_TIMEOUT,
+)
 
 log = logging.getLogger("pigeon")
-
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 3333
-DEFAULT_MAX_LINE = 1024 * 1024
-DEFAULT_MAX_BACKLOG = 100_000
-DEFAULT_MAX_CONNECTIONS = 10_000
-DEFAULT_MAX_MEMORY = 1024 * 1024 * 1024
-DEFAULT_MAX_SUBSCRIPTIONS = 10_000
-DEFAULT_MAX_TOPICS = 1_000_000
-DEFAULT_MAX_PENDING = 64 * 1024 * 1024
 
 # Connections the kernel queues before the loop accepts them: asyncio's default
 # of 100 drops SYNs in a burst of connects, which clients see as 1 s stalls.
@@ -34,7 +36,6 @@ LISTEN_BACKLOG = 4096
 # Seconds between two ticks of the core's clock, which runs the idle and write
 # timeouts: a timeout fires up to one tick after it is due.
 TICK_INTERVAL = 0.25
-DEFAULT_WRITE_TIMEOUT = 10.0
 
 # A subscriber whose unsent output passes WRITE_HIGH is paused, and so skipped by
 # every rotation, until it drains below WRITE_LOW.
@@ -157,7 +158,7 @@ class Server:
         max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
         max_topics: int = DEFAULT_MAX_TOPICS,
         max_pending: int = DEFAULT_MAX_PENDING,
-        idle_timeout: float = 0.0,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
     ) -> None:
         self.host = host

@@ -9,7 +9,7 @@ broker memory per connection).
 The generator is built not to be the bottleneck: publish commands are prebuilt
 into one large buffer sent with ``sendall`` from a thread per publisher, and
 readers ``recv_into`` a large buffer and only count newlines, so each thread
-spends its time in system calls that release the GIL. ``pigeon.bench_sink``
+spends its time in system calls that release the GIL. ``pigeon.bench.sink``
 measures the generator's own ceiling. The broker's CPU use is sampled during
 each run when its process can be found (it must run on this machine).
 """
@@ -28,8 +28,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pigeon.bench_wire import DIALECTS, LineSocket, dialect
-from pigeon.client_cli import Subparsers, positive
+from pigeon.bench.wire import DIALECTS, LineSocket, dialect
+from pigeon.cli.common import Subparsers, positive
+from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 
 DESCRIPTION = "Measure a running broker: throughput, latency and memory per connection."
 WORKLOADS = ("pipe", "queue", "fanin", "latency", "connections")
@@ -57,8 +58,8 @@ class Result:
 class Options:
     """What to run, against what."""
 
-    host: str = "127.0.0.1"
-    port: int = 3333
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
     dialect: str = "pigeon"
     size: int = 64
     duration: float = 3.0
@@ -592,11 +593,7 @@ def register(subparsers: Subparsers) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pigeon.bench``."""
+    """``python -m pigeon.bench`` (``pigeon/bench/__main__.py``)."""
     parser = argparse.ArgumentParser(prog="python -m pigeon.bench", description=DESCRIPTION)
     add_arguments(parser)
     return command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from pigeon import codec
-from pigeon.codec import Message, Refused
+from pigeon.client import codec
+from pigeon.client.codec import Message, Refused
 from pigeon.errors import CommandError, ConnectionClosedError, PigeonError, error_from_reason
 
 

@@ -1,0 +1,1 @@
+"""The command-line tools: ``pigeon`` (``server``) and ``pigeon-cli`` (``client``) with its subcommands."""
