@@ -1,20 +1,44 @@
-"""Type stubs of the Cython core (pigeon/_core.pyx)."""
+"""Type stubs of the Cython core (pigeon/_core.pyx and its parts in pigeon/core/)."""
 
 from collections.abc import Callable
 from typing import Any
 
 COMMAND_NAMES: tuple[str, ...]
+"""Command kinds, in the order of ``stats()["commands"]``."""
+ERROR_CODES: tuple[str, ...]
+"""The code of each error kind, as sent on the wire: ``ERROR <CODE> <text>``."""
 ERROR_NAMES: tuple[str, ...]
+"""The same kinds in lower case, as the keys of ``stats()["errors"]``."""
+LIMIT_DEFAULTS: dict[str, Any]
+"""Every limit's default, by keyword (ints, and seconds as floats for the timeouts)."""
+LIMIT_NAMES: tuple[str, ...]
+"""The limit keywords ``Broker`` takes."""
+TOPIC_MAX_BYTES: int
+"""The longest topic name the core accepts (pigeon.protocol.TOPIC_MAX)."""
+PROTOCOL_VERSION: int
+"""The protocol version HELLO reports."""
+INVISIBLE_UNICODE_VERSION: str
+"""The Unicode version of the table of characters refused in topic names."""
 
 class Broker:
-    """All broker state: connections, topics, subscriptions and backlogs."""
+    """All broker state: connections, topics, subscriptions, backlogs and message records."""
 
+    on_output: Callable[[], object] | None
+    """Called once when ``flush()`` is due; None runs it before each call returns (tests)."""
+    on_close: Callable[[int, str, bool], object] | None
+    """``(handle, reason, flush)``: the core ended a connection; close its socket, after its output when flush.
+
+    ``reason`` is empty when the client asked (DISCONNECT).
+    """
+    on_reading: Callable[[int, bool], object] | None
+    """``(handle, reading)``: stop (False) or restart (True) reading a connection's socket."""
     on_warning: Callable[[str], object] | None
     """Called with a sentence for rare events an operator should see (a topic's backlog filling up)."""
 
     def __init__(
         self,
         *,
+        tick_interval: float = ...,
         max_line: int = ...,
         max_backlog: int = ...,
         max_connections: int = ...,
@@ -22,48 +46,50 @@ class Broker:
         max_subscriptions: int = ...,
         max_topics: int = ...,
         max_pending: int = ...,
-        idle_ticks: int = ...,
+        idle_timeout: float = ...,
+        write_timeout: float = ...,
         out_batch: int = ...,
     ) -> None: ...
     def open(
         self,
         writer: Callable[[bytes], object],
         peer: str | None = None,
-        pending: Callable[[], int] | None = None,
-        closer: Callable[[str, bool], object] | None = None,
+        transport_size: Callable[[], int] | None = None,
     ) -> int:
-        """Register a new connection; ``writer(bytes)`` receives its output. Returns its handle.
-
-        ``peer`` is the client's address; ``pending()`` the output bytes buffered past the core;
-        ``closer(reason, flush)`` is called when the core itself ends the connection.
-        """
+        """Register a new connection; ``writer(bytes)`` receives its output. Returns its handle."""
     def get_buffer(self, handle: int) -> memoryview:
         """A writable view to read the connection's next bytes into."""
-    def buffer_updated(self, handle: int, nbytes: int) -> bool:
-        """Process bytes read into the view; False when the connection must be closed."""
+    def buffer_updated(self, handle: int, nbytes: int) -> None:
+        """Process bytes read into the view."""
     def feed(self, handle: int, data: bytes) -> bool:
-        """Process bytes read from the connection (a copying ``buffer_updated``)."""
+        """Process bytes and flush (a copying ``buffer_updated``); False once the connection is closing."""
+    def flush(self) -> None:
+        """Hand every connection its pending output, then report connections the core closed."""
+    def eof(self, handle: int) -> None:
+        """The client sent its FIN: leave every rotation, give unsent messages back, hand the replies over."""
     def pause(self, handle: int) -> None:
-        """The connection's transport is full: skip it in every rotation, keep its output in the core."""
+        """The connection's transport is full: skip it in every rotation and stop reading it."""
     def resume(self, handle: int) -> None:
-        """The connection can take output again: hand it what was kept, deliver backlogs it can serve."""
+        """The connection can take output again: hand it what was kept, read it again."""
     def close(self, handle: int) -> None:
         """The connection is gone: give back messages it was never handed, leave every rotation, free it."""
     def tick(self) -> None:
-        """Advance the idle clock: close connections that sent nothing for more than idle_ticks ticks."""
+        """Advance the clock by one tick_interval: idle and write timeouts."""
     def client_id(self, handle: int) -> str | None:
         """The id CONNECT gave this connection, or None before CONNECT."""
     def topic_info(self, topic: bytes) -> tuple[int, int] | None:
         """``(subscribers, backlog_messages)`` for a topic, or None if the broker holds no such topic."""
     def stats(self) -> dict[str, Any]:
         """Server-wide counters and gauges: ints, dicts of ints by kind, and the uptime in seconds."""
-    def topics(self) -> list[dict[str, Any]]:
-        """Every topic: name, subscribers, backlog depth, published, delivered."""
-    def connections(self) -> list[dict[str, Any]]:
-        """Every open connection: handle, client id, address, subscriptions, traffic, age."""
+    def topics(self, cursor: int = 0, count: int = 100) -> dict[str, Any]:
+        """One page of topics: ``{"topics": [...], "next": cursor}``, next 0 at the end."""
+    def connections(self, cursor: int = 0, count: int = 100) -> dict[str, Any]:
+        """One page of connections: ``{"connections": [...], "next": cursor}``, next 0 at the end."""
     @property
-    def max_line_length(self) -> int:
-        """The longest accepted command line, in bytes."""
+    def limits(self) -> dict[str, Any]:
+        """Every limit of this broker, by keyword."""
     @property
-    def max_backlog_messages(self) -> int:
-        """How many messages one topic's backlog holds at most."""
+    def tick_interval(self) -> float:
+        """Seconds between two ``tick()`` calls, as the server is to run them."""
+    def _fail_allocation(self, n: int) -> None:
+        """Tests: make the n-th allocation of the core from now fail (0 cancels)."""
