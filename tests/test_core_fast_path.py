@@ -16,7 +16,11 @@ from pigeon._core import Broker
 # (line after the topic "t" has been published to once, subscriber output, publisher output)
 CASES = [
     (b"PUBLISH {id} t hello", b"MESSAGE t hello\n", b"PUBLISHED t\n"),
-    (b"PUBLISH {id}  t two spaces before the topic", b"MESSAGE t two spaces before the topic\n", b"PUBLISHED t\n"),
+    (
+        b"PUBLISH {id}  t two spaces before the topic",
+        b"MESSAGE t two spaces before the topic\n",
+        b"PUBLISHED t\n",
+    ),
     (b"PUBLISH {id} t  leading space kept", b"MESSAGE t  leading space kept\n", b"PUBLISHED t\n"),
     (b"PUBLISH {id} t ", b"MESSAGE t \n", b"PUBLISHED t\n"),
     (b"PUBLISH {id} t crlf\r", b"MESSAGE t crlf\n", b"PUBLISHED t\n"),
@@ -25,7 +29,11 @@ CASES = [
     (b"PUBLISH\t{id}\tt\ttabs", b"MESSAGE t tabs\n", b"PUBLISHED t\n"),
     (b"PUBLISH {id}\tt\tx\ty", b"MESSAGE t x\ty\n", b"PUBLISHED t\n"),
     (b"PUBLISH {id} tt other topic", b"", b"PUBLISHED tt\n"),
-    (b"PUBLISH {id}0 t longer id", b"", b"ERROR WRONG_CLIENT_ID client id does not belong to this connection: '{id}0'\n"),
+    (
+        b"PUBLISH {id}0 t longer id",
+        b"",
+        b"ERROR WRONG_CLIENT_ID client id does not belong to this connection: '{id}0'\n",
+    ),
     (b"PUBLISH {id} t", b"", b"ERROR USAGE usage: PUBLISH <client_id> <topic> <message>\n"),
     (b"PUBLISHX {id} t m", b"", b"ERROR UNKNOWN_COMMAND unknown command 'PUBLISHX'\n"),
     (b"PUBLISH\x00{id} t m", b"", b"ERROR UNKNOWN_COMMAND unknown command (not shown)\n"),

@@ -193,8 +193,14 @@ def test_stats_sections_and_usage() -> None:
     (conn,) = stats_line(p, "Stats CONNECTIONS")["connections"]
     assert (conn["client_id"], conn["address"], conn["subscriptions"]) == ("c1", "10.0.0.1:1", ["t"])
     usage = "ERROR USAGE usage: STATS [TOPICS|CONNECTIONS [<cursor> [<count>]]]"
-    for bad in ("STATS queues", "STATS topics extra", "STATS topics 0 0", "STATS topics 0 1001",
-                "STATS topics -1", "STATS connections 0 5 5"):
+    for bad in (
+        "STATS queues",
+        "STATS topics extra",
+        "STATS topics 0 0",
+        "STATS topics 0 1001",
+        "STATS topics -1",
+        "STATS connections 0 5 5",
+    ):
         assert p.send(bad) == [usage], bad
     assert broker.stats()["errors"]["usage"] == 6
 

@@ -24,9 +24,7 @@ BLOCK = re.compile(r"```\n(.*?)```", re.S)
 
 def sessions() -> list[list[str]]:
     """Every fenced block of the protocol doc that holds a session (lines starting with '> ')."""
-    return [
-        block.splitlines() for block in BLOCK.findall(PROTOCOL.read_text()) if block.startswith("> ")
-    ]
+    return [block.splitlines() for block in BLOCK.findall(PROTOCOL.read_text()) if block.startswith("> ")]
 
 
 def test_the_doc_has_a_session() -> None:
@@ -58,7 +56,9 @@ def test_stats_examples_have_the_documented_shapes(server: ServerProcess) -> Non
         if word == "ERROR":
             assert reply == expected
             continue
-        documented = json.loads(expected.partition(" ")[2].replace("...", "").replace(",]", "]").replace(",}", "}"))
+        documented = json.loads(
+            expected.partition(" ")[2].replace("...", "").replace(",]", "]").replace(",}", "}")
+        )
         got = json.loads(payload)
         assert type(got) is type(documented)
         assert set(documented) <= set(got), (command, sorted(got))
