@@ -6,10 +6,14 @@
 #   core/memory      counted allocation, for --max-memory
 #   core/messages    message records and backlog rings
 #   core/topics      the topic table and round robin
+#   core/subs        subscriptions: plain or acknowledged, with a prefetch window
+#   core/acks        acknowledged delivery: unacknowledged lists, ACK/NACK, redelivery,
+#                    dead letters, delays
 #   core/conns       connection state
 #   core/output      output buffers, delivery, flushing, giving messages back
 #   core/parser      the protocol's vocabulary, tokenizer, topic checks, dispatch
 #   core/commands    one handler per command
+#   core/flow        publisher flow control
 #   core/stats       counters and reports
 
 cimport cython
@@ -19,15 +23,19 @@ cdef class Broker
 cdef struct Msg
 cdef struct Topic
 cdef struct Conn
+cdef struct Sub
 
 include "core/limits.pxd"
 include "core/memory.pxd"
 include "core/messages.pxd"
 include "core/topics.pxd"
+include "core/subs.pxd"
+include "core/acks.pxd"
 include "core/conns.pxd"
 include "core/output.pxd"
 include "core/parser.pxd"
 include "core/commands.pxd"
+include "core/flow.pxd"
 include "core/stats.pxd"
 
 
@@ -43,6 +51,14 @@ cdef class Broker:
     cdef Counters counters
     cdef size_t backlog_messages    # messages in all backlogs
     cdef size_t backlog_bytes       # their payload bytes
+    cdef size_t unacked_messages    # deliveries not yet acknowledged
+    cdef DelayHeap delayed          # messages NACKed with a delay
+    cdef size_t delayed_messages
+    cdef double timer_due           # the delay on_timer was last armed for, 0: none
+    cdef double now                 # the monotonic clock, read once per call from Python
+    cdef int32_t publishers_held    # connections whose PUBLISH waits for flow control
+    cdef int32_t memory_waiter      # first connection waiting for memory (Conn.next_waiter), -1: none
+    cdef int32_t woken              # first connection to go on at the next flush, -1: none
     cdef uint64_t next_seq          # the last message's sequence number
     cdef uint64_t ticks             # tick() calls so far
     cdef uint64_t idle_ticks        # ticks without input before a connection closes; 0 = never
@@ -55,6 +71,7 @@ cdef class Broker:
     cdef public object on_output    # callable(): flush() is due; the server runs it once per loop pass
     cdef public object on_close     # callable(handle, reason, flush): close the socket the core ended
     cdef public object on_reading   # callable(handle, reading): stop or restart reading a connection
+    cdef public object on_timer     # callable(seconds): run_timers() is due in that long
     cdef public object on_warning   # callable(text): a rare event worth an operator's eye
 
     cdef int _settle(self) except -1

@@ -29,10 +29,13 @@ include "core/limits.pxi"
 include "core/memory.pxi"
 include "core/messages.pxi"
 include "core/topics.pxi"
+include "core/subs.pxi"
+include "core/acks.pxi"
 include "core/conns.pxi"
 include "core/output.pxi"
 include "core/parser.pxi"
 include "core/commands.pxi"
+include "core/flow.pxi"
 include "core/stats.pxi"
 
 TOPIC_MAX_BYTES = TOPIC_MAX
@@ -60,6 +63,9 @@ cdef class Broker:
         self.write_ticks = <uint64_t>math.ceil(self.limit.write_timeout / tick_interval)
         self.started = time.time()
         self.rbuf.owner = -1
+        self.memory_waiter = -1
+        self.woken = -1
+        self.now = monotonic()
         self.conns.next_client_id = 1
         self.pool.keep = min(<size_t>POOL_KEEP_MAX, self.limit.max_memory // 16)
         if topics_init(&self.mem, &self.topic_table) < 0:
@@ -69,7 +75,7 @@ cdef class Broker:
             "max_line": self.limit.max_line,
             "topic_max": TOPIC_MAX,
             "idle_timeout": self.limit.idle_timeout,
-            "features": [],
+            "features": ["ack"],
         }, separators=(",", ":")).encode()
 
     def __dealloc__(self):
@@ -78,17 +84,25 @@ cdef class Broker:
         cdef Topic *t
         cdef Topic *nxt
         cdef Conn *c
-        self.tearing_down = True
+        cdef Unacked *e
+        self.tearing_down = True     # topics are freed below, all at once
         for h in range(self.conns.cap):
             c = &self.conns.items[h]
             if c.state == CONN_FREE:
                 continue
-            leave_all(self, h)
             for i in range(c.ninflight):
-                if c.inflight[i].msg != NULL:
+                if c.inflight[i].msg != NULL and not c.inflight[i].tag:
                     msg_release(self, c.inflight[i].msg)
             c.ninflight = 0
+            for i in range(c.unacked.count):
+                e = _at(&c.unacked, <uint32_t>i)
+                if e.msg != NULL:
+                    msg_release(self, e.msg)
+            c.unacked.count = 0
+            while c.nsubs:
+                sub_free(self, c.subs[c.nsubs - 1])
             conn_free(self, h)
+        delayed_free(self)
         if self.topic_table.buckets != NULL:
             for i in range(self.topic_table.nbuckets):
                 t = self.topic_table.buckets[i]
@@ -97,7 +111,7 @@ cdef class Broker:
                     while t.backlog.count:
                         msg_release(self, queue_pop(&t.backlog))
                     queue_free_ring(&self.mem, &t.backlog)
-                    mem_free(&self.mem, t.subs, t.subs_cap * sizeof(int32_t))
+                    mem_free(&self.mem, t.subs, t.subs_cap * sizeof(Sub *))
                     mem_free(&self.mem, t, sizeof(Topic) + t.name_len)
                     t = nxt
         pool_clear(&self.pool, &self.mem)
@@ -116,6 +130,9 @@ cdef class Broker:
             lost = self.counters.lost - self.lost_warned
             self.lost_warned = self.counters.lost
             warn(self, f"out of memory: {lost} message(s) lost while being given back to their topics")
+        if self.delayed.count and self.delayed.items[0].due != self.timer_due and self.on_timer is not None:
+            self.timer_due = self.delayed.items[0].due
+            self.on_timer(max(0.0, self.timer_due - monotonic()))
         if not self.outbox.flush_due or self.outbox.flush_scheduled:
             return 0
         if self.on_output is None:
@@ -169,6 +186,7 @@ cdef class Broker:
         if nbytes < 0 or <size_t>nbytes > self.rbuf.cap - c.input_len:
             raise ValueError("nbytes is outside the buffer")
         self.rbuf.owner = -1
+        self.now = monotonic()
         self.counters.bytes_in += nbytes
         c.bytes_in += nbytes
         c.silent_ticks = 0
@@ -218,10 +236,7 @@ cdef class Broker:
         replies are handed over now, for the server to send before it closes the socket."""
         cdef Conn *c = conn_get(self, handle)
         if c.state == CONN_OPEN:
-            leave_all(self, handle)
-            c.state = CONN_CLOSING
-            give_back_inflight(self, handle, c.out, True)
-            conn_keep_input(self, handle, NULL, 0)
+            conn_leave(self, handle, c.out, LEAVE_CUT_ALL)
             hand_over(self, handle)
         self._settle()
 
@@ -233,45 +248,41 @@ cdef class Broker:
             c.paused = True
             c.paused_at = self.ticks
             if c.state == CONN_OPEN:
-                _stop_reading(self, handle)
+                stop_reading(self, handle)
         self._settle()
 
     def resume(self, int32_t handle):
         """The connection can take output again: hand it what was kept, deliver backlogs it
         can serve, run the input held while it was paused and read it again."""
         cdef Conn *c = conn_get(self, handle)
-        cdef char *data
         if c.broken:
             return                      # skipped by rotations until the next flush closes it
         c.paused = False
+        self.now = monotonic()
         if c.out_len:
             mark_dirty(self, handle)
         if c.state == CONN_OPEN:
             conn_drain_topics(self, handle)
-        c = &self.conns.items[handle]
-        if c.reading_stopped and c.state == CONN_OPEN:
-            if c.input_len:
-                data = read_buffer_load(self, handle)
-                self.rbuf.owner = -1
-                process_input(self, handle, data, c.input_len)
-                c = &self.conns.items[handle]
-            if c.state == CONN_OPEN and not c.paused:
-                c.reading_stopped = False
-                if self.on_reading is not None:
-                    self.on_reading(handle, True)
+            conn_continue(self, handle)
         self._settle()
 
     def close(self, int32_t handle):
         """The connection is gone: give back messages it was never handed, leave every rotation, free it."""
         cdef Conn *c = conn_get(self, handle)
-        if c.state == CONN_OPEN:
-            leave_all(self, handle)
-        give_back_inflight(self, handle, c.out, False)
+        conn_leave(self, handle, c.out, LEAVE_DROP)
+        flow_forget(self, handle)
         c = &self.conns.items[handle]
         outbox_forget(&self.outbox, handle, c.dirty, c.close_queued)
         if self.rbuf.owner == handle:
             self.rbuf.owner = -1
         conn_free(self, handle)
+        self._settle()
+
+    def run_timers(self):
+        """Give back the NACKed messages whose delay is over (the server calls it when on_timer says)."""
+        self.timer_due = 0
+        self.now = monotonic()
+        delayed_fire(self, self.now)
         self._settle()
 
     def tick(self):
@@ -281,12 +292,17 @@ cdef class Broker:
         cdef Conn *c
         cdef char reason[96]
         self.ticks += 1
+        self.now = monotonic()
         for h in range(self.conns.cap):
             c = &self.conns.items[h]
             if c.state != CONN_OPEN:
                 continue
             if c.in_transport:
                 note_transport(self, h)
+                c = &self.conns.items[h]
+            if c.unacked.live and not c.reading_stopped:
+                # not while it is not read: its ACKs may be waiting in the socket
+                acks_expire(self, h, self.now)
                 c = &self.conns.items[h]
             if self.write_ticks and c.paused and self.ticks - c.paused_at > self.write_ticks:
                 self.counters.write_timeouts += 1

@@ -323,7 +323,7 @@ class ModelBroker:
 
     def _on_subscribe(self, h: int, args: list[bytes]) -> None:
         if len(args) != 2:
-            self._error(h, "usage", b"usage: SUBSCRIBE <client_id> <topic>")
+            self._error(h, "usage", b"usage: SUBSCRIBE <client_id> <topic> [ACK [PREFETCH <n>]]")
             return
         cid, name = args
         if not self._id_ok(h, cid) or not self._topic_ok(h, name):

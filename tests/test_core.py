@@ -151,17 +151,38 @@ def test_backlog_is_kept_in_order_and_delivered_on_subscribe() -> None:
     assert h.take(b) == b"MESSAGE q next\n"
 
 
-def test_backlog_limit_refuses_and_keeps_what_it_has() -> None:
+def test_a_full_backlog_holds_the_publisher_until_it_drains() -> None:
     h = Harness(max_backlog=3)
+    reading: list[tuple[int, bool]] = []
+    h.broker.on_reading = lambda handle, on: reading.append((handle, on))
     pub, pid = h.connected()
-    out = h.feed(pub, b"".join(f"PUBLISH {pid} q m{i}\n".encode() for i in range(5)))
-    assert out == b"PUBLISHED q\n" * 3 + b"ERROR BACKLOG_FULL backlog full (3 messages) for topic 'q'\n" * 2
-    assert h.broker.stats()["refused"] == 2
+    out = h.feed(pub, b"".join(f"PUBLISH {pid} q m{i}\n".encode() for i in range(6)) + b"PING\n")
+    # the fourth PUBLISH waits, with everything after it, and the publisher is not read
+    assert out == b"PUBLISHED q\n" * 3
+    assert reading == [(pub, False)]
+    assert h.broker.stats()["publishers_held"] == 1 and h.broker.stats()["refused"] == 0
     a, ida = h.connected()
-    assert (
-        h.feed(a, f"SUBSCRIBE {ida} q\n".encode())
-        == b"SUBSCRIBED q\nMESSAGE q m0\nMESSAGE q m1\nMESSAGE q m2\n"
+    h.broker.pause(a)
+    h.feed(a, f"SUBSCRIBE {ida} q\n".encode())
+    h.broker.resume(a)  # takes the backlog down to 0 (its half mark is 1): the publisher goes on
+    assert h.take(pub) == b"PUBLISHED q\n" * 3 + b"PONG\n"
+    assert reading == [(pub, False), (a, False), (a, True), (pub, True)]
+    assert h.take(a) == b"SUBSCRIBED q\n" + b"".join(f"MESSAGE q m{i}\n".encode() for i in range(6))
+    assert h.broker.stats()["publish_holds"] == 1 and h.broker.stats()["publishers_held"] == 0
+
+
+def test_a_publisher_never_waits_for_a_topic_it_consumes() -> None:
+    # it may be the one that has to drain it: waiting could deadlock it, so it is refused as in v1
+    h = Harness(max_backlog=2)
+    pub, pid = h.connected()
+    assert h.feed(pub, f"SUBSCRIBE {pid} q ACK PREFETCH 1\n".encode()) == b"SUBSCRIBED q\n"
+    out = h.feed(pub, b"".join(f"PUBLISH {pid} q m{i}\n".encode() for i in range(4)))
+    assert out == (
+        b"PUBLISHED q\nDELIVER q 1 1 m0\nPUBLISHED q\nPUBLISHED q\n"
+        b"ERROR BACKLOG_FULL backlog full (2 messages) for topic 'q'\n"
     )
+    assert h.feed(pub, f"ACK {pid} 1\n".encode()) == b"DELIVER q 2 1 m1\n"
+    assert h.broker.stats()["publishers_held"] == 0
 
 
 def test_paused_subscribers_are_skipped_and_the_backlog_waits_for_a_resume() -> None:
@@ -212,9 +233,9 @@ def test_crlf_case_insensitive_words_and_extra_spaces() -> None:
         (b"PUBLISHX {id} t m", b"ERROR UNKNOWN_COMMAND unknown command 'PUBLISHX'"),
         (b"\x00PING", b"ERROR UNKNOWN_COMMAND unknown command (not shown)"),
         (b"P\xc3\xa9NG", b"ERROR UNKNOWN_COMMAND unknown command (not shown)"),
-        (b"SUBSCRIBE", b"ERROR USAGE usage: SUBSCRIBE <client_id> <topic>"),
-        (b"SUBSCRIBE {id}", b"ERROR USAGE usage: SUBSCRIBE <client_id> <topic>"),
-        (b"SUBSCRIBE {id} t extra", b"ERROR USAGE usage: SUBSCRIBE <client_id> <topic>"),
+        (b"SUBSCRIBE", b"ERROR USAGE usage: SUBSCRIBE <client_id> <topic> [ACK [PREFETCH <n>]]"),
+        (b"SUBSCRIBE {id}", b"ERROR USAGE usage: SUBSCRIBE <client_id> <topic> [ACK [PREFETCH <n>]]"),
+        (b"SUBSCRIBE {id} t extra", b"ERROR USAGE usage: SUBSCRIBE <client_id> <topic> [ACK [PREFETCH <n>]]"),
         (b"UNSUBSCRIBE {id}", b"ERROR USAGE usage: UNSUBSCRIBE <client_id> <topic>"),
         (b"UNSUBSCRIBE {id} t x", b"ERROR USAGE usage: UNSUBSCRIBE <client_id> <topic>"),
         (b"UNSUBSCRIBE {id} never", b"ERROR NOT_SUBSCRIBED not subscribed to 'never'"),
@@ -225,7 +246,7 @@ def test_crlf_case_insensitive_words_and_extra_spaces() -> None:
         (b"DISCONNECT now", b"ERROR USAGE usage: DISCONNECT"),
         (b"SUBSCRIBE {id} " + b"x" * (TOPIC_MAX + 1), b"ERROR BAD_TOPIC topic must be 1 to %d bytes" % TOPIC_MAX),
         (b"SUBSCRIBE {id} a\x01b", b"ERROR BAD_TOPIC topic must not contain whitespace, control, format or separator characters"),
-        (b"SUBSCRIBE {id} a\tb", b"ERROR USAGE usage: SUBSCRIBE <client_id> <topic>"),  # a tab separates fields
+        (b"SUBSCRIBE {id} a\tb", b"ERROR USAGE usage: SUBSCRIBE <client_id> <topic> [ACK [PREFETCH <n>]]"),  # a tab separates fields
         (b"SUBSCRIBE {id} a\x00b", b"ERROR BAD_TOPIC topic must not contain whitespace, control, format or separator characters"),
         (b"SUBSCRIBE {id} a\x7fb", b"ERROR BAD_TOPIC topic must not contain whitespace, control, format or separator characters"),
         (b"SUBSCRIBE {id} a\xc2\x85b", b"ERROR BAD_TOPIC topic must not contain whitespace, control, format or separator characters"),

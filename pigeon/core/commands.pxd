@@ -6,6 +6,21 @@
 from libc.stdint cimport int32_t
 
 
+cdef enum:
+    NACK_DELAY_MAX = 86_400_000     # a day, in milliseconds
+
+
+cdef extern from *:
+    """
+    #define PIGEON_SUBSCRIBE_USAGE "usage: SUBSCRIBE <client_id> <topic> [ACK [PREFETCH <n>]]"
+    #define PIGEON_ACK_USAGE "usage: ACK <client_id> <tag>|<first>-<last>"
+    #define PIGEON_NACK_USAGE "usage: NACK <client_id> <tag>|<first>-<last> [<delay_ms>]"
+    """
+    const char *SUBSCRIBE_USAGE "PIGEON_SUBSCRIBE_USAGE"
+    const char *ACK_USAGE "PIGEON_ACK_USAGE"
+    const char *NACK_USAGE "PIGEON_NACK_USAGE"
+
+
 cdef int on_connect(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_subscribe(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_unsubscribe(Broker b, int32_t h, char *args, size_t n) except -1
@@ -14,3 +29,5 @@ cdef int on_ping(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_disconnect(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_stats(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_hello(Broker b, int32_t h, char *args, size_t n) except -1
+cdef int on_ack(Broker b, int32_t h, char *args, size_t n) except -1
+cdef int on_nack(Broker b, int32_t h, char *args, size_t n) except -1

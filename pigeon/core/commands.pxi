@@ -1,5 +1,7 @@
 # Commands: the handlers (see commands.pxd).
 
+from libc.stdint cimport UINT32_MAX
+
 
 cdef bint _connected(Broker b, int32_t h) noexcept:
     """True after CONNECT; else sends the ERROR."""
@@ -81,44 +83,66 @@ cdef int on_connect(Broker b, int32_t h, char *args, size_t n) except -1:
     return 0
 
 
+cdef bint _subscribe_options(Broker b, int32_t h, char *args, size_t n, bint *ack, uint32_t *prefetch) noexcept:
+    """The options after the topic: nothing, ``ACK``, or ``ACK PREFETCH <n>``; else sends the ERROR."""
+    cdef char *word
+    cdef size_t wl, value
+    ack[0] = False
+    prefetch[0] = b.limit.default_prefetch
+    if not next_field(&args, &n, &word, &wl):
+        return True
+    if word_is(word, wl, "ack", 3):
+        ack[0] = True
+        if not next_field(&args, &n, &word, &wl):
+            return True
+        if word_is(word, wl, "prefetch", 8) and next_field(&args, &n, &word, &wl) and only_blanks(args, n):
+            if parse_count(word, wl, &value) and 1 <= value <= PREFETCH_MAX:
+                prefetch[0] = <uint32_t>value
+                return True
+            out_error(b, h, ERR_USAGE, "prefetch must be 1 to 1000000")
+            return False
+    out_error(b, h, ERR_USAGE, SUBSCRIBE_USAGE)
+    return False
+
+
 cdef int on_subscribe(Broker b, int32_t h, char *args, size_t n) except -1:
     cdef char *id
     cdef char *name
     cdef size_t id_len, name_len
     cdef uint64_t hv
     cdef Topic *t
-    cdef Conn *c
+    cdef Sub *s
+    cdef bint ack
+    cdef uint32_t prefetch
     cdef char reason[80]
-    if (not next_field(&args, &n, &id, &id_len) or not next_field(&args, &n, &name, &name_len)
-            or not only_blanks(args, n)):
-        out_error(b, h, ERR_USAGE, "usage: SUBSCRIBE <client_id> <topic>")
+    if not next_field(&args, &n, &id, &id_len) or not next_field(&args, &n, &name, &name_len):
+        out_error(b, h, ERR_USAGE, SUBSCRIBE_USAGE)
+        return 0
+    if not _subscribe_options(b, h, args, n, &ack, &prefetch):
         return 0
     if not _own_id(b, h, id, id_len) or not _valid_topic(b, h, name, name_len):
         return 0
     hv = topic_hash(name, name_len)
     t = topics_find(&b.topic_table, name, name_len, hv)
-    if t != NULL and topic_has_subscriber(t, h):
-        out_reply(b, h, "SUBSCRIBED", name, name_len)
-        return 0
-    c = &b.conns.items[h]
-    if c.nsubs >= b.limit.max_subscriptions:
-        snprintf(reason, sizeof(reason), "too many subscriptions on this connection (limit %d)",
-                 b.limit.max_subscriptions)
-        out_error(b, h, ERR_TOO_MANY_SUBSCRIPTIONS, reason)
-        return 0
-    if t == NULL:
-        t = _new_topic(b, h, name, name_len, hv)
-        if t == NULL:
+    s = sub_find(&b.conns.items[h], t) if t != NULL else NULL
+    if s == NULL:
+        if b.conns.items[h].nsubs >= b.limit.max_subscriptions:
+            snprintf(reason, sizeof(reason), "too many subscriptions on this connection (limit %d)",
+                     b.limit.max_subscriptions)
+            out_error(b, h, ERR_TOO_MANY_SUBSCRIPTIONS, reason)
             return 0
-    if topic_add_subscriber(&b.mem, t, h) < 0:
-        topics_drop_if_unused(b, t)
-        _memory_full(b, h)
-        return 0
-    if conn_add_subscription(&b.mem, c, t) < 0:
-        topic_remove_subscriber(t, h)
-        topics_drop_if_unused(b, t)
-        _memory_full(b, h)
-        return 0
+        if t == NULL:
+            t = _new_topic(b, h, name, name_len, hv)
+            if t == NULL:
+                return 0
+        s = sub_add(b, h, t)
+        if s == NULL:
+            topics_drop_if_unused(b, t)
+            _memory_full(b, h)
+            return 0
+    # subscribing again keeps the turn and changes the mode and the prefetch window
+    s.ack = ack
+    s.prefetch = prefetch if ack else UINT32_MAX
     out_reply(b, h, "SUBSCRIBED", name, name_len)
     topic_drain(b, t)
     return 0
@@ -129,6 +153,7 @@ cdef int on_unsubscribe(Broker b, int32_t h, char *args, size_t n) except -1:
     cdef char *name
     cdef size_t id_len, name_len
     cdef Topic *t
+    cdef Sub *s = NULL
     if (not next_field(&args, &n, &id, &id_len) or not next_field(&args, &n, &name, &name_len)
             or not only_blanks(args, n)):
         out_error(b, h, ERR_USAGE, "usage: UNSUBSCRIBE <client_id> <topic>")
@@ -136,13 +161,16 @@ cdef int on_unsubscribe(Broker b, int32_t h, char *args, size_t n) except -1:
     if not _own_id(b, h, id, id_len) or not _valid_topic(b, h, name, name_len):
         return 0
     t = topics_find(&b.topic_table, name, name_len, topic_hash(name, name_len))
-    if t == NULL or not topic_has_subscriber(t, h):
+    if t != NULL:
+        s = sub_find(&b.conns.items[h], t)
+    if s == NULL:
         out_error_quoting(b, h, ERR_NOT_SUBSCRIBED, "not subscribed to", name, name_len)
         return 0
-    topic_remove_subscriber(t, h)
-    conn_remove_subscription(&b.conns.items[h], t)
     out_reply(b, h, "UNSUBSCRIBED", name, name_len)
-    topics_drop_if_unused(b, t)
+    # out of the rotation first, so that what it did not acknowledge goes to someone else
+    sub_leave_rotation(s)
+    acks_give_back_sub(b, s)
+    sub_free(b, s)
     return 0
 
 
@@ -174,28 +202,45 @@ cdef void _accepted(Broker b, int32_t h, Topic *t) noexcept:
     out_reply(b, h, "PUBLISHED", topic_name(t), t.name_len)
 
 
-cdef int _refuse_backlog_full(Broker b, int32_t h, Topic *t) except -1:
-    cdef char reason[96]
-    b.counters.refused += 1
-    snprintf(reason, sizeof(reason), "backlog full (%u messages) for topic", b.limit.max_backlog)
-    out_error_quoting(b, h, ERR_BACKLOG_FULL, reason, topic_name(t), t.name_len)
+cdef void _backlog_full(Broker b, Topic *t) noexcept:
+    """Tell the operator once, until the backlog empties again."""
     if not t.full:
         t.full = True
         warn(b, f"topic {topic_name(t)[:t.name_len].decode('utf-8', 'replace')!r}: backlog full "
-                f"({b.limit.max_backlog} messages), refusing publishes until a subscriber drains it")
+                f"({b.limit.max_backlog} messages): publishers wait until a subscriber drains it")
+
+
+cdef int _refuse(Broker b, int32_t h, Topic *t, int kind) noexcept:
+    """The PUBLISH cannot wait (see flow.pxd): BACKLOG_FULL or MEMORY_FULL."""
+    cdef char reason[96]
+    b.counters.refused += 1
+    if kind == ERR_MEMORY_FULL:
+        _memory_full(b, h)
+        return 0
+    snprintf(reason, sizeof(reason), "backlog full (%u messages) for topic", b.limit.max_backlog)
+    out_error_quoting(b, h, ERR_BACKLOG_FULL, reason, topic_name(t), t.name_len)
+    _backlog_full(b, t)
     return 0
 
 
-cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n) except -1:
+cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n) noexcept:
     """Route one message: straight to the next subscriber when nothing waits before it, else
-    to the tail of the backlog (refused when the backlog or the memory is full)."""
-    cdef int32_t to
+    to the tail of the backlog. HOLD when the backlog or the memory is full and the
+    publisher has to wait (flow.pxd)."""
+    cdef Sub *s
     cdef Msg *msg
+    cdef size_t size
     if t.backlog.count == 0:
-        to = topic_next_subscriber(b, t)
-        if to >= 0:
+        s = topic_next_subscriber(b, t)
+        if s != NULL:
             _accepted(b, h, t)
-            if not out_deliver_direct(b, to, t, data, n):
+            if s.ack:
+                msg = msg_new(b, t, data, n)
+                if msg == NULL:
+                    b.counters.lost += 1
+                else:
+                    deliver(b, s, msg)
+            elif not out_deliver_direct(b, s.conn, t, data, n):
                 # the subscriber's output could not grow: the message waits in the backlog
                 msg = msg_new(b, t, data, n)
                 if msg == NULL:
@@ -206,17 +251,23 @@ cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n) 
                     topic_drain(b, t)
             return 0
     if t.backlog.count >= b.limit.max_backlog:
-        return _refuse_backlog_full(b, h, t)
-    msg = NULL
-    if _has_room(b, msg_size(n) + sizeof(Msg *)):
-        msg = msg_new(b, t, data, n)
-        if msg != NULL and queue_push(&b.mem, &t.backlog, msg) < 0:
-            msg_release(b, msg)
-            msg = NULL
+        if sub_find(&b.conns.items[h], t) != NULL:
+            return _refuse(b, h, t, ERR_BACKLOG_FULL)   # waiting for itself could deadlock it
+        flow_hold(b, h, t)
+        _backlog_full(b, t)
+        return HOLD
+    size = msg_size(n) + sizeof(Msg *)
+    if not _has_room(b, size):
+        if size > b.limit.max_memory // 4 or sub_find(&b.conns.items[h], t) != NULL:
+            return _refuse(b, h, t, ERR_MEMORY_FULL)    # too large to wait for, or waiting for itself
+        flow_hold(b, h, NULL)
+        return HOLD
+    msg = msg_new(b, t, data, n)
+    if msg != NULL and queue_push(&b.mem, &t.backlog, msg) < 0:
+        msg_release(b, msg)
+        msg = NULL
     if msg == NULL:
-        b.counters.refused += 1
-        _memory_full(b, h)
-        return 0
+        return _refuse(b, h, t, ERR_MEMORY_FULL)
     b.backlog_messages += 1
     b.backlog_bytes += n
     b.counters.backlogged += 1
@@ -230,6 +281,7 @@ cdef int on_publish(Broker b, int32_t h, char *args, size_t n) except -1:
     cdef char *name
     cdef size_t id_len, name_len
     cdef uint64_t hv
+    cdef int held
     cdef Topic *t = _publish_fast(b, h, &args, &n)
     if t == NULL:
         if (not next_field(&args, &n, &id, &id_len) or not next_field(&args, &n, &name, &name_len)
@@ -255,11 +307,9 @@ cdef int on_publish(Broker b, int32_t h, char *args, size_t n) except -1:
     # pinned, so that it outlives a message refused or lost on the way; a topic
     # made for a refused message goes again when unpinned
     _pin(t)
-    try:
-        _publish_to(b, h, t, args, n)
-    finally:
-        _unpin(b, t)
-    return 0
+    held = _publish_to(b, h, t, args, n)
+    _unpin(b, t)
+    return held
 
 
 cdef int on_ping(Broker b, int32_t h, char *args, size_t n) except -1:
@@ -320,4 +370,68 @@ cdef int on_stats(Broker b, int32_t h, char *args, size_t n) except -1:
         _memory_full(b, h)
         return 0
     out_reply(b, h, "STATS", text, len(text))
+    return 0
+
+
+cdef bint _tag_range(Broker b, int32_t h, char **args, size_t *n, const char *usage,
+                     uint64_t *first, uint64_t *last) noexcept:
+    """``<client_id> <tag>`` or ``<client_id> <first>-<last>`` (a connection's own id); else sends the ERROR."""
+    cdef char *id
+    cdef char *spec
+    cdef char *dash
+    cdef size_t id_len, sl, a, z
+    if not next_field(args, n, &id, &id_len) or not next_field(args, n, &spec, &sl):
+        out_error(b, h, ERR_USAGE, usage)
+        return False
+    dash = <char *>memchr(spec, b'-', sl)
+    if dash == NULL:
+        if not parse_count(spec, sl, &a) or a == 0:
+            out_error(b, h, ERR_USAGE, usage)
+            return False
+        z = a
+    elif (not parse_count(spec, dash - spec, &a) or not parse_count(dash + 1, sl - (dash - spec) - 1, &z)
+            or a == 0 or z < a):
+        out_error(b, h, ERR_USAGE, usage)
+        return False
+    if not _own_id(b, h, id, id_len):
+        return False
+    first[0] = a
+    last[0] = z
+    return True
+
+
+cdef void _unknown_tags(Broker b, int32_t h, uint64_t first, uint64_t last) noexcept:
+    cdef char reason[80]
+    if first == last:
+        snprintf(reason, sizeof(reason), "unknown delivery tag %llu", <unsigned long long>first)
+    else:
+        snprintf(reason, sizeof(reason), "unknown delivery tag %llu-%llu",
+                 <unsigned long long>first, <unsigned long long>last)
+    out_error(b, h, ERR_UNKNOWN_DELIVERY_TAG, reason)
+
+
+cdef int on_ack(Broker b, int32_t h, char *args, size_t n) except -1:
+    """ACK: settle the outstanding tags; no reply on success, so a consumer acks at full speed."""
+    cdef uint64_t first, last
+    if not _tag_range(b, h, &args, &n, ACK_USAGE, &first, &last):
+        return 0
+    if not only_blanks(args, n):
+        out_error(b, h, ERR_USAGE, ACK_USAGE)
+    elif acks_settle(b, h, first, last) == 0:
+        _unknown_tags(b, h, first, last)
+    return 0
+
+
+cdef int on_nack(Broker b, int32_t h, char *args, size_t n) except -1:
+    """NACK: give the outstanding tags back for redelivery, at once or after <delay_ms>."""
+    cdef uint64_t first, last
+    cdef char *field
+    cdef size_t fl, delay_ms = 0
+    if not _tag_range(b, h, &args, &n, NACK_USAGE, &first, &last):
+        return 0
+    if next_field(&args, &n, &field, &fl) and (not parse_count(field, fl, &delay_ms) or delay_ms > NACK_DELAY_MAX
+                                               or not only_blanks(args, n)):
+        out_error(b, h, ERR_USAGE, NACK_USAGE)
+    elif acks_nack(b, h, first, last, delay_ms / 1000.0) == 0:
+        _unknown_tags(b, h, first, last)
     return 0

@@ -19,10 +19,12 @@ ctypedef struct InFlight:
     # One routed straight from its publisher has no record: its line in the
     # output is its only copy, and a record is made from that line only if the
     # output can never be sent.
-    Msg *msg                # its record (a reference), or NULL
-    Topic *topic            # without a record, held by one Topic.nmsgs while in flight
+    Msg *msg                # its record (a reference, unless tag), or NULL
+    Topic *topic            # without a record, held by one Topic.refs while in flight
     size_t offset           # where its line starts in the output
     size_t line_len
+    uint64_t tag            # a DELIVER line's delivery tag (the unacknowledged list holds the
+                            # reference), 0 for a MESSAGE line
 
 
 cdef struct Conn:
@@ -35,6 +37,10 @@ cdef struct Conn:
     bint close_queued           # to be reported through on_close at the end of flush()
     bint close_flush            # ... after handing over its output (else its output was dropped)
     bint broken                 # its output could not grow: skipped by rotations, closed by the next flush
+    int32_t held                # HELD_NONE, or what its PUBLISH waits for (flow.pxd): its input waits
+    Topic *held_topic           # the topic whose backlog it waits for (pinned)
+    int32_t next_waiter         # the next and previous connection waiting for the same thing, -1: none
+    int32_t prev_waiter
     uint32_t silent_ticks       # ticks since its last input
     uint64_t paused_at          # the tick at which it last paused
     uint64_t client_id          # 0 until CONNECT
@@ -54,9 +60,10 @@ cdef struct Conn:
     char *input                 # input carried over: a partial line, or lines held while it is paused
     size_t input_len
     size_t in_transport         # what its transport held unsent when last asked
-    Topic **subs                # topics it subscribes to
+    Sub **subs                  # its subscriptions
     int32_t nsubs
     int32_t subs_cap
+    UnackedList unacked         # deliveries to its acknowledged subscriptions not yet settled
     double since                # when it opened, seconds since the epoch
     uint64_t msgs_in            # PUBLISH accepted from it
     uint64_t msgs_out           # messages written to it
@@ -79,6 +86,5 @@ cdef int32_t conns_open(Broker b, object writer, object transport_size, object p
 cdef void conn_free(Broker b, int32_t h) noexcept
 cdef Conn *conn_get(Broker b, int32_t h) except NULL
 cdef int conn_keep_input(Broker b, int32_t h, const char *data, size_t n) noexcept
-cdef int conn_add_subscription(Memory *m, Conn *c, Topic *t) noexcept
-cdef void conn_remove_subscription(Conn *c, Topic *t) noexcept
-cdef int inflight_push(Memory *m, Conn *c, Msg *msg, Topic *t, size_t offset, size_t line_len) noexcept
+cdef int inflight_push(Memory *m, Conn *c, Msg *msg, Topic *t, size_t offset, size_t line_len,
+                       uint64_t tag) noexcept

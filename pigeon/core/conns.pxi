@@ -42,6 +42,8 @@ cdef int32_t conns_open(Broker b, object writer, object transport_size, object p
     c.state = CONN_OPEN
     c.since = time.time()
     c.paused_at = b.ticks
+    c.next_waiter = -1
+    c.prev_waiter = -1
     c.writer = <PyObject *>writer
     Py_INCREF(writer)
     if transport_size is not None:
@@ -67,7 +69,8 @@ cdef void conn_free(Broker b, int32_t h) noexcept:
     b.mem.in_transports -= c.in_transport
     mem_free(&b.mem, c.inflight, c.inflight_cap * sizeof(InFlight))
     mem_free(&b.mem, c.input, c.input_len)
-    mem_free(&b.mem, c.subs, c.subs_cap * sizeof(Topic *))
+    mem_free(&b.mem, c.subs, c.subs_cap * sizeof(Sub *))
+    acks_free(b, &c.unacked)
     if not c.rejected:
         b.conns.admitted -= 1
     memset(c, 0, sizeof(Conn))
@@ -98,31 +101,8 @@ cdef int conn_keep_input(Broker b, int32_t h, const char *data, size_t n) noexce
     return 0
 
 
-cdef int conn_add_subscription(Memory *m, Conn *c, Topic *t) noexcept:
-    cdef int32_t newcap
-    cdef Topic **grown
-    if c.nsubs == c.subs_cap:
-        newcap = c.subs_cap * 2 if c.subs_cap else 4
-        grown = <Topic **>mem_grow(m, c.subs, c.subs_cap * sizeof(Topic *), newcap * sizeof(Topic *))
-        if grown == NULL:
-            return -1
-        c.subs = grown
-        c.subs_cap = newcap
-    c.subs[c.nsubs] = t
-    c.nsubs += 1
-    return 0
-
-
-cdef void conn_remove_subscription(Conn *c, Topic *t) noexcept:
-    cdef int32_t i
-    for i in range(c.nsubs):
-        if c.subs[i] == t:
-            c.nsubs -= 1
-            c.subs[i] = c.subs[c.nsubs]
-            return
-
-
-cdef int inflight_push(Memory *m, Conn *c, Msg *msg, Topic *t, size_t offset, size_t line_len) noexcept:
+cdef int inflight_push(Memory *m, Conn *c, Msg *msg, Topic *t, size_t offset, size_t line_len,
+                       uint64_t tag) noexcept:
     """Note a message written at ``offset`` (the list takes over the reference); -1 when out of memory."""
     cdef uint32_t newcap
     cdef InFlight *grown
@@ -140,5 +120,6 @@ cdef int inflight_push(Memory *m, Conn *c, Msg *msg, Topic *t, size_t offset, si
     e.topic = t
     e.offset = offset
     e.line_len = line_len
+    e.tag = tag
     c.ninflight += 1
     return 0

@@ -12,7 +12,11 @@ cdef extern from *:
     #endif
     """
     # longest topic name in bytes; defined once, in pigeon/protocol.py
-    int TOPIC_MAX "PIGEON_TOPIC_MAX"
+    enum: TOPIC_MAX "PIGEON_TOPIC_MAX"
+
+
+cdef enum:
+    PREFETCH_MAX = 1_000_000    # the largest PREFETCH, in SUBSCRIBE and --default-prefetch
 
 
 ctypedef struct Limits:
@@ -26,6 +30,9 @@ ctypedef struct Limits:
     double idle_timeout         # seconds without input before a connection closes; 0 = never
     double write_timeout        # seconds a connection may leave its output untaken; 0 = never
     size_t out_batch            # output one connection takes before rotations skip it until flushed
+    uint32_t default_prefetch   # unacknowledged messages an acknowledged subscription holds unless it says
+    double ack_timeout          # seconds a delivery may stay unacknowledged before it is given back; 0 = never
+    uint32_t max_deliveries     # deliveries of one message before it goes to <topic>.dead; 0 = no limit
 
 
 cdef Limits limits_default() noexcept

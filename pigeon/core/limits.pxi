@@ -1,7 +1,9 @@
 # Limits: defaults, validation of values from Python, and their report.
 
 LIMIT_NAMES = ("max_line", "max_backlog", "max_connections", "max_memory", "max_subscriptions",
-               "max_topics", "max_pending", "idle_timeout", "write_timeout", "out_batch")
+               "max_topics", "max_pending", "idle_timeout", "write_timeout", "out_batch", "default_prefetch",
+               "ack_timeout", "max_deliveries")
+
 
 # (smallest, largest) accepted for each integer limit; the largest is what its C field holds
 cdef dict _INT_RANGES = {
@@ -13,6 +15,8 @@ cdef dict _INT_RANGES = {
     "max_topics": (1, (1 << 63) - 1),
     "max_pending": (1, (1 << 63) - 1),
     "out_batch": (1, 1 << 40),
+    "default_prefetch": (1, PREFETCH_MAX),
+    "max_deliveries": (0, (1 << 32) - 1),
 }
 
 
@@ -28,20 +32,25 @@ cdef Limits limits_default() noexcept:
     limits.idle_timeout = 0.0
     limits.write_timeout = 10.0
     limits.out_batch = 1024 * 1024
+    limits.default_prefetch = 1000
+    limits.ack_timeout = 30.0
+    limits.max_deliveries = 5
     return limits
 
 
 cdef int limits_set(Limits *limits, str name, object value) except -1:
     """Set one limit from a Python value; ValueError (naming the limit) when it is out of range."""
     cdef double seconds
-    if name in ("idle_timeout", "write_timeout"):
+    if name in ("idle_timeout", "write_timeout", "ack_timeout"):
         seconds = float(value)
         if not seconds >= 0 or seconds == float("inf"):      # also refuses nan
             raise ValueError(f"{name} must be a finite number of seconds, 0 or more, not {value!r}")
         if name == "idle_timeout":
             limits.idle_timeout = seconds
-        else:
+        elif name == "write_timeout":
             limits.write_timeout = seconds
+        else:
+            limits.ack_timeout = seconds
         return 0
     if name not in _INT_RANGES:
         raise TypeError(f"unknown limit {name!r}")
@@ -64,8 +73,12 @@ cdef int limits_set(Limits *limits, str name, object value) except -1:
         limits.max_topics = value
     elif name == "max_pending":
         limits.max_pending = value
-    else:
+    elif name == "out_batch":
         limits.out_batch = value
+    elif name == "default_prefetch":
+        limits.default_prefetch = value
+    else:
+        limits.max_deliveries = value
     return 0
 
 
@@ -81,6 +94,9 @@ cdef dict limits_dict(const Limits *limits):
         "idle_timeout": limits.idle_timeout,
         "write_timeout": limits.write_timeout,
         "out_batch": limits.out_batch,
+        "default_prefetch": limits.default_prefetch,
+        "ack_timeout": limits.ack_timeout,
+        "max_deliveries": limits.max_deliveries,
     }
 
 

@@ -30,7 +30,7 @@ cdef Msg *msg_new(Broker b, Topic *t, const char *data, size_t n) noexcept:
     msg.topic = t
     msg.len = n
     memcpy(msg_data(msg), data, n)
-    t.nmsgs += 1
+    t.refs += 1
     return msg
 
 
@@ -50,8 +50,8 @@ cdef void msg_release(Broker b, Msg *msg) noexcept:
         b.pool.kept += size
     else:
         mem_free(&b.mem, msg, size)
-    t.nmsgs -= 1
-    if t.nmsgs == 0 and t.nsubs == 0:
+    t.refs -= 1
+    if t.refs == 0 and t.nsubs == 0:
         topics_drop_if_unused(b, t)
 
 

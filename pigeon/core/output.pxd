@@ -9,7 +9,15 @@
 # closes are reported through on_close at the end of a flush, after their last
 # output went out.
 
-from libc.stdint cimport int32_t
+from libc.stdint cimport int32_t, uint64_t
+
+
+cdef enum:
+    # What becomes of a leaving connection's unsent output (give_back_inflight)
+    LEAVE_DROP = 0          # dropped, with every message in it given back (the socket is gone or aborted)
+    LEAVE_CUT_ALL = 1       # message lines cut out and given back, replies still sent (its FIN arrived)
+    LEAVE_CUT_ACKED = 2     # DELIVER lines cut out and given back (no ACK can come for them); MESSAGE
+                            # lines and replies still sent (DISCONNECT, a close by the server that flushes)
 
 
 ctypedef struct Outbox:
@@ -36,6 +44,10 @@ cdef void out_error_quoting(Broker b, int32_t h, int kind, const char *text,
                             const char *arg, size_t n) noexcept
 cdef bint out_deliver(Broker b, int32_t h, Msg *msg) noexcept
 cdef bint out_deliver_direct(Broker b, int32_t h, Topic *t, const char *data, size_t n) noexcept
+cdef bint deliver(Broker b, Sub *s, Msg *msg) noexcept
+cdef bint note_inflight(Broker b, int32_t h, Msg *msg, Topic *t, char *line, size_t line_len,
+                        uint64_t tag) noexcept
+cdef void out_failed(Broker b, int32_t h) noexcept
 
 cdef void backlog_push(Broker b, Msg *msg, bint front) noexcept
 cdef void topic_drain(Broker b, Topic *t) noexcept
@@ -44,7 +56,9 @@ cdef void conn_drain_topics(Broker b, int32_t h) noexcept
 cdef int flush(Broker b) except -1
 cdef int hand_over(Broker b, int32_t h) except -1
 cdef int note_transport(Broker b, int32_t h) except -1
-cdef void give_back_inflight(Broker b, int32_t h, const char *out, bint keep_other_output) noexcept
-cdef void leave_all(Broker b, int32_t h) noexcept
+cdef void give_back_inflight(Broker b, int32_t h, const char *out, int how) noexcept
+cdef void touch_topic(Topic *t, Topic **touched) noexcept
+cdef void drain_touched(Broker b, Topic *touched) noexcept
+cdef void conn_leave(Broker b, int32_t h, const char *out, int how) noexcept
 cdef void close_later(Broker b, int32_t h, const char *reason, bint flush) noexcept
 cdef void drop_slow(Broker b, int32_t h, const char *reason) noexcept

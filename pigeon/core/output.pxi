@@ -93,7 +93,7 @@ cdef void _drop_output(Broker b, Conn *c) noexcept:
     c.out_cap = 0
 
 
-cdef void _out_failed(Broker b, int32_t h) noexcept:
+cdef void out_failed(Broker b, int32_t h) noexcept:
     """h's output cannot grow. It is skipped by every rotation from now on (as if
     paused for good) and closed by the next flush, its messages given back: not at
     once, since the command being run may still hold the topics it would free."""
@@ -114,7 +114,7 @@ cdef void _out_failed(Broker b, int32_t h) noexcept:
 cdef char *out_reserve(Broker b, int32_t h, size_t need) noexcept:
     """Room for ``need`` more output bytes of h, marked for the next flush.
 
-    NULL when the output cannot grow: h is then broken (see _out_failed).
+    NULL when the output cannot grow: h is then broken (see out_failed).
     """
     cdef Conn *c = &b.conns.items[h]
     cdef size_t cap
@@ -133,7 +133,7 @@ cdef char *out_reserve(Broker b, int32_t h, size_t need) noexcept:
                 cap *= 2
         fresh = _new_bytes(b, NULL, cap)
         if fresh == NULL:
-            _out_failed(b, h)
+            out_failed(b, h)
             return NULL
         if c.out_bytes != NULL:
             memcpy(PyBytes_AS_STRING(<object>fresh), c.out, c.out_len)
@@ -206,7 +206,9 @@ cdef char *_message_line(Broker b, int32_t h, Topic *t, const char *data, size_t
     return p
 
 
-cdef inline bint _note_inflight(Broker b, int32_t h, Msg *msg, Topic *t, char *line, size_t line_len) noexcept:
+cdef inline bint _note_inflight(Broker b, int32_t h, Msg *msg, Topic *t, char *line, size_t line_len,
+                                uint64_t tag) noexcept:
+    """note_inflight, with the common case (room in the list) inline on the delivery paths."""
     cdef Conn *c = &b.conns.items[h]
     cdef InFlight *e
     if c.ninflight < c.inflight_cap:
@@ -215,12 +217,21 @@ cdef inline bint _note_inflight(Broker b, int32_t h, Msg *msg, Topic *t, char *l
         e.topic = t
         e.offset = line - c.out
         e.line_len = line_len
+        e.tag = tag
         c.ninflight += 1
         return True
-    if inflight_push(&b.mem, c, msg, t, line - c.out, line_len) == 0:
+    return note_inflight(b, h, msg, t, line, line_len, tag)
+
+
+cdef bint note_inflight(Broker b, int32_t h, Msg *msg, Topic *t, char *line, size_t line_len,
+                        uint64_t tag) noexcept:
+    """Note the message whose line was just written at ``line`` in h's output. False when even
+    that cannot be allocated: the line is undone and h is broken (see out_failed)."""
+    cdef Conn *c = &b.conns.items[h]
+    if inflight_push(&b.mem, c, msg, t, line - c.out, line_len, tag) == 0:
         return True
     c.out_len -= line_len
-    _out_failed(b, h)
+    out_failed(b, h)
     return False
 
 
@@ -232,11 +243,18 @@ cdef bint out_deliver(Broker b, int32_t h, Msg *msg) noexcept:
     cdef Topic *t = msg.topic
     cdef size_t line_len = 8 + t.name_len + 1 + msg.len + 1
     cdef char *line = _message_line(b, h, t, msg_data(msg), msg.len)
-    if line == NULL or not _note_inflight(b, h, msg, t, line, line_len):
+    if line == NULL or not _note_inflight(b, h, msg, t, line, line_len, 0):
         backlog_push(b, msg, True)
         return False
     msg.attempt += 1
     return True
+
+
+cdef bint deliver(Broker b, Sub *s, Msg *msg) noexcept:
+    """Write a message from its record to a subscription, as its mode says, taking over the reference."""
+    if s.ack:
+        return ack_deliver(b, s, msg)
+    return out_deliver(b, s.conn, msg)
 
 
 cdef bint out_deliver_direct(Broker b, int32_t h, Topic *t, const char *data, size_t n) noexcept:
@@ -246,9 +264,9 @@ cdef bint out_deliver_direct(Broker b, int32_t h, Topic *t, const char *data, si
     """
     cdef size_t line_len = 8 + t.name_len + 1 + n + 1
     cdef char *line = _message_line(b, h, t, data, n)
-    if line == NULL or not _note_inflight(b, h, NULL, t, line, line_len):
+    if line == NULL or not _note_inflight(b, h, NULL, t, line, line_len, 0):
         return False
-    t.nmsgs += 1
+    t.refs += 1
     return True
 
 
@@ -267,31 +285,32 @@ cdef void backlog_push(Broker b, Msg *msg, bint front) noexcept:
 
 cdef inline void _pin(Topic *t) noexcept:
     """Keep t alive across calls that may release its last message."""
-    t.nmsgs += 1
+    t.refs += 1
 
 
 cdef inline void _unpin(Broker b, Topic *t) noexcept:
-    t.nmsgs -= 1
+    t.refs -= 1
     topics_drop_if_unused(b, t)
 
 
 cdef void topic_drain(Broker b, Topic *t) noexcept:
     """Deliver a topic's backlog in order while some subscriber can take it."""
-    cdef int32_t to
+    cdef Sub *s
     cdef Msg *msg
     if t.backlog.count == 0:
         return
     _pin(t)
     while t.backlog.count:
-        to = topic_next_subscriber(b, t)
-        if to < 0:
+        s = topic_next_subscriber(b, t)
+        if s == NULL:
             break
         msg = queue_pop(&t.backlog)
         b.backlog_messages -= 1
         b.backlog_bytes -= msg.len
         if t.backlog.count == 0:
             t.full = False      # warn again only after the backlog emptied, not at every refill
-        out_deliver(b, to, msg)
+        deliver(b, s, msg)
+    flow_topic_drained(b, t)
     _unpin(b, t)
 
 
@@ -300,7 +319,7 @@ cdef void conn_drain_topics(Broker b, int32_t h) noexcept:
     cdef int32_t i = 0
     cdef Conn *c = &b.conns.items[h]
     while i < c.nsubs:
-        topic_drain(b, c.subs[i])
+        topic_drain(b, c.subs[i].topic)
         i += 1
 
 
@@ -315,11 +334,13 @@ cdef void _release_inflight(Broker b, Conn *c) noexcept:
         msg = c.inflight[i].msg
         t = c.inflight[i].topic
         t.delivered += 1
-        if msg != NULL:
+        if c.inflight[i].tag:
+            pass                        # the unacknowledged list keeps it until its ACK
+        elif msg != NULL:
             msg_release(b, msg)
         else:
-            t.nmsgs -= 1
-            if t.nmsgs == 0 and t.nsubs == 0:
+            t.refs -= 1
+            if t.refs == 0 and t.nsubs == 0:
                 topics_drop_if_unused(b, t)
     c.ninflight = 0
     if c.inflight_cap > INFLIGHT_KEEP:
@@ -328,18 +349,41 @@ cdef void _release_inflight(Broker b, Conn *c) noexcept:
         c.inflight_cap = 0
 
 
-cdef void give_back_inflight(Broker b, int32_t h, const char *out, bint keep_other_output) noexcept:
-    """The messages in h's unsent output (``out``) go back to the head of their topics, in order.
+cdef void touch_topic(Topic *t, Topic **touched) noexcept:
+    """Put t (pinned) on a list of topics to drain once the caller is done."""
+    if not t.touched:
+        t.touched = True
+        t.refs += 1
+        t.touched_next = touched[0]
+        touched[0] = t
 
-    One without a record gets one made from its line. With ``keep_other_output``
-    their lines are cut out and the rest of the output (replies) stays to be
-    sent; otherwise the whole output is dropped. h must already be out of
-    every rotation, so that the topics, drained afterwards, cannot hand the
-    messages straight back to it.
+
+cdef void drain_touched(Broker b, Topic *touched) noexcept:
+    """Drain (and unpin) every topic of a list made by touch_topic."""
+    cdef Topic *t
+    while touched != NULL:
+        t = touched
+        touched = t.touched_next
+        t.touched = False
+        t.touched_next = NULL
+        topic_drain(b, t)
+        t.refs -= 1
+        topics_drop_if_unused(b, t)
+
+
+cdef void give_back_inflight(Broker b, int32_t h, const char *out, int how) noexcept:
+    """Messages in h's unsent output (``out``) go back to the head of their topics, in order.
+
+    ``how`` (output.pxd) says which, and what becomes of the output: all of
+    them with the output dropped (LEAVE_DROP), all of them with their lines
+    cut out and the rest kept to be sent (LEAVE_CUT_ALL), or only DELIVER
+    lines, cut out (LEAVE_CUT_ACKED). One without a record gets one made from
+    its line. h must already be out of every rotation, so that the topics,
+    drained afterwards, cannot hand the messages straight back to it.
     """
     cdef Conn *c = &b.conns.items[h]
-    cdef uint32_t k, n = c.ninflight
-    cdef size_t w, r, end, skip
+    cdef uint32_t k, kept, n = c.ninflight
+    cdef size_t w, r, skip
     cdef InFlight *e
     cdef Msg *msg
     cdef Topic *t
@@ -348,54 +392,74 @@ cdef void give_back_inflight(Broker b, int32_t h, const char *out, bint keep_oth
     while n:
         n -= 1
         e = &c.inflight[n]
+        if how == LEAVE_CUT_ACKED and not e.tag:
+            continue
         t = e.topic
-        if not t.touched:
-            t.touched = True
-            _pin(t)
-            t.touched_next = touched
-            touched = t
+        e.topic = NULL                  # given back: its line goes
+        touch_topic(t, &touched)
         msg = e.msg
-        if msg == NULL:
+        if e.tag:
+            msg = acks_take_back(b, h, e.tag)   # its attempt is not counted: the line never left
+            if msg == NULL:
+                continue
+        elif msg == NULL:
             skip = 8 + t.name_len + 1
             msg = msg_new(b, t, out + e.offset + skip, e.line_len - skip - 1)
-            t.nmsgs -= 1                # the record holds the topic now
+            t.refs -= 1                # the record holds the topic now
             if msg == NULL:
                 b.counters.lost += 1
                 continue
-            msg.attempt = 1
         backlog_push(b, msg, True)
         b.counters.requeued += 1
         b.counters.backlogged += 1
-    n = c.ninflight
-    c.ninflight = 0
-    if not keep_other_output:
+    if how == LEAVE_DROP:
+        c.ninflight = 0
         _drop_output(b, c)
-    elif n:
-        w = c.inflight[0].offset
-        for k in range(n):
-            r = c.inflight[k].offset + c.inflight[k].line_len
-            end = c.inflight[k + 1].offset if k + 1 < n else c.out_len
-            memmove(c.out + w, c.out + r, end - r)
-            w += end - r
-        c.out_len = w
-    while touched != NULL:
-        t = touched
-        touched = t.touched_next
-        t.touched = False
-        t.touched_next = NULL
-        topic_drain(b, t)
-        _unpin(b, t)
+    else:
+        # cut the given-back lines out, keeping everything else in order
+        w = r = 0
+        kept = 0
+        for k in range(c.ninflight):
+            e = &c.inflight[k]
+            memmove(c.out + w, c.out + r, e.offset - r)
+            w += e.offset - r
+            r = e.offset + e.line_len
+            if e.topic != NULL:
+                memmove(c.out + w, c.out + e.offset, e.line_len)
+                e.offset = w
+                w += e.line_len
+                c.inflight[kept] = e[0]
+                kept += 1
+        memmove(c.out + w, c.out + r, c.out_len - r)
+        c.out_len = w + c.out_len - r
+        c.ninflight = kept
+    drain_touched(b, touched)
 
 
-cdef void leave_all(Broker b, int32_t h) noexcept:
-    """Take h out of every rotation; topics nothing else holds go."""
+cdef void conn_leave(Broker b, int32_t h, const char *out, int how) noexcept:
+    """h takes no more messages and is read no more.
+
+    It leaves every rotation; messages in its unsent output (``out``) go back
+    to their topics as ``how`` says (give_back_inflight); then the deliveries
+    it did not acknowledge go back too; its subscriptions end and it waits for
+    flow control no more. On a connection already leaving, it only drops the
+    output (LEAVE_DROP).
+    """
     cdef Conn *c = &b.conns.items[h]
-    cdef Topic *t
+    cdef int32_t i
+    if c.state != CONN_OPEN:
+        if how == LEAVE_DROP:
+            give_back_inflight(b, h, out, LEAVE_DROP)
+        return
+    c.state = CONN_CLOSING
+    flow_forget(b, h)
+    for i in range(c.nsubs):
+        sub_leave_rotation(c.subs[i])
+    give_back_inflight(b, h, out, how)
+    acks_give_back_all(b, h)
     while c.nsubs:
-        t = c.subs[c.nsubs - 1]
-        topic_remove_subscriber(t, h)
-        c.nsubs -= 1
-        topics_drop_if_unused(b, t)
+        sub_free(b, c.subs[c.nsubs - 1])
+    conn_keep_input(b, h, NULL, 0)
 
 
 cdef void close_later(Broker b, int32_t h, const char *reason, bint flush) noexcept:
@@ -403,15 +467,11 @@ cdef void close_later(Broker b, int32_t h, const char *reason, bint flush) noexc
     next flush, after its output (when ``flush``; else its messages go back at once and its
     output is dropped), on_close(h, reason, flush) tells the server to close the socket."""
     cdef Conn *c = &b.conns.items[h]
-    if c.state == CONN_OPEN:
-        leave_all(b, h)
-        c.state = CONN_CLOSING
+    conn_leave(b, h, c.out, LEAVE_CUT_ACKED if flush else LEAVE_DROP)
     if not flush:
-        give_back_inflight(b, h, c.out, False)
         c.close_flush = False
     elif not c.close_queued:
         c.close_flush = True
-    conn_keep_input(b, h, NULL, 0)
     if not c.close_queued:
         c.close_queued = True
         strncpy(c.close_reason, reason, sizeof(c.close_reason) - 1)
@@ -470,11 +530,8 @@ cdef int hand_over(Broker b, int32_t h) except -1:
     try:
         writer(data)
     except Exception:
-        c = &b.conns.items[h]
-        if c.state == CONN_OPEN:
-            leave_all(b, h)
-            c.state = CONN_CLOSING      # the server closes it: its connection_lost is on the way
-        give_back_inflight(b, h, PyBytes_AS_STRING(data), False)
+        # the server closes it: its connection_lost is on the way
+        conn_leave(b, h, PyBytes_AS_STRING(data), LEAVE_DROP)
         return 0
     c = &b.conns.items[h]
     _release_inflight(b, c)
@@ -518,7 +575,9 @@ cdef int _flush_pass(Broker b) except -1:
     cdef int32_t i, n, h
     cdef Conn *c
     ob.flush_scheduled = False
-    while ob.ndirty or ob.nclosing:
+    flow_memory_freed(b)
+    while ob.ndirty or ob.nclosing or b.woken >= 0:
+        flow_run_woken(b)
         while ob.ndirty:
             n = ob.ndirty
             for i in range(n):
@@ -552,11 +611,8 @@ cdef int _flush_pass(Broker b) except -1:
             if h < 0:
                 continue
             c = &b.conns.items[h]
-            if c.broken and c.state == CONN_OPEN:
-                leave_all(b, h)
-                c.state = CONN_CLOSING
-                give_back_inflight(b, h, c.out, False)
-                conn_keep_input(b, h, NULL, 0)
+            if c.broken:
+                conn_leave(b, h, c.out, LEAVE_DROP)
             c.close_queued = False
             if b.on_close is not None:
                 b.on_close(h, c.close_reason[:strlen(c.close_reason)].decode("utf-8", "replace"), c.close_flush)

@@ -16,6 +16,8 @@ cdef enum:
     CMD_DISCONNECT
     CMD_STATS
     CMD_HELLO
+    CMD_ACK
+    CMD_NACK
     CMD_UNKNOWN
     CMD_KINDS
 
@@ -34,6 +36,7 @@ cdef enum:
     ERR_TOO_MANY_TOPICS
     ERR_MEMORY_FULL
     ERR_IDLE_TIMEOUT
+    ERR_UNKNOWN_DELIVERY_TAG
     ERR_KINDS
 
     # what topic_problem finds wrong with a name
@@ -41,6 +44,8 @@ cdef enum:
     TOPIC_BAD_LENGTH
     TOPIC_INVISIBLE         # whitespace, control, format or separator characters
     TOPIC_BAD_UTF8
+
+    HOLD = 1                # a handler's answer: this line waits (flow control); stop here
 
     READ_ROOM = 256 * 1024  # free space offered to each socket read
     INPUT_SLACK = 4096      # unfinished input kept even when memory is full
@@ -51,7 +56,7 @@ cdef extern from *:
     static const char *const pigeon_error_codes[] = {
         "USAGE", "UNKNOWN_COMMAND", "NOT_CONNECTED", "ALREADY_CONNECTED", "WRONG_CLIENT_ID",
         "BAD_TOPIC", "NOT_SUBSCRIBED", "BACKLOG_FULL", "LINE_TOO_LONG", "TOO_MANY_CONNECTIONS",
-        "TOO_MANY_SUBSCRIPTIONS", "TOO_MANY_TOPICS", "MEMORY_FULL", "IDLE_TIMEOUT",
+        "TOO_MANY_SUBSCRIPTIONS", "TOO_MANY_TOPICS", "MEMORY_FULL", "IDLE_TIMEOUT", "UNKNOWN_DELIVERY_TAG",
     };
     """
     # the stable upper-case code of each error kind, sent as ERROR <CODE> <text>
@@ -75,4 +80,6 @@ cdef int topic_problem(const char *p, size_t n) noexcept
 
 cdef char *read_buffer_load(Broker b, int32_t h) except NULL
 cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1
+cdef int conn_continue(Broker b, int32_t h) except -1
+cdef int stop_reading(Broker b, int32_t h) except -1
 cdef int dispatch(Broker b, int32_t h, char *line, size_t n) except -1

@@ -6,7 +6,7 @@ cdef uint64_t _PUBLISH_WORD
 memcpy(&_PUBLISH_WORD, b"publish ", 8)
 
 COMMAND_NAMES = ("connect", "subscribe", "unsubscribe", "publish", "ping", "disconnect", "stats",
-                 "hello", "unknown")
+                 "hello", "ack", "nack", "unknown")
 ERROR_CODES = tuple(ERROR_CODE_TEXT[i].decode() for i in range(ERR_KINDS))
 ERROR_NAMES = tuple(code.lower() for code in ERROR_CODES)
 assert len(COMMAND_NAMES) == CMD_KINDS
@@ -163,7 +163,8 @@ cdef char *read_buffer_load(Broker b, int32_t h) except NULL:
     return b.rbuf.data
 
 
-cdef int _stop_reading(Broker b, int32_t h) except -1:
+cdef int stop_reading(Broker b, int32_t h) except -1:
+    """Have the server stop reading h (until conn_continue)."""
     cdef Conn *c = &b.conns.items[h]
     if c.reading_stopped:
         return 0
@@ -175,18 +176,21 @@ cdef int _stop_reading(Broker b, int32_t h) except -1:
 
 
 cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
-    """Run the complete lines of ``buf`` while h can take their replies; keep the rest as its input.
+    """Run the complete lines of ``buf`` while h can go on; keep the rest as its input.
 
-    Once h's transport is full (paused), the rest waits and the server is told
-    to stop reading h until it drains (resume). Output of h's own passing a
-    batch is handed over at once, so the transport can say it is full.
+    h cannot go on while its transport is full (paused) or while a PUBLISH of
+    its waits for flow control (held, flow.pxd): then the rest waits, and the
+    server is told to stop reading h until it can (conn_continue). Output of
+    h's own passing a batch is handed over at once, so the transport can say
+    it is full.
     """
     cdef size_t pos = 0, line_len, left
     cdef char *nl
     cdef bint too_long = False
     cdef Conn *c = &b.conns.items[h]
     cdef char reason[96]
-    while pos < n and c.state == CONN_OPEN and not c.paused:
+    cdef bint waits
+    while pos < n and c.state == CONN_OPEN and not c.paused and not c.held:
         nl = <char *>memchr(buf + pos, b'\n', n - pos)
         if nl == NULL:
             too_long = n - pos > b.limit.max_line
@@ -195,7 +199,9 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
         if line_len > b.limit.max_line:
             too_long = True
             break
-        dispatch(b, h, buf + pos, line_len)
+        if dispatch(b, h, buf + pos, line_len) == HOLD:
+            c = &b.conns.items[h]
+            break                       # the line waits, with the rest
         pos += line_len + 1
         c = &b.conns.items[h]
         if c.out_len >= b.limit.out_batch and c.state == CONN_OPEN:
@@ -209,7 +215,8 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
         conn_keep_input(b, h, NULL, 0)
         return 0
     left = n - pos
-    if left > INPUT_SLACK and mem_total(&b.mem) + left > b.limit.max_memory:
+    waits = c.paused or c.held
+    if not waits and left > INPUT_SLACK and mem_total(&b.mem) + left > b.limit.max_memory:
         snprintf(reason, sizeof(reason), "memory limit reached: cannot hold %zu bytes of input", left)
         out_error(b, h, ERR_MEMORY_FULL, reason)
         close_later(b, h, "memory full", True)
@@ -218,8 +225,27 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
     if conn_keep_input(b, h, buf + pos, left) < 0:
         close_later(b, h, "out of memory for its input", False)
         return 0
-    if c.paused:
-        _stop_reading(b, h)
+    if waits:
+        stop_reading(b, h)
+    return 0
+
+
+cdef int conn_continue(Broker b, int32_t h) except -1:
+    """h can go on again (its transport drained, or its PUBLISH may proceed): run the input
+    it holds, then have the server read it again, unless it has to wait once more."""
+    cdef Conn *c = &b.conns.items[h]
+    cdef char *data
+    if c.state != CONN_OPEN or c.paused or c.held:
+        return 0
+    if c.input_len:
+        data = read_buffer_load(b, h)
+        b.rbuf.owner = -1
+        process_input(b, h, data, c.input_len)
+        c = &b.conns.items[h]
+    if c.state == CONN_OPEN and c.reading_stopped and not c.paused and not c.held:
+        c.reading_stopped = False
+        if b.on_reading is not None:
+            b.on_reading(h, True)
     return 0
 
 
@@ -258,6 +284,12 @@ cdef int dispatch(Broker b, int32_t h, char *line, size_t n) except -1:
     if word_is(word, wl, "stats", 5):
         b.counters.commands[CMD_STATS] += 1
         return on_stats(b, h, args, an)
+    if word_is(word, wl, "ack", 3):
+        b.counters.commands[CMD_ACK] += 1
+        return on_ack(b, h, args, an)
+    if word_is(word, wl, "nack", 4):
+        b.counters.commands[CMD_NACK] += 1
+        return on_nack(b, h, args, an)
     if word_is(word, wl, "hello", 5):
         b.counters.commands[CMD_HELLO] += 1
         return on_hello(b, h, args, an)

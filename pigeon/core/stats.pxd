@@ -37,9 +37,16 @@ ctypedef struct Counters:
     uint64_t bytes_in
     uint64_t bytes_out
     uint64_t slow_consumers     # connections dropped over max_pending
+    uint64_t publish_holds      # PUBLISH commands that had to wait for flow control
+    uint64_t acks               # deliveries settled by ACK
+    uint64_t nacks              # deliveries given back by NACK
+    uint64_t redelivered        # messages given back for another delivery (NACK, timeout, close, unsubscribe)
+    uint64_t ack_timeouts       # deliveries given back by --ack-timeout
+    uint64_t dead_lettered      # messages moved to <topic>.dead after --max-deliveries
+    uint64_t dead_letters_dropped  # ... that <topic>.dead could not take (name too long, limits): dropped
 
 
 cdef dict stats_dict(Broker b)
 cdef dict topics_page(Broker b, size_t cursor, size_t count)
 cdef dict connections_page(Broker b, size_t cursor, size_t count)
-cdef int warn(Broker b, str text) except -1
+cdef void warn(Broker b, str text) noexcept

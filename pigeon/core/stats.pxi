@@ -1,11 +1,11 @@
 # Stats: reports and warnings (see stats.pxd).
 
 
-cdef int warn(Broker b, str text) except -1:
-    """Tell the operator about a rare event (through on_warning)."""
+cdef void warn(Broker b, str text) noexcept:
+    """Tell the operator about a rare event (through on_warning). A callback that raises does
+    not stop the broker: its exception is reported as unraisable."""
     if b.on_warning is not None:
         b.on_warning(text)
-    return 0
 
 
 cdef dict stats_dict(Broker b):
@@ -36,6 +36,16 @@ cdef dict stats_dict(Broker b):
         "bytes_in": b.counters.bytes_in,
         "bytes_out": b.counters.bytes_out,
         "slow_consumers": b.counters.slow_consumers,
+        "unacked": b.unacked_messages,
+        "delayed": b.delayed_messages,
+        "acks": b.counters.acks,
+        "nacks": b.counters.nacks,
+        "redelivered": b.counters.redelivered,
+        "ack_timeouts": b.counters.ack_timeouts,
+        "dead_lettered": b.counters.dead_lettered,
+        "dead_letters_dropped": b.counters.dead_letters_dropped,
+        "publishers_held": b.publishers_held,
+        "publish_holds": b.counters.publish_holds,
     }
 
 
@@ -60,6 +70,11 @@ cdef dict topics_page(Broker b, size_t cursor, size_t count):
                 "backlog_bytes": t.backlog.nbytes,
                 "published": t.published,
                 "delivered": t.delivered,
+                "unacked": t.unacked,
+                "acked": t.acked,
+                "nacked": t.nacked,
+                "redelivered": t.redelivered,
+                "dead_lettered": t.dead_lettered,
             })
             size += 6 * t.name_len + 160   # the worst JSON escaping of the name, and the figures
             t = t.next
@@ -82,7 +97,7 @@ cdef dict connections_page(Broker b, size_t cursor, size_t count):
         h += 1
         if c.state == CONN_FREE:
             continue
-        names = sorted(_text(topic_name(c.subs[i]), c.subs[i].name_len) for i in range(c.nsubs))
+        names = sorted(_text(topic_name(c.subs[i].topic), c.subs[i].topic.name_len) for i in range(c.nsubs))
         del names[STATS_SUBSCRIPTIONS_LISTED:]
         entries.append({
             "handle": h - 1,
@@ -99,6 +114,8 @@ cdef dict connections_page(Broker b, size_t cursor, size_t count):
             "connected_seconds": now - c.since,
             "closing": c.state == CONN_CLOSING,
             "paused": bool(c.paused),
+            "held": bool(c.held),
+            "unacked": c.unacked.live,
         })
         size += 400 + sum(6 * len(name) + 3 for name in names)
     while h < <size_t>b.conns.cap and b.conns.items[h].state == CONN_FREE:

@@ -10,16 +10,23 @@ cdef struct Topic:
     uint64_t hash
     uint16_t name_len       # the name is stored just past the struct (topic_name)
     bint full               # backlog at its limit: warned once until it empties
-    bint touched            # on a list of topics to drain (Topic.touched_next), pinned by one nmsgs
+    bint touched            # on a list of topics to drain (Topic.touched_next), pinned by one refs
     Topic *touched_next
-    uint32_t nmsgs          # messages alive that belong to it (backlog, in flight)
-    int32_t *subs           # subscribed connection handles, in subscription order
+    uint32_t refs           # what holds it besides its rotation: its messages (backlog, in flight,
+                            # unacknowledged, delayed), subscriptions leaving, pins
+    Sub **subs              # its rotation: subscriptions in subscription order
     int32_t nsubs
     int32_t subs_cap
     int32_t cursor          # index of the next turn; may equal nsubs (wraps lazily)
     Queue backlog
+    int32_t waiter          # first publisher held until the backlog drains (Conn.next_waiter), -1: none
+    uint32_t unacked        # its messages delivered to acknowledged subscriptions and not yet settled
     uint64_t published      # messages accepted for this topic
-    uint64_t delivered      # messages written to a subscriber
+    uint64_t delivered      # messages handed to a subscriber's socket
+    uint64_t acked          # ... and acknowledged
+    uint64_t nacked         # NACKs of its messages
+    uint64_t redelivered    # its messages given back for another delivery (NACK, timeout, close, unsubscribe)
+    uint64_t dead_lettered  # its messages moved to <name>.dead after --max-deliveries
 
 
 ctypedef struct TopicTable:
@@ -37,7 +44,4 @@ cdef Topic *topics_add(Memory *m, TopicTable *table, const char *name, size_t n,
 cdef void topics_drop_if_unused(Broker b, Topic *t) noexcept
 cdef uint64_t topics_next_cursor(TopicTable *table, uint64_t cursor) noexcept
 
-cdef int topic_add_subscriber(Memory *m, Topic *t, int32_t h) noexcept
-cdef void topic_remove_subscriber(Topic *t, int32_t h) noexcept
-cdef bint topic_has_subscriber(Topic *t, int32_t h) noexcept
-cdef int32_t topic_next_subscriber(Broker b, Topic *t) noexcept
+cdef Sub *topic_next_subscriber(Broker b, Topic *t) noexcept

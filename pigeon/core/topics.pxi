@@ -70,6 +70,7 @@ cdef Topic *topics_add(Memory *m, TopicTable *table, const char *name, size_t n,
     if t == NULL:
         return NULL
     memset(t, 0, sizeof(Topic))
+    t.waiter = -1
     memcpy(topic_name(t), name, n)
     t.name_len = <uint16_t>n
     t.hash = hash
@@ -83,7 +84,7 @@ cdef void topics_drop_if_unused(Broker b, Topic *t) noexcept:
     """Free a topic once nothing holds it: no subscriber, no message (backlog or in flight)."""
     cdef TopicTable *table = &b.topic_table
     cdef Topic **link
-    if t.nsubs or t.nmsgs or b.tearing_down:
+    if t.nsubs or t.refs or b.tearing_down:
         return
     link = &table.buckets[t.hash & (table.nbuckets - 1)]
     while link[0] != t:
@@ -92,7 +93,7 @@ cdef void topics_drop_if_unused(Broker b, Topic *t) noexcept:
     if table.last == t:
         table.last = NULL
     queue_free_ring(&b.mem, &t.backlog)
-    mem_free(&b.mem, t.subs, t.subs_cap * sizeof(int32_t))
+    mem_free(&b.mem, t.subs, t.subs_cap * sizeof(Sub *))
     mem_free(&b.mem, t, sizeof(Topic) + t.name_len)
     table.count -= 1
 
@@ -117,63 +118,29 @@ cdef uint64_t topics_next_cursor(TopicTable *table, uint64_t cursor) noexcept:
     return _reverse_bits(_reverse_bits(cursor) + 1)
 
 
-cdef int topic_add_subscriber(Memory *m, Topic *t, int32_t h) noexcept:
-    """Put h last in t's rotation; -1 when out of memory."""
-    cdef int32_t newcap
-    cdef int32_t *grown
-    if t.nsubs == t.subs_cap:
-        newcap = t.subs_cap * 2 if t.subs_cap else 4
-        grown = <int32_t *>mem_grow(m, t.subs, t.subs_cap * sizeof(int32_t), newcap * sizeof(int32_t))
-        if grown == NULL:
-            return -1
-        t.subs = grown
-        t.subs_cap = newcap
-    t.subs[t.nsubs] = h
-    t.nsubs += 1
-    return 0
+cdef Sub *topic_next_subscriber(Broker b, Topic *t) noexcept:
+    """Whose turn it is: the next subscription that can take a message now, or NULL.
 
-
-cdef void topic_remove_subscriber(Topic *t, int32_t h) noexcept:
-    """Take h out of t's rotation so that nobody skips or repeats a turn."""
-    cdef int32_t i
-    for i in range(t.nsubs):
-        if t.subs[i] == h:
-            memmove(&t.subs[i], &t.subs[i + 1], (t.nsubs - i - 1) * sizeof(int32_t))
-            t.nsubs -= 1
-            if i < t.cursor:
-                t.cursor -= 1
-            return
-
-
-cdef bint topic_has_subscriber(Topic *t, int32_t h) noexcept:
-    cdef int32_t i
-    for i in range(t.nsubs):
-        if t.subs[i] == h:
-            return True
-    return False
-
-
-cdef int32_t topic_next_subscriber(Broker b, Topic *t) noexcept:
-    """Whose turn it is: the next subscriber that can take a message now, or -1.
-
-    Skipped: connections whose transport is full (paused), and those already
-    holding a full batch of output (marked starved, so their topics are drained
-    again once that batch is handed over).
+    Skipped: subscriptions whose prefetch window is full, connections whose
+    transport is full (paused), and those already holding a full batch of
+    output (marked starved, so their topics are drained again once that batch
+    is handed over).
     """
-    cdef int32_t k, i, h
+    cdef int32_t k, i
+    cdef Sub *s
     cdef Conn *c
     if t.cursor >= t.nsubs:
         t.cursor = 0
     i = t.cursor
     for k in range(t.nsubs):
-        h = t.subs[i]
-        c = &b.conns.items[h]
-        if not c.paused:
+        s = t.subs[i]
+        c = &b.conns.items[s.conn]
+        if not c.paused and sub_can_take(s):
             if c.out_len < b.limit.out_batch:
                 t.cursor = i + 1    # wraps lazily, so a new subscriber gets the next turn
-                return h
+                return s
             c.starved = True
         i += 1
         if i == t.nsubs:
             i = 0
-    return -1
+    return NULL
