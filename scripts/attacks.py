@@ -526,9 +526,11 @@ def cmd_small(args: argparse.Namespace) -> None:
         for char in kit.INVISIBLE:
             topic = f"a{char}b"
             sub = subscriber.ask(f"SUBSCRIBE {subscriber.client_id} {topic}")
-            pub = publisher.ask(f"PUBLISH {publisher.client_id} {topic} hi")
+            pub = publisher.ask(f"PUBLISH {publisher.client_id} p{char}q hi")
             rows.append((f"U+{ord(char):04X}", kit.shown(sub), kit.shown(pub)))
-        table("8c. Invisible characters in topic names", ["character", "SUBSCRIBE a<c>b", "PUBLISH"], rows)
+        table(
+            "8c. Invisible characters in topic names", ["character", "SUBSCRIBE a<c>b", "PUBLISH p<c>q"], rows
+        )
         rows = []
         anonymous = proc.client()
         for section in ("CONNECTIONS", "TOPICS"):

@@ -135,11 +135,14 @@ class Server(ServerProcess):
         """The first match of ``pattern`` in the log lines from index ``start`` on, within ``timeout`` s."""
         deadline = time.monotonic() + timeout
         while True:
+            exited = self.proc.poll() is not None
+            if exited:
+                self._reader.join(5)  # every line it wrote is in
             for line in self.log[start:]:
                 match = re.search(pattern, line)
                 if match:
                     return match
-            if time.monotonic() > deadline or self.proc.poll() is not None:
+            if exited or time.monotonic() > deadline:
                 return None
             time.sleep(0.05)
 
@@ -160,15 +163,20 @@ class Server(ServerProcess):
             self.proc.kill()
             self.proc.wait()
             raise
-        self._reader.join(10)
+        self._close_log()
         return code
+
+    def _close_log(self) -> None:
+        self._reader.join(10)
+        if self.proc.stderr is not None and not self._reader.is_alive():
+            self.proc.stderr.close()
 
     def kill(self) -> None:
         """SIGKILL, for a server that must not outlive a failed test."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        self._reader.join(10)
+        self._close_log()
 
 
 @contextlib.contextmanager
@@ -188,9 +196,9 @@ def connected(proc: ServerProcess, timeout: float = 10.0) -> LineClient:
     return client
 
 
-def stats(proc: ServerProcess) -> dict[str, Any]:
+def stats(proc: ServerProcess, timeout: float = 10.0) -> dict[str, Any]:
     """The server-wide STATS figures, asked on a fresh connection."""
-    client = connected(proc)
+    client = connected(proc, timeout)
     try:
         reply = client.ask("STATS")
     finally:
@@ -226,6 +234,27 @@ def room_for_sockets(n: int) -> bool:
     if soft != resource.RLIM_INFINITY and soft < n + 100:
         resource.setrlimit(resource.RLIMIT_NOFILE, (n + 100, hard))
     return True
+
+
+def hang_up(sock: socket.socket) -> None:
+    """Shut a socket down before closing it, which also wakes a thread blocked reading it."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+def read_what_is_left(sock: socket.socket, timeout: float = 1.0) -> bytes:
+    """Everything still readable on a socket the peer has closed or reset, up to EOF or the error."""
+    data = b""
+    sock.settimeout(timeout)
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except OSError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
 
 
 def small_buffer_socket(proc: ServerProcess, timeout: float = 30.0) -> socket.socket:
@@ -675,7 +704,7 @@ def publish_flood(
         figures = stats(proc)
         flood.backlog_messages = figures["backlog_messages"]
         flood.backlog_bytes = figures["backlog_bytes"]
-    client.close()
+    hang_up(client.sock)
     counter.join(5)
     return flood
 
@@ -745,6 +774,9 @@ def unfinished_lines(
                 except (BlockingIOError, InterruptedError):
                     pass
                 except OSError:
+                    # closed by the server (a reset, when it closed with input unread): what it
+                    # sent before is still there to read
+                    replies[i] += read_what_is_left(sock)
                     eof.add(i)
                     selector.unregister(sock)
                     continue
@@ -863,7 +895,10 @@ def never_read(
     # wait until the server holds nothing but the STATS connection itself
     deadline = time.monotonic() + wait_closed
     while time.monotonic() < deadline and not too_big():
-        count = stats(proc)["connections"]
+        try:
+            count = stats(proc, timeout=max(1.0, deadline - time.monotonic()))["connections"]
+        except (OSError, EOFError):
+            continue  # too busy to answer in time
         result.connections_after = count - 1
         if count == 1:
             result.closed_after = time.monotonic() - start
@@ -1030,7 +1065,7 @@ def dead_subscribers(
     result.requeued = figures["requeued"]
     result.seconds = time.monotonic() - start
     for client in (*dead, pub, third):
-        client.close()
+        hang_up(client.sock)
     counter.join(5)
     return result
 
@@ -1169,7 +1204,7 @@ def create_topics(
     if pinger is not None:
         result.ping_ms = percentiles(pinger.stop())
     result.published = counter.published
-    client.close()
+    hang_up(client.sock)
     counter.join(5)
     return result
 
@@ -1210,7 +1245,7 @@ def publish_to_topics(proc: ServerProcess, names: Iterable[str], repeat: int = 1
     deadline = time.monotonic() + 120
     while counter.lines < total and counter.is_alive() and time.monotonic() < deadline:
         time.sleep(0.01)
-    client.close()
+    hang_up(client.sock)
     counter.join(5)
     return counter.published
 
