@@ -17,7 +17,7 @@ import pytest
 
 from tests import attack_kit as kit
 
-WRITE_TIMEOUT = 2.0
+WRITE_TIMEOUT = 2  # seconds
 
 
 @pytest.mark.slow
