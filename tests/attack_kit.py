@@ -1,6 +1,6 @@
 """The attacks of issue 10 as functions: real sockets against a real ``pigeon`` process.
 
-Shared by ``scripts/attacks.py``, which prints each attack's figures, and the
+Shared by ``tests/attacks.py`` (``python -m tests.attacks``), which prints each attack's figures, and the
 ``tests/test_attacks_*.py`` files, which assert what the fixed broker must do.
 Nothing here mocks anything: every figure comes from a socket or from the
 server's ``/proc/<pid>/status``.
@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.wire import LineClient, ServerProcess, server_command
+from pigeon.testing import LineClient, ServerProcess, server_command
 
 MiB = 1024 * 1024
 KiB = 1024

@@ -11,7 +11,7 @@ Right before B closes, a third client sends 100 ``STATS`` lines: they keep the s
 for a few milliseconds while B's FIN/RST and the burst arrive, so that the next pass of the loop
 sees both, B's first, as they were sent (a server that reads B's close first can always avoid the
 loss). On v1 that loses B's half of the burst in most trials, on both event loops; without the
-busy client, in one trial of three to one of six (``scripts/attacks.py lost``). The run stops at
+busy client, in one trial of three to one of six (``python -m tests.attacks lost``). The run stops at
 the first trial that loses anything.
 """
 

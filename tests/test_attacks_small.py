@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests import attack_kit as kit
-from tests.wire import server_command
+from pigeon.testing import server_command
 
 
 @pytest.fixture(scope="module")

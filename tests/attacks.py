@@ -5,21 +5,22 @@ Every attack starts its own server (``python -m pigeon``, or
 sockets; memory is read from the server's ``/proc/<pid>/status`` (VmRSS, and
 VmHWM for the peak). The same attack functions back ``tests/test_attacks_*.py``
 (``tests/attack_kit.py``); the tests assert what the fixed broker must do, this
-script only measures.
+module only measures. It lives beside the tests it shares its attacks with
+and runs from the repository's top folder.
 
-    python scripts/attacks.py baseline                 # an idle server's RSS
-    python scripts/attacks.py stats-flood              # 1: STATS CONNECTIONS never read
-    python scripts/attacks.py lost --trials 30         # 2: acknowledged messages after FIN/RST/half-close
-    python scripts/attacks.py memory-empty             # 3a: empty messages vs --max-memory 1 MiB
-    python scripts/attacks.py memory-small             # 3b: 1-byte messages vs --max-memory 32 MiB
-    python scripts/attacks.py memory-unfinished        # 3c: 1,000 unfinished 1 MiB lines vs 64 MiB
-    python scripts/attacks.py never-read               # 4a: 30 clients send junk and never read
-    python scripts/attacks.py dead-subscribers         # 4b: two subscribers stop reading
-    python scripts/attacks.py hash-flood               # 5: 60,000 colliding topic names
-    python scripts/attacks.py monitoring               # 6: /metrics and /topics with 100,000 topics
-    python scripts/attacks.py signals                  # 7: SIGHUP, SIGUSR1, SIGQUIT, SIGTERM, SIGINT
-    python scripts/attacks.py small                    # 8, 9, 13: flags, ports, topic names, tabs
-    python scripts/attacks.py all --loop asyncio
+    python -m tests.attacks baseline                 # an idle server's RSS
+    python -m tests.attacks stats-flood              # 1: STATS CONNECTIONS never read
+    python -m tests.attacks lost --trials 30         # 2: acknowledged messages after FIN/RST/half-close
+    python -m tests.attacks memory-empty             # 3a: empty messages vs --max-memory 1 MiB
+    python -m tests.attacks memory-small             # 3b: 1-byte messages vs --max-memory 32 MiB
+    python -m tests.attacks memory-unfinished        # 3c: 1,000 unfinished 1 MiB lines vs 64 MiB
+    python -m tests.attacks never-read               # 4a: 30 clients send junk and never read
+    python -m tests.attacks dead-subscribers         # 4b: two subscribers stop reading
+    python -m tests.attacks hash-flood               # 5: 60,000 colliding topic names
+    python -m tests.attacks monitoring               # 6: /metrics and /topics with 100,000 topics
+    python -m tests.attacks signals                  # 7: SIGHUP, SIGUSR1, SIGQUIT, SIGTERM, SIGINT
+    python -m tests.attacks small                    # 8, 9, 13: flags, ports, topic names, tabs
+    python -m tests.attacks all --loop asyncio
 
 ``--loop uvloop|asyncio`` picks the server's event loop (default uvloop).
 Flags the server does not take yet (``--write-timeout`` on v1) are left out and
@@ -37,13 +38,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from pigeon.testing import server_command
 from tests import attack_kit as kit
-from tests.wire import server_command
 
 MiB = kit.MiB
 
