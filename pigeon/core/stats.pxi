@@ -55,12 +55,24 @@ cdef str _text(const char *p, size_t n):
 
 cdef dict topics_page(Broker b, size_t cursor, size_t count):
     """Up to ``count`` topics from ``cursor`` (SCAN order), about STATS_PAGE_BYTES of JSON at most:
-    ``{"topics": [...], "next": cursor}``, next 0 once the listing is complete."""
+    ``{"topics": [...], "next": cursor}``, next 0 once the listing is complete.
+
+    A bucket is never split between pages (a cursor names a bucket), so a page
+    ends before a bucket that would not fit; only a page's first bucket may
+    overshoot ``count``, when it alone holds more topics than that.
+    """
     cdef list entries = []
-    cdef size_t size = 0
+    cdef size_t size = 0, chain
     cdef uint64_t v = cursor & (b.topic_table.nbuckets - 1)
     cdef Topic *t
     while True:
+        chain = 0
+        t = b.topic_table.buckets[v]
+        while t != NULL:
+            chain += 1
+            t = t.next
+        if entries and <size_t>len(entries) + chain > count:
+            break
         t = b.topic_table.buckets[v]
         while t != NULL:
             entries.append({

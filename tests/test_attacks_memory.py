@@ -1,0 +1,68 @@
+"""Issue 10, item 3: ``--max-memory`` must bound what the broker really holds, not only payload bytes.
+
+On v1 it counts message bytes in backlogs and nothing else: empty messages cost nothing against
+it (RSS went to GiBs under a 1 MiB limit), 1-byte messages took RSS to about 1 GiB under 32 MiB,
+and unfinished input lines are not counted at all. After the fix a PUBLISH past the limit gets
+``ERROR MEMORY_FULL``, a connection whose unfinished line cannot be held gets ``ERROR
+MEMORY_FULL`` and is closed, and the server's peak RSS (VmHWM) stays under the limit plus a
+constant: 48 MiB for messages, 96 MiB for 1,000 unfinished lines (an idle server holds about
+23-25 MiB). Each flood stops early once VmHWM passes that bound: the test has failed by then.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import attack_kit as kit
+
+MiB = kit.MiB
+
+# how long each publish flood runs (v1 reaches GiBs within that)
+FLOOD_SECONDS = 10.0
+
+
+def _check_flood(proc: kit.Server, flood: kit.Flood, bound_kib: int) -> None:
+    assert flood.alive, proc.text()
+    assert not flood.stopped_early, f"VmHWM passed {bound_kib} KiB: {flood}"
+    assert flood.peak_kib < bound_kib, flood
+    assert flood.refused_memory > 0, f"no PUBLISH got ERROR MEMORY_FULL: {flood}"
+    assert flood.other_replies == 0, f"other reply: {flood.first_other!r}"
+    assert flood.accepted + flood.refused_memory == flood.sent, flood
+
+
+@pytest.mark.slow
+def test_empty_messages_count_against_max_memory() -> None:
+    limit = 1 * MiB
+    bound_kib = (limit + 48 * MiB) // 1024
+    with kit.running("--max-memory", str(limit)) as proc:
+        flood = kit.publish_flood(proc, limit, b"", seconds=FLOOD_SECONDS, stop_above_kib=bound_kib)
+        _check_flood(proc, flood, bound_kib)
+        assert proc.stop() == 0, proc.text()
+
+
+@pytest.mark.slow
+def test_one_byte_messages_count_their_overhead_against_max_memory() -> None:
+    limit = 32 * MiB
+    bound_kib = (limit + 48 * MiB) // 1024
+    with kit.running("--max-memory", str(limit)) as proc:
+        flood = kit.publish_flood(proc, limit, b"x", seconds=FLOOD_SECONDS, stop_above_kib=bound_kib)
+        _check_flood(proc, flood, bound_kib)
+        assert proc.stop() == 0, proc.text()
+
+
+@pytest.mark.slow
+def test_unfinished_lines_count_against_max_memory() -> None:
+    connections = 1000
+    if not kit.room_for_sockets(connections + 100):
+        pytest.skip("the open-files hard limit is too low for 1,000 connections")
+    limit = 64 * MiB
+    with kit.running("--max-memory", str(limit)) as proc:
+        result = kit.unfinished_lines(proc, limit, connections=connections, line_bytes=MiB)
+        assert proc.alive(), proc.text()
+        assert result.peak_kib < (limit + 96 * MiB) // 1024, result
+        assert result.memory_full > 0, f"no connection got ERROR MEMORY_FULL: {result}"
+        assert result.other_replies == 0, f"other reply: {result.first_other!r}"
+        assert result.refused_not_closed == 0, f"refused but left open: {result}"
+        assert result.closed_without_error == 0, f"closed without ERROR MEMORY_FULL: {result}"
+        assert result.bystander_ok, "a bystander's PING went unanswered"
+        assert proc.stop() == 0, proc.text()
