@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import unicodedata
 from collections.abc import Iterator
 
@@ -239,12 +240,25 @@ def session(broker: Broker) -> Iterator[None]:
     yield
     c.send(b"".join(b"SUBSCRIBE <me> backlog.%d\n" % i for i in range(7)))
     yield
+    d = Peer(broker)
+    d.send(b"SUBSCRIBE <me> acked ACK PREFETCH 50\nSUBSCRIBE <me> held ACK\n")
+    b.send(b"".join(b"PUBLISH <me> acked %d\n" % i for i in range(120)))
+    b.send(b"".join(b"PUBLISH <me> held %d\n" % i for i in range(10)))
+    yield
+    d.send(b"ACK <me> 1-20\nNACK <me> 21-30\nNACK <me> 31-35 1\nNACK <me> 36\n")
+    yield
+    time.sleep(0.01)
+    broker.run_timers()
+    d.send(b"NACK <me> 1-1000\n" * 6)  # past --max-deliveries: dead letters
+    yield
+    broker.eof(d.handle)
+    broker.close(d.handle)
     broker.eof(c.handle)
     broker.close(c.handle)
     broker.close(b.handle)
 
 
-@pytest.mark.parametrize("fail_at", [*range(1, 60), 80, 120, 200, 400, 800])
+@pytest.mark.parametrize("fail_at", [*range(1, 90), 100, 120, 150, 200, 300, 400, 800, 1600])
 def test_any_failing_allocation_leaves_a_consistent_broker(fail_at: int) -> None:
     broker = Broker(max_backlog=1000)
     events = Events(broker)
@@ -265,12 +279,14 @@ def test_any_failing_allocation_leaves_a_consistent_broker(fail_at: int) -> None
     p.send(b"PUBLISH <me> fresh hello\nSUBSCRIBE <me> fresh\n")
     assert p.take().endswith(b"SUBSCRIBED fresh\nMESSAGE fresh hello\n")
     broker.close(p.handle)
-    for i in range(7):
+    time.sleep(0.01)
+    broker.run_timers()
+    for name in [b"backlog.%d" % i for i in range(7)] + [b"acked", b"held", b"acked.dead", b"held.dead"]:
         q = Peer(broker)
-        q.send(b"SUBSCRIBE <me> backlog.%d\n" % i)
+        q.send(b"SUBSCRIBE <me> " + name + b"\n")
         broker.close(q.handle)
     stats = broker.stats()
-    assert stats["backlog_messages"] == 0 and stats["topics"] == 0
+    assert stats["backlog_messages"] == 0 and stats["topics"] == 0 and stats["unacked"] == 0
     assert stats["memory_bytes"] - base <= 8 * 1024 * 1024
 
 

@@ -415,7 +415,7 @@ cdef void give_back_inflight(Broker b, int32_t h, const char *out, int how) noex
     if how == LEAVE_DROP:
         c.ninflight = 0
         _drop_output(b, c)
-    else:
+    elif c.out != NULL:
         # cut the given-back lines out, keeping everything else in order
         w = r = 0
         kept = 0
