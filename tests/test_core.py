@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 from pigeon._core import Broker
 from pigeon.protocol import TOPIC_MAX
 
+INVISIBLE = b"ERROR BAD_TOPIC topic must not contain whitespace, control, format or separator characters"
+SUBSCRIBE_USAGE = b"ERROR USAGE usage: SUBSCRIBE <client_id> <topic> [ACK [PREFETCH <n>]]"
+
 
 class Harness:
     """A broker with recording writers: one list of output chunks per connection."""
@@ -233,9 +236,9 @@ def test_crlf_case_insensitive_words_and_extra_spaces() -> None:
         (b"PUBLISHX {id} t m", b"ERROR UNKNOWN_COMMAND unknown command 'PUBLISHX'"),
         (b"\x00PING", b"ERROR UNKNOWN_COMMAND unknown command (not shown)"),
         (b"P\xc3\xa9NG", b"ERROR UNKNOWN_COMMAND unknown command (not shown)"),
-        (b"SUBSCRIBE", b"ERROR USAGE usage: SUBSCRIBE <client_id> <topic> [ACK [PREFETCH <n>]]"),
-        (b"SUBSCRIBE {id}", b"ERROR USAGE usage: SUBSCRIBE <client_id> <topic> [ACK [PREFETCH <n>]]"),
-        (b"SUBSCRIBE {id} t extra", b"ERROR USAGE usage: SUBSCRIBE <client_id> <topic> [ACK [PREFETCH <n>]]"),
+        (b"SUBSCRIBE", SUBSCRIBE_USAGE),
+        (b"SUBSCRIBE {id}", SUBSCRIBE_USAGE),
+        (b"SUBSCRIBE {id} t extra", SUBSCRIBE_USAGE),
         (b"UNSUBSCRIBE {id}", b"ERROR USAGE usage: UNSUBSCRIBE <client_id> <topic>"),
         (b"UNSUBSCRIBE {id} t x", b"ERROR USAGE usage: UNSUBSCRIBE <client_id> <topic>"),
         (b"UNSUBSCRIBE {id} never", b"ERROR NOT_SUBSCRIBED not subscribed to 'never'"),
@@ -244,18 +247,24 @@ def test_crlf_case_insensitive_words_and_extra_spaces() -> None:
         (b"PING now", b"ERROR USAGE usage: PING"),
         (b"CONNECT me", b"ERROR USAGE usage: CONNECT"),
         (b"DISCONNECT now", b"ERROR USAGE usage: DISCONNECT"),
-        (b"SUBSCRIBE {id} " + b"x" * (TOPIC_MAX + 1), b"ERROR BAD_TOPIC topic must be 1 to %d bytes" % TOPIC_MAX),
-        (b"SUBSCRIBE {id} a\x01b", b"ERROR BAD_TOPIC topic must not contain whitespace, control, format or separator characters"),
-        (b"SUBSCRIBE {id} a\tb", b"ERROR USAGE usage: SUBSCRIBE <client_id> <topic> [ACK [PREFETCH <n>]]"),  # a tab separates fields
-        (b"SUBSCRIBE {id} a\x00b", b"ERROR BAD_TOPIC topic must not contain whitespace, control, format or separator characters"),
-        (b"SUBSCRIBE {id} a\x7fb", b"ERROR BAD_TOPIC topic must not contain whitespace, control, format or separator characters"),
-        (b"SUBSCRIBE {id} a\xc2\x85b", b"ERROR BAD_TOPIC topic must not contain whitespace, control, format or separator characters"),
+        (
+            b"SUBSCRIBE {id} " + b"x" * (TOPIC_MAX + 1),
+            b"ERROR BAD_TOPIC topic must be 1 to %d bytes" % TOPIC_MAX,
+        ),
+        (b"SUBSCRIBE {id} a\x01b", INVISIBLE),
+        (b"SUBSCRIBE {id} a\tb", SUBSCRIBE_USAGE),  # a tab separates fields
+        (b"SUBSCRIBE {id} a\x00b", INVISIBLE),
+        (b"SUBSCRIBE {id} a\x7fb", INVISIBLE),
+        (b"SUBSCRIBE {id} a\xc2\x85b", INVISIBLE),
         (b"SUBSCRIBE {id} a\xffb", b"ERROR BAD_TOPIC topic is not valid UTF-8"),
         (b"SUBSCRIBE {id} a\xc3", b"ERROR BAD_TOPIC topic is not valid UTF-8"),
         (b"SUBSCRIBE {id} \xc0\xaf", b"ERROR BAD_TOPIC topic is not valid UTF-8"),
         (b"SUBSCRIBE {id} \xed\xa0\x80", b"ERROR BAD_TOPIC topic is not valid UTF-8"),
         (b"PUBLISH {id} a\xffb m", b"ERROR BAD_TOPIC topic is not valid UTF-8"),
-        (b"PUBLISH c\x00 t m", b"ERROR WRONG_CLIENT_ID client id does not belong to this connection: (not shown)"),
+        (
+            b"PUBLISH c\x00 t m",
+            b"ERROR WRONG_CLIENT_ID client id does not belong to this connection: (not shown)",
+        ),
     ],
 )
 def test_bad_input_gets_one_error_line_and_the_connection_stays_usable(line: bytes, reply: bytes) -> None:
@@ -373,7 +382,8 @@ def test_any_split_into_reads_gives_the_same_output(cuts: list[int]) -> None:
     assert split.take(s) == expected
     assert expected == (
         b"CONNECTED c1\nSUBSCRIBED news\nPUBLISHED news\nMESSAGE news hello world\nPONG\n"
-        b"PUBLISHED other\nERROR UNKNOWN_COMMAND unknown command 'FOO'\nSUBSCRIBED other\nMESSAGE other  spaced  out \n"
+        b"PUBLISHED other\nERROR UNKNOWN_COMMAND unknown command 'FOO'\n"
+        b"SUBSCRIBED other\nMESSAGE other  spaced  out \n"
         b"UNSUBSCRIBED news\nPUBLISHED news\nDISCONNECTED\n"
     )
 
