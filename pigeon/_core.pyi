@@ -34,6 +34,8 @@ class Broker:
     """``(handle, reading)``: stop (False) or restart (True) reading a connection's socket."""
     on_warning: Callable[[str], object] | None
     """Called with a sentence for rare events an operator should see (a topic's backlog filling up)."""
+    on_timer: Callable[[float], object] | None
+    """``(seconds)``: call ``run_timers()`` in that many seconds (the next NACK delay); replaces the last."""
 
     def __init__(
         self,
@@ -49,6 +51,9 @@ class Broker:
         idle_timeout: float = ...,
         write_timeout: float = ...,
         out_batch: int = ...,
+        default_prefetch: int = ...,
+        ack_timeout: float = ...,
+        max_deliveries: int = ...,
     ) -> None: ...
     def open(
         self,
@@ -73,8 +78,10 @@ class Broker:
         """The connection can take output again: hand it what was kept, read it again."""
     def close(self, handle: int) -> None:
         """The connection is gone: give back messages it was never handed, leave every rotation, free it."""
+    def run_timers(self) -> None:
+        """Give back the NACKed messages whose delay is over."""
     def tick(self) -> None:
-        """Advance the clock by one tick_interval: idle and write timeouts."""
+        """Advance the clock by one tick_interval: idle, write and ack timeouts."""
     def client_id(self, handle: int) -> str | None:
         """The id CONNECT gave this connection, or None before CONNECT."""
     def topic_info(self, topic: bytes) -> tuple[int, int] | None:

@@ -181,6 +181,7 @@ class Server:
         self._connections: dict[int, _Connection] = {}
         self._listener: asyncio.Server | None = None
         self._clock: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def port(self) -> int:
@@ -194,6 +195,7 @@ class Server:
         loop = asyncio.get_running_loop()
         # one flush per pass of the loop, after every read of that pass
         self.broker.on_output = partial(loop.call_soon, self.broker.flush)
+        self.broker.on_timer = self._arm_timer
         self._listener = await loop.create_server(
             lambda: _Connection(self.broker, self._connections),
             self.host,
@@ -207,6 +209,12 @@ class Server:
         while True:
             await asyncio.sleep(interval)
             self.broker.tick()
+
+    def _arm_timer(self, delay: float) -> None:
+        """The core's next delayed message is due in ``delay`` seconds (one timer at a time)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, self.broker.run_timers)
 
     def _closed_by_core(self, handle: int, reason: str, flush: bool) -> None:
         conn = self._connections.get(handle)
@@ -223,6 +231,9 @@ class Server:
         if self._clock is not None:
             self._clock.cancel()
             self._clock = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._listener is not None:
             self._listener.close()
         for conn in list(self._connections.values()):
