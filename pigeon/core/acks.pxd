@@ -25,6 +25,8 @@ ctypedef struct UnackedList:
     uint32_t cap            # a power of two, 0 until first use
     uint32_t live           # entries not settled
     uint64_t next_tag       # the last tag given out on this connection
+    char tag_text[24]       # ... in decimal, counted up in place (no division per delivery)
+    uint32_t tag_len
 
 
 ctypedef struct Delayed:

@@ -26,6 +26,21 @@ cdef inline void _put_uint(char *p, uint64_t v, size_t n) noexcept:
         v //= 10
 
 
+cdef inline void _count_up(UnackedList *l) noexcept:
+    """next_tag += 1, and its decimal text with it, as an odometer turns."""
+    cdef int i = <int>l.tag_len - 1
+    l.next_tag += 1
+    while i >= 0:
+        if l.tag_text[i] != c'9':
+            l.tag_text[i] += 1
+            return
+        l.tag_text[i] = c'0'
+        i -= 1
+    memmove(l.tag_text + 1, l.tag_text, l.tag_len)
+    l.tag_text[0] = c'1'
+    l.tag_len += 1
+
+
 cdef inline Unacked *_at(UnackedList *l, uint32_t i) noexcept:
     return &l.items[(l.head + i) & (l.cap - 1)]
 
@@ -51,6 +66,15 @@ cdef int _unacked_push(Memory *m, UnackedList *l, uint64_t tag, Msg *msg, Sub *s
     cdef uint32_t i, newcap
     cdef Unacked *grown
     cdef Unacked *e
+    if l.count < l.cap:
+        e = _at(l, l.count)
+        e.tag = tag
+        e.msg = msg
+        e.sub = s
+        e.deadline = deadline
+        l.count += 1
+        l.live += 1
+        return 0
     if l.count == l.cap:
         _compact(l)
     if l.count == l.cap:
@@ -104,43 +128,50 @@ cdef bint ack_deliver(Broker b, Sub *s, Msg *msg) noexcept:
     """
     cdef int32_t h = s.conn
     cdef Conn *c = &b.conns.items[h]
+    cdef UnackedList *l = &c.unacked
     cdef Topic *t = msg.topic
-    cdef uint64_t tag = c.unacked.next_tag + 1
     cdef uint32_t attempt = msg.attempt + 1
-    cdef size_t tl = _digits(tag), al = _digits(attempt)
-    cdef size_t line_len = 8 + t.name_len + 1 + tl + 1 + al + 1 + msg.len + 1
-    cdef char *line = out_reserve(b, h, line_len)
-    cdef char *p = line
+    cdef size_t al = 1 if attempt < 10 else _digits(attempt)
+    cdef size_t tl
+    cdef size_t line_len
+    cdef char *line
+    cdef char *p
     cdef double deadline = b.now + b.limit.ack_timeout if b.limit.ack_timeout > 0 else 0
-    if line == NULL:
+    _count_up(l)
+    tl = l.tag_len
+    line_len = 8 + t.name_len + 1 + tl + 1 + al + 1 + msg.len + 1
+    line = out_reserve(b, h, line_len)
+    if line == NULL or _unacked_push(&b.mem, &b.conns.items[h].unacked, l.next_tag, msg, s, deadline) < 0:
+        if line != NULL:
+            b.conns.items[h].out_len -= line_len
+            out_failed(b, h)
         backlog_push(b, msg, True)
         return False
     c = &b.conns.items[h]
-    if _unacked_push(&b.mem, &c.unacked, tag, msg, s, deadline) < 0:
-        c.out_len -= line_len
-        out_failed(b, h)
+    l = &c.unacked
+    if not _note_inflight(b, h, msg, t, line, line_len, l.next_tag):
+        l.count -= 1
+        l.live -= 1
         backlog_push(b, msg, True)
         return False
-    if not note_inflight(b, h, msg, t, line, line_len, tag):
-        c.unacked.count -= 1
-        c.unacked.live -= 1
-        backlog_push(b, msg, True)
-        return False
+    p = line
     memcpy(p, b"DELIVER ", 8)
     p += 8
     memcpy(p, topic_name(t), t.name_len)
     p += t.name_len
     p[0] = b' '
-    _put_uint(p + 1, tag, tl)
+    memcpy(p + 1, l.tag_text, tl)
     p += 1 + tl
     p[0] = b' '
-    _put_uint(p + 1, attempt, al)
+    if al == 1:
+        p[1] = <char>(c'0' + attempt)
+    else:
+        _put_uint(p + 1, attempt, al)
     p += 1 + al
     p[0] = b' '
     memcpy(p + 1, msg_data(msg), msg.len)
     p[1 + msg.len] = b'\n'
     msg.attempt = attempt
-    c.unacked.next_tag = tag
     s.unacked += 1
     t.unacked += 1
     b.unacked_messages += 1

@@ -44,6 +44,8 @@ cdef int32_t conns_open(Broker b, object writer, object transport_size, object p
     c.paused_at = b.ticks
     c.next_waiter = -1
     c.prev_waiter = -1
+    c.unacked.tag_text[0] = c'0'
+    c.unacked.tag_len = 1
     c.writer = <PyObject *>writer
     Py_INCREF(writer)
     if transport_size is not None:
