@@ -334,14 +334,12 @@ cdef void _release_inflight(Broker b, Conn *c) noexcept:
         msg = c.inflight[i].msg
         t = c.inflight[i].topic
         t.delivered += 1
-        if c.inflight[i].tag:
-            pass                        # the unacknowledged list keeps it until its ACK
-        elif msg != NULL:
-            msg_release(b, msg)
-        else:
+        if msg == NULL:                 # routed straight from its publisher: it pinned its topic
             t.refs -= 1
             if t.refs == 0 and t.nsubs == 0:
                 topics_drop_if_unused(b, t)
+        elif not c.inflight[i].tag:     # a DELIVER line's message stays with the unacknowledged list
+            msg_release(b, msg)
     c.ninflight = 0
     if c.inflight_cap > INFLIGHT_KEEP:
         mem_free(&b.mem, c.inflight, c.inflight_cap * sizeof(InFlight))
