@@ -114,3 +114,56 @@ def test_an_ipv6_address_is_logged_in_brackets() -> None:
     assert client.ask("PING") == b"PONG"
     client.close()
     assert server.stop() == 0
+
+
+def _published(server: ServerProcess, topic: str, count: int) -> None:
+    client = server.client()
+    client.connect()
+    for i in range(count):
+        client.publish(topic, str(i))
+    client.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGQUIT])
+def test_every_stop_signal_exits_0_and_says_what_it_drops(sig: int) -> None:
+    server = ServerProcess()
+    _published(server, "nobody-listens", 3)
+    assert server.stop(sig) == 0
+    log = "".join(server.log)
+    assert f"{signal.Signals(sig).name}: shutting down" in log
+    assert "shutting down: dropping 3 messages held in memory (backlogs and unsent output)" in log, log
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGUSR1])
+def test_sighup_and_sigusr1_log_a_line_and_the_server_keeps_serving(sig: int) -> None:
+    server = ServerProcess()
+    _published(server, "t", 2)
+    server.proc.send_signal(sig)
+    assert server.proc.stderr is not None
+    line = server.proc.stderr.readline()
+    server.log.append(line)
+    if sig == signal.SIGHUP:
+        assert "SIGHUP: nothing to reload yet" in line
+    else:
+        figures = dict(pair.split("=") for pair in line.split("SIGUSR1: ", 1)[1].split())
+        assert (figures["published"], figures["delivered"], figures["backlog_messages"]) == ("2", "0", "2")
+        assert {"connections", "memory_bytes", "memory_limit_bytes", "write_timeouts"} <= set(figures)
+    client = server.client()
+    assert client.ask("PING") == b"PONG"
+    client.close()
+    assert server.stop() == 0
+
+
+def test_shutdown_flushes_what_was_already_written() -> None:
+    server = ServerProcess()
+    pub, sub = server.client(), server.client()
+    pub.connect()
+    sub.connect()
+    sub.subscribe("t")
+    count = 20_000
+    pub.send(b"".join(f"PUBLISH {pub.client_id} t {i}\n".encode() for i in range(count)))
+    replies = pub.lines(count)
+    assert replies[-1] == b"PUBLISHED t"
+    assert server.stop(signal.SIGTERM) == 0
+    assert sub.lines(count)[-1] == f"MESSAGE t {count - 1}".encode()
+    assert sub.at_eof()

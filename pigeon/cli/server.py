@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pigeon._core import LIMIT_DEFAULTS
 from pigeon._version import __version__
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
-from pigeon.server import logs
+from pigeon.server import logs, signals
 from pigeon.server.limits import raise_open_files_limit
 from pigeon.server.loops import loop_factory
 from pigeon.server.protocol import Server, format_address
@@ -159,8 +157,18 @@ def _raise_open_files_limit(max_connections: int) -> None:
         )
 
 
+async def shutdown(server: Server, monitor: Monitor | None) -> None:
+    """Stop the monitor and the server, and log the messages that go with the process."""
+    if monitor is not None:
+        await monitor.stop()
+    await server.stop()
+    # every connection is gone: what the core still holds sits in backlogs
+    dropped = server.broker.stats()["backlog_messages"]
+    log.info("shutting down: dropping %d messages held in memory (backlogs and unsent output)", dropped)
+
+
 async def serve(server: Server, loop_name: str, monitor: Monitor | None = None) -> int:
-    """Run ``server`` (and ``monitor``) until SIGINT or SIGTERM, shut down cleanly; returns the exit code.
+    """Run ``server`` (and ``monitor``) until SIGINT, SIGTERM or SIGQUIT, then stop; returns the exit code.
 
     Raises OSError when the broker's own address cannot be bound.
     """
@@ -178,20 +186,13 @@ async def serve(server: Server, loop_name: str, monitor: Monitor | None = None) 
             return 1
         log.info("monitoring on http://%s/", format_address((monitor.host, monitor.port)))
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        # Windows has no add_signal_handler: Ctrl-C arrives as KeyboardInterrupt there
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    signals.install(asyncio.get_running_loop(), stop.set, server.broker.stats)
     # only now, so that whoever waits for this line can signal a clean stop at once
     log.info(
         "pigeon %s listening on %s (%s)", __version__, format_address((server.host, server.port)), loop_name
     )
     await stop.wait()
-    log.info("shutting down")
-    if monitor is not None:
-        await monitor.stop()
-    await server.stop()
+    await shutdown(server, monitor)
     return 0
 
 
@@ -226,9 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cannot listen on %s: %s", format_address((args.host, args.port)), _bind_error(exc))
         return 1
     except KeyboardInterrupt:
-        if monitor is not None:
-            loop.run_until_complete(monitor.stop())
-        loop.run_until_complete(server.stop())
+        # Windows: no signal handlers, Ctrl-C arrives as KeyboardInterrupt
+        log.info("interrupted")
+        loop.run_until_complete(shutdown(server, monitor))
     finally:
         loop.close()
     return code
