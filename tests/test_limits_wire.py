@@ -270,6 +270,7 @@ def test_subscriber_that_stops_reading_is_skipped_then_dropped(start_server: Sta
         ["--max-line", "10"],
         ["--max-memory", str(1 << 63)],
         ["--max-subscriptions", str(1 << 31)],
+        ["--metrics-topics", "-1"],
     ],
 )
 def test_cli_refuses_bad_limits(flags: list[str]) -> None:

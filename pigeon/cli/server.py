@@ -102,6 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="address of the HTTP monitoring listener (default %(default)s)",
     )
     parser.add_argument(
+        "--http-allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer HTTP requests whose Host header is NAME (with any port), or NAME:PORT exactly; "
+        "repeatable (by default only the listener's own address and localhost)",
+    )
+    parser.add_argument(
+        "--metrics-topics",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="export per-topic Prometheus metrics for the N topics with the most messages published "
+        "(default %(default)s: none)",
+    )
+    parser.add_argument(
         "--loop",
         choices=("auto", "uvloop", "asyncio"),
         default="auto",
@@ -218,7 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as exc:
             log.error("--http-port needs the monitor extra: pip install 'pigeon-broker[monitor]' (%s)", exc)
             return 2
-        monitor = Monitor(server.broker, args.http_host, args.http_port)
+        monitor = Monitor(
+            server.broker,
+            args.http_host,
+            args.http_port,
+            metrics_topics=args.metrics_topics,
+            allow_hosts=args.http_allow_host,
+        )
     loop = new_loop()
     code = 0
     try:
