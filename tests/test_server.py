@@ -110,11 +110,6 @@ def test_backlog_waits_for_the_first_subscriber_in_order(connect: Connect) -> No
     assert sub.lines(50) == [f"MESSAGE later m{i}".encode() for i in range(50)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: SUBSCRIBE drains one batch (out_batch) and hands it over mid-read; the flush then "
-    "skips the connection (no output left) and never drains the rest, which waits for the next PUBLISH",
-)
 def test_a_subscriber_joining_a_backlog_of_several_batches_gets_all_of_it(connect: Connect) -> None:
     pub = connect()
     count = 3000
