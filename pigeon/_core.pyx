@@ -233,6 +233,10 @@ cdef class Broker:
             c.paused = True
             c.paused_at = self.ticks
             if c.state == CONN_OPEN:
+                # the next flush checks max_pending (it may be below the transport's mark); not
+                # here, where a writer may be in the middle of taking this connection's output
+                note_transport(self, handle)
+                mark_dirty(self, handle)
                 _stop_reading(self, handle)
         self._settle()
 
@@ -280,14 +284,18 @@ cdef class Broker:
         cdef int32_t h
         cdef Conn *c
         cdef char reason[96]
+        cdef size_t unsent
         self.ticks += 1
         for h in range(self.conns.cap):
             c = &self.conns.items[h]
             if c.state != CONN_OPEN:
                 continue
             if c.in_transport:
+                unsent = c.in_transport
                 note_transport(self, h)
                 c = &self.conns.items[h]
+                if c.in_transport < unsent:
+                    c.paused_at = self.ticks    # its output is moving: the write timeout counts from here
             if self.write_ticks and c.paused and self.ticks - c.paused_at > self.write_ticks:
                 self.counters.write_timeouts += 1
                 snprintf(reason, sizeof(reason), "write timeout: output not taken for %g s",

@@ -572,3 +572,30 @@ def test_limits_out_of_range_are_refused_with_their_name() -> None:
         Broker(idle_timeout=float("nan"))
     with pytest.raises(TypeError, match="unknown limit 'max_nothing'"):
         Broker(max_nothing=1)
+
+
+def test_the_write_timeout_counts_from_the_last_progress_of_the_output() -> None:
+    broker = Broker(write_timeout=1.0, tick_interval=0.25)
+    events = Events(broker)
+    moving, stuck, pub = Peer(broker), Peer(broker), Peer(broker)
+    for p in (moving, stuck):
+        p.send(b"SUBSCRIBE <me> t\n")
+    pub.send(b"PUBLISH <me> t a\nPUBLISH <me> t b\n")
+    for p in (moving, stuck):
+        p.in_transport = 1_000_000
+        broker.pause(p.handle)
+    for _ in range(8):
+        moving.in_transport -= 10_000  # a slow reader: its transport drains a little every tick
+        broker.tick()
+    assert events.closes == [(stuck.handle, "write timeout: output not taken for 1 s", False)]
+
+
+def test_a_max_pending_below_the_transports_mark_drops_at_the_pause() -> None:
+    broker = Broker(max_pending=1000)
+    events = Events(broker)
+    sub, pub = Peer(broker), Peer(broker)
+    sub.send(b"SUBSCRIBE <me> t\n")
+    pub.send(b"PUBLISH <me> t a\n")
+    sub.in_transport = 5000
+    broker.pause(sub.handle)
+    assert events.closes == [(sub.handle, "slow consumer: 5000 bytes unsent (limit 1000)", False)]
