@@ -599,3 +599,16 @@ def test_a_max_pending_below_the_transports_mark_drops_at_the_pause() -> None:
     sub.in_transport = 5000
     broker.pause(sub.handle)
     assert events.closes == [(sub.handle, "slow consumer: 5000 bytes unsent (limit 1000)", False)]
+
+
+def test_input_held_while_paused_is_kept_even_when_memory_is_full() -> None:
+    broker = Broker(max_memory=600_000)
+    events = Events(broker)
+    filler, p = Peer(broker), Peer(broker)
+    filler.send(b"".join(b"PUBLISH <me> fill %s\n" % (b"x" * 1000) for _ in range(400)))
+    assert broker.stats()["errors"]["memory_full"] > 0  # memory is full
+    broker.pause(p.handle)
+    p.send(b"PING\n" * 20_000)  # 100 KB that waits while p is paused
+    assert events.closes == []
+    broker.resume(p.handle)
+    assert p.take().count(b"PONG\n") == 20_000

@@ -209,7 +209,9 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
         conn_keep_input(b, h, NULL, 0)
         return 0
     left = n - pos
-    if left > INPUT_SLACK and mem_total(&b.mem) + left > b.limit.max_memory:
+    # input held because the connection is paused is at most one read: only an unfinished
+    # line can grow without bound, so only that is refused when memory is full
+    if not c.paused and left > INPUT_SLACK and mem_total(&b.mem) + left > b.limit.max_memory:
         snprintf(reason, sizeof(reason), "memory limit reached: cannot hold %zu bytes of input", left)
         out_error(b, h, ERR_MEMORY_FULL, reason)
         close_later(b, h, "memory full", True)
