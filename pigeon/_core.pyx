@@ -248,6 +248,10 @@ cdef class Broker:
             c.paused = True
             c.paused_at = self.ticks
             if c.state == CONN_OPEN:
+                # the next flush checks max_pending (it may be below the transport's mark); not
+                # here, where a writer may be in the middle of taking this connection's output
+                note_transport(self, handle)
+                mark_dirty(self, handle)
                 stop_reading(self, handle)
         self._settle()
 
@@ -291,6 +295,7 @@ cdef class Broker:
         cdef int32_t h
         cdef Conn *c
         cdef char reason[96]
+        cdef size_t unsent
         self.ticks += 1
         self.now = monotonic()
         for h in range(self.conns.cap):
@@ -298,8 +303,11 @@ cdef class Broker:
             if c.state != CONN_OPEN:
                 continue
             if c.in_transport:
+                unsent = c.in_transport
                 note_transport(self, h)
                 c = &self.conns.items[h]
+                if c.in_transport < unsent:
+                    c.paused_at = self.ticks    # its output is moving: the write timeout counts from here
             if c.unacked.live and not c.reading_stopped:
                 # not while it is not read: its ACKs may be waiting in the socket
                 acks_expire(self, h, self.now)

@@ -38,8 +38,10 @@ T = TypeVar("T")
 
 START_TIMEOUT = 10.0
 
-# the start-up line of the pigeon command: host, port, event loop
-LISTENING = re.compile(r"listening on (\S+):(\d+) \((\w+)\)")
+# the start-up line of the pigeon command: host (an IPv6 address in brackets), port, event loop
+LISTENING = re.compile(
+    r"listening on (?:\[(?P<ipv6>[^\]]+)\]|(?P<host>[^\s\[\]]+)):(?P<port>\d+) \((?P<loop>\w+)\)"
+)
 
 # Runs the suite against another build of the server (an installed wheel's
 # ``pigeon``, the single-file binary): a shell-quoted command line.
@@ -172,9 +174,9 @@ class ServerProcess:
             self.log.append(line)
             match = LISTENING.search(line)
             if match:
-                self.host = match.group(1)
-                self.port = int(match.group(2))
-                self.loop_name = match.group(3)
+                self.host = match.group("ipv6") or match.group("host")
+                self.port = int(match.group("port"))
+                self.loop_name = match.group("loop")
                 return
         raise RuntimeError("server did not report its port")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -11,6 +10,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from pigeon.testing import LineClient, ServerProcess
+from tests.monitoring import start_monitored
 
 LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
 
@@ -49,16 +49,11 @@ def connect(server: ServerProcess) -> Iterator[Callable[[], LineClient]]:
         client.close()
 
 
-MONITORING = re.compile(r"monitoring on (http://\S+/)")
-
-
 @pytest.fixture(params=LOOPS)
 def monitored(request: pytest.FixtureRequest) -> Iterator[tuple[ServerProcess, str]]:
     """A server with its HTTP monitoring listener on a free port, and that listener's base URL."""
-    proc = ServerProcess("--http-port", "0", loop=request.param)
-    urls = [m.group(1) for m in map(MONITORING.search, proc.log) if m]
-    assert urls, "".join(proc.log)
-    yield proc, urls[0]
+    proc, url = start_monitored(loop=request.param)
+    yield proc, url
     assert proc.stop() == 0, "".join(proc.log)
 
 

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 import pigeon
+from pigeon._core import LIMIT_NAMES
 from pigeon.cli.server import build_parser
 from pigeon.testing import ServerProcess, server_command
+from tests.clients import ipv6_loopback
 
 CONSOLE_SCRIPT = shutil.which("pigeon", path=str(Path(sys.executable).parent))
 
@@ -35,8 +37,9 @@ def test_version_matches_the_package() -> None:
 def test_help_lists_every_flag() -> None:
     result = run("--help")
     assert result.returncode == 0
-    for flag in ("--host", "--port", "--max-line", "--max-backlog", "--loop", "--log-level", "--version"):
-        assert flag in result.stdout
+    limits = ["--" + name.replace("_", "-") for name in LIMIT_NAMES if name != "out_batch"]
+    for flag in ("--host", "--port", *limits, "--http-allow-host", "--metrics-topics", "--loop", "--version"):
+        assert flag in result.stdout, flag
 
 
 def test_defaults_are_a_drop_in_for_the_original() -> None:
@@ -45,11 +48,27 @@ def test_defaults_are_a_drop_in_for_the_original() -> None:
     assert (args.max_line, args.max_backlog) == (1024 * 1024, 100_000)
 
 
-@pytest.mark.parametrize("flag", ["--max-line=0", "--max-backlog=-1", "--loop=tornado", "--port=abc"])
-def test_bad_flag_values_are_refused_without_a_traceback(flag: str) -> None:
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--max-line=0",
+        "--max-backlog=-1",
+        "--max-backlog=5000000000",
+        "--max-connections=4294967296",
+        "--loop=tornado",
+        "--port=abc",
+        "--port=99999",
+        "--port=65536",
+        "--port=-1",
+        "--write-timeout=nan",
+    ],
+)
+def test_bad_flag_values_are_one_line_and_exit_2(flag: str) -> None:
     result = run(flag)
     assert result.returncode == 2
-    assert "Traceback" not in result.stderr and "error:" in result.stderr
+    name = flag.split("=")[0]
+    assert result.stderr.startswith(f"pigeon: error: argument {name}: "), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 @pytest.mark.skipif(CONSOLE_SCRIPT is None, reason="the pigeon console script is not installed")
@@ -80,7 +99,59 @@ def test_a_port_in_use_is_one_clear_line() -> None:
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port}" in lines[0], result.stderr
+    # as docs/operations.md shows it
+    assert len(lines) == 1 and lines[0].endswith(
+        f"ERROR pigeon: cannot listen on 127.0.0.1:{port}: address already in use"
+    )
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
+def test_an_ipv6_address_is_logged_in_brackets() -> None:
+    server = ServerProcess("--host", "::1")
+    assert f"listening on [::1]:{server.port} (" in server.log[-1]
+    assert server.host == "::1"
+    client = server.client()
+    assert client.ask("PING") == b"PONG"
+    client.close()
+    assert server.stop() == 0
+
+
+def _published(server: ServerProcess, topic: str, count: int) -> None:
+    client = server.client()
+    client.connect()
+    for i in range(count):
+        client.publish(topic, str(i))
+    client.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGQUIT])
+def test_every_stop_signal_exits_0_and_says_what_it_drops(sig: int) -> None:
+    server = ServerProcess()
+    _published(server, "nobody-listens", 3)
+    assert server.stop(sig) == 0
+    log = "".join(server.log)
+    assert f"{signal.Signals(sig).name}: shutting down" in log
+    assert "shutting down: dropping 3 messages held in memory (backlogs and unsent output)" in log, log
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGUSR1])
+def test_sighup_and_sigusr1_log_a_line_and_the_server_keeps_serving(sig: int) -> None:
+    server = ServerProcess()
+    _published(server, "t", 2)
+    server.proc.send_signal(sig)
+    assert server.proc.stderr is not None
+    line = server.proc.stderr.readline()
+    server.log.append(line)
+    if sig == signal.SIGHUP:
+        assert "SIGHUP: nothing to reload yet" in line
+    else:
+        figures = dict(pair.split("=") for pair in line.split("SIGUSR1: ", 1)[1].split())
+        assert (figures["published"], figures["delivered"], figures["backlog_messages"]) == ("2", "0", "2")
+        assert {"connections", "memory_bytes", "memory_limit_bytes", "write_timeouts"} <= set(figures)
+    client = server.client()
+    assert client.ask("PING") == b"PONG"
+    client.close()
+    assert server.stop() == 0
 
 
 def test_shutdown_flushes_what_was_already_written() -> None:

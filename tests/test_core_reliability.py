@@ -100,6 +100,52 @@ def test_a_connection_that_does_not_take_its_output_stops_being_read() -> None:
     assert broker.stats()["read_pauses"] >= 1
 
 
+def test_a_backlog_longer_than_a_batch_reaches_a_subscriber_that_reads_nothing_more() -> None:
+    # Found while rebuilding the reference model (issue 11): the SUBSCRIBE's own output passed
+    # out_batch, was handed over mid-read, and the flush then skipped the connection, so the rest
+    # of the backlog waited for the subscriber's next command.
+    broker = Broker(out_batch=30)
+    pub, sub = Peer(broker), Peer(broker)
+    pub.send(b"".join(b"PUBLISH <me> t %d\n" % i for i in range(6)))
+    sub.send(b"SUBSCRIBE <me> t\n")
+    assert sub.take() == b"SUBSCRIBED t\n" + b"".join(b"MESSAGE t %d\n" % i for i in range(6))
+    assert broker.topic_info(b"t") == (1, 0)
+
+
+def test_a_transport_that_fills_on_a_mid_read_hand_over_is_checked_against_max_pending() -> None:
+    # The same skip: three PONGs (under out_batch) were checked at the flush's hand-over, four
+    # (handed over mid-read) were not, and the connection stayed paused over max_pending. The flush
+    # is deferred as in the server, not run inside the writer's pause().
+    for pings in (3, 4):
+        broker = Broker(out_batch=16, max_pending=100)
+        broker.on_output = lambda: None
+        events = Events(broker)
+        p = Peer(broker)
+        p.pause_on_write = True
+        p.in_transport = 500
+        p.send(b"PING\n" * pings)
+        assert events.closes == [(p.handle, "slow consumer: 500 bytes unsent (limit 100)", False)], pings
+
+
+def test_a_flush_inside_a_writer_does_not_give_back_what_that_writer_was_handed() -> None:
+    # Found by the differential test (issue 11). Without on_output the core flushes inside every
+    # call, a pause() from inside a writer too: that flush dropped the paused subscriber as a slow
+    # consumer and gave back the message the writer had just taken, so it was delivered twice.
+    broker = Broker(out_batch=1, max_pending=10)
+    events = Events(broker)
+    sub, other = Peer(broker), Peer(broker)
+    sub.in_transport = 50  # reported at the next hand-over
+    sub.send(b"SUBSCRIBE <me> t\n")
+    sub.pause_on_write = True
+    sub.send(b"PUBLISH <me> t x\n")
+    assert sub.take() == b"SUBSCRIBED t\nPUBLISHED t\nMESSAGE t x\n"
+    assert events.closes == [(sub.handle, "slow consumer: 50 bytes unsent (limit 10)", False)]
+    other.send(b"SUBSCRIBE <me> t\n")
+    assert other.take() == b"SUBSCRIBED t\n"
+    stats = broker.stats()
+    assert (stats["delivered"], stats["requeued"]) == (1, 0)
+
+
 def test_stats_replies_are_bounded_and_page_through_every_topic() -> None:
     broker = Broker()
     p = Peer(broker)
@@ -542,3 +588,43 @@ def test_limits_out_of_range_are_refused_with_their_name() -> None:
         Broker(idle_timeout=float("nan"))
     with pytest.raises(TypeError, match="unknown limit 'max_nothing'"):
         Broker(max_nothing=1)
+
+
+def test_the_write_timeout_counts_from_the_last_progress_of_the_output() -> None:
+    broker = Broker(write_timeout=1.0, tick_interval=0.25)
+    events = Events(broker)
+    moving, stuck, pub = Peer(broker), Peer(broker), Peer(broker)
+    for p in (moving, stuck):
+        p.send(b"SUBSCRIBE <me> t\n")
+    pub.send(b"PUBLISH <me> t a\nPUBLISH <me> t b\n")
+    for p in (moving, stuck):
+        p.in_transport = 1_000_000
+        broker.pause(p.handle)
+    for _ in range(8):
+        moving.in_transport -= 10_000  # a slow reader: its transport drains a little every tick
+        broker.tick()
+    assert events.closes == [(stuck.handle, "write timeout: output not taken for 1 s", False)]
+
+
+def test_a_max_pending_below_the_transports_mark_drops_at_the_pause() -> None:
+    broker = Broker(max_pending=1000)
+    events = Events(broker)
+    sub, pub = Peer(broker), Peer(broker)
+    sub.send(b"SUBSCRIBE <me> t\n")
+    pub.send(b"PUBLISH <me> t a\n")
+    sub.in_transport = 5000
+    broker.pause(sub.handle)
+    assert events.closes == [(sub.handle, "slow consumer: 5000 bytes unsent (limit 1000)", False)]
+
+
+def test_input_held_while_paused_is_kept_even_when_memory_is_full() -> None:
+    broker = Broker(max_memory=600_000)
+    events = Events(broker)
+    filler, p = Peer(broker), Peer(broker)
+    filler.send(b"".join(b"PUBLISH <me> fill %s\n" % (b"x" * 1000) for _ in range(400)))
+    assert broker.stats()["errors"]["memory_full"] > 0  # memory is full
+    broker.pause(p.handle)
+    p.send(b"PING\n" * 20_000)  # 100 KB that waits while p is paused
+    assert events.closes == []
+    broker.resume(p.handle)
+    assert p.take().count(b"PONG\n") == 20_000

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[test]')")
+
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -92,38 +95,48 @@ def test_dashboard_shows_live_figures(
 
     # quiet now: the page must settle on exactly the server's figures
     stats = get_json(url + "stats")
-    topics = get_json(url + "topics")
+    busiest = get_json(url + "topics/busiest?count=100")["topics"]
+    connections = get_json(url + "connections?count=50")["connections"]
     expected_cards = {
         "connections": str(stats["connections"]),
         "topics-count": str(stats["topics"]),
         "published": str(stats["published"]),
         "delivered": str(stats["delivered"]),
         "backlog": str(stats["backlog_messages"]),
+        "refused": str(stats["refused"]),
+        "write-timeouts": str(stats["write_timeouts"]),
+        "read-pauses": str(stats["read_pauses"]),
+        "lost": str(stats["lost"]),
     }
-    expected_rows = [
-        (
+    expected_topics = [
+        [
             t["name"],
             str(t["subscribers"]),
             str(t["backlog_messages"]),
             str(t["published"]),
             str(t["delivered"]),
-        )
-        for t in topics
+        ]
+        for t in busiest
     ]
+    expected_connections = [connection_row(c) for c in connections]
 
     def shows_server_figures(_: object) -> bool:
         cards = {k: text(k) for k in expected_cards}
-        # read the whole table in one script: the page replaces its rows at every poll
-        rows = browser.execute_script(
-            "return [...document.querySelectorAll('#topics tbody tr')]"
-            ".map(tr => [...tr.cells].map(td => td.textContent));"
+        memory = browser.find_element(By.ID, "memory")
+        memory_shown = (memory.get_attribute("data-bytes"), memory.get_attribute("data-limit"))
+        return (
+            cards == expected_cards
+            and table(browser, "topics") == expected_topics
+            and table(browser, "connections-table") == expected_connections
+            and memory_shown == (str(stats["memory_bytes"]), str(stats["memory_limit_bytes"]))
         )
-        return cards == expected_cards and [tuple(row) for row in rows] == expected_rows
 
     WebDriverWait(browser, 20, poll_frequency=0.2).until(shows_server_figures)
     assert stats["connections"] == 2 and stats["backlog_messages"] == 5
-    assert [t["name"] for t in topics] == ["idle", "jobs"]
+    # the busiest topic first: jobs took every published message but the five waiting in idle
+    assert [t["name"] for t in busiest] == ["jobs", "idle"]
     assert stats["published"] > 5
+    assert "of 1.0 GiB" in text("memory")
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / f"dashboard-{proc.loop_name}.png"
     browser.save_screenshot(str(shot))
@@ -132,3 +145,68 @@ def test_dashboard_shows_live_figures(
     sub.close()
     pub.close()
     reader.join(10)
+
+
+def connection_row(c: dict[str, object]) -> list[str]:
+    """A connection's row as the dashboard shows it."""
+    state = "closing" if c["closing"] else "paused" if c["paused"] else "open"
+    return [
+        str(c["client_id"]),
+        str(c["address"]),
+        str(c["subscriptions_total"]),
+        str(c["pending_bytes"]),
+        str(c["messages_in"]),
+        str(c["messages_out"]),
+        state,
+    ]
+
+
+def table(browser: webdriver.Chrome, table_id: str) -> list[list[str]]:
+    """The text of every cell of a table's body, read in one script (the page replaces rows at every poll)."""
+    rows = browser.execute_script(
+        f"return [...document.querySelectorAll('#{table_id} tbody tr')]"
+        ".map(tr => [...tr.cells].map(td => td.textContent));"
+    )
+    return [list(row) for row in rows]
+
+
+def test_dashboard_pages_through_connections(
+    monitored: tuple[ServerProcess, str], browser: webdriver.Chrome
+) -> None:
+    proc, url = monitored
+    clients = [proc.client() for _ in range(3)]
+    for client in clients:
+        client.connect()
+    pages = []
+    cursor = 0
+    while True:
+        page = get_json(f"{url}connections?cursor={cursor}&count=1")
+        pages.append([connection_row(c) for c in page["connections"]])
+        cursor = page["next"]
+        if cursor == 0:
+            break
+    assert len(pages) == 3
+    browser.get(url + "?connections_page=1")
+    wait = WebDriverWait(browser, 20, poll_frequency=0.2)
+    next_page = browser.find_element(By.ID, "next-page")
+    first_page = browser.find_element(By.ID, "first-page")
+
+    def shows(rows: list[list[str]]) -> Callable[[object], bool]:
+        # the byte counts of a page may move between polls: compare client ids and addresses
+        return lambda _: [row[:2] for row in table(browser, "connections-table")] == [r[:2] for r in rows]
+
+    for number, expected in enumerate(pages, 1):
+        wait.until(shows(expected))
+        assert browser.find_element(By.ID, "page-info").text == f"page {number}"
+        if number < len(pages):
+            wait.until(lambda _: next_page.is_enabled())
+            next_page.click()
+    wait.until(lambda _: not next_page.is_enabled())
+    first_page.click()
+    wait.until(
+        lambda _: [row[:2] for row in table(browser, "connections-table")] == [r[:2] for r in pages[0]]
+    )
+    wait.until(lambda _: not first_page.is_enabled())
+    assert browser.find_element(By.ID, "page-info").text == "page 1"
+    for client in clients:
+        client.close()

@@ -9,6 +9,7 @@ import socket
 import pytest
 
 from pigeon import AsyncClient, Client, PigeonError, Server, ServerThread
+from pigeon._core import LIMIT_NAMES
 from pigeon.server.limits import ServerLimits
 
 pytest_plugins = ["pytester"]
@@ -39,18 +40,25 @@ def test_server_thread_serves_blocking_clients(loop: str) -> None:
 
 
 def test_server_thread_options_reach_the_broker() -> None:
-    with ServerThread(max_backlog=7, max_line=100) as server:
-        assert server.call(lambda: server.server.broker.max_backlog_messages) == 7
-        assert server.call(lambda: server.server.broker.max_line_length) == 100
+    with ServerThread(max_backlog=7, max_line=100, write_timeout=2.5) as server:
+        limits = server.call(lambda: server.server.broker.limits)
+        assert (limits["max_backlog"], limits["max_line"], limits["write_timeout"]) == (7, 100, 2.5)
 
 
 def test_server_thread_takes_every_keyword_of_server() -> None:
     keywords = [p.name for p in inspect.signature(Server).parameters.values() if p.kind is p.KEYWORD_ONLY]
     assert list(ServerLimits.__annotations__) == keywords
+    # every limit of the core but its internal out_batch is a keyword of Server
+    assert set(keywords) == set(LIMIT_NAMES) - {"out_batch"}
     with ServerThread(max_connections=1, idle_timeout=30.0) as server:
-        assert server.server.idle_timeout == 30.0
+        assert server.server.broker.limits["idle_timeout"] == 30.0
         with Client(server.host, server.port), pytest.raises(PigeonError, match="too many connections"):
             Client(server.host, server.port)
+
+
+def test_an_out_of_range_limit_names_itself() -> None:
+    with pytest.raises(ValueError, match="max_backlog must be from 0 to"):
+        ServerThread(max_backlog=5_000_000_000)
 
 
 def test_server_thread_reports_a_port_in_use() -> None:

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from pigeon.testing import LineClient, ServerProcess
+from tests.clients import connected, small_window_client
 
 Start = Callable[..., ServerProcess]
-
-
-def connected(proc: ServerProcess) -> LineClient:
-    client = proc.client()
-    client.connect()
-    return client
 
 
 def test_max_connections(start_server: Start) -> None:
@@ -30,6 +28,7 @@ def test_max_connections(start_server: Start) -> None:
     assert extra.at_eof()
     assert first.ask("PING") == b"PONG"
     assert second.ask("PING") == b"PONG"
+    handles = {c["handle"] for c in stats(first, "CONNECTIONS")["connections"]}
     second.ask("DISCONNECT")
     assert second.at_eof()
     # the freed place is taken by the next connection
@@ -41,20 +40,51 @@ def test_max_connections(start_server: Start) -> None:
         late.close()
     assert late.ask("CONNECT").startswith(b"CONNECTED ")
     proc.stop()
-    assert "too many connections" in "".join(proc.log)
-
-
-def test_max_memory(start_server: Start) -> None:
-    proc = start_server("--max-memory", "10")
-    pub = connected(proc)
-    pub.publish("t", "123456")
-    assert pub.ask(f"PUBLISH {pub.client_id} t 12345") == (
-        b"ERROR MEMORY_FULL memory limit reached (6 bytes in backlogs) for topic 't'"
+    # the rejected connection is logged with the handle it had, not -1
+    rejected = re.findall(
+        r"closing connection (-?\d+) from 127\.0\.0\.1:\d+: too many connections \(limit 2\)",
+        "".join(proc.log),
     )
-    pub.publish("t", "1234")
+    assert rejected, "".join(proc.log)
+    assert int(rejected[0]) >= 0 and int(rejected[0]) not in handles
+
+
+def stats(client: LineClient, section: str = "") -> Any:
+    """The JSON of a STATS reply."""
+    reply = client.ask(f"STATS {section}".strip())
+    assert reply.startswith(b"STATS "), reply
+    return json.loads(reply[6:])
+
+
+def test_max_memory_bounds_what_the_broker_holds(start_server: Start) -> None:
+    # small enough that the backlog it allows fits in one batch of output (see
+    # test_a_subscriber_joining_a_backlog_of_several_batches_gets_all_of_it)
+    limit = 1024 * 1024
+    proc = start_server("--max-memory", str(limit))
+    pub = connected(proc)
+    payload = "x" * 500
+    accepted = 0
+    while True:
+        reply = pub.ask(f"PUBLISH {pub.client_id} t {accepted:06d}{payload}")
+        if reply != b"PUBLISHED t":
+            break
+        accepted += 1
+        assert accepted < 10_000, "a 1 MiB limit took more than 5 MB of messages"
+    refusal = re.fullmatch(rb"ERROR MEMORY_FULL memory limit reached \((\d+) of (\d+) bytes held\)", reply)
+    assert refusal is not None, reply
+    held, said_limit = map(int, refusal.groups())
+    assert said_limit == limit and held <= limit
+    figures = stats(pub)
+    # each message costs more than its payload, and everything is counted: the core's own tables too
+    assert figures["backlog_bytes"] < figures["memory_bytes"] <= figures["memory_limit_bytes"] == limit
+    assert figures["backlog_messages"] == accepted > 100
+    assert figures["refused"] == 1 and figures["errors"]["memory_full"] == 1
     sub = connected(proc)
     sub.subscribe("t")
-    assert sub.lines(2) == [b"MESSAGE t 123456", b"MESSAGE t 1234"]
+    assert [int(line[10:16]) for line in sub.lines(accepted)] == list(range(accepted))
+    # drained: room again
+    pub.publish("t", "again")
+    assert sub.line() == b"MESSAGE t again"
 
 
 def test_full_backlog(start_server: Start) -> None:
@@ -62,7 +92,10 @@ def test_full_backlog(start_server: Start) -> None:
     pub = connected(proc)
     pub.publish("t", "a")
     pub.publish("t", "b")
-    assert pub.ask(f"PUBLISH {pub.client_id} t c") == b"ERROR BACKLOG_FULL backlog full (2 messages) for topic 't'"
+    assert (
+        pub.ask(f"PUBLISH {pub.client_id} t c")
+        == b"ERROR BACKLOG_FULL backlog full (2 messages) for topic 't'"
+    )
 
 
 def test_max_subscriptions_and_topics(start_server: Start) -> None:
@@ -100,34 +133,89 @@ def test_idle_timeout(start_server: Start) -> None:
     assert talker.ask("PING") == b"PONG"
 
 
-def test_publisher_that_never_reads_is_dropped(start_server: Start) -> None:
-    proc = start_server("--max-pending", "65536")
+def _reading_paused(observer: LineClient, want: int) -> dict[str, Any]:
+    """STATS once ``want`` connections are not being read (polled, with a deadline)."""
+    deadline = time.monotonic() + 30
+    while True:
+        figures: dict[str, Any] = stats(observer)
+        if figures["reading_paused"] == want or time.monotonic() > deadline:
+            return figures
+        time.sleep(0.05)
+
+
+def _send_until_blocked(sock: socket.socket, chunk: bytes) -> tuple[int, bytes]:
+    """Send chunk after chunk until the socket takes no more: bytes taken, and what is left of a chunk."""
+    sock.setblocking(False)
+    sent = 0
+    rest = b""
+    stalls = 0
+    while stalls < 20:
+        data = rest or chunk
+        try:
+            n = sock.send(data)
+        except BlockingIOError:
+            # the server may still be reading: give it a moment before calling the socket full
+            stalls += 1
+            time.sleep(0.05)
+            continue
+        sent += n
+        rest = data[n:]
+        stalls = 0
+    return sent, rest
+
+
+def test_a_client_that_sends_but_never_reads_stops_being_read(start_server: Start) -> None:
+    proc = start_server("--write-timeout", "0")
     other = connected(proc)
-    sock, _ = _small_window_client(proc)
+    sock, _ = small_window_client(proc)
+    sent, rest = _send_until_blocked(sock, b"PING\n" * 20_000)
+    figures = _reading_paused(other, 1)
+    assert figures["reading_paused"] == 1 and figures["read_pauses"] >= 1
+    assert other.ask("PING") == b"PONG"
+    # reading its output again, it gets a PONG for every whole PING it sent, and is read again
+    sock.setblocking(True)
+    sock.settimeout(30)
+    received = b""
+    whole = sent // 5 * 5
+    while len(received) < whole:
+        data = sock.recv(1 << 20)
+        assert data, "closed"
+        received += data
+    assert received == b"PONG\n" * (whole // 5)
+    assert _reading_paused(other, 0)["reading_paused"] == 0
+    # the PING cut at the end of the sending is still there, waiting for its end
+    sock.sendall(rest[: (5 - sent % 5) % 5] + b"PING\n")
+    expected = b"PONG\n" * (2 if sent % 5 else 1)
+    received = b""
+    while len(received) < len(expected):
+        data = sock.recv(100)
+        assert data, "closed"
+        received += data
+    assert received == expected
+    sock.close()
+
+
+def test_a_client_that_sends_but_never_reads_is_closed_by_the_write_timeout(start_server: Start) -> None:
+    proc = start_server("--write-timeout", "1")
+    other = connected(proc)
+    sock, _ = small_window_client(proc)
     chunk = b"PING\n" * 20_000
+    # the server stops reading it, then aborts it: sending ends in a reset
     with pytest.raises(OSError):
         for _ in range(10_000):
             sock.sendall(chunk)
     sock.close()
-    assert other.ask("PING") == b"PONG"
+    figures = stats(other)
+    assert figures["write_timeouts"] == 1 and figures["slow_consumers"] == 0
+    assert figures["read_pauses"] >= 1 and figures["connections"] == 1
     proc.stop()
-    assert "slow consumer" in "".join(proc.log)
-
-
-def _small_window_client(proc: ServerProcess) -> tuple[socket.socket, str]:
-    """A connected socket with a small receive window, so what the server sends it backs up fast."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect((proc.host, proc.port))
-    sock.settimeout(30)
-    sock.sendall(b"CONNECT\n")
-    return sock, sock.recv(100).split()[1].decode()
+    assert "write timeout: output not taken for 1 s" in "".join(proc.log)
 
 
 def test_subscriber_that_stops_reading_is_skipped_then_dropped(start_server: Start) -> None:
     proc = start_server("--max-pending", "65536")
     pub, ok = connected(proc), connected(proc)
-    slow, slow_id = _small_window_client(proc)
+    slow, slow_id = small_window_client(proc)
     slow.sendall(f"SUBSCRIBE {slow_id} t\n".encode())
     assert slow.recv(100) == b"SUBSCRIBED t\n"
     ok.subscribe("t")
@@ -169,9 +257,25 @@ def test_subscriber_that_stops_reading_is_skipped_then_dropped(start_server: Sta
     assert "slow consumer" in "".join(proc.log)
 
 
-def test_cli_refuses_bad_limits() -> None:
-    for flags in (["--max-connections", "0"], ["--idle-timeout", "-1"], ["--max-pending", "x"]):
-        command = [sys.executable, "-m", "pigeon", "--port", "0", *flags]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
-        assert result.returncode == 2, flags
-        assert flags[0] in result.stderr
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--max-connections", "0"],
+        ["--idle-timeout", "-1"],
+        ["--write-timeout", "-1"],
+        ["--write-timeout", "inf"],
+        ["--max-pending", "x"],
+        ["--max-backlog", "5000000000"],
+        ["--max-backlog", "-1"],
+        ["--max-line", "10"],
+        ["--max-memory", str(1 << 63)],
+        ["--max-subscriptions", str(1 << 31)],
+        ["--metrics-topics", "-1"],
+    ],
+)
+def test_cli_refuses_bad_limits(flags: list[str]) -> None:
+    command = [sys.executable, "-m", "pigeon", "--port", "0", *flags]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, flags
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"pigeon: error: argument {flags[0]}: "), result.stderr

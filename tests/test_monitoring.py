@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -12,10 +13,14 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pigeon._core import Broker
+from pigeon.server.busiest import PAGE_MAX, busiest_topics
 from pigeon.testing import LineClient, ServerProcess
-from tests.monitoring import get, get_json, traffic
+from tests.clients import ipv6_loopback
+from tests.monitoring import get, get_json, start_monitored, traffic
 
 Monitored = tuple[ServerProcess, str]
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def stats_command(client: LineClient, section: str = "") -> Any:
@@ -26,24 +31,41 @@ def stats_command(client: LineClient, section: str = "") -> Any:
     return json.loads(payload)
 
 
+def scrape(url: str) -> Samples:
+    """Every sample of /metrics, by name and labels."""
+    status, kind, body = get(url + "metrics")
+    assert status == 200 and kind.startswith("text/plain"), kind
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+
+
 def test_stats_command_over_the_wire(connect: Callable[[], LineClient], server: ServerProcess) -> None:
     sub, pub = traffic(server)
-    stats = stats_command(server.client())  # STATS needs no CONNECT
+    stranger = server.client()
+    assert stranger.ask("STATS") == b"ERROR NOT_CONNECTED not connected: send CONNECT first"
+    stats = stats_command(pub)
     assert stats["connections"] == 3
     assert (stats["published"], stats["delivered"], stats["backlogged"]) == (7, 4, 3)
     assert stats["backlog_messages"] == 3 and stats["topics"] == 2
     assert stats["commands"]["publish"] == 7 and stats["commands"]["unknown"] == 1
     assert stats["errors"]["unknown_command"] == 1
-    topics = {t["name"]: t for t in stats_command(pub, "TOPICS")}
+    page = stats_command(pub, "TOPICS")
+    assert page["next"] == 0
+    topics = {t["name"]: t for t in page["topics"]}
     assert topics["jobs"]["subscribers"] == 1 and topics["jobs"]["delivered"] == 4
     assert topics["idle"]["backlog_messages"] == 3
-    conns = {c["client_id"]: c for c in stats_command(pub, "connections")}
+    conns = {c["client_id"]: c for c in stats_command(pub, "connections")["connections"]}
     assert conns[sub.client_id]["subscriptions"] == ["jobs"]
     assert conns[sub.client_id]["messages_out"] == 4
     assert conns[pub.client_id]["messages_in"] == 7
     host, port = pub.sock.getsockname()[:2]
     assert conns[pub.client_id]["address"] == f"{host}:{port}"
-    assert pub.ask("STATS everything") == b"ERROR USAGE usage: STATS [TOPICS|CONNECTIONS]"
+    assert (
+        pub.ask("STATS everything") == b"ERROR USAGE usage: STATS [TOPICS|CONNECTIONS [<cursor> [<count>]]]"
+    )
     sub.close()
     pub.close()
 
@@ -51,27 +73,63 @@ def test_stats_command_over_the_wire(connect: Callable[[], LineClient], server: 
 def test_metrics_parse_and_match_the_core(monitored: Monitored) -> None:
     proc, url = monitored
     sub, pub = traffic(proc)
-    status, kind, body = get(url + "metrics")
-    assert status == 200 and kind.startswith("text/plain"), kind
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(body.decode())
-        for s in family.samples
-    }
+    samples = scrape(url)
     assert samples[("pigeon_connections", ())] == 2
     assert samples[("pigeon_messages_published_total", ())] == 7
     assert samples[("pigeon_messages_delivered_total", ())] == 4
     assert samples[("pigeon_backlog_messages", ())] == 3
     assert samples[("pigeon_commands_total", (("command", "publish"),))] == 7
     assert samples[("pigeon_errors_total", (("kind", "unknown_command"),))] == 1
-    assert samples[("pigeon_topic_subscribers", (("topic", "jobs"),))] == 1
-    assert samples[("pigeon_topic_backlog_messages", (("topic", "idle"),))] == 3
-    assert samples[("pigeon_topic_messages_delivered_total", (("topic", "jobs"),))] == 4
     assert samples[("process_open_fds", ())] > 0
     stats = get_json(url + "stats")
     assert samples[("pigeon_received_bytes_total", ())] == stats["bytes_in"]
+    # every server-wide figure is exported, under its name
+    exported = {
+        "connections_rejected": "pigeon_connections_rejected_total",
+        "idle_closed": "pigeon_idle_closed_total",
+        "requeued": "pigeon_messages_requeued_total",
+        "write_timeouts": "pigeon_write_timeouts_total",
+        "lost": "pigeon_messages_lost_total",
+        "read_pauses": "pigeon_read_pauses_total",
+        "refused": "pigeon_messages_refused_total",
+        "memory_limit_bytes": "pigeon_memory_limit_bytes",
+        "reading_paused": "pigeon_connections_reading_paused",
+    }
+    for key, name in exported.items():
+        assert samples[(name, ())] == stats[key], name
+    assert 0 < samples[("pigeon_memory_bytes", ())] <= stats["memory_limit_bytes"]
+    # per-topic series are opt-in: none by default, whatever clients do
+    assert not [name for name, _ in samples if name.startswith("pigeon_topic_")]
     sub.close()
     pub.close()
+
+
+def test_metrics_help_says_what_refused_counts(monitored: Monitored) -> None:
+    _, url = monitored
+    body = get(url + "metrics")[2].decode()
+    refused = "PUBLISH commands refused because the backlog or the memory was full."
+    assert f"# HELP pigeon_messages_refused_total {refused}" in body
+
+
+@pytest.mark.parametrize("loop", ["asyncio"])
+def test_metrics_topics_exports_only_the_busiest(loop: str) -> None:
+    proc, url = start_monitored("--metrics-topics", "2", loop=loop)
+    pub = proc.client()
+    pub.connect()
+    for topic, count in (("quiet", 1), ("busy", 5), ("middle", 3), ("calm", 2)):
+        for i in range(count):
+            pub.publish(topic, str(i))
+    samples = scrape(url)
+    published = {
+        dict(labels)["topic"]: value
+        for (name, labels), value in samples.items()
+        if name == "pigeon_topic_messages_published_total"
+    }
+    assert published == {"busy": 5, "middle": 3}
+    assert samples[("pigeon_topic_backlog_messages", (("topic", "busy"),))] == 5
+    assert samples[("pigeon_topic_subscribers", (("topic", "middle"),))] == 0
+    assert ("pigeon_topic_messages_delivered_total", (("topic", "busy"),)) in samples
+    assert proc.stop() == 0
 
 
 def test_json_endpoints(monitored: Monitored) -> None:
@@ -80,11 +138,17 @@ def test_json_endpoints(monitored: Monitored) -> None:
     assert get_json(url + "healthz") == {"status": "ok"}
     stats = get_json(url + "stats")
     assert (stats["connections"], stats["published"], stats["delivered"]) == (2, 7, 4)
-    assert [(t["name"], t["subscribers"], t["backlog_messages"]) for t in get_json(url + "topics")] == [
+    page = get_json(url + "topics")
+    assert page["next"] == 0
+    assert sorted((t["name"], t["subscribers"], t["backlog_messages"]) for t in page["topics"]) == [
         ("idle", 0, 3),
         ("jobs", 1, 0),
     ]
-    conns = {c["client_id"]: c for c in get_json(url + "connections")}
+    busiest = get_json(url + "topics/busiest?count=1")["topics"]
+    assert [(t["name"], t["published"], t["delivered"]) for t in busiest] == [("jobs", 4, 4)]
+    page = get_json(url + "connections")
+    assert page["next"] == 0
+    conns = {c["client_id"]: c for c in page["connections"]}
     assert set(conns) == {sub.client_id, pub.client_id}
     assert conns[sub.client_id]["pending_bytes"] == 0
     assert conns[pub.client_id]["messages_in"] == 7
@@ -93,6 +157,137 @@ def test_json_endpoints(monitored: Monitored) -> None:
     assert get(url + "nothing-here")[0] == 404
     sub.close()
     pub.close()
+
+
+def test_topics_and_connections_are_served_in_pages(monitored: Monitored) -> None:
+    proc, url = monitored
+    clients = [proc.client() for _ in range(5)]
+    for client in clients:
+        client.connect()
+    names = {f"t{i}" for i in range(25)}
+    for name in names:
+        clients[0].publish(name, "x")
+    for path, key, expected in (
+        ("topics", "topics", names),
+        ("connections", "connections", {c.client_id for c in clients}),
+    ):
+        seen: list[str] = []
+        cursor, pages = 0, 0
+        while True:
+            page = get_json(f"{url}{path}?cursor={cursor}&count=2")
+            assert len(page[key]) <= 2 or path == "topics"  # a topic page ends at a bucket's end
+            seen += [entry["name"] if key == "topics" else entry["client_id"] for entry in page[key]]
+            pages += 1
+            cursor = page["next"]
+            if cursor == 0 or pages > 100:
+                break
+        assert cursor == 0
+        assert pages > 2, path
+        assert sorted(seen) == sorted(expected), path
+    bad_counts = ("count=0", f"count={PAGE_MAX + 1}", "count=x")
+    for path, bad in [
+        (p, b) for p in ("topics", "connections") for b in (*bad_counts, "cursor=-1", "cursor=1.5")
+    ] + [("topics/busiest", b) for b in bad_counts]:
+        status, _, body = get(f"{url}{path}?{bad}")
+        assert status == 400, (path, bad, body)
+    for client in clients:
+        client.close()
+
+
+def test_busiest_topics_are_ranked_by_messages_published(monitored: Monitored) -> None:
+    proc, url = monitored
+    pub = proc.client()
+    pub.connect()
+    for n in range(1, 31):
+        for _ in range(n):
+            pub.send(f"PUBLISH {pub.client_id} topic-{n:02d} x\n")
+    assert pub.lines(sum(range(1, 31))) == [
+        f"PUBLISHED topic-{n:02d}".encode() for n in range(1, 31) for _ in range(n)
+    ]
+    busiest = get_json(url + "topics/busiest?count=3")["topics"]
+    assert [(t["name"], t["published"]) for t in busiest] == [
+        ("topic-30", 30),
+        ("topic-29", 29),
+        ("topic-28", 28),
+    ]
+    assert len(get_json(url + "topics/busiest")["topics"]) == 30
+    pub.close()
+
+
+def _broker_with_topics(count: int, busy: int = 0) -> Broker:
+    """A core holding ``count`` topics of one message each; topic-0 to topic-<busy - 1> got more."""
+    broker = Broker()
+    handle = broker.open(lambda data: None)
+    lines = [b"CONNECT\n"] + [b"PUBLISH c1 topic-%d %d\n" % (i, i) for i in range(count)]
+    lines += [b"PUBLISH c1 topic-%d more\n" % i for i in range(busy) for _ in range(busy - i)]
+    assert broker.feed(handle, b"".join(lines))
+    return broker
+
+
+def test_the_walk_over_every_topic_yields_to_the_loop_between_pages() -> None:
+    broker = _broker_with_topics(10_000, busy=3)
+
+    async def walk_beside_a_bystander() -> tuple[list[dict[str, Any]], int]:
+        walk = asyncio.ensure_future(busiest_topics(broker, 3))
+        turns = 0
+        while not walk.done():
+            turns += 1
+            await asyncio.sleep(0)
+        return walk.result(), turns
+
+    busiest, turns = asyncio.run(walk_beside_a_bystander())
+    # 10,000 topics take about ten pages: the bystander ran between them, not only before and after
+    assert turns >= 5
+    assert [(t["name"], t["published"]) for t in busiest] == [("topic-0", 4), ("topic-1", 3), ("topic-2", 2)]
+    assert asyncio.run(busiest_topics(broker, 0)) == []
+
+
+def test_busiest_topics_counts_each_topic_once() -> None:
+    broker = _broker_with_topics(5000)
+    busiest = asyncio.run(busiest_topics(broker, 10_000))
+    assert sorted(t["name"] for t in busiest) == sorted(f"topic-{i}" for i in range(5000))
+
+
+@pytest.mark.parametrize("loop", ["asyncio"])
+def test_the_host_header_must_name_this_listener(loop: str) -> None:
+    proc, url = start_monitored(
+        "--http-allow-host", "pigeon.example", "--http-allow-host", "other.example:81", loop=loop
+    )
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    for host in (
+        f"127.0.0.1:{port}",
+        f"localhost:{port}",
+        f"LOCALHOST:{port}",
+        "pigeon.example",
+        "pigeon.example:8080",
+        "other.example:81",
+    ):
+        assert get(url + "healthz", {"Host": host})[0] == 200, host
+    for host in (
+        "evil.example",
+        f"evil.example:{port}",
+        f"127.0.0.1:{port + 1}",
+        "other.example",
+        "other.example:82",
+        "127.0.0.1",
+        f"localhost:{port}x",
+        "",
+        f"pigeon.example.evil:{port}",
+    ):
+        status, _, body = get(url + "stats", {"Host": host})
+        assert status == 421 and b"Misdirected" in body, (host, status, body)
+    assert proc.stop() == 0
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
+def test_an_ipv6_listener_answers_its_bracketed_address() -> None:
+    proc, url = start_monitored("--http-host", "::1", loop="asyncio")
+    assert url.startswith("http://[::1]:"), url
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    assert get(url + "healthz", {"Host": f"[::1]:{port}"})[0] == 200
+    assert get(url + "healthz", {"Host": f"localhost:{port}"})[0] == 200
+    assert get(url + "healthz", {"Host": f"[::2]:{port}"})[0] == 421
+    assert proc.stop() == 0
 
 
 def test_monitoring_is_off_by_default(server: ServerProcess) -> None:
@@ -159,4 +354,4 @@ def test_http_port_in_use_stops_the_server_with_a_clear_error() -> None:
             timeout=60,
         )
     assert result.returncode == 1, result.stderr
-    assert f"cannot listen on 127.0.0.1:{port} for HTTP" in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port} for HTTP: address already in use" in result.stderr

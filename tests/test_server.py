@@ -27,6 +27,7 @@ def test_every_command_and_its_reply(server: ServerProcess) -> None:
     cid = c.connect()
     assert cid
     assert c.ask("PING") == b"PONG"
+    assert c.ask("HELLO").startswith(b'HELLO {"protocol":1,')
     assert c.ask(f"SUBSCRIBE {cid} news") == b"SUBSCRIBED news"
     assert c.ask(f"PUBLISH {cid} news hello there, world") == b"PUBLISHED news"
     assert c.line() == b"MESSAGE news hello there, world"
@@ -48,7 +49,9 @@ def test_ids_are_unique_and_cannot_be_borrowed(connect: Connect) -> None:
     assert a.client_id != b.client_id
     assert a.ask(f"SUBSCRIBE {b.client_id} t").startswith(b"ERROR WRONG_CLIENT_ID client id does not belong")
     assert a.ask(f"PUBLISH {b.client_id} t m").startswith(b"ERROR WRONG_CLIENT_ID client id does not belong")
-    assert a.ask(f"UNSUBSCRIBE {b.client_id} t").startswith(b"ERROR WRONG_CLIENT_ID client id does not belong")
+    assert a.ask(f"UNSUBSCRIBE {b.client_id} t").startswith(
+        b"ERROR WRONG_CLIENT_ID client id does not belong"
+    )
     assert a.ask("CONNECT") == f"ERROR ALREADY_CONNECTED already connected as '{a.client_id}'".encode()
     b.subscribe("t")
     a.publish("t", "only-one")
@@ -107,6 +110,17 @@ def test_backlog_waits_for_the_first_subscriber_in_order(connect: Connect) -> No
     assert sub.lines(50) == [f"MESSAGE later m{i}".encode() for i in range(50)]
 
 
+def test_a_subscriber_joining_a_backlog_of_several_batches_gets_all_of_it(connect: Connect) -> None:
+    pub = connect()
+    count = 3000
+    pub.send("".join(f"PUBLISH {pub.client_id} deep {i:06d}{'.' * 1000}\n" for i in range(count)))
+    assert pub.lines(count) == [b"PUBLISHED deep"] * count
+    sub = connect()
+    sub.sock.settimeout(5)
+    sub.subscribe("deep")
+    assert [line[13:19] for line in sub.lines(count)] == [f"{i:06d}".encode() for i in range(count)]
+
+
 def test_backlog_is_bounded_and_says_so() -> None:
     server = ServerProcess("--max-backlog", "3")
     try:
@@ -115,7 +129,8 @@ def test_backlog_is_bounded_and_says_so() -> None:
         for i in range(3):
             pub.publish("full", f"m{i}")
         assert (
-            pub.ask(f"PUBLISH {pub.client_id} full m3") == b"ERROR BACKLOG_FULL backlog full (3 messages) for topic 'full'"
+            pub.ask(f"PUBLISH {pub.client_id} full m3")
+            == b"ERROR BACKLOG_FULL backlog full (3 messages) for topic 'full'"
         )
         sub = server.client()
         sub.connect()
@@ -142,7 +157,7 @@ def test_bad_input_gets_errors_and_disturbs_nobody(connect: Connect) -> None:
     pub, sub, bad = connect(), connect(), connect()
     sub.subscribe("t")
     garbage = [
-        b"HELLO",
+        b"GREETINGS",
         b"\x00\x01\x02",
         b"\xff\xfe\xfd PUBLISH",
         f"SUBSCRIBE {bad.client_id} bad\x07topic".encode(),

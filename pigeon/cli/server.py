@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
+import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from pigeon._core import LIMIT_DEFAULTS
 from pigeon._version import __version__
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
-from pigeon.server import logs
-from pigeon.server.limits import (
-    DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_MAX_BACKLOG,
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_LINE,
-    DEFAULT_MAX_MEMORY,
-    DEFAULT_MAX_PENDING,
-    DEFAULT_MAX_SUBSCRIPTIONS,
-    DEFAULT_MAX_TOPICS,
-    raise_open_files_limit,
-)
+from pigeon.server import logs, signals
+from pigeon.server.limits import raise_open_files_limit
 from pigeon.server.loops import loop_factory
-from pigeon.server.protocol import Server
+from pigeon.server.protocol import Server, format_address
 
 if TYPE_CHECKING:
     from pigeon.server.monitor import Monitor
@@ -34,12 +24,32 @@ log = logging.getLogger("pigeon")
 
 DEFAULT_HTTP_HOST = "127.0.0.1"
 
+# (limit, metavar, help) of each limit flag: --max-line sets max_line, and so on.
+# Their defaults and ranges are the core's (LIMIT_DEFAULTS; Broker refuses a
+# value out of range with a ValueError that names the limit).
+_LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("max_line", "BYTES", "longest command line; a longer one gets ERROR and closes its connection"),
+    ("max_backlog", "MESSAGES", "messages a topic keeps while no subscriber can take them"),
+    ("max_connections", "N", "open connections; one more gets ERROR and is closed"),
+    (
+        "max_memory",
+        "BYTES",
+        "memory the broker holds (messages, topics, connections, buffers); past it PUBLISH into a backlog "
+        "and new topics get ERROR",
+    ),
+    ("max_subscriptions", "N", "topics one connection subscribes to"),
+    ("max_topics", "N", "topics the server holds"),
+    ("max_pending", "BYTES", "unsent output of one connection that stopped taking it before it is dropped"),
+    ("idle_timeout", "SECONDS", "close a connection that sends nothing for this long; 0 is off"),
+    ("write_timeout", "SECONDS", "close a connection whose output is not taken for this long; 0 is off"),
+)
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _port(text: str) -> int:
@@ -49,79 +59,36 @@ def _port(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be 0 (off) or more, not {text}")
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
     return value
+
+
+def _flag(limit: str) -> str:
+    return "--" + limit.replace("_", "-")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pigeon`` command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pigeon",
         description="Pigeon: a lightweight pub/sub broker. Each message goes to one subscriber, in turn.",
     )
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default %(default)s)")
     parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help="TCP port; 0 picks a free one (default %(default)s)"
+        "--port", type=_port, default=DEFAULT_PORT, help="TCP port; 0 picks a free one (default %(default)s)"
     )
-    parser.add_argument(
-        "--max-line",
-        type=_positive,
-        default=DEFAULT_MAX_LINE,
-        metavar="BYTES",
-        help="longest command line; a longer one closes its connection (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-backlog",
-        type=_positive,
-        default=DEFAULT_MAX_BACKLOG,
-        metavar="MESSAGES",
-        help="messages a topic keeps while no subscriber can take them (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-connections",
-        type=_positive,
-        default=DEFAULT_MAX_CONNECTIONS,
-        metavar="N",
-        help="open connections; one more gets ERROR and is closed (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-memory",
-        type=_positive,
-        default=DEFAULT_MAX_MEMORY,
-        metavar="BYTES",
-        help="message bytes in all backlogs together; a PUBLISH past it gets ERROR (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-subscriptions",
-        type=_positive,
-        default=DEFAULT_MAX_SUBSCRIPTIONS,
-        metavar="N",
-        help="topics one connection subscribes to (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-topics",
-        type=_positive,
-        default=DEFAULT_MAX_TOPICS,
-        metavar="N",
-        help="topics the server holds (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-pending",
-        type=_positive,
-        default=DEFAULT_MAX_PENDING,
-        metavar="BYTES",
-        help="unsent output of one connection before it is dropped as a slow consumer (default %(default)s)",
-    )
-    parser.add_argument(
-        "--idle-timeout",
-        type=_seconds,
-        default=DEFAULT_IDLE_TIMEOUT,
-        metavar="SECONDS",
-        help="close a connection that sends nothing for this long; 0 is off (default %(default)s)",
-    )
+    for limit, metavar, text in _LIMIT_FLAGS:
+        default = LIMIT_DEFAULTS[limit]
+        parser.add_argument(
+            _flag(limit),
+            type=type(default),
+            default=default,
+            metavar=metavar,
+            help=f"{text} (default %(default)s)",
+        )
     parser.add_argument(
         "--http-port",
         type=_port,
@@ -133,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-host",
         default=DEFAULT_HTTP_HOST,
         help="address of the HTTP monitoring listener (default %(default)s)",
+    )
+    parser.add_argument(
+        "--http-allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer HTTP requests whose Host header is NAME (with any port), or NAME:PORT exactly; "
+        "repeatable (by default only the listener's own address and localhost)",
+    )
+    parser.add_argument(
+        "--metrics-topics",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="export per-topic Prometheus metrics for the N topics with the most messages published "
+        "(default %(default)s: none)",
     )
     parser.add_argument(
         "--loop",
@@ -156,6 +139,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _limits(args: argparse.Namespace) -> dict[str, Any]:
+    """The limit flags as ``Server`` keywords."""
+    return {limit: getattr(args, limit) for limit, _, _ in _LIMIT_FLAGS}
+
+
+def _limit_error(exc: ValueError) -> str:
+    """The core's "max_backlog must be ..." as "argument --max-backlog: must be ..."."""
+    limit, _, rest = str(exc).partition(" ")
+    if limit in LIMIT_DEFAULTS:
+        return f"argument {_flag(limit)}: {rest}"
+    return str(exc)
+
+
+def _bind_error(exc: OSError) -> str:
+    """What went wrong binding, as the system says it ("address already in use")."""
+    if exc.errno is not None:
+        text = os.strerror(exc.errno)
+        return text[:1].lower() + text[1:]
+    return str(exc)
+
+
 def _raise_open_files_limit(max_connections: int) -> None:
     """Let the process hold max_connections sockets, as far as the hard limit allows (as Redis does)."""
     # room for the listener, the log and the interpreter's own files
@@ -169,8 +173,18 @@ def _raise_open_files_limit(max_connections: int) -> None:
         )
 
 
+async def shutdown(server: Server, monitor: Monitor | None) -> None:
+    """Stop the monitor and the server, and log the messages that go with the process."""
+    if monitor is not None:
+        await monitor.stop()
+    await server.stop()
+    # every connection is gone: what the core still holds sits in backlogs
+    dropped = server.broker.stats()["backlog_messages"]
+    log.info("shutting down: dropping %d messages held in memory (backlogs and unsent output)", dropped)
+
+
 async def serve(server: Server, loop_name: str, monitor: Monitor | None = None) -> int:
-    """Run ``server`` (and ``monitor``) until SIGINT or SIGTERM, shut down cleanly; returns the exit code.
+    """Run ``server`` (and ``monitor``) until SIGINT, SIGTERM or SIGQUIT, then stop; returns the exit code.
 
     Raises OSError when the broker's own address cannot be bound.
     """
@@ -179,29 +193,33 @@ async def serve(server: Server, loop_name: str, monitor: Monitor | None = None) 
         try:
             await monitor.start()
         except OSError as exc:
-            log.error("cannot listen on %s:%d for HTTP: %s", monitor.host, monitor.port, exc.strerror or exc)
+            log.error(
+                "cannot listen on %s for HTTP: %s",
+                format_address((monitor.host, monitor.port)),
+                _bind_error(exc),
+            )
             await server.stop()
             return 1
-        log.info("monitoring on http://%s:%d/", monitor.host, monitor.port)
+        log.info("monitoring on http://%s/", format_address((monitor.host, monitor.port)))
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        # Windows has no add_signal_handler: Ctrl-C arrives as KeyboardInterrupt there
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    signals.install(asyncio.get_running_loop(), stop.set, server.broker.stats)
     # only now, so that whoever waits for this line can signal a clean stop at once
-    log.info("pigeon %s listening on %s:%d (%s)", __version__, server.host, server.port, loop_name)
+    log.info(
+        "pigeon %s listening on %s (%s)", __version__, format_address((server.host, server.port)), loop_name
+    )
     await stop.wait()
-    log.info("shutting down")
-    if monitor is not None:
-        await monitor.stop()
-    await server.stop()
+    await shutdown(server, monitor)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pigeon`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        server = Server(args.host, args.port, **_limits(args))
+    except ValueError as exc:
+        parser.error(_limit_error(exc))
     logs.configure(args.log_level, args.log_format)
     try:
         loop_name, new_loop = loop_factory(args.loop)
@@ -209,18 +227,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("--loop uvloop: uvloop is not installed")
         return 2
     _raise_open_files_limit(args.max_connections)
-    server = Server(
-        args.host,
-        args.port,
-        max_line=args.max_line,
-        max_backlog=args.max_backlog,
-        max_connections=args.max_connections,
-        max_memory=args.max_memory,
-        max_subscriptions=args.max_subscriptions,
-        max_topics=args.max_topics,
-        max_pending=args.max_pending,
-        idle_timeout=args.idle_timeout,
-    )
     monitor = None
     if args.http_port is not None:
         try:
@@ -228,18 +234,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as exc:
             log.error("--http-port needs the monitor extra: pip install 'pigeon-broker[monitor]' (%s)", exc)
             return 2
-        monitor = Monitor(server.broker, args.http_host, args.http_port)
+        monitor = Monitor(
+            server.broker,
+            args.http_host,
+            args.http_port,
+            metrics_topics=args.metrics_topics,
+            allow_hosts=args.http_allow_host,
+        )
     loop = new_loop()
     code = 0
     try:
         code = loop.run_until_complete(serve(server, loop_name, monitor))
     except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", args.host, args.port, exc.strerror or exc)
+        log.error("cannot listen on %s: %s", format_address((args.host, args.port)), _bind_error(exc))
         return 1
     except KeyboardInterrupt:
-        if monitor is not None:
-            loop.run_until_complete(monitor.stop())
-        loop.run_until_complete(server.stop())
+        # Windows: no signal handlers, Ctrl-C arrives as KeyboardInterrupt
+        log.info("interrupted")
+        loop.run_until_complete(shutdown(server, monitor))
     finally:
         loop.close()
     return code

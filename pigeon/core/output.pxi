@@ -507,6 +507,7 @@ cdef int hand_over(Broker b, int32_t h) except -1:
     cdef PyObject *exact = NULL
     cdef object data
     cdef object writer
+    cdef bint was_flushing
     if n == 0:
         return 0
     # The writer gets the object the output was written into, only trimmed in
@@ -525,8 +526,16 @@ cdef int hand_over(Broker b, int32_t h) except -1:
     # decays slowly, so one short hand-over between long ones does not shrink the next object
     c.out_hint = n if n > c.out_hint else c.out_hint - c.out_hint // 8
     writer = <object>c.writer
+    # No flush from the writer's callbacks (its transport pausing the connection): the output is out
+    # of the connection but its messages are not settled yet, so a slow-consumer drop would give
+    # them back. The caller's flush, or the end of its call, does the work.
+    was_flushing = b.outbox.flushing
+    b.outbox.flushing = True
     try:
-        writer(data)
+        try:
+            writer(data)
+        finally:
+            b.outbox.flushing = was_flushing
     except Exception:
         # the server closes it: its connection_lost is on the way
         conn_leave(b, h, PyBytes_AS_STRING(data), LEAVE_DROP)
@@ -586,13 +595,16 @@ cdef int _flush_pass(Broker b) except -1:
                 if not c.dirty:
                     continue
                 c.dirty = False
-                if c.out_len == 0 or (c.close_queued and not c.close_flush):
+                if c.close_queued and not c.close_flush:
                     continue
-                if c.state == CONN_OPEN and c.paused:
-                    _check_unsent(b, h)
-                    continue
-                hand_over(b, h)
-                c = &b.conns.items[h]
+                if c.out_len:
+                    if c.state == CONN_OPEN and c.paused:
+                        _check_unsent(b, h)
+                        continue
+                    hand_over(b, h)
+                    c = &b.conns.items[h]
+                # what follows holds too for output handed over mid-read (process_input): nothing is
+                # left, but the connection may be paused over max_pending, or starved by its full batch
                 if c.state != CONN_OPEN:
                     continue
                 if c.paused:

@@ -215,6 +215,8 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
         conn_keep_input(b, h, NULL, 0)
         return 0
     left = n - pos
+    # input held because the connection waits (paused, or held by flow control) is at most one
+    # read: only an unfinished line can grow without bound, so only that is refused when memory is full
     waits = c.paused or c.held
     if not waits and left > INPUT_SLACK and mem_total(&b.mem) + left > b.limit.max_memory:
         snprintf(reason, sizeof(reason), "memory limit reached: cannot hold %zu bytes of input", left)

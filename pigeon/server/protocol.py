@@ -2,7 +2,10 @@
 
 Nothing here parses or routes: each read goes straight into the core's buffer
 (``asyncio.BufferedProtocol``), and the core hands each affected connection its
-output through ``transport.write``, once per read.
+output through ``transport.write``, once per pass of the event loop (the core
+asks for that flush through ``on_output``). The core also says when to stop and
+restart reading a connection (``on_reading``: its transport is full) and which
+connections it ends (``on_close``); the clock's ticks run its timeouts.
 """
 
 from __future__ import annotations
@@ -54,12 +57,14 @@ def format_address(peername: object) -> str:
 class _Connection(asyncio.BufferedProtocol):
     """One client socket, tied to one core connection handle."""
 
-    __slots__ = ("_broker", "_connections", "_handle", "_peer", "_transport")
+    __slots__ = ("_broker", "_connections", "_deadline", "_handle", "_peer", "_transport", "_write_timeout")
 
-    def __init__(self, broker: Broker, connections: dict[int, _Connection]) -> None:
+    def __init__(self, broker: Broker, connections: dict[int, _Connection], write_timeout: float) -> None:
         self._broker = broker
         self._connections = connections
+        self._write_timeout = write_timeout
         self._transport: asyncio.Transport | None = None
+        self._deadline: asyncio.TimerHandle | None = None
         self._handle = -1
         self._peer = ""
 
@@ -81,18 +86,34 @@ class _Connection(asyncio.BufferedProtocol):
             raise ConnectionResetError("transport is closing")
         self._transport.write(data)
 
-    def closed_by_core(self, reason: str, flush: bool, write_timeout: float) -> None:
+    def closed_by_core(self, reason: str, flush: bool) -> None:
         """The core ended this connection: close the socket, after its output when ``flush``."""
         assert self._transport is not None
         if reason:
             log.warning("closing connection %d from %s: %s", self._handle, self._peer, reason)
-        if not flush:
+        if flush:
+            self.close_after_output()
+        else:
             self._transport.abort()
-            return
+
+    def close_after_output(self) -> None:
+        """Close once the transport has sent what it holds, or abort after the write timeout."""
+        assert self._transport is not None
         self._transport.close()
-        if write_timeout > 0:
+        if self._write_timeout > 0 and self._deadline is None:
             # a peer that does not read would hold a closing socket for ever
-            asyncio.get_running_loop().call_later(write_timeout, self._transport.abort)
+            self._deadline = asyncio.get_running_loop().call_later(self._write_timeout, self._give_up)
+
+    def _give_up(self) -> None:
+        assert self._transport is not None
+        log.warning(
+            "connection %d from %s: output not taken within %g s of closing, aborting (%d bytes unsent)",
+            self._handle,
+            self._peer,
+            self._write_timeout,
+            self.unsent(),
+        )
+        self._transport.abort()
 
     def set_reading(self, reading: bool) -> None:
         """Stop or restart reading from the socket, as the core asks."""
@@ -112,9 +133,11 @@ class _Connection(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         # The client will send nothing more: it leaves every rotation now, and
-        # the transport closes once the replies already written are sent.
+        # the transport closes once the replies already written are sent (a
+        # half-closed peer may still read them), within the write timeout.
         self._broker.eof(self._handle)
-        return False
+        self.close_after_output()
+        return True
 
     def pause_writing(self) -> None:
         self._broker.pause(self._handle)
@@ -123,6 +146,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._broker.resume(self._handle)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         self._connections.pop(self._handle, None)
         client_id = self._broker.client_id(self._handle)
         self._broker.close(self._handle)
@@ -132,6 +158,10 @@ class _Connection(asyncio.BufferedProtocol):
         """Close after flushing what was already written."""
         if self._transport is not None:
             self._transport.close()
+
+    def unsent(self) -> int:
+        """Output bytes the transport holds, not yet taken by the socket."""
+        return 0 if self._transport is None else self._transport.get_write_buffer_size()
 
     def abort(self) -> None:
         """Close at once, dropping unsent output."""
@@ -196,8 +226,9 @@ class Server:
         # one flush per pass of the loop, after every read of that pass
         self.broker.on_output = partial(loop.call_soon, self.broker.flush)
         self.broker.on_timer = self._arm_timer
+        write_timeout = self.broker.limits["write_timeout"]
         self._listener = await loop.create_server(
-            lambda: _Connection(self.broker, self._connections),
+            lambda: _Connection(self.broker, self._connections, write_timeout),
             self.host,
             self._requested_port,
             reuse_address=True,
@@ -219,7 +250,7 @@ class Server:
     def _closed_by_core(self, handle: int, reason: str, flush: bool) -> None:
         conn = self._connections.get(handle)
         if conn is not None:
-            conn.closed_by_core(reason, flush, self.broker.limits["write_timeout"])
+            conn.closed_by_core(reason, flush)
 
     def _set_reading(self, handle: int, reading: bool) -> None:
         conn = self._connections.get(handle)
@@ -227,7 +258,12 @@ class Server:
             conn.set_reading(reading)
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, flush and close every connection, wait up to ``timeout`` for them to go."""
+        """Stop accepting and reading, close every connection after its output, wait for them to go.
+
+        Connections whose peers have not taken their output after ``timeout``
+        seconds are aborted. Messages the core still holds stay in their
+        topics' backlogs (``broker.stats()["backlog_messages"]`` counts them).
+        """
         if self._clock is not None:
             self._clock.cancel()
             self._clock = None
@@ -236,17 +272,33 @@ class Server:
             self._timer = None
         if self._listener is not None:
             self._listener.close()
+        # what this pass of the loop produced goes out before the sockets close
+        self.broker.flush()
         for conn in list(self._connections.values()):
             conn.close()
+        await self._until_closed(timeout)
+        if self._connections:
+            stuck = list(self._connections.values())
+            log.warning(
+                "aborting %d connection(s) that did not take their output within %g s (%d bytes unsent)",
+                len(stuck),
+                timeout,
+                sum(conn.unsent() for conn in stuck),
+            )
+            for conn in stuck:
+                conn.abort()
+            # aborted transports report connection_lost on the next pass of the loop
+            await self._until_closed(timeout)
+        if self._listener is not None:
+            await self._listener.wait_closed()
+            self._listener = None
+
+    async def _until_closed(self, timeout: float) -> None:
+        """Wait until every connection is gone, or ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self._connections and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        for conn in list(self._connections.values()):
-            conn.abort()
-        if self._listener is not None:
-            await self._listener.wait_closed()
-            self._listener = None
 
     async def __aenter__(self) -> Server:
         await self.start()
