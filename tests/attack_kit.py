@@ -602,6 +602,7 @@ class Flood:
     rss_kib: int = 0
     backlog_messages: int = 0
     backlog_bytes: int = 0
+    publish_holds: int = 0
     seconds: float = 0.0
     stopped_early: bool = False
     alive: bool = True
@@ -688,7 +689,12 @@ def publish_flood(
     flood.seconds = time.monotonic() - start
     # every reply in, or the server stopped answering
     deadline = time.monotonic() + 30
+    last, still_since = -1, time.monotonic()
     while counter.lines < flood.sent and time.monotonic() < deadline and counter.is_alive():
+        if counter.lines != last:
+            last, still_since = counter.lines, time.monotonic()
+        elif time.monotonic() - still_since > 2:
+            break  # no reply for 2 s: the server holds the publisher (flow control)
         if stop_above_kib is not None and proc.memory()[1] > stop_above_kib:
             flood.stopped_early = True
             break
@@ -704,6 +710,7 @@ def publish_flood(
         figures = stats(proc)
         flood.backlog_messages = figures["backlog_messages"]
         flood.backlog_bytes = figures["backlog_bytes"]
+        flood.publish_holds = figures.get("publish_holds", 0)
     hang_up(client.sock)
     counter.join(5)
     return flood

@@ -121,21 +121,20 @@ def test_a_subscriber_joining_a_backlog_of_several_batches_gets_all_of_it(connec
     assert [line[13:19] for line in sub.lines(count)] == [f"{i:06d}".encode() for i in range(count)]
 
 
-def test_backlog_is_bounded_and_says_so() -> None:
+def test_a_full_backlog_holds_the_publisher_until_a_subscriber_drains_it() -> None:
     server = ServerProcess("--max-backlog", "3")
     try:
         pub = server.client()
         pub.connect()
         for i in range(3):
             pub.publish("full", f"m{i}")
-        assert (
-            pub.ask(f"PUBLISH {pub.client_id} full m3")
-            == b"ERROR BACKLOG_FULL backlog full (3 messages) for topic 'full'"
-        )
+        pub.send(f"PUBLISH {pub.client_id} full m3\nPING")
+        assert pub.quiet(0.5)  # the fourth waits, and so does the PING behind it
         sub = server.client()
         sub.connect()
         sub.subscribe("full")
-        assert sub.lines(3) == [b"MESSAGE full m0", b"MESSAGE full m1", b"MESSAGE full m2"]
+        assert sub.lines(4) == [b"MESSAGE full m0", b"MESSAGE full m1", b"MESSAGE full m2", b"MESSAGE full m3"]
+        assert pub.lines(2) == [b"PUBLISHED full", b"PONG"]
         assert sub.quiet()
     finally:
         assert server.stop() == 0

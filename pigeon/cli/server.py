@@ -29,19 +29,26 @@ DEFAULT_HTTP_HOST = "127.0.0.1"
 # value out of range with a ValueError that names the limit).
 _LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("max_line", "BYTES", "longest command line; a longer one gets ERROR and closes its connection"),
-    ("max_backlog", "MESSAGES", "messages a topic keeps while no subscriber can take them"),
+    (
+        "max_backlog",
+        "MESSAGES",
+        "messages a topic keeps while no subscriber can take them; past it publishers wait",
+    ),
     ("max_connections", "N", "open connections; one more gets ERROR and is closed"),
     (
         "max_memory",
         "BYTES",
-        "memory the broker holds (messages, topics, connections, buffers); past it PUBLISH into a backlog "
-        "and new topics get ERROR",
+        "memory the broker holds (messages, topics, connections, buffers); past it publishers wait and "
+        "new topics get ERROR",
     ),
     ("max_subscriptions", "N", "topics one connection subscribes to"),
     ("max_topics", "N", "topics the server holds"),
     ("max_pending", "BYTES", "unsent output of one connection that stopped taking it before it is dropped"),
     ("idle_timeout", "SECONDS", "close a connection that sends nothing for this long; 0 is off"),
     ("write_timeout", "SECONDS", "close a connection whose output is not taken for this long; 0 is off"),
+    ("default_prefetch", "N", "unacknowledged messages an ACK subscription holds unless it says PREFETCH"),
+    ("ack_timeout", "SECONDS", "give back a delivery left unacknowledged this long; 0 is off"),
+    ("max_deliveries", "N", "deliveries of one message before it goes to <topic>.dead; 0 is no limit"),
 )
 
 

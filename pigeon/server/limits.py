@@ -20,6 +20,9 @@ DEFAULT_MAX_TOPICS: int = LIMIT_DEFAULTS["max_topics"]
 DEFAULT_MAX_PENDING: int = LIMIT_DEFAULTS["max_pending"]
 DEFAULT_IDLE_TIMEOUT: float = LIMIT_DEFAULTS["idle_timeout"]  # seconds; 0 is off
 DEFAULT_WRITE_TIMEOUT: float = LIMIT_DEFAULTS["write_timeout"]  # seconds; 0 is off
+DEFAULT_PREFETCH: int = LIMIT_DEFAULTS["default_prefetch"]
+DEFAULT_ACK_TIMEOUT: float = LIMIT_DEFAULTS["ack_timeout"]  # seconds; 0 is off
+DEFAULT_MAX_DELIVERIES: int = LIMIT_DEFAULTS["max_deliveries"]  # 0 is no limit
 
 
 class ServerLimits(TypedDict, total=False):
@@ -34,6 +37,9 @@ class ServerLimits(TypedDict, total=False):
     max_pending: int
     idle_timeout: float
     write_timeout: float
+    default_prefetch: int
+    ack_timeout: float
+    max_deliveries: int
 
 
 def raise_open_files_limit(want: int | None = None) -> int | None:

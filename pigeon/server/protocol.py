@@ -19,14 +19,17 @@ from typing import cast
 from pigeon._core import Broker
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 from pigeon.server.limits import (
+    DEFAULT_ACK_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_BACKLOG,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_DELIVERIES,
     DEFAULT_MAX_LINE,
     DEFAULT_MAX_MEMORY,
     DEFAULT_MAX_PENDING,
     DEFAULT_MAX_SUBSCRIPTIONS,
     DEFAULT_MAX_TOPICS,
+    DEFAULT_PREFETCH,
     DEFAULT_WRITE_TIMEOUT,
 )
 
@@ -190,6 +193,9 @@ class Server:
         max_pending: int = DEFAULT_MAX_PENDING,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+        default_prefetch: int = DEFAULT_PREFETCH,
+        ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
     ) -> None:
         self.host = host
         self._requested_port = port
@@ -203,6 +209,9 @@ class Server:
             max_pending=max_pending,
             idle_timeout=idle_timeout,
             write_timeout=write_timeout,
+            default_prefetch=default_prefetch,
+            ack_timeout=ack_timeout,
+            max_deliveries=max_deliveries,
             tick_interval=TICK_INTERVAL,
         )
         self.broker.on_warning = log.warning
