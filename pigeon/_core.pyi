@@ -35,7 +35,7 @@ class Broker:
     on_warning: Callable[[str], object] | None
     """Called with a sentence for rare events an operator should see (a topic's backlog filling up)."""
     on_timer: Callable[[float], object] | None
-    """``(seconds)``: call ``run_timers()`` in that many seconds (the next NACK delay); replaces the last."""
+    """``(seconds)``: call ``run_timers()`` that many seconds from now (the next NACK delay is due)."""
 
     def __init__(
         self,

@@ -131,7 +131,9 @@ def test_session_matches_replies_in_order_and_maps_errors() -> None:
     first = session.expect(b"SUBSCRIBED")
     second = session.expect(b"PUBLISHED")
     third = session.expect(b"PUBLISHED")
-    done = session.receive(b"SUBSCRIBED t\nERROR BACKLOG_FULL backlog full (2 messages) for topic 't'\nERROR nope\n")
+    done = session.receive(
+        b"SUBSCRIBED t\nERROR BACKLOG_FULL backlog full (2 messages) for topic 't'\nERROR nope\n"
+    )
     assert done == [first, second, third]
     assert first.reply == b"t" and first.error is None
     assert isinstance(second.error, BacklogFullError)
@@ -144,7 +146,9 @@ def test_session_batch_reports_refusals_by_index() -> None:
     batch = session.expect_batch(4)
     session.receive(b"PUBLISHED t\nPUBLISHED t\n")  # the fast path
     assert not batch.done and session.in_flight == 2
-    done = session.receive(b"ERROR BACKLOG_FULL backlog full (2 messages) for topic 't'\nMESSAGE t m\nPUBLISHED t\n")
+    done = session.receive(
+        b"ERROR BACKLOG_FULL backlog full (2 messages) for topic 't'\nMESSAGE t m\nPUBLISHED t\n"
+    )
     assert done == [batch]
     assert [r.index for r in batch.refused] == [2]
     assert isinstance(batch.refused[0].error, BacklogFullError)
