@@ -79,6 +79,7 @@ class ClientBase(abc.ABC):
         self.client_id = ""
         self.reconnects = 0  # how many times the connection was re-established
         self.server_info: ServerInfo | None = None  # from HELLO; None for a server older than HELLO
+        self._max_line: int | None = None  # the longest command line the server takes, when HELLO said
         self._cid = b""
         self._session = Session()
         self._topics: dict[bytes, None] = {}  # an ordered set, re-subscribed after a reconnect
@@ -169,9 +170,10 @@ class ClientBase(abc.ABC):
     def _take_hello(self, hello: Pending) -> None:
         """Keep the server's limits from its HELLO reply; a server older than HELLO refuses it."""
         if isinstance(hello.error, CommandError):
-            self.server_info = None  # its limits are unknown: the server still enforces them
+            self.server_info = self._max_line = None  # its limits are unknown: it still enforces them
             return
         self.server_info = self._parse(codec.parse_hello, result(hello))
+        self._max_line = self.server_info.max_line
 
     def _take_id(self, reply: bytes) -> None:
         """Take the id from a CONNECTED reply."""
@@ -206,13 +208,17 @@ class ClientBase(abc.ABC):
                 self.reconnects += 1
                 return
 
+    def _poll_connected(self) -> bool:
+        """Whether the connection is still open, once what has arrived is taken in."""
+        self._poll()
+        return self.connected
+
     async def _ready(self) -> None:
         """Make sure a connection is open: reconnect if allowed, else raise why there is none."""
         while True:
             if self._closed:
                 raise self._closed_error()
-            self._poll()
-            if self.connected:
+            if self._poll_connected():
                 return
             if not self.reconnect:
                 raise self._lost or ConnectionClosedError("not connected")
@@ -275,7 +281,8 @@ class ClientBase(abc.ABC):
         connection is asked for again on a new one when reconnecting is on;
         so is any command cut off by the server's idle timeout.
         """
-        await self._ready()
+        if self._closed or not self._poll_connected():
+            await self._ready()
         try:
             return await self._roundtrip(line(), verb)
         except ConnectionClosedError as exc:
@@ -319,23 +326,19 @@ class ClientBase(abc.ABC):
         await self._command(b"PONG", codec.ping_line, retry=True)
         return time.perf_counter() - start
 
-    @property
-    def _max_line(self) -> int | None:
-        """The longest command line the server takes, when its HELLO said."""
-        return None if self.server_info is None else self.server_info.max_line
-
-    async def _publish(self, topic: str | bytes, message: Data) -> None:
+    def _publish(self, topic: str | bytes, message: Data) -> Coroutine[Any, Any, bytes]:
+        """The command that publishes one message and waits for its reply (checked at once)."""
         name = codec.encode_topic(topic)
         data = codec.encode_message(message)
-        line = partial(self._publish_line, name, data)
-        await self._command(b"PUBLISHED", line, retry=False)
+        return self._command(b"PUBLISHED", partial(self._publish_line, name, data), retry=False)
 
     def _publish_line(self, name: bytes, data: bytes) -> bytes:
         return codec.publish_line(self._cid, name, data, self._max_line)
 
     def _queue_publish(self, topic: str | bytes, message: Data) -> bool:
         """Queue one ``publish(wait=False)`` (connected); True when enough is queued to send it now."""
-        line = self._publish_line(codec.encode_topic(topic), codec.encode_message(message))
+        name = codec.encode_topic(topic)
+        line = codec.publish_line(self._cid, name, codec.encode_message(message), self._max_line)
         batch = self._session.expect_unwaited()
         if not self._unflushed or self._unflushed[-1] is not batch:
             self._unflushed.append(batch)

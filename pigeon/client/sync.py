@@ -6,7 +6,6 @@ only does the socket work, blocking, and runs that logic with ``run_blocking``.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import time
 from collections.abc import Iterable, Iterator
@@ -187,15 +186,16 @@ class Client(ClientBase):
 
     async def _wait(self, pending: Pending) -> None:
         while not pending.done:
-            self._read(self._deadline())
+            if not self._receive(self.timeout):
+                raise self._reply_timeout()
 
     async def _wait_for_data(self, until: float | None) -> None:
-        with contextlib.suppress(errors.TimeoutError):
-            self._read(until)
+        self._receive(None if until is None else max(until - time.monotonic(), 0.0))
 
     async def _throttle(self, unsent: int) -> None:
         while self._session.in_flight - unsent > WINDOW:
-            self._read(self._deadline())
+            if not self._receive(self.timeout):
+                raise self._reply_timeout()
 
     async def _sleep(self, seconds: float) -> None:
         time.sleep(seconds)
@@ -204,34 +204,30 @@ class Client(ClientBase):
         await self._reconnect()
 
     def _poll(self) -> None:
-        for _ in range(POLL_READS):
-            if self._sock is None:
-                return
-            try:
-                self._read(time.monotonic())
-            except (errors.TimeoutError, ConnectionClosedError):
-                return
+        try:
+            for _ in range(POLL_READS):
+                if self._sock is None or not self._receive(0.0):
+                    return
+        except ConnectionClosedError:
+            pass  # noticed: the caller finds no connection
 
     # ------------------------------------------------------------ reading
 
-    def _deadline(self) -> float | None:
-        return None if self.timeout is None else time.monotonic() + self.timeout
+    def _receive(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds (None: for ever) for bytes, and take them in.
 
-    def _read(self, deadline: float | None) -> None:
-        """Wait until bytes arrive (at most until ``deadline``) and take them in.
-
-        Raises pigeon.TimeoutError at the deadline, ConnectionClosedError when
-        the connection is lost.
+        Returns False when nothing came in time; raises ConnectionClosedError
+        when the connection is lost.
         """
         self._write(b"")  # queued publishes first: their replies may be what is awaited
         sock = self._sock
         if sock is None:
             raise self._lost or ConnectionClosedError("not connected")
-        self._set_timeout(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+        self._set_timeout(timeout)
         try:
             data = sock.recv(RECV_SIZE)
         except (TimeoutError, BlockingIOError):
-            raise self._reply_timeout() from None
+            return False
         except OSError as exc:
             raise self._lose(f"connection lost: {exc}") from exc
         if not data:
@@ -239,6 +235,7 @@ class Client(ClientBase):
         self._take_in(data)
         if self._sock is None:
             raise self._lost or ConnectionClosedError("not connected")
+        return True
 
     def _set_timeout(self, timeout: float | None) -> None:
         if timeout != self._sock_timeout and self._sock is not None:
