@@ -1,8 +1,18 @@
-"""The exceptions the client library raises; all derive from ``PigeonError``."""
+"""The exceptions the client library raises; all derive from ``PigeonError``.
+
+Every ``ERROR`` line of the server is ``ERROR <CODE> <text>``; each code has a
+class below (``ERROR_CLASSES``), under ``CommandError``. The retryable limits
+(``RetryableError``) can be caught together to retry later. The three codes
+the server sends just before it closes a connection (``ClosingError``) reach
+the caller as the ``error`` of a ``ConnectionClosedError``. This table is the
+client's own: the client does not load the server's compiled core, and a test
+checks the table against the core's ``ERROR_CODES``.
+"""
 
 from __future__ import annotations
 
 import builtins
+import re
 
 
 class PigeonError(Exception):
@@ -10,27 +20,155 @@ class PigeonError(Exception):
 
 
 class InvalidArgumentError(PigeonError, ValueError):
-    """A topic or message the protocol cannot carry; raised before anything is sent."""
+    """A topic or message the protocol cannot carry, or a line over the server's limit; nothing was sent."""
 
 
 class CommandError(PigeonError):
-    """The server refused a command with ``ERROR <reason>``; ``reason`` is its text."""
+    """The server refused a command with ``ERROR <code> <reason>``.
 
-    def __init__(self, reason: str) -> None:
+    ``code`` is the upper-case code (None from a server that sends none),
+    ``reason`` the text after it; ``str()`` of the error is the reason.
+    """
+
+    CODE: str | None = None
+
+    def __init__(self, reason: str, code: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code if code is not None else self.CODE
 
 
-class BacklogFullError(CommandError):
-    """A PUBLISH was refused because the topic's backlog is full: retry later or add subscribers."""
+class UsageError(CommandError):
+    """A command with missing or extra arguments."""
+
+    CODE = "USAGE"
+
+
+class UnknownCommandError(CommandError):
+    """A command word the server does not know (an older server, or a typo)."""
+
+    CODE = "UNKNOWN_COMMAND"
+
+
+class NotConnectedError(CommandError):
+    """A command that needs ``CONNECT`` first."""
+
+    CODE = "NOT_CONNECTED"
+
+
+class AlreadyConnectedError(CommandError):
+    """A second ``CONNECT`` on one connection."""
+
+    CODE = "ALREADY_CONNECTED"
+
+
+class WrongClientIdError(CommandError):
+    """A command naming a client id that is not this connection's."""
+
+    CODE = "WRONG_CLIENT_ID"
+
+
+class BadTopicError(CommandError):
+    """A topic the server refuses (length, characters, encoding)."""
+
+    CODE = "BAD_TOPIC"
+
+
+class NotSubscribedError(CommandError):
+    """``UNSUBSCRIBE`` from a topic this connection does not subscribe to."""
+
+    CODE = "NOT_SUBSCRIBED"
+
+
+class TooManySubscriptionsError(CommandError):
+    """One ``SUBSCRIBE`` past the server's ``--max-subscriptions`` for one connection."""
+
+    CODE = "TOO_MANY_SUBSCRIPTIONS"
+
+
+class TooManyTopicsError(CommandError):
+    """A new topic past the server's ``--max-topics``."""
+
+    CODE = "TOO_MANY_TOPICS"
+
+
+class RetryableError(CommandError):
+    """A refusal because a limit is reached for now: the same command may succeed later."""
+
+
+class BacklogFullError(RetryableError):
+    """A PUBLISH refused because the topic's backlog is full: retry later or add subscribers."""
+
+    CODE = "BACKLOG_FULL"
+
+
+class MemoryFullError(RetryableError):
+    """A command refused because the server holds ``--max-memory`` bytes: retry once it has delivered some."""
+
+    CODE = "MEMORY_FULL"
+
+
+class ClosingError(CommandError):
+    """An error the server sends just before it closes the connection; see ``ConnectionClosedError.error``."""
+
+
+class LineTooLongError(ClosingError):
+    """A line longer than the server's ``--max-line``."""
+
+    CODE = "LINE_TOO_LONG"
+
+
+class TooManyConnectionsError(ClosingError):
+    """A connection past the server's ``--max-connections``."""
+
+    CODE = "TOO_MANY_CONNECTIONS"
+
+
+class IdleTimeoutError(ClosingError):
+    """Nothing was sent for the server's ``--idle-timeout``."""
+
+    CODE = "IDLE_TIMEOUT"
+
+
+# code -> class, in the order of the server's list (pigeon._core.ERROR_CODES)
+ERROR_CLASSES: dict[str, type[CommandError]] = {
+    cls.CODE: cls
+    for cls in (
+        UsageError,
+        UnknownCommandError,
+        NotConnectedError,
+        AlreadyConnectedError,
+        WrongClientIdError,
+        BadTopicError,
+        NotSubscribedError,
+        BacklogFullError,
+        LineTooLongError,
+        TooManyConnectionsError,
+        TooManySubscriptionsError,
+        TooManyTopicsError,
+        MemoryFullError,
+        IdleTimeoutError,
+    )
+    if cls.CODE is not None
+}
+ERROR_CODES = tuple(ERROR_CLASSES)
+
+_CODE = re.compile(r"[A-Z][A-Z0-9_]*\Z")
 
 
 class ConnectionClosedError(PigeonError, builtins.ConnectionError):
-    """The connection is closed or was lost; ``reason`` is the server's last ERROR, if it sent one."""
+    """The connection is closed or was lost.
 
-    def __init__(self, message: str, reason: str | None = None) -> None:
-        super().__init__(f"{message}: {reason}" if reason else message)
-        self.reason = reason
+    ``error`` is the server's last unasked ``ERROR`` before it closed the
+    connection (e.g. an ``IdleTimeoutError``), if it sent one; ``code`` and
+    ``reason`` are that error's code and text, else None.
+    """
+
+    def __init__(self, message: str, error: CommandError | None = None) -> None:
+        super().__init__(f"{message}: {error.reason}" if error is not None else message)
+        self.error = error
+        self.code = error.code if error is not None else None
+        self.reason = error.reason if error is not None else None
 
 
 class ProtocolError(ConnectionClosedError):
@@ -41,8 +179,14 @@ class TimeoutError(PigeonError, builtins.TimeoutError):
     """No reply or message arrived in time. The connection stays usable: a late reply is discarded."""
 
 
-def error_from_reason(reason: str) -> CommandError:
-    """The exception for an ``ERROR <reason>`` line."""
-    if reason.startswith("BACKLOG_FULL "):
-        return BacklogFullError(reason)
-    return CommandError(reason)
+def error_from_reply(text: str) -> CommandError:
+    """The exception for the text after ``ERROR`` in a reply: ``<CODE> <reason>``.
+
+    An unknown code gives a ``CommandError`` with that code; a line without a
+    code (a server older than the codes) one whose code is None.
+    """
+    code, _, reason = text.partition(" ")
+    if not _CODE.match(code):
+        return CommandError(text)
+    cls = ERROR_CLASSES.get(code)
+    return cls(reason) if cls is not None else CommandError(reason, code)

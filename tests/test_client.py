@@ -1,70 +1,148 @@
-"""The blocking ``pigeon.Client`` against a real server process, over TCP."""
+"""The suite both clients share: each test runs against ``Client`` and ``AsyncClient``, over TCP to a server.
+
+``AsyncClient`` runs on an event loop of the server's kind in a background
+thread, so it reads and reconnects between the test's calls as in a program;
+``Face`` gives both clients the same blocking methods. What only one client
+does is tested in tests/test_aio.py (and at the end of this file).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import json
 import os
 import signal
-from collections.abc import Callable, Iterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
 import pytest
 
 import pigeon
 from pigeon import (
+    AsyncClient,
     BacklogFullError,
     Client,
-    CommandError,
     ConnectionClosedError,
+    IdleTimeoutError,
     InvalidArgumentError,
+    LineTooLongError,
+    MemoryFullError,
     Message,
+    NotSubscribedError,
     ProtocolError,
+    RetryableError,
     ServerThread,
+    TooManyConnectionsError,
 )
+from pigeon.client.codec import STATS_PAGE
 from pigeon.protocol import TOPIC_MAX
+from pigeon.server.loops import loop_factory
 from pigeon.testing import ServerProcess
 from tests.conftest import FakeServer
 
+T = TypeVar("T")
 StartServer = Callable[..., ServerProcess]
+Target = ServerProcess | ServerThread
 
 
-@pytest.fixture
-def client_of(server: ServerProcess) -> Iterator[Callable[..., Client]]:
-    """A factory of clients connected to ``server``; closes them after the test."""
-    clients: list[Client] = []
+class LoopThread:
+    """An event loop of one kind (asyncio or uvloop) running in a background thread."""
 
-    def make(**options: object) -> Client:
-        client = Client(server.host, server.port, **options)  # type: ignore[arg-type]
-        clients.append(client)
-        return client
+    def __init__(self, loop_name: str) -> None:
+        _, new_loop = loop_factory(loop_name)
+        self.loop = new_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
 
-    yield make
-    for client in clients:
-        client.close()
+    def run(self, steps: Coroutine[Any, Any, T]) -> T:
+        """Run ``steps`` on the loop and wait for its result (its exception is raised here)."""
+        return asyncio.run_coroutine_threadsafe(steps, self.loop).result(60)
+
+    def close(self) -> None:
+        """Stop the loop and its thread."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
 
 
-def test_connect_gives_an_id_and_close_disconnects(pigeon_server: ServerThread) -> None:
-    client = Client(pigeon_server.host, pigeon_server.port)
+class Face:
+    """A ``Client``, or an ``AsyncClient`` whose coroutine methods are run to completion on its loop."""
+
+    def __init__(self, client: Client | AsyncClient, loop: LoopThread | None) -> None:
+        self.client = client
+        self._loop = loop
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.client, name)
+        loop = self._loop
+        if loop is None or not inspect.iscoroutinefunction(value):
+            return value
+        return lambda *args, **kwargs: loop.run(value(*args, **kwargs))
+
+    def messages(self, timeout: float | None = None) -> list[Message]:
+        """Every delivery until ``timeout`` seconds pass without one."""
+        if isinstance(self.client, Client):
+            return list(self.client.messages(timeout))
+        assert self._loop is not None
+        return self._loop.run(_collect(self.client.messages(timeout)))
+
+
+async def _collect(messages: AsyncIterator[Message]) -> list[Message]:
+    return [message async for message in messages]
+
+
+OpenClient = Callable[..., Face]
+
+
+@pytest.fixture(params=["Client", "AsyncClient"])
+def open_client(request: pytest.FixtureRequest) -> Iterator[OpenClient]:
+    """A factory of connected clients of one kind: ``open_client(server, **options)``; closes them after."""
+    loops: dict[str, LoopThread] = {}
+    faces: list[Face] = []
+
+    def open_(target: Target, **options: Any) -> Face:
+        if request.param == "Client":
+            face = Face(Client(target.host, target.port, **options), None)
+        else:
+            if target.loop_name not in loops:
+                loops[target.loop_name] = LoopThread(target.loop_name)
+            loop = loops[target.loop_name]
+            face = Face(loop.run(AsyncClient(target.host, target.port, **options).connect()), loop)
+        faces.append(face)
+        return face
+
+    yield open_
+    for face in faces:
+        face.close()
+    for loop in loops.values():
+        loop.close()
+
+
+def test_connect_says_hello_gives_an_id_and_close_disconnects(
+    pigeon_server: ServerThread, open_client: OpenClient
+) -> None:
+    client = open_client(pigeon_server)
     assert client.connected and client.client_id.startswith("c")
+    limits = pigeon_server.call(lambda: pigeon_server.server.broker.limits)
+    assert client.server_info.max_line == limits["max_line"]
     assert pigeon_server.stats()["connections"] == 1
     client.close()
     client.close()
     assert not client.connected
-    stats = pigeon_server.stats()
-    assert stats["commands"]["connect"] == 1 and stats["commands"]["disconnect"] == 1
-    assert sum(stats["commands"].values()) == 2
-    assert stats["connections"] == 0
+    commands = pigeon_server.stats()["commands"]
+    assert (commands["hello"], commands["connect"], commands["disconnect"]) == (1, 1, 1)
+    assert sum(commands.values()) == 3
+    assert pigeon_server.stats()["connections"] == 0
     with pytest.raises(ConnectionClosedError, match="closed"):
         client.ping()
 
 
-def test_context_manager_closes(server: ServerProcess) -> None:
-    with Client(server.host, server.port) as client:
-        assert client.ping() > 0
-    assert not client.connected
-
-
 @pytest.mark.smoke
-def test_publish_and_receive_round_robin(client_of: Callable[..., Client]) -> None:
-    first, second, publisher = client_of(), client_of(), client_of()
+def test_publish_and_receive_round_robin(server: ServerProcess, open_client: OpenClient) -> None:
+    first, second, publisher = open_client(server), open_client(server), open_client(server)
     first.subscribe("jobs")
     second.subscribe(b"jobs")
     assert first.subscriptions == ("jobs",)
@@ -77,34 +155,38 @@ def test_publish_and_receive_round_robin(client_of: Callable[..., Client]) -> No
     assert got_first[0].text == "job 0"
 
 
-def test_messages_keep_spaces_unicode_and_may_be_empty(client_of: Callable[..., Client]) -> None:
-    client = client_of()
+def test_messages_keep_spaces_tabs_unicode_and_may_be_empty(
+    server: ServerProcess, open_client: OpenClient
+) -> None:
+    client = open_client(server)
     client.subscribe("t")
-    sent = ["  two  leading", "héllo 🐦", "", "tab\tinside"]
+    sent = ["  two  leading", "héllo 🐦", "", "tab\tinside", "\tleading tab"]
     for text in sent:
         client.publish("t", text)
     client.publish("t", b"\x00\xff raw")
-    got = [client.next_message(10).data for _ in range(len(sent) + 1)]
-    assert got == [s.encode() for s in sent] + [b"\x00\xff raw"]
+    assert client.publish_many("t", ["\t", "a\tb"]) == []
+    got = [client.next_message(10).data for _ in range(len(sent) + 3)]
+    assert got == [s.encode() for s in sent] + [b"\x00\xff raw", b"\t", b"a\tb"]
 
 
-def test_unsubscribe_stops_deliveries(client_of: Callable[..., Client]) -> None:
-    sub, pub = client_of(), client_of()
+def test_unsubscribe_stops_deliveries(server: ServerProcess, open_client: OpenClient) -> None:
+    sub, pub = open_client(server), open_client(server)
     sub.subscribe("t")
     sub.unsubscribe("t")
     assert sub.subscriptions == ()
     pub.publish("t", "kept in the backlog")
     with pytest.raises(pigeon.TimeoutError):
         sub.next_message(0.2)
-    with pytest.raises(CommandError, match="not subscribed") as info:
+    with pytest.raises(NotSubscribedError) as info:
         sub.unsubscribe("t")
-    assert "not subscribed to 't'" in info.value.reason
+    assert (info.value.code, info.value.reason) == ("NOT_SUBSCRIBED", "not subscribed to 't'")
+    assert str(info.value) == "not subscribed to 't'"
 
 
-def test_next_message_times_out_and_messages_stops(client_of: Callable[..., Client]) -> None:
-    client = client_of()
+def test_next_message_times_out_and_messages_stops(server: ServerProcess, open_client: OpenClient) -> None:
+    client = open_client(server)
     client.subscribe("t")
-    with pytest.raises(pigeon.TimeoutError):
+    with pytest.raises(pigeon.TimeoutError, match="no message within 0s"):
         client.next_message(timeout=0)
     client.publish("t", "a")
     client.publish("t", "b")
@@ -112,10 +194,12 @@ def test_next_message_times_out_and_messages_stops(client_of: Callable[..., Clie
     assert client.ping() > 0, "the connection is still usable after timeouts"
 
 
-def test_deliveries_that_interleave_with_replies_are_kept(client_of: Callable[..., Client]) -> None:
+def test_deliveries_that_interleave_with_replies_are_kept(
+    server: ServerProcess, open_client: OpenClient
+) -> None:
     # The client publishes to its own topic: each PUBLISHED reply and each
     # MESSAGE delivery arrive mixed together on the one connection.
-    client, other = client_of(), client_of()
+    client, other = open_client(server), open_client(server)
     client.subscribe("self")
     for i in range(200):
         client.publish("self", f"own {i}")
@@ -130,110 +214,162 @@ def test_deliveries_that_interleave_with_replies_are_kept(client_of: Callable[..
     assert [t for t in got if t.startswith("many")] == [f"many {i}" for i in range(1000)]
 
 
-def test_100k_pipelined_publishes_arrive_in_order(client_of: Callable[..., Client]) -> None:
-    sub, pub = client_of(), client_of()
+def test_100k_pipelined_publishes_arrive_in_order(server: ServerProcess, open_client: OpenClient) -> None:
+    sub, pub = open_client(server), open_client(server)
     sub.subscribe("bulk")
     count = 100_000
     assert pub.publish_many("bulk", (b"%d" % i for i in range(count))) == []
-    got = [sub.next_message(10).data for _ in range(count)]
+    got = [m.data for m in sub.messages(timeout=2)]
     assert got == [b"%d" % i for i in range(count)]
 
 
-def test_publish_without_waiting_then_flush(client_of: Callable[..., Client]) -> None:
-    sub, pub = client_of(), client_of()
+def test_publish_without_waiting_then_flush(server: ServerProcess, open_client: OpenClient) -> None:
+    sub, pub = open_client(server), open_client(server)
     sub.subscribe("t")
     for i in range(50_000):
         pub.publish("t", b"%d" % i, wait=False)
     assert pub.flush() == []
     assert pub.flush() == [], "nothing left to report"
-    got = [sub.next_message(10).data for _ in range(50_000)]
+    got = [m.data for m in sub.messages(timeout=2)]
     assert got[0] == b"0" and got[-1] == b"49999" and len(set(got)) == 50_000
 
 
-def test_refusals_are_reported(start_server: StartServer) -> None:
+def test_refusals_are_reported_with_their_codes(start_server: StartServer, open_client: OpenClient) -> None:
     server = start_server("--max-backlog", "3")
-    with Client(server.host, server.port) as client:
-        refused = client.publish_many("full", ["a", "b", "c", "d", "e"])
-        assert [r.index for r in refused] == [3, 4]
-        assert all(isinstance(r.error, BacklogFullError) for r in refused)
-        with pytest.raises(BacklogFullError, match=r"backlog full \(3 messages\) for topic 'full'"):
-            client.publish("full", "f")
-        client.publish("other", "x", wait=False)
-        client.publish("full", "g", wait=False)
-        client.publish("other", "y", wait=False)
-        client.ping()
-        client.publish("full", "h", wait=False)
-        refused = client.flush()
-        assert [r.index for r in refused] == [1, 3]
-        assert all(isinstance(r.error, BacklogFullError) for r in refused)
+    client = open_client(server)
+    refused = client.publish_many("full", ["a", "b", "c", "d", "e"])
+    assert [r.index for r in refused] == [3, 4]
+    assert all(isinstance(r.error, BacklogFullError) for r in refused)
+    assert refused[0].error.code == "BACKLOG_FULL"
+    with pytest.raises(RetryableError, match=r"^backlog full \(3 messages\) for topic 'full'$") as info:
+        client.publish("full", "f")
+    assert type(info.value) is BacklogFullError
+    client.publish("other", "x", wait=False)
+    client.publish("full", "g", wait=False)
+    client.publish("other", "y", wait=False)
+    client.ping()
+    client.publish("full", "h", wait=False)
+    refused = client.flush()
+    assert [r.index for r in refused] == [1, 3]
+    assert all(isinstance(r.error, BacklogFullError) for r in refused)
+
+
+def test_memory_full_is_retryable(start_server: StartServer, open_client: OpenClient) -> None:
+    server = start_server("--max-memory", "1000000")
+    client = open_client(server)
+    refused = client.publish_many("t", [b"x" * 1000] * 2000)
+    assert refused, "1 MB of messages does not fit next to the broker's own structures"
+    assert all(isinstance(r.error, MemoryFullError) for r in refused)
+    with pytest.raises(RetryableError) as info:  # the memory the pipelined input held is free again
+        for _ in range(1000):
+            client.publish("t", b"y" * 1000)
+    assert info.value.code == "MEMORY_FULL" and "memory limit reached" in info.value.reason
 
 
 @pytest.mark.parametrize(
     ("call", "problem"),
     [
         (lambda c: c.subscribe("two words"), "whitespace"),
+        (lambda c: c.subscribe("zero\u200bwidth"), "format"),
         (lambda c: c.subscribe(""), "empty"),
         (lambda c: c.unsubscribe("x" * (TOPIC_MAX + 1)), f"at most {TOPIC_MAX}"),
         (lambda c: c.publish("t", "line\nbreak"), "newline"),
+        (lambda c: c.publish("", "x", wait=False), "empty"),
+        (lambda c: c.publish_many("t", ["fine", "bad\n"]), "message 1: .*newline"),
+        (lambda c: c.publish_many("t", ["ok", "bad\r"]), "message 1: .*carriage return"),
+        (lambda c: c.publish_many("t", [b"ok", 7]), "message 1: .*bytes or str"),
         (lambda c: c.publish("t", "ok", wait=False), None),
-        (lambda c: c.publish_many("t", ["fine", "bad\n"]), "newline"),
     ],
 )
 def test_bad_arguments_fail_before_anything_is_sent(
-    pigeon_server: ServerThread, call: Callable[[Client], object], problem: str | None
+    pigeon_server: ServerThread, open_client: OpenClient, call: Callable[[Face], object], problem: str | None
 ) -> None:
-    with Client(pigeon_server.host, pigeon_server.port) as client:
-        before = _commands(pigeon_server)
-        if problem is None:
-            call(client)  # the control: a valid call does reach the server
-            client.flush()
-            assert _commands(pigeon_server) == before + 1
-            return
-        with pytest.raises(InvalidArgumentError, match=problem):
-            call(client)
-        assert _commands(pigeon_server) == before
-        assert pigeon_server.stats()["published"] == 0
+    client = open_client(pigeon_server)
+    before = _commands(pigeon_server)
+    if problem is None:
+        call(client)  # the control: a valid call does reach the server
+        client.flush()
+        assert _commands(pigeon_server) == before + 1
+        return
+    with pytest.raises(InvalidArgumentError, match=problem):
+        call(client)
+    client.flush()
+    assert _commands(pigeon_server) == before
+    assert pigeon_server.stats()["published"] == 0
 
 
-def test_server_error_then_close_is_reported(start_server: StartServer) -> None:
+def test_a_message_over_the_servers_max_line_is_refused_before_sending(
+    start_server: StartServer, open_client: OpenClient
+) -> None:
+    server = start_server("--max-line", "100")
+    client = open_client(server)
+    assert client.server_info.max_line == 100
+    fits = "x" * (100 - len(f"PUBLISH {client.client_id} t "))
+    client.publish("t", fits)
+    with pytest.raises(InvalidArgumentError, match="over the server's limit of 100"):
+        client.publish("t", fits + "x")
+    with pytest.raises(InvalidArgumentError, match="over the server's limit"):
+        client.publish("t", fits + "x", wait=False)
+    with pytest.raises(InvalidArgumentError, match=r"message 2: .*over the server's limit"):
+        client.publish_many("t", [fits, fits, fits + "x"])
+    assert client.publish_many("t", [fits] * 3000) == []
+    assert client.stats()["published"] == 3001, "the refused ones were never sent"
+
+
+def test_a_line_too_long_ends_the_connection_with_the_servers_reason(
+    start_server: StartServer, open_client: OpenClient
+) -> None:
     server = start_server("--max-line", "64")
-    with Client(server.host, server.port) as client:
-        with pytest.raises(CommandError, match="line too long"):
-            client.publish("t", "x" * 100)
-        with pytest.raises(ConnectionClosedError):
+    client = open_client(server)
+    with pytest.raises(ConnectionClosedError, match="line too long") as info:
+        client.subscribe("x" * 100)  # only PUBLISH lines are checked before sending
+    assert isinstance(info.value.error, LineTooLongError)
+    assert (info.value.code, info.value.reason) == ("LINE_TOO_LONG", "line too long (limit 64 bytes)")
+    assert not client.connected
+    with pytest.raises(ConnectionClosedError):
+        client.ping()
+
+
+def test_too_many_connections_is_the_reason_of_the_close(
+    start_server: StartServer, open_client: OpenClient
+) -> None:
+    server = start_server("--max-connections", "1")
+    open_client(server)
+    with pytest.raises(ConnectionClosedError, match="too many connections") as info:
+        open_client(server)
+    assert isinstance(info.value.error, TooManyConnectionsError)
+
+
+def test_reply_timeout_leaves_the_connection_usable(server: ServerProcess, open_client: OpenClient) -> None:
+    client = open_client(server, timeout=0.3)
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(pigeon.TimeoutError, match=r"no reply from the server in 0\.3s"):
             client.ping()
-        assert not client.connected
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    client.publish("t", "after the late PONG")
+    client.subscribe("t")
+    assert client.next_message(10).text == "after the late PONG"
 
 
-def test_reply_timeout_leaves_the_connection_usable(server: ServerProcess) -> None:
-    with Client(server.host, server.port, timeout=0.3) as client:
-        os.kill(server.proc.pid, signal.SIGSTOP)
-        try:
-            with pytest.raises(pigeon.TimeoutError):
-                client.ping()
-        finally:
-            os.kill(server.proc.pid, signal.SIGCONT)
-        client.publish("t", "after the late PONG")
-        client.subscribe("t")
-        assert client.next_message(10).text == "after the late PONG"
-
-
-def test_stopped_server_gives_connection_closed(start_server: StartServer) -> None:
+def test_stopped_server_gives_connection_closed(start_server: StartServer, open_client: OpenClient) -> None:
     server = start_server()
-    client = Client(server.host, server.port)
+    client = open_client(server)
+    client.subscribe("t")
     assert server.stop() == 0
     with pytest.raises(ConnectionClosedError):
         client.ping()
     with pytest.raises(ConnectionClosedError):
         client.next_message(1)
     with pytest.raises(ConnectionClosedError, match="cannot connect"):
-        Client(server.host, server.port)
+        open_client(server)
 
 
-def test_reconnect_after_server_restart(start_server: StartServer) -> None:
+def test_reconnect_after_server_restart(start_server: StartServer, open_client: OpenClient) -> None:
     first = start_server()
-    sub = Client(first.host, first.port, reconnect=True)
-    pub = Client(first.host, first.port, reconnect=True)
+    sub = open_client(first, reconnect=True)
+    pub = open_client(first, reconnect=True)
     sub.subscribe("jobs")
     sub.subscribe("other")
     assert first.stop() == 0
@@ -245,22 +381,125 @@ def test_reconnect_after_server_restart(start_server: StartServer) -> None:
     assert sub.subscriptions == ("jobs", "other")
     pub.publish("other", "restored")
     assert sub.next_message(10).text == "restored"
-    sub.close()
-    pub.close()
 
 
-def test_reconnect_gives_up_after_its_timeout(start_server: StartServer) -> None:
+def test_reconnect_gives_up_after_its_timeout(start_server: StartServer, open_client: OpenClient) -> None:
     server = start_server()
-    client = Client(server.host, server.port, reconnect=True, reconnect_timeout=0.3)
+    client = open_client(server, reconnect=True, reconnect_timeout=0.3)
     assert server.stop() == 0
     with pytest.raises(ConnectionClosedError, match="could not reconnect"):
         client.ping()
 
 
-def test_nonsense_from_the_server_is_a_protocol_error(fake_server: FakeServer) -> None:
-    host, port = fake_server(b"HELLO there\n")
-    with pytest.raises(ProtocolError, match="expected CONNECTED"):
-        Client(host, port)
+def test_reconnect_on_the_first_command_after_an_idle_timeout(
+    start_server: StartServer, open_client: OpenClient
+) -> None:
+    server = start_server("--idle-timeout", "0.5")
+    client = open_client(server, reconnect=True)
+    _wait_for_idle_closes(server, 1)
+    client.publish("t", "after the idle close")
+    assert client.reconnects == 1
+    assert client.stats("topics")[0]["backlog_messages"] == 1
+
+
+def test_an_idle_timeout_is_the_reason_of_the_close(
+    start_server: StartServer, open_client: OpenClient
+) -> None:
+    server = start_server("--idle-timeout", "0.5")
+    client = open_client(server)
+    _wait_for_idle_closes(server, 1)
+    with pytest.raises(ConnectionClosedError, match="idle timeout") as info:
+        client.publish("t", "x")
+    assert isinstance(info.value.error, IdleTimeoutError)
+    assert info.value.code == "IDLE_TIMEOUT"
+
+
+def test_a_waiting_subscriber_keeps_its_connection_alive(
+    start_server: StartServer, open_client: OpenClient
+) -> None:
+    server = start_server("--idle-timeout", "1")
+    client = open_client(server)
+    assert client.server_info.idle_timeout == 1.0
+    client.subscribe("t")
+    with pytest.raises(pigeon.TimeoutError):
+        client.next_message(3)  # three idle timeouts: without a keepalive the server closes it
+    assert client.connected and client.ping() > 0
+    assert client.stats()["idle_closed"] == 0
+
+
+def test_stats_reads_every_page(server: ServerProcess, open_client: OpenClient) -> None:
+    client, other = open_client(server), open_client(server)
+    count = STATS_PAGE + 500
+    for i in range(count):
+        client.publish(f"topic-{i}", "x", wait=False)
+    assert client.flush() == []
+    other.subscribe("topic-0")
+    figures = client.stats()
+    assert figures["topics"] == count and figures["connections"] == 2
+    topics = client.stats("topics")
+    assert sorted(t["name"] for t in topics) == sorted(f"topic-{i}" for i in range(count))
+    assert {t["subscribers"] for t in topics if t["name"] == "topic-0"} == {1}
+    connections = client.stats("CONNECTIONS")
+    assert sorted(c["client_id"] for c in connections) == sorted([client.client_id, other.client_id])
+    with pytest.raises(InvalidArgumentError, match="no STATS section 'queues'"):
+        client.stats("queues")
+
+
+def test_nonsense_from_the_server_is_a_protocol_error(
+    fake_server: FakeServer, open_client: OpenClient
+) -> None:
+    host, port = fake_server(b"WELCOME\n")
+    with pytest.raises(ProtocolError, match="expected HELLO or ERROR"):
+        open_client(_Address(host, port))
+
+
+def test_a_server_older_than_hello_has_unknown_limits(
+    fake_server: FakeServer, open_client: OpenClient
+) -> None:
+    host, port = fake_server(b"ERROR UNKNOWN_COMMAND unknown command 'HELLO'\nCONNECTED c7\n")
+    client = open_client(_Address(host, port))
+    assert client.client_id == "c7" and client.server_info is None
+
+
+def test_a_hello_reply_without_the_limits_is_a_protocol_error(
+    fake_server: FakeServer, open_client: OpenClient
+) -> None:
+    host, port = fake_server(b"HELLO {}\nCONNECTED c1\n")
+    with pytest.raises(ProtocolError, match="bad HELLO reply"):
+        open_client(_Address(host, port))
+
+
+# ------------------------------------------------------------ the blocking client only
+
+
+def test_the_blocking_client_closes_at_the_end_of_with(server: ServerProcess) -> None:
+    with Client(server.host, server.port) as client:
+        assert client.ping() > 0
+    assert not client.connected
+
+
+class _Address:
+    """A host and port to connect to, for a fake server (whose loop kind does not matter)."""
+
+    loop_name = "asyncio"
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+
+
+def _wait_for_idle_closes(server: ServerProcess, count: int) -> None:
+    """Until the server has closed ``count`` connections for their idle timeout."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        probe = server.client()
+        probe.connect()
+        reply = probe.ask("STATS")
+        probe.close()
+        if json.loads(reply.split(b" ", 1)[1])["idle_closed"] >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the server did not close {count} idle connections")
 
 
 def _commands(server: ServerThread) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -36,6 +37,12 @@ def cli(server: ServerProcess, *args: str, stdin: str = "") -> subprocess.Comple
     return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=60)
 
 
+def _default_sigint() -> None:
+    # A shell that runs the suite in the background (or `trap "" INT`) passes SIGINT on ignored, and
+    # Python keeps an ignored SIGINT ignored: the child gets the default disposition back, so Ctrl-C works.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def start_sub(server: ServerProcess) -> Iterator[Callable[..., subprocess.Popen[str]]]:
     """Start ``pigeon-cli sub`` and return once it is subscribed; kills leftovers afterwards."""
@@ -43,7 +50,9 @@ def start_sub(server: ServerProcess) -> Iterator[Callable[..., subprocess.Popen[
 
     def start(*args: str) -> subprocess.Popen[str]:
         command = [PIGEON_CLI, "sub", *args, "--host", server.host, "--port", str(server.port)]
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
+        )
         procs.append(proc)
         assert proc.stderr is not None
         assert proc.stderr.readline().startswith("subscribed to"), "sub did not report its subscription"
@@ -89,12 +98,52 @@ def test_sub_gets_the_backlog_and_stops_at_count(server: ServerProcess) -> None:
     assert result.stdout == "1\n2\n"
 
 
-def test_sub_exits_quietly_on_ctrl_c(server: ServerProcess, start_sub: StartSub) -> None:
-    sub = start_sub("t")
+@pytest.mark.parametrize("options", [[], ["--reconnect"]])
+def test_sub_exits_quietly_on_ctrl_c(server: ServerProcess, start_sub: StartSub, options: list[str]) -> None:
+    sub = start_sub("t", *options)
     sub.send_signal(signal.SIGINT)
     _, err = sub.communicate(timeout=30)
     assert sub.returncode == 130
-    assert "Traceback" not in err
+    assert err == ""
+
+
+def test_sub_reconnect_keeps_subscribing_across_a_server_restart(start_server: StartServer) -> None:
+    first = start_server()
+    command = [PIGEON_CLI, "sub", "jobs", "--reconnect", "--count", "2", "--port", str(first.port)]
+    sub = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert sub.stderr is not None and sub.stderr.readline().startswith("subscribed to")
+        assert cli(first, "pub", "jobs", "before").returncode == 0
+        assert first.stop() == 0
+        second = start_server("--port", str(first.port))
+        assert cli(second, "pub", "jobs", "after the restart").returncode == 0
+        out, err = sub.communicate(timeout=30)
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+            sub.communicate(timeout=30)
+    assert sub.returncode == 0, err
+    assert out.splitlines() == ["before", "after the restart"]
+
+
+def test_sub_without_reconnect_ends_when_the_server_stops(start_server: StartServer) -> None:
+    server = start_server()
+    command = [PIGEON_CLI, "sub", "jobs", "--port", str(server.port)]
+    sub = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert sub.stderr is not None and sub.stderr.readline().startswith("subscribed to")
+    assert server.stop() == 0
+    _, err = sub.communicate(timeout=30)
+    assert sub.returncode == 1
+    assert err.startswith("pigeon-cli: connection closed by the server") and len(err.splitlines()) == 1
+
+
+def test_pub_sends_argument_bytes_as_they_are(server: ServerProcess) -> None:
+    with Client(server.host, server.port) as client:
+        client.subscribe("jobs")
+        # what `pigeon-cli pub jobs $'\xff\xfe binary'` receives: argv decoded with surrogateescape
+        result = cli(server, "pub", "jobs", os.fsdecode(b"\xff\xfe binary"))
+        assert result.returncode == 0, result.stderr
+        assert client.next_message(10).data == b"\xff\xfe binary"
 
 
 def test_ping_prints_round_trips(server: ServerProcess) -> None:
@@ -123,12 +172,22 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
+CANNOT_CONNECT = "pigeon-cli: cannot connect to 127.0.0.1:"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["pub", "two words", "x"], "pigeon-cli: topic 'two words' must not contain whitespace"),
+        (["pub", os.fsdecode(b"\xff"), "x"], "pigeon-cli: topic b'\\xff' is not valid UTF-8"),
         (["sub", "", "--count", "1"], "pigeon-cli: topic must not be empty"),
         (["pub", "t", "x", "--port", str(_closed_port())], "pigeon-cli: cannot connect to 127.0.0.1:"),
+        (["ping", "--port", str(_closed_port())], "pigeon-cli: cannot connect to 127.0.0.1:"),
+        (
+            ["stats", "--timeout", "2", "--port", str(_closed_port())],
+            "pigeon-cli: cannot connect to 127.0.0.1:",
+        ),
+        (["top", "--timeout", "2"], "pigeon-cli: top needs a terminal"),
     ],
 )
 def test_errors_are_one_line_and_exit_1(server: ServerProcess, args: list[str], message: str) -> None:
@@ -147,6 +206,14 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
 
 
 def test_other_modules_subcommands_are_registered(server: ServerProcess) -> None:
-    result = cli(server, "stats", "--json")
+    result = cli(server, "stats", "--json", "--timeout", "2")
     assert result.returncode == 0, result.stderr
     assert "connections" in json.loads(result.stdout)
+
+
+def test_bench_without_psutil_says_what_to_install(server: ServerProcess) -> None:
+    hide = "import sys; sys.modules['psutil'] = None; from pigeon.cli.client import main; sys.exit(main())"
+    command = [sys.executable, "-c", hide, "bench", "--port", str(server.port), "--workloads", "pipe"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["bench: needs psutil: pip install 'pigeon-broker[bench]'"]

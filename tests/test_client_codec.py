@@ -1,13 +1,24 @@
-"""Unit tests of the client's codec and session: no sockets, just bytes in and values out."""
+"""Unit tests of the client's codec, session and error table: no sockets, just bytes in and values out."""
 
 from __future__ import annotations
 
 import pytest
 
+import pigeon
+from pigeon import errors
 from pigeon.client import codec
-from pigeon.client.codec import Message
+from pigeon.client.codec import Message, ServerInfo
 from pigeon.client.session import Session
-from pigeon.errors import BacklogFullError, CommandError, ConnectionClosedError, InvalidArgumentError
+from pigeon.errors import (
+    BacklogFullError,
+    CommandError,
+    ConnectionClosedError,
+    IdleTimeoutError,
+    InvalidArgumentError,
+    LineTooLongError,
+    MemoryFullError,
+    RetryableError,
+)
 from pigeon.protocol import TOPIC_MAX
 
 
@@ -25,6 +36,12 @@ def test_valid_topics_encode_to_utf8(topic: str | bytes) -> None:
         ("tab\there", "whitespace"),
         ("new\nline", "whitespace"),
         ("nbsp\u00a0", "whitespace"),
+        ("ideographic\u3000space", "whitespace"),
+        ("zero\u200bwidth", "format"),
+        ("\ufeffbom", "format"),
+        ("bidi\u202eoverride", "format"),
+        ("soft\u00adhyphen", "format"),
+        ("line\u2028separator", "separator"),
         ("x" * (TOPIC_MAX + 1), f"at most {TOPIC_MAX}"),
         ("é" * (TOPIC_MAX // 2 + 1), f"at most {TOPIC_MAX}"),  # 2 bytes each
         (b"\xff\xfe", "UTF-8"),
@@ -67,18 +84,39 @@ def test_message_of_the_wrong_type_is_refused() -> None:
 
 
 def test_many_messages_are_checked_together() -> None:
-    assert codec.encode_messages(["a", b"b", bytearray(b"c"), ""]) == [b"a", b"b", b"c", b""]
-    assert codec.encode_messages([b"a", bytearray(b"b"), memoryview(b"c")]) == [b"a", b"b", b"c"]
-    assert codec.encode_messages(m for m in (b"x", b"y")) == [b"x", b"y"]
-    assert codec.encode_messages(iter([])) == []
-    with pytest.raises(InvalidArgumentError, match="message 2: message must not contain a newline"):
-        codec.encode_messages(["a", "b", "c\nd"])
-    with pytest.raises(InvalidArgumentError, match=r"message 0: .*carriage return"):
-        codec.encode_messages([b"a\r", b"b"])
-    with pytest.raises(InvalidArgumentError, match=r"message 1: .*carriage return"):
-        codec.encode_messages([b"a", b"b\r"])
-    with pytest.raises(InvalidArgumentError, match="bytes or str"):
-        codec.encode_messages([b"a", 1])  # type: ignore[list-item]
+    checked = codec.checked_messages(b"c1", b"t", ["a", b"b", bytearray(b"c"), memoryview(b"d"), "", "é"])
+    assert [bytes(m) for m in checked] == [b"a", b"b", b"c", b"d", b"", "é".encode()]
+    given = [b"x", b"y\tz", b"\r in the middle"]
+    assert codec.checked_messages(b"c1", b"t", given) is given, "a list of bytes is used as it is"
+    assert codec.checked_messages(b"c1", b"t", (m for m in given)) == given
+    assert codec.checked_messages(b"c1", b"t", iter([])) == []
+
+
+@pytest.mark.parametrize(
+    ("messages", "problem"),
+    [
+        (["a", "b", "c\nd"], "message 2: message must not contain a newline"),
+        ([b"a\r", b"b"], r"message 0: .*carriage return"),
+        ([b"a", b"b\r"], r"message 1: .*carriage return"),
+        ([b"a\rb", b"b\r\nc"], r"message 1: .*newline"),
+        ([b"x"] * codec.CHUNK + [b"y", b"\n"], f"message {codec.CHUNK + 1}: .*newline"),
+        (["a", 1], "message 1: message must be bytes or str"),
+        (
+            [b"ok", b"x" * 90],
+            r"message 1: the PUBLISH line would be 103 bytes, over the server's limit of 100",
+        ),
+    ],
+)
+def test_the_first_message_that_cannot_be_sent_is_named(messages: list[codec.Data], problem: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=problem):
+        codec.checked_messages(b"c1", b"t", messages, max_line=100)
+
+
+def test_long_chunks_are_checked_for_the_line_length() -> None:
+    fits = b"x" * (100 - len(b"PUBLISH c1 t "))
+    assert len(codec.checked_messages(b"c1", b"t", [fits] * 5000, max_line=100)) == 5000
+    with pytest.raises(InvalidArgumentError, match=r"message 4999: .*over the server's limit of 100"):
+        codec.checked_messages(b"c1", b"t", [fits] * 4999 + [fits + b"x"], max_line=100)
 
 
 def test_message_text_decodes_utf8() -> None:
@@ -90,6 +128,32 @@ def test_command_lines() -> None:
     assert codec.publish_chunk(b"c1", b"t", [b"x", b""]) == b"PUBLISH c1 t x\nPUBLISH c1 t \n"
     assert codec.subscribe_line(b"c1", b"t") == b"SUBSCRIBE c1 t\n"
     assert codec.unsubscribe_line(b"c1", b"t") == b"UNSUBSCRIBE c1 t\n"
+    assert codec.hello_line() == b"HELLO\n"
+    assert codec.stats_line() == b"STATS\n"
+    assert codec.stats_line("topics", 9) == b"STATS TOPICS 9 %d\n" % codec.STATS_PAGE
+
+
+def test_a_publish_line_over_max_line_is_refused() -> None:
+    assert codec.publish_line(b"c1", b"t", b"x" * 87, max_line=100) == b"PUBLISH c1 t " + b"x" * 87 + b"\n"
+    with pytest.raises(InvalidArgumentError, match="would be 101 bytes, over the server's limit of 100"):
+        codec.publish_line(b"c1", b"t", b"x" * 88, max_line=100)
+
+
+def test_parse_hello() -> None:
+    reply = b'{"protocol":1,"max_line":4096,"topic_max":255,"idle_timeout":2.5,"features":["acks"],"new":1}'
+    assert codec.parse_hello(reply) == ServerInfo(1, 4096, 255, 2.5, ("acks",))
+    for bad in (b"{}", b"not json", b'{"protocol":1}', b"[]"):
+        with pytest.raises(ValueError, match="bad HELLO reply"):
+            codec.parse_hello(bad)
+
+
+def test_parse_stats_pages() -> None:
+    assert codec.parse_stats(b'{"published":3}') == {"published": 3}
+    assert codec.parse_stats_page("topics", b'{"topics":[{"name":"t"}],"next":7}') == ([{"name": "t"}], 7)
+    with pytest.raises(ValueError, match="bad STATS reply"):
+        codec.parse_stats(b"[1]")
+    with pytest.raises(ValueError, match="bad STATS CONNECTIONS reply"):
+        codec.parse_stats_page("connections", b'{"topics":[],"next":0}')
 
 
 def test_line_splitter_keeps_partial_lines() -> None:
@@ -132,12 +196,12 @@ def test_session_matches_replies_in_order_and_maps_errors() -> None:
     second = session.expect(b"PUBLISHED")
     third = session.expect(b"PUBLISHED")
     done = session.receive(
-        b"SUBSCRIBED t\nERROR BACKLOG_FULL backlog full (2 messages) for topic 't'\nERROR nope\n"
+        b"SUBSCRIBED t\nERROR BACKLOG_FULL backlog full (2 messages) for topic 't'\nERROR NEW_CODE x\n"
     )
     assert done == [first, second, third]
     assert first.reply == b"t" and first.error is None
     assert isinstance(second.error, BacklogFullError)
-    assert type(third.error) is CommandError and third.error.reason == "nope"
+    assert type(third.error) is CommandError and (third.error.code, third.error.reason) == ("NEW_CODE", "x")
     assert session.in_flight == 0
 
 
@@ -187,10 +251,12 @@ def test_lost_connection_fails_everything_awaited() -> None:
 
 def test_unasked_error_becomes_the_reason_of_the_close() -> None:
     session = Session()
-    session.receive(b"ERROR IDLE_TIMEOUT idle timeout\n")
+    session.receive(b"ERROR MEMORY_FULL memory limit reached: cannot hold 5000 bytes of input\n")
     batch = session.expect_batch(2)
     failed, error = session.lost("connection closed by the server")
-    assert error.reason == "idle timeout"
+    assert isinstance(error.error, MemoryFullError) and error.code == "MEMORY_FULL"
+    assert error.reason == "memory limit reached: cannot hold 5000 bytes of input"
+    assert str(error) == f"connection closed by the server: {error.reason}"
     assert failed == [batch]
     assert [r.index for r in batch.refused] == [0, 1]
     assert all(isinstance(r.error, ConnectionClosedError) for r in batch.refused)
@@ -205,3 +271,51 @@ def test_a_reply_that_makes_no_sense_breaks_the_session() -> None:
     fresh = Session()
     fresh.receive(b"PONG\n")
     assert fresh.broken is not None
+
+
+@pytest.mark.parametrize("pending", [True, False])
+def test_an_error_after_which_the_server_closes_stops_the_session(pending: bool) -> None:
+    session = Session()
+    ping = session.expect(b"PONG") if pending else None
+    session.receive(b"ERROR IDLE_TIMEOUT idle timeout\nPONG\n")
+    assert session.closing and session.broken is None
+    assert ping is None or not ping.done, "the reply after the closing error is not taken"
+    failed, error = session.lost("connection closed by the server")
+    assert isinstance(error.error, IdleTimeoutError) and error.reason == "idle timeout"
+    assert failed == ([ping] if ping else [])
+    assert not session.closing
+
+
+def test_a_line_too_long_fails_the_command_with_the_close() -> None:
+    session = Session()
+    publish = session.expect(b"PUBLISHED")
+    session.receive(b"ERROR LINE_TOO_LONG line too long (limit 64 bytes)\n")
+    assert session.closing and not publish.done
+    _, error = session.lost("connection closed by the server")
+    assert publish.error is error and isinstance(error.error, LineTooLongError)
+
+
+def test_every_code_has_its_class() -> None:
+    for code, cls in errors.ERROR_CLASSES.items():
+        error = errors.error_from_reply(f"{code} some text")
+        assert type(error) is cls
+        assert (error.code, error.reason, str(error)) == (code, "some text", "some text")
+        assert getattr(pigeon, cls.__name__) is cls, "exported from pigeon"
+    retryable = {code for code, cls in errors.ERROR_CLASSES.items() if issubclass(cls, RetryableError)}
+    assert retryable == {"BACKLOG_FULL", "MEMORY_FULL"}
+    closing = {code for code, cls in errors.ERROR_CLASSES.items() if issubclass(cls, errors.ClosingError)}
+    assert closing == {"LINE_TOO_LONG", "TOO_MANY_CONNECTIONS", "IDLE_TIMEOUT"}
+
+
+def test_unknown_codes_and_codeless_errors_are_command_errors() -> None:
+    unknown = errors.error_from_reply("STORAGE_FULL disk full")
+    assert type(unknown) is CommandError and (unknown.code, unknown.reason) == ("STORAGE_FULL", "disk full")
+    older = errors.error_from_reply("not subscribed to 't'")  # a server from before the codes
+    assert type(older) is CommandError and (older.code, older.reason) == (None, "not subscribed to 't'")
+    bare = errors.error_from_reply("USAGE")
+    assert type(bare) is errors.UsageError and bare.reason == ""
+
+
+def test_the_clients_error_codes_are_the_servers() -> None:
+    core = pytest.importorskip("pigeon._core", reason="the compiled core is not built")
+    assert tuple(core.ERROR_CODES) == errors.ERROR_CODES

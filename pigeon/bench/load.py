@@ -17,6 +17,7 @@ each run when its process can be found (it must run on this machine).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import socket
@@ -568,9 +569,25 @@ def options_from(args: argparse.Namespace) -> Options:
     )
 
 
+def missing_modules(opts: Options) -> list[str]:
+    """The optional modules these options need (the ``bench`` extra) that cannot be imported."""
+    needed = ["psutil", "tqdm"] if opts.progress else ["psutil"]
+    missing = []
+    for name in needed:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def command(args: argparse.Namespace) -> int:
     """Run the ``bench`` command; returns the exit code."""
     opts = options_from(args)
+    missing = missing_modules(opts)
+    if missing:
+        print(f"bench: needs {' and '.join(missing)}: pip install 'pigeon-broker[bench]'", file=sys.stderr)
+        return 1
     try:
         results = run(opts, args.workloads)
     except (OSError, RuntimeError) as exc:

@@ -15,16 +15,12 @@ import sys
 from collections.abc import Sequence
 
 from pigeon._version import __version__
-from pigeon.cli.common import EXIT_ERROR
+from pigeon.cli.common import EXIT_ERROR, CliError
 from pigeon.errors import PigeonError
 
 SUBCOMMAND_MODULES = ("pigeon.cli.pubsub", "pigeon.cli.stats", "pigeon.cli.top", "pigeon.bench.load")
 
 EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT
-
-
-class CliError(Exception):
-    """A failure to report as one line on stderr."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""What the ``pigeon-cli`` subcommands share: argparse types, the connection options, the exit codes."""
+"""What the ``pigeon-cli`` subcommands share: argparse types, connection options, exit codes, CliError."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 EXIT_ERROR = 1
+
+
+class CliError(Exception):
+    """A failure to report as one line on stderr (``pigeon-cli: <message>``), with exit code 1."""
 
 
 def positive(text: str) -> int:

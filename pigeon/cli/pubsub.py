@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
+import os
 import sys
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -40,6 +42,11 @@ def register(subparsers: Subparsers) -> None:
         action="store_true",
         help='print {"topic": ..., "data": ...} per message ("data_base64" when not UTF-8)',
     )
+    sub.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="when the connection drops (e.g. a broker restart), connect again and resubscribe, for ever",
+    )
     add_connection_options(sub)
     sub.set_defaults(func=run_sub)
 
@@ -50,6 +57,8 @@ def register(subparsers: Subparsers) -> None:
 
 
 def _client(args: argparse.Namespace) -> Client:
+    if getattr(args, "reconnect", False):
+        return Client(args.host, args.port, timeout=args.timeout, reconnect=True, reconnect_timeout=math.inf)
     return Client(args.host, args.port, timeout=args.timeout)
 
 
@@ -68,14 +77,16 @@ def stdin_lines(stream: BinaryIO) -> Iterator[list[bytes]]:
 
 def run_pub(args: argparse.Namespace) -> int:
     """``pigeon-cli pub``: exit 1 when any message is refused (each refusal is reported)."""
+    # the arguments' bytes as the shell passed them, UTF-8 or not (argv decodes them with surrogateescape)
+    topic = os.fsencode(args.topic)
     with _client(args) as client:
         if args.message is not None:
-            client.publish(args.topic, args.message)
+            client.publish(topic, os.fsencode(args.message))
             return 0
         failed = False
         sent = 0
         for lines in stdin_lines(sys.stdin.buffer):
-            for refused in client.publish_many(args.topic, lines):
+            for refused in client.publish_many(topic, lines):
                 line = sent + refused.index + 1
                 print(f"pigeon-cli: line {line} refused: {refused.error}", file=sys.stderr)
                 failed = True
@@ -95,11 +106,16 @@ def _format(message: Message, as_json: bool) -> bytes:
 
 
 def run_sub(args: argparse.Namespace) -> int:
-    """``pigeon-cli sub``: print deliveries until interrupted, or until ``--count`` of them."""
+    """``pigeon-cli sub``: print deliveries until interrupted, or until ``--count`` of them.
+
+    With ``--reconnect`` a lost connection is re-established (retrying for
+    ever) and the subscriptions restored; without it, a lost connection ends
+    the command with an error.
+    """
     out = sys.stdout.buffer
     with _client(args) as client:
         for topic in args.topics:
-            client.subscribe(topic)
+            client.subscribe(os.fsencode(topic))
         print(f"subscribed to {' '.join(args.topics)}; waiting for messages", file=sys.stderr, flush=True)
         received = 0
         while args.count is None or received < args.count:

@@ -1,50 +1,23 @@
 """``pigeon-cli stats``: the broker's figures, read with the STATS command, as tables.
 
-It speaks the wire protocol (``STATS``, ``STATS TOPICS``, ``STATS CONNECTIONS``),
-so it works against any broker, with or without its HTTP monitoring listener.
-``pigeon-cli top`` (``pigeon.cli.top``) shows the same figures live, with the
-reader and the table helpers defined here.
+It speaks the wire protocol (``Client.stats()``: ``STATS``, and ``STATS
+TOPICS`` and ``STATS CONNECTIONS`` page by page), so it works against any
+broker, with or without its HTTP monitoring listener. ``pigeon-cli top``
+(``pigeon.cli.top``) shows the same figures live, with the table helpers
+defined here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import socket
-import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pigeon.cli.common import Subparsers, add_address
+from pigeon.cli.common import Subparsers, add_connection_options
+from pigeon.client import Client
 
 SECTIONS = ("server", "topics", "connections")
-
-
-class StatsReader:
-    """One connection to a broker, asking for its figures on demand."""
-
-    def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
-        self._sock = socket.create_connection((host, port), timeout=timeout)
-        self._buf = b""
-
-    def read(self, section: str = "server") -> Any:
-        """The decoded JSON of ``STATS`` (section ``server``), ``STATS TOPICS`` or ``STATS CONNECTIONS``."""
-        command = b"STATS\n" if section == "server" else f"STATS {section.upper()}\n".encode()
-        self._sock.sendall(command)
-        while b"\n" not in self._buf:
-            chunk = self._sock.recv(1 << 16)
-            if not chunk:
-                raise ConnectionError("the broker closed the connection")
-            self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        word, _, payload = line.decode("utf-8", "replace").partition(" ")
-        if word != "STATS":
-            raise ConnectionError(f"unexpected reply to STATS: {line[:200]!r}")
-        return json.loads(payload)
-
-    def close(self) -> None:
-        """Close the connection."""
-        self._sock.close()
 
 
 def human_bytes(n: float) -> str:
@@ -112,7 +85,7 @@ def connection_rows(connections: Sequence[dict[str, Any]]) -> list[tuple[object,
         (
             c["client_id"] or "-",
             c["address"] or "-",
-            len(c["subscriptions"]),
+            c["subscriptions_total"],
             human_bytes(c["pending_bytes"]),
             c["messages_in"],
             c["messages_out"],
@@ -126,15 +99,8 @@ CONNECTION_HEADER = ("CLIENT", "ADDRESS", "SUBS", "PENDING", "MSGS IN", "MSGS OU
 
 
 def _run_stats(args: argparse.Namespace) -> int:
-    try:
-        reader = StatsReader(args.host, args.port)
-        try:
-            figures = reader.read(args.section)
-        finally:
-            reader.close()
-    except (OSError, ValueError) as exc:
-        print(f"pigeon-cli stats: cannot read {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
+    with Client(args.host, args.port, timeout=args.timeout) as client:
+        figures: Any = client.stats(None if args.section == "server" else args.section)
     if args.json:
         print(json.dumps(figures, indent=2))
         return 0
@@ -151,7 +117,11 @@ def _run_stats(args: argparse.Namespace) -> int:
 def register(subparsers: Subparsers) -> None:
     """Add the ``stats`` subcommand to pigeon-cli."""
     stats = subparsers.add_parser("stats", help="print the broker's figures as a table")
-    add_address(stats)
+    add_connection_options(stats)
     stats.add_argument("section", nargs="?", choices=SECTIONS, default="server", help="default %(default)s")
-    stats.add_argument("--json", action="store_true", help="print the JSON as the broker sent it, indented")
+    stats.add_argument(
+        "--json",
+        action="store_true",
+        help="print the figures as indented JSON (a listing: the entries of all its pages)",
+    )
     stats.set_defaults(func=_run_stats)

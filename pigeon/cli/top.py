@@ -1,21 +1,27 @@
-"""``pigeon-cli top``: a live terminal view of a broker, refreshed from its STATS replies."""
+"""``pigeon-cli top``: a live terminal view of a broker, refreshed from its STATS replies.
+
+Each refresh reads the server-wide figures and the full topic and connection
+listings (``Client.stats()``, every page). It needs a terminal; its errors
+are one line on stderr, like every pigeon-cli command's.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pigeon.cli.common import Subparsers, add_address
+from pigeon.cli.common import CliError, Subparsers, add_connection_options
 from pigeon.cli.stats import (
     CONNECTION_HEADER,
-    StatsReader,
     connection_rows,
     human_bytes,
     human_duration,
     table,
 )
+from pigeon.client import Client
 
 # curses is imported where it is used: Windows has none, and every pigeon-cli
 # command loads this module to register ``top``.
@@ -33,11 +39,11 @@ class Sample:
     connections: list[dict[str, Any]]
 
     @classmethod
-    def read(cls, reader: StatsReader) -> Sample:
+    def read(cls, client: Client) -> Sample:
         """Ask the broker for all three sections."""
-        stats = reader.read("server")
-        topics = reader.read("topics")
-        connections = reader.read("connections")
+        stats = client.stats()
+        topics = client.stats("topics")
+        connections = client.stats("connections")
         return cls(time.monotonic(), stats, topics, connections)
 
 
@@ -109,7 +115,7 @@ def _draw(screen: curses.window, lines: list[str], footer: str) -> None:
 
 
 def _loop(
-    screen: curses.window, reader: StatsReader, target: str, interval: float, iterations: int | None
+    screen: curses.window, client: Client, target: str, interval: float, iterations: int | None
 ) -> None:
     import curses
 
@@ -118,7 +124,7 @@ def _loop(
     previous: Sample | None = None
     shown = 0
     while iterations is None or shown < iterations:
-        current = Sample.read(reader)
+        current = Sample.read(client)
         _draw(screen, screen_lines(current, previous, target), "q: quit")
         shown += 1
         previous = current
@@ -127,36 +133,35 @@ def _loop(
             return
 
 
-def run(host: str, port: int, interval: float, iterations: int | None) -> int:
-    """Show the live view until q (or ``iterations`` refreshes); returns the exit code."""
-    import curses
+def run(client: Client, interval: float, iterations: int | None) -> int:
+    """Show the live view until q (or ``iterations`` refreshes); returns the exit code.
 
-    target = f"{host}:{port}"
+    Raises CliError when there is no terminal to draw on.
+    """
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise CliError("top needs a terminal (for plain output, use pigeon-cli stats)")
     try:
-        reader = StatsReader(host, port)
-    except OSError as exc:
-        print(f"pigeon-cli top: cannot connect to {target}: {exc}")
-        return 1
+        import curses
+    except ImportError:
+        raise CliError("top needs the curses module, which this Python does not have") from None
     try:
-        curses.wrapper(_loop, reader, target, interval, iterations)
-    except (OSError, ValueError) as exc:
-        print(f"pigeon-cli top: lost {target}: {exc}")
-        return 1
+        curses.wrapper(_loop, client, f"{client.host}:{client.port}", interval, iterations)
+    except curses.error as exc:
+        raise CliError(f"top cannot draw on this terminal: {exc}") from None
     except KeyboardInterrupt:
         pass
-    finally:
-        reader.close()
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    return run(args.host, args.port, args.interval, args.iterations)
+    with Client(args.host, args.port, timeout=args.timeout) as client:
+        return run(client, args.interval, args.iterations)
 
 
 def register(subparsers: Subparsers) -> None:
     """Add the ``top`` subcommand to pigeon-cli."""
     top = subparsers.add_parser("top", help="a live view of the broker's traffic, topics and clients")
-    add_address(top)
+    add_connection_options(top)
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     top.add_argument("-n", "--iterations", type=int, help="stop after this many refreshes (default: until q)")
     top.set_defaults(func=_run)

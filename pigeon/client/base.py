@@ -1,18 +1,43 @@
-"""What ``Client`` and ``AsyncClient`` share besides the session: settings, subscriptions, results."""
+"""What ``Client`` and ``AsyncClient`` share, written once: greeting the server, retry and backoff,
+resubscribing, pipelining, keepalive, STATS paging.
+
+``ClientBase`` holds this logic as coroutines that do no I/O of their own:
+they call a few primitives each client provides (open a connection, send,
+wait for a reply, wait for data, throttle, sleep). ``AsyncClient`` awaits
+them on its event loop. ``Client``'s primitives block and never suspend, so
+``run_blocking`` runs a coroutine of the shared logic to its end in one step.
+So the protocol's logic exists once, and each client only moves bytes.
+"""
 
 from __future__ import annotations
 
-from pigeon.client.codec import Refused
+import abc
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from functools import partial
+from typing import Any, TypeVar, cast
+
+from pigeon import errors
+from pigeon.client import codec
+from pigeon.client.codec import Data, Message, Refused, ServerInfo
 from pigeon.client.session import Pending, Session
-from pigeon.errors import ConnectionClosedError, ProtocolError
+from pigeon.errors import (
+    CommandError,
+    ConnectionClosedError,
+    IdleTimeoutError,
+    InvalidArgumentError,
+    PigeonError,
+    ProtocolError,
+)
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_RECONNECT_TIMEOUT = 30.0
 DEFAULT_MAX_QUEUED = 10_000  # deliveries an AsyncClient holds before it stops reading
 
-# Pipelining: commands go out in chunks of CHUNK lines, and the sender waits for
+# Pipelining: commands go out in buffers of codec.CHUNK lines, and the sender waits for
 # replies while more than WINDOW are outstanding, so neither side buffers without bound.
-CHUNK = 2048
 WINDOW = 16384
 RECV_SIZE = 256 * 1024
 OUT_LIMIT = 64 * 1024  # buffered publish(wait=False) bytes that trigger a send
@@ -20,9 +45,23 @@ OUT_LIMIT = 64 * 1024  # buffered publish(wait=False) bytes that trigger a send
 RECONNECT_FIRST_DELAY = 0.05
 RECONNECT_MAX_DELAY = 1.0
 
+# A client waiting for deliveries sends PING after this share of the server's
+# idle timeout without sending anything, so the server does not close it.
+KEEPALIVE_SHARE = 0.5
 
-class ClientBase:
-    """Settings and bookkeeping common to the blocking and the asyncio client."""
+
+def run_blocking(steps: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine of the shared logic whose primitives block: it ends without ever suspending."""
+    try:
+        steps.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    steps.close()
+    raise RuntimeError("a step of the blocking client tried to suspend")
+
+
+class ClientBase(abc.ABC):
+    """The state and the protocol logic of one client; a subclass supplies the I/O primitives."""
 
     def __init__(
         self,
@@ -39,10 +78,16 @@ class ClientBase:
         self.reconnect_timeout = reconnect_timeout
         self.client_id = ""
         self.reconnects = 0  # how many times the connection was re-established
+        self.server_info: ServerInfo | None = None  # from HELLO; None for a server older than HELLO
+        self._max_line: int | None = None  # the longest command line the server takes, when HELLO said
         self._cid = b""
         self._session = Session()
         self._topics: dict[bytes, None] = {}  # an ordered set, re-subscribed after a reconnect
         self._unflushed: list[Pending] = []  # publish(wait=False) batches since the last flush
+        self._out = bytearray()  # publish(wait=False) lines not sent yet
+        self._lost: ConnectionClosedError | None = None  # why the last connection ended
+        self._generation = 0  # connections opened so far: a pipelined batch stops when it changes
+        self._last_sent = 0.0  # time.monotonic() of the last send, for the keepalive
         self._closed = False
 
     @property
@@ -53,21 +98,261 @@ class ClientBase:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.host}:{self.port} id={self.client_id or '-'}>"
 
-    def _connected(self, reply: bytes) -> None:
+    # ------------------------------------------------------------ the primitives each client provides
+
+    @property
+    @abc.abstractmethod
+    def connected(self) -> bool:
+        """True while the client holds an open connection."""
+
+    @abc.abstractmethod
+    async def _open_transport(self) -> None:
+        """Open a connection; raises ConnectionClosedError (see ``_cannot_connect``) when that fails."""
+
+    @abc.abstractmethod
+    def _send(self, data: bytes) -> None:
+        """Hand ``data`` to the connection; raises ConnectionClosedError when there is none or it fails."""
+
+    @abc.abstractmethod
+    def _close_transport(self) -> None:
+        """Close the connection at once, if there is one."""
+
+    @abc.abstractmethod
+    def _on_lost(self, failed: list[Pending]) -> None:
+        """The connection was lost and ``failed`` are the commands whose replies will never come."""
+
+    @abc.abstractmethod
+    async def _wait(self, pending: Pending) -> None:
+        """Until ``pending`` is answered (or failed); raises pigeon.TimeoutError after ``timeout``."""
+
+    @abc.abstractmethod
+    async def _wait_for_data(self, until: float | None) -> None:
+        """Until something arrives or the connection is lost, or ``time.monotonic()`` passes ``until``."""
+
+    @abc.abstractmethod
+    async def _throttle(self, unsent: int) -> None:
+        """Wait while more than WINDOW replies to sent commands (``in_flight - unsent``) are outstanding."""
+
+    @abc.abstractmethod
+    async def _sleep(self, seconds: float) -> None:
+        """Pause (between reconnection attempts)."""
+
+    @abc.abstractmethod
+    async def _restore(self) -> None:
+        """Re-establish a lost connection (``_reconnect``); raises ConnectionClosedError on giving up."""
+
+    @abc.abstractmethod
+    def _poll(self) -> None:
+        """Take in what has already arrived, without waiting, so that a closed connection is noticed."""
+
+    # ------------------------------------------------------------ connection
+
+    async def _connect(self) -> None:
+        """Open a connection, send HELLO and CONNECT (pipelined), and restore the subscriptions."""
+        await self._open_transport()
+        self._lost = None
+        self._generation += 1
+        try:
+            self._write(codec.hello_line() + codec.connect_line())
+            hello = self._session.expect(b"HELLO")
+            connected = self._session.expect(b"CONNECTED")
+            await self._wait(hello)
+            self._take_hello(hello)
+            await self._wait(connected)
+            self._take_id(result(connected))
+            if self._topics:
+                await self._resubscribe()
+        except BaseException:
+            if self.connected:
+                self._lose("connection closed by the client")
+            raise
+
+    def _take_hello(self, hello: Pending) -> None:
+        """Keep the server's limits from its HELLO reply; a server older than HELLO refuses it."""
+        if isinstance(hello.error, CommandError):
+            self.server_info = self._max_line = None  # its limits are unknown: it still enforces them
+            return
+        self.server_info = self._parse(codec.parse_hello, result(hello))
+        self._max_line = self.server_info.max_line
+
+    def _take_id(self, reply: bytes) -> None:
         """Take the id from a CONNECTED reply."""
         if not reply or b" " in reply:
-            raise ProtocolError(f"bad CONNECTED reply: {reply!r}")
+            raise self._lose(f"bad CONNECTED reply: {reply!r}", ProtocolError)
         self._cid = reply
         self.client_id = reply.decode()
 
-    def _track_unwaited(self) -> None:
-        """Register one publish(wait=False) so that flush() reports it."""
+    async def _resubscribe(self) -> None:
+        self._write(b"".join(codec.subscribe_line(self._cid, name) for name in self._topics))
+        pendings = [self._session.expect(b"SUBSCRIBED") for _ in self._topics]
+        for pending in pendings:
+            await self._wait(pending)
+            result(pending)
+
+    async def _reconnect(self) -> None:
+        """Connect again, retrying with backoff for up to ``reconnect_timeout`` seconds."""
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay = RECONNECT_FIRST_DELAY
+        while True:
+            try:
+                await self._connect()
+            except (ConnectionClosedError, errors.TimeoutError) as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ConnectionClosedError(
+                        f"could not reconnect to {self.host}:{self.port} in {self.reconnect_timeout}s"
+                    ) from exc
+                await self._sleep(min(delay, left))
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+            else:
+                self.reconnects += 1
+                return
+
+    def _poll_connected(self) -> bool:
+        """Whether the connection is still open, once what has arrived is taken in."""
+        self._poll()
+        return self.connected
+
+    async def _ready(self) -> None:
+        """Make sure a connection is open: reconnect if allowed, else raise why there is none."""
+        while True:
+            if self._closed:
+                raise self._closed_error()
+            if self._poll_connected():
+                return
+            if not self.reconnect:
+                raise self._lost or ConnectionClosedError("not connected")
+            await self._restore()
+
+    def _lose(
+        self, reason: str, error_type: type[ConnectionClosedError] = ConnectionClosedError
+    ) -> ConnectionClosedError:
+        """The connection is gone: close it, fail what was awaited, and return the error that says why."""
+        self._close_transport()
+        self._out.clear()
+        failed, self._lost = self._session.lost(reason, error_type)
+        self._on_lost(failed)
+        return self._lost
+
+    def _take_in(self, data: bytes) -> list[Pending]:
+        """Give bytes read from the connection to the session; returns the commands they answered.
+
+        Nonsense from the server, or an error after which it closes the
+        connection, ends the connection here.
+        """
+        completed = self._session.receive(data)
+        if self._session.broken is not None:
+            self._lose(self._session.broken, ProtocolError)
+        elif self._session.closing:
+            self._lose("connection closed by the server")
+        return completed
+
+    def _cannot_connect(self, exc: BaseException) -> ConnectionClosedError:
+        reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
+        return ConnectionClosedError(f"cannot connect to {self.host}:{self.port}: {reason}")
+
+    def _closed_error(self) -> ConnectionClosedError:
+        return ConnectionClosedError("the client is closed")
+
+    def _reply_timeout(self) -> errors.TimeoutError:
+        return errors.TimeoutError(f"no reply from the server in {self.timeout}s")
+
+    async def _close(self) -> None:
+        """Send DISCONNECT (after anything queued) and close the connection; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.connected:
+            return
+        try:
+            await self._roundtrip(codec.disconnect_line(), b"DISCONNECTED")
+        except PigeonError:
+            pass  # closing anyway
+        finally:
+            self._lose("connection closed by the client")
+
+    # ------------------------------------------------------------ commands
+
+    async def _command(self, verb: bytes, line: Callable[[], bytes], *, retry: bool) -> bytes:
+        """Send one command and wait for its reply; a lost connection is noticed before sending.
+
+        ``line`` builds the command, since a reconnect changes the client id.
+        With ``retry`` (commands safe to repeat), a reply lost with the
+        connection is asked for again on a new one when reconnecting is on;
+        so is any command cut off by the server's idle timeout.
+        """
+        if self._closed or not self._poll_connected():
+            await self._ready()
+        try:
+            return await self._roundtrip(line(), verb)
+        except ConnectionClosedError as exc:
+            # The server reads nothing after its idle timeout fired (any byte read would have reset
+            # it), so a command cut off by that close never ran: sending it again is safe.
+            repeat = retry or isinstance(exc.error, IdleTimeoutError)
+            if not (repeat and self.reconnect) or self._closed:
+                raise
+        await self._ready()
+        return await self._roundtrip(line(), verb)
+
+    async def _roundtrip(self, line: bytes, verb: bytes) -> bytes:
+        self._write(line)
+        pending = self._session.expect(verb)
+        await self._wait(pending)
+        return result(pending)
+
+    def _write(self, data: bytes) -> None:
+        """Send ``data`` after any queued publishes."""
+        if self._out:
+            data = bytes(self._out) + data
+            self._out.clear()
+        if data:
+            self._send(data)
+            self._last_sent = time.monotonic()
+
+    async def _subscribe(self, topic: str | bytes) -> None:
+        name = codec.encode_topic(topic)
+        await self._command(b"SUBSCRIBED", lambda: codec.subscribe_line(self._cid, name), retry=True)
+        self._topics[name] = None
+
+    async def _unsubscribe(self, topic: str | bytes) -> None:
+        name = codec.encode_topic(topic)
+        try:
+            await self._command(b"UNSUBSCRIBED", lambda: codec.unsubscribe_line(self._cid, name), retry=True)
+        finally:
+            self._topics.pop(name, None)
+
+    async def _ping(self) -> float:
+        start = time.perf_counter()
+        await self._command(b"PONG", codec.ping_line, retry=True)
+        return time.perf_counter() - start
+
+    def _publish(self, topic: str | bytes, message: Data) -> Coroutine[Any, Any, bytes]:
+        """The command that publishes one message and waits for its reply (checked at once)."""
+        name = codec.encode_topic(topic)
+        data = codec.encode_message(message)
+        return self._command(b"PUBLISHED", partial(self._publish_line, name, data), retry=False)
+
+    def _publish_line(self, name: bytes, data: bytes) -> bytes:
+        return codec.publish_line(self._cid, name, data, self._max_line)
+
+    def _queue_publish(self, topic: str | bytes, message: Data) -> bool:
+        """Queue one ``publish(wait=False)`` (connected); True when enough is queued to send it now."""
+        name = codec.encode_topic(topic)
+        line = codec.publish_line(self._cid, name, codec.encode_message(message), self._max_line)
         batch = self._session.expect_unwaited()
         if not self._unflushed or self._unflushed[-1] is not batch:
             self._unflushed.append(batch)
+        self._out += line
+        return len(self._out) >= OUT_LIMIT
 
-    def _take_refusals(self) -> list[Refused]:
-        """The refusals of every publish(wait=False) since the last flush, numbered from 0."""
+    async def _flush(self) -> list[Refused]:
+        try:
+            if self.connected:
+                self._write(b"")
+                for batch in self._unflushed:
+                    await self._wait(batch)
+        except ConnectionClosedError:
+            pass  # the lost replies are in the refusals
         refused: list[Refused] = []
         offset = 0
         for batch in self._unflushed:
@@ -76,8 +361,93 @@ class ClientBase:
         self._unflushed = []
         return refused
 
-    def _closed_error(self) -> ConnectionClosedError:
-        return ConnectionClosedError("the client is closed")
+    async def _publish_many(self, topic: str | bytes, messages: Iterable[Data]) -> list[Refused]:
+        name = codec.encode_topic(topic)
+        await self._ready()
+        data = codec.checked_messages(self._cid, name, messages, self._max_line)
+        batch = self._session.expect_batch(len(data))
+        generation = self._generation
+        try:
+            for start in range(0, len(data), codec.CHUNK):
+                if self._generation != generation:
+                    break  # lost and connected again: the batch already lists the rest as refused
+                end = start + codec.CHUNK
+                self._write(codec.publish_chunk(self._cid, name, data[start:end]))
+                await self._throttle(max(len(data) - end, 0))  # the batch counts its unsent lines
+            await self._wait(batch)
+        except ConnectionClosedError:
+            pass  # the batch lists the lost replies among its refusals
+        return batch.refused
+
+    # ------------------------------------------------------------ deliveries
+
+    def _take_message(self) -> Message | None:
+        """A delivery already received, if any: the fast path of ``next_message``, with no waiting."""
+        self._keep_alive()
+        messages = self._session.messages
+        return messages.popleft() if messages else None
+
+    async def _next_message(self, timeout: float | None) -> Message:
+        """Wait for the next delivery (once ``_take_message`` has found none), sending keepalives."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        messages = self._session.messages
+        while not messages:
+            if self._closed or not self.connected:
+                await self._ready()  # a reconnect may bring deliveries: check again before waiting
+                continue
+            try:
+                await self._wait_for_data(_earliest(deadline, self._keepalive_due()))
+            except ConnectionClosedError:
+                if not self.reconnect:
+                    raise
+            self._keep_alive()
+            if not messages and deadline is not None and time.monotonic() >= deadline:
+                raise errors.TimeoutError(f"no message within {timeout}s")
+        return messages.popleft()
+
+    def _keepalive_due(self) -> float | None:
+        """When (``time.monotonic()``) to send PING so that the server's idle timeout spares this client."""
+        info = self.server_info
+        if info is None or not info.idle_timeout:
+            return None
+        return self._last_sent + info.idle_timeout * KEEPALIVE_SHARE
+
+    def _keep_alive(self) -> None:
+        """Send PING, without waiting for its PONG, if the keepalive is due; a lost connection is left
+        for the caller to notice."""
+        due = self._keepalive_due()
+        if due is None or not self.connected or time.monotonic() < due:
+            return
+        try:
+            self._write(codec.ping_line())
+        except ConnectionClosedError:
+            return
+        self._session.expect(b"PONG")  # matched and dropped when it comes, like any reply
+
+    # ------------------------------------------------------------ STATS
+
+    async def _stats(self, section: str | None) -> Any:
+        if section is None:
+            reply = await self._command(b"STATS", codec.stats_line, retry=True)
+            return self._parse(codec.parse_stats, reply)
+        key = section.lower()
+        if key not in codec.STATS_SECTIONS:
+            raise InvalidArgumentError(f"no STATS section {section!r}; choose from {codec.STATS_SECTIONS}")
+        entries: list[dict[str, Any]] = []
+        cursor = 0
+        while True:
+            reply = await self._command(b"STATS", partial(codec.stats_line, key, cursor), retry=True)
+            page, cursor = self._parse(partial(codec.parse_stats_page, key), reply)
+            entries.extend(page)
+            if not cursor:
+                return entries
+
+    def _parse(self, parse: Callable[[bytes], T], reply: bytes) -> T:
+        """``parse(reply)``; a reply it cannot read is a ProtocolError, and ends the connection."""
+        try:
+            return parse(reply)
+        except ValueError as exc:
+            raise self._lose(str(exc), ProtocolError) from None
 
 
 def result(pending: Pending) -> bytes:
@@ -85,3 +455,9 @@ def result(pending: Pending) -> bytes:
     if pending.error is not None:
         raise pending.error
     return pending.reply
+
+
+def _earliest(first: float | None, second: float | None) -> float | None:
+    if first is None:
+        return second
+    return first if second is None else min(first, second)

@@ -8,16 +8,20 @@ Python loop ever walks a line byte by byte.
 from __future__ import annotations
 
 import dataclasses
-import re
+import json
+import unicodedata
 from collections.abc import Iterable
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 from pigeon.errors import CommandError, InvalidArgumentError
 from pigeon.protocol import TOPIC_MAX
 
-# The server refuses these in a topic (whitespace, C0/C1 controls, the common
-# Unicode blanks); checking here gives the error before anything is sent.
-_BAD_TOPIC_CHAR = re.compile("[\x00-\x20\x7f-\x9f\xa0\u2028\u2029]")
+# The server refuses these Unicode categories in a topic: controls (Cc), format
+# characters (Cf: zero-width, BOM, bidi controls), spaces (Zs) and line and
+# paragraph separators (Zl, Zp). Checking here gives the error before anything is sent.
+_REFUSED_IN_TOPICS = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+CHUNK = 2048  # PUBLISH lines per buffer that publish_many sends at once
 
 Bytes = bytes | bytearray | memoryview
 Data = Bytes | str
@@ -80,8 +84,10 @@ def _check_topic(topic: str | bytes) -> bytes:
         raise InvalidArgumentError("topic must not be empty")
     if len(raw) > TOPIC_MAX:
         raise InvalidArgumentError(f"topic must be at most {TOPIC_MAX} bytes, not {len(raw)}")
-    if _BAD_TOPIC_CHAR.search(text):
-        raise InvalidArgumentError(f"topic {text!r} must not contain whitespace or control characters")
+    if any(unicodedata.category(char) in _REFUSED_IN_TOPICS for char in text):
+        raise InvalidArgumentError(
+            f"topic {text!r} must not contain whitespace, control, format or separator characters"
+        )
     return raw
 
 
@@ -93,29 +99,6 @@ def encode_message(message: Data) -> bytes:
     if data.endswith(b"\r"):
         # the server reads "\r\n" as a line end, so a trailing "\r" would be lost
         raise InvalidArgumentError("message must not end with a carriage return")
-    return data
-
-
-def encode_messages(messages: Iterable[Data]) -> list[Bytes]:
-    """Many messages as wire bytes, checked together at C speed; the error names the first bad one.
-
-    A list of bytes-like messages is used as it is: no Python step per message.
-    """
-    items = messages if isinstance(messages, list) else list(messages)
-    try:
-        # join raises TypeError unless every item is bytes-like: then the list is the answer
-        data = cast("list[Bytes]", items)
-        joined = b"".join(data)
-    except TypeError:
-        data = [m if type(m) is bytes else _as_bytes(m) for m in items]
-        joined = b"".join(data)
-    # two memchr scans; only a message with a "\r" somewhere needs a closer look
-    if b"\n" in joined or b"\r" in joined:
-        for index, message in enumerate(data):
-            try:
-                encode_message(message)
-            except InvalidArgumentError as exc:
-                raise InvalidArgumentError(f"message {index}: {exc}") from None
     return data
 
 
@@ -144,15 +127,71 @@ def unsubscribe_line(client_id: bytes, topic: bytes) -> bytes:
     return b"UNSUBSCRIBE %s %s\n" % (client_id, topic)
 
 
-def publish_line(client_id: bytes, topic: bytes, data: bytes) -> bytes:
-    """PUBLISH for an encoded topic and message."""
-    return b"PUBLISH %s %s %s\n" % (client_id, topic, data)
+def publish_line(client_id: bytes, topic: bytes, data: bytes, max_line: int | None = None) -> bytes:
+    """PUBLISH for an encoded topic and message; raises InvalidArgumentError for a line over ``max_line``."""
+    line = b"PUBLISH %s %s %s\n" % (client_id, topic, data)
+    if max_line is not None and len(line) - 1 > max_line:
+        raise InvalidArgumentError(_too_long(len(line) - 1, max_line))
+    return line
+
+
+def checked_messages(
+    client_id: bytes, topic: bytes, messages: Iterable[Data], max_line: int | None = None
+) -> list[Bytes]:
+    """Many messages for PUBLISH commands on one topic, every one checked; raises InvalidArgumentError
+    naming the first that cannot be sent.
+
+    A list of bytes-like messages is used as it is. The checks run in C over
+    each CHUNK of messages joined (two ``memchr`` scans and a length), so they
+    cost no Python step per message; only a chunk with a ``\\r`` somewhere, or
+    longer than a line may be, gets a closer look.
+    """
+    items = messages if isinstance(messages, list) else list(messages)
+    head = len(b"PUBLISH %s %s " % (client_id, topic))
+    longest = None if max_line is None else max_line - head  # the longest message that fits
+    start = 0
+    while start < len(items):
+        part = cast("list[Bytes]", items[start : start + CHUNK])
+        try:
+            joined = b"".join(part)
+        except TypeError:  # not all bytes-like: convert them all, or name the first that is neither
+            items = [_message_bytes(message, index) for index, message in enumerate(items)]
+            continue
+        too_long = longest is not None and len(joined) > longest and max(map(len, part)) > longest
+        if b"\n" in joined or b"\r" in joined or too_long:
+            _refuse_first(part, start, head, max_line)
+        start += CHUNK
+    return cast("list[Bytes]", items)
 
 
 def publish_chunk(client_id: bytes, topic: bytes, messages: list[Bytes]) -> bytes:
-    """PUBLISH commands for many encoded messages on one topic, as one buffer built by one join."""
+    """PUBLISH commands for many checked messages on one topic, as one buffer built by one join."""
     head = b"PUBLISH %s %s " % (client_id, topic)
     return head + (b"\n" + head).join(messages) + b"\n"
+
+
+def _message_bytes(message: Data, index: int) -> Bytes:
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        return message
+    try:
+        return _as_bytes(message)
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"message {index}: {exc}") from None
+
+
+def _refuse_first(part: list[Bytes], start: int, head: int, max_line: int | None) -> None:
+    """Raise the error of the first message of ``part`` that cannot be sent (``start``: its index)."""
+    for index, message in enumerate(part, start):
+        try:
+            encode_message(message)
+            if max_line is not None and head + len(message) > max_line:
+                raise InvalidArgumentError(_too_long(head + len(message), max_line))
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"message {index}: {exc}") from None
+
+
+def _too_long(length: int, max_line: int) -> str:
+    return f"the PUBLISH line would be {length} bytes, over the server's limit of {max_line} (max_line)"
 
 
 def ping_line() -> bytes:
@@ -163,6 +202,65 @@ def ping_line() -> bytes:
 def disconnect_line() -> bytes:
     """The DISCONNECT command."""
     return b"DISCONNECT\n"
+
+
+def hello_line() -> bytes:
+    """The HELLO command, which asks the server for its protocol version and limits."""
+    return b"HELLO\n"
+
+
+STATS_PAGE = 1000  # the most entries the server puts in one page of STATS TOPICS or CONNECTIONS
+STATS_SECTIONS = ("topics", "connections")
+
+
+def stats_line(section: str | None = None, cursor: int = 0) -> bytes:
+    """STATS (server-wide figures), or the page of a section's listing that starts at ``cursor``."""
+    if section is None:
+        return b"STATS\n"
+    return b"STATS %s %d %d\n" % (section.upper().encode(), cursor, STATS_PAGE)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """What the server's HELLO reply says: its protocol version and the limits a client must respect."""
+
+    protocol: int
+    max_line: int  # the longest command line, without its newline
+    topic_max: int
+    idle_timeout: float  # seconds of silence after which the server closes a connection; 0: never
+    features: tuple[str, ...]
+
+
+def parse_hello(reply: bytes) -> ServerInfo:
+    """The ``ServerInfo`` in the JSON after ``HELLO``; raises ValueError for a reply that is not one."""
+    try:
+        info = json.loads(reply)
+        return ServerInfo(
+            protocol=int(info["protocol"]),
+            max_line=int(info["max_line"]),
+            topic_max=int(info["topic_max"]),
+            idle_timeout=float(info["idle_timeout"]),
+            features=tuple(str(feature) for feature in info["features"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"bad HELLO reply: {reply[:200]!r}") from exc
+
+
+def parse_stats(reply: bytes) -> dict[str, Any]:
+    """The figures in the JSON after ``STATS``; raises ValueError for a reply that is not a JSON object."""
+    figures = json.loads(reply)
+    if not isinstance(figures, dict):
+        raise ValueError(f"bad STATS reply: {reply[:200]!r}")
+    return figures
+
+
+def parse_stats_page(section: str, reply: bytes) -> tuple[list[dict[str, Any]], int]:
+    """The entries of a page of ``STATS TOPICS`` or ``CONNECTIONS``, and the next page's cursor (0: none)."""
+    page = parse_stats(reply)
+    try:
+        return list(page[section]), int(page["next"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"bad STATS {section.upper()} reply: {reply[:200]!r}") from exc
 
 
 class LineSplitter:

@@ -14,7 +14,7 @@ from collections import deque
 
 from pigeon.client import codec
 from pigeon.client.codec import Message, Refused
-from pigeon.errors import CommandError, ConnectionClosedError, PigeonError, error_from_reason
+from pigeon.errors import ClosingError, CommandError, ConnectionClosedError, PigeonError, error_from_reply
 
 
 class Pending:
@@ -42,7 +42,7 @@ class Pending:
 class Session:
     """Matches replies to commands and queues deliveries for one connection at a time."""
 
-    __slots__ = ("_lines", "_pending", "_topic_names", "broken", "in_flight", "messages", "notice")
+    __slots__ = ("_lines", "_pending", "_topic_names", "broken", "closing", "in_flight", "messages", "notice")
 
     def __init__(self) -> None:
         self._lines = codec.LineSplitter()
@@ -50,7 +50,8 @@ class Session:
         self._topic_names: dict[bytes, str] = {}
         self.in_flight = 0  # replies still to come
         self.messages: deque[Message] = deque()
-        self.notice: str | None = None  # an ERROR the server sent unasked (e.g. before closing)
+        self.notice: CommandError | None = None  # an ERROR the server sent unasked, or before closing
+        self.closing = False  # the server sent an error after which it closes the connection
         self.broken: str | None = None  # why the server's output stopped making sense
 
     def expect(self, verb: bytes) -> Pending:
@@ -84,6 +85,8 @@ class Session:
 
         A line that is neither a delivery nor the reply expected next sets
         ``broken`` and stops the reading: the connection can no longer be trusted.
+        An error after which the server closes the connection (a ``ClosingError``,
+        asked for or not) sets ``closing`` and stops the reading too.
         """
         chunk = self._lines.feed(data)
         if not chunk:
@@ -116,7 +119,7 @@ class Session:
         """The connection is gone: fail everything still awaited.
 
         Returns the failed entries and the error that says why, with the
-        server's last unasked ERROR as its ``reason``. The session is then
+        server's last unasked ERROR as its ``error``. The session is then
         ready for a new connection; received deliveries stay queued.
         """
         error = error_type(reason, self.notice)
@@ -132,6 +135,7 @@ class Session:
         self._lines.reset()
         self.in_flight = 0
         self.notice = None
+        self.closing = False
         self.broken = None
         return failed, error
 
@@ -142,19 +146,28 @@ class Session:
         self.messages.append(Message(name, data))
 
     def _on_reply(self, line: bytes, completed: list[Pending]) -> bool:
-        """Match a reply to the oldest awaited command; False when the line makes no sense here."""
+        """Match a reply to the oldest awaited command; False when reading must stop.
+
+        Reading stops at a line that makes no sense here, and at an error
+        after which the server closes the connection.
+        """
         word, rest = codec.parse_reply(line)
+        error = error_from_reply(rest.decode("utf-8", "replace")) if word == b"ERROR" else None
+        if isinstance(error, ClosingError):
+            # the connection ends here: what is awaited fails with this error as the reason
+            self.notice = error
+            self.closing = True
+            return False
         if not self._pending:
-            if word == b"ERROR":
-                self.notice = rest.decode("utf-8", "replace")
+            if error is not None:
+                self.notice = error
                 return True
             self.broken = f"unexpected line from the server: {line[:100]!r}"
             return False
         head = self._pending[0]
         if word == head.verb:
             head.reply = rest
-        elif word == b"ERROR":
-            error: CommandError = error_from_reason(rest.decode("utf-8", "replace"))
+        elif error is not None:
             if head.batch:
                 head.refused.append(Refused(head.answered, error))
             else:
