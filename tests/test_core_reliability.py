@@ -98,6 +98,33 @@ def test_a_connection_that_does_not_take_its_output_stops_being_read() -> None:
     assert broker.stats()["read_pauses"] >= 1
 
 
+def test_a_backlog_longer_than_a_batch_reaches_a_subscriber_that_reads_nothing_more() -> None:
+    # Found while rebuilding the reference model (issue 11): the SUBSCRIBE's own output passed
+    # out_batch, was handed over mid-read, and the flush then skipped the connection, so the rest
+    # of the backlog waited for the subscriber's next command.
+    broker = Broker(out_batch=30)
+    pub, sub = Peer(broker), Peer(broker)
+    pub.send(b"".join(b"PUBLISH <me> t %d\n" % i for i in range(6)))
+    sub.send(b"SUBSCRIBE <me> t\n")
+    assert sub.take() == b"SUBSCRIBED t\n" + b"".join(b"MESSAGE t %d\n" % i for i in range(6))
+    assert broker.topic_info(b"t") == (1, 0)
+
+
+def test_a_transport_that_fills_on_a_mid_read_hand_over_is_checked_against_max_pending() -> None:
+    # The same skip: three PONGs (under out_batch) were checked at the flush's hand-over, four
+    # (handed over mid-read) were not, and the connection stayed paused over max_pending. The flush
+    # is deferred as in the server, not run inside the writer's pause().
+    for pings in (3, 4):
+        broker = Broker(out_batch=16, max_pending=100)
+        broker.on_output = lambda: None
+        events = Events(broker)
+        p = Peer(broker)
+        p.pause_on_write = True
+        p.in_transport = 500
+        p.send(b"PING\n" * pings)
+        assert events.closes == [(p.handle, "slow consumer: 500 bytes unsent (limit 100)", False)], pings
+
+
 def test_stats_replies_are_bounded_and_page_through_every_topic() -> None:
     broker = Broker()
     p = Peer(broker)

@@ -529,13 +529,16 @@ cdef int _flush_pass(Broker b) except -1:
                 if not c.dirty:
                     continue
                 c.dirty = False
-                if c.out_len == 0 or (c.close_queued and not c.close_flush):
+                if c.close_queued and not c.close_flush:
                     continue
-                if c.state == CONN_OPEN and c.paused:
-                    _check_unsent(b, h)
-                    continue
-                hand_over(b, h)
-                c = &b.conns.items[h]
+                if c.out_len:
+                    if c.state == CONN_OPEN and c.paused:
+                        _check_unsent(b, h)
+                        continue
+                    hand_over(b, h)
+                    c = &b.conns.items[h]
+                # what follows holds too for output handed over mid-read (process_input): nothing is
+                # left, but the connection may be paused over max_pending, or starved by its full batch
                 if c.state != CONN_OPEN:
                     continue
                 if c.paused:
