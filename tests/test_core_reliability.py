@@ -312,7 +312,8 @@ for p in peers[:2]:
     p.send(b"SUBSCRIBE <me> jobs\\n")
     p.pause_on_write = True
 soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-resource.setrlimit(resource.RLIMIT_AS, (int(open('/proc/self/statm').read().split()[0]) * 4096 + (64 << 20), hard))
+room = int(open('/proc/self/statm').read().split()[0]) * 4096 + (64 << 20)
+resource.setrlimit(resource.RLIMIT_AS, (room, hard))
 failed = 0
 for round in range(200):
     try:
@@ -364,7 +365,8 @@ def test_eof_gives_unsent_messages_back_and_keeps_the_replies() -> None:
     assert scheduled
     broker.close(a.handle)
     delivered = [line for line in lines(b.take()) if line.startswith(b"MESSAGE")]
-    assert sorted(delivered, key=lambda line: int(line.split()[2])) == [b"MESSAGE t %d" % i for i in range(20)]
+    by_number = sorted(delivered, key=lambda line: int(line.split()[2]))
+    assert by_number == [b"MESSAGE t %d" % i for i in range(20)]
     stats = broker.stats()
     assert (stats["requeued"], stats["delivered"], stats["backlog_messages"]) == (10, 20, 0)
 
@@ -432,8 +434,10 @@ def test_an_idle_close_of_a_paused_connection_does_not_wait_for_a_flush() -> Non
 
 def test_invisible_characters_are_refused_in_topic_names() -> None:
     if unicodedata.unidata_version != INVISIBLE_UNICODE_VERSION:
-        pytest.skip(f"the table is of Unicode {INVISIBLE_UNICODE_VERSION}, this Python has "
-                    f"{unicodedata.unidata_version}")
+        pytest.skip(
+            f"the table is of Unicode {INVISIBLE_UNICODE_VERSION}, this Python has "
+            f"{unicodedata.unidata_version}"
+        )
     broker = Broker()
     p = Peer(broker)
     hidden = {"Cc", "Cf", "Zs", "Zl", "Zp"}
