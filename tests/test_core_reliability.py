@@ -125,6 +125,25 @@ def test_a_transport_that_fills_on_a_mid_read_hand_over_is_checked_against_max_p
         assert events.closes == [(p.handle, "slow consumer: 500 bytes unsent (limit 100)", False)], pings
 
 
+def test_a_flush_inside_a_writer_does_not_give_back_what_that_writer_was_handed() -> None:
+    # Found by the differential test (issue 11). Without on_output the core flushes inside every
+    # call, a pause() from inside a writer too: that flush dropped the paused subscriber as a slow
+    # consumer and gave back the message the writer had just taken, so it was delivered twice.
+    broker = Broker(out_batch=1, max_pending=10)
+    events = Events(broker)
+    sub, other = Peer(broker), Peer(broker)
+    sub.in_transport = 50  # reported at the next hand-over
+    sub.send(b"SUBSCRIBE <me> t\n")
+    sub.pause_on_write = True
+    sub.send(b"PUBLISH <me> t x\n")
+    assert sub.take() == b"SUBSCRIBED t\nPUBLISHED t\nMESSAGE t x\n"
+    assert events.closes == [(sub.handle, "slow consumer: 50 bytes unsent (limit 10)", False)]
+    other.send(b"SUBSCRIBE <me> t\n")
+    assert other.take() == b"SUBSCRIBED t\n"
+    stats = broker.stats()
+    assert (stats["delivered"], stats["requeued"]) == (1, 0)
+
+
 def test_stats_replies_are_bounded_and_page_through_every_topic() -> None:
     broker = Broker()
     p = Peer(broker)

@@ -449,6 +449,7 @@ cdef int hand_over(Broker b, int32_t h) except -1:
     cdef PyObject *exact = NULL
     cdef object data
     cdef object writer
+    cdef bint was_flushing
     if n == 0:
         return 0
     # The writer gets the object the output was written into, only trimmed in
@@ -467,8 +468,16 @@ cdef int hand_over(Broker b, int32_t h) except -1:
     # decays slowly, so one short hand-over between long ones does not shrink the next object
     c.out_hint = n if n > c.out_hint else c.out_hint - c.out_hint // 8
     writer = <object>c.writer
+    # No flush from the writer's callbacks (its transport pausing the connection): the output is out
+    # of the connection but its messages are not settled yet, so a slow-consumer drop would give
+    # them back. The caller's flush, or the end of its call, does the work.
+    was_flushing = b.outbox.flushing
+    b.outbox.flushing = True
     try:
-        writer(data)
+        try:
+            writer(data)
+        finally:
+            b.outbox.flushing = was_flushing
     except Exception:
         c = &b.conns.items[h]
         if c.state == CONN_OPEN:
