@@ -144,6 +144,23 @@ def test_a_flush_inside_a_writer_does_not_give_back_what_that_writer_was_handed(
     assert (stats["delivered"], stats["requeued"]) == (1, 0)
 
 
+def test_a_publish_nobody_can_take_does_not_move_the_turn() -> None:
+    # Found by the differential test (issue 11). docs/protocol.md: "if the last served subscriber was
+    # the last in the order, the newcomer is next"; a publish that no subscriber could take wrapped
+    # the turn back to the first subscriber, so the newcomer lost its turn.
+    broker = Broker(max_backlog=0)
+    pub, first, second = Peer(broker), Peer(broker), Peer(broker)
+    first.send(b"SUBSCRIBE <me> t\n")
+    pub.send(b"PUBLISH <me> t 1\n")
+    broker.pause(first.handle)
+    pub.send(b"PUBLISH <me> t 2\n")  # nobody can take it, and the backlog holds nothing: refused
+    broker.resume(first.handle)
+    second.send(b"SUBSCRIBE <me> t\n")
+    pub.send(b"PUBLISH <me> t 3\n")
+    assert first.take() == b"SUBSCRIBED t\nMESSAGE t 1\n"
+    assert second.take() == b"SUBSCRIBED t\nMESSAGE t 3\n"
+
+
 def test_stats_replies_are_bounded_and_page_through_every_topic() -> None:
     broker = Broker()
     p = Peer(broker)
