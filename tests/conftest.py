@@ -20,6 +20,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "smoke: end-to-end subset run against installed wheels and the binary (scripts/smoke.py)"
     )
+    config.addinivalue_line(
+        "markers", "slow: takes tens of seconds or more; the default run runs it too (-m 'not slow' skips)"
+    )
 
 
 @pytest.fixture(params=LOOPS)
