@@ -29,6 +29,7 @@ from pigeon._core import Broker
 from tests.model import NOT_STATED, ModelBroker
 
 AnyBroker = Broker | ModelBroker
+OWN_ID = b"<me>"  # stands for the connection's own client id in commands a test sends
 PAGE_LIMIT = 100_000  # pages a walk may take before it is called endless
 
 
@@ -207,6 +208,11 @@ class Session:
         for side in self.sides:
             side.open(f"p{peer.index}")
         return peer
+
+    def own_id(self, peer: Peer, data: bytes) -> bytes:
+        """``data`` with OWN_ID replaced by the connection's client id (c0 before CONNECT)."""
+        cid = self.core_broker.client_id(self.core.handles[peer.index]) or "c0"
+        return data.replace(OWN_ID, cid.encode())
 
     def read(self, peer: Peer, data: bytes) -> None:
         for side in self.sides:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
+from tests.harness import OWN_ID
+
 TOPICS = [b"a", b"b", b"c", "é".encode(), b"\x01", b"\xff", "a\u200bb".encode(), b"z" * 256]
 GOOD_TOPICS = [b"a", b"b", "é".encode()]
-OWN_ID = b"<me>"
 IDS = [OWN_ID, OWN_ID, OWN_ID, b"c1", b"c2", b"nobody"]
 
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from tests.harness import Peer, Session
-from tests.strategies import OWN_ID, command, good_topics, messages, separators, stats_lines
+from tests.strategies import GOOD_TOPICS, command, good_topics, messages, separators, stats_lines
 
 # which live connection a rule acts on (modulo their number)
 picks = st.integers(0, 7)
@@ -53,19 +53,19 @@ class CoreVsModel(RuleBasedStateMachine):
         ),
         deferred=st.booleans(),
         nconns=st.integers(1, 4),
+        topics=st.permutations(GOOD_TOPICS),
     )
-    def make(self, limits: dict[str, int], deferred: bool, nconns: int) -> None:
+    def make(self, limits: dict[str, int], deferred: bool, nconns: int, topics: list[bytes]) -> None:
         self.session = Session(limits, deferred=deferred)
         self._open(nconns)
         # most sessions start with subscribers, so that publishing routes something
         for peer in self.session.peers[: nconns - 1]:
-            self._send(peer, b"SUBSCRIBE <me> a\nSUBSCRIBE <me> b\n")
+            self._send(peer, b"".join(b"SUBSCRIBE <me> %s\n" % topic for topic in topics))
 
     def _send(self, peer: Peer | None, data: bytes, *, flush: bool = True) -> None:
         if peer is None or peer.closed:
             return
-        cid = (self.session.core_broker.client_id(self.session.core.handles[peer.index]) or "c0").encode()
-        data = data.replace(OWN_ID, cid)
+        data = self.session.own_id(peer, data)
         if flush:
             self.session.feed(peer, data)
         else:

@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pigeon.testing import LineClient, ServerProcess
+from tests.harness import OWN_ID
 from tests.model import ModelBroker
-from tests.strategies import OWN_ID, command, junk_lines
+from tests.strategies import command, junk_lines
 
 NONCE = b"<T>"
 wire_topics = st.sampled_from([NONCE + b"a", NONCE + b"b", NONCE + "é".encode(), b"\x01", b"z" * 256])
