@@ -165,7 +165,9 @@ def test_sigterm_under_load_flushes_and_exits(start_server: Start) -> None:
     threads += [threading.Thread(target=consume, args=(k,)) for k in range(len(subs))]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 60
     while sum(received) < 3000:
+        assert time.monotonic() < deadline, f"only {sum(received)} messages arrived in 60 s: {bad[:5]}"
         time.sleep(0.01)
     proc.proc.send_signal(signal.SIGTERM)
     # stop() waits at most 30 s for the exit

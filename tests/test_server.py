@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import selectors
 import socket
 import threading
@@ -16,9 +17,19 @@ from pigeon.testing import LineClient, ServerProcess
 
 Connect = Callable[[], LineClient]
 
-# A connection closed without DISCONNECT is noticed by the server when it reads
-# EOF; there is no reply to wait for, so the tests give it this long.
-CLOSE_SETTLES = 0.5
+
+def _until_gone(observer: LineClient, client_id: str, timeout: float = 10.0) -> None:
+    """Wait until the server no longer lists the connection of ``client_id``: it read its EOF.
+
+    ``observer`` is a connected client that receives no messages meanwhile.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        page = json.loads(observer.ask("STATS CONNECTIONS 0 1000").split(b" ", 1)[1])
+        if all(entry["client_id"] != client_id for entry in page["connections"]):
+            return
+        assert time.monotonic() < deadline, f"the server still lists {client_id} after {timeout} s"
+        time.sleep(0.01)
 
 
 @pytest.mark.smoke
@@ -48,7 +59,9 @@ def test_ids_are_unique_and_cannot_be_borrowed(connect: Connect) -> None:
     assert a.client_id != b.client_id
     assert a.ask(f"SUBSCRIBE {b.client_id} t").startswith(b"ERROR WRONG_CLIENT_ID client id does not belong")
     assert a.ask(f"PUBLISH {b.client_id} t m").startswith(b"ERROR WRONG_CLIENT_ID client id does not belong")
-    assert a.ask(f"UNSUBSCRIBE {b.client_id} t").startswith(b"ERROR WRONG_CLIENT_ID client id does not belong")
+    assert a.ask(f"UNSUBSCRIBE {b.client_id} t").startswith(
+        b"ERROR WRONG_CLIENT_ID client id does not belong"
+    )
     assert a.ask("CONNECT") == f"ERROR ALREADY_CONNECTED already connected as '{a.client_id}'".encode()
     b.subscribe("t")
     a.publish("t", "only-one")
@@ -77,7 +90,7 @@ def test_round_robin_with_joins_and_leaves(connect: Connect) -> None:
     # so d's turn comes before a's; nobody skips or repeats
     assert b.ask(f"UNSUBSCRIBE {b.client_id} jobs") == b"UNSUBSCRIBED jobs"
     c.close()
-    time.sleep(CLOSE_SETTLES)
+    _until_gone(pub, c.client_id)
     d = connect()
     d.subscribe("jobs")
     for i in range(6, 10):
@@ -115,7 +128,8 @@ def test_backlog_is_bounded_and_says_so() -> None:
         for i in range(3):
             pub.publish("full", f"m{i}")
         assert (
-            pub.ask(f"PUBLISH {pub.client_id} full m3") == b"ERROR BACKLOG_FULL backlog full (3 messages) for topic 'full'"
+            pub.ask(f"PUBLISH {pub.client_id} full m3")
+            == b"ERROR BACKLOG_FULL backlog full (3 messages) for topic 'full'"
         )
         sub = server.client()
         sub.connect()
@@ -131,7 +145,7 @@ def test_a_subscriber_that_goes_away_takes_no_more_turns(connect: Connect) -> No
     a.subscribe("t")
     b.subscribe("t")
     a.close()
-    time.sleep(CLOSE_SETTLES)
+    _until_gone(pub, a.client_id)
     for i in range(4):
         pub.publish("t", str(i))
     assert b.lines(4) == [f"MESSAGE t {i}".encode() for i in range(4)]
