@@ -583,4 +583,4 @@ def test_limits_out_of_range_are_refused_with_their_name() -> None:
     with pytest.raises(ValueError, match="idle_timeout"):
         Broker(idle_timeout=float("nan"))
     with pytest.raises(TypeError, match="unknown limit 'max_nothing'"):
-        Broker(max_nothing=1)
+        Broker(max_nothing=1)  # type: ignore[call-arg]
