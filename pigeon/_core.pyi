@@ -26,7 +26,7 @@ class Broker:
     on_output: Callable[[], object] | None
     """Called once when ``flush()`` is due; None runs it before each call returns (tests)."""
     on_close: Callable[[int, str, bool], object] | None
-    """``(handle, reason, flush)``: the core ended a connection; close its socket, after its output when flush.
+    """``(handle, reason, flush)``: the core ended a connection; close its socket (after its output: flush).
 
     ``reason`` is empty when the client asked (DISCONNECT).
     """

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import attack_kit as kit
 from pigeon.testing import server_command
+from tests import attack_kit as kit
 
 
 @pytest.fixture(scope="module")
