@@ -53,6 +53,7 @@ for sanitizer in sanitizers:
     compile_args.append(f"-fsanitize={sanitizer}")
     link_args.append(f"-fsanitize={sanitizer}")
 
+
 def protocol_constant(name: str) -> int:
     """A constant of pigeon/protocol.py, where the wire constants are defined once for Python and C."""
     tree = ast.parse(Path("pigeon/protocol.py").read_text())

@@ -20,8 +20,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "smoke: end-to-end subset run against installed wheels and the binary (scripts/smoke.py)"
     )
-    # also in pyproject.toml; repeated here for the copy of tests/ that scripts/smoke.py runs
-    config.addinivalue_line("markers", "slow: heavy attack tests (memory floods, hash flood, 100,000 topics)")
+    config.addinivalue_line(
+        "markers", "slow: takes tens of seconds or more; the default run runs it too (-m 'not slow' skips)"
+    )
 
 
 @pytest.fixture(params=LOOPS)

@@ -1,26 +1,70 @@
-"""A pure-Python reference model of the broker core, written from the protocol's rules.
+"""A plain-Python model of what a client of the broker core can observe.
 
-It has the core's Python interface (``open``, ``feed``, ``pause``, ``resume``,
-``close``, ``tick``, ``topic_info``, ``stats``) and must produce the same bytes
-through the same writer calls. It is deliberately plain: lists and dicts, one
-method per rule, no speed tricks, so a disagreement with the core points at a
-bug in one of them rather than at a shared shortcut.
+Written from docs/protocol.md and the notes on the new core (issue 11), not
+from the core's code, so that a design flaw in one is not copied into the
+other. It takes the core's Python calls (``open``, ``read``, ``feed``,
+``flush``, ``pause``, ``resume``, ``eof``, ``close``, ``tick`` and the
+reports) and states, for every connection:
+
+- its output stream: replies, ``ERROR <CODE> <text>`` lines and ``MESSAGE``
+  lines, in order, and when they reach its writer: at a flush; at once when a
+  connection's own output passes ``out_batch`` in the middle of a read; at EOF;
+- the close events ``on_close(handle, reason, flush)`` and the reading events
+  ``on_reading(handle, reading)``, and the warnings;
+- work-queue delivery: round robin in subscription order, skipping a subscriber
+  that cannot take output now (paused, or holding a full batch of output not
+  yet handed over), backlogs and their bound, messages given back to the head
+  of their topic when they were never handed to a connection (close, EOF, a
+  failing writer, a slow-consumer drop, a write timeout);
+- the figures of STATS and ``stats()``, HELLO, the pages of topics and
+  connections (a whole listing holds every one; in the model's own order, as
+  the core's follows a random hash), ``topic_info`` and client ids;
+- idle and write timeouts, counted in ticks.
+
+What it leaves out on purpose:
+
+- memory. ``max_memory`` is accepted and reported, but the model does not
+  count bytes: the core's accounting (message records, pooled records, buffer
+  capacities) is not something a client can predict byte for byte. Tests that
+  compare the two run with a ``max_memory`` large enough never to be reached;
+  memory is tested on the core alone (tests/test_core_reliability.py).
+- figures no client can predict: ``memory_bytes``, the clocks, the core's
+  handles (``NOT_STATED``), and which topics or connections a page that is not
+  a whole listing holds, and its cursor. A STATS reply still has to be written
+  with them, since its length decides flow control further on: ``unstated``,
+  when set, gives the core's figures of the same reply (the differential test
+  records them), and the model writes its own figures over them.
+- how output is split into writer calls: the model makes one call per hand-over
+  too, but what it states is each connection's bytes, in order.
+- handles: the model numbers its connections 0, 1, 2, ... and never reuses a
+  number; a test maps them to the core's by the order connections were opened.
+  Where the core's order of handles decides something (connections timing out
+  in the same tick), ``tick`` takes that order from the caller.
+- which characters count as invisible in topic names follows this Python's
+  ``unicodedata``; the core's table is of ``INVISIBLE_UNICODE_VERSION``. They
+  differ only for characters assigned between the two versions.
+
+A few orders the protocol leaves open are pinned to the core's choice, each
+named where it is used ("pinned:"), so that the comparison stays exact.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import unicodedata
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
+from pigeon._core import LIMIT_DEFAULTS
 from pigeon.protocol import TOPIC_MAX
-from pigeon.server import limits
 
 Writer = Callable[[bytes], object]
-Closer = Callable[[str, bool], object]
-Pending = Callable[[], int]
+TransportSize = Callable[[], int]
 
-COMMANDS = ("connect", "subscribe", "unsubscribe", "publish", "ping", "disconnect", "stats", "unknown")
+COMMANDS = ("connect", "subscribe", "unsubscribe", "publish", "ping", "disconnect", "stats", "hello")
 ERRORS = (
     "usage",
     "unknown_command",
@@ -37,210 +81,355 @@ ERRORS = (
     "memory_full",
     "idle_timeout",
 )
+# figures of the core the model does not state (see the module docstring)
+NOT_STATED = frozenset({"uptime_seconds", "memory_bytes", "connected_since", "connected_seconds", "handle"})
 
-SHOW_MAX = 64
-READ_ROOM = 256 * 1024
+PROTOCOL_VERSION = 1
+QUOTE_MAX = 64  # the longest input an ERROR quotes
+STATS_PAGE_DEFAULT = 100
+STATS_PAGE_MAX = 1000
+SUBSCRIPTIONS_LISTED = 100
+STATS_USAGE = b"usage: STATS [TOPICS|CONNECTIONS [<cursor> [<count>]]]"
+# Unicode categories refused in topic names: control, format, surrogate, separators
+INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
+BLANKS = b" \t"
 
 
 @dataclass(eq=False)
 class Topic:
-    """A topic: its rotation of subscriber handles, whose turn is next, and its backlog."""
+    """A topic while anything holds it: its rotation, whose turn is next, its backlog."""
 
     name: bytes
-    subs: list[int] = field(default_factory=list)
-    cursor: int = 0
+    rotation: list[Conn] = field(default_factory=list)
+    turn: int = 0  # index in rotation of the next subscriber to try; past the end means the first
     backlog: deque[bytes] = field(default_factory=deque)
+    in_flight: int = 0  # its messages in some connection's output not yet handed over
+    published: int = 0
+    delivered: int = 0
+    warned: bool = False  # backlog-full warning given since the backlog last emptied
+
+
+@dataclass(eq=False)
+class Line:
+    """One line of a connection's output not yet handed over; a MESSAGE line knows its message."""
+
+    data: bytes
+    topic: Topic | None = None
+    payload: bytes = b""
 
 
 @dataclass(eq=False)
 class Conn:
-    """One connection's state, as the rules describe it."""
+    """One connection, as far as its client can tell."""
 
+    handle: int
     writer: Writer
-    closer: Closer | None
-    in_transport: Pending | None  # bytes buffered past the broker
-    open: bool = True  # False once closing (DISCONNECT, fatal error, dropped)
-    rejected: bool = False
-    paused: bool = False
-    dirty: bool = False
-    starved: bool = False
-    idle: int = 0
+    transport_size: TransportSize | None
+    peer: str | None
+    rejected: bool = False  # over max_connections
+    open: bool = True  # False once closing: no more input, out of every rotation
+    paused: bool = False  # its transport is full
+    paused_at: int = 0  # the tick it paused at
+    reading: bool = True  # whether the server reads it (on_reading)
+    silent: int = 0  # ticks since its last read
     client_id: bytes = b""
-    out: bytearray = field(default_factory=bytearray)
-    pending: bytes = b""
-    subs: list[Topic] = field(default_factory=list)
+    unsent: list[Line] = field(default_factory=list)
+    held: bytes = b""  # input not run yet: an unfinished line, or lines held while paused
+    subscriptions: list[Topic] = field(default_factory=list)
+    in_transport: int = 0  # what its transport held unsent when last asked
+    close_reason: str | None = None  # set while an on_close report waits for the end of a flush
+    close_flush: bool = True
+    messages_in: int = 0
+    messages_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def unsent_bytes(self) -> int:
+        return sum(len(line.data) for line in self.unsent)
 
 
 class ModelBroker:
     """The reference model; the constructor takes the core's keyword arguments."""
 
-    def __init__(
-        self,
-        *,
-        max_line: int = limits.DEFAULT_MAX_LINE,
-        max_backlog: int = limits.DEFAULT_MAX_BACKLOG,
-        max_connections: int = limits.DEFAULT_MAX_CONNECTIONS,
-        max_memory: int = limits.DEFAULT_MAX_MEMORY,
-        max_subscriptions: int = limits.DEFAULT_MAX_SUBSCRIPTIONS,
-        max_topics: int = limits.DEFAULT_MAX_TOPICS,
-        max_pending: int = limits.DEFAULT_MAX_PENDING,
-        idle_ticks: int = 0,
-        out_batch: int = 1024 * 1024,
-    ) -> None:
-        self.max_line = max_line
-        self.max_backlog = max_backlog
-        self.max_connections = max_connections
-        self.max_memory = max_memory
-        self.max_subscriptions = max_subscriptions
-        self.max_topics = max_topics
-        self.max_pending = max_pending
-        self.idle_ticks = idle_ticks
-        self.out_batch = out_batch
+    def __init__(self, *, tick_interval: float = 0.25, **limits: Any) -> None:
+        unknown = set(limits) - set(LIMIT_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown limits {sorted(unknown)}")
+        given = {**LIMIT_DEFAULTS, **limits}
+        self.limit = given
+        self.max_line: int = given["max_line"]
+        self.max_backlog: int = given["max_backlog"]
+        self.max_connections: int = given["max_connections"]
+        self.max_subscriptions: int = given["max_subscriptions"]
+        self.max_topics: int = given["max_topics"]
+        self.max_pending: int = given["max_pending"]
+        self.out_batch: int = given["out_batch"]
+        self.idle_timeout = float(given["idle_timeout"])
+        self.write_timeout = float(given["write_timeout"])
+        self.idle_ticks = math.ceil(self.idle_timeout / tick_interval)
+        self.write_ticks = math.ceil(self.write_timeout / tick_interval)
+        self.on_output: Callable[[], object] | None = None
+        self.on_close: Callable[[int, str, bool], object] | None = None
+        self.on_reading: Callable[[int, bool], object] | None = None
+        self.on_warning: Callable[[str], object] | None = None
         self.conns: dict[int, Conn] = {}
-        self.free: list[int] = []
-        self.cap = 0
-        self.topics: dict[bytes, Topic] = {}
-        self.dirty: list[int] = []
-        self.next_id = 1
-        self.backlog_bytes = 0
-        self.commands = dict.fromkeys(COMMANDS, 0)
+        self.topics_held: dict[bytes, Topic] = {}
+        self.next_handle = 0
+        self.next_client = 1
+        self.ticks = 0
+        # connections whose output waits for a flush, in the order it began to wait
+        self.waiting: list[Conn] = []
+        # connections the broker closed, to report through on_close at the end of a flush
+        self.closing: list[Conn] = []
+        self.flushing = False  # in flush(), or in a writer: calls from callbacks leave the flush to it
+        self.flush_asked = False
+        # the core's figures of the next STATS reply, for what the model does not state
+        self.unstated: Callable[[], dict[str, Any]] | None = None
+        self.commands = dict.fromkeys((*COMMANDS, "unknown"), 0)
         self.errors = dict.fromkeys(ERRORS, 0)
-        self.counters = dict.fromkeys(
+        self.count = dict.fromkeys(
             (
+                "connections_total",
                 "published",
                 "delivered",
                 "backlogged",
                 "refused",
                 "connections_rejected",
-                "slow_consumers",
                 "idle_closed",
+                "write_timeouts",
                 "requeued",
+                "read_pauses",
+                "bytes_in",
+                "bytes_out",
+                "slow_consumers",
             ),
             0,
         )
 
-    # ---------------------------------------------------------------- interface
+    # ---------------------------------------------------------------- the core's calls
 
     def open(
-        self,
-        writer: Writer,
-        peer: str | None = None,
-        pending: Pending | None = None,
-        closer: Closer | None = None,
+        self, writer: Writer, peer: str | None = None, transport_size: TransportSize | None = None
     ) -> int:
-        """Register a connection; handles are reused last-freed first, as in the core."""
-        if not self.free:
-            newcap = self.cap * 2 if self.cap else 16
-            self.free.extend(range(newcap - 1, self.cap - 1, -1))
-            self.cap = newcap
-        h = self.free.pop()
-        c = self.conns[h] = Conn(writer, closer, pending)
-        admitted = sum(1 for x in self.conns.values() if not x.rejected) - 1
+        """A new connection; one over max_connections gets an ERROR and is closed."""
+        c = Conn(self.next_handle, writer, transport_size, peer)
+        self.next_handle += 1
+        admitted = sum(1 for other in self.conns.values() if not other.rejected)
+        self.conns[c.handle] = c
+        self.count["connections_total"] += 1
         if admitted >= self.max_connections:
             c.rejected = True
-            self.counters["connections_rejected"] += 1
+            self.count["connections_rejected"] += 1
             reason = f"too many connections (limit {self.max_connections})"
-            self._error(h, "too_many_connections", reason.encode())
-            c.open = False
-            self._flush()
-            if closer is not None:
-                closer("too many connections", True)
-        return h
+            self._error(c, "too_many_connections", reason.encode())
+            self._close_later(c, reason, flush=True)
+        self._settle()
+        return c.handle
+
+    def read(self, h: int, data: bytes) -> None:
+        """Bytes read from the socket (the core's get_buffer and buffer_updated)."""
+        c = self.conns[h]
+        c.bytes_in += len(data)
+        self.count["bytes_in"] += len(data)
+        c.silent = 0
+        if c.open:
+            if c.reading:
+                self._run_input(c, c.held + data)
+            else:
+                c.held += data  # a read already under way when reading stopped
+        self._settle()
 
     def feed(self, h: int, data: bytes) -> bool:
-        """Process bytes read from connection h; False when it must be closed."""
+        """A read followed by a flush; whether the connection is still open."""
         c = self.conns[h]
-        done = 0
-        while True:
-            if not c.open:
-                return False
-            chunk = data[done : done + READ_ROOM]
-            done += len(chunk)
-            c.idle = 0
-            self._process(h, c.pending + chunk)
-            self._flush()
-            if not c.open:
-                return False
-            if done == len(data):
-                return True
+        if c.open:
+            self.read(h, data)
+        self.flush()
+        return c.open
+
+    def flush(self) -> None:
+        """Hand every waiting connection its output, then report the connections the broker closed."""
+        if self.flushing:
+            return
+        self.flushing = True
+        self.flush_asked = False
+        try:
+            while self.waiting or self.closing:
+                while self.waiting:
+                    self._flush_one(self.waiting.pop(0))
+                if self.closing:
+                    self._report_close(self.closing.pop(0))
+        finally:
+            self.flushing = False
+
+    def eof(self, h: int) -> None:
+        """The client sent FIN: it leaves every rotation, its messages go back, its replies go out now."""
+        c = self.conns[h]
+        if c.open:
+            self._stop(c)
+            self._give_back(c, keep_replies=True)
+            c.held = b""
+            self._hand_over(c)
+        self._settle()
 
     def pause(self, h: int) -> None:
-        """The transport is full: skip h in rotations, keep its output."""
-        self.conns[h].paused = True
+        """The transport is full: skipped by every rotation, not read, output kept."""
+        c = self.conns[h]
+        if not c.paused:
+            c.paused = True
+            c.paused_at = self.ticks
+            if c.open:
+                self._stop_reading(c)
+        self._settle()
 
     def resume(self, h: int) -> None:
-        """The transport drained: hand over what was kept, serve backlogs."""
+        """The transport drained: output goes out, backlogs are served, held input runs, reading restarts."""
         c = self.conns[h]
         c.paused = False
-        if c.out:
-            self._mark(h)
-        self._drain_subscriptions(h)
-        self._flush()
+        if c.unsent:
+            self._wait(c)
+        if c.open:
+            self._serve_subscriptions(c)
+        if not c.reading and c.open:
+            held, c.held = c.held, b""
+            if held:
+                self._run_input(c, held)
+            if c.open and not c.paused:
+                c.reading = True
+                if self.on_reading is not None:
+                    self.on_reading(h, True)
+        self._settle()
 
     def close(self, h: int) -> None:
-        """The socket is gone: requeue what it was never handed, leave, forget it."""
+        """The socket is gone: messages it was never handed go back; it is forgotten."""
         c = self.conns[h]
-        touched: list[Topic] = []
-        if c.out and c.open:
-            self._requeue(h, touched)
-        self._leave_all(h)
+        self._stop(c)
+        self._give_back(c, keep_replies=False)
+        if c in self.waiting:
+            self.waiting.remove(c)
+        if c in self.closing:
+            self.closing.remove(c)
         del self.conns[h]
-        self.free.append(h)
-        for t in touched:
-            self._drain(t)
-        self._flush()
+        self._settle()
 
-    def tick(self) -> None:
-        """One tick of the idle clock."""
-        if self.idle_ticks == 0:
-            return
-        closing = []
-        for h in sorted(self.conns):
-            c = self.conns[h]
-            if not c.open:
+    def tick(self, order: Iterable[int] | None = None) -> None:
+        """One tick: idle and write timeouts; ``order`` is the order to visit the connections in.
+
+        The core visits them by handle, which the model does not state; without
+        ``order`` they are visited in the order they were opened.
+        """
+        self.ticks += 1
+        for h in list(self.conns) if order is None else list(order):
+            c = self.conns.get(h)
+            if c is None or not c.open:
                 continue
-            c.idle += 1
-            if c.idle > self.idle_ticks:
-                self._error(h, "idle_timeout", b"idle timeout")
-                self._leave_all(h)
-                c.open = False
-                self.counters["idle_closed"] += 1
-                closing.append(h)
-        self._flush()
-        for h in closing:
-            closer = self.conns[h].closer
-            if closer is not None:
-                closer("idle timeout", True)
+            self._ask_transport(c)
+            if self.write_ticks and c.paused and self.ticks - c.paused_at > self.write_ticks:
+                self.count["write_timeouts"] += 1
+                self._close_later(
+                    c, f"write timeout: output not taken for {self.write_timeout:g} s", flush=False
+                )
+            elif self.idle_ticks and c.reading:
+                c.silent += 1
+                if c.silent > self.idle_ticks:
+                    self.count["idle_closed"] += 1
+                    self._error(c, "idle_timeout", b"idle timeout")
+                    self._close_later(c, "idle timeout", flush=not c.paused)
+        self._settle()
+
+    def flush_due(self) -> bool:
+        """Whether output or a close report waits for a flush."""
+        return bool(self.waiting or self.closing)
+
+    # ---------------------------------------------------------------- reports
 
     def client_id(self, h: int) -> str | None:
-        """The id CONNECT gave h."""
+        """The id CONNECT gave h, or None."""
         cid = self.conns[h].client_id
         return cid.decode() if cid else None
 
     def topic_info(self, name: bytes) -> tuple[int, int] | None:
-        """(subscribers, backlog messages), or None."""
-        t = self.topics.get(name)
-        return None if t is None else (len(t.subs), len(t.backlog))
+        """(subscribers, backlog messages), or None when the broker holds no such topic."""
+        t = self.topics_held.get(name)
+        return None if t is None else (len(t.rotation), len(t.backlog))
 
-    def stats(self) -> dict[str, object]:
-        """The counters and gauges the model keeps (a subset of the core's)."""
+    @property
+    def limits(self) -> dict[str, Any]:
+        """Every limit, by keyword."""
+        return dict(self.limit)
+
+    def stats(self) -> dict[str, Any]:
+        """The server-wide figures, but for those in NOT_STATED."""
         return {
             "connections": len(self.conns),
-            "topics": len(self.topics),
-            "backlog_bytes": self.backlog_bytes,
-            "backlog_messages": sum(len(t.backlog) for t in self.topics.values()),
+            "topics": len(self.topics_held),
+            "backlog_messages": sum(len(t.backlog) for t in self.topics_held.values()),
+            "backlog_bytes": sum(map(len, self._backlogged())),
+            "memory_in_transports_bytes": sum(c.in_transport for c in self.conns.values()),
+            "memory_limit_bytes": self.limit["max_memory"],
             "commands": dict(self.commands),
             "errors": dict(self.errors),
-            **self.counters,
+            "lost": 0,  # only an allocation that fails loses a message
+            "reading_paused": sum(1 for c in self.conns.values() if not c.reading),
+            **self.count,
         }
 
-    # ---------------------------------------------------------------- parsing
+    def topics(self, cursor: int = 0, count: int = STATS_PAGE_DEFAULT) -> dict[str, Any]:
+        """A page of topics in name order; the cursor is a position in that order."""
+        names = sorted(self.topics_held)
+        page = names[cursor : cursor + count]
+        after = cursor + count
+        return {
+            "topics": [self._topic_entry(self.topics_held[name]) for name in page],
+            "next": after if after < len(names) else 0,
+        }
 
-    def _process(self, h: int, buf: bytes) -> None:
-        c = self.conns[h]
+    def connections(self, cursor: int = 0, count: int = STATS_PAGE_DEFAULT) -> dict[str, Any]:
+        """A page of connections in the order they opened; the cursor is a handle."""
+        handles = [h for h in self.conns if h >= cursor]
+        return {
+            "connections": [self._conn_entry(self.conns[h]) for h in handles[:count]],
+            "next": handles[count] if len(handles) > count else 0,
+        }
+
+    def _backlogged(self) -> Iterable[bytes]:
+        for t in self.topics_held.values():
+            yield from t.backlog
+
+    def _topic_entry(self, t: Topic) -> dict[str, Any]:
+        return {
+            "name": t.name.decode("utf-8", "replace"),
+            "subscribers": len(t.rotation),
+            "backlog_messages": len(t.backlog),
+            "backlog_bytes": sum(map(len, t.backlog)),
+            "published": t.published,
+            "delivered": t.delivered,
+        }
+
+    def _conn_entry(self, c: Conn) -> dict[str, Any]:
+        names = sorted(t.name.decode("utf-8", "replace") for t in c.subscriptions)
+        return {
+            "handle": c.handle,
+            "client_id": c.client_id.decode() if c.client_id else None,
+            "address": c.peer,
+            "subscriptions": names[:SUBSCRIPTIONS_LISTED],
+            "subscriptions_total": len(names),
+            "pending_bytes": c.unsent_bytes() + c.in_transport,
+            "messages_in": c.messages_in,
+            "messages_out": c.messages_out,
+            "bytes_in": c.bytes_in,
+            "bytes_out": c.bytes_out,
+            "closing": not c.open,
+            "paused": c.paused,
+        }
+
+    # ---------------------------------------------------------------- input
+
+    def _run_input(self, c: Conn, buf: bytes) -> None:
+        """Run the complete lines while c can take their replies; keep the rest."""
         pos = 0
         too_long = False
-        while pos < len(buf) and c.open:
+        while pos < len(buf) and c.open and not c.paused:
             nl = buf.find(b"\n", pos)
             if nl < 0:
                 too_long = len(buf) - pos > self.max_line
@@ -248,337 +437,470 @@ class ModelBroker:
             if nl - pos > self.max_line:
                 too_long = True
                 break
-            self._dispatch(h, buf[pos:nl])
+            self._dispatch(c, buf[pos:nl])
             pos = nl + 1
+            # a connection's own output passing a batch goes out at once, so its transport can say it is full
+            if c.open and c.unsent_bytes() >= self.out_batch:
+                self._hand_over(c)
         if too_long and c.open:
-            self._error(h, "line_too_long", f"line too long (limit {self.max_line} bytes)".encode())
-            self._leave_all(h)
-            c.open = False
-        c.pending = buf[pos:] if c.open else b""
+            self._error(c, "line_too_long", b"line too long (limit %d bytes)" % self.max_line)
+            self._close_later(c, "line too long", flush=True)
+        if not c.open:
+            c.held = b""
+            return
+        c.held = buf[pos:]
+        if c.paused:
+            self._stop_reading(c)
 
-    def _dispatch(self, h: int, line: bytes) -> None:
+    def _stop_reading(self, c: Conn) -> None:
+        if c.reading:
+            c.reading = False
+            self.count["read_pauses"] += 1
+            if self.on_reading is not None:
+                self.on_reading(c.handle, False)
+
+    def _dispatch(self, c: Conn, line: bytes) -> None:
         if line.endswith(b"\r"):
             line = line[:-1]
-        fields = [f for f in line.split(b" ") if f]
-        if not fields:
+        word, rest = _split_field(line)
+        if not word:
+            return  # blank lines are ignored
+        kind = word.lower().decode("latin-1")
+        if kind not in COMMANDS:
+            self.commands["unknown"] += 1
+            self._error_quoting(c, "unknown_command", b"unknown command", word)
             return
-        word = fields[0].lower()
-        self.commands[word.decode() if word.decode("latin-1") in COMMANDS[:-2] else "unknown"] += 1
-        rest = line[line.index(fields[0]) + len(fields[0]) :]
-        if word == b"publish":
-            self._on_publish(h, rest)
-        elif word == b"subscribe":
-            self._on_subscribe(h, fields[1:])
-        elif word == b"unsubscribe":
-            self._on_unsubscribe(h, fields[1:])
-        elif word == b"connect":
-            self._on_connect(h, fields[1:])
-        elif word == b"ping":
-            if len(fields) > 1:
-                self._error(h, "usage", b"usage: PING")
-            else:
-                self._line(h, b"PONG")
-        elif word == b"disconnect":
-            if len(fields) > 1:
-                self._error(h, "usage", b"usage: DISCONNECT")
-            else:
-                self._line(h, b"DISCONNECTED")
-                self._leave_all(h)
-                self.conns[h].open = False
+        self.commands[kind] += 1
+        if kind == "publish":
+            self._on_publish(c, rest)
+            return
+        args = _fields(rest)
+        if kind == "subscribe":
+            self._on_subscribe(c, args)
+        elif kind == "unsubscribe":
+            self._on_unsubscribe(c, args)
+        elif kind == "connect":
+            self._on_connect(c, args)
+        elif kind == "stats":
+            self._on_stats(c, args)
+        elif args:
+            self._error(c, "usage", b"usage: " + kind.upper().encode())
+        elif kind == "ping":
+            self._reply(c, b"PONG")
+        elif kind == "hello":
+            self._reply(c, b"HELLO " + self._hello())
         else:
-            self._error_quoting(h, "unknown_command", b"unknown command", fields[0])
+            self._reply(c, b"DISCONNECTED")
+            self._close_later(c, "", flush=True)
 
-    def _on_connect(self, h: int, args: list[bytes]) -> None:
-        c = self.conns[h]
+    def _hello(self) -> bytes:
+        about = {
+            "protocol": PROTOCOL_VERSION,
+            "max_line": self.max_line,
+            "topic_max": TOPIC_MAX,
+            "idle_timeout": self.idle_timeout,
+            "features": [],
+        }
+        return json.dumps(about, separators=(",", ":")).encode()
+
+    # ---------------------------------------------------------------- commands
+
+    def _on_connect(self, c: Conn, args: list[bytes]) -> None:
         if args:
-            self._error(h, "usage", b"usage: CONNECT")
+            self._error(c, "usage", b"usage: CONNECT")
         elif c.client_id:
-            self._error_quoting(h, "already_connected", b"already connected as", c.client_id)
+            self._error_quoting(c, "already_connected", b"already connected as", c.client_id)
         else:
-            c.client_id = b"c%d" % self.next_id
-            self.next_id += 1
-            self._line(h, b"CONNECTED " + c.client_id)
+            c.client_id = b"c%d" % self.next_client
+            self.next_client += 1
+            self._reply(c, b"CONNECTED " + c.client_id)
 
-    def _id_ok(self, h: int, cid: bytes) -> bool:
-        c = self.conns[h]
+    def _connected(self, c: Conn) -> bool:
         if not c.client_id:
-            self._error(h, "not_connected", b"not connected: send CONNECT first")
+            self._error(c, "not_connected", b"not connected: send CONNECT first")
+        return bool(c.client_id)
+
+    def _own_id(self, c: Conn, cid: bytes) -> bool:
+        if not self._connected(c):
             return False
         if cid != c.client_id:
-            self._error_quoting(h, "wrong_client_id", b"client id does not belong to this connection:", cid)
+            self._error_quoting(c, "wrong_client_id", b"client id does not belong to this connection:", cid)
             return False
         return True
 
-    def _topic_ok(self, h: int, name: bytes) -> bool:
+    def _valid_topic(self, c: Conn, name: bytes) -> bool:
         problem = topic_problem(name)
         if problem:
-            self._error(h, "bad_topic", problem)
+            self._error(c, "bad_topic", problem)
         return not problem
 
-    def _room_for_topic(self, h: int) -> bool:
-        if len(self.topics) < self.max_topics:
-            return True
-        self._error(h, "too_many_topics", f"too many topics (limit {self.max_topics})".encode())
-        return False
+    def _new_topic(self, c: Conn, name: bytes) -> Topic | None:
+        if len(self.topics_held) >= self.max_topics:
+            self._error(c, "too_many_topics", b"too many topics (limit %d)" % self.max_topics)
+            return None
+        t = self.topics_held[name] = Topic(name)
+        return t
 
-    def _on_subscribe(self, h: int, args: list[bytes]) -> None:
+    def _topic_argument(self, c: Conn, command: bytes, args: list[bytes]) -> bytes | None:
+        """The topic of ``<command> <client_id> <topic>``, or None after the ERROR that says why not."""
         if len(args) != 2:
-            self._error(h, "usage", b"usage: SUBSCRIBE <client_id> <topic> [ACK [PREFETCH <n>]]")
-            return
+            self._error(c, "usage", b"usage: %s <client_id> <topic>" % command)
+            return None
         cid, name = args
-        if not self._id_ok(h, cid) or not self._topic_ok(h, name):
+        if not self._own_id(c, cid) or not self._valid_topic(c, name):
+            return None
+        return name
+
+    def _on_subscribe(self, c: Conn, args: list[bytes]) -> None:
+        name = self._topic_argument(c, b"SUBSCRIBE", args)
+        if name is None:
             return
-        c = self.conns[h]
-        t = self.topics.get(name)
-        if t is not None and h in t.subs:
-            self._line(h, b"SUBSCRIBED " + name)
+        t = self.topics_held.get(name)
+        if t is not None and c in t.rotation:
+            self._reply(c, b"SUBSCRIBED " + name)  # subscribing twice is one turn
             return
-        if len(c.subs) >= self.max_subscriptions:
-            msg = f"too many subscriptions on this connection (limit {self.max_subscriptions})"
-            self._error(h, "too_many_subscriptions", msg.encode())
+        if len(c.subscriptions) >= self.max_subscriptions:
+            limit = b"too many subscriptions on this connection (limit %d)" % self.max_subscriptions
+            self._error(c, "too_many_subscriptions", limit)
             return
         if t is None:
-            if not self._room_for_topic(h):
+            t = self._new_topic(c, name)
+            if t is None:
                 return
-            t = self.topics[name] = Topic(name)
-        c.subs.append(t)
-        t.subs.append(h)
-        self._line(h, b"SUBSCRIBED " + name)
-        if t.backlog:
-            self._drain(t)
+        t.rotation.append(c)
+        c.subscriptions.append(t)
+        self._reply(c, b"SUBSCRIBED " + name)
+        self._serve(t)
 
-    def _on_unsubscribe(self, h: int, args: list[bytes]) -> None:
-        if len(args) != 2:
-            self._error(h, "usage", b"usage: UNSUBSCRIBE <client_id> <topic>")
+    def _on_unsubscribe(self, c: Conn, args: list[bytes]) -> None:
+        name = self._topic_argument(c, b"UNSUBSCRIBE", args)
+        if name is None:
             return
-        cid, name = args
-        if not self._id_ok(h, cid) or not self._topic_ok(h, name):
+        t = self.topics_held.get(name)
+        if t is None or c not in t.rotation:
+            self._error_quoting(c, "not_subscribed", b"not subscribed to", name)
             return
-        t = self.topics.get(name)
-        if t is not None and t in self.conns[h].subs:
-            self._unsubscribe(h, t)
-            self._line(h, b"UNSUBSCRIBED " + name)
-            self._drop_if_unused(t)
-        else:
-            self._error_quoting(h, "not_subscribed", b"not subscribed to", name)
+        self._leave(c, t)
+        self._reply(c, b"UNSUBSCRIBED " + name)
+        self._forget_if_unused(t)
 
-    def _on_publish(self, h: int, rest: bytes) -> None:
-        # <id> <topic> <message>: the message is everything after the space that ends the topic
-        parts = rest.lstrip(b" ").split(b" ", 1)
-        cid = parts[0]
-        after_id = parts[1].lstrip(b" ") if len(parts) == 2 else b""
-        name, sep, message = after_id.partition(b" ")
-        if not cid or not name or not sep:
-            self._error(h, "usage", b"usage: PUBLISH <client_id> <topic> <message>")
+    def _on_publish(self, c: Conn, rest: bytes) -> None:
+        cid, rest = _split_field(rest)
+        name, rest = _split_field(rest)
+        if not name or not rest:
+            self._error(c, "usage", b"usage: PUBLISH <client_id> <topic> <message>")
             return
-        if not self._id_ok(h, cid):
+        if not self._own_id(c, cid):
             return
-        t = self.topics.get(name)
+        message = rest[1:]  # everything after the one separator that ends the topic
+        t = self.topics_held.get(name)
         if t is None:
-            if not self._topic_ok(h, name) or not self._room_for_topic(h):
+            if not self._valid_topic(c, name):
                 return
-            t = self.topics[name] = Topic(name)
+            t = self._new_topic(c, name)
+            if t is None:
+                return
         if not t.backlog:
-            to = self._next_subscriber(t)
+            to = self._next_taker(t)
             if to is not None:
-                self.counters["published"] += 1
-                self._line(h, b"PUBLISHED " + name)
+                self._accepted(c, t)
                 self._deliver(to, t, message)
                 return
         if len(t.backlog) >= self.max_backlog:
-            self.counters["refused"] += 1
-            reason = b"backlog full (%d messages) for topic" % self.max_backlog
-            self._error_quoting(h, "backlog_full", reason, name)
-            self._drop_if_unused(t)
-            return
-        if self.backlog_bytes + len(message) > self.max_memory:
-            self.counters["refused"] += 1
-            reason = b"memory limit reached (%d bytes in backlogs) for topic" % self.backlog_bytes
-            self._error_quoting(h, "memory_full", reason, name)
-            self._drop_if_unused(t)
+            self.count["refused"] += 1
+            full = b"backlog full (%d messages) for topic" % self.max_backlog
+            self._error_quoting(c, "backlog_full", full, name)
+            if not t.warned:
+                t.warned = True
+                self._warn(
+                    f"topic {name.decode('utf-8', 'replace')!r}: backlog full ({self.max_backlog} messages), "
+                    "refusing publishes until a subscriber drains it"
+                )
+            self._forget_if_unused(t)
             return
         t.backlog.append(message)
-        self.backlog_bytes += len(message)
-        self.counters["published"] += 1
-        self.counters["backlogged"] += 1
-        self._line(h, b"PUBLISHED " + name)
-        if t.subs:
-            self._drain(t)
+        self.count["backlogged"] += 1
+        self._accepted(c, t)
+        self._serve(t)
+
+    def _accepted(self, c: Conn, t: Topic) -> None:
+        t.published += 1
+        self.count["published"] += 1
+        c.messages_in += 1
+        self._reply(c, b"PUBLISHED " + t.name)
+
+    def _on_stats(self, c: Conn, args: list[bytes]) -> None:
+        if not self._connected(c):
+            return
+        if not args:
+            figures = self.stats()
+            if self.unstated is not None:
+                figures = _overlay(self.unstated(), figures)
+            self._reply(c, b"STATS " + _json(figures))
+            return
+        section = args[0].lower().decode("latin-1")
+        numbers = [_count(arg) for arg in args[1:]]
+        cursor = numbers[0] if numbers else 0
+        count = numbers[1] if len(numbers) > 1 else STATS_PAGE_DEFAULT
+        if (
+            section not in ("topics", "connections")
+            or len(args) > 3
+            or cursor is None
+            or count is None
+            or not 1 <= count <= STATS_PAGE_MAX
+        ):
+            self._error(c, "usage", STATS_USAGE)
+            return
+        self._reply(c, b"STATS " + _json(self._page(section, cursor, count)))
+
+    def _page(self, section: str, cursor: int, count: int) -> dict[str, Any]:
+        """A STATS page: the model's own, or the core's choice of entries with the model's figures."""
+        if self.unstated is None:
+            return self.topics(cursor, count) if section == "topics" else self.connections(cursor, count)
+        key = "name" if section == "topics" else "address"
+        every = (
+            self.topics(0, len(self.topics_held) + 1) if section == "topics" else self.connections(0, 1 << 31)
+        )
+        mine = {entry[key]: entry for entry in every[section]}
+        theirs = self.unstated()
+        listed = [_overlay(entry, mine.get(entry[key], {})) for entry in theirs.get(section, [])]
+        if cursor == 0 and count > len(mine):
+            # a whole listing holds every one, in whatever order
+            named = {entry[key] for entry in listed}
+            listed += [entry for name, entry in mine.items() if name not in named]
+            return {section: listed, "next": 0}
+        return {section: listed, "next": theirs.get("next")}
 
     # ---------------------------------------------------------------- output
 
-    def _mark(self, h: int) -> None:
-        c = self.conns[h]
-        if not c.dirty:
-            c.dirty = True
-            self.dirty.append(h)
+    def _wait(self, c: Conn) -> None:
+        if c not in self.waiting:
+            self.waiting.append(c)
 
-    def _line(self, h: int, line: bytes) -> None:
-        self._mark(h)
-        self.conns[h].out += line + b"\n"
+    def _reply(self, c: Conn, text: bytes, topic: Topic | None = None, payload: bytes = b"") -> None:
+        c.unsent.append(Line(text + b"\n", topic, payload))
+        self._wait(c)
 
-    def _error(self, h: int, kind: str, reason: bytes) -> None:
+    def _error(self, c: Conn, kind: str, text: bytes) -> None:
         self.errors[kind] += 1
-        self._line(h, b"ERROR " + reason)
+        self._reply(c, b"ERROR " + kind.upper().encode() + b" " + text)
 
-    def _error_quoting(self, h: int, kind: str, reason: bytes, arg: bytes) -> None:
-        if len(arg) <= SHOW_MAX and all(0x21 <= b <= 0x7E for b in arg):
-            self._error(h, kind, reason + b" '" + arg + b"'")
-        else:
-            self._error(h, kind, reason + b" (not shown)")
+    def _error_quoting(self, c: Conn, kind: str, text: bytes, arg: bytes) -> None:
+        shown = len(arg) <= QUOTE_MAX and all(0x21 <= b <= 0x7E for b in arg)
+        self._error(c, kind, text + (b" '" + arg + b"'" if shown else b" (not shown)"))
 
-    def _deliver(self, h: int, t: Topic, message: bytes) -> None:
-        self.counters["delivered"] += 1
-        self._line(h, b"MESSAGE " + t.name + b" " + message)
+    def _deliver(self, c: Conn, t: Topic, payload: bytes) -> None:
+        t.in_flight += 1
+        self._reply(c, b"MESSAGE " + t.name + b" " + payload, t, payload)
 
-    def _flush(self) -> None:
-        while self.dirty:
-            batch, self.dirty = self.dirty, []
-            for h in batch:
-                c = self.conns.get(h)
-                if c is None:
-                    continue
-                c.dirty = False
-                if not c.out:
-                    continue
-                if c.paused and c.open:
-                    if self._unsent(c) > self.max_pending:
-                        self._drop_slow(h)
-                    continue
-                self._hand_over(h)
-                if not c.open:
-                    continue
-                if c.paused:
-                    if self._unsent(c) > self.max_pending:
-                        self._drop_slow(h)
-                elif c.starved:
-                    c.starved = False
-                    self._drain_subscriptions(h)
+    def _warn(self, text: str) -> None:
+        if self.on_warning is not None:
+            self.on_warning(text)
 
-    def _unsent(self, c: Conn) -> int:
-        return len(c.out) + (c.in_transport() if c.in_transport is not None else 0)
-
-    def _hand_over(self, h: int) -> None:
-        c = self.conns[h]
-        try:
-            c.writer(bytes(c.out))
-        except Exception:
-            touched: list[Topic] = []
-            if c.open:
-                self._requeue(h, touched)
-            c.out.clear()
-            self._leave_all(h)
-            c.open = False
-            for t in touched:
-                self._drain(t)
+    def _settle(self) -> None:
+        """End of a call: flush now, or ask the server to (on_output)."""
+        if not self.flush_due() or self.flushing:
             return
-        c.out.clear()
+        if self.on_output is None:
+            self.flush()
+        elif not self.flush_asked:
+            self.flush_asked = True
+            self.on_output()
 
-    def _drop_slow(self, h: int) -> None:
-        c = self.conns[h]
-        reason = f"slow consumer: {self._unsent(c)} bytes unsent (limit {self.max_pending})"
-        touched: list[Topic] = []
-        self._requeue(h, touched)
-        c.out.clear()
-        self._leave_all(h)
-        c.open = False
-        self.counters["slow_consumers"] += 1
-        for t in touched:
-            self._drain(t)
-        if c.closer is not None:
-            c.closer(reason, False)
+    def _flush_one(self, c: Conn) -> None:
+        if c.handle not in self.conns or (c.close_reason is not None and not c.close_flush):
+            return
+        if c.unsent:
+            if c.open and c.paused:
+                self._check_unsent(c)
+                return
+            self._hand_over(c)
+        if not c.open:
+            return
+        if c.paused:
+            self._check_unsent(c)
+        else:
+            # its output went out: it can take messages again
+            self._serve_subscriptions(c)
 
-    def _requeue(self, h: int, touched: list[Topic]) -> None:
-        lines = bytes(self.conns[h].out).split(b"\n")
-        messages = [line[8:] for line in lines if line.startswith(b"MESSAGE ")]
-        for m in reversed(messages):
-            name, _, body = m.partition(b" ")
-            t = self.topics.get(name)
-            if t is None:
-                t = self.topics[name] = Topic(name)
-            t.backlog.appendleft(body)
-            self.backlog_bytes += len(body)
-            self.counters["backlogged"] += 1
-            self.counters["requeued"] += 1
-            if not any(x is t for x in touched):
-                touched.append(t)
+    def _hand_over(self, c: Conn) -> None:
+        """One writer call with all of c's output; a writer that raises sent nothing."""
+        lines, c.unsent = c.unsent, []
+        if not lines:
+            return
+        data = b"".join(line.data for line in lines)
+        was_flushing, self.flushing = self.flushing, True
+        try:
+            try:
+                c.writer(data)
+            finally:
+                self.flushing = was_flushing
+        except Exception:
+            self._stop(c)
+            self._requeue([line for line in lines if line.topic is not None])
+            return
+        for line in lines:
+            if line.topic is not None:
+                self.count["delivered"] += 1
+                c.messages_out += 1
+                line.topic.delivered += 1
+                line.topic.in_flight -= 1
+                self._forget_if_unused(line.topic)
+        self.count["bytes_out"] += len(data)
+        c.bytes_out += len(data)
+        self._ask_transport(c)
+
+    def _ask_transport(self, c: Conn) -> None:
+        if c.transport_size is not None:
+            c.in_transport = c.transport_size()
+
+    def _check_unsent(self, c: Conn) -> None:
+        unsent = c.unsent_bytes() + c.in_transport
+        if unsent > self.max_pending:
+            self.count["slow_consumers"] += 1
+            reason = f"slow consumer: {unsent} bytes unsent (limit {self.max_pending})"
+            self._close_later(c, reason, flush=False)
+
+    def _close_later(self, c: Conn, reason: str, *, flush: bool) -> None:
+        """The broker ends c: out of every rotation now, reported through on_close at the end of a flush.
+
+        Without flush its output is dropped and its messages go back at once.
+        """
+        self._stop(c)
+        if not flush:
+            self._give_back(c, keep_replies=False)
+            c.close_flush = False
+        c.held = b""
+        if c.close_reason is None:
+            c.close_reason = reason
+            self.closing.append(c)
+
+    def _report_close(self, c: Conn) -> None:
+        reason, c.close_reason = c.close_reason, None
+        if self.on_close is not None and reason is not None:
+            self.on_close(c.handle, reason, c.close_flush)
+
+    def _give_back(self, c: Conn, *, keep_replies: bool) -> None:
+        """Messages in c's output go back to their topics; its replies stay only with keep_replies."""
+        messages = [line for line in c.unsent if line.topic is not None]
+        c.unsent = [line for line in c.unsent if line.topic is None] if keep_replies else []
+        self._requeue(messages)
+
+    def _requeue(self, messages: list[Line]) -> None:
+        """Put messages back at the head of their topics (the oldest first), then serve those topics."""
+        for line in reversed(messages):
+            t = line.topic
+            assert t is not None
+            t.in_flight -= 1
+            t.backlog.appendleft(line.payload)
+            self.count["requeued"] += 1
+            self.count["backlogged"] += 1
+        # pinned: the topics are served in the order of their last message given back
+        last_at = {line.topic: i for i, line in enumerate(messages) if line.topic is not None}
+        for t in sorted(last_at, key=last_at.__getitem__):
+            self._serve(t)
 
     # ---------------------------------------------------------------- routing
 
-    def _next_subscriber(self, t: Topic) -> int | None:
-        if t.cursor >= len(t.subs):
-            t.cursor = 0
-        n = len(t.subs)
+    def _next_taker(self, t: Topic) -> Conn | None:
+        """The next subscriber in turn that can take a message now."""
+        n = len(t.rotation)
+        start = t.turn if t.turn < n else 0
         for k in range(n):
-            i = (t.cursor + k) % n
-            c = self.conns[t.subs[i]]
-            if c.paused:
-                continue
-            if len(c.out) < self.out_batch:
-                t.cursor = i + 1
-                return t.subs[i]
-            c.starved = True
+            i = (start + k) % n
+            c = t.rotation[i]
+            if not c.paused and c.unsent_bytes() < self.out_batch:
+                # the turn moves past it; a subscriber joining the end gets the next one
+                t.turn = i + 1
+                return c
         return None
 
-    def _drain(self, t: Topic) -> None:
+    def _serve(self, t: Topic) -> None:
+        """Deliver t's backlog in order while a subscriber can take it."""
         while t.backlog:
-            to = self._next_subscriber(t)
+            to = self._next_taker(t)
             if to is None:
-                return
-            message = t.backlog.popleft()
-            self.backlog_bytes -= len(message)
-            self._deliver(to, t, message)
+                break
+            payload = t.backlog.popleft()
+            if not t.backlog:
+                t.warned = False
+            self._deliver(to, t, payload)
 
-    def _drain_subscriptions(self, h: int) -> None:
-        for t in list(self.conns[h].subs):
-            if t.backlog:
-                self._drain(t)
+    def _serve_subscriptions(self, c: Conn) -> None:
+        """Serve c's topics, in the order of c.subscriptions."""
+        for t in list(c.subscriptions):
+            self._serve(t)
 
-    def _unsubscribe(self, h: int, t: Topic) -> None:
-        i = t.subs.index(h)
-        del t.subs[i]
-        if i < t.cursor:
-            t.cursor -= 1
-        subs = self.conns[h].subs
-        j = subs.index(t)
-        last = subs.pop()
-        if j < len(subs):
-            subs[j] = last
+    def _leave(self, c: Conn, t: Topic) -> None:
+        """c leaves t's rotation; nobody else skips or repeats a turn."""
+        i = t.rotation.index(c)
+        del t.rotation[i]
+        if i < t.turn:
+            t.turn -= 1
+        # pinned: the place of the topic left in c's subscriptions is taken by c's last one
+        j = c.subscriptions.index(t)
+        last = c.subscriptions.pop()
+        if j < len(c.subscriptions):
+            c.subscriptions[j] = last
 
-    def _leave_all(self, h: int) -> None:
-        subs = self.conns[h].subs
-        while subs:
-            t = subs[-1]
-            self._unsubscribe(h, t)
-            self._drop_if_unused(t)
+    def _stop(self, c: Conn) -> None:
+        """c closes: out of every rotation, no more input."""
+        if c.open:
+            self._leave_all(c)
+            c.open = False
 
-    def _drop_if_unused(self, t: Topic) -> None:
-        if not t.subs and not t.backlog:
-            del self.topics[t.name]
+    def _leave_all(self, c: Conn) -> None:
+        for t in list(c.subscriptions):
+            self._leave(c, t)
+            self._forget_if_unused(t)
+
+    def _forget_if_unused(self, t: Topic) -> None:
+        """A topic exists while it has subscribers or messages."""
+        if not t.rotation and not t.backlog and not t.in_flight:
+            del self.topics_held[t.name]
 
 
 def topic_problem(name: bytes) -> bytes:
-    """The ERROR reason for an invalid topic name, or b"" for a valid one (first fault wins)."""
+    """The ERROR text for an invalid topic name, or b"" for a valid one; the first fault wins."""
     if not 1 <= len(name) <= TOPIC_MAX:
         return b"topic must be 1 to %d bytes" % TOPIC_MAX
-    blank = b"topic must not contain whitespace, control, format or separator characters"
-    bad = b"topic is not valid UTF-8"
-    i = 0
-    while i < len(name):
-        b = name[i]
-        if b < 0x80:
-            if b <= 0x20 or b == 0x7F:
-                return blank
-            i += 1
-            continue
-        size = 2 if 0xC2 <= b <= 0xDF else 3 if 0xE0 <= b <= 0xEF else 4 if 0xF0 <= b <= 0xF4 else 0
-        if size == 0 or i + size > len(name):
-            return bad
-        try:
-            ch = ord(name[i : i + size].decode("utf-8"))
-        except UnicodeDecodeError:
-            return bad
-        if ch <= 0x9F or ch in (0xA0, 0x2028, 0x2029):
-            return blank
-        i += size
-    return b""
+    try:
+        text, bad_utf8 = name.decode("utf-8"), False
+    except UnicodeDecodeError as e:
+        text, bad_utf8 = name[: e.start].decode("utf-8"), True
+    if any(unicodedata.category(ch) in INVISIBLE for ch in text):
+        return b"topic must not contain whitespace, control, format or separator characters"
+    return b"topic is not valid UTF-8" if bad_utf8 else b""
+
+
+def _split_field(data: bytes) -> tuple[bytes, bytes]:
+    """The first field (fields are separated by spaces or tabs) and what follows it, separator included."""
+    start = len(data) - len(data.lstrip(BLANKS))
+    end = start
+    while end < len(data) and data[end] not in BLANKS:
+        end += 1
+    return data[start:end], data[end:]
+
+
+def _fields(data: bytes) -> list[bytes]:
+    fields: list[bytes] = []
+    while True:
+        field_, data = _split_field(data)
+        if not field_:
+            return fields
+        fields.append(field_)
+
+
+def _count(text: bytes) -> int | None:
+    """A decimal number of 1 to 18 digits, or None."""
+    return int(text) if 1 <= len(text) <= 18 and text.isdigit() else None
+
+
+def _overlay(theirs: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any]:
+    """The model's figures in the core's order, with the core's where the model states none."""
+    keys = list(theirs) + [key for key in mine if key not in theirs]
+    return {key: theirs[key] if key in NOT_STATED else mine.get(key) for key in keys}
+
+
+def _json(figures: dict[str, Any]) -> bytes:
+    return json.dumps(figures, separators=(",", ":")).encode()

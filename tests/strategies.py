@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-TOPICS = [b"a", b"b", b"c", "é".encode(), b"\x01", b"\xff", b"z" * 256]
+from tests.harness import OWN_ID
+
+TOPICS = [b"a", b"b", b"c", "é".encode(), b"\x01", b"\xff", "a\u200bb".encode(), b"z" * 256]
 GOOD_TOPICS = [b"a", b"b", "é".encode()]
-OWN_ID = b"<me>"
 IDS = [OWN_ID, OWN_ID, OWN_ID, b"c1", b"c2", b"nobody"]
 
 
@@ -14,11 +15,28 @@ ids = st.sampled_from(IDS)
 topics = st.sampled_from(TOPICS)
 good_topics = st.sampled_from(GOOD_TOPICS)
 messages = st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"."))
-# random bytes for a line; never STATS, whose reply (it holds the uptime) the model cannot predict
-junk_lines = (
-    st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")).filter(lambda b: b"stats" not in b.lower())
+junk_lines = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b""))
+# fields are separated by spaces or tabs, one or more
+separators = st.sampled_from([b" ", b" ", b" ", b"  ", b"\t", b" \t"])
+# STATS and the sections, with cursors and counts: pages from cursor 0 are whole listings
+stats_lines = st.sampled_from(
+    [
+        b"STATS",
+        b"stats",
+        b"STATS TOPICS",
+        b"STATS\ttopics 0 1000",
+        b"STATS TOPICS 0 1",
+        b"STATS TOPICS 7 2",
+        b"STATS CONNECTIONS",
+        b"STATS connections 0 2",
+        b"STATS CONNECTIONS 3",
+        b"STATS QUEUES",
+        b"STATS TOPICS 0 0",
+        b"STATS TOPICS 0 1001",
+        b"STATS TOPICS x",
+        b"STATS TOPICS 0 5 6",
+    ]
 )
-spaces = st.sampled_from([b" ", b" ", b" ", b"  "])
 
 
 def _case(word: bytes, style: int) -> bytes:
@@ -26,27 +44,39 @@ def _case(word: bytes, style: int) -> bytes:
 
 
 @st.composite
-def command(draw: st.DrawFn, topics: st.SearchStrategy[bytes] = topics, bye: bool = True) -> bytes:
-    """One command line, mostly well formed, sometimes not; ``bye=False`` leaves DISCONNECT out."""
-    kinds = ["pub", "pub", "sub", "sub", "unsub", "ping", "connect", "junk"] + (["bye"] if bye else [])
+def command(
+    draw: st.DrawFn, topics: st.SearchStrategy[bytes] = topics, bye: bool = True, stats: bool = True
+) -> bytes:
+    """One command line, mostly well formed, sometimes not.
+
+    ``bye=False`` leaves DISCONNECT out; ``stats=False`` leaves STATS out (its
+    figures are the whole broker's, which a test of one connection on a shared
+    server cannot predict).
+    """
+    kinds = ["pub", "pub", "sub", "sub", "unsub", "ping", "hello", "connect", "junk"]
+    kinds += (["bye"] if bye else []) + (["stats"] if stats else [])
     kind = draw(st.sampled_from(kinds))
-    sp = draw(spaces)
+    sep = draw(separators)
     style = draw(st.integers(0, 2))
     if kind == "pub":
-        line = sp.join([_case(b"PUBLISH", style), draw(ids), draw(topics)]) + b" " + draw(messages)
+        line = sep.join([_case(b"PUBLISH", style), draw(ids), draw(topics)]) + b" " + draw(messages)
     elif kind == "sub":
-        line = sp.join([_case(b"SUBSCRIBE", style), draw(ids), draw(topics)])
+        line = sep.join([_case(b"SUBSCRIBE", style), draw(ids), draw(topics)])
     elif kind == "unsub":
-        line = sp.join([_case(b"UNSUBSCRIBE", style), draw(ids), draw(topics)])
+        line = sep.join([_case(b"UNSUBSCRIBE", style), draw(ids), draw(topics)])
     elif kind == "ping":
         line = _case(b"PING", style)
+    elif kind == "hello":
+        line = _case(b"HELLO", style)
     elif kind == "connect":
         line = _case(b"CONNECT", style)
     elif kind == "bye":
         line = _case(b"DISCONNECT", style)
+    elif kind == "stats":
+        line = draw(stats_lines)
     else:
         line = draw(junk_lines)
     if draw(st.booleans()):
         # drop or add arguments: usage errors
-        line = draw(st.sampled_from([line + b" extra", line.rsplit(b" ", 1)[0], b" " + line]))
+        line = draw(st.sampled_from([line + b" extra", line.rsplit(b" ", 1)[0], sep + line]))
     return line + draw(st.sampled_from([b"\n", b"\n", b"\r\n", b"\r\r\n"]))

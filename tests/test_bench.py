@@ -90,6 +90,7 @@ def sink() -> Iterator[int]:
     proc.stdout.close()
 
 
+@pytest.mark.slow
 def test_generator_ceiling_against_the_null_broker(sink: int) -> None:
     done = bench("--port", str(sink), "--workloads", "pipe,queue", "--json", *SHORT)
     assert done.returncode == 0, done.stderr
@@ -104,6 +105,7 @@ def test_format_table_leaves_missing_figures_blank() -> None:
     assert lines[2].split()[:6] == ["latency", "-", "-", "-", "10.0", "-"]
 
 
+@pytest.mark.slow
 def test_compare_quick_prints_peers_side_by_side(tmp_path: Path) -> None:
     out = tmp_path / "compare.json"
     done = subprocess.run(

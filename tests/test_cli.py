@@ -18,7 +18,14 @@ from pigeon.cli.server import build_parser
 from pigeon.testing import ServerProcess, server_command
 from tests.clients import ipv6_loopback
 
-CONSOLE_SCRIPT = shutil.which("pigeon", path=str(Path(sys.executable).parent))
+
+@pytest.fixture
+def console_script() -> str:
+    """The installed ``pigeon`` command beside this interpreter; the test is skipped without it."""
+    found = shutil.which("pigeon", path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip("the pigeon console script is not installed (pip install -e .)")
+    return found
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -71,11 +78,9 @@ def test_bad_flag_values_are_one_line_and_exit_2(flag: str) -> None:
     assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
-@pytest.mark.skipif(CONSOLE_SCRIPT is None, reason="the pigeon console script is not installed")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_console_script_logs_its_address_and_stops_cleanly_on_a_signal(sig: int) -> None:
-    assert CONSOLE_SCRIPT is not None
-    server = ServerProcess(command=[CONSOLE_SCRIPT])
+def test_console_script_logs_its_address_and_stops_cleanly_on_a_signal(console_script: str, sig: int) -> None:
+    server = ServerProcess(command=[console_script])
     start_line = server.log[-1]
     assert f"pigeon {pigeon.__version__} listening on 127.0.0.1:{server.port}" in start_line
     assert server.loop_name in ("uvloop", "asyncio")

@@ -24,7 +24,8 @@ StartSub = Callable[..., "subprocess.Popen[str]"]
 def _script() -> str:
     beside = Path(sys.executable).with_name("pigeon-cli")
     found = str(beside) if beside.exists() else shutil.which("pigeon-cli")
-    assert found, "pigeon-cli is not installed (pip install -e .)"
+    if not found:
+        pytest.skip("pigeon-cli is not installed (pip install -e .)", allow_module_level=True)
     return found
 
 

@@ -146,6 +146,23 @@ def test_a_flush_inside_a_writer_does_not_give_back_what_that_writer_was_handed(
     assert (stats["delivered"], stats["requeued"]) == (1, 0)
 
 
+def test_a_publish_nobody_can_take_does_not_move_the_turn() -> None:
+    # Found by the differential test (issue 11). docs/protocol.md: "if the last served subscriber was
+    # the last in the order, the newcomer is next"; a publish that no subscriber could take wrapped
+    # the turn back to the first subscriber, so the newcomer lost its turn.
+    broker = Broker(max_backlog=0)
+    pub, first, second = Peer(broker), Peer(broker), Peer(broker)
+    first.send(b"SUBSCRIBE <me> t\n")
+    pub.send(b"PUBLISH <me> t 1\n")
+    broker.pause(first.handle)
+    pub.send(b"PUBLISH <me> t 2\n")  # nobody can take it, and the backlog holds nothing: refused
+    broker.resume(first.handle)
+    second.send(b"SUBSCRIBE <me> t\n")
+    pub.send(b"PUBLISH <me> t 3\n")
+    assert first.take() == b"SUBSCRIBED t\nMESSAGE t 1\n"
+    assert second.take() == b"SUBSCRIBED t\nMESSAGE t 3\n"
+
+
 def test_stats_replies_are_bounded_and_page_through_every_topic() -> None:
     broker = Broker()
     p = Peer(broker)
@@ -351,8 +368,8 @@ for p in peers[:2]:
     p.send(b"SUBSCRIBE <me> jobs\\n")
     p.pause_on_write = True
 soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-size = int(open('/proc/self/statm').read().split()[0]) * 4096
-resource.setrlimit(resource.RLIMIT_AS, (size + (64 << 20), hard))
+room = int(open('/proc/self/statm').read().split()[0]) * 4096 + (64 << 20)
+resource.setrlimit(resource.RLIMIT_AS, (room, hard))
 failed = 0
 for round in range(200):
     try:
@@ -404,9 +421,8 @@ def test_eof_gives_unsent_messages_back_and_keeps_the_replies() -> None:
     assert scheduled
     broker.close(a.handle)
     delivered = [line for line in lines(b.take()) if line.startswith(b"MESSAGE")]
-    assert sorted(delivered, key=lambda line: int(line.split()[2])) == [
-        b"MESSAGE t %d" % i for i in range(20)
-    ]
+    by_number = sorted(delivered, key=lambda line: int(line.split()[2]))
+    assert by_number == [b"MESSAGE t %d" % i for i in range(20)]
     stats = broker.stats()
     assert (stats["requeued"], stats["delivered"], stats["backlog_messages"]) == (10, 20, 0)
 
@@ -587,7 +603,7 @@ def test_limits_out_of_range_are_refused_with_their_name() -> None:
     with pytest.raises(ValueError, match="idle_timeout"):
         Broker(idle_timeout=float("nan"))
     with pytest.raises(TypeError, match="unknown limit 'max_nothing'"):
-        Broker(max_nothing=1)
+        Broker(max_nothing=1)  # type: ignore[call-arg]
 
 
 def test_the_write_timeout_counts_from_the_last_progress_of_the_output() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[test]')")
+pytest.importorskip("selenium", reason="drives the browser through selenium (pip install -e '.[test]')")
 
 from selenium import webdriver
 from selenium.webdriver.common.by import By

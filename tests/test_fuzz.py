@@ -19,6 +19,7 @@ pytest.importorskip("atheris")
 pytestmark = pytest.mark.skipif(not FUZZER.exists(), reason="needs the source tree's fuzz/")
 
 
+@pytest.mark.slow
 def test_short_fuzz_run(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -36,10 +37,14 @@ def test_short_fuzz_run(tmp_path: Path) -> None:
     assert f"Done {RUNS} runs" in result.stderr
 
 
+def test_the_replay_always_has_inputs() -> None:
+    assert any(p.name.startswith("seed-") for p in REGRESSIONS)
+
+
 @pytest.mark.parametrize("path", REGRESSIONS, ids=[p.name for p in REGRESSIONS])
 def test_fuzz_regression(path: Path) -> None:
     spec = importlib.util.spec_from_file_location("fuzz_core", FUZZER)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.test_one_input(path.read_bytes())
+    module.replay(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import selectors
 import socket
 import threading
@@ -16,9 +17,19 @@ from pigeon.testing import LineClient, ServerProcess
 
 Connect = Callable[[], LineClient]
 
-# A connection closed without DISCONNECT is noticed by the server when it reads
-# EOF; there is no reply to wait for, so the tests give it this long.
-CLOSE_SETTLES = 0.5
+
+def _until_gone(observer: LineClient, client_id: str, timeout: float = 10.0) -> None:
+    """Wait until the server no longer lists the connection of ``client_id``: it read its EOF.
+
+    ``observer`` is a connected client that receives no messages meanwhile.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        page = json.loads(observer.ask("STATS CONNECTIONS 0 1000").split(b" ", 1)[1])
+        if all(entry["client_id"] != client_id for entry in page["connections"]):
+            return
+        assert time.monotonic() < deadline, f"the server still lists {client_id} after {timeout} s"
+        time.sleep(0.01)
 
 
 @pytest.mark.smoke
@@ -80,7 +91,7 @@ def test_round_robin_with_joins_and_leaves(connect: Connect) -> None:
     # so d's turn comes before a's; nobody skips or repeats
     assert b.ask(f"UNSUBSCRIBE {b.client_id} jobs") == b"UNSUBSCRIBED jobs"
     c.close()
-    time.sleep(CLOSE_SETTLES)
+    _until_gone(pub, c.client_id)
     d = connect()
     d.subscribe("jobs")
     for i in range(6, 10):
@@ -145,7 +156,7 @@ def test_a_subscriber_that_goes_away_takes_no_more_turns(connect: Connect) -> No
     a.subscribe("t")
     b.subscribe("t")
     a.close()
-    time.sleep(CLOSE_SETTLES)
+    _until_gone(pub, a.client_id)
     for i in range(4):
         pub.publish("t", str(i))
     assert b.lines(4) == [f"MESSAGE t {i}".encode() for i in range(4)]

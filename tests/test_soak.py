@@ -12,6 +12,7 @@ import pytest
 SOAK = Path(__file__).resolve().parent.parent / "scripts" / "soak.py"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SOAK.exists(), reason="needs the source tree's scripts/")
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
 def test_short_soak() -> None:

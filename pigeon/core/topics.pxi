@@ -129,9 +129,9 @@ cdef Sub *topic_next_subscriber(Broker b, Topic *t) noexcept:
     cdef int32_t k, i
     cdef Sub *s
     cdef Conn *c
-    if t.cursor >= t.nsubs:
-        t.cursor = 0
-    i = t.cursor
+    # the wrap is not kept when nobody can take the message: a subscriber joining the end meanwhile
+    # still gets the next turn
+    i = t.cursor if t.cursor < t.nsubs else 0
     for k in range(t.nsubs):
         s = t.subs[i]
         c = &b.conns.items[s.conn]
