@@ -24,7 +24,7 @@ from pigeon.client.base import (
 )
 from pigeon.client.codec import Data, Message, Refused
 from pigeon.client.session import Pending
-from pigeon.errors import ConnectionClosedError
+from pigeon.errors import ConnectionClosedError, UnknownDeliveryTagError
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 
 
@@ -100,9 +100,13 @@ class AsyncClient(ClientBase):
             await self._connect()
         return self
 
-    async def subscribe(self, topic: str | bytes) -> None:
-        """Receive a share of the messages published to ``topic``."""
-        await self._subscribe(topic)
+    async def subscribe(self, topic: str | bytes, *, ack: bool = False, prefetch: int | None = None) -> None:
+        """Receive a share of the messages published to ``topic``; ``ack`` and ``prefetch`` as for ``Client``.
+
+        ``ack()`` and ``nack()`` (on the client or on a message) are plain
+        methods here too: they only write to the connection.
+        """
+        await self._subscribe(topic, ack, prefetch)
 
     async def unsubscribe(self, topic: str | bytes) -> None:
         """Stop receiving ``topic``; deliveries already received stay queued."""
@@ -144,6 +148,10 @@ class AsyncClient(ClientBase):
         was lost with the connection is reported with a ConnectionClosedError.
         """
         return await self._publish_many(topic, messages)
+
+    async def check_acks(self) -> list[UnknownDeliveryTagError]:
+        """Wait until the broker has read every ACK and NACK sent; return its refusals (see ``Client``)."""
+        return await self._check_acks()
 
     async def ping(self) -> float:
         """Round trip to the server, in seconds."""

@@ -23,7 +23,7 @@ from pigeon.client.base import (
 )
 from pigeon.client.codec import Data, Message, Refused
 from pigeon.client.session import Pending
-from pigeon.errors import ConnectionClosedError
+from pigeon.errors import ConnectionClosedError, UnknownDeliveryTagError
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 
 POLL_READS = 16  # at most this many reads of what has already arrived before a command
@@ -59,9 +59,16 @@ class Client(ClientBase):
         """True while the client holds an open connection."""
         return self._sock is not None
 
-    def subscribe(self, topic: str | bytes) -> None:
-        """Receive a share of the messages published to ``topic``."""
-        run_blocking(self._subscribe(topic))
+    def subscribe(self, topic: str | bytes, *, ack: bool = False, prefetch: int | None = None) -> None:
+        """Receive a share of the messages published to ``topic``.
+
+        With ``ack=True`` every delivery must be acknowledged (``ack()``) or
+        given back (``nack()``), and the broker redelivers what this client
+        leaves unsettled; ``prefetch`` (1 to 1,000,000; default the broker's
+        ``--default-prefetch``) bounds the unacknowledged messages it holds.
+        Subscribing again to a topic changes its mode and prefetch.
+        """
+        run_blocking(self._subscribe(topic, ack, prefetch))
 
     def unsubscribe(self, topic: str | bytes) -> None:
         """Stop receiving ``topic``; deliveries already received stay queued."""
@@ -103,6 +110,15 @@ class Client(ClientBase):
         was lost with the connection is reported with a ConnectionClosedError.
         """
         return run_blocking(self._publish_many(topic, messages))
+
+    def check_acks(self) -> list[UnknownDeliveryTagError]:
+        """Wait until the broker has read every ACK and NACK sent (a PING round trip); return its refusals.
+
+        Each is an UnknownDeliveryTagError, received since the previous call
+        (the latest 1,000 are kept): a tag that was settled already, or given
+        back (its ack timeout passed) and so will be delivered again.
+        """
+        return run_blocking(self._check_acks())
 
     def ping(self) -> float:
         """Round trip to the server, in seconds."""
