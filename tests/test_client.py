@@ -191,6 +191,25 @@ def test_a_held_publish_times_out_and_the_connection_stays_usable(
     assert consumer.next_message(10).text == "4"
 
 
+def test_a_pipelined_batch_held_past_the_timeout_reports_what_has_no_reply(
+    start_server: StartServer, open_client: OpenClient
+) -> None:
+    server = start_server("--max-backlog", "10")
+    publisher = open_client(server, timeout=0.5)
+    messages = [b"%d" % i for i in range(50_000)]
+    refused = publisher.publish_many("held", messages)
+    assert all(isinstance(r.error, pigeon.TimeoutError) for r in refused)
+    first = refused[0].index
+    assert 10 <= first < 50_000 and [r.index for r in refused] == list(range(first, 50_000))
+    consumer = open_client(server)
+    consumer.subscribe("held")
+    got = [m.data for m in consumer.messages(timeout=2)]
+    assert got == messages[: len(got)] and len(got) >= first, "what was sent is taken, in order"
+    assert publisher.ping() > 0, "the late replies were matched: the connection makes sense"
+    publisher.publish("held", "after")
+    assert consumer.next_message(10).text == "after"
+
+
 def test_backlog_full_remains_for_a_publisher_that_consumes_the_topic(
     start_server: StartServer, open_client: OpenClient
 ) -> None:

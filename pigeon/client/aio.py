@@ -252,10 +252,14 @@ class AsyncClient(ClientBase):
             return
         waiter = asyncio.get_running_loop().create_future()
         pending.waiter = waiter
-        try:
-            await asyncio.wait_for(waiter, self.timeout)
-        except asyncio.TimeoutError:
-            raise self._reply_timeout() from None
+        while True:
+            answered = pending.answered
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), self.timeout)
+                return
+            except asyncio.TimeoutError:
+                if pending.answered == answered:  # no reply at all within the timeout, not a slow batch
+                    raise self._reply_timeout() from None
 
     async def _wait_for_data(self, until: float | None) -> None:
         self._arrived.clear()

@@ -125,7 +125,8 @@ class ClientBase(abc.ABC):
 
     @abc.abstractmethod
     async def _wait(self, pending: Pending) -> None:
-        """Until ``pending`` is answered (or failed); raises pigeon.TimeoutError after ``timeout``."""
+        """Until ``pending`` is answered (or failed); raises pigeon.TimeoutError after ``timeout``
+        seconds without a reply to it."""
 
     @abc.abstractmethod
     async def _wait_for_data(self, until: float | None) -> None:
@@ -435,16 +436,25 @@ class ClientBase(abc.ABC):
         data = codec.checked_messages(self._cid, name, messages, self._max_line)
         batch = self._session.expect_batch(len(data))
         generation = self._generation
+        sent = 0
         try:
             for start in range(0, len(data), codec.CHUNK):
                 if self._generation != generation:
                     break  # lost and connected again: the batch already lists the rest as refused
                 end = start + codec.CHUNK
                 self._write(codec.publish_chunk(self._cid, name, data[start:end]))
-                await self._throttle(max(len(data) - end, 0))  # the batch counts its unsent lines
+                sent = min(end, len(data))
+                await self._throttle(len(data) - sent)  # the batch counts its unsent lines
             await self._wait(batch)
         except ConnectionClosedError:
             pass  # the batch lists the lost replies among its refusals
+        except errors.TimeoutError as exc:
+            # held by flow control (or a stalled server) for longer than the timeout: the lines not
+            # sent never will be, and the sent ones may still be taken; the batch waits for those only
+            return self._session.cut_batch(batch, sent, exc)
+        except BaseException:
+            self._session.cut_batch(batch, sent, errors.TimeoutError("interrupted"))
+            raise
         return batch.refused
 
     # ------------------------------------------------------------ deliveries

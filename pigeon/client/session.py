@@ -105,6 +105,22 @@ class Session:
         self.in_flight += 1
         return last
 
+    def cut_batch(self, batch: Pending, sent: int, error: PigeonError) -> list[Refused]:
+        """Give up on a batch of which only the first ``sent`` lines were sent.
+
+        Replies are still awaited for the sent lines (late ones are matched
+        and dropped), no longer for the others. Returns the batch's refusals
+        so far, then every message without a reply, refused with ``error``.
+        """
+        total = batch.total
+        refused = [*batch.refused, *(Refused(index, error) for index in range(batch.answered, total))]
+        if sent < total:
+            self.in_flight -= total - sent
+            batch.total = sent
+            if batch.done and batch in self._pending:
+                self._pending.remove(batch)
+        return refused
+
     def receive(self, data: bytes) -> list[Pending]:
         """Take bytes read from the socket; returns the entries they completed.
 
