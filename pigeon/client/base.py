@@ -376,8 +376,8 @@ class ClientBase(abc.ABC):
                 ) from exc
         if stale:
             raise StaleDeliveryError(
-                f"{len(stale)} of the messages came on an earlier connection: their tags are dead, and the "
-                "broker gave them back for redelivery when it closed",
+                f"{len(stale)} of the messages came on a connection that has closed since: their tags are "
+                "dead, and the broker gave them back for redelivery",
                 stale,
             )
 
