@@ -58,9 +58,11 @@ class AsyncClient(ClientBase):
 
     Connect with ``async with AsyncClient(...) as client:`` or
     ``client = await AsyncClient(...).connect()``. ``timeout`` bounds each
-    wait for a reply; with ``reconnect=True`` a lost connection is
-    re-established in the background, for up to ``reconnect_timeout``
-    seconds, and its subscriptions are restored. While more than
+    wait for a reply, counted from the last reply that came (a publisher
+    held by the broker's flow control waits as long as replies keep coming).
+    With ``reconnect=True`` a lost connection is re-established in the
+    background, for up to ``reconnect_timeout`` seconds, and its
+    subscriptions are restored. While more than
     ``max_queued`` deliveries wait to be consumed, the client stops reading,
     so the server's rotation passes it over. Many tasks may share one client.
     """
@@ -113,7 +115,7 @@ class AsyncClient(ClientBase):
         await self._unsubscribe(topic)
 
     async def publish(self, topic: str | bytes, message: Data, *, wait: bool = True) -> None:
-        """Publish one message; raises the server's refusal (e.g. BacklogFullError).
+        """Publish one message; waits while the broker holds a publisher (flow control), raises its refusals.
 
         With ``wait=False`` the command is only queued (written on the next
         loop iteration): many stay in flight, and ``flush()`` waits for every

@@ -32,7 +32,9 @@ POLL_READS = 16  # at most this many reads of what has already arrived before a 
 class Client(ClientBase):
     """A blocking connection to a Pigeon server; connects (HELLO and CONNECT) when created.
 
-    ``timeout`` bounds each wait for a reply (None waits for ever). With
+    ``timeout`` bounds each wait for a reply, counted from the last bytes that
+    came (None waits for ever; see docs/client.md for a publisher held by the
+    broker's flow control). With
     ``reconnect=True`` a lost connection is re-established on next use, for up
     to ``reconnect_timeout`` seconds, and its subscriptions are restored.
     Not thread-safe: use one client per thread.
@@ -75,7 +77,7 @@ class Client(ClientBase):
         run_blocking(self._unsubscribe(topic))
 
     def publish(self, topic: str | bytes, message: Data, *, wait: bool = True) -> None:
-        """Publish one message; raises the server's refusal (e.g. BacklogFullError).
+        """Publish one message; waits while the broker holds a publisher (flow control), raises its refusals.
 
         With ``wait=False`` the command is only queued: many stay in flight, and
         ``flush()`` sends what is left, waits for every reply and reports the refusals.
