@@ -301,13 +301,17 @@ class ClientBase(abc.ABC):
         return await self._roundtrip(line(), verb)
 
     async def _roundtrip(self, line: bytes, verb: bytes) -> bytes:
+        pending = self._session.expect(verb)  # first: a send that stalls still sends the line later
         self._write(line)
-        pending = self._session.expect(verb)
         await self._wait(pending)
         return result(pending)
 
     def _write(self, data: bytes) -> None:
-        """Send ``data`` after any queued publishes."""
+        """Send ``data`` after any queued publishes.
+
+        A blocking client whose send stalls for ``timeout`` keeps the rest
+        queued (sent first next time) and raises pigeon.TimeoutError.
+        """
         if self._out:
             data = bytes(self._out) + data
             self._out.clear()
@@ -370,6 +374,8 @@ class ClientBase(abc.ABC):
         if tags:
             try:
                 self._write(codec.settle_lines(verb, self._cid, cast("list[int]", tags), suffix))
+            except errors.TimeoutError:
+                pass  # the server is not reading now: the lines stay queued, sent before anything else
             except ConnectionClosedError as exc:
                 raise StaleDeliveryError(
                     f"cannot {verb.decode()}: {exc}; the broker gives the messages back", list(batch)
@@ -442,8 +448,8 @@ class ClientBase(abc.ABC):
                 if self._generation != generation:
                     break  # lost and connected again: the batch already lists the rest as refused
                 end = start + codec.CHUNK
+                sent = min(end, len(data))  # even if the send stalls: the rest of it stays queued
                 self._write(codec.publish_chunk(self._cid, name, data[start:end]))
-                sent = min(end, len(data))
                 await self._throttle(len(data) - sent)  # the batch counts its unsent lines
             await self._wait(batch)
         except ConnectionClosedError:
@@ -451,6 +457,7 @@ class ClientBase(abc.ABC):
         except errors.TimeoutError as exc:
             # held by flow control (or a stalled server) for longer than the timeout: the lines not
             # sent never will be, and the sent ones may still be taken; the batch waits for those only
+            self._poll()  # the replies that have come count
             return self._session.cut_batch(batch, sent, exc)
         except BaseException:
             self._session.cut_batch(batch, sent, errors.TimeoutError("interrupted"))
@@ -500,6 +507,8 @@ class ClientBase(abc.ABC):
             self._write(codec.ping_line())
         except ConnectionClosedError:
             return
+        except errors.TimeoutError:
+            pass  # queued: it goes out before anything else
         self._session.expect(b"PONG")  # matched and dropped when it comes, like any reply
 
     # ------------------------------------------------------------ STATS

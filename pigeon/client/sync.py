@@ -188,10 +188,16 @@ class Client(ClientBase):
         if sock is None:
             raise self._lost or ConnectionClosedError("not connected")
         self._set_timeout(self.timeout)
+        unsent = memoryview(data)
         try:
-            sock.sendall(data)
+            while unsent:
+                unsent = unsent[sock.send(unsent) :]  # each send waits up to timeout for room
+        except TimeoutError:
+            # the server took nothing for `timeout` seconds (flow control holds this publisher): the rest
+            # goes out before anything else, so the stream stays whole and the connection usable
+            self._out[:0] = unsent
+            raise errors.TimeoutError(f"the server took nothing for {self.timeout}s") from None
         except OSError as exc:
-            # a partial send leaves the stream unusable, a timeout included
             raise self._lose(f"send failed: {exc}") from exc
 
     def _close_transport(self) -> None:
@@ -224,20 +230,22 @@ class Client(ClientBase):
     def _poll(self) -> None:
         try:
             for _ in range(POLL_READS):
-                if self._sock is None or not self._receive(0.0):
+                if self._sock is None or not self._receive(0.0, send_queued=False):
                     return
         except ConnectionClosedError:
             pass  # noticed: the caller finds no connection
 
     # ------------------------------------------------------------ reading
 
-    def _receive(self, timeout: float | None) -> bool:
+    def _receive(self, timeout: float | None, send_queued: bool = True) -> bool:
         """Wait up to ``timeout`` seconds (None: for ever) for bytes, and take them in.
 
         Returns False when nothing came in time; raises ConnectionClosedError
-        when the connection is lost.
+        when the connection is lost. With ``send_queued``, what waits to be
+        sent goes first: the replies awaited may be to those commands.
         """
-        self._write(b"")  # queued publishes first: their replies may be what is awaited
+        if send_queued:
+            self._write(b"")
         sock = self._sock
         if sock is None:
             raise self._lost or ConnectionClosedError("not connected")
