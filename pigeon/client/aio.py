@@ -111,7 +111,8 @@ class AsyncClient(ClientBase):
         await self._subscribe(topic, ack, prefetch)
 
     async def unsubscribe(self, topic: str | bytes) -> None:
-        """Stop receiving ``topic``; deliveries already received stay queued."""
+        """Stop receiving ``topic``; plain deliveries already received stay queued, acknowledged ones are
+        dropped (the broker gives them back)."""
         await self._unsubscribe(topic)
 
     async def publish(self, topic: str | bytes, message: Data, *, wait: bool = True) -> None:

@@ -73,7 +73,8 @@ class Client(ClientBase):
         run_blocking(self._subscribe(topic, ack, prefetch))
 
     def unsubscribe(self, topic: str | bytes) -> None:
-        """Stop receiving ``topic``; deliveries already received stay queued."""
+        """Stop receiving ``topic``; plain deliveries already received stay queued, acknowledged ones are
+        dropped (the broker gives them back)."""
         run_blocking(self._unsubscribe(topic))
 
     def publish(self, topic: str | bytes, message: Data, *, wait: bool = True) -> None:
