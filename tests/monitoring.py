@@ -63,6 +63,17 @@ def stats_of(client: LineClient, section: str = "") -> Any:
     return json.loads(payload)
 
 
+def wait_for_held(observer: LineClient, want: int) -> dict[str, Any]:
+    """STATS once ``want`` publishers wait for flow control (polled, with a deadline)."""
+    deadline = time.monotonic() + 30
+    while True:
+        figures: dict[str, Any] = stats_of(observer)
+        if figures["publishers_held"] == want:
+            return figures
+        assert time.monotonic() < deadline, figures
+        time.sleep(0.02)
+
+
 # the flags ack_traffic needs: a backlog of two holds a third publish, a second delivery is the
 # last, and no ack timeout moves the figures while a slow machine runs the test
 ACK_FLAGS = ("--max-backlog", "2", "--max-deliveries", "2", "--ack-timeout", "0")
@@ -101,8 +112,5 @@ def ack_traffic(proc: ServerProcess) -> tuple[LineClient, LineClient]:
     pub.publish("full", "f0")
     pub.publish("full", "f1")
     pub.send(f"PUBLISH {pid} full f2")
-    deadline = time.monotonic() + 10
-    while stats_of(consumer)["publishers_held"] != 1:
-        assert time.monotonic() < deadline, "the third PUBLISH to 'full' was not held"
-        time.sleep(0.02)
+    wait_for_held(consumer, 1)
     return consumer, pub

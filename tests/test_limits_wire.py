@@ -16,6 +16,7 @@ import pytest
 from pigeon.testing import LineClient, ServerProcess
 from tests.clients import connected, small_window_client
 from tests.monitoring import stats_of as stats
+from tests.monitoring import wait_for_held
 
 Start = Callable[..., ServerProcess]
 
@@ -52,15 +53,6 @@ def test_max_connections(start_server: Start) -> None:
 # The most one socket read gives the core (READ_ROOM in pigeon/core/parser.pxd): what a held
 # publisher sent after its waiting PUBLISH is kept, and may take memory past --max-memory.
 READ_BYTES = 256 * 1024
-
-
-def wait_for_held(observer: LineClient, want: int) -> dict[str, Any]:
-    """STATS once ``want`` publishers wait for flow control (polled, with a deadline)."""
-    deadline = time.monotonic() + 30
-    while (figures := stats(observer))["publishers_held"] != want:
-        assert time.monotonic() < deadline, figures
-        time.sleep(0.02)
-    return figures
 
 
 # 2.5 MB of messages: more than MEMORY_LIMIT lets the broker hold; small enough that the backlog

@@ -27,6 +27,7 @@ from tests.monitoring import (
     start_monitored,
     stats_of,
     traffic,
+    wait_for_held,
 )
 
 Monitored = tuple[ServerProcess, str]
@@ -413,10 +414,7 @@ def test_json_logs_show_connections_and_backlog_warnings() -> None:
     # both wait for the full backlog; the operator is told once
     client.send(f"PUBLISH {client.client_id} q b")
     other.send(f"PUBLISH {other.client_id} q c")
-    deadline = time.monotonic() + 10
-    while stats_of(sub)["publishers_held"] != 2:
-        assert time.monotonic() < deadline, "the publishers were not held"
-        time.sleep(0.02)
+    wait_for_held(sub, 2)
     sub.subscribe("q")
     assert sorted(sub.lines(3)) == [b"MESSAGE q a", b"MESSAGE q b", b"MESSAGE q c"]
     assert (client.line(), other.line()) == (b"PUBLISHED q", b"PUBLISHED q")
