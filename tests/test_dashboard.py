@@ -50,6 +50,26 @@ def publish_for_a_while(pub: LineClient, stop: threading.Event) -> None:
         pub.lines(50)
 
 
+def acknowledge_for_a_while(pub: LineClient, consumer: LineClient, stop: threading.Event) -> None:
+    """Batches of PUBLISH to 'tasks', each delivered to the consumer and acked as one range, until told
+    to stop; the last ACK is settled when this returns."""
+    batch = f"PUBLISH {pub.client_id} tasks task\n".encode() * 50
+    acked = 0
+    while not stop.is_set():
+        pub.send(batch)
+        pub.lines(50)
+        consumer.lines(50)
+        consumer.send(f"ACK {consumer.client_id} {acked + 1}-{acked + 50}")
+        acked += 50
+    assert consumer.ask("PING") == b"PONG"  # ACKs have no reply: this one comes after the last
+
+
+def shows_positive(browser: webdriver.Chrome, element_id: str) -> bool:
+    """Whether an element shows a whole number above zero."""
+    shown = str(browser.find_element(By.ID, element_id).text)
+    return shown.isdigit() and int(shown) > 0
+
+
 def read_until_closed(client: LineClient) -> None:
     """Swallow deliveries so the subscriber never fills its socket."""
     client.sock.settimeout(None)
@@ -76,8 +96,7 @@ def test_dashboard_shows_live_figures(
         return str(browser.find_element(By.ID, element_id).text)
 
     def positive(element_id: str) -> bool:
-        shown = text(element_id)
-        return shown.isdigit() and int(shown) > 0
+        return shows_positive(browser, element_id)
 
     reader = threading.Thread(target=read_until_closed, args=(sub,), daemon=True)
     reader.start()
@@ -211,6 +230,28 @@ def table(browser: webdriver.Chrome, table_id: str) -> list[list[str]]:
         ".map(tr => [...tr.cells].map(td => td.textContent));"
     )
     return [list(row) for row in rows]
+
+
+def test_dashboard_shows_the_rate_of_acks(
+    monitored: tuple[ServerProcess, str], browser: webdriver.Chrome
+) -> None:
+    proc, url = monitored
+    pub, consumer = proc.client(), proc.client()
+    pub.connect()
+    assert consumer.ask(f"SUBSCRIBE {consumer.connect()} tasks ACK") == b"SUBSCRIBED tasks"
+    stop = threading.Event()
+    worker = threading.Thread(target=acknowledge_for_a_while, args=(pub, consumer, stop))
+    worker.start()
+    try:
+        browser.get(url)
+        WebDriverWait(browser, 20, poll_frequency=0.2).until(lambda _: shows_positive(browser, "rate-acks"))
+    finally:
+        stop.set()
+        worker.join()
+    stats = wait_for_the_server_figures(browser, url)
+    assert stats["acks"] == stats["published"] > 0 and stats["unacked"] == 0
+    pub.close()
+    consumer.close()
 
 
 def test_dashboard_pages_through_connections(
