@@ -83,11 +83,6 @@ def test_a_publisher_over_max_memory_waits_instead_of_being_refused(start_server
     assert sorted(conns.values()) == [False, True]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: memory freed by handing the backlog over is not checked again, so a publisher "
-    "held for memory waits until some other client's input makes the core flush",
-)
 def test_a_publisher_held_for_memory_goes_on_once_a_subscriber_drains(start_server: Start) -> None:
     proc = start_server("--max-memory", str(MEMORY_LIMIT))
     pub, observer, sender, _ = flood_until_held(proc)
