@@ -413,6 +413,29 @@ def test_a_consumer_publishing_to_its_own_topic_keeps_making_progress() -> None:
     assert b.stats()["publishers_held"] == 0 and b.stats()["refused"] > 0
 
 
+# ---------------------------------------------------------------- found while extending the model (issue 12)
+
+
+def _deferred(b: Broker) -> None:
+    """Flushes wait for flush(), as in the server (one per pass of its loop)."""
+    b.on_output = lambda: None
+
+
+def test_a_delayed_nack_of_a_range_gives_the_messages_back_in_their_original_order() -> None:
+    b = Broker()
+    sub, pub = Peer(b), Peer(b)
+    sub.send("SUBSCRIBE <me> jobs ACK")
+    publish(pub, "jobs", [f"m{i}" for i in range(1, 6)])
+    sub.take()
+    sub.send("NACK <me> 1-5 1", "UNSUBSCRIBE <me> jobs")
+    time.sleep(0.01)
+    b.run_timers()
+    late = Peer(b)
+    assert late.send("SUBSCRIBE <me> jobs") == b"SUBSCRIBED jobs\n" + b"".join(
+        b"MESSAGE jobs m%d\n" % i for i in range(1, 6)
+    )
+
+
 # ---------------------------------------------------------------- no Python object per message
 
 
