@@ -436,6 +436,19 @@ def test_a_delayed_nack_of_a_range_gives_the_messages_back_in_their_original_ord
     )
 
 
+def test_a_publisher_held_by_a_backlog_bound_of_0_goes_on_once_a_subscriber_can_take() -> None:
+    b = Broker(max_backlog=0)
+    reading: list[tuple[int, bool]] = []
+    b.on_reading = lambda h, on: reading.append((h, on))
+    pub = Peer(b)
+    assert pub.send("PUBLISH <me> t x", "PING") == b""  # nobody can take it: the publisher waits
+    sub = Peer(b)
+    assert sub.send("SUBSCRIBE <me> t") == b"SUBSCRIBED t\nMESSAGE t x\n"
+    assert pub.take() == b"PUBLISHED t\nPONG\n"
+    assert reading == [(pub.handle, False), (pub.handle, True)]
+    assert b.stats()["publishers_held"] == 0
+
+
 # ---------------------------------------------------------------- no Python object per message
 
 

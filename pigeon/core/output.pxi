@@ -298,6 +298,9 @@ cdef void topic_drain(Broker b, Topic *t) noexcept:
     cdef Sub *s
     cdef Msg *msg
     if t.backlog.count == 0:
+        # with --max-backlog 0 a publisher waits on an empty backlog for a subscriber that can take
+        if t.waiter >= 0 and topic_has_taker(b, t):
+            flow_topic_drained(b, t)
         return
     _pin(t)
     while t.backlog.count:
