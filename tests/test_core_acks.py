@@ -449,6 +449,16 @@ def test_a_publisher_held_by_a_backlog_bound_of_0_goes_on_once_a_subscriber_can_
     assert b.stats()["publishers_held"] == 0
 
 
+def test_a_publish_that_waited_is_counted_once() -> None:
+    b = Broker(max_backlog=1)
+    pub, sub = Peer(b), Peer(b)
+    assert pub.send("PUBLISH <me> t a", "PUBLISH <me> t b") == b"PUBLISHED t\n"
+    sub.send("SUBSCRIBE <me> t")
+    assert pub.take() == b"PUBLISHED t\n"
+    stats = b.stats()
+    assert (stats["commands"]["publish"], stats["published"], stats["publish_holds"]) == (2, 2, 1)
+
+
 # ---------------------------------------------------------------- no Python object per message
 
 
