@@ -459,6 +459,25 @@ def test_a_publish_that_waited_is_counted_once() -> None:
     assert (stats["commands"]["publish"], stats["published"], stats["publish_holds"]) == (2, 2, 1)
 
 
+def test_a_topic_stays_while_a_deliver_line_of_it_is_on_its_way_even_once_acknowledged() -> None:
+    # once freed under the unsent line, the topic was written to at the hand-over (a use after free)
+    b = Broker()
+    _deferred(b)
+    sub, pub = Peer(b), Peer(b)
+    sub.send("SUBSCRIBE <me> t ACK")
+    _read(pub, "PUBLISH <me> t x")
+    _read(sub, "ACK <me> 1")  # the client may ack a tag before it has read its line
+    _read(sub, "UNSUBSCRIBE <me> t")
+    assert b.topic_info(b"t") == (0, 0)  # the DELIVER line is on its way
+    for i in range(50):  # topics that may take the freed topic's memory
+        _read(pub, f"PUBLISH <me> u{i} y")
+    b.flush()
+    assert sub.take() == b"DELIVER t 1 1 x\nUNSUBSCRIBED t\n"
+    assert b.topic_info(b"t") is None
+    assert [t["name"] for t in b.topics(0, 1000)["topics"] if t["delivered"]] == []
+    assert b.stats()["topics"] == 50
+
+
 # ---------------------------------------------------------------- no Python object per message
 
 

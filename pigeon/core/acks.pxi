@@ -154,6 +154,7 @@ cdef bint ack_deliver(Broker b, Sub *s, Msg *msg) noexcept:
         l.live -= 1
         backlog_push(b, msg, True)
         return False
+    t.refs += 1     # the line pins its topic until it is handed over: its message may be settled first
     p = line
     memcpy(p, b"DELIVER ", 8)
     p += 8
