@@ -478,6 +478,19 @@ def test_a_topic_stays_while_a_deliver_line_of_it_is_on_its_way_even_once_acknow
     assert b.stats()["topics"] == 50
 
 
+def test_a_message_given_back_unsent_by_a_plain_subscriber_keeps_its_attempt() -> None:
+    b = Broker()
+    _deferred(b)
+    pub, plain = Peer(b), Peer(b)
+    pub.send("PUBLISH <me> t x")  # into the backlog
+    _read(plain, "SUBSCRIBE <me> t")  # MESSAGE t x written, never handed over
+    b.close(plain.handle)
+    b.flush()
+    b.on_output = None
+    acked = Peer(b)
+    assert acked.send("SUBSCRIBE <me> t ACK") == b"SUBSCRIBED t\nDELIVER t 1 1 x\n"
+
+
 # ---------------------------------------------------------------- no Python object per message
 
 

@@ -246,7 +246,6 @@ cdef bint out_deliver(Broker b, int32_t h, Msg *msg) noexcept:
     if line == NULL or not _note_inflight(b, h, msg, t, line, line_len, 0):
         backlog_push(b, msg, True)
         return False
-    msg.attempt += 1
     return True
 
 
