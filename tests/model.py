@@ -178,6 +178,7 @@ class Sub:
     in_rotation: bool = True
 
     def can_take(self) -> bool:
+        """Whether its prefetch window has room (always, for a plain subscription)."""
         return self.prefetch is None or self.unacked < self.prefetch
 
 
@@ -234,6 +235,7 @@ class Conn:
         return sum(len(line.data) for line in self.unsent)
 
     def sub_of(self, t: Topic | None) -> Sub | None:
+        """Its subscription to t, if any."""
         return next((s for s in self.subscriptions if s.topic is t), None)
 
 
