@@ -30,13 +30,31 @@ def test_every_workload_against_a_server(server: ServerProcess) -> None:
     done = bench("--port", str(server.port), "--json", *SHORT)
     assert done.returncode == 0, done.stderr
     results = {r["workload"]: r for r in json.loads(done.stdout)["results"]}
-    assert list(results) == ["pipe", "queue", "fanin", "latency", "connections"]
-    for name in ("pipe", "queue", "fanin"):
+    assert list(results) == ["pipe", "queue", "fanin", "ackqueue", "latency", "connections"]
+    for name in ("pipe", "queue", "fanin", "ackqueue"):
         assert results[name]["msgs_per_s"] > 0
         assert results[name]["broker_cpu_percent"] is not None  # the broker was found by its port
     latency = results["latency"]
     assert 0 < latency["p50_us"] <= latency["p99_us"] <= latency["p999_us"]
     assert results["connections"]["bytes_per_connection"] is not None
+
+
+def test_ackqueue_acknowledges_every_message_it_published(server: ServerProcess) -> None:
+    done = bench("--port", str(server.port), "--workloads", "ackqueue", "--json", *SHORT)
+    assert done.returncode == 0, done.stderr
+    (result,) = json.loads(done.stdout)["results"]
+    assert result["workload"] == "ackqueue" and result["msgs_per_s"] > 0
+    client = server.client()
+    client.connect()
+    reply = client.ask("STATS")
+    assert reply.startswith(b"STATS ")
+    stats = json.loads(reply.split(b" ", 1)[1])
+    client.close()
+    assert stats["published"] > 1000  # several batches of 500, so acks were ranges over many of them
+    assert stats["acks"] == stats["published"] == stats["delivered"]
+    assert stats["unacked"] == stats["redelivered"] == stats["backlog_messages"] == 0
+    assert stats["commands"]["ack"] >= stats["published"] // 100
+    assert stats["errors"] == {k: 0 for k in stats["errors"]}
 
 
 def test_table_output_and_message_size_through_pigeon_cli(server: ServerProcess) -> None:

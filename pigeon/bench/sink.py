@@ -19,8 +19,10 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from pigeon.bench.load import CHUNK_BYTES, READ_BYTES
+from pigeon.bench.load import READ_BYTES
 from pigeon.protocol import DEFAULT_HOST
+
+CHUNK_BYTES = 256 * 1024  # bytes of MESSAGE lines per sendall
 
 
 def _stream(sock: socket.socket, topic: bytes, size: int) -> None:
