@@ -175,6 +175,13 @@ def _publish_loop(
             return
 
 
+def _blocking(*socks: socket.socket) -> None:
+    """Leave the setup's timeout behind: a socket with a timeout polls before every recv and send,
+    a system call more per read than the loop itself makes. Readers end by ``_shutdown`` instead."""
+    for sock in socks:
+        sock.settimeout(None)
+
+
 def _shutdown(sock: socket.socket, how: int) -> None:
     # the broker may already have closed its side
     with suppress(OSError):
@@ -245,6 +252,7 @@ def run_throughput(
             conn = LineSocket.open(opts.host, opts.port)
             pubs.append(conn)
             chunks.append(d.publish(d.handshake(conn), _topic(tag, i % topics), payload) * opts.batch)
+        _blocking(*(conn.sock for conn in subs + pubs))
         with _threads() as threads:
             for i, conn in enumerate(subs):
                 _start(threads, _count_lines, conn.sock, delivered, i, windows[i % topics])
@@ -307,6 +315,7 @@ def run_ackqueue(opts: Options, probe: BrokerProbe) -> Result:
         for i in range(opts.subscribers):
             consumers.append(d.consumer(opts.host, opts.port, queue, i, opts.prefetch, opts.ack_batch))
         pub, command = d.publisher(opts.host, opts.port, queue, b"x" * opts.size)
+        _blocking(pub, *(c.sock for c in consumers))
         with _threads() as threads:
             readers = [
                 _start(threads, _consume, c, delivered, i, window, errors) for i, c in enumerate(consumers)
