@@ -132,13 +132,13 @@ def test_compare_quick_prints_peers_side_by_side(tmp_path: Path) -> None:
             str(ROOT / "benchmarks" / "compare.py"),
             "--quick",
             "--workloads",
-            "pipe,latency",
+            "pipe,ackqueue,latency",
             "--json",
             str(out),
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=400,
     )
     assert done.returncode == 0, done.stderr
     header = done.stdout.splitlines()[0].split()
@@ -146,13 +146,17 @@ def test_compare_quick_prints_peers_side_by_side(tmp_path: Path) -> None:
     assert "ceiling" in header
     results = json.loads(out.read_text())
     assert results["pigeon"][0]["workload"] == "pipe" and results["pigeon"][0]["msgs_per_s"] > 0
-    for peer in ("nats", "redis"):
+    for peer in ("nats", "redis", "rabbitmq"):
         if shutil.which(f"{peer}-server"):
             assert peer in header and f"pigeon/{peer}" in header
-            assert results[peer][0]["msgs_per_s"] > 0
+            by_workload = {r["workload"]: r for r in results[peer]}
+            assert by_workload["ackqueue"]["msgs_per_s"] > 0
+            if peer != "rabbitmq":  # RabbitMQ runs ackqueue only
+                assert by_workload["pipe"]["msgs_per_s"] > 0
         else:
             assert f"{peer}: not installed, skipped" in done.stdout
     assert "target pipe: >= 2.0 x redis" in done.stdout
+    assert "target ackqueue: >= 0.7 x queue" in done.stdout
 
 
 def test_compare_skips_peers_that_are_not_installed(tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ class AckConsumer:
         raise NotImplementedError
 
     def send(self, data: bytes) -> None:
-        """Send under the lock, so the reader and a final ``settle`` never interleave writes."""
+        """Send ``data``; callers hold ``lock``, so the reader and ``settle`` never interleave writes."""
         if data:
             self.sock.sendall(data)
 
