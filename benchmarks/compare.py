@@ -71,7 +71,6 @@ class Broker:
     version: str = ""
     start_acks: Starter | None = None  # for ackqueue
     plain: bool = True  # runs pipe, queue, fanin, latency and connections
-    acks: bool = True  # runs ackqueue
     probe_by_port: bool = False  # the started process is a wrapper; find the broker by its port
 
 
@@ -212,7 +211,6 @@ def brokers(include_sink: bool) -> list[Broker]:
                 sys.executable,
                 _start_sink,
                 "null broker (pigeon.bench.sink)",
-                acks=False,
             )
         )
     for b in found[1:3]:
@@ -321,7 +319,7 @@ def measure(
             if wanted and b.plain:
                 with running(b, broker_pin) as (pid, port):
                     results += run(replace(opts, port=port, pid=pid, dialect=b.dialect), wanted)
-            if "ackqueue" in workloads and b.acks:
+            if "ackqueue" in workloads:
                 with running(b, broker_pin, acks=True) as (pid, port):
                     results += run(replace(opts, port=port, pid=pid, dialect=b.dialect), ["ackqueue"])
             if results:
@@ -338,7 +336,7 @@ def measure(
     table.results = {name: median_results(rs) for name, rs in runs.items()}
     if "ackqueue" in workloads:
         for b in active:
-            if b.acks:
+            if b.name != "ceiling":
                 table.notes.append(f"{b.name} ackqueue: {ACK_DIALECTS[b.dialect].notes}")
     table.notes.append(
         f"broker pinned with: {' '.join(broker_pin) or '(not pinned)'}; load generator: {client_cpu}"
