@@ -153,8 +153,11 @@ _GROUP = b"workers"
 class RedisStreamConsumer(AckConsumer):
     """One ``XREADGROUP COUNT <prefetch>`` outstanding; ``XACK`` of ``batch`` ids with the next read."""
 
-    def __init__(self, sock: socket.socket, batch: int, stream: bytes, name: bytes, count: int) -> None:
-        super().__init__(sock, batch)
+    def __init__(
+        self, conn: LineSocket, address: tuple[str, int], batch: int, stream: bytes, name: bytes, count: int
+    ) -> None:
+        super().__init__(_settled_setup(conn), batch)
+        self._address = address
         self._stream = stream
         self._read = resp(
             b"XREADGROUP", b"GROUP", _GROUP, name, b"COUNT", b"%d" % count, b"BLOCK", b"0", b"STREAMS",
@@ -179,11 +182,11 @@ class RedisStreamConsumer(AckConsumer):
             del pending[: end + 1]
             self._xack_replies -= 1
         # *1 *2 $<n> <stream> *<entries>, then 8 lines an entry; nothing follows the reply
+        if pending[:1] == b"-":
+            raise WireError(f"XREADGROUP: {bytes(pending[:200])!r}")
         lines = pending.count(b"\n")
         if lines < 5:
             return 0, b""
-        if pending[:1] == b"-":
-            raise WireError(f"XREADGROUP: {bytes(pending[:200])!r}")
         header_end = 0
         for _ in range(4):
             header_end = pending.index(b"\n", header_end) + 1
@@ -210,6 +213,23 @@ class RedisStreamConsumer(AckConsumer):
         ids, self._ids = self._ids, []
         return self._xack(ids) if ids else b""
 
+    def settle(self) -> None:
+        """The last XACK on a connection of its own.
+
+        This one is blocked in its XREADGROUP (BLOCK 0) once the stream is drained, and Redis
+        leaves a blocked client's further commands unread until the block ends.
+        """
+        with self.lock:
+            xack = self.finish()
+        if not xack:
+            return
+        conn = LineSocket.open(*self._address)
+        try:
+            conn.sock.sendall(xack)
+            conn.expect(b":")
+        finally:
+            conn.sock.close()
+
 
 class RedisStreamAcks(AckDialect):
     """Redis Streams: one stream, a consumer group, ``XREADGROUP`` and ``XACK``."""
@@ -235,8 +255,8 @@ class RedisStreamAcks(AckDialect):
     def consumer(
         self, host: str, port: int, queue: bytes, index: int, prefetch: int, batch: int
     ) -> AckConsumer:
-        sock = LineSocket.open(host, port).sock
-        return RedisStreamConsumer(sock, batch, queue, b"c%d" % index, prefetch)
+        conn = LineSocket.open(host, port)
+        return RedisStreamConsumer(conn, (host, port), batch, queue, b"c%d" % index, prefetch)
 
 
 # a JetStream delivery at the start of a line: MSG <inbox> <sid> <ack subject> <size>, then the
