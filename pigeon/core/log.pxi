@@ -1,0 +1,427 @@
+# Log: records, their order with the replies, and recovery (see log.pxd).
+
+from libc.stdlib cimport qsort
+
+
+cdef extern from "zlib.h":
+    unsigned long crc32(unsigned long crc, const unsigned char *buf, unsigned int length) nogil
+
+
+cdef extern from *:
+    """
+    static int pigeon_compare_u64(const void *a, const void *b) {
+        unsigned long long x = *(const unsigned long long *)a, y = *(const unsigned long long *)b;
+        return (x > y) - (x < y);
+    }
+    """
+    int compare_u64 "pigeon_compare_u64"(const void *a, const void *b) noexcept nogil
+
+
+cdef uint32_t record_crc(const char *body, size_t n) noexcept:
+    """zlib's CRC-32 of a record's body (CPython links zlib already)."""
+    return <uint32_t>crc32(0, <const unsigned char *>body, <unsigned int>n)
+
+
+# Records are little-endian whatever the host: written and read byte by byte.
+
+cdef inline void _put16(char *p, uint32_t v) noexcept:
+    p[0] = <char>(v & 0xff)
+    p[1] = <char>((v >> 8) & 0xff)
+
+
+cdef inline void _put32(char *p, uint32_t v) noexcept:
+    cdef int i
+    for i in range(4):
+        p[i] = <char>((v >> (8 * i)) & 0xff)
+
+
+cdef inline void _put64(char *p, uint64_t v) noexcept:
+    cdef int i
+    for i in range(8):
+        p[i] = <char>((v >> (8 * i)) & 0xff)
+
+
+cdef inline uint32_t _get16(const char *p) noexcept:
+    return (<unsigned char>p[0]) | ((<uint32_t><unsigned char>p[1]) << 8)
+
+
+cdef inline uint32_t _get32(const char *p) noexcept:
+    cdef uint32_t v = 0
+    cdef int i
+    for i in range(4):
+        v |= (<uint32_t><unsigned char>p[i]) << (8 * i)
+    return v
+
+
+cdef inline uint64_t _get64(const char *p) noexcept:
+    cdef uint64_t v = 0
+    cdef int i
+    for i in range(8):
+        v |= (<uint64_t><unsigned char>p[i]) << (8 * i)
+    return v
+
+
+cdef size_t publish_record_size(size_t topic_len, size_t n) noexcept:
+    """Bytes of the PUBLISH record of a message: head, kind, seq, time, attempt, topic, length, payload."""
+    return RECORD_HEAD + 1 + 8 + 8 + 4 + 2 + topic_len + 4 + n
+
+
+cdef char *_record(Broker b, int kind, size_t body) noexcept:
+    """Room for a record of ``body`` bytes at the end of the buffer, its kind written; NULL when
+    out of memory. The caller fills the rest of the body, then _seal()s it."""
+    cdef Log *log = &b.log
+    cdef size_t need = RECORD_HEAD + body, cap
+    cdef char *grown
+    cdef char *p
+    if log.len + need > log.cap:
+        cap = log.cap * 2 if log.cap else 64 * 1024
+        while cap < log.len + need:
+            cap *= 2
+        grown = <char *>mem_grow(&b.mem, log.buf, log.cap, cap)
+        if grown == NULL:
+            return NULL
+        log.buf = grown
+        log.cap = cap
+    p = log.buf + log.len
+    log.len += need
+    log.appended += need
+    log.records += 1
+    p[RECORD_HEAD] = <char>kind
+    return p
+
+
+cdef inline void _seal(char *record, size_t body) noexcept:
+    _put32(record, <uint32_t>body)
+    _put32(record + 4, record_crc(record + RECORD_HEAD, body))
+
+
+cdef int log_publish(Broker b, uint64_t seq, Topic *t, const char *data, size_t n,
+                     uint32_t attempt) noexcept:
+    """Record an accepted message; -1 when out of memory (the PUBLISH is refused)."""
+    cdef size_t size = publish_record_size(t.name_len, n)
+    cdef size_t body = size - RECORD_HEAD
+    cdef char *rec = _record(b, REC_PUBLISH, body)
+    cdef char *p
+    if rec == NULL:
+        return -1
+    p = rec + RECORD_HEAD + 1
+    _put64(p, seq)
+    _put64(p + 8, b.wall_ms)
+    _put32(p + 16, attempt)
+    _put16(p + 20, t.name_len)
+    memcpy(p + 22, topic_name(t), t.name_len)
+    p += 22 + t.name_len
+    _put32(p, <uint32_t>n)
+    memcpy(p + 4, data, n)
+    _seal(rec, body)
+    b.log.live += 1
+    b.log.live_bytes += size
+    return 0
+
+
+cdef void log_settle(Broker b, uint64_t seq) noexcept:
+    """A message is done: recorded (in runs) at the end of the flush. When even that cannot be
+    allocated the message is not recorded as done, and comes back after a restart."""
+    cdef Log *log = &b.log
+    cdef uint64_t *grown
+    cdef size_t cap
+    if log.nsettled == log.settled_cap:
+        cap = log.settled_cap * 2 if log.settled_cap else 1024
+        grown = <uint64_t *>mem_grow(&b.mem, log.settled, log.settled_cap * sizeof(uint64_t),
+                                     cap * sizeof(uint64_t))
+        if grown == NULL:
+            return
+        log.settled = grown
+        log.settled_cap = cap
+    log.settled[log.nsettled] = seq
+    log.nsettled += 1
+    log.live -= 1
+
+
+cdef void _record_done(Broker b) noexcept:
+    """The seqs settled since the last flush, as DONE records of consecutive runs."""
+    cdef Log *log = &b.log
+    cdef size_t i = 0, j
+    cdef char *rec
+    if log.nsettled == 0:
+        return
+    qsort(log.settled, log.nsettled, sizeof(uint64_t), compare_u64)
+    while i < log.nsettled:
+        j = i
+        while j + 1 < log.nsettled and log.settled[j + 1] <= log.settled[j] + 1:
+            j += 1
+        rec = _record(b, REC_DONE, 17)
+        if rec != NULL:
+            _put64(rec + RECORD_HEAD + 1, log.settled[i])
+            _put64(rec + RECORD_HEAD + 9, log.settled[j])
+            _seal(rec, 17)
+        i = j + 1
+    log.nsettled = 0
+
+
+cdef void log_delivered(Broker b, uint64_t seq, uint32_t attempt) noexcept:
+    """A message goes out for delivery to an acknowledged subscription (its attempt counts after a
+    restart). Not recorded when out of memory: the attempt is then counted one short."""
+    cdef char *rec = _record(b, REC_DELIVERED, 13)
+    if rec == NULL:
+        return
+    _put64(rec + RECORD_HEAD + 1, seq)
+    _put32(rec + RECORD_HEAD + 9, attempt)
+    _seal(rec, 13)
+
+
+cdef void log_wait(Broker b, int32_t h) noexcept:
+    """h's output (a PUBLISHED reply) may leave only once the log holds what was appended so far."""
+    b.conns.items[h].log_wait = b.log.appended
+
+
+cdef bint log_ready(Broker b, Conn *c) noexcept:
+    """Whether c's output may be handed over: its records are written (everysec, no) or synced (always)."""
+    if c.log_wait == 0:
+        return True
+    return c.log_wait <= (b.log.synced if b.log.fsync == FSYNC_ALWAYS else b.log.written)
+
+
+cdef int log_write(Broker b) except -1:
+    """Hand the records to the store (on_log): one write per flush. A failed write (disk full)
+    keeps them to try again at the next flush; until then publishers wait."""
+    cdef Log *log = &b.log
+    if not log.durable:
+        return 0
+    _record_done(b)
+    if log.len == 0:
+        return 0
+    try:
+        b.on_log(PyMemoryView_FromMemory(log.buf, log.len, PyBUF_READ))
+    except OSError as exc:
+        if not log.failed:
+            warn(b, f"cannot write the log: {exc.strerror or exc}; publishers wait until it can")
+        log.failed = True
+        return 0
+    log.written += log.len
+    log.len = 0
+    log.writes += 1
+    if log.failed:
+        log.failed = False
+        warn(b, "the log is written again")
+    if log.fsync == FSYNC_ALWAYS and log.sync_asked < log.written:
+        log.sync_asked = log.written
+        b.on_sync(log.written)
+    log_release(b)
+    return 0
+
+
+cdef void log_release(Broker b) noexcept:
+    """Connections whose output waited for the log and may go now are marked for the flush."""
+    cdef Log *log = &b.log
+    cdef int32_t i, kept = 0, h
+    for i in range(log.nwaiting):
+        h = log.waiting[i]
+        if log_ready(b, &b.conns.items[h]):
+            b.conns.items[h].log_wait = 0
+            mark_dirty(b, h)
+        else:
+            log.waiting[kept] = h
+            kept += 1
+    log.nwaiting = kept
+    if b.publishers_held and not log.failed:
+        flow_storage_freed(b)
+
+
+cdef void log_free(Broker b) noexcept:
+    cdef Log *log = &b.log
+    mem_free(&b.mem, log.buf, log.cap)
+    mem_free(&b.mem, log.settled, log.settled_cap * sizeof(uint64_t))
+    mem_free(&b.mem, log.waiting, log.waiting_cap * sizeof(int32_t))
+    log.buf = NULL
+    log.settled = NULL
+    log.waiting = NULL
+
+
+cdef void log_wait_for(Broker b, int32_t h) noexcept:
+    """Keep h (its output waiting for the log) on the list log_release looks at."""
+    cdef Log *log = &b.log
+    cdef int32_t i
+    cdef int32_t *grown
+    cdef size_t cap
+    for i in range(log.nwaiting):
+        if log.waiting[i] == h:
+            return
+    if <size_t>log.nwaiting == log.waiting_cap:
+        cap = log.waiting_cap * 2 if log.waiting_cap else 64
+        grown = <int32_t *>mem_grow(&b.mem, log.waiting, log.waiting_cap * sizeof(int32_t),
+                                    cap * sizeof(int32_t))
+        if grown == NULL:
+            return      # the next flush marks it again
+        log.waiting = grown
+        log.waiting_cap = cap
+    log.waiting[log.nwaiting] = h
+    log.nwaiting += 1
+
+
+cdef void log_forget(Broker b, int32_t h) noexcept:
+    """h is going away: off the waiting list."""
+    cdef Log *log = &b.log
+    cdef int32_t i
+    for i in range(log.nwaiting):
+        if log.waiting[i] == h:
+            log.nwaiting -= 1
+            log.waiting[i] = log.waiting[log.nwaiting]
+            return
+
+
+# ---------------------------------------------------------------- recovery
+
+
+cdef int _recovered(Broker b, Recovery *r, uint64_t seq, Msg *msg) noexcept:
+    """Add a published message to the table (seqs arrive in increasing order); -1 when out of memory."""
+    cdef size_t cap
+    cdef uint64_t *seqs
+    cdef Msg **msgs
+    if r.count == r.cap:
+        cap = r.cap * 2 if r.cap else 4096
+        seqs = <uint64_t *>mem_grow(&b.mem, r.seqs, r.cap * sizeof(uint64_t), cap * sizeof(uint64_t))
+        if seqs == NULL:
+            return -1
+        r.seqs = seqs
+        msgs = <Msg **>mem_grow(&b.mem, r.msgs, r.cap * sizeof(Msg *), cap * sizeof(Msg *))
+        if msgs == NULL:
+            return -1
+        r.msgs = msgs
+        r.cap = cap
+    r.seqs[r.count] = seq
+    r.msgs[r.count] = msg
+    r.count += 1
+    return 0
+
+
+cdef size_t _lower(Recovery *r, uint64_t seq) noexcept:
+    """The first index whose seq is >= seq."""
+    cdef size_t low = 0, high = r.count, mid
+    while low < high:
+        mid = (low + high) // 2
+        if r.seqs[mid] < seq:
+            low = mid + 1
+        else:
+            high = mid
+    return low
+
+
+cdef str _apply(Broker b, Recovery *r, const char *body, size_t n):
+    """Replay one record; None, or what is wrong with it."""
+    cdef int kind = <unsigned char>body[0]
+    cdef uint64_t seq, last
+    cdef uint32_t attempt, name_len, length
+    cdef size_t i
+    cdef Topic *t
+    cdef Msg *msg
+    cdef uint64_t hv
+    if kind == REC_PUBLISH:
+        if n < 27:
+            return "a PUBLISH record too short"
+        seq = _get64(body + 1)
+        attempt = _get32(body + 17)
+        name_len = _get16(body + 21)
+        if n < 27 + name_len or name_len == 0 or name_len > TOPIC_MAX:
+            return "a PUBLISH record with a bad topic length"
+        length = _get32(body + 23 + name_len)
+        if n != 27 + name_len + length:
+            return "a PUBLISH record whose length does not add up"
+        if seq <= r.max_seq:
+            return "a PUBLISH record out of sequence"
+        hv = topic_hash(body + 23, name_len)
+        t = topics_find(&b.topic_table, body + 23, name_len, hv)
+        if t == NULL:
+            t = topics_add(&b.mem, &b.topic_table, body + 23, name_len, hv)
+            if t == NULL:
+                raise MemoryError()
+        msg = msg_new(b, t, body + 27 + name_len, length)
+        if msg == NULL:
+            raise MemoryError()
+        msg.seq = seq
+        msg.attempt = attempt
+        if _recovered(b, r, seq, msg) < 0:
+            msg_release(b, msg)
+            raise MemoryError()
+        r.max_seq = seq
+        return None
+    if kind == REC_DONE:
+        if n != 17:
+            return "a DONE record of the wrong length"
+        seq = _get64(body + 1)
+        last = _get64(body + 9)
+        i = _lower(r, seq)
+        while i < r.count and r.seqs[i] <= last:
+            if r.msgs[i] != NULL:
+                msg_release(b, r.msgs[i])
+                r.msgs[i] = NULL
+            i += 1
+        return None
+    if kind == REC_DELIVERED:
+        if n != 13:
+            return "a DELIVERED record of the wrong length"
+        seq = _get64(body + 1)
+        attempt = _get32(body + 9)
+        i = _lower(r, seq)
+        if i < r.count and r.seqs[i] == seq and r.msgs[i] != NULL and r.msgs[i].attempt < attempt:
+            r.msgs[i].attempt = attempt
+        return None
+    return f"a record of unknown kind {kind}"
+
+
+cdef tuple recovery_feed(Broker b, Recovery *r, const char *data, size_t n):
+    """Replay the records of ``data``: ``(offset, problem)``, the offset up to which they were
+    sound, and None or what is wrong at that offset (a torn tail, a bad checksum, ...)."""
+    cdef size_t pos = 0, body
+    cdef str problem
+    while pos < n:
+        if n - pos < RECORD_HEAD:
+            return pos, "a record cut short (its head is incomplete)"
+        body = _get32(data + pos)
+        if body == 0 or body > n - pos - RECORD_HEAD:
+            return pos, "a record cut short" if body <= (1 << 30) else "a record of impossible length"
+        if record_crc(data + pos + RECORD_HEAD, body) != _get32(data + pos + 4):
+            return pos, "a record whose checksum does not match"
+        problem = _apply(b, r, data + pos + RECORD_HEAD, body)
+        if problem is not None:
+            return pos, problem
+        r.records += 1
+        pos += RECORD_HEAD + body
+    return pos, None
+
+
+cdef tuple recovery_finish(Broker b, Recovery *r):
+    """Every message published and not done goes to the tail of its topic's backlog, in sequence
+    order (its original order); returns ``(messages, topics)``."""
+    cdef size_t i, messages = 0
+    cdef Msg *msg
+    cdef Topic *t
+    cdef Topic *touched = NULL
+    for i in range(r.count):
+        msg = r.msgs[i]
+        if msg == NULL:
+            continue
+        t = msg.topic
+        if queue_push(&b.mem, &t.backlog, msg) < 0:
+            msg_release(b, msg)
+            b.counters.lost += 1
+            continue
+        if not t.touched:
+            touch_topic(t, &touched)
+        b.backlog_messages += 1
+        b.backlog_bytes += msg.len
+        b.log.live += 1
+        b.log.live_bytes += publish_record_size(t.name_len, msg.len)
+        messages += 1
+    mem_free(&b.mem, r.seqs, r.cap * sizeof(uint64_t))
+    mem_free(&b.mem, r.msgs, r.cap * sizeof(Msg *))
+    if r.max_seq > b.next_seq:
+        b.next_seq = r.max_seq
+    topics = 0
+    t = touched
+    while t != NULL:
+        topics += 1
+        t = t.touched_next
+    drain_touched(b, touched)
+    memset(r, 0, sizeof(Recovery))
+    return messages, topics
