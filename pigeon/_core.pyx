@@ -44,6 +44,8 @@ TOPIC_MAX_BYTES = TOPIC_MAX
 PROTOCOL_VERSION = 1
 # --fsync, in the order of the FSYNC_* values (log.pxd)
 FSYNC_MODES = ("no", "everysec", "always")
+# bytes of a log segment file (--data-dir): like a JetStream block, small enough to delete soon
+LOG_SEGMENT = 64 * 1024 * 1024
 
 
 @cython.final
@@ -55,7 +57,8 @@ cdef class Broker:
     server calls ``tick()``, which turns the idle and write timeouts into ticks.
     """
 
-    def __cinit__(self, *, double tick_interval=0.25, bint durable=False, str fsync="everysec", **limits):
+    def __cinit__(self, *, double tick_interval=0.25, bint durable=False, str fsync="everysec",
+                  uint64_t log_segment=LOG_SEGMENT, **limits):
         cdef str name
         self.limit = limits_default()
         for name, value in limits.items():
@@ -74,6 +77,11 @@ cdef class Broker:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
         self.log.durable = durable
         self.log.fsync = FSYNC_MODES.index(fsync)
+        if log_segment == 0:
+            raise ValueError("log_segment must be more than 0 bytes")
+        # with --max-disk, segments small enough that a drained log fits well under the resume mark
+        self.log.segment_max = min(log_segment, self.limit.max_disk // 8) if self.limit.max_disk else log_segment
+        self.log.segment_max = max(self.log.segment_max, 4096)
         self.wall_ms = <uint64_t>(time.time() * 1000)
         self.now = monotonic()
         self.conns.next_client_id = 1
@@ -307,9 +315,23 @@ cdef class Broker:
             return 0, None
         return recovery_feed(self, &self.recovery, <const char *>&view[0], view.shape[0])
 
+    def recover_segment(self):
+        """The next recover() calls replay a new segment (call before each one, oldest first)."""
+        if log_epoch(self, self.recovery.max_seq + 1) < 0:
+            raise MemoryError()
+
+    def log_deletable(self):
+        """How many of the oldest segments hold only done messages: the store may delete them,
+        then calls log_deleted(n)."""
+        return log_deletable(self)
+
+    def log_deleted(self, size_t n):
+        """The store deleted the n oldest segments."""
+        log_drop_epochs(self, n)
+
     def recover_finish(self):
         """After the last segment: every message published and not done goes to the tail of its
-        topic's backlog in sequence order. Returns ``(messages, topics)``."""
+        topic's backlog in sequence order. Returns ``(messages, topics, records replayed)``."""
         result = recovery_finish(self, &self.recovery)
         self._settle()
         return result
@@ -348,6 +370,8 @@ cdef class Broker:
             "live_messages": self.log.live,
             "live_bytes": self.log.live_bytes,
             "next_seq": self.next_seq + 1,
+            "segments": self.log.nepochs,
+            "segment_live": [self.log.epoch_live[i] for i in range(self.log.nepochs)],
         }
 
     def run_timers(self):

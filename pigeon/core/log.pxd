@@ -51,6 +51,19 @@ ctypedef struct Log:
     uint64_t syncs          # syncs completed
     uint64_t live           # messages published and not done
     uint64_t live_bytes     # their PUBLISH records' bytes
+    # Segments: the store keeps the log in files of about segment_max bytes, one
+    # epoch each. A message belongs to the epoch its PUBLISH record was written
+    # in; the epochs are told apart by their first seq (records are appended in
+    # seq order). A prefix of epochs with no live message can be deleted.
+    uint64_t segment_max    # start a new segment before one would grow past this
+    uint64_t segment_bytes  # bytes written to the current segment
+    bint rotate_next        # the next write starts a new segment (after recovery)
+    uint64_t buf_first_seq  # seq of the first PUBLISH record in buf, 0: none
+    uint64_t buf_live       # messages recorded in buf and not done
+    uint64_t *epoch_first   # per segment on disk, oldest first: the first seq written in it
+    uint64_t *epoch_live    # ... and how many of its messages are not done
+    size_t nepochs
+    size_t epochs_cap
 
 
 ctypedef struct Recovery:
@@ -74,3 +87,6 @@ cdef int log_write(Broker b) except -1
 cdef void log_release(Broker b) noexcept
 cdef void log_free(Broker b) noexcept
 cdef uint32_t record_crc(const char *body, size_t n) noexcept
+cdef int log_epoch(Broker b, uint64_t first) noexcept
+cdef size_t log_deletable(Broker b) noexcept
+cdef void log_drop_epochs(Broker b, size_t n) noexcept

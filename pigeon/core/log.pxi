@@ -1,6 +1,7 @@
 # Log: records, their order with the replies, and recovery (see log.pxd).
 
 from libc.stdlib cimport qsort
+from libc.string cimport memmove
 
 
 cdef extern from "zlib.h":
@@ -114,6 +115,9 @@ cdef int log_publish(Broker b, uint64_t seq, Topic *t, const char *data, size_t 
     _put32(p, <uint32_t>n)
     memcpy(p + 4, data, n)
     _seal(rec, body)
+    if b.log.buf_first_seq == 0:
+        b.log.buf_first_seq = seq
+    b.log.buf_live += 1
     b.log.live += 1
     b.log.live_bytes += size
     return 0
@@ -136,6 +140,77 @@ cdef void log_settle(Broker b, uint64_t seq) noexcept:
     log.settled[log.nsettled] = seq
     log.nsettled += 1
     log.live -= 1
+    _epoch_settle(log, seq)
+
+
+cdef void _epoch_settle(Log *log, uint64_t seq) noexcept:
+    """One message of the epoch of ``seq`` (or of the unwritten buffer) is done."""
+    cdef size_t i
+    if log.buf_first_seq and seq >= log.buf_first_seq:
+        log.buf_live -= 1
+        return
+    i = _epoch_of(log, seq)
+    if i < log.nepochs:
+        log.epoch_live[i] -= 1
+
+
+cdef size_t _epoch_of(Log *log, uint64_t seq) noexcept:
+    """The index of the last epoch whose first seq is <= seq; nepochs when there is none."""
+    cdef size_t low = 0, high = log.nepochs, mid
+    # most messages settle in the newest epoch: look there first
+    if high and log.epoch_first[high - 1] <= seq:
+        return high - 1
+    while low < high:
+        mid = (low + high) // 2
+        if log.epoch_first[mid] <= seq:
+            low = mid + 1
+        else:
+            high = mid
+    return low - 1 if low else log.nepochs
+
+
+cdef int log_epoch(Broker b, uint64_t first) noexcept:
+    """A new segment starts, its first message seq ``first``; -1 when out of memory."""
+    cdef Log *log = &b.log
+    cdef size_t cap
+    cdef uint64_t *grown
+    if log.nepochs == log.epochs_cap:
+        cap = log.epochs_cap * 2 if log.epochs_cap else 64
+        grown = <uint64_t *>mem_grow(&b.mem, log.epoch_first, log.epochs_cap * sizeof(uint64_t),
+                                     cap * sizeof(uint64_t))
+        if grown == NULL:
+            return -1
+        log.epoch_first = grown
+        grown = <uint64_t *>mem_grow(&b.mem, log.epoch_live, log.epochs_cap * sizeof(uint64_t),
+                                     cap * sizeof(uint64_t))
+        if grown == NULL:
+            return -1
+        log.epoch_live = grown
+        log.epochs_cap = cap
+    log.epoch_first[log.nepochs] = first
+    log.epoch_live[log.nepochs] = 0
+    log.nepochs += 1
+    log.segment_bytes = 0
+    return 0
+
+
+cdef size_t log_deletable(Broker b) noexcept:
+    """How many of the oldest segments hold no live message (never the one being written)."""
+    cdef Log *log = &b.log
+    cdef size_t n = 0
+    while n + 1 < log.nepochs and log.epoch_live[n] == 0:
+        n += 1
+    return n
+
+
+cdef void log_drop_epochs(Broker b, size_t n) noexcept:
+    """The store deleted the n oldest segments."""
+    cdef Log *log = &b.log
+    if n > log.nepochs:
+        n = log.nepochs
+    memmove(log.epoch_first, log.epoch_first + n, (log.nepochs - n) * sizeof(uint64_t))
+    memmove(log.epoch_live, log.epoch_live + n, (log.nepochs - n) * sizeof(uint64_t))
+    log.nepochs -= n
 
 
 cdef void _record_done(Broker b) noexcept:
@@ -188,16 +263,27 @@ cdef int log_write(Broker b) except -1:
     cdef Log *log = &b.log
     if not log.durable:
         return 0
+    cdef bint rotate
     _record_done(b)
     if log.len == 0:
         return 0
+    rotate = log.nepochs == 0 or log.rotate_next or (
+        log.segment_bytes and log.segment_bytes + log.len > log.segment_max)
     try:
-        b.on_log(PyMemoryView_FromMemory(log.buf, log.len, PyBUF_READ))
+        b.on_log(PyMemoryView_FromMemory(log.buf, log.len, PyBUF_READ), rotate)
     except OSError as exc:
         if not log.failed:
             warn(b, f"cannot write the log: {exc.strerror or exc}; publishers wait until it can")
         log.failed = True
         return 0
+    if rotate:
+        if log_epoch(b, log.buf_first_seq if log.buf_first_seq else b.next_seq + 1) < 0:
+            raise MemoryError()
+        log.rotate_next = False
+    log.epoch_live[log.nepochs - 1] += log.buf_live
+    log.buf_live = 0
+    log.buf_first_seq = 0
+    log.segment_bytes += log.len
     log.written += log.len
     log.len = 0
     log.writes += 1
@@ -233,9 +319,13 @@ cdef void log_free(Broker b) noexcept:
     mem_free(&b.mem, log.buf, log.cap)
     mem_free(&b.mem, log.settled, log.settled_cap * sizeof(uint64_t))
     mem_free(&b.mem, log.waiting, log.waiting_cap * sizeof(int32_t))
+    mem_free(&b.mem, log.epoch_first, log.epochs_cap * sizeof(uint64_t))
+    mem_free(&b.mem, log.epoch_live, log.epochs_cap * sizeof(uint64_t))
     log.buf = NULL
     log.settled = NULL
     log.waiting = NULL
+    log.epoch_first = NULL
+    log.epoch_live = NULL
 
 
 cdef void log_wait_for(Broker b, int32_t h) noexcept:
@@ -392,8 +482,9 @@ cdef tuple recovery_feed(Broker b, Recovery *r, const char *data, size_t n):
 
 cdef tuple recovery_finish(Broker b, Recovery *r):
     """Every message published and not done goes to the tail of its topic's backlog, in sequence
-    order (its original order); returns ``(messages, topics)``."""
-    cdef size_t i, messages = 0
+    order (its original order); returns ``(messages, topics, records replayed)``."""
+    cdef size_t i, j, messages = 0
+    cdef uint64_t records = r.records
     cdef Msg *msg
     cdef Topic *t
     cdef Topic *touched = NULL
@@ -412,11 +503,15 @@ cdef tuple recovery_finish(Broker b, Recovery *r):
         b.backlog_bytes += msg.len
         b.log.live += 1
         b.log.live_bytes += publish_record_size(t.name_len, msg.len)
+        j = _epoch_of(&b.log, msg.seq)
+        if j < b.log.nepochs:
+            b.log.epoch_live[j] += 1
         messages += 1
     mem_free(&b.mem, r.seqs, r.cap * sizeof(uint64_t))
     mem_free(&b.mem, r.msgs, r.cap * sizeof(Msg *))
     if r.max_seq > b.next_seq:
         b.next_seq = r.max_seq
+    b.log.rotate_next = True    # new records go to a new segment: the last one may end torn
     topics = 0
     t = touched
     while t != NULL:
@@ -424,4 +519,4 @@ cdef tuple recovery_finish(Broker b, Recovery *r):
         t = t.touched_next
     drain_touched(b, touched)
     memset(r, 0, sizeof(Recovery))
-    return messages, topics
+    return messages, topics, records
