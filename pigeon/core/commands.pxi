@@ -231,14 +231,15 @@ cdef int _refuse(Broker b, int32_t h, Topic *t, int kind) noexcept:
 
 
 cdef int _storage_full(Broker b, int32_t h, Topic *t, size_t n) noexcept:
-    """0 when the log can take a message of n bytes; else HOLD (the publisher waits for the disk)
-    or an ERROR STORAGE_FULL sent when waiting cannot help (see flow.pxd)."""
+    """0 when the log can take a message of n bytes; else HOLD (the publisher waits for the disk),
+    or -1 with an ERROR STORAGE_FULL sent when waiting cannot help (see flow.pxd)."""
     cdef size_t size = publish_record_size(t.name_len, n)
     cdef Log *log = &b.log
     if not log.failed and (b.limit.max_disk == 0 or log.disk + log.len + size <= b.limit.max_disk):
         return 0
     if size > b.limit.max_disk // 4 and b.limit.max_disk or sub_find(&b.conns.items[h], t) != NULL:
-        return _refuse(b, h, t, ERR_STORAGE_FULL)    # too large to wait for, or waiting for itself
+        _refuse(b, h, t, ERR_STORAGE_FULL)    # too large to wait for, or waiting for itself
+        return -1
     flow_hold(b, h, NULL, HELD_STORAGE)
     return HOLD
 
@@ -263,7 +264,7 @@ cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n) 
     if b.log.durable and (b.log.failed or b.limit.max_disk):
         held = _storage_full(b, h, t, n)
         if held:
-            return held if held == HOLD else 0
+            return HOLD if held == HOLD else 0
     if t.backlog.count == 0:
         s = topic_next_subscriber(b, t)
         if s != NULL:
