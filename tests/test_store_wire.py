@@ -386,3 +386,72 @@ def test_publishers_wait_at_max_disk_and_go_on_once_a_consumer_drains(tmp_path: 
         assert len(_drain(sub, "jobs", 2000)) == 2000
         assert pub.lines(2000) == [b"PUBLISHED jobs"] * 2000
         assert _stats(probe)["publishers_held"] == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs (needs the right to mount; skipped where the environment does not allow it)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_makes_publishers_wait_and_serving_resumes_when_space_returns(small_disk: Path) -> None:
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (3 << 20))  # about 1 MiB left for the log
+    data = small_disk / "data"
+    body = "d" * 1000
+    count = 4000
+    with _server(data, "--max-disk", str(64 << 20)) as server:
+        pub, probe = server.client(), server.client()
+        pub.connect()
+        probe.connect()
+        lines = [f"PUBLISH {pub.client_id} jobs {body}-{i}\n" for i in range(count)]
+        pub.send("".join(lines[: count // 2]).encode())
+        deadline = time.monotonic() + DEADLINE
+        while not _stats(probe)["log_write_failed"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pub.send("".join(lines[count // 2 :]).encode())  # these wait for the disk
+        while _stats(probe)["publishers_held"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = _stats(probe)
+        assert stats["log_write_failed"] and stats["publishers_held"] == 1
+        assert probe.ask("PING") == b"PONG"  # the server keeps serving
+        filler.unlink()  # space returns
+        assert pub.lines(count) == [b"PUBLISHED jobs"] * count
+        assert not _stats(probe)["log_write_failed"]
+    with _server(data) as server:
+        assert f"recovered {count} messages on 1 topics" in _recovered_line(server)
+        sub = server.client()
+        sub.connect()
+        assert _drain(sub, "jobs", count) == [f"{body}-{i}" for i in range(count)]
+
+
+@pytest.mark.slow
+def test_a_million_messages_on_ten_topics_survive_a_graceful_restart_in_order(tmp_path: Path) -> None:
+    data, total, topics = tmp_path / "data", 1_000_000, 10
+    with _server(data, "--max-backlog", str(total), "--max-memory", str(4 << 30)) as server:
+        pub = server.client(60)
+        cid = pub.connect()
+        for start in range(0, total, 10_000):
+            pub.send(
+                b"".join(
+                    b"PUBLISH %s t%d %d\n" % (cid.encode(), i % topics, i)
+                    for i in range(start, start + 10_000)
+                )
+            )
+            for _ in range(10_000):
+                assert pub.line().startswith(b"PUBLISHED t")
+    with _server(data, "--max-backlog", str(total), "--max-memory", str(4 << 30)) as server:
+        assert f"recovered {total} messages on {topics} topics" in _recovered_line(server)
+        sub = server.client(60)
+        sub.connect()
+        for t in range(topics):
+            got = _drain(sub, f"t{t}", total // topics)
+            assert got == [str(i) for i in range(t, total, topics)]
