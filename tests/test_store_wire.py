@@ -75,7 +75,7 @@ def _server(data: Path, *args: str) -> Iterator[ServerProcess]:
 
 
 def _recovered_line(server: ServerProcess) -> str:
-    return next(line for line in server.log if "recovered" in line)
+    return next(line for line in server.log if " recovered " in line and " from " in line)
 
 
 # ---------------------------------------------------------------- restart, lock, inspect
@@ -455,3 +455,16 @@ def test_a_million_messages_on_ten_topics_survive_a_graceful_restart_in_order(tm
         for t in range(topics):
             got = _drain(sub, f"t{t}", total // topics)
             assert got == [str(i) for i in range(t, total, topics)]
+
+
+def test_a_log_larger_than_max_memory_is_recovered_and_publishers_wait(tmp_path: Path) -> None:
+    data = _log_of(tmp_path, ["m" * 1000] * 3000)
+    with _server(data, "--max-memory", str(1 << 20)) as server:
+        assert "recovered 3000 messages on 1 topics" in _recovered_line(server)
+        assert any("more than --max-memory" in line for line in server.log)
+        pub, sub = server.client(), server.client()
+        pub.connect()
+        sub.connect()
+        pub.send(f"PUBLISH {pub.client_id} jobs late")  # waits until memory is back under its mark
+        assert _drain(sub, "jobs", 3001) == ["m" * 1000] * 3000 + ["late"]
+        assert pub.line() == b"PUBLISHED jobs"

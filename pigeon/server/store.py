@@ -124,6 +124,7 @@ class Store:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._syncer: ThreadPoolExecutor | None = None
         self._sync_in_flight = False
+        self._directory_changed = False  # a segment was created: the next sync syncs the directory too
         self._housekeeping: asyncio.TimerHandle | None = None
         self._mutex = threading.Lock()  # the fd lists, between the loop and the sync thread
 
@@ -166,13 +167,24 @@ class Store:
         started = time.perf_counter()
         found = Recovered()
         paths = self.segments()
-        for index, path in enumerate(paths):
-            self._replay(broker, path, index == len(paths) - 1, repair, change, found)
-            if path.exists():
-                self._sizes[path] = path.stat().st_size
+        try:
+            for index, path in enumerate(paths):
+                self._replay(broker, path, index == len(paths) - 1, repair, change, found)
+                if path.exists():
+                    self._sizes[path] = path.stat().st_size
+            found.messages, found.topics, found.records = broker.recover_finish()
+        except MemoryError:
+            raise StoreError(f"not enough memory to recover the messages of {self.directory}") from None
+        stats = broker.stats()
+        if stats["memory_bytes"] > stats["memory_limit_bytes"]:
+            log.warning(
+                "the recovered messages take %d bytes, more than --max-memory %d: publishers wait "
+                "until consumers drain them",
+                stats["memory_bytes"],
+                stats["memory_limit_bytes"],
+            )
         if paths:
             self._next_number = int(paths[-1].stem) + 1
-        found.messages, found.topics, found.records = broker.recover_finish()
         found.segments = len(self._sizes)
         found.seconds = time.perf_counter() - started
         broker.log_disk = self.disk_bytes()
@@ -296,9 +308,8 @@ class Store:
                 self._close_unsynced()
         self._fd = fd
         self._sizes[path] = len(HEADER)
-        if self.fsync != "no":
-            # the new file's name must survive a crash too
-            self._sync_directory()
+        # the new file's name must survive a crash too: the sync thread syncs the directory
+        self._directory_changed = True
 
     def _sync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
@@ -319,27 +330,39 @@ class Store:
         if self._syncer is None or self._fd is None:
             return
         self._sync_in_flight = True
-        self._syncer.submit(self._sync_files, self._fd, position)
+        directory, self._directory_changed = self._directory_changed, False
+        self._syncer.submit(self._sync_files, self._fd, position, directory)
 
-    def _sync_files(self, current: int, position: int) -> None:
+    def _sync_files(self, current: int, position: int, directory: bool) -> None:
         with self._mutex:
             earlier, self._unsynced = self._unsynced, []
+        assert self._loop is not None
         try:
             for fd in earlier:
                 os.fdatasync(fd)
                 os.close(fd)
             os.fdatasync(current)
+            if directory:
+                self._sync_directory()
         except OSError as exc:
-            log.error("cannot sync the log: %s", exc.strerror or exc)
+            self._loop.call_soon_threadsafe(self._sync_failed, exc)
             return
-        finally:
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._synced, position)
+        self._loop.call_soon_threadsafe(self._synced, position)
 
     def _synced(self, position: int) -> None:
         self._sync_in_flight = False
         if self._broker is not None:
             self._broker.log_synced(position)
+
+    def _sync_failed(self, exc: OSError) -> None:
+        """A failed fdatasync may have lost written pages (the kernel forgets the error once
+        reported), so a retry could report success for data that is gone. Under ``always`` every
+        confirmation would be a lie: stop, as Redis does. Otherwise the next sync tries again."""
+        self._sync_in_flight = False
+        if self.fsync == "always":
+            log.critical("cannot sync the log: %s; stopping (--fsync always)", exc.strerror or exc)
+            os._exit(1)
+        log.error("cannot sync the log: %s; trying again in %g s", exc.strerror or exc, HOUSEKEEPING_INTERVAL)
 
     def _housekeep(self) -> None:
         """Once a second: sync under everysec, delete the segments whose messages are all done."""
