@@ -70,8 +70,6 @@ extensions = [
         "pigeon._core",
         ["pigeon/_core.pyx"],
         define_macros=[("PIGEON_TOPIC_MAX", str(TOPIC_MAX))],
-        # zlib's crc32 checks the log's records (CPython links zlib too)
-        libraries=["z"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
         depends=[str(part) for part in Path("pigeon/core").iterdir()],

@@ -24,6 +24,12 @@ FSYNC_MODES: tuple[str, ...]
 LOG_SEGMENT: int
 """Bytes of a log segment file before the next one starts (--data-dir)."""
 
+def record_checksum(data: bytes | memoryview, hardware: bool = True) -> int:
+    """The CRC-32C a log record's body carries; ``hardware=False`` uses the fallback loop."""
+
+def checksum_in_hardware() -> bool:
+    """Whether this CPU computes CRC-32C with its own instruction."""
+
 class Broker:
     """All broker state: connections, topics, subscriptions, backlogs and message records."""
 

@@ -15,13 +15,12 @@ import os
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pigeon._core import Broker
+from pigeon._core import Broker, record_checksum
 
 log = logging.getLogger("pigeon")
 
@@ -31,7 +30,7 @@ FORMAT_VERSION = 1
 HEADER = MAGIC + struct.pack("<II", FORMAT_VERSION, 0)
 SEGMENT_SUFFIX = ".seg"
 LOCK_NAME = "LOCK"
-RECORD_HEAD = struct.Struct("<II")  # body length, CRC-32 of the body
+RECORD_HEAD = struct.Struct("<II")  # body length, CRC-32C of the body
 # how often the store syncs under --fsync everysec and deletes the segments that are done
 HOUSEKEEPING_INTERVAL = 1.0
 
@@ -87,7 +86,7 @@ def _valid_record_at(data: memoryview, pos: int) -> int:
     crc: int
     body, crc = RECORD_HEAD.unpack_from(data, pos)
     end = pos + RECORD_HEAD.size + body
-    if body == 0 or end > len(data) or zlib.crc32(data[pos + RECORD_HEAD.size : end]) != crc:
+    if body == 0 or end > len(data) or record_checksum(data[pos + RECORD_HEAD.size : end]) != crc:
         return 0
     return end - pos
 
