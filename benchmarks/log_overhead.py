@@ -47,7 +47,7 @@ def main() -> None:
     memory, logged = statistics.median(rates[False]), statistics.median(rates[True])
     print(f"CRC-32C in hardware: {checksum_in_hardware()}")
     print(
-        f"in memory: {memory:,.0f} publishes/s; durable: {durable:,.0f} publishes/s ({logged / memory:.0%})"
+        f"in memory: {memory:,.0f} publishes/s; durable: {logged:,.0f} publishes/s ({logged / memory:.0%})"
     )
 
 
