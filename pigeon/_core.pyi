@@ -105,8 +105,9 @@ class Broker:
         """The next ``recover()`` calls replay a new segment (call before each one, oldest first)."""
     def recover(self, data: bytes | memoryview) -> tuple[int, str | None]:
         """Replay records: ``(offset, problem)``, how far they were sound and None or what is wrong there."""
-    def recover_finish(self) -> tuple[int, int, int]:
-        """Put the messages not done back in their topics: ``(messages, topics, records replayed)``."""
+    def recover_finish(self) -> tuple[int, int, int, int]:
+        """Put the messages not done back in their topics: ``(messages, topics, records replayed,
+        seq of the oldest message or 0)``."""
     def log_synced(self, position: int) -> None:
         """The store synced the log up to ``position``: replies waiting for it may go."""
     def log_deletable(self) -> int:

@@ -331,7 +331,8 @@ cdef class Broker:
 
     def recover_finish(self):
         """After the last segment: every message published and not done goes to the tail of its
-        topic's backlog in sequence order. Returns ``(messages, topics, records replayed)``."""
+        topic's backlog in sequence order. Returns ``(messages, topics, records replayed, seq of the
+        oldest message or 0)``."""
         result = recovery_finish(self, &self.recovery)
         self._settle()
         return result

@@ -126,6 +126,7 @@ def test_inspect_summarises_a_data_dir_without_serving(tmp_path: Path) -> None:
         check=True,
     ).stdout
     assert "messages not done: 4 on 2 topics" in shown
+    assert f"oldest message: published {time.strftime('%Y-%m-%d', time.gmtime())}" in shown
     assert "  jobs: 3 messages, 30 bytes" in shown and "  mail: 1 messages, 1 bytes" in shown
 
 

@@ -559,9 +559,10 @@ cdef tuple recovery_feed(Broker b, Recovery *r, const char *data, size_t n):
 
 cdef tuple recovery_finish(Broker b, Recovery *r):
     """Every message published and not done goes to the tail of its topic's backlog, in sequence
-    order (its original order); returns ``(messages, topics, records replayed)``."""
+    order (its original order); returns ``(messages, topics, records replayed, seq of the oldest
+    message, 0 if none)``."""
     cdef size_t i, j, messages = 0
-    cdef uint64_t records = r.records
+    cdef uint64_t records = r.records, oldest = 0
     cdef Msg *msg
     cdef Topic *t
     cdef Topic *touched = NULL
@@ -583,6 +584,8 @@ cdef tuple recovery_finish(Broker b, Recovery *r):
         j = _epoch_of(&b.log, msg.seq)
         if j < b.log.nepochs:
             b.log.epoch_live[j] += 1
+        if oldest == 0:
+            oldest = msg.seq
         messages += 1
     mem_free(&b.mem, r.seqs, r.cap * sizeof(uint64_t))
     mem_free(&b.mem, r.msgs, r.cap * sizeof(Msg *))
@@ -596,4 +599,4 @@ cdef tuple recovery_finish(Broker b, Recovery *r):
         t = t.touched_next
     drain_touched(b, touched)
     memset(r, 0, sizeof(Recovery))
-    return messages, topics, records
+    return messages, topics, records, oldest

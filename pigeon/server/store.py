@@ -31,6 +31,8 @@ HEADER = MAGIC + struct.pack("<II", FORMAT_VERSION, 0)
 SEGMENT_SUFFIX = ".seg"
 LOCK_NAME = "LOCK"
 RECORD_HEAD = struct.Struct("<II")  # body length, CRC-32C of the body
+PUBLISH_KIND = 1
+PUBLISH_FIELDS = struct.Struct("<QQ")  # a PUBLISH record's seq and time (ms), after its kind
 # how often the store syncs under --fsync everysec and deletes the segments that are done
 HOUSEKEEPING_INTERVAL = 1.0
 
@@ -67,6 +69,7 @@ class Recovered:
     seconds: float = 0.0
     torn: list[tuple[Path, int, str]] = field(default_factory=list)
     dropped_bytes: int = 0
+    oldest_seq: int = 0  # the oldest message not done, 0: none
 
 
 def segment_name(number: int) -> str:
@@ -171,7 +174,7 @@ class Store:
                 self._replay(broker, path, index == len(paths) - 1, repair, change, found)
                 if path.exists():
                     self._sizes[path] = path.stat().st_size
-            found.messages, found.topics, found.records = broker.recover_finish()
+            found.messages, found.topics, found.records, found.oldest_seq = broker.recover_finish()
         except MemoryError:
             raise StoreError(f"not enough memory to recover the messages of {self.directory}") from None
         stats = broker.stats()
@@ -403,6 +406,26 @@ class Store:
             self._lock_fd = None
 
 
+def _published_at(segments: list[Path], seq: int) -> int | None:
+    """When the message ``seq`` was published (ms since the epoch), read from its PUBLISH record."""
+    if not seq:
+        return None
+    for path in segments:
+        data = memoryview(path.read_bytes())
+        pos = len(HEADER)
+        while pos + RECORD_HEAD.size < len(data):
+            body: int = RECORD_HEAD.unpack_from(data, pos)[0]
+            kind = data[pos + RECORD_HEAD.size]
+            if kind == PUBLISH_KIND:
+                found, published = PUBLISH_FIELDS.unpack_from(data, pos + RECORD_HEAD.size + 1)
+                if found == seq:
+                    return int(published)
+                if found > seq:
+                    return None
+            pos += RECORD_HEAD.size + body
+    return None
+
+
 def inspect(directory: str | os.PathLike[str]) -> Iterator[str]:
     """Lines describing a data directory (segments, messages per topic), read without serving."""
     store = Store(directory)
@@ -415,6 +438,10 @@ def inspect(directory: str | os.PathLike[str]) -> Iterator[str]:
         for path, offset, problem in found.torn:
             yield f"torn tail cut off: {path.name} at offset {offset} ({problem})"
         yield f"messages not done: {found.messages} on {found.topics} topics"
+        published = _published_at(store.segments(), found.oldest_seq)
+        if published is not None:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(published / 1000))
+            yield f"oldest message: published {when} UTC (seq {found.oldest_seq})"
         cursor = 0
         while True:
             page = broker.topics(cursor, 1000)
