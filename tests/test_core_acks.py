@@ -413,6 +413,84 @@ def test_a_consumer_publishing_to_its_own_topic_keeps_making_progress() -> None:
     assert b.stats()["publishers_held"] == 0 and b.stats()["refused"] > 0
 
 
+# ---------------------------------------------------------------- found while extending the model (issue 12)
+
+
+def _deferred(b: Broker) -> None:
+    """Flushes wait for flush(), as in the server (one per pass of its loop)."""
+    b.on_output = lambda: None
+
+
+def test_a_delayed_nack_of_a_range_gives_the_messages_back_in_their_original_order() -> None:
+    b = Broker()
+    sub, pub = Peer(b), Peer(b)
+    sub.send("SUBSCRIBE <me> jobs ACK")
+    publish(pub, "jobs", [f"m{i}" for i in range(1, 6)])
+    sub.take()
+    sub.send("NACK <me> 1-5 1", "UNSUBSCRIBE <me> jobs")
+    time.sleep(0.01)
+    b.run_timers()
+    late = Peer(b)
+    assert late.send("SUBSCRIBE <me> jobs") == b"SUBSCRIBED jobs\n" + b"".join(
+        b"MESSAGE jobs m%d\n" % i for i in range(1, 6)
+    )
+
+
+def test_a_publisher_held_by_a_backlog_bound_of_0_goes_on_once_a_subscriber_can_take() -> None:
+    b = Broker(max_backlog=0)
+    reading: list[tuple[int, bool]] = []
+    b.on_reading = lambda h, on: reading.append((h, on))
+    pub = Peer(b)
+    assert pub.send("PUBLISH <me> t x", "PING") == b""  # nobody can take it: the publisher waits
+    sub = Peer(b)
+    assert sub.send("SUBSCRIBE <me> t") == b"SUBSCRIBED t\nMESSAGE t x\n"
+    assert pub.take() == b"PUBLISHED t\nPONG\n"
+    assert reading == [(pub.handle, False), (pub.handle, True)]
+    assert b.stats()["publishers_held"] == 0
+
+
+def test_a_publish_that_waited_is_counted_once() -> None:
+    b = Broker(max_backlog=1)
+    pub, sub = Peer(b), Peer(b)
+    assert pub.send("PUBLISH <me> t a", "PUBLISH <me> t b") == b"PUBLISHED t\n"
+    sub.send("SUBSCRIBE <me> t")
+    assert pub.take() == b"PUBLISHED t\n"
+    stats = b.stats()
+    assert (stats["commands"]["publish"], stats["published"], stats["publish_holds"]) == (2, 2, 1)
+
+
+def test_a_topic_stays_while_a_deliver_line_of_it_is_on_its_way_even_once_acknowledged() -> None:
+    # once freed under the unsent line, the topic was written to at the hand-over (a use after free)
+    b = Broker()
+    _deferred(b)
+    sub, pub = Peer(b), Peer(b)
+    sub.send("SUBSCRIBE <me> t ACK")
+    _read(pub, "PUBLISH <me> t x")
+    _read(sub, "ACK <me> 1")  # the client may ack a tag before it has read its line
+    _read(sub, "UNSUBSCRIBE <me> t")
+    assert b.topic_info(b"t") == (0, 0)  # the DELIVER line is on its way
+    for i in range(50):  # topics that may take the freed topic's memory
+        _read(pub, f"PUBLISH <me> u{i} y")
+    b.flush()
+    assert sub.take() == b"DELIVER t 1 1 x\nUNSUBSCRIBED t\n"
+    assert b.topic_info(b"t") is None
+    assert [t["name"] for t in b.topics(0, 1000)["topics"] if t["delivered"]] == []
+    assert b.stats()["topics"] == 50
+
+
+def test_a_message_given_back_unsent_by_a_plain_subscriber_keeps_its_attempt() -> None:
+    b = Broker()
+    _deferred(b)
+    pub, plain = Peer(b), Peer(b)
+    pub.send("PUBLISH <me> t x")  # into the backlog
+    _read(plain, "SUBSCRIBE <me> t")  # MESSAGE t x written, never handed over
+    b.close(plain.handle)
+    b.flush()
+    b.on_output = None
+    acked = Peer(b)
+    assert acked.send("SUBSCRIBE <me> t ACK") == b"SUBSCRIBED t\nDELIVER t 1 1 x\n"
+
+
 # ---------------------------------------------------------------- no Python object per message
 
 

@@ -31,14 +31,16 @@ ctypedef struct UnackedList:
 
 ctypedef struct Delayed:
     double due              # monotonic seconds
+    uint64_t order          # when it was delayed: equal dues come due in that order
     Msg *msg                # a reference
 
 
 ctypedef struct DelayHeap:
-    # Messages NACKed with a delay, a binary min-heap on their due time.
+    # Messages NACKed with a delay, a binary min-heap on their due time, then their order.
     Delayed *items
     size_t count
     size_t cap
+    uint64_t delays         # messages delayed so far (Delayed.order)
 
 
 cdef double monotonic() noexcept

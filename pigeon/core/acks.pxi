@@ -154,6 +154,7 @@ cdef bint ack_deliver(Broker b, Sub *s, Msg *msg) noexcept:
         l.live -= 1
         backlog_push(b, msg, True)
         return False
+    t.refs += 1     # the line pins its topic until it is handed over: its message may be settled first
     p = line
     memcpy(p, b"DELIVER ", 8)
     p += 8
@@ -376,12 +377,18 @@ cdef void redeliver(Broker b, Msg *msg) noexcept:
     backlog_push(b, msg, True)
 
 
+cdef inline bint _due_before(Delayed *x, Delayed *y) noexcept:
+    """Whether x comes due before y: a NACK of a range delays its messages newest first, each
+    going back to the head of its topic when due, so that equal dues keep the original order."""
+    return x.due < y.due or (x.due == y.due and x.order < y.order)
+
+
 cdef void _sift_up(Delayed *h, size_t i) noexcept:
     cdef Delayed item = h[i]
     cdef size_t parent
     while i:
         parent = (i - 1) // 2
-        if h[parent].due <= item.due:
+        if not _due_before(&item, &h[parent]):
             break
         h[i] = h[parent]
         i = parent
@@ -395,9 +402,9 @@ cdef void _sift_down(Delayed *h, size_t n, size_t i) noexcept:
         child = 2 * i + 1
         if child >= n:
             break
-        if child + 1 < n and h[child + 1].due < h[child].due:
+        if child + 1 < n and _due_before(&h[child + 1], &h[child]):
             child += 1
-        if item.due <= h[child].due:
+        if not _due_before(&h[child], &item):
             break
         h[i] = h[child]
         i = child
@@ -418,7 +425,9 @@ cdef void _delay(Broker b, double due, Msg *msg) noexcept:
             return
         heap.items = grown
         heap.cap = newcap
+    heap.delays += 1
     heap.items[heap.count].due = due
+    heap.items[heap.count].order = heap.delays
     heap.items[heap.count].msg = msg
     heap.count += 1
     _sift_up(heap.items, heap.count - 1)

@@ -20,7 +20,7 @@ ctypedef struct InFlight:
     # output is its only copy, and a record is made from that line only if the
     # output can never be sent.
     Msg *msg                # its record (a reference, unless tag), or NULL
-    Topic *topic            # without a record, held by one Topic.refs while in flight
+    Topic *topic            # held by one Topic.refs while in flight when it has no record or a tag
     size_t offset           # where its line starts in the output
     size_t line_len
     uint64_t tag            # a DELIVER line's delivery tag (the unacknowledged list holds the

@@ -7,7 +7,8 @@ from libc.stdint cimport uint32_t, uint64_t
 
 cdef struct Msg:
     uint32_t refs           # holders; the record is freed (and its topic released) at 0
-    uint32_t attempt        # times it was handed to a subscriber's output
+    uint32_t attempt        # times it was delivered as a DELIVER line (a MESSAGE line settles it
+                            # once handed over, and one given back unsent was not delivered)
     uint64_t seq            # publish order across the broker, from 1
     Topic *topic            # holds a reference on its topic (Topic.refs)
     size_t len              # payload bytes, stored just past the record (msg_data)

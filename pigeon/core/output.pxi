@@ -247,7 +247,6 @@ cdef bint out_deliver(Broker b, int32_t h, Msg *msg) noexcept:
     if line == NULL or not _note_inflight(b, h, msg, t, line, line_len, 0, msg.seq):
         backlog_push(b, msg, True)
         return False
-    msg.attempt += 1
     return True
 
 
@@ -300,6 +299,9 @@ cdef void topic_drain(Broker b, Topic *t) noexcept:
     cdef Sub *s
     cdef Msg *msg
     if t.backlog.count == 0:
+        # with --max-backlog 0 a publisher waits on an empty backlog for a subscriber that can take
+        if t.waiter >= 0 and topic_has_taker(b, t):
+            flow_topic_drained(b, t)
         return
     _pin(t)
     while t.backlog.count:
@@ -338,11 +340,13 @@ cdef void _release_inflight(Broker b, Conn *c) noexcept:
         t.delivered += 1
         if b.log.durable and not c.inflight[i].tag:
             log_settle(b, c.inflight[i].seq)
-        if msg == NULL:                 # routed straight from its publisher: it pinned its topic
+        # a line routed straight from its publisher, or a DELIVER line (whose message stays with the
+        # unacknowledged list, and may be settled before its line leaves), pinned its topic
+        if msg == NULL or c.inflight[i].tag:
             t.refs -= 1
             if t.refs == 0 and t.nsubs == 0:
                 topics_drop_if_unused(b, t)
-        elif not c.inflight[i].tag:     # a DELIVER line's message stays with the unacknowledged list
+        else:
             msg_release(b, msg)
     c.ninflight = 0
     if c.inflight_cap > INFLIGHT_KEEP:
@@ -401,6 +405,7 @@ cdef void give_back_inflight(Broker b, int32_t h, const char *out, int how) noex
         touch_topic(t, &touched)
         msg = e.msg
         if e.tag:
+            t.refs -= 1                         # the line's pin (touch_topic holds it now)
             msg = acks_take_back(b, h, e.tag)   # its attempt is not counted: the line never left
             if msg == NULL:
                 continue

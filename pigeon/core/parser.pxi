@@ -251,6 +251,14 @@ cdef int conn_continue(Broker b, int32_t h) except -1:
     return 0
 
 
+cdef inline int _publish_counted(Broker b, int32_t h, char *args, size_t n) except -1:
+    """PUBLISH, counted once it ran: one that waits (HOLD) runs again when its connection goes on."""
+    cdef int held = on_publish(b, h, args, n)
+    if held != HOLD:
+        b.counters.commands[CMD_PUBLISH] += 1
+    return held
+
+
 cdef int dispatch(Broker b, int32_t h, char *line, size_t n) except -1:
     cdef char *word
     cdef size_t wl
@@ -259,15 +267,13 @@ cdef int dispatch(Broker b, int32_t h, char *line, size_t n) except -1:
     if n and line[n - 1] == b'\r':
         n -= 1
     if n > 8 and _starts_with_publish(line):
-        b.counters.commands[CMD_PUBLISH] += 1
-        return on_publish(b, h, line + 7, n - 7)
+        return _publish_counted(b, h, line + 7, n - 7)
     args = line
     an = n
     if not next_field(&args, &an, &word, &wl):
         return 0            # blank lines are ignored, as in a telnet session
     if word_is(word, wl, "publish", 7):
-        b.counters.commands[CMD_PUBLISH] += 1
-        return on_publish(b, h, args, an)
+        return _publish_counted(b, h, args, an)
     if word_is(word, wl, "subscribe", 9):
         b.counters.commands[CMD_SUBSCRIBE] += 1
         return on_subscribe(b, h, args, an)

@@ -44,4 +44,5 @@ cdef Topic *topics_add(Memory *m, TopicTable *table, const char *name, size_t n,
 cdef void topics_drop_if_unused(Broker b, Topic *t) noexcept
 cdef uint64_t topics_next_cursor(TopicTable *table, uint64_t cursor) noexcept
 
+cdef bint topic_has_taker(Broker b, Topic *t) noexcept
 cdef Sub *topic_next_subscriber(Broker b, Topic *t) noexcept

@@ -118,6 +118,23 @@ cdef uint64_t topics_next_cursor(TopicTable *table, uint64_t cursor) noexcept:
     return _reverse_bits(_reverse_bits(cursor) + 1)
 
 
+cdef bint topic_has_taker(Broker b, Topic *t) noexcept:
+    """Whether some subscriber could take a message now: topic_next_subscriber's test, the turn
+    unchanged; one skipped for its full batch is marked starved all the same, so that its
+    topics are drained again once that batch is handed over."""
+    cdef int32_t i
+    cdef Conn *c
+    cdef bint found = False
+    for i in range(t.nsubs):
+        c = &b.conns.items[t.subs[i].conn]
+        if not c.paused and sub_can_take(t.subs[i]):
+            if c.out_len < b.limit.out_batch:
+                found = True
+            else:
+                c.starved = True
+    return found
+
+
 cdef Sub *topic_next_subscriber(Broker b, Topic *t) noexcept:
     """Whose turn it is: the next subscription that can take a message now, or NULL.
 
