@@ -81,7 +81,10 @@ class _Acker(threading.Thread):
                     pending.append(record.split(b" ", 3)[2])
             buf = buf[cut:]
             if pending:  # the tags of one read are consecutive: one range acks them all
-                sock.sendall(b"ACK %s %s-%s\n" % (cid, pending[0], pending[-1]))
+                try:
+                    sock.sendall(b"ACK %s %s-%s\n" % (cid, pending[0], pending[-1]))
+                except OSError:
+                    return
                 self.counts[self.index] += len(pending)
                 pending.clear()
 
