@@ -1,10 +1,15 @@
-"""Pipelined publish throughput: the client library next to a raw socket, against one server, in one run.
+"""Client throughput against one server, in one run: pipelined publishing next to a raw socket, and
+consuming plainly next to consuming with acknowledgements.
 
 Run from the repository root: ``python -m benchmarks.client_throughput``. Every
-variant publishes the same messages to the same ``pigeon`` process (started
-here on a free port, with backlog and memory limits large enough that nothing is refused) and
+publish variant publishes the same messages to the same ``pigeon`` process (started
+here on a free port, with backlog and memory limits large enough that nothing waits) and
 waits for every reply; the table gives messages per second and the ratio to
-the raw socket, the best of ``--rounds`` rounds each.
+the raw socket, the best of ``--rounds`` rounds each. Every consume variant then
+takes the same number of messages from a backlog filled beforehand (not timed):
+plainly, and with ``ack=True`` (prefetch ``ACK_PREFETCH``) acknowledging every
+``ACK_BATCH`` messages with one ``client.ack()``; its table gives the ratio to
+plain consuming with the same client.
 """
 
 from __future__ import annotations
@@ -15,15 +20,18 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 
-from pigeon import AsyncClient, Client
+from pigeon import AsyncClient, Client, Message
 from pigeon.client.base import WINDOW
 from pigeon.client.codec import CHUNK
 from pigeon.server.loops import loop_factory
 from pigeon.testing import ServerProcess
 
 Variant = Callable[[str, int, str, list[bytes]], int]
+Consumer = Callable[[str, int, str, int], int]
 
 RECORD_OVERHEAD = 128  # bytes the broker holds per message besides its payload, with room to spare
+ACK_PREFETCH = 1000  # unacknowledged messages an acknowledging consumer holds (the broker's default)
+ACK_BATCH = 100  # messages acknowledged by one client.ack() (one ACK <first>-<last> line)
 
 
 def raw_socket(host: str, port: int, topic: str, messages: list[bytes]) -> int:
@@ -105,13 +113,85 @@ def async_no_wait(loop_name: str) -> Variant:
     return run
 
 
-def measure(
-    variants: dict[str, tuple[Variant, int]], messages: list[bytes], rounds: int, pin: bool = False
+def client_consume(ack: bool) -> Consumer:
+    """``Client.next_message`` for ``count`` messages; with ``ack``, acknowledged in batches."""
+
+    def run(host: str, port: int, topic: str, count: int) -> int:
+        with Client(host, port) as client:
+            client.subscribe(topic, ack=ack, prefetch=ACK_PREFETCH if ack else None)
+            batch: list[Message] = []
+            for _ in range(count):
+                batch.append(client.next_message(10))
+                if ack and len(batch) == ACK_BATCH:
+                    client.ack(batch)
+                    batch = []
+            if ack and batch:
+                client.ack(batch)
+            if ack and client.check_acks():
+                raise RuntimeError("the broker refused acknowledgements")
+            return count
+
+    return run
+
+
+def async_consume(ack: bool, loop_name: str) -> Consumer:
+    """``AsyncClient.next_message`` for ``count`` messages; with ``ack``, acknowledged in batches."""
+
+    def run(host: str, port: int, topic: str, count: int) -> int:
+        async def main() -> int:
+            async with AsyncClient(host, port) as client:
+                await client.subscribe(topic, ack=ack, prefetch=ACK_PREFETCH if ack else None)
+                batch: list[Message] = []
+                for _ in range(count):
+                    batch.append(await client.next_message(10))
+                    if ack and len(batch) == ACK_BATCH:
+                        client.ack(batch)
+                        batch = []
+                if ack and batch:
+                    client.ack(batch)
+                if ack and await client.check_acks():
+                    raise RuntimeError("the broker refused acknowledgements")
+                return count
+
+        return _run_async(main, loop_name)
+
+    return run
+
+
+def measure_consume(
+    server: ServerProcess, consumers: dict[str, tuple[Consumer, str]], messages: list[bytes], rounds: int
 ) -> list[str]:
-    """One ``pigeon`` process for every variant (on CPU 0 with ``pin``); returns the table's lines."""
+    """Each consumer takes ``messages`` from a backlog filled first (not timed); the table's lines.
+
+    ``consumers`` maps each name to its consumer and the name of the plain one it is compared with.
+    """
+    results: dict[str, float] = {}
+    for round_no in range(rounds):
+        for index, (name, (consumer, _)) in enumerate(consumers.items()):
+            topic = f"consume{index}-{round_no}"
+            raw_socket(server.host, server.port, topic, messages)  # the backlog to consume (not timed)
+            start = time.perf_counter()
+            taken = consumer(server.host, server.port, topic, len(messages))
+            rate = taken / (time.perf_counter() - start)
+            results[name] = max(rate, results.get(name, 0.0))
+    lines = [f"{'consume variant':<52} {'messages':>9} {'msgs/s':>11} {'vs plain':>8}"]
+    for name, (_, plain) in consumers.items():
+        ratio = results[name] / results[plain]
+        lines.append(f"{name:<52} {len(messages):>9} {results[name]:>11,.0f} {ratio:>8.2f}")
+    return lines
+
+
+def measure(
+    variants: dict[str, tuple[Variant, int]],
+    messages: list[bytes],
+    rounds: int,
+    pin: bool = False,
+    consumers: dict[str, tuple[Consumer, str]] | None = None,
+) -> list[str]:
+    """One ``pigeon`` process for every variant (on CPU 0 with ``pin``); returns the tables' lines."""
     # every variant's messages stay in backlogs (nobody subscribes): room for all of them, each
     # held in a record of its bytes plus a header, rounded up, and a slot in its backlog
-    kept = len(messages) * (rounds * len(variants) + 1)
+    kept = len(messages) * (rounds * len(variants) + 1)  # consumers take theirs before the next round
     held = kept * (len(messages[0]) + RECORD_OVERHEAD)
     server = ServerProcess("--max-backlog", str(kept), "--max-memory", str(held))
     if pin:
@@ -129,6 +209,7 @@ def measure(
                 rate = len(batch) / elapsed
                 if name not in results or rate > results[name][1]:
                     results[name] = (len(batch), rate)
+        consumed = measure_consume(server, consumers or {}, messages, rounds)
     finally:
         server.stop()
     floor = results["raw socket"][1]
@@ -136,7 +217,7 @@ def measure(
     lines.append(f"{'variant':<42} {'messages':>9} {'msgs/s':>11} {'vs raw':>7}")
     for name, (count, rate) in results.items():
         lines.append(f"{name:<42} {count:>9} {rate:>11,.0f} {rate / floor:>7.2f}")
-    return lines
+    return lines + consumed if consumers else lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,7 +240,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"AsyncClient.publish(wait=False) ({client_loop})": (async_no_wait(client_loop), 1),
         "Client.publish (waited, 1/20)": (client_waited, 20),
     }
-    for line in measure(variants, messages, args.rounds, args.pin):
+    consumers: dict[str, tuple[Consumer, str]] = {
+        "Client, plain": (client_consume(False), "Client, plain"),
+        "Client, ack=True, client.ack per 100": (client_consume(True), "Client, plain"),
+        f"AsyncClient, plain ({client_loop})": (
+            async_consume(False, client_loop),
+            f"AsyncClient, plain ({client_loop})",
+        ),
+        f"AsyncClient, ack=True, client.ack per 100 ({client_loop})": (
+            async_consume(True, client_loop),
+            f"AsyncClient, plain ({client_loop})",
+        ),
+    }
+    for line in measure(variants, messages, args.rounds, args.pin, consumers):
         print(line)
     return 0
 

@@ -1,10 +1,12 @@
-"""Pigeon side by side with nats-server and redis-server, same workloads, same run.
+"""Pigeon side by side with nats-server, redis-server and RabbitMQ, same workloads, same run.
 
 Each broker is started fresh, pinned to one CPU with taskset, while this
 process (the load generator, ``pigeon.bench.load``) pins itself to another. The
 brokers take turns within each repeat, so they share whatever else the machine
 is doing, and the table shows the median of the repeats with the ratios the
 targets are stated in. A peer that is not installed is skipped with a note.
+The acknowledged queue (``ackqueue``) runs on a broker process of its own: nats-server
+with JetStream (``-js``), Redis Streams, RabbitMQ (which runs only this workload).
 
     python benchmarks/compare.py                 # the full comparison (a few minutes)
     python benchmarks/compare.py --quick         # a smoke run of a few seconds
@@ -19,18 +21,23 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
+
+import psutil
 
 from pigeon import __version__
 from pigeon.bench.load import (
+    ACK_DIALECTS,
     LATENCY_STEP,
     WORKLOADS,
     BrokerProbe,
@@ -44,8 +51,13 @@ from pigeon.bench.load import (
 from pigeon.server.limits import raise_open_files_limit
 
 THROUGHPUT = ("pipe", "queue", "fanin")
-PEERS = ("nats", "redis")
-START_TIMEOUT = 20.0
+PEERS = ("nats", "redis", "rabbitmq")
+START_TIMEOUT = 60.0  # RabbitMQ boots an Erlang node
+ACK_TARGETS = (("queue", 0.7), ("peers", 3.0))  # ackqueue >= 0.7 x Pigeon's queue, >= 3 x the fastest peer
+
+
+# (taskset prefix, a fresh scratch directory) -> (process, port)
+Starter = Callable[[list[str], str], tuple[subprocess.Popen[str], int]]
 
 
 @dataclass
@@ -55,8 +67,11 @@ class Broker:
     name: str
     dialect: str
     executable: str | None
-    start: Callable[[list[str]], tuple[subprocess.Popen[str], int]]
+    start: Starter
     version: str = ""
+    start_acks: Starter | None = None  # for ackqueue
+    plain: bool = True  # runs pipe, queue, fanin, latency and connections
+    probe_by_port: bool = False  # the started process is a wrapper; find the broker by its port
 
 
 @dataclass
@@ -67,14 +82,17 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
 
-def _spawn(cmd: list[str]) -> subprocess.Popen[str]:
-    # thousands of idle connections need thousands of descriptors on both ends
+def _spawn(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    # thousands of idle connections need thousands of descriptors on both ends; a session of its
+    # own, so that stopping a broker stops the processes it started (RabbitMQ's Erlang node)
     return subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=env,
         preexec_fn=raise_open_files_limit,
+        start_new_session=True,
     )
 
 
@@ -102,17 +120,54 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_pigeon(pin: list[str]) -> tuple[subprocess.Popen[str], int]:
+def _start_pigeon(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
     proc = _spawn([*pin, sys.executable, "-m", "pigeon", "--port", "0", "--loop", "uvloop"])
     return proc, int(_wait_for_line(proc, re.compile(r"listening on \S+:(\d+)")).group(1))
 
 
-def _start_nats(pin: list[str]) -> tuple[subprocess.Popen[str], int]:
-    proc = _spawn([*pin, "nats-server", "-a", "127.0.0.1", "-p", "-1"])
+def _go_env() -> dict[str, str]:
+    # Go sizes GOMAXPROCS by the CPU affinity it starts with: 1 under taskset, which serialises
+    # nats-server's reading, routing and writing goroutines on one thread and makes JetStream write
+    # every delivery on its own. Pinned or not, it gets the machine's count, as it would unpinned.
+    return os.environ | {"GOMAXPROCS": str(os.cpu_count() or 1)}
+
+
+def _start_nats(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
+    proc = _spawn([*pin, "nats-server", "-a", "127.0.0.1", "-p", "-1"], _go_env())
     return proc, int(_wait_for_line(proc, re.compile(r"client connections on \S+:(\d+)")).group(1))
 
 
-def _start_redis(pin: list[str]) -> tuple[subprocess.Popen[str], int]:
+def _start_jetstream(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
+    # memory streams only, but JetStream wants a store directory all the same
+    proc = _spawn([*pin, "nats-server", "-js", "-sd", scratch, "-a", "127.0.0.1", "-p", "-1"], _go_env())
+    return proc, int(_wait_for_line(proc, re.compile(r"client connections on \S+:(\d+)")).group(1))
+
+
+def _start_rabbitmq(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
+    """A throwaway RabbitMQ node: its own name, port and directories, no plugins, logging to stdout."""
+    port = _free_port()
+    with open(os.path.join(scratch, "enabled_plugins"), "w") as f:
+        f.write("[].\n")
+    if os.geteuid() == 0:
+        # rabbitmq-server started as root drops to the rabbitmq user, who must own its directories
+        shutil.chown(scratch, "rabbitmq")
+        shutil.chown(os.path.join(scratch, "enabled_plugins"), "rabbitmq")
+    env = os.environ | {
+        "RABBITMQ_NODENAME": f"pigeonbench{port}@localhost",
+        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+        "RABBITMQ_NODE_PORT": str(port),
+        "RABBITMQ_DIST_PORT": str(_free_port()),
+        "RABBITMQ_MNESIA_BASE": os.path.join(scratch, "mnesia"),
+        "RABBITMQ_LOG_BASE": os.path.join(scratch, "log"),
+        "RABBITMQ_LOGS": "-",
+        "RABBITMQ_ENABLED_PLUGINS_FILE": os.path.join(scratch, "enabled_plugins"),
+    }
+    proc = _spawn([*pin, "rabbitmq-server"], env)
+    _wait_for_line(proc, re.compile(r"Server startup complete"))
+    return proc, port
+
+
+def _start_redis(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
     port = _free_port()
     cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     proc = _spawn([*pin, *cmd])
@@ -120,7 +175,7 @@ def _start_redis(pin: list[str]) -> tuple[subprocess.Popen[str], int]:
     return proc, port
 
 
-def _start_sink(pin: list[str]) -> tuple[subprocess.Popen[str], int]:
+def _start_sink(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
     proc = _spawn([*pin, sys.executable, "-m", "pigeon.bench.sink", "--port", "0"])
     return proc, int(_wait_for_line(proc, re.compile(r"listening on \S+:(\d+)")).group(1))
 
@@ -137,36 +192,75 @@ def brokers(include_sink: bool) -> list[Broker]:
     """Every broker to measure, Pigeon first; ``executable`` None marks one that is not installed."""
     found = [
         Broker("pigeon", "pigeon", sys.executable, _start_pigeon, f"pigeon {__version__}"),
-        Broker("nats", "nats", shutil.which("nats-server"), _start_nats),
+        Broker("nats", "nats", shutil.which("nats-server"), _start_nats, start_acks=_start_jetstream),
         Broker("redis", "redis", shutil.which("redis-server"), _start_redis),
+        Broker(
+            "rabbitmq",
+            "rabbitmq",
+            shutil.which("rabbitmq-server"),
+            _start_rabbitmq,
+            plain=False,
+            probe_by_port=True,
+        ),
     ]
     if include_sink:
         found.append(
-            Broker("ceiling", "pigeon", sys.executable, _start_sink, "null broker (pigeon.bench.sink)")
+            Broker(
+                "ceiling",
+                "pigeon",
+                sys.executable,
+                _start_sink,
+                "null broker (pigeon.bench.sink)",
+            )
         )
     for b in found[1:3]:
         if b.executable:
             b.version = _version([b.executable, "--version"])
+    if found[3].executable:
+        found[3].version = "rabbitmq-server " + _version(
+            ["dpkg-query", "-W", "-f", "${Version}", "rabbitmq-server"]
+        )
     return found
 
 
 @contextmanager
-def running(broker: Broker, pin: list[str]) -> Iterator[tuple[int, int]]:
-    """A fresh broker process: yields (pid, port); stopped afterwards."""
-    proc, port = broker.start(pin)
-    # keep reading its log, so a chatty broker never blocks on a full pipe
-    drain = threading.Thread(target=_drain, args=(proc,), daemon=True)
-    drain.start()
-    try:
-        yield proc.pid, port
-    finally:
-        proc.terminate()
+def running(broker: Broker, pin: list[str], acks: bool = False) -> Iterator[tuple[int | None, int]]:
+    """A fresh broker process (the ackqueue flavour if ``acks``): yields (pid, port); stopped afterwards.
+
+    The pid is None when the broker must be found by its listening port.
+    """
+    start = broker.start_acks if acks and broker.start_acks else broker.start
+    with tempfile.TemporaryDirectory(prefix=f"pigeon-bench-{broker.name}-") as scratch:
+        proc, port = start(pin, scratch)
+        # keep reading its log, so a chatty broker never blocks on a full pipe
+        drain = threading.Thread(target=_drain, args=(proc,), daemon=True)
+        drain.start()
+        # rabbitmq-server as root runs its node in a session of its own: stop it by its process tree
+        node = BrokerProbe(None, port).process if broker.probe_by_port else None
+        tree = [node, *node.children(recursive=True)] if node is not None else []
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        drain.join(10)
+            yield None if broker.probe_by_port else proc.pid, port
+        finally:
+            _stop_group(proc, signal.SIGTERM)
+            for p in tree:
+                with suppress(psutil.NoSuchProcess):
+                    p.terminate()
+            _, alive = psutil.wait_procs(tree, timeout=20)
+            for p in alive:
+                with suppress(psutil.NoSuchProcess):
+                    p.kill()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                _stop_group(proc, signal.SIGKILL)
+                proc.wait()
+            drain.join(10)
+
+
+def _stop_group(proc: subprocess.Popen[str], sig: int) -> None:
+    # the broker's own session (see _spawn): the process and whatever it started
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
 
 
 def _drain(proc: subprocess.Popen[str]) -> None:
@@ -217,22 +311,33 @@ def measure(
     for b in active:
         if b.version:
             table.notes.append(f"{b.name}: {b.version}")
-    others = [w for w in workloads if w != "latency"]
+    others = [w for w in workloads if w not in ("latency", "ackqueue")]
     for _ in range(repeat):
         for b in active:
             wanted = [w for w in others if w in THROUGHPUT] if b.name == "ceiling" else others
-            if wanted:
+            results = []
+            if wanted and b.plain:
                 with running(b, broker_pin) as (pid, port):
-                    results = run(replace(opts, port=port, pid=pid, dialect=b.dialect), wanted)
+                    results += run(replace(opts, port=port, pid=pid, dialect=b.dialect), wanted)
+            if "ackqueue" in workloads:
+                with running(b, broker_pin, acks=True) as (pid, port):
+                    results += run(replace(opts, port=port, pid=pid, dialect=b.dialect), ["ackqueue"])
+            if results:
                 runs.setdefault(b.name, []).append(results)
         if "latency" in workloads:
-            latency = measure_latency(opts, [b for b in active if b.name != "ceiling"], broker_pin)
+            latency = measure_latency(
+                opts, [b for b in active if b.plain and b.name != "ceiling"], broker_pin
+            )
             for name, result in latency.items():
                 if name in runs:
                     runs[name][-1].append(result)
                 else:
                     runs.setdefault(name, []).append([result])
     table.results = {name: median_results(rs) for name, rs in runs.items()}
+    if "ackqueue" in workloads:
+        for b in active:
+            if b.name != "ceiling":
+                table.notes.append(f"{b.name} ackqueue: {ACK_DIALECTS[b.dialect].notes}")
     table.notes.append(
         f"broker pinned with: {' '.join(broker_pin) or '(not pinned)'}; load generator: {client_cpu}"
     )
@@ -298,6 +403,7 @@ def verdicts(table: Table) -> list[tuple[str, str, float | None, bool | None]]:
         if per_cpu is not None:
             text += f" ({per_cpu:.2f} x per CPU-s)"
         out.append((f"{w}: >= {need} x {peer_name}", text, ratio, _met(ratio, need)))
+    out += _ack_verdicts(table)
     mine = _get(pigeon, "latency")
     theirs = _get(nats, "latency") if nats else None
     if mine and theirs and mine.p99_us is not None and theirs.p99_us is not None:
@@ -307,6 +413,31 @@ def verdicts(table: Table) -> list[tuple[str, str, float | None, bool | None]]:
     if conn and conn.bytes_per_connection is not None:
         kib = conn.bytes_per_connection / 1024
         out.append(("memory <= 10 KiB/conn", f"{kib:.1f} KiB", kib, kib <= 10.0))
+    return out
+
+
+def _ack_verdicts(table: Table) -> list[tuple[str, str, float | None, bool | None]]:
+    """ackqueue against Pigeon's own plain queue and against the fastest peer's acknowledged queue."""
+    pigeon = table.results.get("pigeon", [])
+    acked, plain = _get(pigeon, "ackqueue"), _get(pigeon, "queue")
+    if acked is None:
+        return []
+    peers = {
+        name: r.msgs_per_s
+        for name, results in table.results.items()
+        if name in PEERS and (r := _get(results, "ackqueue")) is not None and r.msgs_per_s
+    }
+    fastest = max(peers, key=lambda name: peers[name] or 0.0, default=None)
+    out = []
+    for against, need in ACK_TARGETS:
+        if against == "queue":
+            ratio = _ratio(acked.msgs_per_s, plain.msgs_per_s if plain else None)
+            label, text = f"ackqueue: >= {need} x queue", "-" if ratio is None else f"{ratio:.2f} x"
+        else:
+            ratio = _ratio(acked.msgs_per_s, peers[fastest] if fastest else None)
+            label = f"ackqueue: >= {need} x fastest peer"
+            text = "-" if ratio is None else f"{ratio:.2f} x {fastest}"
+        out.append((label, text, ratio, _met(ratio, need)))
     return out
 
 

@@ -3,7 +3,9 @@
 Each input is a session (see ``Input`` for its format): limits, then
 operations (open, read with or without a flush, flush, pause, resume, EOF,
 close, ticks, transports that fill up, pause their connection, drain or fail,
-walks of the topic and connection pages), run on the Cython core and on
+walks of the topic and connection pages, well-formed commands among them
+SUBSCRIBE ... ACK [PREFETCH n], and ACK or NACK of the tags a connection
+holds, single or as ranges, or of tags it does not), run on the Cython core and on
 tests/model.py through tests/harness.Session, which the differential test uses
 too. After every operation the session compares what the model states
 (output bytes, close and reading events, client ids, warnings, figures,
@@ -31,12 +33,14 @@ with atheris.instrument_imports(include=["tests"]):
     from tests.harness import Peer, Session
 
 # The version of the input format below; a saved regression starts with the line REGRESSION_HEADER.
-FORMAT = 2
+# Inputs of format 2 (before acknowledgements) still replay, as they were read then.
+FORMAT = 3
+FORMATS = (2, 3)
 REGRESSION_HEADER = b"pigeon-fuzz %d\n" % FORMAT
 MEMORY_NEVER_FULL = 1 << 40  # the model does not count memory (tests/model.py)
-OPERATIONS = 18
+OPERATIONS = {2: 18, 3: 19}
 # well-formed commands, so that sessions route messages; <me> is the connection's own client id
-COMMANDS = (
+COMMANDS_2 = (
     b"CONNECT",
     b"SUBSCRIBE <me> %s",
     b"UNSUBSCRIBE <me> %s",
@@ -50,7 +54,21 @@ COMMANDS = (
     b"STATS CONNECTIONS 0 1",
     b"DISCONNECT",
 )
+COMMANDS = {
+    2: COMMANDS_2,
+    3: (
+        *COMMANDS_2,
+        b"SUBSCRIBE <me> %s ACK",
+        b"SUBSCRIBE <me> %s ACK",
+        b"SUBSCRIBE <me> %s ACK PREFETCH ",
+        b"ACK <me> ",
+        b"NACK <me> ",
+    ),
+}
 TOPICS = (b"a", b"b", "\u00e9".encode())
+DEFAULT_PREFETCH = (1, 2, 3, 1000)
+# a NACK's delay: none, 0 (at once), a day (never due in a session: the model keeps it for good), broken
+NACK_DELAYS = (b"", b"", b" 0", b" 86400000", b" 86400001", b" x")
 
 
 class Input:
@@ -64,11 +82,19 @@ class Input:
     id), one byte for a setting or a count; a well-formed command takes a
     byte for the command, one for the topic, a read for the rest of the line
     (a PUBLISH's message) and one for whether a flush follows.
+
+    Format 3 adds two bytes of limits (the default prefetch, max_deliveries),
+    the commands SUBSCRIBE ... ACK [PREFETCH], ACK and NACK, and an operation
+    that settles tags the connection holds: a byte of flags (NACK, a range,
+    backwards, a flush follows), one for the tag (counted back from the last
+    one the connection holds), one for the range's length and one for the
+    NACK's delay.
     """
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, version: int = FORMAT) -> None:
         self.data = data
         self.pos = 0
+        self.version = version
 
     def more(self) -> bool:
         return self.pos < len(self.data)
@@ -88,7 +114,7 @@ class Input:
 def start(source: Input) -> Session:
     """A session with the flushing mode and the limits the input gives."""
     deferred = bool(source.byte() & 1)
-    limits = {
+    limits: dict[str, int] = {
         "max_line": 64 + source.byte() % 137,
         "max_backlog": source.byte() % 7,
         "max_connections": 1 + source.byte() % 6,
@@ -99,13 +125,17 @@ def start(source: Input) -> Session:
         "idle_timeout": source.byte() % 4,
         "write_timeout": source.byte() % 4,
         "out_batch": 1 + source.byte(),
+        "ack_timeout": 0,  # the core's clock, which the model does not read (tests/model.py)
     }
+    if source.version >= 3:
+        limits["default_prefetch"] = DEFAULT_PREFETCH[source.byte() % len(DEFAULT_PREFETCH)]
+        limits["max_deliveries"] = source.byte() % 4
     return Session(limits, deferred=deferred)
 
 
 def step(session: Session, source: Input) -> None:
     """One operation on both brokers."""
-    op = source.byte() % OPERATIONS
+    op = source.byte() % OPERATIONS[source.version]
     if op == 0 or not session.peers:
         session.open()
         return
@@ -147,8 +177,11 @@ def act(session: Session, peer: Peer, op: int, source: Input) -> None:
         session.drain(peer, source.byte())
     elif op == 13:
         session.transport(peer, fail=True)
+    elif op == 18:
+        settle(session, peer, source)
     else:
-        command = COMMANDS[source.byte() % len(COMMANDS)]
+        commands = COMMANDS[source.version]
+        command = commands[source.byte() % len(commands)]
         topic = TOPICS[source.byte() % len(TOPICS)]
         line = (command % topic if b"%s" in command else command) + source.chunk().replace(b"\n", b"") + b"\n"
         if source.byte() & 1:
@@ -157,9 +190,29 @@ def act(session: Session, peer: Peer, op: int, source: Input) -> None:
             session.read(peer, session.own_id(peer, line))
 
 
-def test_one_input(data: bytes) -> None:
-    """One fuzz case: a whole session from the input's bytes."""
-    source = Input(data)
+def settle(session: Session, peer: Peer, source: Input) -> None:
+    """ACK or NACK of tags the connection holds (or, when it holds none, of tags it does not)."""
+    flags, back, span, delay = source.byte(), source.byte() % 8, source.byte() % 5, source.byte()
+    tags = session.outstanding(peer) or [1 + back]
+    first = tags[max(0, len(tags) - 1 - back)]
+    if not flags & 2:
+        spec = b"%d" % first
+    elif flags & 4:
+        spec = b"%d-%d" % (first + span, first)  # backwards: a usage error unless span is 0
+    else:
+        spec = b"%d-%d" % (first, first + span)
+    line = (
+        b"NACK <me> " + spec + NACK_DELAYS[delay % len(NACK_DELAYS)] if flags & 1 else b"ACK <me> " + spec
+    ) + b"\n"
+    if flags & 8:
+        session.feed(peer, session.own_id(peer, line))
+    else:
+        session.read(peer, session.own_id(peer, line))
+
+
+def test_one_input(data: bytes, version: int = FORMAT) -> None:
+    """One fuzz case: a whole session from the input's bytes (read as ``version`` of the format)."""
+    source = Input(data, version)
     session = start(source)
     try:
         while source.more():
@@ -175,8 +228,9 @@ def replay(path: Path) -> None:
     """Run a saved regression input (the format line, then the input)."""
     data = path.read_bytes()
     header, _, rest = data.partition(b"\n")
-    assert header + b"\n" == REGRESSION_HEADER, f"{path.name} is in format {header!r}: re-encode it"
-    test_one_input(rest)
+    versions = {b"pigeon-fuzz %d" % version: version for version in FORMATS}
+    assert header in versions, f"{path.name} is in format {header!r}: re-encode it"
+    test_one_input(rest, versions[header])
 
 
 def main() -> None:

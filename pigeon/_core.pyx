@@ -419,6 +419,7 @@ cdef class Broker:
                     self.counters.idle_closed += 1
                     out_error(self, h, ERR_IDLE_TIMEOUT, "idle timeout")
                     close_later(self, h, "idle timeout", not c.paused)
+        flow_memory_freed(self)     # output the transports took since the last tick freed memory
         self._settle()
 
     # ------------------------------------------------------------ reading the state

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import builtins
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pigeon.client.codec import Message
 
 
 class PigeonError(Exception):
@@ -92,6 +96,28 @@ class TooManyTopicsError(CommandError):
     CODE = "TOO_MANY_TOPICS"
 
 
+class UnknownDeliveryTagError(CommandError):
+    """An ``ACK`` or ``NACK`` of a delivery tag (or of a range with no tag) not outstanding on the connection.
+
+    The message was settled already, or given back for redelivery (its
+    ``--ack-timeout`` passed, or it was NACKed). An ACK or NACK has no reply
+    on success, so this error arrives after the call that sent it: the client
+    keeps it for ``check_acks()``. ``tags`` is the ``(first, last)`` tags of
+    the refused ``ACK``/``NACK`` (first == last for one tag).
+    """
+
+    CODE = "UNKNOWN_DELIVERY_TAG"
+
+    @property
+    def tags(self) -> tuple[int, int] | None:
+        """``(first, last)`` of the refused tag or range, None when the reason does not name them."""
+        match = _TAGS.search(self.reason)
+        if match is None:
+            return None
+        first = int(match[1])
+        return first, int(match[2]) if match[2] else first
+
+
 class RetryableError(CommandError):
     """A refusal because a limit is reached for now: the same command may succeed later."""
 
@@ -148,12 +174,14 @@ ERROR_CLASSES: dict[str, type[CommandError]] = {
         TooManyTopicsError,
         MemoryFullError,
         IdleTimeoutError,
+        UnknownDeliveryTagError,
     )
     if cls.CODE is not None
 }
 ERROR_CODES = tuple(ERROR_CLASSES)
 
 _CODE = re.compile(r"[A-Z][A-Z0-9_]*\Z")
+_TAGS = re.compile(r"(\d+)(?:-(\d+))?\Z")
 
 
 class ConnectionClosedError(PigeonError, builtins.ConnectionError):
@@ -169,6 +197,21 @@ class ConnectionClosedError(PigeonError, builtins.ConnectionError):
         self.error = error
         self.code = error.code if error is not None else None
         self.reason = error.reason if error is not None else None
+
+
+class StaleDeliveryError(ConnectionClosedError):
+    """An ``ack()`` or ``nack()`` of messages delivered on a connection that has closed since; none was sent.
+
+    The broker gave those messages back for redelivery when the connection
+    closed, and their delivery tags died with it (a new connection counts its
+    tags from 1 again, so the old ones would name other messages). ``messages``
+    are the stale messages; those of the current connection in the same call
+    were settled.
+    """
+
+    def __init__(self, message: str, messages: list[Message]) -> None:
+        super().__init__(message)
+        self.messages = messages
 
 
 class ProtocolError(ConnectionClosedError):

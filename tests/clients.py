@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import time
+from collections.abc import Callable
+from typing import Any
 
 from pigeon.testing import LineClient, ServerProcess
 
@@ -35,3 +39,22 @@ def ipv6_loopback() -> bool:
     except OSError:
         return False
     return True
+
+
+def figures(server: ServerProcess) -> dict[str, Any]:
+    """The server's STATS, asked on a connection of its own."""
+    probe = server.client()
+    probe.connect()
+    reply = probe.ask("STATS")
+    probe.close()
+    stats: dict[str, Any] = json.loads(reply.split(b" ", 1)[1])
+    return stats
+
+
+def until(condition: Callable[[], bool], what: str) -> None:
+    """Poll ``condition`` until it holds; fails after 20 s, naming ``what`` was awaited."""
+    deadline = time.monotonic() + 20
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within 20 s: {what}")
+        time.sleep(0.02)

@@ -6,10 +6,13 @@ import importlib.util
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
+from pigeon import AsyncClient, Client
 from pigeon.testing import LineClient, ServerProcess
+from tests.faces import Face, LoopThread, OpenClient, Target
 from tests.monitoring import start_monitored
 
 LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
@@ -105,3 +108,27 @@ def fake_server() -> Iterator[FakeServer]:
         listener.close()
     for thread in threads:
         thread.join(5)
+
+
+@pytest.fixture(params=["Client", "AsyncClient"])
+def open_client(request: pytest.FixtureRequest) -> Iterator[OpenClient]:
+    """A factory of connected clients of one kind: ``open_client(server, **options)``; closes them after."""
+    loops: dict[str, LoopThread] = {}
+    faces: list[Face] = []
+
+    def open_(target: Target, **options: Any) -> Face:
+        if request.param == "Client":
+            face = Face(Client(target.host, target.port, **options), None)
+        else:
+            if target.loop_name not in loops:
+                loops[target.loop_name] = LoopThread(target.loop_name)
+            loop = loops[target.loop_name]
+            face = Face(loop.run(AsyncClient(target.host, target.port, **options).connect()), loop)
+        faces.append(face)
+        return face
+
+    yield open_
+    for face in faces:
+        face.close()
+    for loop in loops.values():
+        loop.close()

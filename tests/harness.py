@@ -214,6 +214,15 @@ class Session:
         cid = self.core_broker.client_id(self.core.handles[peer.index]) or "c0"
         return data.replace(OWN_ID, cid.encode())
 
+    def outstanding(self, peer: Peer) -> list[int]:
+        """The connection's outstanding delivery tags, oldest first (as the model states them)."""
+        return [e.tag for e in self.model_broker.conns[self.model.handles[peer.index]].unacked]
+
+    def holding(self, i: int) -> Peer | None:
+        """The i-th (modulo) connection not closed that holds outstanding deliveries, else ``live(i)``."""
+        holding = [peer for peer in self.peers if not peer.closed and self.outstanding(peer)]
+        return holding[i % len(holding)] if holding else self.live(i)
+
     def read(self, peer: Peer, data: bytes) -> None:
         for side in self.sides:
             side.read(peer.index, data)

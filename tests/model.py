@@ -12,10 +12,23 @@ reports) and states, for every connection:
 - the close events ``on_close(handle, reason, flush)`` and the reading events
   ``on_reading(handle, reading)``, and the warnings;
 - work-queue delivery: round robin in subscription order, skipping a subscriber
-  that cannot take output now (paused, or holding a full batch of output not
-  yet handed over), backlogs and their bound, messages given back to the head
-  of their topic when they were never handed to a connection (close, EOF, a
-  failing writer, a slow-consumer drop, a write timeout);
+  that cannot take output now (paused, holding a full batch of output not
+  yet handed over, or an acknowledged subscription at its prefetch window);
+  one skipped for its batch has its topics served again once the batch is
+  handed over (pinned: not the others at that flush);
+  backlogs and their bound, messages given back to the head of their topic
+  when they were never handed to a connection (close, EOF, a failing writer,
+  a slow-consumer drop, a write timeout);
+- acknowledged subscriptions (``SUBSCRIBE <id> <topic> ACK [PREFETCH <n>]``):
+  ``DELIVER <topic> <tag> <attempt> <message>`` lines, tags counted per
+  connection, ``ACK`` and ``NACK`` of single tags and ranges, unknown tags,
+  redelivery (attempt + 1) when the connection ends or unsubscribes, DELIVER
+  lines given back unsent (their attempt not counted), dead letters to
+  ``<topic>.dead`` after ``max_deliveries``;
+- publisher flow control: a PUBLISH that finds its topic's backlog full waits
+  with the rest of its connection's input, which is not read meanwhile, until
+  the backlog is back at half (or, with a bound of 0, a subscriber can take);
+  a connection subscribed to that topic itself gets ERROR BACKLOG_FULL instead;
 - the figures of STATS and ``stats()``, HELLO, the pages of topics and
   connections (a whole listing holds every one; in the model's own order, as
   the core's follows a random hash), ``topic_info`` and client ids;
@@ -27,7 +40,15 @@ What it leaves out on purpose:
   count bytes: the core's accounting (message records, pooled records, buffer
   capacities) is not something a client can predict byte for byte. Tests that
   compare the two run with a ``max_memory`` large enough never to be reached;
-  memory is tested on the core alone (tests/test_core_reliability.py).
+  memory, and publishers held for it, are tested on the core alone
+  (tests/test_core_reliability.py, tests/test_core_acks.py).
+- time. The core reads the monotonic clock for NACK delays and ack timeouts,
+  which no caller can drive. A message NACKed with a delay is held by the model
+  for good (it counts in ``delayed`` and keeps its topic), so tests that
+  compare the two use delays that do not pass during a session (or none), and
+  no ack timeout (``ack_timeout=0``) or one that sessions never reach; both
+  are tested on the core alone (tests/test_core_acks.py) and over the wire
+  (tests/test_acks_wire.py).
 - figures no client can predict: ``memory_bytes``, the clocks, the core's
   handles (``NOT_STATED``), and which topics or connections a page that is not
   a whole listing holds, and its cursor. A STATS reply still has to be written
@@ -64,7 +85,18 @@ from pigeon.protocol import TOPIC_MAX
 Writer = Callable[[bytes], object]
 TransportSize = Callable[[], int]
 
-COMMANDS = ("connect", "subscribe", "unsubscribe", "publish", "ping", "disconnect", "stats", "hello")
+COMMANDS = (
+    "connect",
+    "subscribe",
+    "unsubscribe",
+    "publish",
+    "ping",
+    "disconnect",
+    "stats",
+    "hello",
+    "ack",
+    "nack",
+)
 ERRORS = (
     "usage",
     "unknown_command",
@@ -80,6 +112,7 @@ ERRORS = (
     "too_many_topics",
     "memory_full",
     "idle_timeout",
+    "unknown_delivery_tag",
 )
 # figures of the core the model does not state (see the module docstring)
 NOT_STATED = frozenset({"uptime_seconds", "memory_bytes", "connected_since", "connected_seconds", "handle"})
@@ -90,6 +123,12 @@ STATS_PAGE_DEFAULT = 100
 STATS_PAGE_MAX = 1000
 SUBSCRIPTIONS_LISTED = 100
 STATS_USAGE = b"usage: STATS [TOPICS|CONNECTIONS [<cursor> [<count>]]]"
+SUBSCRIBE_USAGE = b"usage: SUBSCRIBE <client_id> <topic> [ACK [PREFETCH <n>]]"
+ACK_USAGE = b"usage: ACK <client_id> <tag>|<first>-<last>"
+NACK_USAGE = b"usage: NACK <client_id> <tag>|<first>-<last> [<delay_ms>]"
+PREFETCH_MAX = 1_000_000
+NACK_DELAY_MAX = 86_400_000  # a day, in milliseconds
+DEAD_SUFFIX = b".dead"
 # Unicode categories refused in topic names: control, format, surrogate, separators
 INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
 BLANKS = b" \t"
@@ -100,22 +139,66 @@ class Topic:
     """A topic while anything holds it: its rotation, whose turn is next, its backlog."""
 
     name: bytes
-    rotation: list[Conn] = field(default_factory=list)
+    rotation: list[Sub] = field(default_factory=list)
     turn: int = 0  # index in rotation of the next subscriber to try; past the end means the first
-    backlog: deque[bytes] = field(default_factory=deque)
-    in_flight: int = 0  # its messages in some connection's output not yet handed over
+    backlog: deque[Message] = field(default_factory=deque)
+    in_flight: int = 0  # lines of its messages in some connection's output not yet handed over
+    unacked: int = 0  # its messages delivered to acknowledged subscriptions, not settled
+    delayed: int = 0  # its messages NACKed with a delay
+    waiters: list[Conn] = field(default_factory=list)  # publishers held for its backlog, oldest first
+    pins: int = 0  # held for the length of an operation (a subscription leaving, a drain)
+    touched: bool = False  # on a list of topics to serve once the operation is done
     published: int = 0
     delivered: int = 0
+    acked: int = 0
+    nacked: int = 0
+    redelivered: int = 0
+    dead_lettered: int = 0
     warned: bool = False  # backlog-full warning given since the backlog last emptied
 
 
 @dataclass(eq=False)
+class Message:
+    """A message: its body, its topic, and how often it was delivered on an acknowledged subscription."""
+
+    payload: bytes
+    topic: Topic
+    attempt: int = 0
+
+
+@dataclass(eq=False)
+class Sub:
+    """A subscription: plain, or acknowledged with a prefetch window."""
+
+    topic: Topic
+    conn: Conn
+    ack: bool = False
+    prefetch: int | None = None  # None: plain, no window
+    unacked: int = 0
+    in_rotation: bool = True
+
+    def can_take(self) -> bool:
+        """Whether its prefetch window has room (always, for a plain subscription)."""
+        return self.prefetch is None or self.unacked < self.prefetch
+
+
+@dataclass(eq=False)
+class Unacked:
+    """A delivery on an acknowledged subscription, outstanding until settled or given back."""
+
+    tag: int
+    message: Message
+    sub: Sub
+
+
+@dataclass(eq=False)
 class Line:
-    """One line of a connection's output not yet handed over; a MESSAGE line knows its message."""
+    """One line of a connection's output not yet handed over; a MESSAGE or DELIVER line knows its message."""
 
     data: bytes
     topic: Topic | None = None
-    payload: bytes = b""
+    message: Message | None = None
+    tag: int = 0  # a DELIVER line's delivery tag
 
 
 @dataclass(eq=False)
@@ -130,12 +213,16 @@ class Conn:
     open: bool = True  # False once closing: no more input, out of every rotation
     paused: bool = False  # its transport is full
     paused_at: int = 0  # the tick it paused at
+    starved: bool = False  # skipped for its full batch: served again once that batch is handed over
     reading: bool = True  # whether the server reads it (on_reading)
     silent: int = 0  # ticks since its last read
     client_id: bytes = b""
     unsent: list[Line] = field(default_factory=list)
-    held: bytes = b""  # input not run yet: an unfinished line, or lines held while paused
-    subscriptions: list[Topic] = field(default_factory=list)
+    held: bytes = b""  # input not run yet: an unfinished line, or lines held while paused or held
+    held_topic: Topic | None = None  # its PUBLISH waits for this topic's backlog to drain
+    subscriptions: list[Sub] = field(default_factory=list)
+    unacked: list[Unacked] = field(default_factory=list)  # outstanding deliveries, in tag order
+    next_tag: int = 0  # the last delivery tag given out
     in_transport: int = 0  # what its transport held unsent when last asked
     close_reason: str | None = None  # set while an on_close report waits for the end of a flush
     close_flush: bool = True
@@ -146,6 +233,10 @@ class Conn:
 
     def unsent_bytes(self) -> int:
         return sum(len(line.data) for line in self.unsent)
+
+    def sub_of(self, t: Topic | None) -> Sub | None:
+        """Its subscription to t, if any."""
+        return next((s for s in self.subscriptions if s.topic is t), None)
 
 
 class ModelBroker:
@@ -166,6 +257,8 @@ class ModelBroker:
         self.out_batch: int = given["out_batch"]
         self.idle_timeout = float(given["idle_timeout"])
         self.write_timeout = float(given["write_timeout"])
+        self.default_prefetch: int = given["default_prefetch"]
+        self.max_deliveries: int = given["max_deliveries"]
         self.idle_ticks = math.ceil(self.idle_timeout / tick_interval)
         self.write_ticks = math.ceil(self.write_timeout / tick_interval)
         self.on_output: Callable[[], object] | None = None
@@ -181,6 +274,9 @@ class ModelBroker:
         self.waiting: list[Conn] = []
         # connections the broker closed, to report through on_close at the end of a flush
         self.closing: list[Conn] = []
+        # publishers whose held PUBLISH goes on at the next flush, in that order
+        self.woken: list[Conn] = []
+        self.delayed: list[Message] = []  # NACKed with a delay (see the module docstring)
         self.flushing = False  # in flush(), or in a writer: calls from callbacks leave the flush to it
         self.flush_asked = False
         # the core's figures of the next STATS reply, for what the model does not state
@@ -202,6 +298,13 @@ class ModelBroker:
                 "bytes_in",
                 "bytes_out",
                 "slow_consumers",
+                "acks",
+                "nacks",
+                "redelivered",
+                "ack_timeouts",
+                "dead_lettered",
+                "dead_letters_dropped",
+                "publish_holds",
             ),
             0,
         )
@@ -254,7 +357,9 @@ class ModelBroker:
         self.flushing = True
         self.flush_asked = False
         try:
-            while self.waiting or self.closing:
+            while self.waiting or self.closing or self.woken:
+                while self.woken:
+                    self._continue(self.woken.pop(0))
                 while self.waiting:
                     self._flush_one(self.waiting.pop(0))
                 if self.closing:
@@ -266,9 +371,7 @@ class ModelBroker:
         """The client sent FIN: it leaves every rotation, its messages go back, its replies go out now."""
         c = self.conns[h]
         if c.open:
-            self._stop(c)
-            self._give_back(c, keep_replies=True)
-            c.held = b""
+            self._leave_connection(c, "cut_all")
             self._hand_over(c)
         self._settle()
 
@@ -279,6 +382,9 @@ class ModelBroker:
             c.paused = True
             c.paused_at = self.ticks
             if c.open:
+                # the next flush checks max_pending against what the transport holds now
+                self._ask_transport(c)
+                self._wait(c)
                 self._stop_reading(c)
         self._settle()
 
@@ -290,21 +396,13 @@ class ModelBroker:
             self._wait(c)
         if c.open:
             self._serve_subscriptions(c)
-        if not c.reading and c.open:
-            held, c.held = c.held, b""
-            if held:
-                self._run_input(c, held)
-            if c.open and not c.paused:
-                c.reading = True
-                if self.on_reading is not None:
-                    self.on_reading(h, True)
+            self._continue(c)
         self._settle()
 
     def close(self, h: int) -> None:
         """The socket is gone: messages it was never handed go back; it is forgotten."""
         c = self.conns[h]
-        self._stop(c)
-        self._give_back(c, keep_replies=False)
+        self._leave_connection(c, "drop")
         if c in self.waiting:
             self.waiting.remove(c)
         if c in self.closing:
@@ -323,7 +421,11 @@ class ModelBroker:
             c = self.conns.get(h)
             if c is None or not c.open:
                 continue
-            self._ask_transport(c)
+            if c.in_transport:
+                unsent = c.in_transport
+                self._ask_transport(c)
+                if c.in_transport < unsent:
+                    c.paused_at = self.ticks  # its output is moving: the write timeout counts from here
             if self.write_ticks and c.paused and self.ticks - c.paused_at > self.write_ticks:
                 self.count["write_timeouts"] += 1
                 self._close_later(
@@ -339,7 +441,7 @@ class ModelBroker:
 
     def flush_due(self) -> bool:
         """Whether output or a close report waits for a flush."""
-        return bool(self.waiting or self.closing)
+        return bool(self.waiting or self.closing or self.woken)
 
     # ---------------------------------------------------------------- reports
 
@@ -371,6 +473,9 @@ class ModelBroker:
             "errors": dict(self.errors),
             "lost": 0,  # only an allocation that fails loses a message
             "reading_paused": sum(1 for c in self.conns.values() if not c.reading),
+            "unacked": sum(len(c.unacked) for c in self.conns.values()),
+            "delayed": len(self.delayed),
+            "publishers_held": sum(1 for c in self.conns.values() if c.held_topic is not None),
             **self.count,
         }
 
@@ -394,20 +499,25 @@ class ModelBroker:
 
     def _backlogged(self) -> Iterable[bytes]:
         for t in self.topics_held.values():
-            yield from t.backlog
+            yield from (m.payload for m in t.backlog)
 
     def _topic_entry(self, t: Topic) -> dict[str, Any]:
         return {
             "name": t.name.decode("utf-8", "replace"),
             "subscribers": len(t.rotation),
             "backlog_messages": len(t.backlog),
-            "backlog_bytes": sum(map(len, t.backlog)),
+            "backlog_bytes": sum(len(m.payload) for m in t.backlog),
             "published": t.published,
             "delivered": t.delivered,
+            "unacked": t.unacked,
+            "acked": t.acked,
+            "nacked": t.nacked,
+            "redelivered": t.redelivered,
+            "dead_lettered": t.dead_lettered,
         }
 
     def _conn_entry(self, c: Conn) -> dict[str, Any]:
-        names = sorted(t.name.decode("utf-8", "replace") for t in c.subscriptions)
+        names = sorted(s.topic.name.decode("utf-8", "replace") for s in c.subscriptions)
         return {
             "handle": c.handle,
             "client_id": c.client_id.decode() if c.client_id else None,
@@ -421,15 +531,17 @@ class ModelBroker:
             "bytes_out": c.bytes_out,
             "closing": not c.open,
             "paused": c.paused,
+            "held": c.held_topic is not None,
+            "unacked": len(c.unacked),
         }
 
     # ---------------------------------------------------------------- input
 
     def _run_input(self, c: Conn, buf: bytes) -> None:
-        """Run the complete lines while c can take their replies; keep the rest."""
+        """Run the complete lines while c can go on (not paused, no PUBLISH held); keep the rest."""
         pos = 0
         too_long = False
-        while pos < len(buf) and c.open and not c.paused:
+        while pos < len(buf) and c.open and not c.paused and c.held_topic is None:
             nl = buf.find(b"\n", pos)
             if nl < 0:
                 too_long = len(buf) - pos > self.max_line
@@ -437,7 +549,8 @@ class ModelBroker:
             if nl - pos > self.max_line:
                 too_long = True
                 break
-            self._dispatch(c, buf[pos:nl])
+            if self._dispatch(c, buf[pos:nl]):
+                break  # a PUBLISH waits, with the rest
             pos = nl + 1
             # a connection's own output passing a batch goes out at once, so its transport can say it is full
             if c.open and c.unsent_bytes() >= self.out_batch:
@@ -449,8 +562,20 @@ class ModelBroker:
             c.held = b""
             return
         c.held = buf[pos:]
-        if c.paused:
+        if c.paused or c.held_topic is not None:
             self._stop_reading(c)
+
+    def _continue(self, c: Conn) -> None:
+        """c can go on (its transport drained, or its PUBLISH may proceed): run its input, read it again."""
+        if not c.open or c.paused or c.held_topic is not None:
+            return
+        held, c.held = c.held, b""
+        if held:
+            self._run_input(c, held)
+        if c.open and not c.reading and not c.paused and c.held_topic is None:
+            c.reading = True
+            if self.on_reading is not None:
+                self.on_reading(c.handle, True)
 
     def _stop_reading(self, c: Conn) -> None:
         if c.reading:
@@ -459,23 +584,30 @@ class ModelBroker:
             if self.on_reading is not None:
                 self.on_reading(c.handle, False)
 
-    def _dispatch(self, c: Conn, line: bytes) -> None:
+    def _dispatch(self, c: Conn, line: bytes) -> bool:
+        """Run one command line; True when it is a PUBLISH that waits (flow control)."""
         if line.endswith(b"\r"):
             line = line[:-1]
         word, rest = _split_field(line)
         if not word:
-            return  # blank lines are ignored
+            return False  # blank lines are ignored
         kind = word.lower().decode("latin-1")
         if kind not in COMMANDS:
             self.commands["unknown"] += 1
             self._error_quoting(c, "unknown_command", b"unknown command", word)
-            return
-        self.commands[kind] += 1
+            return False
         if kind == "publish":
-            self._on_publish(c, rest)
-            return
+            held = self._on_publish(c, rest)
+            if not held:
+                self.commands[kind] += 1  # one that waits is counted when it runs
+            return held
+        self.commands[kind] += 1
         args = _fields(rest)
-        if kind == "subscribe":
+        if kind == "ack":
+            self._on_ack(c, args)
+        elif kind == "nack":
+            self._on_nack(c, args)
+        elif kind == "subscribe":
             self._on_subscribe(c, args)
         elif kind == "unsubscribe":
             self._on_unsubscribe(c, args)
@@ -492,6 +624,7 @@ class ModelBroker:
         else:
             self._reply(c, b"DISCONNECTED")
             self._close_later(c, "", flush=True)
+        return False
 
     def _hello(self) -> bytes:
         about = {
@@ -499,7 +632,7 @@ class ModelBroker:
             "max_line": self.max_line,
             "topic_max": TOPIC_MAX,
             "idle_timeout": self.idle_timeout,
-            "features": [],
+            "features": ["ack"],
         }
         return json.dumps(about, separators=(",", ":")).encode()
 
@@ -541,87 +674,119 @@ class ModelBroker:
         t = self.topics_held[name] = Topic(name)
         return t
 
-    def _topic_argument(self, c: Conn, command: bytes, args: list[bytes]) -> bytes | None:
-        """The topic of ``<command> <client_id> <topic>``, or None after the ERROR that says why not."""
-        if len(args) != 2:
-            self._error(c, "usage", b"usage: %s <client_id> <topic>" % command)
-            return None
-        cid, name = args
-        if not self._own_id(c, cid) or not self._valid_topic(c, name):
-            return None
-        return name
-
     def _on_subscribe(self, c: Conn, args: list[bytes]) -> None:
-        name = self._topic_argument(c, b"SUBSCRIBE", args)
-        if name is None:
+        if len(args) < 2:
+            self._error(c, "usage", SUBSCRIBE_USAGE)
             return
+        cid, name, *options = args
+        mode = self._subscribe_options(c, options)
+        if mode is None or not self._own_id(c, cid) or not self._valid_topic(c, name):
+            return
+        ack, prefetch = mode
         t = self.topics_held.get(name)
-        if t is not None and c in t.rotation:
-            self._reply(c, b"SUBSCRIBED " + name)  # subscribing twice is one turn
-            return
-        if len(c.subscriptions) >= self.max_subscriptions:
-            limit = b"too many subscriptions on this connection (limit %d)" % self.max_subscriptions
-            self._error(c, "too_many_subscriptions", limit)
-            return
-        if t is None:
-            t = self._new_topic(c, name)
-            if t is None:
+        s = c.sub_of(t)
+        if s is not None:
+            t = s.topic
+        else:
+            if len(c.subscriptions) >= self.max_subscriptions:
+                limit = b"too many subscriptions on this connection (limit %d)" % self.max_subscriptions
+                self._error(c, "too_many_subscriptions", limit)
                 return
-        t.rotation.append(c)
-        c.subscriptions.append(t)
+            if t is None:
+                t = self._new_topic(c, name)
+                if t is None:
+                    return
+            s = Sub(t, c)
+            t.rotation.append(s)
+            c.subscriptions.append(s)
+        # subscribing again keeps the turn and sets the mode and the window
+        s.ack, s.prefetch = ack, prefetch
         self._reply(c, b"SUBSCRIBED " + name)
         self._serve(t)
 
+    def _subscribe_options(self, c: Conn, options: list[bytes]) -> tuple[bool, int | None] | None:
+        """(acknowledged, prefetch) from nothing, ``ACK`` or ``ACK PREFETCH <n>``; None after the ERROR."""
+        if not options:
+            return False, None
+        if options[0].lower() == b"ack":
+            if len(options) == 1:
+                return True, self.default_prefetch
+            if len(options) == 3 and options[1].lower() == b"prefetch":
+                n = _count(options[2])
+                if n is not None and 1 <= n <= PREFETCH_MAX:
+                    return True, n
+                self._error(c, "usage", b"prefetch must be 1 to %d" % PREFETCH_MAX)
+                return None
+        self._error(c, "usage", SUBSCRIBE_USAGE)
+        return None
+
     def _on_unsubscribe(self, c: Conn, args: list[bytes]) -> None:
-        name = self._topic_argument(c, b"UNSUBSCRIBE", args)
-        if name is None:
+        if len(args) != 2:
+            self._error(c, "usage", b"usage: UNSUBSCRIBE <client_id> <topic>")
             return
-        t = self.topics_held.get(name)
-        if t is None or c not in t.rotation:
+        cid, name = args
+        if not self._own_id(c, cid) or not self._valid_topic(c, name):
+            return
+        s = c.sub_of(self.topics_held.get(name))
+        if s is None:
             self._error_quoting(c, "not_subscribed", b"not subscribed to", name)
             return
-        self._leave(c, t)
         self._reply(c, b"UNSUBSCRIBED " + name)
-        self._forget_if_unused(t)
+        # out of the rotation first, so that what it did not acknowledge goes to someone else
+        self._leave_rotation(s)
+        self._give_back_unacked(c, s)
+        self._free_sub(s)
 
-    def _on_publish(self, c: Conn, rest: bytes) -> None:
+    def _on_publish(self, c: Conn, rest: bytes) -> bool:
+        """PUBLISH; True when it waits for flow control."""
         cid, rest = _split_field(rest)
         name, rest = _split_field(rest)
         if not name or not rest:
             self._error(c, "usage", b"usage: PUBLISH <client_id> <topic> <message>")
-            return
+            return False
         if not self._own_id(c, cid):
-            return
+            return False
         message = rest[1:]  # everything after the one separator that ends the topic
         t = self.topics_held.get(name)
         if t is None:
             if not self._valid_topic(c, name):
-                return
+                return False
             t = self._new_topic(c, name)
             if t is None:
-                return
+                return False
         if not t.backlog:
             to = self._next_taker(t)
             if to is not None:
                 self._accepted(c, t)
-                self._deliver(to, t, message)
-                return
+                self._deliver(to, Message(message, t))
+                return False
         if len(t.backlog) >= self.max_backlog:
+            self._warn_full(t)
+            if c.sub_of(t) is None:
+                c.held_topic = t
+                t.waiters.append(c)
+                self.count["publish_holds"] += 1
+                return True
+            # waiting for a topic it drains itself could deadlock it
             self.count["refused"] += 1
             full = b"backlog full (%d messages) for topic" % self.max_backlog
             self._error_quoting(c, "backlog_full", full, name)
-            if not t.warned:
-                t.warned = True
-                self._warn(
-                    f"topic {name.decode('utf-8', 'replace')!r}: backlog full ({self.max_backlog} messages), "
-                    "refusing publishes until a subscriber drains it"
-                )
             self._forget_if_unused(t)
-            return
-        t.backlog.append(message)
+            return False
+        t.backlog.append(Message(message, t))
         self.count["backlogged"] += 1
         self._accepted(c, t)
         self._serve(t)
+        return False
+
+    def _warn_full(self, t: Topic) -> None:
+        """Tell the operator once, until the backlog empties again."""
+        if not t.warned:
+            t.warned = True
+            self._warn(
+                f"topic {t.name.decode('utf-8', 'replace')!r}: backlog full ({self.max_backlog} messages): "
+                "publishers wait until a subscriber drains it"
+            )
 
     def _accepted(self, c: Conn, t: Topic) -> None:
         t.published += 1
@@ -671,14 +836,154 @@ class ModelBroker:
             return {section: listed, "next": 0}
         return {section: listed, "next": theirs.get("next")}
 
+    # ---------------------------------------------------------------- acknowledgements
+
+    def _tag_range(self, c: Conn, args: list[bytes], usage: bytes) -> tuple[int, int] | None:
+        """``<first>, <last>`` from ``<tag>`` or ``<first>-<last>`` after the own id; None after the ERROR."""
+        if len(args) < 2:
+            self._error(c, "usage", usage)
+            return None
+        cid, spec = args[0], args[1]
+        first, dash, rest = spec.partition(b"-")
+        a = _count(first)
+        z = _count(rest) if dash else a
+        if a is None or z is None or a == 0 or z < a:
+            self._error(c, "usage", usage)
+            return None
+        if not self._own_id(c, cid):
+            return None
+        return a, z
+
+    def _unknown_tags(self, c: Conn, first: int, last: int) -> None:
+        spec = b"%d" % first if first == last else b"%d-%d" % (first, last)
+        self._error(c, "unknown_delivery_tag", b"unknown delivery tag " + spec)
+
+    def _on_ack(self, c: Conn, args: list[bytes]) -> None:
+        tags = self._tag_range(c, args, ACK_USAGE)
+        if tags is None:
+            return
+        if len(args) > 2:
+            self._error(c, "usage", ACK_USAGE)
+        elif not self._settle_tags(c, *tags):
+            self._unknown_tags(c, *tags)
+
+    def _on_nack(self, c: Conn, args: list[bytes]) -> None:
+        tags = self._tag_range(c, args, NACK_USAGE)
+        if tags is None:
+            return
+        delay = _count(args[2]) if len(args) > 2 else 0
+        if delay is None or delay > NACK_DELAY_MAX or len(args) > 3:
+            self._error(c, "usage", NACK_USAGE)
+        elif not self._nack_tags(c, *tags, delayed=delay > 0):
+            self._unknown_tags(c, *tags)
+
+    def _settle_tags(self, c: Conn, first: int, last: int) -> int:
+        """ACK: settle c's outstanding tags from first to last; how many."""
+        touched: list[Topic] = []
+        settled = [e for e in c.unacked if first <= e.tag <= last]
+        for e in settled:
+            s = e.sub
+            if s.unacked == s.prefetch and s.in_rotation:
+                self._touch(s.topic, touched)  # its window opens
+            message = self._unlink(c, e)
+            message.topic.acked += 1
+            self._forget_if_unused(message.topic)
+        self.count["acks"] += len(settled)
+        self._serve_touched(touched)
+        return len(settled)
+
+    def _nack_tags(self, c: Conn, first: int, last: int, *, delayed: bool) -> int:
+        """NACK: give c's outstanding tags from first to last back, in order; how many."""
+        touched: list[Topic] = []
+        given = [e for e in c.unacked if first <= e.tag <= last]
+        # newest first, each to the head of its topic: the oldest ends up first
+        for e in reversed(given):
+            if e.sub.in_rotation:
+                self._touch(e.sub.topic, touched)
+            message = self._unlink(c, e)
+            message.topic.nacked += 1
+            if delayed:
+                message.topic.delayed += 1
+                self.delayed.append(message)
+            else:
+                self._touch(message.topic, touched)
+                self._redeliver(message)
+        self.count["nacks"] += len(given)
+        self._serve_touched(touched)
+        return len(given)
+
+    def _unlink(self, c: Conn, e: Unacked) -> Message:
+        """An outstanding delivery is no longer: its message is the caller's."""
+        c.unacked.remove(e)
+        e.sub.unacked -= 1
+        e.message.topic.unacked -= 1
+        return e.message
+
+    def _give_back_unacked(self, c: Conn, only: Sub | None) -> None:
+        """c's outstanding deliveries (of ``only``, when given) go back for redelivery, in order."""
+        touched: list[Topic] = []
+        for e in reversed([e for e in c.unacked if only is None or e.sub is only]):
+            message = self._unlink(c, e)
+            self._touch(message.topic, touched)
+            self._redeliver(message)
+        self._serve_touched(touched)
+
+    def _redeliver(self, message: Message) -> None:
+        """Back to the head of its topic, or to <topic>.dead once delivered max_deliveries times."""
+        t = message.topic
+        if self.max_deliveries and message.attempt >= self.max_deliveries:
+            self._dead_letter(message)
+            return
+        t.redelivered += 1
+        self.count["redelivered"] += 1
+        self.count["backlogged"] += 1
+        t.backlog.appendleft(message)
+
+    def _dead_letter(self, message: Message) -> None:
+        """To the tail of <topic>.dead as a new message; dropped when that topic cannot take it."""
+        t = message.topic
+        name = t.name + DEAD_SUFFIX
+        dead = None
+        if len(name) <= TOPIC_MAX:
+            dead = self.topics_held.get(name)
+            if dead is None and len(self.topics_held) < self.max_topics:
+                dead = self.topics_held[name] = Topic(name)
+        if dead is None or len(dead.backlog) >= self.max_backlog:
+            self.count["dead_letters_dropped"] += 1
+            self._forget_if_unused(t)
+            if dead is not None:
+                self._forget_if_unused(dead)
+            return
+        t.dead_lettered += 1
+        self.count["dead_lettered"] += 1
+        message.topic, message.attempt = dead, 0
+        dead.published += 1
+        self.count["backlogged"] += 1
+        dead.backlog.append(message)
+        self._forget_if_unused(t)
+        self._serve(dead)
+
+    def _touch(self, t: Topic, touched: list[Topic]) -> None:
+        """Put t on a list of topics to serve once the operation is done (it stays meanwhile)."""
+        if not t.touched:
+            t.touched = True
+            touched.append(t)
+
+    def _serve_touched(self, touched: list[Topic]) -> None:
+        # pinned: the topic touched last is served first
+        for t in reversed(touched):
+            t.touched = False
+            self._serve(t)
+            self._forget_if_unused(t)
+
     # ---------------------------------------------------------------- output
 
     def _wait(self, c: Conn) -> None:
         if c not in self.waiting:
             self.waiting.append(c)
 
-    def _reply(self, c: Conn, text: bytes, topic: Topic | None = None, payload: bytes = b"") -> None:
-        c.unsent.append(Line(text + b"\n", topic, payload))
+    def _reply(self, c: Conn, text: bytes) -> None:
+        c.unsent.append(Line(text + b"\n"))
         self._wait(c)
 
     def _error(self, c: Conn, kind: str, text: bytes) -> None:
@@ -689,9 +994,22 @@ class ModelBroker:
         shown = len(arg) <= QUOTE_MAX and all(0x21 <= b <= 0x7E for b in arg)
         self._error(c, kind, text + (b" '" + arg + b"'" if shown else b" (not shown)"))
 
-    def _deliver(self, c: Conn, t: Topic, payload: bytes) -> None:
+    def _deliver(self, s: Sub, message: Message) -> None:
+        """A MESSAGE line, or on an acknowledged subscription a DELIVER line with the next tag."""
+        c, t = s.conn, message.topic
         t.in_flight += 1
-        self._reply(c, b"MESSAGE " + t.name + b" " + payload, t, payload)
+        if not s.ack:
+            c.unsent.append(Line(b"MESSAGE " + t.name + b" " + message.payload + b"\n", t, message))
+            self._wait(c)
+            return
+        c.next_tag += 1
+        message.attempt += 1
+        c.unacked.append(Unacked(c.next_tag, message, s))
+        s.unacked += 1
+        t.unacked += 1
+        head = b"DELIVER %s %d %d " % (t.name, c.next_tag, message.attempt)
+        c.unsent.append(Line(head + message.payload + b"\n", t, message, c.next_tag))
+        self._wait(c)
 
     def _warn(self, text: str) -> None:
         if self.on_warning is not None:
@@ -719,8 +1037,9 @@ class ModelBroker:
             return
         if c.paused:
             self._check_unsent(c)
-        else:
-            # its output went out: it can take messages again
+        elif c.starved:
+            # its batch went out: it can take the messages it was skipped for
+            c.starved = False
             self._serve_subscriptions(c)
 
     def _hand_over(self, c: Conn) -> None:
@@ -736,8 +1055,9 @@ class ModelBroker:
             finally:
                 self.flushing = was_flushing
         except Exception:
-            self._stop(c)
-            self._requeue([line for line in lines if line.topic is not None])
+            # it sent nothing: the lines go back to be given back with the rest
+            c.unsent = lines
+            self._leave_connection(c, "drop")
             return
         for line in lines:
             if line.topic is not None:
@@ -766,11 +1086,9 @@ class ModelBroker:
 
         Without flush its output is dropped and its messages go back at once.
         """
-        self._stop(c)
+        self._leave_connection(c, "cut_acked" if flush else "drop")
         if not flush:
-            self._give_back(c, keep_replies=False)
             c.close_flush = False
-        c.held = b""
         if c.close_reason is None:
             c.close_reason = reason
             self.closing.append(c)
@@ -780,83 +1098,151 @@ class ModelBroker:
         if self.on_close is not None and reason is not None:
             self.on_close(c.handle, reason, c.close_flush)
 
-    def _give_back(self, c: Conn, *, keep_replies: bool) -> None:
-        """Messages in c's output go back to their topics; its replies stay only with keep_replies."""
-        messages = [line for line in c.unsent if line.topic is not None]
-        c.unsent = [line for line in c.unsent if line.topic is None] if keep_replies else []
-        self._requeue(messages)
+    def _give_back_lines(self, c: Conn, how: str) -> None:
+        """Messages in c's unsent output go back to the head of their topics, in order.
 
-    def _requeue(self, messages: list[Line]) -> None:
-        """Put messages back at the head of their topics (the oldest first), then serve those topics."""
-        for line in reversed(messages):
-            t = line.topic
-            assert t is not None
+        ``how``: "drop" all of them, with the output; "cut_all" all of them,
+        their lines cut out and the replies kept; "cut_acked" only DELIVER
+        lines (no ACK can come for them), MESSAGE lines and replies kept. A
+        DELIVER line's message goes back only while its tag is outstanding,
+        and its attempt is not counted: the line never left.
+        """
+        touched: list[Topic] = []
+        given: set[int] = set()
+        for line in reversed(c.unsent):
+            t, message = line.topic, line.message
+            if t is None or message is None or (how == "cut_acked" and not line.tag):
+                continue
+            given.add(id(line))
+            self._touch(t, touched)
             t.in_flight -= 1
-            t.backlog.appendleft(line.payload)
+            if line.tag:
+                e = next((e for e in c.unacked if e.tag == line.tag), None)
+                if e is None:
+                    continue
+                self._unlink(c, e)
+                message.attempt -= 1
+            t.backlog.appendleft(message)
             self.count["requeued"] += 1
             self.count["backlogged"] += 1
-        # pinned: the topics are served in the order of their last message given back
-        last_at = {line.topic: i for i, line in enumerate(messages) if line.topic is not None}
-        for t in sorted(last_at, key=last_at.__getitem__):
-            self._serve(t)
+        c.unsent = [] if how == "drop" else [line for line in c.unsent if id(line) not in given]
+        self._serve_touched(touched)
+
+    def _leave_connection(self, c: Conn, how: str) -> None:
+        """c takes no more messages and is read no more: out of every rotation, its unsent messages
+        back as ``how`` says (_give_back_lines), then what it did not acknowledge, its PUBLISH held
+        no more. One already leaving only drops its output ("drop")."""
+        if not c.open:
+            if how == "drop":
+                self._give_back_lines(c, how)
+            return
+        c.open = False
+        self._release_held(c)
+        if c in self.woken:
+            self.woken.remove(c)
+        for s in c.subscriptions:
+            self._leave_rotation(s)
+        self._give_back_lines(c, how)
+        self._give_back_unacked(c, None)
+        while c.subscriptions:
+            self._free_sub(c.subscriptions[-1])
+        c.held = b""
 
     # ---------------------------------------------------------------- routing
 
-    def _next_taker(self, t: Topic) -> Conn | None:
-        """The next subscriber in turn that can take a message now."""
+    def _next_taker(self, t: Topic) -> Sub | None:
+        """The next subscription in turn that can take a message now."""
         n = len(t.rotation)
         start = t.turn if t.turn < n else 0
         for k in range(n):
             i = (start + k) % n
-            c = t.rotation[i]
-            if not c.paused and c.unsent_bytes() < self.out_batch:
+            if self._can_take(t.rotation[i]):
                 # the turn moves past it; a subscriber joining the end gets the next one
                 t.turn = i + 1
-                return c
+                return t.rotation[i]
         return None
 
+    def _can_take(self, s: Sub) -> bool:
+        """Whether s can take a message now; one skipped only for its full batch is marked starved."""
+        c = s.conn
+        if c.paused or not s.can_take():
+            return False
+        if c.unsent_bytes() >= self.out_batch:
+            c.starved = True
+            return False
+        return True
+
     def _serve(self, t: Topic) -> None:
-        """Deliver t's backlog in order while a subscriber can take it."""
+        """Deliver t's backlog in order while a subscriber can take it; wake the publishers it held
+        once it is back at half of max_backlog (with a bound of 0: once a subscriber can take)."""
+        if not t.backlog:
+            if t.waiters and any([self._can_take(s) for s in t.rotation]):  # each is asked (starved)
+                self._wake(t)
+            return
+        t.pins += 1
         while t.backlog:
             to = self._next_taker(t)
             if to is None:
                 break
-            payload = t.backlog.popleft()
+            message = t.backlog.popleft()
             if not t.backlog:
                 t.warned = False
-            self._deliver(to, t, payload)
+            self._deliver(to, message)
+        if t.waiters and len(t.backlog) <= self.max_backlog // 2:
+            self._wake(t)
+        t.pins -= 1
+        self._forget_if_unused(t)
+
+    def _wake(self, t: Topic) -> None:
+        """t's held publishers go on at the next flush, before those woken earlier (pinned)."""
+        woken, t.waiters = t.waiters, []
+        for c in woken:
+            c.held_topic = None
+        self.woken[:0] = woken
+
+    def _release_held(self, c: Conn) -> None:
+        if c.held_topic is not None:
+            c.held_topic.waiters.remove(c)
+            t, c.held_topic = c.held_topic, None
+            self._forget_if_unused(t)
 
     def _serve_subscriptions(self, c: Conn) -> None:
         """Serve c's topics, in the order of c.subscriptions."""
-        for t in list(c.subscriptions):
-            self._serve(t)
+        for s in list(c.subscriptions):
+            self._serve(s.topic)
 
-    def _leave(self, c: Conn, t: Topic) -> None:
-        """c leaves t's rotation; nobody else skips or repeats a turn."""
-        i = t.rotation.index(c)
+    def _leave_rotation(self, s: Sub) -> None:
+        """s leaves its topic's rotation (nobody skips or repeats a turn); the topic stays until s goes."""
+        if not s.in_rotation:
+            return
+        s.in_rotation = False
+        t = s.topic
+        t.pins += 1
+        i = t.rotation.index(s)
         del t.rotation[i]
         if i < t.turn:
             t.turn -= 1
-        # pinned: the place of the topic left in c's subscriptions is taken by c's last one
-        j = c.subscriptions.index(t)
+
+    def _free_sub(self, s: Sub) -> None:
+        """Forget a subscription that holds no outstanding delivery."""
+        self._leave_rotation(s)
+        t, c = s.topic, s.conn
+        t.pins -= 1
+        # pinned: the place of the subscription left in c's list is taken by c's last one
+        j = c.subscriptions.index(s)
         last = c.subscriptions.pop()
         if j < len(c.subscriptions):
             c.subscriptions[j] = last
-
-    def _stop(self, c: Conn) -> None:
-        """c closes: out of every rotation, no more input."""
-        if c.open:
-            self._leave_all(c)
-            c.open = False
-
-    def _leave_all(self, c: Conn) -> None:
-        for t in list(c.subscriptions):
-            self._leave(c, t)
-            self._forget_if_unused(t)
+        self._forget_if_unused(t)
 
     def _forget_if_unused(self, t: Topic) -> None:
-        """A topic exists while it has subscribers or messages."""
-        if not t.rotation and not t.backlog and not t.in_flight:
+        """A topic exists while it has subscribers or messages (or a publisher waits for it)."""
+        if (
+            not t.rotation
+            and not t.backlog
+            and not (t.in_flight or t.unacked or t.delayed or t.pins or t.waiters or t.touched)
+            and self.topics_held.get(t.name) is t
+        ):
             del self.topics_held[t.name]
 
 

@@ -16,6 +16,8 @@ topics = st.sampled_from(TOPICS)
 good_topics = st.sampled_from(GOOD_TOPICS)
 messages = st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"."))
 junk_lines = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b""))
+# ... that are not a STATS command (whose figures a test on a shared server cannot predict)
+junk_lines_but_stats = junk_lines.filter(lambda b: not b.lstrip(b" \t").lower().startswith(b"stats"))
 # fields are separated by spaces or tabs, one or more
 separators = st.sampled_from([b" ", b" ", b" ", b"  ", b"\t", b" \t"])
 # STATS and the sections, with cursors and counts: pages from cursor 0 are whole listings
@@ -39,6 +41,50 @@ stats_lines = st.sampled_from(
 )
 
 
+# delivery tags and ranges: a session gives out few tags, so small ones are mostly real; the rest
+# are usage errors (0, a range backwards, not a number) or unknown tags
+tag_specs = st.sampled_from(
+    [
+        b"1",
+        b"1",
+        b"2",
+        b"3",
+        b"1-2",
+        b"1-3",
+        b"2-2",
+        b"2-9",
+        b"99",
+        b"5-99",
+        b"0",
+        b"3-1",
+        b"x",
+        b"1-",
+        b"-1",
+        b"1-2-3",
+    ]
+)
+# a NACK's delay: none, 0 (at once), a day (it never comes back in a test), or a usage error
+nack_delays = st.sampled_from([b"", b"", b" 0", b" 86400000", b" 86400001", b" x", b" 1 2"])
+# SUBSCRIBE's options: plain, ACK, ACK PREFETCH <n>, and usage errors
+subscribe_options = st.sampled_from(
+    [
+        b"",
+        b" ACK",
+        b" ack",
+        b" ACK PREFETCH 1",
+        b" ACK PREFETCH 2",
+        b" ack prefetch 1000000",
+        b" ACK PREFETCH 0",
+        b" ACK PREFETCH 1000001",
+        b" ACK PREFETCH",
+        b" ACK PREFETCH x",
+        b" ACK PREFETCH 1 2",
+        b" ACK 5",
+        b" NACK",
+    ]
+)
+
+
 def _case(word: bytes, style: int) -> bytes:
     return (word, word.lower(), word.capitalize())[style]
 
@@ -53,7 +99,7 @@ def command(
     figures are the whole broker's, which a test of one connection on a shared
     server cannot predict).
     """
-    kinds = ["pub", "pub", "sub", "sub", "unsub", "ping", "hello", "connect", "junk"]
+    kinds = ["pub", "pub", "sub", "sub", "unsub", "ping", "hello", "connect", "junk", "ack", "ack", "nack"]
     kinds += (["bye"] if bye else []) + (["stats"] if stats else [])
     kind = draw(st.sampled_from(kinds))
     sep = draw(separators)
@@ -61,7 +107,11 @@ def command(
     if kind == "pub":
         line = sep.join([_case(b"PUBLISH", style), draw(ids), draw(topics)]) + b" " + draw(messages)
     elif kind == "sub":
-        line = sep.join([_case(b"SUBSCRIBE", style), draw(ids), draw(topics)])
+        line = sep.join([_case(b"SUBSCRIBE", style), draw(ids), draw(topics)]) + draw(subscribe_options)
+    elif kind == "ack":
+        line = sep.join([_case(b"ACK", style), draw(ids), draw(tag_specs)])
+    elif kind == "nack":
+        line = sep.join([_case(b"NACK", style), draw(ids), draw(tag_specs)]) + draw(nack_delays)
     elif kind == "unsub":
         line = sep.join([_case(b"UNSUBSCRIBE", style), draw(ids), draw(topics)])
     elif kind == "ping":
@@ -75,7 +125,7 @@ def command(
     elif kind == "stats":
         line = draw(stats_lines)
     else:
-        line = draw(junk_lines)
+        line = draw(junk_lines if stats else junk_lines_but_stats)
     if draw(st.booleans()):
         # drop or add arguments: usage errors
         line = draw(st.sampled_from([line + b" extra", line.rsplit(b" ", 1)[0], sep + line]))

@@ -30,13 +30,31 @@ def test_every_workload_against_a_server(server: ServerProcess) -> None:
     done = bench("--port", str(server.port), "--json", *SHORT)
     assert done.returncode == 0, done.stderr
     results = {r["workload"]: r for r in json.loads(done.stdout)["results"]}
-    assert list(results) == ["pipe", "queue", "fanin", "latency", "connections"]
-    for name in ("pipe", "queue", "fanin"):
+    assert list(results) == ["pipe", "queue", "fanin", "ackqueue", "latency", "connections"]
+    for name in ("pipe", "queue", "fanin", "ackqueue"):
         assert results[name]["msgs_per_s"] > 0
         assert results[name]["broker_cpu_percent"] is not None  # the broker was found by its port
     latency = results["latency"]
     assert 0 < latency["p50_us"] <= latency["p99_us"] <= latency["p999_us"]
     assert results["connections"]["bytes_per_connection"] is not None
+
+
+def test_ackqueue_acknowledges_every_message_it_published(server: ServerProcess) -> None:
+    done = bench("--port", str(server.port), "--workloads", "ackqueue", "--json", *SHORT)
+    assert done.returncode == 0, done.stderr
+    (result,) = json.loads(done.stdout)["results"]
+    assert result["workload"] == "ackqueue" and result["msgs_per_s"] > 0
+    client = server.client()
+    client.connect()
+    reply = client.ask("STATS")
+    assert reply.startswith(b"STATS ")
+    stats = json.loads(reply.split(b" ", 1)[1])
+    client.close()
+    assert stats["published"] > 1000  # several batches of 500, so acks were ranges over many of them
+    assert stats["acks"] == stats["published"] == stats["delivered"]
+    assert stats["unacked"] == stats["redelivered"] == stats["backlog_messages"] == 0
+    assert stats["commands"]["ack"] >= stats["published"] // 100
+    assert stats["errors"] == {k: 0 for k in stats["errors"]}
 
 
 def test_table_output_and_message_size_through_pigeon_cli(server: ServerProcess) -> None:
@@ -114,13 +132,13 @@ def test_compare_quick_prints_peers_side_by_side(tmp_path: Path) -> None:
             str(ROOT / "benchmarks" / "compare.py"),
             "--quick",
             "--workloads",
-            "pipe,latency",
+            "pipe,ackqueue,latency",
             "--json",
             str(out),
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=400,
     )
     assert done.returncode == 0, done.stderr
     header = done.stdout.splitlines()[0].split()
@@ -128,13 +146,17 @@ def test_compare_quick_prints_peers_side_by_side(tmp_path: Path) -> None:
     assert "ceiling" in header
     results = json.loads(out.read_text())
     assert results["pigeon"][0]["workload"] == "pipe" and results["pigeon"][0]["msgs_per_s"] > 0
-    for peer in ("nats", "redis"):
+    for peer in ("nats", "redis", "rabbitmq"):
         if shutil.which(f"{peer}-server"):
             assert peer in header and f"pigeon/{peer}" in header
-            assert results[peer][0]["msgs_per_s"] > 0
+            by_workload = {r["workload"]: r for r in results[peer]}
+            assert by_workload["ackqueue"]["msgs_per_s"] > 0
+            if peer != "rabbitmq":  # RabbitMQ runs ackqueue only
+                assert by_workload["pipe"]["msgs_per_s"] > 0
         else:
             assert f"{peer}: not installed, skipped" in done.stdout
     assert "target pipe: >= 2.0 x redis" in done.stdout
+    assert "target ackqueue: >= 0.7 x queue" in done.stdout
 
 
 def test_compare_skips_peers_that_are_not_installed(tmp_path: Path) -> None:

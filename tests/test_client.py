@@ -1,28 +1,22 @@
 """The suite both clients share: each test runs against ``Client`` and ``AsyncClient``, over TCP to a server.
 
-``AsyncClient`` runs on an event loop of the server's kind in a background
-thread, so it reads and reconnects between the test's calls as in a program;
-``Face`` gives both clients the same blocking methods. What only one client
-does is tested in tests/test_aio.py (and at the end of this file).
+The ``open_client`` fixture gives both clients the same blocking methods
+(``Face``, tests/faces.py). What only one client does is tested in
+tests/test_aio.py (and at the end of this file); acknowledged subscriptions
+in tests/test_client_acks.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-import json
 import os
 import signal
 import threading
-import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable
 
 import pytest
 
 import pigeon
 from pigeon import (
-    AsyncClient,
     BacklogFullError,
     Client,
     ConnectionClosedError,
@@ -39,86 +33,12 @@ from pigeon import (
 )
 from pigeon.client.codec import STATS_PAGE
 from pigeon.protocol import TOPIC_MAX
-from pigeon.server.loops import loop_factory
 from pigeon.testing import ServerProcess
+from tests.clients import figures, until
 from tests.conftest import FakeServer
+from tests.faces import Face, OpenClient
 
-T = TypeVar("T")
 StartServer = Callable[..., ServerProcess]
-Target = ServerProcess | ServerThread
-
-
-class LoopThread:
-    """An event loop of one kind (asyncio or uvloop) running in a background thread."""
-
-    def __init__(self, loop_name: str) -> None:
-        _, new_loop = loop_factory(loop_name)
-        self.loop = new_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, steps: Coroutine[Any, Any, T]) -> T:
-        """Run ``steps`` on the loop and wait for its result (its exception is raised here)."""
-        return asyncio.run_coroutine_threadsafe(steps, self.loop).result(60)
-
-    def close(self) -> None:
-        """Stop the loop and its thread."""
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-
-
-class Face:
-    """A ``Client``, or an ``AsyncClient`` whose coroutine methods are run to completion on its loop."""
-
-    def __init__(self, client: Client | AsyncClient, loop: LoopThread | None) -> None:
-        self.client = client
-        self._loop = loop
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self.client, name)
-        loop = self._loop
-        if loop is None or not inspect.iscoroutinefunction(value):
-            return value
-        return lambda *args, **kwargs: loop.run(value(*args, **kwargs))
-
-    def messages(self, timeout: float | None = None) -> list[Message]:
-        """Every delivery until ``timeout`` seconds pass without one."""
-        if isinstance(self.client, Client):
-            return list(self.client.messages(timeout))
-        assert self._loop is not None
-        return self._loop.run(_collect(self.client.messages(timeout)))
-
-
-async def _collect(messages: AsyncIterator[Message]) -> list[Message]:
-    return [message async for message in messages]
-
-
-OpenClient = Callable[..., Face]
-
-
-@pytest.fixture(params=["Client", "AsyncClient"])
-def open_client(request: pytest.FixtureRequest) -> Iterator[OpenClient]:
-    """A factory of connected clients of one kind: ``open_client(server, **options)``; closes them after."""
-    loops: dict[str, LoopThread] = {}
-    faces: list[Face] = []
-
-    def open_(target: Target, **options: Any) -> Face:
-        if request.param == "Client":
-            face = Face(Client(target.host, target.port, **options), None)
-        else:
-            if target.loop_name not in loops:
-                loops[target.loop_name] = LoopThread(target.loop_name)
-            loop = loops[target.loop_name]
-            face = Face(loop.run(AsyncClient(target.host, target.port, **options).connect()), loop)
-        faces.append(face)
-        return face
-
-    yield open_
-    for face in faces:
-        face.close()
-    for loop in loops.values():
-        loop.close()
 
 
 def test_connect_says_hello_gives_an_id_and_close_disconnects(
@@ -234,11 +154,74 @@ def test_publish_without_waiting_then_flush(server: ServerProcess, open_client: 
     assert got[0] == b"0" and got[-1] == b"49999" and len(set(got)) == 50_000
 
 
-def test_refusals_are_reported_with_their_codes(start_server: StartServer, open_client: OpenClient) -> None:
+def test_a_publisher_to_a_full_backlog_is_held_not_refused(
+    start_server: StartServer, open_client: OpenClient
+) -> None:
+    server = start_server("--max-backlog", "3")
+    publisher = open_client(server)
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(publisher.publish_many("full", "abcdefgh")))
+    thread.start()
+    until(lambda: figures(server)["publishers_held"] == 1, "the publisher is held")
+    assert thread.is_alive(), "publish_many waits for its delayed replies"
+    assert figures(server)["errors"].get("backlog_full", 0) == 0
+    consumer = open_client(server)
+    consumer.subscribe("full")
+    got = [consumer.next_message(10).text for _ in range(8)]
+    thread.join(20)
+    assert result == [[]], "every message taken once the backlog drained: nothing refused"
+    assert got == list("abcdefgh")
+    assert figures(server)["publish_holds"] >= 1
+
+
+def test_a_held_publish_times_out_and_the_connection_stays_usable(
+    start_server: StartServer, open_client: OpenClient
+) -> None:
+    server = start_server("--max-backlog", "2")
+    publisher = open_client(server, timeout=0.5)
+    publisher.publish("held", "1")
+    publisher.publish("held", "2")
+    with pytest.raises(pigeon.TimeoutError, match=r"no reply from the server in 0\.5s"):
+        publisher.publish("held", "3")  # waits in the broker: not refused, only not confirmed in time
+    consumer = open_client(server)
+    consumer.subscribe("held")
+    assert [consumer.next_message(10).text for _ in range(3)] == ["1", "2", "3"]
+    assert publisher.ping() > 0, "the late PUBLISHED was matched and discarded"
+    publisher.publish("held", "4")
+    assert consumer.next_message(10).text == "4"
+
+
+@pytest.mark.parametrize("size", [8, 1000], ids=["replies-wait", "socket-full"])
+def test_a_pipelined_batch_held_past_the_timeout_reports_what_has_no_reply(
+    start_server: StartServer, open_client: OpenClient, size: int
+) -> None:
+    # small messages: the client waits for replies; 1 kB ones: the socket fills first and a send stalls
+    server = start_server("--max-backlog", "10")
+    publisher = open_client(server, timeout=0.5)
+    messages = [b"%0*d" % (size, i) for i in range(50_000)]
+    refused = publisher.publish_many("held", messages)
+    assert all(isinstance(r.error, pigeon.TimeoutError) for r in refused)
+    first = refused[0].index
+    assert 10 <= first < 50_000 and [r.index for r in refused] == list(range(first, 50_000))
+    consumer = open_client(server)
+    consumer.subscribe("held")
+    got = [m.data for m in consumer.messages(timeout=2)]
+    # the late replies are matched; a blocking client sends the rest of a stalled send first
+    assert publisher.ping() > 0
+    got += [m.data for m in consumer.messages(timeout=2)]
+    assert got == messages[: len(got)] and len(got) >= first, "what was sent is taken, in order"
+    publisher.publish("held", "after")
+    assert consumer.next_message(10).text == "after"
+
+
+def test_backlog_full_remains_for_a_publisher_that_consumes_the_topic(
+    start_server: StartServer, open_client: OpenClient
+) -> None:
     server = start_server("--max-backlog", "3")
     client = open_client(server)
+    client.subscribe("full", ack=True, prefetch=1)  # holds one message, the backlog keeps three
     refused = client.publish_many("full", ["a", "b", "c", "d", "e"])
-    assert [r.index for r in refused] == [3, 4]
+    assert [r.index for r in refused] == [4]
     assert all(isinstance(r.error, BacklogFullError) for r in refused)
     assert refused[0].error.code == "BACKLOG_FULL"
     with pytest.raises(RetryableError, match=r"^backlog full \(3 messages\) for topic 'full'$") as info:
@@ -254,13 +237,16 @@ def test_refusals_are_reported_with_their_codes(start_server: StartServer, open_
     assert all(isinstance(r.error, BacklogFullError) for r in refused)
 
 
-def test_memory_full_is_retryable(start_server: StartServer, open_client: OpenClient) -> None:
+def test_memory_full_remains_for_a_publisher_that_consumes_the_topic(
+    start_server: StartServer, open_client: OpenClient
+) -> None:
     server = start_server("--max-memory", "1000000")
     client = open_client(server)
+    client.subscribe("t", ack=True, prefetch=1)  # a consumer of its own topic is refused, not held
     refused = client.publish_many("t", [b"x" * 1000] * 2000)
     assert refused, "1 MB of messages does not fit next to the broker's own structures"
     assert all(isinstance(r.error, MemoryFullError) for r in refused)
-    with pytest.raises(RetryableError) as info:  # the memory the pipelined input held is free again
+    with pytest.raises(RetryableError) as info:
         for _ in range(1000):
             client.publish("t", b"y" * 1000)
     assert info.value.code == "MEMORY_FULL" and "memory limit reached" in info.value.reason
@@ -490,16 +476,7 @@ class _Address:
 
 def _wait_for_idle_closes(server: ServerProcess, count: int) -> None:
     """Until the server has closed ``count`` connections for their idle timeout."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        probe = server.client()
-        probe.connect()
-        reply = probe.ask("STATS")
-        probe.close()
-        if json.loads(reply.split(b" ", 1)[1])["idle_closed"] >= count:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the server did not close {count} idle connections")
+    until(lambda: figures(server)["idle_closed"] >= count, f"the server closes {count} idle connections")
 
 
 def _commands(server: ServerThread) -> int:

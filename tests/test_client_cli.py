@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import pytest
 
 from pigeon import Client
 from pigeon.testing import ServerProcess
+from tests.clients import figures
 
 StartServer = Callable[..., ServerProcess]
 StartSub = Callable[..., "subprocess.Popen[str]"]
@@ -99,6 +101,23 @@ def test_sub_gets_the_backlog_and_stops_at_count(server: ServerProcess) -> None:
     assert result.stdout == "1\n2\n"
 
 
+def test_sub_ack_acknowledges_each_printed_message(server: ServerProcess) -> None:
+    assert cli(server, "pub", "jobs", stdin="1\n2\n3\n").returncode == 0
+    first = cli(server, "sub", "jobs", "--ack", "--prefetch", "1", "--count", "2")
+    assert (first.returncode, first.stdout) == (0, "1\n2\n")
+    assert figures(server)["acks"] == 2
+    # the third, if it was delivered before the first sub left, went back unacknowledged
+    second = cli(server, "sub", "jobs", "--ack", "--count", "1", "--json")
+    assert json.loads(second.stdout) == {"topic": "jobs", "data": "3"}
+    stats = figures(server)
+    assert (stats["acks"], stats["unacked"], stats["commands"]["ack"]) == (3, 0, 3)
+
+
+def test_sub_prefetch_needs_ack(server: ServerProcess) -> None:
+    result = cli(server, "sub", "jobs", "--prefetch", "5", "--count", "1")
+    assert (result.returncode, result.stderr) == (1, "pigeon-cli: --prefetch needs --ack\n")
+
+
 @pytest.mark.parametrize("options", [[], ["--reconnect"]])
 def test_sub_exits_quietly_on_ctrl_c(server: ServerProcess, start_sub: StartSub, options: list[str]) -> None:
     sub = start_sub("t", *options)
@@ -158,13 +177,29 @@ def test_ping_prints_round_trips(server: ServerProcess) -> None:
 
 
 def test_refused_lines_are_reported(start_server: StartServer) -> None:
-    server = start_server("--max-backlog", "1")
-    result = cli(server, "pub", "full", stdin="kept\nrefused\nrefused too\n")
+    server = start_server("--max-topics", "1")
+    with Client(server.host, server.port) as client:
+        client.publish("other", "keeps the only topic")
+    result = cli(server, "pub", "refused", stdin="one\ntwo\n")
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        "pigeon-cli: line 2 refused: backlog full (1 messages) for topic 'full'",
-        "pigeon-cli: line 3 refused: backlog full (1 messages) for topic 'full'",
+        "pigeon-cli: line 1 refused: too many topics (limit 1)",
+        "pigeon-cli: line 2 refused: too many topics (limit 1)",
     ]
+
+
+def test_pub_to_a_full_backlog_waits_for_a_consumer(start_server: StartServer) -> None:
+    server = start_server("--max-backlog", "2")
+    command = [PIGEON_CLI, "pub", "full", "--host", server.host, "--port", str(server.port)]
+    pub = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with contextlib.suppress(subprocess.TimeoutExpired):  # held by flow control, as it should be
+        pub.communicate("1\n2\n3\n4\n5\n", timeout=1)
+    assert pub.poll() is None, "pub waits while the backlog is full"
+    with Client(server.host, server.port) as consumer:
+        consumer.subscribe("full")
+        assert [consumer.next_message(10).text for _ in range(5)] == ["1", "2", "3", "4", "5"]
+    _, stderr = pub.communicate(timeout=30)
+    assert (pub.returncode, stderr) == (0, "")
 
 
 def _closed_port() -> int:

@@ -180,6 +180,79 @@ def test_parse_delivery() -> None:
     assert codec.parse_delivery(b"MESSAGE t") is None
 
 
+def test_parse_acked_delivery() -> None:
+    assert codec.parse_acked_delivery(b"DELIVER t 7 2 hello  world") == (b"t", 7, 2, b"hello  world")
+    assert codec.parse_acked_delivery(b"DELIVER t 1 1 ") == (b"t", 1, 1, b"")
+    assert codec.parse_acked_delivery(b"MESSAGE t 1 1 x") is None
+    assert codec.parse_acked_delivery(b"DELIVER t 1 1") is None
+    assert codec.parse_acked_delivery(b"DELIVER t one 1 x") is None
+
+
+def test_subscribe_lines_with_acknowledgements() -> None:
+    ack = codec.SubscribeOptions(ack=True)
+    assert codec.subscribe_line(b"c1", b"t", ack) == b"SUBSCRIBE c1 t ACK\n"
+    windowed = codec.SubscribeOptions(ack=True, prefetch=50)
+    assert codec.subscribe_line(b"c1", b"t", windowed) == b"SUBSCRIBE c1 t ACK PREFETCH 50\n"
+    with pytest.raises(InvalidArgumentError, match="needs ack=True"):
+        codec.SubscribeOptions(prefetch=5)
+    with pytest.raises(InvalidArgumentError, match="prefetch must be 1 to 1,000,000, not True"):
+        codec.SubscribeOptions(ack=True, prefetch=True)
+
+
+@pytest.mark.parametrize(
+    ("tags", "lines"),
+    [
+        ([5], [b"ACK c1 5"]),
+        ([3, 1, 2, 4], [b"ACK c1 1-4"]),
+        ([1, 2, 2, 3], [b"ACK c1 1-3"]),
+        ([1, 2, 4, 6, 7, 8], [b"ACK c1 1-2", b"ACK c1 4", b"ACK c1 6-8"]),
+        ([10, 1], [b"ACK c1 1", b"ACK c1 10"]),
+    ],
+)
+def test_settle_lines_make_ranges_only_of_consecutive_tags(tags: list[int], lines: list[bytes]) -> None:
+    assert codec.settle_lines(b"ACK", b"c1", tags) == b"".join(line + b"\n" for line in lines)
+
+
+def test_nack_delays_are_seconds_sent_as_milliseconds() -> None:
+    assert codec.settle_lines(b"NACK", b"c1", [1, 2], codec.nack_suffix(1.5)) == b"NACK c1 1-2 1500\n"
+    assert codec.nack_suffix(None) == b""
+    assert codec.nack_suffix(0) == b" 0"
+    assert codec.nack_suffix(86_400) == b" 86400000"
+    for bad in (-0.001, 86_400.001, "1", True):
+        with pytest.raises(InvalidArgumentError, match="delay must be 0 to 86,400 seconds"):
+            codec.nack_suffix(bad)  # type: ignore[arg-type]
+
+
+def test_messages_compare_by_topic_data_tag_and_attempt() -> None:
+    plain = Message("t", b"x")
+    assert plain == Message("t", b"x") and hash(plain) == hash(Message("t", b"x"))
+    assert plain != Message("t", b"x", 1, 1) and Message("t", b"x", 1, 1) == Message("t", b"x", 1, 1)
+    assert repr(plain) == "Message(topic='t', data=b'x')"
+    assert repr(Message("t", b"x", 3, 2)) == "Message(topic='t', data=b'x', tag=3, attempt=2)"
+    assert tuple(plain) == ("t", b"x")
+    with pytest.raises(AttributeError):
+        plain.data = b"y"  # type: ignore[misc]
+
+
+def test_session_sets_unknown_tags_aside_and_keeps_the_connections_link() -> None:
+    session = Session()
+    link = codec.Link(Session)  # type: ignore[arg-type]
+    session.link = link
+    pending = session.expect(b"PUBLISHED")
+    done = session.receive(
+        b"DELIVER t 1 1 a\nERROR UNKNOWN_DELIVERY_TAG unknown delivery tag 4-6\nMESSAGE u b\nPUBLISHED t\n"
+    )
+    assert done == [pending] and pending.error is None
+    assert [m.tags for m in session.take_unknown_tags()] == [(4, 6)]
+    assert session.take_unknown_tags() == []
+    acked, plain = session.messages
+    assert (acked.tag, acked.attempt, acked._link) == (1, 1, link)
+    assert plain == Message("u", b"b")
+    session.lost("gone")
+    assert list(session.messages) == [plain], "the acknowledged delivery died with its connection"
+    assert session.link is None
+
+
 def test_session_queues_deliveries_that_arrive_before_the_reply() -> None:
     session = Session()
     pending = session.expect(b"PONG")

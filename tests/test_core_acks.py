@@ -503,7 +503,8 @@ def test_the_ack_path_creates_no_python_object_per_message() -> None:
 
     def round_trip(first: int) -> None:
         b.feed(pub.handle, batch)
-        sub.chunks.clear(), pub.chunks.clear()
+        sub.chunks.clear()
+        pub.chunks.clear()
         b.feed(sub.handle, ack % (first, first + 4999))
 
     for r in range(3):  # warm the buffers up first

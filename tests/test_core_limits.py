@@ -94,12 +94,34 @@ def test_max_connections_refuses_one_more(make: Make) -> None:
     assert b.stats()["connections_rejected"] == 1
 
 
-def test_full_backlog_refuses_publish(make: Make) -> None:
+def test_a_publish_to_a_full_backlog_waits_until_it_drains_to_half(make: Make) -> None:
+    # v1 refused it (ERROR BACKLOG_FULL); since issue 12 the publisher waits, not read meanwhile
+    b = make(max_backlog=2)
+    events, (pub, sub) = clients(b, 2)
+    pub.send(f"PUBLISH {pub.cid} t a", f"PUBLISH {pub.cid} t b", f"PUBLISH {pub.cid} t c", "PING")
+    assert pub.take() == b"PUBLISHED t\nPUBLISHED t\n"
+    assert events.reading == [(pub.h, False)]
+    assert (b.stats()["publishers_held"], b.stats()["publish_holds"], b.stats()["refused"]) == (1, 1, 0)
+    sub.send(f"SUBSCRIBE {sub.cid} t")
+    assert sub.take() == b"SUBSCRIBED t\nMESSAGE t a\nMESSAGE t b\nMESSAGE t c\n"
+    assert pub.take() == b"PUBLISHED t\nPONG\n"
+    assert events.reading == [(pub.h, False), (pub.h, True)]
+    assert b.stats()["publishers_held"] == 0 and b.stats()["commands"]["publish"] == 3
+
+
+def test_a_subscriber_publishing_to_its_own_full_topic_is_refused(make: Make) -> None:
+    # waiting for a backlog it drains itself could deadlock it
     b = make(max_backlog=1)
-    _, (pub,) = clients(b, 1)
-    pub.send(f"PUBLISH {pub.cid} t a", f"PUBLISH {pub.cid} t b")
-    assert pub.take() == b"PUBLISHED t\nERROR BACKLOG_FULL backlog full (1 messages) for topic 't'\n"
-    assert b.stats()["refused"] == 1
+    _, (c,) = clients(b, 1)
+    c.send(f"SUBSCRIBE {c.cid} t ACK PREFETCH 1", f"PUBLISH {c.cid} t a", f"PUBLISH {c.cid} t b")
+    c.send(f"PUBLISH {c.cid} t c", "PING")
+    assert c.take() == (
+        b"SUBSCRIBED t\nPUBLISHED t\nDELIVER t 1 1 a\nPUBLISHED t\n"
+        b"ERROR BACKLOG_FULL backlog full (1 messages) for topic 't'\nPONG\n"
+    )
+    assert b.stats()["refused"] == 1 and b.stats()["publishers_held"] == 0
+    c.send(f"ACK {c.cid} 1")
+    assert c.take() == b"DELIVER t 2 1 b\n"
 
 
 def test_max_subscriptions_per_connection(make: Make) -> None:
@@ -139,7 +161,7 @@ def test_hello_before_connect(make: Make) -> None:
     fresh = Client(b, c.events, connect=False)
     fresh.send("HELLO", "HELLO me")
     assert fresh.take() == (
-        b'HELLO {"protocol":1,"max_line":4096,"topic_max":255,"idle_timeout":30.0,"features":[]}\n'
+        b'HELLO {"protocol":1,"max_line":4096,"topic_max":255,"idle_timeout":30.0,"features":["ack"]}\n'
         b"ERROR USAGE usage: HELLO\n"
     )
 

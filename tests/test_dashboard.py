@@ -6,6 +6,7 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from pigeon.testing import LineClient, ServerProcess
-from tests.monitoring import get_json
+from tests.monitoring import ACK_FIGURES, ACK_FLAGS, ack_traffic, get_json, start_monitored
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -49,6 +50,26 @@ def publish_for_a_while(pub: LineClient, stop: threading.Event) -> None:
         pub.lines(50)
 
 
+def acknowledge_for_a_while(pub: LineClient, consumer: LineClient, stop: threading.Event) -> None:
+    """Batches of PUBLISH to 'tasks', each delivered to the consumer and acked as one range, until told
+    to stop; the last ACK is settled when this returns."""
+    batch = f"PUBLISH {pub.client_id} tasks task\n".encode() * 50
+    acked = 0
+    while not stop.is_set():
+        pub.send(batch)
+        pub.lines(50)
+        consumer.lines(50)
+        consumer.send(f"ACK {consumer.client_id} {acked + 1}-{acked + 50}")
+        acked += 50
+    assert consumer.ask("PING") == b"PONG"  # ACKs have no reply: this one comes after the last
+
+
+def shows_positive(browser: webdriver.Chrome, element_id: str) -> bool:
+    """Whether an element shows a whole number above zero."""
+    shown = str(browser.find_element(By.ID, element_id).text)
+    return shown.isdigit() and int(shown) > 0
+
+
 def read_until_closed(client: LineClient) -> None:
     """Swallow deliveries so the subscriber never fills its socket."""
     client.sock.settimeout(None)
@@ -75,8 +96,7 @@ def test_dashboard_shows_live_figures(
         return str(browser.find_element(By.ID, element_id).text)
 
     def positive(element_id: str) -> bool:
-        shown = text(element_id)
-        return shown.isdigit() and int(shown) > 0
+        return shows_positive(browser, element_id)
 
     reader = threading.Thread(target=read_until_closed, args=(sub,), daemon=True)
     reader.start()
@@ -94,47 +114,10 @@ def test_dashboard_shows_live_figures(
         sender.join()
 
     # quiet now: the page must settle on exactly the server's figures
-    stats = get_json(url + "stats")
-    busiest = get_json(url + "topics/busiest?count=100")["topics"]
-    connections = get_json(url + "connections?count=50")["connections"]
-    expected_cards = {
-        "connections": str(stats["connections"]),
-        "topics-count": str(stats["topics"]),
-        "published": str(stats["published"]),
-        "delivered": str(stats["delivered"]),
-        "backlog": str(stats["backlog_messages"]),
-        "refused": str(stats["refused"]),
-        "write-timeouts": str(stats["write_timeouts"]),
-        "read-pauses": str(stats["read_pauses"]),
-        "lost": str(stats["lost"]),
-    }
-    expected_topics = [
-        [
-            t["name"],
-            str(t["subscribers"]),
-            str(t["backlog_messages"]),
-            str(t["published"]),
-            str(t["delivered"]),
-        ]
-        for t in busiest
-    ]
-    expected_connections = [connection_row(c) for c in connections]
-
-    def shows_server_figures(_: object) -> bool:
-        cards = {k: text(k) for k in expected_cards}
-        memory = browser.find_element(By.ID, "memory")
-        memory_shown = (memory.get_attribute("data-bytes"), memory.get_attribute("data-limit"))
-        return (
-            cards == expected_cards
-            and table(browser, "topics") == expected_topics
-            and table(browser, "connections-table") == expected_connections
-            and memory_shown == (str(stats["memory_bytes"]), str(stats["memory_limit_bytes"]))
-        )
-
-    WebDriverWait(browser, 20, poll_frequency=0.2).until(shows_server_figures)
+    stats = wait_for_the_server_figures(browser, url)
     assert stats["connections"] == 2 and stats["backlog_messages"] == 5
     # the busiest topic first: jobs took every published message but the five waiting in idle
-    assert [t["name"] for t in busiest] == ["jobs", "idle"]
+    assert [row[0] for row in table(browser, "topics")] == ["jobs", "idle"]
     assert stats["published"] > 5
     assert "of 1.0 GiB" in text("memory")
     ARTIFACTS.mkdir(exist_ok=True)
@@ -147,6 +130,69 @@ def test_dashboard_shows_live_figures(
     reader.join(10)
 
 
+# the id of each card showing a server-wide figure, and the figure's STATS key
+CARDS = {
+    "connections": "connections",
+    "topics-count": "topics",
+    "published": "published",
+    "delivered": "delivered",
+    "backlog": "backlog_messages",
+    "refused": "refused",
+    "write-timeouts": "write_timeouts",
+    "read-pauses": "read_pauses",
+    "lost": "lost",
+    "unacked": "unacked",
+    "acks": "acks",
+    "nacks": "nacks",
+    "redelivered": "redelivered",
+    "ack-timeouts": "ack_timeouts",
+    "delayed": "delayed",
+    "dead-lettered": "dead_lettered",
+    "dead-letters-dropped": "dead_letters_dropped",
+    "publishers-held": "publishers_held",
+    "publish-holds": "publish_holds",
+}
+
+# the columns of the busiest topics' table, as STATS TOPICS keys
+TOPIC_COLUMNS = (
+    "name",
+    "subscribers",
+    "backlog_messages",
+    "published",
+    "delivered",
+    "unacked",
+    "acked",
+    "nacked",
+    "redelivered",
+    "dead_lettered",
+)
+
+
+def wait_for_the_server_figures(browser: webdriver.Chrome, url: str) -> dict[str, Any]:
+    """Wait until every card and table shows what the server's JSON says (the server being quiet);
+    return its /stats."""
+    stats = get_json(url + "stats")
+    busiest = get_json(url + "topics/busiest?count=100")["topics"]
+    connections = get_json(url + "connections?count=50")["connections"]
+    expected_cards = {card: str(stats[key]) for card, key in CARDS.items()}
+    expected_topics = [[str(t[key]) for key in TOPIC_COLUMNS] for t in busiest]
+    expected_connections = [connection_row(c) for c in connections]
+
+    def shows_server_figures(_: object) -> bool:
+        cards = {card: browser.find_element(By.ID, card).text for card in CARDS}
+        memory = browser.find_element(By.ID, "memory")
+        memory_shown = (memory.get_attribute("data-bytes"), memory.get_attribute("data-limit"))
+        return (
+            cards == expected_cards
+            and table(browser, "topics") == expected_topics
+            and table(browser, "connections-table") == expected_connections
+            and memory_shown == (str(stats["memory_bytes"]), str(stats["memory_limit_bytes"]))
+        )
+
+    WebDriverWait(browser, 20, poll_frequency=0.2).until(shows_server_figures)
+    return dict(stats)
+
+
 def connection_row(c: dict[str, object]) -> list[str]:
     """A connection's row as the dashboard shows it."""
     state = "closing" if c["closing"] else "paused" if c["paused"] else "open"
@@ -157,8 +203,24 @@ def connection_row(c: dict[str, object]) -> list[str]:
         str(c["pending_bytes"]),
         str(c["messages_in"]),
         str(c["messages_out"]),
+        str(c["unacked"]),
+        "yes" if c["held"] else "no",
         state,
     ]
+
+
+def test_dashboard_shows_acknowledgements_and_flow_control(browser: webdriver.Chrome) -> None:
+    proc, url = start_monitored(*ACK_FLAGS)
+    consumer, pub = ack_traffic(proc)
+    browser.get(url)
+    stats = wait_for_the_server_figures(browser, url)
+    assert {key: stats[key] for key in ACK_FIGURES} == ACK_FIGURES
+    held = [row for row in table(browser, "connections-table") if row[0] == pub.client_id]
+    assert [row[6:8] for row in held] == [["0", "yes"]]
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "dashboard-acks.png"))
+    assert proc.stop() == 0
+    consumer.close()
 
 
 def table(browser: webdriver.Chrome, table_id: str) -> list[list[str]]:
@@ -168,6 +230,28 @@ def table(browser: webdriver.Chrome, table_id: str) -> list[list[str]]:
         ".map(tr => [...tr.cells].map(td => td.textContent));"
     )
     return [list(row) for row in rows]
+
+
+def test_dashboard_shows_the_rate_of_acks(
+    monitored: tuple[ServerProcess, str], browser: webdriver.Chrome
+) -> None:
+    proc, url = monitored
+    pub, consumer = proc.client(), proc.client()
+    pub.connect()
+    assert consumer.ask(f"SUBSCRIBE {consumer.connect()} tasks ACK") == b"SUBSCRIBED tasks"
+    stop = threading.Event()
+    worker = threading.Thread(target=acknowledge_for_a_while, args=(pub, consumer, stop))
+    worker.start()
+    try:
+        browser.get(url)
+        WebDriverWait(browser, 20, poll_frequency=0.2).until(lambda _: shows_positive(browser, "rate-acks"))
+    finally:
+        stop.set()
+        worker.join()
+    stats = wait_for_the_server_figures(browser, url)
+    assert stats["acks"] == stats["published"] > 0 and stats["unacked"] == 0
+    pub.close()
+    consumer.close()
 
 
 def test_dashboard_pages_through_connections(

@@ -7,8 +7,13 @@ Sessions connect, send well-formed and broken commands (tabs, HELLO, STATS
 with its pages), read with and without a flush, pause and resume, send EOF,
 close, tick through idle and write timeouts, and run over transports that fill
 up, pause their connection, drain or fail; half of them defer flushes to an
-explicit ``flush()``, as the server does. Limits are random, but for
-``max_memory``, which the model does not count (see tests/model.py).
+explicit ``flush()``, as the server does. They subscribe plain and with
+acknowledgements (``ACK [PREFETCH <n>]``), ACK and NACK the tags they were
+given, single and as ranges, tags no longer or never outstanding, and broken
+tags; publishers outrun small backlogs and wait. Limits are random, but for
+``max_memory``, which the model does not count, and ``ack_timeout`` (0) and
+NACK delays that pass during a session (none), which depend on the clock (see
+tests/model.py).
 
 ``PIGEON_STATEFUL_EXAMPLES`` sets the number of sessions (default 150; the
 long run in docs/operations.md uses 5000).
@@ -24,7 +29,17 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from tests.harness import Peer, Session
-from tests.strategies import GOOD_TOPICS, command, good_topics, messages, separators, stats_lines
+from tests.strategies import (
+    GOOD_TOPICS,
+    command,
+    good_topics,
+    messages,
+    nack_delays,
+    separators,
+    stats_lines,
+    subscribe_options,
+    tag_specs,
+)
 
 # which live connection a rule acts on (modulo their number)
 picks = st.integers(0, 7)
@@ -49,18 +64,26 @@ class CoreVsModel(RuleBasedStateMachine):
                 "idle_timeout": st.sampled_from([0, 0, 0, 1, 3]),
                 "write_timeout": st.sampled_from([0, 0, 1, 2, 4]),
                 "out_batch": st.sampled_from([1, 30, 80, 10_000]),
+                "default_prefetch": st.sampled_from([1, 2, 1000]),
+                "max_deliveries": st.sampled_from([0, 1, 2, 5]),
+                "ack_timeout": st.just(0),
             }
         ),
         deferred=st.booleans(),
         nconns=st.integers(1, 4),
         topics=st.permutations(GOOD_TOPICS),
+        options=st.sampled_from([b" ACK", b" ACK PREFETCH 1", b" ACK PREFETCH 2"]),
     )
-    def make(self, limits: dict[str, int], deferred: bool, nconns: int, topics: list[bytes]) -> None:
+    def make(
+        self, limits: dict[str, int], deferred: bool, nconns: int, topics: list[bytes], options: bytes
+    ) -> None:
         self.session = Session(limits, deferred=deferred)
         self._open(nconns)
-        # most sessions start with subscribers, so that publishing routes something
-        for peer in self.session.peers[: nconns - 1]:
-            self._send(peer, b"".join(b"SUBSCRIBE <me> %s\n" % topic for topic in topics))
+        # most sessions start with subscribers, so that publishing routes something: the first
+        # acknowledges what it gets, the others are plain
+        for k, peer in enumerate(self.session.peers[: nconns - 1]):
+            mode = b"" if k else options
+            self._send(peer, b"".join(b"SUBSCRIBE <me> %s%s\n" % (topic, mode) for topic in topics))
 
     def _send(self, peer: Peer | None, data: bytes, *, flush: bool = True) -> None:
         if peer is None or peer.closed:
@@ -98,6 +121,52 @@ class CoreVsModel(RuleBasedStateMachine):
     @rule(i=picks, topic=good_topics, sep=separators)
     def subscribe(self, i: int, topic: bytes, sep: bytes) -> None:
         self._send(self.session.live(i), b"CONNECT\nSUBSCRIBE" + sep + b"<me>" + sep + topic + b"\n")
+
+    @rule(i=picks, topic=good_topics, options=subscribe_options)
+    def subscribe_acknowledged(self, i: int, topic: bytes, options: bytes) -> None:
+        self._send(self.session.live(i), b"SUBSCRIBE <me> " + topic + options + b"\n")
+
+    @rule(
+        i=picks,
+        nack=st.booleans(),
+        back=st.integers(0, 6),
+        span=st.integers(0, 4),
+        delay=nack_delays,
+        flush=st.booleans(),
+    )
+    def settle(self, i: int, nack: bool, back: int, span: int, delay: bytes, flush: bool) -> None:
+        """ACK or NACK tags a connection holds: one, a range from it, or, once settled, none outstanding."""
+        peer = self.session.holding(i)
+        if peer is None:
+            return
+        tags = self.session.outstanding(peer) or [1]
+        first = tags[max(0, len(tags) - 1 - back)]
+        spec = b"%d" % first if span == 0 else b"%d-%d" % (first, first + span)
+        line = (b"NACK <me> " + spec + delay if nack else b"ACK <me> " + spec) + b"\n"
+        self._send(peer, line, flush=flush)
+
+    @rule(
+        i=picks,
+        j=picks,
+        topic=good_topics,
+        bodies=st.lists(messages, min_size=1, max_size=4),
+        nack=st.booleans(),
+        back=st.integers(0, 3),
+        span=st.integers(0, 4),
+        flush=st.booleans(),
+    )
+    def work(
+        self, i: int, j: int, topic: bytes, bodies: list[bytes], nack: bool, back: int, span: int, flush: bool
+    ) -> None:
+        """A publisher's messages, then a consumer that settles some of what it holds."""
+        lines = b"".join(b"PUBLISH <me> " + topic + b" " + body + b"\n" for body in bodies)
+        self._send(self.session.live(i), lines, flush=flush)
+        self.settle(j, nack, back, span, b"", flush)
+
+    @rule(i=picks, nack=st.booleans(), spec=tag_specs)
+    def settle_any(self, i: int, nack: bool, spec: bytes) -> None:
+        """ACK or NACK of a tag spec that may be broken or unknown."""
+        self._send(self.session.live(i), (b"NACK <me> " if nack else b"ACK <me> ") + spec + b"\n")
 
     @rule(i=picks, topic=good_topics, bodies=st.lists(messages, min_size=1, max_size=8), flush=st.booleans())
     def publish(self, i: int, topic: bytes, bodies: list[bytes], flush: bool) -> None:

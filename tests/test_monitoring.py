@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,18 +18,47 @@ from pigeon._core import Broker
 from pigeon.server.busiest import PAGE_MAX, busiest_topics
 from pigeon.testing import LineClient, ServerProcess
 from tests.clients import ipv6_loopback
-from tests.monitoring import get, get_json, start_monitored, traffic
+from tests.monitoring import (
+    ACK_FIGURES,
+    ACK_FLAGS,
+    ack_traffic,
+    get,
+    get_json,
+    start_monitored,
+    stats_of,
+    traffic,
+    wait_for_held,
+)
 
 Monitored = tuple[ServerProcess, str]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
+# the server-wide figures of acknowledgements and flow control, and their metrics
+ACK_METRICS = {
+    "unacked": "pigeon_messages_unacked",
+    "delayed": "pigeon_messages_delayed",
+    "publishers_held": "pigeon_publishers_held",
+    "acks": "pigeon_messages_acked_total",
+    "nacks": "pigeon_messages_nacked_total",
+    "redelivered": "pigeon_messages_redelivered_total",
+    "ack_timeouts": "pigeon_ack_timeouts_total",
+    "dead_lettered": "pigeon_messages_dead_lettered_total",
+    "dead_letters_dropped": "pigeon_dead_letters_dropped_total",
+    "publish_holds": "pigeon_publish_holds_total",
+}
 
-def stats_command(client: LineClient, section: str = "") -> Any:
-    """Send STATS (with a section) and decode the JSON of the one-line reply."""
-    reply = client.ask(f"STATS {section}".strip())
-    word, _, payload = reply.partition(b" ")
-    assert word == b"STATS", reply
-    return json.loads(payload)
+# a topic's figures and their metrics (with --metrics-topics)
+TOPIC_METRICS = {
+    "subscribers": "pigeon_topic_subscribers",
+    "backlog_messages": "pigeon_topic_backlog_messages",
+    "unacked": "pigeon_topic_messages_unacked",
+    "published": "pigeon_topic_messages_published_total",
+    "delivered": "pigeon_topic_messages_delivered_total",
+    "acked": "pigeon_topic_messages_acked_total",
+    "nacked": "pigeon_topic_messages_nacked_total",
+    "redelivered": "pigeon_topic_messages_redelivered_total",
+    "dead_lettered": "pigeon_topic_messages_dead_lettered_total",
+}
 
 
 def scrape(url: str) -> Samples:
@@ -46,18 +76,18 @@ def test_stats_command_over_the_wire(connect: Callable[[], LineClient], server: 
     sub, pub = traffic(server)
     stranger = server.client()
     assert stranger.ask("STATS") == b"ERROR NOT_CONNECTED not connected: send CONNECT first"
-    stats = stats_command(pub)
+    stats = stats_of(pub)
     assert stats["connections"] == 3
     assert (stats["published"], stats["delivered"], stats["backlogged"]) == (7, 4, 3)
     assert stats["backlog_messages"] == 3 and stats["topics"] == 2
     assert stats["commands"]["publish"] == 7 and stats["commands"]["unknown"] == 1
     assert stats["errors"]["unknown_command"] == 1
-    page = stats_command(pub, "TOPICS")
+    page = stats_of(pub, "TOPICS")
     assert page["next"] == 0
     topics = {t["name"]: t for t in page["topics"]}
     assert topics["jobs"]["subscribers"] == 1 and topics["jobs"]["delivered"] == 4
     assert topics["idle"]["backlog_messages"] == 3
-    conns = {c["client_id"]: c for c in stats_command(pub, "connections")["connections"]}
+    conns = {c["client_id"]: c for c in stats_of(pub, "connections")["connections"]}
     assert conns[sub.client_id]["subscriptions"] == ["jobs"]
     assert conns[sub.client_id]["messages_out"] == 4
     assert conns[pub.client_id]["messages_in"] == 7
@@ -107,7 +137,10 @@ def test_metrics_parse_and_match_the_core(monitored: Monitored) -> None:
 def test_metrics_help_says_what_refused_counts(monitored: Monitored) -> None:
     _, url = monitored
     body = get(url + "metrics")[2].decode()
-    refused = "PUBLISH commands refused because the backlog or the memory was full."
+    refused = (
+        "PUBLISH commands refused for a full backlog or memory where waiting cannot help "
+        "(the publisher consumes the topic, or the message is over a quarter of --max-memory)."
+    )
     assert f"# HELP pigeon_messages_refused_total {refused}" in body
 
 
@@ -129,6 +162,71 @@ def test_metrics_topics_exports_only_the_busiest(loop: str) -> None:
     assert samples[("pigeon_topic_backlog_messages", (("topic", "busy"),))] == 5
     assert samples[("pigeon_topic_subscribers", (("topic", "middle"),))] == 0
     assert ("pigeon_topic_messages_delivered_total", (("topic", "busy"),)) in samples
+    assert proc.stop() == 0
+
+
+def topic_samples(samples: Samples, topic: str) -> dict[str, float]:
+    """A topic's figures as /metrics exports them, by their STATS TOPICS key."""
+    return {key: samples[(name, (("topic", topic),))] for key, name in TOPIC_METRICS.items()}
+
+
+@pytest.mark.parametrize("loop", ["asyncio"])
+def test_acks_and_flow_control_are_exported_as_stats_counts_them(loop: str) -> None:
+    proc, url = start_monitored(*ACK_FLAGS, "--metrics-topics", "10", loop=loop)
+    consumer, pub = ack_traffic(proc)
+    stats = get_json(url + "stats")
+    samples = scrape(url)
+    assert {key: stats[key] for key in ACK_FIGURES} == ACK_FIGURES
+    assert {key: samples[(name, ())] for key, name in ACK_METRICS.items()} == {
+        key: stats[key] for key in ACK_METRICS
+    }
+    assert samples[("pigeon_commands_total", (("command", "nack"),))] == 3
+    # the held publisher is not read, and counted so
+    assert samples[("pigeon_connections_reading_paused", ())] == stats["reading_paused"] == 1
+    topics = {t["name"]: t for t in get_json(url + "topics")["topics"]}
+    assert set(topics) == {"work", "work.dead", "full"}
+    for name, topic in topics.items():
+        assert topic_samples(samples, name) == {key: topic[key] for key in TOPIC_METRICS}, name
+    assert topic_samples(samples, "work") == {
+        "subscribers": 1,
+        "backlog_messages": 0,
+        "unacked": 1,
+        "published": 7,
+        "delivered": 8,
+        "acked": 4,
+        "nacked": 3,
+        "redelivered": 1,
+        "dead_lettered": 1,
+    }
+    assert topic_samples(samples, "work.dead")["backlog_messages"] == 1
+    conns = {c["client_id"]: c for c in get_json(url + "connections")["connections"]}
+    assert (conns[consumer.client_id]["unacked"], conns[consumer.client_id]["held"]) == (1, False)
+    assert (conns[pub.client_id]["unacked"], conns[pub.client_id]["held"]) == (0, True)
+    assert proc.stop() == 0
+
+
+@pytest.mark.parametrize("loop", ["asyncio"])
+def test_ack_timeouts_and_dropped_dead_letters_are_exported(loop: str) -> None:
+    proc, url = start_monitored(
+        "--ack-timeout", "0.3", "--max-deliveries", "1", "--max-backlog", "1", loop=loop
+    )
+    consumer, pub = proc.client(), proc.client()
+    cid = consumer.connect()
+    pub.connect()
+    assert consumer.ask(f"SUBSCRIBE {cid} late ACK") == b"SUBSCRIBED late"
+    pub.publish("late", "m1")
+    pub.publish("late", "m2")
+    assert consumer.lines(2) == [b"DELIVER late 1 1 m1", b"DELIVER late 2 1 m2"]
+    # neither is acked: both time out; m1 fills late.dead's backlog of one, m2 finds it full
+    deadline = time.monotonic() + 30
+    while (stats := get_json(url + "stats"))["dead_letters_dropped"] == 0:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.05)
+    samples = scrape(url)
+    assert (stats["ack_timeouts"], stats["dead_lettered"], stats["dead_letters_dropped"]) == (2, 1, 1)
+    assert {key: samples[(name, ())] for key, name in ACK_METRICS.items()} == {
+        key: stats[key] for key in ACK_METRICS
+    }
     assert proc.stop() == 0
 
 
@@ -308,11 +406,18 @@ def test_http_port_without_the_monitor_extra_is_a_clear_error() -> None:
 
 def test_json_logs_show_connections_and_backlog_warnings() -> None:
     proc = ServerProcess("--log-format", "json", "--log-level", "debug", "--max-backlog", "1")
-    client = proc.client()
+    client, other, sub = proc.client(), proc.client(), proc.client()
     client.connect()
+    other.connect()
+    sub.connect()
     client.publish("q", "a")
-    assert client.ask(f"PUBLISH {client.client_id} q b").startswith(b"ERROR BACKLOG_FULL backlog full")
-    assert client.ask(f"PUBLISH {client.client_id} q c").startswith(b"ERROR BACKLOG_FULL backlog full")
+    # both wait for the full backlog; the operator is told once
+    client.send(f"PUBLISH {client.client_id} q b")
+    other.send(f"PUBLISH {other.client_id} q c")
+    wait_for_held(sub, 2)
+    sub.subscribe("q")
+    assert sorted(sub.lines(3)) == [b"MESSAGE q a", b"MESSAGE q b", b"MESSAGE q c"]
+    assert (client.line(), other.line()) == (b"PUBLISHED q", b"PUBLISHED q")
     address = "{}:{}".format(*client.sock.getsockname()[:2])
     assert client.ask("DISCONNECT") == b"DISCONNECTED"
     assert client.at_eof()
@@ -323,7 +428,7 @@ def test_json_logs_show_connections_and_backlog_warnings() -> None:
     assert any("opened" in m and address in m for m in debug), debug
     assert any("closed" in m and "client c1" in m and address in m for m in debug), debug
     warnings = [e["message"] for e in entries if e["level"] == "warning"]
-    assert len(warnings) == 1 and "backlog full" in warnings[0], warnings
+    assert warnings == ["topic 'q': backlog full (1 messages): publishers wait until a subscriber drains it"]
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])

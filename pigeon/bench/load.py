@@ -2,14 +2,17 @@
 
 Workloads: ``pipe`` (1 publisher, 1 subscriber), ``queue`` (1 publisher, K
 subscribers sharing a topic), ``fanin`` (P publishers over T topics, one
-subscriber per topic), ``latency`` (one message in flight, publish to
+subscriber per topic), ``ackqueue`` (1 publisher, K consumers acknowledging in
+batches, ``pigeon.bench.acking``), ``latency`` (one message in flight, publish to
 delivery) and ``connections`` (N idle connections with one subscription each,
 broker memory per connection).
 
 The generator is built not to be the bottleneck: publish commands are prebuilt
-into one large buffer sent with ``sendall`` from a thread per publisher, and
-readers ``recv_into`` a large buffer and only count newlines, so each thread
-spends its time in system calls that release the GIL. ``pigeon.bench.sink``
+into batches sent with ``sendall`` from a thread per publisher, and readers
+``recv_into`` a large buffer and only count newlines, so each thread spends its
+time in system calls that release the GIL. Publishers stay a bounded number of
+messages ahead of their subscribers (``pigeon.bench.window``), so that no
+broker is measured filling a queue for a subscriber that cannot keep up. ``pigeon.bench.sink``
 measures the generator's own ceiling. The broker's CPU use is sampled during
 each run when its process can be found (it must run on this machine).
 """
@@ -29,13 +32,18 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pigeon.bench.wire import DIALECTS, LineSocket, dialect
+from pigeon.bench.acking import AckConsumer, AckDialect, JetStreamAcks, PigeonAcks, RedisStreamAcks
+from pigeon.bench.amqp import RabbitAcks
+from pigeon.bench.window import IN_FLIGHT, PUBLISH_BATCH, Window
+from pigeon.bench.wire import DIALECTS, LineSocket, WireError, dialect
 from pigeon.cli.common import Subparsers, positive
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 
 DESCRIPTION = "Measure a running broker: throughput, latency and memory per connection."
-WORKLOADS = ("pipe", "queue", "fanin", "latency", "connections")
-CHUNK_BYTES = 256 * 1024  # publish commands per sendall
+WORKLOADS = ("pipe", "queue", "fanin", "ackqueue", "latency", "connections")
+ACK_DIALECTS: dict[str, type[AckDialect]] = {
+    d.name: d for d in (PigeonAcks, JetStreamAcks, RedisStreamAcks, RabbitAcks)
+}
 READ_BYTES = 4 * 1024 * 1024  # recv_into buffer per reader
 SETTLE_SECONDS = 5.0  # longest wait for in-flight messages after publishers stop
 
@@ -72,6 +80,10 @@ class Options:
     samples: int = 20000
     pid: int | None = None
     progress: bool = True
+    window: int = IN_FLIGHT  # messages a topic's publishers may be ahead of its subscribers; 0: no bound
+    batch: int = PUBLISH_BATCH  # publish commands per sendall
+    prefetch: int = 1000  # ackqueue: unacknowledged messages a consumer may hold
+    ack_batch: int = 100  # ackqueue: messages a consumer acknowledges at once
 
 
 class BrokerProbe:
@@ -136,8 +148,8 @@ class _Progress:
 _BAR = "{desc:>12} {bar:30} {n:.1f}/{total:.1f}s {postfix}"
 
 
-def _count_lines(sock: socket.socket, counts: list[int], index: int) -> None:
-    """Count the newlines arriving on ``sock`` into ``counts[index]`` until it closes."""
+def _count_lines(sock: socket.socket, counts: list[int], index: int, window: Window | None = None) -> None:
+    """Count the newlines arriving on ``sock`` into ``counts[index]`` (and ``window``) until it closes."""
     buf = bytearray(READ_BYTES)
     view = memoryview(buf)
     while True:
@@ -147,25 +159,33 @@ def _count_lines(sock: socket.socket, counts: list[int], index: int) -> None:
             return
         if n == 0:
             return
-        counts[index] += buf.count(b"\n", 0, n)
+        lines = buf.count(b"\n", 0, n)
+        counts[index] += lines
+        if window is not None:
+            window.delivered(lines)
 
 
-def _publish_loop(sock: socket.socket, chunk: bytes, stop: threading.Event) -> None:
-    while not stop.is_set():
+def _publish_loop(
+    sock: socket.socket, chunk: bytes, messages: int, window: Window, stop: threading.Event
+) -> None:
+    while window.acquire(messages, stop):
         try:
             sock.sendall(chunk)
         except OSError:
             return
 
 
+def _blocking(*socks: socket.socket) -> None:
+    """Leave the setup's timeout behind: a socket with a timeout polls before every recv and send,
+    a system call more per read than the loop itself makes. Readers end by ``_shutdown`` instead."""
+    for sock in socks:
+        sock.settimeout(None)
+
+
 def _shutdown(sock: socket.socket, how: int) -> None:
     # the broker may already have closed its side
     with suppress(OSError):
         sock.shutdown(how)
-
-
-def _chunk(command: bytes) -> bytes:
-    return command * max(1, CHUNK_BYTES // len(command))
 
 
 def _topic(tag: str, i: int) -> bytes:
@@ -186,10 +206,11 @@ def _threads() -> Iterator[list[threading.Thread]]:
             t.join(SETTLE_SECONDS)
 
 
-def _start(threads: list[threading.Thread], target: Callable[..., None], *args: object) -> None:
+def _start(threads: list[threading.Thread], target: Callable[..., None], *args: object) -> threading.Thread:
     t = threading.Thread(target=target, args=args, daemon=True)
     t.start()
     threads.append(t)
+    return t
 
 
 def _wait_quiet(counts: list[int], limit: float) -> None:
@@ -220,6 +241,7 @@ def run_throughput(
     delivered = [0] * subscribers
     acked = [0] * publishers
     stop = threading.Event()
+    windows = [Window(opts.window, d.lines_per_message) for _ in range(topics)]
     try:
         for i in range(subscribers):
             conn = LineSocket.open(opts.host, opts.port)
@@ -229,13 +251,14 @@ def run_throughput(
         for i in range(publishers):
             conn = LineSocket.open(opts.host, opts.port)
             pubs.append(conn)
-            chunks.append(_chunk(d.publish(d.handshake(conn), _topic(tag, i % topics), payload)))
+            chunks.append(d.publish(d.handshake(conn), _topic(tag, i % topics), payload) * opts.batch)
+        _blocking(*(conn.sock for conn in subs + pubs))
         with _threads() as threads:
             for i, conn in enumerate(subs):
-                _start(threads, _count_lines, conn.sock, delivered, i)
+                _start(threads, _count_lines, conn.sock, delivered, i, windows[i % topics])
             for i, conn in enumerate(pubs):
                 _start(threads, _count_lines, conn.sock, acked, i)
-                _start(threads, _publish_loop, conn.sock, chunks[i], stop)
+                _start(threads, _publish_loop, conn.sock, chunks[i], opts.batch, windows[i % topics], stop)
             time.sleep(opts.warmup)
             rate, cpu = _measure(opts, probe, workload, delivered, d.lines_per_message)
             stop.set()
@@ -251,6 +274,77 @@ def run_throughput(
     note = f"{publishers} pub, {topics} topic(s), {subscribers} sub"
     per_cpu = rate * 100.0 / cpu if cpu else None
     return Result(workload, msgs_per_s=rate, broker_cpu_percent=cpu, msgs_per_cpu_s=per_cpu, note=note)
+
+
+def _consume(consumer: AckConsumer, counts: list[int], index: int, window: Window, errors: list[str]) -> None:
+    """Read deliveries, acknowledge them in batches, count them into ``counts[index]`` and ``window``."""
+    buf = bytearray(READ_BYTES)
+    view = memoryview(buf)
+    try:
+        with consumer.lock:
+            consumer.send(consumer.start())
+        while True:
+            n = consumer.sock.recv_into(view)
+            if n == 0:
+                return
+            with consumer.lock:
+                received, reply = consumer.feed(buf, n)
+                consumer.send(reply)
+            if received:
+                counts[index] += received
+                window.delivered(received)
+    except OSError:
+        return
+    except WireError as exc:
+        errors.append(str(exc))
+
+
+def run_ackqueue(opts: Options, probe: BrokerProbe) -> Result:
+    """1 publisher, K consumers acknowledging every ``ack_batch`` messages with ``prefetch`` outstanding."""
+    d = ACK_DIALECTS[opts.dialect]()
+    queue = _topic(_run_tag(), 0)
+    consumers: list[AckConsumer] = []
+    pub: socket.socket | None = None
+    delivered = [0] * opts.subscribers
+    replies = [0]
+    errors: list[str] = []
+    stop = threading.Event()
+    window = Window(opts.window, 1)
+    try:
+        d.setup(opts.host, opts.port, queue, opts.subscribers, opts.prefetch)
+        for i in range(opts.subscribers):
+            consumers.append(d.consumer(opts.host, opts.port, queue, i, opts.prefetch, opts.ack_batch))
+        pub, command = d.publisher(opts.host, opts.port, queue, b"x" * opts.size)
+        _blocking(pub, *(c.sock for c in consumers))
+        with _threads() as threads:
+            readers = [
+                _start(threads, _consume, c, delivered, i, window, errors) for i, c in enumerate(consumers)
+            ]
+            _start(threads, _count_lines, pub, replies, 0)
+            publisher = _start(threads, _publish_loop, pub, command * opts.batch, opts.batch, window, stop)
+            time.sleep(opts.warmup)
+            rate, cpu = _measure(opts, probe, "ackqueue", delivered, 1)
+            stop.set()
+            publisher.join(SETTLE_SECONDS)
+            _shutdown(pub, socket.SHUT_WR)
+            _wait_quiet(delivered, SETTLE_SECONDS)
+            for c in consumers:
+                c.settle()
+                # a FIN after the last acks, not a reset that could drop them
+                _shutdown(c.sock, socket.SHUT_WR)
+            for t in readers:
+                t.join(SETTLE_SECONDS)
+    finally:
+        stop.set()
+        for c in consumers:
+            c.sock.close()
+        if pub is not None:
+            pub.close()
+    if errors:
+        raise WireError(f"{opts.dialect}: {errors[0]}")
+    note = f"1 pub, {opts.subscribers} consumers, prefetch {opts.prefetch}, ack every {opts.ack_batch}"
+    per_cpu = rate * 100.0 / cpu if cpu else None
+    return Result("ackqueue", msgs_per_s=rate, broker_cpu_percent=cpu, msgs_per_cpu_s=per_cpu, note=note)
 
 
 def _measure(
@@ -397,9 +491,15 @@ def run_connections(opts: Options, probe: BrokerProbe) -> Result:
 def run(opts: Options, workloads: Sequence[str]) -> list[Result]:
     """Run the named workloads in order against one broker."""
     probe = BrokerProbe(opts.pid, opts.port)
-    d = dialect(opts.dialect)
     results: list[Result] = []
     for name in workloads:
+        if name == "ackqueue":
+            results.append(run_ackqueue(opts, probe))
+            continue
+        if opts.dialect not in DIALECTS:
+            results.append(Result(name, note=f"no {opts.dialect} driver for {name}"))
+            continue
+        d = dialect(opts.dialect)
         if name == "pipe":
             results.append(
                 run_throughput(opts, probe, name, publishers=1, topics=1, subscribers=1, group=False)
@@ -511,11 +611,14 @@ def _workload_list(text: str) -> list[str]:
 # integer flags named after their Options field
 _COUNT_FLAGS = (
     ("--size", "message bytes"),
-    ("--subscribers", "queue: subscribers sharing the topic"),
+    ("--subscribers", "queue, ackqueue: subscribers sharing the topic"),
     ("--publishers", "fanin: publishers"),
     ("--topics", "fanin: topics, one subscriber each"),
     ("--connections", "connections: idle connections to open"),
     ("--samples", "latency: messages timed"),
+    ("--batch", "publishes per send"),
+    ("--prefetch", "ackqueue: unacknowledged messages per consumer"),
+    ("--ack-batch", "ackqueue: messages acknowledged at once"),
 )
 
 
@@ -538,13 +641,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds per throughput run (default %(default)s)",
     )
     for flag, text in _COUNT_FLAGS:
-        default = getattr(defaults, flag[2:])
+        default = getattr(defaults, flag[2:].replace("-", "_"))
         parser.add_argument(flag, type=positive, default=default, help=f"{text} (default {default})")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=defaults.window,
+        help="messages publishers may be ahead of their subscribers, 0: no bound (default %(default)s)",
+    )
     parser.add_argument(
         "--pid", type=int, default=None, help="broker process id (default: found by its listening port)"
     )
     parser.add_argument(
-        "--dialect", choices=DIALECTS, default=defaults.dialect, help="wire protocol (default %(default)s)"
+        "--dialect",
+        choices=sorted(set(DIALECTS) | set(ACK_DIALECTS)),
+        default=defaults.dialect,
+        help="wire protocol; rabbitmq runs ackqueue only (default %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--chart", metavar="PNG", help="also draw a chart (needs matplotlib)")
@@ -565,6 +677,10 @@ def options_from(args: argparse.Namespace) -> Options:
         connections=args.connections,
         samples=args.samples,
         pid=args.pid,
+        window=args.window,
+        batch=args.batch,
+        prefetch=args.prefetch,
+        ack_batch=args.ack_batch,
         progress=not args.no_progress and not args.json,
     )
 

@@ -94,7 +94,8 @@ class NatsDialect(Dialect):
         return b"PUB %s %d\r\n%s\r\n" % (topic, len(payload), payload)
 
 
-def _resp(*parts: bytes) -> bytes:
+def resp(*parts: bytes) -> bytes:
+    """One RESP command: an array of bulk strings."""
     return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
 
 
@@ -110,12 +111,12 @@ class RedisDialect(Dialect):
         return b""
 
     def subscribe(self, conn: LineSocket, client_id: bytes, topic: bytes, group: bool) -> None:
-        conn.sock.sendall(_resp(b"SUBSCRIBE", topic))
+        conn.sock.sendall(resp(b"SUBSCRIBE", topic))
         for _ in range(6):  # *3, $9, subscribe, $n, <channel>, :<count>
             conn.line()
 
     def publish(self, client_id: bytes, topic: bytes, payload: bytes) -> bytes:
-        return _resp(b"PUBLISH", topic, payload)
+        return resp(b"PUBLISH", topic, payload)
 
 
 def dialect(name: str) -> Dialect:

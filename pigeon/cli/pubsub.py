@@ -14,6 +14,7 @@ from typing import BinaryIO
 from pigeon.cli.common import EXIT_ERROR, Subparsers, add_connection_options, positive
 from pigeon.client import Client
 from pigeon.client.codec import Message
+from pigeon.errors import InvalidArgumentError, StaleDeliveryError
 
 READ_SIZE = 64 * 1024
 
@@ -41,6 +42,17 @@ def register(subparsers: Subparsers) -> None:
         "--json",
         action="store_true",
         help='print {"topic": ..., "data": ...} per message ("data_base64" when not UTF-8)',
+    )
+    sub.add_argument(
+        "--ack",
+        action="store_true",
+        help="subscribe with acknowledgements: each message is acknowledged once printed (at-least-once)",
+    )
+    sub.add_argument(
+        "--prefetch",
+        type=positive,
+        metavar="N",
+        help="with --ack: hold at most N unacknowledged messages (default: the broker's --default-prefetch)",
     )
     sub.add_argument(
         "--reconnect",
@@ -108,21 +120,37 @@ def _format(message: Message, as_json: bool) -> bytes:
 def run_sub(args: argparse.Namespace) -> int:
     """``pigeon-cli sub``: print deliveries until interrupted, or until ``--count`` of them.
 
+    With ``--ack`` each message is acknowledged after it is printed (and
+    flushed), so one that the command dies before printing is delivered again.
     With ``--reconnect`` a lost connection is re-established (retrying for
     ever) and the subscriptions restored; without it, a lost connection ends
     the command with an error.
     """
+    if args.prefetch is not None and not args.ack:
+        raise InvalidArgumentError("--prefetch needs --ack")
     out = sys.stdout.buffer
     with _client(args) as client:
         for topic in args.topics:
-            client.subscribe(os.fsencode(topic))
+            client.subscribe(os.fsencode(topic), ack=args.ack, prefetch=args.prefetch)
         print(f"subscribed to {' '.join(args.topics)}; waiting for messages", file=sys.stderr, flush=True)
         received = 0
         while args.count is None or received < args.count:
-            out.write(_format(client.next_message(), args.json))
+            message = client.next_message()
+            out.write(_format(message, args.json))
             out.flush()
+            if args.ack:
+                _acknowledge(message)
             received += 1
     return 0
+
+
+def _acknowledge(message: Message) -> None:
+    """Acknowledge a printed message; one whose connection has gone since is only reported."""
+    try:
+        message.ack()
+    except StaleDeliveryError as exc:
+        # printed, but the broker took it back when the connection dropped: it comes again
+        print(f"pigeon-cli: not acknowledged, will be delivered again: {exc}", file=sys.stderr, flush=True)
 
 
 def run_ping(args: argparse.Namespace) -> int:

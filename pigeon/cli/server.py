@@ -46,10 +46,18 @@ _LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("max_topics", "N", "topics the server holds"),
     ("max_pending", "BYTES", "unsent output of one connection that stopped taking it before it is dropped"),
     ("idle_timeout", "SECONDS", "close a connection that sends nothing for this long; 0 is off"),
-    ("write_timeout", "SECONDS", "close a connection whose output is not taken for this long; 0 is off"),
-    ("default_prefetch", "N", "unacknowledged messages an ACK subscription holds unless it says PREFETCH"),
-    ("ack_timeout", "SECONDS", "give back a delivery left unacknowledged this long; 0 is off"),
-    ("max_deliveries", "N", "deliveries of one message before it goes to <topic>.dead; 0 is no limit"),
+    ("write_timeout", "SECONDS", "close a connection whose output makes no progress for this long; 0 is off"),
+    (
+        "default_prefetch",
+        "N",
+        "unacknowledged messages an ACK subscription may hold when its SUBSCRIBE names no PREFETCH",
+    ),
+    ("ack_timeout", "SECONDS", "redeliver a message left unacknowledged this long; 0 is off"),
+    (
+        "max_deliveries",
+        "N",
+        "deliveries of a message before it is moved to the topic <topic>.dead instead; 0 is no limit",
+    ),
     ("max_disk", "BYTES", "log bytes on disk with --data-dir; past it publishers wait; 0 is no limit"),
 )
 

@@ -24,7 +24,7 @@ from pigeon.client.base import (
 )
 from pigeon.client.codec import Data, Message, Refused
 from pigeon.client.session import Pending
-from pigeon.errors import ConnectionClosedError
+from pigeon.errors import ConnectionClosedError, UnknownDeliveryTagError
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 
 
@@ -58,9 +58,11 @@ class AsyncClient(ClientBase):
 
     Connect with ``async with AsyncClient(...) as client:`` or
     ``client = await AsyncClient(...).connect()``. ``timeout`` bounds each
-    wait for a reply; with ``reconnect=True`` a lost connection is
-    re-established in the background, for up to ``reconnect_timeout``
-    seconds, and its subscriptions are restored. While more than
+    wait for a reply, counted from the last reply that came (a publisher
+    held by the broker's flow control waits as long as replies keep coming).
+    With ``reconnect=True`` a lost connection is re-established in the
+    background, for up to ``reconnect_timeout`` seconds, and its
+    subscriptions are restored. While more than
     ``max_queued`` deliveries wait to be consumed, the client stops reading,
     so the server's rotation passes it over. Many tasks may share one client.
     """
@@ -100,16 +102,21 @@ class AsyncClient(ClientBase):
             await self._connect()
         return self
 
-    async def subscribe(self, topic: str | bytes) -> None:
-        """Receive a share of the messages published to ``topic``."""
-        await self._subscribe(topic)
+    async def subscribe(self, topic: str | bytes, *, ack: bool = False, prefetch: int | None = None) -> None:
+        """Receive a share of the messages published to ``topic``; ``ack`` and ``prefetch`` as for ``Client``.
+
+        ``ack()`` and ``nack()`` (on the client or on a message) are plain
+        methods here too: they only write to the connection.
+        """
+        await self._subscribe(topic, ack, prefetch)
 
     async def unsubscribe(self, topic: str | bytes) -> None:
-        """Stop receiving ``topic``; deliveries already received stay queued."""
+        """Stop receiving ``topic``; plain deliveries already received stay queued, acknowledged ones are
+        dropped (the broker gives them back)."""
         await self._unsubscribe(topic)
 
     async def publish(self, topic: str | bytes, message: Data, *, wait: bool = True) -> None:
-        """Publish one message; raises the server's refusal (e.g. BacklogFullError).
+        """Publish one message; waits while the broker holds a publisher (flow control), raises its refusals.
 
         With ``wait=False`` the command is only queued (written on the next
         loop iteration): many stay in flight, and ``flush()`` waits for every
@@ -144,6 +151,10 @@ class AsyncClient(ClientBase):
         was lost with the connection is reported with a ConnectionClosedError.
         """
         return await self._publish_many(topic, messages)
+
+    async def check_acks(self) -> list[UnknownDeliveryTagError]:
+        """Wait until the broker has read every ACK and NACK sent; return its refusals (see ``Client``)."""
+        return await self._check_acks()
 
     async def ping(self) -> float:
         """Round trip to the server, in seconds."""
@@ -244,10 +255,14 @@ class AsyncClient(ClientBase):
             return
         waiter = asyncio.get_running_loop().create_future()
         pending.waiter = waiter
-        try:
-            await asyncio.wait_for(waiter, self.timeout)
-        except asyncio.TimeoutError:
-            raise self._reply_timeout() from None
+        while True:
+            answered = pending.answered
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), self.timeout)
+                return
+            except asyncio.TimeoutError:
+                if pending.answered == answered:  # no reply at all within the timeout, not a slow batch
+                    raise self._reply_timeout() from None
 
     async def _wait_for_data(self, until: float | None) -> None:
         self._arrived.clear()

@@ -19,7 +19,7 @@ from typing import Any, TypeVar, cast
 
 from pigeon import errors
 from pigeon.client import codec
-from pigeon.client.codec import Data, Message, Refused, ServerInfo
+from pigeon.client.codec import Data, Link, Message, Refused, ServerInfo, SubscribeOptions
 from pigeon.client.session import Pending, Session
 from pigeon.errors import (
     CommandError,
@@ -28,6 +28,8 @@ from pigeon.errors import (
     InvalidArgumentError,
     PigeonError,
     ProtocolError,
+    StaleDeliveryError,
+    UnknownDeliveryTagError,
 )
 
 T = TypeVar("T")
@@ -82,7 +84,7 @@ class ClientBase(abc.ABC):
         self._max_line: int | None = None  # the longest command line the server takes, when HELLO said
         self._cid = b""
         self._session = Session()
-        self._topics: dict[bytes, None] = {}  # an ordered set, re-subscribed after a reconnect
+        self._topics: dict[bytes, SubscribeOptions] = {}  # in order, re-subscribed after a reconnect
         self._unflushed: list[Pending] = []  # publish(wait=False) batches since the last flush
         self._out = bytearray()  # publish(wait=False) lines not sent yet
         self._lost: ConnectionClosedError | None = None  # why the last connection ended
@@ -123,7 +125,8 @@ class ClientBase(abc.ABC):
 
     @abc.abstractmethod
     async def _wait(self, pending: Pending) -> None:
-        """Until ``pending`` is answered (or failed); raises pigeon.TimeoutError after ``timeout``."""
+        """Until ``pending`` is answered (or failed); raises pigeon.TimeoutError after ``timeout``
+        seconds without a reply to it."""
 
     @abc.abstractmethod
     async def _wait_for_data(self, until: float | None) -> None:
@@ -152,6 +155,7 @@ class ClientBase(abc.ABC):
         await self._open_transport()
         self._lost = None
         self._generation += 1
+        self._session.link = Link(self)
         try:
             self._write(codec.hello_line() + codec.connect_line())
             hello = self._session.expect(b"HELLO")
@@ -183,7 +187,9 @@ class ClientBase(abc.ABC):
         self.client_id = reply.decode()
 
     async def _resubscribe(self) -> None:
-        self._write(b"".join(codec.subscribe_line(self._cid, name) for name in self._topics))
+        """Subscribe again to every topic, each as before (acknowledged ones with their prefetch)."""
+        lines = [codec.subscribe_line(self._cid, name, how) for name, how in self._topics.items()]
+        self._write(b"".join(lines))
         pendings = [self._session.expect(b"SUBSCRIBED") for _ in self._topics]
         for pending in pendings:
             await self._wait(pending)
@@ -295,13 +301,17 @@ class ClientBase(abc.ABC):
         return await self._roundtrip(line(), verb)
 
     async def _roundtrip(self, line: bytes, verb: bytes) -> bytes:
+        pending = self._session.expect(verb)  # first: a send that stalls still sends the line later
         self._write(line)
-        pending = self._session.expect(verb)
         await self._wait(pending)
         return result(pending)
 
     def _write(self, data: bytes) -> None:
-        """Send ``data`` after any queued publishes."""
+        """Send ``data`` after any queued publishes.
+
+        A blocking client whose send stalls for ``timeout`` keeps the rest
+        queued (sent first next time) and raises pigeon.TimeoutError.
+        """
         if self._out:
             data = bytes(self._out) + data
             self._out.clear()
@@ -309,10 +319,11 @@ class ClientBase(abc.ABC):
             self._send(data)
             self._last_sent = time.monotonic()
 
-    async def _subscribe(self, topic: str | bytes) -> None:
+    async def _subscribe(self, topic: str | bytes, ack: bool, prefetch: int | None) -> None:
         name = codec.encode_topic(topic)
-        await self._command(b"SUBSCRIBED", lambda: codec.subscribe_line(self._cid, name), retry=True)
-        self._topics[name] = None
+        how = SubscribeOptions(ack, prefetch)
+        await self._command(b"SUBSCRIBED", lambda: codec.subscribe_line(self._cid, name, how), retry=True)
+        self._topics[name] = how
 
     async def _unsubscribe(self, topic: str | bytes) -> None:
         name = codec.encode_topic(topic)
@@ -320,6 +331,70 @@ class ClientBase(abc.ABC):
             await self._command(b"UNSUBSCRIBED", lambda: codec.unsubscribe_line(self._cid, name), retry=True)
         finally:
             self._topics.pop(name, None)
+        # the server gave this topic's unacknowledged messages back: the queued ones would come again
+        text = name.decode()
+        self._session.drop_acked(lambda message: message.topic == text)
+
+    # ------------------------------------------------------------ acknowledgements
+
+    def ack(self, messages: Iterable[Message]) -> None:
+        """Acknowledge deliveries of acknowledged subscriptions: the broker forgets them.
+
+        Sent at once, without waiting (the broker does not reply to an ACK),
+        as few lines as the tags allow: one ``ACK <first>-<last>`` per run of
+        consecutive tags. Raises StaleDeliveryError for messages that came on
+        an earlier connection (after settling the others), InvalidArgumentError
+        for a message of a plain subscription or another client (then nothing
+        is sent). A tag the broker no longer holds is reported by ``check_acks()``.
+        """
+        self._settle(b"ACK", messages, b"")
+
+    def nack(self, messages: Iterable[Message], delay: float | None = None) -> None:
+        """Give deliveries back to the broker for redelivery (attempt + 1), after ``delay`` seconds if given.
+
+        Sent as ``ack()`` is, with the same errors; ``delay`` is 0 to 86,400
+        seconds, sent in whole milliseconds.
+        """
+        self._settle(b"NACK", messages, codec.nack_suffix(delay))
+
+    def _settle(self, verb: bytes, messages: Iterable[Message], suffix: bytes) -> None:
+        """Send ``verb`` (ACK or NACK) lines for the tags of ``messages`` that are this connection's."""
+        batch = messages if isinstance(messages, (list, tuple)) else list(messages)
+        self._poll()  # a connection the server has closed is noticed: its tags are dead
+        link = self._session.link
+        tags = [message._tag for message in batch if message._link is link] if link is not None else []
+        stale: list[Message] = []
+        if len(tags) != len(batch):
+            for message in batch:
+                if message._link is None:
+                    raise InvalidArgumentError(f"{message!r} is from a plain subscription: nothing to settle")
+                if message._link.client is not self:
+                    raise InvalidArgumentError(f"{message!r} was delivered to another client")
+            stale = [message for message in batch if message._link is not link]
+        if tags:
+            try:
+                self._write(codec.settle_lines(verb, self._cid, cast("list[int]", tags), suffix))
+            except errors.TimeoutError:
+                pass  # the server is not reading now: the lines stay queued, sent before anything else
+            except ConnectionClosedError as exc:
+                raise StaleDeliveryError(
+                    f"cannot {verb.decode()}: {exc}; the broker gives the messages back", list(batch)
+                ) from exc
+        if stale:
+            raise StaleDeliveryError(
+                f"{len(stale)} of the messages came on a connection that has closed since: their tags are "
+                "dead, and the broker gave them back for redelivery",
+                stale,
+            )
+
+    async def _check_acks(self) -> list[UnknownDeliveryTagError]:
+        """A PING round trip, so that the broker has read every ACK and NACK sent; then the refusals."""
+        if self._closed:
+            raise self._closed_error()
+        if not self._poll_connected():
+            raise self._lost or ConnectionClosedError("not connected")
+        await self._roundtrip(codec.ping_line(), b"PONG")
+        return self._session.take_unknown_tags()
 
     async def _ping(self) -> float:
         start = time.perf_counter()
@@ -367,16 +442,26 @@ class ClientBase(abc.ABC):
         data = codec.checked_messages(self._cid, name, messages, self._max_line)
         batch = self._session.expect_batch(len(data))
         generation = self._generation
+        sent = 0
         try:
             for start in range(0, len(data), codec.CHUNK):
                 if self._generation != generation:
                     break  # lost and connected again: the batch already lists the rest as refused
                 end = start + codec.CHUNK
+                sent = min(end, len(data))  # even if the send stalls: the rest of it stays queued
                 self._write(codec.publish_chunk(self._cid, name, data[start:end]))
-                await self._throttle(max(len(data) - end, 0))  # the batch counts its unsent lines
+                await self._throttle(len(data) - sent)  # the batch counts its unsent lines
             await self._wait(batch)
         except ConnectionClosedError:
             pass  # the batch lists the lost replies among its refusals
+        except errors.TimeoutError as exc:
+            # held by flow control (or a stalled server) for longer than the timeout: the lines not
+            # sent never will be, and the sent ones may still be taken; the batch waits for those only
+            self._poll()  # the replies that have come count
+            return self._session.cut_batch(batch, sent, exc)
+        except BaseException:
+            self._session.cut_batch(batch, sent, errors.TimeoutError("interrupted"))
+            raise
         return batch.refused
 
     # ------------------------------------------------------------ deliveries
@@ -422,6 +507,8 @@ class ClientBase(abc.ABC):
             self._write(codec.ping_line())
         except ConnectionClosedError:
             return
+        except errors.TimeoutError:
+            pass  # queued: it goes out before anything else
         self._session.expect(b"PONG")  # matched and dropped when it comes, like any reply
 
     # ------------------------------------------------------------ STATS

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import unicodedata
-from collections.abc import Iterable
-from typing import Any, NamedTuple, cast
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol, cast
 
 from pigeon.errors import CommandError, InvalidArgumentError
 from pigeon.protocol import TOPIC_MAX
@@ -27,16 +27,108 @@ Bytes = bytes | bytearray | memoryview
 Data = Bytes | str
 
 
-class Message(NamedTuple):
-    """One delivery: the topic it was published to and its bytes."""
+class Settler(Protocol):
+    """What settles acknowledged deliveries: the client they came from."""
 
-    topic: str
-    data: bytes
+    def ack(self, messages: Iterable[Message]) -> None:
+        """Acknowledge ``messages``."""
+
+    def nack(self, messages: Iterable[Message], delay: float | None = None) -> None:
+        """Give ``messages`` back for redelivery."""
+
+
+class Link:
+    """One connection of a client, as the deliveries of its acknowledged subscriptions know it.
+
+    A delivery tag means something only on the connection that issued it, so
+    each message keeps the ``Link`` it came on, and the client settles only
+    the messages of its current one.
+    """
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: Settler) -> None:
+        self.client = client
+
+
+class Message:
+    """One delivery: the topic it was published to and its bytes.
+
+    From an acknowledged subscription it also has its delivery ``tag`` and
+    ``attempt`` (1 on the first delivery), and ``ack()`` and ``nack()``
+    settle it; from a plain one both are None. Read-only; equal when topic,
+    data, tag and attempt are; unpacks as ``topic, data``.
+    """
+
+    __slots__ = ("_attempt", "_data", "_link", "_tag", "_topic")
+
+    def __init__(
+        self,
+        topic: str,
+        data: bytes,
+        tag: int | None = None,
+        attempt: int | None = None,
+        link: Link | None = None,
+    ) -> None:
+        self._topic = topic
+        self._data = data
+        self._tag = tag
+        self._attempt = attempt
+        self._link = link
+
+    @property
+    def topic(self) -> str:
+        """The topic it was published to."""
+        return self._topic
+
+    @property
+    def data(self) -> bytes:
+        """The message's bytes."""
+        return self._data
+
+    @property
+    def tag(self) -> int | None:
+        """Its delivery tag on the connection it came on; None from a plain subscription."""
+        return self._tag
+
+    @property
+    def attempt(self) -> int | None:
+        """Which delivery of the message this is (1: the first); None from a plain subscription."""
+        return self._attempt
 
     @property
     def text(self) -> str:
         """The data decoded as UTF-8."""
-        return self.data.decode()
+        return self._data.decode()
+
+    def ack(self) -> None:
+        """Acknowledge this message (``client.ack([message])``): the broker forgets it."""
+        self._settler().ack((self,))
+
+    def nack(self, delay: float | None = None) -> None:
+        """Give this message back for redelivery, after ``delay`` seconds if given (``client.nack``)."""
+        self._settler().nack((self,), delay)
+
+    def _settler(self) -> Settler:
+        if self._link is None:
+            raise InvalidArgumentError("a message of a plain subscription: there is nothing to settle")
+        return self._link.client
+
+    def _key(self) -> tuple[str, bytes, int | None, int | None]:
+        return self._topic, self._data, self._tag, self._attempt
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Message) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __iter__(self) -> Iterator[str | bytes]:
+        return iter((self._topic, self._data))
+
+    def __repr__(self) -> str:
+        settle = f", tag={self._tag}, attempt={self._attempt}" if self._tag is not None else ""
+        return f"Message(topic={self._topic!r}, data={self._data!r}{settle})"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -117,9 +209,70 @@ def connect_line() -> bytes:
     return b"CONNECT\n"
 
 
-def subscribe_line(client_id: bytes, topic: bytes) -> bytes:
-    """SUBSCRIBE for an encoded topic."""
-    return b"SUBSCRIBE %s %s\n" % (client_id, topic)
+PREFETCH_MAX = 1_000_000  # the most unacknowledged messages a subscription may hold
+NACK_DELAY_MAX = 86_400.0  # seconds: the longest delay of a NACK (the server's 86,400,000 ms)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SubscribeOptions:
+    """How to subscribe: plainly, or with acknowledgements and an optional prefetch window."""
+
+    ack: bool = False
+    prefetch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.prefetch is None:
+            return
+        if not self.ack:
+            raise InvalidArgumentError("prefetch needs ack=True (a plain subscription has no window)")
+        if type(self.prefetch) is not int or not 1 <= self.prefetch <= PREFETCH_MAX:
+            raise InvalidArgumentError(f"prefetch must be 1 to {PREFETCH_MAX:,}, not {self.prefetch!r}")
+
+
+PLAIN = SubscribeOptions()
+
+
+def subscribe_line(client_id: bytes, topic: bytes, options: SubscribeOptions = PLAIN) -> bytes:
+    """SUBSCRIBE for an encoded topic, with ``ACK`` and ``PREFETCH <n>`` as ``options`` say."""
+    if not options.ack:
+        return b"SUBSCRIBE %s %s\n" % (client_id, topic)
+    if options.prefetch is None:
+        return b"SUBSCRIBE %s %s ACK\n" % (client_id, topic)
+    return b"SUBSCRIBE %s %s ACK PREFETCH %d\n" % (client_id, topic, options.prefetch)
+
+
+def settle_lines(verb: bytes, client_id: bytes, tags: list[int], suffix: bytes = b"") -> bytes:
+    """``ACK`` or ``NACK`` lines for ``tags``: one ``<first>-<last>`` range per run of consecutive tags.
+
+    A range settles every outstanding tag inside it, so only runs with no
+    gap become ranges; ``suffix`` (a NACK's `` <delay_ms>``) ends every line.
+    """
+    tags = sorted(set(tags))
+    first = tags[0]
+    if tags[-1] - first == len(tags) - 1:  # one run: the usual batch of a consumer
+        runs = [(first, tags[-1])]
+    else:
+        runs = []
+        last = first
+        for tag in tags[1:]:
+            if tag != last + 1:
+                runs.append((first, last))
+                first = tag
+            last = tag
+        runs.append((first, last))
+    head = verb + b" " + client_id + b" "
+    return b"".join(
+        head + (b"%d" % low if low == high else b"%d-%d" % (low, high)) + suffix + b"\n" for low, high in runs
+    )
+
+
+def nack_suffix(delay: float | None) -> bytes:
+    """The `` <delay_ms>`` that ends a NACK line for ``delay`` seconds (b"" for none)."""
+    if delay is None:
+        return b""
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= NACK_DELAY_MAX:
+        raise InvalidArgumentError(f"delay must be 0 to {NACK_DELAY_MAX:,.0f} seconds, not {delay!r}")
+    return b" %d" % round(delay * 1000)
 
 
 def unsubscribe_line(client_id: bytes, topic: bytes) -> bytes:
@@ -308,6 +461,19 @@ def parse_delivery(line: bytes) -> tuple[bytes, bytes] | None:
     if end < 0:
         return None
     return line[8:end], line[end + 1 :]
+
+
+def parse_acked_delivery(line: bytes) -> tuple[bytes, int, int, bytes] | None:
+    """``(topic, tag, attempt, data)`` of a ``DELIVER <topic> <tag> <attempt> <data>`` line, else None."""
+    if not line.startswith(b"DELIVER "):
+        return None
+    fields = line.split(b" ", 4)
+    if len(fields) != 5:
+        return None
+    try:
+        return fields[1], int(fields[2]), int(fields[3]), fields[4]
+    except ValueError:
+        return None
 
 
 def parse_reply(line: bytes) -> tuple[bytes, bytes]:

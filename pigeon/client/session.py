@@ -1,9 +1,11 @@
 """The client's protocol state, without I/O: which replies are awaited, and the deliveries received.
 
 The server answers every command with exactly one line, in order, and may put
-``MESSAGE`` deliveries anywhere in between. So replies are matched to commands
-first in, first out, and deliveries are set aside for the consumer: a delivery
-that arrives while a reply is awaited is never lost and never taken for the reply.
+``MESSAGE`` and ``DELIVER`` deliveries anywhere in between. So replies are matched
+to commands first in, first out, and deliveries are set aside for the consumer: a
+delivery that arrives while a reply is awaited is never lost and never taken for
+the reply. ``ACK`` and ``NACK`` have no reply on success; their one error,
+``UNKNOWN_DELIVERY_TAG``, is told apart by its code and set aside too.
 
 ``Client`` and ``AsyncClient`` wrap one ``Session`` each and do the socket work.
 """
@@ -11,10 +13,20 @@ that arrives while a reply is awaited is never lost and never taken for the repl
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from pigeon.client import codec
-from pigeon.client.codec import Message, Refused
-from pigeon.errors import ClosingError, CommandError, ConnectionClosedError, PigeonError, error_from_reply
+from pigeon.client.codec import Link, Message, Refused
+from pigeon.errors import (
+    ClosingError,
+    CommandError,
+    ConnectionClosedError,
+    PigeonError,
+    UnknownDeliveryTagError,
+    error_from_reply,
+)
+
+UNKNOWN_TAGS_KEPT = 1000  # refused ACK/NACK lines kept for check_acks(); older ones are dropped
 
 
 class Pending:
@@ -42,7 +54,18 @@ class Pending:
 class Session:
     """Matches replies to commands and queues deliveries for one connection at a time."""
 
-    __slots__ = ("_lines", "_pending", "_topic_names", "broken", "closing", "in_flight", "messages", "notice")
+    __slots__ = (
+        "_lines",
+        "_pending",
+        "_topic_names",
+        "broken",
+        "closing",
+        "in_flight",
+        "link",
+        "messages",
+        "notice",
+        "unknown_tags",
+    )
 
     def __init__(self) -> None:
         self._lines = codec.LineSplitter()
@@ -53,6 +76,8 @@ class Session:
         self.notice: CommandError | None = None  # an ERROR the server sent unasked, or before closing
         self.closing = False  # the server sent an error after which it closes the connection
         self.broken: str | None = None  # why the server's output stopped making sense
+        self.link: Link | None = None  # the open connection, as its acknowledged deliveries know it
+        self.unknown_tags: deque[UnknownDeliveryTagError] = deque(maxlen=UNKNOWN_TAGS_KEPT)
 
     def expect(self, verb: bytes) -> Pending:
         """Register one command just sent; its reply word on success is ``verb``."""
@@ -79,6 +104,22 @@ class Session:
         last.total += 1
         self.in_flight += 1
         return last
+
+    def cut_batch(self, batch: Pending, sent: int, error: PigeonError) -> list[Refused]:
+        """Give up on a batch of which only the first ``sent`` lines were sent.
+
+        Replies are still awaited for the sent lines (late ones are matched
+        and dropped), no longer for the others. Returns the batch's refusals
+        so far, then every message without a reply, refused with ``error``.
+        """
+        total = batch.total
+        refused = [*batch.refused, *(Refused(index, error) for index in range(batch.answered, total))]
+        if sent < total:
+            self.in_flight -= total - sent
+            batch.total = sent
+            if batch.done and batch in self._pending:
+                self._pending.remove(batch)
+        return refused
 
     def receive(self, data: bytes) -> list[Pending]:
         """Take bytes read from the socket; returns the entries they completed.
@@ -109,6 +150,11 @@ class Session:
             delivery = codec.parse_delivery(line)
             if delivery is not None:
                 self._on_delivery(*delivery)
+                continue
+            acked = codec.parse_acked_delivery(line)
+            if acked is not None:
+                topic, tag, attempt, data = acked
+                self.messages.append(Message(self._topic_name(topic), data, tag, attempt, self.link))
             elif not self._on_reply(line, completed):
                 break
         return completed
@@ -137,13 +183,34 @@ class Session:
         self.notice = None
         self.closing = False
         self.broken = None
+        self.drop_acked(lambda message: True)
+        self.link = None
         return failed, error
 
+    def drop_acked(self, which: Callable[[Message], bool]) -> None:
+        """Forget the queued deliveries of the current connection's acknowledged subscriptions that
+        ``which`` picks (the server has given them back)."""
+        link = self.link
+        if link is None or not any(message._link is link for message in self.messages):
+            return
+        kept = [message for message in self.messages if message._link is not link or not which(message)]
+        self.messages.clear()
+        self.messages.extend(kept)
+
+    def take_unknown_tags(self) -> list[UnknownDeliveryTagError]:
+        """The ``UNKNOWN_DELIVERY_TAG`` errors received since the last call, oldest first."""
+        refused = list(self.unknown_tags)
+        self.unknown_tags.clear()
+        return refused
+
     def _on_delivery(self, topic: bytes, data: bytes) -> None:
+        self.messages.append(Message(self._topic_name(topic), data))
+
+    def _topic_name(self, topic: bytes) -> str:
         name = self._topic_names.get(topic)
         if name is None:
             name = self._topic_names[topic] = topic.decode("utf-8", "replace")
-        self.messages.append(Message(name, data))
+        return name
 
     def _on_reply(self, line: bytes, completed: list[Pending]) -> bool:
         """Match a reply to the oldest awaited command; False when reading must stop.
@@ -153,6 +220,9 @@ class Session:
         """
         word, rest = codec.parse_reply(line)
         error = error_from_reply(rest.decode("utf-8", "replace")) if word == b"ERROR" else None
+        if isinstance(error, UnknownDeliveryTagError):
+            self.unknown_tags.append(error)  # an ACK or NACK refused: no command awaits it
+            return True
         if isinstance(error, ClosingError):
             # the connection ends here: what is awaited fails with this error as the reason
             self.notice = error

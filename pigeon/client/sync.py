@@ -23,7 +23,7 @@ from pigeon.client.base import (
 )
 from pigeon.client.codec import Data, Message, Refused
 from pigeon.client.session import Pending
-from pigeon.errors import ConnectionClosedError
+from pigeon.errors import ConnectionClosedError, UnknownDeliveryTagError
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 
 POLL_READS = 16  # at most this many reads of what has already arrived before a command
@@ -32,7 +32,9 @@ POLL_READS = 16  # at most this many reads of what has already arrived before a 
 class Client(ClientBase):
     """A blocking connection to a Pigeon server; connects (HELLO and CONNECT) when created.
 
-    ``timeout`` bounds each wait for a reply (None waits for ever). With
+    ``timeout`` bounds each wait for a reply, counted from the last bytes that
+    came (None waits for ever; see docs/client.md for a publisher held by the
+    broker's flow control). With
     ``reconnect=True`` a lost connection is re-established on next use, for up
     to ``reconnect_timeout`` seconds, and its subscriptions are restored.
     Not thread-safe: use one client per thread.
@@ -59,16 +61,24 @@ class Client(ClientBase):
         """True while the client holds an open connection."""
         return self._sock is not None
 
-    def subscribe(self, topic: str | bytes) -> None:
-        """Receive a share of the messages published to ``topic``."""
-        run_blocking(self._subscribe(topic))
+    def subscribe(self, topic: str | bytes, *, ack: bool = False, prefetch: int | None = None) -> None:
+        """Receive a share of the messages published to ``topic``.
+
+        With ``ack=True`` every delivery must be acknowledged (``ack()``) or
+        given back (``nack()``), and the broker redelivers what this client
+        leaves unsettled; ``prefetch`` (1 to 1,000,000; default the broker's
+        ``--default-prefetch``) bounds the unacknowledged messages it holds.
+        Subscribing again to a topic changes its mode and prefetch.
+        """
+        run_blocking(self._subscribe(topic, ack, prefetch))
 
     def unsubscribe(self, topic: str | bytes) -> None:
-        """Stop receiving ``topic``; deliveries already received stay queued."""
+        """Stop receiving ``topic``; plain deliveries already received stay queued, acknowledged ones are
+        dropped (the broker gives them back)."""
         run_blocking(self._unsubscribe(topic))
 
     def publish(self, topic: str | bytes, message: Data, *, wait: bool = True) -> None:
-        """Publish one message; raises the server's refusal (e.g. BacklogFullError).
+        """Publish one message; waits while the broker holds a publisher (flow control), raises its refusals.
 
         With ``wait=False`` the command is only queued: many stay in flight, and
         ``flush()`` sends what is left, waits for every reply and reports the refusals.
@@ -103,6 +113,15 @@ class Client(ClientBase):
         was lost with the connection is reported with a ConnectionClosedError.
         """
         return run_blocking(self._publish_many(topic, messages))
+
+    def check_acks(self) -> list[UnknownDeliveryTagError]:
+        """Wait until the broker has read every ACK and NACK sent (a PING round trip); return its refusals.
+
+        Each is an UnknownDeliveryTagError, received since the previous call
+        (the latest 1,000 are kept): a tag that was settled already, or given
+        back (its ack timeout passed) and so will be delivered again.
+        """
+        return run_blocking(self._check_acks())
 
     def ping(self) -> float:
         """Round trip to the server, in seconds."""
@@ -170,10 +189,16 @@ class Client(ClientBase):
         if sock is None:
             raise self._lost or ConnectionClosedError("not connected")
         self._set_timeout(self.timeout)
+        unsent = memoryview(data)
         try:
-            sock.sendall(data)
+            while unsent:
+                unsent = unsent[sock.send(unsent) :]  # each send waits up to timeout for room
+        except TimeoutError:
+            # the server took nothing for `timeout` seconds (flow control holds this publisher): the rest
+            # goes out before anything else, so the stream stays whole and the connection usable
+            self._out[:0] = unsent
+            raise errors.TimeoutError(f"the server took nothing for {self.timeout}s") from None
         except OSError as exc:
-            # a partial send leaves the stream unusable, a timeout included
             raise self._lose(f"send failed: {exc}") from exc
 
     def _close_transport(self) -> None:
@@ -206,20 +231,22 @@ class Client(ClientBase):
     def _poll(self) -> None:
         try:
             for _ in range(POLL_READS):
-                if self._sock is None or not self._receive(0.0):
+                if self._sock is None or not self._receive(0.0, send_queued=False):
                     return
         except ConnectionClosedError:
             pass  # noticed: the caller finds no connection
 
     # ------------------------------------------------------------ reading
 
-    def _receive(self, timeout: float | None) -> bool:
+    def _receive(self, timeout: float | None, send_queued: bool = True) -> bool:
         """Wait up to ``timeout`` seconds (None: for ever) for bytes, and take them in.
 
         Returns False when nothing came in time; raises ConnectionClosedError
-        when the connection is lost.
+        when the connection is lost. With ``send_queued``, what waits to be
+        sent goes first: the replies awaited may be to those commands.
         """
-        self._write(b"")  # queued publishes first: their replies may be what is awaited
+        if send_queued:
+            self._write(b"")
         sock = self._sock
         if sock is None:
             raise self._lost or ConnectionClosedError("not connected")

@@ -631,6 +631,8 @@ cdef int _flush_pass(Broker b) except -1:
                     conn_drain_topics(b, h)
             memmove(ob.dirty, ob.dirty + n, (ob.ndirty - n) * sizeof(int32_t))
             ob.ndirty -= n
+        # what was handed over freed memory: a publisher held for it may go on now, not at the next input
+        flow_memory_freed(b)
         if ob.nclosing:
             h = ob.closing[0]
             memmove(ob.closing, ob.closing + 1, (ob.nclosing - 1) * sizeof(int32_t))

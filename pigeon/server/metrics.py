@@ -41,7 +41,8 @@ _COUNTERS = (
     (
         "read_pauses",
         "pigeon_read_pauses",
-        "Times a connection stopped being read because it did not take its output.",
+        "Times a connection stopped being read: it did not take its output, or a PUBLISH of its waits "
+        "for flow control.",
     ),
     ("published", "pigeon_messages_published", "PUBLISH commands accepted."),
     ("delivered", "pigeon_messages_delivered", "MESSAGE lines handed to subscribers' sockets."),
@@ -49,7 +50,8 @@ _COUNTERS = (
     (
         "refused",
         "pigeon_messages_refused",
-        "PUBLISH commands refused because the backlog or the memory was full.",
+        "PUBLISH commands refused for a full backlog or memory where waiting cannot help "
+        "(the publisher consumes the topic, or the message is over a quarter of --max-memory).",
     ),
     (
         "requeued",
@@ -63,6 +65,25 @@ _COUNTERS = (
     ),
     ("bytes_in", "pigeon_received_bytes", "Bytes read from clients."),
     ("bytes_out", "pigeon_sent_bytes", "Bytes handed to client sockets."),
+    ("acks", "pigeon_messages_acked", "Deliveries to acknowledged subscriptions settled by ACK."),
+    ("nacks", "pigeon_messages_nacked", "Deliveries given back by NACK."),
+    (
+        "redelivered",
+        "pigeon_messages_redelivered",
+        "Messages given back for another delivery (NACK, ack timeout, a subscriber that left).",
+    ),
+    ("ack_timeouts", "pigeon_ack_timeouts", "Deliveries given back because --ack-timeout passed."),
+    (
+        "dead_lettered",
+        "pigeon_messages_dead_lettered",
+        "Messages moved to <topic>.dead after --max-deliveries.",
+    ),
+    (
+        "dead_letters_dropped",
+        "pigeon_dead_letters_dropped",
+        "Dead letters dropped because <topic>.dead could not take them.",
+    ),
+    ("publish_holds", "pigeon_publish_holds", "Times a PUBLISH had to wait for flow control."),
 )
 
 # (stats key, metric name, help) of the server-wide gauges
@@ -72,7 +93,8 @@ _GAUGES = (
     (
         "reading_paused",
         "pigeon_connections_reading_paused",
-        "Connections not being read because they do not take their output.",
+        "Connections not being read: they do not take their output, or a PUBLISH of theirs waits "
+        "for flow control.",
     ),
     ("topics", "pigeon_topics", "Topics held (with a subscriber or a message)."),
     ("backlog_messages", "pigeon_backlog_messages", "Messages waiting in all backlogs."),
@@ -88,6 +110,60 @@ _GAUGES = (
         "Output bytes socket transports hold unsent (part of pigeon_memory_bytes).",
     ),
     ("memory_limit_bytes", "pigeon_memory_limit_bytes", "The --max-memory limit."),
+    (
+        "unacked",
+        "pigeon_messages_unacked",
+        "Messages delivered to acknowledged subscriptions and not yet settled.",
+    ),
+    ("delayed", "pigeon_messages_delayed", "Messages NACKed with a delay, waiting for it."),
+    (
+        "publishers_held",
+        "pigeon_publishers_held",
+        "Connections whose PUBLISH waits for flow control (not being read).",
+    ),
+)
+
+# (topics entry key, metric family, metric name, help) of the per-topic series
+_TOPIC_FAMILIES = (
+    ("subscribers", GaugeMetricFamily, "pigeon_topic_subscribers", "Subscribers of a topic."),
+    (
+        "backlog_messages",
+        GaugeMetricFamily,
+        "pigeon_topic_backlog_messages",
+        "Messages in a topic's backlog.",
+    ),
+    (
+        "unacked",
+        GaugeMetricFamily,
+        "pigeon_topic_messages_unacked",
+        "Messages of a topic delivered to acknowledged subscriptions and not yet settled.",
+    ),
+    ("published", CounterMetricFamily, "pigeon_topic_messages_published", "Messages accepted for a topic."),
+    (
+        "delivered",
+        CounterMetricFamily,
+        "pigeon_topic_messages_delivered",
+        "Messages of a topic handed to a subscriber.",
+    ),
+    ("acked", CounterMetricFamily, "pigeon_topic_messages_acked", "Deliveries of a topic settled by ACK."),
+    (
+        "nacked",
+        CounterMetricFamily,
+        "pigeon_topic_messages_nacked",
+        "Deliveries of a topic given back by NACK.",
+    ),
+    (
+        "redelivered",
+        CounterMetricFamily,
+        "pigeon_topic_messages_redelivered",
+        "Messages of a topic given back for another delivery.",
+    ),
+    (
+        "dead_lettered",
+        CounterMetricFamily,
+        "pigeon_topic_messages_dead_lettered",
+        "Messages moved from a topic to <topic>.dead after --max-deliveries.",
+    ),
 )
 
 
@@ -119,24 +195,11 @@ class BrokerCollector(Collector):
             yield from self._topic_families()
 
     def _topic_families(self) -> Iterator[Metric]:
-        label = ["topic"]
-        subscribers = GaugeMetricFamily("pigeon_topic_subscribers", "Subscribers of a topic.", labels=label)
-        backlog = GaugeMetricFamily(
-            "pigeon_topic_backlog_messages", "Messages in a topic's backlog.", labels=label
-        )
-        published = CounterMetricFamily(
-            "pigeon_topic_messages_published", "Messages accepted for a topic.", labels=label
-        )
-        delivered = CounterMetricFamily(
-            "pigeon_topic_messages_delivered", "Messages of a topic handed to a subscriber.", labels=label
-        )
-        for topic in self._topics:
-            name = [topic["name"]]
-            subscribers.add_metric(name, topic["subscribers"])
-            backlog.add_metric(name, topic["backlog_messages"])
-            published.add_metric(name, topic["published"])
-            delivered.add_metric(name, topic["delivered"])
-        yield from (subscribers, backlog, published, delivered)
+        for key, family, name, doc in _TOPIC_FAMILIES:
+            metric = family(name, doc, labels=["topic"])
+            for topic in self._topics:
+                metric.add_metric([topic["name"]], topic[key])
+            yield metric
 
 
 def registry_for(broker: Broker, topics: Sequence[dict[str, Any]] = ()) -> CollectorRegistry:

@@ -4,8 +4,10 @@ Nothing here parses or routes: each read goes straight into the core's buffer
 (``asyncio.BufferedProtocol``), and the core hands each affected connection its
 output through ``transport.write``, once per pass of the event loop (the core
 asks for that flush through ``on_output``). The core also says when to stop and
-restart reading a connection (``on_reading``: its transport is full) and which
-connections it ends (``on_close``); the clock's ticks run its timeouts.
+restart reading a connection (``on_reading``: its transport is full, or a
+PUBLISH of its waits for flow control), which connections it ends
+(``on_close``) and when its next NACK delay is due (``on_timer``); the clock's
+ticks run its timeouts (idle, write, ack).
 """
 
 from __future__ import annotations
