@@ -152,12 +152,15 @@ cdef class Broker:
         if self.delayed.count and self.delayed.items[0].due != self.timer_due and self.on_timer is not None:
             self.timer_due = self.delayed.items[0].due
             self.on_timer(max(0.0, self.timer_due - monotonic()))
-        if not self.outbox.flush_due or self.outbox.flush_scheduled:
+        if not self.outbox.flush_due:
             return 0
-        if self.on_output is None:
+        if self.on_output is None or out_batch_half_full(self):
+            # a connection with half a batch of output would fill it during the next read, and
+            # what routing skips for a full batch waits in a backlog: hand it over now
             return flush(self)
-        self.outbox.flush_scheduled = True
-        self.on_output()
+        if not self.outbox.flush_scheduled:
+            self.outbox.flush_scheduled = True
+            self.on_output()
         return 0
 
     # ------------------------------------------------------------ connections

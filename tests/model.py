@@ -8,7 +8,9 @@ reports) and states, for every connection:
 
 - its output stream: replies, ``ERROR <CODE> <text>`` lines and ``MESSAGE``
   lines, in order, and when they reach its writer: at a flush; at once when a
-  connection's own output passes ``out_batch`` in the middle of a read; at EOF;
+  connection's own output passes ``out_batch`` in the middle of a read; at the
+  end of a call when a connection's output waiting for the flush is half of
+  ``out_batch`` or more (a flush then, not a request for one); at EOF;
 - the close events ``on_close(handle, reason, flush)`` and the reading events
   ``on_reading(handle, reading)``, and the warnings;
 - work-queue delivery: round robin in subscription order, skipping a subscriber
@@ -1016,10 +1018,12 @@ class ModelBroker:
             self.on_warning(text)
 
     def _settle(self) -> None:
-        """End of a call: flush now, or ask the server to (on_output)."""
+        """End of a call: flush now, or ask the server to (on_output). Now also when a connection
+        waiting for the flush holds half of ``out_batch`` or more: it would fill its batch during
+        the next read, and what routing skipped would wait in a backlog."""
         if not self.flush_due() or self.flushing:
             return
-        if self.on_output is None:
+        if self.on_output is None or any(c.unsent_bytes() >= self.out_batch // 2 for c in self.waiting):
             self.flush()
         elif not self.flush_asked:
             self.flush_asked = True

@@ -3,7 +3,9 @@
 # connection's writer as is (no copy), once per flush, for every connection that
 # got output: the server runs flush() once per pass of its event loop, after
 # every read of that pass, so a connection that closed during the pass gets
-# nothing written to it. Messages written but not yet handed over stay
+# nothing written to it; a read that leaves a connection with half a batch
+# (out_batch) of output flushes at once instead, since the next read would fill
+# the batch and routing would push the rest into backlogs. Messages written but not yet handed over stay
 # referenced by the connection's in-flight list, so output that can never be
 # sent gives its messages back to their topics, in order. Connections the core
 # closes are reported through on_close at the end of a flush, after their last
@@ -36,6 +38,7 @@ cdef int outbox_grow(Broker b, size_t new_cap) noexcept
 cdef void outbox_forget(Outbox *ob, int32_t h, bint dirty, bint closing) noexcept
 cdef size_t out_bytes_size(size_t cap) noexcept
 cdef void mark_dirty(Broker b, int32_t h) noexcept
+cdef bint out_batch_half_full(Broker b) noexcept
 
 cdef char *out_reserve(Broker b, int32_t h, size_t need) noexcept
 cdef void out_reply(Broker b, int32_t h, const char *word, const char *arg, size_t n) noexcept

@@ -69,6 +69,17 @@ cdef void mark_dirty(Broker b, int32_t h) noexcept:
     b.outbox.flush_due = True
 
 
+cdef bint out_batch_half_full(Broker b) noexcept:
+    """Whether a connection waiting for the flush holds half of --out-batch or more."""
+    cdef int32_t i, h
+    cdef size_t half = b.limit.out_batch // 2
+    for i in range(b.outbox.ndirty):
+        h = b.outbox.dirty[i]
+        if h >= 0 and b.conns.items[h].out_len >= half:
+            return True
+    return False
+
+
 cdef PyObject *_new_bytes(Broker b, const char *data, size_t n) noexcept:
     """A new bytes object (a new reference) of n bytes, a copy of data unless NULL; NULL when out of memory."""
     cdef object fresh
