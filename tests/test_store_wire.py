@@ -469,3 +469,28 @@ def test_a_log_larger_than_max_memory_is_recovered_and_publishers_wait(tmp_path:
         pub.send(f"PUBLISH {pub.client_id} jobs late")  # waits until memory is back under its mark
         assert _drain(sub, "jobs", 3001) == ["m" * 1000] * 3000 + ["late"]
         assert pub.line() == b"PUBLISHED jobs"
+
+
+def test_the_log_figures_reach_metrics_as_in_stats(tmp_path: Path) -> None:
+    pytest.importorskip("prometheus_client")
+    from tests.monitoring import get, start_monitored
+
+    proc, base = start_monitored("--data-dir", str(tmp_path / "data"), "--fsync", "always")
+    try:
+        pub = proc.client()
+        pub.connect()
+        _publish(pub, "jobs", ["a", "b", "c"])
+        stats = _stats(pub)
+        status, _, body = get(base + "metrics")
+        assert status == 200
+        metrics = dict(
+            line.rsplit(" ", 1) for line in body.decode().splitlines() if line.startswith("pigeon_log_")
+        )
+        assert float(metrics["pigeon_log_live_messages"]) == stats["log_live_messages"] == 3
+        assert float(metrics["pigeon_log_disk_bytes"]) == stats["log_disk_bytes"]
+        assert isinstance(stats["log_disk_bytes"], int) and stats["log_disk_bytes"] > 0
+        assert float(metrics["pigeon_log_writes_total"]) >= 1
+        assert float(metrics["pigeon_log_syncs_total"]) >= 1  # always: PUBLISHED came after a sync
+        assert float(metrics["pigeon_log_write_failed"]) == 0
+    finally:
+        proc.stop()
