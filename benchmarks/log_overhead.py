@@ -46,9 +46,7 @@ def main() -> None:
             rates[durable].append(publishes_per_second(durable, args.messages, args.size))
     memory, logged = statistics.median(rates[False]), statistics.median(rates[True])
     print(f"CRC-32C in hardware: {checksum_in_hardware()}")
-    print(
-        f"in memory: {memory:,.0f} publishes/s; durable: {logged:,.0f} publishes/s ({logged / memory:.0%})"
-    )
+    print(f"in memory: {memory:,.0f} publishes/s; durable: {logged:,.0f} publishes/s ({logged / memory:.0%})")
 
 
 if __name__ == "__main__":
