@@ -14,6 +14,7 @@
 #   core/parser      the protocol's vocabulary, tokenizer, topic checks, dispatch
 #   core/commands    one handler per command
 #   core/flow        publisher flow control
+#   core/log         durability: what is recorded, its order with the replies, recovery
 #   core/stats       counters and reports
 
 cimport cython
@@ -36,6 +37,7 @@ include "core/output.pxd"
 include "core/parser.pxd"
 include "core/commands.pxd"
 include "core/flow.pxd"
+include "core/log.pxd"
 include "core/stats.pxd"
 
 
@@ -59,6 +61,10 @@ cdef class Broker:
     cdef int32_t publishers_held    # connections whose PUBLISH waits for flow control
     cdef int32_t memory_waiter      # first connection waiting for memory (Conn.next_waiter), -1: none
     cdef int32_t woken              # first connection to go on at the next flush, -1: none
+    cdef int32_t storage_waiter     # first connection waiting for the disk, -1: none
+    cdef Log log
+    cdef Recovery recovery          # while a log is replayed (recover, recover_finish)
+    cdef uint64_t wall_ms           # the wall clock in milliseconds, read once per call from Python
     cdef uint64_t next_seq          # the last message's sequence number
     cdef uint64_t ticks             # tick() calls so far
     cdef uint64_t idle_ticks        # ticks without input before a connection closes; 0 = never
@@ -72,6 +78,8 @@ cdef class Broker:
     cdef public object on_close     # callable(handle, reason, flush): close the socket the core ended
     cdef public object on_reading   # callable(handle, reading): stop or restart reading a connection
     cdef public object on_timer     # callable(seconds): run_timers() is due in that long
+    cdef public object on_log       # callable(memoryview): write these records to the log (durable)
+    cdef public object on_sync      # callable(position): sync the log up to there, then call log_synced
     cdef public object on_warning   # callable(text): a rare event worth an operator's eye
 
     cdef int _settle(self) except -1

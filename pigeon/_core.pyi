@@ -19,6 +19,16 @@ PROTOCOL_VERSION: int
 """The protocol version HELLO reports."""
 INVISIBLE_UNICODE_VERSION: str
 """The Unicode version of the table of characters refused in topic names."""
+FSYNC_MODES: tuple[str, ...]
+"""The --fsync policies: no, everysec, always."""
+LOG_SEGMENT: int
+"""Bytes of a log segment file before the next one starts (--data-dir)."""
+
+def record_checksum(data: bytes | memoryview, hardware: bool = True) -> int:
+    """The CRC-32C a log record's body carries; ``hardware=False`` uses the fallback loop."""
+
+def checksum_in_hardware() -> bool:
+    """Whether this CPU computes CRC-32C with its own instruction."""
 
 class Broker:
     """All broker state: connections, topics, subscriptions, backlogs and message records."""
@@ -36,11 +46,21 @@ class Broker:
     """Called with a sentence for rare events an operator should see (a topic's backlog filling up)."""
     on_timer: Callable[[float], object] | None
     """``(seconds)``: call ``run_timers()`` that many seconds from now (the next NACK delay is due)."""
+    on_log: Callable[[memoryview, bool], object] | None
+    """``(records, new_segment)``: append these records to the log (in a new segment when asked);
+    raise OSError when they cannot be written, and the core tries again at the next flush."""
+    on_sync: Callable[[int], object] | None
+    """``(position)``: sync the log up to ``position`` off the loop, then call ``log_synced(position)``."""
+    log_disk: int
+    """Bytes of the log on disk, as the store last said (--max-disk compares with it)."""
 
     def __init__(
         self,
         *,
         tick_interval: float = ...,
+        durable: bool = ...,
+        fsync: str = ...,
+        log_segment: int = ...,
         max_line: int = ...,
         max_backlog: int = ...,
         max_connections: int = ...,
@@ -54,6 +74,7 @@ class Broker:
         default_prefetch: int = ...,
         ack_timeout: float = ...,
         max_deliveries: int = ...,
+        max_disk: int = ...,
     ) -> None: ...
     def open(
         self,
@@ -80,6 +101,22 @@ class Broker:
         """The connection is gone: give back messages it was never handed, leave every rotation, free it."""
     def run_timers(self) -> None:
         """Give back the NACKed messages whose delay is over."""
+    def recover_segment(self) -> None:
+        """The next ``recover()`` calls replay a new segment (call before each one, oldest first)."""
+    def recover(self, data: bytes | memoryview) -> tuple[int, str | None]:
+        """Replay records: ``(offset, problem)``, how far they were sound and None or what is wrong there."""
+    def recover_finish(self) -> tuple[int, int, int, int]:
+        """Put the messages not done back in their topics: ``(messages, topics, records replayed,
+        seq of the oldest message or 0)``."""
+    def log_synced(self, position: int) -> None:
+        """The store synced the log up to ``position``: replies waiting for it may go."""
+    def log_deletable(self) -> int:
+        """How many of the oldest segments hold only done messages."""
+    def log_deleted(self, n: int) -> None:
+        """The store deleted the ``n`` oldest segments."""
+    @property
+    def log_state(self) -> dict[str, Any]:
+        """Positions appended, written and synced; live messages and bytes; segments and their live counts."""
     def tick(self) -> None:
         """Advance the clock by one tick_interval: idle, write and ack timeouts."""
     def client_id(self, handle: int) -> str | None:

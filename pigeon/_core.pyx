@@ -23,6 +23,7 @@ from libc.string cimport memchr, memcmp, memcpy, memmove, memset, strlen, strncp
 cdef extern from "Python.h":
     object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
     int PyBUF_WRITE
+    int PyBUF_READ
 
 
 include "core/limits.pxi"
@@ -36,10 +37,15 @@ include "core/acks.pxi"
 include "core/parser.pxi"
 include "core/commands.pxi"
 include "core/flow.pxi"
+include "core/log.pxi"
 include "core/stats.pxi"
 
 TOPIC_MAX_BYTES = TOPIC_MAX
 PROTOCOL_VERSION = 1
+# --fsync, in the order of the FSYNC_* values (log.pxd)
+FSYNC_MODES = ("no", "everysec", "always")
+# bytes of a log segment file (--data-dir): like a JetStream block, small enough to delete soon
+LOG_SEGMENT = 64 * 1024 * 1024
 
 
 @cython.final
@@ -51,7 +57,8 @@ cdef class Broker:
     server calls ``tick()``, which turns the idle and write timeouts into ticks.
     """
 
-    def __cinit__(self, *, double tick_interval=0.25, **limits):
+    def __cinit__(self, *, double tick_interval=0.25, bint durable=False, str fsync="everysec",
+                  uint64_t log_segment=LOG_SEGMENT, **limits):
         cdef str name
         self.limit = limits_default()
         for name, value in limits.items():
@@ -64,7 +71,18 @@ cdef class Broker:
         self.started = time.time()
         self.rbuf.owner = -1
         self.memory_waiter = -1
+        self.storage_waiter = -1
         self.woken = -1
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
+        self.log.durable = durable
+        self.log.fsync = FSYNC_MODES.index(fsync)
+        if log_segment == 0:
+            raise ValueError("log_segment must be more than 0 bytes")
+        # with --max-disk, segments small enough that a drained log fits well under the resume mark
+        self.log.segment_max = min(log_segment, self.limit.max_disk // 8) if self.limit.max_disk else log_segment
+        self.log.segment_max = max(self.log.segment_max, 4096)
+        self.wall_ms = <uint64_t>(time.time() * 1000)
         self.now = monotonic()
         self.conns.next_client_id = 1
         self.pool.keep = min(<size_t>POOL_KEEP_MAX, self.limit.max_memory // 16)
@@ -114,6 +132,7 @@ cdef class Broker:
                     mem_free(&self.mem, t.subs, t.subs_cap * sizeof(Sub *))
                     mem_free(&self.mem, t, sizeof(Topic) + t.name_len)
                     t = nxt
+        log_free(self)
         pool_clear(&self.pool, &self.mem)
         mem_free(&self.mem, self.topic_table.buckets, self.topic_table.nbuckets * sizeof(Topic *))
         mem_free(&self.mem, self.conns.items, self.conns.cap * sizeof(Conn))
@@ -190,6 +209,7 @@ cdef class Broker:
             raise ValueError("nbytes is outside the buffer")
         self.rbuf.owner = -1
         self.now = monotonic()
+        self.wall_ms = <uint64_t>(time.time() * 1000)
         self.counters.bytes_in += nbytes
         c.bytes_in += nbytes
         c.silent_ticks = 0
@@ -285,6 +305,79 @@ cdef class Broker:
         conn_free(self, handle)
         self._settle()
 
+    # ------------------------------------------------------------ the log (durable)
+
+    def recover(self, data):
+        """Replay the records of one segment (its bytes after the header), before serving.
+
+        Returns ``(offset, problem)``: how far the records were sound, and None or
+        what is wrong at that offset (a record cut short, a bad checksum, ...).
+        """
+        cdef const unsigned char[:] view = data
+        if view.shape[0] == 0:
+            return 0, None
+        return recovery_feed(self, &self.recovery, <const char *>&view[0], view.shape[0])
+
+    def recover_segment(self):
+        """The next recover() calls replay a new segment (call before each one, oldest first)."""
+        if log_epoch(self, self.recovery.max_seq + 1) < 0:
+            raise MemoryError()
+
+    def log_deletable(self):
+        """How many of the oldest segments hold only done messages: the store may delete them,
+        then calls log_deleted(n)."""
+        return log_deletable(self)
+
+    def log_deleted(self, size_t n):
+        """The store deleted the n oldest segments."""
+        log_drop_epochs(self, n)
+
+    def recover_finish(self):
+        """After the last segment: every message published and not done goes to the tail of its
+        topic's backlog in sequence order. Returns ``(messages, topics, records replayed, seq of the
+        oldest message or 0)``."""
+        result = recovery_finish(self, &self.recovery)
+        self._settle()
+        return result
+
+    def log_synced(self, uint64_t position):
+        """The store synced the log up to ``position``: replies waiting for it may go."""
+        if position > self.log.synced:
+            self.log.synced = position
+            self.log.syncs += 1
+        if self.log.sync_asked <= position:
+            self.log.sync_asked = 0
+        log_release(self)
+        if self.log.fsync == FSYNC_ALWAYS and self.log.written > self.log.synced and not self.log.sync_asked:
+            self.log.sync_asked = self.log.written
+            self.on_sync(self.log.written)
+        self._settle()
+
+    @property
+    def log_disk(self):
+        """Bytes of the log on disk, as the store last said (for --max-disk)."""
+        return self.log.disk
+
+    @log_disk.setter
+    def log_disk(self, uint64_t value):
+        self.log.disk = value
+        flow_storage_freed(self)
+        self._settle()
+
+    @property
+    def log_state(self):
+        """Where the log is: positions appended, written and synced, the messages it holds live."""
+        return {
+            "appended": self.log.appended,
+            "written": self.log.written,
+            "synced": self.log.synced,
+            "live_messages": self.log.live,
+            "live_bytes": self.log.live_bytes,
+            "next_seq": self.next_seq + 1,
+            "segments": self.log.nepochs,
+            "segment_live": [self.log.epoch_live[i] for i in range(self.log.nepochs)],
+        }
+
     def run_timers(self):
         """Give back the NACKed messages whose delay is over (the server calls it when on_timer says)."""
         self.timer_due = 0
@@ -301,6 +394,9 @@ cdef class Broker:
         cdef size_t unsent
         self.ticks += 1
         self.now = monotonic()
+        self.wall_ms = <uint64_t>(time.time() * 1000)
+        if self.log.len or self.log.nsettled or self.log.failed:
+            self.outbox.flush_due = True    # records wait: the flush writes them
         for h in range(self.conns.cap):
             c = &self.conns.items[h]
             if c.state != CONN_OPEN:

@@ -134,6 +134,14 @@ class MemoryFullError(RetryableError):
     CODE = "MEMORY_FULL"
 
 
+class StorageFullError(RetryableError):
+    """A PUBLISH refused because the log under ``--data-dir`` is at ``--max-disk`` (or the disk is full)
+    and waiting cannot help: the message is over a quarter of the limit, or the publisher consumes the
+    topic itself. Retry once consumers have drained some."""
+
+    CODE = "STORAGE_FULL"
+
+
 class ClosingError(CommandError):
     """An error the server sends just before it closes the connection; see ``ConnectionClosedError.error``."""
 
@@ -175,6 +183,7 @@ ERROR_CLASSES: dict[str, type[CommandError]] = {
         MemoryFullError,
         IdleTimeoutError,
         UnknownDeliveryTagError,
+        StorageFullError,
     )
     if cls.CODE is not None
 }

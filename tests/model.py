@@ -115,7 +115,19 @@ ERRORS = (
     "memory_full",
     "idle_timeout",
     "unknown_delivery_tag",
+    "storage_full",
 )
+# the log's figures of a broker without --data-dir (the model has no log: tests/test_store_wire.py)
+NO_LOG = {
+    "durable": False,
+    "log_disk_bytes": 0,
+    "log_records": 0,
+    "log_writes": 0,
+    "log_syncs": 0,
+    "log_unsynced_bytes": 0,
+    "log_live_messages": 0,
+    "log_write_failed": False,
+}
 # figures of the core the model does not state (see the module docstring)
 NOT_STATED = frozenset({"uptime_seconds", "memory_bytes", "connected_since", "connected_seconds", "handle"})
 
@@ -479,6 +491,8 @@ class ModelBroker:
             "delayed": len(self.delayed),
             "publishers_held": sum(1 for c in self.conns.values() if c.held_topic is not None),
             **self.count,
+            **NO_LOG,
+            "disk_limit_bytes": self.limit.get("max_disk", 0),
         }
 
     def topics(self, cursor: int = 0, count: int = STATS_PAGE_DEFAULT) -> dict[str, Any]:

@@ -375,14 +375,17 @@ def test_every_code_has_its_class() -> None:
         assert (error.code, error.reason, str(error)) == (code, "some text", "some text")
         assert getattr(pigeon, cls.__name__) is cls, "exported from pigeon"
     retryable = {code for code, cls in errors.ERROR_CLASSES.items() if issubclass(cls, RetryableError)}
-    assert retryable == {"BACKLOG_FULL", "MEMORY_FULL"}
+    assert retryable == {"BACKLOG_FULL", "MEMORY_FULL", "STORAGE_FULL"}
     closing = {code for code, cls in errors.ERROR_CLASSES.items() if issubclass(cls, errors.ClosingError)}
     assert closing == {"LINE_TOO_LONG", "TOO_MANY_CONNECTIONS", "IDLE_TIMEOUT"}
 
 
 def test_unknown_codes_and_codeless_errors_are_command_errors() -> None:
-    unknown = errors.error_from_reply("STORAGE_FULL disk full")
-    assert type(unknown) is CommandError and (unknown.code, unknown.reason) == ("STORAGE_FULL", "disk full")
+    unknown = errors.error_from_reply("OVER_QUOTA no room")
+    assert type(unknown) is CommandError and (unknown.code, unknown.reason) == (
+        "OVER_QUOTA",
+        "no room",
+    )
     older = errors.error_from_reply("not subscribed to 't'")  # a server from before the codes
     assert type(older) is CommandError and (older.code, older.reason) == (None, "not subscribed to 't'")
     bare = errors.error_from_reply("USAGE")

@@ -20,8 +20,8 @@ SUBSCRIBE_USAGE = b"ERROR USAGE usage: SUBSCRIBE <client_id> <topic> [ACK [PREFE
 class Harness:
     """A broker with recording writers: one list of output chunks per connection."""
 
-    def __init__(self, **limits: int) -> None:
-        self.broker = Broker(**limits)
+    def __init__(self, **limits: float) -> None:
+        self.broker = Broker(**limits)  # type: ignore[arg-type]  # limits only, by name
         self.out: dict[int, list[bytes]] = {}
 
     def open(self) -> int:

@@ -79,6 +79,7 @@ def test_commands_and_errors_are_counted_by_kind() -> None:
         "memory_full": 0,
         "idle_timeout": 0,
         "unknown_delivery_tag": 0,
+        "storage_full": 0,
     }
     assert list(stats["commands"]) == list(COMMAND_NAMES)
     assert list(stats["errors"]) == list(ERROR_NAMES)

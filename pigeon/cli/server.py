@@ -9,13 +9,14 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from pigeon._core import LIMIT_DEFAULTS
+from pigeon._core import FSYNC_MODES, LIMIT_DEFAULTS
 from pigeon._version import __version__
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 from pigeon.server import logs, signals
 from pigeon.server.limits import raise_open_files_limit
 from pigeon.server.loops import loop_factory
 from pigeon.server.protocol import Server, format_address
+from pigeon.server.store import StoreError, inspect
 
 if TYPE_CHECKING:
     from pigeon.server.monitor import Monitor
@@ -57,6 +58,7 @@ _LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
         "N",
         "deliveries of a message before it is moved to the topic <topic>.dead instead; 0 is no limit",
     ),
+    ("max_disk", "BYTES", "log bytes on disk with --data-dir; past it publishers wait; 0 is no limit"),
 )
 
 
@@ -104,6 +106,29 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=metavar,
             help=f"{text} (default %(default)s)",
         )
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="keep every message in a log in DIR until it is done, and recover it at start "
+        "(off by default: messages live in memory only)",
+    )
+    parser.add_argument(
+        "--fsync",
+        choices=FSYNC_MODES,
+        default="everysec",
+        help="with --data-dir: always: PUBLISHED after the record is on stable storage; everysec: after "
+        "it is written, synced once a second; no: the OS decides (default %(default)s)",
+    )
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="with --data-dir: keep every sound record of a damaged log, drop the rest, and serve",
+    )
+    parser.add_argument(
+        "--inspect",
+        action="store_true",
+        help="with --data-dir: print what the data directory holds and exit, without serving",
+    )
     parser.add_argument(
         "--http-port",
         type=_port,
@@ -194,8 +219,11 @@ async def shutdown(server: Server, monitor: Monitor | None) -> None:
         await monitor.stop()
     await server.stop()
     # every connection is gone: what the core still holds sits in backlogs
-    dropped = server.broker.stats()["backlog_messages"]
-    log.info("shutting down: dropping %d messages held in memory (backlogs and unsent output)", dropped)
+    held = server.broker.stats()["backlog_messages"]
+    if server.store is not None:
+        log.info("shutting down: %d messages kept in %s for the next start", held, server.store.directory)
+    else:
+        log.info("shutting down: dropping %d messages held in memory (backlogs and unsent output)", held)
 
 
 async def serve(server: Server, loop_name: str, monitor: Monitor | None = None) -> int:
@@ -204,6 +232,15 @@ async def serve(server: Server, loop_name: str, monitor: Monitor | None = None) 
     Raises OSError when the broker's own address cannot be bound.
     """
     await server.start()
+    if server.recovered is not None:
+        found = server.recovered
+        log.info(
+            "recovered %d messages on %d topics from %s in %.2f s",
+            found.messages,
+            found.topics,
+            server.store.directory if server.store is not None else "?",
+            found.seconds,
+        )
     if monitor is not None:
         try:
             await monitor.start()
@@ -227,15 +264,37 @@ async def serve(server: Server, loop_name: str, monitor: Monitor | None = None) 
     return 0
 
 
+def _inspect(data_dir: str) -> int:
+    """``pigeon --data-dir DIR --inspect``: print what DIR holds; 1 when it cannot be read."""
+    try:
+        for line in inspect(data_dir):
+            print(line)
+    except StoreError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pigeon`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (args.repair or args.inspect or args.max_disk) and args.data_dir is None:
+        parser.error("--repair, --inspect and --max-disk need --data-dir")
+    logs.configure(args.log_level, args.log_format)
+    if args.inspect:
+        return _inspect(args.data_dir)
     try:
-        server = Server(args.host, args.port, **_limits(args))
+        server = Server(
+            args.host,
+            args.port,
+            data_dir=args.data_dir,
+            fsync=args.fsync,
+            repair=args.repair,
+            **_limits(args),
+        )
     except ValueError as exc:
         parser.error(_limit_error(exc))
-    logs.configure(args.log_level, args.log_format)
     try:
         loop_name, new_loop = loop_factory(args.loop)
     except ImportError:
@@ -260,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = 0
     try:
         code = loop.run_until_complete(serve(server, loop_name, monitor))
+    except StoreError as exc:
+        log.error("%s", exc)
+        return 1
     except OSError as exc:
         log.error("cannot listen on %s: %s", format_address((args.host, args.port)), _bind_error(exc))
         return 1

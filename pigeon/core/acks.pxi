@@ -149,7 +149,7 @@ cdef bint ack_deliver(Broker b, Sub *s, Msg *msg) noexcept:
         return False
     c = &b.conns.items[h]
     l = &c.unacked
-    if not _note_inflight(b, h, msg, t, line, line_len, l.next_tag):
+    if not _note_inflight(b, h, msg, t, line, line_len, l.next_tag, msg.seq):
         l.count -= 1
         l.live -= 1
         backlog_push(b, msg, True)
@@ -176,6 +176,8 @@ cdef bint ack_deliver(Broker b, Sub *s, Msg *msg) noexcept:
     s.unacked += 1
     t.unacked += 1
     b.unacked_messages += 1
+    if b.log.durable:
+        log_delivered(b, msg.seq, attempt)
     return True
 
 
@@ -212,6 +214,8 @@ cdef size_t acks_settle(Broker b, int32_t h, uint64_t first, uint64_t last) noex
                 touch_topic(s.topic, &touched)   # its window opens: the backlog may flow to it
             msg = _unlink(b, e)
             msg.topic.acked += 1
+            if b.log.durable:
+                log_settle(b, msg.seq)
             msg_release(b, msg)
             n += 1
         i += 1
@@ -347,6 +351,9 @@ cdef void _dead_letter(Broker b, Msg *msg) noexcept:
     msg.topic = dead
     msg.attempt = 0
     b.next_seq += 1
+    if b.log.durable:
+        log_settle(b, msg.seq)
+        log_publish(b, b.next_seq, dead, msg_data(msg), msg.len, 0)
     msg.seq = b.next_seq
     dead.published += 1
     b.backlog_messages += 1

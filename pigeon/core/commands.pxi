@@ -200,6 +200,8 @@ cdef void _accepted(Broker b, int32_t h, Topic *t) noexcept:
     b.counters.published += 1
     b.conns.items[h].msgs_in += 1
     out_reply(b, h, "PUBLISHED", topic_name(t), t.name_len)
+    if b.log.durable:
+        log_wait(b, h)      # the reply leaves once the message's record is in the log
 
 
 cdef void _backlog_full(Broker b, Topic *t) noexcept:
@@ -211,11 +213,16 @@ cdef void _backlog_full(Broker b, Topic *t) noexcept:
 
 
 cdef int _refuse(Broker b, int32_t h, Topic *t, int kind) noexcept:
-    """The PUBLISH cannot wait (see flow.pxd): BACKLOG_FULL or MEMORY_FULL."""
+    """The PUBLISH cannot wait (see flow.pxd): BACKLOG_FULL, MEMORY_FULL or STORAGE_FULL."""
     cdef char reason[96]
     b.counters.refused += 1
     if kind == ERR_MEMORY_FULL:
         _memory_full(b, h)
+        return 0
+    if kind == ERR_STORAGE_FULL:
+        snprintf(reason, sizeof(reason), "storage full (%llu of %zu bytes on disk)",
+                 <unsigned long long>b.log.disk, b.limit.max_disk)
+        out_error(b, h, ERR_STORAGE_FULL, reason)
         return 0
     snprintf(reason, sizeof(reason), "backlog full (%u messages) for topic", b.limit.max_backlog)
     out_error_quoting(b, h, ERR_BACKLOG_FULL, reason, topic_name(t), t.name_len)
@@ -223,29 +230,63 @@ cdef int _refuse(Broker b, int32_t h, Topic *t, int kind) noexcept:
     return 0
 
 
+cdef int _storage_full(Broker b, int32_t h, Topic *t, size_t n) noexcept:
+    """0 when the log can take a message of n bytes; else HOLD (the publisher waits for the disk),
+    or -1 with an ERROR STORAGE_FULL sent when waiting cannot help (see flow.pxd)."""
+    cdef size_t size = publish_record_size(t.name_len, n)
+    cdef Log *log = &b.log
+    if not log.failed and (b.limit.max_disk == 0 or log.disk + log.len + size <= b.limit.max_disk):
+        return 0
+    if size > b.limit.max_disk // 4 and b.limit.max_disk or sub_find(&b.conns.items[h], t) != NULL:
+        _refuse(b, h, t, ERR_STORAGE_FULL)    # too large to wait for, or waiting for itself
+        return -1
+    flow_hold(b, h, NULL, HELD_STORAGE)
+    return HOLD
+
+
+cdef Msg *_record_for(Broker b, Topic *t, const char *data, size_t n) noexcept:
+    """A record of a new message, logged when durable; NULL when out of memory."""
+    cdef Msg *msg = msg_new(b, t, data, n)
+    if msg != NULL and b.log.durable and log_publish(b, msg.seq, t, data, n, 0) < 0:
+        msg_release(b, msg)
+        return NULL
+    return msg
+
+
 cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n) noexcept:
     """Route one message: straight to the next subscriber when nothing waits before it, else
-    to the tail of the backlog. HOLD when the backlog or the memory is full and the
-    publisher has to wait (flow.pxd)."""
+    to the tail of the backlog. HOLD when the backlog, the memory or the disk is full and
+    the publisher has to wait (flow.pxd)."""
     cdef Sub *s
     cdef Msg *msg
     cdef size_t size
+    cdef uint64_t seq
+    if b.log.durable and (b.log.failed or b.limit.max_disk):
+        held = _storage_full(b, h, t, n)
+        if held:
+            return HOLD if held == HOLD else 0
     if t.backlog.count == 0:
         s = topic_next_subscriber(b, t)
         if s != NULL:
-            _accepted(b, h, t)
             if s.ack:
-                msg = msg_new(b, t, data, n)
+                msg = _record_for(b, t, data, n)
                 if msg == NULL:
-                    b.counters.lost += 1
-                else:
-                    deliver(b, s, msg)
-            elif not out_deliver_direct(b, s.conn, t, data, n):
+                    return _refuse(b, h, t, ERR_MEMORY_FULL)
+                _accepted(b, h, t)
+                deliver(b, s, msg)
+                return 0
+            b.next_seq += 1
+            seq = b.next_seq
+            if b.log.durable and log_publish(b, seq, t, data, n, 0) < 0:
+                return _refuse(b, h, t, ERR_MEMORY_FULL)
+            _accepted(b, h, t)
+            if not out_deliver_direct(b, s.conn, t, data, n, seq):
                 # the subscriber's output could not grow: the message waits in the backlog
                 msg = msg_new(b, t, data, n)
                 if msg == NULL:
                     b.counters.lost += 1
                 else:
+                    msg.seq = seq
                     backlog_push(b, msg, True)
                     b.counters.backlogged += 1
                     topic_drain(b, t)
@@ -253,16 +294,16 @@ cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n) 
     if t.backlog.count >= b.limit.max_backlog:
         if sub_find(&b.conns.items[h], t) != NULL:
             return _refuse(b, h, t, ERR_BACKLOG_FULL)   # waiting for itself could deadlock it
-        flow_hold(b, h, t)
+        flow_hold(b, h, t, HELD_TOPIC)
         _backlog_full(b, t)
         return HOLD
     size = msg_size(n) + sizeof(Msg *)
     if not _has_room(b, size):
         if size > b.limit.max_memory // 4 or sub_find(&b.conns.items[h], t) != NULL:
             return _refuse(b, h, t, ERR_MEMORY_FULL)    # too large to wait for, or waiting for itself
-        flow_hold(b, h, NULL)
+        flow_hold(b, h, NULL, HELD_MEMORY)
         return HOLD
-    msg = msg_new(b, t, data, n)
+    msg = _record_for(b, t, data, n)
     if msg != NULL and queue_push(&b.mem, &t.backlog, msg) < 0:
         msg_release(b, msg)
         msg = NULL

@@ -25,6 +25,7 @@ ctypedef struct InFlight:
     size_t line_len
     uint64_t tag            # a DELIVER line's delivery tag (the unacknowledged list holds the
                             # reference), 0 for a MESSAGE line
+    uint64_t seq            # the message's sequence number (durable: recorded as done once handed over)
 
 
 cdef struct Conn:
@@ -41,6 +42,7 @@ cdef struct Conn:
     Topic *held_topic           # the topic whose backlog it waits for (pinned)
     int32_t next_waiter         # the next and previous connection waiting for the same thing, -1: none
     int32_t prev_waiter
+    uint64_t log_wait           # log position its output waits for (a PUBLISHED reply, durable), 0: none
     uint32_t silent_ticks       # ticks since its last input
     uint64_t paused_at          # the tick at which it last paused
     uint64_t client_id          # 0 until CONNECT
@@ -87,4 +89,4 @@ cdef void conn_free(Broker b, int32_t h) noexcept
 cdef Conn *conn_get(Broker b, int32_t h) except NULL
 cdef int conn_keep_input(Broker b, int32_t h, const char *data, size_t n) noexcept
 cdef int inflight_push(Memory *m, Conn *c, Msg *msg, Topic *t, size_t offset, size_t line_len,
-                       uint64_t tag) noexcept
+                       uint64_t tag, uint64_t seq) noexcept

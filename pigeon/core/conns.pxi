@@ -71,6 +71,7 @@ cdef void conn_free(Broker b, int32_t h) noexcept:
     b.mem.in_transports -= c.in_transport
     mem_free(&b.mem, c.inflight, c.inflight_cap * sizeof(InFlight))
     mem_free(&b.mem, c.input, c.input_len)
+    log_forget(b, h)
     mem_free(&b.mem, c.subs, c.subs_cap * sizeof(Sub *))
     acks_free(b, &c.unacked)
     if not c.rejected:
@@ -104,7 +105,7 @@ cdef int conn_keep_input(Broker b, int32_t h, const char *data, size_t n) noexce
 
 
 cdef int inflight_push(Memory *m, Conn *c, Msg *msg, Topic *t, size_t offset, size_t line_len,
-                       uint64_t tag) noexcept:
+                       uint64_t tag, uint64_t seq) noexcept:
     """Note a message written at ``offset`` (the list takes over the reference); -1 when out of memory."""
     cdef uint32_t newcap
     cdef InFlight *grown
@@ -123,5 +124,6 @@ cdef int inflight_push(Memory *m, Conn *c, Msg *msg, Topic *t, size_t offset, si
     e.offset = offset
     e.line_len = line_len
     e.tag = tag
+    e.seq = seq
     c.ninflight += 1
     return 0

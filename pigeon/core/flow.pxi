@@ -13,18 +13,24 @@ cdef void _unlink_waiter(Broker b, int32_t h, int32_t *head) noexcept:
     c.prev_waiter = -1
 
 
-cdef void flow_hold(Broker b, int32_t h, Topic *t) noexcept:
-    """h's PUBLISH waits: for t's backlog to drain, or for memory when t is NULL."""
+cdef inline int32_t *_waiters(Broker b, Conn *c) noexcept:
+    """The waiting list of what c waits for."""
+    if c.held == HELD_TOPIC:
+        return &c.held_topic.waiter
+    if c.held == HELD_MEMORY:
+        return &b.memory_waiter
+    return &b.storage_waiter
+
+
+cdef void flow_hold(Broker b, int32_t h, Topic *t, int why) noexcept:
+    """h's PUBLISH waits (``why``: HELD_TOPIC for t's backlog to drain, HELD_MEMORY, HELD_STORAGE)."""
     cdef Conn *c = &b.conns.items[h]
     cdef int32_t *head
-    if t != NULL:
-        c.held = HELD_TOPIC
+    c.held = why
+    if why == HELD_TOPIC:
         c.held_topic = t
         t.refs += 1
-        head = &t.waiter
-    else:
-        c.held = HELD_MEMORY
-        head = &b.memory_waiter
+    head = _waiters(b, c)
     c.prev_waiter = -1
     c.next_waiter = head[0]
     if head[0] >= 0:
@@ -40,13 +46,11 @@ cdef void flow_release(Broker b, int32_t h) noexcept:
     cdef Topic *t = c.held_topic
     if c.held == HELD_NONE:
         return
+    _unlink_waiter(b, h, _waiters(b, c))
     if c.held == HELD_TOPIC:
-        _unlink_waiter(b, h, &t.waiter)
         c.held_topic = NULL
         t.refs -= 1
         topics_drop_if_unused(b, t)
-    else:
-        _unlink_waiter(b, h, &b.memory_waiter)
     c.held = HELD_NONE
     b.publishers_held -= 1
 
@@ -82,6 +86,12 @@ cdef void flow_topic_drained(Broker b, Topic *t) noexcept:
 cdef void flow_memory_freed(Broker b) noexcept:
     if b.memory_waiter >= 0 and mem_total(&b.mem) <= b.limit.max_memory // 4 * 3:
         _wake_list(b, &b.memory_waiter)
+
+
+cdef void flow_storage_freed(Broker b) noexcept:
+    if b.storage_waiter >= 0 and not b.log.failed and (
+            b.limit.max_disk == 0 or b.log.disk + b.log.len <= b.limit.max_disk // 4 * 3):
+        _wake_list(b, &b.storage_waiter)
 
 
 cdef int flow_run_woken(Broker b) except -1:

@@ -2,7 +2,7 @@
 # source of their defaults (limits_default); the server and the CLI read them
 # through pigeon._core.LIMIT_DEFAULTS.
 
-from libc.stdint cimport int32_t, uint32_t
+from libc.stdint cimport int32_t, uint32_t, uint64_t
 
 
 cdef extern from *:
@@ -33,6 +33,7 @@ ctypedef struct Limits:
     uint32_t default_prefetch   # unacknowledged messages an acknowledged subscription holds unless it says
     double ack_timeout          # seconds a delivery may stay unacknowledged before it is given back; 0 = never
     uint32_t max_deliveries     # deliveries of one message before it goes to <topic>.dead; 0 = no limit
+    uint64_t max_disk           # bytes of log on disk before publishers wait (durable); 0 = no limit
 
 
 cdef Limits limits_default() noexcept

@@ -2,7 +2,7 @@
 
 LIMIT_NAMES = ("max_line", "max_backlog", "max_connections", "max_memory", "max_subscriptions",
                "max_topics", "max_pending", "idle_timeout", "write_timeout", "out_batch", "default_prefetch",
-               "ack_timeout", "max_deliveries")
+               "ack_timeout", "max_deliveries", "max_disk")
 
 
 # (smallest, largest) accepted for each integer limit; the largest is what its C field holds
@@ -17,6 +17,7 @@ cdef dict _INT_RANGES = {
     "out_batch": (1, 1 << 40),
     "default_prefetch": (1, PREFETCH_MAX),
     "max_deliveries": (0, (1 << 32) - 1),
+    "max_disk": (0, (1 << 63) - 1),
 }
 
 
@@ -35,6 +36,7 @@ cdef Limits limits_default() noexcept:
     limits.default_prefetch = 1000
     limits.ack_timeout = 30.0
     limits.max_deliveries = 5
+    limits.max_disk = 0
     return limits
 
 
@@ -77,8 +79,10 @@ cdef int limits_set(Limits *limits, str name, object value) except -1:
         limits.out_batch = value
     elif name == "default_prefetch":
         limits.default_prefetch = value
-    else:
+    elif name == "max_deliveries":
         limits.max_deliveries = value
+    else:
+        limits.max_disk = value
     return 0
 
 
@@ -97,6 +101,7 @@ cdef dict limits_dict(const Limits *limits):
         "default_prefetch": limits.default_prefetch,
         "ack_timeout": limits.ack_timeout,
         "max_deliveries": limits.max_deliveries,
+        "max_disk": limits.max_disk,
     }
 
 

@@ -46,10 +46,11 @@ cdef void out_error(Broker b, int32_t h, int kind, const char *text) noexcept
 cdef void out_error_quoting(Broker b, int32_t h, int kind, const char *text,
                             const char *arg, size_t n) noexcept
 cdef bint out_deliver(Broker b, int32_t h, Msg *msg) noexcept
-cdef bint out_deliver_direct(Broker b, int32_t h, Topic *t, const char *data, size_t n) noexcept
+cdef bint out_deliver_direct(Broker b, int32_t h, Topic *t, const char *data, size_t n,
+                            uint64_t seq) noexcept
 cdef bint deliver(Broker b, Sub *s, Msg *msg) noexcept
 cdef bint note_inflight(Broker b, int32_t h, Msg *msg, Topic *t, char *line, size_t line_len,
-                        uint64_t tag) noexcept
+                        uint64_t tag, uint64_t seq) noexcept
 cdef void out_failed(Broker b, int32_t h) noexcept
 
 cdef void backlog_push(Broker b, Msg *msg, bint front) noexcept

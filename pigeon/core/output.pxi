@@ -218,7 +218,7 @@ cdef char *_message_line(Broker b, int32_t h, Topic *t, const char *data, size_t
 
 
 cdef inline bint _note_inflight(Broker b, int32_t h, Msg *msg, Topic *t, char *line, size_t line_len,
-                                uint64_t tag) noexcept:
+                                uint64_t tag, uint64_t seq) noexcept:
     """note_inflight, with the common case (room in the list) inline on the delivery paths."""
     cdef Conn *c = &b.conns.items[h]
     cdef InFlight *e
@@ -229,17 +229,18 @@ cdef inline bint _note_inflight(Broker b, int32_t h, Msg *msg, Topic *t, char *l
         e.offset = line - c.out
         e.line_len = line_len
         e.tag = tag
+        e.seq = seq
         c.ninflight += 1
         return True
-    return note_inflight(b, h, msg, t, line, line_len, tag)
+    return note_inflight(b, h, msg, t, line, line_len, tag, seq)
 
 
 cdef bint note_inflight(Broker b, int32_t h, Msg *msg, Topic *t, char *line, size_t line_len,
-                        uint64_t tag) noexcept:
+                        uint64_t tag, uint64_t seq) noexcept:
     """Note the message whose line was just written at ``line`` in h's output. False when even
     that cannot be allocated: the line is undone and h is broken (see out_failed)."""
     cdef Conn *c = &b.conns.items[h]
-    if inflight_push(&b.mem, c, msg, t, line - c.out, line_len, tag) == 0:
+    if inflight_push(&b.mem, c, msg, t, line - c.out, line_len, tag, seq) == 0:
         return True
     c.out_len -= line_len
     out_failed(b, h)
@@ -254,7 +255,7 @@ cdef bint out_deliver(Broker b, int32_t h, Msg *msg) noexcept:
     cdef Topic *t = msg.topic
     cdef size_t line_len = 8 + t.name_len + 1 + msg.len + 1
     cdef char *line = _message_line(b, h, t, msg_data(msg), msg.len)
-    if line == NULL or not _note_inflight(b, h, msg, t, line, line_len, 0):
+    if line == NULL or not _note_inflight(b, h, msg, t, line, line_len, 0, msg.seq):
         backlog_push(b, msg, True)
         return False
     return True
@@ -267,14 +268,15 @@ cdef bint deliver(Broker b, Sub *s, Msg *msg) noexcept:
     return out_deliver(b, s.conn, msg)
 
 
-cdef bint out_deliver_direct(Broker b, int32_t h, Topic *t, const char *data, size_t n) noexcept:
+cdef bint out_deliver_direct(Broker b, int32_t h, Topic *t, const char *data, size_t n,
+                            uint64_t seq) noexcept:
     """Write a message that has no record yet (straight from its publisher) to h.
 
     False when h's output cannot grow: h is broken, and the caller keeps the message.
     """
     cdef size_t line_len = 8 + t.name_len + 1 + n + 1
     cdef char *line = _message_line(b, h, t, data, n)
-    if line == NULL or not _note_inflight(b, h, NULL, t, line, line_len, 0):
+    if line == NULL or not _note_inflight(b, h, NULL, t, line, line_len, 0, seq):
         return False
     t.refs += 1
     return True
@@ -347,6 +349,8 @@ cdef void _release_inflight(Broker b, Conn *c) noexcept:
         msg = c.inflight[i].msg
         t = c.inflight[i].topic
         t.delivered += 1
+        if b.log.durable and not c.inflight[i].tag:
+            log_settle(b, c.inflight[i].seq)
         # a line routed straight from its publisher, or a DELIVER line (whose message stays with the
         # unacknowledged list, and may be settled before its line leaves), pinned its topic
         if msg == NULL or c.inflight[i].tag:
@@ -423,6 +427,7 @@ cdef void give_back_inflight(Broker b, int32_t h, const char *out, int how) noex
             if msg == NULL:
                 b.counters.lost += 1
                 continue
+            msg.seq = e.seq
         backlog_push(b, msg, True)
         b.counters.requeued += 1
         b.counters.backlogged += 1
@@ -599,8 +604,12 @@ cdef int _flush_pass(Broker b) except -1:
     cdef Conn *c
     ob.flush_scheduled = False
     flow_memory_freed(b)
+    # the records of this pass (and the DONE runs of the last) before the replies that need them
+    log_write(b)
     while ob.ndirty or ob.nclosing or b.woken >= 0:
         flow_run_woken(b)
+        if b.log.len:
+            log_write(b)                # the woken publishers' records
         while ob.ndirty:
             n = ob.ndirty
             for i in range(n):
@@ -616,6 +625,9 @@ cdef int _flush_pass(Broker b) except -1:
                 if c.out_len:
                     if c.state == CONN_OPEN and c.paused:
                         _check_unsent(b, h)
+                        continue
+                    if c.log_wait and not log_ready(b, c):
+                        log_wait_for(b, h)      # a PUBLISHED reply whose record is not yet there
                         continue
                     hand_over(b, h)
                     c = &b.conns.items[h]

@@ -37,6 +37,7 @@ cdef enum:
     ERR_MEMORY_FULL
     ERR_IDLE_TIMEOUT
     ERR_UNKNOWN_DELIVERY_TAG
+    ERR_STORAGE_FULL
     ERR_KINDS
 
     # what topic_problem finds wrong with a name
@@ -57,6 +58,7 @@ cdef extern from *:
         "USAGE", "UNKNOWN_COMMAND", "NOT_CONNECTED", "ALREADY_CONNECTED", "WRONG_CLIENT_ID",
         "BAD_TOPIC", "NOT_SUBSCRIBED", "BACKLOG_FULL", "LINE_TOO_LONG", "TOO_MANY_CONNECTIONS",
         "TOO_MANY_SUBSCRIPTIONS", "TOO_MANY_TOPICS", "MEMORY_FULL", "IDLE_TIMEOUT", "UNKNOWN_DELIVERY_TAG",
+        "STORAGE_FULL",
     };
     """
     # the stable upper-case code of each error kind, sent as ERROR <CODE> <text>

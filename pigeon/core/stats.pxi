@@ -46,6 +46,15 @@ cdef dict stats_dict(Broker b):
         "dead_letters_dropped": b.counters.dead_letters_dropped,
         "publishers_held": b.publishers_held,
         "publish_holds": b.counters.publish_holds,
+        "durable": bool(b.log.durable),
+        "log_disk_bytes": b.log.disk,
+        "log_records": b.log.records,
+        "log_writes": b.log.writes,
+        "log_syncs": b.log.syncs,
+        "log_unsynced_bytes": b.log.written - b.log.synced if b.log.fsync else 0,
+        "log_live_messages": b.log.live,
+        "log_write_failed": bool(b.log.failed),
+        "disk_limit_bytes": b.limit.max_disk,
     }
 
 

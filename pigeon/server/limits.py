@@ -7,6 +7,7 @@ source, read through ``LIMIT_DEFAULTS``), named here for ``Server`` and the
 
 from __future__ import annotations
 
+import os
 from typing import TypedDict
 
 from pigeon._core import LIMIT_DEFAULTS
@@ -40,6 +41,10 @@ class ServerLimits(TypedDict, total=False):
     default_prefetch: int
     ack_timeout: float
     max_deliveries: int
+    max_disk: int
+    data_dir: str | os.PathLike[str] | None
+    fsync: str
+    repair: bool
 
 
 def raise_open_files_limit(want: int | None = None) -> int | None:

@@ -22,6 +22,8 @@ from pigeon._core import Broker
 # (stats key, metric name, help) of the server-wide counters
 _COUNTERS = (
     ("connections_total", "pigeon_connections_opened", "Connections accepted since start."),
+    ("log_writes", "pigeon_log_writes", "Writes of records to the log (--data-dir), one per flush at most."),
+    ("log_syncs", "pigeon_log_syncs", "fdatasync calls of the log completed (--fsync everysec or always)."),
     (
         "connections_rejected",
         "pigeon_connections_rejected",
@@ -121,6 +123,14 @@ _GAUGES = (
         "pigeon_publishers_held",
         "Connections whose PUBLISH waits for flow control (not being read).",
     ),
+    ("log_disk_bytes", "pigeon_log_disk_bytes", "Bytes of the log's segments on disk (--data-dir)."),
+    ("log_live_messages", "pigeon_log_live_messages", "Messages in the log not done yet (--data-dir)."),
+    (
+        "log_unsynced_bytes",
+        "pigeon_log_unsynced_bytes",
+        "Log bytes written and not yet synced to stable storage (--fsync everysec or always).",
+    ),
+    ("log_write_failed", "pigeon_log_write_failed", "1 while the last write of the log failed (disk full)."),
 )
 
 # (topics entry key, metric family, metric name, help) of the per-topic series

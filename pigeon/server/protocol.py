@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from functools import partial
 from types import TracebackType
 from typing import cast
@@ -34,6 +35,7 @@ from pigeon.server.limits import (
     DEFAULT_PREFETCH,
     DEFAULT_WRITE_TIMEOUT,
 )
+from pigeon.server.store import Recovered, Store
 
 log = logging.getLogger("pigeon")
 
@@ -198,10 +200,20 @@ class Server:
         default_prefetch: int = DEFAULT_PREFETCH,
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        max_disk: int = 0,
+        data_dir: str | os.PathLike[str] | None = None,
+        fsync: str = "everysec",
+        repair: bool = False,
     ) -> None:
         self.host = host
         self._requested_port = port
+        self.store = Store(data_dir, fsync) if data_dir is not None else None
+        self.recovered: Recovered | None = None
+        self._repair = repair
         self.broker = Broker(
+            durable=self.store is not None,
+            fsync=fsync,
+            max_disk=max_disk,
             max_line=max_line,
             max_backlog=max_backlog,
             max_connections=max_connections,
@@ -232,8 +244,17 @@ class Server:
         return int(self._listener.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        """Start listening; raises OSError when the address cannot be bound."""
+        """Recover the data directory if there is one, then start listening. Raises StoreError when
+        the data directory cannot be used, OSError when the address cannot be bound."""
         loop = asyncio.get_running_loop()
+        if self.store is not None:
+            self.store.open()
+            try:
+                self.recovered = self.store.recover(self.broker, self._repair)
+            except BaseException:
+                self.store.close()
+                raise
+            self.store.attach(self.broker, loop)
         # one flush per pass of the loop, after every read of that pass
         self.broker.on_output = partial(loop.call_soon, self.broker.flush)
         self.broker.on_timer = self._arm_timer
@@ -303,6 +324,9 @@ class Server:
         if self._listener is not None:
             await self._listener.wait_closed()
             self._listener = None
+        if self.store is not None:
+            self.broker.flush()  # the records of the last pass
+            self.store.close()
 
     async def _until_closed(self, timeout: float) -> None:
         """Wait until every connection is gone, or ``timeout`` seconds."""

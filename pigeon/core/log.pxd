@@ -1,0 +1,92 @@
+# Log: durability (--data-dir). The core decides what is recorded and when a
+# reply may leave; the store (pigeon/server/store.py) only appends the bytes
+# the core hands it, syncs them, reads segments back and deletes them.
+#
+# Every accepted message is a PUBLISH record; a message is done when a plain
+# subscriber's socket took it or an acknowledged subscriber acked it, and
+# DONE records say so, by runs of sequence numbers; a delivery to an
+# acknowledged subscription is a DELIVERED record with its attempt. Recovery
+# replays the records: the messages published and not done come back, per
+# topic in sequence order, with their attempts. docs/storage.md is the format.
+#
+# Records of one pass of the event loop are appended together (one write per
+# pass); a connection whose output holds a PUBLISHED reply waits until its
+# record is written (--fsync everysec, no) or on stable storage (always).
+
+from libc.stdint cimport int32_t, uint32_t, uint64_t
+
+
+cdef enum:
+    FSYNC_NO = 0
+    FSYNC_EVERYSEC = 1
+    FSYNC_ALWAYS = 2
+
+    REC_PUBLISH = 1         # u64 seq, u64 time_ms, u32 attempt, u16 topic_len, topic, u32 len, payload
+    REC_DONE = 2            # u64 first, u64 last: every message published with a seq in it is done
+    REC_DELIVERED = 3       # u64 seq, u32 attempt: out for delivery to an acknowledged subscription
+
+    RECORD_HEAD = 8         # u32 body length, u32 CRC-32 of the body
+
+
+ctypedef struct Log:
+    bint durable            # --data-dir given: every message is recorded
+    int fsync               # FSYNC_*
+    char *buf               # records not yet handed to the store
+    size_t len
+    size_t cap
+    uint64_t appended       # log bytes produced (handed over or in buf), a position in the log
+    uint64_t written        # ... handed to the store and written
+    uint64_t synced         # ... on stable storage
+    uint64_t sync_asked     # the position of the sync in flight, 0: none
+    uint64_t disk           # bytes of the log on disk, as the store last said
+    uint64_t *settled       # seqs done since the last flush, recorded as runs at its end
+    size_t nsettled
+    size_t settled_cap
+    bint failed             # the last write failed (disk full): publishers wait, replies too
+    int32_t *waiting        # connections whose output waits for the log (Conn.log_wait)
+    int32_t nwaiting
+    size_t waiting_cap
+    uint64_t records        # records appended
+    uint64_t writes         # writes handed to the store
+    uint64_t syncs          # syncs completed
+    uint64_t live           # messages published and not done
+    uint64_t live_bytes     # their PUBLISH records' bytes
+    # Segments: the store keeps the log in files of about segment_max bytes, one
+    # epoch each. A message belongs to the epoch its PUBLISH record was written
+    # in; the epochs are told apart by their first seq (records are appended in
+    # seq order). A prefix of epochs with no live message can be deleted.
+    uint64_t segment_max    # start a new segment before one would grow past this
+    uint64_t segment_bytes  # bytes written to the current segment
+    bint rotate_next        # the next write starts a new segment (after recovery)
+    uint64_t buf_first_seq  # seq of the first PUBLISH record in buf, 0: none
+    uint64_t buf_live       # messages recorded in buf and not done
+    uint64_t *epoch_first   # per segment on disk, oldest first: the first seq written in it
+    uint64_t *epoch_live    # ... and how many of its messages are not done
+    size_t nepochs
+    size_t epochs_cap
+
+
+ctypedef struct Recovery:
+    # While replaying a log: the messages published, in sequence order, and
+    # the done ones crossed out (NULL).
+    uint64_t *seqs
+    Msg **msgs
+    size_t count
+    size_t cap
+    uint64_t records
+    uint64_t max_seq
+
+
+cdef int log_publish(Broker b, uint64_t seq, Topic *t, const char *data, size_t n,
+                     uint32_t attempt) noexcept
+cdef void log_settle(Broker b, uint64_t seq) noexcept
+cdef void log_delivered(Broker b, uint64_t seq, uint32_t attempt) noexcept
+cdef void log_wait(Broker b, int32_t h) noexcept
+cdef bint log_ready(Broker b, Conn *c) noexcept
+cdef int log_write(Broker b) except -1
+cdef void log_release(Broker b) noexcept
+cdef void log_free(Broker b) noexcept
+cdef uint32_t record_crc(const char *body, size_t n) noexcept
+cdef int log_epoch(Broker b, uint64_t first) noexcept
+cdef size_t log_deletable(Broker b) noexcept
+cdef void log_drop_epochs(Broker b, size_t n) noexcept

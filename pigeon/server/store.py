@@ -1,0 +1,455 @@
+"""The log on disk under ``--data-dir``: segment files the core's records are appended to.
+
+The core decides what is recorded and when a reply may leave (pigeon/core/log.pxd);
+this module only appends the bytes it is handed, syncs them off the event loop,
+reads the segments back at start and deletes the ones the core says are done.
+The format and the guarantees are in docs/storage.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pigeon._core import Broker, record_checksum
+
+log = logging.getLogger("pigeon")
+
+MAGIC = b"PIGEONLG"
+FORMAT_VERSION = 1
+# magic, format version, 4 bytes reserved: a segment's records start after it
+HEADER = MAGIC + struct.pack("<II", FORMAT_VERSION, 0)
+SEGMENT_SUFFIX = ".seg"
+LOCK_NAME = "LOCK"
+RECORD_HEAD = struct.Struct("<II")  # body length, CRC-32C of the body
+PUBLISH_KIND = 1
+PUBLISH_FIELDS = struct.Struct("<QQ")  # a PUBLISH record's seq and time (ms), after its kind
+# how often the store syncs under --fsync everysec and deletes the segments that are done
+HOUSEKEEPING_INTERVAL = 1.0
+
+
+class StoreError(Exception):
+    """The data directory cannot be used; the message says why."""
+
+
+class DataDirLocked(StoreError):
+    """Another pigeon process holds the data directory."""
+
+
+class CorruptLog(StoreError):
+    """A record before the tail of the log is damaged: ``pigeon --repair`` keeps the rest."""
+
+    def __init__(self, path: Path, offset: int, problem: str) -> None:
+        super().__init__(
+            f"{path}: {problem} at offset {offset}; start with --repair to keep every valid record "
+            "and drop the damaged ones"
+        )
+        self.path = path
+        self.offset = offset
+        self.problem = problem
+
+
+@dataclass
+class Recovered:
+    """What a start found in the data directory."""
+
+    messages: int = 0
+    topics: int = 0
+    segments: int = 0
+    records: int = 0
+    seconds: float = 0.0
+    torn: list[tuple[Path, int, str]] = field(default_factory=list)
+    dropped_bytes: int = 0
+    oldest_seq: int = 0  # the oldest message not done, 0: none
+
+
+def segment_name(number: int) -> str:
+    """The file name of segment ``number`` (names sort in the order of the log)."""
+    return f"{number:016d}{SEGMENT_SUFFIX}"
+
+
+def _segments(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix == SEGMENT_SUFFIX and p.stem.isdigit())
+
+
+def _valid_record_at(data: memoryview, pos: int) -> int:
+    """The size of a sound record starting at ``pos``, or 0 (used by --repair only)."""
+    if len(data) - pos < RECORD_HEAD.size:
+        return 0
+    body: int
+    crc: int
+    body, crc = RECORD_HEAD.unpack_from(data, pos)
+    end = pos + RECORD_HEAD.size + body
+    if body == 0 or end > len(data) or record_checksum(data[pos + RECORD_HEAD.size : end]) != crc:
+        return 0
+    return end - pos
+
+
+def _is_tail(data: memoryview, offset: int) -> bool:
+    """Whether damage at ``offset`` is a torn tail: a record cut short by the end of the file,
+    zeros to the end, or a bad last record (a crash in the middle of a write)."""
+    rest = data[offset:]
+    if not any(rest):
+        return True
+    if len(rest) < RECORD_HEAD.size:
+        return True
+    body: int = RECORD_HEAD.unpack_from(rest, 0)[0]
+    return RECORD_HEAD.size + body >= len(rest)
+
+
+class Store:
+    """The segment files of one data directory, held with a lock for the life of the process.
+
+    ``open()`` takes the lock, ``recover(broker)`` replays the log into a broker
+    that has not served yet, ``attach(broker, loop)`` makes the store the
+    broker's log writer, ``close()`` syncs and lets go.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], fsync: str = "everysec") -> None:
+        self.directory = Path(directory)
+        self.fsync = fsync
+        self._lock_fd: int | None = None
+        self._sizes: dict[Path, int] = {}  # every segment on disk, oldest first, and its size
+        self._fd: int | None = None  # the segment being written
+        self._unsynced: list[int] = []  # earlier segments written since their last sync, still open
+        self._next_number = 1
+        self._broker: Broker | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._syncer: ThreadPoolExecutor | None = None
+        self._sync_in_flight = False
+        self._directory_changed = False  # a segment was created: the next sync syncs the directory too
+        self._housekeeping: asyncio.TimerHandle | None = None
+        self._mutex = threading.Lock()  # the fd lists, between the loop and the sync thread
+
+    # ------------------------------------------------------------ the directory
+
+    def open(self) -> None:
+        """Create the directory if need be and take its lock; DataDirLocked when another process has it."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot use {self.directory}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DataDirLocked(
+                f"{self.directory} is in use by another pigeon (pid {holder}); one server per data directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def segments(self) -> list[Path]:
+        """The segment files, oldest first."""
+        return _segments(self.directory)
+
+    def disk_bytes(self) -> int:
+        """Bytes of the segments on disk."""
+        return sum(self._sizes.values())
+
+    # ------------------------------------------------------------ reading back
+
+    def recover(self, broker: Broker, repair: bool = False, change: bool = True) -> Recovered:
+        """Replay every segment into ``broker``, oldest first, then put the messages that were not
+        done back in their topics. A torn tail is cut off with a warning; damage before it raises
+        CorruptLog, or with ``repair`` is skipped (the segment rewritten with its sound records).
+        With ``change`` False the files are only read (--inspect)."""
+        started = time.perf_counter()
+        found = Recovered()
+        paths = self.segments()
+        try:
+            for index, path in enumerate(paths):
+                self._replay(broker, path, index == len(paths) - 1, repair, change, found)
+                if path.exists():
+                    self._sizes[path] = path.stat().st_size
+            found.messages, found.topics, found.records, found.oldest_seq = broker.recover_finish()
+        except MemoryError:
+            raise StoreError(f"not enough memory to recover the messages of {self.directory}") from None
+        stats = broker.stats()
+        if stats["memory_bytes"] > stats["memory_limit_bytes"]:
+            log.warning(
+                "the recovered messages take %d bytes, more than --max-memory %d: publishers wait "
+                "until consumers drain them",
+                stats["memory_bytes"],
+                stats["memory_limit_bytes"],
+            )
+        if paths:
+            self._next_number = int(paths[-1].stem) + 1
+        found.segments = len(self._sizes)
+        found.seconds = time.perf_counter() - started
+        broker.log_disk = self.disk_bytes()
+        return found
+
+    def _replay(
+        self, broker: Broker, path: Path, last: bool, repair: bool, change: bool, found: Recovered
+    ) -> None:
+        with open(path, "rb") as f:
+            data = memoryview(f.read())
+        if len(data) < len(HEADER):
+            if last and HEADER.startswith(bytes(data)):
+                # a crash while the segment was being created: nothing in it yet
+                self._cut(path, 0, "a segment header cut short", change, found)
+                if change:
+                    path.unlink()
+                return
+            raise CorruptLog(path, 0, "a segment header cut short")
+        if bytes(data[: len(MAGIC)]) != MAGIC:
+            raise StoreError(f"{path}: not a pigeon log segment (no {MAGIC.decode()} header)")
+        version = struct.unpack_from("<I", data, len(MAGIC))[0]
+        if version != FORMAT_VERSION:
+            raise StoreError(f"{path}: log format {version}, this pigeon reads format {FORMAT_VERSION}")
+        broker.recover_segment()
+        records = data[len(HEADER) :]
+        pos = 0
+        kept: list[memoryview] = []
+        dropped = 0
+        while pos < len(records):
+            sound, problem = broker.recover(records[pos:])
+            kept.append(records[pos : pos + sound])
+            pos += sound
+            if problem is None:
+                break
+            offset = len(HEADER) + pos
+            if last and _is_tail(records, pos):
+                self._cut(path, offset, problem, change, found)
+                return
+            if not repair:
+                raise CorruptLog(path, offset, problem)
+            skip = pos + 1
+            while skip < len(records) and not _valid_record_at(records, skip):
+                skip += 1
+            log.warning("%s: %s at offset %d: dropped %d bytes (--repair)", path, problem, offset, skip - pos)
+            dropped += skip - pos
+            pos = skip
+        found.dropped_bytes += dropped
+        if dropped and change:
+            self._rewrite(path, kept)
+
+    def _cut(self, path: Path, offset: int, problem: str, change: bool, found: Recovered) -> None:
+        """Cut a torn tail off ``path`` at ``offset`` (only report it when not ``change``)."""
+        log.warning(
+            "%s: %s at offset %d: %s the torn tail (a crash in the middle of a write)",
+            path,
+            problem,
+            offset,
+            "cut off" if change else "would cut off",
+        )
+        found.torn.append((path, offset, problem))
+        if change:
+            os.truncate(path, offset)
+
+    def _rewrite(self, path: Path, kept: list[memoryview]) -> None:
+        """Replace ``path`` with its sound records only (--repair), atomically."""
+        temporary = path.with_suffix(".repair")
+        with open(temporary, "wb") as f:
+            f.write(HEADER)
+            for part in kept:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+
+    # ------------------------------------------------------------ writing
+
+    def attach(self, broker: Broker, loop: asyncio.AbstractEventLoop) -> None:
+        """Become ``broker``'s log: it hands its records to ``write`` and asks ``sync`` to sync them."""
+        self._broker = broker
+        self._loop = loop
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-fsync")
+        broker.on_log = self.write
+        broker.on_sync = self.sync
+        self._housekeeping = loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeep)
+
+    def write(self, records: memoryview, new_segment: bool) -> None:
+        """Append ``records`` (one write per pass of the loop); on OSError (disk full) the file is
+        left as it was and the error raised, so the core keeps the records to try again."""
+        if new_segment or self._fd is None:
+            self._start_segment()
+        fd = self._fd
+        assert fd is not None
+        path = next(reversed(self._sizes))
+        size = self._sizes[path]
+        done = 0
+        try:
+            while done < len(records):
+                done += os.write(fd, records[done:])
+        except OSError:
+            os.ftruncate(fd, size)
+            os.lseek(fd, size, os.SEEK_SET)
+            raise
+        self._sizes[path] = size + done
+        assert self._broker is not None
+        self._broker.log_disk = self.disk_bytes()
+
+    def _start_segment(self) -> None:
+        path = self.directory / segment_name(self._next_number)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, HEADER)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        self._next_number += 1
+        if self._fd is not None:
+            with self._mutex:
+                self._unsynced.append(self._fd)
+            if self.fsync == "no":
+                self._close_unsynced()
+        self._fd = fd
+        self._sizes[path] = len(HEADER)
+        # the new file's name must survive a crash too: the sync thread syncs the directory
+        self._directory_changed = True
+
+    def _sync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _close_unsynced(self) -> None:
+        with self._mutex:
+            fds, self._unsynced = self._unsynced, []
+        for fd in fds:
+            os.close(fd)
+
+    def sync(self, position: int) -> None:
+        """Sync what was written up to ``position`` off the loop, then tell the core (group commit:
+        the core asks again only once this one is done, for everything written meanwhile)."""
+        if self._syncer is None or self._fd is None:
+            return
+        self._sync_in_flight = True
+        directory, self._directory_changed = self._directory_changed, False
+        self._syncer.submit(self._sync_files, self._fd, position, directory)
+
+    def _sync_files(self, current: int, position: int, directory: bool) -> None:
+        with self._mutex:
+            earlier, self._unsynced = self._unsynced, []
+        assert self._loop is not None
+        try:
+            for fd in earlier:
+                os.fdatasync(fd)
+                os.close(fd)
+            os.fdatasync(current)
+            if directory:
+                self._sync_directory()
+        except OSError as exc:
+            self._loop.call_soon_threadsafe(self._sync_failed, exc)
+            return
+        self._loop.call_soon_threadsafe(self._synced, position)
+
+    def _synced(self, position: int) -> None:
+        self._sync_in_flight = False
+        if self._broker is not None:
+            self._broker.log_synced(position)
+
+    def _sync_failed(self, exc: OSError) -> None:
+        """A failed fdatasync may have lost written pages (the kernel forgets the error once
+        reported), so a retry could report success for data that is gone. Under ``always`` every
+        confirmation would be a lie: stop, as Redis does. Otherwise the next sync tries again."""
+        self._sync_in_flight = False
+        if self.fsync == "always":
+            log.critical("cannot sync the log: %s; stopping (--fsync always)", exc.strerror or exc)
+            os._exit(1)
+        log.error("cannot sync the log: %s; trying again in %g s", exc.strerror or exc, HOUSEKEEPING_INTERVAL)
+
+    def _housekeep(self) -> None:
+        """Once a second: sync under everysec, delete the segments whose messages are all done."""
+        broker, loop = self._broker, self._loop
+        assert broker is not None and loop is not None
+        state = broker.log_state
+        if self.fsync == "everysec" and state["written"] > state["synced"] and not self._sync_in_flight:
+            self.sync(state["written"])
+        done = broker.log_deletable()
+        if done:
+            for path in list(self._sizes)[:done]:
+                path.unlink(missing_ok=True)
+                del self._sizes[path]
+            broker.log_deleted(done)
+            broker.log_disk = self.disk_bytes()
+        self._housekeeping = loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeep)
+
+    def close(self) -> None:
+        """Sync what was written (unless --fsync no), close the files and let go of the lock."""
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            self._housekeeping = None
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+            self._syncer = None
+        if self._fd is not None:
+            if self.fsync != "no":
+                with self._mutex:
+                    earlier, self._unsynced = self._unsynced, []
+                for fd in earlier:
+                    os.fdatasync(fd)
+                    os.close(fd)
+                os.fdatasync(self._fd)
+            self._close_unsynced()
+            os.close(self._fd)
+            self._fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _published_at(segments: list[Path], seq: int) -> int | None:
+    """When the message ``seq`` was published (ms since the epoch), read from its PUBLISH record."""
+    if not seq:
+        return None
+    for path in segments:
+        data = memoryview(path.read_bytes())
+        pos = len(HEADER)
+        while pos + RECORD_HEAD.size < len(data):
+            body: int = RECORD_HEAD.unpack_from(data, pos)[0]
+            kind = data[pos + RECORD_HEAD.size]
+            if kind == PUBLISH_KIND:
+                found, published = PUBLISH_FIELDS.unpack_from(data, pos + RECORD_HEAD.size + 1)
+                if found == seq:
+                    return int(published)
+                if found > seq:
+                    return None
+            pos += RECORD_HEAD.size + body
+    return None
+
+
+def inspect(directory: str | os.PathLike[str]) -> Iterator[str]:
+    """Lines describing a data directory (segments, messages per topic), read without serving."""
+    store = Store(directory)
+    store.open()
+    try:
+        broker = Broker(durable=True)
+        found = store.recover(broker, change=False)
+        yield f"data directory {store.directory}"
+        yield f"segments: {found.segments} ({store.disk_bytes()} bytes), records: {found.records}"
+        for path, offset, problem in found.torn:
+            yield f"torn tail cut off: {path.name} at offset {offset} ({problem})"
+        yield f"messages not done: {found.messages} on {found.topics} topics"
+        published = _published_at(store.segments(), found.oldest_seq)
+        if published is not None:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(published / 1000))
+            yield f"oldest message: published {when} UTC (seq {found.oldest_seq})"
+        cursor = 0
+        while True:
+            page = broker.topics(cursor, 1000)
+            for topic in page["topics"]:
+                name, count, size = topic["name"], topic["backlog_messages"], topic["backlog_bytes"]
+                yield f"  {name}: {count} messages, {size} bytes"
+            cursor = page["next"]
+            if not cursor:
+                break
+    finally:
+        store.close()

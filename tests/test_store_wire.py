@@ -1,0 +1,496 @@
+"""Persistence over real processes: restarts, kill -9, torn tails, corruption, the disk limit (issue 13).
+
+Every test runs ``pigeon --data-dir`` as a subprocess and talks to it over TCP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from pigeon.server.store import HEADER, SEGMENT_SUFFIX
+from pigeon.testing import LineClient, ServerProcess
+
+DEADLINE = 30.0
+
+
+def _segments(data: Path) -> list[Path]:
+    return sorted(p for p in data.iterdir() if p.suffix == SEGMENT_SUFFIX)
+
+
+def _records(path: Path) -> list[tuple[int, int]]:
+    """(offset, size) of each record of a segment."""
+    raw = path.read_bytes()
+    pos, found = len(HEADER), []
+    while pos < len(raw):
+        body = struct.unpack_from("<I", raw, pos)[0]
+        found.append((pos, 8 + body))
+        pos += 8 + body
+    return found
+
+
+def _stats(client: LineClient) -> dict[str, object]:
+    reply = client.ask("STATS").decode()
+    assert reply.startswith("STATS "), reply
+    return dict(json.loads(reply[6:]))
+
+
+def _publish(client: LineClient, topic: str, bodies: list[str]) -> None:
+    client.send("".join(f"PUBLISH {client.client_id} {topic} {b}\n" for b in bodies).encode())
+    for _ in bodies:
+        assert client.line() == f"PUBLISHED {topic}".encode()
+
+
+def _drain(client: LineClient, topic: str, count: int) -> list[str]:
+    """Subscribe (plain) and read ``count`` messages of ``topic``."""
+    assert client.ask(f"SUBSCRIBE {client.client_id} {topic}") == f"SUBSCRIBED {topic}".encode()
+    prefix = f"MESSAGE {topic} ".encode()
+    bodies = []
+    for line in client.lines(count):
+        assert line.startswith(prefix), line
+        bodies.append(line[len(prefix) :].decode())
+    return bodies
+
+
+@contextmanager
+def _server(data: Path, *args: str) -> Iterator[ServerProcess]:
+    server = ServerProcess("--data-dir", str(data), *args)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _recovered_line(server: ServerProcess) -> str:
+    return next(line for line in server.log if " recovered " in line and " from " in line)
+
+
+# ---------------------------------------------------------------- restart, lock, inspect
+
+
+def test_a_graceful_restart_keeps_every_message_in_order(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with _server(data) as server:
+        pub = server.client()
+        pub.connect()
+        for topic in ("a", "b"):
+            _publish(pub, topic, [f"{topic}{i}" for i in range(100)])
+    with _server(data) as server:
+        assert "recovered 200 messages on 2 topics from" in _recovered_line(server)
+        sub = server.client()
+        sub.connect()
+        assert _drain(sub, "a", 100) == [f"a{i}" for i in range(100)]
+        assert _drain(sub, "b", 100) == [f"b{i}" for i in range(100)]
+        assert _stats(sub)["backlog_messages"] == 0
+    with _server(data) as server:
+        assert "recovered 0 messages on 0 topics" in _recovered_line(server)
+
+
+def test_a_second_server_on_the_same_data_dir_refuses_to_start(tmp_path: Path) -> None:
+    with _server(tmp_path / "data"):
+        second = subprocess.run(
+            [sys.executable, "-m", "pigeon", "--port", "0", "--data-dir", str(tmp_path / "data")],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+        )
+    assert second.returncode == 1
+    assert "is in use by another pigeon" in second.stderr
+
+
+def test_inspect_summarises_a_data_dir_without_serving(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with _server(data) as server:
+        pub = server.client()
+        pub.connect()
+        _publish(pub, "jobs", ["x" * 10] * 3)
+        _publish(pub, "mail", ["y"])
+    shown = subprocess.run(
+        [sys.executable, "-m", "pigeon", "--data-dir", str(data), "--inspect"],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=True,
+    ).stdout
+    assert "messages not done: 4 on 2 topics" in shown
+    assert f"oldest message: published {time.strftime('%Y-%m-%d', time.gmtime())}" in shown
+    assert "  jobs: 3 messages, 30 bytes" in shown and "  mail: 1 messages, 1 bytes" in shown
+
+
+def test_without_a_data_dir_nothing_is_kept(tmp_path: Path) -> None:
+    server = ServerProcess()
+    pub = server.client()
+    pub.connect()
+    _publish(pub, "jobs", ["x"])
+    server.stop()
+    assert any("dropping 1 messages" in line for line in server.log)
+
+
+# ---------------------------------------------------------------- acknowledged work and its attempts
+
+
+def test_an_unacked_delivery_comes_back_after_a_crash_with_its_attempt_counted(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    server = ServerProcess("--data-dir", str(data), "--fsync", "always")
+    pub, sub = server.client(), server.client()
+    pub.connect()
+    sub.connect()
+    _publish(pub, "jobs", ["one", "two"])
+    assert sub.ask(f"SUBSCRIBE {sub.client_id} jobs ACK") == b"SUBSCRIBED jobs"
+    assert sub.lines(2) == [b"DELIVER jobs 1 1 one", b"DELIVER jobs 2 1 two"]
+    sub.send(f"ACK {sub.client_id} 1")
+    assert sub.ask("PING") == b"PONG"  # the ACK was read before the PING
+    time.sleep(0.1)  # the DONE record is written at the end of the pass that read it
+    server.stop(signal.SIGKILL)
+    with _server(data) as server:
+        assert "recovered 1 messages on 1 topics" in _recovered_line(server)
+        sub = server.client()
+        sub.connect()
+        assert sub.ask(f"SUBSCRIBE {sub.client_id} jobs ACK") == b"SUBSCRIBED jobs"
+        assert sub.line() == b"DELIVER jobs 1 2 two"
+
+
+# ---------------------------------------------------------------- kill -9 at random moments
+
+
+class _Publisher(threading.Thread):
+    """Pipelines unique bodies with at most ``window`` unconfirmed; ``confirmed`` counts PUBLISHED."""
+
+    def __init__(self, server: ServerProcess, prefix: str, window: int = 1000) -> None:
+        super().__init__(daemon=True)
+        client = LineClient(server.host, server.port)
+        client.connect()
+        self.sock = client.sock
+        self.command = f"PUBLISH {client.client_id} jobs {prefix}-".encode()
+        self.window = window
+        self.sent = self.confirmed = 0
+
+    def run(self) -> None:
+        buf = b""
+        try:
+            while True:
+                if self.sent - self.confirmed < self.window:
+                    batch = range(self.sent, self.sent + 100)
+                    self.sock.sendall(b"".join(b"%s%d\n" % (self.command, i) for i in batch))
+                    self.sent += 100
+                chunk = self.sock.recv(1 << 16)
+                if not chunk:
+                    return
+                buf += chunk
+                self.confirmed += buf.count(b"PUBLISHED jobs\n")
+                buf = buf[buf.rfind(b"\n") + 1 :]
+        except OSError:
+            return
+
+
+class _Consumer(threading.Thread):
+    """Takes DELIVER lines of ``jobs`` and acks each batch it read as it goes."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        super().__init__(daemon=True)
+        self.client = LineClient(server.host, server.port)
+        self.client.connect()
+        self.client.send(f"SUBSCRIBE {self.client.client_id} jobs ACK PREFETCH 1000")
+        self.bodies: list[str] = []
+        self.acked: list[str] = []
+
+    def run(self) -> None:
+        cid = self.client.client_id.encode()
+        buf = b""
+        try:
+            while True:
+                chunk = self.client.sock.recv(1 << 16)
+                if not chunk:
+                    return
+                buf += chunk
+                cut = buf.rfind(b"\n") + 1
+                lines, buf = buf[:cut].split(b"\n")[:-1], buf[cut:]
+                acks = []
+                got = []
+                for line in lines:
+                    if line.startswith(b"DELIVER "):
+                        _, _, tag, _, body = line.split(b" ", 4)
+                        acks.append(b"ACK %s %s\n" % (cid, tag))
+                        got.append(body.decode())
+                self.bodies.extend(got)
+                if acks:
+                    self.client.sock.sendall(b"".join(acks))
+                    self.acked.extend(got)
+        except OSError:
+            return
+
+
+def _publisher_lines(prefix: str, count: int) -> list[str]:
+    return [f"{prefix}-{i}" for i in range(count)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsync", ["always", "everysec"])
+def test_kill_9_at_random_moments_loses_no_confirmed_message(tmp_path: Path, fsync: str) -> None:
+    data = tmp_path / "data"
+    rng = random.Random(1313)
+    confirmed: list[str] = []
+    delivered: list[str] = []
+    kills = 20
+    for round_ in range(kills):
+        server = ServerProcess("--data-dir", str(data), "--fsync", fsync)
+        consumers = [_Consumer(server) for _ in range(2)]
+        publisher = _Publisher(server, f"r{round_}")
+        for worker in (*consumers, publisher):
+            worker.start()
+        time.sleep(rng.uniform(0.05, 1.0))
+        server.stop(signal.SIGKILL)
+        for worker in (*consumers, publisher):
+            worker.join(DEADLINE)
+        # PUBLISHED replies come in order: the first ``confirmed`` bodies of the round were confirmed
+        confirmed += _publisher_lines(f"r{round_}", publisher.confirmed)
+        delivered += [b for c in consumers for b in c.bodies]
+    # the last start: take everything left, ack it, stop cleanly, and find nothing on the next start
+    server = ServerProcess("--data-dir", str(data), "--fsync", fsync)
+    consumer = _Consumer(server)
+    consumer.start()
+    probe = server.client()
+    probe.connect()
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        stats = _stats(probe)
+        if stats["backlog_messages"] == 0 and stats["unacked"] == 0:
+            break
+        time.sleep(0.05)
+    server.stop()
+    consumer.join(DEADLINE)
+    delivered += consumer.bodies
+    lost = set(confirmed) - set(delivered)
+    duplicates = len(delivered) - len(set(delivered))
+    print(
+        f"fsync {fsync}: {kills} kills, {len(confirmed)} confirmed, {len(delivered)} deliveries, "
+        f"{duplicates} duplicates, {len(lost)} lost"
+    )
+    assert len(confirmed) > 1000 and not lost
+    with _server(data) as server:
+        assert "recovered 0 messages on 0 topics" in _recovered_line(server)
+
+
+# ---------------------------------------------------------------- torn tails and corruption
+
+
+def _log_of(tmp_path: Path, bodies: list[str]) -> Path:
+    """A data directory whose log holds ``bodies`` on topic jobs (a graceful stop)."""
+    data = tmp_path / "made"
+    with _server(data) as server:
+        pub = server.client()
+        pub.connect()
+        _publish(pub, "jobs", bodies)
+    return data
+
+
+@pytest.mark.slow
+def test_a_torn_tail_at_every_offset_of_the_last_record_is_cut_off(tmp_path: Path) -> None:
+    made = _log_of(tmp_path, ["first", "second", "third"])
+    (segment,) = _segments(made)
+    start, size = _records(segment)[-1]
+    for cut in range(start + 1, start + size):  # at start itself the log simply ends there
+        data = tmp_path / f"cut{cut}"
+        shutil.copytree(made, data)
+        os.truncate(data / segment.name, cut)
+        with _server(data) as server:
+            assert any("the torn tail" in line and f"offset {start}" in line for line in server.log), (
+                server.log
+            )
+            sub = server.client()
+            sub.connect()
+            assert _drain(sub, "jobs", 2) == ["first", "second"]
+            assert sub.ask("PING") == b"PONG"  # and nothing else
+        shutil.rmtree(data)
+
+
+def test_corruption_before_the_tail_stops_the_start_and_repair_keeps_the_rest(tmp_path: Path) -> None:
+    bodies = [f"message-{i:03d}" for i in range(100)]
+    data = _log_of(tmp_path, bodies)
+    (segment,) = _segments(data)
+    offset, size = _records(segment)[50]
+    raw = bytearray(segment.read_bytes())
+    raw[offset + size - 3] ^= 0xFF  # a byte of message 50's body
+    segment.write_bytes(bytes(raw))
+    refused = subprocess.run(
+        [sys.executable, "-m", "pigeon", "--port", "0", "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert refused.returncode == 1
+    assert f"{segment}: a record whose checksum does not match at offset {offset}" in refused.stderr
+    assert "--repair" in refused.stderr
+    with _server(data, "--repair") as server:
+        assert any("dropped" in line and "--repair" in line for line in server.log)
+        assert "recovered 99 messages on 1 topics" in _recovered_line(server)
+        sub = server.client()
+        sub.connect()
+        assert _drain(sub, "jobs", 99) == bodies[:50] + bodies[51:]
+    with _server(data) as server:  # the repaired log starts as it is
+        assert "recovered 0 messages" in _recovered_line(server)
+
+
+# ---------------------------------------------------------------- disk space
+
+
+def test_done_segments_are_deleted_so_the_directory_shrinks(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    # --max-disk 8 MB: segments of 1 MB
+    with _server(data, "--max-disk", str(8 << 20)) as server:
+        pub, sub = server.client(), server.client()
+        pub.connect()
+        sub.connect()
+        assert sub.ask(f"SUBSCRIBE {sub.client_id} jobs") == b"SUBSCRIBED jobs"
+        body = "x" * 1000
+        for _ in range(20):
+            _publish(pub, "jobs", [body] * 500)  # 10 MB in all, more than the limit
+            sub.lines(500)
+        deadline = time.monotonic() + DEADLINE
+        while len(_segments(data)) > 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(_segments(data)) <= 2
+        assert sum(p.stat().st_size for p in _segments(data)) <= 2 << 20
+
+
+def test_publishers_wait_at_max_disk_and_go_on_once_a_consumer_drains(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with _server(data, "--max-disk", str(1 << 20)) as server:
+        pub, probe = server.client(), server.client()
+        pub.connect()
+        probe.connect()
+        body = "y" * 1000
+        pub.send("".join(f"PUBLISH {pub.client_id} jobs {body}\n" for _ in range(2000)).encode())
+        deadline = time.monotonic() + DEADLINE
+        while _stats(probe)["publishers_held"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = _stats(probe)
+        assert stats["publishers_held"] == 1
+        assert isinstance(stats["backlog_messages"], int) and stats["backlog_messages"] < 2000
+        too_big = "z" * (300 << 10)  # more than a quarter of the limit: waiting cannot help
+        assert probe.ask(f"PUBLISH {probe.client_id} other {too_big}").startswith(b"ERROR STORAGE_FULL ")
+        sub = server.client()
+        sub.connect()
+        assert len(_drain(sub, "jobs", 2000)) == 2000
+        assert pub.lines(2000) == [b"PUBLISHED jobs"] * 2000
+        assert _stats(probe)["publishers_held"] == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs (needs the right to mount; skipped where the environment does not allow it)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_makes_publishers_wait_and_serving_resumes_when_space_returns(small_disk: Path) -> None:
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (3 << 20))  # about 1 MiB left for the log
+    data = small_disk / "data"
+    body = "d" * 1000
+    count = 4000
+    with _server(data, "--max-disk", str(64 << 20)) as server:
+        pub, probe = server.client(), server.client()
+        pub.connect()
+        probe.connect()
+        lines = [f"PUBLISH {pub.client_id} jobs {body}-{i}\n" for i in range(count)]
+        pub.send("".join(lines[: count // 2]).encode())
+        deadline = time.monotonic() + DEADLINE
+        while not _stats(probe)["log_write_failed"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pub.send("".join(lines[count // 2 :]).encode())  # these wait for the disk
+        while _stats(probe)["publishers_held"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = _stats(probe)
+        assert stats["log_write_failed"] and stats["publishers_held"] == 1
+        assert probe.ask("PING") == b"PONG"  # the server keeps serving
+        filler.unlink()  # space returns
+        assert pub.lines(count) == [b"PUBLISHED jobs"] * count
+        assert not _stats(probe)["log_write_failed"]
+    with _server(data) as server:
+        assert f"recovered {count} messages on 1 topics" in _recovered_line(server)
+        sub = server.client()
+        sub.connect()
+        assert _drain(sub, "jobs", count) == [f"{body}-{i}" for i in range(count)]
+
+
+@pytest.mark.slow
+def test_a_million_messages_on_ten_topics_survive_a_graceful_restart_in_order(tmp_path: Path) -> None:
+    data, total, topics = tmp_path / "data", 1_000_000, 10
+    with _server(data, "--max-backlog", str(total), "--max-memory", str(4 << 30)) as server:
+        pub = server.client(60)
+        cid = pub.connect()
+        for start in range(0, total, 10_000):
+            pub.send(
+                b"".join(
+                    b"PUBLISH %s t%d %d\n" % (cid.encode(), i % topics, i)
+                    for i in range(start, start + 10_000)
+                )
+            )
+            for _ in range(10_000):
+                assert pub.line().startswith(b"PUBLISHED t")
+    with _server(data, "--max-backlog", str(total), "--max-memory", str(4 << 30)) as server:
+        assert f"recovered {total} messages on {topics} topics" in _recovered_line(server)
+        sub = server.client(60)
+        sub.connect()
+        for t in range(topics):
+            got = _drain(sub, f"t{t}", total // topics)
+            assert got == [str(i) for i in range(t, total, topics)]
+
+
+def test_a_log_larger_than_max_memory_is_recovered_and_publishers_wait(tmp_path: Path) -> None:
+    data = _log_of(tmp_path, ["m" * 1000] * 3000)
+    with _server(data, "--max-memory", str(1 << 20)) as server:
+        assert "recovered 3000 messages on 1 topics" in _recovered_line(server)
+        assert any("more than --max-memory" in line for line in server.log)
+        pub, sub = server.client(), server.client()
+        pub.connect()
+        sub.connect()
+        pub.send(f"PUBLISH {pub.client_id} jobs late")  # waits until memory is back under its mark
+        assert _drain(sub, "jobs", 3001) == ["m" * 1000] * 3000 + ["late"]
+        assert pub.line() == b"PUBLISHED jobs"
+
+
+def test_the_log_figures_reach_metrics_as_in_stats(tmp_path: Path) -> None:
+    pytest.importorskip("prometheus_client")
+    from tests.monitoring import get, start_monitored
+
+    proc, base = start_monitored("--data-dir", str(tmp_path / "data"), "--fsync", "always")
+    try:
+        pub = proc.client()
+        pub.connect()
+        _publish(pub, "jobs", ["a", "b", "c"])
+        stats = _stats(pub)
+        status, _, body = get(base + "metrics")
+        assert status == 200
+        metrics = dict(
+            line.rsplit(" ", 1) for line in body.decode().splitlines() if line.startswith("pigeon_log_")
+        )
+        assert float(metrics["pigeon_log_live_messages"]) == stats["log_live_messages"] == 3
+        assert float(metrics["pigeon_log_disk_bytes"]) == stats["log_disk_bytes"]
+        assert isinstance(stats["log_disk_bytes"], int) and stats["log_disk_bytes"] > 0
+        assert float(metrics["pigeon_log_writes_total"]) >= 1
+        assert float(metrics["pigeon_log_syncs_total"]) >= 1  # always: PUBLISHED came after a sync
+        assert float(metrics["pigeon_log_write_failed"]) == 0
+    finally:
+        proc.stop()
