@@ -359,11 +359,14 @@ cdef void _release_inflight(Broker b, Conn *c) noexcept:
                 topics_drop_if_unused(b, t)
         else:
             msg_release(b, msg)
-    c.ninflight = 0
-    if c.inflight_cap > INFLIGHT_KEEP:
+    # a connection that keeps getting big batches keeps its room (regrowing it by doubling at every
+    # batch copied about 70 instructions' worth per message in queue4); one whose batches shrank
+    # to a quarter gives it back
+    if c.inflight_cap > INFLIGHT_KEEP and c.ninflight < c.inflight_cap // 4:
         mem_free(&b.mem, c.inflight, c.inflight_cap * sizeof(InFlight))
         c.inflight = NULL
         c.inflight_cap = 0
+    c.ninflight = 0
 
 
 cdef void touch_topic(Topic *t, Topic **touched) noexcept:
