@@ -157,6 +157,19 @@ def server_command() -> list[str]:
     return shlex.split(external) if external else [sys.executable, "-m", "pigeon"]
 
 
+def signal_and_wait(proc: subprocess.Popen[str], sig: int, timeout: float) -> int:
+    """Send ``sig`` to ``proc`` if it still runs and return its exit code; kill it and raise
+    subprocess.TimeoutExpired when it has not ended after ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
 class ServerProcess:
     """A ``pigeon`` server started as a subprocess on a free port."""
 
@@ -188,14 +201,7 @@ class ServerProcess:
         """Signal the server and return its exit code; a second call just returns it again."""
         if self.proc.stderr is None or self.proc.stderr.closed:
             return self.proc.wait()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+        code = signal_and_wait(self.proc, sig, timeout)
         assert self.proc.stderr is not None
         self.log.append(self.proc.stderr.read())
         self.proc.stderr.close()

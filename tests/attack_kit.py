@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pigeon.testing import LineClient, ServerProcess, server_command
+from pigeon.testing import LineClient, ServerProcess, server_command, signal_and_wait
 
 MiB = 1024 * 1024
 KiB = 1024
@@ -155,14 +155,7 @@ class Server(ServerProcess):
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         """Signal the server (if it still runs) and return its exit code, negative for a signal."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+        code = signal_and_wait(self.proc, sig, timeout)
         self._close_log()
         return code
 

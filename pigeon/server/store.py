@@ -335,15 +335,19 @@ class Store:
         directory, self._directory_changed = self._directory_changed, False
         self._syncer.submit(self._sync_files, self._fd, position, directory)
 
-    def _sync_files(self, current: int, position: int, directory: bool) -> None:
+    def _sync_written(self, current: int) -> None:
+        """fdatasync the earlier segments written since their last sync (closing them), then ``current``."""
         with self._mutex:
             earlier, self._unsynced = self._unsynced, []
+        for fd in earlier:
+            os.fdatasync(fd)
+            os.close(fd)
+        os.fdatasync(current)
+
+    def _sync_files(self, current: int, position: int, directory: bool) -> None:
         assert self._loop is not None
         try:
-            for fd in earlier:
-                os.fdatasync(fd)
-                os.close(fd)
-            os.fdatasync(current)
+            self._sync_written(current)
             if directory:
                 self._sync_directory()
         except OSError as exc:
@@ -392,12 +396,7 @@ class Store:
             self._syncer = None
         if self._fd is not None:
             if self.fsync != "no":
-                with self._mutex:
-                    earlier, self._unsynced = self._unsynced, []
-                for fd in earlier:
-                    os.fdatasync(fd)
-                    os.close(fd)
-                os.fdatasync(self._fd)
+                self._sync_written(self._fd)
             self._close_unsynced()
             os.close(self._fd)
             self._fd = None
