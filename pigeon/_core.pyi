@@ -30,6 +30,10 @@ def record_checksum(data: bytes | memoryview, hardware: bool = True) -> int:
 def checksum_in_hardware() -> bool:
     """Whether this CPU computes CRC-32C with its own instruction."""
 
+def keep_heap(mmap_threshold: int = ..., trim_threshold: int = ...) -> bool:
+    """Keep output batches on glibc's heap instead of fresh pages (the server calls it once);
+    False where the C library is not glibc."""
+
 class Broker:
     """All broker state: connections, topics, subscriptions, backlogs and message records."""
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import selectors
 import socket
 import threading
@@ -13,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pigeon.bench.load import Options, run
 from pigeon.testing import LineClient, ServerProcess
 
 Connect = Callable[[], LineClient]
@@ -379,3 +382,34 @@ def test_many_clients_at_once(connect: Connect) -> None:
         pub.publish("wide", str(i))
     for n, s in enumerate(subs):
         assert s.lines(2) == [f"MESSAGE wide {n}".encode(), f"MESSAGE wide {n + 50}".encode()]
+
+
+def _minor_faults(pid: int) -> int:
+    """The process's minor page faults so far (field 10 of /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
+@pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc" or not os.path.exists("/proc/self/stat"), reason="glibc on Linux"
+)
+def test_piping_messages_does_not_fault_pages_per_batch() -> None:
+    """Output batches are kept on the heap (pigeon._core.keep_heap): with glibc's defaults every
+    flush's batch came from fresh pages, about 5 minor faults per 1,000 messages piped."""
+    server = ServerProcess()
+    try:
+        probe = server.client()
+        probe.connect()
+
+        def delivered() -> int:
+            return int(json.loads(probe.ask("STATS")[len("STATS ") :])["delivered"])
+
+        run(Options(port=server.port, duration=0.5, warmup=0.2, progress=False), ["pipe"])
+        before, faults = delivered(), _minor_faults(server.proc.pid)
+        run(Options(port=server.port, duration=1.5, warmup=0.0, progress=False), ["pipe"])
+        piped = delivered() - before
+        faults = _minor_faults(server.proc.pid) - faults
+    finally:
+        server.stop()
+    assert piped > 100_000
+    assert faults * 1000 / piped < 1.0, (faults, piped)

@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from pigeon._core import FSYNC_MODES, LIMIT_DEFAULTS
+from pigeon._core import FSYNC_MODES, LIMIT_DEFAULTS, keep_heap
 from pigeon._version import __version__
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 from pigeon.server import logs, signals
@@ -301,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("--loop uvloop: uvloop is not installed")
         return 2
     _raise_open_files_limit(args.max_connections)
+    keep_heap()
     monitor = None
     if args.http_port is not None:
         try:

@@ -7,6 +7,12 @@
 
 from libc.stdint cimport int64_t
 
+# keep_heap()'s defaults: blocks under 4 MiB (output batches, read buffers) stay on
+# the heap, and up to 16 MiB of free heap is kept for the next batches.
+cdef enum:
+    KEEP_HEAP_MMAP = 4 * 1024 * 1024
+    KEEP_HEAP_TRIM = 16 * 1024 * 1024
+
 
 ctypedef struct Memory:
     size_t used             # bytes the core holds now
