@@ -11,6 +11,13 @@ with JetStream (``-js``), Redis Streams, RabbitMQ (which runs only this workload
     python benchmarks/compare.py                 # the full comparison (a few minutes)
     python benchmarks/compare.py --quick         # a smoke run of a few seconds
     python benchmarks/compare.py --json out.json --chart out.png
+    python benchmarks/compare.py --durable       # the durable table (issue 13)
+
+``--durable`` measures the brokers keeping their queues on disk instead, with the workloads
+``durable`` (1 publisher, 1,000 unconfirmed messages, confirmations per second) and
+``durable_ackqueue4`` (the same with 4 acknowledging consumers): Pigeon in memory, with
+``--fsync everysec`` and ``always``; Redis with ``appendfsync everysec`` and ``always``; RabbitMQ
+(durable queue, persistent messages, publisher confirms); JetStream with file storage.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import psutil
 from pigeon import __version__
 from pigeon.bench.load import (
     ACK_DIALECTS,
+    DURABLE_WORKLOADS,
     LATENCY_STEP,
     WORKLOADS,
     BrokerProbe,
@@ -54,6 +62,18 @@ THROUGHPUT = ("pipe", "queue", "fanin")
 PEERS = ("nats", "redis", "rabbitmq")
 START_TIMEOUT = 60.0  # RabbitMQ boots an Erlang node
 ACK_TARGETS = (("queue", 0.7), ("peers", 3.0))  # ackqueue >= 0.7 x Pigeon's queue, >= 3 x the fastest peer
+# durable: (Pigeon flavour, at least this many times, the other) for the workload ``durable``
+DURABLE_TARGETS = (
+    ("pigeon-everysec", 0.5, "pigeon-memory"),
+    ("pigeon-everysec", 3.0, "redis-everysec"),
+    ("pigeon-always", 3.0, "redis-always"),
+    ("pigeon-always", 3.0, "rabbitmq"),
+    ("pigeon-always", 3.0, "jetstream"),
+)
+# durable brokers that also run durable_ackqueue4
+DURABLE_ACKQUEUE = ("pigeon-everysec", "pigeon-always", "redis-everysec", "jetstream", "rabbitmq")
+# Pigeon without a consumer for the whole run: every message stays in one backlog
+ROOMY = ["--max-backlog", str(1 << 30), "--max-memory", str(12 << 30)]
 
 
 # (taskset prefix, a fresh scratch directory) -> (process, port)
@@ -120,9 +140,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_pigeon(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
-    proc = _spawn([*pin, sys.executable, "-m", "pigeon", "--port", "0", "--loop", "uvloop"])
+def _start_pigeon(pin: list[str], scratch: str, *flags: str) -> tuple[subprocess.Popen[str], int]:
+    proc = _spawn([*pin, sys.executable, "-m", "pigeon", "--port", "0", "--loop", "uvloop", *flags])
     return proc, int(_wait_for_line(proc, re.compile(r"listening on \S+:(\d+)")).group(1))
+
+
+def _pigeon_durable(fsync: str | None) -> Starter:
+    """Pigeon with a data directory in the scratch directory and ``--fsync fsync``; None: in memory."""
+
+    def start(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
+        flags = ["--data-dir", os.path.join(scratch, "data"), "--fsync", fsync] if fsync else []
+        return _start_pigeon(pin, scratch, *ROOMY, *flags)
+
+    return start
 
 
 def _go_env() -> dict[str, str]:
@@ -167,12 +197,21 @@ def _start_rabbitmq(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str]
     return proc, port
 
 
-def _start_redis(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
+def _start_redis(pin: list[str], scratch: str, *flags: str) -> tuple[subprocess.Popen[str], int]:
     port = _free_port()
-    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = _spawn([*pin, *cmd])
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    proc = _spawn([*pin, *cmd, *(flags or ("--appendonly", "no"))])
     _wait_for_line(proc, re.compile(r"Ready to accept connections"))
     return proc, port
+
+
+def _redis_aof(fsync: str) -> Starter:
+    """Redis with its append-only file in the scratch directory, ``appendfsync fsync``."""
+
+    def start(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
+        return _start_redis(pin, scratch, "--dir", scratch, "--appendonly", "yes", "--appendfsync", fsync)
+
+    return start
 
 
 def _start_sink(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
@@ -221,6 +260,22 @@ def brokers(include_sink: bool) -> list[Broker]:
             ["dpkg-query", "-W", "-f", "${Version}", "rabbitmq-server"]
         )
     return found
+
+
+def durable_brokers() -> list[Broker]:
+    """The brokers of the durable table, each flavour a broker of its own (start_acks unused)."""
+    peers = {b.name: b for b in brokers(include_sink=False)}
+    pigeon = peers["pigeon"]
+    found = [
+        replace(pigeon, name="pigeon-memory", start=_pigeon_durable(None)),
+        replace(pigeon, name="pigeon-everysec", start=_pigeon_durable("everysec")),
+        replace(pigeon, name="pigeon-always", start=_pigeon_durable("always")),
+        replace(peers["redis"], name="redis-everysec", start=_redis_aof("everysec")),
+        replace(peers["redis"], name="redis-always", start=_redis_aof("always")),
+        replace(peers["rabbitmq"], plain=True),
+        replace(peers["nats"], name="jetstream", start=_start_jetstream),
+    ]
+    return [replace(b, start_acks=None) for b in found]
 
 
 @contextmanager
@@ -342,6 +397,68 @@ def measure(
         f"broker pinned with: {' '.join(broker_pin) or '(not pinned)'}; load generator: {client_cpu}"
     )
     return table
+
+
+def measure_durable(
+    opts: Options, workloads: Sequence[str], repeat: int, pins: tuple[list[str], str]
+) -> Table:
+    """The durable table: every durable broker ``repeat`` times, taking turns, a fresh process (and
+    data directory) per workload; the medians."""
+    broker_pin, client_cpu = pins
+    table = Table()
+    runs: dict[str, list[list[Result]]] = {}
+    candidates = durable_brokers()
+    for b in candidates:
+        if b.executable is None:
+            table.notes.append(f"{b.name}: not installed, skipped")
+        elif b.version and b.version not in " ".join(table.notes):
+            table.notes.append(f"{b.name.split('-')[0]}: {b.version}")
+    active = [b for b in candidates if b.executable is not None]
+    for _ in range(repeat):
+        for b in active:
+            results = []
+            for w in workloads:
+                if w == "durable_ackqueue4" and b.name not in DURABLE_ACKQUEUE:
+                    continue
+                with running(b, broker_pin) as (pid, port):
+                    results += run(replace(opts, port=port, pid=pid, dialect=b.dialect), [w])
+            runs.setdefault(b.name, []).append(results)
+    table.results = {name: median_results(rs) for name, rs in runs.items()}
+    for dialect in dict.fromkeys(b.dialect for b in active):
+        table.notes.append(f"{dialect} durable: {ACK_DIALECTS[dialect].durable_notes}")
+    table.notes.append(
+        f"broker pinned with: {' '.join(broker_pin) or '(not pinned)'}; load generator: {client_cpu}"
+    )
+    return table
+
+
+def durable_verdicts(table: Table) -> list[tuple[str, str, float | None, bool | None]]:
+    """(target, measured as text, ratio, met) for the issue's durable targets."""
+    out = []
+    for mine, need, other in DURABLE_TARGETS:
+        a, b = (_get(table.results.get(n, []), "durable") for n in (mine, other))
+        ratio = _ratio(a.msgs_per_s if a else None, b.msgs_per_s if b else None)
+        text = "-" if ratio is None else f"{ratio:.2f} x"
+        out.append((f"durable: {mine} >= {need} x {other}", text, ratio, _met(ratio, need)))
+    return out
+
+
+def format_durable(table: Table) -> str:
+    """The durable table: throughput and CPU per broker, each Pigeon flavour's ratio to the peers."""
+    names = list(table.results)
+    rows = [("workload", "figure", *names)]
+    for w in DURABLE_WORKLOADS:
+        for label, attr, scale, digits in (
+            ("M msgs/s", "msgs_per_s", 1e6, 3),
+            ("broker CPU %", "broker_cpu_percent", 1.0, 0),
+        ):
+            cells = [
+                _cell(getattr(r, attr) if (r := _get(table.results[n], w)) else None, scale, digits)
+                for n in names
+            ]
+            if any(c != "-" for c in cells):
+                rows.append((w, label, *cells))
+    return _with_verdicts(render_rows(rows), durable_verdicts(table), table.notes, (44, 10))
 
 
 def measure_latency(opts: Options, active: Sequence[Broker], broker_pin: list[str]) -> dict[str, Result]:
@@ -483,14 +600,21 @@ def format_table(table: Table) -> str:
                     *("-" if x is None else f"{x:.2f}" for x in ratios),
                 )
             )
-    lines = [render_rows(rows)]
-    lines.append("")
-    for target, measured, _, met in verdicts(table):
+    return _with_verdicts(render_rows(rows), verdicts(table), table.notes, (24, 32))
+
+
+def _with_verdicts(
+    rendered: str,
+    found: Sequence[tuple[str, str, float | None, bool | None]],
+    notes: Sequence[str],
+    widths: tuple[int, int],
+) -> str:
+    """A rendered table, then a line per target (its columns ``widths`` wide), then the notes."""
+    lines = [rendered, ""]
+    for target, measured, _, met in found:
         mark = "n/a" if met is None else ("met" if met else "NOT met")
-        lines.append(f"target {target:<24} {measured:<32} {mark}")
-    lines.append("")
-    lines.extend(table.notes)
-    return "\n".join(lines)
+        lines.append(f"target {target:<{widths[0]}} {measured:<{widths[1]}} {mark}")
+    return "\n".join([*lines, "", *notes])
 
 
 def _pins(broker_cpu: int, client_cpu: int) -> tuple[list[str], str]:
@@ -523,6 +647,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=("broker", "client"),
         help="keep a busy loop running on the brokers' or the generator's CPU: controlled contention",
     )
+    parser.add_argument(
+        "--durable",
+        action="store_true",
+        help="the durable table instead: brokers keeping their queues on disk (durable workloads)",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: short, one repeat")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--chart", metavar="PNG", help="also draw a chart (needs matplotlib)")
@@ -530,6 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.repeat, args.duration, args.connections, args.samples = 1, 0.3, 100, 500
     workloads = [w for w in args.workloads.split(",") if w]
+    if args.durable:
+        workloads = [w for w in workloads if w in DURABLE_WORKLOADS] or list(DURABLE_WORKLOADS)
     # a fresh broker measures connections first, before other workloads leave freed memory to reuse
     workloads.sort(key=lambda w: w != "connections")
     raise_open_files_limit()
@@ -543,14 +674,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     pins = _pins(args.broker_cpu, args.client_cpu)
     with _busy_loop(args.broker_cpu if args.noise == "broker" else args.client_cpu, args.noise is not None):
-        table = measure(opts, workloads, args.repeat, not args.no_ceiling, pins)
+        if args.durable:
+            table = measure_durable(opts, workloads, args.repeat, pins)
+        else:
+            table = measure(opts, workloads, args.repeat, not args.no_ceiling, pins)
     if args.noise:
         table.notes.append(f"with a busy loop on the {args.noise}'s CPU")
     table.notes.append(
         f"{platform.node()}: {os.cpu_count()} CPUs, {_cpu_model()}, Python {platform.python_version()}, "
         f"{args.size}-byte messages, median of {args.repeat}"
     )
-    print(format_table(table))
+    print(format_durable(table) if args.durable else format_table(table))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
