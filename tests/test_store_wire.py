@@ -494,3 +494,23 @@ def test_the_log_figures_reach_metrics_as_in_stats(tmp_path: Path) -> None:
         assert float(metrics["pigeon_log_write_failed"]) == 0
     finally:
         proc.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsync", ["always", "everysec"])
+def test_syncs_in_flight_while_segments_rotate_keep_serving(tmp_path: Path, fsync: str) -> None:
+    # 5 MB segments (--max-disk / 8) filled by the load generator's durable publisher (1,000
+    # unconfirmed) with 4 acknowledging consumers: a new segment every few hundred milliseconds,
+    # often started by the busy loop before the sync thread took up the sync asked just before
+    # (it synced and closed the old file, then synced it again: EBADF, and --fsync always stopped)
+    with _server(tmp_path / "data", "--fsync", fsync, "--max-disk", str(40_000_000)) as server:
+        bench = subprocess.run(
+            [sys.executable, "-m", "pigeon.bench", "--port", str(server.port), "--workloads",
+             "durable_ackqueue4", "--duration", "2", "--no-progress", "--json"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert server.proc.poll() is None, "".join(server.log)
+        assert bench.returncode == 0, bench.stderr
+        (result,) = json.loads(bench.stdout)["results"]
+        assert result["workload"] == "durable_ackqueue4" and result["msgs_per_s"] > 0
+    assert not [line for line in server.log if "cannot sync" in line], "".join(server.log)

@@ -303,12 +303,14 @@ class Store:
             path.unlink(missing_ok=True)
             raise
         self._next_number += 1
-        if self._fd is not None:
-            with self._mutex:
+        # one step for the sync thread: the file it takes as the one being written is never also
+        # among the earlier ones it syncs and closes
+        with self._mutex:
+            if self._fd is not None:
                 self._unsynced.append(self._fd)
-            if self.fsync == "no":
-                self._close_unsynced()
-        self._fd = fd
+            self._fd = fd
+        if self.fsync == "no":
+            self._close_unsynced()
         self._sizes[path] = len(HEADER)
         # the new file's name must survive a crash too: the sync thread syncs the directory
         self._directory_changed = True
@@ -333,21 +335,26 @@ class Store:
             return
         self._sync_in_flight = True
         directory, self._directory_changed = self._directory_changed, False
-        self._syncer.submit(self._sync_files, self._fd, position, directory)
+        self._syncer.submit(self._sync_files, position, directory)
 
-    def _sync_written(self, current: int) -> None:
-        """fdatasync the earlier segments written since their last sync (closing them), then ``current``."""
+    def _sync_written(self) -> None:
+        """fdatasync the earlier segments written since their last sync (closing them), then the one
+        being written. Both are taken when the sync starts: a segment started after the sync was
+        asked holds records written after ``position`` only, and its predecessor is synced here
+        as the earlier one it has become."""
         with self._mutex:
             earlier, self._unsynced = self._unsynced, []
+            current = self._fd
         for fd in earlier:
             os.fdatasync(fd)
             os.close(fd)
-        os.fdatasync(current)
+        if current is not None:
+            os.fdatasync(current)
 
-    def _sync_files(self, current: int, position: int, directory: bool) -> None:
+    def _sync_files(self, position: int, directory: bool) -> None:
         assert self._loop is not None
         try:
-            self._sync_written(current)
+            self._sync_written()
             if directory:
                 self._sync_directory()
         except OSError as exc:
@@ -396,7 +403,7 @@ class Store:
             self._syncer = None
         if self._fd is not None:
             if self.fsync != "no":
-                self._sync_written(self._fd)
+                self._sync_written()
             self._close_unsynced()
             os.close(self._fd)
             self._fd = None
