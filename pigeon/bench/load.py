@@ -181,30 +181,47 @@ def _count_lines(sock: socket.socket, counts: list[int], index: int, window: Win
 
 
 def _publish_loop(
-    sock: socket.socket, chunk: bytes, messages: int, window: Window, stop: threading.Event, *more: Window
+    sock: socket.socket, chunk: bytes, messages: int, window: Window, stop: threading.Event
 ) -> None:
-    """Send ``chunk`` (``messages`` publishes) whenever it fits in ``window`` and every one of ``more``."""
-    while window.acquire(messages, stop) and all(w.acquire(messages, stop) for w in more):
+    while window.acquire(messages, stop):
         try:
             sock.sendall(chunk)
         except OSError:
             return
 
 
-def _count_confirms(
-    sock: socket.socket, confirms: Confirms, counts: list[int], window: Window, errors: list[str]
+def _publish_confirmed(
+    sock: socket.socket,
+    chunk: bytes,
+    messages: int,
+    confirms: Confirms,
+    limit: int,
+    counts: list[int],
+    window: Window | None,
+    stop: threading.Event,
+    errors: list[str],
 ) -> None:
-    """Count the publisher's confirmations into ``counts[0]`` and ``window`` until it closes."""
+    """Send ``chunk`` (``messages`` publishes) whenever it leaves at most ``limit`` unconfirmed
+    (and fits in ``window``, when given), else read confirmations into ``counts[0]``; until ``stop``.
+
+    One thread both sends and reads: a reader thread waking the sender through a condition
+    would put two thread switches, and a wait for the GIL, in every round trip of the window.
+    """
     buf = bytearray(READ_BYTES)
     view = memoryview(buf)
+    sent = 0
     try:
-        while True:
+        while not stop.is_set():
+            if sent + messages - counts[0] <= limit:
+                if window is not None and not window.acquire(messages, stop):
+                    return
+                sock.sendall(chunk)
+                sent += messages
+                continue
             n = sock.recv_into(view)
             if n == 0:
                 return
-            confirmed = confirms.feed(buf, n)
-            counts[0] += confirmed
-            window.delivered(confirmed)
+            counts[0] += confirms.feed(buf, n)
     except OSError:
         return
     except WireError as exc:
@@ -353,7 +370,6 @@ def run_ackqueue(opts: Options, probe: BrokerProbe, workload: str = "ackqueue") 
     errors: list[str] = []
     stop = threading.Event()
     window = Window(opts.window, 1)
-    unconfirmed = Window(opts.confirm_window, 1)
     # two batches fit in the confirmation window, so one is on its way while the other is confirmed
     batch = min(opts.batch, max(1, opts.confirm_window // 2)) if durable else opts.batch
     try:
@@ -367,14 +383,15 @@ def run_ackqueue(opts: Options, probe: BrokerProbe, workload: str = "ackqueue") 
                 _start(threads, _consume, c, delivered, i, window, errors) for i, c in enumerate(consumers)
             ]
             if durable:
-                _start(threads, _count_confirms, pub, d.confirms(), replies, unconfirmed, errors)
-                gates = (window, unconfirmed) if consumers else (unconfirmed,)
+                gate = window if consumers else None
+                confirms = d.confirms()
+                publisher = _start(
+                    threads, _publish_confirmed, pub, command * batch, batch, confirms,
+                    opts.confirm_window, replies, gate, stop, errors,
+                )  # fmt: skip
             else:
                 _start(threads, _count_lines, pub, replies, 0)
-                gates = (window,)
-            publisher = _start(
-                threads, _publish_loop, pub, command * batch, batch, gates[0], stop, *gates[1:]
-            )
+                publisher = _start(threads, _publish_loop, pub, command * batch, batch, window, stop)
             time.sleep(opts.warmup)
             rate, cpu = _measure(opts, probe, workload, delivered if consumers else replies, 1)
             stop.set()
