@@ -26,23 +26,16 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, suppress
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
-import psutil
-
-from pigeon import __version__
+from pigeon.bench.brokers import Broker, brokers, durable_brokers, running
 from pigeon.bench.load import (
     ACK_DIALECTS,
     DURABLE_WORKLOADS,
@@ -60,7 +53,6 @@ from pigeon.server.limits import raise_open_files_limit
 
 THROUGHPUT = ("pipe", "queue", "fanin")
 PEERS = ("nats", "redis", "rabbitmq")
-START_TIMEOUT = 60.0  # RabbitMQ boots an Erlang node
 ACK_TARGETS = (("queue", 0.7), ("peers", 3.0))  # ackqueue >= 0.7 x Pigeon's queue, >= 3 x the fastest peer
 # durable: (Pigeon flavour, at least this many times, the other) for the workload ``durable``
 DURABLE_TARGETS = (
@@ -72,26 +64,6 @@ DURABLE_TARGETS = (
 )
 # durable brokers that also run durable_ackqueue4
 DURABLE_ACKQUEUE = ("pigeon-everysec", "pigeon-always", "redis-everysec", "jetstream", "rabbitmq")
-# Pigeon without a consumer for the whole run: every message stays in one backlog
-ROOMY = ["--max-backlog", str(1 << 30), "--max-memory", str(12 << 30)]
-
-
-# (taskset prefix, a fresh scratch directory) -> (process, port)
-Starter = Callable[[list[str], str], tuple[subprocess.Popen[str], int]]
-
-
-@dataclass
-class Broker:
-    """How to start one broker on a free loopback port."""
-
-    name: str
-    dialect: str
-    executable: str | None
-    start: Starter
-    version: str = ""
-    start_acks: Starter | None = None  # for ackqueue
-    plain: bool = True  # runs pipe, queue, fanin, latency and connections
-    probe_by_port: bool = False  # the started process is a wrapper; find the broker by its port
 
 
 @dataclass
@@ -100,229 +72,6 @@ class Table:
 
     results: dict[str, list[Result]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-def _spawn(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    # thousands of idle connections need thousands of descriptors on both ends; a session of its
-    # own, so that stopping a broker stops the processes it started (RabbitMQ's Erlang node)
-    return subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        preexec_fn=raise_open_files_limit,
-        start_new_session=True,
-    )
-
-
-def _wait_for_line(proc: subprocess.Popen[str], pattern: re.Pattern[str]) -> re.Match[str]:
-    """Read the broker's log until a line matches ``pattern``."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + START_TIMEOUT
-    seen = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        match = pattern.search(line)
-        if match:
-            return match
-    proc.kill()
-    raise RuntimeError(f"{proc.args!r} did not start: {''.join(seen)}")
-
-
-def _free_port() -> int:
-    # redis-server cannot pick its own port, so take one the kernel just handed out
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_pigeon(pin: list[str], scratch: str, *flags: str) -> tuple[subprocess.Popen[str], int]:
-    proc = _spawn([*pin, sys.executable, "-m", "pigeon", "--port", "0", "--loop", "uvloop", *flags])
-    return proc, int(_wait_for_line(proc, re.compile(r"listening on \S+:(\d+)")).group(1))
-
-
-def _pigeon_durable(fsync: str | None) -> Starter:
-    """Pigeon with a data directory in the scratch directory and ``--fsync fsync``; None: in memory."""
-
-    def start(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
-        flags = ["--data-dir", os.path.join(scratch, "data"), "--fsync", fsync] if fsync else []
-        return _start_pigeon(pin, scratch, *ROOMY, *flags)
-
-    return start
-
-
-def _go_env() -> dict[str, str]:
-    # Go sizes GOMAXPROCS by the CPU affinity it starts with: 1 under taskset, which serialises
-    # nats-server's reading, routing and writing goroutines on one thread and makes JetStream write
-    # every delivery on its own. Pinned or not, it gets the machine's count, as it would unpinned.
-    return os.environ | {"GOMAXPROCS": str(os.cpu_count() or 1)}
-
-
-def _start_nats(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
-    proc = _spawn([*pin, "nats-server", "-a", "127.0.0.1", "-p", "-1"], _go_env())
-    return proc, int(_wait_for_line(proc, re.compile(r"client connections on \S+:(\d+)")).group(1))
-
-
-def _start_jetstream(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
-    # memory streams only, but JetStream wants a store directory all the same
-    proc = _spawn([*pin, "nats-server", "-js", "-sd", scratch, "-a", "127.0.0.1", "-p", "-1"], _go_env())
-    return proc, int(_wait_for_line(proc, re.compile(r"client connections on \S+:(\d+)")).group(1))
-
-
-def _start_rabbitmq(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
-    """A throwaway RabbitMQ node: its own name, port and directories, no plugins, logging to stdout."""
-    port = _free_port()
-    with open(os.path.join(scratch, "enabled_plugins"), "w") as f:
-        f.write("[].\n")
-    if os.geteuid() == 0:
-        # rabbitmq-server started as root drops to the rabbitmq user, who must own its directories
-        shutil.chown(scratch, "rabbitmq")
-        shutil.chown(os.path.join(scratch, "enabled_plugins"), "rabbitmq")
-    env = os.environ | {
-        "RABBITMQ_NODENAME": f"pigeonbench{port}@localhost",
-        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-        "RABBITMQ_NODE_PORT": str(port),
-        "RABBITMQ_DIST_PORT": str(_free_port()),
-        "RABBITMQ_MNESIA_BASE": os.path.join(scratch, "mnesia"),
-        "RABBITMQ_LOG_BASE": os.path.join(scratch, "log"),
-        "RABBITMQ_LOGS": "-",
-        "RABBITMQ_ENABLED_PLUGINS_FILE": os.path.join(scratch, "enabled_plugins"),
-    }
-    proc = _spawn([*pin, "rabbitmq-server"], env)
-    _wait_for_line(proc, re.compile(r"Server startup complete"))
-    return proc, port
-
-
-def _start_redis(pin: list[str], scratch: str, *flags: str) -> tuple[subprocess.Popen[str], int]:
-    port = _free_port()
-    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    proc = _spawn([*pin, *cmd, *(flags or ("--appendonly", "no"))])
-    _wait_for_line(proc, re.compile(r"Ready to accept connections"))
-    return proc, port
-
-
-def _redis_aof(fsync: str) -> Starter:
-    """Redis with its append-only file in the scratch directory, ``appendfsync fsync``."""
-
-    def start(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
-        return _start_redis(pin, scratch, "--dir", scratch, "--appendonly", "yes", "--appendfsync", fsync)
-
-    return start
-
-
-def _start_sink(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
-    proc = _spawn([*pin, sys.executable, "-m", "pigeon.bench.sink", "--port", "0"])
-    return proc, int(_wait_for_line(proc, re.compile(r"listening on \S+:(\d+)")).group(1))
-
-
-def _version(cmd: list[str]) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
-    except OSError:
-        return ""
-    return out.strip().splitlines()[0] if out.strip() else ""
-
-
-def brokers(include_sink: bool) -> list[Broker]:
-    """Every broker to measure, Pigeon first; ``executable`` None marks one that is not installed."""
-    found = [
-        Broker("pigeon", "pigeon", sys.executable, _start_pigeon, f"pigeon {__version__}"),
-        Broker("nats", "nats", shutil.which("nats-server"), _start_nats, start_acks=_start_jetstream),
-        Broker("redis", "redis", shutil.which("redis-server"), _start_redis),
-        Broker(
-            "rabbitmq",
-            "rabbitmq",
-            shutil.which("rabbitmq-server"),
-            _start_rabbitmq,
-            plain=False,
-            probe_by_port=True,
-        ),
-    ]
-    if include_sink:
-        found.append(
-            Broker(
-                "ceiling",
-                "pigeon",
-                sys.executable,
-                _start_sink,
-                "null broker (pigeon.bench.sink)",
-            )
-        )
-    for b in found[1:3]:
-        if b.executable:
-            b.version = _version([b.executable, "--version"])
-    if found[3].executable:
-        found[3].version = "rabbitmq-server " + _version(
-            ["dpkg-query", "-W", "-f", "${Version}", "rabbitmq-server"]
-        )
-    return found
-
-
-def durable_brokers() -> list[Broker]:
-    """The brokers of the durable table, each flavour a broker of its own (start_acks unused)."""
-    peers = {b.name: b for b in brokers(include_sink=False)}
-    pigeon = peers["pigeon"]
-    found = [
-        replace(pigeon, name="pigeon-memory", start=_pigeon_durable(None)),
-        replace(pigeon, name="pigeon-everysec", start=_pigeon_durable("everysec")),
-        replace(pigeon, name="pigeon-always", start=_pigeon_durable("always")),
-        replace(peers["redis"], name="redis-everysec", start=_redis_aof("everysec")),
-        replace(peers["redis"], name="redis-always", start=_redis_aof("always")),
-        replace(peers["rabbitmq"], plain=True),
-        replace(peers["nats"], name="jetstream", start=_start_jetstream),
-    ]
-    return [replace(b, start_acks=None) for b in found]
-
-
-@contextmanager
-def running(broker: Broker, pin: list[str], acks: bool = False) -> Iterator[tuple[int | None, int]]:
-    """A fresh broker process (the ackqueue flavour if ``acks``): yields (pid, port); stopped afterwards.
-
-    The pid is None when the broker must be found by its listening port.
-    """
-    start = broker.start_acks if acks and broker.start_acks else broker.start
-    with tempfile.TemporaryDirectory(prefix=f"pigeon-bench-{broker.name}-") as scratch:
-        proc, port = start(pin, scratch)
-        # keep reading its log, so a chatty broker never blocks on a full pipe
-        drain = threading.Thread(target=_drain, args=(proc,), daemon=True)
-        drain.start()
-        # rabbitmq-server as root runs its node in a session of its own: stop it by its process tree
-        node = BrokerProbe(None, port).process if broker.probe_by_port else None
-        tree = [node, *node.children(recursive=True)] if node is not None else []
-        try:
-            yield None if broker.probe_by_port else proc.pid, port
-        finally:
-            _stop_group(proc, signal.SIGTERM)
-            for p in tree:
-                with suppress(psutil.NoSuchProcess):
-                    p.terminate()
-            _, alive = psutil.wait_procs(tree, timeout=20)
-            for p in alive:
-                with suppress(psutil.NoSuchProcess):
-                    p.kill()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                _stop_group(proc, signal.SIGKILL)
-                proc.wait()
-            drain.join(10)
-
-
-def _stop_group(proc: subprocess.Popen[str], sig: int) -> None:
-    # the broker's own session (see _spawn): the process and whatever it started
-    with suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-
-
-def _drain(proc: subprocess.Popen[str]) -> None:
-    assert proc.stdout is not None
-    for _ in proc.stdout:
-        pass
-    proc.stdout.close()
 
 
 def _median(values: Sequence[float | None]) -> float | None:

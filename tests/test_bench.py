@@ -207,6 +207,26 @@ def test_compare_durable_quick_prints_the_durable_table(tmp_path: Path) -> None:
             assert all(results[n][0]["msgs_per_s"] > 0 for n in names)
 
 
+@pytest.mark.slow
+def test_recovery_kills_and_restarts_each_broker_and_consumes_everything() -> None:
+    peers = [
+        b
+        for b in ("redis", "jetstream")
+        if shutil.which("nats-server" if b == "jetstream" else "redis-server")
+    ]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "recovery.py"), "--messages", "3000", "--consume",
+         "--brokers", ",".join(["pigeon", *peers])],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["pigeon", *peers]
+    for line in lines:
+        assert "filled 3000 messages of 64 bytes" in line and "all 3000 acked by 4 consumers" in line
+    assert "recovered 3000 messages on 1 topics" in lines[0]
+
+
 def test_compare_skips_peers_that_are_not_installed(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--quick", "--workloads", "latency"],

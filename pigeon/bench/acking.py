@@ -36,6 +36,8 @@ class AckConsumer:
         self.sock = sock
         self.batch = batch
         self.lock = threading.Lock()
+        # deliveries read with the setup's replies (a queue that already held messages)
+        self.early = b""
 
     def start(self) -> bytes:
         """What to send once the reader runs (pull requests, a first read)."""
@@ -176,7 +178,9 @@ class PigeonAcks(AckDialect):
         client_id = _pigeon_connect(conn)
         conn.sock.sendall(b"SUBSCRIBE %s %s ACK PREFETCH %d\n" % (client_id, queue, prefetch))
         conn.expect(b"SUBSCRIBED ")
-        return PigeonConsumer(_settled_setup(conn), batch, client_id)
+        consumer = PigeonConsumer(conn.sock, batch, client_id)
+        consumer.early = conn.buf
+        return consumer
 
 
 def _pigeon_connect(conn: LineSocket) -> bytes:

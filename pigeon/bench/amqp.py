@@ -247,6 +247,6 @@ class RabbitAcks(AckDialect):
         amqp = AmqpSetup(host, port)
         amqp.call(60, 10, struct.pack(">IH", 0, prefetch) + b"\x00")  # basic.qos
         amqp.call(60, 20, b"\x00\x00" + shortstr(queue) + shortstr(b"c%d" % index) + b"\x00" + EMPTY_TABLE)
-        if amqp.conn.buf:
-            raise WireError(f"unexpected data after setup: {amqp.conn.buf[:80]!r}")
-        return RabbitConsumer(amqp.sock, batch)
+        consumer = RabbitConsumer(amqp.sock, batch)
+        consumer.early = amqp.conn.buf
+        return consumer

@@ -190,7 +190,7 @@ def _publish_loop(
             return
 
 
-def _publish_confirmed(
+def publish_confirmed(
     sock: socket.socket,
     chunk: bytes,
     messages: int,
@@ -200,9 +200,11 @@ def _publish_confirmed(
     window: Window | None,
     stop: threading.Event,
     errors: list[str],
+    total: int | None = None,
 ) -> None:
     """Send ``chunk`` (``messages`` publishes) whenever it leaves at most ``limit`` unconfirmed
-    (and fits in ``window``, when given), else read confirmations into ``counts[0]``; until ``stop``.
+    (and fits in ``window``, when given), else read confirmations into ``counts[0]``; until ``stop``,
+    or until ``total`` publishes are sent and confirmed.
 
     One thread both sends and reads: a reader thread waking the sender through a condition
     would put two thread switches, and a wait for the GIL, in every round trip of the window.
@@ -211,8 +213,8 @@ def _publish_confirmed(
     view = memoryview(buf)
     sent = 0
     try:
-        while not stop.is_set():
-            if sent + messages - counts[0] <= limit:
+        while not stop.is_set() and (total is None or counts[0] < total):
+            if sent + messages - counts[0] <= limit and (total is None or sent < total):
                 if window is not None and not window.acquire(messages, stop):
                     return
                 sock.sendall(chunk)
@@ -329,23 +331,26 @@ def run_throughput(
     return Result(workload, msgs_per_s=rate, broker_cpu_percent=cpu, msgs_per_cpu_s=per_cpu, note=note)
 
 
-def _consume(consumer: AckConsumer, counts: list[int], index: int, window: Window, errors: list[str]) -> None:
+def consume(consumer: AckConsumer, counts: list[int], index: int, window: Window, errors: list[str]) -> None:
     """Read deliveries, acknowledge them in batches, count them into ``counts[index]`` and ``window``."""
     buf = bytearray(READ_BYTES)
     view = memoryview(buf)
+    n = len(consumer.early)
+    buf[:n] = consumer.early
     try:
         with consumer.lock:
             consumer.send(consumer.start())
         while True:
+            if n:
+                with consumer.lock:
+                    received, reply = consumer.feed(buf, n)
+                    consumer.send(reply)
+                if received:
+                    counts[index] += received
+                    window.delivered(received)
             n = consumer.sock.recv_into(view)
             if n == 0:
                 return
-            with consumer.lock:
-                received, reply = consumer.feed(buf, n)
-                consumer.send(reply)
-            if received:
-                counts[index] += received
-                window.delivered(received)
     except OSError:
         return
     except WireError as exc:
@@ -380,13 +385,13 @@ def run_ackqueue(opts: Options, probe: BrokerProbe, workload: str = "ackqueue") 
         _blocking(pub, *(c.sock for c in consumers))
         with _threads() as threads:
             readers = [
-                _start(threads, _consume, c, delivered, i, window, errors) for i, c in enumerate(consumers)
+                _start(threads, consume, c, delivered, i, window, errors) for i, c in enumerate(consumers)
             ]
             if durable:
                 gate = window if consumers else None
                 confirms = d.confirms()
                 publisher = _start(
-                    threads, _publish_confirmed, pub, command * batch, batch, confirms,
+                    threads, publish_confirmed, pub, command * batch, batch, confirms,
                     opts.confirm_window, replies, gate, stop, errors,
                 )  # fmt: skip
             else:
