@@ -317,6 +317,66 @@ def test_a_torn_tail_at_every_offset_of_the_last_record_is_cut_off(tmp_path: Pat
         shutil.rmtree(data)
 
 
+def test_the_zeros_of_a_segment_made_ahead_end_it_and_a_torn_record_before_them_is_cut(
+    tmp_path: Path,
+) -> None:
+    made = _log_of(tmp_path, ["first", "second", "third"])
+    (segment,) = _segments(made)
+    start, size = _records(segment)[-1]
+    # a kill -9 under --fsync always leaves the rest of the segment made ahead: zeros
+    whole = tmp_path / "whole"
+    shutil.copytree(made, whole)
+    with open(whole / segment.name, "ab") as f:
+        f.write(bytes(1 << 20))
+    with _server(whole) as server:
+        assert not [line for line in server.log if "torn" in line], server.log
+        sub = server.client()
+        sub.connect()
+        assert _drain(sub, "jobs", 3) == ["first", "second", "third"]
+    assert (whole / segment.name).stat().st_size == start + size  # the zeros are cut off
+    # a crash in the middle of the last write: its record cut short, the zeros after it
+    torn = tmp_path / "torn"
+    shutil.copytree(made, torn)
+    os.truncate(torn / segment.name, start + size // 2)
+    with open(torn / segment.name, "ab") as f:
+        f.write(bytes(1 << 20))
+    with _server(torn) as server:
+        assert any("the torn tail" in line and f"offset {start}" in line for line in server.log), server.log
+        sub = server.client()
+        sub.connect()
+        assert _drain(sub, "jobs", 2) == ["first", "second"]
+        assert sub.ask("PING") == b"PONG"
+
+
+def test_always_makes_the_next_segment_ahead_and_a_kill_leaves_nothing_to_repair(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    bodies = [f"m{i:05d}-" + "x" * 60 for i in range(30_000)]  # about 3 MB: segments of 1 MB
+    server = ServerProcess("--data-dir", str(data), "--fsync", "always", "--max-disk", "8000000")
+    try:
+        pub = server.client()
+        pub.connect()
+        for i in range(0, len(bodies), 1000):
+            _publish(pub, "jobs", bodies[i : i + 1000])
+        deadline = time.monotonic() + DEADLINE
+        while not (data / "spare.tmp").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (data / "spare.tmp").stat().st_size == 1_000_000  # zeros of a whole segment
+        segments = _segments(data)
+        assert len(segments) >= 3
+        for done in segments[:-1]:  # segments before the current one end with their last record
+            start, size = _records(done)[-1]
+            assert done.stat().st_size == start + size
+        assert segments[-1].stat().st_size == 1_000_000  # the current one was made ahead
+    finally:
+        server.stop(signal.SIGKILL)
+    with _server(data) as server:
+        assert "recovered 30000 messages on 1 topics" in _recovered_line(server)
+        assert not [line for line in server.log if "torn" in line or "WARNING" in line], server.log
+        sub = server.client()
+        sub.connect()
+        assert _drain(sub, "jobs", len(bodies)) == bodies
+
+
 def test_corruption_before_the_tail_stops_the_start_and_repair_keeps_the_rest(tmp_path: Path) -> None:
     bodies = [f"message-{i:03d}" for i in range(100)]
     data = _log_of(tmp_path, bodies)

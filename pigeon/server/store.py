@@ -35,6 +35,12 @@ PUBLISH_KIND = 1
 PUBLISH_FIELDS = struct.Struct("<QQ")  # a PUBLISH record's seq and time (ms), after its kind
 # how often the store syncs under --fsync everysec and deletes the segments that are done
 HOUSEKEEPING_INTERVAL = 1.0
+# Under --fsync always the next segment is made ahead, off the loop, filled with zeros and synced
+# (a spare): records then overwrite blocks the file already has, and fdatasync has no size or
+# block allocation to put through the filesystem's journal. On ext4 that is 0.10 instead of 0.17 ms
+# on an idle disk, and 0.1-0.4 instead of 1.7-4 ms while other processes keep the journal busy.
+SPARE_NAME = "spare.tmp"
+ZEROS = bytes(1 << 20)
 
 
 class StoreError(Exception):
@@ -94,16 +100,22 @@ def _valid_record_at(data: memoryview, pos: int) -> int:
     return end - pos
 
 
+def _zeros(data: memoryview) -> bool:
+    """Whether ``data`` holds nothing but zero bytes (at C speed: a segment made ahead is 64 MiB)."""
+    return bytes(data).count(0) == len(data)
+
+
 def _is_tail(data: memoryview, offset: int) -> bool:
     """Whether damage at ``offset`` is a torn tail: a record cut short by the end of the file,
-    zeros to the end, or a bad last record (a crash in the middle of a write)."""
+    zeros to the end, or a bad last record, followed by nothing but the zeros of a segment made
+    ahead (a crash in the middle of a write)."""
     rest = data[offset:]
-    if not any(rest):
+    if _zeros(rest):
         return True
     if len(rest) < RECORD_HEAD.size:
         return True
     body: int = RECORD_HEAD.unpack_from(rest, 0)[0]
-    return RECORD_HEAD.size + body >= len(rest)
+    return RECORD_HEAD.size + body >= len(rest) or _zeros(rest[RECORD_HEAD.size + body :])
 
 
 class Store:
@@ -128,7 +140,10 @@ class Store:
         self._sync_in_flight = False
         self._directory_changed = False  # a segment was created: the next sync syncs the directory too
         self._housekeeping: asyncio.TimerHandle | None = None
-        self._mutex = threading.Lock()  # the fd lists, between the loop and the sync thread
+        self._mutex = threading.Lock()  # the fd lists and the spare, between the loop and the threads
+        self._spare: int | None = None  # the next segment, made ahead (always), ready to be named
+        self._preparer: ThreadPoolExecutor | None = None
+        self._segment_max = 0  # bytes of a segment made ahead
 
     # ------------------------------------------------------------ the directory
 
@@ -150,6 +165,7 @@ class Store:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        (self.directory / SPARE_NAME).unlink(missing_ok=True)  # made ahead before a crash
 
     def segments(self) -> list[Path]:
         """The segment files, oldest first."""
@@ -222,6 +238,11 @@ class Store:
             if problem is None:
                 break
             offset = len(HEADER) + pos
+            if _zeros(records[pos:]):
+                # the zeros of a segment made ahead, never written: its end, not damage
+                if change:
+                    os.truncate(path, offset)
+                break
             if last and _is_tail(records, pos):
                 self._cut(path, offset, problem, change, found)
                 return
@@ -268,6 +289,10 @@ class Store:
         self._broker = broker
         self._loop = loop
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-fsync")
+        if self.fsync == "always":
+            self._segment_max = broker.log_state["segment_max"]
+            self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-spare")
+            self._preparer.submit(self._prepare_spare)
         broker.on_log = self.write
         broker.on_sync = self.sync
         self._housekeeping = loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeep)
@@ -284,10 +309,9 @@ class Store:
         done = 0
         try:
             while done < len(records):
-                done += os.write(fd, records[done:])
+                done += os.pwrite(fd, records[done:], size + done)
         except OSError:
             os.ftruncate(fd, size)
-            os.lseek(fd, size, os.SEEK_SET)
             raise
         self._sizes[path] = size + done
         assert self._broker is not None
@@ -295,14 +319,25 @@ class Store:
 
     def _start_segment(self) -> None:
         path = self.directory / segment_name(self._next_number)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        with self._mutex:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            os.rename(self.directory / SPARE_NAME, path)
+            fd = spare
+            if self._preparer is not None:
+                self._preparer.submit(self._prepare_spare)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            os.write(fd, HEADER)
+            os.pwrite(fd, HEADER, 0)
         except OSError:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
         self._next_number += 1
+        if self._fd is not None and self.fsync == "always":
+            # a segment made ahead ends where its records do, not with the zeros after them
+            os.ftruncate(self._fd, self._sizes[next(reversed(self._sizes))])
         # one step for the sync thread: the file it takes as the one being written is never also
         # among the earlier ones it syncs and closes
         with self._mutex:
@@ -314,6 +349,28 @@ class Store:
         self._sizes[path] = len(HEADER)
         # the new file's name must survive a crash too: the sync thread syncs the directory
         self._directory_changed = True
+
+    def _prepare_spare(self) -> None:
+        """Make the next segment ahead, off the loop: zeros of a whole segment, synced (always)."""
+        path = self.directory / SPARE_NAME
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            log.warning("cannot make the next log segment ahead: %s", exc.strerror or exc)
+            return
+        try:
+            done = 0
+            while done < self._segment_max:
+                done += os.write(fd, ZEROS[: min(len(ZEROS), self._segment_max - done)])
+            os.fdatasync(fd)
+        except OSError as exc:
+            # a full disk: the next segment grows as it is written, as without a spare
+            log.warning("cannot make the next log segment ahead: %s", exc.strerror or exc)
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            return
+        with self._mutex:
+            self._spare = fd
 
     def _sync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
@@ -401,7 +458,16 @@ class Store:
         if self._syncer is not None:
             self._syncer.shutdown(wait=True)
             self._syncer = None
+        if self._preparer is not None:
+            self._preparer.shutdown(wait=True, cancel_futures=True)
+            self._preparer = None
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+            (self.directory / SPARE_NAME).unlink(missing_ok=True)
         if self._fd is not None:
+            if self.fsync == "always":
+                os.ftruncate(self._fd, self._sizes[next(reversed(self._sizes))])
             if self.fsync != "no":
                 self._sync_written()
             self._close_unsynced()
