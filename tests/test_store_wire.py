@@ -348,33 +348,45 @@ def test_the_zeros_of_a_segment_made_ahead_end_it_and_a_torn_record_before_them_
         assert sub.ask("PING") == b"PONG"
 
 
+def _spare_made(data: Path) -> None:
+    """Wait until the server has made the next segment ahead (spare.tmp, zeros of a segment)."""
+    spare = data / "spare.tmp"
+    deadline = time.monotonic() + DEADLINE
+    while not (spare.exists() and spare.stat().st_size == 1_000_000) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert spare.stat().st_size == 1_000_000
+
+
 def test_always_makes_the_next_segment_ahead_and_a_kill_leaves_nothing_to_repair(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    bodies = [f"m{i:05d}-" + "x" * 60 for i in range(30_000)]  # about 3 MB: segments of 1 MB
-    server = ServerProcess("--data-dir", str(data), "--fsync", "always", "--max-disk", "8000000")
+    bodies = [f"m{i:05d}-" + "x" * 60 for i in range(15_000)]  # about 1.5 MB of records
+    server = ServerProcess(
+        "--data-dir", str(data), "--fsync", "always", "--max-disk", "8000000"
+    )  # 1 MB segments
     try:
         pub = server.client()
         pub.connect()
-        for i in range(0, len(bodies), 1000):
+        _spare_made(data)
+        _publish(pub, "jobs", bodies[:5000])
+        (first,) = _segments(data)
+        assert first.stat().st_size == 1_000_000  # the spare, renamed: records, then its zeros
+        _spare_made(data)  # the next one
+        for i in range(5000, len(bodies), 1000):
             _publish(pub, "jobs", bodies[i : i + 1000])
-        deadline = time.monotonic() + DEADLINE
-        while not (data / "spare.tmp").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert (data / "spare.tmp").stat().st_size == 1_000_000  # zeros of a whole segment
-        segments = _segments(data)
-        assert len(segments) >= 3
-        for done in segments[:-1]:  # segments before the current one end with their last record
-            start, size = _records(done)[-1]
-            assert done.stat().st_size == start + size
-        assert segments[-1].stat().st_size == 1_000_000  # the current one was made ahead
+        _spare_made(data)
+        done, current = _segments(data)
+        start, size = _records(done)[-1]
+        assert done.stat().st_size == start + size  # cut back to its last record when it was full
+        assert current.stat().st_size == 1_000_000
     finally:
         server.stop(signal.SIGKILL)
     with _server(data) as server:
-        assert "recovered 30000 messages on 1 topics" in _recovered_line(server)
+        assert "recovered 15000 messages on 1 topics" in _recovered_line(server)
         assert not [line for line in server.log if "torn" in line or "WARNING" in line], server.log
         sub = server.client()
         sub.connect()
         assert _drain(sub, "jobs", len(bodies)) == bodies
+    assert not (data / "spare.tmp").exists()  # a graceful stop leaves no spare behind
 
 
 def test_corruption_before_the_tail_stops_the_start_and_repair_keeps_the_rest(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ HOUSEKEEPING_INTERVAL = 1.0
 # block allocation to put through the filesystem's journal. On ext4 that is 0.10 instead of 0.17 ms
 # on an idle disk, and 0.1-0.4 instead of 1.7-4 ms while other processes keep the journal busy.
 SPARE_NAME = "spare.tmp"
+SPARE_MAKING = "spare.tmp.part"  # its name until it is whole and synced
 ZEROS = bytes(1 << 20)
 
 
@@ -165,7 +166,8 @@ class Store:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
-        (self.directory / SPARE_NAME).unlink(missing_ok=True)  # made ahead before a crash
+        for name in (SPARE_NAME, SPARE_MAKING):  # made ahead before a crash
+            (self.directory / name).unlink(missing_ok=True)
 
     def segments(self) -> list[Path]:
         """The segment files, oldest first."""
@@ -351,8 +353,9 @@ class Store:
         self._directory_changed = True
 
     def _prepare_spare(self) -> None:
-        """Make the next segment ahead, off the loop: zeros of a whole segment, synced (always)."""
-        path = self.directory / SPARE_NAME
+        """Make the next segment ahead, off the loop: zeros of a whole segment, synced (always);
+        it is named SPARE_NAME once ready."""
+        path = self.directory / SPARE_MAKING
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
@@ -363,14 +366,14 @@ class Store:
             while done < self._segment_max:
                 done += os.write(fd, ZEROS[: min(len(ZEROS), self._segment_max - done)])
             os.fdatasync(fd)
+            with self._mutex:
+                os.rename(path, self.directory / SPARE_NAME)
+                self._spare = fd
         except OSError as exc:
             # a full disk: the next segment grows as it is written, as without a spare
             log.warning("cannot make the next log segment ahead: %s", exc.strerror or exc)
             os.close(fd)
             path.unlink(missing_ok=True)
-            return
-        with self._mutex:
-            self._spare = fd
 
     def _sync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
