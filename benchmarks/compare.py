@@ -11,6 +11,13 @@ with JetStream (``-js``), Redis Streams, RabbitMQ (which runs only this workload
     python benchmarks/compare.py                 # the full comparison (a few minutes)
     python benchmarks/compare.py --quick         # a smoke run of a few seconds
     python benchmarks/compare.py --json out.json --chart out.png
+    python benchmarks/compare.py --durable       # the durable table (issue 13)
+
+``--durable`` measures the brokers keeping their queues on disk instead, with the workloads
+``durable`` (1 publisher, 1,000 unconfirmed messages, confirmations per second) and
+``durable_ackqueue4`` (the same with 4 acknowledging consumers): Pigeon in memory, with
+``--fsync everysec`` and ``always``; Redis with ``appendfsync everysec`` and ``always``; RabbitMQ
+(durable queue, persistent messages, publisher confirms); JetStream with file storage.
 """
 
 from __future__ import annotations
@@ -19,25 +26,19 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, suppress
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
-import psutil
-
-from pigeon import __version__
+from pigeon.bench.brokers import Broker, brokers, durable_brokers, running
 from pigeon.bench.load import (
     ACK_DIALECTS,
+    DURABLE_WORKLOADS,
     LATENCY_STEP,
     WORKLOADS,
     BrokerProbe,
@@ -52,26 +53,17 @@ from pigeon.server.limits import raise_open_files_limit
 
 THROUGHPUT = ("pipe", "queue", "fanin")
 PEERS = ("nats", "redis", "rabbitmq")
-START_TIMEOUT = 60.0  # RabbitMQ boots an Erlang node
 ACK_TARGETS = (("queue", 0.7), ("peers", 3.0))  # ackqueue >= 0.7 x Pigeon's queue, >= 3 x the fastest peer
-
-
-# (taskset prefix, a fresh scratch directory) -> (process, port)
-Starter = Callable[[list[str], str], tuple[subprocess.Popen[str], int]]
-
-
-@dataclass
-class Broker:
-    """How to start one broker on a free loopback port."""
-
-    name: str
-    dialect: str
-    executable: str | None
-    start: Starter
-    version: str = ""
-    start_acks: Starter | None = None  # for ackqueue
-    plain: bool = True  # runs pipe, queue, fanin, latency and connections
-    probe_by_port: bool = False  # the started process is a wrapper; find the broker by its port
+# durable: (Pigeon flavour, at least this many times, the other) for the workload ``durable``
+DURABLE_TARGETS = (
+    ("pigeon-everysec", 0.5, "pigeon-memory"),
+    ("pigeon-everysec", 3.0, "redis-everysec"),
+    ("pigeon-always", 3.0, "redis-always"),
+    ("pigeon-always", 3.0, "rabbitmq"),
+    ("pigeon-always", 3.0, "jetstream"),
+)
+# durable brokers that also run durable_ackqueue4
+DURABLE_ACKQUEUE = ("pigeon-everysec", "pigeon-always", "redis-everysec", "jetstream", "rabbitmq")
 
 
 @dataclass
@@ -80,194 +72,6 @@ class Table:
 
     results: dict[str, list[Result]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-def _spawn(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    # thousands of idle connections need thousands of descriptors on both ends; a session of its
-    # own, so that stopping a broker stops the processes it started (RabbitMQ's Erlang node)
-    return subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        preexec_fn=raise_open_files_limit,
-        start_new_session=True,
-    )
-
-
-def _wait_for_line(proc: subprocess.Popen[str], pattern: re.Pattern[str]) -> re.Match[str]:
-    """Read the broker's log until a line matches ``pattern``."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + START_TIMEOUT
-    seen = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        match = pattern.search(line)
-        if match:
-            return match
-    proc.kill()
-    raise RuntimeError(f"{proc.args!r} did not start: {''.join(seen)}")
-
-
-def _free_port() -> int:
-    # redis-server cannot pick its own port, so take one the kernel just handed out
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_pigeon(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
-    proc = _spawn([*pin, sys.executable, "-m", "pigeon", "--port", "0", "--loop", "uvloop"])
-    return proc, int(_wait_for_line(proc, re.compile(r"listening on \S+:(\d+)")).group(1))
-
-
-def _go_env() -> dict[str, str]:
-    # Go sizes GOMAXPROCS by the CPU affinity it starts with: 1 under taskset, which serialises
-    # nats-server's reading, routing and writing goroutines on one thread and makes JetStream write
-    # every delivery on its own. Pinned or not, it gets the machine's count, as it would unpinned.
-    return os.environ | {"GOMAXPROCS": str(os.cpu_count() or 1)}
-
-
-def _start_nats(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
-    proc = _spawn([*pin, "nats-server", "-a", "127.0.0.1", "-p", "-1"], _go_env())
-    return proc, int(_wait_for_line(proc, re.compile(r"client connections on \S+:(\d+)")).group(1))
-
-
-def _start_jetstream(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
-    # memory streams only, but JetStream wants a store directory all the same
-    proc = _spawn([*pin, "nats-server", "-js", "-sd", scratch, "-a", "127.0.0.1", "-p", "-1"], _go_env())
-    return proc, int(_wait_for_line(proc, re.compile(r"client connections on \S+:(\d+)")).group(1))
-
-
-def _start_rabbitmq(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
-    """A throwaway RabbitMQ node: its own name, port and directories, no plugins, logging to stdout."""
-    port = _free_port()
-    with open(os.path.join(scratch, "enabled_plugins"), "w") as f:
-        f.write("[].\n")
-    if os.geteuid() == 0:
-        # rabbitmq-server started as root drops to the rabbitmq user, who must own its directories
-        shutil.chown(scratch, "rabbitmq")
-        shutil.chown(os.path.join(scratch, "enabled_plugins"), "rabbitmq")
-    env = os.environ | {
-        "RABBITMQ_NODENAME": f"pigeonbench{port}@localhost",
-        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-        "RABBITMQ_NODE_PORT": str(port),
-        "RABBITMQ_DIST_PORT": str(_free_port()),
-        "RABBITMQ_MNESIA_BASE": os.path.join(scratch, "mnesia"),
-        "RABBITMQ_LOG_BASE": os.path.join(scratch, "log"),
-        "RABBITMQ_LOGS": "-",
-        "RABBITMQ_ENABLED_PLUGINS_FILE": os.path.join(scratch, "enabled_plugins"),
-    }
-    proc = _spawn([*pin, "rabbitmq-server"], env)
-    _wait_for_line(proc, re.compile(r"Server startup complete"))
-    return proc, port
-
-
-def _start_redis(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
-    port = _free_port()
-    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = _spawn([*pin, *cmd])
-    _wait_for_line(proc, re.compile(r"Ready to accept connections"))
-    return proc, port
-
-
-def _start_sink(pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
-    proc = _spawn([*pin, sys.executable, "-m", "pigeon.bench.sink", "--port", "0"])
-    return proc, int(_wait_for_line(proc, re.compile(r"listening on \S+:(\d+)")).group(1))
-
-
-def _version(cmd: list[str]) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
-    except OSError:
-        return ""
-    return out.strip().splitlines()[0] if out.strip() else ""
-
-
-def brokers(include_sink: bool) -> list[Broker]:
-    """Every broker to measure, Pigeon first; ``executable`` None marks one that is not installed."""
-    found = [
-        Broker("pigeon", "pigeon", sys.executable, _start_pigeon, f"pigeon {__version__}"),
-        Broker("nats", "nats", shutil.which("nats-server"), _start_nats, start_acks=_start_jetstream),
-        Broker("redis", "redis", shutil.which("redis-server"), _start_redis),
-        Broker(
-            "rabbitmq",
-            "rabbitmq",
-            shutil.which("rabbitmq-server"),
-            _start_rabbitmq,
-            plain=False,
-            probe_by_port=True,
-        ),
-    ]
-    if include_sink:
-        found.append(
-            Broker(
-                "ceiling",
-                "pigeon",
-                sys.executable,
-                _start_sink,
-                "null broker (pigeon.bench.sink)",
-            )
-        )
-    for b in found[1:3]:
-        if b.executable:
-            b.version = _version([b.executable, "--version"])
-    if found[3].executable:
-        found[3].version = "rabbitmq-server " + _version(
-            ["dpkg-query", "-W", "-f", "${Version}", "rabbitmq-server"]
-        )
-    return found
-
-
-@contextmanager
-def running(broker: Broker, pin: list[str], acks: bool = False) -> Iterator[tuple[int | None, int]]:
-    """A fresh broker process (the ackqueue flavour if ``acks``): yields (pid, port); stopped afterwards.
-
-    The pid is None when the broker must be found by its listening port.
-    """
-    start = broker.start_acks if acks and broker.start_acks else broker.start
-    with tempfile.TemporaryDirectory(prefix=f"pigeon-bench-{broker.name}-") as scratch:
-        proc, port = start(pin, scratch)
-        # keep reading its log, so a chatty broker never blocks on a full pipe
-        drain = threading.Thread(target=_drain, args=(proc,), daemon=True)
-        drain.start()
-        # rabbitmq-server as root runs its node in a session of its own: stop it by its process tree
-        node = BrokerProbe(None, port).process if broker.probe_by_port else None
-        tree = [node, *node.children(recursive=True)] if node is not None else []
-        try:
-            yield None if broker.probe_by_port else proc.pid, port
-        finally:
-            _stop_group(proc, signal.SIGTERM)
-            for p in tree:
-                with suppress(psutil.NoSuchProcess):
-                    p.terminate()
-            _, alive = psutil.wait_procs(tree, timeout=20)
-            for p in alive:
-                with suppress(psutil.NoSuchProcess):
-                    p.kill()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                _stop_group(proc, signal.SIGKILL)
-                proc.wait()
-            drain.join(10)
-
-
-def _stop_group(proc: subprocess.Popen[str], sig: int) -> None:
-    # the broker's own session (see _spawn): the process and whatever it started
-    with suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-
-
-def _drain(proc: subprocess.Popen[str]) -> None:
-    assert proc.stdout is not None
-    for _ in proc.stdout:
-        pass
-    proc.stdout.close()
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -342,6 +146,68 @@ def measure(
         f"broker pinned with: {' '.join(broker_pin) or '(not pinned)'}; load generator: {client_cpu}"
     )
     return table
+
+
+def measure_durable(
+    opts: Options, workloads: Sequence[str], repeat: int, pins: tuple[list[str], str]
+) -> Table:
+    """The durable table: every durable broker ``repeat`` times, taking turns, a fresh process (and
+    data directory) per workload; the medians."""
+    broker_pin, client_cpu = pins
+    table = Table()
+    runs: dict[str, list[list[Result]]] = {}
+    candidates = durable_brokers()
+    for b in candidates:
+        if b.executable is None:
+            table.notes.append(f"{b.name}: not installed, skipped")
+        elif b.version and b.version not in " ".join(table.notes):
+            table.notes.append(f"{b.name.split('-')[0]}: {b.version}")
+    active = [b for b in candidates if b.executable is not None]
+    for _ in range(repeat):
+        for b in active:
+            results = []
+            for w in workloads:
+                if w == "durable_ackqueue4" and b.name not in DURABLE_ACKQUEUE:
+                    continue
+                with running(b, broker_pin) as (pid, port):
+                    results += run(replace(opts, port=port, pid=pid, dialect=b.dialect), [w])
+            runs.setdefault(b.name, []).append(results)
+    table.results = {name: median_results(rs) for name, rs in runs.items()}
+    for dialect in dict.fromkeys(b.dialect for b in active):
+        table.notes.append(f"{dialect} durable: {ACK_DIALECTS[dialect].durable_notes}")
+    table.notes.append(
+        f"broker pinned with: {' '.join(broker_pin) or '(not pinned)'}; load generator: {client_cpu}"
+    )
+    return table
+
+
+def durable_verdicts(table: Table) -> list[tuple[str, str, float | None, bool | None]]:
+    """(target, measured as text, ratio, met) for the issue's durable targets."""
+    out = []
+    for mine, need, other in DURABLE_TARGETS:
+        a, b = (_get(table.results.get(n, []), "durable") for n in (mine, other))
+        ratio = _ratio(a.msgs_per_s if a else None, b.msgs_per_s if b else None)
+        text = "-" if ratio is None else f"{ratio:.2f} x"
+        out.append((f"durable: {mine} >= {need} x {other}", text, ratio, _met(ratio, need)))
+    return out
+
+
+def format_durable(table: Table) -> str:
+    """The durable table: throughput and CPU per broker, each Pigeon flavour's ratio to the peers."""
+    names = list(table.results)
+    rows = [("workload", "figure", *names)]
+    for w in DURABLE_WORKLOADS:
+        for label, attr, scale, digits in (
+            ("M msgs/s", "msgs_per_s", 1e6, 3),
+            ("broker CPU %", "broker_cpu_percent", 1.0, 0),
+        ):
+            cells = [
+                _cell(getattr(r, attr) if (r := _get(table.results[n], w)) else None, scale, digits)
+                for n in names
+            ]
+            if any(c != "-" for c in cells):
+                rows.append((w, label, *cells))
+    return _with_verdicts(render_rows(rows), durable_verdicts(table), table.notes, (44, 10))
 
 
 def measure_latency(opts: Options, active: Sequence[Broker], broker_pin: list[str]) -> dict[str, Result]:
@@ -483,14 +349,21 @@ def format_table(table: Table) -> str:
                     *("-" if x is None else f"{x:.2f}" for x in ratios),
                 )
             )
-    lines = [render_rows(rows)]
-    lines.append("")
-    for target, measured, _, met in verdicts(table):
+    return _with_verdicts(render_rows(rows), verdicts(table), table.notes, (24, 32))
+
+
+def _with_verdicts(
+    rendered: str,
+    found: Sequence[tuple[str, str, float | None, bool | None]],
+    notes: Sequence[str],
+    widths: tuple[int, int],
+) -> str:
+    """A rendered table, then a line per target (its columns ``widths`` wide), then the notes."""
+    lines = [rendered, ""]
+    for target, measured, _, met in found:
         mark = "n/a" if met is None else ("met" if met else "NOT met")
-        lines.append(f"target {target:<24} {measured:<32} {mark}")
-    lines.append("")
-    lines.extend(table.notes)
-    return "\n".join(lines)
+        lines.append(f"target {target:<{widths[0]}} {measured:<{widths[1]}} {mark}")
+    return "\n".join([*lines, "", *notes])
 
 
 def _pins(broker_cpu: int, client_cpu: int) -> tuple[list[str], str]:
@@ -523,6 +396,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=("broker", "client"),
         help="keep a busy loop running on the brokers' or the generator's CPU: controlled contention",
     )
+    parser.add_argument(
+        "--durable",
+        action="store_true",
+        help="the durable table instead: brokers keeping their queues on disk (durable workloads)",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: short, one repeat")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--chart", metavar="PNG", help="also draw a chart (needs matplotlib)")
@@ -530,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.repeat, args.duration, args.connections, args.samples = 1, 0.3, 100, 500
     workloads = [w for w in args.workloads.split(",") if w]
+    if args.durable:
+        workloads = [w for w in workloads if w in DURABLE_WORKLOADS] or list(DURABLE_WORKLOADS)
     # a fresh broker measures connections first, before other workloads leave freed memory to reuse
     workloads.sort(key=lambda w: w != "connections")
     raise_open_files_limit()
@@ -543,14 +423,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     pins = _pins(args.broker_cpu, args.client_cpu)
     with _busy_loop(args.broker_cpu if args.noise == "broker" else args.client_cpu, args.noise is not None):
-        table = measure(opts, workloads, args.repeat, not args.no_ceiling, pins)
+        if args.durable:
+            table = measure_durable(opts, workloads, args.repeat, pins)
+        else:
+            table = measure(opts, workloads, args.repeat, not args.no_ceiling, pins)
     if args.noise:
         table.notes.append(f"with a busy loop on the {args.noise}'s CPU")
     table.notes.append(
         f"{platform.node()}: {os.cpu_count()} CPUs, {_cpu_model()}, Python {platform.python_version()}, "
         f"{args.size}-byte messages, median of {args.repeat}"
     )
-    print(format_table(table))
+    print(format_durable(table) if args.durable else format_table(table))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

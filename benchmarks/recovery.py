@@ -1,11 +1,16 @@
-"""How fast a durable Pigeon comes back: fill a data directory, kill -9, restart, consume.
+"""How fast a durable broker comes back: fill a queue, kill -9, restart, consume.
 
-    python benchmarks/recovery.py --messages 10000000          # the recovery figure
-    python benchmarks/recovery.py --messages 1000000 --consume  # first message, all consumed by 4 ackers
+    python benchmarks/recovery.py --messages 10000000 --brokers pigeon     # the recovery figure
+    python benchmarks/recovery.py --messages 1000000 --consume              # Pigeon and its peers
 
-Reports the server's own "recovered N messages ... in T s", the time from the restart's exec to the
-first DELIVER a waiting consumer gets, and (with --consume) to the last of the messages acked by 4
-acknowledging consumers (prefetch 1,000, one ACK range per read).
+For each broker in turn (Pigeon with ``--fsync everysec``, Redis Streams with AOF ``appendfsync
+everysec``, NATS JetStream with a file stream, RabbitMQ with a durable queue of persistent
+messages): one publisher fills the queue with 1,000 unconfirmed messages at most (the same
+drivers as ``compare.py --durable``), then the broker is killed with SIGKILL and started again
+on the same files. Reported: the time from the restart's exec until the broker is ready
+(Pigeon: its own "recovered N messages ... in T s"), until the first delivery reaches a
+consumer waiting for it, and (with --consume) until 4 acknowledging consumers (prefetch 1,000,
+acknowledging every 100) have acknowledged every message.
 """
 
 from __future__ import annotations
@@ -14,126 +19,172 @@ import argparse
 import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
-from pathlib import Path
+from collections.abc import Sequence
+from contextlib import suppress
+from dataclasses import dataclass
 
-from pigeon.testing import LineClient, ServerProcess
+from pigeon.bench.acking import AckDialect
+from pigeon.bench.brokers import Broker, Started, durable_brokers, start_broker, stop_broker
+from pigeon.bench.load import ACK_DIALECTS, consume, publish_confirmed
+from pigeon.bench.window import PUBLISH_BATCH, Window
+from pigeon.bench.wire import WireError
 
 RECOVERED = re.compile(r"recovered (\d+) messages on (\d+) topics from \S+ in ([0-9.]+) s")
+# the broker flavour of the durable table each name restarts
+FLAVOURS = {
+    "pigeon": "pigeon-everysec",
+    "redis": "redis-everysec",
+    "jetstream": "jetstream",
+    "rabbitmq": "rabbitmq",
+}
+CONSUMERS = 4
+PREFETCH = 1000
+ACK_BATCH = 100
+CONFIRM_WINDOW = 1000
+QUEUE = b"recovery.jobs"
+DEADLINE = 900.0  # the longest wait for a fill or a drain
 
 
-def _roomy(messages: int) -> list[str]:
-    """Limits that let all the messages wait in one backlog."""
-    return ["--max-backlog", str(messages), "--max-memory", str(16 << 30)]
+@dataclass
+class Figures:
+    """What one broker's fill, crash and restart took."""
+
+    filled_per_s: float
+    ready_s: float
+    first_s: float | None = None
+    all_s: float | None = None
+    acked: int = 0
+    recovered: str = ""  # Pigeon's own start-up line
 
 
-def fill(data: Path, messages: int, size: int) -> float:
-    """Publish ``messages`` to topic jobs with a window of 1,000; kill -9 once all are confirmed."""
-    server = ServerProcess(
-        "--data-dir", str(data), "--max-backlog", str(messages), "--max-memory", str(16 << 30)
-    )
-    client = LineClient(server.host, server.port, 60)
-    cid = client.connect()
-    line = b"PUBLISH %s jobs %s\n" % (cid.encode(), b"x" * size)
+def fill(d: AckDialect, port: int, messages: int, size: int) -> float:
+    """Publish ``messages`` of ``size`` bytes, at most 1,000 unconfirmed; the rate once all are confirmed."""
+    sock, command = d.publisher("127.0.0.1", port, QUEUE, b"x" * size)
+    sock.settimeout(None)
+    confirmed = [0]
+    errors: list[str] = []
+    batch = min(PUBLISH_BATCH, CONFIRM_WINDOW // 2)
     started = time.perf_counter()
-    sent = confirmed = 0
-    while confirmed < messages:
-        if sent < messages and sent - confirmed <= 500:
-            batch = min(500, messages - sent)
-            client.sock.sendall(line * batch)
-            sent += batch
-        confirmed += client.sock.recv(1 << 20).count(b"\n")
-    elapsed = time.perf_counter() - started
-    server.stop(signal.SIGKILL)
-    return messages / elapsed
+    try:
+        publish_confirmed(
+            sock, command * batch, batch, d.confirms(), CONFIRM_WINDOW, confirmed, None, threading.Event(),
+            errors, total=messages,
+        )  # fmt: skip
+    finally:
+        sock.close()
+    if errors or confirmed[0] < messages:
+        raise WireError(f"fill: {confirmed[0]} of {messages} confirmed {errors[:1]}")
+    return messages / (time.perf_counter() - started)
 
 
-class _Acker(threading.Thread):
-    """An acknowledging consumer of jobs: counts what it acked, notes when it saw its first DELIVER."""
-
-    def __init__(self, host: str, port: int, counts: list[int], index: int, first: list[float]) -> None:
-        super().__init__(daemon=True)
-        self.client = LineClient(host, port, 60)
-        self.client.connect()
-        self.counts, self.index, self.first = counts, index, first
-
-    def run(self) -> None:
-        cid = self.client.client_id.encode()
-        sock = self.client.sock
-        sock.sendall(b"SUBSCRIBE %s jobs ACK PREFETCH 1000\n" % cid)
-        buf = b""
-        pending: list[bytes] = []
-        while True:
-            try:
-                chunk = sock.recv(1 << 20)
-            except OSError:
-                return
-            if not chunk:
-                return
-            if not self.first:
-                self.first.append(time.perf_counter())
-            buf += chunk
-            cut = buf.rfind(b"\n") + 1
-            for record in buf[:cut].split(b"\n")[:-1]:
-                if record.startswith(b"DELIVER "):
-                    pending.append(record.split(b" ", 3)[2])
-            buf = buf[cut:]
-            if pending:  # the tags of one read are consecutive: one range acks them all
-                try:
-                    sock.sendall(b"ACK %s %s-%s\n" % (cid, pending[0], pending[-1]))
-                except OSError:
-                    return
-                self.counts[self.index] += len(pending)
-                pending.clear()
-
-
-def restart(data: Path, messages: int, consume: bool) -> None:
-    """Start on ``data``, connect consumers at once, report the figures."""
-    started = time.perf_counter()
-    server = ServerProcess(
-        "--data-dir", str(data), "--max-backlog", str(messages), "--max-memory", str(16 << 30)
-    )
-    listening = time.perf_counter() - started
-    found = next(RECOVERED.search(line) for line in server.log if RECOVERED.search(line))
-    assert found is not None
-    print(
-        f"recovered {found.group(1)} messages in {found.group(3)} s (server's figure); "
-        f"listening after {listening:.2f} s"
-    )
-    counts = [0] * 4
-    first: list[float] = []
-    ackers = [_Acker(server.host, server.port, counts, i, first) for i in range(4 if consume else 1)]
-    for acker in ackers:
-        acker.start()
-    deadline = time.monotonic() + 600
-    while not first and time.monotonic() < deadline:
-        time.sleep(0.001)
-    print(f"first message {first[0] - started:.2f} s after the restart's exec")
-    if consume:
-        while sum(counts) < messages and time.monotonic() < deadline:
+def drain(d: AckDialect, port: int, messages: int, consumers: int, started: float, figures: Figures) -> None:
+    """Consume with ``consumers`` acknowledging consumers until ``messages`` are acknowledged."""
+    counts = [0] * consumers
+    errors: list[str] = []
+    clients = [d.consumer("127.0.0.1", port, QUEUE, i, PREFETCH, ACK_BATCH) for i in range(consumers)]
+    for c in clients:
+        c.sock.settimeout(None)
+    threads = [
+        threading.Thread(target=consume, args=(c, counts, i, Window(0, 1), errors), daemon=True)
+        for i, c in enumerate(clients)
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + DEADLINE
+    try:
+        while not sum(counts) and not errors and time.monotonic() < deadline:
+            time.sleep(0.001)
+        figures.first_s = time.perf_counter() - started
+        while sum(counts) < messages and not errors and time.monotonic() < deadline:
             time.sleep(0.005)
-        print(f"all {sum(counts)} acked by 4 consumers {time.perf_counter() - started:.2f} s after the exec")
-    server.stop()
+        figures.all_s = time.perf_counter() - started
+        figures.acked = sum(counts)
+        for c in clients:
+            c.settle()  # the last partial batch of acks
+    finally:
+        for c in clients:
+            with_shutdown(c.sock)
+        for t in threads:
+            t.join(10)
+    if errors:
+        raise WireError(errors[0])
 
 
-def main() -> None:
-    """Fill, kill -9, restart, report."""
+def with_shutdown(sock: socket.socket) -> None:
+    """A FIN after the last acknowledgements, then the socket closed."""
+    with suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+    sock.close()
+
+
+def measure(broker: Broker, messages: int, size: int, consume_all: bool, pin: list[str]) -> Figures:
+    """Fill, kill -9, restart on the same files, consume; the figures."""
+    d = ACK_DIALECTS[broker.dialect](durable=True)
+    scratch = tempfile.mkdtemp(prefix=f"pigeon-recovery-{broker.name}-")
+    running: Started | None = None
+    try:
+        running = start_broker(broker, pin, scratch)
+        d.setup("127.0.0.1", running.port, QUEUE, CONSUMERS, PREFETCH)
+        rate = fill(d, running.port, messages, size)
+        stop_broker(running, signal.SIGKILL)
+        running = None
+        restarted = time.perf_counter()
+        running = start_broker(broker, pin, scratch)
+        figures = Figures(rate, time.perf_counter() - restarted)
+        found = [m.group(0) for m in map(RECOVERED.search, running.proc.lines) if m]
+        figures.recovered = found[0] if found else ""
+        drain(
+            d,
+            running.port,
+            messages if consume_all else 1,
+            CONSUMERS if consume_all else 1,
+            restarted,
+            figures,
+        )
+        if not consume_all:
+            figures.all_s = None
+        return figures
+    finally:
+        if running is not None:
+            stop_broker(running)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Measure the brokers named, one after the other, and print a line each."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--consume", action="store_true", help="also time 4 acking consumers taking all")
-    args = parser.parse_args()
-    data = Path(tempfile.mkdtemp(prefix="pigeon-recovery-"))
-    try:
-        rate = fill(data, args.messages, args.size)
-        print(
-            f"filled {args.messages} messages of {args.size} bytes at {rate:,.0f} confirmed/s, then kill -9"
+    parser.add_argument(
+        "--brokers", default=",".join(FLAVOURS), help=f"comma-separated, from {','.join(FLAVOURS)}"
+    )
+    args = parser.parse_args(argv)
+    if args.messages % PUBLISH_BATCH:
+        parser.error(f"--messages must be a multiple of {PUBLISH_BATCH}")
+    known = {b.name: b for b in durable_brokers()}
+    for name in args.brokers.split(","):
+        broker = known[FLAVOURS[name]]
+        if broker.executable is None:
+            print(f"{name}: not installed, skipped")
+            continue
+        figures = measure(broker, args.messages, args.size, args.consume, [])
+        line = (
+            f"{name}: filled {args.messages} messages of {args.size} bytes at {figures.filled_per_s:,.0f} "
+            f"confirmed/s, kill -9; restart ready after {figures.ready_s:.2f} s, first message "
+            f"{figures.first_s:.2f} s"
         )
-        restart(data, args.messages, args.consume)
-    finally:
-        shutil.rmtree(data)
+        if figures.all_s is not None:
+            line += (
+                f", all {figures.acked} acked by {CONSUMERS} consumers {figures.all_s:.2f} s after the exec"
+            )
+        if figures.recovered:
+            line += f"; the server's own figure: {figures.recovered}"
+        print(line + (f" ({broker.version})" if broker.version else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ the machine does; the table gives each tree's median and its ratio to the first.
 
     python benchmarks/trees.py --repeat 5 v1=../pigeon-v1 now=.
     python benchmarks/trees.py --workloads queue,fanin --repeat 8 before=/tmp/old after=.
+    python benchmarks/trees.py --workloads durable --fsync always --repeat 8 before=/tmp/old after=.
+
+With ``--fsync``, every server gets a fresh data directory (``--data-dir``, under the system's
+temporary directory) with that policy, and a backlog and memory limit that hold a whole run
+without a consumer (the ``durable`` workload).
 """
 
 from __future__ import annotations
@@ -15,22 +20,37 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import replace
 from pathlib import Path
 
+from pigeon.bench.brokers import ROOMY
 from pigeon.bench.load import Options, run
 
 LISTENING = re.compile(r"listening on \S+:(\d+)")
 
 
-def _serve(tree: Path, cpu: int) -> tuple[subprocess.Popen[str], int]:
-    """Start the server of ``tree`` on ``cpu``; returns the process and its port."""
+def _serve(tree: Path, cpu: int, flags: list[str]) -> tuple[subprocess.Popen[str], int]:
+    """Start the server of ``tree`` on ``cpu`` with ``flags``; returns the process and its port."""
     proc = subprocess.Popen(
-        ["taskset", "-c", str(cpu), sys.executable, "-m", "pigeon", "--port", "0", "--loop", "uvloop"],
+        [
+            "taskset",
+            "-c",
+            str(cpu),
+            sys.executable,
+            "-m",
+            "pigeon",
+            "--port",
+            "0",
+            "--loop",
+            "uvloop",
+            *flags,
+        ],
         cwd=tree,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -61,13 +81,18 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--broker-cpu", type=int, default=0)
     parser.add_argument("--client-cpu", type=int, default=1)
+    parser.add_argument(
+        "--fsync", choices=("no", "everysec", "always"), help="durable servers with this policy"
+    )
     args = parser.parse_args()
     os.sched_setaffinity(0, {args.client_cpu})
     workloads = args.workloads.split(",")
     rates: dict[tuple[str, str], list[float]] = {}
     for repeat in range(args.repeat):
         for name, tree in args.trees:
-            proc, port = _serve(tree, args.broker_cpu)
+            data = tempfile.mkdtemp(prefix="pigeon-trees-")
+            flags = [*ROOMY, "--data-dir", data, "--fsync", args.fsync] if args.fsync else []
+            proc, port = _serve(tree, args.broker_cpu, flags)
             try:
                 opts = replace(Options(), port=port, pid=proc.pid, duration=args.duration, progress=False)
                 for result in run(opts, workloads):
@@ -77,6 +102,7 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait()
+                shutil.rmtree(data)
     first = args.trees[0][0]
     print(f"\nmedians of {args.repeat} (msgs/s), and the ratio to {first}:")
     for workload in workloads:

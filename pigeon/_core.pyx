@@ -366,7 +366,8 @@ cdef class Broker:
 
     @property
     def log_state(self):
-        """Where the log is: positions appended, written and synced, the messages it holds live."""
+        """Where the log is: positions appended, written and synced, the messages it holds live, the
+        segments and the size at which a new one starts."""
         return {
             "appended": self.log.appended,
             "written": self.log.written,
@@ -375,6 +376,7 @@ cdef class Broker:
             "live_bytes": self.log.live_bytes,
             "next_seq": self.next_seq + 1,
             "segments": self.log.nepochs,
+            "segment_max": self.log.segment_max,
             "segment_live": [self.log.epoch_live[i] for i in range(self.log.nepochs)],
         }
 

@@ -57,6 +57,32 @@ def test_ackqueue_acknowledges_every_message_it_published(server: ServerProcess)
     assert stats["errors"] == {k: 0 for k in stats["errors"]}
 
 
+def test_durable_workloads_count_confirmations_and_acknowledgements(tmp_path: Path) -> None:
+    # durable has no consumer: the backlog holds the whole run
+    server = ServerProcess(
+        "--data-dir", str(tmp_path / "data"), "--fsync", "always", "--max-backlog", "50000000"
+    )
+    try:
+        done = bench(
+            "--port", str(server.port), "--workloads", "durable,durable_ackqueue4", "--json", *SHORT
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        results = json.loads(done.stdout)["results"]
+        assert [r["workload"] for r in results] == ["durable", "durable_ackqueue4"]
+        assert all(r["msgs_per_s"] > 0 for r in results)
+        assert results[0]["note"] == "1 pub, 1000 unconfirmed, 0 consumers"
+        client = server.client()
+        client.connect()
+        stats = json.loads(client.ask("STATS").split(b" ", 1)[1])
+        client.close()
+    finally:
+        server.stop()
+    # every publish of durable_ackqueue4 was acknowledged; durable's stay, nobody consumed them
+    assert stats["durable"] and stats["log_syncs"] > 0
+    assert stats["published"] == stats["acks"] + stats["backlog_messages"] > stats["acks"] > 0
+    assert stats["errors"] == {k: 0 for k in stats["errors"]}
+
+
 def test_table_output_and_message_size_through_pigeon_cli(server: ServerProcess) -> None:
     cli = [sys.executable, "-c", "import sys; from pigeon.cli.client import main; sys.exit(main())"]
     done = subprocess.run(
@@ -157,6 +183,48 @@ def test_compare_quick_prints_peers_side_by_side(tmp_path: Path) -> None:
             assert f"{peer}: not installed, skipped" in done.stdout
     assert "target pipe: >= 2.0 x redis" in done.stdout
     assert "target ackqueue: >= 0.7 x queue" in done.stdout
+
+
+@pytest.mark.slow
+def test_compare_durable_quick_prints_the_durable_table(tmp_path: Path) -> None:
+    out = tmp_path / "durable.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--durable", "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    header = done.stdout.splitlines()[0].split()
+    assert header[:5] == ["workload", "figure", "pigeon-memory", "pigeon-everysec", "pigeon-always"]
+    results = json.loads(out.read_text())
+    for name in ("pigeon-memory", "pigeon-everysec", "pigeon-always"):
+        assert {r["workload"] for r in results[name]} <= {"durable", "durable_ackqueue4"}
+        assert all(r["msgs_per_s"] > 0 for r in results[name])
+    assert "target durable: pigeon-always >= 3.0 x redis-always" in done.stdout
+    for peer, names in (("redis", ("redis-everysec", "redis-always")), ("rabbitmq", ("rabbitmq",))):
+        if shutil.which(f"{peer}-server"):
+            assert all(results[n][0]["msgs_per_s"] > 0 for n in names)
+
+
+@pytest.mark.slow
+def test_recovery_kills_and_restarts_each_broker_and_consumes_everything() -> None:
+    peers = [
+        b
+        for b in ("redis", "jetstream")
+        if shutil.which("nats-server" if b == "jetstream" else "redis-server")
+    ]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "recovery.py"), "--messages", "3000", "--consume",
+         "--brokers", ",".join(["pigeon", *peers])],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["pigeon", *peers]
+    for line in lines:
+        assert "filled 3000 messages of 64 bytes" in line and "all 3000 acked by 4 consumers" in line
+    assert "recovered 3000 messages on 1 topics" in lines[0]
 
 
 def test_compare_skips_peers_that_are_not_installed(tmp_path: Path) -> None:

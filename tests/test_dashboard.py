@@ -120,6 +120,7 @@ def test_dashboard_shows_live_figures(
     assert [row[0] for row in table(browser, "topics")] == ["jobs", "idle"]
     assert stats["published"] > 5
     assert "of 1.0 GiB" in text("memory")
+    assert not stats["durable"] and not browser.find_element(By.ID, "log").is_displayed()
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / f"dashboard-{proc.loop_name}.png"
     browser.save_screenshot(str(shot))
@@ -221,6 +222,47 @@ def test_dashboard_shows_acknowledgements_and_flow_control(browser: webdriver.Ch
     browser.save_screenshot(str(ARTIFACTS / "dashboard-acks.png"))
     assert proc.stop() == 0
     consumer.close()
+
+
+def test_dashboard_shows_the_log_on_disk(tmp_path: Path, browser: webdriver.Chrome) -> None:
+    proc, url = start_monitored(
+        "--data-dir", str(tmp_path / "data"), "--fsync", "always", "--max-disk", "8000000"
+    )
+    pub = proc.client()
+    pub.connect()
+    for i in range(5):
+        pub.publish("idle", f"kept-{i}")  # PUBLISHED under always: on disk, synced
+    browser.get(url)
+
+    def figure(element_id: str, attribute: str | None = None) -> str:
+        element = browser.find_element(By.ID, element_id)
+        return str(element.get_attribute(attribute) if attribute else element.text)
+
+    def shows_the_log(_: object) -> bool:
+        stats = get_json(url + "stats")
+        return browser.find_element(By.ID, "log").is_displayed() and (
+            figure("log-disk", "data-bytes"),
+            figure("log-live"),
+            figure("log-unsynced", "data-bytes"),
+            figure("log-syncs"),
+            figure("log-write-failed"),
+        ) == (
+            str(stats["log_disk_bytes"]),
+            str(stats["log_live_messages"]),
+            str(stats["log_unsynced_bytes"]),
+            str(stats["log_syncs"]),
+            "yes" if stats["log_write_failed"] else "no",
+        )
+
+    WebDriverWait(browser, 20, poll_frequency=0.2).until(shows_the_log)
+    stats = get_json(url + "stats")
+    assert stats["log_live_messages"] == 5 and stats["log_syncs"] > 0 and stats["log_disk_bytes"] > 0
+    assert figure("log-write-failed") == "no" and "of 7.6 MiB" in figure("log-disk")
+    assert browser.find_element(By.ID, "log-meter").is_displayed()
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "dashboard-log.png"))
+    pub.close()
+    assert proc.stop() == 0
 
 
 def table(browser: webdriver.Chrome, table_id: str) -> list[list[str]]:

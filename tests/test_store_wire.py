@@ -317,6 +317,78 @@ def test_a_torn_tail_at_every_offset_of_the_last_record_is_cut_off(tmp_path: Pat
         shutil.rmtree(data)
 
 
+def test_the_zeros_of_a_segment_made_ahead_end_it_and_a_torn_record_before_them_is_cut(
+    tmp_path: Path,
+) -> None:
+    made = _log_of(tmp_path, ["first", "second", "third"])
+    (segment,) = _segments(made)
+    start, size = _records(segment)[-1]
+    # a kill -9 under --fsync always leaves the rest of the segment made ahead: zeros
+    whole = tmp_path / "whole"
+    shutil.copytree(made, whole)
+    with open(whole / segment.name, "ab") as f:
+        f.write(bytes(1 << 20))
+    with _server(whole) as server:
+        assert not [line for line in server.log if "torn" in line], server.log
+        sub = server.client()
+        sub.connect()
+        assert _drain(sub, "jobs", 3) == ["first", "second", "third"]
+    assert (whole / segment.name).stat().st_size == start + size  # the zeros are cut off
+    # a crash in the middle of the last write: its record cut short, the zeros after it
+    torn = tmp_path / "torn"
+    shutil.copytree(made, torn)
+    os.truncate(torn / segment.name, start + size // 2)
+    with open(torn / segment.name, "ab") as f:
+        f.write(bytes(1 << 20))
+    with _server(torn) as server:
+        assert any("the torn tail" in line and f"offset {start}" in line for line in server.log), server.log
+        sub = server.client()
+        sub.connect()
+        assert _drain(sub, "jobs", 2) == ["first", "second"]
+        assert sub.ask("PING") == b"PONG"
+
+
+def _spare_made(data: Path) -> None:
+    """Wait until the server has made the next segment ahead (spare.tmp, zeros of a segment)."""
+    spare = data / "spare.tmp"
+    deadline = time.monotonic() + DEADLINE
+    while not (spare.exists() and spare.stat().st_size == 1_000_000) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert spare.stat().st_size == 1_000_000
+
+
+def test_always_makes_the_next_segment_ahead_and_a_kill_leaves_nothing_to_repair(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    bodies = [f"m{i:05d}-" + "x" * 60 for i in range(15_000)]  # about 1.5 MB of records
+    server = ServerProcess(
+        "--data-dir", str(data), "--fsync", "always", "--max-disk", "8000000"
+    )  # 1 MB segments
+    try:
+        pub = server.client()
+        pub.connect()
+        _spare_made(data)
+        _publish(pub, "jobs", bodies[:5000])
+        (first,) = _segments(data)
+        assert first.stat().st_size == 1_000_000  # the spare, renamed: records, then its zeros
+        _spare_made(data)  # the next one
+        for i in range(5000, len(bodies), 1000):
+            _publish(pub, "jobs", bodies[i : i + 1000])
+        _spare_made(data)
+        done, current = _segments(data)
+        start, size = _records(done)[-1]
+        assert done.stat().st_size == start + size  # cut back to its last record when it was full
+        assert current.stat().st_size == 1_000_000
+    finally:
+        server.stop(signal.SIGKILL)
+    with _server(data) as server:
+        assert "recovered 15000 messages on 1 topics" in _recovered_line(server)
+        assert not [line for line in server.log if "torn" in line or "WARNING" in line], server.log
+        sub = server.client()
+        sub.connect()
+        assert _drain(sub, "jobs", len(bodies)) == bodies
+    assert not (data / "spare.tmp").exists()  # a graceful stop leaves no spare behind
+
+
 def test_corruption_before_the_tail_stops_the_start_and_repair_keeps_the_rest(tmp_path: Path) -> None:
     bodies = [f"message-{i:03d}" for i in range(100)]
     data = _log_of(tmp_path, bodies)
@@ -494,3 +566,23 @@ def test_the_log_figures_reach_metrics_as_in_stats(tmp_path: Path) -> None:
         assert float(metrics["pigeon_log_write_failed"]) == 0
     finally:
         proc.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsync", ["always", "everysec"])
+def test_syncs_in_flight_while_segments_rotate_keep_serving(tmp_path: Path, fsync: str) -> None:
+    # 5 MB segments (--max-disk / 8) filled by the load generator's durable publisher (1,000
+    # unconfirmed) with 4 acknowledging consumers: a new segment every few hundred milliseconds,
+    # often started by the busy loop before the sync thread took up the sync asked just before
+    # (it synced and closed the old file, then synced it again: EBADF, and --fsync always stopped)
+    with _server(tmp_path / "data", "--fsync", fsync, "--max-disk", str(40_000_000)) as server:
+        bench = subprocess.run(
+            [sys.executable, "-m", "pigeon.bench", "--port", str(server.port), "--workloads",
+             "durable_ackqueue4", "--duration", "2", "--no-progress", "--json"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert server.proc.poll() is None, "".join(server.log)
+        assert bench.returncode == 0, bench.stderr
+        (result,) = json.loads(bench.stdout)["results"]
+        assert result["workload"] == "durable_ackqueue4" and result["msgs_per_s"] > 0
+    assert not [line for line in server.log if "cannot sync" in line], "".join(server.log)

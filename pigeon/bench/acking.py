@@ -11,6 +11,12 @@ message, and a compiled regular expression finds the names in the whole read at 
 
 ``AckConsumer.feed`` turns bytes read into (messages received, bytes to send back); the
 generator (``pigeon.bench.load``) owns the threads and the sockets' reading.
+
+A dialect made with ``durable=True`` keeps the queue on disk and confirms each publish once it
+is kept (Pigeon's ``PUBLISHED`` under ``--data-dir``, Redis's reply under ``appendonly``, a
+JetStream PubAck from a file stream, a RabbitMQ publisher confirm for a persistent message on a
+durable queue); ``confirms()`` counts those confirmations in the publisher's reads, so the
+generator can keep a window of unconfirmed messages the same way for every broker.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ class AckConsumer:
         self.sock = sock
         self.batch = batch
         self.lock = threading.Lock()
+        # deliveries read with the setup's replies (a queue that already held messages)
+        self.early = b""
 
     def start(self) -> bytes:
         """What to send once the reader runs (pull requests, a first read)."""
@@ -54,11 +62,42 @@ class AckConsumer:
             self.send(self.finish())
 
 
+class Confirms:
+    """Counts the publish confirmations in a publisher's reads: ``lines`` lines each; a read
+    holding one of ``refusals`` is an error."""
+
+    def __init__(self, lines: int, refusals: tuple[bytes, ...]) -> None:
+        self._lines = lines
+        self._refusals = refusals
+        self._carry = 0  # lines of a confirmation whose rest is still to come
+
+    def feed(self, buf: bytearray, n: int) -> int:
+        """Confirmations completed by the ``n`` bytes just read into ``buf``."""
+        for refusal in self._refusals:
+            at = buf.find(refusal, 0, n)
+            if at >= 0:
+                raise WireError(f"a publish was refused: {bytes(buf[at : min(n, at + 200)])!r}")
+        lines = self._carry + buf.count(b"\n", 0, n)
+        self._carry = lines % self._lines
+        return lines // self._lines
+
+
 class AckDialect:
-    """How one broker's acknowledged queue is set up, published to and consumed."""
+    """How one broker's acknowledged queue is set up, published to and consumed; ``durable``: kept
+    on disk, every publish confirmed (see the module's docstring)."""
 
     name = ""
     notes = ""  # how the broker is driven, for the report
+    durable_notes = ""  # ... with durable=True
+    confirm_lines = 1  # lines of one publish confirmation
+    refusals: tuple[bytes, ...] = ()  # what marks a refused publish in the publisher's reads
+
+    def __init__(self, durable: bool = False) -> None:
+        self.durable = durable
+
+    def confirms(self) -> Confirms:
+        """A counter of the publisher's confirmations (durable)."""
+        return Confirms(self.confirm_lines, self.refusals)
 
     def setup(self, host: str, port: int, queue: bytes, consumers: int, prefetch: int) -> None:
         """Create what the queue needs on the broker (a stream, a group, a queue)."""
@@ -124,6 +163,8 @@ class PigeonAcks(AckDialect):
 
     name = "pigeon"
     notes = "SUBSCRIBE ACK PREFETCH, one ACK <first>-<last> range per batch; PUBLISH answered by PUBLISHED"
+    durable_notes = "pigeon --data-dir with the --fsync named; PUBLISHED is the confirmation"
+    refusals = (b"ERROR ",)
 
     def publisher(self, host: str, port: int, queue: bytes, payload: bytes) -> tuple[socket.socket, bytes]:
         conn = LineSocket.open(host, port)
@@ -137,7 +178,9 @@ class PigeonAcks(AckDialect):
         client_id = _pigeon_connect(conn)
         conn.sock.sendall(b"SUBSCRIBE %s %s ACK PREFETCH %d\n" % (client_id, queue, prefetch))
         conn.expect(b"SUBSCRIBED ")
-        return PigeonConsumer(_settled_setup(conn), batch, client_id)
+        consumer = PigeonConsumer(conn.sock, batch, client_id)
+        consumer.early = conn.buf
+        return consumer
 
 
 def _pigeon_connect(conn: LineSocket) -> bytes:
@@ -235,6 +278,11 @@ class RedisStreamAcks(AckDialect):
     """Redis Streams: one stream, a consumer group, ``XREADGROUP`` and ``XACK``."""
 
     name = "redis"
+    confirm_lines = 2  # $<n>, then the entry's id
+    refusals = (b"\n-", b"-ERR", b"-OOM", b"-MISCONF")
+    durable_notes = (
+        "redis-server --appendonly yes with the appendfsync named; XADD's reply is the confirmation"
+    )
     notes = (
         "one stream, XGROUP CREATE ... MKSTREAM, XADD <stream> * f <payload> pipelined (answered by the id), "
         "per consumer one XREADGROUP GROUP COUNT <prefetch> BLOCK 0 outstanding, XACK of 100 ids sent "
@@ -315,7 +363,8 @@ class JetStreamConsumer(AckConsumer):
 
 
 class JetStreamAcks(AckDialect):
-    """NATS JetStream: a work-queue stream in memory, a durable pull consumer with AckExplicit."""
+    """NATS JetStream: a work-queue stream in memory (on file when durable), a durable pull consumer
+    with AckExplicit."""
 
     name = "nats"
     notes = (
@@ -326,6 +375,13 @@ class JetStreamAcks(AckDialect):
         "(AckExplicit has no ranges), 100 acks per write; core PUB to the stream's subject, no "
         "publish acknowledgements"
     )
+    durable_notes = (
+        "nats-server -js; a stream with retention workqueue and storage file (default sync_interval: "
+        "nats-server 2.9 acknowledges a publish once written, and syncs every 2 minutes); each PUB "
+        "carries a reply subject, and the PubAck is the confirmation"
+    )
+    confirm_lines = 2  # MSG <inbox> <sid> <size>, then the PubAck's JSON
+    refusals = (b'"error"',)
 
     def setup(self, host: str, port: int, queue: bytes, consumers: int, prefetch: int) -> None:
         stream = _stream_name(queue)
@@ -335,8 +391,10 @@ class JetStreamAcks(AckDialect):
             conn.sock.sendall(b"SUB _INBOX.setup 1\r\n")
             _nats_request(conn, b"$JS.API.STREAM.CREATE." + stream, {
                 "name": stream.decode(), "subjects": [queue.decode()], "retention": "workqueue",
-                "storage": "memory",
+                "storage": "file" if self.durable else "memory",
             })  # fmt: skip
+            if not consumers:
+                return
             _nats_request(conn, b"$JS.API.CONSUMER.DURABLE.CREATE.%s.%s" % (stream, _GROUP), {
                 "stream_name": stream.decode(),
                 "config": {
@@ -351,7 +409,11 @@ class JetStreamAcks(AckDialect):
     def publisher(self, host: str, port: int, queue: bytes, payload: bytes) -> tuple[socket.socket, bytes]:
         conn = LineSocket.open(host, port)
         _nats_connect(conn)
-        return _settled_setup(conn), b"PUB %s %d\r\n%s\r\n" % (queue, len(payload), payload)
+        if not self.durable:
+            return _settled_setup(conn), b"PUB %s %d\r\n%s\r\n" % (queue, len(payload), payload)
+        conn.sock.sendall(b"SUB _INBOX.pub 1\r\nPING\r\n")
+        conn.expect(b"PONG")
+        return _settled_setup(conn), b"PUB %s _INBOX.pub %d\r\n%s\r\n" % (queue, len(payload), payload)
 
     def consumer(
         self, host: str, port: int, queue: bytes, index: int, prefetch: int, batch: int

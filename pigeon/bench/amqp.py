@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from pigeon.bench.acking import AckConsumer, AckDialect
+from pigeon.bench.acking import AckConsumer, AckDialect, Confirms
 from pigeon.bench.wire import LineSocket, WireError
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
@@ -24,6 +24,10 @@ _FRAME = struct.Struct(">BHI")
 _IDS = struct.Struct(">HH")
 _TAG = struct.Struct(">Q")
 BASIC_DELIVER = (60, 60)
+BASIC_ACK = (60, 80)
+BASIC_NACK = (60, 120)
+PERSISTENT = 2  # delivery-mode of a message written to disk on a durable queue
+DURABLE = 0x02  # queue.declare's flag bits: passive 1, durable 2, exclusive 4, auto-delete 8
 CLOSES = {(10, 50): "connection.close", (20, 40): "channel.close"}
 
 
@@ -47,11 +51,14 @@ def longstr(value: bytes) -> bytes:
     return struct.pack(">I", len(value)) + value
 
 
-def publish(queue: bytes, payload: bytes) -> bytes:
-    """basic.publish to the default exchange (routing key = queue), transient, no properties."""
+def publish(queue: bytes, payload: bytes, persistent: bool = False) -> bytes:
+    """basic.publish to the default exchange (routing key = queue): transient with no properties,
+    or ``persistent`` (delivery-mode 2, the only property)."""
+    # property flags (0x1000: delivery-mode only), then the properties present
+    properties = struct.pack(">HB", 0x1000, PERSISTENT) if persistent else struct.pack(">H", 0)
     return (
         method(CHANNEL, 60, 40, b"\x00\x00" + shortstr(b"") + shortstr(queue) + b"\x00")
-        + frame(HEADER, CHANNEL, struct.pack(">HHQH", 60, 0, len(payload), 0))
+        + frame(HEADER, CHANNEL, struct.pack(">HHQ", 60, 0, len(payload)) + properties)
         + frame(BODY, CHANNEL, payload)
     )
 
@@ -59,6 +66,21 @@ def publish(queue: bytes, payload: bytes) -> bytes:
 def basic_ack(tag: int) -> bytes:
     """basic.ack of every delivery up to ``tag`` (multiple=true)."""
     return method(CHANNEL, 60, 80, _TAG.pack(tag) + b"\x01")
+
+
+def complete_frames(data: bytes) -> tuple[list[tuple[tuple[int, int] | None, int, int]], int]:
+    """The whole frames at the start of ``data``: (method ids, or None for another kind, start,
+    end) each, and the offset where the incomplete rest begins."""
+    frames = []
+    pos, end = 0, len(data)
+    while pos + 7 <= end:
+        kind, _, size = _FRAME.unpack_from(data, pos)
+        after = pos + 8 + size
+        if after > end:
+            break
+        frames.append((_IDS.unpack_from(data, pos + 7) if kind == METHOD else None, pos, after))
+        pos = after
+    return frames, pos
 
 
 class AmqpSetup:
@@ -122,25 +144,19 @@ class RabbitConsumer(AckConsumer):
 
     def feed(self, buf: bytearray, n: int) -> tuple[int, bytes]:
         data = self._carry + buf[:n]
-        pos, end, received = 0, len(data), 0
-        while pos + 7 <= end:
-            kind, _, size = _FRAME.unpack_from(data, pos)
-            after = pos + 8 + size
-            if after > end:
-                break
-            if kind == METHOD:
-                ids = _IDS.unpack_from(data, pos + 7)
-                if ids == BASIC_DELIVER:
-                    tag_at = pos + 12 + data[pos + 11]  # after the consumer tag (a short string)
-                    tag = _TAG.unpack_from(data, tag_at)[0]
-                    if tag != self._tag + 1:
-                        raise WireError(f"rabbitmq: delivery tag {tag} after {self._tag}")
-                    self._tag = tag
-                    received += 1
-                elif ids in CLOSES:
-                    raise WireError(f"rabbitmq sent {CLOSES[ids]}: {data[pos + 11 : after][:200]!r}")
-            pos = after
-        self._carry = data[pos:]
+        frames, rest = complete_frames(data)
+        received = 0
+        for ids, pos, after in frames:
+            if ids == BASIC_DELIVER:
+                tag_at = pos + 12 + data[pos + 11]  # after the consumer tag (a short string)
+                tag = _TAG.unpack_from(data, tag_at)[0]
+                if tag != self._tag + 1:
+                    raise WireError(f"rabbitmq: delivery tag {tag} after {self._tag}")
+                self._tag = tag
+                received += 1
+            elif ids in CLOSES:
+                raise WireError(f"rabbitmq sent {CLOSES[ids]}: {data[pos + 11 : after][:200]!r}")
+        self._carry = data[rest:]
         acks = []
         while self._tag - self._acked >= self.batch:
             self._acked += self.batch
@@ -154,8 +170,47 @@ class RabbitConsumer(AckConsumer):
         return basic_ack(self._tag)
 
 
+class RabbitConfirms(Confirms):
+    """Publisher confirms: basic.ack frames from the broker, numbered like the publishes (1, 2, ...
+    on the channel), each for one publish or, with multiple, for every one up to its tag."""
+
+    def __init__(self) -> None:
+        super().__init__(1, ())
+        self._frames = b""
+        self._upto = 0  # every publish up to this tag is confirmed
+        self._singles: set[int] = set()  # confirmed one by one above _upto
+
+    def feed(self, buf: bytearray, n: int) -> int:
+        data = self._frames + buf[:n]
+        frames, rest = complete_frames(data)
+        confirmed = 0
+        for ids, pos, after in frames:
+            if ids == BASIC_ACK:
+                tag, multiple = struct.unpack_from(">QB", data, pos + 11)
+                confirmed += self._ack(tag, bool(multiple & 1))
+            elif ids == BASIC_NACK or ids in CLOSES:
+                raise WireError(f"rabbitmq refused a publish: {data[pos + 7 : after][:200]!r}")
+        self._frames = data[rest:]
+        return confirmed
+
+    def _ack(self, tag: int, multiple: bool) -> int:
+        if not multiple:
+            if tag <= self._upto or tag in self._singles:
+                return 0
+            self._singles.add(tag)
+            return 1
+        if tag <= self._upto:
+            return 0
+        singles = {t for t in self._singles if t <= tag}
+        self._singles -= singles
+        confirmed = tag - self._upto - len(singles)
+        self._upto = tag
+        return confirmed
+
+
 class RabbitAcks(AckDialect):
-    """RabbitMQ: a classic queue, manual acks, basic.qos prefetch, basic.ack with multiple."""
+    """RabbitMQ: a classic queue, manual acks, basic.qos prefetch, basic.ack with multiple; when
+    durable, a durable queue, persistent messages and publisher confirms."""
 
     name = "rabbitmq"
     notes = (
@@ -164,16 +219,27 @@ class RabbitAcks(AckDialect):
         "with basic.qos prefetch <prefetch> and basic.consume with manual acks; basic.ack "
         "multiple=true every 100 deliveries"
     )
+    durable_notes = (
+        "raw AMQP 0-9-1; a classic queue declared durable, persistent messages (delivery-mode 2), "
+        "publisher confirms (confirm.select; basic.ack from the broker, often with multiple)"
+    )
+
+    def confirms(self) -> Confirms:
+        return RabbitConfirms()
 
     def setup(self, host: str, port: int, queue: bytes, consumers: int, prefetch: int) -> None:
         amqp = AmqpSetup(host, port)
+        flags = bytes((DURABLE if self.durable else 0,))
         try:
-            amqp.call(50, 10, b"\x00\x00" + shortstr(queue) + b"\x00" + EMPTY_TABLE)  # queue.declare
+            amqp.call(50, 10, b"\x00\x00" + shortstr(queue) + flags + EMPTY_TABLE)  # queue.declare
         finally:
             amqp.sock.close()
 
     def publisher(self, host: str, port: int, queue: bytes, payload: bytes) -> tuple[socket.socket, bytes]:
-        return AmqpSetup(host, port).sock, publish(queue, payload)
+        amqp = AmqpSetup(host, port)
+        if self.durable:
+            amqp.call(85, 10, b"\x00")  # confirm.select, answered by confirm.select-ok
+        return amqp.sock, publish(queue, payload, self.durable)
 
     def consumer(
         self, host: str, port: int, queue: bytes, index: int, prefetch: int, batch: int
@@ -181,6 +247,6 @@ class RabbitAcks(AckDialect):
         amqp = AmqpSetup(host, port)
         amqp.call(60, 10, struct.pack(">IH", 0, prefetch) + b"\x00")  # basic.qos
         amqp.call(60, 20, b"\x00\x00" + shortstr(queue) + shortstr(b"c%d" % index) + b"\x00" + EMPTY_TABLE)
-        if amqp.conn.buf:
-            raise WireError(f"unexpected data after setup: {amqp.conn.buf[:80]!r}")
-        return RabbitConsumer(amqp.sock, batch)
+        consumer = RabbitConsumer(amqp.sock, batch)
+        consumer.early = amqp.conn.buf
+        return consumer

@@ -5,7 +5,12 @@ subscribers sharing a topic), ``fanin`` (P publishers over T topics, one
 subscriber per topic), ``ackqueue`` (1 publisher, K consumers acknowledging in
 batches, ``pigeon.bench.acking``), ``latency`` (one message in flight, publish to
 delivery) and ``connections`` (N idle connections with one subscription each,
-broker memory per connection).
+broker memory per connection). Against a broker that keeps its queue on disk,
+``durable`` (1 publisher with at most ``confirm_window`` unconfirmed messages,
+confirmations per second, no consumer) and ``durable_ackqueue4`` (the same with 4
+acknowledging consumers, messages acknowledged per second); these two run only
+when named, and ``durable`` needs a broker whose queue holds the whole run
+(``pigeon --max-backlog``).
 
 The generator is built not to be the bottleneck: publish commands are prebuilt
 into batches sent with ``sendall`` from a thread per publisher, and readers
@@ -32,7 +37,14 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pigeon.bench.acking import AckConsumer, AckDialect, JetStreamAcks, PigeonAcks, RedisStreamAcks
+from pigeon.bench.acking import (
+    AckConsumer,
+    AckDialect,
+    Confirms,
+    JetStreamAcks,
+    PigeonAcks,
+    RedisStreamAcks,
+)
 from pigeon.bench.amqp import RabbitAcks
 from pigeon.bench.window import IN_FLIGHT, PUBLISH_BATCH, Window
 from pigeon.bench.wire import DIALECTS, LineSocket, WireError, dialect
@@ -41,6 +53,8 @@ from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 
 DESCRIPTION = "Measure a running broker: throughput, latency and memory per connection."
 WORKLOADS = ("pipe", "queue", "fanin", "ackqueue", "latency", "connections")
+DURABLE_WORKLOADS = ("durable", "durable_ackqueue4")  # run only when named, against a durable broker
+CONFIRM_WINDOW = 1000  # durable: unconfirmed messages the publisher may have
 ACK_DIALECTS: dict[str, type[AckDialect]] = {
     d.name: d for d in (PigeonAcks, JetStreamAcks, RedisStreamAcks, RabbitAcks)
 }
@@ -84,6 +98,7 @@ class Options:
     batch: int = PUBLISH_BATCH  # publish commands per sendall
     prefetch: int = 1000  # ackqueue: unacknowledged messages a consumer may hold
     ack_batch: int = 100  # ackqueue: messages a consumer acknowledges at once
+    confirm_window: int = CONFIRM_WINDOW  # durable: unconfirmed messages the publisher may have
 
 
 class BrokerProbe:
@@ -173,6 +188,46 @@ def _publish_loop(
             sock.sendall(chunk)
         except OSError:
             return
+
+
+def publish_confirmed(
+    sock: socket.socket,
+    chunk: bytes,
+    messages: int,
+    confirms: Confirms,
+    limit: int,
+    counts: list[int],
+    window: Window | None,
+    stop: threading.Event,
+    errors: list[str],
+    total: int | None = None,
+) -> None:
+    """Send ``chunk`` (``messages`` publishes) whenever it leaves at most ``limit`` unconfirmed
+    (and fits in ``window``, when given), else read confirmations into ``counts[0]``; until ``stop``,
+    or until ``total`` publishes are sent and confirmed.
+
+    One thread both sends and reads: a reader thread waking the sender through a condition
+    would put two thread switches, and a wait for the GIL, in every round trip of the window.
+    """
+    buf = bytearray(READ_BYTES)
+    view = memoryview(buf)
+    sent = 0
+    try:
+        while not stop.is_set() and (total is None or counts[0] < total):
+            if sent + messages - counts[0] <= limit and (total is None or sent < total):
+                if window is not None and not window.acquire(messages, stop):
+                    return
+                sock.sendall(chunk)
+                sent += messages
+                continue
+            n = sock.recv_into(view)
+            if n == 0:
+                return
+            counts[0] += confirms.feed(buf, n)
+    except OSError:
+        return
+    except WireError as exc:
+        errors.append(str(exc))
 
 
 def _blocking(*socks: socket.socket) -> None:
@@ -276,58 +331,78 @@ def run_throughput(
     return Result(workload, msgs_per_s=rate, broker_cpu_percent=cpu, msgs_per_cpu_s=per_cpu, note=note)
 
 
-def _consume(consumer: AckConsumer, counts: list[int], index: int, window: Window, errors: list[str]) -> None:
+def consume(consumer: AckConsumer, counts: list[int], index: int, window: Window, errors: list[str]) -> None:
     """Read deliveries, acknowledge them in batches, count them into ``counts[index]`` and ``window``."""
     buf = bytearray(READ_BYTES)
     view = memoryview(buf)
+    n = len(consumer.early)
+    buf[:n] = consumer.early
     try:
         with consumer.lock:
             consumer.send(consumer.start())
         while True:
+            if n:
+                with consumer.lock:
+                    received, reply = consumer.feed(buf, n)
+                    consumer.send(reply)
+                if received:
+                    counts[index] += received
+                    window.delivered(received)
             n = consumer.sock.recv_into(view)
             if n == 0:
                 return
-            with consumer.lock:
-                received, reply = consumer.feed(buf, n)
-                consumer.send(reply)
-            if received:
-                counts[index] += received
-                window.delivered(received)
     except OSError:
         return
     except WireError as exc:
         errors.append(str(exc))
 
 
-def run_ackqueue(opts: Options, probe: BrokerProbe) -> Result:
-    """1 publisher, K consumers acknowledging every ``ack_batch`` messages with ``prefetch`` outstanding."""
-    d = ACK_DIALECTS[opts.dialect]()
+def run_ackqueue(opts: Options, probe: BrokerProbe, workload: str = "ackqueue") -> Result:
+    """1 publisher, K consumers acknowledging every ``ack_batch`` messages with ``prefetch`` outstanding.
+
+    ``durable`` and ``durable_ackqueue4`` (see the module's docstring) keep the publisher within
+    ``confirm_window`` unconfirmed messages as well; ``durable`` has no consumer and counts
+    confirmations.
+    """
+    durable = workload in DURABLE_WORKLOADS
+    consumers_wanted = {"durable": 0, "durable_ackqueue4": 4}.get(workload, opts.subscribers)
+    d = ACK_DIALECTS[opts.dialect](durable=durable)
     queue = _topic(_run_tag(), 0)
     consumers: list[AckConsumer] = []
     pub: socket.socket | None = None
-    delivered = [0] * opts.subscribers
+    delivered = [0] * consumers_wanted
     replies = [0]
     errors: list[str] = []
     stop = threading.Event()
     window = Window(opts.window, 1)
+    # two batches fit in the confirmation window, so one is on its way while the other is confirmed
+    batch = min(opts.batch, max(1, opts.confirm_window // 2)) if durable else opts.batch
     try:
-        d.setup(opts.host, opts.port, queue, opts.subscribers, opts.prefetch)
-        for i in range(opts.subscribers):
+        d.setup(opts.host, opts.port, queue, consumers_wanted, opts.prefetch)
+        for i in range(consumers_wanted):
             consumers.append(d.consumer(opts.host, opts.port, queue, i, opts.prefetch, opts.ack_batch))
         pub, command = d.publisher(opts.host, opts.port, queue, b"x" * opts.size)
         _blocking(pub, *(c.sock for c in consumers))
         with _threads() as threads:
             readers = [
-                _start(threads, _consume, c, delivered, i, window, errors) for i, c in enumerate(consumers)
+                _start(threads, consume, c, delivered, i, window, errors) for i, c in enumerate(consumers)
             ]
-            _start(threads, _count_lines, pub, replies, 0)
-            publisher = _start(threads, _publish_loop, pub, command * opts.batch, opts.batch, window, stop)
+            if durable:
+                gate = window if consumers else None
+                confirms = d.confirms()
+                publisher = _start(
+                    threads, publish_confirmed, pub, command * batch, batch, confirms,
+                    opts.confirm_window, replies, gate, stop, errors,
+                )  # fmt: skip
+            else:
+                _start(threads, _count_lines, pub, replies, 0)
+                publisher = _start(threads, _publish_loop, pub, command * batch, batch, window, stop)
             time.sleep(opts.warmup)
-            rate, cpu = _measure(opts, probe, "ackqueue", delivered, 1)
+            rate, cpu = _measure(opts, probe, workload, delivered if consumers else replies, 1)
             stop.set()
             publisher.join(SETTLE_SECONDS)
             _shutdown(pub, socket.SHUT_WR)
-            _wait_quiet(delivered, SETTLE_SECONDS)
+            _wait_quiet(delivered if consumers else replies, SETTLE_SECONDS)
             for c in consumers:
                 c.settle()
                 # a FIN after the last acks, not a reset that could drop them
@@ -342,9 +417,12 @@ def run_ackqueue(opts: Options, probe: BrokerProbe) -> Result:
             pub.close()
     if errors:
         raise WireError(f"{opts.dialect}: {errors[0]}")
-    note = f"1 pub, {opts.subscribers} consumers, prefetch {opts.prefetch}, ack every {opts.ack_batch}"
+    if durable:
+        note = f"1 pub, {opts.confirm_window} unconfirmed, {consumers_wanted} consumers"
+    else:
+        note = f"1 pub, {consumers_wanted} consumers, prefetch {opts.prefetch}, ack every {opts.ack_batch}"
     per_cpu = rate * 100.0 / cpu if cpu else None
-    return Result("ackqueue", msgs_per_s=rate, broker_cpu_percent=cpu, msgs_per_cpu_s=per_cpu, note=note)
+    return Result(workload, msgs_per_s=rate, broker_cpu_percent=cpu, msgs_per_cpu_s=per_cpu, note=note)
 
 
 def _measure(
@@ -493,8 +571,8 @@ def run(opts: Options, workloads: Sequence[str]) -> list[Result]:
     probe = BrokerProbe(opts.pid, opts.port)
     results: list[Result] = []
     for name in workloads:
-        if name == "ackqueue":
-            results.append(run_ackqueue(opts, probe))
+        if name == "ackqueue" or name in DURABLE_WORKLOADS:
+            results.append(run_ackqueue(opts, probe, name))
             continue
         if opts.dialect not in DIALECTS:
             results.append(Result(name, note=f"no {opts.dialect} driver for {name}"))
@@ -584,7 +662,9 @@ def write_chart(series: Mapping[str, Sequence[Result]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     workloads = [
-        w for w in WORKLOADS if any(r.workload == w and r.msgs_per_s for rs in series.values() for r in rs)
+        w
+        for w in WORKLOADS + DURABLE_WORKLOADS
+        if any(r.workload == w and r.msgs_per_s for rs in series.values() for r in rs)
     ]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(1, len(series))
@@ -603,8 +683,9 @@ def write_chart(series: Mapping[str, Sequence[Result]], path: str) -> None:
 def _workload_list(text: str) -> list[str]:
     names = [w.strip() for w in text.split(",") if w.strip()]
     for name in names:
-        if name not in WORKLOADS:
-            raise argparse.ArgumentTypeError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+        if name not in WORKLOADS + DURABLE_WORKLOADS:
+            known = ", ".join(WORKLOADS + DURABLE_WORKLOADS)
+            raise argparse.ArgumentTypeError(f"unknown workload {name!r}; choose from {known}")
     return names
 
 
@@ -619,6 +700,7 @@ _COUNT_FLAGS = (
     ("--batch", "publishes per send"),
     ("--prefetch", "ackqueue: unacknowledged messages per consumer"),
     ("--ack-batch", "ackqueue: messages acknowledged at once"),
+    ("--confirm-window", "durable: unconfirmed messages the publisher may have"),
 )
 
 
@@ -632,7 +714,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_workload_list,
         default=list(WORKLOADS),
         metavar="LIST",
-        help=f"comma-separated, from {','.join(WORKLOADS)} (default all)",
+        help=f"comma-separated, from {','.join(WORKLOADS + DURABLE_WORKLOADS)} "
+        f"(default {','.join(WORKLOADS)})",
     )
     parser.add_argument(
         "--duration",
@@ -681,6 +764,7 @@ def options_from(args: argparse.Namespace) -> Options:
         batch=args.batch,
         prefetch=args.prefetch,
         ack_batch=args.ack_batch,
+        confirm_window=args.confirm_window,
         progress=not args.no_progress and not args.json,
     )
 

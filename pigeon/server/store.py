@@ -35,6 +35,13 @@ PUBLISH_KIND = 1
 PUBLISH_FIELDS = struct.Struct("<QQ")  # a PUBLISH record's seq and time (ms), after its kind
 # how often the store syncs under --fsync everysec and deletes the segments that are done
 HOUSEKEEPING_INTERVAL = 1.0
+# Under --fsync always the next segment is made ahead, off the loop, filled with zeros and synced
+# (a spare): records then overwrite blocks the file already has, and fdatasync has no size or
+# block allocation to put through the filesystem's journal. On ext4 that is 0.10 instead of 0.17 ms
+# on an idle disk, and 0.1-0.4 instead of 1.7-4 ms while other processes keep the journal busy.
+SPARE_NAME = "spare.tmp"
+SPARE_MAKING = "spare.tmp.part"  # its name until it is whole and synced
+ZEROS = bytes(1 << 20)
 
 
 class StoreError(Exception):
@@ -94,16 +101,22 @@ def _valid_record_at(data: memoryview, pos: int) -> int:
     return end - pos
 
 
+def _zeros(data: memoryview) -> bool:
+    """Whether ``data`` holds nothing but zero bytes (at C speed: a segment made ahead is 64 MiB)."""
+    return bytes(data).count(0) == len(data)
+
+
 def _is_tail(data: memoryview, offset: int) -> bool:
     """Whether damage at ``offset`` is a torn tail: a record cut short by the end of the file,
-    zeros to the end, or a bad last record (a crash in the middle of a write)."""
+    zeros to the end, or a bad last record, followed by nothing but the zeros of a segment made
+    ahead (a crash in the middle of a write)."""
     rest = data[offset:]
-    if not any(rest):
+    if _zeros(rest):
         return True
     if len(rest) < RECORD_HEAD.size:
         return True
     body: int = RECORD_HEAD.unpack_from(rest, 0)[0]
-    return RECORD_HEAD.size + body >= len(rest)
+    return RECORD_HEAD.size + body >= len(rest) or _zeros(rest[RECORD_HEAD.size + body :])
 
 
 class Store:
@@ -128,7 +141,10 @@ class Store:
         self._sync_in_flight = False
         self._directory_changed = False  # a segment was created: the next sync syncs the directory too
         self._housekeeping: asyncio.TimerHandle | None = None
-        self._mutex = threading.Lock()  # the fd lists, between the loop and the sync thread
+        self._mutex = threading.Lock()  # the fd lists and the spare, between the loop and the threads
+        self._spare: int | None = None  # the next segment, made ahead (always), ready to be named
+        self._preparer: ThreadPoolExecutor | None = None
+        self._segment_max = 0  # bytes of a segment made ahead
 
     # ------------------------------------------------------------ the directory
 
@@ -150,6 +166,8 @@ class Store:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        for name in (SPARE_NAME, SPARE_MAKING):  # made ahead before a crash
+            (self.directory / name).unlink(missing_ok=True)
 
     def segments(self) -> list[Path]:
         """The segment files, oldest first."""
@@ -222,6 +240,11 @@ class Store:
             if problem is None:
                 break
             offset = len(HEADER) + pos
+            if _zeros(records[pos:]):
+                # the zeros of a segment made ahead, never written: its end, not damage
+                if change:
+                    os.truncate(path, offset)
+                break
             if last and _is_tail(records, pos):
                 self._cut(path, offset, problem, change, found)
                 return
@@ -268,6 +291,10 @@ class Store:
         self._broker = broker
         self._loop = loop
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-fsync")
+        if self.fsync == "always":
+            self._segment_max = broker.log_state["segment_max"]
+            self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-spare")
+            self._preparer.submit(self._prepare_spare)
         broker.on_log = self.write
         broker.on_sync = self.sync
         self._housekeeping = loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeep)
@@ -284,10 +311,9 @@ class Store:
         done = 0
         try:
             while done < len(records):
-                done += os.write(fd, records[done:])
+                done += os.pwrite(fd, records[done:], size + done)
         except OSError:
             os.ftruncate(fd, size)
-            os.lseek(fd, size, os.SEEK_SET)
             raise
         self._sizes[path] = size + done
         assert self._broker is not None
@@ -295,23 +321,59 @@ class Store:
 
     def _start_segment(self) -> None:
         path = self.directory / segment_name(self._next_number)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        with self._mutex:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            os.rename(self.directory / SPARE_NAME, path)
+            fd = spare
+            if self._preparer is not None:
+                self._preparer.submit(self._prepare_spare)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            os.write(fd, HEADER)
+            os.pwrite(fd, HEADER, 0)
         except OSError:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
         self._next_number += 1
-        if self._fd is not None:
-            with self._mutex:
+        if self._fd is not None and self.fsync == "always":
+            # a segment made ahead ends where its records do, not with the zeros after them
+            os.ftruncate(self._fd, self._sizes[next(reversed(self._sizes))])
+        # one step for the sync thread: the file it takes as the one being written is never also
+        # among the earlier ones it syncs and closes
+        with self._mutex:
+            if self._fd is not None:
                 self._unsynced.append(self._fd)
-            if self.fsync == "no":
-                self._close_unsynced()
-        self._fd = fd
+            self._fd = fd
+        if self.fsync == "no":
+            self._close_unsynced()
         self._sizes[path] = len(HEADER)
         # the new file's name must survive a crash too: the sync thread syncs the directory
         self._directory_changed = True
+
+    def _prepare_spare(self) -> None:
+        """Make the next segment ahead, off the loop: zeros of a whole segment, synced (always);
+        it is named SPARE_NAME once ready."""
+        path = self.directory / SPARE_MAKING
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            log.warning("cannot make the next log segment ahead: %s", exc.strerror or exc)
+            return
+        try:
+            done = 0
+            while done < self._segment_max:
+                done += os.write(fd, ZEROS[: min(len(ZEROS), self._segment_max - done)])
+            os.fdatasync(fd)
+            with self._mutex:
+                os.rename(path, self.directory / SPARE_NAME)
+                self._spare = fd
+        except OSError as exc:
+            # a full disk: the next segment grows as it is written, as without a spare
+            log.warning("cannot make the next log segment ahead: %s", exc.strerror or exc)
+            os.close(fd)
+            path.unlink(missing_ok=True)
 
     def _sync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
@@ -333,21 +395,26 @@ class Store:
             return
         self._sync_in_flight = True
         directory, self._directory_changed = self._directory_changed, False
-        self._syncer.submit(self._sync_files, self._fd, position, directory)
+        self._syncer.submit(self._sync_files, position, directory)
 
-    def _sync_written(self, current: int) -> None:
-        """fdatasync the earlier segments written since their last sync (closing them), then ``current``."""
+    def _sync_written(self) -> None:
+        """fdatasync the earlier segments written since their last sync (closing them), then the one
+        being written. Both are taken when the sync starts: a segment started after the sync was
+        asked holds records written after ``position`` only, and its predecessor is synced here
+        as the earlier one it has become."""
         with self._mutex:
             earlier, self._unsynced = self._unsynced, []
+            current = self._fd
         for fd in earlier:
             os.fdatasync(fd)
             os.close(fd)
-        os.fdatasync(current)
+        if current is not None:
+            os.fdatasync(current)
 
-    def _sync_files(self, current: int, position: int, directory: bool) -> None:
+    def _sync_files(self, position: int, directory: bool) -> None:
         assert self._loop is not None
         try:
-            self._sync_written(current)
+            self._sync_written()
             if directory:
                 self._sync_directory()
         except OSError as exc:
@@ -394,9 +461,18 @@ class Store:
         if self._syncer is not None:
             self._syncer.shutdown(wait=True)
             self._syncer = None
+        if self._preparer is not None:
+            self._preparer.shutdown(wait=True, cancel_futures=True)
+            self._preparer = None
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+            (self.directory / SPARE_NAME).unlink(missing_ok=True)
         if self._fd is not None:
+            if self.fsync == "always":
+                os.ftruncate(self._fd, self._sizes[next(reversed(self._sizes))])
             if self.fsync != "no":
-                self._sync_written(self._fd)
+                self._sync_written()
             self._close_unsynced()
             os.close(self._fd)
             self._fd = None
