@@ -15,7 +15,7 @@ import tracemalloc
 
 import pytest
 
-from pigeon._core import Broker
+from pigeon._core import LIMIT_DEFAULTS, Broker
 
 
 class Client:
@@ -66,8 +66,8 @@ class Events:
         broker.on_warning = self.warnings.append
 
 
-def setup(auth: bool = True, **limits: int) -> tuple[Broker, Events]:
-    broker = Broker(auth=auth, **limits)
+def setup(auth: bool = True, max_backlog: int = LIMIT_DEFAULTS["max_backlog"]) -> tuple[Broker, Events]:
+    broker = Broker(auth=auth, max_backlog=max_backlog)
     return broker, Events(broker)
 
 
