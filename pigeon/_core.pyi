@@ -117,8 +117,9 @@ class Broker:
         """
     def auth_result(self, handle: int, ok: bool) -> None:
         """Answer the pending ``CONNECT <user> <password>``: ``CONNECTED <id>`` and the input goes on, or
-        ``ERROR AUTH_FAILED`` and the connection closes. A handle that closed meanwhile: nothing.
-        RuntimeError from inside on_auth (answer once it has returned)."""
+        ``ERROR AUTH_FAILED`` and the connection closes. A handle that closed meanwhile: nothing (but its
+        number may be reused: do not answer for a connection seen closed). RuntimeError from inside
+        on_auth (answer once it has returned)."""
     def recover_segment(self) -> None:
         """The next ``recover()`` calls replay a new segment (call before each one, oldest first)."""
     def recover(self, data: bytes | memoryview) -> tuple[int, str | None]:

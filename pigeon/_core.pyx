@@ -332,8 +332,9 @@ cdef class Broker:
 
         ok: ``CONNECTED <id>`` with the permissions last granted, and its input
         goes on; not ok: ``ERROR AUTH_FAILED``, then the connection closes
-        (on_close). A handle that closed meanwhile is left alone. Not from
-        inside on_auth (RuntimeError): answer once it has returned.
+        (on_close). A handle that closed meanwhile is left alone (its number
+        may be reused by then: do not answer for a connection seen closed).
+        Not from inside on_auth (RuntimeError): answer once it has returned.
         """
         self.now = monotonic()
         auth_answer(self, handle, ok)
