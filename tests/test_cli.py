@@ -148,7 +148,7 @@ def test_sighup_and_sigusr1_log_a_line_and_the_server_keeps_serving(sig: int) ->
     line = server.proc.stderr.readline()
     server.log.append(line)
     if sig == signal.SIGHUP:
-        assert "SIGHUP: nothing to reload yet" in line
+        assert "SIGHUP: no users file to reload (pigeon --users FILE), still serving" in line
     else:
         figures = dict(pair.split("=") for pair in line.split("SIGUSR1: ", 1)[1].split())
         assert (figures["published"], figures["delivered"], figures["backlog_messages"]) == ("2", "0", "2")

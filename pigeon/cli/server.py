@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -17,6 +19,7 @@ from pigeon.server.limits import raise_open_files_limit
 from pigeon.server.loops import loop_factory
 from pigeon.server.protocol import Server, format_address
 from pigeon.server.store import StoreError, inspect
+from pigeon.server.users import UsersError
 
 if TYPE_CHECKING:
     from pigeon.server.monitor import Monitor
@@ -106,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=metavar,
             help=f"{text} (default %(default)s)",
         )
+    parser.add_argument(
+        "--users",
+        metavar="FILE",
+        help="require CONNECT <user> <password> and apply the users' topic permissions from this TOML "
+        "file (docs/security.md; hashes from `pigeon passwd`); SIGHUP reloads it",
+    )
+    parser.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        help="listen on a non-loopback --host without --users, accepting that anyone who can reach "
+        "the port may publish and consume anything",
+    )
     parser.add_argument(
         "--data-dir",
         metavar="DIR",
@@ -254,7 +269,7 @@ async def serve(server: Server, loop_name: str, monitor: Monitor | None = None) 
             return 1
         log.info("monitoring on http://%s/", format_address((monitor.host, monitor.port)))
     stop = asyncio.Event()
-    signals.install(asyncio.get_running_loop(), stop.set, server.broker.stats)
+    signals.install(asyncio.get_running_loop(), stop.set, server.broker.stats, server.reload_users)
     # only now, so that whoever waits for this line can signal a clean stop at once
     log.info(
         "pigeon %s listening on %s (%s)", __version__, format_address((server.host, server.port)), loop_name
@@ -262,6 +277,26 @@ async def serve(server: Server, loop_name: str, monitor: Monitor | None = None) 
     await stop.wait()
     await shutdown(server, monitor)
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is ``localhost`` or a loopback address (any other name counts as reachable)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def protected_mode_refusal(host: str) -> str:
+    """The message ``pigeon`` exits with when told to listen on a reachable address with no users file."""
+    return (
+        f"refusing to listen on {host or 'every interface'} without authentication: anyone who can "
+        "reach it could publish and consume every topic. Either give a users file with --users FILE "
+        "(see docs/security.md; make password hashes with `pigeon passwd`), or start with "
+        "--allow-anonymous to accept that risk knowingly."
+    )
 
 
 def _inspect(data_dir: str) -> int:
@@ -277,13 +312,21 @@ def _inspect(data_dir: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pigeon`` console script; returns the exit code."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["passwd"]:
+        from pigeon.cli.passwd import run
+
+        return run()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     if (args.repair or args.inspect or args.max_disk) and args.data_dir is None:
         parser.error("--repair, --inspect and --max-disk need --data-dir")
     logs.configure(args.log_level, args.log_format)
     if args.inspect:
         return _inspect(args.data_dir)
+    if args.users is None and not args.allow_anonymous and not is_loopback(args.host):
+        log.error("%s", protected_mode_refusal(args.host))
+        return 1
     try:
         server = Server(
             args.host,
@@ -291,8 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_dir=args.data_dir,
             fsync=args.fsync,
             repair=args.repair,
+            users_file=args.users,
             **_limits(args),
         )
+    except UsersError as exc:
+        log.error("--users: %s", exc)
+        return 1
     except ValueError as exc:
         parser.error(_limit_error(exc))
     try:
@@ -314,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.http_port,
             metrics_topics=args.metrics_topics,
             allow_hosts=args.http_allow_host,
+            server_stats=server.server_stats,
         )
     loop = new_loop()
     code = 0

@@ -10,7 +10,7 @@ Needs the ``monitor`` extra (``pip install "pigeon-broker[monitor]"``).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib import resources
 from typing import Any
 
@@ -110,7 +110,9 @@ class Monitor:
 
     ``metrics_topics`` is how many topics (the busiest by messages published)
     get per-topic Prometheus series; ``allow_hosts`` are the names that may
-    appear in the ``Host`` header besides the listener's own address.
+    appear in the ``Host`` header besides the listener's own address;
+    ``server_stats`` gives the counters the server keeps outside the core
+    (``Server.server_stats``).
     """
 
     def __init__(
@@ -121,8 +123,10 @@ class Monitor:
         *,
         metrics_topics: int = 0,
         allow_hosts: Iterable[str] = (),
+        server_stats: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self.broker = broker
+        self._server_stats = server_stats
         self.host = host
         self.metrics_topics = metrics_topics
         self._requested_port = port
@@ -218,7 +222,7 @@ class Monitor:
 
     async def _on_metrics(self, request: web.Request) -> web.Response:
         topics = await busiest_topics(self.broker, self.metrics_topics)
-        body = generate_latest(registry_for(self.broker, topics))
+        body = generate_latest(registry_for(self.broker, topics, self._server_stats()))
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _on_dashboard(self, request: web.Request) -> web.Response:
