@@ -1,4 +1,4 @@
-"""The users file (pigeon.server.users), the login throttle's rule and the certificate mapping, without a server."""
+"""The users file (pigeon.server.users), the login throttle's rule, the certificate mapping: no server."""
 
 from __future__ import annotations
 

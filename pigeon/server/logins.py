@@ -108,7 +108,7 @@ class Logins:
         ok = found is not None and user is not None and user.password == found.password
         if user is not None and ok:
             self._grant(handle, user)
-            log.info("connection %d from %s: logged in as %r", handle, conn.peer, user.name)
+            log.debug("connection %d from %s: logged in as %r", handle, conn.peer, user.name)
         else:
             self.throttle.failed(conn.host, loop.time())
             log.warning(

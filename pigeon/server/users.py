@@ -31,8 +31,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pigeon.client.codec import encode_topic
-from pigeon.errors import InvalidArgumentError
+from pigeon.protocol import topic_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -132,10 +131,9 @@ def check_pattern(pattern: str) -> None:
 
     ``>`` may only be the last token; no token may be empty.
     """
-    try:
-        encode_topic(pattern)
-    except InvalidArgumentError as exc:
-        raise ValueError(str(exc).replace("topic", "pattern", 1)) from None
+    problem = topic_problem(pattern)
+    if problem is not None:
+        raise ValueError(problem.replace("topic", "pattern", 1))
     tokens = pattern.split(".")
     if "" in tokens:
         raise ValueError(f"pattern {pattern!r} has an empty token (two dots, or a dot at an end)")
@@ -145,10 +143,9 @@ def check_pattern(pattern: str) -> None:
 
 def check_user_name(name: str) -> None:
     """Raise ValueError unless ``name`` can be sent as one word of ``CONNECT <user> <password>``."""
-    try:
-        encode_topic(name)
-    except InvalidArgumentError as exc:
-        raise ValueError(str(exc).replace("topic", "user name", 1)) from None
+    problem = topic_problem(name)
+    if problem is not None:
+        raise ValueError(problem.replace("topic", "user name", 1))
 
 
 @dataclasses.dataclass(frozen=True)
