@@ -137,7 +137,7 @@ def test_bare_connect_needs_credentials_and_the_connection_stays_open(secured: S
     assert client.ask("PING") == b"PONG"
     reply = client.ask(f"CONNECT worker {password_of('worker')}")
     assert reply.startswith(b"CONNECTED ")
-    assert client.ask("CONNECT") == b"ERROR ALREADY_CONNECTED already connected"
+    assert client.ask("CONNECT").startswith(b"ERROR ALREADY_CONNECTED ")
 
 
 def test_ping_and_hello_work_before_connect_and_the_rest_does_not(secured: ServerProcess) -> None:
