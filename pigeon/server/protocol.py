@@ -13,8 +13,10 @@ ticks run its timeouts (idle, write, ack).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
+import ssl
 from functools import partial
 from types import TracebackType
 from typing import cast
@@ -36,6 +38,7 @@ from pigeon.server.limits import (
     DEFAULT_WRITE_TIMEOUT,
 )
 from pigeon.server.store import Recovered, Store
+from pigeon.server.tls import DEFAULT_HANDSHAKE_TIMEOUT, certificate_user
 
 log = logging.getLogger("pigeon")
 
@@ -61,6 +64,16 @@ def format_address(peername: object) -> str:
     return str(peername)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address, or the name ``localhost``) can only be reached from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any address
+
+
 class _Connection(asyncio.BufferedProtocol):
     """One client socket, tied to one core connection handle."""
 
@@ -83,7 +96,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._peer = format_address(transport.get_extra_info("peername"))
         self._handle = self._broker.open(self._write, self._peer, transport.get_write_buffer_size)
         self._connections[self._handle] = self
-        log.debug("connection %d opened from %s", self._handle, self._peer)
+        if log.isEnabledFor(logging.DEBUG):
+            user = certificate_user(transport)
+            by = f" (certificate of {user!r})" if user is not None else ""
+            log.debug("connection %d opened from %s%s", self._handle, self._peer, by)
 
     def _write(self, data: bytes) -> None:
         # After a reset or once closing, transports drop writes without a word:
@@ -180,6 +196,9 @@ class Server:
     """A Pigeon broker listening on one TCP address, on the running event loop.
 
     ``port=0`` picks a free port; ``server.port`` tells which after ``start``.
+    With ``tls`` (a server ``ssl.SSLContext``, see ``pigeon.server.tls``) the
+    port speaks TLS only, and a client that has not completed its handshake
+    within ``tls_handshake_timeout`` seconds is closed.
     Use ``async with Server(...) as server:`` or ``start()`` and ``stop()``.
     """
 
@@ -204,8 +223,12 @@ class Server:
         data_dir: str | os.PathLike[str] | None = None,
         fsync: str = "everysec",
         repair: bool = False,
+        tls: ssl.SSLContext | None = None,
+        tls_handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
         self.host = host
+        self.tls = tls
+        self._tls_handshake_timeout = tls_handshake_timeout
         self._requested_port = port
         self.store = Store(data_dir, fsync) if data_dir is not None else None
         self.recovered: Recovered | None = None
@@ -265,6 +288,8 @@ class Server:
             self._requested_port,
             reuse_address=True,
             backlog=LISTEN_BACKLOG,
+            ssl=self.tls,
+            ssl_handshake_timeout=self._tls_handshake_timeout if self.tls is not None else None,
         )
         self._clock = asyncio.create_task(self._tick(self.broker.tick_interval))
 
