@@ -45,7 +45,15 @@ def test_help_lists_every_flag() -> None:
     result = run("--help")
     assert result.returncode == 0
     limits = ["--" + name.replace("_", "-") for name in LIMIT_NAMES if name != "out_batch"]
-    flags = ("--host", "--port", *limits, "--users", "--allow-anonymous", "--http-allow-host", "--metrics-topics")
+    flags = (
+        "--host",
+        "--port",
+        *limits,
+        "--users",
+        "--allow-anonymous",
+        "--http-allow-host",
+        "--metrics-topics",
+    )
     for flag in (*flags, "--loop", "--version"):
         assert flag in result.stdout, flag
 

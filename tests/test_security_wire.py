@@ -16,8 +16,10 @@ import pytest
 
 from pigeon.server.users import hash_password
 from pigeon.testing import LineClient, ServerProcess, server_command
+from tests.certs import Certs
 from tests.conftest import LOOPS
 from tests.monitoring import get, start_monitored
+from tests.test_tls import TlsLineClient, wait_for_log
 
 # cheap scrypt parameters keep the suite fast; the server checks them exactly as the default ones
 FAST = {"n": 16, "r": 1, "p": 1}
@@ -93,24 +95,11 @@ def stats(client: LineClient, section: str = "") -> Any:
     return json.loads(reply[6:])
 
 
-def wait_log(server: ServerProcess, pattern: str, deadline: float = 20.0) -> str:
-    """Read the server's log until a line matches ``pattern``; returns it."""
-    assert server.proc.stderr is not None
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        line = server.proc.stderr.readline()
-        assert line, f"server log ended without {pattern!r}: {''.join(server.log)}"
-        server.log.append(line)
-        if re.search(pattern, line):
-            return line
-    raise AssertionError(f"no log line {pattern!r} within {deadline} s")
-
-
 def reload(server: ServerProcess, path: Path, text: str) -> str:
     """Write the users file, SIGHUP, and return the server's line saying it reloaded (or refused)."""
     path.write_text(text)
     server.proc.send_signal(signal.SIGHUP)
-    return wait_log(server, r"reloaded |reload refused")
+    return wait_for_log(server, "reload")
 
 
 # --- logging in
@@ -331,7 +320,7 @@ def test_after_five_failures_an_address_gets_delayed_answers_and_others_do_not(u
         assert reply.startswith(b"CONNECTED ")
         _, _, body = get(url + "metrics")
         assert re.search(rb"^pigeon_logins_throttled_total 2\.0$", body, re.MULTILINE), body
-        assert "authentication failed for user 'worker'" in wait_log(server, "authentication failed")
+        assert "authentication failed for user 'worker'" in wait_for_log(server, "authentication failed")
     finally:
         assert server.stop() == 0
 
@@ -369,3 +358,49 @@ def test_a_malformed_users_file_stops_the_start_naming_the_user_and_field(tmp_pa
     result = run_pigeon("--users", str(path))
     assert result.returncode == 1
     assert f"{path}: user 'bob': password: not a scrypt" in result.stderr, result.stderr
+
+
+# --- client certificates as users (--tls-map-user)
+
+
+def test_a_client_certificate_names_its_user(tmp_path: Path, certs: Certs) -> None:
+    path = tmp_path / "users.toml"
+    path.write_text(users_toml({"alice": {"publish": ["orders.*"]}, "ops": {"admin": True}}))
+    server = ServerProcess("--users", str(path), *certs.server_flags(mutual=True), "--tls-map-user")
+    try:
+        alice = TlsLineClient(server, certs.client_context(certs.client))
+        reply = alice.ask("CONNECT")  # no password: the certificate's CN is alice
+        assert reply.startswith(b"CONNECTED ")
+        alice.client_id = reply.split(b" ", 1)[1].decode()
+        alice.publish("orders.new", "m")
+        assert (
+            alice.ask(f"PUBLISH {alice.client_id} jobs m")
+            == b"ERROR PERMISSION_DENIED permission denied for 'jobs'"
+        )
+        # a certificate login can still be ended by a reload that removes the user
+        path.write_text(users_toml({"ops": {"admin": True}}))
+        server.proc.send_signal(signal.SIGHUP)
+        assert "1 connections closed" in wait_for_log(server, "reloaded")
+        assert alice.at_eof()
+        # the CN names no user now: a bare CONNECT needs credentials, and a password still works
+        again = TlsLineClient(server, certs.client_context(certs.client))
+        assert again.ask("CONNECT") == AUTH_REQUIRED
+        assert again.ask(f"CONNECT ops {password_of('ops')}").startswith(b"CONNECTED ")
+    finally:
+        assert server.stop() == 0
+
+
+def test_without_tls_map_user_a_certificate_is_no_login(users_file: Path, certs: Certs) -> None:
+    server = ServerProcess("--users", str(users_file), *certs.server_flags(mutual=True))
+    try:
+        client = TlsLineClient(server, certs.client_context(certs.client))
+        assert client.ask("CONNECT") == AUTH_REQUIRED
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("flags", [["--tls-map-user"], ["--tls-map-user", "--users", "u.toml"]])
+def test_tls_map_user_needs_client_certificates_and_users(flags: list[str]) -> None:
+    result = run_pigeon(*flags)
+    assert result.returncode == 2
+    assert "--tls-map-user needs --tls-ca (client certificates) and --users" in result.stderr

@@ -1,4 +1,4 @@
-"""The users file (pigeon.server.users), the login throttle's rule, the certificate mapping: no server."""
+"""The users file (pigeon.server.users) and the login throttle's rule, without a server."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from pigeon.server.logins import certificate_user
 from pigeon.server.throttle import LoginThrottle, address_key
 from pigeon.server.users import (
     HASH_BYTES,
@@ -234,15 +233,3 @@ def test_ipv6_addresses_count_by_their_64_network() -> None:
     assert address_key("2001:db8::1") == address_key("2001:db8::ffff:1") == "2001:db8::/64"
     assert address_key("::ffff:10.0.0.1") == "10.0.0.1"
     assert address_key("10.0.0.1") == "10.0.0.1"
-
-
-def test_a_certificate_maps_to_the_user_named_by_its_common_name() -> None:
-    users = parse_users({"users": {"worker": {"password": fast_hash("x"), "subscribe": ["jobs"]}}})
-    cert = {"subject": ((("countryName", "NL"),), (("commonName", "worker"),))}
-    user = certificate_user(cert, users)
-    assert user is not None and user.name == "worker"
-    assert certificate_user({"subject": ((("commonName", "stranger"),),)}, users) is None
-    assert certificate_user({"subject": ((("organizationName", "worker"),),)}, users) is None
-    two = {"subject": ((("commonName", "worker"),), (("commonName", "worker"),))}
-    assert certificate_user(two, users) is None
-    assert certificate_user({}, users) is None

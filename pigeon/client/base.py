@@ -19,6 +19,7 @@ from typing import Any, TypeVar, cast
 
 from pigeon import errors
 from pigeon.client import codec
+from pigeon.client.address import TlsOption, check_credentials, tls_context
 from pigeon.client.codec import Data, Link, Message, Refused, ServerInfo, SubscribeOptions
 from pigeon.client.session import Pending, Session
 from pigeon.errors import (
@@ -47,6 +48,8 @@ OUT_LIMIT = 64 * 1024  # buffered publish(wait=False) bytes that trigger a send
 RECONNECT_FIRST_DELAY = 0.05
 RECONNECT_MAX_DELAY = 1.0
 
+AUTH_FAILED = "AUTH_FAILED"  # the server's code for wrong credentials, after which it closes the connection
+
 # A client waiting for deliveries sends PING after this share of the server's
 # idle timeout without sending anything, so the server does not close it.
 KEEPALIVE_SHARE = 0.5
@@ -72,12 +75,19 @@ class ClientBase(abc.ABC):
         timeout: float | None,
         reconnect: bool,
         reconnect_timeout: float,
+        user: str | None = None,
+        password: str | None = None,
+        tls: TlsOption = None,
     ) -> None:
+        check_credentials(user, password)
         self.host = host
         self.port = port
         self.timeout = timeout
         self.reconnect = reconnect
         self.reconnect_timeout = reconnect_timeout
+        self.user = user
+        self._password = password
+        self.tls = tls_context(tls)  # None: plain text
         self.client_id = ""
         self.reconnects = 0  # how many times the connection was re-established
         self.server_info: ServerInfo | None = None  # from HELLO; None for a server older than HELLO
@@ -151,19 +161,20 @@ class ClientBase(abc.ABC):
     # ------------------------------------------------------------ connection
 
     async def _connect(self) -> None:
-        """Open a connection, send HELLO and CONNECT (pipelined), and restore the subscriptions."""
+        """Open a connection, send HELLO and CONNECT (pipelined, with the credentials), and restore the
+        subscriptions. Raises AuthFailedError (not retried) when the server refuses the credentials."""
         await self._open_transport()
         self._lost = None
         self._generation += 1
         self._session.link = Link(self)
         try:
-            self._write(codec.hello_line() + codec.connect_line())
+            self._write(codec.hello_line() + codec.connect_line(self.user, self._password))
             hello = self._session.expect(b"HELLO")
             connected = self._session.expect(b"CONNECTED")
             await self._wait(hello)
             self._take_hello(hello)
             await self._wait(connected)
-            self._take_id(result(connected))
+            self._take_id(_credentials_result(connected))
             if self._topics:
                 await self._resubscribe()
         except BaseException:
@@ -542,6 +553,15 @@ def result(pending: Pending) -> bytes:
     if pending.error is not None:
         raise pending.error
     return pending.reply
+
+
+def _credentials_result(connected: Pending) -> bytes:
+    """The CONNECTED reply; a refusal of the credentials is raised as itself, not as the closed
+    connection that follows it, so that no reconnection retries it."""
+    error = connected.error
+    if isinstance(error, ConnectionClosedError) and error.error is not None and error.code == AUTH_FAILED:
+        raise error.error from error
+    return result(connected)
 
 
 def _earliest(first: float | None, second: float | None) -> float | None:

@@ -194,9 +194,11 @@ def _as_bytes(message: Data) -> bytes:
     raise InvalidArgumentError(f"message must be bytes or str, not {type(message).__name__}")
 
 
-def connect_line() -> bytes:
-    """The CONNECT command."""
-    return b"CONNECT\n"
+def connect_line(user: str | None = None, password: str | None = None) -> bytes:
+    """The CONNECT command, with the credentials when given (each one word: ``address.check_credentials``)."""
+    if user is None or password is None:
+        return b"CONNECT\n"
+    return f"CONNECT {user} {password}\n".encode()
 
 
 PREFETCH_MAX = 1_000_000  # the most unacknowledged messages a subscription may hold

@@ -16,11 +16,12 @@ import concurrent.futures
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 from pigeon._core import Broker
 from pigeon.server.throttle import LoginThrottle
-from pigeon.server.users import User, Users, UsersError, load_users
+from pigeon.server.tls import certificate_user
+from pigeon.server.users import User, UsersError, load_users
 
 log = logging.getLogger("pigeon")
 
@@ -35,23 +36,23 @@ class Peer(Protocol):
         """Close after flushing what was already written."""
 
 
-def certificate_user(certificate: Mapping[str, Any], users: Users) -> User | None:
-    """The user named by the commonName of a peer certificate's subject (``ssl.SSLSocket.getpeercert()``).
-
-    None when the subject has no commonName, more than one, or one that is not a user of the file.
-    """
-    names = [value for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"]
-    return users.get(names[0]) if len(names) == 1 else None
-
-
 class Logins:
     """Checks logins against the users file at ``path`` for ``broker`` (whose ``on_auth`` it sets).
 
-    ``connections`` maps the core's handles to the open connections.
+    ``connections`` maps the core's handles to the open connections. With ``map_certificates``
+    (``--tls-map-user``), a client certificate whose commonName is a user of the file logs its
+    connection in as that user.
     """
 
-    def __init__(self, broker: Broker, path: str | os.PathLike[str], connections: Mapping[int, Peer]) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        path: str | os.PathLike[str],
+        connections: Mapping[int, Peer],
+        map_certificates: bool = False,
+    ) -> None:
         self.path = os.fspath(path)
+        self.map_certificates = map_certificates
         self.users = load_users(self.path)
         self.throttle = LoginThrottle()
         self._broker = broker
@@ -69,16 +70,27 @@ class Logins:
         self._broker.grant(handle, user.name, user.publish, user.subscribe, user.admin)
         self._identities[handle] = user.name
 
-    def grant_certificate(self, handle: int, certificate: Mapping[str, Any]) -> str | None:
-        """Preset the identity of a new connection from its client certificate (``--tls-map-user``).
+    def opened(self, handle: int, conn: Peer, transport: asyncio.BaseTransport) -> None:
+        """A new connection: with ``map_certificates``, preset its identity from its client certificate.
 
-        A bare CONNECT then logs in as that user. Returns the user's name, or None when the
-        certificate names no user of the file (the connection must then log in with a password).
+        A bare CONNECT then logs in as the user its commonName names. A certificate that names no
+        user of the file gives no identity: that connection logs in with a password.
         """
-        user = certificate_user(certificate, self.users)
+        if not self.map_certificates:
+            return
+        name = certificate_user(transport)
+        user = self.users.get(name) if name is not None else None
         if user is not None:
             self._grant(handle, user)
-        return None if user is None else user.name
+            log.debug("connection %d from %s: certificate of user %r", handle, conn.peer, user.name)
+        elif name is not None:
+            log.warning(
+                "connection %d from %s: certificate of %r, not a user of %s",
+                handle,
+                conn.peer,
+                name,
+                self.path,
+            )
 
     def closed(self, handle: int) -> None:
         """The connection ``handle`` is gone."""

@@ -14,8 +14,10 @@ checked by ``pigeon.server.logins``.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
+import ssl
 from functools import partial
 from types import TracebackType
 from typing import cast
@@ -38,6 +40,7 @@ from pigeon.server.limits import (
 )
 from pigeon.server.logins import Logins
 from pigeon.server.store import Recovered, Store
+from pigeon.server.tls import DEFAULT_HANDSHAKE_TIMEOUT, certificate_user
 
 log = logging.getLogger("pigeon")
 
@@ -61,6 +64,16 @@ def format_address(peername: object) -> str:
         host, port = peername[0], peername[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return str(peername)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address, or the name ``localhost``) can only be reached from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any address
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -105,7 +118,12 @@ class _Connection(asyncio.BufferedProtocol):
         self.peer = format_address(peername)
         self._handle = self._broker.open(self._write, self.peer, transport.get_write_buffer_size)
         self._connections[self._handle] = self
-        log.debug("connection %d opened from %s", self._handle, self.peer)
+        if self._logins is not None:
+            self._logins.opened(self._handle, self, transport)
+        if log.isEnabledFor(logging.DEBUG):
+            user = certificate_user(transport)
+            by = f" (certificate of {user!r})" if user is not None else ""
+            log.debug("connection %d opened from %s%s", self._handle, self.peer, by)
 
     def _write(self, data: bytes) -> None:
         # After a reset or once closing, transports drop writes without a word:
@@ -204,6 +222,11 @@ class Server:
     """A Pigeon broker listening on one TCP address, on the running event loop.
 
     ``port=0`` picks a free port; ``server.port`` tells which after ``start``.
+    With ``tls`` (a server ``ssl.SSLContext``, see ``pigeon.server.tls``) the
+    port speaks TLS only, and a client that has not completed its handshake
+    within ``tls_handshake_timeout`` seconds is closed. With ``users_file``
+    (``pigeon.server.users``) clients must log in, and ``tls_map_user`` logs in
+    a client whose certificate's commonName is a user of the file.
     Use ``async with Server(...) as server:`` or ``start()`` and ``stop()``.
     """
 
@@ -229,8 +252,13 @@ class Server:
         fsync: str = "everysec",
         repair: bool = False,
         users_file: str | os.PathLike[str] | None = None,
+        tls: ssl.SSLContext | None = None,
+        tls_handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        tls_map_user: bool = False,
     ) -> None:
         self.host = host
+        self.tls = tls
+        self._tls_handshake_timeout = tls_handshake_timeout
         self._requested_port = port
         self.store = Store(data_dir, fsync) if data_dir is not None else None
         self.recovered: Recovered | None = None
@@ -259,7 +287,11 @@ class Server:
         self.broker.on_reading = self._set_reading
         self._connections: dict[int, _Connection] = {}
         # raises UsersError when the file cannot be used
-        self.logins = Logins(self.broker, users_file, self._connections) if users_file is not None else None
+        self.logins = (
+            Logins(self.broker, users_file, self._connections, map_certificates=tls_map_user)
+            if users_file is not None
+            else None
+        )
         self._listener: asyncio.Server | None = None
         self._clock: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -293,6 +325,8 @@ class Server:
             self._requested_port,
             reuse_address=True,
             backlog=LISTEN_BACKLOG,
+            ssl=self.tls,
+            ssl_handshake_timeout=self._tls_handshake_timeout if self.tls is not None else None,
         )
         self._clock = asyncio.create_task(self._tick(self.broker.tick_interval))
 
