@@ -95,11 +95,11 @@ def stats(client: LineClient, section: str = "") -> Any:
     return json.loads(reply[6:])
 
 
-def reload(server: ServerProcess, path: Path, text: str) -> str:
-    """Write the users file, SIGHUP, and return the server's line saying it reloaded (or refused)."""
+def reload(server: ServerProcess, path: Path, text: str, says: str = "pigeon: reloaded ") -> str:
+    """Write the users file, SIGHUP, and return the server's log line with ``says``."""
     path.write_text(text)
     server.proc.send_signal(signal.SIGHUP)
-    return wait_for_log(server, "reload")
+    return wait_for_log(server, says)
 
 
 # --- logging in
@@ -288,7 +288,7 @@ def test_a_malformed_file_on_reload_is_refused_and_the_old_rules_stay(
     secured_once: ServerProcess, users_file: Path
 ) -> None:
     worker = login(secured_once, "worker")
-    line = reload(secured_once, users_file, '[users.worker]\npassword = "plain"\n')
+    line = reload(secured_once, users_file, '[users.worker]\npassword = "plain"\n', "reload refused")
     assert "reload refused, the previous 4 users stay" in line and "user 'worker': password:" in line, line
     assert worker.ask("PING") == b"PONG"
     worker.subscribe("jobs")
@@ -380,7 +380,7 @@ def test_a_client_certificate_names_its_user(tmp_path: Path, certs: Certs) -> No
         # a certificate login can still be ended by a reload that removes the user
         path.write_text(users_toml({"ops": {"admin": True}}))
         server.proc.send_signal(signal.SIGHUP)
-        assert "1 connections closed" in wait_for_log(server, "reloaded")
+        assert "1 connections closed" in wait_for_log(server, "pigeon: reloaded ")
         assert alice.at_eof()
         # the CN names no user now: a bare CONNECT needs credentials, and a password still works
         again = TlsLineClient(server, certs.client_context(certs.client))
