@@ -273,6 +273,7 @@ def test_reload_ends_an_ack_subscription_no_longer_allowed_and_redelivers_its_me
     changed["edge"] = {**USERS["edge"], "subscribe": ["jobs"]}
     line = reload(secured_once, users_file, users_toml(changed))
     assert "2 re-granted" in line, line
+    assert "user 'worker'" in wait_for_log(secured_once, "subscription to 'jobs' ended: no longer allowed")
     assert second.ask(f"SUBSCRIBE {second.client_id} jobs ACK PREFETCH 10") == b"SUBSCRIBED jobs"
     redelivered = sorted(line.decode().split(" ", 4)[4] for line in second.lines(3))
     assert redelivered == ["job-0", "job-1", "job-2"]
