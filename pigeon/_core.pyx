@@ -322,7 +322,10 @@ cdef class Broker:
         for a malformed pattern, and nothing changes.
         """
         auth_grant(self, handle, user, publish, subscribe, admin)
-        self._settle()
+        if self.auth_asking < 0:
+            # not from inside on_auth, where a flush would run other connections' input through
+            # the read buffer that holds this one's: the call that ran on_auth settles at its end
+            self._settle()
 
     def auth_result(self, int32_t handle, bint ok):
         """Answer a connection's ``CONNECT <user> <password>`` (asked through on_auth).

@@ -273,6 +273,17 @@ def test_an_answer_from_inside_on_auth_is_refused() -> None:
         c.send(b"CONNECT alice pw\n")
 
 
+def test_a_grant_from_inside_on_auth_then_an_answer_later_logs_in() -> None:
+    broker, events = setup()
+    broker.on_output = lambda: None  # flushes are the caller's: none runs inside on_auth
+    c = Client(broker, events)
+    broker.on_auth = lambda h, user, password: broker.grant(h, user.decode(), ["t"], [])
+    broker.feed(c.handle, b"PING\nCONNECT alice pw\nPUBLISH c1 t m\n")
+    broker.auth_result(c.handle, True)
+    broker.flush()
+    assert c.take() == b"PONG\nCONNECTED c1\nPUBLISHED t\n"
+
+
 def test_without_on_auth_every_login_fails() -> None:
     broker, events = setup()
     broker.on_auth = None
