@@ -14,6 +14,7 @@
 #   core/parser      the protocol's vocabulary, tokenizer, topic checks, dispatch
 #   core/commands    one handler per command
 #   core/flow        publisher flow control
+#   core/auth        authentication, and permissions compiled per connection
 #   core/log         durability: what is recorded, its order with the replies, recovery
 #   core/stats       counters and reports
 
@@ -25,6 +26,7 @@ cdef struct Msg
 cdef struct Topic
 cdef struct Conn
 cdef struct Sub
+cdef struct PermSet
 
 include "core/limits.pxd"
 include "core/memory.pxd"
@@ -37,6 +39,7 @@ include "core/output.pxd"
 include "core/parser.pxd"
 include "core/commands.pxd"
 include "core/flow.pxd"
+include "core/auth.pxd"
 include "core/log.pxd"
 include "core/stats.pxd"
 
@@ -74,6 +77,8 @@ cdef class Broker:
     cdef bint tearing_down          # in __dealloc__: topics are freed all at once
     cdef double started             # when the broker was created, seconds since the epoch
     cdef bytes hello                # the HELLO reply's JSON
+    cdef bint auth                  # CONNECT needs credentials or a granted identity (Broker(auth=True))
+    cdef int32_t auth_asking        # the connection whose on_auth call runs now, -1: none
     cdef public object on_output    # callable(): flush() is due; the server runs it once per loop pass
     cdef public object on_close     # callable(handle, reason, flush): close the socket the core ended
     cdef public object on_reading   # callable(handle, reading): stop or restart reading a connection
@@ -81,5 +86,6 @@ cdef class Broker:
     cdef public object on_log       # callable(memoryview): write these records to the log (durable)
     cdef public object on_sync      # callable(position): sync the log up to there, then call log_synced
     cdef public object on_warning   # callable(text): a rare event worth an operator's eye
+    cdef public object on_auth      # callable(handle, user, password): check them, then auth_result
 
     cdef int _settle(self) except -1

@@ -1,6 +1,6 @@
 """Type stubs of the Cython core (pigeon/_core.pyx and its parts in pigeon/core/)."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 COMMAND_NAMES: tuple[str, ...]
@@ -51,6 +51,9 @@ class Broker:
     raise OSError when they cannot be written, and the core tries again at the next flush."""
     on_sync: Callable[[int], object] | None
     """``(position)``: sync the log up to ``position`` off the loop, then call ``log_synced(position)``."""
+    on_auth: Callable[[int, bytes, bytes], object] | None
+    """``(handle, user, password)``: a ``CONNECT <user> <password>`` while auth is on. The connection is
+    not read until ``auth_result(handle, ok)`` answers (call ``grant`` first); None fails every login."""
     log_disk: int
     """Bytes of the log on disk, as the store last said (--max-disk compares with it)."""
 
@@ -59,6 +62,7 @@ class Broker:
         *,
         tick_interval: float = ...,
         durable: bool = ...,
+        auth: bool = ...,
         fsync: str = ...,
         log_segment: int = ...,
         max_line: int = ...,
@@ -101,6 +105,20 @@ class Broker:
         """The connection is gone: give back messages it was never handed, leave every rotation, free it."""
     def run_timers(self) -> None:
         """Give back the NACKed messages whose delay is over."""
+    def grant(
+        self, handle: int, user: str, publish: Sequence[str], subscribe: Sequence[str], admin: bool = False
+    ) -> None:
+        """Set a connection's user and the topic patterns it may publish and subscribe to (NATS rules:
+        ``*`` one token, ``>`` as the last token one or more; ``admin`` allows everything).
+
+        Before CONNECT it presets the identity (a bare CONNECT then logs in as that user); after, it
+        replaces the permissions and ends the subscriptions no longer allowed, as UNSUBSCRIBE does
+        (each told through on_warning). ValueError for a malformed pattern, and nothing changes.
+        """
+    def auth_result(self, handle: int, ok: bool) -> None:
+        """Answer the pending ``CONNECT <user> <password>``: ``CONNECTED <id>`` and the input goes on, or
+        ``ERROR AUTH_FAILED`` and the connection closes. A handle that closed meanwhile: nothing.
+        RuntimeError from inside on_auth (answer once it has returned)."""
     def recover_segment(self) -> None:
         """The next ``recover()`` calls replay a new segment (call before each one, oldest first)."""
     def recover(self, data: bytes | memoryview) -> tuple[int, str | None]:

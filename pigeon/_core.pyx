@@ -37,6 +37,7 @@ include "core/acks.pxi"
 include "core/parser.pxi"
 include "core/commands.pxi"
 include "core/flow.pxi"
+include "core/auth.pxi"
 include "core/log.pxi"
 include "core/stats.pxi"
 
@@ -58,7 +59,7 @@ cdef class Broker:
     """
 
     def __cinit__(self, *, double tick_interval=0.25, bint durable=False, str fsync="everysec",
-                  uint64_t log_segment=LOG_SEGMENT, **limits):
+                  uint64_t log_segment=LOG_SEGMENT, bint auth=False, **limits):
         cdef str name
         self.limit = limits_default()
         for name, value in limits.items():
@@ -70,6 +71,8 @@ cdef class Broker:
         self.write_ticks = <uint64_t>math.ceil(self.limit.write_timeout / tick_interval)
         self.started = time.time()
         self.rbuf.owner = -1
+        self.auth = auth
+        self.auth_asking = -1
         self.memory_waiter = -1
         self.storage_waiter = -1
         self.woken = -1
@@ -303,6 +306,34 @@ cdef class Broker:
         if self.rbuf.owner == handle:
             self.rbuf.owner = -1
         conn_free(self, handle)
+        self._settle()
+
+    # ------------------------------------------------------------ authentication
+
+    def grant(self, int32_t handle, str user not None, publish, subscribe, bint admin=False):
+        """Set a connection's user and the topic patterns it may publish and subscribe to.
+
+        Patterns follow NATS: tokens split on ``.``, ``*`` one non-empty token,
+        ``>`` as the last token one or more tokens; ``admin`` allows everything
+        (STATS CONNECTIONS included). Before CONNECT it presets the identity (a
+        client certificate: a bare CONNECT then logs in as that user); after
+        CONNECT it replaces the permissions, and the subscriptions they no longer
+        allow end as with UNSUBSCRIBE (each told through on_warning). ValueError
+        for a malformed pattern, and nothing changes.
+        """
+        auth_grant(self, handle, user, publish, subscribe, admin)
+        self._settle()
+
+    def auth_result(self, int32_t handle, bint ok):
+        """Answer a connection's ``CONNECT <user> <password>`` (asked through on_auth).
+
+        ok: ``CONNECTED <id>`` with the permissions last granted, and its input
+        goes on; not ok: ``ERROR AUTH_FAILED``, then the connection closes
+        (on_close). A handle that closed meanwhile is left alone. Not from
+        inside on_auth (RuntimeError): answer once it has returned.
+        """
+        self.now = monotonic()
+        auth_answer(self, handle, ok)
         self._settle()
 
     # ------------------------------------------------------------ the log (durable)

@@ -2,7 +2,7 @@
 
 Every ``ERROR`` line of the server is ``ERROR <CODE> <text>``; each code has a
 class below (``ERROR_CLASSES``), under ``CommandError``. The retryable limits
-(``RetryableError``) can be caught together to retry later. The three codes
+(``RetryableError``) can be caught together to retry later. The four codes
 the server sends just before it closes a connection (``ClosingError``) reach
 the caller as the ``error`` of a ``ConnectionClosedError``. This table is the
 client's own: the client does not load the server's compiled core, and a test
@@ -142,6 +142,22 @@ class StorageFullError(RetryableError):
     CODE = "STORAGE_FULL"
 
 
+class AuthRequiredError(CommandError):
+    """A bare ``CONNECT`` to a server that requires a user and password (``--users``).
+
+    The connection stays open for a ``CONNECT <user> <password>``.
+    """
+
+    CODE = "AUTH_REQUIRED"
+
+
+class PermissionDeniedError(CommandError):
+    """A ``PUBLISH`` or ``SUBSCRIBE`` to a topic outside the user's patterns, or ``STATS CONNECTIONS``
+    for a user who is not an admin; nothing changed."""
+
+    CODE = "PERMISSION_DENIED"
+
+
 class ClosingError(CommandError):
     """An error the server sends just before it closes the connection; see ``ConnectionClosedError.error``."""
 
@@ -164,6 +180,12 @@ class IdleTimeoutError(ClosingError):
     CODE = "IDLE_TIMEOUT"
 
 
+class AuthFailedError(ClosingError):
+    """A wrong user or password (the same error for both); the server closes the connection."""
+
+    CODE = "AUTH_FAILED"
+
+
 # code -> class, in the order of the server's list (pigeon._core.ERROR_CODES)
 ERROR_CLASSES: dict[str, type[CommandError]] = {
     cls.CODE: cls
@@ -184,6 +206,9 @@ ERROR_CLASSES: dict[str, type[CommandError]] = {
         IdleTimeoutError,
         UnknownDeliveryTagError,
         StorageFullError,
+        AuthRequiredError,
+        AuthFailedError,
+        PermissionDeniedError,
     )
     if cls.CODE is not None
 }

@@ -377,7 +377,7 @@ def test_every_code_has_its_class() -> None:
     retryable = {code for code, cls in errors.ERROR_CLASSES.items() if issubclass(cls, RetryableError)}
     assert retryable == {"BACKLOG_FULL", "MEMORY_FULL", "STORAGE_FULL"}
     closing = {code for code, cls in errors.ERROR_CLASSES.items() if issubclass(cls, errors.ClosingError)}
-    assert closing == {"LINE_TOO_LONG", "TOO_MANY_CONNECTIONS", "IDLE_TIMEOUT"}
+    assert closing == {"LINE_TOO_LONG", "TOO_MANY_CONNECTIONS", "IDLE_TIMEOUT", "AUTH_FAILED"}
 
 
 def test_unknown_codes_and_codeless_errors_are_command_errors() -> None:

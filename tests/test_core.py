@@ -245,7 +245,8 @@ def test_crlf_case_insensitive_words_and_extra_spaces() -> None:
         (b"PUBLISH {id} t", b"ERROR USAGE usage: PUBLISH <client_id> <topic> <message>"),
         (b"PUBLISH {id}", b"ERROR USAGE usage: PUBLISH <client_id> <topic> <message>"),
         (b"PING now", b"ERROR USAGE usage: PING"),
-        (b"CONNECT me", b"ERROR USAGE usage: CONNECT"),
+        (b"CONNECT me", b"ERROR USAGE usage: CONNECT [<user> <password>]"),
+        (b"CONNECT me secret more", b"ERROR USAGE usage: CONNECT [<user> <password>]"),
         (b"DISCONNECT now", b"ERROR USAGE usage: DISCONNECT"),
         (
             b"SUBSCRIBE {id} " + b"x" * (TOPIC_MAX + 1),

@@ -80,6 +80,9 @@ def test_commands_and_errors_are_counted_by_kind() -> None:
         "idle_timeout": 0,
         "unknown_delivery_tag": 0,
         "storage_full": 0,
+        "auth_required": 0,
+        "auth_failed": 0,
+        "permission_denied": 0,
     }
     assert list(stats["commands"]) == list(COMMAND_NAMES)
     assert list(stats["errors"]) == list(ERROR_NAMES)

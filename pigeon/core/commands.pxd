@@ -12,15 +12,18 @@ cdef enum:
 
 cdef extern from *:
     """
+    #define PIGEON_CONNECT_USAGE "usage: CONNECT [<user> <password>]"
     #define PIGEON_SUBSCRIBE_USAGE "usage: SUBSCRIBE <client_id> <topic> [ACK [PREFETCH <n>]]"
     #define PIGEON_ACK_USAGE "usage: ACK <client_id> <tag>|<first>-<last>"
     #define PIGEON_NACK_USAGE "usage: NACK <client_id> <tag>|<first>-<last> [<delay_ms>]"
     """
+    const char *CONNECT_USAGE "PIGEON_CONNECT_USAGE"
     const char *SUBSCRIBE_USAGE "PIGEON_SUBSCRIBE_USAGE"
     const char *ACK_USAGE "PIGEON_ACK_USAGE"
     const char *NACK_USAGE "PIGEON_NACK_USAGE"
 
 
+cdef void connect_client(Broker b, int32_t h, bint login) noexcept
 cdef int on_connect(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_subscribe(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_unsubscribe(Broker b, int32_t h, char *args, size_t n) except -1

@@ -69,17 +69,37 @@ cdef Topic *_new_topic(Broker b, int32_t h, const char *name, size_t n, uint64_t
     return t
 
 
-cdef int on_connect(Broker b, int32_t h, char *args, size_t n) except -1:
+cdef void connect_client(Broker b, int32_t h, bint login) noexcept:
+    """h is connected: its client id, and CONNECTED; ``login``: it logged in as a user (auth on)."""
     cdef Conn *c = &b.conns.items[h]
-    if not only_blanks(args, n):
-        out_error(b, h, ERR_USAGE, "usage: CONNECT")
+    c.client_id = b.conns.next_client_id
+    b.conns.next_client_id += 1
+    c.id_len = snprintf(c.id_text, sizeof(c.id_text), "c%llu", <unsigned long long>c.client_id)
+    if login:
+        b.counters.logins += 1
+        c.checked = not c.admin     # logged in without a grant: nothing is allowed
+    out_reply(b, h, "CONNECTED", c.id_text, c.id_len)
+
+
+cdef int on_connect(Broker b, int32_t h, char *args, size_t n) except -1:
+    """``CONNECT`` or ``CONNECT <user> <password>``; with auth off the credentials are ignored."""
+    cdef Conn *c = &b.conns.items[h]
+    cdef char *user
+    cdef char *password
+    cdef size_t ul, pl
+    cdef bint credentials = next_field(&args, &n, &user, &ul)
+    if credentials and (not next_field(&args, &n, &password, &pl) or not only_blanks(args, n)):
+        out_error(b, h, ERR_USAGE, CONNECT_USAGE)
     elif c.client_id:
         out_error_quoting(b, h, ERR_ALREADY_CONNECTED, "already connected as", c.id_text, c.id_len)
+    elif not b.auth:
+        connect_client(b, h, False)
+    elif credentials:
+        return auth_connect(b, h, user, ul, password, pl)
+    elif c.granted:
+        connect_client(b, h, True)  # an identity the server vouched for (a client certificate)
     else:
-        c.client_id = b.conns.next_client_id
-        b.conns.next_client_id += 1
-        c.id_len = snprintf(c.id_text, sizeof(c.id_text), "c%llu", <unsigned long long>c.client_id)
-        out_reply(b, h, "CONNECTED", c.id_text, c.id_len)
+        out_error(b, h, ERR_AUTH_REQUIRED, "authentication required")
     return 0
 
 
@@ -120,7 +140,8 @@ cdef int on_subscribe(Broker b, int32_t h, char *args, size_t n) except -1:
         return 0
     if not _subscribe_options(b, h, args, n, &ack, &prefetch):
         return 0
-    if not _own_id(b, h, id, id_len) or not _valid_topic(b, h, name, name_len):
+    if (not _own_id(b, h, id, id_len) or not _valid_topic(b, h, name, name_len)
+            or not auth_may_subscribe(b, h, name, name_len)):
         return 0
     hv = topic_hash(name, name_len)
     t = topics_find(&b.topic_table, name, name_len, hv)
@@ -341,10 +362,18 @@ cdef int on_publish(Broker b, int32_t h, char *args, size_t n) except -1:
             if t == NULL:
                 if not _valid_topic(b, h, name, name_len):
                     return 0
+                if b.conns.items[h].checked and not auth_may_publish(b, h, NULL, name, name_len):
+                    return 0
                 t = _new_topic(b, h, name, name_len, hv)
                 if t == NULL:
                     return 0
+                b.conns.items[h].publish_allowed = t.serial
             b.topic_table.last = t
+    # the one test a connection without permissions pays; one with them, a comparison per message
+    # to the same topic (a topic's serial is never reused, so a freed one cannot pass for it)
+    if b.conns.items[h].checked and b.conns.items[h].publish_allowed != t.serial:
+        if not auth_may_publish(b, h, t, topic_name(t), t.name_len):
+            return 0
     # pinned, so that it outlives a message refused or lost on the way; a topic
     # made for a refused message goes again when unpinned
     _pin(t)
@@ -403,6 +432,8 @@ cdef int on_stats(Broker b, int32_t h, char *args, size_t n) except -1:
                     return 0
         if not only_blanks(args, n):
             out_error(b, h, ERR_USAGE, STATS_USAGE)
+            return 0
+        if not topics and not auth_may_list_connections(b, h):
             return 0
         figures = topics_page(b, cursor, count) if topics else connections_page(b, cursor, count)
     try:

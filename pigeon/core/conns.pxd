@@ -45,6 +45,14 @@ cdef struct Conn:
     uint64_t log_wait           # log position its output waits for (a PUBLISHED reply, durable), 0: none
     uint32_t silent_ticks       # ticks since its last input
     uint64_t paused_at          # the tick at which it last paused
+    bint authenticating         # its CONNECT <user> <password> waits for auth_result: its input waits
+    bint granted                # grant() gave it an identity (before CONNECT: a bare CONNECT logs in)
+    bint admin                  # ... allowed everything, STATS CONNECTIONS included
+    bint checked                # its PUBLISH and SUBSCRIBE are checked against the two sets below
+    PermSet *may_publish        # the topics it may publish to (auth.pxd), NULL: none
+    PermSet *may_subscribe      # ... and subscribe to
+    uint64_t publish_allowed    # serial of the last topic it was allowed to publish to, 0: none
+    PyObject *user              # its user name (str), or NULL
     uint64_t client_id          # 0 until CONNECT
     char id_text[24]            # client_id as sent on the wire
     uint32_t id_len

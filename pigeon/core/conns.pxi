@@ -74,6 +74,7 @@ cdef void conn_free(Broker b, int32_t h) noexcept:
     log_forget(b, h)
     mem_free(&b.mem, c.subs, c.subs_cap * sizeof(Sub *))
     acks_free(b, &c.unacked)
+    auth_forget(b, c)
     if not c.rejected:
         b.conns.admitted -= 1
     memset(c, 0, sizeof(Conn))

@@ -38,6 +38,9 @@ cdef enum:
     ERR_IDLE_TIMEOUT
     ERR_UNKNOWN_DELIVERY_TAG
     ERR_STORAGE_FULL
+    ERR_AUTH_REQUIRED       # a bare CONNECT while auth is on and no identity was granted
+    ERR_AUTH_FAILED         # wrong user or password: the connection closes
+    ERR_PERMISSION_DENIED   # a topic outside the user's patterns, or STATS CONNECTIONS for a non-admin
     ERR_KINDS
 
     # what topic_problem finds wrong with a name
@@ -58,7 +61,7 @@ cdef extern from *:
         "USAGE", "UNKNOWN_COMMAND", "NOT_CONNECTED", "ALREADY_CONNECTED", "WRONG_CLIENT_ID",
         "BAD_TOPIC", "NOT_SUBSCRIBED", "BACKLOG_FULL", "LINE_TOO_LONG", "TOO_MANY_CONNECTIONS",
         "TOO_MANY_SUBSCRIPTIONS", "TOO_MANY_TOPICS", "MEMORY_FULL", "IDLE_TIMEOUT", "UNKNOWN_DELIVERY_TAG",
-        "STORAGE_FULL",
+        "STORAGE_FULL", "AUTH_REQUIRED", "AUTH_FAILED", "PERMISSION_DENIED",
     };
     """
     # the stable upper-case code of each error kind, sent as ERROR <CODE> <text>

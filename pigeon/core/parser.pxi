@@ -178,11 +178,12 @@ cdef int stop_reading(Broker b, int32_t h) except -1:
 cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
     """Run the complete lines of ``buf`` while h can go on; keep the rest as its input.
 
-    h cannot go on while its transport is full (paused) or while a PUBLISH of
-    its waits for flow control (held, flow.pxd): then the rest waits, and the
-    server is told to stop reading h until it can (conn_continue). Output of
-    h's own passing a batch is handed over at once, so the transport can say
-    it is full.
+    h cannot go on while its transport is full (paused), while a PUBLISH of
+    its waits for flow control (held, flow.pxd) or while its CONNECT waits for
+    the server to check its password (authenticating, auth.pxd): then the rest
+    waits, and the server is told to stop reading h until it can
+    (conn_continue). Output of h's own passing a batch is handed over at once,
+    so the transport can say it is full.
     """
     cdef size_t pos = 0, line_len, left
     cdef char *nl
@@ -190,6 +191,7 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
     cdef Conn *c = &b.conns.items[h]
     cdef char reason[96]
     cdef bint waits
+    cdef int stop
     while pos < n and c.state == CONN_OPEN and not c.paused and not c.held:
         nl = <char *>memchr(buf + pos, b'\n', n - pos)
         if nl == NULL:
@@ -199,9 +201,12 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
         if line_len > b.limit.max_line:
             too_long = True
             break
-        if dispatch(b, h, buf + pos, line_len) == HOLD:
+        stop = dispatch(b, h, buf + pos, line_len)
+        if stop:
+            if stop == AUTH_WAIT:
+                pos += line_len + 1     # the CONNECT ran; the rest waits for its answer
             c = &b.conns.items[h]
-            break                       # the line waits, with the rest
+            break                       # a PUBLISH that waits (HOLD) waits with the rest
         pos += line_len + 1
         c = &b.conns.items[h]
         if c.out_len >= b.limit.out_batch and c.state == CONN_OPEN:
@@ -217,7 +222,7 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
     left = n - pos
     # input held because the connection waits (paused, or held by flow control) is at most one
     # read: only an unfinished line can grow without bound, so only that is refused when memory is full
-    waits = c.paused or c.held
+    waits = c.paused or c.held or c.authenticating
     if not waits and left > INPUT_SLACK and mem_total(&b.mem) + left > b.limit.max_memory:
         snprintf(reason, sizeof(reason), "memory limit reached: cannot hold %zu bytes of input", left)
         out_error(b, h, ERR_MEMORY_FULL, reason)
@@ -233,18 +238,19 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
 
 
 cdef int conn_continue(Broker b, int32_t h) except -1:
-    """h can go on again (its transport drained, or its PUBLISH may proceed): run the input
-    it holds, then have the server read it again, unless it has to wait once more."""
+    """h can go on again (its transport drained, its PUBLISH may proceed, or its CONNECT was
+    answered): run the input it holds, then have the server read it again, unless it has to
+    wait once more."""
     cdef Conn *c = &b.conns.items[h]
     cdef char *data
-    if c.state != CONN_OPEN or c.paused or c.held:
+    if c.state != CONN_OPEN or c.paused or c.held or c.authenticating:
         return 0
     if c.input_len:
         data = read_buffer_load(b, h)
         b.rbuf.owner = -1
         process_input(b, h, data, c.input_len)
         c = &b.conns.items[h]
-    if c.state == CONN_OPEN and c.reading_stopped and not c.paused and not c.held:
+    if c.state == CONN_OPEN and c.reading_stopped and not c.paused and not c.held and not c.authenticating:
         c.reading_stopped = False
         if b.on_reading is not None:
             b.on_reading(h, True)

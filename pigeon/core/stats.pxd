@@ -44,6 +44,8 @@ ctypedef struct Counters:
     uint64_t ack_timeouts       # deliveries given back by --ack-timeout
     uint64_t dead_lettered      # messages moved to <topic>.dead after --max-deliveries
     uint64_t dead_letters_dropped  # ... that <topic>.dead could not take (name too long, limits): dropped
+    uint64_t auth_failures      # ERROR AUTH_FAILED sent (wrong user or password)
+    uint64_t logins             # CONNECT that logged in as a user: with credentials, or a granted identity
 
 
 cdef dict stats_dict(Broker b)

@@ -44,6 +44,8 @@ cdef dict stats_dict(Broker b):
         "ack_timeouts": b.counters.ack_timeouts,
         "dead_lettered": b.counters.dead_lettered,
         "dead_letters_dropped": b.counters.dead_letters_dropped,
+        "auth_failures": b.counters.auth_failures,
+        "logins": b.counters.logins,
         "publishers_held": b.publishers_held,
         "publish_holds": b.counters.publish_holds,
         "durable": bool(b.log.durable),
@@ -123,6 +125,7 @@ cdef dict connections_page(Broker b, size_t cursor, size_t count):
         entries.append({
             "handle": h - 1,
             "client_id": _text(c.id_text, c.id_len) if c.client_id else None,
+            "user": <object>c.user if c.user != NULL else None,
             "address": <object>c.peer if c.peer != NULL else None,
             "subscriptions": names,
             "subscriptions_total": c.nsubs,

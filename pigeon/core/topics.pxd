@@ -8,6 +8,7 @@ from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 cdef struct Topic:
     Topic *next             # hash-bucket chain
     uint64_t hash
+    uint64_t serial         # never reused: identifies it even after it is freed (Conn.publish_allowed)
     uint16_t name_len       # the name is stored just past the struct (topic_name)
     bint full               # backlog at its limit: warned once until it empties
     bint touched            # on a list of topics to drain (Topic.touched_next), pinned by one refs
@@ -34,6 +35,7 @@ ctypedef struct TopicTable:
     size_t nbuckets         # a power of two
     size_t count
     Topic *last             # the topic of the last PUBLISH: pipelined publishers repeat it
+    uint64_t serials        # the last serial number given to a topic
 
 
 cdef uint64_t topic_hash(const char *name, size_t n) noexcept

@@ -74,6 +74,8 @@ cdef Topic *topics_add(Memory *m, TopicTable *table, const char *name, size_t n,
     memcpy(topic_name(t), name, n)
     t.name_len = <uint16_t>n
     t.hash = hash
+    table.serials += 1
+    t.serial = table.serials
     t.next = table.buckets[hash & (table.nbuckets - 1)]
     table.buckets[hash & (table.nbuckets - 1)] = t
     table.count += 1

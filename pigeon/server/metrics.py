@@ -86,6 +86,12 @@ _COUNTERS = (
         "Dead letters dropped because <topic>.dead could not take them.",
     ),
     ("publish_holds", "pigeon_publish_holds", "Times a PUBLISH had to wait for flow control."),
+    (
+        "logins",
+        "pigeon_logins",
+        "CONNECTs that logged in as a user (a password, or a mapped client certificate).",
+    ),
+    ("auth_failures", "pigeon_auth_failures", "CONNECTs refused for a wrong user or password."),
 )
 
 # (stats key, metric name, help) of the server-wide gauges
