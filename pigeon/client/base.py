@@ -23,6 +23,7 @@ from pigeon.client.address import TlsOption, check_credentials, tls_context
 from pigeon.client.codec import Data, Link, Message, Refused, ServerInfo, SubscribeOptions
 from pigeon.client.session import Pending, Session
 from pigeon.errors import (
+    AuthFailedError,
     CommandError,
     ConnectionClosedError,
     IdleTimeoutError,
@@ -47,8 +48,6 @@ OUT_LIMIT = 64 * 1024  # buffered publish(wait=False) bytes that trigger a send
 
 RECONNECT_FIRST_DELAY = 0.05
 RECONNECT_MAX_DELAY = 1.0
-
-AUTH_FAILED = "AUTH_FAILED"  # the server's code for wrong credentials, after which it closes the connection
 
 # A client waiting for deliveries sends PING after this share of the server's
 # idle timeout without sending anything, so the server does not close it.
@@ -559,7 +558,7 @@ def _credentials_result(connected: Pending) -> bytes:
     """The CONNECTED reply; a refusal of the credentials is raised as itself, not as the closed
     connection that follows it, so that no reconnection retries it."""
     error = connected.error
-    if isinstance(error, ConnectionClosedError) and error.error is not None and error.code == AUTH_FAILED:
+    if isinstance(error, ConnectionClosedError) and isinstance(error.error, AuthFailedError):
         raise error.error from error
     return result(connected)
 
