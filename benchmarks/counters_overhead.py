@@ -17,6 +17,10 @@ code, not the allocator's state; ``--free-malloc`` leaves it alone.
 On a shared, busy machine the timings swing by 2x between runs; ``--instructions``
 counts instructions per message under valgrind instead (callgrind, a run of
 ``--messages`` minus an empty run), which does not depend on the load.
+
+``--patterns N`` (with ``--instructions``) also counts this tree's publisher
+granted N permission patterns (issue 14), the last of which allows the topic
+it publishes to, against the same publisher without permissions.
 """
 
 from __future__ import annotations
@@ -38,10 +42,13 @@ import sys, time
 sys.path.insert(0, sys.argv[1])
 from pigeon._core import Broker
 messages = int(sys.argv[2])
+patterns = int(sys.argv[3])
 broker = Broker(max_backlog=10)
 sub = broker.open(lambda data: None)
 pub = broker.open(lambda data: None)
 broker.feed(sub, b"CONNECT\\nSUBSCRIBE c1 jobs\\n")
+if patterns:
+    broker.grant(pub, "bench", [f"other.{i}.*.>" for i in range(patterns - 1)] + ["jobs"], [])
 broker.feed(pub, b"CONNECT\\n")
 line = b"PUBLISH c2 jobs " + b"x" * 64 + b"\\n"
 per_read = (256 * 1024) // len(line)
@@ -72,7 +79,7 @@ def measure(tree: Path, messages: int, pin_malloc: bool = True) -> float:
     """Messages per second of one run of the worker against ``tree``'s core."""
     env = {**os.environ, **PINNED_MALLOC} if pin_malloc else None
     out = subprocess.run(
-        [sys.executable, "-c", WORKER, str(tree), str(messages)],
+        [sys.executable, "-c", WORKER, str(tree), str(messages), "0"],
         check=True,
         capture_output=True,
         text=True,
@@ -81,8 +88,9 @@ def measure(tree: Path, messages: int, pin_malloc: bool = True) -> float:
     return float(out.stdout)
 
 
-def instructions(tree: Path, messages: int) -> int:
-    """Instructions executed by one run of the worker against ``tree``'s core, under callgrind."""
+def instructions(tree: Path, messages: int, patterns: int = 0) -> int:
+    """Instructions executed by one run of the worker against ``tree``'s core, under callgrind
+    (its publisher granted ``patterns`` permission patterns when not 0)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(
             [
@@ -94,6 +102,7 @@ def instructions(tree: Path, messages: int) -> int:
                 WORKER,
                 str(tree),
                 str(messages),
+                str(patterns),
             ],
             check=True,
             capture_output=True,
@@ -106,9 +115,9 @@ def instructions(tree: Path, messages: int) -> int:
     return int(match.group(1))
 
 
-def per_message(tree: Path, messages: int) -> float:
+def per_message(tree: Path, messages: int, patterns: int = 0) -> float:
     """Instructions per message: a run of ``messages`` minus a run that publishes none."""
-    return (instructions(tree, messages) - instructions(tree, 0)) / messages
+    return (instructions(tree, messages, patterns) - instructions(tree, 0, patterns)) / messages
 
 
 def main() -> int:
@@ -121,6 +130,12 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=2_000_000)
     parser.add_argument("--free-malloc", action="store_true", help="do not pin glibc's mmap threshold")
     parser.add_argument("--instructions", action="store_true", help="count instructions (valgrind)")
+    parser.add_argument(
+        "--patterns",
+        type=int,
+        default=0,
+        help="with --instructions: also this tree with N permission patterns",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         baseline = build(args.rev, Path(tmp))
@@ -128,6 +143,10 @@ def main() -> int:
             base, new = per_message(baseline, args.messages), per_message(ROOT, args.messages)
             print(f"instructions per message: baseline {base:.1f}, counters {new:.1f}")
             print(f"counters / baseline: {new / base:.3f}")
+            if args.patterns:
+                granted = per_message(ROOT, args.messages, args.patterns)
+                print(f"instructions per message with {args.patterns} permission patterns: {granted:.1f}")
+                print(f"patterns / counters: {granted / new:.3f}")
             return 0
         runs: dict[str, list[float]] = {"baseline": [], "counters": []}
         for _ in range(args.rounds):

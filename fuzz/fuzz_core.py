@@ -5,7 +5,10 @@ operations (open, read with or without a flush, flush, pause, resume, EOF,
 close, ticks, transports that fill up, pause their connection, drain or fail,
 walks of the topic and connection pages, well-formed commands among them
 SUBSCRIBE ... ACK [PREFETCH n], and ACK or NACK of the tags a connection
-holds, single or as ranges, or of tags it does not), run on the Cython core and on
+holds, single or as ranges, or of tags it does not; with authentication,
+CONNECT with the credentials of tests/harness.USERS or wrong ones, logins
+answered later, identities granted before CONNECT or again while connected,
+topics on the edges of the users' patterns), run on the Cython core and on
 tests/model.py through tests/harness.Session, which the differential test uses
 too. After every operation the session compares what the model states
 (output bytes, close and reading events, client ids, warnings, figures,
@@ -30,15 +33,16 @@ import atheris
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 with atheris.instrument_imports(include=["tests"]):
-    from tests.harness import Peer, Session
+    from tests.harness import USERS, Peer, Session
 
 # The version of the input format below; a saved regression starts with the line REGRESSION_HEADER.
-# Inputs of format 2 (before acknowledgements) still replay, as they were read then.
-FORMAT = 3
-FORMATS = (2, 3)
+# Inputs of formats 2 (before acknowledgements) and 3 (before authentication) still replay, as they
+# were read then.
+FORMAT = 4
+FORMATS = (2, 3, 4)
 REGRESSION_HEADER = b"pigeon-fuzz %d\n" % FORMAT
 MEMORY_NEVER_FULL = 1 << 40  # the model does not count memory (tests/model.py)
-OPERATIONS = {2: 18, 3: 19}
+OPERATIONS = {2: 18, 3: 19, 4: 21}
 # well-formed commands, so that sessions route messages; <me> is the connection's own client id
 COMMANDS_2 = (
     b"CONNECT",
@@ -65,6 +69,21 @@ COMMANDS = {
         b"NACK <me> ",
     ),
 }
+COMMANDS[4] = (
+    *COMMANDS[3],
+    b"CONNECT writer pw",
+    b"CONNECT worker pw",
+    b"CONNECT ops pw",
+    b"CONNECT worker wrong",
+    b"CONNECT mallory pw",
+    b"CONNECT ",
+    b"PUBLISH <me> %s.x ",
+    b"PUBLISH <me> %s. ",
+    b"SUBSCRIBE <me> %s.dead",
+    b"SUBSCRIBE <me> a.%s",
+    b"STATS CONNECTIONS",
+)
+USER_NAMES = sorted(USERS)
 TOPICS = (b"a", b"b", "\u00e9".encode())
 DEFAULT_PREFETCH = (1, 2, 3, 1000)
 # a NACK's delay: none, 0 (at once), a day (never due in a session: the model keeps it for good), broken
@@ -89,6 +108,12 @@ class Input:
     backwards, a flush follows), one for the tag (counted back from the last
     one the connection holds), one for the range's length and one for the
     NACK's delay.
+
+    Format 4 adds a byte after the limits (odd: authentication on), the
+    commands CONNECT with credentials (tests/harness.USERS, a wrong password,
+    an unknown user) and with topics on the patterns' edges, an operation that
+    answers the logins asked for (a feed answers them too), and one that
+    grants a user to a connection: a byte picks the user.
     """
 
     def __init__(self, data: bytes, version: int = FORMAT) -> None:
@@ -130,7 +155,8 @@ def start(source: Input) -> Session:
     if source.version >= 3:
         limits["default_prefetch"] = DEFAULT_PREFETCH[source.byte() % len(DEFAULT_PREFETCH)]
         limits["max_deliveries"] = source.byte() % 4
-    return Session(limits, deferred=deferred)
+    auth = source.version >= 4 and bool(source.byte() & 1)
+    return Session(limits, deferred=deferred, auth=auth)
 
 
 def step(session: Session, source: Input) -> None:
@@ -149,6 +175,8 @@ def step(session: Session, source: Input) -> None:
         session.walk_connections(1 + source.byte() % 3)
     elif op == 16:
         session.reap()
+    elif op == 19:
+        session.answer_logins()
     else:
         peer = session.live(source.byte())
         if peer is not None:
@@ -179,6 +207,8 @@ def act(session: Session, peer: Peer, op: int, source: Input) -> None:
         session.transport(peer, fail=True)
     elif op == 18:
         settle(session, peer, source)
+    elif op == 20:
+        session.grant(peer, USER_NAMES[source.byte() % len(USER_NAMES)])
     else:
         commands = COMMANDS[source.version]
         command = commands[source.byte() % len(commands)]

@@ -15,6 +15,10 @@ reply as the core serializes them and gives them to the model
 (``ModelBroker.unstated``), which writes its own figures over them. So the
 replies are compared byte for byte on what the model states, and have the
 same length, on which flow control depends.
+
+With ``auth``, a ``CONNECT <user> <password>`` is answered as a server would,
+from the fixed table ``USERS``: ``grant`` then ``auth_result``, on both
+brokers, once ``feed`` returns or when the session says (``answer_logins``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ from tests.model import NOT_STATED, ModelBroker
 AnyBroker = Broker | ModelBroker
 OWN_ID = b"<me>"  # stands for the connection's own client id in commands a test sends
 PAGE_LIMIT = 100_000  # pages a walk may take before it is called endless
+# the users a session with auth knows: name -> (password, publish patterns, subscribe patterns, admin)
+USERS: dict[bytes, tuple[bytes, list[str], list[str], bool]] = {
+    b"ops": (b"pw", [], [], True),
+    b"worker": (b"pw", ["b", "*.dead", "a.>"], ["a", "a.*", "\u00e9"], False),
+    b"reader": (b"pw", [], [">"], False),
+    b"writer": (b"pw", [">"], ["*"], False),
+    b"nobody": (b"pw", [], [], False),
+}
 
 
 class StatsRecorder:
@@ -107,9 +119,16 @@ class Side:
         self.reading: list[list[bool]] = []
         self.warnings: list[str] = []
         self.flush_asked = False
+        self.logins: list[tuple[int, bytes, bytes]] = []  # (index, user, password) of every on_auth call
+        self.unanswered: list[int] = []  # ... of the logins not answered yet, in order
+        broker.on_auth = self._asked
         broker.on_close = lambda h, reason, flush: self.closes[self._index(h)].append((reason, flush))
         broker.on_reading = lambda h, reading: self.reading[self._index(h)].append(reading)
         broker.on_warning = self.warnings.append
+
+    def _asked(self, h: int, user: bytes, password: bytes) -> None:
+        self.logins.append((self._index(h), user, password))
+        self.unanswered.append(self._index(h))
 
     def _index(self, h: int) -> int:
         # a connection refused over max_connections is reported before open() returns its handle
@@ -180,9 +199,11 @@ class Peer:
 class Session:
     """The core and the model driven alike; ``check`` compares them."""
 
-    def __init__(self, limits: dict[str, Any], *, deferred: bool, tick_interval: float = 1.0) -> None:
-        self.core_broker = Broker(tick_interval=tick_interval, **limits)
-        self.model_broker = ModelBroker(tick_interval=tick_interval, **limits)
+    def __init__(
+        self, limits: dict[str, Any], *, deferred: bool, tick_interval: float = 1.0, auth: bool = False
+    ) -> None:
+        self.core_broker = Broker(tick_interval=tick_interval, auth=auth, **limits)
+        self.model_broker = ModelBroker(tick_interval=tick_interval, auth=auth, **limits)
         # from here on (and until finish) the core's STATS figures are recorded for the model
         self.stats_replies = StatsRecorder()
         pigeon._core.json = self.stats_replies  # type: ignore[attr-defined]
@@ -228,10 +249,34 @@ class Session:
             side.read(peer.index, data)
 
     def feed(self, peer: Peer, data: bytes) -> None:
+        """A read and a flush; then the logins it asked for are answered."""
         core_open = self.core_broker.feed(self.core.handles[peer.index], data)
         model_open = self.model_broker.feed(self.model.handles[peer.index], data)
         assert core_open == model_open, (peer.index, core_open, model_open)
         peer.gone = peer.gone or not core_open
+        self.answer_logins()
+
+    def answer_logins(self) -> None:
+        """Answer the logins asked for, oldest first, from USERS (a server skips a closed connection)."""
+        assert self.core.unanswered == self.model.unanswered
+        while self.core.unanswered:
+            index = self.core.unanswered.pop(0)
+            self.model.unanswered.pop(0)
+            _, user, password = next(login for login in reversed(self.core.logins) if login[0] == index)
+            if self.peers[index].closed:
+                continue
+            known = USERS.get(user)
+            ok = known is not None and known[0] == password
+            if ok:
+                self.grant(self.peers[index], user)
+            for side in self.sides:
+                side.broker.auth_result(side.handles[index], ok)
+
+    def grant(self, peer: Peer, user: bytes) -> None:
+        """Grant a user of USERS to a connection: before CONNECT (a client certificate), or again."""
+        _, publish, subscribe, admin = USERS[user]
+        for side in self.sides:
+            side.broker.grant(side.handles[peer.index], user.decode(), publish, subscribe, admin)
 
     def flush(self) -> None:
         for side in self.sides:
@@ -300,6 +345,7 @@ class Session:
             assert self.core.reading[i] == self.model.reading[i], i
             if not peer.closed:
                 assert core.client_id(self.core.handles[i]) == model.client_id(self.model.handles[i]), i
+        assert self.core.logins == self.model.logins
         assert self.core.warnings == self.model.warnings
         core_stats, model_stats = core.stats(), model.stats()
         assert set(core_stats) - set(model_stats) <= NOT_STATED

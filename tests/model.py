@@ -34,7 +34,14 @@ reports) and states, for every connection:
 - the figures of STATS and ``stats()``, HELLO, the pages of topics and
   connections (a whole listing holds every one; in the model's own order, as
   the core's follows a random hash), ``topic_info`` and client ids;
-- idle and write timeouts, counted in ticks.
+- idle and write timeouts, counted in ticks;
+- authentication (``auth=True``): ``CONNECT <user> <password>`` asks
+  ``on_auth`` and the connection's input waits until ``auth_result``; a bare
+  ``CONNECT`` logs in an identity ``grant`` gave before, else ERROR
+  AUTH_REQUIRED; ``grant`` permissions as topic patterns (tokens split on
+  ``.``, ``*`` one non-empty token, ``>`` as the last token one or more),
+  checked by PUBLISH and SUBSCRIBE, STATS CONNECTIONS for admins only; a new
+  grant ends the subscriptions it no longer allows, as UNSUBSCRIBE does.
 
 What it leaves out on purpose:
 
@@ -116,6 +123,9 @@ ERRORS = (
     "idle_timeout",
     "unknown_delivery_tag",
     "storage_full",
+    "auth_required",
+    "auth_failed",
+    "permission_denied",
 )
 # the log's figures of a broker without --data-dir (the model has no log: tests/test_store_wire.py)
 NO_LOG = {
@@ -137,6 +147,7 @@ STATS_PAGE_DEFAULT = 100
 STATS_PAGE_MAX = 1000
 SUBSCRIPTIONS_LISTED = 100
 STATS_USAGE = b"usage: STATS [TOPICS|CONNECTIONS [<cursor> [<count>]]]"
+CONNECT_USAGE = b"usage: CONNECT [<user> <password>]"
 SUBSCRIBE_USAGE = b"usage: SUBSCRIBE <client_id> <topic> [ACK [PREFETCH <n>]]"
 ACK_USAGE = b"usage: ACK <client_id> <tag>|<first>-<last>"
 NACK_USAGE = b"usage: NACK <client_id> <tag>|<first>-<last> [<delay_ms>]"
@@ -240,6 +251,13 @@ class Conn:
     in_transport: int = 0  # what its transport held unsent when last asked
     close_reason: str | None = None  # set while an on_close report waits for the end of a flush
     close_flush: bool = True
+    authenticating: bool = False  # its CONNECT <user> <password> waits for auth_result
+    granted: bool = False  # grant() gave it an identity
+    user: str | None = None
+    admin: bool = False
+    checked: bool = False  # its PUBLISH and SUBSCRIBE are checked against the patterns below
+    may_publish: list[bytes] = field(default_factory=list)
+    may_subscribe: list[bytes] = field(default_factory=list)
     messages_in: int = 0
     messages_out: int = 0
     bytes_in: int = 0
@@ -256,7 +274,7 @@ class Conn:
 class ModelBroker:
     """The reference model; the constructor takes the core's keyword arguments."""
 
-    def __init__(self, *, tick_interval: float = 0.25, **limits: Any) -> None:
+    def __init__(self, *, tick_interval: float = 0.25, auth: bool = False, **limits: Any) -> None:
         unknown = set(limits) - set(LIMIT_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown limits {sorted(unknown)}")
@@ -279,6 +297,8 @@ class ModelBroker:
         self.on_close: Callable[[int, str, bool], object] | None = None
         self.on_reading: Callable[[int, bool], object] | None = None
         self.on_warning: Callable[[str], object] | None = None
+        self.on_auth: Callable[[int, bytes, bytes], object] | None = None
+        self.auth = auth
         self.conns: dict[int, Conn] = {}
         self.topics_held: dict[bytes, Topic] = {}
         self.next_handle = 0
@@ -319,6 +339,8 @@ class ModelBroker:
                 "dead_lettered",
                 "dead_letters_dropped",
                 "publish_holds",
+                "auth_failures",
+                "logins",
             ),
             0,
         )
@@ -453,6 +475,51 @@ class ModelBroker:
                     self._close_later(c, "idle timeout", flush=not c.paused)
         self._settle()
 
+    def grant(self, h: int, user: str, publish: list[str], subscribe: list[str], admin: bool = False) -> None:
+        """Set h's identity and permissions; once connected, its subscriptions no longer allowed end."""
+        c = self.conns[h]
+        c.granted, c.user, c.admin, c.checked = True, user, admin, not admin
+        c.may_publish = [p.encode() for p in publish]
+        c.may_subscribe = [p.encode() for p in subscribe]
+        if c.client_id and c.checked and c.open:
+            i = 0
+            while i < len(c.subscriptions):
+                s = c.subscriptions[i]
+                if any(pattern_matches(p, s.topic.name) for p in c.may_subscribe):
+                    i += 1
+                    continue
+                name = s.topic.name.decode("utf-8", "replace")
+                who = f"user {user!r} ({c.client_id.decode()})"
+                self._warn(f"{who}: subscription to {name!r} ended: no longer allowed")
+                # as UNSUBSCRIBE: out of the rotation, what it holds back to the others; pinned: the
+                # connection's last subscription takes its place in the list
+                self._leave_rotation(s)
+                self._give_back_unacked(c, s)
+                self._free_sub(s)
+        self._settle()
+
+    def auth_result(self, h: int, ok: bool) -> None:
+        """The answer to h's CONNECT with credentials: CONNECTED and its input goes on, or AUTH_FAILED and
+        it closes. One that asked nothing (closed meanwhile) is left alone."""
+        c = self.conns.get(h)
+        if c is not None:
+            self._answer(c, ok)
+        self._settle()
+
+    def _answer(self, c: Conn, ok: bool) -> None:
+        if not c.authenticating:
+            return
+        c.authenticating = False
+        if not c.open:
+            return
+        if ok:
+            self._connect(c, login=True)
+            self._continue(c)
+        else:
+            self.count["auth_failures"] += 1
+            self._error(c, "auth_failed", b"authentication failed")
+            self._close_later(c, "authentication failed", flush=True)
+
     def flush_due(self) -> bool:
         """Whether output or a close report waits for a flush."""
         return bool(self.waiting or self.closing or self.woken)
@@ -537,6 +604,7 @@ class ModelBroker:
         return {
             "handle": c.handle,
             "client_id": c.client_id.decode() if c.client_id else None,
+            "user": c.user,
             "address": c.peer,
             "subscriptions": names[:SUBSCRIPTIONS_LISTED],
             "subscriptions_total": len(names),
@@ -557,7 +625,7 @@ class ModelBroker:
         """Run the complete lines while c can go on (not paused, no PUBLISH held); keep the rest."""
         pos = 0
         too_long = False
-        while pos < len(buf) and c.open and not c.paused and c.held_topic is None:
+        while pos < len(buf) and c.open and not c.paused and c.held_topic is None and not c.authenticating:
             nl = buf.find(b"\n", pos)
             if nl < 0:
                 too_long = len(buf) - pos > self.max_line
@@ -567,6 +635,9 @@ class ModelBroker:
                 break
             if self._dispatch(c, buf[pos:nl]):
                 break  # a PUBLISH waits, with the rest
+            if c.authenticating:
+                pos = nl + 1  # the CONNECT ran; the rest waits for its answer
+                break
             pos = nl + 1
             # a connection's own output passing a batch goes out at once, so its transport can say it is full
             if c.open and c.unsent_bytes() >= self.out_batch:
@@ -578,17 +649,17 @@ class ModelBroker:
             c.held = b""
             return
         c.held = buf[pos:]
-        if c.paused or c.held_topic is not None:
+        if c.paused or c.held_topic is not None or c.authenticating:
             self._stop_reading(c)
 
     def _continue(self, c: Conn) -> None:
         """c can go on (its transport drained, or its PUBLISH may proceed): run its input, read it again."""
-        if not c.open or c.paused or c.held_topic is not None:
+        if not c.open or c.paused or c.held_topic is not None or c.authenticating:
             return
         held, c.held = c.held, b""
         if held:
             self._run_input(c, held)
-        if c.open and not c.reading and not c.paused and c.held_topic is None:
+        if c.open and not c.reading and not c.paused and c.held_topic is None and not c.authenticating:
             c.reading = True
             if self.on_reading is not None:
                 self.on_reading(c.handle, True)
@@ -655,14 +726,37 @@ class ModelBroker:
     # ---------------------------------------------------------------- commands
 
     def _on_connect(self, c: Conn, args: list[bytes]) -> None:
-        if args:
-            self._error(c, "usage", b"usage: CONNECT")
+        if len(args) not in (0, 2):
+            self._error(c, "usage", CONNECT_USAGE)
         elif c.client_id:
             self._error_quoting(c, "already_connected", b"already connected as", c.client_id)
+        elif not self.auth:
+            self._connect(c, login=False)  # credentials, if any, are ignored
+        elif args:
+            c.authenticating = True
+            if self.on_auth is None:
+                self._answer(c, False)  # nothing can check the password
+            else:
+                self.on_auth(c.handle, args[0], args[1])
+        elif c.granted:
+            self._connect(c, login=True)
         else:
-            c.client_id = b"c%d" % self.next_client
-            self.next_client += 1
-            self._reply(c, b"CONNECTED " + c.client_id)
+            self._error(c, "auth_required", b"authentication required")
+
+    def _connect(self, c: Conn, *, login: bool) -> None:
+        c.client_id = b"c%d" % self.next_client
+        self.next_client += 1
+        if login:
+            self.count["logins"] += 1
+            c.checked = not c.admin
+        self._reply(c, b"CONNECTED " + c.client_id)
+
+    def _may(self, c: Conn, patterns: list[bytes], name: bytes) -> bool:
+        """Whether c may use topic ``name`` (when its permissions are checked); else the ERROR."""
+        if not c.checked or any(pattern_matches(p, name) for p in patterns):
+            return True
+        self._error_quoting(c, "permission_denied", b"permission denied for", name)
+        return False
 
     def _connected(self, c: Conn) -> bool:
         if not c.client_id:
@@ -696,7 +790,12 @@ class ModelBroker:
             return
         cid, name, *options = args
         mode = self._subscribe_options(c, options)
-        if mode is None or not self._own_id(c, cid) or not self._valid_topic(c, name):
+        if (
+            mode is None
+            or not self._own_id(c, cid)
+            or not self._valid_topic(c, name)
+            or not self._may(c, c.may_subscribe, name)
+        ):
             return
         ack, prefetch = mode
         t = self.topics_held.get(name)
@@ -765,11 +864,13 @@ class ModelBroker:
         message = rest[1:]  # everything after the one separator that ends the topic
         t = self.topics_held.get(name)
         if t is None:
-            if not self._valid_topic(c, name):
+            if not self._valid_topic(c, name) or not self._may(c, c.may_publish, name):
                 return False
             t = self._new_topic(c, name)
             if t is None:
                 return False
+        elif not self._may(c, c.may_publish, name):
+            return False
         if not t.backlog:
             to = self._next_taker(t)
             if to is not None:
@@ -831,6 +932,9 @@ class ModelBroker:
             or not 1 <= count <= STATS_PAGE_MAX
         ):
             self._error(c, "usage", STATS_USAGE)
+            return
+        if section == "connections" and self.auth and not c.admin:
+            self._error(c, "permission_denied", b"permission denied")
             return
         self._reply(c, b"STATS " + _json(self._page(section, cursor, count)))
 
@@ -1262,6 +1366,24 @@ class ModelBroker:
             and self.topics_held.get(t.name) is t
         ):
             del self.topics_held[t.name]
+
+
+def pattern_matches(pattern: bytes, name: bytes) -> bool:
+    """NATS rules over '.'-separated tokens: ``*`` is one non-empty token, ``>`` (last) one or more
+    tokens after it, whatever they hold but not nothing; any other token, ``ord*`` too, is literal."""
+    want, have = pattern.split(b"."), name.split(b".")
+    if want[-1] == b">":
+        head = want[:-1]
+        return (
+            len(have) > len(head)
+            and _tokens_match(head, have[: len(head)])
+            and bool(b".".join(have[len(head) :]))
+        )
+    return len(want) == len(have) and _tokens_match(want, have)
+
+
+def _tokens_match(want: list[bytes], have: list[bytes]) -> bool:
+    return all(w == h or (w == b"*" and h) for w, h in zip(want, have, strict=True))
 
 
 def topic_problem(name: bytes) -> bytes:

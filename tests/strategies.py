@@ -85,6 +85,29 @@ subscribe_options = st.sampled_from(
 )
 
 
+# what follows CONNECT: nothing, a user and password (of tests/harness.USERS, a wrong one, an unknown
+# user), or a usage error
+credentials = st.sampled_from(
+    [b"", b"", b" writer pw", b" worker pw", b" worker wrong", b" mallory pw", b" x"]
+)
+# a line that logs in: the users of tests/harness.USERS, a wrong password, an unknown user, no credentials
+logins = st.sampled_from(
+    [
+        b"CONNECT writer pw",
+        b"CONNECT writer pw",
+        b"CONNECT ops pw",
+        b"CONNECT worker pw",
+        b"CONNECT reader pw",
+        b"CONNECT nobody pw",
+        b"CONNECT worker wrong",
+        b"CONNECT mallory pw",
+        b"CONNECT",
+    ]
+)
+# topics for the permission patterns of tests/harness.USERS: `*` and `>` edge cases
+pattern_topics = st.sampled_from([b"a", b"a.b", b"a.b.c", b"b.a", b"a.", b"b", b"a.dead", "\u00e9".encode()])
+
+
 def _case(word: bytes, style: int) -> bytes:
     return (word, word.lower(), word.capitalize())[style]
 
@@ -119,7 +142,7 @@ def command(
     elif kind == "hello":
         line = _case(b"HELLO", style)
     elif kind == "connect":
-        line = _case(b"CONNECT", style)
+        line = _case(b"CONNECT", style) + draw(credentials)
     elif kind == "bye":
         line = _case(b"DISCONNECT", style)
     elif kind == "stats":

@@ -8,6 +8,7 @@ out; topic names cannot hide characters; the topic table cannot be flooded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -284,11 +285,21 @@ def test_a_small_unfinished_line_is_kept_even_when_memory_is_full() -> None:
 # ---------------------------------------------------------------- allocation failure
 
 
+def grant(broker: Broker, handle: int, publish: list[str], subscribe: list[str]) -> None:
+    """grant() as the server calls it: one that cannot be allocated changes nothing (MemoryError)."""
+    with contextlib.suppress(MemoryError):
+        broker.grant(handle, "user", publish, subscribe)
+
+
 def session(broker: Broker) -> Iterator[None]:
-    """A session touching every allocation site: connections, topics, rings, output, input, requeue."""
+    """A session touching every allocation site: connections, topics, rings, output, input, requeue,
+    permission sets."""
     a, b, c = Peer(broker), Peer(broker), Peer(broker)
     yield
-    a.send(b"SUBSCRIBE <me> jobs\nSUBSCRIBE <me> other\n")
+    grant(broker, a.handle, ["jobs", "w.*"], ["jobs", "other", "backlog.>"])
+    a.send(b"SUBSCRIBE <me> jobs\nSUBSCRIBE <me> other\nPUBLISH <me> w.x 1\nPUBLISH <me> nope 1\n")
+    yield
+    grant(broker, a.handle, ["jobs"], ["jobs"])  # ends the subscription to 'other'
     yield
     b.send(b"".join(b"PUBLISH <me> jobs %d\n" % i for i in range(300)))
     yield
@@ -344,7 +355,8 @@ def test_any_failing_allocation_leaves_a_consistent_broker(fail_at: int) -> None
     broker.close(p.handle)
     time.sleep(0.01)
     broker.run_timers()
-    for name in [b"backlog.%d" % i for i in range(7)] + [b"acked", b"held", b"acked.dead", b"held.dead"]:
+    drained = [b"acked", b"held", b"acked.dead", b"held.dead", b"w.x", b"nope"]
+    for name in [b"backlog.%d" % i for i in range(7)] + drained:
         q = Peer(broker)
         q.send(b"SUBSCRIBE <me> " + name + b"\n")
         broker.close(q.handle)

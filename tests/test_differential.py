@@ -10,7 +10,12 @@ up, pause their connection, drain or fail; half of them defer flushes to an
 explicit ``flush()``, as the server does. They subscribe plain and with
 acknowledgements (``ACK [PREFETCH <n>]``), ACK and NACK the tags they were
 given, single and as ranges, tags no longer or never outstanding, and broken
-tags; publishers outrun small backlogs and wait. Limits are random, but for
+tags; publishers outrun small backlogs and wait. Half of them run with
+authentication: connections log in as the users of tests/harness.USERS
+(answered as the server would, at once or later), with wrong passwords, with
+an identity granted before CONNECT, are granted other permissions while
+connected, and publish and subscribe inside and outside their patterns.
+Limits are random, but for
 ``max_memory``, which the model does not count, and ``ack_timeout`` (0) and
 NACK delays that pass during a session (none), which depend on the clock (see
 tests/model.py).
@@ -33,8 +38,10 @@ from tests.strategies import (
     GOOD_TOPICS,
     command,
     good_topics,
+    logins,
     messages,
     nack_delays,
+    pattern_topics,
     separators,
     stats_lines,
     subscribe_options,
@@ -73,11 +80,19 @@ class CoreVsModel(RuleBasedStateMachine):
         nconns=st.integers(1, 4),
         topics=st.permutations(GOOD_TOPICS),
         options=st.sampled_from([b" ACK", b" ACK PREFETCH 1", b" ACK PREFETCH 2"]),
+        auth=st.booleans(),
     )
     def make(
-        self, limits: dict[str, int], deferred: bool, nconns: int, topics: list[bytes], options: bytes
+        self,
+        limits: dict[str, int],
+        deferred: bool,
+        nconns: int,
+        topics: list[bytes],
+        options: bytes,
+        auth: bool,
     ) -> None:
-        self.session = Session(limits, deferred=deferred)
+        self.session = Session(limits, deferred=deferred, auth=auth)
+        self.login = b"CONNECT writer pw\n" if auth else b"CONNECT\n"
         self._open(nconns)
         # most sessions start with subscribers, so that publishing routes something: the first
         # acknowledges what it gets, the others are plain
@@ -94,14 +109,56 @@ class CoreVsModel(RuleBasedStateMachine):
         else:
             self.session.read(peer, data)
 
-    def _open(self, n: int) -> None:
-        """Open n connections that CONNECT (one refused over max_connections gets nowhere)."""
+    def _open(self, n: int, login: bytes | None = None) -> None:
+        """Open n connections that CONNECT (one refused over max_connections gets nowhere); with auth,
+        as a user that may publish to and subscribe to the session's topics, unless told otherwise."""
         for _ in range(n):
-            self._send(self.session.open(), b"CONNECT\n")
+            self._send(self.session.open(), login or self.login)
+
+    @rule(login=logins)
+    def open(self, login: bytes) -> None:
+        self._open(1, login + b"\n")
+
+    @rule(
+        login=logins,
+        lines=st.lists(command(), max_size=4),
+        pause=st.booleans(),
+        answer=st.booleans(),
+    )
+    def log_in_slowly(self, login: bytes, lines: list[bytes], pause: bool, answer: bool) -> None:
+        """A login answered later than the read it came in, with commands after it, maybe while paused."""
+        peer = self.session.open()
+        self.session.read(peer, login + b"\n" + b"".join(lines))
+        if pause:
+            self.session.pause(peer)
+        self.session.read(peer, b"PING\n")
+        if answer:
+            self.session.answer_logins()
+        self.session.flush()
 
     @rule()
-    def open(self) -> None:
-        self._open(1)
+    def answer_logins(self) -> None:
+        self.session.answer_logins()
+
+    @rule(user=st.sampled_from([b"ops", b"worker", b"reader", b"writer", b"nobody"]))
+    def certificate(self, user: bytes) -> None:
+        """An identity granted before CONNECT, as a server mapping a client certificate does."""
+        peer = self.session.open()
+        self.session.grant(peer, user)
+        self._send(peer, b"CONNECT\n")
+
+    @rule(i=picks, user=st.sampled_from([b"ops", b"worker", b"reader", b"writer", b"nobody"]))
+    def grant_again(self, i: int, user: bytes) -> None:
+        """New permissions for a live connection (a reload): subscriptions they do not allow end."""
+        peer = self.session.live(i)
+        if peer is not None:
+            self.session.grant(peer, user)
+
+    @rule(i=picks, topic=pattern_topics, body=messages, options=subscribe_options)
+    def use_patterns(self, i: int, topic: bytes, body: bytes, options: bytes) -> None:
+        """Topics on the edges of the users' patterns (`*`, `>`, dead letters)."""
+        line = b"SUBSCRIBE <me> %s%s\nPUBLISH <me> %s %s\n" % (topic, options, topic, body)
+        self._send(self.session.live(i), line)
 
     @rule(n=st.integers(2, 3))
     def open_many(self, n: int) -> None:

@@ -197,8 +197,9 @@ cdef int on_unsubscribe(Broker b, int32_t h, char *args, size_t n) except -1:
 
 cdef inline Topic *_publish_fast(Broker b, int32_t h, char **args, size_t *n) noexcept:
     """The pipelined case, ``' <own id> <last topic> <message>'`` with single spaces, matched
-    by comparison alone; on a match ``args``/``n`` become the message. NULL sends the line
-    through the general parser, which gives the same result."""
+    by comparison alone (and, with permissions, the topic last allowed); on a match
+    ``args``/``n`` become the message. NULL sends the line through the general parser,
+    which gives the same result."""
     cdef Conn *c = &b.conns.items[h]
     cdef Topic *t = b.topic_table.last
     cdef char *p = args[0]
@@ -210,6 +211,10 @@ cdef inline Topic *_publish_fast(Broker b, int32_t h, char **args, size_t *n) no
     p += c.id_len + 2
     left -= c.id_len + 2
     if p[t.name_len] != b' ' or memcmp(p, topic_name(t), t.name_len) != 0:
+        return NULL
+    # a connection with permissions takes it only to the last topic it was allowed to publish to (a
+    # topic's serial is never reused, so a freed one cannot pass for it); the general path checks it
+    if c.checked and c.publish_allowed != t.serial:
         return NULL
     args[0] = p + t.name_len + 1
     n[0] = left - t.name_len - 1
@@ -369,10 +374,8 @@ cdef int on_publish(Broker b, int32_t h, char *args, size_t n) except -1:
                     return 0
                 b.conns.items[h].publish_allowed = t.serial
             b.topic_table.last = t
-    # the one test a connection without permissions pays; one with them, a comparison per message
-    # to the same topic (a topic's serial is never reused, so a freed one cannot pass for it)
-    if b.conns.items[h].checked and b.conns.items[h].publish_allowed != t.serial:
-        if not auth_may_publish(b, h, t, topic_name(t), t.name_len):
+        if (b.conns.items[h].checked and b.conns.items[h].publish_allowed != t.serial
+                and not auth_may_publish(b, h, t, name, name_len)):
             return 0
     # pinned, so that it outlives a message refused or lost on the way; a topic
     # made for a refused message goes again when unpinned
