@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import ssl
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -19,6 +20,7 @@ from pigeon.server.loops import loop_factory
 from pigeon.server.protocol import Server, format_address, is_loopback
 from pigeon.server.store import StoreError, inspect
 from pigeon.server.tls import DEFAULT_HANDSHAKE_TIMEOUT, server_context
+from pigeon.server.users import UsersError
 
 if TYPE_CHECKING:
     from pigeon.server.monitor import Monitor
@@ -116,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{text} (default %(default)s)",
         )
     parser.add_argument(
+        "--users",
+        metavar="FILE",
+        help="require CONNECT <user> <password> and apply the users' topic permissions from this TOML "
+        "file (docs/security.md; hashes from `pigeon passwd`); SIGHUP reloads it",
+    )
+    parser.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        help="listen on a non-loopback --host without --users, accepting that anyone who can reach "
+        "the port may publish and consume anything",
+    )
+    parser.add_argument(
         "--data-dir",
         metavar="DIR",
         help="keep every message in a log in DIR until it is done, and recover it at start "
@@ -189,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-ca",
         metavar="FILE",
         help="with --tls-cert: require a client certificate signed by a CA in FILE (PEM): mutual TLS",
+    )
+    parser.add_argument(
+        "--tls-map-user",
+        action="store_true",
+        help="with --tls-ca and --users: a client certificate whose subject's commonName is a user of "
+        "the users file logs in as that user with a bare CONNECT",
     )
     parser.add_argument(
         "--tls-handshake-timeout",
@@ -341,7 +361,7 @@ async def serve(server: Server, loop_name: str, monitor: Monitor | None = None) 
             return 1
         log.info("monitoring on http://%s/", format_address((monitor.host, monitor.port)))
     stop = asyncio.Event()
-    signals.install(asyncio.get_running_loop(), stop.set, server.broker.stats)
+    signals.install(asyncio.get_running_loop(), stop.set, server.broker.stats, server.reload_users)
     # only now, so that whoever waits for this line can signal a clean stop at once
     log.info(
         "pigeon %s listening on %s (%s)%s",
@@ -353,6 +373,16 @@ async def serve(server: Server, loop_name: str, monitor: Monitor | None = None) 
     await stop.wait()
     await shutdown(server, monitor)
     return 0
+
+
+def protected_mode_refusal(host: str) -> str:
+    """The message ``pigeon`` exits with when told to listen on a reachable address with no users file."""
+    return (
+        f"refusing to listen on {host or 'every interface'} without authentication: anyone who can "
+        "reach it could publish and consume every topic. Either give a users file with --users FILE "
+        "(see docs/security.md; make password hashes with `pigeon passwd`), or start with "
+        "--allow-anonymous to accept that risk knowingly."
+    )
 
 
 def _inspect(data_dir: str) -> int:
@@ -368,15 +398,25 @@ def _inspect(data_dir: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pigeon`` console script; returns the exit code."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["passwd"]:
+        from pigeon.cli.passwd import run
+
+        return run()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     if (args.repair or args.inspect or args.max_disk) and args.data_dir is None:
         parser.error("--repair, --inspect and --max-disk need --data-dir")
     logs.configure(args.log_level, args.log_format)
     if args.inspect:
         return _inspect(args.data_dir)
     tls = _tls_context(args, parser)
+    if args.tls_map_user and (args.tls_ca is None or args.users is None):
+        parser.error("--tls-map-user needs --tls-ca (client certificates) and --users (the users they name)")
     token = _http_token(args, parser)
+    if args.users is None and not args.allow_anonymous and not is_loopback(args.host):
+        log.error("%s", protected_mode_refusal(args.host))
+        return 1
     try:
         server = Server(
             args.host,
@@ -384,10 +424,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_dir=args.data_dir,
             fsync=args.fsync,
             repair=args.repair,
+            users_file=args.users,
             tls=tls,
             tls_handshake_timeout=args.tls_handshake_timeout,
+            tls_map_user=args.tls_map_user,
             **_limits(args),
         )
+    except UsersError as exc:
+        log.error("--users: %s", exc)
+        return 1
     except ValueError as exc:
         parser.error(_limit_error(exc))
     try:
@@ -410,6 +455,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_topics=args.metrics_topics,
             allow_hosts=args.http_allow_host,
             token=token,
+            # with users, per-connection data is for admins: over HTTP, the token's holders
+            admin_only=args.users is not None,
+            server_stats=server.server_stats,
         )
     loop = new_loop()
     code = 0

@@ -48,6 +48,8 @@ class ServerLimits(TypedDict, total=False):
     repair: bool
     tls: ssl.SSLContext | None
     tls_handshake_timeout: float
+    users_file: str | os.PathLike[str] | None
+    tls_map_user: bool
 
 
 def raise_open_files_limit(want: int | None = None) -> int | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib import resources
 from typing import Any
 
@@ -119,7 +119,8 @@ class Monitor:
     ``Authorization: Bearer <token>`` (401 otherwise), and that request sees
     everything. ``admin_only`` (the broker has users) keeps the per-connection
     listing (``/connections``) for the token's holders: without a token it is
-    refused (403).
+    refused (403). ``server_stats`` gives the counters the server keeps outside the
+    core (``Server.server_stats``).
     """
 
     def __init__(
@@ -132,10 +133,12 @@ class Monitor:
         allow_hosts: Iterable[str] = (),
         token: str | None = None,
         admin_only: bool = False,
+        server_stats: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self.broker = broker
         self._authorization = None if token is None else f"Bearer {token}".encode()
         self._admin_only = admin_only
+        self._server_stats = server_stats
         self.host = host
         self.metrics_topics = metrics_topics
         self._requested_port = port
@@ -258,7 +261,7 @@ class Monitor:
 
     async def _on_metrics(self, request: web.Request) -> web.Response:
         topics = await busiest_topics(self.broker, self.metrics_topics)
-        body = generate_latest(registry_for(self.broker, topics))
+        body = generate_latest(registry_for(self.broker, topics, self._server_stats()))
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _on_dashboard(self, request: web.Request) -> web.Response:
