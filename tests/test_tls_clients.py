@@ -9,16 +9,25 @@ import os
 import ssl
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from pigeon import AsyncClient, Client
 from pigeon.client.address import Address, parse_url, tls_context
-from pigeon.errors import ConnectionClosedError, InvalidArgumentError
+from pigeon.errors import (
+    AuthFailedError,
+    AuthRequiredError,
+    ConnectionClosedError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+)
 from pigeon.testing import ServerProcess
 from tests.certs import Certs
+from tests.faces import OpenClient
 from tests.test_client_cli import PIGEON_CLI
+from tests.test_security_wire import users_toml
 
 pytest_plugins = ["pytester"]
 
@@ -243,3 +252,51 @@ def test_tls_context_option_shapes(certs: Certs) -> None:
     given = certs.client_context()
     assert tls_context(given) is given
     assert tls_context(False) is None and tls_context(None) is None
+
+
+# --- credentials against a broker with users (--users)
+
+
+@pytest.fixture
+def users_server(tmp_path: Path, certs: Certs) -> Iterator[tuple[ServerProcess, Path]]:
+    """A broker with users and TLS, and its users file (worker: pw-worker, jobs only)."""
+    path = tmp_path / "users.toml"
+    path.write_text(users_toml({"worker": {"publish": ["jobs"], "subscribe": ["jobs"]}}))
+    server = ServerProcess("--users", str(path), *certs.server_flags())
+    yield server, path
+    assert server.stop() == 0, "".join(server.log)
+
+
+def test_both_clients_log_in_over_tls_and_log_in_again_after_a_restart(
+    users_server: tuple[ServerProcess, Path], open_client: OpenClient, certs: Certs
+) -> None:
+    first, path = users_server
+    client = open_client(
+        first, user="worker", password="pw-worker", tls=certs.client_context(), reconnect=True
+    )
+    client.subscribe("jobs")
+    with pytest.raises(PermissionDeniedError):
+        client.publish("orders", "not mine")
+    assert first.stop() == 0
+    second = ServerProcess("--users", str(path), *certs.server_flags(), "--port", str(first.port))
+    try:
+        client.publish("jobs", "after the restart")  # a new connection: TLS, CONNECT worker pw-worker
+        assert client.next_message(10).text == "after the restart"
+        assert client.reconnects == 1
+        assert client.stats()["logins"] == 1  # the new server saw the credentials
+    finally:
+        client.close()
+        assert second.stop() == 0, "".join(second.log)
+
+
+def test_refused_credentials_raise_at_once_and_are_not_retried(
+    users_server: tuple[ServerProcess, Path], open_client: OpenClient, certs: Certs
+) -> None:
+    server, _ = users_server
+    with pytest.raises(AuthFailedError, match="authentication failed"):
+        open_client(server, user="worker", password="wrong", tls=certs.client_context(), reconnect=True)
+    with pytest.raises(AuthRequiredError):
+        open_client(server, tls=certs.client_context())
+    # the wrong password was tried once, not again and again by the reconnection
+    client = open_client(server, user="worker", password="pw-worker", tls=certs.client_context())
+    assert client.stats()["auth_failures"] == 1

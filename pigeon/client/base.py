@@ -173,12 +173,15 @@ class ClientBase(abc.ABC):
             await self._wait(hello)
             self._take_hello(hello)
             await self._wait(connected)
-            self._take_id(_credentials_result(connected))
+            self._take_id(result(connected))
             if self._topics:
                 await self._resubscribe()
-        except BaseException:
+        except BaseException as exc:
             if self.connected:
                 self._lose("connection closed by the client")
+            if isinstance(exc, ConnectionClosedError) and isinstance(exc.error, AuthFailedError):
+                # the refusal itself, not the closed connection that follows it: no reconnection retries it
+                raise exc.error from exc
             raise
 
     def _take_hello(self, hello: Pending) -> None:
@@ -552,15 +555,6 @@ def result(pending: Pending) -> bytes:
     if pending.error is not None:
         raise pending.error
     return pending.reply
-
-
-def _credentials_result(connected: Pending) -> bytes:
-    """The CONNECTED reply; a refusal of the credentials is raised as itself, not as the closed
-    connection that follows it, so that no reconnection retries it."""
-    error = connected.error
-    if isinstance(error, ConnectionClosedError) and isinstance(error.error, AuthFailedError):
-        raise error.error from error
-    return result(connected)
 
 
 def _earliest(first: float | None, second: float | None) -> float | None:
