@@ -300,3 +300,26 @@ def test_refused_credentials_raise_at_once_and_are_not_retried(
     # the wrong password was tried once, not again and again by the reconnection
     client = open_client(server, user="worker", password="pw-worker", tls=certs.client_context())
     assert client.stats()["auth_failures"] == 1
+
+
+def test_cli_logs_in_with_the_password_from_the_environment(
+    users_server: tuple[ServerProcess, Path], certs: Certs
+) -> None:
+    server, _ = users_server
+    flags = ["--url", f"pigeons://{server.host}:{server.port}", "--ca", str(certs.ca), "--user", "worker"]
+    without = {k: v for k, v in os.environ.items() if k != "PIGEON_PASSWORD"}
+    assert cli("pub", "jobs", "hi", *flags, env=without | {"PIGEON_PASSWORD": "pw-worker"}).returncode == 0
+    refused = cli("pub", "jobs", "hi", *flags, env=without | {"PIGEON_PASSWORD": "wrong"})
+    assert refused.returncode == 1 and "authentication failed" in refused.stderr, refused
+    # --password wins over the environment, and the URL's credentials are used as they are
+    assert (
+        cli(
+            "pub", "jobs", "hi", *flags, "--password", "pw-worker", env=without | {"PIGEON_PASSWORD": "x"}
+        ).returncode
+        == 0
+    )
+    url = f"pigeons://worker:pw-worker@{server.host}:{server.port}"
+    done = cli("stats", "--json", "--url", url, "--ca", str(certs.ca), env=without)
+    assert json.loads(done.stdout)["published"] == 2, done
+    denied = cli("pub", "orders", "hi", "--url", url, "--ca", str(certs.ca), env=without)
+    assert denied.returncode == 1 and "permission denied for 'orders'" in denied.stderr, denied
