@@ -46,9 +46,9 @@ class ServerLimits(TypedDict, total=False):
     data_dir: str | os.PathLike[str] | None
     fsync: str
     repair: bool
+    users_file: str | os.PathLike[str] | None
     tls: ssl.SSLContext | None
     tls_handshake_timeout: float
-    users_file: str | os.PathLike[str] | None
     tls_map_user: bool
 
 
