@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pytest
 
 from pigeon.errors import ConnectionClosedError
+from pigeon.server.tls import certificate_user
 from pigeon.testing import LineClient, ServerProcess, server_command
 from tests.certs import Certs, old_tls_context
 from tests.faces import OpenClient
@@ -228,3 +229,23 @@ def test_bad_tls_flags_are_refused(certs: Certs, flags: list[str], complaint: st
     )
     assert done.returncode == 2, done
     assert complaint in done.stderr, done.stderr
+
+
+class _Peer:
+    """What ``certificate_user`` reads of a transport: ``get_extra_info("peercert")``."""
+
+    def __init__(self, cert: dict[str, object] | None) -> None:
+        self.cert = cert
+
+    def get_extra_info(self, name: str) -> object:
+        return self.cert if name == "peercert" else None
+
+
+def test_certificate_user_needs_exactly_one_common_name() -> None:
+    """The shapes of ``getpeercert()`` that a test CA does not make (the one-CN case is on the wire
+    in test_mutual_tls)."""
+    cn = (("commonName", "alice"),)
+    org = (("organizationName", "Example"),)
+    assert certificate_user(_Peer({"subject": (org, cn)})) == "alice"  # type: ignore[arg-type]
+    for cert in ({"subject": (cn, (("commonName", "bob"),))}, {"subject": (org,)}, {}, None):
+        assert certificate_user(_Peer(cert)) is None  # type: ignore[arg-type]

@@ -23,6 +23,7 @@ from pigeon.client.address import TlsOption, check_credentials, tls_context
 from pigeon.client.codec import Data, Link, Message, Refused, ServerInfo, SubscribeOptions
 from pigeon.client.session import Pending, Session
 from pigeon.errors import (
+    AuthFailedError,
     CommandError,
     ConnectionClosedError,
     IdleTimeoutError,
@@ -47,8 +48,6 @@ OUT_LIMIT = 64 * 1024  # buffered publish(wait=False) bytes that trigger a send
 
 RECONNECT_FIRST_DELAY = 0.05
 RECONNECT_MAX_DELAY = 1.0
-
-AUTH_FAILED = "AUTH_FAILED"  # the server's code for wrong credentials, after which it closes the connection
 
 # A client waiting for deliveries sends PING after this share of the server's
 # idle timeout without sending anything, so the server does not close it.
@@ -174,12 +173,15 @@ class ClientBase(abc.ABC):
             await self._wait(hello)
             self._take_hello(hello)
             await self._wait(connected)
-            self._take_id(_credentials_result(connected))
+            self._take_id(result(connected))
             if self._topics:
                 await self._resubscribe()
-        except BaseException:
+        except BaseException as exc:
             if self.connected:
                 self._lose("connection closed by the client")
+            if isinstance(exc, ConnectionClosedError) and isinstance(exc.error, AuthFailedError):
+                # the refusal itself, not the closed connection that follows it: no reconnection retries it
+                raise exc.error from exc
             raise
 
     def _take_hello(self, hello: Pending) -> None:
@@ -553,15 +555,6 @@ def result(pending: Pending) -> bytes:
     if pending.error is not None:
         raise pending.error
     return pending.reply
-
-
-def _credentials_result(connected: Pending) -> bytes:
-    """The CONNECTED reply; a refusal of the credentials is raised as itself, not as the closed
-    connection that follows it, so that no reconnection retries it."""
-    error = connected.error
-    if isinstance(error, ConnectionClosedError) and error.error is not None and error.code == AUTH_FAILED:
-        raise error.error from error
-    return result(connected)
 
 
 def _earliest(first: float | None, second: float | None) -> float | None:

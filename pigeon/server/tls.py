@@ -36,13 +36,11 @@ def certificate_user(transport: asyncio.BaseTransport) -> str | None:
     """The common name (CN) of the subject of the certificate the peer presented, if any.
 
     Only a verified certificate is seen (mutual TLS, ``--tls-ca``): without
-    one, or on a plain connection, this is None.
+    one, on a plain connection, and for a subject with no CN or with more than
+    one (which would be ambiguous), this is None.
     """
     cert = transport.get_extra_info("peercert")
     if not cert:
         return None
-    for rdn in cert.get("subject", ()):
-        for name, value in rdn:
-            if name == "commonName":
-                return str(value)
-    return None
+    names = [str(value) for rdn in cert.get("subject", ()) for name, value in rdn if name == "commonName"]
+    return names[0] if len(names) == 1 else None
