@@ -211,8 +211,10 @@ class ServerProcess:
 class LineClient:
     """A blocking socket that sends command lines and reads reply lines."""
 
-    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(
+        self, host: str, port: int, timeout: float = 10.0, source_address: tuple[str, int] | None = None
+    ) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout, source_address=source_address)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
         self.client_id = ""

@@ -12,6 +12,7 @@ import pytest
 
 from pigeon import AsyncClient, Client
 from pigeon.testing import LineClient, ServerProcess
+from tests.certs import Certs, make_certs
 from tests.faces import Face, LoopThread, OpenClient, Target
 from tests.monitoring import start_monitored
 
@@ -75,6 +76,12 @@ def start_server(request: pytest.FixtureRequest) -> Iterator[Callable[..., Serve
     for proc in started:
         if proc.proc.returncode is None:
             assert proc.stop() == 0, "".join(proc.log)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """Certificates for the TLS tests (tests/certs.py), made once per run."""
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 FakeServer = Callable[[bytes], tuple[str, int]]

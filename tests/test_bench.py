@@ -239,3 +239,30 @@ def test_compare_skips_peers_that_are_not_installed(tmp_path: Path) -> None:
     assert "nats: not installed, skipped" in done.stdout
     assert "redis: not installed, skipped" in done.stdout
     assert done.stdout.splitlines()[0].split()[2:] == ["pigeon"]
+
+
+@pytest.mark.slow
+def test_tls_benchmark_quick_measures_every_broker_over_tls() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.tls", "--quick", "--sizes", "64"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    header = lines[0].split()
+    assert header[:5] == ["workload", "size", "figure", "pigeon", "pigeon-tls"]
+    assert "pigeon-tls/pigeon" in header
+    brokers = [name for name in header[3:] if "/" not in name]
+    rates = [line.split() for line in lines[1:] if "M msgs/s" in line]
+    assert [row[:2] for row in rates] == [["pipe", "64"], ["queue", "64"]]
+    for row in rates:
+        # the brokers' columns follow "<size> B M msgs/s"; Pigeon's, plain and TLS, counted deliveries
+        figures = dict(zip(brokers, row[5:], strict=False))
+        assert float(figures["pigeon"]) > 0 and float(figures["pigeon-tls"]) > 0, row
+    if shutil.which("nats-server"):
+        assert "nats-tls" in header and "pigeon-tls/nats-tls" in header
+    else:
+        assert "nats-server: not installed, skipped" in done.stdout

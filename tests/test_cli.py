@@ -45,7 +45,16 @@ def test_help_lists_every_flag() -> None:
     result = run("--help")
     assert result.returncode == 0
     limits = ["--" + name.replace("_", "-") for name in LIMIT_NAMES if name != "out_batch"]
-    for flag in ("--host", "--port", *limits, "--http-allow-host", "--metrics-topics", "--loop", "--version"):
+    flags = (
+        "--host",
+        "--port",
+        *limits,
+        "--users",
+        "--allow-anonymous",
+        "--http-allow-host",
+        "--metrics-topics",
+    )
+    for flag in (*flags, "--loop", "--version"):
         assert flag in result.stdout, flag
 
 
@@ -148,7 +157,7 @@ def test_sighup_and_sigusr1_log_a_line_and_the_server_keeps_serving(sig: int) ->
     line = server.proc.stderr.readline()
     server.log.append(line)
     if sig == signal.SIGHUP:
-        assert "SIGHUP: nothing to reload yet" in line
+        assert "SIGHUP: no users file to reload (pigeon --users FILE), still serving" in line
     else:
         figures = dict(pair.split("=") for pair in line.split("SIGUSR1: ", 1)[1].split())
         assert (figures["published"], figures["delivered"], figures["backlog_messages"]) == ("2", "0", "2")

@@ -25,10 +25,12 @@ each run when its process can be found (it must run on this machine).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -48,7 +50,7 @@ from pigeon.bench.acking import (
 from pigeon.bench.amqp import RabbitAcks
 from pigeon.bench.window import IN_FLIGHT, PUBLISH_BATCH, Window
 from pigeon.bench.wire import DIALECTS, LineSocket, WireError, dialect
-from pigeon.cli.common import Subparsers, positive
+from pigeon.cli.common import Subparsers, add_tls, positive
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 
 DESCRIPTION = "Measure a running broker: throughput, latency and memory per connection."
@@ -99,6 +101,20 @@ class Options:
     prefetch: int = 1000  # ackqueue: unacknowledged messages a consumer may hold
     ack_batch: int = 100  # ackqueue: messages a consumer acknowledges at once
     confirm_window: int = CONFIRM_WINDOW  # durable: unconfirmed messages the publisher may have
+    tls: bool = False  # connect over TLS (pipe, queue, fanin, latency, connections)
+    ca: str | None = None  # with tls: trust the CA certificates in this PEM file, not the system's
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The client context of ``tls`` and ``ca``, or None for plain text."""
+        if not self.tls and self.ca is None:
+            return None
+        return _client_context(self.ca)
+
+
+@functools.lru_cache(maxsize=4)
+def _client_context(ca: str | None) -> ssl.SSLContext:
+    """One context per CA file for all the generator's connections (loading a CA takes a while)."""
+    return ssl.create_default_context(cafile=ca)
 
 
 class BrokerProbe:
@@ -297,14 +313,15 @@ def run_throughput(
     acked = [0] * publishers
     stop = threading.Event()
     windows = [Window(opts.window, d.lines_per_message) for _ in range(topics)]
+    tls = opts.tls_context()
     try:
         for i in range(subscribers):
-            conn = LineSocket.open(opts.host, opts.port)
+            conn = d.connect(opts.host, opts.port, tls)
             subs.append(conn)
             d.subscribe(conn, d.handshake(conn), _topic(tag, i % topics), group)
         chunks = []
         for i in range(publishers):
-            conn = LineSocket.open(opts.host, opts.port)
+            conn = d.connect(opts.host, opts.port, tls)
             pubs.append(conn)
             chunks.append(d.publish(d.handshake(conn), _topic(tag, i % topics), payload) * opts.batch)
         _blocking(*(conn.sock for conn in subs + pubs))
@@ -472,8 +489,9 @@ class LatencySession:
         self._buf = bytearray(65536)
         self._view = memoryview(self._buf)
         topic = _topic(_run_tag(), 0)
-        self.sub = LineSocket.open(opts.host, opts.port)
-        self.pub = LineSocket.open(opts.host, opts.port)
+        tls = opts.tls_context()
+        self.sub = self.dialect.connect(opts.host, opts.port, tls)
+        self.pub = self.dialect.connect(opts.host, opts.port, tls)
         try:
             self.dialect.subscribe(self.sub, self.dialect.handshake(self.sub), topic, False)
             self._command = self.dialect.publish(self.dialect.handshake(self.pub), topic, b"x" * opts.size)
@@ -551,7 +569,7 @@ def run_connections(opts: Options, probe: BrokerProbe) -> Result:
     bar = _Progress(opts.progress, "connections", float(opts.connections))
     try:
         for i in range(opts.connections):
-            conn = LineSocket.open(opts.host, opts.port)
+            conn = d.connect(opts.host, opts.port, opts.tls_context())
             conns.append(conn)
             d.subscribe(conn, d.handshake(conn), _topic(tag, i), False)
             if (i + 1) % 100 == 0:
@@ -572,7 +590,8 @@ def run(opts: Options, workloads: Sequence[str]) -> list[Result]:
     results: list[Result] = []
     for name in workloads:
         if name == "ackqueue" or name in DURABLE_WORKLOADS:
-            results.append(run_ackqueue(opts, probe, name))
+            tls = opts.tls_context() is not None
+            results.append(Result(name, note="not over TLS") if tls else run_ackqueue(opts, probe, name))
             continue
         if opts.dialect not in DIALECTS:
             results.append(Result(name, note=f"no {opts.dialect} driver for {name}"))
@@ -741,6 +760,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.dialect,
         help="wire protocol; rabbitmq runs ackqueue only (default %(default)s)",
     )
+    add_tls(parser)
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--chart", metavar="PNG", help="also draw a chart (needs matplotlib)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -765,6 +785,8 @@ def options_from(args: argparse.Namespace) -> Options:
         prefetch=args.prefetch,
         ack_batch=args.ack_batch,
         confirm_window=args.confirm_window,
+        tls=args.tls or args.ca is not None,
+        ca=args.ca,
         progress=not args.no_progress and not args.json,
     )
 

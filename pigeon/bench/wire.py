@@ -8,6 +8,7 @@ how many lines one delivered message and one publish acknowledgement take.
 from __future__ import annotations
 
 import socket
+import ssl
 from dataclasses import dataclass, field
 
 DIALECTS = ("pigeon", "nats", "redis")
@@ -25,11 +26,23 @@ class LineSocket:
     buf: bytes = field(default=b"")
 
     @classmethod
-    def open(cls, host: str, port: int, timeout: float = 10.0) -> LineSocket:
-        """Connect with TCP_NODELAY, as every client of a latency-sensitive broker should."""
+    def open(
+        cls, host: str, port: int, timeout: float = 10.0, tls: ssl.SSLContext | None = None
+    ) -> LineSocket:
+        """Connect with TCP_NODELAY, as every client of a latency-sensitive broker should; with
+        ``tls``, over TLS from the first byte."""
         sock = socket.create_connection((host, port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(sock)
+        conn = cls(sock)
+        if tls is not None:
+            conn.start_tls(tls, host)
+        return conn
+
+    def start_tls(self, tls: ssl.SSLContext, host: str) -> None:
+        """Run the TLS handshake on this connection (nothing may be left unread)."""
+        if self.buf:
+            raise WireError(f"bytes before the TLS handshake: {self.buf!r}")
+        self.sock = tls.wrap_socket(self.sock, server_hostname=host)
 
     def line(self) -> bytes:
         """The next line without its line ending; raises WireError at EOF."""
@@ -57,6 +70,10 @@ class Dialect:
     lines_per_ack = 1  # PUBLISHED <topic>
     has_queue_groups = True
 
+    def connect(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> LineSocket:
+        """A new connection, over TLS with ``tls``; ``handshake`` then opens the session."""
+        return LineSocket.open(host, port, tls=tls)
+
     def handshake(self, conn: LineSocket) -> bytes:
         """Open the session; returns the client id to put in commands."""
         conn.sock.sendall(b"CONNECT\n")
@@ -79,8 +96,15 @@ class NatsDialect(Dialect):
     lines_per_message = 2  # MSG <subject> <sid> <len>, then the payload
     lines_per_ack = 0
 
-    def handshake(self, conn: LineSocket) -> bytes:
+    def connect(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> LineSocket:
+        """NATS greets in plain text (INFO), then the client starts TLS when the server wants it."""
+        conn = LineSocket.open(host, port)
         conn.expect(b"INFO ")
+        if tls is not None:
+            conn.start_tls(tls, host)
+        return conn
+
+    def handshake(self, conn: LineSocket) -> bytes:
         conn.sock.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\nPING\r\n')
         conn.expect(b"PONG")
         return b""

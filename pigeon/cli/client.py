@@ -18,7 +18,13 @@ from pigeon._version import __version__
 from pigeon.cli.common import EXIT_ERROR, CliError
 from pigeon.errors import PigeonError
 
-SUBCOMMAND_MODULES = ("pigeon.cli.pubsub", "pigeon.cli.stats", "pigeon.cli.top", "pigeon.bench.load")
+SUBCOMMAND_MODULES = (
+    "pigeon.cli.pubsub",
+    "pigeon.cli.stats",
+    "pigeon.cli.top",
+    "pigeon.bench.load",
+    "pigeon.cli.passwd",
+)
 
 EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT
 

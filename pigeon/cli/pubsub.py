@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from pigeon.cli.common import EXIT_ERROR, Subparsers, add_connection_options, positive
+from pigeon.cli.common import EXIT_ERROR, Subparsers, add_connection_options, open_client, positive
 from pigeon.client import Client
 from pigeon.client.codec import Message
 from pigeon.errors import InvalidArgumentError, StaleDeliveryError
@@ -70,8 +70,8 @@ def register(subparsers: Subparsers) -> None:
 
 def _client(args: argparse.Namespace) -> Client:
     if getattr(args, "reconnect", False):
-        return Client(args.host, args.port, timeout=args.timeout, reconnect=True, reconnect_timeout=math.inf)
-    return Client(args.host, args.port, timeout=args.timeout)
+        return open_client(args, reconnect=True, reconnect_timeout=math.inf)
+    return open_client(args)
 
 
 def stdin_lines(stream: BinaryIO) -> Iterator[list[bytes]]:

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import logging
 import os
+import ssl
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -15,8 +17,10 @@ from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 from pigeon.server import logs, signals
 from pigeon.server.limits import raise_open_files_limit
 from pigeon.server.loops import loop_factory
-from pigeon.server.protocol import Server, format_address
+from pigeon.server.protocol import Server, format_address, is_loopback
 from pigeon.server.store import StoreError, inspect
+from pigeon.server.tls import DEFAULT_HANDSHAKE_TIMEOUT, server_context
+from pigeon.server.users import UsersError
 
 if TYPE_CHECKING:
     from pigeon.server.monitor import Monitor
@@ -83,6 +87,13 @@ def _count(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600 seconds, not {text}")
+    return value
+
+
 def _flag(limit: str) -> str:
     return "--" + limit.replace("_", "-")
 
@@ -106,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=metavar,
             help=f"{text} (default %(default)s)",
         )
+    parser.add_argument(
+        "--users",
+        metavar="FILE",
+        help="require CONNECT <user> <password> and apply the users' topic permissions from this TOML "
+        "file (docs/security.md; hashes from `pigeon passwd`); SIGHUP reloads it",
+    )
+    parser.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        help="listen on a non-loopback --host without --users, accepting that anyone who can reach "
+        "the port may publish and consume anything",
+    )
     parser.add_argument(
         "--data-dir",
         metavar="DIR",
@@ -149,6 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also answer HTTP requests whose Host header is NAME (with any port), or NAME:PORT exactly; "
         "repeatable (by default only the listener's own address and localhost)",
     )
+    token = parser.add_mutually_exclusive_group()
+    token.add_argument(
+        "--http-token",
+        metavar="TOKEN",
+        help="require 'Authorization: Bearer TOKEN' on every HTTP endpoint but /healthz; it shows "
+        "everything, per-connection data included (needed to listen for HTTP on a non-loopback address)",
+    )
+    token.add_argument(
+        "--http-token-file",
+        metavar="FILE",
+        help="as --http-token, with the token read from FILE (surrounding whitespace dropped), "
+        "so that it does not show in the process list",
+    )
     parser.add_argument(
         "--metrics-topics",
         type=_count,
@@ -156,6 +192,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="export per-topic Prometheus metrics for the N topics with the most messages published "
         "(default %(default)s: none)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="speak TLS on the client port with this certificate (PEM, with its chain); needs --tls-key",
+    )
+    parser.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    parser.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="with --tls-cert: require a client certificate signed by a CA in FILE (PEM): mutual TLS",
+    )
+    parser.add_argument(
+        "--tls-map-user",
+        action="store_true",
+        help="with --tls-ca and --users: a client certificate whose subject's commonName is a user of "
+        "the users file logs in as that user with a bare CONNECT",
+    )
+    parser.add_argument(
+        "--tls-handshake-timeout",
+        type=_seconds,
+        default=DEFAULT_HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a TLS client that has not completed its handshake in this time (default %(default)s)",
     )
     parser.add_argument(
         "--loop",
@@ -226,6 +286,53 @@ async def shutdown(server: Server, monitor: Monitor | None) -> None:
         log.info("shutting down: dropping %d messages held in memory (backlogs and unsent output)", held)
 
 
+def _tls_note(context: ssl.SSLContext | None) -> str:
+    """What the start-up line says about TLS."""
+    if context is None:
+        return ""
+    if context.verify_mode == ssl.CERT_REQUIRED:
+        return ", TLS on (client certificates required)"
+    return ", TLS on"
+
+
+def _tls_context(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ssl.SSLContext | None:
+    """The server's TLS context from --tls-cert, --tls-key and --tls-ca, or None without them."""
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_ca is not None:
+            parser.error("--tls-ca needs --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        parser.error("--tls-cert and --tls-key go together")
+    try:
+        return server_context(args.tls_cert, args.tls_key, args.tls_ca)
+    except (OSError, ssl.SSLError) as exc:
+        parser.error(
+            f"cannot use the TLS files --tls-cert {args.tls_cert} --tls-key {args.tls_key}"
+            f"{'' if args.tls_ca is None else ' --tls-ca ' + args.tls_ca}: {exc}"
+        )
+
+
+def _http_token(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
+    """The monitoring token from --http-token or --http-token-file; refuses an empty one, and a
+    non-loopback --http-host without one."""
+    token: str | None = args.http_token
+    if args.http_token_file is not None:
+        try:
+            with open(args.http_token_file, encoding="utf-8") as file:
+                token = file.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            parser.error(f"cannot read --http-token-file {args.http_token_file}: {exc}")
+    if token is not None and not token.strip():
+        parser.error("the monitoring token is empty")
+    if token is None and args.http_port is not None and not is_loopback(args.http_host):
+        parser.error(
+            f"refusing to serve monitoring on {args.http_host} without a token: anyone who reaches it "
+            "would read the broker's figures and its clients' addresses; give --http-token TOKEN or "
+            "--http-token-file FILE, or keep --http-host on a loopback address (the default 127.0.0.1)"
+        )
+    return token
+
+
 async def serve(server: Server, loop_name: str, monitor: Monitor | None = None) -> int:
     """Run ``server`` (and ``monitor``) until SIGINT, SIGTERM or SIGQUIT, then stop; returns the exit code.
 
@@ -254,14 +361,28 @@ async def serve(server: Server, loop_name: str, monitor: Monitor | None = None) 
             return 1
         log.info("monitoring on http://%s/", format_address((monitor.host, monitor.port)))
     stop = asyncio.Event()
-    signals.install(asyncio.get_running_loop(), stop.set, server.broker.stats)
+    signals.install(asyncio.get_running_loop(), stop.set, server.broker.stats, server.reload_users)
     # only now, so that whoever waits for this line can signal a clean stop at once
     log.info(
-        "pigeon %s listening on %s (%s)", __version__, format_address((server.host, server.port)), loop_name
+        "pigeon %s listening on %s (%s)%s",
+        __version__,
+        format_address((server.host, server.port)),
+        loop_name,
+        _tls_note(server.tls),
     )
     await stop.wait()
     await shutdown(server, monitor)
     return 0
+
+
+def protected_mode_refusal(host: str) -> str:
+    """The message ``pigeon`` exits with when told to listen on a reachable address with no users file."""
+    return (
+        f"refusing to listen on {host or 'every interface'} without authentication: anyone who can "
+        "reach it could publish and consume every topic. Either give a users file with --users FILE "
+        "(see docs/security.md; make password hashes with `pigeon passwd`), or start with "
+        "--allow-anonymous to accept that risk knowingly."
+    )
 
 
 def _inspect(data_dir: str) -> int:
@@ -277,13 +398,25 @@ def _inspect(data_dir: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pigeon`` console script; returns the exit code."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["passwd"]:
+        from pigeon.cli.passwd import run
+
+        return run()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     if (args.repair or args.inspect or args.max_disk) and args.data_dir is None:
         parser.error("--repair, --inspect and --max-disk need --data-dir")
     logs.configure(args.log_level, args.log_format)
     if args.inspect:
         return _inspect(args.data_dir)
+    tls = _tls_context(args, parser)
+    if args.tls_map_user and (args.tls_ca is None or args.users is None):
+        parser.error("--tls-map-user needs --tls-ca (client certificates) and --users (the users they name)")
+    token = _http_token(args, parser)
+    if args.users is None and not args.allow_anonymous and not is_loopback(args.host):
+        log.error("%s", protected_mode_refusal(args.host))
+        return 1
     try:
         server = Server(
             args.host,
@@ -291,8 +424,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_dir=args.data_dir,
             fsync=args.fsync,
             repair=args.repair,
+            users_file=args.users,
+            tls=tls,
+            tls_handshake_timeout=args.tls_handshake_timeout,
+            tls_map_user=args.tls_map_user,
             **_limits(args),
         )
+    except UsersError as exc:
+        log.error("--users: %s", exc)
+        return 1
     except ValueError as exc:
         parser.error(_limit_error(exc))
     try:
@@ -315,6 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.http_port,
             metrics_topics=args.metrics_topics,
             allow_hosts=args.http_allow_host,
+            token=token,
+            # with users, per-connection data is for admins: over HTTP, the token's holders
+            admin_only=args.users is not None,
+            server_stats=server.server_stats,
         )
     loop = new_loop()
     code = 0

@@ -14,8 +14,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from pigeon.cli.common import Subparsers, add_connection_options
-from pigeon.client import Client
+from pigeon.cli.common import Subparsers, add_connection_options, open_client
 
 SECTIONS = ("server", "topics", "connections")
 
@@ -99,7 +98,7 @@ CONNECTION_HEADER = ("CLIENT", "ADDRESS", "SUBS", "PENDING", "MSGS IN", "MSGS OU
 
 
 def _run_stats(args: argparse.Namespace) -> int:
-    with Client(args.host, args.port, timeout=args.timeout) as client:
+    with open_client(args) as client:
         figures: Any = client.stats(None if args.section == "server" else args.section)
     if args.json:
         print(json.dumps(figures, indent=2))

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pigeon.cli.common import CliError, Subparsers, add_connection_options
+from pigeon.cli.common import CliError, Subparsers, add_connection_options, open_client
 from pigeon.cli.stats import (
     CONNECTION_HEADER,
     connection_rows,
@@ -154,7 +154,7 @@ def run(client: Client, interval: float, iterations: int | None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    with Client(args.host, args.port, timeout=args.timeout) as client:
+    with open_client(args) as client:
         return run(client, args.interval, args.iterations)
 
 

@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any, cast, overload
 
 from pigeon import errors
+from pigeon.client.address import TlsOption, url_keywords
 from pigeon.client.base import (
     DEFAULT_MAX_QUEUED,
     DEFAULT_RECONNECT_TIMEOUT,
@@ -64,7 +65,8 @@ class AsyncClient(ClientBase):
     background, for up to ``reconnect_timeout`` seconds, and its
     subscriptions are restored. While more than
     ``max_queued`` deliveries wait to be consumed, the client stops reading,
-    so the server's rotation passes it over. Many tasks may share one client.
+    so the server's rotation passes it over. ``user``, ``password``, ``tls``
+    and ``AsyncClient.from_url`` are as for ``Client``. Many tasks may share one client.
     """
 
     def __init__(
@@ -76,8 +78,11 @@ class AsyncClient(ClientBase):
         reconnect: bool = False,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
         max_queued: int = DEFAULT_MAX_QUEUED,
+        user: str | None = None,
+        password: str | None = None,
+        tls: TlsOption = None,
     ) -> None:
-        super().__init__(host, port, timeout, reconnect, reconnect_timeout)
+        super().__init__(host, port, timeout, reconnect, reconnect_timeout, user, password, tls)
         self.max_queued = max_queued
         self._reading_paused = False
         self._protocol: _Protocol | None = None
@@ -86,6 +91,26 @@ class AsyncClient(ClientBase):
         self._arrived = asyncio.Event()  # set when deliveries or replies come in, or the connection drops
         self._writable = asyncio.Event()
         self._writable.set()
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        reconnect: bool = False,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        tls: TlsOption = None,
+    ) -> AsyncClient:
+        """A client (not connected yet) for a ``pigeon://`` or ``pigeons://`` URL, as ``Client.from_url``."""
+        return cls(
+            timeout=timeout,
+            reconnect=reconnect,
+            reconnect_timeout=reconnect_timeout,
+            max_queued=max_queued,
+            **url_keywords(url, tls),
+        )
 
     # ------------------------------------------------------------ public API
 
@@ -219,7 +244,14 @@ class AsyncClient(ClientBase):
         loop = asyncio.get_running_loop()
         try:
             await asyncio.wait_for(
-                loop.create_connection(lambda: _Protocol(self), self.host, self.port), self.timeout
+                loop.create_connection(
+                    lambda: _Protocol(self),
+                    self.host,
+                    self.port,
+                    ssl=self.tls,
+                    server_hostname=self.host if self.tls is not None else None,
+                ),
+                self.timeout,
             )
         except (OSError, asyncio.TimeoutError) as exc:
             raise self._cannot_connect(exc) from exc

@@ -19,9 +19,11 @@ from typing import Any, TypeVar, cast
 
 from pigeon import errors
 from pigeon.client import codec
+from pigeon.client.address import TlsOption, check_credentials, tls_context
 from pigeon.client.codec import Data, Link, Message, Refused, ServerInfo, SubscribeOptions
 from pigeon.client.session import Pending, Session
 from pigeon.errors import (
+    AuthFailedError,
     CommandError,
     ConnectionClosedError,
     IdleTimeoutError,
@@ -72,12 +74,19 @@ class ClientBase(abc.ABC):
         timeout: float | None,
         reconnect: bool,
         reconnect_timeout: float,
+        user: str | None = None,
+        password: str | None = None,
+        tls: TlsOption = None,
     ) -> None:
+        check_credentials(user, password)
         self.host = host
         self.port = port
         self.timeout = timeout
         self.reconnect = reconnect
         self.reconnect_timeout = reconnect_timeout
+        self.user = user
+        self._password = password
+        self.tls = tls_context(tls)  # None: plain text
         self.client_id = ""
         self.reconnects = 0  # how many times the connection was re-established
         self.server_info: ServerInfo | None = None  # from HELLO; None for a server older than HELLO
@@ -151,13 +160,14 @@ class ClientBase(abc.ABC):
     # ------------------------------------------------------------ connection
 
     async def _connect(self) -> None:
-        """Open a connection, send HELLO and CONNECT (pipelined), and restore the subscriptions."""
+        """Open a connection, send HELLO and CONNECT (pipelined, with the credentials), and restore the
+        subscriptions. Raises AuthFailedError (not retried) when the server refuses the credentials."""
         await self._open_transport()
         self._lost = None
         self._generation += 1
         self._session.link = Link(self)
         try:
-            self._write(codec.hello_line() + codec.connect_line())
+            self._write(codec.hello_line() + codec.connect_line(self.user, self._password))
             hello = self._session.expect(b"HELLO")
             connected = self._session.expect(b"CONNECTED")
             await self._wait(hello)
@@ -166,9 +176,12 @@ class ClientBase(abc.ABC):
             self._take_id(result(connected))
             if self._topics:
                 await self._resubscribe()
-        except BaseException:
+        except BaseException as exc:
             if self.connected:
                 self._lose("connection closed by the client")
+            if isinstance(exc, ConnectionClosedError) and isinstance(exc.error, AuthFailedError):
+                # the refusal itself, not the closed connection that follows it: no reconnection retries it
+                raise exc.error from exc
             raise
 
     def _take_hello(self, hello: Pending) -> None:

@@ -9,17 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import unicodedata
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, cast
 
 from pigeon.errors import CommandError, InvalidArgumentError
-from pigeon.protocol import TOPIC_MAX
-
-# The server refuses these Unicode categories in a topic: controls (Cc), format
-# characters (Cf: zero-width, BOM, bidi controls), spaces (Zs) and line and
-# paragraph separators (Zl, Zp). Checking here gives the error before anything is sent.
-_REFUSED_IN_TOPICS = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+from pigeon.protocol import topic_problem
 
 CHUNK = 2048  # PUBLISH lines per buffer that publish_many sends at once
 
@@ -172,14 +166,10 @@ def _check_topic(topic: str | bytes) -> bytes:
             raise InvalidArgumentError(f"topic {topic!r} is not valid UTF-8") from None
     else:
         raise InvalidArgumentError(f"topic must be str or bytes, not {type(topic).__name__}")
-    if not raw:
-        raise InvalidArgumentError("topic must not be empty")
-    if len(raw) > TOPIC_MAX:
-        raise InvalidArgumentError(f"topic must be at most {TOPIC_MAX} bytes, not {len(raw)}")
-    if any(unicodedata.category(char) in _REFUSED_IN_TOPICS for char in text):
-        raise InvalidArgumentError(
-            f"topic {text!r} must not contain whitespace, control, format or separator characters"
-        )
+    # checking here gives the error before anything is sent
+    problem = topic_problem(text)
+    if problem is not None:
+        raise InvalidArgumentError(problem)
     return raw
 
 
@@ -204,9 +194,11 @@ def _as_bytes(message: Data) -> bytes:
     raise InvalidArgumentError(f"message must be bytes or str, not {type(message).__name__}")
 
 
-def connect_line() -> bytes:
-    """The CONNECT command."""
-    return b"CONNECT\n"
+def connect_line(user: str | None = None, password: str | None = None) -> bytes:
+    """The CONNECT command, with the credentials when given (each one word: ``address.check_credentials``)."""
+    if user is None or password is None:
+        return b"CONNECT\n"
+    return f"CONNECT {user} {password}\n".encode()
 
 
 PREFETCH_MAX = 1_000_000  # the most unacknowledged messages a subscription may hold

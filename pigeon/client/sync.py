@@ -7,12 +7,14 @@ only does the socket work, blocking, and runs that logic with ``run_blocking``.
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any, overload
 
 from pigeon import errors
+from pigeon.client.address import TlsOption, url_keywords
 from pigeon.client.base import (
     DEFAULT_RECONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -37,6 +39,9 @@ class Client(ClientBase):
     broker's flow control). With
     ``reconnect=True`` a lost connection is re-established on next use, for up
     to ``reconnect_timeout`` seconds, and its subscriptions are restored.
+    ``user`` and ``password`` are sent with CONNECT (on every connection);
+    ``tls`` is an ``ssl.SSLContext``, or True for the system's default one.
+    ``Client.from_url("pigeons://user:password@host:3333")`` says it all in one.
     Not thread-safe: use one client per thread.
     """
 
@@ -48,11 +53,33 @@ class Client(ClientBase):
         timeout: float | None = DEFAULT_TIMEOUT,
         reconnect: bool = False,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        user: str | None = None,
+        password: str | None = None,
+        tls: TlsOption = None,
     ) -> None:
-        super().__init__(host, port, timeout, reconnect, reconnect_timeout)
+        super().__init__(host, port, timeout, reconnect, reconnect_timeout, user, password, tls)
         self._sock: socket.socket | None = None
         self._sock_timeout: float | None = None
         run_blocking(self._connect())
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        reconnect: bool = False,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        tls: TlsOption = None,
+    ) -> Client:
+        """A client for ``pigeon://[user:password@]host[:port]``, or ``pigeons://`` for TLS (with
+        ``tls``, a context, when the server's certificate is not signed by a CA the system trusts)."""
+        return cls(
+            timeout=timeout,
+            reconnect=reconnect,
+            reconnect_timeout=reconnect_timeout,
+            **url_keywords(url, tls),
+        )
 
     # ------------------------------------------------------------ public API
 
@@ -181,6 +208,13 @@ class Client(ClientBase):
         except OSError as exc:
             raise self._cannot_connect(exc) from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            try:
+                # the handshake, within the connection's timeout
+                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+            except OSError as exc:  # ssl.SSLError included
+                sock.close()
+                raise self._cannot_connect(exc) from exc
         self._sock = sock
         self._sock_timeout = self.timeout
 
@@ -253,8 +287,8 @@ class Client(ClientBase):
         self._set_timeout(timeout)
         try:
             data = sock.recv(RECV_SIZE)
-        except (TimeoutError, BlockingIOError):
-            return False
+        except (TimeoutError, BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False  # nothing yet (over TLS, not a whole record yet)
         except OSError as exc:
             raise self._lose(f"connection lost: {exc}") from exc
         if not data:

@@ -8,6 +8,7 @@ source, read through ``LIMIT_DEFAULTS``), named here for ``Server`` and the
 from __future__ import annotations
 
 import os
+import ssl
 from typing import TypedDict
 
 from pigeon._core import LIMIT_DEFAULTS
@@ -45,6 +46,10 @@ class ServerLimits(TypedDict, total=False):
     data_dir: str | os.PathLike[str] | None
     fsync: str
     repair: bool
+    users_file: str | os.PathLike[str] | None
+    tls: ssl.SSLContext | None
+    tls_handshake_timeout: float
+    tls_map_user: bool
 
 
 def raise_open_files_limit(want: int | None = None) -> int | None:

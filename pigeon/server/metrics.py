@@ -1,7 +1,8 @@
 """Prometheus metrics: a collector that reads the broker's counters at scrape time.
 
 Nothing is counted here: every figure comes from one ``Broker.stats()`` call
-per scrape, so the hot path pays nothing for Prometheus. Clients choose how
+per scrape (and the few the server keeps itself, such as throttled logins),
+so the hot path pays nothing for Prometheus. Clients choose how
 many topics there are, so per-topic series are opt-in: only for the busiest
 topics the scrape was given (``--metrics-topics N``). Per-connection figures
 stay out of Prometheus (one series per client would not scale);
@@ -10,7 +11,7 @@ stay out of Prometheus (one series per client would not scale);
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -139,6 +140,15 @@ _GAUGES = (
     ("log_write_failed", "pigeon_log_write_failed", "1 while the last write of the log failed (disk full)."),
 )
 
+# (Server.server_stats key, metric name, help) of the counters the server keeps outside the core
+_SERVER_COUNTERS = (
+    (
+        "logins_throttled",
+        "pigeon_logins_throttled",
+        "Logins whose answer was delayed because their address failed 5 times within 60 s.",
+    ),
+)
+
 # (topics entry key, metric family, metric name, help) of the per-topic series
 _TOPIC_FAMILIES = (
     ("subscribers", GaugeMetricFamily, "pigeon_topic_subscribers", "Subscribers of a topic."),
@@ -186,9 +196,15 @@ _TOPIC_FAMILIES = (
 class BrokerCollector(Collector):
     """Turns the broker's counters, and the given topics' figures, into Prometheus metric families."""
 
-    def __init__(self, broker: Broker, topics: Sequence[dict[str, Any]] = ()) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        topics: Sequence[dict[str, Any]] = (),
+        server_stats: Mapping[str, int] | None = None,
+    ) -> None:
         self._broker = broker
         self._topics = topics
+        self._server_stats = server_stats or {}
 
     def collect(self) -> Iterator[Metric]:
         """Read the core once and yield every metric family."""
@@ -197,6 +213,8 @@ class BrokerCollector(Collector):
             yield GaugeMetricFamily(name, doc, value=stats[key])
         for key, name, doc in _COUNTERS:
             yield CounterMetricFamily(name, doc, value=stats[key])
+        for key, name, doc in _SERVER_COUNTERS:
+            yield CounterMetricFamily(name, doc, value=self._server_stats.get(key, 0))
         commands = CounterMetricFamily(
             "pigeon_commands", "Commands received, by command.", labels=["command"]
         )
@@ -218,9 +236,12 @@ class BrokerCollector(Collector):
             yield metric
 
 
-def registry_for(broker: Broker, topics: Sequence[dict[str, Any]] = ()) -> CollectorRegistry:
-    """A registry of this broker's figures, the given topics', and its process's CPU, memory and files."""
+def registry_for(
+    broker: Broker, topics: Sequence[dict[str, Any]] = (), server_stats: Mapping[str, int] | None = None
+) -> CollectorRegistry:
+    """A registry of this broker's figures, the given topics', the server's own counters
+    (``Server.server_stats``), and its process's CPU, memory and files."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(BrokerCollector(broker, topics))
+    registry.register(BrokerCollector(broker, topics, server_stats))
     ProcessCollector(registry=registry)
     return registry

@@ -9,8 +9,9 @@ Needs the ``monitor`` extra (``pip install "pigeon-broker[monitor]"``).
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib import resources
 from typing import Any
 
@@ -25,6 +26,9 @@ _DASHBOARD = resources.files("pigeon.server").joinpath("dashboard.html")
 
 # entries per page of /topics and /connections unless asked otherwise (as STATS TOPICS)
 PAGE_DEFAULT = 100
+
+# the one endpoint open without the token: a load balancer's probe carries none
+HEALTH_PATH = "/healthz"
 
 # a cursor is a position in a table of the core: it fits its size_t
 _CURSOR_MAX = (1 << 64) - 1
@@ -110,7 +114,13 @@ class Monitor:
 
     ``metrics_topics`` is how many topics (the busiest by messages published)
     get per-topic Prometheus series; ``allow_hosts`` are the names that may
-    appear in the ``Host`` header besides the listener's own address.
+    appear in the ``Host`` header besides the listener's own address. With a
+    ``token``, every endpoint but ``/healthz`` answers only a request with
+    ``Authorization: Bearer <token>`` (401 otherwise), and that request sees
+    everything. ``admin_only`` (the broker has users) keeps the per-connection
+    listing (``/connections``) for the token's holders: without a token it is
+    refused (403). ``server_stats`` gives the counters the server keeps outside the
+    core (``Server.server_stats``).
     """
 
     def __init__(
@@ -121,8 +131,14 @@ class Monitor:
         *,
         metrics_topics: int = 0,
         allow_hosts: Iterable[str] = (),
+        token: str | None = None,
+        admin_only: bool = False,
+        server_stats: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self.broker = broker
+        self._authorization = None if token is None else f"Bearer {token}".encode()
+        self._admin_only = admin_only
+        self._server_stats = server_stats
         self.host = host
         self.metrics_topics = metrics_topics
         self._requested_port = port
@@ -133,14 +149,14 @@ class Monitor:
 
     def app(self) -> web.Application:
         """The aiohttp application serving every endpoint."""
-        app = web.Application(middlewares=[self._check_host])
+        app = web.Application(middlewares=[self._check_host, self._check_token])
         app.router.add_get("/", self._on_dashboard)
         app.router.add_get("/metrics", self._on_metrics)
         app.router.add_get("/stats", self._on_stats)
         app.router.add_get("/topics", self._page(self.broker.topics))
         app.router.add_get("/topics/busiest", self._on_busiest)
-        app.router.add_get("/connections", self._page(self.broker.connections))
-        app.router.add_get("/healthz", self._on_health)
+        app.router.add_get("/connections", self._admin(self._page(self.broker.connections)))
+        app.router.add_get(HEALTH_PATH, self._on_health)
         return app
 
     @property
@@ -183,6 +199,33 @@ class Monitor:
             )
         return await handler(request)
 
+    @web.middleware
+    async def _check_token(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._authorization is None or request.path == HEALTH_PATH:
+            return await handler(request)
+        given = request.headers.get(hdrs.AUTHORIZATION, "").encode()
+        # compare_digest: the time taken does not tell how much of the token was right
+        if not hmac.compare_digest(given, self._authorization):
+            return web.Response(
+                status=401,
+                text="401 Unauthorized: send Authorization: Bearer <the --http-token>\n",
+                headers={hdrs.WWW_AUTHENTICATE: 'Bearer realm="pigeon"'},
+            )
+        return await handler(request)
+
+    def _admin(self, handler: Handler) -> Handler:
+        """``handler`` when the requester may see per-connection data (see ``admin_only``), else 403."""
+        if not self._admin_only or self._authorization is not None:
+            return handler  # no users, or every request that gets this far showed the token
+
+        async def refuse(request: web.Request) -> web.Response:
+            return web.Response(
+                status=403,
+                text="403 Forbidden: per-connection data needs the monitoring token (pigeon --http-token)\n",
+            )
+
+        return refuse
+
     @staticmethod
     def _respond(data: object) -> web.Response:
         return web.json_response(data, headers={"Cache-Control": "no-store"})
@@ -218,7 +261,7 @@ class Monitor:
 
     async def _on_metrics(self, request: web.Request) -> web.Response:
         topics = await busiest_topics(self.broker, self.metrics_topics)
-        body = generate_latest(registry_for(self.broker, topics))
+        body = generate_latest(registry_for(self.broker, topics, self._server_stats()))
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _on_dashboard(self, request: web.Request) -> web.Response:

@@ -7,14 +7,17 @@ asks for that flush through ``on_output``). The core also says when to stop and
 restart reading a connection (``on_reading``: its transport is full, or a
 PUBLISH of its waits for flow control), which connections it ends
 (``on_close``) and when its next NACK delay is due (``on_timer``); the clock's
-ticks run its timeouts (idle, write, ack).
+ticks run its timeouts (idle, write, ack). With a users file, logins are
+checked by ``pigeon.server.logins``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
+import ssl
 from functools import partial
 from types import TracebackType
 from typing import cast
@@ -35,7 +38,9 @@ from pigeon.server.limits import (
     DEFAULT_PREFETCH,
     DEFAULT_WRITE_TIMEOUT,
 )
+from pigeon.server.logins import Logins
 from pigeon.server.store import Recovered, Store
+from pigeon.server.tls import DEFAULT_HANDSHAKE_TIMEOUT, certificate_user
 
 log = logging.getLogger("pigeon")
 
@@ -61,29 +66,64 @@ def format_address(peername: object) -> str:
     return str(peername)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address, or the name ``localhost``) can only be reached from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any address
+
+
 class _Connection(asyncio.BufferedProtocol):
     """One client socket, tied to one core connection handle."""
 
-    __slots__ = ("_broker", "_connections", "_deadline", "_handle", "_peer", "_transport", "_write_timeout")
+    __slots__ = (
+        "_broker",
+        "_connections",
+        "_deadline",
+        "_handle",
+        "_logins",
+        "_transport",
+        "_write_timeout",
+        "host",
+        "peer",
+    )
 
-    def __init__(self, broker: Broker, connections: dict[int, _Connection], write_timeout: float) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        connections: dict[int, _Connection],
+        write_timeout: float,
+        logins: Logins | None,
+    ) -> None:
         self._broker = broker
         self._connections = connections
         self._write_timeout = write_timeout
+        self._logins = logins
         self._transport: asyncio.Transport | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._handle = -1
-        self._peer = ""
+        self.host = ""  # the peer's address
+        self.peer = ""  # host:port
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but have its methods
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
-        self._peer = format_address(transport.get_extra_info("peername"))
-        self._handle = self._broker.open(self._write, self._peer, transport.get_write_buffer_size)
+        peername = transport.get_extra_info("peername")
+        self.host = str(peername[0]) if isinstance(peername, tuple) and peername else str(peername)
+        self.peer = format_address(peername)
+        self._handle = self._broker.open(self._write, self.peer, transport.get_write_buffer_size)
         self._connections[self._handle] = self
-        log.debug("connection %d opened from %s", self._handle, self._peer)
+        if self._logins is not None:
+            self._logins.opened(self._handle, self, transport)
+        if log.isEnabledFor(logging.DEBUG):
+            user = certificate_user(transport)
+            by = f" (certificate of {user!r})" if user is not None else ""
+            log.debug("connection %d opened from %s%s", self._handle, self.peer, by)
 
     def _write(self, data: bytes) -> None:
         # After a reset or once closing, transports drop writes without a word:
@@ -97,7 +137,7 @@ class _Connection(asyncio.BufferedProtocol):
         """The core ended this connection: close the socket, after its output when ``flush``."""
         assert self._transport is not None
         if reason:
-            log.warning("closing connection %d from %s: %s", self._handle, self._peer, reason)
+            log.warning("closing connection %d from %s: %s", self._handle, self.peer, reason)
         if flush:
             self.close_after_output()
         else:
@@ -116,7 +156,7 @@ class _Connection(asyncio.BufferedProtocol):
         log.warning(
             "connection %d from %s: output not taken within %g s of closing, aborting (%d bytes unsent)",
             self._handle,
-            self._peer,
+            self.peer,
             self._write_timeout,
             self.unsent(),
         )
@@ -157,9 +197,11 @@ class _Connection(asyncio.BufferedProtocol):
             self._deadline.cancel()
             self._deadline = None
         self._connections.pop(self._handle, None)
+        if self._logins is not None:
+            self._logins.closed(self._handle)
         client_id = self._broker.client_id(self._handle)
         self._broker.close(self._handle)
-        log.debug("connection %d closed: client %s from %s", self._handle, client_id or "-", self._peer)
+        log.debug("connection %d closed: client %s from %s", self._handle, client_id or "-", self.peer)
 
     def close(self) -> None:
         """Close after flushing what was already written."""
@@ -180,6 +222,11 @@ class Server:
     """A Pigeon broker listening on one TCP address, on the running event loop.
 
     ``port=0`` picks a free port; ``server.port`` tells which after ``start``.
+    With ``tls`` (a server ``ssl.SSLContext``, see ``pigeon.server.tls``) the
+    port speaks TLS only, and a client that has not completed its handshake
+    within ``tls_handshake_timeout`` seconds is closed. With ``users_file``
+    (``pigeon.server.users``) clients must log in, and ``tls_map_user`` logs in
+    a client whose certificate's commonName is a user of the file.
     Use ``async with Server(...) as server:`` or ``start()`` and ``stop()``.
     """
 
@@ -204,8 +251,14 @@ class Server:
         data_dir: str | os.PathLike[str] | None = None,
         fsync: str = "everysec",
         repair: bool = False,
+        users_file: str | os.PathLike[str] | None = None,
+        tls: ssl.SSLContext | None = None,
+        tls_handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        tls_map_user: bool = False,
     ) -> None:
         self.host = host
+        self.tls = tls
+        self._tls_handshake_timeout = tls_handshake_timeout
         self._requested_port = port
         self.store = Store(data_dir, fsync) if data_dir is not None else None
         self.recovered: Recovered | None = None
@@ -227,11 +280,18 @@ class Server:
             ack_timeout=ack_timeout,
             max_deliveries=max_deliveries,
             tick_interval=TICK_INTERVAL,
+            auth=users_file is not None,
         )
         self.broker.on_warning = log.warning
         self.broker.on_close = self._closed_by_core
         self.broker.on_reading = self._set_reading
         self._connections: dict[int, _Connection] = {}
+        # raises UsersError when the file cannot be used
+        self.logins = (
+            Logins(self.broker, users_file, self._connections, map_certificates=tls_map_user)
+            if users_file is not None
+            else None
+        )
         self._listener: asyncio.Server | None = None
         self._clock: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -260,11 +320,13 @@ class Server:
         self.broker.on_timer = self._arm_timer
         write_timeout = self.broker.limits["write_timeout"]
         self._listener = await loop.create_server(
-            lambda: _Connection(self.broker, self._connections, write_timeout),
+            lambda: _Connection(self.broker, self._connections, write_timeout, self.logins),
             self.host,
             self._requested_port,
             reuse_address=True,
             backlog=LISTEN_BACKLOG,
+            ssl=self.tls,
+            ssl_handshake_timeout=self._tls_handshake_timeout if self.tls is not None else None,
         )
         self._clock = asyncio.create_task(self._tick(self.broker.tick_interval))
 
@@ -272,6 +334,18 @@ class Server:
         while True:
             await asyncio.sleep(interval)
             self.broker.tick()
+
+    def server_stats(self) -> dict[str, int]:
+        """Figures kept by this layer, not the core: logins delayed by the throttle."""
+        return {"logins_throttled": 0} if self.logins is None else self.logins.stats()
+
+    def reload_users(self) -> bool:
+        """Read the users file again and apply it (SIGHUP); False when there is none or it cannot be
+        used (logged: the old rules stay)."""
+        if self.logins is None:
+            log.info("SIGHUP: no users file to reload (pigeon --users FILE), still serving")
+            return False
+        return self.logins.reload()
 
     def _arm_timer(self, delay: float) -> None:
         """The core's next delayed message is due in ``delay`` seconds (one timer at a time)."""
@@ -304,6 +378,8 @@ class Server:
             self._timer = None
         if self._listener is not None:
             self._listener.close()
+        if self.logins is not None:
+            self.logins.stop()
         # what this pass of the loop produced goes out before the sockets close
         self.broker.flush()
         for conn in list(self._connections.values()):

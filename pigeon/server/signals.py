@@ -1,7 +1,8 @@
 """What the ``pigeon`` command does on each signal.
 
 SIGINT, SIGTERM and SIGQUIT (nginx's graceful stop) stop the server cleanly;
-SIGHUP and SIGUSR1 only log a line, and the server keeps serving. Windows has
+SIGHUP reloads the users file (``--users``); SIGUSR1 logs the counters on one
+line; the server keeps serving through both. Windows has
 none of these but SIGINT, which arrives there as KeyboardInterrupt instead.
 """
 
@@ -36,13 +37,23 @@ def _stopper(name: str, stop: Callable[[], object]) -> Callable[[], None]:
     return handler
 
 
+def _reloader(reload: Callable[[], object]) -> Callable[[], None]:
+    def handler() -> None:
+        reload()  # it logs what it did
+
+    return handler
+
+
 def install(
-    loop: asyncio.AbstractEventLoop, stop: Callable[[], object], stats: Callable[[], dict[str, Any]]
+    loop: asyncio.AbstractEventLoop,
+    stop: Callable[[], object],
+    stats: Callable[[], dict[str, Any]],
+    reload: Callable[[], object],
 ) -> None:
-    """Handle the signals this platform has: ``stop()`` on INT, TERM and QUIT; a log line on HUP and USR1."""
+    """Handle the signals this platform has: ``stop()`` on INT, TERM and QUIT; ``reload()`` on HUP;
+    a log line of ``stats()`` on USR1."""
     handlers: dict[str, Callable[[], None]] = {name: _stopper(name, stop) for name in STOP_SIGNALS}
-    # the users file of the security issue will be reloaded here
-    handlers["SIGHUP"] = lambda: log.info("SIGHUP: nothing to reload yet, still serving")
+    handlers["SIGHUP"] = _reloader(reload)
     handlers["SIGUSR1"] = lambda: log.info("SIGUSR1: %s", counters_line(stats()))
     for name, handler in handlers.items():
         number = getattr(signal, name, None)
