@@ -76,6 +76,8 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         super().__init__(connection, **kwargs)
         self._prefetch_count = 0
         self._acked_queues: set[str] = set()  # the queues consumed with acknowledgements
+        self._held: dict[str, dict[int, None]] = {}  # per queue, the tags delivered and not settled yet
+        self._cancelled: set[str] = set()  # queues whose consumer was cancelled while holding messages
         self._closing = False
         self.wire = self._open_wire()
 
@@ -184,18 +186,35 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         self.connection.watch(self)
 
     def basic_cancel(self, consumer_tag: str) -> None:
-        """Stop consuming; the broker gives back the messages this consumer held unacknowledged."""
+        """Stop consuming; the messages the consumer still holds stay its own until settled.
+
+        AMQP keeps a cancelled consumer's unacknowledged messages with it until
+        they are settled (Celery's warm shutdown acknowledges the tasks it was
+        running after cancelling), while Pigeon's ``UNSUBSCRIBE`` gives them
+        back at once. So a consumer that holds some gets a window of 1 (which
+        it is already over: no more come) and unsubscribes when it settles the
+        last one.
+        """
         queue = self._tag_to_queue.get(consumer_tag)
         super().basic_cancel(consumer_tag)
         if queue is None or self._closing or queue in self._active_queues:
             return  # closing: DISCONNECT gives everything back at once
+        if self._held.get(queue):
+            self._cancelled.add(queue)
+            self.wire.subscribe(queue, ack=True, prefetch=1)
+        else:
+            self._unsubscribe(queue)
+
+    def _unsubscribe(self, queue: str) -> None:
         self._acked_queues.discard(queue)
+        self._cancelled.discard(queue)
+        self._held.pop(queue, None)
         self.wire.unsubscribe(queue)
 
     def basic_qos(self, prefetch_size: int = 0, prefetch_count: int = 0, apply_global: bool = False) -> None:
         """Set the prefetch window (per consumed queue: Pigeon's window is per subscription)."""
         self._prefetch_count = prefetch_count
-        for queue in sorted(self._acked_queues):
+        for queue in sorted(self._acked_queues - self._cancelled):
             self.wire.subscribe(queue, ack=True, prefetch=self._window())
 
     def _window(self) -> int:
@@ -208,8 +227,12 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             return  # a delivery of a no_ack consumer: nothing to settle
         if multiple:
             self.wire.ack_through(delivery_tag)
+            for queue, tags in list(self._held.items()):
+                for tag in [tag for tag in tags if tag <= delivery_tag]:
+                    self._settled(queue, tag)
         else:
             self.wire.ack(delivery_tag)
+            self._settled_tag(delivery_tag)
 
     def basic_reject(self, delivery_tag: int | None, requeue: bool = False) -> None:
         """``requeue``: ``NACK``, back to the head of the queue; otherwise ``ACK``: dropped."""
@@ -217,8 +240,21 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             return
         if requeue:
             self.wire.nack(delivery_tag)
+            self._settled_tag(delivery_tag)
         else:
-            self.wire.ack(delivery_tag)
+            self.basic_ack(delivery_tag)
+
+    def _settled_tag(self, tag: int) -> None:
+        for queue, tags in self._held.items():
+            if tag in tags:
+                self._settled(queue, tag)
+                return
+
+    def _settled(self, queue: str, tag: int) -> None:
+        tags = self._held[queue]
+        del tags[tag]
+        if not tags and queue in self._cancelled and not self._closing:
+            self._unsubscribe(queue)
 
     def deliver_buffered(self) -> int:
         """Hand the deliveries read so far to their consumers' callbacks; returns how many."""
@@ -235,6 +271,8 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             if callback is None:
                 self.basic_reject(message.tag, requeue=True)
                 continue
+            if message.tag is not None:
+                self._held.setdefault(message.topic, {})[message.tag] = None
             properties = raw["properties"]
             properties["delivery_tag"] = message.tag
             properties.setdefault("delivery_info", {})["redelivered"] = (message.attempt or 1) > 1
@@ -276,6 +314,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         super().__init__(client, **kwargs)
         self._hub: Any = None
         self._watched: dict[int, ChannelT] = {}  # channels whose sockets the event loop watches, by fd
+        self.delivered_total = 0  # deliveries handed to consumers' callbacks, for tests and tools
 
     def driver_version(self) -> str:
         """The pigeon-broker version."""
@@ -311,6 +350,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             channel.wire.flush_acks()
             if channel.wire.has_deliveries:
                 delivered += channel.deliver_buffered()
+        self.delivered_total += delivered
         return delivered
 
     # ------------------------------------------------------------ in an event loop (Celery's worker hub)
@@ -338,7 +378,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         try:
             channel.wire.read_available()
         finally:
-            channel.deliver_buffered()
+            self.delivered_total += channel.deliver_buffered()
 
     def _on_tick(self) -> None:
         # deliveries read while a command waited for its reply, and acks queued since the last turn

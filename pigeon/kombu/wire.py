@@ -67,7 +67,9 @@ class Wire:
     # ------------------------------------------------------------ commands
 
     def command(self, line: bytes, verb: bytes) -> bytes:
-        """Send one command and wait for its reply; returns what follows ``verb``, raises its ERROR."""
+        """Send one command (after the queued acks) and wait for its reply; returns what follows ``verb``,
+        raises its ERROR."""
+        self.flush_acks()
         pending = self._session.expect(verb)
         self._send(line)
         self._wait(pending)
@@ -105,7 +107,6 @@ class Wire:
 
     def sync(self) -> None:
         """Wait until the broker has answered everything sent (a PING round trip); raise a refusal."""
-        self.flush_acks()
         self.command(codec.ping_line(), b"PONG")
         self.raise_refused()
 
@@ -187,7 +188,6 @@ class Wire:
         if self.sock is None:
             return
         try:
-            self.flush_acks()
             self.command(codec.disconnect_line(), b"DISCONNECTED")
         except (PigeonError, OSError):
             pass  # closing anyway: the broker gives back what this connection held
