@@ -3,14 +3,13 @@
 Configured from the environment, so the test and its worker subprocesses share it:
 ``PIGEON_CELERY_BROKER`` (the broker URL), ``PIGEON_CELERY_RESULTS`` (a directory: the
 file-system result backend, so no service is needed) and ``PIGEON_CELERY_RECORD`` (a file
-each run of ``record`` appends a line to, with ``O_APPEND``, so that the test can count runs).
+each run of ``record`` appends lines to, with ``O_APPEND``, so that the test can count runs).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 from celery import Celery, Task
 
@@ -53,17 +52,17 @@ def flaky(self: Task, failures: int) -> int:
 
 @app.task(acks_late=True)
 def record(name: str, seconds: float) -> str:
-    """Sleeps ``seconds``, then appends ``name`` to the record file: one line per completed run."""
+    """Appends ``start <name>`` to the record file, sleeps ``seconds``, appends ``done <name>``."""
+    _append(f"start {name}")
     time.sleep(seconds)
-    line = (name + "\n").encode()
-    fd = os.open(os.environ["PIGEON_CELERY_RECORD"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    _append(f"done {name}")
     return name
 
 
-def pending(**options: Any) -> dict[str, Any]:
-    """Options shared by the tests' ``get()`` calls."""
-    return {"timeout": 60, **options}
+def _append(line: str) -> None:
+    # O_APPEND: the lines of concurrent pool processes never mix
+    fd = os.open(os.environ["PIGEON_CELERY_RECORD"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
