@@ -12,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,8 @@ from kombu.asynchronous import Hub
 from pigeon import Client
 from pigeon.kombu.transport import ExchangeTypeNotSupported, Transport
 from pigeon.testing import ServerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +92,16 @@ def test_pigeon_urls_resolve_to_the_transport_in_a_fresh_interpreter(url: str) -
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["pigeon.kombu.transport", "pigeon", "pigeon.kombu.transport"]
+
+
+def test_the_kombu_example_of_docs_celery_md_runs_in_a_fresh_interpreter(url: str) -> None:
+    text = (ROOT / "docs" / "celery.md").read_text()
+    example = text.split("```python\n", 1)[1].split("```", 1)[0]
+    script = example.replace("pigeon://127.0.0.1:3333", url)
+    assert script != example
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "{'photo': 'photo-1.jpg'}\n"
 
 
 # ------------------------------------------------------------ SimpleQueue
