@@ -50,12 +50,12 @@ def flaky(self: Task, failures: int) -> int:
     return int(self.request.retries)
 
 
-@app.task(acks_late=True)
-def record(name: str, seconds: float) -> str:
-    """Appends ``start <name>`` to the record file, sleeps ``seconds``, appends ``done <name>``."""
-    _append(f"start {name}")
+@app.task(bind=True, acks_late=True)
+def record(self: Task, name: str, seconds: float) -> str:
+    """Appends ``start <name> <worker>`` to the record file, sleeps ``seconds``, appends ``done ...``."""
+    _append(f"start {name} {self.request.hostname}")
     time.sleep(seconds)
-    _append(f"done {name}")
+    _append(f"done {name} {self.request.hostname}")
     return name
 
 

@@ -156,6 +156,12 @@ def test_celery_inspect_fails_clearly_instead_of_waiting(
     assert "consumer groups" in result.stdout + result.stderr
 
 
+def consumers(server: ServerProcess, queue: str) -> int:
+    """How many subscribers the broker's topic ``queue`` has."""
+    with Client(server.host, server.port) as client:
+        return sum(entry["subscribers"] for entry in client.stats("topics") if entry["name"] == queue)
+
+
 @pytest.mark.slow
 def test_acks_late_tasks_of_a_worker_killed_mid_task_complete_elsewhere(
     setup: tuple[ServerProcess, dict[str, str], Path], record_property: Callable[[str, object], None]
@@ -165,20 +171,24 @@ def test_acks_late_tasks_of_a_worker_killed_mid_task_complete_elsewhere(
     server, env, workdir = setup
     record_file = Path(env["PIGEON_CELERY_RECORD"])
     record_file.unlink(missing_ok=True)
-    doomed = Worker(env, workdir / "doomed.log", "doomed", "--pool", "prefork", "--concurrency", "2")
-    survivor = Worker(env, workdir / "survivor.log", "survivor", "--pool", "prefork", "--concurrency", "2")
+    # a queue of their own, which the module's other worker does not consume
+    options = ("--pool", "prefork", "--concurrency", "2", "--queues", "killed")
+    doomed = Worker(env, workdir / "doomed.log", "doomed", *options)
+    survivor = Worker(env, workdir / "survivor.log", "survivor", *options)
     try:
-        assert add.delay(1, 1).get(timeout=WAIT) == 2
-        names = [f"task-{i}" for i in range(40)]
-        results = [record.delay(name, 0.5) for name in names]
         deadline = time.monotonic() + WAIT
-        while not (record_file.exists() and record_file.read_text().count("done") >= 4):
+        while consumers(server, "killed") < 2:  # both workers consume the queue before the tasks go out
+            assert time.monotonic() < deadline, doomed.tail() + survivor.tail()
+            time.sleep(0.05)
+        names = [f"task-{i}" for i in range(40)]
+        results = [record.apply_async((name, 0.5), queue="killed") for name in names]
+        while not (record_file.exists() and record_file.read_text().count(" doomed@") >= 2):
             assert time.monotonic() < deadline, doomed.tail() + survivor.tail()
             time.sleep(0.05)
         doomed.kill()
         for result in results:
             result.get(timeout=WAIT)
-        lines = record_file.read_text().splitlines()
+        lines = record_file.read_text().splitlines()  # "start|done <task> <worker>"
         starts = Counter(line.split()[1] for line in lines if line.startswith("start "))
         completions = Counter(line.split()[1] for line in lines if line.startswith("done "))
         with Client(server.host, server.port) as client:

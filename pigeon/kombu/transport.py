@@ -140,7 +140,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
     def _size(self, queue: str) -> int:
         """Messages ready in the queue: its backlog (delivered, unacknowledged ones are not counted)."""
         entry = self.wire.stats_topic(queue)
-        return int(entry["backlog_messages"]) if entry else 0  # type: ignore[call-overload]
+        return int(entry["backlog_messages"]) if entry else 0
 
     def _purge(self, queue: str) -> int:
         """Drop the queue's ready messages; returns how many.
@@ -156,11 +156,16 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         purger = self._open_wire()
         try:
             purger.subscribe(queue, ack=False, prefetch=None)
+            left: int | None = None
             deadline = time.monotonic() + purger.timeout
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline:  # gives up after `timeout` s without progress
                 entry = purger.stats_topic(queue)
-                if not entry or not entry["backlog_messages"]:
+                backlog = int(entry["backlog_messages"]) if entry else 0
+                if not backlog:
                     break
+                if left is None or backlog < left:
+                    left = backlog
+                    deadline = time.monotonic() + purger.timeout
             return purger.unsubscribe(queue)
         finally:
             purger.close()

@@ -21,6 +21,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from pigeon import errors
 from pigeon.client import codec
@@ -136,7 +137,7 @@ class Wire:
             tags, self._acks = self._acks, []
             self._send(codec.settle_lines(b"ACK", self.client_id, tags))
 
-    def stats_topic(self, topic: str) -> dict[str, object] | None:
+    def stats_topic(self, topic: str) -> dict[str, Any] | None:
         """The ``STATS TOPICS`` entry of ``topic``, or None when the broker holds no such topic.
 
         The listing has no lookup by name: its pages are walked until the topic is found.
