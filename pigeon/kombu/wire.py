@@ -204,16 +204,15 @@ class Wire:
 
     def _send(self, data: bytes) -> None:
         """Send ``data`` after anything unsent; while the socket has no room, read what arrives."""
+        if not self._out:  # the usual case, an ACK line or a PUBLISH: one system call
+            sent = self._send_some(data)
+            if sent == len(data):
+                return
+            data = data[sent:]
         self._out += data
         deadline = time.monotonic() + self.timeout
         while self._out:
-            sock = self._socket()
-            try:
-                sent = sock.send(self._out)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                raise self._lose(f"send failed: {exc}") from exc
+            sent = self._send_some(self._out)
             if sent:
                 del self._out[:sent]
                 deadline = time.monotonic() + self.timeout
@@ -224,6 +223,15 @@ class Wire:
             readable, _, _ = select.select([self._fileno], [self._fileno], [], remaining)
             if readable:
                 self.read_available()
+
+    def _send_some(self, data: bytes | bytearray) -> int:
+        """Bytes of ``data`` the socket took now (0: no room)."""
+        try:
+            return self._socket().send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise self._lose(f"send failed: {exc}") from exc
 
     def _wait(self, pending: Pending) -> None:
         self._read_until(lambda: pending.done)
