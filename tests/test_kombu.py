@@ -20,6 +20,7 @@ from kombu import Connection, Consumer, Exchange, Message, Producer, Queue
 from kombu.asynchronous import Hub
 
 from pigeon import Client
+from pigeon.errors import TooManyTopicsError
 from pigeon.kombu.transport import ExchangeTypeNotSupported, Transport
 from pigeon.testing import ServerProcess
 
@@ -379,3 +380,24 @@ def test_a_cancelled_consumer_keeps_what_it_holds_until_it_settles_it(
             1,
         )
         assert len(received) == 3
+
+
+def test_a_refused_publish_is_raised_by_the_next_one_or_at_once_with_confirm_publish(name: str) -> None:
+    server = ServerProcess("--max-topics", "1")
+    url = f"pigeon://{server.host}:{server.port}"
+    try:
+        with Connection(url) as connection:
+            producer = Producer(connection.channel())
+            producer.publish({"n": 1}, routing_key=f"{name}-a")  # the one topic allowed
+            producer.publish({"n": 2}, routing_key=f"{name}-b")  # refused: pipelined, not known yet
+            assert producer.channel.queue_declare(f"{name}-a", passive=True).message_count == 1  # reads it
+            with pytest.raises(TooManyTopicsError):
+                producer.publish({"n": 3}, routing_key=f"{name}-a")
+        with Connection(url, transport_options={"confirm_publish": True}) as connection:
+            producer = Producer(connection.channel())
+            with pytest.raises(TooManyTopicsError):
+                producer.publish({"n": 4}, routing_key=f"{name}-c")
+            producer.publish({"n": 5}, routing_key=f"{name}-a")
+        assert topic(server, f"{name}-a")["backlog_messages"] == 2
+    finally:
+        assert server.stop() == 0

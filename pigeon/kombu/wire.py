@@ -96,7 +96,8 @@ class Wire:
         return dropped
 
     def publish(self, topic: str, data: bytes) -> None:
-        """Send a PUBLISH without waiting for its reply; raises the refusal of an earlier one, if any."""
+        """Send a PUBLISH without waiting for its reply; raises the refusal of an earlier one whose reply
+        has been read, if any."""
         self.raise_refused()
         line = codec.publish_line(
             self.client_id, codec.encode_topic(topic), codec.encode_message(data), self.info.max_line
