@@ -38,6 +38,12 @@ def test_the_server_loads_neither_the_clients_nor_the_tools() -> None:
     assert not loaded & {"pigeon.client", "pigeon.cli", "pigeon.bench", "pigeon.testing", "aiohttp"}
 
 
+def test_the_kombu_transport_loads_neither_the_core_nor_the_server() -> None:
+    loaded = _loaded_after("import pigeon.kombu; pigeon.kombu.Transport")
+    assert "pigeon.kombu.transport" in loaded
+    assert not loaded & {"pigeon._core", "pigeon.server", "pigeon.cli", "pigeon.testing"}
+
+
 def test_the_public_names_resolve() -> None:
     from pigeon import AsyncClient, Client, Message, PigeonError, Server, ServerThread
     from pigeon.client.aio import AsyncClient as DefinedAsyncClient

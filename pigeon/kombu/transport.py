@@ -1,0 +1,403 @@
+"""The kombu transport: kombu's channels, exchanges and acknowledgements on Pigeon's topics.
+
+A kombu queue is a Pigeon topic of the same name; each channel is one Pigeon
+connection (``Wire``). What maps to what, and why, is in docs/celery.md:
+
+- consuming a queue is ``SUBSCRIBE <queue> ACK PREFETCH <n>`` (plain ``SUBSCRIBE`` with
+  ``no_ack``); ``basic_qos(prefetch_count)`` is that ``n`` (0, unlimited, is the largest window);
+- ``basic_ack`` is ``ACK`` (sent in ranges at the next turn of the event loop), ``multiple``
+  acknowledges every tag up to the one given; ``basic_reject(requeue=True)`` is ``NACK`` (the
+  message goes back to the head of its queue), ``requeue=False`` is ``ACK``: the message is
+  dropped, as RabbitMQ does without a dead-letter exchange. The broker moves a message that keeps
+  coming back to ``<queue>.dead`` after ``--max-deliveries`` attempts;
+- publishing is pipelined; a direct exchange routes by the bindings this process declared, and
+  to the queue named by the routing key when it declared none (Celery's convention: routing key
+  = queue name); fanout and topic exchanges need consumer groups (protocol 2) and are refused;
+- the broker keeps the unacknowledged messages and redelivers them when a connection goes, so the
+  channel keeps none and restores none.
+
+Deliveries wake the consumer through its socket: ``drain_events`` polls the channels' sockets,
+and in Celery's worker ``register_with_event_loop`` puts them in the worker's event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import time
+from typing import Any
+
+from kombu.transport import virtual
+
+from pigeon._version import __version__
+from pigeon.errors import CommandError, ConnectionClosedError
+from pigeon.kombu import envelope
+from pigeon.kombu.wire import PREFETCH_MAX, Wire
+from pigeon.protocol import DEFAULT_PORT
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REPLY_TIMEOUT = 10.0  # seconds to wait for the broker without progress
+
+
+class ExchangeTypeNotSupported(NotImplementedError):
+    """A fanout or topic exchange: routing to every bound queue needs consumer groups (protocol 2)."""
+
+
+class QoS(virtual.QoS):  # type: ignore[misc]
+    """Nothing to keep: the broker holds the prefetch window and the unacknowledged messages."""
+
+    def can_consume(self) -> bool:
+        """Always: the broker stops delivering when the window is full."""
+        return True
+
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        """Nothing to note (kombu calls this for every delivery of an acknowledged consumer)."""
+
+    def restore_unacked_once(self, stderr: Any = None) -> None:
+        """Nothing to restore: the broker redelivers what a closed connection held."""
+
+
+class Channel(virtual.Channel):  # type: ignore[misc]
+    """A kombu channel on its own Pigeon connection.
+
+    Transport options: ``confirm_publish`` (wait for the broker's reply to
+    every publish, default False: pipelined) and ``reply_timeout`` (seconds
+    without progress before an operation fails, default 10).
+    """
+
+    QoS = QoS
+    do_restore = False
+    confirm_publish = False
+    reply_timeout = DEFAULT_REPLY_TIMEOUT
+    from_transport_options = (*virtual.Channel.from_transport_options, "confirm_publish", "reply_timeout")
+
+    def __init__(self, connection: Any, **kwargs: Any) -> None:
+        super().__init__(connection, **kwargs)
+        self._prefetch_count = 0
+        self._acked_queues: set[str] = set()  # the queues consumed with acknowledgements
+        self._held: dict[str, dict[int, None]] = {}  # per queue, the tags delivered and not settled yet
+        self._cancelled: set[str] = set()  # queues whose consumer was cancelled while holding messages
+        self._closing = False
+        self.wire = self._open_wire()
+
+    def _open_wire(self) -> Wire:
+        client = self.connection.client
+        if client.userid or client.password:
+            raise ConnectionClosedError(
+                "pigeon:// takes no user name or password yet: this broker version has no authentication"
+            )
+        return Wire(
+            client.hostname or "127.0.0.1", int(client.port or DEFAULT_PORT), float(self.reply_timeout)
+        )
+
+    # ------------------------------------------------------------ publishing and routing
+
+    def basic_publish(self, message: dict[str, Any], exchange: str, routing_key: str, **kwargs: Any) -> None:
+        """Publish ``message`` to the queues ``exchange`` and ``routing_key`` route it to (see ``route``)."""
+        self._inplace_augment_message(message, exchange, routing_key)
+        line = envelope.encode(message)
+        for queue in self.route(exchange, routing_key):
+            self.wire.publish(queue, line)
+        if self.confirm_publish:
+            self.wire.sync()
+
+    def route(self, exchange: str, routing_key: str) -> list[str]:
+        """The queues a message goes to.
+
+        The default exchange (``""``) routes to the queue named by the routing
+        key. A direct exchange routes to the queues this process bound to it with
+        that routing key, and when there are none, to the queue named by the
+        routing key: the publisher and the consumer are different processes, and
+        kombu keeps bindings in each process, so this is the rule that needs no
+        shared table (Celery binds each queue with its own name as routing key).
+        """
+        if not exchange:
+            return [routing_key]
+        declared = self.state.exchanges.get(exchange)
+        kind = declared["type"] if declared else "direct"
+        if kind != "direct":
+            raise ExchangeTypeNotSupported(
+                f"pigeon:// cannot route through the {kind} exchange {exchange!r}: routing one message to "
+                "every bound queue needs consumer groups (Pigeon protocol 2). Until then broadcast "
+                "(celery inspect/control, worker events) does not work; see docs/celery.md"
+            )
+        queues = {queue for key, _, queue in declared["table"] if key == routing_key} if declared else set()
+        return sorted(queues) or [routing_key]
+
+    # ------------------------------------------------------------ queues
+
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        """Nothing to create: a topic exists while it has subscribers or messages."""
+
+    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        """Every queue name exists (topics are made on first use)."""
+        return True
+
+    def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
+        """Nothing to delete: protocol 1 has no command for it; the topic goes once it is empty and unused."""
+
+    def _size(self, queue: str) -> int:
+        """Messages ready in the queue: its backlog (delivered, unacknowledged ones are not counted)."""
+        entry = self.wire.stats_topic(queue)
+        return int(entry["backlog_messages"]) if entry else 0
+
+    def _purge(self, queue: str) -> int:
+        """Drop the queue's ready messages; returns how many.
+
+        Protocol 1 has no purge command, so a second connection subscribes
+        plainly (at-most-once: a message handed to it is gone), takes messages
+        until the backlog is empty (the STATS round trips let them flow), and
+        unsubscribes. Consumers of the queue with room in their window keep
+        taking messages meanwhile, as they would in any broker.
+        """
+        if not self._size(queue):
+            return 0
+        purger = self._open_wire()
+        try:
+            purger.subscribe(queue, ack=False, prefetch=None)
+            left: int | None = None
+            deadline = time.monotonic() + purger.timeout
+            while time.monotonic() < deadline:  # gives up after `timeout` s without progress
+                entry = purger.stats_topic(queue)
+                backlog = int(entry["backlog_messages"]) if entry else 0
+                if not backlog:
+                    break
+                if left is None or backlog < left:
+                    left = backlog
+                    deadline = time.monotonic() + purger.timeout
+            return purger.unsubscribe(queue)
+        finally:
+            purger.close()
+
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
+        raise NotImplementedError(
+            "pigeon:// has no basic_get (the broker pushes messages, it has no pull): consume the queue "
+            "with a Consumer, or SimpleQueue.get(block=True)"
+        )
+
+    # ------------------------------------------------------------ consuming
+
+    def basic_consume(
+        self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any
+    ) -> None:
+        """Consume ``queue``: an acknowledged subscription with the channel's prefetch, or a plain one."""
+        super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        if no_ack:
+            self.wire.subscribe(queue, ack=False, prefetch=None)
+        else:
+            self.wire.subscribe(queue, ack=True, prefetch=self._window())
+            self._acked_queues.add(queue)
+        self.connection.watch(self)
+
+    def basic_cancel(self, consumer_tag: str) -> None:
+        """Stop consuming; the messages the consumer still holds stay its own until settled.
+
+        AMQP keeps a cancelled consumer's unacknowledged messages with it until
+        they are settled (Celery's warm shutdown acknowledges the tasks it was
+        running after cancelling), while Pigeon's ``UNSUBSCRIBE`` gives them
+        back at once. So a consumer that holds some gets a window of 1 (which
+        it is already over: no more come) and unsubscribes when it settles the
+        last one.
+        """
+        queue = self._tag_to_queue.get(consumer_tag)
+        super().basic_cancel(consumer_tag)
+        if queue is None or self._closing or queue in self._active_queues:
+            return  # closing: DISCONNECT gives everything back at once
+        if self._held.get(queue):
+            self._cancelled.add(queue)
+            self.wire.subscribe(queue, ack=True, prefetch=1)
+        else:
+            self._unsubscribe(queue)
+
+    def _unsubscribe(self, queue: str) -> None:
+        self._acked_queues.discard(queue)
+        self._cancelled.discard(queue)
+        self._held.pop(queue, None)
+        self.wire.unsubscribe(queue)
+
+    def basic_qos(self, prefetch_size: int = 0, prefetch_count: int = 0, apply_global: bool = False) -> None:
+        """Set the prefetch window (per consumed queue: Pigeon's window is per subscription)."""
+        self._prefetch_count = prefetch_count
+        for queue in sorted(self._acked_queues - self._cancelled):
+            self.wire.subscribe(queue, ack=True, prefetch=self._window())
+
+    def _window(self) -> int:
+        count = self._prefetch_count
+        return PREFETCH_MAX if not count else min(int(count), PREFETCH_MAX)
+
+    def basic_ack(self, delivery_tag: int | None, multiple: bool = False) -> None:
+        """``ACK`` the delivery (with the next flush); ``multiple``: every one up to it, at once."""
+        if delivery_tag is None:
+            return  # a delivery of a no_ack consumer: nothing to settle
+        if multiple:
+            self.wire.ack_through(delivery_tag)
+            for queue, tags in list(self._held.items()):
+                for tag in [tag for tag in tags if tag <= delivery_tag]:
+                    self._settled(queue, tag)
+        else:
+            self.wire.ack(delivery_tag)
+            self._settled_tag(delivery_tag)
+
+    def basic_reject(self, delivery_tag: int | None, requeue: bool = False) -> None:
+        """``requeue``: ``NACK``, back to the head of the queue; otherwise ``ACK``: dropped."""
+        if delivery_tag is None:
+            return
+        if requeue:
+            self.wire.nack(delivery_tag)
+            self._settled_tag(delivery_tag)
+        else:
+            self.basic_ack(delivery_tag)
+
+    def _settled_tag(self, tag: int) -> None:
+        for queue, tags in self._held.items():
+            if tag in tags:
+                self._settled(queue, tag)
+                return
+
+    def _settled(self, queue: str, tag: int) -> None:
+        tags = self._held[queue]
+        del tags[tag]
+        if not tags and queue in self._cancelled and not self._closing:
+            self._unsubscribe(queue)
+
+    def deliver_buffered(self) -> int:
+        """Hand the deliveries read so far to their consumers' callbacks; returns how many."""
+        delivered = 0
+        callbacks = self.connection._callbacks
+        for message in self.wire.take_deliveries():
+            callback = callbacks.get(message.topic)
+            try:
+                raw = envelope.decode(message.data)
+            except ValueError:
+                logger.warning("pigeon: dropping a message of %r that is not a kombu message", message.topic)
+                self.basic_ack(message.tag)
+                continue
+            if callback is None:
+                self.basic_reject(message.tag, requeue=True)
+                continue
+            if message.tag is not None:
+                self._held.setdefault(message.topic, {})[message.tag] = None
+            properties = raw["properties"]
+            properties["delivery_tag"] = message.tag
+            properties.setdefault("delivery_info", {})["redelivered"] = (message.attempt or 1) > 1
+            callback(raw)
+            delivered += 1
+        return delivered
+
+    def close(self) -> None:
+        """Close the channel and its connection; the broker redelivers what it held unacknowledged."""
+        if self.closed:
+            return
+        self._closing = True
+        wire = self.wire
+        try:
+            super().close()
+        finally:
+            wire.close()
+
+
+ChannelT = Channel  # Transport.Channel below is a class attribute, which would shadow the name
+
+
+class Transport(virtual.Transport):  # type: ignore[misc]
+    """kombu's transport for ``pigeon://host:port`` (default port 3333)."""
+
+    Channel = Channel
+    default_port = DEFAULT_PORT
+    driver_type = "pigeon"
+    driver_name = "pigeon"
+    polling_interval = None
+    connection_errors = (*virtual.Transport.connection_errors, ConnectionClosedError, OSError)
+    channel_errors = (*virtual.Transport.channel_errors, CommandError)
+    implements = virtual.Transport.implements.extend(
+        asynchronous=True,
+        exchange_type=frozenset(["direct"]),
+    )
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self._hub: Any = None
+        self._watched: dict[int, ChannelT] = {}  # channels whose sockets the event loop watches, by fd
+        self.delivered_total = 0  # deliveries handed to consumers' callbacks, for tests and tools
+
+    def driver_version(self) -> str:
+        """The pigeon-broker version."""
+        return __version__
+
+    # ------------------------------------------------------------ without an event loop
+
+    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+        """Deliver what arrives on any channel; wait up to ``timeout`` s, then raise ``socket.timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._deliver_buffered():
+                return
+            channels = {channel.wire.fileno(): channel for channel in self._open_channels()}
+            poller = select.poll()
+            for fd in channels:
+                poller.register(fd, select.POLLIN)
+            wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            events = poller.poll(None if wait is None else wait * 1000)
+            for fd, _ in events:
+                channels[fd].wire.read_available()
+            if not events and wait is not None:
+                if self._deliver_buffered():
+                    return
+                raise TimeoutError()  # socket.timeout, which kombu's callers catch
+
+    def _open_channels(self) -> list[ChannelT]:
+        return [channel for channel in self.channels if not channel.closed and channel.wire.sock is not None]
+
+    def _deliver_buffered(self) -> int:
+        delivered = 0
+        for channel in self._open_channels():
+            channel.wire.flush_acks()
+            if channel.wire.has_deliveries:
+                delivered += channel.deliver_buffered()
+        self.delivered_total += delivered
+        return delivered
+
+    # ------------------------------------------------------------ in an event loop (Celery's worker hub)
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """Watch every channel's socket in ``loop``; each turn sends the queued acks."""
+        self._hub = loop
+        self._watched.clear()
+        for channel in self._open_channels():
+            self.watch(channel)
+        loop.on_tick.add(self._on_tick)
+
+    def watch(self, channel: ChannelT) -> None:
+        """Have the event loop (once there is one) wake this transport when ``channel`` has bytes."""
+        fd = channel.wire.fileno()
+        if self._hub is not None and fd not in self._watched:
+            self._watched[fd] = channel
+            self._hub.add_reader(fd, self.on_readable, fd)
+
+    def on_readable(self, fd: int) -> None:
+        """The event loop saw bytes on a channel's socket: take them and deliver."""
+        channel = self._watched.get(fd)
+        if channel is None or channel.closed:
+            return
+        try:
+            channel.wire.read_available()
+        finally:
+            self.delivered_total += channel.deliver_buffered()
+
+    def _on_tick(self) -> None:
+        # deliveries read while a command waited for its reply, and acks queued since the last turn
+        self._deliver_buffered()
+
+    def close_channel(self, channel: ChannelT) -> None:
+        """Forget the channel (and stop watching its socket)."""
+        fd = channel.wire.fileno()
+        if self._watched.pop(fd, None) is not None and self._hub is not None:
+            self._hub.remove_reader(fd)
+        super().close_channel(channel)
+
+    def close_connection(self, connection: Any) -> None:
+        """Close every channel and stop being called by the event loop."""
+        if self._hub is not None:
+            self._hub.on_tick.discard(self._on_tick)
+        super().close_connection(connection)

@@ -1,0 +1,282 @@
+"""One Pigeon connection as the kombu transport needs it: a non-blocking socket an event loop can watch.
+
+kombu's event loop (Celery's worker hub) and ``drain_events`` wait on file
+descriptors and then ask the transport to take what arrived, so this
+connection never blocks in a read: ``read_available`` takes what the socket
+holds and returns. Matching replies to commands and parsing deliveries is
+the client library's ``Session`` and ``codec``, shared with ``pigeon.Client``.
+
+Publishing is pipelined: a ``PUBLISH`` is sent at once and its reply is not
+waited for; replies are taken whenever the socket is read, and a refusal is
+raised by the next ``publish`` or ``sync``. While a send cannot go out (the
+broker holds a publisher by flow control, or is busy), replies and deliveries
+are read meanwhile, so the broker never stops reading this connection because
+its output is not being taken.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from pigeon import errors
+from pigeon.client import codec
+from pigeon.client.base import RECV_SIZE, WINDOW
+from pigeon.client.codec import Message, ServerInfo, SubscribeOptions
+from pigeon.client.session import Pending, Session
+from pigeon.errors import CommandError, ConnectionClosedError, PigeonError, ProtocolError
+
+PREFETCH_MAX = codec.PREFETCH_MAX
+
+
+class Wire:
+    """A connection to a Pigeon broker (HELLO and CONNECT on creation), read without blocking.
+
+    ``timeout`` bounds every wait for the broker without progress: a reply, or
+    room in the socket for a send.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+        self.timeout = timeout
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise ConnectionClosedError(f"cannot connect to {host}:{port}: {exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        self.sock: socket.socket | None = sock
+        self._fileno = sock.fileno()
+        self._session = Session()
+        self._out = bytearray()  # what the socket has not taken yet
+        self._acks: list[int] = []  # tags to acknowledge with the next flush_acks()
+        self._refused: deque[CommandError | Exception] = deque()  # pipelined publishes the broker refused
+        hello = self._session.expect(b"HELLO")
+        connected = self._session.expect(b"CONNECTED")
+        self._send(codec.hello_line() + codec.connect_line())
+        self._wait(connected)
+        self.info: ServerInfo = codec.parse_hello(self._reply(hello))
+        self.client_id = self._reply(connected)
+
+    def fileno(self) -> int:
+        """The socket's file descriptor (kept after close, so it can be unregistered)."""
+        return self._fileno
+
+    # ------------------------------------------------------------ commands
+
+    def command(self, line: bytes, verb: bytes) -> bytes:
+        """Send one command (after the queued acks) and wait for its reply; returns what follows ``verb``,
+        raises its ERROR."""
+        self.flush_acks()
+        pending = self._session.expect(verb)
+        self._send(line)
+        self._wait(pending)
+        return self._reply(pending)
+
+    def subscribe(self, topic: str, ack: bool, prefetch: int | None) -> None:
+        """SUBSCRIBE (acknowledged with a window of ``prefetch``, or plain); again changes the window."""
+        options = SubscribeOptions(ack, prefetch if ack else None)
+        self.command(codec.subscribe_line(self.client_id, codec.encode_topic(topic), options), b"SUBSCRIBED")
+
+    def unsubscribe(self, topic: str) -> int:
+        """UNSUBSCRIBE, and drop the deliveries of ``topic`` not taken yet; returns how many were dropped.
+
+        Acknowledged ones go back to the topic (the broker redelivers what an
+        unsubscribing connection held); plain ones are gone, as in AMQP's no-ack mode.
+        """
+        self.command(codec.unsubscribe_line(self.client_id, codec.encode_topic(topic)), b"UNSUBSCRIBED")
+        messages = self._session.messages
+        kept = [message for message in messages if message.topic != topic]
+        dropped = len(messages) - len(kept)
+        messages.clear()
+        messages.extend(kept)
+        return dropped
+
+    def publish(self, topic: str, data: bytes) -> None:
+        """Send a PUBLISH without waiting for its reply; raises the refusal of an earlier one whose reply
+        has been read, if any."""
+        self.raise_refused()
+        line = codec.publish_line(
+            self.client_id, codec.encode_topic(topic), codec.encode_message(data), self.info.max_line
+        )
+        self._session.expect_unwaited()
+        self._send(line)
+        if self._session.in_flight > WINDOW:
+            self._read_until(lambda: self._session.in_flight <= WINDOW // 2)
+
+    def sync(self) -> None:
+        """Wait until the broker has answered everything sent (a PING round trip); raise a refusal."""
+        self.command(codec.ping_line(), b"PONG")
+        self.raise_refused()
+
+    def raise_refused(self) -> None:
+        """Raise the first refusal of a pipelined publish not reported yet."""
+        if self._refused:
+            error = self._refused.popleft()
+            raise error
+
+    def ack(self, tag: int) -> None:
+        """Acknowledge a delivery with the next ``flush_acks`` (consecutive tags become one range)."""
+        self._acks.append(tag)
+
+    def ack_through(self, tag: int) -> None:
+        """Acknowledge every outstanding delivery up to ``tag`` now (AMQP's ``multiple=True``)."""
+        self.flush_acks()
+        self._send(b"ACK %s 1-%d\n" % (self.client_id, tag))
+
+    def nack(self, tag: int) -> None:
+        """Give a delivery back to the head of its topic now (after the acks queued before it)."""
+        self.flush_acks()
+        self._send(codec.settle_lines(b"NACK", self.client_id, [tag]))
+
+    def flush_acks(self) -> None:
+        """Send the queued acknowledgements, as few ``ACK`` lines as their tags allow."""
+        if self._acks and self.sock is not None:
+            tags, self._acks = self._acks, []
+            self._send(codec.settle_lines(b"ACK", self.client_id, tags))
+
+    def stats_topic(self, topic: str) -> dict[str, Any] | None:
+        """The ``STATS TOPICS`` entry of ``topic``, or None when the broker holds no such topic.
+
+        The listing has no lookup by name: its pages are walked until the topic is found.
+        """
+        cursor = 0
+        while True:
+            reply = self.command(codec.stats_line("topics", cursor), b"STATS")
+            entries, cursor = codec.parse_stats_page("topics", reply)
+            for entry in entries:
+                if entry.get("name") == topic:
+                    return entry
+            if cursor == 0:
+                return None
+
+    # ------------------------------------------------------------ deliveries
+
+    def take_deliveries(self) -> list[Message]:
+        """The deliveries read so far, oldest first."""
+        messages = self._session.messages
+        if not messages:
+            return []
+        taken = list(messages)
+        messages.clear()
+        return taken
+
+    @property
+    def has_deliveries(self) -> bool:
+        """Deliveries were read and not taken yet."""
+        return bool(self._session.messages)
+
+    def read_available(self) -> None:
+        """Take in whatever the socket holds now, without waiting; raises ConnectionClosedError when lost."""
+        while self._read_once():
+            pass
+
+    def wait_readable(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds for bytes to read."""
+        readable, _, _ = select.select([self._fileno], [], [], timeout)
+        return bool(readable)
+
+    # ------------------------------------------------------------ closing
+
+    def close(self) -> None:
+        """Send the queued acks and DISCONNECT, wait briefly for the reply, close; safe to call twice.
+
+        Waiting for ``DISCONNECTED`` means the broker has read every PUBLISH sent
+        before: a process that publishes and exits loses nothing.
+        """
+        if self.sock is None:
+            return
+        try:
+            self.command(codec.disconnect_line(), b"DISCONNECTED")
+        except (PigeonError, OSError):
+            pass  # closing anyway: the broker gives back what this connection held
+        finally:
+            self._drop()
+
+    # ------------------------------------------------------------ bytes
+
+    def _reply(self, pending: Pending) -> bytes:
+        if pending.error is not None:
+            raise pending.error
+        return pending.reply
+
+    def _send(self, data: bytes) -> None:
+        """Send ``data`` after anything unsent; while the socket has no room, read what arrives."""
+        if not self._out:  # the usual case, an ACK line or a PUBLISH: one system call
+            sent = self._send_some(data)
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._out += data
+        deadline = time.monotonic() + self.timeout
+        while self._out:
+            sent = self._send_some(self._out)
+            if sent:
+                del self._out[:sent]
+                deadline = time.monotonic() + self.timeout
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise errors.TimeoutError(f"the broker took nothing for {self.timeout}s")
+            readable, _, _ = select.select([self._fileno], [self._fileno], [], remaining)
+            if readable:
+                self.read_available()
+
+    def _send_some(self, data: bytes | bytearray) -> int:
+        """Bytes of ``data`` the socket took now (0: no room)."""
+        try:
+            return self._socket().send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise self._lose(f"send failed: {exc}") from exc
+
+    def _wait(self, pending: Pending) -> None:
+        self._read_until(lambda: pending.done)
+
+    def _read_until(self, done: Callable[[], bool]) -> None:
+        """Read until ``done()`` is true; raises pigeon.TimeoutError after ``timeout`` s without bytes."""
+        while not done():
+            if not self.wait_readable(self.timeout):
+                raise errors.TimeoutError(f"no reply from the broker within {self.timeout}s")
+            self.read_available()
+
+    def _read_once(self) -> bool:
+        sock = self._socket()
+        try:
+            data = sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise self._lose(f"connection lost: {exc}") from exc
+        if not data:
+            raise self._lose("connection closed by the broker")
+        session = self._session
+        for entry in session.receive(data):
+            self._refused.extend(refusal.error for refusal in entry.refused)
+        if session.broken is not None:
+            raise self._lose(session.broken, ProtocolError)
+        if session.closing:
+            raise self._lose("the broker closed the connection")
+        return len(data) == RECV_SIZE
+
+    def _socket(self) -> socket.socket:
+        if self.sock is None:
+            raise ConnectionClosedError("the connection is closed")
+        return self.sock
+
+    def _lose(
+        self, reason: str, kind: type[ConnectionClosedError] = ConnectionClosedError
+    ) -> ConnectionClosedError:
+        _, error = self._session.lost(reason, kind)
+        self._drop()
+        return error
+
+    def _drop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self._out.clear()

@@ -1,0 +1,403 @@
+"""The kombu transport (pigeon.kombu) against a real ``pigeon`` process, through kombu's own API:
+``kombu.Connection``, ``SimpleQueue``, ``Producer`` and ``Consumer``.
+
+Each test uses queues of its own name on one server per module. The broker's
+figures (``STATS TOPICS``, read with ``pigeon.Client``) say what it holds, so
+the tests check the broker's side of every acknowledgement, not only kombu's.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kombu import Connection, Consumer, Exchange, Message, Producer, Queue
+from kombu.asynchronous import Hub
+
+from pigeon import Client
+from pigeon.errors import TooManyTopicsError
+from pigeon.kombu.transport import ExchangeTypeNotSupported, Transport
+from pigeon.testing import ServerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    """One broker for the module (queues are named per test)."""
+    proc = ServerProcess("--ack-timeout", "0")
+    yield proc
+    assert proc.stop() == 0, "".join(proc.log)
+
+
+@pytest.fixture
+def url(server: ServerProcess) -> str:
+    """The broker's kombu URL."""
+    return f"pigeon://{server.host}:{server.port}"
+
+
+@pytest.fixture
+def name() -> str:
+    """A queue name no other test uses."""
+    return f"q-{uuid.uuid4().hex[:12]}"
+
+
+def topic(server: ServerProcess, queue: str) -> dict[str, Any]:
+    """The broker's STATS TOPICS entry for ``queue`` (zeros when it holds no such topic)."""
+    with Client(server.host, server.port) as client:
+        for entry in client.stats("topics"):
+            if entry["name"] == queue:
+                return entry
+    return {"name": queue, "backlog_messages": 0, "unacked": 0, "acked": 0, "nacked": 0}
+
+
+def acking(bodies: list[Any], routing_keys: list[str] | None = None) -> Callable[[Any, Message], None]:
+    """A consumer callback that keeps each body (and routing key) and acknowledges the message."""
+
+    def callback(body: Any, message: Message) -> None:
+        bodies.append(body)
+        if routing_keys is not None:
+            routing_keys.append(message.delivery_info["routing_key"])
+        message.ack()
+
+    return callback
+
+
+def drain(connection: Connection, count: int, timeout: float = 10.0) -> None:
+    """Drain events until ``count`` more deliveries were handled (each drain_events call delivers one
+    batch or raises TimeoutError after ``timeout``)."""
+    transport = connection.transport
+    before = transport.delivered_total
+    while transport.delivered_total - before < count:
+        connection.drain_events(timeout=timeout)
+
+
+# ------------------------------------------------------------ registration
+
+
+def test_pigeon_urls_resolve_to_the_transport_in_a_fresh_interpreter(url: str) -> None:
+    # the entry point is loaded when kombu imports its serialization, as Queue, Exchange, Producer do
+    script = (
+        "from kombu import Connection, Queue\n"
+        f"c = Connection({url!r})\n"
+        "print(type(c.transport).__module__, c.transport.driver_type)\n"
+        "from celery import Celery\n"
+        f"app = Celery(broker={url!r})\n"
+        "print(type(app.connection_for_write().transport).__module__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["pigeon.kombu.transport", "pigeon", "pigeon.kombu.transport"]
+
+
+def test_the_kombu_example_of_docs_celery_md_runs_in_a_fresh_interpreter(url: str) -> None:
+    text = (ROOT / "docs" / "celery.md").read_text()
+    example = text.split("```python\n", 1)[1].split("```", 1)[0]
+    script = example.replace("pigeon://127.0.0.1:3333", url)
+    assert script != example
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "{'photo': 'photo-1.jpg'}\n"
+
+
+# ------------------------------------------------------------ SimpleQueue
+
+
+def test_simple_queue_round_trips_json_and_binary_bodies_with_headers(url: str, name: str) -> None:
+    binary = bytes(range(256)) + b"\n\r\nend"  # newlines and every byte: the envelope keeps them on one line
+    with Connection(url) as connection:
+        queue = connection.SimpleQueue(name)
+        queue.put({"text": "line one\nline two \u2028 é", "n": 1}, headers={"h": "v\nw"})
+        queue.put(binary, serializer=None, content_type="application/octet-stream", content_encoding="binary")
+        first = queue.get(timeout=10)
+        second = queue.get(timeout=10)
+        assert first.payload == {"text": "line one\nline two \u2028 é", "n": 1}
+        assert first.headers["h"] == "v\nw"
+        assert second.body == binary
+        assert second.content_type == "application/octet-stream"
+        first.ack()
+        second.ack()
+        queue.close()
+
+
+def test_acked_messages_are_gone_from_the_broker(server: ServerProcess, url: str, name: str) -> None:
+    with Connection(url) as connection:
+        queue = connection.SimpleQueue(name)
+        for i in range(20):
+            queue.put({"i": i})
+        got = [queue.get(timeout=10) for _ in range(20)]
+        assert [m.payload["i"] for m in got] == list(range(20))
+        for message in got:
+            message.ack()
+        assert queue.qsize() == 0  # a command: the queued ACKs go out before it
+        figures = topic(server, name)  # read while subscribed: the topic goes when nothing holds it
+        assert (figures["acked"], figures["unacked"]) == (20, 0)
+        queue.close()
+
+
+def test_unacked_messages_come_back_when_the_consumer_goes(url: str, name: str) -> None:
+    with Connection(url) as connection:
+        queue = connection.SimpleQueue(name)
+        queue.put({"job": 1})
+        taken = queue.get(timeout=10)
+        assert taken.payload == {"job": 1}
+        assert not taken.delivery_info["redelivered"]
+        queue.close()  # closed without acking
+    with Connection(url) as connection:
+        queue = connection.SimpleQueue(name)
+        again = queue.get(timeout=10)
+        assert again.payload == {"job": 1}
+        assert again.delivery_info["redelivered"]
+        again.ack()
+        queue.close()
+
+
+def test_reject_with_requeue_is_a_nack_and_without_drops_the_message(
+    server: ServerProcess, url: str, name: str
+) -> None:
+    with Connection(url) as connection:
+        queue = connection.SimpleQueue(name)
+        queue.consumer.qos(prefetch_count=1)  # one at a time: the requeued message is the next one
+        queue.put({"n": "requeued"})
+        queue.put({"n": "dropped"})
+        message = queue.get(timeout=10)
+        assert message.payload == {"n": "requeued"}
+        message.requeue()
+        again = queue.get(timeout=10)
+        assert again.payload == {"n": "requeued"}
+        assert again.delivery_info["redelivered"]
+        again.ack()
+        dropped = queue.get(timeout=10)
+        assert dropped.payload == {"n": "dropped"}
+        dropped.reject()
+        assert queue.qsize() == 0
+        figures = topic(server, name)
+        assert (figures["nacked"], figures["acked"], figures["unacked"]) == (1, 2, 0)
+        queue.close()
+
+
+def test_qsize_counts_ready_messages_not_unacked_ones(server: ServerProcess, url: str, name: str) -> None:
+    with Connection(url) as connection:
+        queue = connection.SimpleQueue(name)
+        queue.consumer.qos(prefetch_count=3)
+        for i in range(10):
+            queue.put({"i": i})
+        assert queue.qsize() == 10
+        held = queue.get(timeout=10)  # consuming starts: the broker hands over a window of 3
+        assert topic(server, name)["unacked"] == 3
+        assert queue.qsize() == 7
+        held.ack()
+        queue.close()
+
+
+def test_purge_drops_the_ready_messages_and_counts_them(url: str, name: str) -> None:
+    with Connection(url) as connection:
+        queue = connection.SimpleQueue(name)
+        for i in range(500):
+            queue.put({"i": i})
+        assert queue.qsize() == 500
+        assert queue.clear() == 500
+        assert queue.qsize() == 0
+        assert queue.clear() == 0
+        queue.put({"after": True})
+        message = queue.get(timeout=10)
+        assert message.payload == {"after": True}
+        message.ack()
+        queue.close()
+
+
+def test_purging_a_queue_the_broker_never_saw_purges_nothing(url: str, name: str) -> None:
+    with Connection(url) as connection, connection.channel() as channel:
+        assert channel.queue_purge(name) == 0
+
+
+def test_basic_get_is_refused_with_the_reason(url: str, name: str) -> None:
+    with Connection(url) as connection:
+        queue = connection.SimpleQueue(name)
+        with pytest.raises(NotImplementedError, match="no basic_get"):
+            queue.get_nowait()
+        queue.close()
+
+
+# ------------------------------------------------------------ Producer and Consumer
+
+
+def holding_consumer(
+    producing: Connection, consuming: Connection, name: str, count: int, prefetch: int
+) -> tuple[Any, Consumer, list[Message]]:
+    """Publish ``count`` messages ``{"i": i}`` to ``name``; a consumer of it with ``prefetch`` that
+    keeps the messages it gets (without settling them), with its channel and that list."""
+    producer = Producer(producing.channel())
+    for i in range(count):
+        producer.publish({"i": i}, routing_key=name)
+    received: list[Message] = []
+    channel = consuming.channel()
+    consumer = Consumer(channel, [Queue(name)], callbacks=[lambda body, message: received.append(message)])
+    consumer.qos(prefetch_count=prefetch)
+    return channel, consumer, received
+
+
+def test_consumer_with_prefetch_holds_at_most_its_window(server: ServerProcess, url: str, name: str) -> None:
+    with Connection(url) as producer_connection, Connection(url) as consumer_connection:
+        channel, consumer, received = holding_consumer(producer_connection, consumer_connection, name, 50, 5)
+        with consumer:
+            drain(consumer_connection, 5)
+            assert len(received) == 5
+            assert topic(server, name)["unacked"] == 5  # the broker stops at the window
+            received[-1].ack(multiple=True)  # ACK 1-5
+            while len(received) < 50:
+                settled = len(received)
+                drain(consumer_connection, 1)
+                for message in received[settled:]:
+                    message.ack()
+            assert (
+                channel.queue_declare(name, passive=True).message_count == 0
+            )  # a command: the ACKs go first
+            figures = topic(server, name)
+            assert (figures["acked"], figures["unacked"]) == (50, 0)
+        assert [m.payload["i"] for m in received] == list(range(50))
+
+
+def test_direct_exchange_routes_by_local_bindings_else_to_the_queue_named_by_the_key(
+    url: str, name: str
+) -> None:
+    exchange = Exchange(f"{name}-ex", type="direct")
+    bound = Queue(f"{name}-bound", exchange, routing_key="images")
+    by_key = Queue(f"{name}-images", Exchange(f"{name}-other", type="direct"), routing_key=f"{name}-images")
+    with Connection(url) as connection:
+        producer = Producer(connection.channel())
+        # bound in this process: routed through the binding
+        producer.publish({"to": "bound"}, exchange=exchange, routing_key="images", declare=[bound])
+        # an exchange without bindings here: to the queue the routing key names
+        producer.publish({"to": "by key"}, exchange=f"{name}-undeclared", routing_key=f"{name}-images")
+        bodies: list[Any] = []
+        keys: list[str] = []
+        with Consumer(connection.channel(), [bound, by_key], callbacks=[acking(bodies, keys)]):
+            drain(connection, 2)
+    assert dict(zip(keys, bodies, strict=True)) == {
+        "images": {"to": "bound"},
+        f"{name}-images": {"to": "by key"},
+    }
+
+
+def test_fanout_publishing_fails_clearly_until_consumer_groups_exist(url: str, name: str) -> None:
+    broadcast = Exchange(f"{name}-fanout", type="fanout")
+    with Connection(url) as connection:
+        producer = Producer(connection.channel(), exchange=broadcast)
+        producer.declare()
+        with pytest.raises(ExchangeTypeNotSupported, match="consumer groups"):
+            producer.publish({"hello": "all"}, routing_key="")
+
+
+def test_a_message_longer_than_the_brokers_line_limit_is_refused_before_sending(name: str) -> None:
+    server = ServerProcess("--max-line", "2000")
+    try:
+        with Connection(f"pigeon://{server.host}:{server.port}") as connection:
+            queue = connection.SimpleQueue(name)
+            with pytest.raises(ValueError, match="max_line"):
+                queue.put("x" * 3000)
+            queue.put("fits")
+            message = queue.get(timeout=10)
+            assert message.payload == "fits"
+            message.ack()
+            queue.close()
+    finally:
+        assert server.stop() == 0
+
+
+def test_the_event_loop_wakes_on_the_socket(url: str, name: str) -> None:
+    """In a kombu Hub (Celery's worker loop) the consumer's socket is a reader of the loop: a delivery
+    is handled by the loop's own iteration, no drain_events call and no polling interval involved."""
+    assert Transport.polling_interval is None
+    received: list[Any] = []
+    hub = Hub()
+    try:
+        with Connection(url) as connection, Connection(url) as producer_connection:
+            channel = connection.channel()
+            consumer = Consumer(
+                channel,
+                [Queue(name)],
+                callbacks=[acking(received)],
+            )
+            consumer.consume()
+            connection.transport.register_with_event_loop(connection.connection, hub)
+            hub.call_soon(lambda: None)  # makes the first iteration register the sockets (on_tick)
+            loop = hub.create_loop()
+            next(loop)
+            assert channel.wire.fileno() in hub.readers
+            Producer(producer_connection.channel()).publish({"via": "hub"}, routing_key=name)
+            for _ in range(200):  # each iteration waits in poll() for at most 1 s
+                if received:
+                    break
+                next(loop)
+            assert received == [{"via": "hub"}]
+            consumer.cancel()
+    finally:
+        hub.close()
+
+
+def test_a_lost_broker_is_a_connection_error_kombu_can_retry(name: str) -> None:
+    server = ServerProcess()
+    connection = Connection(f"pigeon://{server.host}:{server.port}")
+    queue = connection.SimpleQueue(name)
+    server.stop()
+    try:
+        with pytest.raises(connection.connection_errors):
+            for _ in range(100):  # the first sends may still go into the socket's buffer
+                queue.put({"lost": True})
+                queue.channel.wire.sync()
+    finally:
+        connection.release()
+
+
+def test_a_cancelled_consumer_keeps_what_it_holds_until_it_settles_it(
+    server: ServerProcess, url: str, name: str
+) -> None:
+    """As in AMQP (Celery's warm shutdown acks its running tasks after cancelling): no redelivery of
+    the held messages, no new ones, and the subscription ends with the last settlement."""
+    with Connection(url) as connection:
+        channel, consumer, received = holding_consumer(connection, connection, name, 10, 3)
+        consumer.consume()
+        drain(connection, 3)
+        consumer.cancel()
+        figures = topic(server, name)
+        assert (figures["unacked"], figures["backlog_messages"], figures["subscribers"]) == (3, 7, 1)
+        received[0].ack()
+        received[1].reject(requeue=True)
+        assert topic(server, name)["subscribers"] == 1  # still holds one
+        received[2].ack()  # the last: the channel unsubscribes
+        assert channel.queue_declare(name, passive=True).message_count == 8
+        figures = topic(server, name)
+        assert (figures["unacked"], figures["subscribers"], figures["acked"], figures["nacked"]) == (
+            0,
+            0,
+            2,
+            1,
+        )
+        assert len(received) == 3
+
+
+def test_a_refused_publish_is_raised_by_the_next_one_or_at_once_with_confirm_publish(name: str) -> None:
+    server = ServerProcess("--max-topics", "1")
+    url = f"pigeon://{server.host}:{server.port}"
+    try:
+        with Connection(url) as connection:
+            producer = Producer(connection.channel())
+            producer.publish({"n": 1}, routing_key=f"{name}-a")  # the one topic allowed
+            producer.publish({"n": 2}, routing_key=f"{name}-b")  # refused: pipelined, not known yet
+            assert producer.channel.queue_declare(f"{name}-a", passive=True).message_count == 1  # reads it
+            with pytest.raises(TooManyTopicsError):
+                producer.publish({"n": 3}, routing_key=f"{name}-a")
+        with Connection(url, transport_options={"confirm_publish": True}) as connection:
+            producer = Producer(connection.channel())
+            with pytest.raises(TooManyTopicsError):
+                producer.publish({"n": 4}, routing_key=f"{name}-c")
+            producer.publish({"n": 5}, routing_key=f"{name}-a")
+        assert topic(server, f"{name}-a")["backlog_messages"] == 2
+    finally:
+        assert server.stop() == 0
