@@ -249,3 +249,20 @@ def test_certificate_user_needs_exactly_one_common_name() -> None:
     assert certificate_user(_Peer({"subject": (org, cn)})) == "alice"  # type: ignore[arg-type]
     for cert in ({"subject": (cn, (("commonName", "bob"),))}, {"subject": (org,)}, {}, None):
         assert certificate_user(_Peer(cert)) is None  # type: ignore[arg-type]
+
+
+def test_a_client_closing_tls_first_is_closed_without_warnings(
+    start_server: StartServer, certs: Certs
+) -> None:
+    """A client that ends its TLS session (close_notify) gets the server's close_notify back,
+    and the server logs no asyncio complaint about the client's end of input."""
+    server = start_server(*certs.server_flags())
+    client = TlsLineClient(server, certs.client_context())
+    client.send("CONNECT\nPING\n")
+    assert client.line().startswith(b"CONNECTED ")
+    assert client.line() == b"PONG"
+    assert isinstance(client.sock, ssl.SSLSocket)
+    plain = client.sock.unwrap()
+    assert plain.recv(1) == b""  # the server answered the client's end by closing
+    server.stop()
+    assert not [line for line in server.log if "eof_received" in line], server.log

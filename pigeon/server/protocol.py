@@ -182,9 +182,11 @@ class _Connection(asyncio.BufferedProtocol):
         # The client will send nothing more: it leaves every rotation now, and
         # the transport closes once the replies already written are sent (a
         # half-closed peer may still read them), within the write timeout.
+        # close_after_output already closed the transport; True would only ask it to stay
+        # open, which TLS transports refuse with a warning per connection.
         self._broker.eof(self._handle)
         self.close_after_output()
-        return True
+        return False
 
     def pause_writing(self) -> None:
         self._broker.pause(self._handle)
