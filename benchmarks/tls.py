@@ -24,7 +24,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -34,16 +33,8 @@ from pathlib import Path
 
 import trustme
 
-from benchmarks.compare import (
-    Broker,
-    _cpu_model,
-    _go_env,
-    _pins,
-    _spawn,
-    _wait_for_line,
-    median_results,
-    running,
-)
+from benchmarks.compare import _cpu_model, _pins, median_results
+from pigeon.bench.brokers import Broker, BrokerProcess, _go_env, _spawn, _wait_for_line, running
 from pigeon.bench.load import Options, Result, render_rows, run
 from pigeon.server.limits import raise_open_files_limit
 
@@ -73,14 +64,12 @@ def make_certificates(directory: str) -> Certificates:
     return files
 
 
-def _start_pigeon(tls: list[str], pin: list[str], scratch: str) -> tuple[subprocess.Popen[str], int]:
+def _start_pigeon(tls: list[str], pin: list[str], scratch: str) -> tuple[BrokerProcess, int]:
     proc = _spawn([*pin, sys.executable, "-m", "pigeon", "--port", "0", "--loop", "uvloop", *tls])
     return proc, int(_wait_for_line(proc, re.compile(r"listening on \S+:(\d+)")).group(1))
 
 
-def _start_nats(
-    certs: Certificates | None, pin: list[str], scratch: str
-) -> tuple[subprocess.Popen[str], int]:
+def _start_nats(certs: Certificates | None, pin: list[str], scratch: str) -> tuple[BrokerProcess, int]:
     config = Path(scratch) / "nats.conf"
     lines = ["listen: 127.0.0.1:-1"]
     if certs is not None:
