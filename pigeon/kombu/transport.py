@@ -30,10 +30,14 @@ from typing import Any
 from kombu.transport import virtual
 
 from pigeon._version import __version__
-from pigeon.errors import CommandError, ConnectionClosedError
+from pigeon.errors import AuthFailedError, AuthRequiredError, CommandError, ConnectionClosedError
 from pigeon.kombu import envelope
+from pigeon.kombu.address import broker_address
 from pigeon.kombu.wire import PREFETCH_MAX, Wire
 from pigeon.protocol import DEFAULT_PORT
+
+# errors that a new connection may not have: kombu's ensure_connection and Celery retry these
+RECOVERABLE_CONNECTION_ERRORS = (*virtual.Transport.connection_errors, ConnectionClosedError, OSError)
 
 logger = logging.getLogger(__name__)
 
@@ -82,14 +86,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         self.wire = self._open_wire()
 
     def _open_wire(self) -> Wire:
-        client = self.connection.client
-        if client.userid or client.password:
-            raise ConnectionClosedError(
-                "pigeon:// takes no user name or password yet: this broker version has no authentication"
-            )
-        return Wire(
-            client.hostname or "127.0.0.1", int(client.port or DEFAULT_PORT), float(self.reply_timeout)
-        )
+        return Wire(broker_address(self.connection.client), float(self.reply_timeout))
 
     # ------------------------------------------------------------ publishing and routing
 
@@ -183,11 +180,16 @@ class Channel(virtual.Channel):  # type: ignore[misc]
     ) -> None:
         """Consume ``queue``: an acknowledged subscription with the channel's prefetch, or a plain one."""
         super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
-        if no_ack:
-            self.wire.subscribe(queue, ack=False, prefetch=None)
-        else:
-            self.wire.subscribe(queue, ack=True, prefetch=self._window())
-            self._acked_queues.add(queue)
+        try:
+            if no_ack:
+                self.wire.subscribe(queue, ack=False, prefetch=None)
+            else:
+                self.wire.subscribe(queue, ack=True, prefetch=self._window())
+                self._acked_queues.add(queue)
+        except CommandError:
+            # refused (e.g. PERMISSION_DENIED): no consumer, and nothing to unsubscribe when cancelled
+            super().basic_cancel(consumer_tag)
+            raise
         self.connection.watch(self)
 
     def basic_cancel(self, consumer_tag: str) -> None:
@@ -301,15 +303,24 @@ ChannelT = Channel  # Transport.Channel below is a class attribute, which would 
 
 
 class Transport(virtual.Transport):  # type: ignore[misc]
-    """kombu's transport for ``pigeon://host:port`` (default port 3333)."""
+    """kombu's transport for ``pigeon://[user:password@]host:port`` (default port 3333), and
+    ``pigeons://`` over TLS (``Connection(ssl=...)``, Celery's ``broker_use_ssl``: pigeon.kombu.address).
+
+    Refused credentials (``AuthFailedError``, ``AuthRequiredError``) are
+    connection errors that are not recoverable: kombu and Celery raise them
+    instead of retrying. A command the broker refuses is not retried either.
+    """
 
     Channel = Channel
     default_port = DEFAULT_PORT
     driver_type = "pigeon"
     driver_name = "pigeon"
     polling_interval = None
-    connection_errors = (*virtual.Transport.connection_errors, ConnectionClosedError, OSError)
+    can_parse_url = True  # kombu hands the URL over whole: pigeon.kombu.address reads it as Client.from_url
+    connection_errors = (*RECOVERABLE_CONNECTION_ERRORS, AuthFailedError, AuthRequiredError)
     channel_errors = (*virtual.Transport.channel_errors, CommandError)
+    recoverable_connection_errors = RECOVERABLE_CONNECTION_ERRORS
+    recoverable_channel_errors = ()
     implements = virtual.Transport.implements.extend(
         asynchronous=True,
         exchange_type=frozenset(["direct"]),
