@@ -126,7 +126,7 @@ class Wire:
             self.client_id, codec.encode_topic(topic), codec.encode_message(data), self.info.max_line
         )
         self._session.expect_unwaited()
-        self._send(line)
+        self._send(self._take_ack_lines() + line)  # the queued acks go first, in the same send
         if self._session.in_flight > WINDOW:
             self._read_until(lambda: self._session.in_flight <= WINDOW // 2)
 
@@ -142,8 +142,13 @@ class Wire:
             raise error
 
     def ack(self, tag: int) -> None:
-        """Acknowledge a delivery with the next ``flush_acks`` (consecutive tags become one range)."""
+        """Acknowledge a delivery with the next ``flush_acks`` or command (consecutive tags: one range)."""
         self._acks.append(tag)
+
+    @property
+    def acks_queued(self) -> int:
+        """Acknowledgements queued and not sent yet."""
+        return len(self._acks)
 
     def ack_through(self, tag: int) -> None:
         """Acknowledge every outstanding delivery up to ``tag`` now (AMQP's ``multiple=True``)."""
@@ -158,8 +163,14 @@ class Wire:
     def flush_acks(self) -> None:
         """Send the queued acknowledgements, as few ``ACK`` lines as their tags allow."""
         if self._acks and self.sock is not None:
-            tags, self._acks = self._acks, []
-            self._send(codec.settle_lines(b"ACK", self.client_id, tags))
+            self._send(self._take_ack_lines())
+
+    def _take_ack_lines(self) -> bytes:
+        """The ``ACK`` lines of the queued acknowledgements (empty if none), which are then unqueued."""
+        if not self._acks:
+            return b""
+        tags, self._acks = self._acks, []
+        return codec.settle_lines(b"ACK", self.client_id, tags)
 
     def stats_topic(self, topic: str) -> dict[str, Any] | None:
         """The ``STATS TOPICS`` entry of ``topic``, or None when the broker holds no such topic.
