@@ -90,13 +90,10 @@ def test_the_users_permissions_apply_to_kombu(server: ServerProcess, certs: Cert
         assert round_trip(connection, "jobs", "still usable") == "still usable"
 
 
-def test_a_wrong_password_is_a_connection_error_kombu_does_not_retry(
-    server: ServerProcess, certs: Certs
-) -> None:
+def test_a_wrong_password_is_an_error_kombu_does_not_retry(server: ServerProcess, certs: Certs) -> None:
     connection = Connection(f"pigeons://celery:wrong@localhost:{server.port}", ssl=certs.client_context())
     retries: list[Exception] = []
     try:
-        assert AuthFailedError in connection.connection_errors
         with pytest.raises(AuthFailedError, match="authentication failed"):
             connection.ensure_connection(
                 errback=lambda exc, interval: retries.append(exc), max_retries=3, interval_start=0
@@ -204,3 +201,24 @@ def test_a_celery_worker_runs_tasks_from_a_pigeons_url_with_credentials(
     finally:
         worker.stop()
         sender.close()
+
+
+@pytest.mark.slow
+def test_a_celery_worker_with_a_wrong_password_stops_instead_of_retrying(
+    server: ServerProcess, certs: Certs, tmp_path: Path
+) -> None:
+    from tests.test_celery import WAIT, Worker
+
+    env = dict(
+        os.environ,
+        PIGEON_CELERY_BROKER=f"pigeons://celery:wrong@localhost:{server.port}",
+        PIGEON_CELERY_CA=str(certs.ca),
+        PIGEON_CELERY_RESULTS=str(tmp_path),
+        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+    )
+    worker = Worker(env, tmp_path / "worker.log", "refused", "--pool", "solo")
+    try:
+        assert worker.proc.wait(WAIT) != 0
+        assert "authentication failed" in worker.tail(), worker.tail()
+    finally:
+        worker.stop()

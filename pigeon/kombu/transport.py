@@ -31,14 +31,14 @@ from typing import Any
 from kombu.transport import virtual
 
 from pigeon._version import __version__
-from pigeon.errors import AuthFailedError, AuthRequiredError, CommandError, ConnectionClosedError
+from pigeon.errors import CommandError, ConnectionClosedError
 from pigeon.kombu import envelope
 from pigeon.kombu.address import broker_address
 from pigeon.kombu.wire import PREFETCH_MAX, Wire
 from pigeon.protocol import DEFAULT_PORT
 
 # errors that a new connection may not have: kombu's ensure_connection and Celery retry these
-RECOVERABLE_CONNECTION_ERRORS = (*virtual.Transport.connection_errors, ConnectionClosedError, OSError)
+CONNECTION_ERRORS = (*virtual.Transport.connection_errors, ConnectionClosedError, OSError)
 
 logger = logging.getLogger(__name__)
 
@@ -327,8 +327,10 @@ class Transport(virtual.Transport):  # type: ignore[misc]
     ``pigeons://`` over TLS (``Connection(ssl=...)``, Celery's ``broker_use_ssl``: pigeon.kombu.address).
 
     Refused credentials (``AuthFailedError``, ``AuthRequiredError``) are
-    connection errors that are not recoverable: kombu and Celery raise them
-    instead of retrying. A command the broker refuses is not retried either.
+    channel errors, as every refusal, and not connection errors: kombu's
+    ``ensure_connection`` raises them at once and a Celery worker stops,
+    where it would retry a connection error forever. A command the broker
+    refuses is not retried either.
     """
 
     Channel = Channel
@@ -337,9 +339,10 @@ class Transport(virtual.Transport):  # type: ignore[misc]
     driver_name = "pigeon"
     polling_interval = None
     can_parse_url = True  # kombu hands the URL over whole: pigeon.kombu.address reads it as Client.from_url
-    connection_errors = (*RECOVERABLE_CONNECTION_ERRORS, AuthFailedError, AuthRequiredError)
+    connection_errors = CONNECTION_ERRORS
     channel_errors = (*virtual.Transport.channel_errors, CommandError)
-    recoverable_connection_errors = RECOVERABLE_CONNECTION_ERRORS
+    # without these kombu would count every channel error (AuthFailedError too) as recoverable
+    recoverable_connection_errors = CONNECTION_ERRORS
     recoverable_channel_errors = ()
     implements = virtual.Transport.implements.extend(
         asynchronous=True,
