@@ -31,7 +31,7 @@ from pathlib import Path
 from kombu import Connection
 
 from benchmarks.celery_tasks import NOOP, STAMP, bench_app
-from benchmarks.compare import Broker, brokers, running
+from pigeon.bench.brokers import Broker, brokers, running
 
 ROOT = Path(__file__).resolve().parent.parent
 POOLS = {"solo": ["--pool", "solo"], "prefork -c 2": ["--pool", "prefork", "--concurrency", "2"]}
