@@ -2,13 +2,15 @@
 
 Configured from the environment, so the test and its worker subprocesses share it:
 ``PIGEON_CELERY_BROKER`` (the broker URL), ``PIGEON_CELERY_RESULTS`` (a directory: the
-file-system result backend, so no service is needed) and ``PIGEON_CELERY_RECORD`` (a file
-each run of ``record`` appends lines to, with ``O_APPEND``, so that the test can count runs).
+file-system result backend, so no service is needed), ``PIGEON_CELERY_RECORD`` (a file
+each run of ``record`` appends lines to, with ``O_APPEND``, so that the test can count runs) and
+``PIGEON_CELERY_CA`` (a CA file: ``broker_use_ssl`` checks a ``pigeons://`` broker against it).
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 import time
 
 from celery import Celery, Task
@@ -22,6 +24,8 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )
+if os.environ.get("PIGEON_CELERY_CA"):
+    app.conf.broker_use_ssl = {"ca_certs": os.environ["PIGEON_CELERY_CA"], "cert_reqs": ssl.CERT_REQUIRED}
 
 
 @app.task

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -401,3 +402,99 @@ def test_a_refused_publish_is_raised_by_the_next_one_or_at_once_with_confirm_pub
         assert topic(server, f"{name}-a")["backlog_messages"] == 2
     finally:
         assert server.stop() == 0
+
+
+# ------------------------------------------------------------ acknowledgements in an event loop
+
+
+def hub_consumer(
+    connection: Connection, name: str, prefetch: int, received: list[Any]
+) -> tuple[Hub, Iterator[None], Consumer]:
+    """A consumer of ``name`` (acknowledging each message) registered with a fresh kombu Hub, whose
+    loop has made its first turn."""
+    consumer = Consumer(connection.channel(), [Queue(name)], callbacks=[acking(received)])
+    consumer.qos(prefetch_count=prefetch)
+    consumer.consume()
+    hub = Hub()
+    connection.transport.register_with_event_loop(connection.connection, hub)
+    hub.call_soon(lambda: None)
+    loop = hub.create_loop()
+    next(loop)
+    return hub, loop, consumer
+
+
+def turn_until(loop: Iterator[None], done: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Turn the event loop until ``done()``; fails after ``timeout`` s (a turn may wait in poll for
+    the loop's next timer, up to 10 s)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "the event loop did not get there in time"
+        next(loop)
+
+
+def test_acks_in_an_event_loop_go_out_after_the_delay_without_other_traffic(
+    server: ServerProcess, url: str, name: str
+) -> None:
+    received: list[Any] = []
+    with Connection(url) as producer, Connection(url, transport_options={"ack_delay": 0.01}) as connection:
+        hub, loop, consumer = hub_consumer(connection, name, 100, received)  # batch of 50: never reached
+        try:
+            for i in range(3):
+                Producer(producer.channel()).publish({"i": i}, routing_key=name)
+            turn_until(loop, lambda: len(received) == 3)
+            # nothing else happens on the channel: only the delay's timer can send the acks
+            turn_until(loop, lambda: topic(server, name)["acked"] == 3)
+            assert topic(server, name)["unacked"] == 0
+            consumer.cancel()
+        finally:
+            hub.close()
+
+
+def test_a_full_window_is_acked_without_waiting_for_the_delay(
+    server: ServerProcess, url: str, name: str
+) -> None:
+    """A delay of an hour: only the batch of half the window (2 of 4) lets 40 messages through."""
+    received: list[Any] = []
+    with Connection(url) as producer, Connection(url, transport_options={"ack_delay": 3600}) as connection:
+        hub, loop, consumer = hub_consumer(connection, name, 4, received)
+        try:
+            publisher = Producer(producer.channel())
+            for i in range(40):
+                publisher.publish({"i": i}, routing_key=name)
+            turn_until(loop, lambda: len(received) == 40)
+            assert [body["i"] for body in received] == list(range(40))
+            consumer.cancel()
+        finally:
+            hub.close()
+
+
+def test_queued_acks_are_sent_before_a_publish_and_at_close(
+    server: ServerProcess, url: str, name: str
+) -> None:
+    """With a delay of an hour and a window of 100, acks wait: a publish on the channel sends them
+    first, and so does closing the connection; none is redelivered."""
+    received: list[Any] = []
+    with Connection(url) as producer:
+        publisher = Producer(producer.channel())
+        with Connection(url, transport_options={"ack_delay": 3600}) as connection:
+            hub, loop, consumer = hub_consumer(connection, name, 100, received)
+            try:
+                channel = consumer.channel
+                for i in range(3):
+                    publisher.publish({"i": i}, routing_key=name)
+                turn_until(loop, lambda: len(received) == 3)
+                assert channel.wire.acks_queued == 3
+                Producer(channel).publish({"after": "acks"}, routing_key=f"{name}-other")
+                channel.wire.sync()
+                assert topic(server, name)["acked"] == 3
+                for i in range(3, 6):
+                    publisher.publish({"i": i}, routing_key=name)
+                turn_until(loop, lambda: len(received) == 6)
+                assert channel.wire.acks_queued == 3
+            finally:
+                hub.close()
+        # the connection closed: unacknowledged, the last 3 would be back in the backlog (with no
+        # consumer left); acknowledged, the topic is empty (and gone: zeros)
+        figures = topic(server, name)
+        assert (figures["unacked"], figures["backlog_messages"]) == (0, 0)
+    assert [body["i"] for body in received] == list(range(6))

@@ -1,4 +1,4 @@
-"""How ``pigeon://`` becomes a kombu transport name once the package is installed.
+"""How ``pigeon://`` and ``pigeons://`` become a kombu transport name once the package is installed.
 
 kombu resolves a URL's scheme through one table, ``kombu.transport.TRANSPORT_ALIASES``; it has no
 entry-point group for transports. It does load the entry-point group ``kombu.serializers`` every
@@ -19,12 +19,12 @@ from collections.abc import Callable
 from typing import Any
 
 TRANSPORT = "pigeon.kombu.transport:Transport"
-SCHEMES = ("pigeon",)
+SCHEMES = ("pigeon", "pigeons")  # pigeons://: over TLS
 CONTENT_TYPE = "application/x-pigeon-json"
 
 
 def register() -> None:
-    """Add ``pigeon`` to kombu's transport aliases (idempotent)."""
+    """Add ``pigeon`` and ``pigeons`` to kombu's transport aliases (idempotent)."""
     from kombu.transport import TRANSPORT_ALIASES
 
     for scheme in SCHEMES:

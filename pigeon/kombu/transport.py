@@ -5,7 +5,8 @@ connection (``Wire``). What maps to what, and why, is in docs/celery.md:
 
 - consuming a queue is ``SUBSCRIBE <queue> ACK PREFETCH <n>`` (plain ``SUBSCRIBE`` with
   ``no_ack``); ``basic_qos(prefetch_count)`` is that ``n`` (0, unlimited, is the largest window);
-- ``basic_ack`` is ``ACK`` (sent in ranges at the next turn of the event loop), ``multiple``
+- ``basic_ack`` is ``ACK``, sent in ranges: in an event loop once ``ack_delay`` has passed or half
+  the prefetch window is queued, and before any other command on the channel; ``multiple``
   acknowledges every tag up to the one given; ``basic_reject(requeue=True)`` is ``NACK`` (the
   message goes back to the head of its queue), ``requeue=False`` is ``ACK``: the message is
   dropped, as RabbitMQ does without a dead-letter exchange. The broker moves a message that keeps
@@ -32,12 +33,20 @@ from kombu.transport import virtual
 from pigeon._version import __version__
 from pigeon.errors import CommandError, ConnectionClosedError
 from pigeon.kombu import envelope
+from pigeon.kombu.address import broker_address
 from pigeon.kombu.wire import PREFETCH_MAX, Wire
 from pigeon.protocol import DEFAULT_PORT
+
+# errors that a new connection may not have: kombu's ensure_connection and Celery retry these
+CONNECTION_ERRORS = (*virtual.Transport.connection_errors, ConnectionClosedError, OSError)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_REPLY_TIMEOUT = 10.0  # seconds to wait for the broker without progress
+# In an event loop, acknowledgements wait up to this long (seconds) to go out together: one send for
+# several tasks instead of one per turn of the loop (a prefork worker gets a turn for nearly each task).
+DEFAULT_ACK_DELAY = 0.002
+ACK_BATCH_MAX = 64  # queued acknowledgements sent at once, without waiting for the delay
 
 
 class ExchangeTypeNotSupported(NotImplementedError):
@@ -62,15 +71,23 @@ class Channel(virtual.Channel):  # type: ignore[misc]
     """A kombu channel on its own Pigeon connection.
 
     Transport options: ``confirm_publish`` (wait for the broker's reply to
-    every publish, default False: pipelined) and ``reply_timeout`` (seconds
-    without progress before an operation fails, default 10).
+    every publish, default False: pipelined), ``reply_timeout`` (seconds
+    without progress before an operation fails, default 10) and ``ack_delay``
+    (seconds an acknowledgement may wait in an event loop to go out with
+    others, default 0.002).
     """
 
     QoS = QoS
     do_restore = False
     confirm_publish = False
     reply_timeout = DEFAULT_REPLY_TIMEOUT
-    from_transport_options = (*virtual.Channel.from_transport_options, "confirm_publish", "reply_timeout")
+    ack_delay = DEFAULT_ACK_DELAY
+    from_transport_options = (
+        *virtual.Channel.from_transport_options,
+        "confirm_publish",
+        "reply_timeout",
+        "ack_delay",
+    )
 
     def __init__(self, connection: Any, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
@@ -82,14 +99,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         self.wire = self._open_wire()
 
     def _open_wire(self) -> Wire:
-        client = self.connection.client
-        if client.userid or client.password:
-            raise ConnectionClosedError(
-                "pigeon:// takes no user name or password yet: this broker version has no authentication"
-            )
-        return Wire(
-            client.hostname or "127.0.0.1", int(client.port or DEFAULT_PORT), float(self.reply_timeout)
-        )
+        return Wire(broker_address(self.connection.client), float(self.reply_timeout))
 
     # ------------------------------------------------------------ publishing and routing
 
@@ -183,11 +193,16 @@ class Channel(virtual.Channel):  # type: ignore[misc]
     ) -> None:
         """Consume ``queue``: an acknowledged subscription with the channel's prefetch, or a plain one."""
         super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
-        if no_ack:
-            self.wire.subscribe(queue, ack=False, prefetch=None)
-        else:
-            self.wire.subscribe(queue, ack=True, prefetch=self._window())
-            self._acked_queues.add(queue)
+        try:
+            if no_ack:
+                self.wire.subscribe(queue, ack=False, prefetch=None)
+            else:
+                self.wire.subscribe(queue, ack=True, prefetch=self._window())
+                self._acked_queues.add(queue)
+        except CommandError:
+            # refused (e.g. PERMISSION_DENIED): no consumer, and nothing to unsubscribe when cancelled
+            super().basic_cancel(consumer_tag)
+            raise
         self.connection.watch(self)
 
     def basic_cancel(self, consumer_tag: str) -> None:
@@ -227,7 +242,8 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         return PREFETCH_MAX if not count else min(int(count), PREFETCH_MAX)
 
     def basic_ack(self, delivery_tag: int | None, multiple: bool = False) -> None:
-        """``ACK`` the delivery (with the next flush); ``multiple``: every one up to it, at once."""
+        """``ACK`` the delivery (queued: see ``Transport.ack_queued``); ``multiple``: every one up to it,
+        at once."""
         if delivery_tag is None:
             return  # a delivery of a no_ack consumer: nothing to settle
         if multiple:
@@ -238,6 +254,12 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         else:
             self.wire.ack(delivery_tag)
             self._settled_tag(delivery_tag)
+            self.connection.ack_queued(self)
+
+    def ack_batch(self) -> int:
+        """How many queued acknowledgements are sent at once: half the window (at most ACK_BATCH_MAX), so
+        that a full window never waits for ``ack_delay`` before the broker may deliver more."""
+        return max(1, min(ACK_BATCH_MAX, self._window() // 2))
 
     def basic_reject(self, delivery_tag: int | None, requeue: bool = False) -> None:
         """``requeue``: ``NACK``, back to the head of the queue; otherwise ``ACK``: dropped."""
@@ -301,15 +323,27 @@ ChannelT = Channel  # Transport.Channel below is a class attribute, which would 
 
 
 class Transport(virtual.Transport):  # type: ignore[misc]
-    """kombu's transport for ``pigeon://host:port`` (default port 3333)."""
+    """kombu's transport for ``pigeon://[user:password@]host:port`` (default port 3333), and
+    ``pigeons://`` over TLS (``Connection(ssl=...)``, Celery's ``broker_use_ssl``: pigeon.kombu.address).
+
+    Refused credentials (``AuthFailedError``, ``AuthRequiredError``) are
+    channel errors, as every refusal, and not connection errors: kombu's
+    ``ensure_connection`` raises them at once and a Celery worker stops,
+    where it would retry a connection error forever. A command the broker
+    refuses is not retried either.
+    """
 
     Channel = Channel
     default_port = DEFAULT_PORT
     driver_type = "pigeon"
     driver_name = "pigeon"
     polling_interval = None
-    connection_errors = (*virtual.Transport.connection_errors, ConnectionClosedError, OSError)
+    can_parse_url = True  # kombu hands the URL over whole: pigeon.kombu.address reads it as Client.from_url
+    connection_errors = CONNECTION_ERRORS
     channel_errors = (*virtual.Transport.channel_errors, CommandError)
+    # without these kombu would count every channel error (AuthFailedError too) as recoverable
+    recoverable_connection_errors = CONNECTION_ERRORS
+    recoverable_channel_errors = ()
     implements = virtual.Transport.implements.extend(
         asynchronous=True,
         exchange_type=frozenset(["direct"]),
@@ -319,6 +353,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         super().__init__(client, **kwargs)
         self._hub: Any = None
         self._watched: dict[int, ChannelT] = {}  # channels whose sockets the event loop watches, by fd
+        self._ack_timers: dict[ChannelT, Any] = {}  # the event loop's timer that sends a channel's acks
         self.delivered_total = 0  # deliveries handed to consumers' callbacks, for tests and tools
 
     def driver_version(self) -> str:
@@ -331,7 +366,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         """Deliver what arrives on any channel; wait up to ``timeout`` s, then raise ``socket.timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._deliver_buffered():
+            if self._deliver_buffered(send_acks=True):
                 return
             channels = {channel.wire.fileno(): channel for channel in self._open_channels()}
             poller = select.poll()
@@ -342,17 +377,18 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             for fd, _ in events:
                 channels[fd].wire.read_available()
             if not events and wait is not None:
-                if self._deliver_buffered():
+                if self._deliver_buffered(send_acks=True):
                     return
                 raise TimeoutError()  # socket.timeout, which kombu's callers catch
 
     def _open_channels(self) -> list[ChannelT]:
         return [channel for channel in self.channels if not channel.closed and channel.wire.sock is not None]
 
-    def _deliver_buffered(self) -> int:
+    def _deliver_buffered(self, send_acks: bool) -> int:
         delivered = 0
         for channel in self._open_channels():
-            channel.wire.flush_acks()
+            if send_acks:
+                channel.wire.flush_acks()
             if channel.wire.has_deliveries:
                 delivered += channel.deliver_buffered()
         self.delivered_total += delivered
@@ -361,7 +397,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
     # ------------------------------------------------------------ in an event loop (Celery's worker hub)
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
-        """Watch every channel's socket in ``loop``; each turn sends the queued acks."""
+        """Watch every channel's socket in ``loop``; acknowledgements go out by timers (``ack_queued``)."""
         self._hub = loop
         self._watched.clear()
         for channel in self._open_channels():
@@ -386,11 +422,37 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             self.delivered_total += channel.deliver_buffered()
 
     def _on_tick(self) -> None:
-        # deliveries read while a command waited for its reply, and acks queued since the last turn
-        self._deliver_buffered()
+        # deliveries read while a command waited for its reply
+        self._deliver_buffered(send_acks=False)
+
+    def ack_queued(self, channel: ChannelT) -> None:
+        """An acknowledgement was queued on ``channel``: in an event loop, send the queued ones once
+        ``channel.ack_batch()`` are queued, else ``channel.ack_delay`` after the first. Without one,
+        ``drain_events`` sends them at its next call.
+
+        Waiting loses nothing: an unsent acknowledgement only means a redelivery if the connection
+        goes (at least once, as before), and any other command, a publish and closing send them first.
+        """
+        if self._hub is None:
+            return
+        if channel.wire.acks_queued >= channel.ack_batch():
+            self._send_acks(channel)
+        elif channel not in self._ack_timers:
+            self._ack_timers[channel] = self._hub.call_later(channel.ack_delay, self._send_acks, channel)
+
+    def _send_acks(self, channel: ChannelT) -> None:
+        self._cancel_ack_timer(channel)
+        if not channel.closed:
+            channel.wire.flush_acks()
+
+    def _cancel_ack_timer(self, channel: ChannelT) -> None:
+        timer = self._ack_timers.pop(channel, None)
+        if timer is not None:
+            timer.cancel()
 
     def close_channel(self, channel: ChannelT) -> None:
-        """Forget the channel (and stop watching its socket)."""
+        """Forget the channel (and stop watching its socket); its queued acks go with its DISCONNECT."""
+        self._cancel_ack_timer(channel)
         fd = channel.wire.fileno()
         if self._watched.pop(fd, None) is not None and self._hub is not None:
             self._hub.remove_reader(fd)

@@ -1,4 +1,5 @@
-"""One Pigeon connection as the kombu transport needs it: a non-blocking socket an event loop can watch.
+"""One Pigeon connection as the kombu transport needs it: a non-blocking socket (plain or TLS) an event
+loop can watch.
 
 kombu's event loop (Celery's worker hub) and ``drain_events`` wait on file
 descriptors and then ask the transport to take what arrived, so this
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,25 +30,37 @@ from pigeon.client import codec
 from pigeon.client.base import RECV_SIZE, WINDOW
 from pigeon.client.codec import Message, ServerInfo, SubscribeOptions
 from pigeon.client.session import Pending, Session
-from pigeon.errors import CommandError, ConnectionClosedError, PigeonError, ProtocolError
+from pigeon.errors import AuthFailedError, CommandError, ConnectionClosedError, PigeonError, ProtocolError
+from pigeon.kombu.address import BrokerAddress
 
 PREFETCH_MAX = codec.PREFETCH_MAX
+# a non-blocking socket with no bytes or no room: a TLS socket says so with its own errors
+WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class Wire:
-    """A connection to a Pigeon broker (HELLO and CONNECT on creation), read without blocking.
+    """A connection to a Pigeon broker (TLS if the address says so, then HELLO and CONNECT with its
+    credentials), read without blocking.
 
-    ``timeout`` bounds every wait for the broker without progress: a reply, or
-    room in the socket for a send.
+    ``timeout`` bounds every wait for the broker without progress: the TLS
+    handshake, a reply, or room in the socket for a send. Refused credentials
+    raise AuthFailedError (the server closes the connection: retrying cannot help).
     """
 
-    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+    def __init__(self, address: BrokerAddress, timeout: float = 10.0) -> None:
         self.timeout = timeout
+        where = f"{address.host}:{address.port}"
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
+            sock = socket.create_connection((address.host, address.port), timeout=timeout)
         except OSError as exc:
-            raise ConnectionClosedError(f"cannot connect to {host}:{port}: {exc}") from exc
+            raise ConnectionClosedError(f"cannot connect to {where}: {exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if address.tls is not None:
+            try:
+                sock = address.tls.wrap_socket(sock, server_hostname=address.host)  # the handshake
+            except OSError as exc:  # ssl.SSLError included
+                sock.close()
+                raise ConnectionClosedError(f"TLS with {where} failed: {exc}") from exc
         sock.setblocking(False)
         self.sock: socket.socket | None = sock
         self._fileno = sock.fileno()
@@ -54,12 +68,21 @@ class Wire:
         self._out = bytearray()  # what the socket has not taken yet
         self._acks: list[int] = []  # tags to acknowledge with the next flush_acks()
         self._refused: deque[CommandError | Exception] = deque()  # pipelined publishes the broker refused
-        hello = self._session.expect(b"HELLO")
-        connected = self._session.expect(b"CONNECTED")
-        self._send(codec.hello_line() + codec.connect_line())
-        self._wait(connected)
-        self.info: ServerInfo = codec.parse_hello(self._reply(hello))
-        self.client_id = self._reply(connected)
+        try:
+            hello = self._session.expect(b"HELLO")
+            connected = self._session.expect(b"CONNECTED")
+            self._send(codec.hello_line() + codec.connect_line(address.user, address.password))
+            self._wait(connected)
+            self.info: ServerInfo = codec.parse_hello(self._reply(hello))
+            self.client_id = self._reply(connected)
+        except ConnectionClosedError as exc:
+            self._drop()
+            if isinstance(exc.error, AuthFailedError):
+                raise exc.error from exc  # the refusal itself, which kombu does not retry
+            raise
+        except BaseException:
+            self._drop()  # e.g. AUTH_REQUIRED, after which the broker keeps the connection open
+            raise
 
     def fileno(self) -> int:
         """The socket's file descriptor (kept after close, so it can be unregistered)."""
@@ -103,7 +126,7 @@ class Wire:
             self.client_id, codec.encode_topic(topic), codec.encode_message(data), self.info.max_line
         )
         self._session.expect_unwaited()
-        self._send(line)
+        self._send(self._take_ack_lines() + line)  # the queued acks go first, in the same send
         if self._session.in_flight > WINDOW:
             self._read_until(lambda: self._session.in_flight <= WINDOW // 2)
 
@@ -119,8 +142,13 @@ class Wire:
             raise error
 
     def ack(self, tag: int) -> None:
-        """Acknowledge a delivery with the next ``flush_acks`` (consecutive tags become one range)."""
+        """Acknowledge a delivery with the next ``flush_acks`` or command (consecutive tags: one range)."""
         self._acks.append(tag)
+
+    @property
+    def acks_queued(self) -> int:
+        """Acknowledgements queued and not sent yet."""
+        return len(self._acks)
 
     def ack_through(self, tag: int) -> None:
         """Acknowledge every outstanding delivery up to ``tag`` now (AMQP's ``multiple=True``)."""
@@ -135,8 +163,14 @@ class Wire:
     def flush_acks(self) -> None:
         """Send the queued acknowledgements, as few ``ACK`` lines as their tags allow."""
         if self._acks and self.sock is not None:
-            tags, self._acks = self._acks, []
-            self._send(codec.settle_lines(b"ACK", self.client_id, tags))
+            self._send(self._take_ack_lines())
+
+    def _take_ack_lines(self) -> bytes:
+        """The ``ACK`` lines of the queued acknowledgements (empty if none), which are then unqueued."""
+        if not self._acks:
+            return b""
+        tags, self._acks = self._acks, []
+        return codec.settle_lines(b"ACK", self.client_id, tags)
 
     def stats_topic(self, topic: str) -> dict[str, Any] | None:
         """The ``STATS TOPICS`` entry of ``topic``, or None when the broker holds no such topic.
@@ -229,7 +263,7 @@ class Wire:
         """Bytes of ``data`` the socket took now (0: no room)."""
         try:
             return self._socket().send(data)
-        except BlockingIOError:
+        except WOULD_BLOCK:
             return 0
         except OSError as exc:
             raise self._lose(f"send failed: {exc}") from exc
@@ -248,7 +282,7 @@ class Wire:
         sock = self._socket()
         try:
             data = sock.recv(RECV_SIZE)
-        except BlockingIOError:
+        except WOULD_BLOCK:
             return False
         except OSError as exc:
             raise self._lose(f"connection lost: {exc}") from exc
@@ -261,7 +295,9 @@ class Wire:
             raise self._lose(session.broken, ProtocolError)
         if session.closing:
             raise self._lose("the broker closed the connection")
-        return len(data) == RECV_SIZE
+        # more may wait: in the socket when the read filled the buffer, or decrypted already in a TLS
+        # socket (which its file descriptor does not show)
+        return len(data) == RECV_SIZE or (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0)
 
     def _socket(self) -> socket.socket:
         if self.sock is None:
