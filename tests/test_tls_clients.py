@@ -58,7 +58,6 @@ def test_urls(url: str, address: Address) -> None:
         ("pigeon://", "no host"),
         ("pigeon://h:99999", "bad broker URL"),
         ("pigeon://h:port", "bad broker URL"),
-        ("pigeon://user@h", "a user needs a password"),
         ("pigeon://user:@h", "one word"),
         ("pigeon://us%20er:pw@h", "one word"),
         ("pigeon://user:p%09w@h", "one word"),
@@ -69,6 +68,13 @@ def test_urls(url: str, address: Address) -> None:
 def test_bad_urls(url: str, complaint: str) -> None:
     with pytest.raises(InvalidArgumentError, match=complaint):
         parse_url(url)
+
+
+def test_a_url_user_without_a_password_is_refused_by_the_clients() -> None:
+    assert parse_url("pigeon://user@h").password is None  # pigeon-cli may complete it
+    for client in (Client, AsyncClient):
+        with pytest.raises(InvalidArgumentError, match="a user needs a password"):
+            client.from_url("pigeon://user@h")
 
 
 def test_a_bad_url_error_hides_the_password() -> None:
@@ -170,6 +176,10 @@ def test_cli_credentials(server: ServerProcess) -> None:
     assert cli("ping", *address, "--user", "ops", "--password", "pw", env=without).returncode == 0
     url = f"pigeon://ops:pw@{server.host}:{server.port}"
     assert cli("ping", "--url", url).returncode == 0
+    # a URL's user without a password takes it from the variable, as --user does
+    user_only = f"pigeon://ops@{server.host}:{server.port}"
+    assert cli("ping", "--url", user_only, env=without | {"PIGEON_PASSWORD": "pw"}).returncode == 0
+    assert "--user ops needs --password" in cli("ping", "--url", user_only, env=without).stderr
     done = cli("ping", "--url", url, "--host", server.host)
     assert done.returncode == 1 and "either --url or --host and --port" in done.stderr
     done = cli("ping", "--url", "redis://h")

@@ -36,7 +36,9 @@ def parse_url(url: str) -> Address:
     """The parts of a ``pigeon://[user:password@]host[:port]`` or ``pigeons://`` URL.
 
     Raises InvalidArgumentError for another scheme, a missing host, a bad
-    port, a user without a password (or the reverse), or a path or query.
+    port, a user or password that is not one word, or a path or query. A user
+    without a password is left for the caller to complete (``pigeon-cli`` takes
+    it from PIGEON_PASSWORD) or refuse (the clients do).
     """
     try:
         parts = urlsplit(url)
@@ -53,7 +55,7 @@ def parse_url(url: str) -> Address:
         raise InvalidArgumentError(f"a broker URL has no path or query: {_hide_password(url)!r}")
     user = None if parts.username is None else unquote(parts.username)
     password = None if parts.password is None else unquote(parts.password)
-    check_credentials(user, password)
+    check_words(user, password)
     return Address(parts.hostname, port or DEFAULT_PORT, user, password, SCHEMES[parts.scheme])
 
 
@@ -61,6 +63,11 @@ def check_credentials(user: str | None, password: str | None) -> None:
     """Raise InvalidArgumentError unless both or neither are given, each one word (no whitespace)."""
     if (user is None) != (password is None):
         raise InvalidArgumentError("a user needs a password and a password a user")
+    check_words(user, password)
+
+
+def check_words(user: str | None, password: str | None) -> None:
+    """Raise InvalidArgumentError unless each one given is one word (no whitespace)."""
     for what, word in (("user", user), ("password", password)):
         if word is not None and (not word or len(word.split()) != 1 or word.strip() != word):
             raise InvalidArgumentError(f"the {what} must be one word without whitespace")

@@ -51,7 +51,7 @@ def broker_address(client: Any) -> BrokerAddress:
         keywords["port"] = int(client.port or DEFAULT_PORT)
     if keywords["user"] is None:  # Connection("pigeon://host", userid=..., password=...)
         keywords["user"], keywords["password"] = client.userid, client.password
-        check_credentials(client.userid, client.password)
+    check_credentials(keywords["user"], keywords["password"])
     keywords["tls"] = tls_context(keywords["tls"])
     return BrokerAddress(**keywords)
 
