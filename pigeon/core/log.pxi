@@ -682,8 +682,12 @@ cdef tuple recovery_finish(Broker b, Recovery *r):
     cdef tuple result
     if not r.restoring:
         recovery_scanned(b, r)
-    result = (r.messages, r.ntopics, r.records, r.oldest)
+    cdef uint64_t messages = r.messages, total = r.total_bytes
+    result = (messages, r.ntopics, r.records, r.oldest)
     _recovery_free(b, r)
+    r.messages = messages       # STATS keeps what the recovery did
+    r.total_bytes = total
+    r.done_bytes = total
     flow_storage_freed(b)
     return result
 
