@@ -566,6 +566,7 @@ def test_the_log_figures_reach_metrics_as_in_stats(tmp_path: Path) -> None:
         assert float(metrics["pigeon_log_writes_total"]) >= 1
         assert float(metrics["pigeon_log_syncs_total"]) >= 1  # always: PUBLISHED came after a sync
         assert float(metrics["pigeon_log_write_failed"]) == 0
+        assert float(metrics["pigeon_log_recovering"]) == 0  # the PUBLISH went through: it is over
     finally:
         proc.stop()
 
@@ -646,7 +647,8 @@ def test_a_subscriber_served_during_recovery_gets_every_message_in_order_and_pub
         probe.connect()
         stats = _stats(probe)  # the restore walks a chunk per pass of the loop: it has far to go
         assert stats["log_recovering"] is True, stats
-        assert 0 <= int(stats["log_recovery_done_bytes"]) < int(stats["log_recovery_total_bytes"]), stats
+        done, total = stats["log_recovery_done_bytes"], stats["log_recovery_total_bytes"]
+        assert isinstance(done, int) and isinstance(total, int) and 0 <= done < total, stats
         pub.connect()
         pub.send(f"PUBLISH {pub.client_id} a late")  # waits until every recovered message is back
         sub.connect()
@@ -668,25 +670,25 @@ def test_a_subscriber_served_during_recovery_gets_every_message_in_order_and_pub
 def test_a_kill_9_during_recovery_loses_nothing_confirmed(recovering_log: Path, tmp_path: Path) -> None:
     data = _copy_of(recovering_log, tmp_path)
     limits = ("--max-backlog", str(RECOVERING_TOTAL), "--max-memory", str(4 << 30))
-    server = ServerProcess("--data-dir", str(data), *limits)
-    sub, probe = server.client(60), server.client(60)
-    sub.connect()
-    probe.connect()
-    assert sub.ask(f"SUBSCRIBE {sub.client_id} b ACK PREFETCH 1000") == b"SUBSCRIBED b"
-    acked = []
-    for line in _read_lines(sub, 1000):  # acknowledge the first thousand of b while recovering
-        _, _, tag, _, body = line.split(b" ", 4)
-        sub.send(b"ACK %s %s\n" % (sub.client_id.encode(), tag))
-        acked.append(body)
-    deadline = time.monotonic() + DEADLINE
-    stats = _stats(probe)
-    while stats["acks"] < 1000 and time.monotonic() < deadline:
-        stats = _stats(probe)  # its reply leaves after the log write of its pass: the DONE records
-    recovering = stats["log_recovering"]
-
-    server.stop(signal.SIGKILL)
     with _server(data, *limits) as server:
-        line = _recovered_line(server)
+        sub, probe = server.client(60), server.client(60)
+        sub.connect()
+        probe.connect()
+        assert sub.ask(f"SUBSCRIBE {sub.client_id} b ACK PREFETCH 1000") == b"SUBSCRIBED b"
+        acked = []
+        for line in _read_lines(sub, 1000):  # acknowledge the first thousand of b while recovering
+            _, _, tag, _, body = line.split(b" ", 4)
+            sub.send(b"ACK %s %s\n" % (sub.client_id.encode(), tag))
+            acked.append(body)
+        deadline = time.monotonic() + DEADLINE
+        stats = _stats(probe)
+        while stats["acks"] != 1000 and time.monotonic() < deadline:
+            stats = _stats(probe)  # its reply leaves after the log write of its pass: the DONE records
+        recovering = stats["log_recovering"]
+
+        server.stop(signal.SIGKILL)
+    with _server(data, *limits) as server:
+        recovered = _recovered_line(server)
         sub = server.client(60)
         sub.connect()
         b_left = (RECOVERING_TOTAL // 2) - 1000
@@ -695,7 +697,7 @@ def test_a_kill_9_during_recovery_loses_nothing_confirmed(recovering_log: Path, 
             b"a-%d" % i for i in range(0, RECOVERING_TOTAL, 2)
         ]
     assert acked == [b"b-%d" % i for i in range(1, 2001, 2)]
-    assert f"recovered {RECOVERING_TOTAL - 1000} messages on 2 topics" in line, line
+    assert f"recovered {RECOVERING_TOTAL - 1000} messages on 2 topics" in recovered, recovered
     # the restore walks a chunk per pass of the loop, about 60 passes: the kill came in the middle
     assert recovering is True
 

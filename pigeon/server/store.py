@@ -126,9 +126,11 @@ def _is_tail(data: memoryview, offset: int) -> bool:
 class Store:
     """The segment files of one data directory, held with a lock for the life of the process.
 
-    ``open()`` takes the lock, ``recover(broker)`` replays the log into a broker
+    ``open()`` takes the lock, ``recover(broker)`` scans the log into a broker
     that has not served yet, ``attach(broker, loop)`` makes the store the
-    broker's log writer, ``close()`` syncs and lets go.
+    broker's log writer, ``restore(broker)`` (called until it returns True, a
+    chunk per pass of the loop while the server serves) puts the messages back,
+    ``close()`` syncs and lets go.
     """
 
     def __init__(self, directory: str | os.PathLike[str], fsync: str = "everysec") -> None:
