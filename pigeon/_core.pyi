@@ -1,6 +1,7 @@
 """Type stubs of the Cython core (pigeon/_core.pyx and its parts in pigeon/core/)."""
 
 from collections.abc import Callable, Sequence
+from mmap import mmap
 from typing import Any
 
 COMMAND_NAMES: tuple[str, ...]
@@ -125,12 +126,20 @@ class Broker:
         number may be reused: do not answer for a connection seen closed). RuntimeError from inside
         on_auth (answer once it has returned)."""
     def recover_segment(self) -> None:
-        """The next ``recover()`` calls replay a new segment (call before each one, oldest first)."""
-    def recover(self, data: bytes | memoryview) -> tuple[int, str | None]:
-        """Replay records: ``(offset, problem)``, how far they were sound and None or what is wrong there."""
+        """The next ``recover()`` calls scan a new segment (call before each one, oldest first)."""
+    def recover(self, data: bytes | memoryview | mmap) -> tuple[int, str | None]:
+        """Scan records: ``(offset, problem)``, how far they were sound and None or what is wrong there."""
+    def recover_scanned(self) -> int:
+        """Every segment is scanned: the restore starts (PUBLISH waits until recover_finish); returns the
+        bytes of records it walks."""
+    def recover_restore(self, data: bytes | memoryview | mmap, limit: int) -> int:
+        """Put the messages not done of scanned records back in their topics, at most ``limit`` records;
+        returns the bytes walked."""
+    @property
+    def recovering(self) -> bool:
+        """Whether a restore is running."""
     def recover_finish(self) -> tuple[int, int, int, int]:
-        """Put the messages not done back in their topics: ``(messages, topics, records replayed,
-        seq of the oldest message or 0)``."""
+        """The restore is over: ``(messages, topics, records scanned, seq of the oldest message or 0)``."""
     def log_synced(self, position: int) -> None:
         """The store synced the log up to ``position``: replies waiting for it may go."""
     def log_deletable(self) -> int:

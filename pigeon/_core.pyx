@@ -343,7 +343,8 @@ cdef class Broker:
     # ------------------------------------------------------------ the log (durable)
 
     def recover(self, data):
-        """Replay the records of one segment (its bytes after the header), before serving.
+        """Scan the records of one segment (its bytes after the header), before serving: check
+        them and keep what the DONE and DELIVERED records say.
 
         Returns ``(offset, problem)``: how far the records were sound, and None or
         what is wrong at that offset (a record cut short, a bad checksum, ...).
@@ -351,10 +352,10 @@ cdef class Broker:
         cdef const unsigned char[:] view = data
         if view.shape[0] == 0:
             return 0, None
-        return recovery_feed(self, &self.recovery, <const char *>&view[0], view.shape[0])
+        return recovery_scan(self, &self.recovery, <const char *>&view[0], view.shape[0])
 
     def recover_segment(self):
-        """The next recover() calls replay a new segment (call before each one, oldest first)."""
+        """The next recover() calls scan a new segment (call before each one, oldest first)."""
         if log_epoch(self, self.recovery.max_seq + 1) < 0:
             raise MemoryError()
 
@@ -367,10 +368,34 @@ cdef class Broker:
         """The store deleted the n oldest segments."""
         log_drop_epochs(self, n)
 
+    def recover_scanned(self):
+        """Every segment is scanned: the restore starts (recover_restore), and until
+        recover_finish every PUBLISH waits. Returns the bytes of records it walks."""
+        recovery_scanned(self, &self.recovery)
+        return self.recovery.total_bytes
+
+    def recover_restore(self, data, size_t limit):
+        """Walk the sound records of a segment scanned before (a part of its bytes after the
+        header, from a record's start), at most ``limit`` records: the messages not done go to
+        the tail of their topics, in order, and their subscribers get them. Returns the bytes
+        walked; call again from there until all of ``data`` is walked. MemoryError when the
+        messages cannot be held."""
+        cdef const unsigned char[:] view = data
+        cdef Py_ssize_t walked
+        if view.shape[0] == 0:
+            return 0
+        walked = recovery_restore(self, &self.recovery, <const char *>&view[0], view.shape[0], limit)
+        self._settle()
+        return walked
+
+    @property
+    def recovering(self):
+        """Whether a restore is running (between recover_scanned and recover_finish)."""
+        return bool(self.recovery.restoring)
+
     def recover_finish(self):
-        """After the last segment: every message published and not done goes to the tail of its
-        topic's backlog in sequence order. Returns ``(messages, topics, records replayed, seq of the
-        oldest message or 0)``."""
+        """After the last restore: the publishers waiting for it go on. Returns ``(messages
+        restored, topics, records scanned, seq of the oldest message or 0)``."""
         result = recovery_finish(self, &self.recovery)
         self._settle()
         return result

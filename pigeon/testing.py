@@ -193,6 +193,25 @@ class ServerProcess:
                 return
         raise RuntimeError("server did not report its port")
 
+    def wait_for_log(self, text: str, timeout: float = 60.0) -> str:
+        """The first line of the server's log holding ``text``, reading further lines until one
+        comes; RuntimeError when the server ends first, or is killed after ``timeout`` seconds."""
+        found = next((line for line in self.log if text in line), None)
+        if found is not None:
+            return found
+        assert self.proc.stderr is not None
+        # readline blocks: past the deadline the server is killed, and readline sees the end
+        killer = threading.Timer(timeout, self.proc.kill)
+        killer.start()
+        try:
+            for line in iter(self.proc.stderr.readline, ""):
+                self.log.append(line)
+                if text in line:
+                    return line
+        finally:
+            killer.cancel()
+        raise RuntimeError(f"the server ended without logging {text!r}: {''.join(self.log)}")
+
     def client(self, timeout: float = 10.0) -> LineClient:
         """A new raw connection to this server."""
         return LineClient(self.host, self.port, timeout)

@@ -137,6 +137,10 @@ NO_LOG = {
     "log_unsynced_bytes": 0,
     "log_live_messages": 0,
     "log_write_failed": False,
+    "log_recovering": False,
+    "log_recovered_messages": 0,
+    "log_recovery_done_bytes": 0,
+    "log_recovery_total_bytes": 0,
 }
 # figures of the core the model does not state (see the module docstring)
 NOT_STATED = frozenset({"uptime_seconds", "memory_bytes", "connected_since", "connected_seconds", "handle"})

@@ -75,7 +75,8 @@ def _server(data: Path, *args: str) -> Iterator[ServerProcess]:
 
 
 def _recovered_line(server: ServerProcess) -> str:
-    return next(line for line in server.log if " recovered " in line and " from " in line)
+    """The start-up line saying what was recovered (logged once every message is back)."""
+    return server.wait_for_log(" topics from ")
 
 
 # ---------------------------------------------------------------- restart, lock, inspect
@@ -267,7 +268,8 @@ def test_kill_9_at_random_moments_loses_no_confirmed_message(tmp_path: Path, fsy
     deadline = time.monotonic() + DEADLINE
     while time.monotonic() < deadline:
         stats = _stats(probe)
-        if stats["backlog_messages"] == 0 and stats["unacked"] == 0:
+        # while the log is being recovered, an empty backlog says nothing about what is left
+        if stats["backlog_messages"] == 0 and stats["unacked"] == 0 and not stats["log_recovering"]:
             break
         time.sleep(0.05)
     server.stop()
@@ -564,6 +566,7 @@ def test_the_log_figures_reach_metrics_as_in_stats(tmp_path: Path) -> None:
         assert float(metrics["pigeon_log_writes_total"]) >= 1
         assert float(metrics["pigeon_log_syncs_total"]) >= 1  # always: PUBLISHED came after a sync
         assert float(metrics["pigeon_log_write_failed"]) == 0
+        assert float(metrics["pigeon_log_recovering"]) == 0  # the PUBLISH went through: it is over
     finally:
         proc.stop()
 
@@ -586,3 +589,125 @@ def test_syncs_in_flight_while_segments_rotate_keep_serving(tmp_path: Path, fsyn
         (result,) = json.loads(bench.stdout)["results"]
         assert result["workload"] == "durable_ackqueue4" and result["msgs_per_s"] > 0
     assert not [line for line in server.log if "cannot sync" in line], "".join(server.log)
+
+
+# ---------------------------------------------------------------- serving while the log is recovered
+
+RECOVERING_TOTAL = 1_000_000  # two topics, a and b: enough records for about 60 passes of the restore
+
+
+@pytest.fixture(scope="module")
+def recovering_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory holding a-0, b-1, a-2, ... (RECOVERING_TOTAL messages), made once."""
+    data = tmp_path_factory.mktemp("recovering") / "data"
+    with _server(data, "--max-backlog", str(RECOVERING_TOTAL), "--max-memory", str(4 << 30)) as server:
+        pub = server.client(60)
+        cid = pub.connect().encode()
+        for start in range(0, RECOVERING_TOTAL, 20_000):
+            batch = range(start, start + 20_000)
+            pub.send(
+                b"".join(
+                    b"PUBLISH %s %s %s-%d\n" % (cid, b"ab"[i % 2 : i % 2 + 1], b"ab"[i % 2 : i % 2 + 1], i)
+                    for i in batch
+                )
+            )
+            _read_lines(pub, len(batch))
+    return data
+
+
+def _read_lines(client: LineClient, count: int) -> list[bytes]:
+    """The next ``count`` lines, read in large chunks (LineClient.line is for a few lines)."""
+    lines = client.buf.split(b"\n")
+    client.buf = lines.pop()
+    while len(lines) < count:
+        chunk = client.sock.recv(1 << 20)
+        if not chunk:
+            raise EOFError(f"connection closed after {len(lines)} lines")
+        more = (client.buf + chunk).split(b"\n")
+        client.buf = more.pop()
+        lines += more
+    client.buf = b"\n".join([*lines[count:], client.buf]) if len(lines) > count else client.buf
+    return lines[:count]
+
+
+def _copy_of(data: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    return copy
+
+
+@pytest.mark.slow
+def test_a_subscriber_served_during_recovery_gets_every_message_in_order_and_publishes_wait(
+    recovering_log: Path, tmp_path: Path
+) -> None:
+    data = _copy_of(recovering_log, tmp_path)
+    limits = ("--max-backlog", str(RECOVERING_TOTAL + 1), "--max-memory", str(4 << 30))
+    with _server(data, *limits) as server:
+        probe, sub, pub = server.client(60), server.client(60), server.client(60)
+        probe.connect()
+        stats = _stats(probe)  # the restore walks a chunk per pass of the loop: it has far to go
+        assert stats["log_recovering"] is True, stats
+        done, total = stats["log_recovery_done_bytes"], stats["log_recovery_total_bytes"]
+        assert isinstance(done, int) and isinstance(total, int) and 0 <= done < total, stats
+        pub.connect()
+        pub.send(f"PUBLISH {pub.client_id} a late")  # waits until every recovered message is back
+        sub.connect()
+        assert sub.ask(f"SUBSCRIBE {sub.client_id} a") == b"SUBSCRIBED a"
+        half = RECOVERING_TOTAL // 2
+        got = _read_lines(sub, half + 1)
+        assert got[:-1] == [b"MESSAGE a a-%d" % i for i in range(0, RECOVERING_TOTAL, 2)]
+        assert got[-1] == b"MESSAGE a late"  # after every recovered message of its topic
+        assert pub.line() == b"PUBLISHED a"
+        assert "recovered 1000000 messages on 2 topics" in _recovered_line(server)
+        stats = _stats(probe)
+        assert stats["log_recovering"] is False
+        assert stats["log_recovered_messages"] == RECOVERING_TOTAL
+        assert stats["log_recovery_done_bytes"] == stats["log_recovery_total_bytes"]
+        assert stats["backlog_messages"] == half  # topic b
+
+
+@pytest.mark.slow
+def test_a_kill_9_during_recovery_loses_nothing_confirmed(recovering_log: Path, tmp_path: Path) -> None:
+    data = _copy_of(recovering_log, tmp_path)
+    limits = ("--max-backlog", str(RECOVERING_TOTAL), "--max-memory", str(4 << 30))
+    with _server(data, *limits) as server:
+        sub, probe = server.client(60), server.client(60)
+        sub.connect()
+        probe.connect()
+        assert sub.ask(f"SUBSCRIBE {sub.client_id} b ACK PREFETCH 1000") == b"SUBSCRIBED b"
+        acked = []
+        for line in _read_lines(sub, 1000):  # acknowledge the first thousand of b while recovering
+            _, _, tag, _, body = line.split(b" ", 4)
+            sub.send(b"ACK %s %s\n" % (sub.client_id.encode(), tag))
+            acked.append(body)
+        deadline = time.monotonic() + DEADLINE
+        stats = _stats(probe)
+        while stats["acks"] != 1000 and time.monotonic() < deadline:
+            stats = _stats(probe)  # its reply leaves after the log write of its pass: the DONE records
+        recovering = stats["log_recovering"]
+
+        server.stop(signal.SIGKILL)
+    with _server(data, *limits) as server:
+        recovered = _recovered_line(server)
+        sub = server.client(60)
+        sub.connect()
+        b_left = (RECOVERING_TOTAL // 2) - 1000
+        assert _read_a_topic(sub, "b", b_left) == [b"b-%d" % i for i in range(2001, RECOVERING_TOTAL, 2)]
+        assert _read_a_topic(sub, "a", RECOVERING_TOTAL // 2) == [
+            b"a-%d" % i for i in range(0, RECOVERING_TOTAL, 2)
+        ]
+    assert acked == [b"b-%d" % i for i in range(1, 2001, 2)]
+    assert f"recovered {RECOVERING_TOTAL - 1000} messages on 2 topics" in recovered, recovered
+    # the restore walks a chunk per pass of the loop, about 60 passes: the kill came in the middle
+    assert recovering is True
+
+
+def _read_a_topic(client: LineClient, topic: str, count: int) -> list[bytes]:
+    """Subscribe (plain) and read ``count`` message bodies of ``topic``."""
+    assert client.ask(f"SUBSCRIBE {client.client_id} {topic}") == f"SUBSCRIBED {topic}".encode()
+    prefix = f"MESSAGE {topic} ".encode()
+    bodies = []
+    for line in _read_lines(client, count):
+        assert line.startswith(prefix), line
+        bodies.append(line[len(prefix) :])
+    return bodies

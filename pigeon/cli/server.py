@@ -20,7 +20,6 @@ from pigeon.server.loops import loop_factory
 from pigeon.server.protocol import Server, format_address, is_loopback
 from pigeon.server.store import StoreError, inspect
 from pigeon.server.tls import DEFAULT_HANDSHAKE_TIMEOUT, server_context
-from pigeon.server.users import UsersError
 
 if TYPE_CHECKING:
     from pigeon.server.monitor import Monitor
@@ -339,15 +338,6 @@ async def serve(server: Server, loop_name: str, monitor: Monitor | None = None) 
     Raises OSError when the broker's own address cannot be bound.
     """
     await server.start()
-    if server.recovered is not None:
-        found = server.recovered
-        log.info(
-            "recovered %d messages on %d topics from %s in %.2f s",
-            found.messages,
-            found.topics,
-            server.store.directory if server.store is not None else "?",
-            found.seconds,
-        )
     if monitor is not None:
         try:
             await monitor.start()
@@ -430,10 +420,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_map_user=args.tls_map_user,
             **_limits(args),
         )
-    except UsersError as exc:
-        log.error("--users: %s", exc)
-        return 1
     except ValueError as exc:
+        from pigeon.server.users import UsersError  # loaded already when --users was given
+
+        if isinstance(exc, UsersError):
+            log.error("--users: %s", exc)
+            return 1
         parser.error(_limit_error(exc))
     try:
         loop_name, new_loop = loop_factory(args.loop)

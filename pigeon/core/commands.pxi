@@ -261,6 +261,8 @@ cdef int _storage_full(Broker b, int32_t h, Topic *t, size_t n) noexcept:
     or -1 with an ERROR STORAGE_FULL sent when waiting cannot help (see flow.pxd)."""
     cdef size_t size = publish_record_size(t.name_len, n)
     cdef Log *log = &b.log
+    if log_restoring_hold(b, h):
+        return HOLD
     if not log.failed and (b.limit.max_disk == 0 or log.disk + log.len + size <= b.limit.max_disk):
         return 0
     if size > b.limit.max_disk // 4 and b.limit.max_disk or sub_find(&b.conns.items[h], t) != NULL:
@@ -287,7 +289,7 @@ cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n) 
     cdef Msg *msg
     cdef size_t size
     cdef uint64_t seq
-    if b.log.durable and (b.log.failed or b.limit.max_disk):
+    if b.log.durable and (b.log.failed or b.limit.max_disk or b.recovery.restoring):
         held = _storage_full(b, h, t, n)
         if held:
             return HOLD if held == HOLD else 0

@@ -67,14 +67,29 @@ ctypedef struct Log:
 
 
 ctypedef struct Recovery:
-    # While replaying a log: the messages published, in sequence order, and
-    # the done ones crossed out (NULL).
-    uint64_t *seqs
-    Msg **msgs
-    size_t count
-    size_t cap
-    uint64_t records
+    # Replaying a log takes two steps (docs/storage.md, "Recovery"). The scan, before
+    # serving, checks every record and collects what DONE and DELIVERED records say;
+    # the restore, while serving, walks the PUBLISH records again, oldest first, a
+    # chunk per pass of the event loop, and puts the messages not done at the tail
+    # of their topics.
+    uint64_t *done          # DONE runs, (first, last) pairs; sorted and merged when the scan ends
+    size_t ndone
+    size_t done_cap
+    uint64_t *delivered     # DELIVERED records, (seq, attempt) pairs; sorted when the scan ends
+    size_t ndelivered
+    size_t delivered_cap
+    size_t done_at          # the restore walks seqs upwards: the first run / DELIVERED pair
+    size_t delivered_at     # ... that may concern the next message
+    uint64_t records        # records scanned
     uint64_t max_seq
+    bint restoring          # the scan is over, the restore is not: PUBLISH waits (HELD_STORAGE)
+    uint64_t total_bytes    # bytes of records the restore walks, and how many it walked
+    uint64_t done_bytes
+    uint64_t messages       # messages restored
+    uint64_t oldest         # the seq of the first of them, 0: none
+    uint64_t *topics        # an open-addressing set of the serials of the topics restored into
+    size_t ntopics
+    size_t topics_cap       # a power of two, or 0
 
 
 cdef int log_publish(Broker b, uint64_t seq, Topic *t, const char *data, size_t n,
@@ -90,3 +105,4 @@ cdef uint32_t record_crc(const char *body, size_t n) noexcept
 cdef int log_epoch(Broker b, uint64_t first) noexcept
 cdef size_t log_deletable(Broker b) noexcept
 cdef void log_drop_epochs(Broker b, size_t n) noexcept
+cdef bint log_restoring_hold(Broker b, int32_t h) noexcept

@@ -1,7 +1,7 @@
 # Log: records, their order with the replies, and recovery (see log.pxd).
 
 from libc.stdlib cimport qsort
-from libc.string cimport memmove
+from libc.string cimport memcmp, memmove, memset
 
 
 cdef extern from *:
@@ -275,6 +275,8 @@ cdef size_t log_deletable(Broker b) noexcept:
     """How many of the oldest segments hold no live message (never the one being written)."""
     cdef Log *log = &b.log
     cdef size_t n = 0
+    if b.recovery.restoring:
+        return 0        # the restore has not counted every segment's live messages yet
     while n + 1 < log.nepochs and log.epoch_live[n] == 0:
         n += 1
     return n
@@ -393,6 +395,7 @@ cdef void log_release(Broker b) noexcept:
 
 cdef void log_free(Broker b) noexcept:
     cdef Log *log = &b.log
+    _recovery_free(b, &b.recovery)
     mem_free(&b.mem, log.buf, log.cap)
     mem_free(&b.mem, log.settled, log.settled_cap * sizeof(uint64_t))
     mem_free(&b.mem, log.waiting, log.waiting_cap * sizeof(int32_t))
@@ -438,56 +441,42 @@ cdef void log_forget(Broker b, int32_t h) noexcept:
 
 
 # ---------------------------------------------------------------- recovery
+#
+# Two steps (docs/storage.md, "Recovery"). The scan reads every record before
+# the server serves, so that damage anywhere stops the start before any message
+# went out, and a message is never handed out before every DONE record of the
+# log was seen; it keeps only the DONE runs and the DELIVERED attempts. The
+# restore walks the PUBLISH records again while the server serves, a chunk per
+# pass of the event loop, so that a subscriber gets its topic's first messages
+# at once. PUBLISH waits until the restore is over: a new message goes behind
+# every recovered one of its topic.
 
 
-cdef int _recovered(Broker b, Recovery *r, uint64_t seq, Msg *msg) noexcept:
-    """Add a published message to the table (seqs arrive in increasing order); -1 when out of memory."""
-    cdef size_t cap
-    cdef uint64_t *seqs
-    cdef Msg **msgs
-    if r.count == r.cap:
-        cap = r.cap * 2 if r.cap else 4096
-        seqs = <uint64_t *>mem_grow(&b.mem, r.seqs, r.cap * sizeof(uint64_t), cap * sizeof(uint64_t))
-        if seqs == NULL:
-            return -1
-        r.seqs = seqs
-        msgs = <Msg **>mem_grow(&b.mem, r.msgs, r.cap * sizeof(Msg *), cap * sizeof(Msg *))
-        if msgs == NULL:
-            return -1
-        r.msgs = msgs
-        r.cap = cap
-    r.seqs[r.count] = seq
-    r.msgs[r.count] = msg
-    r.count += 1
+cdef int _grow_pairs(Broker b, uint64_t **pairs, size_t *cap, size_t count) noexcept:
+    """Room for one more (u64, u64) pair; -1 when out of memory."""
+    cdef size_t grown_cap
+    cdef uint64_t *grown
+    if count < cap[0]:
+        return 0
+    grown_cap = cap[0] * 2 if cap[0] else 4096
+    grown = <uint64_t *>mem_grow(&b.mem, pairs[0], cap[0] * 2 * sizeof(uint64_t),
+                                 grown_cap * 2 * sizeof(uint64_t))
+    if grown == NULL:
+        return -1
+    pairs[0] = grown
+    cap[0] = grown_cap
     return 0
 
 
-cdef size_t _lower(Recovery *r, uint64_t seq) noexcept:
-    """The first index whose seq is >= seq."""
-    cdef size_t low = 0, high = r.count, mid
-    while low < high:
-        mid = (low + high) // 2
-        if r.seqs[mid] < seq:
-            low = mid + 1
-        else:
-            high = mid
-    return low
-
-
-cdef str _apply(Broker b, Recovery *r, const char *body, size_t n):
-    """Replay one record; None, or what is wrong with it."""
+cdef str _scan_record(Broker b, Recovery *r, const char *body, size_t n):
+    """Check one record and keep what it says about the messages; None, or what is wrong with it."""
     cdef int kind = <unsigned char>body[0]
-    cdef uint64_t seq, last
-    cdef uint32_t attempt, name_len, length
-    cdef size_t i
-    cdef Topic *t
-    cdef Msg *msg
-    cdef uint64_t hv
+    cdef uint64_t seq
+    cdef uint32_t name_len, length
     if kind == REC_PUBLISH:
         if n < 27:
             return "a PUBLISH record too short"
         seq = _get64(body + 1)
-        attempt = _get32(body + 17)
         name_len = _get16(body + 21)
         if n < 27 + name_len or name_len == 0 or name_len > TOPIC_MAX:
             return "a PUBLISH record with a bad topic length"
@@ -496,48 +485,32 @@ cdef str _apply(Broker b, Recovery *r, const char *body, size_t n):
             return "a PUBLISH record whose length does not add up"
         if seq <= r.max_seq:
             return "a PUBLISH record out of sequence"
-        hv = topic_hash(body + 23, name_len)
-        t = topics_find(&b.topic_table, body + 23, name_len, hv)
-        if t == NULL:
-            t = topics_add(&b.mem, &b.topic_table, body + 23, name_len, hv)
-            if t == NULL:
-                raise MemoryError()
-        msg = msg_new(b, t, body + 27 + name_len, length)
-        if msg == NULL:
-            raise MemoryError()
-        msg.seq = seq
-        msg.attempt = attempt
-        if _recovered(b, r, seq, msg) < 0:
-            msg_release(b, msg)
-            raise MemoryError()
         r.max_seq = seq
+        r.total_bytes += RECORD_HEAD + n
         return None
     if kind == REC_DONE:
         if n != 17:
             return "a DONE record of the wrong length"
-        seq = _get64(body + 1)
-        last = _get64(body + 9)
-        i = _lower(r, seq)
-        while i < r.count and r.seqs[i] <= last:
-            if r.msgs[i] != NULL:
-                msg_release(b, r.msgs[i])
-                r.msgs[i] = NULL
-            i += 1
+        if _grow_pairs(b, &r.done, &r.done_cap, r.ndone) < 0:
+            raise MemoryError()
+        r.done[2 * r.ndone] = _get64(body + 1)
+        r.done[2 * r.ndone + 1] = _get64(body + 9)
+        r.ndone += 1
         return None
     if kind == REC_DELIVERED:
         if n != 13:
             return "a DELIVERED record of the wrong length"
-        seq = _get64(body + 1)
-        attempt = _get32(body + 9)
-        i = _lower(r, seq)
-        if i < r.count and r.seqs[i] == seq and r.msgs[i] != NULL and r.msgs[i].attempt < attempt:
-            r.msgs[i].attempt = attempt
+        if _grow_pairs(b, &r.delivered, &r.delivered_cap, r.ndelivered) < 0:
+            raise MemoryError()
+        r.delivered[2 * r.ndelivered] = _get64(body + 1)
+        r.delivered[2 * r.ndelivered + 1] = _get32(body + 9)
+        r.ndelivered += 1
         return None
     return f"a record of unknown kind {kind}"
 
 
-cdef tuple recovery_feed(Broker b, Recovery *r, const char *data, size_t n):
-    """Replay the records of ``data``: ``(offset, problem)``, the offset up to which they were
+cdef tuple recovery_scan(Broker b, Recovery *r, const char *data, size_t n):
+    """Check the records of ``data``: ``(offset, problem)``, the offset up to which they were
     sound, and None or what is wrong at that offset (a torn tail, a bad checksum, ...)."""
     cdef size_t pos = 0, body
     cdef str problem
@@ -549,7 +522,7 @@ cdef tuple recovery_feed(Broker b, Recovery *r, const char *data, size_t n):
             return pos, "a record cut short" if body <= (1 << 30) else "a record of impossible length"
         if record_crc(data + pos + RECORD_HEAD, body) != _get32(data + pos + 4):
             return pos, "a record whose checksum does not match"
-        problem = _apply(b, r, data + pos + RECORD_HEAD, body)
+        problem = _scan_record(b, r, data + pos + RECORD_HEAD, body)
         if problem is not None:
             return pos, problem
         r.records += 1
@@ -557,46 +530,172 @@ cdef tuple recovery_feed(Broker b, Recovery *r, const char *data, size_t n):
     return pos, None
 
 
-cdef tuple recovery_finish(Broker b, Recovery *r):
-    """Every message published and not done goes to the tail of its topic's backlog, in sequence
-    order (its original order); returns ``(messages, topics, records replayed, seq of the oldest
-    message, 0 if none)``."""
-    cdef size_t i, j, messages = 0
-    cdef uint64_t records = r.records, oldest = 0
-    cdef Msg *msg
-    cdef Topic *t
-    cdef Topic *touched = NULL
-    for i in range(r.count):
-        msg = r.msgs[i]
-        if msg == NULL:
-            continue
-        t = msg.topic
-        if queue_push(&b.mem, &t.backlog, msg) < 0:
-            msg_release(b, msg)
-            b.counters.lost += 1
-            continue
-        if not t.touched:
-            touch_topic(t, &touched)
-        b.backlog_messages += 1
-        b.backlog_bytes += msg.len
-        b.log.live += 1
-        b.log.live_bytes += publish_record_size(t.name_len, msg.len)
-        j = _epoch_of(&b.log, msg.seq)
-        if j < b.log.nepochs:
-            b.log.epoch_live[j] += 1
-        if oldest == 0:
-            oldest = msg.seq
-        messages += 1
-    mem_free(&b.mem, r.seqs, r.cap * sizeof(uint64_t))
-    mem_free(&b.mem, r.msgs, r.cap * sizeof(Msg *))
+cdef void recovery_scanned(Broker b, Recovery *r) noexcept:
+    """The scan is over: the DONE runs sorted and merged, the DELIVERED pairs sorted, new
+    messages numbered after the log's, and new records in a new segment (the last one may end
+    torn). The restore starts: PUBLISH waits until it ends."""
+    cdef size_t i, kept = 0
+    qsort(r.done, r.ndone, 2 * sizeof(uint64_t), compare_u64)
+    for i in range(r.ndone):
+        if kept and r.done[2 * i] <= r.done[2 * kept - 1] + 1:
+            if r.done[2 * i + 1] > r.done[2 * kept - 1]:
+                r.done[2 * kept - 1] = r.done[2 * i + 1]
+        else:
+            r.done[2 * kept] = r.done[2 * i]
+            r.done[2 * kept + 1] = r.done[2 * i + 1]
+            kept += 1
+    r.ndone = kept
+    qsort(r.delivered, r.ndelivered, 2 * sizeof(uint64_t), compare_u64)
     if r.max_seq > b.next_seq:
         b.next_seq = r.max_seq
-    b.log.rotate_next = True    # new records go to a new segment: the last one may end torn
-    topics = 0
-    t = touched
-    while t != NULL:
-        topics += 1
-        t = t.touched_next
+    b.log.rotate_next = True
+    r.restoring = True
+
+
+cdef bint _is_done(Recovery *r, uint64_t seq) noexcept:
+    """Whether a DONE record covers seq (asked for increasing seqs)."""
+    while r.done_at < r.ndone and r.done[2 * r.done_at + 1] < seq:
+        r.done_at += 1
+    return r.done_at < r.ndone and r.done[2 * r.done_at] <= seq
+
+
+cdef uint32_t _attempt(Recovery *r, uint64_t seq, uint32_t attempt) noexcept:
+    """The highest attempt the log records for seq (asked for increasing seqs)."""
+    while r.delivered_at < r.ndelivered and r.delivered[2 * r.delivered_at] < seq:
+        r.delivered_at += 1
+    while r.delivered_at < r.ndelivered and r.delivered[2 * r.delivered_at] == seq:
+        if r.delivered[2 * r.delivered_at + 1] > attempt:
+            attempt = <uint32_t>r.delivered[2 * r.delivered_at + 1]
+        r.delivered_at += 1
+    return attempt
+
+
+cdef int _count_topic(Broker b, Recovery *r, uint64_t serial) noexcept:
+    """Add a topic's serial to the set of the topics restored into; -1 when out of memory."""
+    cdef size_t i, cap
+    cdef uint64_t *grown
+    cdef uint64_t *old = r.topics
+    cdef size_t old_cap = r.topics_cap
+    if 2 * (r.ntopics + 1) > r.topics_cap:
+        cap = r.topics_cap * 2 if r.topics_cap else 64
+        grown = <uint64_t *>mem_alloc(&b.mem, cap * sizeof(uint64_t))
+        if grown == NULL:
+            return -1
+        memset(grown, 0, cap * sizeof(uint64_t))
+        r.topics = grown
+        r.topics_cap = cap
+        r.ntopics = 0
+        for i in range(old_cap):
+            if old[i]:
+                _count_topic(b, r, old[i])
+        mem_free(&b.mem, old, old_cap * sizeof(uint64_t))
+    i = <size_t>serial & (r.topics_cap - 1)     # serials are consecutive: they spread well as they are
+    while r.topics[i] and r.topics[i] != serial:
+        i = (i + 1) & (r.topics_cap - 1)
+    if not r.topics[i]:
+        r.topics[i] = serial
+        r.ntopics += 1
+    return 0
+
+
+cdef Topic *_restore_topic(Broker b, const char *name, size_t n) noexcept:
+    """The topic a recovered message goes to, made if need be; NULL when out of memory."""
+    cdef uint64_t hv = topic_hash(name, n)
+    cdef Topic *t = topics_find(&b.topic_table, name, n, hv)
+    if t == NULL:
+        t = topics_add(&b.mem, &b.topic_table, name, n, hv)
+    return t
+
+
+cdef Py_ssize_t recovery_restore(Broker b, Recovery *r, const char *data, size_t n, size_t limit) except -1:
+    """Walk the records of ``data`` (scanned before) and put each message not done at the tail of
+    its topic, with its attempt; stop at a record boundary after ``limit`` records. Returns the
+    bytes walked. The topics that got messages are drained at the end (their subscribers get
+    them at the next flush)."""
+    cdef size_t pos = 0, walked = 0, body
+    cdef const char *rec
+    cdef uint64_t seq
+    cdef uint32_t name_len, length
+    cdef Topic *t = NULL
+    cdef Topic *touched = NULL
+    cdef Msg *msg
+    cdef size_t j
+    cdef bint out_of_memory = False
+    while pos < n and walked < limit:
+        body = _get32(data + pos)
+        rec = data + pos + RECORD_HEAD
+        pos += RECORD_HEAD + body
+        walked += 1
+        if <unsigned char>rec[0] != REC_PUBLISH:
+            continue
+        r.done_bytes += RECORD_HEAD + body
+        seq = _get64(rec + 1)
+        if _is_done(r, seq):
+            continue
+        name_len = _get16(rec + 21)
+        length = _get32(rec + 23 + name_len)
+        # pipelined publishers repeat a topic: keep the last one while it is pinned (touched)
+        if t == NULL or t.name_len != name_len or memcmp(topic_name(t), rec + 23, name_len) != 0:
+            t = _restore_topic(b, rec + 23, name_len)
+            if t == NULL:
+                out_of_memory = True
+                break
+        msg = msg_new(b, t, rec + 27 + name_len, length)
+        if msg == NULL:
+            topics_drop_if_unused(b, t)
+            out_of_memory = True
+            break
+        b.next_seq -= 1     # msg_new numbered it: it keeps the seq of its record
+        msg.seq = seq
+        msg.attempt = _attempt(r, seq, _get32(rec + 17))
+        if queue_push(&b.mem, &t.backlog, msg) < 0 or _count_topic(b, r, t.serial) < 0:
+            msg_release(b, msg)
+            out_of_memory = True
+            break
+        touch_topic(t, &touched)
+        b.backlog_messages += 1
+        b.backlog_bytes += length
+        b.log.live += 1
+        b.log.live_bytes += RECORD_HEAD + body
+        j = _epoch_of(&b.log, seq)
+        if j < b.log.nepochs:
+            b.log.epoch_live[j] += 1
+        if r.oldest == 0:
+            r.oldest = seq
+        r.messages += 1
     drain_touched(b, touched)
+    if out_of_memory:
+        raise MemoryError()
+    return pos
+
+
+cdef void _recovery_free(Broker b, Recovery *r) noexcept:
+    mem_free(&b.mem, r.done, r.done_cap * 2 * sizeof(uint64_t))
+    mem_free(&b.mem, r.delivered, r.delivered_cap * 2 * sizeof(uint64_t))
+    mem_free(&b.mem, r.topics, r.topics_cap * sizeof(uint64_t))
     memset(r, 0, sizeof(Recovery))
-    return messages, topics, records, oldest
+
+
+cdef tuple recovery_finish(Broker b, Recovery *r):
+    """The restore is over: returns ``(messages, topics, records scanned, seq of the oldest
+    message restored, 0 if none)``; the publishers that waited for it go on."""
+    cdef tuple result
+    if not r.restoring:
+        recovery_scanned(b, r)
+    cdef uint64_t messages = r.messages, total = r.total_bytes
+    result = (messages, r.ntopics, r.records, r.oldest)
+    _recovery_free(b, r)
+    r.messages = messages       # STATS keeps what the recovery did
+    r.total_bytes = total
+    r.done_bytes = total
+    flow_storage_freed(b)
+    return result
+
+
+cdef bint log_restoring_hold(Broker b, int32_t h) noexcept:
+    """While the restore runs, a PUBLISH waits for its end (its topic may have recovered
+    messages still to come, which go first)."""
+    if not b.recovery.restoring:
+        return False
+    flow_hold(b, h, NULL, HELD_STORAGE)
+    return True

@@ -56,6 +56,10 @@ cdef dict stats_dict(Broker b):
         "log_unsynced_bytes": b.log.written - b.log.synced if b.log.fsync else 0,
         "log_live_messages": b.log.live,
         "log_write_failed": bool(b.log.failed),
+        "log_recovering": bool(b.recovery.restoring),
+        "log_recovered_messages": b.recovery.messages,
+        "log_recovery_done_bytes": b.recovery.done_bytes,
+        "log_recovery_total_bytes": b.recovery.total_bytes,
         "disk_limit_bytes": b.limit.max_disk,
     }
 

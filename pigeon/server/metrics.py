@@ -138,6 +138,11 @@ _GAUGES = (
         "Log bytes written and not yet synced to stable storage (--fsync everysec or always).",
     ),
     ("log_write_failed", "pigeon_log_write_failed", "1 while the last write of the log failed (disk full)."),
+    (
+        "log_recovering",
+        "pigeon_log_recovering",
+        "1 while the messages of the log are being put back after a start (PUBLISH waits meanwhile).",
+    ),
 )
 
 # (Server.server_stats key, metric name, help) of the counters the server keeps outside the core

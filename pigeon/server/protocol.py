@@ -20,7 +20,7 @@ import os
 import ssl
 from functools import partial
 from types import TracebackType
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from pigeon._core import Broker
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
@@ -38,9 +38,11 @@ from pigeon.server.limits import (
     DEFAULT_PREFETCH,
     DEFAULT_WRITE_TIMEOUT,
 )
-from pigeon.server.logins import Logins
-from pigeon.server.store import Recovered, Store
+from pigeon.server.store import Recovered, Store, StoreError
 from pigeon.server.tls import DEFAULT_HANDSHAKE_TIMEOUT, certificate_user
+
+if TYPE_CHECKING:
+    from pigeon.server.logins import Logins
 
 log = logging.getLogger("pigeon")
 
@@ -288,15 +290,17 @@ class Server:
         self.broker.on_close = self._closed_by_core
         self.broker.on_reading = self._set_reading
         self._connections: dict[int, _Connection] = {}
-        # raises UsersError when the file cannot be used
-        self.logins = (
-            Logins(self.broker, users_file, self._connections, map_certificates=tls_map_user)
-            if users_file is not None
-            else None
-        )
+        self.logins: Logins | None = None
+        if users_file is not None:
+            # only then: the users file's parser and the password hashes take a while to load
+            from pigeon.server.logins import Logins
+
+            # raises UsersError when the file cannot be used
+            self.logins = Logins(self.broker, users_file, self._connections, map_certificates=tls_map_user)
         self._listener: asyncio.Server | None = None
         self._clock: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._restoring: asyncio.Handle | None = None
 
     @property
     def port(self) -> int:
@@ -331,6 +335,31 @@ class Server:
             ssl_handshake_timeout=self._tls_handshake_timeout if self.tls is not None else None,
         )
         self._clock = asyncio.create_task(self._tick(self.broker.tick_interval))
+        if self.store is not None:
+            # the messages come back a chunk per pass of the loop while it serves
+            self._restoring = loop.call_soon(self._restore)
+
+    def _restore(self) -> None:
+        """Put back the next chunk of recovered messages; once all are, say what came back."""
+        assert self.store is not None and self.recovered is not None
+        try:
+            done = self.store.restore(self.broker)
+        except StoreError as exc:
+            # the log is intact: nothing was recorded as done that was not
+            log.critical("%s; stopping", exc)
+            os._exit(1)
+        if not done:
+            self._restoring = asyncio.get_running_loop().call_soon(self._restore)
+            return
+        self._restoring = None
+        found = self.recovered
+        log.info(
+            "recovered %d messages on %d topics from %s in %.2f s",
+            found.messages,
+            found.topics,
+            self.store.directory,
+            found.seconds,
+        )
 
     async def _tick(self, interval: float) -> None:
         while True:
@@ -378,6 +407,9 @@ class Server:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._restoring is not None:
+            self._restoring.cancel()
+            self._restoring = None
         if self._listener is not None:
             self._listener.close()
         if self.logins is not None:
