@@ -8,7 +8,8 @@ import logging
 import os
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pigeon._core import FSYNC_MODES, LIMIT_DEFAULTS, keep_heap
@@ -235,6 +236,25 @@ def build_parser() -> argparse.ArgumentParser:
         default="text",
         help="log lines as text or as one JSON object each (default %(default)s)",
     )
+    cluster = parser.add_argument_group("cluster (docs/cluster.md; needs the 'cluster' extra)")
+    cluster.add_argument(
+        "--cluster",
+        metavar="etcd://HOST:PORT[,HOST:PORT...]",
+        help="join the cluster coordinated by this etcd: topics are spread over the nodes",
+    )
+    cluster.add_argument("--node-name", metavar="NAME", help="this node's unique name (default: host:port)")
+    cluster.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="where clients and other nodes reach this node (default: --host and the bound port)",
+    )
+    cluster.add_argument(
+        "--cluster-ttl",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="lease of this node in etcd: a dead node's topics move after this long (default %(default)s)",
+    )
     parser.add_argument("--version", action="version", version=f"pigeon {__version__}")
     return parser
 
@@ -396,6 +416,22 @@ def _inspect(data_dir: str) -> int:
     return 0
 
 
+def _new_server(args: argparse.Namespace) -> Callable[..., Server]:
+    """``Server``, or with --cluster a ``ClusterServer`` with the cluster flags already given."""
+    if args.cluster is None:
+        return Server
+    from pigeon.cluster.etcd import parse_endpoints
+    from pigeon.cluster.server import ClusterServer
+
+    return partial(
+        ClusterServer,
+        endpoints=parse_endpoints(args.cluster),
+        node_name=args.node_name or args.advertise or f"{args.host}:{args.port}",
+        advertise=args.advertise,
+        lease_ttl=args.cluster_ttl,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pigeon`` console script; returns the exit code."""
     arguments = list(sys.argv[1:] if argv is None else argv)
@@ -417,8 +453,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.users is None and not args.allow_anonymous and not is_loopback(args.host):
         log.error("%s", protected_mode_refusal(args.host))
         return 1
+    if args.cluster is None and (args.node_name or args.advertise):
+        parser.error("--node-name and --advertise need --cluster")
     try:
-        server = Server(
+        server = _new_server(args)(
             args.host,
             args.port,
             data_dir=args.data_dir,
@@ -435,6 +473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except ValueError as exc:
         parser.error(_limit_error(exc))
+    except ImportError as exc:
+        log.error("--cluster needs the cluster extra: pip install 'pigeon-broker[cluster]' (%s)", exc)
+        return 2
     try:
         loop_name, new_loop = loop_factory(args.loop)
     except ImportError:

@@ -322,7 +322,7 @@ class Server:
         self.broker.on_timer = self._arm_timer
         write_timeout = self.broker.limits["write_timeout"]
         self._listener = await loop.create_server(
-            lambda: _Connection(self.broker, self._connections, write_timeout, self.logins),
+            partial(self.new_connection, write_timeout),
             self.host,
             self._requested_port,
             reuse_address=True,
@@ -331,6 +331,10 @@ class Server:
             ssl_handshake_timeout=self._tls_handshake_timeout if self.tls is not None else None,
         )
         self._clock = asyncio.create_task(self._tick(self.broker.tick_interval))
+
+    def new_connection(self, write_timeout: float) -> asyncio.BufferedProtocol:
+        """The protocol of one accepted connection (a cluster node routes instead: pigeon.cluster)."""
+        return _Connection(self.broker, self._connections, write_timeout, self.logins)
 
     async def _tick(self, interval: float) -> None:
         while True:

@@ -1,0 +1,125 @@
+"""Cluster membership and slot ownership: real ``pigeon --cluster`` nodes, a real etcd, real kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import pytest
+
+from pigeon.cluster.etcd import EtcdProcess, parse_endpoints
+from pigeon.cluster.slots import SLOTS, owner_order, preferred_owner, slot_of
+from tests.cluster_kit import (
+    TTL,
+    assert_no_slot_served_twice,
+    owned_by_each,
+    start_node,
+    status,
+    wait_balanced,
+)
+
+SLOT_OF_JOBS = 197
+SLOT_OF_ORDERS = 238
+
+
+def test_endpoints_are_parsed_with_or_without_the_scheme() -> None:
+    assert parse_endpoints("etcd://127.0.0.1:2379,10.0.0.2:2380") == [("127.0.0.1", 2379), ("10.0.0.2", 2380)]
+    assert parse_endpoints("[::1]:2379") == [("::1", 2379)]
+    for bad in ("etcd://", "host", "host:0", "host:x"):
+        with pytest.raises(ValueError):
+            parse_endpoints(bad)
+
+
+def test_slots_and_preferred_owners_are_the_same_in_every_process() -> None:
+    # CRC-32, not Python's per-process hash: these values are fixed
+    assert [slot_of(topic) for topic in (b"jobs", b"orders", b"")] == [SLOT_OF_JOBS, SLOT_OF_ORDERS, 0]
+    members = ["n1", "n2", "n3"]
+    owners = [preferred_owner(slot, members) for slot in range(SLOTS)]
+    assert set(owners) == set(members)
+    assert owners == [owner_order(slot, reversed(members))[0] for slot in range(SLOTS)]
+    # a member leaving moves only the slots it held
+    without = [preferred_owner(slot, ["n1", "n2"]) for slot in range(SLOTS)]
+    assert all(a == b for a, b in zip(owners, without, strict=True) if a != "n3")
+    assert preferred_owner(0, []) is None
+
+
+def test_cluster_needs_the_cluster_flag() -> None:
+    from pigeon.cli.server import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--node-name", "n1"])
+    assert exit_info.value.code == 2
+
+
+def test_every_slot_has_exactly_one_owner_in_etcd_and_in_the_nodes(etcd: EtcdProcess) -> None:
+    nodes = [start_node(etcd.endpoint, f"n{i}") for i in range(3)]
+    try:
+        owned = wait_balanced(nodes)
+        recorded = asyncio.run(_slot_keys(etcd))
+        assert set(recorded) == set(range(SLOTS))
+        for name, slots in owned.items():
+            assert {slot for slot, owner in recorded.items() if owner == name} == slots
+        doc = status(nodes[0])
+        assert set(doc["members"]) == {"n0", "n1", "n2"}
+        assert doc["etcd"] is True
+    finally:
+        for node in nodes:
+            assert node.stop() == 0, "".join(node.log)
+
+
+async def _slot_keys(etcd: EtcdProcess) -> dict[int, str]:
+    import aetcd
+
+    client = aetcd.Client("127.0.0.1", etcd.client_port)
+    try:
+        prefix = b"/pigeon/pigeon/slots/"
+        return {int(kv.key[len(prefix) :]): kv.value.decode() for kv in await client.get_prefix(prefix)}
+    finally:
+        await client.close()
+
+
+@pytest.mark.slow
+def test_slots_move_after_kill_9_and_never_have_two_servers_while_nodes_come_and_go(
+    etcd: EtcdProcess,
+) -> None:
+    nodes = {f"n{i}": start_node(etcd.endpoint, f"n{i}") for i in range(3)}
+    try:
+        wait_balanced(list(nodes.values()))
+        # kill -9 a node: its lease expires, the others take its slots within TTL + a few polls
+        nodes.pop("n1").proc.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_balanced(list(nodes.values()), timeout=TTL + 20)
+        moved_after = time.monotonic() - killed_at
+        assert moved_after >= 0
+        # the node comes back under the same name, while another leaves cleanly; look continuously
+        nodes["n1"] = start_node(etcd.endpoint, "n1")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            assert_no_slot_served_twice(owned_by_each(list(nodes.values())))
+        assert nodes.pop("n2").stop() == 0
+        owned = wait_balanced(list(nodes.values()), timeout=TTL + 20)
+        assert set(owned) == {"n0", "n1"}
+    finally:
+        for node in nodes.values():
+            node.stop()
+
+
+@pytest.mark.slow
+def test_an_etcd_restart_keeps_the_slots_served(etcd: EtcdProcess) -> None:
+    nodes = [start_node(etcd.endpoint, f"n{i}") for i in range(2)]
+    try:
+        before = wait_balanced(nodes)
+        etcd.stop()
+        # while etcd is down (for less than the lease) every node keeps what it owns
+        time.sleep(TTL / 4)
+        assert owned_by_each(nodes) == before
+        etcd.start()
+        deadline = time.monotonic() + 10
+        while not all(status(node)["etcd"] for node in nodes):
+            assert time.monotonic() < deadline, "the nodes did not see etcd again"
+            time.sleep(0.1)
+        assert wait_balanced(nodes) == before
+    finally:
+        for node in nodes:
+            assert node.stop() == 0, "".join(node.log)
