@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import deque
 from typing import Any, cast
 
@@ -36,6 +37,12 @@ REMOTE_TAG_BASE = 1 << 40
 _TOPIC_COMMANDS = frozenset((b"PUBLISH", b"SUBSCRIBE", b"UNSUBSCRIBE"))
 _SETTLE_COMMANDS = frozenset((b"ACK", b"NACK"))
 _LOCAL = ""  # the source name of this node's own core
+_NO_OWNER = "\0"  # a command for a slot without owner now: it waits (no node name has a NUL: argv cannot)
+
+# Seconds between two looks for the owner of a slot that has none, and how long past the lease TTL a
+# command waits for one before it is refused with TRYAGAIN.
+OWNER_RETRY = 0.1
+OWNER_WAIT_MARGIN = 2.0
 
 
 def parse_tags(spec: bytes) -> tuple[int, int] | None:
@@ -112,6 +119,7 @@ class RoutedConnection(_Connection):
         "_holds",
         "_inbuf",
         "_next_remote_tag",
+        "_owner_wait_since",
         "_partial",
         "_pending",
         "_redirect",
@@ -140,6 +148,7 @@ class RoutedConnection(_Connection):
         self._holds: set[str] = set()  # why input is not processed: "core", "client", an owner
         self._redirect = False
         self._eof = False
+        self._owner_wait_since = 0.0  # when a command began to wait for its slot's owner
 
     # -- input -----------------------------------------------------------------------------------
 
@@ -163,6 +172,10 @@ class RoutedConnection(_Connection):
         while self._pending and not self._holds:
             line = self._pending[0]
             source, verb, rest = self._classify(line)
+            if source == _NO_OWNER:
+                self.pause_input(_NO_OWNER)
+                asyncio.get_running_loop().call_later(OWNER_RETRY, self.resume_input, _NO_OWNER)
+                break
             if source != self._source and not self._source_idle(self._source, local):
                 break
             self._pending.popleft()
@@ -218,9 +231,20 @@ class RoutedConnection(_Connection):
         if self._cluster.serves(slot):
             return _LOCAL, verb, b""
         owner = self._cluster.owner(slot)
-        if owner is None or self._cluster.address_of(owner) is None or self._redirect:
+        if owner is None or self._cluster.address_of(owner) is None:
+            return (None if self._waited_for_owner() else _NO_OWNER), verb, rest
+        self._owner_wait_since = 0.0
+        if self._redirect:
             return None, verb, rest
         return owner, verb, rest
+
+    def _waited_for_owner(self) -> bool:
+        """Whether a command for a slot without owner has waited long enough to be refused (TRYAGAIN):
+        the slot of a node that just died has none until its lease expires, so wait that long."""
+        now = time.monotonic()
+        if not self._owner_wait_since:
+            self._owner_wait_since = now
+        return now - self._owner_wait_since > self._cluster.ttl + OWNER_WAIT_MARGIN
 
     # -- commands answered here ------------------------------------------------------------------
 
