@@ -18,6 +18,7 @@ from tests.cluster_kit import (
     status,
     wait_balanced,
 )
+from tests.monitoring import get_json, start_monitored
 
 SLOT_OF_JOBS = 197
 SLOT_OF_ORDERS = 238
@@ -123,3 +124,20 @@ def test_an_etcd_restart_keeps_the_slots_served(etcd: EtcdProcess) -> None:
     finally:
         for node in nodes:
             assert node.stop() == 0, "".join(node.log)
+
+
+def test_http_cluster_shows_the_nodes_and_a_plain_broker_says_null(etcd: EtcdProcess) -> None:
+    node, url = start_monitored("--cluster", etcd.endpoint, "--node-name", "solo", "--cluster-ttl", str(TTL))
+    plain, plain_url = start_monitored()
+    try:
+        deadline = time.monotonic() + 20
+        while (doc := get_json(url + "cluster")["cluster"])["unowned"]:
+            assert time.monotonic() < deadline, doc
+            time.sleep(0.1)
+        assert doc["node"] == "solo" and doc["etcd"] is True
+        assert doc["members"]["solo"]["address"] == f"{node.host}:{node.port}"
+        assert len(doc["members"]["solo"]["slots"]) == SLOTS == len(doc["owned"])
+        assert get_json(plain_url + "cluster") == {"cluster": None}
+    finally:
+        assert node.stop() == 0, "".join(node.log)
+        assert plain.stop() == 0

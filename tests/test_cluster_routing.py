@@ -4,6 +4,8 @@ another node owns forwarded to it (real processes, a real etcd)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -136,3 +138,39 @@ def test_a_client_that_asks_for_redirects_is_told_the_owner(cluster: Cluster) ->
     mine = topic_owned_by(owned, "n0", "mine")
     client.publish(mine, "here")
     assert client.ask("CLUSTER NONSENSE").startswith(b"ERROR USAGE")
+
+
+def test_cli_cluster_lists_the_nodes_their_slots_and_health(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    node = nodes["n1"]
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pigeon.cli.client",
+            "cluster",
+            "--host",
+            node.host,
+            "--port",
+            str(node.port),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    report = json.loads(run.stdout)
+    assert report["seen_by"] == "n1" and report["unowned"] == 0
+    assert {(r["node"], r["slots"], r["health"]) for r in report["nodes"]} == {
+        (name, len(slots), "ok") for name, slots in owned.items()
+    }
+    table = subprocess.run(
+        [sys.executable, "-m", "pigeon.cli.client", "cluster", "--host", node.host, "--port", str(node.port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert table.splitlines()[0].split() == ["NODE", "ADDRESS", "SLOTS", "TOPICS", "HEALTH"]
+    assert "256 of 256 slots owned (as n1 sees it)" in table

@@ -500,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # with users, per-connection data is for admins: over HTTP, the token's holders
             admin_only=args.users is not None,
             server_stats=server.server_stats,
+            cluster_status=server.cluster_status,
         )
     loop = new_loop()
     code = 0

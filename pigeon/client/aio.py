@@ -200,6 +200,10 @@ class AsyncClient(ClientBase):
         figures: dict[str, Any] | list[dict[str, Any]] = await self._stats(section)
         return figures
 
+    async def cluster(self) -> dict[str, Any]:
+        """As ``Client.cluster``."""
+        return await self._cluster()
+
     async def next_message(self, timeout: float | None = None) -> Message:
         """The next delivery; raises pigeon.TimeoutError when none arrives within ``timeout`` seconds.
 

@@ -551,6 +551,10 @@ class ClientBase(abc.ABC):
             if not cursor:
                 return entries
 
+    async def _cluster(self) -> dict[str, Any]:
+        reply = await self._command(b"CLUSTER", codec.cluster_line, retry=True)
+        return self._parse(codec.parse_cluster, reply)
+
     def _parse(self, parse: Callable[[bytes], T], reply: bytes) -> T:
         """``parse(reply)``; a reply it cannot read is a ProtocolError, and ends the connection."""
         try:

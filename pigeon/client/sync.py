@@ -170,6 +170,11 @@ class Client(ClientBase):
         figures: dict[str, Any] | list[dict[str, Any]] = run_blocking(self._stats(section))
         return figures
 
+    def cluster(self) -> dict[str, Any]:
+        """The cluster as the node this client is connected to sees it (``CLUSTER STATUS``,
+        docs/cluster.md); raises CommandError from a broker that is no cluster node."""
+        return run_blocking(self._cluster())
+
     def next_message(self, timeout: float | None = None) -> Message:
         """The next delivery; raises pigeon.TimeoutError when none arrives within ``timeout`` seconds.
 

@@ -62,6 +62,10 @@ class ClusterServer(Server):
         await self.cluster.stop()
         await super().stop(timeout)
 
+    def cluster_status(self) -> dict[str, Any] | None:
+        """The cluster as this node sees it (``ClusterNode.status``)."""
+        return self.cluster.status()
+
     def busy_slots(self) -> set[int]:
         """The slots of every topic the core holds."""
         slots: set[int] = set()

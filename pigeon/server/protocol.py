@@ -20,7 +20,7 @@ import os
 import ssl
 from functools import partial
 from types import TracebackType
-from typing import cast
+from typing import Any, cast
 
 from pigeon._core import Broker
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
@@ -344,6 +344,10 @@ class Server:
     def server_stats(self) -> dict[str, int]:
         """Figures kept by this layer, not the core: logins delayed by the throttle."""
         return {"logins_throttled": 0} if self.logins is None else self.logins.stats()
+
+    def cluster_status(self) -> dict[str, Any] | None:
+        """The cluster as this node sees it; None for a broker that is no cluster node."""
+        return None
 
     def reload_users(self) -> bool:
         """Read the users file again and apply it (SIGHUP); False when there is none or it cannot be
