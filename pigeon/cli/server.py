@@ -249,6 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="where clients and other nodes reach this node (default: --host and the bound port)",
     )
     cluster.add_argument(
+        "--node-port",
+        type=_port,
+        metavar="PORT",
+        help="also listen on this port (0: a free one) and advertise it, to be reached as this very "
+        "process when --port is shared (--workers sets it)",
+    )
+    cluster.add_argument(
+        "--workers",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="run N node processes sharing --port (SO_REUSEPORT) as one cluster; without --cluster "
+        "they use an etcd of their own that pigeon starts (default %(default)s: one process, no workers)",
+    )
+    cluster.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    cluster.add_argument(
         "--cluster-ttl",
         type=_seconds,
         default=5.0,
@@ -428,6 +444,8 @@ def _new_server(args: argparse.Namespace) -> Callable[..., Server]:
         endpoints=parse_endpoints(args.cluster),
         node_name=args.node_name or args.advertise or f"{args.host}:{args.port}",
         advertise=args.advertise,
+        node_port=args.node_port,
+        reuse_port=args.reuse_port,
         lease_ttl=args.cluster_ttl,
     )
 
@@ -453,8 +471,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.users is None and not args.allow_anonymous and not is_loopback(args.host):
         log.error("%s", protected_mode_refusal(args.host))
         return 1
-    if args.cluster is None and (args.node_name or args.advertise):
-        parser.error("--node-name and --advertise need --cluster")
+    if args.workers:
+        from pigeon.cluster.workers import supervise
+
+        return supervise(args, arguments)
+    if args.cluster is None and (args.node_name or args.advertise or args.node_port is not None):
+        parser.error("--node-name, --advertise and --node-port need --cluster")
     try:
         server = _new_server(args)(
             args.host,

@@ -130,6 +130,8 @@ class ClusterNode:
                     raise ConnectionError(f"cannot join the cluster through etcd: {exc}") from exc
                 await self._next_endpoint()
                 await asyncio.sleep(0.2)
+        with contextlib.suppress(Exception):
+            await self._rebalance()  # take this node's free slots before it says it listens
         self._tasks = [
             asyncio.create_task(self._keep_alive()),
             asyncio.create_task(self._watch()),

@@ -228,7 +228,8 @@ class Server:
     port speaks TLS only, and a client that has not completed its handshake
     within ``tls_handshake_timeout`` seconds is closed. With ``users_file``
     (``pigeon.server.users``) clients must log in, and ``tls_map_user`` logs in
-    a client whose certificate's commonName is a user of the file.
+    a client whose certificate's commonName is a user of the file. With ``reuse_port``
+    several processes listen on the same port (SO_REUSEPORT; ``pigeon --workers``).
     Use ``async with Server(...) as server:`` or ``start()`` and ``stop()``.
     """
 
@@ -257,8 +258,10 @@ class Server:
         tls: ssl.SSLContext | None = None,
         tls_handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         tls_map_user: bool = False,
+        reuse_port: bool = False,
     ) -> None:
         self.host = host
+        self._reuse_port = reuse_port
         self.tls = tls
         self._tls_handshake_timeout = tls_handshake_timeout
         self._requested_port = port
@@ -326,6 +329,7 @@ class Server:
             self.host,
             self._requested_port,
             reuse_address=True,
+            reuse_port=self._reuse_port or None,
             backlog=LISTEN_BACKLOG,
             ssl=self.tls,
             ssl_handshake_timeout=self._tls_handshake_timeout if self.tls is not None else None,
