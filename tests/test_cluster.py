@@ -13,6 +13,7 @@ from pigeon.cluster.slots import SLOTS, owner_order, preferred_owner, slot_of
 from tests.cluster_kit import (
     TTL,
     assert_no_slot_served_twice,
+    connected,
     owned_by_each,
     start_node,
     status,
@@ -141,3 +142,23 @@ def test_http_cluster_shows_the_nodes_and_a_plain_broker_says_null(etcd: EtcdPro
     finally:
         assert node.stop() == 0, "".join(node.log)
         assert plain.stop() == 0
+
+
+def test_a_joining_node_takes_only_slots_that_hold_no_topic(etcd: EtcdProcess) -> None:
+    first = start_node(etcd.endpoint, "n0")
+    nodes = [first]
+    try:
+        sub = connected(first)
+        topics = [f"held{i}" for i in range(20)]
+        for topic in topics:
+            sub.subscribe(topic)
+        nodes.append(start_node(etcd.endpoint, "n1"))
+        owned = wait_balanced(nodes)
+        assert {slot_of(topic.encode()) for topic in topics} <= owned["n0"]
+        publisher = connected(nodes[1])
+        for topic in topics:
+            publisher.publish(topic, "x")
+        assert sorted(sub.lines(20)) == sorted(f"MESSAGE {topic} x".encode() for topic in topics)
+    finally:
+        for node in nodes:
+            assert node.stop() == 0, "".join(node.log)

@@ -88,8 +88,12 @@ class ClusterNode:
         return slot in self.owned
 
     def owner(self, slot: int) -> str | None:
-        """The node that owns ``slot`` as etcd said last, or None."""
-        return self.name if slot in self.owned else self.owners.get(slot)
+        """The node that owns ``slot`` as etcd said last, or None (also for a slot this node is
+        giving up: its next owner is not known yet)."""
+        if slot in self.owned:
+            return self.name
+        node = self.owners.get(slot)
+        return None if node == self.name else node
 
     def address_of(self, node: str) -> str | None:
         """Where clients reach ``node`` (``host:port``), or None for a node not in the member set."""
@@ -265,17 +269,34 @@ class ClusterNode:
         if self._lease is None or self.name not in self.members:
             return
         txn = self._etcd().transactions
+        # Which slots to hand over is decided and applied with no await in between: a topic made
+        # in a slot while its key is being given up would otherwise be served by two nodes.
         busy = self._busy_slots()
-        taken: list[int] = []
-        handed: list[int] = []
-        for slot in range(SLOTS):
-            want = preferred_owner(slot, self.members)
-            holder = self.owners.get(slot)
+        handed = [
+            slot
+            for slot in sorted(self.owned)
+            if self.owners.get(slot) == self.name
+            and preferred_owner(slot, self.members) != self.name
+            and slot not in busy
+        ]
+        self.owned.difference_update(handed)
+        for slot in handed:
             key = self._key("slots", slot)
+            await asyncio.wait_for(
+                self._etcd().transaction(
+                    compare=[txn.value(key) == self.name.encode()], success=[txn.delete(key)], failure=[]
+                ),
+                CALL_TIMEOUT,
+            )
+            self.owners.pop(slot, None)
+        taken: list[int] = []
+        for slot in range(SLOTS):
             if slot in self._held and slot not in self.owned and time.monotonic() < self._alive_until:
-                self.owned.add(slot)  # the lease came back alive (etcd was away for a while)
-                taken.append(slot)
-            elif holder is None and want == self.name:
+                if slot not in handed:
+                    self.owned.add(slot)  # the lease came back alive (etcd was away for a while)
+                    taken.append(slot)
+            elif self.owners.get(slot) is None and preferred_owner(slot, self.members) == self.name:
+                key = self._key("slots", slot)
                 ok, _ = await asyncio.wait_for(
                     self._etcd().transaction(
                         compare=[txn.version(key) == 0],
@@ -289,17 +310,6 @@ class ClusterNode:
                     self._held.add(slot)
                     self.owned.add(slot)
                     taken.append(slot)
-            elif holder == self.name and want != self.name and slot in self.owned and slot not in busy:
-                # stop serving first, then give the key up: never two servers for the slot
-                self.owned.discard(slot)
-                await asyncio.wait_for(
-                    self._etcd().transaction(
-                        compare=[txn.value(key) == self.name.encode()], success=[txn.delete(key)], failure=[]
-                    ),
-                    CALL_TIMEOUT,
-                )
-                self.owners.pop(slot, None)
-                handed.append(slot)
         if taken or handed:
             log.info(
                 "took %d slots, handed %d over to their preferred owners; %d owned, %d members",
