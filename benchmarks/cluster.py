@@ -31,6 +31,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pigeon import Client
 from pigeon.bench.load import Options, run
 from pigeon.cluster.etcd import EtcdProcess, free_port
+from pigeon.cluster.slots import SLOTS, preferred_owner
 from pigeon.testing import ServerProcess
 
 # (subscribers' port, publishers' port) of a running setup
@@ -38,13 +39,18 @@ Ports = tuple[int, int]
 
 
 def wait_spread(port: int, nodes: int, timeout: float = 30.0) -> None:
-    """Wait until the cluster behind ``port`` has ``nodes`` members, each owning slots, none unowned."""
+    """Wait until the cluster behind ``port`` has ``nodes`` members and every slot is with its
+    preferred owner (no handover left to happen during a run)."""
     deadline = time.monotonic() + timeout
     while True:
         with Client("127.0.0.1", port) as client:
             seen = client.cluster()
-        members = seen["members"].values()
-        if seen["unowned"] == 0 and len(members) == nodes and all(m["slots"] for m in members):
+        members = seen["members"]
+        settled = len(members) == nodes and all(
+            slot in members.get(preferred_owner(slot, members) or "", {}).get("slots", [])
+            for slot in range(SLOTS)
+        )
+        if settled:
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"the cluster did not spread its slots over {nodes} nodes: {seen}")

@@ -174,3 +174,12 @@ def test_cli_cluster_lists_the_nodes_their_slots_and_health(cluster: Cluster) ->
     ).stdout
     assert table.splitlines()[0].split() == ["NODE", "ADDRESS", "SLOTS", "TOPICS", "HEALTH"]
     assert "256 of 256 slots owned (as n1 sees it)" in table
+    topic = topic_owned_by(owned, "n2", "where")
+    where = subprocess.run(
+        [sys.executable, "-m", "pigeon.cli.client", "cluster", "--port", str(node.port), "--topic", topic],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert where == f"topic {topic}: slot {slot_of(topic.encode())}, owned by n2\n"

@@ -13,6 +13,7 @@ from typing import Any
 from pigeon import Client
 from pigeon.cli.common import Subparsers, add_connection_options, client_keywords, open_client
 from pigeon.cli.stats import table
+from pigeon.cluster.slots import slot_of
 from pigeon.errors import PigeonError
 
 HEADER = ("NODE", "ADDRESS", "SLOTS", "TOPICS", "HEALTH")
@@ -36,6 +37,11 @@ def node_report(name: str, member: dict[str, Any], keywords: dict[str, Any]) -> 
 def _run_cluster(args: argparse.Namespace) -> int:
     with open_client(args) as client:
         seen = client.cluster()
+    if args.topic is not None:
+        slot = slot_of(args.topic.encode())
+        owners = [name for name, member in seen["members"].items() if slot in member["slots"]]
+        print(f"topic {args.topic}: slot {slot}, owned by {owners[0] if owners else 'no node now'}")
+        return 0
     keywords = {key: value for key, value in client_keywords(args).items() if key not in ("host", "port")}
     reports = [node_report(name, member, keywords) for name, member in seen["members"].items()]
     if args.json:
@@ -55,4 +61,5 @@ def register(subparsers: Subparsers) -> None:
     cluster = subparsers.add_parser("cluster", help="list a cluster's nodes, their slots, topics and health")
     add_connection_options(cluster)
     cluster.add_argument("--json", action="store_true", help="print the report as indented JSON")
+    cluster.add_argument("--topic", metavar="NAME", help="only say which slot and node serve this topic")
     cluster.set_defaults(func=_run_cluster)

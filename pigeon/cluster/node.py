@@ -265,6 +265,13 @@ class ClusterNode:
                 self.etcd_ok = False
                 log.debug("cluster read failed: %s", exc)
 
+    async def _txn(self, compare: list[Any], success: list[Any]) -> bool:
+        """One etcd transaction: ``success`` if every comparison holds; whether it did."""
+        ok, _ = await asyncio.wait_for(
+            self._etcd().transaction(compare=compare, success=success, failure=[]), CALL_TIMEOUT
+        )
+        return bool(ok)
+
     async def _rebalance(self) -> None:
         if self._lease is None or self.name not in self.members:
             return
@@ -280,36 +287,42 @@ class ClusterNode:
             and slot not in busy
         ]
         self.owned.difference_update(handed)
-        for slot in handed:
-            key = self._key("slots", slot)
-            await asyncio.wait_for(
-                self._etcd().transaction(
-                    compare=[txn.value(key) == self.name.encode()], success=[txn.delete(key)], failure=[]
-                ),
-                CALL_TIMEOUT,
+        for batch in _batches(handed):
+            keys = [self._key("slots", slot) for slot in batch]
+            await self._txn(
+                [txn.value(key) == self.name.encode() for key in keys], [txn.delete(key) for key in keys]
             )
-            self.owners.pop(slot, None)
+            for slot in batch:
+                self.owners.pop(slot, None)
         taken: list[int] = []
-        for slot in range(SLOTS):
-            if slot in self._held and slot not in self.owned and time.monotonic() < self._alive_until:
-                if slot not in handed:
-                    self.owned.add(slot)  # the lease came back alive (etcd was away for a while)
-                    taken.append(slot)
-            elif self.owners.get(slot) is None and preferred_owner(slot, self.members) == self.name:
-                key = self._key("slots", slot)
-                ok, _ = await asyncio.wait_for(
-                    self._etcd().transaction(
-                        compare=[txn.version(key) == 0],
-                        success=[txn.put(key, self.name.encode(), self._lease)],
-                        failure=[],
-                    ),
-                    CALL_TIMEOUT,
-                )
-                if ok and self._lease is not None:
-                    self.owners[slot] = self.name
-                    self._held.add(slot)
-                    self.owned.add(slot)
-                    taken.append(slot)
+        for slot in sorted(self._held - self.owned - set(handed)):
+            if time.monotonic() < self._alive_until:
+                self.owned.add(slot)  # the lease came back alive (etcd was away for a while)
+                taken.append(slot)
+        free = [
+            slot
+            for slot in range(SLOTS)
+            if self.owners.get(slot) is None and preferred_owner(slot, self.members) == self.name
+        ]
+        for batch in _batches(free):
+            keys = [self._key("slots", slot) for slot in batch]
+            # all at once when all are free; one by one when another node got some first
+            if not await self._txn(
+                [txn.version(key) == 0 for key in keys],
+                [txn.put(key, self.name.encode(), self._lease) for key in keys],
+            ):
+                batch = [
+                    slot
+                    for slot, key in zip(batch, keys, strict=True)
+                    if await self._txn(
+                        [txn.version(key) == 0], [txn.put(key, self.name.encode(), self._lease)]
+                    )
+                ]
+            if self._lease is not None:
+                self.owners.update(dict.fromkeys(batch, self.name))
+                self._held.update(batch)
+                self.owned.update(batch)
+                taken.extend(batch)
         if taken or handed:
             log.info(
                 "took %d slots, handed %d over to their preferred owners; %d owned, %d members",
@@ -318,3 +331,12 @@ class ClusterNode:
                 len(self.owned),
                 len(self.members),
             )
+
+
+# etcd refuses a transaction of more than 128 operations (--max-txn-ops)
+TXN_BATCH = 100
+
+
+def _batches(slots: list[int]) -> list[list[int]]:
+    """``slots`` in runs of at most TXN_BATCH."""
+    return [slots[i : i + TXN_BATCH] for i in range(0, len(slots), TXN_BATCH)]

@@ -436,7 +436,9 @@ class RoutedConnection(_Connection):
     def set_reading(self, reading: bool) -> None:
         """The core stops (or restarts) taking this connection's input: flow control."""
         if reading:
-            self.resume_input("core")
+            # the core says so from inside its flush, while it runs this connection's held input:
+            # feed it more only once that is done
+            asyncio.get_running_loop().call_soon(self.resume_input, "core")
         else:
             self.pause_input("core")
 
