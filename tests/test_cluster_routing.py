@@ -4,6 +4,7 @@ another node owns forwarded to it (real processes, a real etcd)."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -183,3 +184,16 @@ def test_cli_cluster_lists_the_nodes_their_slots_and_health(cluster: Cluster) ->
         check=True,
     ).stdout
     assert where == f"topic {topic}: slot {slot_of(topic.encode())}, owned by n2\n"
+
+
+def test_a_client_that_half_closes_gets_every_forwarded_reply_then_the_end(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    topic = topic_owned_by(owned, "n2", "halfclose")
+    client = connected(nodes["n0"])
+    client.send(b"".join(f"PUBLISH {client.client_id} {topic} m{i}\n".encode() for i in range(50)))
+    client.sock.shutdown(socket.SHUT_WR)
+    assert client.lines(50) == [f"PUBLISHED {topic}".encode()] * 50
+    assert client.at_eof()
+    backlog = connected(nodes["n1"])
+    backlog.subscribe(topic)
+    assert backlog.lines(50) == [f"MESSAGE {topic} m{i}".encode() for i in range(50)]

@@ -326,6 +326,7 @@ class RoutedConnection(_Connection):
             owner = self._cluster.owner(slot)
             address = None if owner is None else self._cluster.address_of(owner)
             if address is None:
+                self._owner_wait_since = 0.0  # the next command waits afresh
                 self._reply(b"ERROR TRYAGAIN slot %d of '%s' has no owner yet: retry" % (slot, topic))
             else:
                 self._reply(b"ERROR MOVED %d %s" % (slot, address.encode()))
@@ -405,8 +406,9 @@ class RoutedConnection(_Connection):
             self._transport.write(chunk)
 
     def source_idle(self, node: str) -> None:
-        """An owner has answered every command sent to it: input held for it may go on."""
-        if self._pending:
+        """An owner has answered every command sent to it: input held for it may go on (and a
+        client that sent its FIN gets its end once every reply is in)."""
+        if self._pending or self._eof:
             self._route()
 
     def pause_input(self, why: str) -> None:
