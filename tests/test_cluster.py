@@ -46,11 +46,15 @@ def test_slots_and_preferred_owners_are_the_same_in_every_process() -> None:
     assert preferred_owner(0, []) is None
 
 
-def test_cluster_needs_the_cluster_flag() -> None:
+@pytest.mark.parametrize(
+    "argv",
+    [["--node-name", "n1"], ["--cluster", "etcd://127.0.0.1:2379", "--users", "u.toml"], ["--cluster", "x"]],
+)
+def test_cluster_flags_are_checked(argv: list[str]) -> None:
     from pigeon.cli.server import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["--node-name", "n1"])
+        main(argv)
     assert exit_info.value.code == 2
 
 

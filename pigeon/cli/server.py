@@ -471,6 +471,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.users is None and not args.allow_anonymous and not is_loopback(args.host):
         log.error("%s", protected_mode_refusal(args.host))
         return 1
+    if (args.cluster is not None or args.workers) and args.users is not None:
+        # nodes forward clients' commands over connections of their own, which carry no credentials
+        parser.error("--cluster and --workers do not work with --users yet (see docs/cluster.md)")
     if args.workers:
         from pigeon.cluster.workers import supervise
 
