@@ -190,3 +190,22 @@ def test_a_joining_node_takes_only_slots_that_hold_no_topic(etcd: EtcdProcess) -
     finally:
         for node in nodes:
             assert node.stop() == 0, "".join(node.log)
+
+
+@pytest.mark.slow
+def test_ownership_changes_wait_while_etcd_is_down(etcd: EtcdProcess) -> None:
+    nodes = {f"n{i}": start_node(etcd.endpoint, f"n{i}") for i in range(3)}
+    try:
+        before = wait_balanced(list(nodes.values()))
+        etcd.stop()
+        nodes.pop("n2").proc.send_signal(signal.SIGKILL)
+        time.sleep(TTL / 3)
+        # nobody can take the dead node's slots without etcd: the others serve what they had
+        assert owned_by_each(list(nodes.values())) == {name: before[name] for name in nodes}
+        etcd.start()
+        after = wait_balanced(list(nodes.values()), timeout=TTL + 20)
+        assert set().union(*after.values()) == set(range(SLOTS))
+        assert after["n0"] >= before["n0"] and after["n1"] >= before["n1"]
+    finally:
+        for node in nodes.values():
+            node.stop()
