@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from pigeon import AsyncClient, Client
+from pigeon.cluster.etcd import EtcdProcess, etcd_binary
 from pigeon.testing import LineClient, ServerProcess
 from tests.certs import Certs, make_certs
 from tests.faces import Face, LoopThread, OpenClient, Target
@@ -27,6 +28,17 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "slow: takes tens of seconds or more; the default run runs it too (-m 'not slow' skips)"
     )
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdProcess]:
+    """A real single-member etcd on free loopback ports, its data in a temporary directory."""
+    if etcd_binary() is None:
+        pytest.skip("etcd is not installed (apt-get install etcd-server)")
+    if importlib.util.find_spec("aetcd") is None:
+        pytest.skip("the cluster extra is not installed (pip install -e '.[cluster]')")
+    with EtcdProcess() as proc:
+        yield proc
 
 
 @pytest.fixture(params=LOOPS)

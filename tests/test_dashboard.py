@@ -16,6 +16,7 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from pigeon.cluster.etcd import EtcdProcess
 from pigeon.testing import LineClient, ServerProcess
 from tests.monitoring import ACK_FIGURES, ACK_FLAGS, ack_traffic, get_json, start_monitored
 
@@ -336,3 +337,22 @@ def test_dashboard_pages_through_connections(
     assert browser.find_element(By.ID, "page-info").text == "page 1"
     for client in clients:
         client.close()
+
+
+def test_dashboard_shows_the_nodes_of_a_cluster(browser: webdriver.Chrome, etcd: EtcdProcess) -> None:
+    proc, url = start_monitored("--cluster", etcd.endpoint, "--node-name", "n1", "--cluster-ttl", "2")
+    browser.get(url)
+    wait = WebDriverWait(browser, 20)
+    wait.until(lambda _: browser.find_element(By.ID, "cluster-section").is_displayed())
+    wait.until(lambda _: table(browser, "cluster-table") == [["n1", f"{proc.host}:{proc.port}", "256"]])
+    assert "this node: n1" in browser.find_element(By.ID, "cluster-note").text
+    assert proc.stop() == 0
+
+
+def test_dashboard_hides_the_cluster_of_a_broker_that_is_no_node(browser: webdriver.Chrome) -> None:
+    proc, url = start_monitored()
+    browser.get(url)
+    # a poll has been shown: the status line says how long the broker is up
+    WebDriverWait(browser, 20).until(lambda _: browser.find_element(By.ID, "status").text.startswith("up "))
+    assert not browser.find_element(By.ID, "cluster-section").is_displayed()
+    assert proc.stop() == 0

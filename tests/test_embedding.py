@@ -49,8 +49,9 @@ def test_server_thread_takes_every_keyword_of_server() -> None:
     keywords = [p.name for p in inspect.signature(Server).parameters.values() if p.kind is p.KEYWORD_ONLY]
     assert list(ServerLimits.__annotations__) == keywords
     # every limit of the core but its internal out_batch is a keyword of Server, the log's settings,
-    # the users file and TLS
+    # the users file, TLS and a port shared with other processes (pigeon --workers)
     settings = {"data_dir", "fsync", "repair", "users_file", "tls", "tls_handshake_timeout", "tls_map_user"}
+    settings.add("reuse_port")
     assert set(keywords) == set(LIMIT_NAMES) - {"out_batch"} | settings
     with ServerThread(max_connections=1, idle_timeout=30.0) as server:
         assert server.server.broker.limits["idle_timeout"] == 30.0

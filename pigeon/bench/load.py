@@ -85,6 +85,7 @@ class Options:
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
+    pub_port: int | None = None  # publishers connect here (another node of a cluster); None: port
     dialect: str = "pigeon"
     size: int = 64
     duration: float = 3.0
@@ -321,7 +322,7 @@ def run_throughput(
             d.subscribe(conn, d.handshake(conn), _topic(tag, i % topics), group)
         chunks = []
         for i in range(publishers):
-            conn = d.connect(opts.host, opts.port, tls)
+            conn = d.connect(opts.host, opts.port if opts.pub_port is None else opts.pub_port, tls)
             pubs.append(conn)
             chunks.append(d.publish(d.handshake(conn), _topic(tag, i % topics), payload) * opts.batch)
         _blocking(*(conn.sock for conn in subs + pubs))
@@ -729,6 +730,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=defaults.host, help="broker address (default %(default)s)")
     parser.add_argument("--port", type=int, default=defaults.port, help="broker port (default %(default)s)")
     parser.add_argument(
+        "--pub-port",
+        type=int,
+        default=None,
+        help="pipe, queue, fanin: publishers connect to this port, subscribers to --port (two nodes "
+        "of a cluster; default: --port)",
+    )
+    parser.add_argument(
         "--workloads",
         type=_workload_list,
         default=list(WORKLOADS),
@@ -771,6 +779,7 @@ def options_from(args: argparse.Namespace) -> Options:
     return Options(
         host=args.host,
         port=args.port,
+        pub_port=args.pub_port,
         dialect=args.dialect,
         size=args.size,
         duration=args.duration,

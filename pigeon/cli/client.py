@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES = (
     "pigeon.cli.pubsub",
     "pigeon.cli.stats",
     "pigeon.cli.top",
+    "pigeon.cli.cluster",
     "pigeon.bench.load",
     "pigeon.cli.passwd",
 )

@@ -8,7 +8,8 @@ import logging
 import os
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pigeon._core import FSYNC_MODES, LIMIT_DEFAULTS, keep_heap
@@ -234,6 +235,41 @@ def build_parser() -> argparse.ArgumentParser:
         default="text",
         help="log lines as text or as one JSON object each (default %(default)s)",
     )
+    cluster = parser.add_argument_group("cluster (docs/cluster.md; needs the 'cluster' extra)")
+    cluster.add_argument(
+        "--cluster",
+        metavar="etcd://HOST:PORT[,HOST:PORT...]",
+        help="join the cluster coordinated by this etcd: topics are spread over the nodes",
+    )
+    cluster.add_argument("--node-name", metavar="NAME", help="this node's unique name (default: host:port)")
+    cluster.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="where clients and other nodes reach this node (default: --host and the bound port)",
+    )
+    cluster.add_argument(
+        "--node-port",
+        type=_port,
+        metavar="PORT",
+        help="also listen on this port (0: a free one) and advertise it, to be reached as this very "
+        "process when --port is shared (--workers sets it)",
+    )
+    cluster.add_argument(
+        "--workers",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="run N node processes sharing --port (SO_REUSEPORT) as one cluster; without --cluster "
+        "they use an etcd of their own that pigeon starts (default %(default)s: one process, no workers)",
+    )
+    cluster.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    cluster.add_argument(
+        "--cluster-ttl",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="lease of this node in etcd: a dead node's topics move after this long (default %(default)s)",
+    )
     parser.add_argument("--version", action="version", version=f"pigeon {__version__}")
     return parser
 
@@ -386,6 +422,24 @@ def _inspect(data_dir: str) -> int:
     return 0
 
 
+def _new_server(args: argparse.Namespace) -> Callable[..., Server]:
+    """``Server``, or with --cluster a ``ClusterServer`` with the cluster flags already given."""
+    if args.cluster is None:
+        return Server
+    from pigeon.cluster.etcd import parse_endpoints
+    from pigeon.cluster.server import ClusterServer
+
+    return partial(
+        ClusterServer,
+        endpoints=parse_endpoints(args.cluster),
+        node_name=args.node_name or args.advertise or f"{args.host}:{args.port}",
+        advertise=args.advertise,
+        node_port=args.node_port,
+        reuse_port=args.reuse_port,
+        lease_ttl=args.cluster_ttl,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pigeon`` console script; returns the exit code."""
     arguments = list(sys.argv[1:] if argv is None else argv)
@@ -407,8 +461,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.users is None and not args.allow_anonymous and not is_loopback(args.host):
         log.error("%s", protected_mode_refusal(args.host))
         return 1
+    if (args.cluster is not None or args.workers) and args.users is not None:
+        # nodes forward clients' commands over connections of their own, which carry no credentials
+        parser.error("--cluster and --workers do not work with --users yet (see docs/cluster.md)")
+    if args.workers:
+        from pigeon.cluster.workers import supervise
+
+        return supervise(args, arguments)
+    if args.cluster is None and (args.node_name or args.advertise or args.node_port is not None):
+        parser.error("--node-name, --advertise and --node-port need --cluster")
     try:
-        server = Server(
+        server = _new_server(args)(
             args.host,
             args.port,
             data_dir=args.data_dir,
@@ -427,6 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("--users: %s", exc)
             return 1
         parser.error(_limit_error(exc))
+    except ImportError as exc:
+        log.error("--cluster needs the cluster extra: pip install 'pigeon-broker[cluster]' (%s)", exc)
+        return 2
     try:
         loop_name, new_loop = loop_factory(args.loop)
     except ImportError:
@@ -451,6 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # with users, per-connection data is for admins: over HTTP, the token's holders
             admin_only=args.users is not None,
             server_stats=server.server_stats,
+            cluster_status=server.cluster_status,
         )
     loop = new_loop()
     code = 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import Any, cast, overload
 
@@ -65,7 +65,7 @@ class AsyncClient(ClientBase):
     background, for up to ``reconnect_timeout`` seconds, and its
     subscriptions are restored. While more than
     ``max_queued`` deliveries wait to be consumed, the client stops reading,
-    so the server's rotation passes it over. ``user``, ``password``, ``tls``
+    so the server's rotation passes it over. ``user``, ``password``, ``tls``, ``seeds``
     and ``AsyncClient.from_url`` are as for ``Client``. Many tasks may share one client.
     """
 
@@ -81,8 +81,9 @@ class AsyncClient(ClientBase):
         user: str | None = None,
         password: str | None = None,
         tls: TlsOption = None,
+        seeds: Sequence[tuple[str, int]] = (),
     ) -> None:
-        super().__init__(host, port, timeout, reconnect, reconnect_timeout, user, password, tls)
+        super().__init__(host, port, timeout, reconnect, reconnect_timeout, user, password, tls, seeds)
         self.max_queued = max_queued
         self._reading_paused = False
         self._protocol: _Protocol | None = None
@@ -198,6 +199,10 @@ class AsyncClient(ClientBase):
         """
         figures: dict[str, Any] | list[dict[str, Any]] = await self._stats(section)
         return figures
+
+    async def cluster(self) -> dict[str, Any]:
+        """As ``Client.cluster``."""
+        return await self._cluster()
 
     async def next_message(self, timeout: float | None = None) -> Message:
         """The next delivery; raises pigeon.TimeoutError when none arrives within ``timeout`` seconds.

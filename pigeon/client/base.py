@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from functools import partial
 from typing import Any, TypeVar, cast
 
@@ -77,10 +77,13 @@ class ClientBase(abc.ABC):
         user: str | None = None,
         password: str | None = None,
         tls: TlsOption = None,
+        seeds: Sequence[tuple[str, int]] = (),
     ) -> None:
         check_credentials(user, password)
         self.host = host
         self.port = port
+        # the nodes of a cluster to try in turn when reconnecting: this one first, then the seeds
+        self.seeds = [(host, port), *((h, p) for h, p in seeds if (h, p) != (host, port))]
         self.timeout = timeout
         self.reconnect = reconnect
         self.reconnect_timeout = reconnect_timeout
@@ -221,11 +224,17 @@ class ClientBase(abc.ABC):
                     raise ConnectionClosedError(
                         f"could not reconnect to {self.host}:{self.port} in {self.reconnect_timeout}s"
                     ) from exc
+                self._next_seed()
                 await self._sleep(min(delay, left))
                 delay = min(delay * 2, RECONNECT_MAX_DELAY)
             else:
                 self.reconnects += 1
                 return
+
+    def _next_seed(self) -> None:
+        """Aim the next connection attempt at the next node of ``seeds`` (a cluster's other nodes)."""
+        at = self.seeds.index((self.host, self.port)) if (self.host, self.port) in self.seeds else -1
+        self.host, self.port = self.seeds[(at + 1) % len(self.seeds)]
 
     def _poll_connected(self) -> bool:
         """Whether the connection is still open, once what has arrived is taken in."""
@@ -541,6 +550,10 @@ class ClientBase(abc.ABC):
             entries.extend(page)
             if not cursor:
                 return entries
+
+    async def _cluster(self) -> dict[str, Any]:
+        reply = await self._command(b"CLUSTER", codec.cluster_line, retry=True)
+        return self._parse(codec.parse_cluster, reply)
 
     def _parse(self, parse: Callable[[bytes], T], reply: bytes) -> T:
         """``parse(reply)``; a reply it cannot read is a ProtocolError, and ends the connection."""

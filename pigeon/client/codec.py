@@ -391,12 +391,27 @@ def parse_hello(reply: bytes) -> ServerInfo:
         raise ValueError(f"bad HELLO reply: {reply[:200]!r}") from exc
 
 
+def _json_object(verb: str, reply: bytes) -> dict[str, Any]:
+    """The JSON object after ``verb``; raises ValueError for a reply that is not one."""
+    document = json.loads(reply)
+    if not isinstance(document, dict):
+        raise ValueError(f"bad {verb} reply: {reply[:200]!r}")
+    return document
+
+
 def parse_stats(reply: bytes) -> dict[str, Any]:
     """The figures in the JSON after ``STATS``; raises ValueError for a reply that is not a JSON object."""
-    figures = json.loads(reply)
-    if not isinstance(figures, dict):
-        raise ValueError(f"bad STATS reply: {reply[:200]!r}")
-    return figures
+    return _json_object("STATS", reply)
+
+
+def cluster_line() -> bytes:
+    """CLUSTER STATUS: the cluster as the node sees it (docs/cluster.md)."""
+    return b"CLUSTER STATUS\n"
+
+
+def parse_cluster(reply: bytes) -> dict[str, Any]:
+    """The JSON after ``CLUSTER``; raises ValueError for a reply that is not a JSON object."""
+    return _json_object("CLUSTER", reply)
 
 
 def parse_stats_page(section: str, reply: bytes) -> tuple[list[dict[str, Any]], int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, overload
 
@@ -38,7 +38,8 @@ class Client(ClientBase):
     came (None waits for ever; see docs/client.md for a publisher held by the
     broker's flow control). With
     ``reconnect=True`` a lost connection is re-established on next use, for up
-    to ``reconnect_timeout`` seconds, and its subscriptions are restored.
+    to ``reconnect_timeout`` seconds, and its subscriptions are restored; with ``seeds``
+    (other nodes of a cluster, ``(host, port)`` pairs) each failed attempt tries the next node.
     ``user`` and ``password`` are sent with CONNECT (on every connection);
     ``tls`` is an ``ssl.SSLContext``, or True for the system's default one.
     ``Client.from_url("pigeons://user:password@host:3333")`` says it all in one.
@@ -56,8 +57,9 @@ class Client(ClientBase):
         user: str | None = None,
         password: str | None = None,
         tls: TlsOption = None,
+        seeds: Sequence[tuple[str, int]] = (),
     ) -> None:
-        super().__init__(host, port, timeout, reconnect, reconnect_timeout, user, password, tls)
+        super().__init__(host, port, timeout, reconnect, reconnect_timeout, user, password, tls, seeds)
         self._sock: socket.socket | None = None
         self._sock_timeout: float | None = None
         run_blocking(self._connect())
@@ -167,6 +169,11 @@ class Client(ClientBase):
         """
         figures: dict[str, Any] | list[dict[str, Any]] = run_blocking(self._stats(section))
         return figures
+
+    def cluster(self) -> dict[str, Any]:
+        """The cluster as the node this client is connected to sees it (``CLUSTER STATUS``,
+        docs/cluster.md); raises CommandError from a broker that is no cluster node."""
+        return run_blocking(self._cluster())
 
     def next_message(self, timeout: float | None = None) -> Message:
         """The next delivery; raises pigeon.TimeoutError when none arrives within ``timeout`` seconds.

@@ -50,6 +50,7 @@ class ServerLimits(TypedDict, total=False):
     tls: ssl.SSLContext | None
     tls_handshake_timeout: float
     tls_map_user: bool
+    reuse_port: bool
 
 
 def raise_open_files_limit(want: int | None = None) -> int | None:

@@ -120,7 +120,8 @@ class Monitor:
     everything. ``admin_only`` (the broker has users) keeps the per-connection
     listing (``/connections``) for the token's holders: without a token it is
     refused (403). ``server_stats`` gives the counters the server keeps outside the
-    core (``Server.server_stats``).
+    core (``Server.server_stats``); ``cluster_status`` the cluster as a node sees it
+    (``/cluster``: ``{"cluster": null}`` on a broker that is no cluster node).
     """
 
     def __init__(
@@ -134,11 +135,13 @@ class Monitor:
         token: str | None = None,
         admin_only: bool = False,
         server_stats: Callable[[], Mapping[str, int]] = dict,
+        cluster_status: Callable[[], Mapping[str, Any] | None] = lambda: None,
     ) -> None:
         self.broker = broker
         self._authorization = None if token is None else f"Bearer {token}".encode()
         self._admin_only = admin_only
         self._server_stats = server_stats
+        self._cluster_status = cluster_status
         self.host = host
         self.metrics_topics = metrics_topics
         self._requested_port = port
@@ -156,6 +159,7 @@ class Monitor:
         app.router.add_get("/topics", self._page(self.broker.topics))
         app.router.add_get("/topics/busiest", self._on_busiest)
         app.router.add_get("/connections", self._admin(self._page(self.broker.connections)))
+        app.router.add_get("/cluster", self._on_cluster)
         app.router.add_get(HEALTH_PATH, self._on_health)
         return app
 
@@ -251,6 +255,9 @@ class Monitor:
 
     async def _on_stats(self, request: web.Request) -> web.Response:
         return self._respond(self.broker.stats())
+
+    async def _on_cluster(self, request: web.Request) -> web.Response:
+        return self._respond({"cluster": self._cluster_status()})
 
     async def _on_health(self, request: web.Request) -> web.Response:
         return self._respond({"status": "ok"})

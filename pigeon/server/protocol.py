@@ -20,7 +20,7 @@ import os
 import ssl
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from pigeon._core import Broker
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
@@ -230,7 +230,8 @@ class Server:
     port speaks TLS only, and a client that has not completed its handshake
     within ``tls_handshake_timeout`` seconds is closed. With ``users_file``
     (``pigeon.server.users``) clients must log in, and ``tls_map_user`` logs in
-    a client whose certificate's commonName is a user of the file.
+    a client whose certificate's commonName is a user of the file. With ``reuse_port``
+    several processes listen on the same port (SO_REUSEPORT; ``pigeon --workers``).
     Use ``async with Server(...) as server:`` or ``start()`` and ``stop()``.
     """
 
@@ -259,8 +260,10 @@ class Server:
         tls: ssl.SSLContext | None = None,
         tls_handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         tls_map_user: bool = False,
+        reuse_port: bool = False,
     ) -> None:
         self.host = host
+        self._reuse_port = reuse_port
         self.tls = tls
         self._tls_handshake_timeout = tls_handshake_timeout
         self._requested_port = port
@@ -326,10 +329,11 @@ class Server:
         self.broker.on_timer = self._arm_timer
         write_timeout = self.broker.limits["write_timeout"]
         self._listener = await loop.create_server(
-            lambda: _Connection(self.broker, self._connections, write_timeout, self.logins),
+            partial(self.new_connection, write_timeout),
             self.host,
             self._requested_port,
             reuse_address=True,
+            reuse_port=self._reuse_port or None,
             backlog=LISTEN_BACKLOG,
             ssl=self.tls,
             ssl_handshake_timeout=self._tls_handshake_timeout if self.tls is not None else None,
@@ -361,6 +365,10 @@ class Server:
             found.seconds,
         )
 
+    def new_connection(self, write_timeout: float) -> asyncio.BufferedProtocol:
+        """The protocol of one accepted connection (a cluster node routes instead: pigeon.cluster)."""
+        return _Connection(self.broker, self._connections, write_timeout, self.logins)
+
     async def _tick(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
@@ -369,6 +377,10 @@ class Server:
     def server_stats(self) -> dict[str, int]:
         """Figures kept by this layer, not the core: logins delayed by the throttle."""
         return {"logins_throttled": 0} if self.logins is None else self.logins.stats()
+
+    def cluster_status(self) -> dict[str, Any] | None:
+        """The cluster as this node sees it; None for a broker that is no cluster node."""
+        return None
 
     def reload_users(self) -> bool:
         """Read the users file again and apply it (SIGHUP); False when there is none or it cannot be

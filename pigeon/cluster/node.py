@@ -1,0 +1,342 @@
+"""This node's place in the cluster: its lease, the member set, and the slots it owns.
+
+etcd holds, under ``/pigeon/<cluster>/``:
+
+- ``members/<node>``: ``{"address": "host:port", "http": ...}``, bound to the node's lease;
+- ``slots/<n>``: the name of the node that owns slot ``n``, bound to that node's lease, created
+  only if absent (a transaction), so that two nodes never hold a slot at once.
+
+A node serves a slot only while it holds that key and believes its lease alive: a lease is
+believed alive until ``ttl`` seconds after the last keep-alive that etcd answered was *sent*, which
+is never later than etcd's own expiry of it. No etcd call is made per message: etcd is read when
+the watch says something changed (and every ``POLL`` seconds in case a watch broke).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aetcd
+
+from pigeon.cluster.slots import SLOTS, preferred_owner
+
+log = logging.getLogger("pigeon.cluster")
+
+DEFAULT_TTL = 5.0
+
+# Seconds between two full reads of the cluster's keys when no watch event came: the bound on how
+# late a node sees a change if its watch broke (an etcd restart).
+POLL = 1.0
+
+# Seconds an etcd call may take before the node tries the next endpoint.
+CALL_TIMEOUT = 2
+
+
+class ClusterNode:
+    """Membership and slot ownership of one node, kept in etcd.
+
+    ``endpoints`` are etcd's client addresses (tried in turn); ``name`` is unique in the cluster;
+    ``info`` is what the member key says about this node (at least ``"address"``, where clients
+    and other nodes reach it). ``busy_slots()`` names the slots of the topics the node holds (with
+    subscribers or messages): it hands any other slot to its preferred owner; ``on_lost()`` is
+    called when the node stops serving every slot because its lease is lost.
+    """
+
+    def __init__(
+        self,
+        endpoints: list[tuple[str, int]],
+        name: str,
+        info: dict[str, Any],
+        *,
+        ttl: float = DEFAULT_TTL,
+        cluster: str = "pigeon",
+        busy_slots: Callable[[], set[int]] = lambda: set(range(SLOTS)),
+        on_lost: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.endpoints = endpoints
+        self.name = name
+        self.info = info
+        self.ttl = ttl
+        self.prefix = f"/pigeon/{cluster}/".encode()
+        self._busy_slots = busy_slots
+        self._on_lost = on_lost
+        self.members: dict[str, dict[str, Any]] = {}
+        self.owners: dict[int, str] = {}  # slot -> owner, as etcd said last
+        self._held: set[int] = set()  # slots whose keys are bound to this node's current lease
+        self.owned: set[int] = set()  # the slots this node serves
+        self.etcd_ok = False
+        self._client: Any = None
+        self._endpoint = 0
+        self._lease: Any = None
+        self._alive_until = 0.0
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    # -- what the server asks, on every routing decision: no I/O -------------------------------
+
+    def serves(self, slot: int) -> bool:
+        """Whether this node owns ``slot`` now (and its lease is believed alive)."""
+        if slot in self.owned and time.monotonic() >= self._alive_until:
+            self._lose("its lease was not renewed in time")
+        return slot in self.owned
+
+    def owner(self, slot: int) -> str | None:
+        """The node that owns ``slot`` as etcd said last, or None (also for a slot this node is
+        giving up: its next owner is not known yet)."""
+        if slot in self.owned:
+            return self.name
+        node = self.owners.get(slot)
+        return None if node == self.name else node
+
+    def address_of(self, node: str) -> str | None:
+        """Where clients reach ``node`` (``host:port``), or None for a node not in the member set."""
+        member = self.members.get(node)
+        return None if member is None else str(member.get("address"))
+
+    def status(self) -> dict[str, Any]:
+        """The cluster as this node sees it: for ``CLUSTER STATUS``, HTTP ``/cluster`` and the CLI."""
+        per_node: dict[str, list[int]] = {}
+        for slot, node in sorted(self.owners.items()):
+            per_node.setdefault(node, []).append(slot)
+        return {
+            "node": self.name,
+            "etcd": self.etcd_ok,
+            "lease_ttl": self.ttl,
+            "slots": SLOTS,
+            "owned": sorted(self.owned),
+            "members": {
+                node: {**info, "slots": per_node.get(node, [])} for node, info in sorted(self.members.items())
+            },
+            "unowned": SLOTS - len(self.owners),
+        }
+
+    # -- life ------------------------------------------------------------------------------------
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Join: take a lease, write the member key, then keep them and the slots in the background.
+
+        Raises ConnectionError when no endpoint answers within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self._join()
+                break
+            except Exception as exc:
+                if time.monotonic() >= deadline:
+                    raise ConnectionError(f"cannot join the cluster through etcd: {exc}") from exc
+                await self._next_endpoint()
+                await asyncio.sleep(0.2)
+        with contextlib.suppress(Exception):
+            await self._rebalance()  # take this node's free slots before it says it listens
+        self._tasks = [
+            asyncio.create_task(self._keep_alive()),
+            asyncio.create_task(self._watch()),
+            asyncio.create_task(self._balance()),
+        ]
+
+    async def stop(self) -> None:
+        """Leave: stop serving, revoke the lease (its keys go with it) and close the etcd client."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        # etcd's client may turn a cancellation into an error of its own: do not wait for ever
+        await asyncio.wait(self._tasks, timeout=CALL_TIMEOUT)
+        self.owned.clear()
+        if self._lease is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._client.revoke_lease(self._lease.id), CALL_TIMEOUT)
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.close()
+
+    async def _next_endpoint(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.close()
+        self._endpoint = (self._endpoint + 1) % len(self.endpoints)
+        self._client = None
+
+    def _etcd(self) -> Any:
+        if self._client is None:
+            host, port = self.endpoints[self._endpoint]
+            self._client = aetcd.Client(host, port, timeout=CALL_TIMEOUT)
+        return self._client
+
+    async def _join(self) -> None:
+        client = self._etcd()
+        sent = time.monotonic()
+        self._lease = await client.lease(max(1, round(self.ttl)))
+        self._alive_until = sent + self.ttl
+        await client.put(self._key("members", self.name), json.dumps(self.info).encode(), self._lease)
+        self.etcd_ok = True
+        log.info("joined the cluster as %s (lease %x, ttl %g s)", self.name, self._lease.id, self.ttl)
+        await self._read()
+
+    def _key(self, kind: str, name: str | int) -> bytes:
+        return self.prefix + f"{kind}/{name}".encode()
+
+    def _lose(self, why: str, lease_gone: bool = False) -> None:
+        """Stop serving every slot. The lease is kept unless etcd said it is gone: if a late
+        keep-alive finds it alive, the slots whose keys it still holds are served again."""
+        if self.owned:
+            log.warning("stopped serving %d slots: %s", len(self.owned), why)
+            self.owned.clear()
+            self._on_lost()
+        if lease_gone:
+            self._lease = None
+
+    async def _keep_alive(self) -> None:
+        """Renew the lease every ttl/3; when it is gone, stop serving and join again with a new one."""
+        while not self._stopping:
+            await asyncio.sleep(self.ttl / 3)
+            if self._lease is None:
+                with contextlib.suppress(Exception):
+                    await self._join()
+                    self._changed.set()
+                continue
+            sent = time.monotonic()
+            try:
+                reply = await asyncio.wait_for(self._etcd().refresh_lease(self._lease.id), CALL_TIMEOUT)
+            except Exception as exc:
+                self.etcd_ok = False
+                log.warning("etcd did not renew the lease: %s", exc)
+                await self._next_endpoint()
+                if time.monotonic() >= self._alive_until:
+                    self._lose("its lease could not be renewed")
+                continue
+            self.etcd_ok = True
+            if reply.TTL <= 0:
+                self._lose("etcd says its lease expired", lease_gone=True)
+                continue
+            self._alive_until = sent + self.ttl
+
+    async def _watch(self) -> None:
+        """Wake the balancer whenever a key of the cluster changes; retry when the watch breaks."""
+        while not self._stopping:
+            try:
+                async for _event in await self._etcd().watch_prefix(self.prefix):
+                    self._changed.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(POLL)
+
+    async def _read(self) -> None:
+        members: dict[str, dict[str, Any]] = {}
+        owners: dict[int, str] = {}
+        held: set[int] = set()
+        lease = None if self._lease is None else self._lease.id
+        for kv in await asyncio.wait_for(self._etcd().get_prefix(self.prefix), CALL_TIMEOUT):
+            kind, _, name = kv.key[len(self.prefix) :].decode().partition("/")
+            if kind == "members":
+                members[name] = json.loads(kv.value)
+            elif kind == "slots" and name.isdigit():
+                owners[int(name)] = kv.value.decode()
+                if kv.lease == lease:
+                    held.add(int(name))
+        self.members, self.owners, self._held = members, owners, held
+        # a slot etcd no longer gives this node (its key is gone): stop serving it at once
+        for slot in list(self.owned):
+            if slot not in held:
+                self.owned.discard(slot)
+                log.warning("slot %d is no longer this node's in etcd: stopped serving it", slot)
+
+    async def _balance(self) -> None:
+        """Read the cluster on each change (or every POLL s), take the free slots this node is
+        preferred for, and hand over those another live node is preferred for when nothing holds them."""
+        while not self._stopping:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), POLL)
+            self._changed.clear()
+            try:
+                await self._read()
+                await self._rebalance()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.etcd_ok = False
+                log.debug("cluster read failed: %s", exc)
+
+    async def _txn(self, compare: list[Any], success: list[Any]) -> bool:
+        """One etcd transaction: ``success`` if every comparison holds; whether it did."""
+        ok, _ = await asyncio.wait_for(
+            self._etcd().transaction(compare=compare, success=success, failure=[]), CALL_TIMEOUT
+        )
+        return bool(ok)
+
+    async def _rebalance(self) -> None:
+        if self._lease is None or self.name not in self.members:
+            return
+        txn = self._etcd().transactions
+        # Which slots to hand over is decided and applied with no await in between: a topic made
+        # in a slot while its key is being given up would otherwise be served by two nodes.
+        busy = self._busy_slots()
+        handed = [
+            slot
+            for slot in sorted(self.owned)
+            if self.owners.get(slot) == self.name
+            and preferred_owner(slot, self.members) != self.name
+            and slot not in busy
+        ]
+        self.owned.difference_update(handed)
+        for batch in _batches(handed):
+            keys = [self._key("slots", slot) for slot in batch]
+            await self._txn(
+                [txn.value(key) == self.name.encode() for key in keys], [txn.delete(key) for key in keys]
+            )
+            for slot in batch:
+                self.owners.pop(slot, None)
+        taken: list[int] = []
+        for slot in sorted(self._held - self.owned - set(handed)):
+            if time.monotonic() < self._alive_until:
+                self.owned.add(slot)  # the lease came back alive (etcd was away for a while)
+                taken.append(slot)
+        free = [
+            slot
+            for slot in range(SLOTS)
+            if self.owners.get(slot) is None and preferred_owner(slot, self.members) == self.name
+        ]
+        for batch in _batches(free):
+            keys = [self._key("slots", slot) for slot in batch]
+            # all at once when all are free; one by one when another node got some first
+            if not await self._txn(
+                [txn.version(key) == 0 for key in keys],
+                [txn.put(key, self.name.encode(), self._lease) for key in keys],
+            ):
+                batch = [
+                    slot
+                    for slot, key in zip(batch, keys, strict=True)
+                    if await self._txn(
+                        [txn.version(key) == 0], [txn.put(key, self.name.encode(), self._lease)]
+                    )
+                ]
+            if self._lease is not None:
+                self.owners.update(dict.fromkeys(batch, self.name))
+                self._held.update(batch)
+                self.owned.update(batch)
+                taken.extend(batch)
+        if taken or handed:
+            log.info(
+                "took %d slots, handed %d over to their preferred owners; %d owned, %d members",
+                len(taken),
+                len(handed),
+                len(self.owned),
+                len(self.members),
+            )
+
+
+# etcd refuses a transaction of more than 128 operations (--max-txn-ops)
+TXN_BATCH = 100
+
+
+def _batches(slots: list[int]) -> list[list[int]]:
+    """``slots`` in runs of at most TXN_BATCH."""
+    return [slots[i : i + TXN_BATCH] for i in range(0, len(slots), TXN_BATCH)]

@@ -1,0 +1,476 @@
+"""A client connection of a cluster node: commands for topics this node owns go to its core, the
+others to their owner over one upstream Pigeon connection per (client connection, owner node).
+
+The owner sees each remote client as a subscriber of its own, so round robin, prefetch, acks and
+redelivery are the owner's, exact. This layer splits the client's input into lines (Python work per
+command, only on cluster nodes) and keeps the protocol's promises across sources:
+
+- replies come back in command order: the connection sends to one source at a time and switches
+  only once the previous source has answered everything (deliveries are relayed at once, they may
+  come at any time);
+- delivery tags stay one space per connection: the core's own tags are below ``REMOTE_TAG_BASE``, a
+  delivery relayed from an owner gets a tag from ``REMOTE_TAG_BASE`` up, mapped back on ACK/NACK;
+- with ``CLUSTER REDIRECT`` a client asks to be told ``ERROR MOVED <slot> <host:port>`` instead of
+  being forwarded (docs/cluster.md), the way Redis Cluster clients are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from typing import Any, cast
+
+from pigeon._core import Broker
+from pigeon.cluster.node import ClusterNode
+from pigeon.cluster.slots import slot_of
+from pigeon.server.logins import Logins
+from pigeon.server.protocol import _Connection
+
+log = logging.getLogger("pigeon.cluster")
+
+REMOTE_TAG_BASE = 1 << 40
+
+# commands whose third field is a topic, and whose reply is one line
+_TOPIC_COMMANDS = frozenset((b"PUBLISH", b"SUBSCRIBE", b"UNSUBSCRIBE"))
+_SETTLE_COMMANDS = frozenset((b"ACK", b"NACK"))
+_LOCAL = ""  # the source name of this node's own core
+_NO_OWNER = "\0"  # a command for a slot without owner now: it waits (no node name has a NUL: argv cannot)
+
+# Seconds between two looks for the owner of a slot that has none, and how long past the lease TTL a
+# command waits for one before it is refused with TRYAGAIN.
+OWNER_RETRY = 0.1
+OWNER_WAIT_MARGIN = 2.0
+
+
+def parse_tags(spec: bytes) -> tuple[int, int] | None:
+    """``<tag>`` or ``<first>-<last>`` as (first, last), or None when it is not that."""
+    first, sep, last = spec.partition(b"-")
+    if not first.isdigit() or (sep and not last.isdigit()):
+        return None
+    return int(first), int(last if sep else first)
+
+
+class Upstream(asyncio.Protocol):
+    """One connection from this node to a topic's owner, on behalf of one client connection."""
+
+    def __init__(self, router: RoutedConnection, node: str) -> None:
+        self.router = router
+        self.node = node
+        self.client_id: bytes | None = None
+        self.transport: asyncio.Transport | None = None
+        self.outstanding = 0  # replies owed to the client
+        self._queued: list[tuple[bytes, bytes]] = []  # (verb, rest) until CONNECTED
+        self._inbuf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(b"CONNECT\n")
+
+    def send(self, verb: bytes, rest: bytes, replies: int) -> None:
+        """Send ``<verb> <id> <rest>`` with this connection's own client id at the owner."""
+        self.outstanding += replies
+        if self.client_id is None or self.transport is None:
+            self._queued.append((verb, rest))
+        else:
+            self.transport.write(b"%s %s %s\n" % (verb, self.client_id, rest))
+
+    def data_received(self, data: bytes) -> None:
+        data = self._inbuf + data
+        end = data.rfind(b"\n") + 1
+        if end and self.client_id is not None and self._relay_whole(data[:end]):
+            self._inbuf = data[end:]
+            return
+        lines = data.split(b"\n")
+        self._inbuf = lines.pop()
+        out: list[bytes] = []
+        for line in lines:
+            if line.startswith(b"DELIVER "):
+                out.append(self.router.relayed_delivery(self, line))
+            elif line.startswith(b"MESSAGE ") or line.startswith(b"ERROR UNKNOWN_DELIVERY_TAG"):
+                out.append(line)
+            elif self.client_id is None and line.startswith(b"CONNECTED "):
+                self.client_id = line[len(b"CONNECTED ") :]
+                assert self.transport is not None
+                queued = (b"%s %s %s\n" % (verb, self.client_id, rest) for verb, rest in self._queued)
+                self.transport.write(b"".join(queued))
+                self._queued.clear()
+            else:
+                out.append(line)
+                self.outstanding -= 1
+        if out:
+            self.router.relay(out)
+        if self.outstanding == 0:
+            self.router.source_idle(self.node)
+
+    def _relay_whole(self, chunk: bytes) -> bool:
+        """Relay whole lines at once, without splitting them, when they are only ``MESSAGE`` lines or
+        only replies (``PUBLISHED`` and the like): the common case of a busy publisher or
+        subscriber. False when the chunk needs looking at line by line."""
+        lines = chunk.count(b"\n")
+        if chunk.startswith(b"MESSAGE ") and chunk.count(b"\nMESSAGE ") + 1 == lines:
+            self.router.relay_chunk(chunk)
+            return True
+        if b"MESSAGE " in chunk or b"DELIVER " in chunk or b"ERROR UNKNOWN_DELIVERY_TAG" in chunk:
+            return False
+        self.outstanding -= lines
+        self.router.relay_chunk(chunk)
+        if self.outstanding == 0:
+            self.router.source_idle(self.node)
+        return True
+
+    def send_chunk(self, chunk: bytes, prefix: bytes, verb: bytes) -> None:
+        """Send pipelined lines that all start with ``prefix`` (``<verb> <client's id> <topic> ``) with
+        this connection's own id instead: one replace, no split."""
+        assert self.client_id is not None and self.transport is not None
+        mine = b"%s %s %s" % (verb, self.client_id, prefix[len(verb) + 1 :].split(b" ", 1)[1])
+        self.outstanding += chunk.count(b"\n")
+        self.transport.write(mine + chunk[len(prefix) :].replace(b"\n" + prefix, b"\n" + mine))
+
+    def pause_writing(self) -> None:
+        self.router.pause_input(self.node)
+
+    def resume_writing(self) -> None:
+        self.router.resume_input(self.node)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.router.upstream_lost(self)
+
+
+class RoutedConnection(_Connection):
+    """A client socket on a cluster node: routes each command to this node's core or an owner."""
+
+    __slots__ = (
+        "_cluster",
+        "_eof",
+        "_holds",
+        "_inbuf",
+        "_last_publish",
+        "_last_slot",
+        "_next_remote_tag",
+        "_owner_wait_since",
+        "_partial",
+        "_pending",
+        "_redirect",
+        "_remote_tags",
+        "_source",
+        "_upstreams",
+    )
+
+    def __init__(
+        self,
+        broker: Broker,
+        connections: dict[int, _Connection],
+        write_timeout: float,
+        logins: Logins | None,
+        cluster: ClusterNode,
+    ) -> None:
+        super().__init__(broker, connections, write_timeout, logins)
+        self._cluster = cluster
+        self._inbuf = bytearray(1 << 16)
+        self._partial = b""  # an unfinished line
+        self._last_publish = b""  # "PUBLISH <id> <topic> " of the last PUBLISH routed
+        self._last_slot = 0  # and its topic's slot
+        self._pending: deque[bytes] = deque()  # whole lines not routed yet
+        self._source = _LOCAL  # where the last command went
+        self._upstreams: dict[str, Upstream] = {}
+        self._remote_tags: dict[int, tuple[Upstream, int]] = {}  # client tag -> (owner, owner's tag)
+        self._next_remote_tag = REMOTE_TAG_BASE
+        self._holds: set[str] = set()  # why input is not processed: "core", "client", an owner
+        self._redirect = False
+        self._eof = False
+        self._owner_wait_since = 0.0  # when a command began to wait for its slot's owner
+
+    # -- input -----------------------------------------------------------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._inbuf)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data = self._partial + bytes(self._inbuf[:nbytes])
+        end = data.rfind(b"\n") + 1
+        if end and self._batch(data[:end]):
+            self._partial = data[end:]
+            return
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        self._pending.extend(lines)
+        self._route()
+
+    def _batch(self, chunk: bytes) -> bool:
+        """Route a whole batch of lines at once when every one is a ``PUBLISH`` to the same topic as
+        the last one routed, with nothing waiting: to the core as it is when this node serves the
+        topic, else to its owner with one replace. False when the lines need routing one by one."""
+        prefix = self._last_publish
+        if not prefix or self._pending or self._holds or not chunk.startswith(prefix):
+            return False
+        if chunk.count(b"\n" + prefix) + 1 != chunk.count(b"\n"):
+            return False
+        if self._cluster.serves(self._last_slot):
+            if self._source != _LOCAL:
+                return False
+            self._broker.feed(self._handle, chunk)
+            return True
+        upstream = self._upstreams.get(self._source)
+        if (
+            upstream is None
+            or upstream.client_id is None
+            or self._cluster.owner(self._last_slot) != self._source
+        ):
+            return False
+        upstream.send_chunk(chunk, prefix, b"PUBLISH")
+        return True
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._route()
+        return True
+
+    def _route(self) -> None:
+        """Send the pending lines to their sources, in order, while nothing holds them."""
+        local: list[bytes] = []
+        while self._pending and not self._holds:
+            line = self._pending[0]
+            source, verb, rest = self._classify(line)
+            if source == _NO_OWNER:
+                self.pause_input(_NO_OWNER)
+                asyncio.get_running_loop().call_later(OWNER_RETRY, self.resume_input, _NO_OWNER)
+                break
+            if source != self._source and not self._source_idle(self._source, local):
+                break
+            self._pending.popleft()
+            if source == _LOCAL:
+                local.append(line)
+            elif source is None:
+                self._feed_local(local)
+                self._answer(verb, rest)
+            else:
+                self._feed_local(local)
+                self._forward(source, verb, rest)
+            self._source = source if source is not None else _LOCAL
+        self._feed_local(local)
+        if self._eof and not self._pending and not self._holds and self._all_idle():
+            self._eof = False
+            super().eof_received()
+
+    def _source_idle(self, source: str, local: list[bytes]) -> bool:
+        if source == _LOCAL:
+            self._feed_local(local)
+            return "core" not in self._holds
+        upstream = self._upstreams.get(source)
+        return upstream is None or upstream.outstanding == 0
+
+    def _all_idle(self) -> bool:
+        return all(upstream.outstanding == 0 for upstream in self._upstreams.values())
+
+    def _feed_local(self, lines: list[bytes]) -> None:
+        if lines:
+            self._broker.feed(self._handle, b"\n".join(lines) + b"\n")
+            lines.clear()
+
+    def _classify(self, line: bytes) -> tuple[str | None, bytes, bytes]:
+        """Where ``line`` goes: ``_LOCAL``, an owner's name, or None (answered here), with its verb and
+        the rest after the client id."""
+        fields = line.split(None, 2)
+        verb = fields[0].upper() if fields else b""
+        if verb == b"CLUSTER":
+            return None, verb, line[len(fields[0]) :].strip()
+        if len(fields) < 3 or (verb not in _TOPIC_COMMANDS and verb not in _SETTLE_COMMANDS):
+            return _LOCAL, verb, b""
+        own_id = self._broker.client_id(self._handle)
+        if own_id is None or fields[1] != own_id.encode():
+            return _LOCAL, verb, b""  # the core answers NOT_CONNECTED or WRONG_CLIENT_ID
+        rest = fields[2]
+        if verb in _SETTLE_COMMANDS:
+            tags = parse_tags(rest.split(None, 1)[0])
+            if tags is None or tags[1] < REMOTE_TAG_BASE:
+                return _LOCAL, verb, b""
+            return None, verb, rest
+        topic = rest.split(None, 1)[0]
+        slot = slot_of(topic)
+        if verb == b"PUBLISH":
+            # what _batch compares the next batches with (only this exact spelling takes the shortcut)
+            prefix = b"PUBLISH %s %s " % (fields[1], topic)
+            self._last_publish = prefix if line.startswith(prefix) else b""
+            self._last_slot = slot
+        if self._cluster.serves(slot):
+            return _LOCAL, verb, b""
+        owner = self._cluster.owner(slot)
+        if owner is None or self._cluster.address_of(owner) is None:
+            return (None if self._waited_for_owner() else _NO_OWNER), verb, rest
+        self._owner_wait_since = 0.0
+        if self._redirect:
+            return None, verb, rest
+        return owner, verb, rest
+
+    def _waited_for_owner(self) -> bool:
+        """Whether a command for a slot without owner has waited long enough to be refused (TRYAGAIN):
+        the slot of a node that just died has none until its lease expires, so wait that long."""
+        now = time.monotonic()
+        if not self._owner_wait_since:
+            self._owner_wait_since = now
+        return now - self._owner_wait_since > self._cluster.ttl + OWNER_WAIT_MARGIN
+
+    # -- commands answered here ------------------------------------------------------------------
+
+    def _answer(self, verb: bytes, rest: bytes) -> None:
+        if verb == b"CLUSTER":
+            self._cluster_command(rest)
+        elif verb in _SETTLE_COMMANDS:
+            self._settle_remote(verb, rest)
+        else:
+            topic = rest.split(None, 1)[0]
+            slot = slot_of(topic)
+            owner = self._cluster.owner(slot)
+            address = None if owner is None else self._cluster.address_of(owner)
+            if address is None:
+                self._owner_wait_since = 0.0  # the next command waits afresh
+                self._reply(b"ERROR TRYAGAIN slot %d of '%s' has no owner yet: retry" % (slot, topic))
+            else:
+                self._reply(b"ERROR MOVED %d %s" % (slot, address.encode()))
+
+    def _cluster_command(self, rest: bytes) -> None:
+        word = rest.upper()
+        if word in (b"", b"STATUS"):
+            self._reply(b"CLUSTER " + json.dumps(self._cluster.status(), separators=(",", ":")).encode())
+        elif word == b"REDIRECT":
+            self._redirect = True
+            self._reply(b"CLUSTER REDIRECT")
+        else:
+            self._reply(b"ERROR USAGE usage: CLUSTER [STATUS|REDIRECT]")
+
+    def _settle_remote(self, verb: bytes, rest: bytes) -> None:
+        """ACK or NACK of tags at or above REMOTE_TAG_BASE (and of the core's below it, if a range
+        spans both): each owner gets its own tags, in ranges where they are consecutive."""
+        spec, _, delay = rest.partition(b" ")
+        tags = parse_tags(spec)
+        assert tags is not None
+        first, last = tags
+        if first < REMOTE_TAG_BASE:
+            own_id = self._broker.client_id(self._handle) or ""
+            local = b"%s %s %d-%d %s" % (verb, own_id.encode(), first, REMOTE_TAG_BASE - 1, delay)
+            self._broker.feed(self._handle, local.rstrip() + b"\n")
+        found = [tag for tag in self._remote_tags if first <= tag <= last]
+        if not found and first >= REMOTE_TAG_BASE:
+            self._reply(b"ERROR UNKNOWN_DELIVERY_TAG unknown delivery tag %s" % spec)
+            return
+        by_owner: dict[Upstream, list[int]] = {}
+        for tag in found:
+            upstream, owner_tag = self._remote_tags.pop(tag)
+            by_owner.setdefault(upstream, []).append(owner_tag)
+        for upstream, owner_tags in by_owner.items():
+            for low, high in _ranges(sorted(owner_tags)):
+                spec_out = b"%d" % low if low == high else b"%d-%d" % (low, high)
+                upstream.send(verb, (spec_out + b" " + delay).rstrip(), 0)
+
+    def _reply(self, line: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(line + b"\n")
+
+    # -- forwarding ------------------------------------------------------------------------------
+
+    def _forward(self, node: str, verb: bytes, rest: bytes) -> None:
+        upstream = self._upstreams.get(node)
+        if upstream is None:
+            upstream = Upstream(self, node)
+            self._upstreams[node] = upstream
+            address = self._cluster.address_of(node) or ""
+            host, _, port = address.rpartition(":")
+            loop = asyncio.get_running_loop()
+            task = loop.create_task(loop.create_connection(lambda: upstream, host.strip("[]"), int(port)))
+            task.add_done_callback(lambda done: self._connected(upstream, done))
+        upstream.send(verb, rest, 1)
+
+    def _connected(self, upstream: Upstream, done: asyncio.Task[Any]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            log.warning("cannot reach %s for a client: %s", upstream.node, done.exception())
+            self.upstream_lost(upstream)
+
+    def relayed_delivery(self, upstream: Upstream, line: bytes) -> bytes:
+        """``DELIVER <topic> <tag> ...`` from an owner, with a tag of this connection instead."""
+        _, topic, tag, rest = line.split(b" ", 3)
+        client_tag = self._next_remote_tag
+        self._next_remote_tag += 1
+        self._remote_tags[client_tag] = (upstream, int(tag))
+        return b"DELIVER %s %d %s" % (topic, client_tag, rest)
+
+    def relay(self, lines: list[bytes]) -> None:
+        """Hand the client lines that came from an owner."""
+        self.relay_chunk(b"\n".join(lines) + b"\n")
+
+    def relay_chunk(self, chunk: bytes) -> None:
+        """Hand the client whole lines that came from an owner."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(chunk)
+
+    def source_idle(self, node: str) -> None:
+        """An owner has answered every command sent to it: input held for it may go on (and a
+        client that sent its FIN gets its end once every reply is in)."""
+        if self._pending or self._eof:
+            self._route()
+
+    def pause_input(self, why: str) -> None:
+        """Stop processing (and reading) the client's input until ``resume_input(why)``."""
+        self._holds.add(why)
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def resume_input(self, why: str) -> None:
+        """Take up the client's input again once nothing else holds it."""
+        self._holds.discard(why)
+        if not self._holds:
+            if self._transport is not None and not self._transport.is_closing():
+                self._transport.resume_reading()
+            self._route()
+
+    def upstream_lost(self, upstream: Upstream) -> None:
+        """An owner's connection is gone: so is what this client had there (its subscriptions, its
+        deliveries: the owner redelivers them). Close the client, which reconnects and subscribes
+        again, rather than let it wait for messages that will not come."""
+        if self._upstreams.get(upstream.node) is upstream and self._transport is not None:
+            log.info("lost %s: closing client %s so that it reconnects", upstream.node, self.peer)
+            self._transport.abort()
+
+    # -- the core's side -------------------------------------------------------------------------
+
+    def set_reading(self, reading: bool) -> None:
+        """The core stops (or restarts) taking this connection's input: flow control."""
+        if reading:
+            # the core says so from inside its flush, while it runs this connection's held input:
+            # feed it more only once that is done
+            asyncio.get_running_loop().call_soon(self.resume_input, "core")
+        else:
+            self.pause_input("core")
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        for upstream in self._upstreams.values():
+            if upstream.transport is not None:
+                upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        for upstream in self._upstreams.values():
+            if upstream.transport is not None:
+                upstream.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        upstreams = list(self._upstreams.values())
+        self._upstreams.clear()
+        for upstream in upstreams:
+            if upstream.transport is not None:
+                upstream.transport.close()
+        super().connection_lost(exc)
+
+
+def _ranges(tags: list[int]) -> list[tuple[int, int]]:
+    """Sorted tags as runs of consecutive ones: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for tag in tags:
+        if runs and runs[-1][1] == tag - 1:
+            runs[-1] = (runs[-1][0], tag)
+        else:
+            runs.append((tag, tag))
+    return runs

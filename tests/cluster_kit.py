@@ -1,0 +1,106 @@
+"""Clusters for tests: real ``pigeon --cluster`` processes coordinated by a real etcd."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from pigeon.cluster.slots import SLOTS, slot_of
+from pigeon.testing import LineClient, ServerProcess
+
+# a short lease, so that failover tests wait seconds, not minutes
+TTL = 2.0
+
+
+def start_node(endpoint: str, name: str, *args: str) -> ServerProcess:
+    """A node named ``name`` of the cluster at ``endpoint``, on a free port."""
+    return ServerProcess("--cluster", endpoint, "--node-name", name, "--cluster-ttl", str(TTL), *args)
+
+
+def status(node: ServerProcess) -> dict[str, Any]:
+    """``CLUSTER STATUS`` of one node, as a dict."""
+    client = node.client(timeout=5)
+    try:
+        reply = client.ask("CLUSTER STATUS")
+    finally:
+        client.close()
+    assert reply.startswith(b"CLUSTER "), reply
+    return dict(json.loads(reply[len(b"CLUSTER ") :]))
+
+
+def owned_by_each(nodes: list[ServerProcess], skip_down: bool = False) -> dict[str, set[int]]:
+    """The slots each node says it serves right now; with ``skip_down``, nodes that do not answer
+    (killed, stopping) are left out."""
+    owned: dict[str, set[int]] = {}
+    for node in nodes:
+        try:
+            doc = status(node)
+        except (OSError, EOFError, AssertionError):
+            if not skip_down:
+                raise
+            continue
+        owned[doc["node"]] = set(doc["owned"])
+    return owned
+
+
+def served_twice(owned: dict[str, set[int]]) -> set[tuple[int, str, str]]:
+    """(slot, node, node) for each slot in two nodes' own views."""
+    seen: dict[int, str] = {}
+    twice: set[tuple[int, str, str]] = set()
+    for node, slots in sorted(owned.items()):
+        for slot in slots:
+            if slot in seen:
+                twice.add((slot, seen[slot], node))
+            seen[slot] = node
+    return twice
+
+
+class TwoOwnersWatch:
+    """Looks at every node's own view, round after round, and fails when a slot is served by two
+    nodes in two rounds in a row. The views of one round are read one node after the other, so a slot
+    handed over between two reads can show in both once; a real second owner stays."""
+
+    def __init__(self) -> None:
+        self._last: set[tuple[int, str, str]] = set()
+
+    def look(self, nodes: list[ServerProcess], skip_down: bool = False) -> dict[str, set[int]]:
+        """One round: every node's view; raises AssertionError on a slot served twice twice in a row."""
+        owned = owned_by_each(nodes, skip_down)
+        twice = served_twice(owned)
+        assert not twice & self._last, f"slots served by two nodes: {sorted(twice & self._last)}"
+        self._last = twice
+        return owned
+
+
+def wait_balanced(nodes: list[ServerProcess], timeout: float = 30.0) -> dict[str, set[int]]:
+    """Wait until every slot is served by exactly one of ``nodes`` and each serves some; returns who
+    serves what. Checks on every look that no slot is served twice (``TwoOwnersWatch``)."""
+    watch = TwoOwnersWatch()
+    deadline = time.monotonic() + timeout
+    while True:
+        owned = watch.look(nodes)
+        served = set().union(*owned.values())
+        if len(served) == SLOTS and all(owned.values()) and not served_twice(owned):
+            return owned
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"not balanced after {timeout} s: { ({n: len(s) for n, s in owned.items()}) }"
+            )
+        time.sleep(0.1)
+
+
+def connected(node: ServerProcess) -> LineClient:
+    """A client of ``node`` that has sent CONNECT."""
+    client = node.client()
+    client.connect()
+    return client
+
+
+def topic_owned_by(owned: dict[str, set[int]], node: str, stem: str) -> str:
+    """A topic name starting with ``stem`` whose slot ``node`` serves."""
+    for n in range(10_000):
+        topic = f"{stem}{n}"
+        if slot_of(topic.encode()) in owned[node]:
+            return topic
+    raise AssertionError(f"no topic of {node}")
