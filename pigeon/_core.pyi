@@ -67,6 +67,7 @@ class Broker:
         tick_interval: float = ...,
         durable: bool = ...,
         auth: bool = ...,
+        tls: bool = ...,
         fsync: str = ...,
         log_segment: int = ...,
         max_line: int = ...,
@@ -83,6 +84,7 @@ class Broker:
         ack_timeout: float = ...,
         max_deliveries: int = ...,
         max_disk: int = ...,
+        max_payload: int = ...,
     ) -> None: ...
     def open(
         self,
