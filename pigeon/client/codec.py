@@ -184,6 +184,30 @@ def encode_message(message: Data) -> bytes:
     return data
 
 
+def payload_bytes(message: Data) -> bytes:
+    """Any message as the bytes a framed ``PUB`` carries as they are (str is encoded as UTF-8)."""
+    return message if type(message) is bytes else _as_bytes(message)
+
+
+def check_payload(data: Bytes, max_payload: int | None) -> None:
+    """Raise InvalidArgumentError for a payload over the server's ``max_payload`` (when its HELLO said)."""
+    if max_payload is not None and len(data) > max_payload:
+        raise InvalidArgumentError(
+            f"the payload is {len(data)} bytes, over the server's limit of {max_payload} (max_payload)"
+        )
+
+
+def pub_frame(client_id: bytes, topic: bytes, data: bytes) -> bytes:
+    """The framed publish of protocol 2: ``PUB <client_id> <topic> <nbytes>``, the payload, a line end."""
+    return b"PUB %s %s %d\n%s\n" % (client_id, topic, len(data), data)
+
+
+def pub_frames(client_id: bytes, topic: bytes, messages: list[Bytes]) -> bytes:
+    """Framed publishes of many payloads on one topic, as one buffer."""
+    head = b"PUB %s %s " % (client_id, topic)
+    return b"".join([b"%s%d\n%s\n" % (head, len(data), data) for data in messages])
+
+
 def _as_bytes(message: Data) -> bytes:
     if isinstance(message, str):
         return message.encode()
@@ -349,9 +373,10 @@ def disconnect_line() -> bytes:
     return b"DISCONNECT\n"
 
 
-def hello_line() -> bytes:
-    """The HELLO command, which asks the server for its protocol version and limits."""
-    return b"HELLO\n"
+def hello_line(protocol: int = 1) -> bytes:
+    """The HELLO command, which asks the server for its protocol version and limits; ``HELLO 2`` also
+    switches the connection to protocol 2 (deliveries as MSG and DMSG frames)."""
+    return b"HELLO\n" if protocol == 1 else b"HELLO %d\n" % protocol
 
 
 STATS_PAGE = 1000  # the most entries the server puts in one page of STATS TOPICS or CONNECTIONS
@@ -374,6 +399,7 @@ class ServerInfo:
     topic_max: int
     idle_timeout: float  # seconds of silence after which the server closes a connection; 0: never
     features: tuple[str, ...]
+    max_payload: int | None = None  # the largest framed payload; None from a server older than protocol 2
 
 
 def parse_hello(reply: bytes) -> ServerInfo:
@@ -386,6 +412,7 @@ def parse_hello(reply: bytes) -> ServerInfo:
             topic_max=int(info["topic_max"]),
             idle_timeout=float(info["idle_timeout"]),
             features=tuple(str(feature) for feature in info["features"]),
+            max_payload=int(info["max_payload"]) if "max_payload" in info else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"bad HELLO reply: {reply[:200]!r}") from exc
@@ -408,28 +435,106 @@ def parse_stats_page(section: str, reply: bytes) -> tuple[list[dict[str, Any]], 
         raise ValueError(f"bad STATS {section.upper()} reply: {reply[:200]!r}") from exc
 
 
-class LineSplitter:
-    """Cuts a byte stream into whole lines, keeping a partial last line for the next read."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Frame:
+    """A delivery of protocol 2: ``MSG <topic> <nbytes>`` (tag and attempt None) or
+    ``DMSG <topic> <tag> <attempt> <nbytes>``, with its payload."""
 
-    __slots__ = ("_tail",)
+    topic: bytes
+    data: bytes
+    tag: int | None = None
+    attempt: int | None = None
+
+
+class BadStream(ValueError):
+    """The server's output cannot be cut into lines and frames (a frame header that is not one)."""
+
+
+def _frame_start(buf: bytes, pos: int) -> int:
+    """Where the first line at or after ``pos`` that starts with ``MSG `` or ``DMSG `` starts, else -1."""
+    at = pos
+    while True:
+        found = buf.find(b"MSG ", at)
+        if found < 0:
+            return -1
+        start = found - 1 if found > pos and buf[found - 1] == 0x44 else found  # 0x44: the D of DMSG
+        if start == pos or buf[start - 1] == 0x0A:
+            return start
+        at = found + 1
+
+
+def _parse_frame_header(header: bytes) -> tuple[bytes, int | None, int | None, int]:
+    """``(topic, tag, attempt, nbytes)`` of a MSG or DMSG header line; raises BadStream."""
+    fields = header.split(b" ")
+    try:
+        if fields[0] == b"MSG" and len(fields) == 3:
+            return fields[1], None, None, int(fields[2])
+        if fields[0] == b"DMSG" and len(fields) == 5:
+            return fields[1], int(fields[2]), int(fields[3]), int(fields[4])
+    except ValueError:
+        pass
+    raise BadStream(f"bad frame header from the server: {header[:100]!r}")
+
+
+class FrameSplitter:
+    """Cuts the server's output into runs of whole text lines and the frames (MSG, DMSG) between them,
+    keeping an unfinished line or frame for the next read.
+
+    A frame's payload is taken by its length, never looked into; while one is
+    incomplete the reads are only collected, and joined once it is all there.
+    """
+
+    __slots__ = ("_held", "_need", "_parts")
 
     def __init__(self) -> None:
-        self._tail = b""
+        self._parts: list[bytes] = []  # input not yet cut, in order
+        self._held = 0  # its length
+        self._need = 0  # bytes the unfinished frame needs in all before cutting is worth trying
 
-    def feed(self, data: bytes) -> bytes:
-        """The complete lines (each ending in ``\\n``) that ``data`` finishes; may be empty."""
-        if self._tail:
-            data = self._tail + data
-        end = data.rfind(b"\n") + 1
-        if end == len(data):
-            self._tail = b""
-            return data
-        self._tail = data[end:]
-        return data[:end]
+    def feed(self, data: bytes) -> list[bytes | Frame]:
+        """The runs of complete lines (each run ending in ``\n``) and the frames that ``data`` finishes."""
+        if self._parts:
+            self._parts.append(data)
+            self._held += len(data)
+            if self._held < self._need:
+                return []
+            buf = b"".join(self._parts)
+            self._parts = []
+        else:
+            buf = data
+        self._need = 0
+        out: list[bytes | Frame] = []
+        pos = 0
+        size = len(buf)
+        while pos < size:
+            start = _frame_start(buf, pos)
+            lines_end = start if start >= 0 else buf.rfind(b"\n", pos) + 1
+            if lines_end > pos:
+                out.append(buf[pos:lines_end])
+                pos = lines_end
+            if start < 0:
+                break
+            eol = buf.find(b"\n", start)
+            if eol < 0:
+                break
+            topic, tag, attempt, nbytes = _parse_frame_header(buf[start:eol])
+            end = eol + 1 + nbytes
+            if end >= size:
+                self._need = end + 1 - start
+                break
+            if buf[end] != 0x0A:
+                raise BadStream(f"a frame of {nbytes} bytes from the server is not followed by a line end")
+            out.append(Frame(topic, buf[eol + 1 : end], tag, attempt))
+            pos = end + 1
+        if pos < size:
+            self._parts = [buf[pos:]]
+            self._held = size - pos
+        return out
 
     def reset(self) -> None:
-        """Forget a partial line (the connection it came from is gone)."""
-        self._tail = b""
+        """Forget an unfinished line or frame (the connection it came from is gone)."""
+        self._parts = []
+        self._held = self._need = 0
 
 
 def only_replies(chunk: bytes, word: bytes) -> int:
