@@ -474,9 +474,7 @@ class ClientBase(abc.ABC):
         name = codec.encode_topic(topic)
         await self._ready()
         if self._framed:
-            data: list[codec.Bytes] = [codec.payload_bytes(message) for message in messages]
-            for payload in data:
-                codec.check_payload(payload, self._max_payload)
+            data = codec.framed_payloads(messages, self._max_payload)
             encode: Callable[[bytes, bytes, list[codec.Bytes]], bytes] = codec.pub_frames
         else:
             data = codec.checked_messages(self._cid, name, map(_text_only_data, messages), self._max_line)

@@ -189,6 +189,19 @@ def payload_bytes(message: Data) -> bytes:
     return message if type(message) is bytes else _as_bytes(message)
 
 
+def framed_payloads(messages: Iterable[Data], max_payload: int | None) -> list[Bytes]:
+    """Many messages as framed payloads, every one checked; raises InvalidArgumentError naming the
+    first that cannot be sent (not bytes or str, or over ``max_payload``)."""
+    payloads = [_message_bytes(message, index) for index, message in enumerate(messages)]
+    if max_payload is not None and payloads and max(map(len, payloads)) > max_payload:
+        index = next(i for i, data in enumerate(payloads) if len(data) > max_payload)
+        try:
+            check_payload(payloads[index], max_payload)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"message {index}: {exc}") from None
+    return payloads
+
+
 def check_payload(data: Bytes, max_payload: int | None) -> None:
     """Raise InvalidArgumentError for a payload over the server's ``max_payload`` (when its HELLO said)."""
     if max_payload is not None and len(data) > max_payload:
