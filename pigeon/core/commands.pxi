@@ -400,15 +400,21 @@ cdef int on_publish(Broker b, int32_t h, char *args, size_t n) except -1:
     return _publish_pinned(b, h, t, args, n)
 
 
-cdef int on_pub(Broker b, int32_t h, char *id, size_t id_len, char *name, size_t name_len,
+cdef Topic *pub_fast(Broker b, int32_t h, char **args, size_t *n) noexcept:
+    """_publish_fast for a PUB header: on a match ``args``/``n`` become the byte count."""
+    return _publish_fast(b, h, args, n)
+
+
+cdef int on_pub(Broker b, int32_t h, Topic *t, char *id, size_t id_len, char *name, size_t name_len,
                 const char *data, size_t n) except -1:
-    """A framed PUB whose header and payload the parser found (parser.pxd, run_frame)."""
-    cdef Topic *t
-    if not _own_id(b, h, id, id_len):
-        return 0
-    t = _publish_topic(b, h, name, name_len)
+    """A framed PUB whose header and payload the parser found (parser.pxd, run_frame); ``t`` is
+    its topic when pub_fast matched the header, else NULL and ``id`` and ``name`` are checked."""
     if t == NULL:
-        return 0
+        if not _own_id(b, h, id, id_len):
+            return 0
+        t = _publish_topic(b, h, name, name_len)
+        if t == NULL:
+            return 0
     return _publish_pinned(b, h, t, data, n)
 
 

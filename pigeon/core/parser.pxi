@@ -298,16 +298,28 @@ cdef int run_frame(Broker b, int32_t h, char *p, size_t line_len, size_t avail, 
     cdef size_t start = line_len + 1
     cdef char reason[128]
     cdef int held
+    cdef char *fast_args
+    cdef size_t fast_n
+    cdef Topic *t
     if args[an - 1] == b'\r':
         an -= 1
     used[0] = start
-    if (not next_field(&args, &an, &id, &id_len) or not next_field(&args, &an, &name, &name_len)
+    # the pipelined case (own id, last topic, single spaces) by comparison alone, as for PUBLISH
+    fast_args = args
+    fast_n = an
+    t = pub_fast(b, h, &fast_args, &fast_n)
+    if t != NULL and parse_count(fast_args, fast_n, &count):
+        id = name = NULL
+        id_len = name_len = 0
+    elif (not next_field(&args, &an, &id, &id_len) or not next_field(&args, &an, &name, &name_len)
             or not next_field(&args, &an, &field, &fl) or not only_blanks(args, an)
             or not parse_count(field, fl, &count)):
         b.counters.commands[CMD_PUBLISH] += 1
         out_error(b, h, ERR_BAD_FRAME, PUB_USAGE)
         close_later(b, h, "bad frame", True)
         return 0
+    else:
+        t = NULL
     if count > b.limit.max_payload:
         b.counters.commands[CMD_PUBLISH] += 1
         b.counters.refused += 1
@@ -339,7 +351,7 @@ cdef int run_frame(Broker b, int32_t h, char *p, size_t line_len, size_t avail, 
         out_error(b, h, ERR_BAD_FRAME, reason)
         close_later(b, h, "bad frame", True)
         return 0
-    held = on_pub(b, h, id, id_len, name, name_len, p + start, count)
+    held = on_pub(b, h, t, id, id_len, name, name_len, p + start, count)
     if held != HOLD:
         b.counters.commands[CMD_PUBLISH] += 1
     return held
