@@ -85,6 +85,7 @@ class Broker:
         max_deliveries: int = ...,
         max_disk: int = ...,
         max_payload: int = ...,
+        max_backlog_bytes: int = ...,
     ) -> None: ...
     def open(
         self,

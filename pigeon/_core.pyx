@@ -17,7 +17,7 @@ cimport cython
 from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
-from libc.string cimport memchr, memcmp, memcpy, memmove, memset, strlen, strncpy
+from libc.string cimport memchr, memcmp, memcpy, memmove, memset, strcat, strlen, strncpy
 
 
 cdef extern from "Python.h":

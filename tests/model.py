@@ -296,6 +296,7 @@ class ModelBroker:
         self.limit = given
         self.max_line: int = given["max_line"]
         self.max_backlog: int = given["max_backlog"]
+        self.max_backlog_bytes: int = given["max_backlog_bytes"]
         self.max_connections: int = given["max_connections"]
         self.max_subscriptions: int = given["max_subscriptions"]
         self.max_topics: int = given["max_topics"]
@@ -957,7 +958,7 @@ class ModelBroker:
                 self._accepted(c, t)
                 self._deliver(to, Message(message, t))
                 return False
-        if len(t.backlog) >= self.max_backlog:
+        if self._backlog_at_limit(t):
             self._warn_full(t)
             if c.sub_of(t) is None:
                 c.held_topic = t
@@ -966,7 +967,7 @@ class ModelBroker:
                 return True
             # waiting for a topic it drains itself could deadlock it
             self.count["refused"] += 1
-            full = b"backlog full (%d messages) for topic" % self.max_backlog
+            full = self._backlog_full_text(t).encode() + b" for topic"
             self._error_quoting(c, "backlog_full", full, name)
             self._forget_if_unused(t)
             return False
@@ -976,12 +977,22 @@ class ModelBroker:
         self._serve(t)
         return False
 
+    def _backlog_at_limit(self, t: Topic) -> bool:
+        """A message for t's backlog waits: max_backlog messages, or some holding max_backlog_bytes."""
+        held = sum(len(m.payload) for m in t.backlog)
+        return len(t.backlog) >= self.max_backlog or (bool(t.backlog) and held >= self.max_backlog_bytes)
+
+    def _backlog_full_text(self, t: Topic) -> str:
+        if len(t.backlog) >= self.max_backlog:
+            return f"backlog full ({self.max_backlog} messages)"
+        return f"backlog full ({self.max_backlog_bytes} bytes)"
+
     def _warn_full(self, t: Topic) -> None:
         """Tell the operator once, until the backlog empties again."""
         if not t.warned:
             t.warned = True
             self._warn(
-                f"topic {t.name.decode('utf-8', 'replace')!r}: backlog full ({self.max_backlog} messages): "
+                f"topic {t.name.decode('utf-8', 'replace')!r}: {self._backlog_full_text(t)}: "
                 "publishers wait until a subscriber drains it"
             )
 
@@ -1409,7 +1420,8 @@ class ModelBroker:
             if not t.backlog:
                 t.warned = False
             self._deliver(to, message)
-        if t.waiters and len(t.backlog) <= self.max_backlog // 2:
+        held = sum(len(m.payload) for m in t.backlog)
+        if t.waiters and len(t.backlog) <= self.max_backlog // 2 and held <= self.max_backlog_bytes // 2:
             self._wake(t)
         t.pins -= 1
         self._forget_if_unused(t)

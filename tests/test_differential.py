@@ -80,6 +80,7 @@ class CoreVsModel(RuleBasedStateMachine):
                 "max_deliveries": st.sampled_from([0, 1, 2, 5]),
                 "ack_timeout": st.just(0),
                 "max_payload": st.sampled_from([0, 5, 1 << 20, 1 << 20]),
+                "max_backlog_bytes": st.sampled_from([0, 8, 30, 1 << 30]),
             }
         ),
         deferred=st.booleans(),

@@ -348,3 +348,18 @@ def test_binary_to_a_server_without_binary_is_refused_before_sending(
     assert info.value.feature == "binary"
     with pytest.raises(FeatureNotSupportedError):
         client.publish_many("t", ["fine", "ends in CR\r"])
+
+
+def test_a_backlog_holding_max_backlog_bytes_holds_its_publishers(start_server: StartServer) -> None:
+    """Large payloads cannot grow a backlog past --max-backlog-bytes: the publisher waits (the
+    bound behind the RSS figures in BENCHMARKS.md), and goes on once a subscriber drains it."""
+    server = start_server("--max-backlog-bytes", "1000")
+    pub = _framed(server)
+    pub.send(b"".join(_frame(pub.client_id, b"big", bytes([i]) * 400) for i in range(5)))
+    assert pub.lines(3) == [b"PUBLISHED big"] * 3, "1,200 bytes held: the next one waits"
+    assert pub.quiet(0.3)
+    sub = _framed(server)
+    sub.subscribe("big")
+    assert [sub.frame()[1] for _ in range(5)] == [bytes([i]) * 400 for i in range(5)]
+    assert pub.lines(2) == [b"PUBLISHED big"] * 2
+    assert _stats(pub)["publish_holds"] == 1

@@ -39,6 +39,11 @@ _LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
         "MESSAGES",
         "messages a topic keeps while no subscriber can take them; past it publishers wait",
     ),
+    (
+        "max_backlog_bytes",
+        "BYTES",
+        "payload bytes a topic keeps while no subscriber can take them; past them publishers wait",
+    ),
     ("max_connections", "N", "open connections; one more gets ERROR and is closed"),
     (
         "max_memory",

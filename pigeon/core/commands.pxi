@@ -230,12 +230,29 @@ cdef void _accepted(Broker b, int32_t h, Topic *t) noexcept:
         log_wait(b, h)      # the reply leaves once the message's record is in the log
 
 
+cdef inline bint _backlog_at_limit(Broker b, Topic *t) noexcept:
+    """Whether a message for t's backlog has to wait: it holds max_backlog messages, or some
+    holding max_backlog_bytes payload bytes (an empty one takes a message of any size)."""
+    return t.backlog.count >= b.limit.max_backlog or (
+        t.backlog.count != 0 and t.backlog.nbytes >= b.limit.max_backlog_bytes)
+
+
+cdef void _backlog_full_text(Broker b, Topic *t, char *text, size_t size) noexcept:
+    """``backlog full (<n> messages)``, or ``(<n> bytes)`` when the byte bound is the one reached."""
+    if t.backlog.count >= b.limit.max_backlog:
+        snprintf(text, size, "backlog full (%u messages)", b.limit.max_backlog)
+    else:
+        snprintf(text, size, "backlog full (%zu bytes)", b.limit.max_backlog_bytes)
+
+
 cdef void _backlog_full(Broker b, Topic *t) noexcept:
     """Tell the operator once, until the backlog empties again."""
+    cdef char text[64]
     if not t.full:
         t.full = True
-        warn(b, f"topic {topic_name(t)[:t.name_len].decode('utf-8', 'replace')!r}: backlog full "
-                f"({b.limit.max_backlog} messages): publishers wait until a subscriber drains it")
+        _backlog_full_text(b, t, text, sizeof(text))
+        warn(b, f"topic {topic_name(t)[:t.name_len].decode('utf-8', 'replace')!r}: "
+                f"{text[:strlen(text)].decode()}: publishers wait until a subscriber drains it")
 
 
 cdef int _refuse(Broker b, int32_t h, Topic *t, int kind) noexcept:
@@ -250,7 +267,8 @@ cdef int _refuse(Broker b, int32_t h, Topic *t, int kind) noexcept:
                  <unsigned long long>b.log.disk, b.limit.max_disk)
         out_error(b, h, ERR_STORAGE_FULL, reason)
         return 0
-    snprintf(reason, sizeof(reason), "backlog full (%u messages) for topic", b.limit.max_backlog)
+    _backlog_full_text(b, t, reason, sizeof(reason) - 12)
+    strcat(reason, " for topic")
     out_error_quoting(b, h, ERR_BACKLOG_FULL, reason, topic_name(t), t.name_len)
     _backlog_full(b, t)
     return 0
@@ -319,7 +337,7 @@ cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n) 
                     b.counters.backlogged += 1
                     topic_drain(b, t)
             return 0
-    if t.backlog.count >= b.limit.max_backlog:
+    if _backlog_at_limit(b, t):
         if sub_find(&b.conns.items[h], t) != NULL:
             return _refuse(b, h, t, ERR_BACKLOG_FULL)   # waiting for itself could deadlock it
         flow_hold(b, h, t, HELD_TOPIC)

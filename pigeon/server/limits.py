@@ -26,6 +26,7 @@ DEFAULT_PREFETCH: int = LIMIT_DEFAULTS["default_prefetch"]
 DEFAULT_ACK_TIMEOUT: float = LIMIT_DEFAULTS["ack_timeout"]  # seconds; 0 is off
 DEFAULT_MAX_DELIVERIES: int = LIMIT_DEFAULTS["max_deliveries"]  # 0 is no limit
 DEFAULT_MAX_PAYLOAD: int = LIMIT_DEFAULTS["max_payload"]
+DEFAULT_MAX_BACKLOG_BYTES: int = LIMIT_DEFAULTS["max_backlog_bytes"]
 
 
 class ServerLimits(TypedDict, total=False):
@@ -45,6 +46,7 @@ class ServerLimits(TypedDict, total=False):
     max_deliveries: int
     max_disk: int
     max_payload: int
+    max_backlog_bytes: int
     data_dir: str | os.PathLike[str] | None
     fsync: str
     repair: bool
