@@ -3,6 +3,8 @@ generator (``pigeon.bench.load``, workload ``pipe``: 1 publisher, 1 subscriber).
 
     python benchmarks/frames.py                       # 64 B, 1 KiB, 64 KiB, 1 MiB; median of 3
     python benchmarks/frames.py --sizes 64 --repeat 5
+    python benchmarks/frames.py --sizes 16384 --window 50000 --broker-flag=--max-backlog-bytes=4294967296
+                                # the generator's default window, the broker without the byte bound
 
 For each size the two dialects take turns within each repeat, each on a fresh
 ``pigeon`` pinned to ``--broker-cpu`` with taskset (this process, the
@@ -48,12 +50,13 @@ class Sample:
     rss: list[int] = field(default_factory=list)
 
 
-def sized(opts: Options, size: int) -> Options:
-    """Options for ``size``-byte messages: the default window and batch, less for large messages."""
+def sized(opts: Options, size: int, window: int | None) -> Options:
+    """Options for ``size``-byte messages: the default window and batch, less for large messages
+    (``window``: that many messages in flight whatever the size)."""
     return replace(
         opts,
         size=size,
-        window=max(16, min(IN_FLIGHT, WINDOW_BYTES // size)),
+        window=window if window is not None else max(16, min(IN_FLIGHT, WINDOW_BYTES // size)),
         batch=max(1, min(PUBLISH_BATCH, BATCH_BYTES // size)),
     )
 
@@ -66,9 +69,9 @@ def peak_rss(pid: int, done: threading.Event, peak: list[int]) -> None:
         peak[0] = max(peak[0], rss)
 
 
-def one_run(opts: Options, dialect: str, pin: list[str]) -> tuple[float, int]:
-    """One ``pipe`` run on a fresh broker: messages per second and the broker's peak RSS."""
-    pigeon = replace(next(b for b in brokers(False) if b.name == "pigeon"), start=pigeon_with(*FLAGS))
+def one_run(opts: Options, dialect: str, pin: list[str], flags: Sequence[str]) -> tuple[float, int]:
+    """One ``pipe`` run on a fresh broker started with ``flags``: messages per second and its peak RSS."""
+    pigeon = replace(next(b for b in brokers(False) if b.name == "pigeon"), start=pigeon_with(*flags))
     with running(pigeon, pin) as (pid, port):
         assert pid is not None
         done = threading.Event()
@@ -118,7 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per run (default 3)")
     parser.add_argument("--broker-cpu", type=int, default=0, help="CPU for the broker (default 0)")
     parser.add_argument("--client-cpu", type=int, default=1, help="CPU for the load generator (default 1)")
+    parser.add_argument(
+        "--window", type=int, help=f"messages in flight (default {WINDOW_BYTES >> 20} MiB' worth)"
+    )
+    parser.add_argument("--broker-flag", action="append", default=[], help="a flag for pigeon (repeatable)")
     args = parser.parse_args(argv)
+    flags = [*FLAGS, *(part for flag in args.broker_flag for part in flag.split("=", 1))]
     sizes = [int(size) for size in args.sizes.split(",") if size]
     raise_open_files_limit()
     pin: list[str] = []
@@ -131,13 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for _ in range(args.repeat):
         for size in sizes:
             for dialect in DIALECTS:
-                rate, rss = one_run(sized(opts, size), dialect, pin)
+                rate, rss = one_run(sized(opts, size, args.window), dialect, pin, flags)
                 samples[size, dialect].rates.append(rate)
                 samples[size, dialect].rss.append(rss)
     print(table(samples, sizes))
     print(
         f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; broker pinned with "
-        f"{' '.join(pin) or '(not pinned)'}; median of {args.repeat} runs of {args.duration} s",
+        f"{' '.join(pin) or '(not pinned)'}; pigeon {' '.join(flags)}; median of {args.repeat} runs of "
+        f"{args.duration} s",
     )
     return 0
 
