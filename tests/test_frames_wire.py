@@ -11,6 +11,7 @@ memory), backlogs, NACK, dead letters and restarts with ``--data-dir``.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -23,6 +24,7 @@ from pigeon import FeatureNotSupportedError
 from pigeon._core import LIMIT_DEFAULTS
 from pigeon.testing import LineClient, ServerProcess
 from tests.faces import OpenClient
+from tests.monitoring import get
 from tests.test_client import _Address
 
 StartServer = Callable[..., ServerProcess]
@@ -363,3 +365,15 @@ def test_a_backlog_holding_max_backlog_bytes_holds_its_publishers(start_server: 
     assert [sub.frame()[1] for _ in range(5)] == [bytes([i]) * 400 for i in range(5)]
     assert pub.lines(2) == [b"PUBLISHED big"] * 2
     assert _stats(pub)["publish_holds"] == 1
+
+
+def test_metrics_count_the_altered_v1_deliveries(monitored: tuple[ServerProcess, str]) -> None:
+    server, url = monitored
+    v1 = server.client()
+    v1.connect()
+    v1.subscribe("m")
+    pub = _framed(server)
+    pub.send(_frame(pub.client_id, b"m", b"two\nlines") + _frame(pub.client_id, b"m", b"one line"))
+    assert v1.lines(2) == [b"MESSAGE m two lines", b"MESSAGE m one line"]
+    body = get(url + "metrics")[2]
+    assert re.search(rb"^pigeon_v1_altered_total 1\.0$", body, re.MULTILINE), body
