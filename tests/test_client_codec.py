@@ -171,15 +171,15 @@ def test_frame_splitter_takes_payloads_by_length_across_reads() -> None:
     stream = b"PUBLISHED t\nMSG t %d\n%s\nDMSG u 7 2 0\n\nMESSAGE v MSG w\n" % (len(payload), payload)
     whole = [
         b"PUBLISHED t\n",
-        codec.Frame(b"t", payload),
-        codec.Frame(b"u", b"", 7, 2),
+        (b"t", payload, None, None),
+        (b"u", b"", 7, 2),
         b"MESSAGE v MSG w\n",
     ]
     assert codec.FrameSplitter().feed(stream) == whole
     one_by_one = codec.FrameSplitter()
     parts = [part for i in range(len(stream)) for part in one_by_one.feed(stream[i : i + 1])]
     assert b"".join(p for p in parts if isinstance(p, bytes)) == b"PUBLISHED t\nMESSAGE v MSG w\n"
-    assert [p for p in parts if isinstance(p, codec.Frame)] == whole[1:3]
+    assert [p for p in parts if isinstance(p, tuple)] == whole[1:3]
 
 
 @pytest.mark.parametrize(
@@ -401,7 +401,7 @@ def test_every_code_has_its_class() -> None:
     retryable = {code for code, cls in errors.ERROR_CLASSES.items() if issubclass(cls, RetryableError)}
     assert retryable == {"BACKLOG_FULL", "MEMORY_FULL", "STORAGE_FULL"}
     closing = {code for code, cls in errors.ERROR_CLASSES.items() if issubclass(cls, errors.ClosingError)}
-    assert closing == {"LINE_TOO_LONG", "TOO_MANY_CONNECTIONS", "IDLE_TIMEOUT", "AUTH_FAILED"}
+    assert closing == {"LINE_TOO_LONG", "TOO_MANY_CONNECTIONS", "IDLE_TIMEOUT", "AUTH_FAILED", "BAD_FRAME"}
 
 
 def test_unknown_codes_and_codeless_errors_are_command_errors() -> None:

@@ -448,15 +448,10 @@ def parse_stats_page(section: str, reply: bytes) -> tuple[list[dict[str, Any]], 
         raise ValueError(f"bad STATS {section.upper()} reply: {reply[:200]!r}") from exc
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Frame:
-    """A delivery of protocol 2: ``MSG <topic> <nbytes>`` (tag and attempt None) or
-    ``DMSG <topic> <tag> <attempt> <nbytes>``, with its payload."""
-
-    topic: bytes
-    data: bytes
-    tag: int | None = None
-    attempt: int | None = None
+HEADERS_KEPT = 256  # parsed MSG headers a FrameSplitter keeps
+# A delivery of protocol 2: (topic, payload, tag, attempt), tag and attempt None for ``MSG``. A
+# plain tuple: a client reads hundreds of thousands a second, and a tuple costs least to make.
+Frame = tuple[bytes, bytes, int | None, int | None]
 
 
 class BadStream(ValueError):
@@ -464,26 +459,29 @@ class BadStream(ValueError):
 
 
 def _frame_start(buf: bytes, pos: int) -> int:
-    """Where the first line at or after ``pos`` that starts with ``MSG `` or ``DMSG `` starts, else -1."""
-    at = pos
+    """Where the first line after ``pos`` that starts with ``MSG `` or ``DMSG `` starts, else -1."""
+    at = pos + 1
     while True:
         found = buf.find(b"MSG ", at)
         if found < 0:
             return -1
-        start = found - 1 if found > pos and buf[found - 1] == 0x44 else found  # 0x44: the D of DMSG
-        if start == pos or buf[start - 1] == 0x0A:
+        start = found - 1 if buf[found - 1] == 0x44 else found  # 0x44: the D of DMSG
+        if buf[start - 1] == 0x0A:
             return start
         at = found + 1
 
 
-def _parse_frame_header(header: bytes) -> tuple[bytes, int | None, int | None, int]:
-    """``(topic, tag, attempt, nbytes)`` of a MSG or DMSG header line; raises BadStream."""
-    fields = header.split(b" ")
+def _frame_header(header: bytes) -> tuple[bytes, int | None, int | None, int]:
+    """``(topic, tag, attempt, nbytes)`` of a ``MSG`` or ``DMSG`` header line; raises BadStream."""
     try:
-        if fields[0] == b"MSG" and len(fields) == 3:
-            return fields[1], None, None, int(fields[2])
-        if fields[0] == b"DMSG" and len(fields) == 5:
-            return fields[1], int(fields[2]), int(fields[3]), int(fields[4])
+        if header.startswith(b"MSG "):
+            topic, _, count = header[4:].rpartition(b" ")
+            if topic and b" " not in topic:
+                return topic, None, None, int(count)
+        else:
+            fields = header.split(b" ")
+            if len(fields) == 5:
+                return fields[1], int(fields[2]), int(fields[3]), int(fields[4])
     except ValueError:
         pass
     raise BadStream(f"bad frame header from the server: {header[:100]!r}")
@@ -497,15 +495,17 @@ class FrameSplitter:
     incomplete the reads are only collected, and joined once it is all there.
     """
 
-    __slots__ = ("_held", "_need", "_parts")
+    __slots__ = ("_headers", "_held", "_need", "_parts")
 
     def __init__(self) -> None:
+        # MSG headers seen lately, parsed: a stream repeats a few (one topic, one size) many times
+        self._headers: dict[bytes, tuple[bytes, int | None, int | None, int]] = {}
         self._parts: list[bytes] = []  # input not yet cut, in order
         self._held = 0  # its length
         self._need = 0  # bytes the unfinished frame needs in all before cutting is worth trying
 
     def feed(self, data: bytes) -> list[bytes | Frame]:
-        """The runs of complete lines (each run ending in ``\n``) and the frames that ``data`` finishes."""
+        """The runs of complete lines (each run ending in ``\\n``) and the frames that ``data`` finishes."""
         if self._parts:
             self._parts.append(data)
             self._held += len(data)
@@ -519,26 +519,38 @@ class FrameSplitter:
         out: list[bytes | Frame] = []
         pos = 0
         size = len(buf)
+        starts, find, headers = buf.startswith, buf.find, self._headers
         while pos < size:
+            if starts(b"MSG ", pos) or starts(b"DMSG ", pos):
+                eol = find(b"\n", pos)
+                if eol < 0:
+                    break
+                header = buf[pos:eol]
+                parsed = headers.get(header)
+                if parsed is None:
+                    parsed = _frame_header(header)
+                    if parsed[1] is None:  # a DMSG header has its own tag: not worth keeping
+                        if len(headers) >= HEADERS_KEPT:
+                            headers.clear()
+                        headers[header] = parsed
+                topic, tag, attempt, nbytes = parsed
+                end = eol + 1 + nbytes
+                if end >= size:
+                    self._need = end + 1 - pos
+                    break
+                if buf[end] != 0x0A:
+                    raise BadStream(
+                        f"a frame of {nbytes} bytes from the server is not followed by a line end"
+                    )
+                out.append((topic, buf[eol + 1 : end], tag, attempt))
+                pos = end + 1
+                continue
             start = _frame_start(buf, pos)
             lines_end = start if start >= 0 else buf.rfind(b"\n", pos) + 1
-            if lines_end > pos:
-                out.append(buf[pos:lines_end])
-                pos = lines_end
-            if start < 0:
-                break
-            eol = buf.find(b"\n", start)
-            if eol < 0:
-                break
-            topic, tag, attempt, nbytes = _parse_frame_header(buf[start:eol])
-            end = eol + 1 + nbytes
-            if end >= size:
-                self._need = end + 1 - start
-                break
-            if buf[end] != 0x0A:
-                raise BadStream(f"a frame of {nbytes} bytes from the server is not followed by a line end")
-            out.append(Frame(topic, buf[eol + 1 : end], tag, attempt))
-            pos = end + 1
+            if lines_end <= pos:
+                break  # an unfinished line
+            out.append(buf[pos:lines_end])
+            pos = lines_end
         if pos < size:
             self._parts = [buf[pos:]]
             self._held = size - pos

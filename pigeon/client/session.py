@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 
 from pigeon.client import codec
 from pigeon.client.codec import Link, Message, Refused
@@ -136,12 +137,14 @@ class Session:
             self.broken = str(exc)
             return []
         completed: list[Pending] = []
+        messages, link = self.messages, self.link
         for part in parts:
-            if isinstance(part, codec.Frame):
-                link = self.link if part.tag is not None else None
-                topic = self._topic_name(part.topic)
-                self.messages.append(Message(topic, part.data, part.tag, part.attempt, link))
-            elif not self._receive_lines(part, completed):
+            if type(part) is tuple:
+                topic, data, tag, attempt = part
+                messages.append(
+                    Message(self._topic_name(topic), data, tag, attempt, None if tag is None else link)
+                )
+            elif not self._receive_lines(cast(bytes, part), completed):
                 break
         return completed
 
