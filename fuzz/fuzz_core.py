@@ -87,6 +87,7 @@ COMMANDS[4] = (
 COMMANDS[5] = (*COMMANDS[4], b"HELLO 2", b"HELLO 2", b"HELLO 1", b"HELLO ")
 USER_NAMES = sorted(USERS)
 MAX_PAYLOADS = (0, 5, 1 << 20)
+MAX_BACKLOG_BYTES = (0, 8, 30, 1 << 30)
 # how a framed PUB's count relates to its payload: right, one short, one over, missing
 FRAME_COUNTS = ("ok", "ok", "short", "long", "none")
 TOPICS = (b"a", b"b", "\u00e9".encode())
@@ -120,7 +121,7 @@ class Input:
     answers the logins asked for (a feed answers them too), and one that
     grants a user to a connection: a byte picks the user.
 
-    Format 5 adds a byte of limits (max_payload: 0, 5 or 1 MiB), the commands
+    Format 5 adds two bytes of limits (max_payload: 0, 5 or 1 MiB; max_backlog_bytes), the commands
     HELLO 2 and HELLO 1, and an operation that sends a framed PUB: a byte for
     the topic, a read for the payload (any bytes), one for how its count
     relates to it (FRAME_COUNTS), one for the line ends (CRLF or LF after the
@@ -169,6 +170,7 @@ def start(source: Input) -> Session:
     auth = source.version >= 4 and bool(source.byte() & 1)
     if source.version >= 5:
         limits["max_payload"] = MAX_PAYLOADS[source.byte() % len(MAX_PAYLOADS)]
+        limits["max_backlog_bytes"] = MAX_BACKLOG_BYTES[source.byte() % len(MAX_BACKLOG_BYTES)]
     return Session(limits, deferred=deferred, auth=auth)
 
 
