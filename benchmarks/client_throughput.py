@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 from pigeon import AsyncClient, Client, Message
 from pigeon.client.base import WINDOW
-from pigeon.client.codec import CHUNK
+from pigeon.client.codec import CHUNK, pub_frames
 from pigeon.server.loops import loop_factory
 from pigeon.testing import ServerProcess
 
@@ -35,17 +35,17 @@ ACK_BATCH = 100  # messages acknowledged by one client.ack() (one ACK <first>-<l
 
 
 def raw_socket(host: str, port: int, topic: str, messages: list[bytes]) -> int:
-    """The floor: PUBLISH lines joined in chunks, replies only counted (the client's chunk and window)."""
+    """The floor: the PUB frames the client sends (protocol 2), built per chunk as the client builds
+    them (``codec.pub_frames``), replies only counted (the client's chunk and window)."""
     with socket.create_connection((host, port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(b"CONNECT\n")
         reply = sock.recv(100)
         client_id = reply.split()[1]
-        head = b"PUBLISH %s %s " % (client_id, topic.encode())
-        separator = b"\n" + head
+        name = topic.encode()
         answered = 0
         for start in range(0, len(messages), CHUNK):
-            sock.sendall(head + separator.join(messages[start : start + CHUNK]) + b"\n")
+            sock.sendall(pub_frames(client_id, name, messages[start : start + CHUNK]))
             sent = min(start + CHUNK, len(messages))
             while sent - answered > WINDOW:
                 answered += sock.recv(1 << 18).count(b"\n")

@@ -12,6 +12,8 @@ with JetStream (``-js``), Redis Streams, RabbitMQ (which runs only this workload
     python benchmarks/compare.py --quick         # a smoke run of a few seconds
     python benchmarks/compare.py --json out.json --chart out.png
     python benchmarks/compare.py --durable       # the durable table (issue 13)
+    python benchmarks/compare.py --framed --size 65536 --peers nats --workloads pipe,queue,fanin
+                                                 # Pigeon speaking protocol 2 (PUB, MSG frames)
 
 ``--durable`` measures the brokers keeping their queues on disk instead, with the workloads
 ``durable`` (1 publisher, 1,000 unconfirmed messages, confirmations per second) and
@@ -101,13 +103,23 @@ def median_results(runs: Sequence[Sequence[Result]]) -> list[Result]:
 
 
 def measure(
-    opts: Options, workloads: Sequence[str], repeat: int, include_sink: bool, pins: tuple[list[str], str]
+    opts: Options,
+    workloads: Sequence[str],
+    repeat: int,
+    include_sink: bool,
+    pins: tuple[list[str], str],
+    framed: bool = False,
+    peers: Sequence[str] = PEERS,
 ) -> Table:
-    """Run every installed broker ``repeat`` times, taking turns, and keep the medians."""
+    """Run every installed broker (Pigeon and ``peers``) ``repeat`` times, taking turns, and keep the
+    medians; ``framed``: Pigeon speaks protocol 2 (dialect ``pigeon2``)."""
     broker_pin, client_cpu = pins
     table = Table()
     runs: dict[str, list[list[Result]]] = {}
-    candidates = brokers(include_sink)
+    candidates = [b for b in brokers(include_sink) if b.name in ("pigeon", "ceiling", *peers)]
+    if framed:
+        candidates = [replace(b, dialect="pigeon2") if b.name == "pigeon" else b for b in candidates]
+        table.notes.append("pigeon: protocol 2 (HELLO 2, PUB frames, MSG frames)")
     for b in candidates:
         if b.executable is None:
             table.notes.append(f"{b.name}: not installed, skipped (Debian package {b.name}-server)")
@@ -401,6 +413,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="the durable table instead: brokers keeping their queues on disk (durable workloads)",
     )
+    parser.add_argument(
+        "--framed",
+        action="store_true",
+        help="Pigeon speaks protocol 2 (framed PUB and MSG); not with ackqueue",
+    )
+    parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers to run (default all)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: short, one repeat")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--chart", metavar="PNG", help="also draw a chart (needs matplotlib)")
@@ -410,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     workloads = [w for w in args.workloads.split(",") if w]
     if args.durable:
         workloads = [w for w in workloads if w in DURABLE_WORKLOADS] or list(DURABLE_WORKLOADS)
+    if args.framed and "ackqueue" in workloads:
+        parser.error("--framed measures the plain workloads: leave ackqueue out of --workloads")
     # a fresh broker measures connections first, before other workloads leave freed memory to reuse
     workloads.sort(key=lambda w: w != "connections")
     raise_open_files_limit()
@@ -426,7 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.durable:
             table = measure_durable(opts, workloads, args.repeat, pins)
         else:
-            table = measure(opts, workloads, args.repeat, not args.no_ceiling, pins)
+            peers = [p for p in args.peers.split(",") if p]
+            table = measure(opts, workloads, args.repeat, not args.no_ceiling, pins, args.framed, peers)
     if args.noise:
         table.notes.append(f"with a busy loop on the {args.noise}'s CPU")
     table.notes.append(

@@ -8,7 +8,8 @@ SUBSCRIBE ... ACK [PREFETCH n], and ACK or NACK of the tags a connection
 holds, single or as ranges, or of tags it does not; with authentication,
 CONNECT with the credentials of tests/harness.USERS or wrong ones, logins
 answered later, identities granted before CONNECT or again while connected,
-topics on the edges of the users' patterns), run on the Cython core and on
+topics on the edges of the users' patterns; protocol 2: HELLO 2 and framed PUB
+with any payload, wrong counts and counts over max_payload), run on the Cython core and on
 tests/model.py through tests/harness.Session, which the differential test uses
 too. After every operation the session compares what the model states
 (output bytes, close and reading events, client ids, warnings, figures,
@@ -36,13 +37,13 @@ with atheris.instrument_imports(include=["tests"]):
     from tests.harness import USERS, Peer, Session
 
 # The version of the input format below; a saved regression starts with the line REGRESSION_HEADER.
-# Inputs of formats 2 (before acknowledgements) and 3 (before authentication) still replay, as they
-# were read then.
-FORMAT = 4
-FORMATS = (2, 3, 4)
+# Inputs of formats 2 (before acknowledgements), 3 (before authentication) and 4 (before protocol 2)
+# still replay, as they were read then.
+FORMAT = 5
+FORMATS = (2, 3, 4, 5)
 REGRESSION_HEADER = b"pigeon-fuzz %d\n" % FORMAT
 MEMORY_NEVER_FULL = 1 << 40  # the model does not count memory (tests/model.py)
-OPERATIONS = {2: 18, 3: 19, 4: 21}
+OPERATIONS = {2: 18, 3: 19, 4: 21, 5: 22}
 # well-formed commands, so that sessions route messages; <me> is the connection's own client id
 COMMANDS_2 = (
     b"CONNECT",
@@ -83,7 +84,12 @@ COMMANDS[4] = (
     b"SUBSCRIBE <me> a.%s",
     b"STATS CONNECTIONS",
 )
+COMMANDS[5] = (*COMMANDS[4], b"HELLO 2", b"HELLO 2", b"HELLO 1", b"HELLO ")
 USER_NAMES = sorted(USERS)
+MAX_PAYLOADS = (0, 5, 1 << 20)
+MAX_BACKLOG_BYTES = (0, 8, 30, 1 << 30)
+# how a framed PUB's count relates to its payload: right, one short, one over, missing
+FRAME_COUNTS = ("ok", "ok", "short", "long", "none")
 TOPICS = (b"a", b"b", "\u00e9".encode())
 DEFAULT_PREFETCH = (1, 2, 3, 1000)
 # a NACK's delay: none, 0 (at once), a day (never due in a session: the model keeps it for good), broken
@@ -114,6 +120,12 @@ class Input:
     an unknown user) and with topics on the patterns' edges, an operation that
     answers the logins asked for (a feed answers them too), and one that
     grants a user to a connection: a byte picks the user.
+
+    Format 5 adds two bytes of limits (max_payload: 0, 5 or 1 MiB; max_backlog_bytes), the commands
+    HELLO 2 and HELLO 1, and an operation that sends a framed PUB: a byte for
+    the topic, a read for the payload (any bytes), one for how its count
+    relates to it (FRAME_COUNTS), one for the line ends (CRLF or LF after the
+    header, after the payload) and one for whether a flush follows.
     """
 
     def __init__(self, data: bytes, version: int = FORMAT) -> None:
@@ -156,6 +168,9 @@ def start(source: Input) -> Session:
         limits["default_prefetch"] = DEFAULT_PREFETCH[source.byte() % len(DEFAULT_PREFETCH)]
         limits["max_deliveries"] = source.byte() % 4
     auth = source.version >= 4 and bool(source.byte() & 1)
+    if source.version >= 5:
+        limits["max_payload"] = MAX_PAYLOADS[source.byte() % len(MAX_PAYLOADS)]
+        limits["max_backlog_bytes"] = MAX_BACKLOG_BYTES[source.byte() % len(MAX_BACKLOG_BYTES)]
     return Session(limits, deferred=deferred, auth=auth)
 
 
@@ -209,6 +224,8 @@ def act(session: Session, peer: Peer, op: int, source: Input) -> None:
         settle(session, peer, source)
     elif op == 20:
         session.grant(peer, USER_NAMES[source.byte() % len(USER_NAMES)])
+    elif op == 21:
+        publish_frame(session, peer, source)
     else:
         commands = COMMANDS[source.version]
         command = commands[source.byte() % len(commands)]
@@ -218,6 +235,23 @@ def act(session: Session, peer: Peer, op: int, source: Input) -> None:
             session.feed(peer, session.own_id(peer, line))
         else:
             session.read(peer, session.own_id(peer, line))
+
+
+def publish_frame(session: Session, peer: Peer, source: Input) -> None:
+    """A framed PUB with any payload, its count right or wrong or missing."""
+    topic = TOPICS[source.byte() % len(TOPICS)]
+    payload = source.chunk()
+    shape = FRAME_COUNTS[source.byte() % len(FRAME_COUNTS)]
+    ends = source.byte()
+    count = {"short": max(len(payload) - 1, 0), "long": len(payload) + 1}.get(shape, len(payload))
+    head = b"PUB <me> " + topic + (b"" if shape == "none" else b" %d" % count)
+    header_end = b"\r\n" if ends & 1 else b"\n"
+    payload_end = b"\r\n" if ends & 2 else b"\n"
+    frame = session.own_id(peer, head + header_end) + payload + payload_end
+    if source.byte() & 1:
+        session.feed(peer, frame)
+    else:
+        session.read(peer, frame)
 
 
 def settle(session: Session, peer: Peer, source: Input) -> None:

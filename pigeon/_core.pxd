@@ -76,7 +76,8 @@ cdef class Broker:
     cdef uint64_t lost_warned       # counters.lost when last warned about
     cdef bint tearing_down          # in __dealloc__: topics are freed all at once
     cdef double started             # when the broker was created, seconds since the epoch
-    cdef bytes hello                # the HELLO reply's JSON
+    cdef bytes hello                # the HELLO reply's JSON (protocol 1)
+    cdef bytes hello2               # ... after HELLO 2
     cdef bint auth                  # CONNECT needs credentials or a granted identity (Broker(auth=True))
     cdef int32_t auth_asking        # the connection whose on_auth call runs now, -1: none
     cdef public object on_output    # callable(): flush() is due; the server runs it once per loop pass

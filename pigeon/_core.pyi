@@ -68,6 +68,7 @@ class Broker:
         tick_interval: float = ...,
         durable: bool = ...,
         auth: bool = ...,
+        tls: bool = ...,
         fsync: str = ...,
         log_segment: int = ...,
         max_line: int = ...,
@@ -84,6 +85,8 @@ class Broker:
         ack_timeout: float = ...,
         max_deliveries: int = ...,
         max_disk: int = ...,
+        max_payload: int = ...,
+        max_backlog_bytes: int = ...,
     ) -> None: ...
     def open(
         self,

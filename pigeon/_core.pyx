@@ -17,7 +17,7 @@ cimport cython
 from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
-from libc.string cimport memchr, memcmp, memcpy, memmove, memset, strlen, strncpy
+from libc.string cimport memchr, memcmp, memcpy, memmove, memset, strcat, strlen, strncpy
 
 
 cdef extern from "Python.h":
@@ -42,7 +42,7 @@ include "core/log.pxi"
 include "core/stats.pxi"
 
 TOPIC_MAX_BYTES = TOPIC_MAX
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2     # the newest protocol, chosen by HELLO 2
 # --fsync, in the order of the FSYNC_* values (log.pxd)
 FSYNC_MODES = ("no", "everysec", "always")
 # bytes of a log segment file (--data-dir): like a JetStream block, small enough to delete soon
@@ -59,7 +59,7 @@ cdef class Broker:
     """
 
     def __cinit__(self, *, double tick_interval=0.25, bint durable=False, str fsync="everysec",
-                  uint64_t log_segment=LOG_SEGMENT, bint auth=False, **limits):
+                  uint64_t log_segment=LOG_SEGMENT, bint auth=False, bint tls=False, **limits):
         cdef str name
         self.limit = limits_default()
         for name, value in limits.items():
@@ -91,13 +91,20 @@ cdef class Broker:
         self.pool.keep = min(<size_t>POOL_KEEP_MAX, self.limit.max_memory // 16)
         if topics_init(&self.mem, &self.topic_table) < 0:
             raise MemoryError()
-        self.hello = json.dumps({
-            "protocol": PROTOCOL_VERSION,
+        # persistence, auth and tls are the server's: it says which are on (durable, auth, tls)
+        features = ["ack", "binary"]
+        features += [name for name, on in (("persistence", durable), ("auth", auth), ("tls", tls)) if on]
+        hello = {
+            "protocol": 1,
             "max_line": self.limit.max_line,
             "topic_max": TOPIC_MAX,
             "idle_timeout": self.limit.idle_timeout,
-            "features": ["ack"],
-        }, separators=(",", ":")).encode()
+            "max_payload": self.limit.max_payload,
+            "features": features,
+        }
+        self.hello = json.dumps(hello, separators=(",", ":")).encode()
+        hello["protocol"] = PROTOCOL_VERSION
+        self.hello2 = json.dumps(hello, separators=(",", ":")).encode()
 
     def __dealloc__(self):
         cdef int32_t h

@@ -2,8 +2,8 @@
 
 Every ``ERROR`` line of the server is ``ERROR <CODE> <text>``; each code has a
 class below (``ERROR_CLASSES``), under ``CommandError``. The retryable limits
-(``RetryableError``) can be caught together to retry later. The four codes
-the server sends just before it closes a connection (``ClosingError``) reach
+(``RetryableError``) can be caught together to retry later. The codes the
+server sends just before it closes a connection (``ClosingError``) reach
 the caller as the ``error`` of a ``ConnectionClosedError``. This table is the
 client's own: the client does not load the server's compiled core, and a test
 checks the table against the core's ``ERROR_CODES``.
@@ -158,6 +158,13 @@ class PermissionDeniedError(CommandError):
     CODE = "PERMISSION_DENIED"
 
 
+class PayloadTooLargeError(CommandError):
+    """A ``PUB`` whose payload is over the server's ``--max-payload`` (its HELLO's ``max_payload``);
+    the server skipped the payload and the connection goes on."""
+
+    CODE = "PAYLOAD_TOO_LARGE"
+
+
 class ClosingError(CommandError):
     """An error the server sends just before it closes the connection; see ``ConnectionClosedError.error``."""
 
@@ -186,6 +193,13 @@ class AuthFailedError(ClosingError):
     CODE = "AUTH_FAILED"
 
 
+class BadFrameError(ClosingError):
+    """A ``PUB`` header without a byte count, or a payload not followed by a line end: the server
+    cannot tell where the next command starts, so it closes the connection."""
+
+    CODE = "BAD_FRAME"
+
+
 # code -> class, in the order of the server's list (pigeon._core.ERROR_CODES)
 ERROR_CLASSES: dict[str, type[CommandError]] = {
     cls.CODE: cls
@@ -209,6 +223,8 @@ ERROR_CLASSES: dict[str, type[CommandError]] = {
         AuthRequiredError,
         AuthFailedError,
         PermissionDeniedError,
+        PayloadTooLargeError,
+        BadFrameError,
     )
     if cls.CODE is not None
 }
@@ -250,6 +266,15 @@ class StaleDeliveryError(ConnectionClosedError):
 
 class ProtocolError(ConnectionClosedError):
     """The server sent something the client cannot make sense of, so the client dropped the connection."""
+
+
+class FeatureNotSupportedError(InvalidArgumentError):
+    """The server lacks a feature a call needs (its HELLO does not list it, e.g. ``binary`` on a
+    server older than protocol 2); nothing was sent. ``feature`` names it."""
+
+    def __init__(self, feature: str, message: str) -> None:
+        super().__init__(message)
+        self.feature = feature
 
 
 class TimeoutError(PigeonError, builtins.TimeoutError):

@@ -254,6 +254,23 @@ class LineClient:
         line, _, self.buf = self.buf.partition(b"\n")
         return line
 
+    def take(self, n: int) -> bytes:
+        """The next n bytes; raises on timeout or EOF."""
+        while len(self.buf) < n:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise EOFError(f"connection closed; unread: {self.buf[:200]!r}")
+            self.buf += chunk
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def frame(self) -> tuple[bytes, bytes]:
+        """The next line, a ``MSG`` or ``DMSG`` frame header (protocol 2), and the payload it announces."""
+        header = self.line()
+        payload = self.take(int(header.rsplit(b" ", 1)[1]) + 1)
+        assert payload.endswith(b"\n"), f"a frame not followed by a line end: {header!r}"
+        return header, payload[:-1]
+
     def lines(self, n: int) -> list[bytes]:
         """The next n lines."""
         return [self.line() for _ in range(n)]

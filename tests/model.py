@@ -21,6 +21,12 @@ reports) and states, for every connection:
   backlogs and their bound, messages given back to the head of their topic
   when they were never handed to a connection (close, EOF, a failing writer,
   a slow-consumer drop, a write timeout);
+- protocol 2: the framed ``PUB <id> <topic> <nbytes>`` (its payload taken by
+  length; over ``max_payload`` ERROR PAYLOAD_TOO_LARGE and the payload skipped;
+  a header without a count, or a payload not followed by a line end, ERROR
+  BAD_FRAME and close), ``HELLO [1|2]``, ``MSG``/``DMSG`` frames to a
+  connection that sent ``HELLO 2``, and in a v1 line each LF of a payload and
+  a CR at its end written as a space (``v1_altered``);
 - acknowledged subscriptions (``SUBSCRIBE <id> <topic> ACK [PREFETCH <n>]``):
   ``DELIVER <topic> <tag> <attempt> <message>`` lines, tags counted per
   connection, ``ACK`` and ``NACK`` of single tags and ranges, unknown tags,
@@ -49,7 +55,8 @@ What it leaves out on purpose:
   count bytes: the core's accounting (message records, pooled records, buffer
   capacities) is not something a client can predict byte for byte. Tests that
   compare the two run with a ``max_memory`` large enough never to be reached;
-  memory, and publishers held for it, are tested on the core alone
+  memory, and publishers held for it, are tested on the core alone (so is a
+  framed payload refused because memory cannot hold it)
   (tests/test_core_reliability.py, tests/test_core_acks.py).
 - time. The core reads the monotonic clock for NACK delays and ack timeouts,
   which no caller can drive. A message NACKed with a delay is held by the model
@@ -126,6 +133,8 @@ ERRORS = (
     "auth_required",
     "auth_failed",
     "permission_denied",
+    "payload_too_large",
+    "bad_frame",
 )
 # the log's figures of a broker without --data-dir (the model has no log: tests/test_store_wire.py)
 NO_LOG = {
@@ -145,7 +154,8 @@ NO_LOG = {
 # figures of the core the model does not state (see the module docstring)
 NOT_STATED = frozenset({"uptime_seconds", "memory_bytes", "connected_since", "connected_seconds", "handle"})
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # the newest, chosen by HELLO 2
+PUB_USAGE = b"usage: PUB <client_id> <topic> <nbytes>, a line end, the payload, a line end"
 QUOTE_MAX = 64  # the longest input an ERROR quotes
 STATS_PAGE_DEFAULT = 100
 STATS_PAGE_MAX = 1000
@@ -266,6 +276,8 @@ class Conn:
     messages_out: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    framed: bool = False  # sent HELLO 2: deliveries are MSG and DMSG frames
+    skip: int = 0  # payload bytes of a refused PUB still to drop
 
     def unsent_bytes(self) -> int:
         return sum(len(line.data) for line in self.unsent)
@@ -278,7 +290,9 @@ class Conn:
 class ModelBroker:
     """The reference model; the constructor takes the core's keyword arguments."""
 
-    def __init__(self, *, tick_interval: float = 0.25, auth: bool = False, **limits: Any) -> None:
+    def __init__(
+        self, *, tick_interval: float = 0.25, auth: bool = False, tls: bool = False, **limits: Any
+    ) -> None:
         unknown = set(limits) - set(LIMIT_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown limits {sorted(unknown)}")
@@ -286,6 +300,7 @@ class ModelBroker:
         self.limit = given
         self.max_line: int = given["max_line"]
         self.max_backlog: int = given["max_backlog"]
+        self.max_backlog_bytes: int = given["max_backlog_bytes"]
         self.max_connections: int = given["max_connections"]
         self.max_subscriptions: int = given["max_subscriptions"]
         self.max_topics: int = given["max_topics"]
@@ -303,6 +318,8 @@ class ModelBroker:
         self.on_warning: Callable[[str], object] | None = None
         self.on_auth: Callable[[int, bytes, bytes], object] | None = None
         self.auth = auth
+        self.tls = tls
+        self.max_payload: int = given["max_payload"]
         self.conns: dict[int, Conn] = {}
         self.topics_held: dict[bytes, Topic] = {}
         self.next_handle = 0
@@ -345,6 +362,7 @@ class ModelBroker:
                 "publish_holds",
                 "auth_failures",
                 "logins",
+                "v1_altered",
             ),
             0,
         )
@@ -630,6 +648,11 @@ class ModelBroker:
         pos = 0
         too_long = False
         while pos < len(buf) and c.open and not c.paused and c.held_topic is None and not c.authenticating:
+            if c.skip:
+                dropped = min(c.skip, len(buf) - pos)
+                c.skip -= dropped
+                pos += dropped
+                continue
             nl = buf.find(b"\n", pos)
             if nl < 0:
                 too_long = len(buf) - pos > self.max_line
@@ -637,12 +660,17 @@ class ModelBroker:
             if nl - pos > self.max_line:
                 too_long = True
                 break
-            if self._dispatch(c, buf[pos:nl]):
-                break  # a PUBLISH waits, with the rest
-            if c.authenticating:
-                pos = nl + 1  # the CONNECT ran; the rest waits for its answer
-                break
-            pos = nl + 1
+            if nl - pos > 4 and buf[pos : pos + 3].lower() == b"pub" and buf[pos + 3] in BLANKS:
+                end = self._frame(c, buf, pos, nl)
+                if end is None:
+                    break  # its payload has not all arrived, or it waits for flow control
+                pos = end
+            else:
+                if self._dispatch(c, buf[pos:nl]):
+                    break  # a PUBLISH waits, with the rest
+                pos = nl + 1
+                if c.authenticating:
+                    break  # the CONNECT ran; the rest waits for its answer
             # a connection's own output passing a batch goes out at once, so its transport can say it is full
             if c.open and c.unsent_bytes() >= self.out_batch:
                 self._hand_over(c)
@@ -655,6 +683,46 @@ class ModelBroker:
         c.held = buf[pos:]
         if c.paused or c.held_topic is not None or c.authenticating:
             self._stop_reading(c)
+
+    def _frame(self, c: Conn, buf: bytes, pos: int, nl: int) -> int | None:
+        """A framed PUB whose header is buf[pos:nl]: where the input goes on after it, or None when
+        its payload (and the line end after it) has not all arrived, or when it waits."""
+        header = buf[pos + 3 : nl]
+        if header.endswith(b"\r"):
+            header = header[:-1]
+        args = _fields(header)
+        if len(args) != 3 or not (args[2].isdigit() and len(args[2]) <= 18):
+            self.commands["publish"] += 1
+            self._error(c, "bad_frame", PUB_USAGE)
+            self._close_later(c, "bad frame", flush=True)
+            return nl + 1
+        cid, name, count = args[0], args[1], int(args[2])
+        if count > self.max_payload:
+            self.commands["publish"] += 1
+            self.count["refused"] += 1
+            self._error(
+                c,
+                "payload_too_large",
+                b"payload of %d bytes is over the limit of %d bytes" % (count, self.max_payload),
+            )
+            c.skip = count
+            return nl + 1
+        end = nl + 1 + count
+        if end >= len(buf) or (buf[end] == 0x0D and end + 1 >= len(buf)):
+            return None
+        if buf[end] == 0x0A:
+            after = end + 1
+        elif buf[end : end + 2] == b"\r\n":
+            after = end + 2
+        else:
+            self.commands["publish"] += 1
+            self._error(c, "bad_frame", b"payload of %d bytes is not followed by a line end" % count)
+            self._close_later(c, "bad frame", flush=True)
+            return nl + 1
+        if self._on_pub(c, cid, name, buf[nl + 1 : end]):
+            return None
+        self.commands["publish"] += 1
+        return after
 
     def _continue(self, c: Conn) -> None:
         """c can go on (its transport drained, or its PUBLISH may proceed): run its input, read it again."""
@@ -706,26 +774,32 @@ class ModelBroker:
             self._on_connect(c, args)
         elif kind == "stats":
             self._on_stats(c, args)
+        elif kind == "hello":
+            self._on_hello(c, args)
         elif args:
             self._error(c, "usage", b"usage: " + kind.upper().encode())
         elif kind == "ping":
             self._reply(c, b"PONG")
-        elif kind == "hello":
-            self._reply(c, b"HELLO " + self._hello())
         else:
             self._reply(c, b"DISCONNECTED")
             self._close_later(c, "", flush=True)
         return False
 
-    def _hello(self) -> bytes:
+    def _on_hello(self, c: Conn, args: list[bytes]) -> None:
+        if len(args) > 1 or (args and args[0] not in (b"1", b"2")):
+            self._error(c, "usage", b"usage: HELLO [1|2]")
+            return
+        if args:
+            c.framed = args[0] == b"2"
         about = {
-            "protocol": PROTOCOL_VERSION,
+            "protocol": 2 if c.framed else 1,
             "max_line": self.max_line,
             "topic_max": TOPIC_MAX,
             "idle_timeout": self.idle_timeout,
-            "features": ["ack"],
+            "max_payload": self.max_payload,
+            "features": ["ack", "binary", *(["auth"] if self.auth else []), *(["tls"] if self.tls else [])],
         }
-        return json.dumps(about, separators=(",", ":")).encode()
+        self._reply(c, b"HELLO " + json.dumps(about, separators=(",", ":")).encode())
 
     # ---------------------------------------------------------------- commands
 
@@ -865,7 +939,14 @@ class ModelBroker:
             return False
         if not self._own_id(c, cid):
             return False
-        message = rest[1:]  # everything after the one separator that ends the topic
+        return self._publish(c, name, rest[1:])  # everything after the one separator that ends the topic
+
+    def _on_pub(self, c: Conn, cid: bytes, name: bytes, payload: bytes) -> bool:
+        """A framed PUB with its payload; True when it waits for flow control."""
+        return self._own_id(c, cid) and self._publish(c, name, payload)
+
+    def _publish(self, c: Conn, name: bytes, message: bytes) -> bool:
+        """Route a message of a PUBLISH or PUB whose sender is checked; True when it waits."""
         t = self.topics_held.get(name)
         if t is None:
             if not self._valid_topic(c, name) or not self._may(c, c.may_publish, name):
@@ -881,7 +962,7 @@ class ModelBroker:
                 self._accepted(c, t)
                 self._deliver(to, Message(message, t))
                 return False
-        if len(t.backlog) >= self.max_backlog:
+        if self._backlog_at_limit(t):
             self._warn_full(t)
             if c.sub_of(t) is None:
                 c.held_topic = t
@@ -890,7 +971,7 @@ class ModelBroker:
                 return True
             # waiting for a topic it drains itself could deadlock it
             self.count["refused"] += 1
-            full = b"backlog full (%d messages) for topic" % self.max_backlog
+            full = self._backlog_full_text(t).encode() + b" for topic"
             self._error_quoting(c, "backlog_full", full, name)
             self._forget_if_unused(t)
             return False
@@ -900,12 +981,22 @@ class ModelBroker:
         self._serve(t)
         return False
 
+    def _backlog_at_limit(self, t: Topic) -> bool:
+        """A message for t's backlog waits: max_backlog messages, or some holding max_backlog_bytes."""
+        held = sum(len(m.payload) for m in t.backlog)
+        return len(t.backlog) >= self.max_backlog or (bool(t.backlog) and held >= self.max_backlog_bytes)
+
+    def _backlog_full_text(self, t: Topic) -> str:
+        if len(t.backlog) >= self.max_backlog:
+            return f"backlog full ({self.max_backlog} messages)"
+        return f"backlog full ({self.max_backlog_bytes} bytes)"
+
     def _warn_full(self, t: Topic) -> None:
         """Tell the operator once, until the backlog empties again."""
         if not t.warned:
             t.warned = True
             self._warn(
-                f"topic {t.name.decode('utf-8', 'replace')!r}: backlog full ({self.max_backlog} messages): "
+                f"topic {t.name.decode('utf-8', 'replace')!r}: {self._backlog_full_text(t)}: "
                 "publishers wait until a subscriber drains it"
             )
 
@@ -1123,7 +1214,11 @@ class ModelBroker:
         c, t = s.conn, message.topic
         t.in_flight += 1
         if not s.ack:
-            c.unsent.append(Line(b"MESSAGE " + t.name + b" " + message.payload + b"\n", t, message))
+            if c.framed:
+                head = b"MSG %s %d\n" % (t.name, len(message.payload))
+            else:
+                head = b"MESSAGE " + t.name + b" "
+            c.unsent.append(Line(head + self._payload(c, message.payload) + b"\n", t, message))
             self._wait(c)
             return
         c.next_tag += 1
@@ -1131,9 +1226,24 @@ class ModelBroker:
         c.unacked.append(Unacked(c.next_tag, message, s))
         s.unacked += 1
         t.unacked += 1
-        head = b"DELIVER %s %d %d " % (t.name, c.next_tag, message.attempt)
-        c.unsent.append(Line(head + message.payload + b"\n", t, message, c.next_tag))
+        if c.framed:
+            head = b"DMSG %s %d %d %d\n" % (t.name, c.next_tag, message.attempt, len(message.payload))
+        else:
+            head = b"DELIVER %s %d %d " % (t.name, c.next_tag, message.attempt)
+        c.unsent.append(Line(head + self._payload(c, message.payload) + b"\n", t, message, c.next_tag))
         self._wait(c)
+
+    def _payload(self, c: Conn, payload: bytes) -> bytes:
+        """A payload as c's line holds it: as it is in a frame; in a v1 text line each LF, and a CR
+        at its end, written as a space (counted)."""
+        if c.framed:
+            return payload
+        text = payload.replace(b"\n", b" ")
+        if text.endswith(b"\r"):
+            text = text[:-1] + b" "
+        if text != payload:
+            self.count["v1_altered"] += 1
+        return text
 
     def _warn(self, text: str) -> None:
         if self.on_warning is not None:
@@ -1314,7 +1424,8 @@ class ModelBroker:
             if not t.backlog:
                 t.warned = False
             self._deliver(to, message)
-        if t.waiters and len(t.backlog) <= self.max_backlog // 2:
+        held = sum(len(m.payload) for m in t.backlog)
+        if t.waiters and len(t.backlog) <= self.max_backlog // 2 and held <= self.max_backlog_bytes // 2:
             self._wake(t)
         t.pins -= 1
         self._forget_if_unused(t)

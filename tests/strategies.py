@@ -15,6 +15,8 @@ ids = st.sampled_from(IDS)
 topics = st.sampled_from(TOPICS)
 good_topics = st.sampled_from(GOOD_TOPICS)
 messages = st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"."))
+# framed payloads carry any bytes, line ends included
+payloads = st.binary(max_size=12)
 junk_lines = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b""))
 # ... that are not a STATS command (whose figures a test on a shared server cannot predict)
 junk_lines_but_stats = junk_lines.filter(lambda b: not b.lstrip(b" \t").lower().startswith(b"stats"))
@@ -112,21 +114,55 @@ def _case(word: bytes, style: int) -> bytes:
     return (word, word.lower(), word.capitalize())[style]
 
 
+# HELLO with the protocol versions: 1 and 2 choose one, the rest are usage errors
+hello_lines = st.sampled_from(
+    [b"HELLO", b"hello", b"HELLO 2", b"hello\t2", b"HELLO 1", b"HELLO 3", b"HELLO 2 2"]
+)
+# the shapes of a framed PUB: mostly right; a count one short (the frame ends at the payload's last byte,
+# which must then be a line end), no count or a word for it (BAD_FRAME); ``long`` (a count one over,
+# which takes a byte of what follows) only where a frame left waiting for more input is fine
+FRAME_SHAPES = ("ok", "ok", "ok", "ok", "short", "no count", "word")
+
+
+@st.composite
+def frame(
+    draw: st.DrawFn,
+    topics: st.SearchStrategy[bytes] = topics,
+    ids: st.SearchStrategy[bytes] = ids,
+    shapes: tuple[str, ...] = FRAME_SHAPES,
+) -> bytes:
+    """``PUB <id> <topic> <nbytes>``, its line end, any payload and a line end: mostly well formed."""
+    payload = draw(payloads)
+    sep = draw(separators)
+    head = sep.join([_case(b"PUB", draw(st.integers(0, 2))), draw(ids), draw(topics)])
+    shape = draw(st.sampled_from(shapes))
+    count = {"short": max(len(payload) - 1, 0), "long": len(payload) + 1}.get(shape, len(payload))
+    if shape == "no count":
+        head += draw(st.sampled_from([b"", sep]))
+    else:
+        head += sep + (b"x" if shape == "word" else b"%d" % count)
+    ends = st.sampled_from([b"\n", b"\n", b"\r\n"])
+    return head + draw(ends) + payload + draw(ends)
+
+
 @st.composite
 def command(
     draw: st.DrawFn, topics: st.SearchStrategy[bytes] = topics, bye: bool = True, stats: bool = True
 ) -> bytes:
     """One command line, mostly well formed, sometimes not.
 
-    ``bye=False`` leaves DISCONNECT out; ``stats=False`` leaves STATS out (its
-    figures are the whole broker's, which a test of one connection on a shared
-    server cannot predict).
+    ``bye=False`` leaves out DISCONNECT and broken frames (which close the
+    connection); ``stats=False`` leaves STATS out (its figures are the whole
+    broker's, which a test of one connection on a shared server cannot predict).
     """
-    kinds = ["pub", "pub", "sub", "sub", "unsub", "ping", "hello", "connect", "junk", "ack", "ack", "nack"]
+    kinds = ["pub", "pub", "frame", "sub", "sub", "unsub", "ping", "hello", "connect", "junk", "ack", "ack"]
+    kinds.append("nack")
     kinds += (["bye"] if bye else []) + (["stats"] if stats else [])
     kind = draw(st.sampled_from(kinds))
     sep = draw(separators)
     style = draw(st.integers(0, 2))
+    if kind == "frame":
+        return draw(frame(topics, shapes=FRAME_SHAPES if bye else ("ok",)))
     if kind == "pub":
         line = sep.join([_case(b"PUBLISH", style), draw(ids), draw(topics)]) + b" " + draw(messages)
     elif kind == "sub":
@@ -140,7 +176,7 @@ def command(
     elif kind == "ping":
         line = _case(b"PING", style)
     elif kind == "hello":
-        line = _case(b"HELLO", style)
+        line = draw(hello_lines)
     elif kind == "connect":
         line = _case(b"CONNECT", style) + draw(credentials)
     elif kind == "bye":

@@ -31,6 +31,7 @@ from pigeon import (
     ServerThread,
     TooManyConnectionsError,
 )
+from pigeon._core import LIMIT_DEFAULTS
 from pigeon.client.codec import STATS_PAGE
 from pigeon.protocol import TOPIC_MAX
 from pigeon.testing import ServerProcess
@@ -39,6 +40,7 @@ from tests.conftest import FakeServer
 from tests.faces import Face, OpenClient
 
 StartServer = Callable[..., ServerProcess]
+MAX_PAYLOAD: int = LIMIT_DEFAULTS["max_payload"]
 
 
 def test_connect_says_hello_gives_an_id_and_close_disconnects(
@@ -259,10 +261,9 @@ def test_memory_full_remains_for_a_publisher_that_consumes_the_topic(
         (lambda c: c.subscribe("zero\u200bwidth"), "format"),
         (lambda c: c.subscribe(""), "empty"),
         (lambda c: c.unsubscribe("x" * (TOPIC_MAX + 1)), f"at most {TOPIC_MAX}"),
-        (lambda c: c.publish("t", "line\nbreak"), "newline"),
+        (lambda c: c.publish("t", b"x" * (MAX_PAYLOAD + 1)), r"over the server's limit .*max_payload"),
         (lambda c: c.publish("", "x", wait=False), "empty"),
-        (lambda c: c.publish_many("t", ["fine", "bad\n"]), "message 1: .*newline"),
-        (lambda c: c.publish_many("t", ["ok", "bad\r"]), "message 1: .*carriage return"),
+        (lambda c: c.publish_many("t", ["fine", b"x" * (MAX_PAYLOAD + 1)]), "message 1: .*max_payload"),
         (lambda c: c.publish_many("t", [b"ok", 7]), "message 1: .*bytes or str"),
         (lambda c: c.publish("t", "ok", wait=False), None),
     ],
@@ -284,13 +285,13 @@ def test_bad_arguments_fail_before_anything_is_sent(
     assert pigeon_server.stats()["published"] == 0
 
 
-def test_a_message_over_the_servers_max_line_is_refused_before_sending(
+def test_a_payload_over_the_servers_max_payload_is_refused_before_sending(
     start_server: StartServer, open_client: OpenClient
 ) -> None:
-    server = start_server("--max-line", "100")
+    server = start_server("--max-payload", "100")
     client = open_client(server)
-    assert client.server_info.max_line == 100
-    fits = "x" * (100 - len(f"PUBLISH {client.client_id} t "))
+    assert client.server_info.max_payload == 100
+    fits = "x" * 100
     client.publish("t", fits)
     with pytest.raises(InvalidArgumentError, match="over the server's limit of 100"):
         client.publish("t", fits + "x")

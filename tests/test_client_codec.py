@@ -156,14 +156,38 @@ def test_parse_stats_pages() -> None:
         codec.parse_stats_page("connections", b'{"topics":[],"next":0}')
 
 
-def test_line_splitter_keeps_partial_lines() -> None:
-    lines = codec.LineSplitter()
-    assert lines.feed(b"PON") == b""
-    assert lines.feed(b"G\nPUB") == b"PONG\n"
-    assert lines.feed(b"LISHED t\n") == b"PUBLISHED t\n"
+def test_frame_splitter_keeps_partial_lines() -> None:
+    lines = codec.FrameSplitter()
+    assert lines.feed(b"PON") == []
+    assert lines.feed(b"G\nPUB") == [b"PONG\n"]
+    assert lines.feed(b"LISHED t\n") == [b"PUBLISHED t\n"]
     lines.feed(b"half")
     lines.reset()
-    assert lines.feed(b"PONG\n") == b"PONG\n"
+    assert lines.feed(b"PONG\n") == [b"PONG\n"]
+
+
+def test_frame_splitter_takes_payloads_by_length_across_reads() -> None:
+    payload = b"\nMSG t 1\nx\n\r\x00"
+    stream = b"PUBLISHED t\nMSG t %d\n%s\nDMSG u 7 2 0\n\nMESSAGE v MSG w\n" % (len(payload), payload)
+    whole = [
+        b"PUBLISHED t\n",
+        (b"t", payload, None, None),
+        (b"u", b"", 7, 2),
+        b"MESSAGE v MSG w\n",
+    ]
+    assert codec.FrameSplitter().feed(stream) == whole
+    one_by_one = codec.FrameSplitter()
+    parts = [part for i in range(len(stream)) for part in one_by_one.feed(stream[i : i + 1])]
+    assert b"".join(p for p in parts if isinstance(p, bytes)) == b"PUBLISHED t\nMESSAGE v MSG w\n"
+    assert [p for p in parts if isinstance(p, tuple)] == whole[1:3]
+
+
+@pytest.mark.parametrize(
+    "stream", [b"MSG t x\nabc\n", b"DMSG t 1 1\n\n", b"MSG t 2\nabc\n"], ids=["count", "fields", "line end"]
+)
+def test_frame_splitter_refuses_what_is_not_a_frame(stream: bytes) -> None:
+    with pytest.raises(codec.BadStream):
+        codec.FrameSplitter().feed(stream)
 
 
 def test_only_replies_counts_uniform_chunks_and_rejects_mixed_ones() -> None:
@@ -377,7 +401,7 @@ def test_every_code_has_its_class() -> None:
     retryable = {code for code, cls in errors.ERROR_CLASSES.items() if issubclass(cls, RetryableError)}
     assert retryable == {"BACKLOG_FULL", "MEMORY_FULL", "STORAGE_FULL"}
     closing = {code for code, cls in errors.ERROR_CLASSES.items() if issubclass(cls, errors.ClosingError)}
-    assert closing == {"LINE_TOO_LONG", "TOO_MANY_CONNECTIONS", "IDLE_TIMEOUT", "AUTH_FAILED"}
+    assert closing == {"LINE_TOO_LONG", "TOO_MANY_CONNECTIONS", "IDLE_TIMEOUT", "AUTH_FAILED", "BAD_FRAME"}
 
 
 def test_unknown_codes_and_codeless_errors_are_command_errors() -> None:

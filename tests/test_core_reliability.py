@@ -603,10 +603,11 @@ def test_hello_tells_the_protocol_and_the_limits_before_connect() -> None:
         "max_line": 4096,
         "topic_max": 255,
         "idle_timeout": 30.0,
-        "features": ["ack"],
+        "max_payload": 8388608,
+        "features": ["ack", "binary"],
     }
     p.send(b"HELLO there\n")
-    assert p.take() == b"ERROR USAGE usage: HELLO\n"
+    assert p.take() == b"ERROR USAGE usage: HELLO [1|2]\n"
 
 
 def test_limits_out_of_range_are_refused_with_their_name() -> None:

@@ -83,6 +83,8 @@ def test_commands_and_errors_are_counted_by_kind() -> None:
         "auth_required": 0,
         "auth_failed": 0,
         "permission_denied": 0,
+        "payload_too_large": 0,
+        "bad_frame": 0,
     }
     assert list(stats["commands"]) == list(COMMAND_NAMES)
     assert list(stats["errors"]) == list(ERROR_NAMES)

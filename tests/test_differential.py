@@ -10,7 +10,9 @@ up, pause their connection, drain or fail; half of them defer flushes to an
 explicit ``flush()``, as the server does. They subscribe plain and with
 acknowledgements (``ACK [PREFETCH <n>]``), ACK and NACK the tags they were
 given, single and as ranges, tags no longer or never outstanding, and broken
-tags; publishers outrun small backlogs and wait. Half of them run with
+tags; publishers outrun small backlogs and wait. They speak protocol 2 too:
+``HELLO 2`` (MSG and DMSG deliveries) and framed ``PUB`` with any bytes in
+the payload, over ``max_payload``, with wrong counts, cut across reads. Half of them run with
 authentication: connections log in as the users of tests/harness.USERS
 (answered as the server would, at once or later), with wrong passwords, with
 an identity granted before CONNECT, are granted other permissions while
@@ -33,11 +35,14 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from tests.harness import Peer, Session
+from tests.harness import OWN_ID, Peer, Session
 from tests.strategies import (
+    FRAME_SHAPES,
     GOOD_TOPICS,
     command,
+    frame,
     good_topics,
+    hello_lines,
     logins,
     messages,
     nack_delays,
@@ -74,6 +79,8 @@ class CoreVsModel(RuleBasedStateMachine):
                 "default_prefetch": st.sampled_from([1, 2, 1000]),
                 "max_deliveries": st.sampled_from([0, 1, 2, 5]),
                 "ack_timeout": st.just(0),
+                "max_payload": st.sampled_from([0, 5, 1 << 20, 1 << 20]),
+                "max_backlog_bytes": st.sampled_from([0, 8, 30, 1 << 30]),
             }
         ),
         deferred=st.booleans(),
@@ -271,9 +278,23 @@ class CoreVsModel(RuleBasedStateMachine):
     def stats(self, i: int, line: bytes) -> None:
         self._send(self.session.live(i), line + b"\n")
 
-    @rule(i=picks)
-    def hello(self, i: int) -> None:
-        self._send(self.session.live(i), b"HELLO\n")
+    @rule(i=picks, line=hello_lines)
+    def hello(self, i: int, line: bytes) -> None:
+        self._send(self.session.live(i), line + b"\n")
+
+    @rule(
+        i=picks,
+        frames=st.lists(frame(good_topics, st.just(OWN_ID), (*FRAME_SHAPES, "long")), min_size=1, max_size=4),
+        cut=st.integers(0, 64),
+        flush=st.booleans(),
+    )
+    def publish_frames(self, i: int, frames: list[bytes], cut: int, flush: bool) -> None:
+        """Framed publishes, in two reads cut anywhere (inside a header or a payload too)."""
+        peer = self.session.live(i)
+        data = b"".join(frames)
+        cut %= len(data) + 1
+        self._send(peer, data[:cut], flush=flush)
+        self._send(peer, data[cut:], flush=flush)
 
     @rule(i=picks, event=st.sampled_from(["pause", "resume", "eof", "close"]))
     def connection_event(self, i: int, event: str) -> None:

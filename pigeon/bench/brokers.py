@@ -115,6 +115,15 @@ def _start_pigeon(pin: list[str], scratch: str, *flags: str) -> tuple[BrokerProc
     return proc, int(_wait_for_line(proc, re.compile(r"listening on \S+:(\d+)")).group(1))
 
 
+def pigeon_with(*flags: str) -> Starter:
+    """Pigeon started with ``flags`` (benchmarks/frames.py: a ``--max-line`` that takes 1 MiB lines)."""
+
+    def start(pin: list[str], scratch: str) -> tuple[BrokerProcess, int]:
+        return _start_pigeon(pin, scratch, *flags)
+
+    return start
+
+
 def _pigeon_durable(fsync: str | None) -> Starter:
     """Pigeon with a data directory in the scratch directory and ``--fsync fsync``; None: in memory."""
 

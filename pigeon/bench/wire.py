@@ -11,7 +11,7 @@ import socket
 import ssl
 from dataclasses import dataclass, field
 
-DIALECTS = ("pigeon", "nats", "redis")
+DIALECTS = ("pigeon", "pigeon2", "nats", "redis")
 
 
 class WireError(RuntimeError):
@@ -89,6 +89,21 @@ class Dialect:
         return b"PUBLISH %s %s %s\n" % (client_id, topic, payload)
 
 
+class Pigeon2Dialect(Dialect):
+    """Pigeon's protocol 2: framed PUB, and MSG frames after HELLO 2 (the payloads here hold no newline)."""
+
+    name = "pigeon2"
+    lines_per_message = 2  # MSG <topic> <nbytes>, then the payload
+
+    def handshake(self, conn: LineSocket) -> bytes:
+        conn.sock.sendall(b"HELLO 2\nCONNECT\n")
+        conn.expect(b'HELLO {"protocol":2')
+        return conn.expect(b"CONNECTED ").split(b" ", 1)[1]
+
+    def publish(self, client_id: bytes, topic: bytes, payload: bytes) -> bytes:
+        return b"PUB %s %s %d\n%s\n" % (client_id, topic, len(payload), payload)
+
+
 class NatsDialect(Dialect):
     """NATS with verbose off: PUBLISH gets no reply; queue groups share a subject."""
 
@@ -151,4 +166,6 @@ def dialect(name: str) -> Dialect:
         return RedisDialect()
     if name == "pigeon":
         return Dialect()
+    if name == "pigeon2":
+        return Pigeon2Dialect()
     raise ValueError(f"unknown dialect {name!r}; choose from {', '.join(DIALECTS)}")

@@ -39,6 +39,11 @@ _LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
         "MESSAGES",
         "messages a topic keeps while no subscriber can take them; past it publishers wait",
     ),
+    (
+        "max_backlog_bytes",
+        "BYTES",
+        "payload bytes a topic keeps while no subscriber can take them; past them publishers wait",
+    ),
     ("max_connections", "N", "open connections; one more gets ERROR and is closed"),
     (
         "max_memory",
@@ -63,6 +68,11 @@ _LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
         "deliveries of a message before it is moved to the topic <topic>.dead instead; 0 is no limit",
     ),
     ("max_disk", "BYTES", "log bytes on disk with --data-dir; past it publishers wait; 0 is no limit"),
+    (
+        "max_payload",
+        "BYTES",
+        "largest payload of a framed PUB (protocol 2); a larger one gets ERROR PAYLOAD_TOO_LARGE",
+    ),
 )
 
 

@@ -26,6 +26,7 @@ from pigeon.errors import (
     AuthFailedError,
     CommandError,
     ConnectionClosedError,
+    FeatureNotSupportedError,
     IdleTimeoutError,
     InvalidArgumentError,
     PigeonError,
@@ -94,6 +95,8 @@ class ClientBase(abc.ABC):
         self.reconnects = 0  # how many times the connection was re-established
         self.server_info: ServerInfo | None = None  # from HELLO; None for a server older than HELLO
         self._max_line: int | None = None  # the longest command line the server takes, when HELLO said
+        self._max_payload: int | None = None  # the largest framed payload it takes, when HELLO said
+        self._framed = False  # the connection speaks protocol 2: framed publishes and deliveries
         self._cid = b""
         self._session = Session()
         self._topics: dict[bytes, SubscribeOptions] = {}  # in order, re-subscribed after a reconnect
@@ -170,10 +173,13 @@ class ClientBase(abc.ABC):
         self._generation += 1
         self._session.link = Link(self)
         try:
-            self._write(codec.hello_line() + codec.connect_line(self.user, self._password))
+            self._write(codec.hello_line(2) + codec.connect_line(self.user, self._password))
             hello = self._session.expect(b"HELLO")
             connected = self._session.expect(b"CONNECTED")
             await self._wait(hello)
+            if isinstance(hello.error, errors.UsageError):
+                # a server older than protocol 2 refuses HELLO 2: ask for its v1 answer
+                hello = await self._ask_hello()
             self._take_hello(hello)
             await self._wait(connected)
             self._take_id(result(connected))
@@ -187,13 +193,23 @@ class ClientBase(abc.ABC):
                 raise exc.error from exc
             raise
 
+    async def _ask_hello(self) -> Pending:
+        """A plain HELLO, sent once the CONNECT before it is answered, and its answer."""
+        hello = self._session.expect(b"HELLO")
+        self._write(codec.hello_line())
+        await self._wait(hello)
+        return hello
+
     def _take_hello(self, hello: Pending) -> None:
-        """Keep the server's limits from its HELLO reply; a server older than HELLO refuses it."""
+        """Keep the server's limits and protocol from its HELLO reply: an old server refuses it."""
         if isinstance(hello.error, CommandError):
-            self.server_info = self._max_line = None  # its limits are unknown: it still enforces them
+            self.server_info = self._max_line = self._max_payload = None  # unknown: it still enforces them
+            self._framed = False
             return
-        self.server_info = self._parse(codec.parse_hello, result(hello))
-        self._max_line = self.server_info.max_line
+        self.server_info = info = self._parse(codec.parse_hello, result(hello))
+        self._max_line = info.max_line
+        self._max_payload = info.max_payload
+        self._framed = info.protocol >= 2 and "binary" in info.features
 
     def _take_id(self, reply: bytes) -> None:
         """Take the id from a CONNECTED reply."""
@@ -426,16 +442,21 @@ class ClientBase(abc.ABC):
     def _publish(self, topic: str | bytes, message: Data) -> Coroutine[Any, Any, bytes]:
         """The command that publishes one message and waits for its reply (checked at once)."""
         name = codec.encode_topic(topic)
-        data = codec.encode_message(message)
+        data = codec.payload_bytes(message)
         return self._command(b"PUBLISHED", partial(self._publish_line, name, data), retry=False)
 
     def _publish_line(self, name: bytes, data: bytes) -> bytes:
-        return codec.publish_line(self._cid, name, data, self._max_line)
+        """The framed PUB; to a server older than protocol 2, a PUBLISH line when the payload is text
+        that fits one, else FeatureNotSupportedError (nothing is sent)."""
+        if self._framed:
+            codec.check_payload(data, self._max_payload)
+            return codec.pub_frame(self._cid, name, data)
+        return codec.publish_line(self._cid, name, _text_only(data), self._max_line)
 
     def _queue_publish(self, topic: str | bytes, message: Data) -> bool:
         """Queue one ``publish(wait=False)`` (connected); True when enough is queued to send it now."""
         name = codec.encode_topic(topic)
-        line = codec.publish_line(self._cid, name, codec.encode_message(message), self._max_line)
+        line = self._publish_line(name, codec.payload_bytes(message))
         batch = self._session.expect_unwaited()
         if not self._unflushed or self._unflushed[-1] is not batch:
             self._unflushed.append(batch)
@@ -461,7 +482,12 @@ class ClientBase(abc.ABC):
     async def _publish_many(self, topic: str | bytes, messages: Iterable[Data]) -> list[Refused]:
         name = codec.encode_topic(topic)
         await self._ready()
-        data = codec.checked_messages(self._cid, name, messages, self._max_line)
+        if self._framed:
+            data = codec.framed_payloads(messages, self._max_payload)
+            encode: Callable[[bytes, bytes, list[codec.Bytes]], bytes] = codec.pub_frames
+        else:
+            data = codec.checked_messages(self._cid, name, map(_text_only_data, messages), self._max_line)
+            encode = codec.publish_chunk
         batch = self._session.expect_batch(len(data))
         generation = self._generation
         sent = 0
@@ -471,7 +497,7 @@ class ClientBase(abc.ABC):
                     break  # lost and connected again: the batch already lists the rest as refused
                 end = start + codec.CHUNK
                 sent = min(end, len(data))  # even if the send stalls: the rest of it stays queued
-                self._write(codec.publish_chunk(self._cid, name, data[start:end]))
+                self._write(encode(self._cid, name, data[start:end]))
                 await self._throttle(len(data) - sent)  # the batch counts its unsent lines
             await self._wait(batch)
         except ConnectionClosedError:
@@ -561,6 +587,23 @@ class ClientBase(abc.ABC):
             return parse(reply)
         except ValueError as exc:
             raise self._lose(str(exc), ProtocolError) from None
+
+
+def _text_only(data: bytes) -> bytes:
+    """A payload for a PUBLISH line (a server older than protocol 2): FeatureNotSupportedError when it
+    is not text that fits one line."""
+    if b"\n" in data or data.endswith(b"\r"):
+        raise FeatureNotSupportedError(
+            "binary",
+            "the server does not take binary payloads (its HELLO lists no 'binary'), and this one "
+            "cannot be a text line: it holds a newline or ends in a carriage return",
+        )
+    return data
+
+
+def _text_only_data(message: Data) -> Data:
+    """_text_only for any message, as ``checked_messages`` takes them."""
+    return _text_only(codec.payload_bytes(message))
 
 
 def result(pending: Pending) -> bytes:

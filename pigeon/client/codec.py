@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import repeat
 from typing import Any, Protocol, cast
 
 from pigeon.errors import CommandError, InvalidArgumentError
@@ -18,6 +19,7 @@ from pigeon.protocol import topic_problem
 CHUNK = 2048  # PUBLISH lines per buffer that publish_many sends at once
 
 Bytes = bytes | bytearray | memoryview
+_BYTES_LIKE = {bytes, bytearray, memoryview}
 Data = Bytes | str
 
 
@@ -182,6 +184,57 @@ def encode_message(message: Data) -> bytes:
         # the server reads "\r\n" as a line end, so a trailing "\r" would be lost
         raise InvalidArgumentError("message must not end with a carriage return")
     return data
+
+
+def payload_bytes(message: Data) -> bytes:
+    """Any message as the bytes a framed ``PUB`` carries as they are (str is encoded as UTF-8)."""
+    return message if type(message) is bytes else _as_bytes(message)
+
+
+def framed_payloads(messages: Iterable[Data], max_payload: int | None) -> list[Bytes]:
+    """Many messages as framed payloads, every one checked; raises InvalidArgumentError naming the
+    first that cannot be sent (not bytes or str, or over ``max_payload``).
+
+    A list of bytes-like messages is used as it is, checked by C-level passes
+    (their types, their longest length) with no Python step per message.
+    """
+    items = messages if isinstance(messages, list) else list(messages)
+    if set(map(type, items)) <= _BYTES_LIKE:
+        payloads = cast("list[Bytes]", items)
+    else:
+        payloads = [_message_bytes(message, index) for index, message in enumerate(items)]
+    if max_payload is not None and payloads and max(map(len, payloads)) > max_payload:
+        index = next(i for i, data in enumerate(payloads) if len(data) > max_payload)
+        try:
+            check_payload(payloads[index], max_payload)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"message {index}: {exc}") from None
+    return payloads
+
+
+def check_payload(data: Bytes, max_payload: int | None) -> None:
+    """Raise InvalidArgumentError for a payload over the server's ``max_payload`` (when its HELLO said)."""
+    if max_payload is not None and len(data) > max_payload:
+        raise InvalidArgumentError(
+            f"the payload is {len(data)} bytes, over the server's limit of {max_payload} (max_payload)"
+        )
+
+
+def pub_frame(client_id: bytes, topic: bytes, data: bytes) -> bytes:
+    """The framed publish of protocol 2: ``PUB <client_id> <topic> <nbytes>``, the payload, a line end."""
+    return b"PUB %s %s %d\n%s\n" % (client_id, topic, len(data), data)
+
+
+def pub_frames(client_id: bytes, topic: bytes, messages: Sequence[Bytes]) -> bytes:
+    """Framed publishes of many payloads on one topic, as one buffer, with no Python step per
+    message: payloads of one length (the usual batch) are joined with the header between them, as
+    ``publish_chunk`` joins lines; others go through one join over C-level maps."""
+    lengths = set(map(len, messages))
+    if len(lengths) == 1:
+        head = b"PUB %s %s %d\n" % (client_id, topic, lengths.pop())
+        return head + (b"\n" + head).join(messages) + b"\n"
+    head = b"PUB %s %s " % (client_id, topic)
+    return b"".join(map(b"%s%d\n%s\n".__mod__, zip(repeat(head), map(len, messages), messages)))
 
 
 def _as_bytes(message: Data) -> bytes:
@@ -349,9 +402,10 @@ def disconnect_line() -> bytes:
     return b"DISCONNECT\n"
 
 
-def hello_line() -> bytes:
-    """The HELLO command, which asks the server for its protocol version and limits."""
-    return b"HELLO\n"
+def hello_line(protocol: int = 1) -> bytes:
+    """The HELLO command, which asks the server for its protocol version and limits; ``HELLO 2`` also
+    switches the connection to protocol 2 (deliveries as MSG and DMSG frames)."""
+    return b"HELLO\n" if protocol == 1 else b"HELLO %d\n" % protocol
 
 
 STATS_PAGE = 1000  # the most entries the server puts in one page of STATS TOPICS or CONNECTIONS
@@ -374,6 +428,7 @@ class ServerInfo:
     topic_max: int
     idle_timeout: float  # seconds of silence after which the server closes a connection; 0: never
     features: tuple[str, ...]
+    max_payload: int | None = None  # the largest framed payload; None from a server older than protocol 2
 
 
 def parse_hello(reply: bytes) -> ServerInfo:
@@ -386,6 +441,7 @@ def parse_hello(reply: bytes) -> ServerInfo:
             topic_max=int(info["topic_max"]),
             idle_timeout=float(info["idle_timeout"]),
             features=tuple(str(feature) for feature in info["features"]),
+            max_payload=int(info["max_payload"]) if "max_payload" in info else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"bad HELLO reply: {reply[:200]!r}") from exc
@@ -423,28 +479,118 @@ def parse_stats_page(section: str, reply: bytes) -> tuple[list[dict[str, Any]], 
         raise ValueError(f"bad STATS {section.upper()} reply: {reply[:200]!r}") from exc
 
 
-class LineSplitter:
-    """Cuts a byte stream into whole lines, keeping a partial last line for the next read."""
+HEADERS_KEPT = 256  # parsed MSG headers a FrameSplitter keeps
+# A delivery of protocol 2: (topic, payload, tag, attempt), tag and attempt None for ``MSG``. A
+# plain tuple: a client reads hundreds of thousands a second, and a tuple costs least to make.
+Frame = tuple[bytes, bytes, int | None, int | None]
 
-    __slots__ = ("_tail",)
+
+class BadStream(ValueError):
+    """The server's output cannot be cut into lines and frames (a frame header that is not one)."""
+
+
+def _frame_start(buf: bytes, pos: int) -> int:
+    """Where the first line after ``pos`` that starts with ``MSG `` or ``DMSG `` starts, else -1."""
+    at = pos + 1
+    while True:
+        found = buf.find(b"MSG ", at)
+        if found < 0:
+            return -1
+        start = found - 1 if buf[found - 1] == 0x44 else found  # 0x44: the D of DMSG
+        if buf[start - 1] == 0x0A:
+            return start
+        at = found + 1
+
+
+def _frame_header(header: bytes) -> tuple[bytes, int | None, int | None, int]:
+    """``(topic, tag, attempt, nbytes)`` of a ``MSG`` or ``DMSG`` header line; raises BadStream."""
+    try:
+        if header.startswith(b"MSG "):
+            topic, _, count = header[4:].rpartition(b" ")
+            if topic and b" " not in topic:
+                return topic, None, None, int(count)
+        else:
+            fields = header.split(b" ")
+            if len(fields) == 5:
+                return fields[1], int(fields[2]), int(fields[3]), int(fields[4])
+    except ValueError:
+        pass
+    raise BadStream(f"bad frame header from the server: {header[:100]!r}")
+
+
+class FrameSplitter:
+    """Cuts the server's output into runs of whole text lines and the frames (MSG, DMSG) between them,
+    keeping an unfinished line or frame for the next read.
+
+    A frame's payload is taken by its length, never looked into; while one is
+    incomplete the reads are only collected, and joined once it is all there.
+    """
+
+    __slots__ = ("_headers", "_held", "_need", "_parts")
 
     def __init__(self) -> None:
-        self._tail = b""
+        # MSG headers seen lately, parsed: a stream repeats a few (one topic, one size) many times
+        self._headers: dict[bytes, tuple[bytes, int | None, int | None, int]] = {}
+        self._parts: list[bytes] = []  # input not yet cut, in order
+        self._held = 0  # its length
+        self._need = 0  # bytes the unfinished frame needs in all before cutting is worth trying
 
-    def feed(self, data: bytes) -> bytes:
-        """The complete lines (each ending in ``\\n``) that ``data`` finishes; may be empty."""
-        if self._tail:
-            data = self._tail + data
-        end = data.rfind(b"\n") + 1
-        if end == len(data):
-            self._tail = b""
-            return data
-        self._tail = data[end:]
-        return data[:end]
+    def feed(self, data: bytes) -> list[bytes | Frame]:
+        """The runs of complete lines (each run ending in ``\\n``) and the frames that ``data`` finishes."""
+        if self._parts:
+            self._parts.append(data)
+            self._held += len(data)
+            if self._held < self._need:
+                return []
+            buf = b"".join(self._parts)
+            self._parts = []
+        else:
+            buf = data
+        self._need = 0
+        out: list[bytes | Frame] = []
+        pos = 0
+        size = len(buf)
+        starts, find, headers = buf.startswith, buf.find, self._headers
+        while pos < size:
+            if starts(b"MSG ", pos) or starts(b"DMSG ", pos):
+                eol = find(b"\n", pos)
+                if eol < 0:
+                    break
+                header = buf[pos:eol]
+                parsed = headers.get(header)
+                if parsed is None:
+                    parsed = _frame_header(header)
+                    if parsed[1] is None:  # a DMSG header has its own tag: not worth keeping
+                        if len(headers) >= HEADERS_KEPT:
+                            headers.clear()
+                        headers[header] = parsed
+                topic, tag, attempt, nbytes = parsed
+                end = eol + 1 + nbytes
+                if end >= size:
+                    self._need = end + 1 - pos
+                    break
+                if buf[end] != 0x0A:
+                    raise BadStream(
+                        f"a frame of {nbytes} bytes from the server is not followed by a line end"
+                    )
+                out.append((topic, buf[eol + 1 : end], tag, attempt))
+                pos = end + 1
+                continue
+            start = _frame_start(buf, pos)
+            lines_end = start if start >= 0 else buf.rfind(b"\n", pos) + 1
+            if lines_end <= pos:
+                break  # an unfinished line
+            out.append(buf[pos:lines_end])
+            pos = lines_end
+        if pos < size:
+            self._parts = [buf[pos:]]
+            self._held = size - pos
+        return out
 
     def reset(self) -> None:
-        """Forget a partial line (the connection it came from is gone)."""
-        self._tail = b""
+        """Forget an unfinished line or frame (the connection it came from is gone)."""
+        self._parts = []
+        self._held = self._need = 0
 
 
 def only_replies(chunk: bytes, word: bytes) -> int:

@@ -1,7 +1,8 @@
 """The client's protocol state, without I/O: which replies are awaited, and the deliveries received.
 
 The server answers every command with exactly one line, in order, and may put
-``MESSAGE`` and ``DELIVER`` deliveries anywhere in between. So replies are matched
+deliveries anywhere in between: ``MSG`` and ``DMSG`` frames after ``HELLO 2``
+(the client's), ``MESSAGE`` and ``DELIVER`` lines from a server older than it. So replies are matched
 to commands first in, first out, and deliveries are set aside for the consumer: a
 delivery that arrives while a reply is awaited is never lost and never taken for
 the reply. ``ACK`` and ``NACK`` have no reply on success; their one error,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 
 from pigeon.client import codec
 from pigeon.client.codec import Link, Message, Refused
@@ -68,7 +70,7 @@ class Session:
     )
 
     def __init__(self) -> None:
-        self._lines = codec.LineSplitter()
+        self._lines = codec.FrameSplitter()
         self._pending: deque[Pending] = deque()
         self._topic_names: dict[bytes, str] = {}
         self.in_flight = 0  # replies still to come
@@ -129,9 +131,25 @@ class Session:
         An error after which the server closes the connection (a ``ClosingError``,
         asked for or not) sets ``closing`` and stops the reading too.
         """
-        chunk = self._lines.feed(data)
-        if not chunk:
+        try:
+            parts = self._lines.feed(data)
+        except codec.BadStream as exc:
+            self.broken = str(exc)
             return []
+        completed: list[Pending] = []
+        messages, link = self.messages, self.link
+        for part in parts:
+            if type(part) is tuple:
+                topic, data, tag, attempt = part
+                messages.append(
+                    Message(self._topic_name(topic), data, tag, attempt, None if tag is None else link)
+                )
+            elif not self._receive_lines(cast(bytes, part), completed):
+                break
+        return completed
+
+    def _receive_lines(self, chunk: bytes, completed: list[Pending]) -> bool:
+        """Take a run of whole text lines; False when reading must stop (see ``receive``)."""
         pending = self._pending
         if pending and pending[0].batch:
             head = pending[0]
@@ -141,9 +159,8 @@ class Session:
                 self.in_flight -= count
                 if head.done:
                     pending.popleft()
-                    return [head]
-                return []
-        completed: list[Pending] = []
+                    completed.append(head)
+                return True
         lines = chunk.split(b"\n")
         lines.pop()  # the empty string after the last newline
         for line in lines:
@@ -156,8 +173,8 @@ class Session:
                 topic, tag, attempt, data = acked
                 self.messages.append(Message(self._topic_name(topic), data, tag, attempt, self.link))
             elif not self._on_reply(line, completed):
-                break
-        return completed
+                return False
+        return True
 
     def lost(
         self, reason: str, error_type: type[ConnectionClosedError] = ConnectionClosedError

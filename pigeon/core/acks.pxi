@@ -10,22 +10,6 @@ cdef double monotonic() noexcept:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
-cdef inline size_t _digits(uint64_t v) noexcept:
-    cdef size_t n = 1
-    while v >= 10:
-        v //= 10
-        n += 1
-    return n
-
-
-cdef inline void _put_uint(char *p, uint64_t v, size_t n) noexcept:
-    """Write v in decimal into exactly n bytes (n == _digits(v))."""
-    while n:
-        n -= 1
-        p[n] = <char>(c'0' + v % 10)
-        v //= 10
-
-
 cdef inline void _count_up(UnackedList *l) noexcept:
     """next_tag += 1, and its decimal text with it, as an odometer turns."""
     cdef int i = <int>l.tag_len - 1
@@ -121,7 +105,9 @@ cdef Msg *_unlink(Broker b, Unacked *e) noexcept:
 
 
 cdef bint ack_deliver(Broker b, Sub *s, Msg *msg) noexcept:
-    """Write ``DELIVER <topic> <tag> <attempt> <payload>`` to s's connection, taking over the reference.
+    """Write ``DELIVER <topic> <tag> <attempt> <payload>`` (or, to a connection that sent HELLO 2,
+    ``DMSG <topic> <tag> <attempt> <nbytes>``, a line end and the payload) to s's connection,
+    taking over the reference.
 
     False when that connection's output cannot grow: it is broken, and the
     message is back at the head of its topic.
@@ -134,12 +120,14 @@ cdef bint ack_deliver(Broker b, Sub *s, Msg *msg) noexcept:
     cdef size_t al = 1 if attempt < 10 else _digits(attempt)
     cdef size_t tl
     cdef size_t line_len
+    cdef bint framed = c.framed
+    cdef size_t dl = _digits(msg.len) if framed else 0
     cdef char *line
     cdef char *p
     cdef double deadline = b.now + b.limit.ack_timeout if b.limit.ack_timeout > 0 else 0
     _count_up(l)
     tl = l.tag_len
-    line_len = 8 + t.name_len + 1 + tl + 1 + al + 1 + msg.len + 1
+    line_len = (5 + dl + 1 if framed else 8) + t.name_len + 1 + tl + 1 + al + 1 + msg.len + 1
     line = out_reserve(b, h, line_len)
     if line == NULL or _unacked_push(&b.mem, &b.conns.items[h].unacked, l.next_tag, msg, s, deadline) < 0:
         if line != NULL:
@@ -156,8 +144,12 @@ cdef bint ack_deliver(Broker b, Sub *s, Msg *msg) noexcept:
         return False
     t.refs += 1     # the line pins its topic until it is handed over: its message may be settled first
     p = line
-    memcpy(p, b"DELIVER ", 8)
-    p += 8
+    if framed:
+        memcpy(p, b"DMSG ", 5)
+        p += 5
+    else:
+        memcpy(p, b"DELIVER ", 8)
+        p += 8
     memcpy(p, topic_name(t), t.name_len)
     p += t.name_len
     p[0] = b' '
@@ -169,8 +161,15 @@ cdef bint ack_deliver(Broker b, Sub *s, Msg *msg) noexcept:
     else:
         _put_uint(p + 1, attempt, al)
     p += 1 + al
-    p[0] = b' '
-    memcpy(p + 1, msg_data(msg), msg.len)
+    if framed:
+        p[0] = b' '
+        _put_uint(p + 1, msg.len, dl)
+        p += 1 + dl
+        p[0] = b'\n'
+    else:
+        p[0] = b' '
+    if put_payload(p + 1, msg_data(msg), msg.len, framed):
+        b.counters.v1_altered += 1
     p[1 + msg.len] = b'\n'
     msg.attempt = attempt
     s.unacked += 1

@@ -16,11 +16,13 @@ cdef extern from *:
     #define PIGEON_SUBSCRIBE_USAGE "usage: SUBSCRIBE <client_id> <topic> [ACK [PREFETCH <n>]]"
     #define PIGEON_ACK_USAGE "usage: ACK <client_id> <tag>|<first>-<last>"
     #define PIGEON_NACK_USAGE "usage: NACK <client_id> <tag>|<first>-<last> [<delay_ms>]"
+    #define PIGEON_PUB_USAGE "usage: PUB <client_id> <topic> <nbytes>, a line end, the payload, a line end"
     """
     const char *CONNECT_USAGE "PIGEON_CONNECT_USAGE"
     const char *SUBSCRIBE_USAGE "PIGEON_SUBSCRIBE_USAGE"
     const char *ACK_USAGE "PIGEON_ACK_USAGE"
     const char *NACK_USAGE "PIGEON_NACK_USAGE"
+    const char *PUB_USAGE "PIGEON_PUB_USAGE"
 
 
 cdef void connect_client(Broker b, int32_t h, bint login) noexcept
@@ -28,6 +30,9 @@ cdef int on_connect(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_subscribe(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_unsubscribe(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_publish(Broker b, int32_t h, char *args, size_t n) except -1
+cdef Topic *pub_fast(Broker b, int32_t h, char **args, size_t *n) noexcept
+cdef int on_pub(Broker b, int32_t h, Topic *t, char *id, size_t id_len, char *name, size_t name_len,
+                const char *data, size_t n) except -1
 cdef int on_ping(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_disconnect(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_stats(Broker b, int32_t h, char *args, size_t n) except -1

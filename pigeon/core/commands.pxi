@@ -230,12 +230,29 @@ cdef void _accepted(Broker b, int32_t h, Topic *t) noexcept:
         log_wait(b, h)      # the reply leaves once the message's record is in the log
 
 
+cdef inline bint _backlog_at_limit(Broker b, Topic *t) noexcept:
+    """Whether a message for t's backlog has to wait: it holds max_backlog messages, or some
+    holding max_backlog_bytes payload bytes (an empty one takes a message of any size)."""
+    return t.backlog.count >= b.limit.max_backlog or (
+        t.backlog.count != 0 and t.backlog.nbytes >= b.limit.max_backlog_bytes)
+
+
+cdef void _backlog_full_text(Broker b, Topic *t, char *text, size_t size) noexcept:
+    """``backlog full (<n> messages)``, or ``(<n> bytes)`` when the byte bound is the one reached."""
+    if t.backlog.count >= b.limit.max_backlog:
+        snprintf(text, size, "backlog full (%u messages)", b.limit.max_backlog)
+    else:
+        snprintf(text, size, "backlog full (%zu bytes)", b.limit.max_backlog_bytes)
+
+
 cdef void _backlog_full(Broker b, Topic *t) noexcept:
     """Tell the operator once, until the backlog empties again."""
+    cdef char text[64]
     if not t.full:
         t.full = True
-        warn(b, f"topic {topic_name(t)[:t.name_len].decode('utf-8', 'replace')!r}: backlog full "
-                f"({b.limit.max_backlog} messages): publishers wait until a subscriber drains it")
+        _backlog_full_text(b, t, text, sizeof(text))
+        warn(b, f"topic {topic_name(t)[:t.name_len].decode('utf-8', 'replace')!r}: "
+                f"{text[:strlen(text)].decode()}: publishers wait until a subscriber drains it")
 
 
 cdef int _refuse(Broker b, int32_t h, Topic *t, int kind) noexcept:
@@ -250,7 +267,8 @@ cdef int _refuse(Broker b, int32_t h, Topic *t, int kind) noexcept:
                  <unsigned long long>b.log.disk, b.limit.max_disk)
         out_error(b, h, ERR_STORAGE_FULL, reason)
         return 0
-    snprintf(reason, sizeof(reason), "backlog full (%u messages) for topic", b.limit.max_backlog)
+    _backlog_full_text(b, t, reason, sizeof(reason) - 12)
+    strcat(reason, " for topic")
     out_error_quoting(b, h, ERR_BACKLOG_FULL, reason, topic_name(t), t.name_len)
     _backlog_full(b, t)
     return 0
@@ -296,7 +314,9 @@ cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n) 
     if t.backlog.count == 0:
         s = topic_next_subscriber(b, t)
         if s != NULL:
-            if s.ack:
+            # an acknowledged delivery keeps its record; so does a payload that a v1 line alters,
+            # since a record made again from that line (give_back_inflight) would hold the alteration
+            if s.ack or not (b.conns.items[s.conn].framed or line_safe(data, n)):
                 msg = _record_for(b, t, data, n)
                 if msg == NULL:
                     return _refuse(b, h, t, ERR_MEMORY_FULL)
@@ -319,7 +339,7 @@ cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n) 
                     b.counters.backlogged += 1
                     topic_drain(b, t)
             return 0
-    if t.backlog.count >= b.limit.max_backlog:
+    if _backlog_at_limit(b, t):
         if sub_find(&b.conns.items[h], t) != NULL:
             return _refuse(b, h, t, ERR_BACKLOG_FULL)   # waiting for itself could deadlock it
         flow_hold(b, h, t, HELD_TOPIC)
@@ -345,12 +365,44 @@ cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n) 
     return 0
 
 
+cdef Topic *_publish_topic(Broker b, int32_t h, char *name, size_t name_len) noexcept:
+    """The topic a PUBLISH or PUB names (made when new), or NULL after sending the ERROR that
+    says why it cannot be published to."""
+    cdef uint64_t hv
+    cdef Topic *t = b.topic_table.last
+    if t == NULL or t.name_len != name_len or memcmp(topic_name(t), name, name_len) != 0:
+        hv = topic_hash(name, name_len)
+        t = topics_find(&b.topic_table, name, name_len, hv)
+        if t == NULL:
+            if not _valid_topic(b, h, name, name_len):
+                return NULL
+            if b.conns.items[h].checked and not auth_may_publish(b, h, NULL, name, name_len):
+                return NULL
+            t = _new_topic(b, h, name, name_len, hv)
+            if t == NULL:
+                return NULL
+            b.conns.items[h].publish_allowed = t.serial
+        b.topic_table.last = t
+    if (b.conns.items[h].checked and b.conns.items[h].publish_allowed != t.serial
+            and not auth_may_publish(b, h, t, name, name_len)):
+        return NULL
+    return t
+
+
+cdef int _publish_pinned(Broker b, int32_t h, Topic *t, const char *data, size_t n) noexcept:
+    """_publish_to with t pinned, so that it outlives a message refused or lost on the way; a
+    topic made for a refused message goes again when unpinned."""
+    cdef int held
+    _pin(t)
+    held = _publish_to(b, h, t, data, n)
+    _unpin(b, t)
+    return held
+
+
 cdef int on_publish(Broker b, int32_t h, char *args, size_t n) except -1:
     cdef char *id
     cdef char *name
     cdef size_t id_len, name_len
-    cdef uint64_t hv
-    cdef int held
     cdef Topic *t = _publish_fast(b, h, &args, &n)
     if t == NULL:
         if (not next_field(&args, &n, &id, &id_len) or not next_field(&args, &n, &name, &name_len)
@@ -362,29 +414,28 @@ cdef int on_publish(Broker b, int32_t h, char *args, size_t n) except -1:
         # the message is everything after the one separator that ends the topic
         args += 1
         n -= 1
-        t = b.topic_table.last
-        if t == NULL or t.name_len != name_len or memcmp(topic_name(t), name, name_len) != 0:
-            hv = topic_hash(name, name_len)
-            t = topics_find(&b.topic_table, name, name_len, hv)
-            if t == NULL:
-                if not _valid_topic(b, h, name, name_len):
-                    return 0
-                if b.conns.items[h].checked and not auth_may_publish(b, h, NULL, name, name_len):
-                    return 0
-                t = _new_topic(b, h, name, name_len, hv)
-                if t == NULL:
-                    return 0
-                b.conns.items[h].publish_allowed = t.serial
-            b.topic_table.last = t
-        if (b.conns.items[h].checked and b.conns.items[h].publish_allowed != t.serial
-                and not auth_may_publish(b, h, t, name, name_len)):
+        t = _publish_topic(b, h, name, name_len)
+        if t == NULL:
             return 0
-    # pinned, so that it outlives a message refused or lost on the way; a topic
-    # made for a refused message goes again when unpinned
-    _pin(t)
-    held = _publish_to(b, h, t, args, n)
-    _unpin(b, t)
-    return held
+    return _publish_pinned(b, h, t, args, n)
+
+
+cdef Topic *pub_fast(Broker b, int32_t h, char **args, size_t *n) noexcept:
+    """_publish_fast for a PUB header: on a match ``args``/``n`` become the byte count."""
+    return _publish_fast(b, h, args, n)
+
+
+cdef int on_pub(Broker b, int32_t h, Topic *t, char *id, size_t id_len, char *name, size_t name_len,
+                const char *data, size_t n) except -1:
+    """A framed PUB whose header and payload the parser found (parser.pxd, run_frame); ``t`` is
+    its topic when pub_fast matched the header, else NULL and ``id`` and ``name`` are checked."""
+    if t == NULL:
+        if not _own_id(b, h, id, id_len):
+            return 0
+        t = _publish_topic(b, h, name, name_len)
+        if t == NULL:
+            return 0
+    return _publish_pinned(b, h, t, data, n)
 
 
 cdef int on_ping(Broker b, int32_t h, char *args, size_t n) except -1:
@@ -405,8 +456,18 @@ cdef int on_disconnect(Broker b, int32_t h, char *args, size_t n) except -1:
 
 
 cdef int on_hello(Broker b, int32_t h, char *args, size_t n) except -1:
-    if not only_blanks(args, n):
-        out_error(b, h, ERR_USAGE, "usage: HELLO")
+    """``HELLO`` answers for the connection's protocol; ``HELLO 1`` and ``HELLO 2`` choose it
+    first: with 2, its deliveries are MSG and DMSG frames."""
+    cdef char *field
+    cdef size_t fl
+    cdef Conn *c = &b.conns.items[h]
+    if next_field(&args, &n, &field, &fl):
+        if fl != 1 or (field[0] != b'1' and field[0] != b'2') or not only_blanks(args, n):
+            out_error(b, h, ERR_USAGE, "usage: HELLO [1|2]")
+            return 0
+        c.framed = field[0] == b'2'
+    if c.framed:
+        out_reply(b, h, "HELLO", b.hello2, len(b.hello2))
     else:
         out_reply(b, h, "HELLO", b.hello, len(b.hello))
     return 0

@@ -80,6 +80,8 @@ cdef struct Conn:
     uint64_t bytes_in
     uint64_t bytes_out
     char close_reason[96]       # for on_close; empty when the client asked (DISCONNECT)
+    bint framed                 # sent HELLO 2: its deliveries are MSG/DMSG frames, not text lines
+    size_t skip                 # payload bytes of a refused PUB frame still to be read and dropped
 
 
 ctypedef struct ConnTable:

@@ -79,7 +79,8 @@ cdef void _wake_list(Broker b, int32_t *head) noexcept:
 
 
 cdef void flow_topic_drained(Broker b, Topic *t) noexcept:
-    if t.waiter >= 0 and t.backlog.count <= b.limit.max_backlog // 2:
+    if (t.waiter >= 0 and t.backlog.count <= b.limit.max_backlog // 2
+            and t.backlog.nbytes <= b.limit.max_backlog_bytes // 2):
         _wake_list(b, &t.waiter)
 
 

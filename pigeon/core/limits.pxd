@@ -34,6 +34,8 @@ ctypedef struct Limits:
     double ack_timeout          # seconds a delivery may stay unacknowledged before it is given back; 0 = never
     uint32_t max_deliveries     # deliveries of one message before it goes to <topic>.dead; 0 = no limit
     uint64_t max_disk           # bytes of log on disk before publishers wait (durable); 0 = no limit
+    size_t max_payload          # largest payload of a framed PUB; a larger one is refused and skipped
+    size_t max_backlog_bytes    # payload bytes one topic keeps (past them, like max_backlog, publishers wait)
 
 
 cdef Limits limits_default() noexcept

@@ -2,7 +2,7 @@
 
 LIMIT_NAMES = ("max_line", "max_backlog", "max_connections", "max_memory", "max_subscriptions",
                "max_topics", "max_pending", "idle_timeout", "write_timeout", "out_batch", "default_prefetch",
-               "ack_timeout", "max_deliveries", "max_disk")
+               "ack_timeout", "max_deliveries", "max_disk", "max_payload", "max_backlog_bytes")
 
 
 # (smallest, largest) accepted for each integer limit; the largest is what its C field holds
@@ -18,6 +18,9 @@ cdef dict _INT_RANGES = {
     "default_prefetch": (1, PREFETCH_MAX),
     "max_deliveries": (0, (1 << 32) - 1),
     "max_disk": (0, (1 << 63) - 1),
+    # the log records a payload's length in 32 bits
+    "max_payload": (0, (1 << 31) - 1),
+    "max_backlog_bytes": (0, (1 << 63) - 1),
 }
 
 
@@ -37,6 +40,8 @@ cdef Limits limits_default() noexcept:
     limits.ack_timeout = 30.0
     limits.max_deliveries = 5
     limits.max_disk = 0
+    limits.max_payload = 8 * 1024 * 1024
+    limits.max_backlog_bytes = 64 * 1024 * 1024
     return limits
 
 
@@ -81,6 +86,10 @@ cdef int limits_set(Limits *limits, str name, object value) except -1:
         limits.default_prefetch = value
     elif name == "max_deliveries":
         limits.max_deliveries = value
+    elif name == "max_payload":
+        limits.max_payload = value
+    elif name == "max_backlog_bytes":
+        limits.max_backlog_bytes = value
     else:
         limits.max_disk = value
     return 0
@@ -102,6 +111,8 @@ cdef dict limits_dict(const Limits *limits):
         "ack_timeout": limits.ack_timeout,
         "max_deliveries": limits.max_deliveries,
         "max_disk": limits.max_disk,
+        "max_payload": limits.max_payload,
+        "max_backlog_bytes": limits.max_backlog_bytes,
     }
 
 

@@ -1,6 +1,49 @@
 # Messages: records and backlog rings (see messages.pxd).
 
 
+cdef inline size_t _digits(uint64_t v) noexcept:
+    cdef size_t n = 1
+    while v >= 10:
+        v //= 10
+        n += 1
+    return n
+
+
+cdef inline void _put_uint(char *p, uint64_t v, size_t n) noexcept:
+    """Write v in decimal into exactly n bytes (n == _digits(v))."""
+    while n:
+        n -= 1
+        p[n] = <char>(c'0' + v % 10)
+        v //= 10
+
+
+cdef bint line_safe(const char *data, size_t n) noexcept:
+    """Whether a payload can be the rest of a v1 text line as it is: no LF in it, and no CR at
+    its end (a v1 reader strips one there)."""
+    return memchr(data, b'\n', n) == NULL and (n == 0 or data[n - 1] != b'\r')
+
+
+cdef bint put_payload(char *p, const char *data, size_t n, bint framed) noexcept:
+    """Copy a payload into an output line. In a text line (not ``framed``) each LF becomes a
+    space, and so does a CR left at its end (docs/protocol.md, "Binary payloads and v1
+    subscribers"); returns whether it had to alter anything."""
+    cdef char *lf
+    cdef char *end = p + n
+    cdef bint altered = False
+    memcpy(p, data, n)
+    if framed:
+        return False
+    lf = <char *>memchr(p, b'\n', n)
+    while lf != NULL:
+        lf[0] = b' '
+        altered = True
+        lf = <char *>memchr(lf + 1, b'\n', end - lf - 1)
+    if n and end[-1] == b'\r':
+        end[-1] = b' '
+        altered = True
+    return altered
+
+
 cdef size_t msg_size(size_t n) noexcept:
     """Bytes one message of n payload bytes holds: the record and its payload, rounded to its class."""
     return (sizeof(Msg) + n + POOL_STEP - 1) & ~(<size_t>POOL_STEP - 1)

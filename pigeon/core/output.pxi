@@ -201,19 +201,42 @@ cdef void out_error_quoting(Broker b, int32_t h, int kind, const char *text,
     out_error(b, h, kind, line)
 
 
-cdef char *_message_line(Broker b, int32_t h, Topic *t, const char *data, size_t n) noexcept:
-    """``MESSAGE <topic> <payload>`` written to h's output; NULL when h's output cannot grow."""
-    cdef char *p = out_reserve(b, h, 8 + t.name_len + 1 + n + 1)
+cdef inline size_t _message_line_len(Conn *c, Topic *t, size_t n) noexcept:
+    """Bytes of the line that delivers n payload bytes of t to c: ``MSG <topic> <n>``, a line end
+    and the payload when c sent HELLO 2, else ``MESSAGE <topic> <payload>``; each with its line end."""
+    if c.framed:
+        return 4 + t.name_len + 1 + _digits(n) + 1 + n + 1
+    return 8 + t.name_len + 1 + n + 1
+
+
+cdef char *_message_line(Broker b, int32_t h, Topic *t, const char *data, size_t n,
+                         size_t line_len) noexcept:
+    """The line that delivers a message to h (_message_line_len) written to h's output; NULL
+    when h's output cannot grow."""
+    cdef bint framed = b.conns.items[h].framed
+    cdef char *p = out_reserve(b, h, line_len)
     cdef char *q = p
+    cdef size_t dl
     if p == NULL:
         return NULL
-    memcpy(q, b"MESSAGE ", 8)
-    q += 8
+    if framed:
+        memcpy(q, b"MSG ", 4)
+        q += 4
+    else:
+        memcpy(q, b"MESSAGE ", 8)
+        q += 8
     memcpy(q, topic_name(t), t.name_len)
     q += t.name_len
     q[0] = b' '
-    memcpy(q + 1, data, n)
-    q[1 + n] = b'\n'
+    q += 1
+    if framed:
+        dl = _digits(n)
+        _put_uint(q, n, dl)
+        q[dl] = b'\n'
+        q += dl + 1
+    if put_payload(q, data, n, framed):
+        b.counters.v1_altered += 1
+    q[n] = b'\n'
     return p
 
 
@@ -253,8 +276,8 @@ cdef bint out_deliver(Broker b, int32_t h, Msg *msg) noexcept:
     False when h's output cannot grow: h is broken and the message is back at the head of its topic.
     """
     cdef Topic *t = msg.topic
-    cdef size_t line_len = 8 + t.name_len + 1 + msg.len + 1
-    cdef char *line = _message_line(b, h, t, msg_data(msg), msg.len)
+    cdef size_t line_len = _message_line_len(&b.conns.items[h], t, msg.len)
+    cdef char *line = _message_line(b, h, t, msg_data(msg), msg.len, line_len)
     if line == NULL or not _note_inflight(b, h, msg, t, line, line_len, 0, msg.seq):
         backlog_push(b, msg, True)
         return False
@@ -270,12 +293,14 @@ cdef bint deliver(Broker b, Sub *s, Msg *msg) noexcept:
 
 cdef bint out_deliver_direct(Broker b, int32_t h, Topic *t, const char *data, size_t n,
                             uint64_t seq) noexcept:
-    """Write a message that has no record yet (straight from its publisher) to h.
+    """Write a message that has no record yet (straight from its publisher) to h, whose line
+    will hold the payload as it is (h is framed, or the payload is line_safe): a record can
+    be made from it again (give_back_inflight).
 
     False when h's output cannot grow: h is broken, and the caller keeps the message.
     """
-    cdef size_t line_len = 8 + t.name_len + 1 + n + 1
-    cdef char *line = _message_line(b, h, t, data, n)
+    cdef size_t line_len = _message_line_len(&b.conns.items[h], t, n)
+    cdef char *line = _message_line(b, h, t, data, n, line_len)
     if line == NULL or not _note_inflight(b, h, NULL, t, line, line_len, 0, seq):
         return False
     t.refs += 1
@@ -424,7 +449,11 @@ cdef void give_back_inflight(Broker b, int32_t h, const char *out, int how) noex
             if msg == NULL:
                 continue
         elif msg == NULL:
-            skip = 8 + t.name_len + 1
+            # the payload follows the header's line end in a MSG line, the topic in a MESSAGE line
+            if out[e.offset + 1] == b'S':
+                skip = <size_t>(<const char *>memchr(out + e.offset, b'\n', e.line_len) - out - e.offset) + 1
+            else:
+                skip = 8 + t.name_len + 1
             msg = msg_new(b, t, out + e.offset + skip, e.line_len - skip - 1)
             t.refs -= 1                # the record holds the topic now
             if msg == NULL:

@@ -2,6 +2,8 @@
 # codes), the tokenizer over the shared read buffer (fields are pointers into
 # it, never copies), topic-name checks, and the loop that splits a
 # connection's input into lines and dispatches each to its command handler.
+# A framed publish (``PUB <client_id> <topic> <nbytes>``) is found by its
+# header line and one length: its payload is handed on without being looked at.
 
 from libc.stdint cimport int32_t
 
@@ -41,6 +43,9 @@ cdef enum:
     ERR_AUTH_REQUIRED       # a bare CONNECT while auth is on and no identity was granted
     ERR_AUTH_FAILED         # wrong user or password: the connection closes
     ERR_PERMISSION_DENIED   # a topic outside the user's patterns, or STATS CONNECTIONS for a non-admin
+    ERR_PAYLOAD_TOO_LARGE   # a PUB frame over max_payload: refused, its payload skipped
+    ERR_BAD_FRAME           # a PUB header without a byte count, or a payload not followed by a line
+                            # end: where the next command starts is unknown, so the connection closes
     ERR_KINDS
 
     # what topic_problem finds wrong with a name
@@ -50,6 +55,7 @@ cdef enum:
     TOPIC_BAD_UTF8
 
     HOLD = 1                # a handler's answer: this line waits (flow control); stop here
+    FRAME_PARTIAL = 3       # run_frame's answer: the frame's payload has not all arrived yet
 
     READ_ROOM = 256 * 1024  # free space offered to each socket read
     INPUT_SLACK = 4096      # unfinished input kept even when memory is full
@@ -61,7 +67,8 @@ cdef extern from *:
         "USAGE", "UNKNOWN_COMMAND", "NOT_CONNECTED", "ALREADY_CONNECTED", "WRONG_CLIENT_ID",
         "BAD_TOPIC", "NOT_SUBSCRIBED", "BACKLOG_FULL", "LINE_TOO_LONG", "TOO_MANY_CONNECTIONS",
         "TOO_MANY_SUBSCRIPTIONS", "TOO_MANY_TOPICS", "MEMORY_FULL", "IDLE_TIMEOUT", "UNKNOWN_DELIVERY_TAG",
-        "STORAGE_FULL", "AUTH_REQUIRED", "AUTH_FAILED", "PERMISSION_DENIED",
+        "STORAGE_FULL", "AUTH_REQUIRED", "AUTH_FAILED", "PERMISSION_DENIED", "PAYLOAD_TOO_LARGE",
+        "BAD_FRAME",
     };
     """
     # the stable upper-case code of each error kind, sent as ERROR <CODE> <text>
@@ -88,3 +95,4 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1
 cdef int conn_continue(Broker b, int32_t h) except -1
 cdef int stop_reading(Broker b, int32_t h) except -1
 cdef int dispatch(Broker b, int32_t h, char *line, size_t n) except -1
+cdef int run_frame(Broker b, int32_t h, char *p, size_t line_len, size_t avail, size_t *used) except -1

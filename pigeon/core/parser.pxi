@@ -46,6 +46,12 @@ cdef inline bint _starts_with_publish(const char *p) noexcept:
     return (word | 0x2020202020202020ULL) == _PUBLISH_WORD and p[7] == b' '
 
 
+cdef inline bint _starts_with_pub(const char *p, size_t n) noexcept:
+    """``PUB`` and a separator, in any case: the header of a framed publish."""
+    return (n > 4 and (<unsigned char>p[0] | 0x20) == c'p' and (<unsigned char>p[1] | 0x20) == c'u'
+            and (<unsigned char>p[2] | 0x20) == c'b' and _blank(p[3]))
+
+
 cdef bint only_blanks(const char *p, size_t n) noexcept:
     cdef size_t i
     for i in range(n):
@@ -185,14 +191,21 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
     (conn_continue). Output of h's own passing a batch is handed over at once,
     so the transport can say it is full.
     """
-    cdef size_t pos = 0, line_len, left
+    cdef size_t pos = 0, line_len, left, used
     cdef char *nl
     cdef bint too_long = False
+    cdef bint partial_frame = False
     cdef Conn *c = &b.conns.items[h]
     cdef char reason[96]
     cdef bint waits
     cdef int stop
     while pos < n and c.state == CONN_OPEN and not c.paused and not c.held:
+        if c.skip:
+            # the payload of a refused frame: dropped unread (its line end is then a blank line)
+            used = c.skip if c.skip < n - pos else n - pos
+            c.skip -= used
+            pos += used
+            continue
         nl = <char *>memchr(buf + pos, b'\n', n - pos)
         if nl == NULL:
             too_long = n - pos > b.limit.max_line
@@ -201,13 +214,20 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
         if line_len > b.limit.max_line:
             too_long = True
             break
-        stop = dispatch(b, h, buf + pos, line_len)
+        if _starts_with_pub(buf + pos, line_len):
+            stop = run_frame(b, h, buf + pos, line_len, n - pos, &used)
+            if stop == FRAME_PARTIAL:
+                partial_frame = True    # its size was checked against the memory limit
+                break
+        else:
+            stop = dispatch(b, h, buf + pos, line_len)
+            used = line_len + 1
         if stop:
             if stop == AUTH_WAIT:
-                pos += line_len + 1     # the CONNECT ran; the rest waits for its answer
+                pos += used             # the CONNECT ran; the rest waits for its answer
             c = &b.conns.items[h]
             break                       # a PUBLISH that waits (HOLD) waits with the rest
-        pos += line_len + 1
+        pos += used
         c = &b.conns.items[h]
         if c.out_len >= b.limit.out_batch and c.state == CONN_OPEN:
             hand_over(b, h)
@@ -223,7 +243,8 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
     # input held because the connection waits (paused, or held by flow control) is at most one
     # read: only an unfinished line can grow without bound, so only that is refused when memory is full
     waits = c.paused or c.held or c.authenticating
-    if not waits and left > INPUT_SLACK and mem_total(&b.mem) + left > b.limit.max_memory:
+    if (not waits and not partial_frame and left > INPUT_SLACK
+            and mem_total(&b.mem) + left > b.limit.max_memory):
         snprintf(reason, sizeof(reason), "memory limit reached: cannot hold %zu bytes of input", left)
         out_error(b, h, ERR_MEMORY_FULL, reason)
         close_later(b, h, "memory full", True)
@@ -255,6 +276,85 @@ cdef int conn_continue(Broker b, int32_t h) except -1:
         if b.on_reading is not None:
             b.on_reading(h, True)
     return 0
+
+
+cdef int run_frame(Broker b, int32_t h, char *p, size_t line_len, size_t avail, size_t *used) except -1:
+    """A framed ``PUB <client_id> <topic> <nbytes>`` whose header line (p, line_len) is
+    followed by ``avail - line_len - 1`` bytes of input: run it once its payload and the line
+    end after it are there (used: the bytes it took), else FRAME_PARTIAL.
+
+    A payload over max_payload, or one that the memory limit cannot hold, is
+    refused and skipped (Conn.skip): the connection goes on. A header without a
+    byte count, or a payload not followed by a line end, leaves no way to know
+    where the next command starts: ERROR BAD_FRAME, and the connection closes.
+    """
+    cdef Conn *c = &b.conns.items[h]
+    cdef char *args = p + 3
+    cdef size_t an = line_len - 3
+    cdef char *id
+    cdef char *name
+    cdef char *field
+    cdef size_t id_len, name_len, fl, count, end
+    cdef size_t start = line_len + 1
+    cdef char reason[128]
+    cdef int held
+    cdef char *fast_args
+    cdef size_t fast_n
+    cdef Topic *t
+    if args[an - 1] == b'\r':
+        an -= 1
+    used[0] = start
+    # the pipelined case (own id, last topic, single spaces) by comparison alone, as for PUBLISH
+    fast_args = args
+    fast_n = an
+    t = pub_fast(b, h, &fast_args, &fast_n)
+    if t != NULL and parse_count(fast_args, fast_n, &count):
+        id = name = NULL
+        id_len = name_len = 0
+    elif (not next_field(&args, &an, &id, &id_len) or not next_field(&args, &an, &name, &name_len)
+            or not next_field(&args, &an, &field, &fl) or not only_blanks(args, an)
+            or not parse_count(field, fl, &count)):
+        b.counters.commands[CMD_PUBLISH] += 1
+        out_error(b, h, ERR_BAD_FRAME, PUB_USAGE)
+        close_later(b, h, "bad frame", True)
+        return 0
+    else:
+        t = NULL
+    if count > b.limit.max_payload:
+        b.counters.commands[CMD_PUBLISH] += 1
+        b.counters.refused += 1
+        snprintf(reason, sizeof(reason), "payload of %zu bytes is over the limit of %zu bytes",
+                 count, b.limit.max_payload)
+        out_error(b, h, ERR_PAYLOAD_TOO_LARGE, reason)
+        c.skip = count
+        return 0
+    end = start + count
+    if end >= avail or (p[end] == b'\r' and end + 1 >= avail):
+        # the input held for it replaces what is held now: refused when the whole frame cannot be
+        if end + 2 > INPUT_SLACK and mem_total(&b.mem) - c.input_len + end + 2 > b.limit.max_memory:
+            b.counters.commands[CMD_PUBLISH] += 1
+            b.counters.refused += 1
+            snprintf(reason, sizeof(reason), "memory limit reached: cannot hold a payload of %zu bytes",
+                     count)
+            out_error(b, h, ERR_MEMORY_FULL, reason)
+            used[0] = end if end < avail else avail
+            c.skip = end - used[0]
+            return 0
+        return FRAME_PARTIAL
+    if p[end] == b'\n':
+        used[0] = end + 1
+    elif p[end] == b'\r' and p[end + 1] == b'\n':
+        used[0] = end + 2
+    else:
+        b.counters.commands[CMD_PUBLISH] += 1
+        snprintf(reason, sizeof(reason), "payload of %zu bytes is not followed by a line end", count)
+        out_error(b, h, ERR_BAD_FRAME, reason)
+        close_later(b, h, "bad frame", True)
+        return 0
+    held = on_pub(b, h, t, id, id_len, name, name_len, p + start, count)
+    if held != HOLD:
+        b.counters.commands[CMD_PUBLISH] += 1
+    return held
 
 
 cdef inline int _publish_counted(Broker b, int32_t h, char *args, size_t n) except -1:

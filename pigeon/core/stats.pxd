@@ -46,6 +46,7 @@ ctypedef struct Counters:
     uint64_t dead_letters_dropped  # ... that <topic>.dead could not take (name too long, limits): dropped
     uint64_t auth_failures      # ERROR AUTH_FAILED sent (wrong user or password)
     uint64_t logins             # CONNECT that logged in as a user: with credentials, or a granted identity
+    uint64_t v1_altered         # MESSAGE/DELIVER lines whose payload was altered to fit a v1 text line
 
 
 cdef dict stats_dict(Broker b)

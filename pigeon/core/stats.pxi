@@ -46,6 +46,7 @@ cdef dict stats_dict(Broker b):
         "dead_letters_dropped": b.counters.dead_letters_dropped,
         "auth_failures": b.counters.auth_failures,
         "logins": b.counters.logins,
+        "v1_altered": b.counters.v1_altered,
         "publishers_held": b.publishers_held,
         "publish_holds": b.counters.publish_holds,
         "durable": bool(b.log.durable),

@@ -25,6 +25,8 @@ DEFAULT_WRITE_TIMEOUT: float = LIMIT_DEFAULTS["write_timeout"]  # seconds; 0 is 
 DEFAULT_PREFETCH: int = LIMIT_DEFAULTS["default_prefetch"]
 DEFAULT_ACK_TIMEOUT: float = LIMIT_DEFAULTS["ack_timeout"]  # seconds; 0 is off
 DEFAULT_MAX_DELIVERIES: int = LIMIT_DEFAULTS["max_deliveries"]  # 0 is no limit
+DEFAULT_MAX_PAYLOAD: int = LIMIT_DEFAULTS["max_payload"]
+DEFAULT_MAX_BACKLOG_BYTES: int = LIMIT_DEFAULTS["max_backlog_bytes"]
 
 
 class ServerLimits(TypedDict, total=False):
@@ -43,6 +45,8 @@ class ServerLimits(TypedDict, total=False):
     ack_timeout: float
     max_deliveries: int
     max_disk: int
+    max_payload: int
+    max_backlog_bytes: int
     data_dir: str | os.PathLike[str] | None
     fsync: str
     repair: bool

@@ -93,6 +93,11 @@ _COUNTERS = (
         "CONNECTs that logged in as a user (a password, or a mapped client certificate).",
     ),
     ("auth_failures", "pigeon_auth_failures", "CONNECTs refused for a wrong user or password."),
+    (
+        "v1_altered",
+        "pigeon_v1_altered",
+        "MESSAGE/DELIVER lines whose binary payload was altered to fit a v1 text line.",
+    ),
 )
 
 # (stats key, metric name, help) of the server-wide gauges

@@ -28,10 +28,12 @@ from pigeon.server.limits import (
     DEFAULT_ACK_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_BACKLOG,
+    DEFAULT_MAX_BACKLOG_BYTES,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_DELIVERIES,
     DEFAULT_MAX_LINE,
     DEFAULT_MAX_MEMORY,
+    DEFAULT_MAX_PAYLOAD,
     DEFAULT_MAX_PENDING,
     DEFAULT_MAX_SUBSCRIPTIONS,
     DEFAULT_MAX_TOPICS,
@@ -253,6 +255,8 @@ class Server:
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
         max_disk: int = 0,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        max_backlog_bytes: int = DEFAULT_MAX_BACKLOG_BYTES,
         data_dir: str | os.PathLike[str] | None = None,
         fsync: str = "everysec",
         repair: bool = False,
@@ -286,8 +290,11 @@ class Server:
             default_prefetch=default_prefetch,
             ack_timeout=ack_timeout,
             max_deliveries=max_deliveries,
+            max_payload=max_payload,
+            max_backlog_bytes=max_backlog_bytes,
             tick_interval=TICK_INTERVAL,
             auth=users_file is not None,
+            tls=tls is not None,
         )
         self.broker.on_warning = log.warning
         self.broker.on_close = self._closed_by_core
