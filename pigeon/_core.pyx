@@ -31,6 +31,7 @@ include "core/memory.pxi"
 include "core/messages.pxi"
 include "core/topics.pxi"
 include "core/subs.pxi"
+include "core/groups.pxi"
 include "core/conns.pxi"
 include "core/output.pxi"
 include "core/acks.pxi"
@@ -89,14 +90,14 @@ cdef class Broker:
         self.now = monotonic()
         self.conns.next_client_id = 1
         self.pool.keep = min(<size_t>POOL_KEEP_MAX, self.limit.max_memory // 16)
-        if topics_init(&self.mem, &self.topic_table) < 0:
+        if topics_init(&self.mem, &self.topic_table) < 0 or groups_init(self) < 0:
             raise MemoryError()
         self.hello = json.dumps({
             "protocol": PROTOCOL_VERSION,
             "max_line": self.limit.max_line,
             "topic_max": TOPIC_MAX,
             "idle_timeout": self.limit.idle_timeout,
-            "features": ["ack"],
+            "features": ["ack", "groups", "wildcards"],
         }, separators=(",", ":")).encode()
 
     def __dealloc__(self):
@@ -125,16 +126,20 @@ cdef class Broker:
             conn_free(self, h)
         delayed_free(self)
         if self.topic_table.buckets != NULL:
+            # every message first: a group's copy holds the topic it was published to
+            for i in range(self.topic_table.nbuckets):
+                t = self.topic_table.buckets[i]
+                while t != NULL:
+                    while t.backlog.count:
+                        msg_release(self, queue_pop(&t.backlog))
+                    t = t.next
             for i in range(self.topic_table.nbuckets):
                 t = self.topic_table.buckets[i]
                 while t != NULL:
                     nxt = t.next
-                    while t.backlog.count:
-                        msg_release(self, queue_pop(&t.backlog))
-                    queue_free_ring(&self.mem, &t.backlog)
-                    mem_free(&self.mem, t.subs, t.subs_cap * sizeof(Sub *))
-                    mem_free(&self.mem, t, sizeof(Topic) + t.name_len)
+                    topic_free(self, t)
                     t = nxt
+        groups_free(self)
         log_free(self)
         pool_clear(&self.pool, &self.mem)
         mem_free(&self.mem, self.topic_table.buckets, self.topic_table.nbuckets * sizeof(Topic *))
@@ -459,6 +464,8 @@ cdef class Broker:
                     self.counters.idle_closed += 1
                     out_error(self, h, ERR_IDLE_TIMEOUT, "idle timeout")
                     close_later(self, h, "idle timeout", not c.paused)
+        if self.group_index.count:
+            groups_expire(self)
         flow_memory_freed(self)     # output the transports took since the last tick freed memory
         self._settle()
 

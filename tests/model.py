@@ -82,6 +82,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -105,6 +106,7 @@ COMMANDS = (
     "hello",
     "ack",
     "nack",
+    "destroy",
 )
 ERRORS = (
     "usage",
@@ -126,6 +128,8 @@ ERRORS = (
     "auth_required",
     "auth_failed",
     "permission_denied",
+    "no_such_group",
+    "group_in_use",
 )
 # the log's figures of a broker without --data-dir (the model has no log: tests/test_store_wire.py)
 NO_LOG = {
@@ -151,6 +155,11 @@ CONNECT_USAGE = b"usage: CONNECT [<user> <password>]"
 SUBSCRIBE_USAGE = b"usage: SUBSCRIBE <client_id> <topic> [ACK [PREFETCH <n>]]"
 ACK_USAGE = b"usage: ACK <client_id> <tag>|<first>-<last>"
 NACK_USAGE = b"usage: NACK <client_id> <tag>|<first>-<last> [<delay_ms>]"
+UNSUBSCRIBE_USAGE = b"usage: UNSUBSCRIBE <client_id> <topic>"
+DESTROY_USAGE = b"usage: DESTROY <client_id> <topic_or_pattern> GROUP <name>"
+GROUP_NAME_MAX = 64
+GROUP_NAME_RULE = b"group name must be 1 to 64 bytes without whitespace, control, format or separator characters"
+BAD_PATTERN = b"'>' may only be the last token of a pattern"
 PREFETCH_MAX = 1_000_000
 NACK_DELAY_MAX = 86_400_000  # a day, in milliseconds
 DEAD_SUFFIX = b".dead"
@@ -161,7 +170,11 @@ BLANKS = b" \t"
 
 @dataclass(eq=False)
 class Topic:
-    """A topic while anything holds it: its rotation, whose turn is next, its backlog."""
+    """A topic while anything holds it: its rotation, whose turn is next, its backlog.
+
+    A consumer group is one too, named ``<pattern> <name>`` (``<pattern> `` for the default group of
+    a wildcard pattern): its own rotation and backlog.
+    """
 
     name: bytes
     rotation: list[Sub] = field(default_factory=list)
@@ -180,6 +193,15 @@ class Topic:
     redelivered: int = 0
     dead_lettered: int = 0
     warned: bool = False  # backlog-full warning given since the backlog last emptied
+    pattern: bytes = b""  # a group: the pattern it subscribes to
+    group: bytes | None = None  # a group: its name, None for a plain topic or a wildcard's default group
+    registered: bool = False  # a group that messages reach (from its first SUBSCRIBE until it ends)
+    serial: int = 0  # a group: when it was registered (copies go to groups in that order)
+    idle_since: float = 0.0  # a named group: when its last subscriber left (monotonic), 0 while it has some
+
+    @property
+    def is_group(self) -> bool:
+        return bool(self.pattern)
 
 
 @dataclass(eq=False)
@@ -187,8 +209,14 @@ class Message:
     """A message: its body, its topic, and how often it was delivered on an acknowledged subscription."""
 
     payload: bytes
-    topic: Topic
+    topic: Topic  # where it waits: a topic, or a group's copy in its group
     attempt: int = 0
+    origin: Topic | None = None  # a group's copy: the topic it was published to
+
+    @property
+    def name(self) -> bytes:
+        """The topic named in its delivery line: the one it was published to."""
+        return (self.origin or self.topic).name
 
 
 @dataclass(eq=False)
@@ -291,6 +319,8 @@ class ModelBroker:
         self.write_timeout = float(given["write_timeout"])
         self.default_prefetch: int = given["default_prefetch"]
         self.max_deliveries: int = given["max_deliveries"]
+        self.group_ttl = float(given["group_ttl"])
+        self.serials = 0  # groups registered so far
         self.idle_ticks = math.ceil(self.idle_timeout / tick_interval)
         self.write_ticks = math.ceil(self.write_timeout / tick_interval)
         self.on_output: Callable[[], object] | None = None
@@ -341,6 +371,9 @@ class ModelBroker:
                 "publish_holds",
                 "auth_failures",
                 "logins",
+                "groups_expired",
+                "groups_destroyed",
+                "group_copies_dropped",
             ),
             0,
         )
@@ -473,6 +506,11 @@ class ModelBroker:
                     self.count["idle_closed"] += 1
                     self._error(c, "idle_timeout", b"idle timeout")
                     self._close_later(c, "idle timeout", flush=not c.paused)
+        now = time.monotonic()
+        for g in self._groups():
+            if g.group is not None and not g.rotation and g.idle_since and now - g.idle_since >= self.group_ttl:
+                self.count["groups_expired"] += 1
+                self._end_group(g)
         self._settle()
 
     def grant(self, h: int, user: str, publish: list[str], subscribe: list[str], admin: bool = False) -> None:
@@ -545,7 +583,11 @@ class ModelBroker:
         """The server-wide figures, but for those in NOT_STATED."""
         return {
             "connections": len(self.conns),
-            "topics": len(self.topics_held),
+            "topics": sum(1 for t in self.topics_held.values() if not t.is_group),
+            "groups": len(self._groups()),
+            "wildcard_subscriptions": sum(
+                1 for c in self.conns.values() for s in c.subscriptions if is_pattern(s.topic.pattern)
+            ),
             "backlog_messages": sum(len(t.backlog) for t in self.topics_held.values()),
             "backlog_bytes": sum(map(len, self._backlogged())),
             "memory_in_transports_bytes": sum(c.in_transport for c in self.conns.values()),
@@ -564,7 +606,7 @@ class ModelBroker:
 
     def topics(self, cursor: int = 0, count: int = STATS_PAGE_DEFAULT) -> dict[str, Any]:
         """A page of topics in name order; the cursor is a position in that order."""
-        names = sorted(self.topics_held)
+        names = sorted(name for name, t in self.topics_held.items() if not t.is_group)
         page = names[cursor : cursor + count]
         after = cursor + count
         return {
@@ -585,6 +627,26 @@ class ModelBroker:
             yield from (m.payload for m in t.backlog)
 
     def _topic_entry(self, t: Topic) -> dict[str, Any]:
+        entry = self._topic_figures(t)
+        groups = self._groups_of(t)
+        if groups:
+            entry["groups"] = [
+                {
+                    "pattern": g.pattern.decode("utf-8", "replace"),
+                    "group": None if g.group is None else g.group.decode("utf-8", "replace"),
+                    "subscribers": len(g.rotation),
+                    "backlog_messages": len(g.backlog),
+                    "backlog_bytes": sum(len(m.payload) for m in g.backlog),
+                    "delivered": g.delivered,
+                    "unacked": g.unacked,
+                    "acked": g.acked,
+                    "redelivered": g.redelivered,
+                }
+                for g in groups
+            ]
+        return entry
+
+    def _topic_figures(self, t: Topic) -> dict[str, Any]:
         return {
             "name": t.name.decode("utf-8", "replace"),
             "subscribers": len(t.rotation),
@@ -702,6 +764,8 @@ class ModelBroker:
             self._on_connect(c, args)
         elif kind == "stats":
             self._on_stats(c, args)
+        elif kind == "destroy":
+            self._on_destroy(c, args)
         elif args:
             self._error(c, "usage", b"usage: " + kind.upper().encode())
         elif kind == "ping":
@@ -719,7 +783,7 @@ class ModelBroker:
             "max_line": self.max_line,
             "topic_max": TOPIC_MAX,
             "idle_timeout": self.idle_timeout,
-            "features": ["ack"],
+            "features": ["ack", "groups", "wildcards"],
         }
         return json.dumps(about, separators=(",", ":")).encode()
 
@@ -789,16 +853,22 @@ class ModelBroker:
             self._error(c, "usage", SUBSCRIBE_USAGE)
             return
         cid, name, *options = args
+        group = self._group_option(c, options, SUBSCRIBE_USAGE)
+        if group is False:
+            return
         mode = self._subscribe_options(c, options)
         if (
             mode is None
             or not self._own_id(c, cid)
             or not self._valid_topic(c, name)
             or not self._may(c, c.may_subscribe, name)
+            or not self._valid_pattern(c, name)
         ):
             return
         ack, prefetch = mode
-        t = self.topics_held.get(name)
+        grouped = group is not None or is_pattern(name)
+        key = name + b" " + (group or b"") if grouped else name
+        t = self.topics_held.get(key)
         s = c.sub_of(t)
         if s is not None:
             t = s.topic
@@ -808,9 +878,13 @@ class ModelBroker:
                 self._error(c, "too_many_subscriptions", limit)
                 return
             if t is None:
-                t = self._new_topic(c, name)
+                t = self._new_topic(c, key)
                 if t is None:
                     return
+                if grouped:
+                    t.pattern, t.group = name, group
+            if grouped:
+                self._register(t)
             s = Sub(t, c)
             t.rotation.append(s)
             c.subscriptions.append(s)
@@ -818,6 +892,27 @@ class ModelBroker:
         s.ack, s.prefetch = ack, prefetch
         self._reply(c, b"SUBSCRIBED " + name)
         self._serve(t)
+
+    def _group_option(self, c: Conn, options: list[bytes], usage: bytes) -> bytes | None | bool:
+        """Take a leading ``GROUP <name>`` off options: the name, None when there is none, False after
+        the ERROR."""
+        if not options or options[0].lower() != b"group":
+            return None
+        if len(options) < 2:
+            self._error(c, "usage", usage)
+            return False
+        name = options[1]
+        if len(name) > GROUP_NAME_MAX or topic_problem(name):
+            self._error(c, "bad_topic", GROUP_NAME_RULE)
+            return False
+        del options[:2]
+        return name
+
+    def _valid_pattern(self, c: Conn, name: bytes) -> bool:
+        if b">" in name.split(b".")[:-1]:
+            self._error(c, "bad_topic", BAD_PATTERN)
+            return False
+        return True
 
     def _subscribe_options(self, c: Conn, options: list[bytes]) -> tuple[bool, int | None] | None:
         """(acknowledged, prefetch) from nothing, ``ACK`` or ``ACK PREFETCH <n>``; None after the ERROR."""
@@ -836,13 +931,20 @@ class ModelBroker:
         return None
 
     def _on_unsubscribe(self, c: Conn, args: list[bytes]) -> None:
-        if len(args) != 2:
-            self._error(c, "usage", b"usage: UNSUBSCRIBE <client_id> <topic>")
+        if len(args) < 2:
+            self._error(c, "usage", UNSUBSCRIBE_USAGE)
             return
-        cid, name = args
+        cid, name, *options = args
+        group = self._group_option(c, options, UNSUBSCRIBE_USAGE)
+        if group is False:
+            return
+        if options:
+            self._error(c, "usage", UNSUBSCRIBE_USAGE)
+            return
         if not self._own_id(c, cid) or not self._valid_topic(c, name):
             return
-        s = c.sub_of(self.topics_held.get(name))
+        grouped = group is not None or is_pattern(name)
+        s = c.sub_of(self.topics_held.get(name + b" " + (group or b"") if grouped else name))
         if s is None:
             self._error_quoting(c, "not_subscribed", b"not subscribed to", name)
             return
@@ -871,6 +973,9 @@ class ModelBroker:
                 return False
         elif not self._may(c, c.may_publish, name):
             return False
+        groups = self._groups_of(t)
+        if groups:
+            return self._publish_groups(c, t, groups, message)
         if not t.backlog:
             to = self._next_taker(t)
             if to is not None:
@@ -895,6 +1000,97 @@ class ModelBroker:
         self._accepted(c, t)
         self._serve(t)
         return False
+
+    def _publish_groups(self, c: Conn, t: Topic, groups: list[Topic], payload: bytes) -> bool:
+        """A copy to each group, and to t itself when it has subscribers; True when it waits: every
+        backlog is checked before anything changes."""
+        targets = groups + ([t] if t.rotation else [])
+        for q in targets:
+            if len(q.backlog) >= self.max_backlog and (q.backlog or not any([self._can_take(s) for s in q.rotation])):
+                self._warn_full(q)
+                if c.sub_of(q) is None:
+                    c.held_topic = q
+                    q.waiters.append(c)
+                    self.count["publish_holds"] += 1
+                    return True
+                self.count["refused"] += 1
+                full = b"backlog full (%d messages) for topic" % self.max_backlog
+                self._error_quoting(c, "backlog_full", full, q.name)
+                self._forget_if_unused(t)
+                return False
+        self._accepted(c, t)
+        for q in targets:
+            if q is not t:
+                q.published += 1
+            copy = Message(payload, q, origin=t if q is not t else None)
+            to = self._next_taker(q) if not q.backlog else None
+            if to is not None:
+                self._deliver(to, copy)
+                continue
+            q.backlog.append(copy)
+            self.count["backlogged"] += 1
+            self._serve(q)
+        return False
+
+    def _on_destroy(self, c: Conn, args: list[bytes]) -> None:
+        if len(args) < 2:
+            self._error(c, "usage", DESTROY_USAGE)
+            return
+        cid, name, *options = args
+        group = self._group_option(c, options, DESTROY_USAGE)
+        if group is False:
+            return
+        if group is None or options:
+            self._error(c, "usage", DESTROY_USAGE)
+            return
+        if not self._own_id(c, cid) or not self._valid_topic(c, name) or not self._may(c, c.may_subscribe, name):
+            return
+        g = self.topics_held.get(name + b" " + group)
+        if g is None or not g.registered:
+            self._error_quoting(c, "no_such_group", b"no such group on", name)
+            return
+        if g.rotation:
+            self._error_quoting(c, "group_in_use", b"group has %d subscriber(s) on" % len(g.rotation), name)
+            return
+        self.count["groups_destroyed"] += 1
+        g.pins += 1
+        self._end_group(g)
+        self._reply(c, b"DESTROYED " + g.name)
+        g.pins -= 1
+        self._forget_if_unused(g)
+
+    # ---------------------------------------------------------------- groups
+
+    def _groups(self) -> list[Topic]:
+        """The registered groups, in the order they were registered."""
+        return sorted((t for t in self.topics_held.values() if t.registered), key=lambda g: g.serial)
+
+    def _groups_of(self, t: Topic) -> list[Topic]:
+        """The groups whose pattern matches t's name, in the order they were registered."""
+        return [g for g in self._groups() if pattern_matches(g.pattern, t.name)]
+
+    def _register(self, g: Topic) -> None:
+        g.idle_since = 0.0
+        if not g.registered:
+            self.serials += 1
+            g.registered, g.serial = True, self.serials
+
+    def _end_group(self, g: Topic) -> None:
+        """g ends: no message reaches it any more; its backlog is dropped, its publishers woken."""
+        g.registered = False
+        self.count["group_copies_dropped"] += len(g.backlog)
+        g.backlog.clear()
+        if g.waiters:
+            self._wake(g)
+        self._forget_if_unused(g)
+
+    def _back_to(self, message: Message) -> bool:
+        """Whether a copy coming back can go to its group (False: the group ended, it is dropped)."""
+        t = message.topic
+        if t.is_group and not t.registered:
+            self.count["group_copies_dropped"] += 1
+            return False
+        return True
 
     def _warn_full(self, t: Topic) -> None:
         """Tell the operator once, until the backlog empties again."""
@@ -1057,12 +1253,13 @@ class ModelBroker:
         t.redelivered += 1
         self.count["redelivered"] += 1
         self.count["backlogged"] += 1
-        t.backlog.appendleft(message)
+        if self._back_to(message):
+            t.backlog.appendleft(message)
 
     def _dead_letter(self, message: Message) -> None:
         """To the tail of <topic>.dead as a new message; dropped when that topic cannot take it."""
         t = message.topic
-        name = t.name + DEAD_SUFFIX
+        name = message.name + DEAD_SUFFIX  # a group's copy: the dead letters of its topic
         dead = None
         if len(name) <= TOPIC_MAX:
             dead = self.topics_held.get(name)
@@ -1076,7 +1273,7 @@ class ModelBroker:
             return
         t.dead_lettered += 1
         self.count["dead_lettered"] += 1
-        message.topic, message.attempt = dead, 0
+        message.topic, message.attempt, message.origin = dead, 0, None
         dead.published += 1
         self.count["backlogged"] += 1
         dead.backlog.append(message)
@@ -1119,7 +1316,7 @@ class ModelBroker:
         c, t = s.conn, message.topic
         t.in_flight += 1
         if not s.ack:
-            c.unsent.append(Line(b"MESSAGE " + t.name + b" " + message.payload + b"\n", t, message))
+            c.unsent.append(Line(b"MESSAGE " + message.name + b" " + message.payload + b"\n", t, message))
             self._wait(c)
             return
         c.next_tag += 1
@@ -1127,7 +1324,7 @@ class ModelBroker:
         c.unacked.append(Unacked(c.next_tag, message, s))
         s.unacked += 1
         t.unacked += 1
-        head = b"DELIVER %s %d %d " % (t.name, c.next_tag, message.attempt)
+        head = b"DELIVER %s %d %d " % (message.name, c.next_tag, message.attempt)
         c.unsent.append(Line(head + message.payload + b"\n", t, message, c.next_tag))
         self._wait(c)
 
@@ -1244,7 +1441,8 @@ class ModelBroker:
                     continue
                 self._unlink(c, e)
                 message.attempt -= 1
-            t.backlog.appendleft(message)
+            if self._back_to(message):
+                t.backlog.appendleft(message)
             self.count["requeued"] += 1
             self.count["backlogged"] += 1
         c.unsent = [] if how == "drop" else [line for line in c.unsent if id(line) not in given]
@@ -1355,12 +1553,19 @@ class ModelBroker:
         last = c.subscriptions.pop()
         if j < len(c.subscriptions):
             c.subscriptions[j] = last
+        if t.registered and not t.rotation:
+            # its last subscriber left: a named group's --group-ttl starts, a wildcard default group ends
+            if t.group is None:
+                self._end_group(t)
+            else:
+                t.idle_since = time.monotonic()
         self._forget_if_unused(t)
 
     def _forget_if_unused(self, t: Topic) -> None:
         """A topic exists while it has subscribers or messages (or a publisher waits for it)."""
         if (
             not t.rotation
+            and not t.registered
             and not t.backlog
             and not (t.in_flight or t.unacked or t.delayed or t.pins or t.waiters or t.touched)
             and self.topics_held.get(t.name) is t
@@ -1380,6 +1585,11 @@ def pattern_matches(pattern: bytes, name: bytes) -> bool:
             and bool(b".".join(have[len(head) :]))
         )
     return len(want) == len(have) and _tokens_match(want, have)
+
+
+def is_pattern(name: bytes) -> bool:
+    """Whether a name has a wildcard token: SUBSCRIBE to it joins a pattern's group."""
+    return any(token in (b"*", b">") for token in name.split(b".")) if name else False
 
 
 def _tokens_match(want: list[bytes], have: list[bytes]) -> bool:

@@ -603,7 +603,7 @@ def test_hello_tells_the_protocol_and_the_limits_before_connect() -> None:
         "max_line": 4096,
         "topic_max": 255,
         "idle_timeout": 30.0,
-        "features": ["ack"],
+        "features": ["ack", "groups", "wildcards"],
     }
     p.send(b"HELLO there\n")
     assert p.take() == b"ERROR USAGE usage: HELLO\n"

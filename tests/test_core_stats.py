@@ -61,6 +61,7 @@ def test_commands_and_errors_are_counted_by_kind() -> None:
         "hello": 0,
         "ack": 0,
         "nack": 0,
+        "destroy": 0,
         "unknown": 1,
     }
     assert stats["errors"] == {
@@ -83,6 +84,8 @@ def test_commands_and_errors_are_counted_by_kind() -> None:
         "auth_required": 0,
         "auth_failed": 0,
         "permission_denied": 0,
+        "no_such_group": 0,
+        "group_in_use": 0,
     }
     assert list(stats["commands"]) == list(COMMAND_NAMES)
     assert list(stats["errors"]) == list(ERROR_NAMES)

@@ -34,6 +34,7 @@ ctypedef struct Limits:
     double ack_timeout          # seconds a delivery may stay unacknowledged before it is given back; 0 = never
     uint32_t max_deliveries     # deliveries of one message before it goes to <topic>.dead; 0 = no limit
     uint64_t max_disk           # bytes of log on disk before publishers wait (durable); 0 = no limit
+    double group_ttl            # seconds a named consumer group lives on without a subscriber
 
 
 cdef Limits limits_default() noexcept

@@ -176,7 +176,24 @@ cdef inline void _seal(char *record, size_t body) noexcept:
 cdef int log_publish(Broker b, uint64_t seq, Topic *t, const char *data, size_t n,
                      uint32_t attempt) noexcept:
     """Record an accepted message; -1 when out of memory (the PUBLISH is refused)."""
-    cdef size_t size = publish_record_size(t.name_len, n)
+    return _log_publish(b, seq, t, NULL, data, n, attempt)
+
+
+cdef int log_publish_copy(Broker b, Msg *msg) noexcept:
+    """Record a group's copy of a message: its topic field is ``<topic> <group key>``; -1 when
+    out of memory."""
+    return _log_publish(b, msg.seq, msg.origin, msg.topic, msg_data(msg), msg.len, msg.attempt)
+
+
+cdef inline size_t record_name_len(Topic *t, Topic *group) noexcept:
+    """The bytes of a PUBLISH record's topic field: the topic, then a space and the group's key."""
+    return t.name_len if group == NULL else t.name_len + 1 + group.name_len
+
+
+cdef int _log_publish(Broker b, uint64_t seq, Topic *t, Topic *group, const char *data, size_t n,
+                      uint32_t attempt) noexcept:
+    cdef size_t name_len = record_name_len(t, group)
+    cdef size_t size = publish_record_size(name_len, n)
     cdef size_t body = size - RECORD_HEAD
     cdef char *rec = _record(b, REC_PUBLISH, body)
     cdef char *p
@@ -186,9 +203,12 @@ cdef int log_publish(Broker b, uint64_t seq, Topic *t, const char *data, size_t 
     _put64(p, seq)
     _put64(p + 8, b.wall_ms)
     _put32(p + 16, attempt)
-    _put16(p + 20, t.name_len)
+    _put16(p + 20, <uint16_t>name_len)
     memcpy(p + 22, topic_name(t), t.name_len)
-    p += 22 + t.name_len
+    if group != NULL:
+        p[22 + t.name_len] = b' '
+        memcpy(p + 23 + t.name_len, topic_name(group), group.name_len)
+    p += 22 + name_len
     _put32(p, <uint32_t>n)
     memcpy(p + 4, data, n)
     _seal(rec, body)
@@ -481,30 +501,47 @@ cdef str _apply(Broker b, Recovery *r, const char *body, size_t n):
     cdef uint32_t attempt, name_len, length
     cdef size_t i
     cdef Topic *t
+    cdef Topic *group
     cdef Msg *msg
     cdef uint64_t hv
+    cdef const char *space
+    cdef size_t topic_len
     if kind == REC_PUBLISH:
         if n < 27:
             return "a PUBLISH record too short"
         seq = _get64(body + 1)
         attempt = _get32(body + 17)
         name_len = _get16(body + 21)
-        if n < 27 + name_len or name_len == 0 or name_len > TOPIC_MAX:
+        if n < 27 + name_len or name_len == 0 or name_len > 2 * TOPIC_MAX + 2 + GROUP_NAME_MAX:
             return "a PUBLISH record with a bad topic length"
         length = _get32(body + 23 + name_len)
         if n != 27 + name_len + length:
             return "a PUBLISH record whose length does not add up"
         if seq <= r.max_seq:
             return "a PUBLISH record out of sequence"
-        hv = topic_hash(body + 23, name_len)
-        t = topics_find(&b.topic_table, body + 23, name_len, hv)
+        space = <const char *>memchr(body + 23, b' ', name_len)
+        topic_len = space - (body + 23) if space != NULL else name_len
+        if topic_len == 0 or topic_len > TOPIC_MAX:
+            return "a PUBLISH record with a bad topic length"
+        hv = topic_hash(body + 23, topic_len)
+        t = topics_find(&b.topic_table, body + 23, topic_len, hv)
         if t == NULL:
-            t = topics_add(&b.mem, &b.topic_table, body + 23, name_len, hv)
+            t = topics_add(&b.mem, &b.topic_table, body + 23, topic_len, hv)
             if t == NULL:
                 raise MemoryError()
-        msg = msg_new(b, t, body + 27 + name_len, length)
+        group = NULL
+        if space != NULL:
+            # a group's copy: it goes back to its group, which lives again (groups.pxd)
+            group = group_recover(b, space + 1, name_len - topic_len - 1)
+            if group == NULL:
+                topics_drop_if_unused(b, t)
+                return "a PUBLISH record with a bad group"
+        msg = msg_new(b, group if group != NULL else t, body + 27 + name_len, length)
         if msg == NULL:
             raise MemoryError()
+        if group != NULL:
+            msg.origin = t
+            t.refs += 1
         msg.seq = seq
         msg.attempt = attempt
         if _recovered(b, r, seq, msg) < 0:
@@ -580,7 +617,8 @@ cdef tuple recovery_finish(Broker b, Recovery *r):
         b.backlog_messages += 1
         b.backlog_bytes += msg.len
         b.log.live += 1
-        b.log.live_bytes += publish_record_size(t.name_len, msg.len)
+        b.log.live_bytes += publish_record_size(
+            record_name_len(msg.origin, t if msg.origin != t else NULL), msg.len)
         j = _epoch_of(&b.log, msg.seq)
         if j < b.log.nepochs:
             b.log.epoch_live[j] += 1

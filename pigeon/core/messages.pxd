@@ -10,7 +10,10 @@ cdef struct Msg:
     uint32_t attempt        # times it was delivered as a DELIVER line (a MESSAGE line settles it
                             # once handed over, and one given back unsent was not delivered)
     uint64_t seq            # publish order across the broker, from 1
-    Topic *topic            # holds a reference on its topic (Topic.refs)
+    Topic *topic            # holds a reference on its topic (Topic.refs): the queue it is in, a
+                            # topic or a consumer group (groups.pxd)
+    Topic *origin           # the topic it was published to, named in its delivery line: the same as
+                            # topic, or (a group's copy) another one it holds a reference on too
     size_t len              # payload bytes, stored just past the record (msg_data)
 
 

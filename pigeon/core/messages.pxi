@@ -28,6 +28,7 @@ cdef Msg *msg_new(Broker b, Topic *t, const char *data, size_t n) noexcept:
     msg.attempt = 0
     msg.seq = b.next_seq
     msg.topic = t
+    msg.origin = t
     msg.len = n
     memcpy(msg_data(msg), data, n)
     t.refs += 1
@@ -41,6 +42,8 @@ cdef void msg_release(Broker b, Msg *msg) noexcept:
     msg.refs -= 1
     if msg.refs:
         return
+    if msg.origin != msg.topic:
+        topic_release(b, msg.origin)
     t = msg.topic
     size = msg_size(msg.len)
     cls = size // POOL_STEP
@@ -50,9 +53,7 @@ cdef void msg_release(Broker b, Msg *msg) noexcept:
         b.pool.kept += size
     else:
         mem_free(&b.mem, msg, size)
-    t.refs -= 1
-    if t.refs == 0 and t.nsubs == 0:
-        topics_drop_if_unused(b, t)
+    topic_release(b, t)
 
 
 cdef void pool_clear(MsgPool *pool, Memory *m) noexcept:

@@ -18,6 +18,7 @@ cdef enum:
     CMD_HELLO
     CMD_ACK
     CMD_NACK
+    CMD_DESTROY
     CMD_UNKNOWN
     CMD_KINDS
 
@@ -41,6 +42,8 @@ cdef enum:
     ERR_AUTH_REQUIRED       # a bare CONNECT while auth is on and no identity was granted
     ERR_AUTH_FAILED         # wrong user or password: the connection closes
     ERR_PERMISSION_DENIED   # a topic outside the user's patterns, or STATS CONNECTIONS for a non-admin
+    ERR_NO_SUCH_GROUP       # DESTROY of a group the broker does not hold
+    ERR_GROUP_IN_USE        # DESTROY of a group that has subscribers
     ERR_KINDS
 
     # what topic_problem finds wrong with a name
@@ -61,7 +64,7 @@ cdef extern from *:
         "USAGE", "UNKNOWN_COMMAND", "NOT_CONNECTED", "ALREADY_CONNECTED", "WRONG_CLIENT_ID",
         "BAD_TOPIC", "NOT_SUBSCRIBED", "BACKLOG_FULL", "LINE_TOO_LONG", "TOO_MANY_CONNECTIONS",
         "TOO_MANY_SUBSCRIPTIONS", "TOO_MANY_TOPICS", "MEMORY_FULL", "IDLE_TIMEOUT", "UNKNOWN_DELIVERY_TAG",
-        "STORAGE_FULL", "AUTH_REQUIRED", "AUTH_FAILED", "PERMISSION_DENIED",
+        "STORAGE_FULL", "AUTH_REQUIRED", "AUTH_FAILED", "PERMISSION_DENIED", "NO_SUCH_GROUP", "GROUP_IN_USE",
     };
     """
     # the stable upper-case code of each error kind, sent as ERROR <CODE> <text>
