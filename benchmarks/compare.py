@@ -51,7 +51,7 @@ from pigeon.bench.load import (
 )
 from pigeon.server.limits import raise_open_files_limit
 
-THROUGHPUT = ("pipe", "queue", "fanin")
+THROUGHPUT = ("pipe", "queue", "fanout", "fanin")
 PEERS = ("nats", "redis", "rabbitmq")
 ACK_TARGETS = (("queue", 0.7), ("peers", 3.0))  # ackqueue >= 0.7 x Pigeon's queue, >= 3 x the fastest peer
 # durable: (Pigeon flavour, at least this many times, the other) for the workload ``durable``
@@ -260,7 +260,10 @@ def verdicts(table: Table) -> list[tuple[str, str, float | None, bool | None]]:
             return None
         return r.msgs_per_cpu_s if per_cpu else r.msgs_per_s
 
-    targets = [(w, need, nats, "nats") for w, need in (("pipe", 1.25), ("queue", 1.25), ("fanin", 1.0))]
+    targets = [
+        (w, need, nats, "nats")
+        for w, need in (("pipe", 1.25), ("queue", 1.25), ("fanout", 1.25), ("fanin", 1.0))
+    ]
     targets += [(w, 2.0, redis, "redis") for w in THROUGHPUT]
     for w, need, peer, peer_name in targets:
         ratio = _ratio(tput(pigeon, w), tput(peer, w))

@@ -83,6 +83,7 @@ class Broker:
         ack_timeout: float = ...,
         max_deliveries: int = ...,
         max_disk: int = ...,
+        group_ttl: float = ...,
     ) -> None: ...
     def open(
         self,
@@ -153,7 +154,7 @@ class Broker:
     def connections(self, cursor: int = 0, count: int = 100) -> dict[str, Any]:
         """One page of connections: ``{"connections": [...], "next": cursor}``, next 0 at the end."""
     def groups(self, cursor: int = 0, count: int = 100) -> dict[str, Any]:
-        """One page of consumer groups, newest first: ``{"groups": [...], "next": cursor}``, next 0 at the end."""
+        """One page of consumer groups, newest first: ``{"groups": [...], "next": cursor}``, 0 at the end."""
     @property
     def limits(self) -> dict[str, Any]:
         """Every limit of this broker, by keyword."""

@@ -158,7 +158,9 @@ NACK_USAGE = b"usage: NACK <client_id> <tag>|<first>-<last> [<delay_ms>]"
 UNSUBSCRIBE_USAGE = b"usage: UNSUBSCRIBE <client_id> <topic>"
 DESTROY_USAGE = b"usage: DESTROY <client_id> <topic_or_pattern> GROUP <name>"
 GROUP_NAME_MAX = 64
-GROUP_NAME_RULE = b"group name must be 1 to 64 bytes without whitespace, control, format or separator characters"
+GROUP_NAME_RULE = (
+    b"group name must be 1 to 64 bytes without whitespace, control, format or separator characters"
+)
 BAD_PATTERN = b"'>' may only be the last token of a pattern"
 PREFETCH_MAX = 1_000_000
 NACK_DELAY_MAX = 86_400_000  # a day, in milliseconds
@@ -509,7 +511,12 @@ class ModelBroker:
                     self._close_later(c, "idle timeout", flush=not c.paused)
         now = time.monotonic()
         for g in self._groups():
-            if g.group is not None and not g.rotation and g.idle_since and now - g.idle_since >= self.group_ttl:
+            if (
+                g.group is not None
+                and not g.rotation
+                and g.idle_since
+                and now - g.idle_since >= self.group_ttl
+            ):
                 self.count["groups_expired"] += 1
                 self._end_group(g)
         self._settle()
@@ -524,10 +531,11 @@ class ModelBroker:
             i = 0
             while i < len(c.subscriptions):
                 s = c.subscriptions[i]
-                if any(pattern_matches(p, s.topic.name) for p in c.may_subscribe):
+                subscribed = s.topic.pattern or s.topic.name  # a group: its topic or pattern
+                if any(pattern_matches(p, subscribed) for p in c.may_subscribe):
                     i += 1
                     continue
-                name = s.topic.name.decode("utf-8", "replace")
+                name = subscribed.decode("utf-8", "replace")
                 who = f"user {user!r} ({c.client_id.decode()})"
                 self._warn(f"{who}: subscription to {name!r} ended: no longer allowed")
                 # as UNSUBSCRIBE: out of the rotation, what it holds back to the others; pinned: the
@@ -864,8 +872,8 @@ class ModelBroker:
             self._error(c, "usage", SUBSCRIBE_USAGE)
             return
         cid, name, *options = args
-        group = self._group_option(c, options, SUBSCRIBE_USAGE)
-        if group is False:
+        ok, group = self._group_option(c, options, SUBSCRIBE_USAGE)
+        if not ok:
             return
         mode = self._subscribe_options(c, options)
         if (
@@ -904,20 +912,20 @@ class ModelBroker:
         self._reply(c, b"SUBSCRIBED " + name)
         self._serve(t)
 
-    def _group_option(self, c: Conn, options: list[bytes], usage: bytes) -> bytes | None | bool:
-        """Take a leading ``GROUP <name>`` off options: the name, None when there is none, False after
-        the ERROR."""
+    def _group_option(self, c: Conn, options: list[bytes], usage: bytes) -> tuple[bool, bytes | None]:
+        """Take a leading ``GROUP <name>`` off options: (True, the name or None when there is none), or
+        (False, None) after the ERROR."""
         if not options or options[0].lower() != b"group":
-            return None
+            return True, None
         if len(options) < 2:
             self._error(c, "usage", usage)
-            return False
+            return False, None
         name = options[1]
         if len(name) > GROUP_NAME_MAX or topic_problem(name):
             self._error(c, "bad_topic", GROUP_NAME_RULE)
-            return False
+            return False, None
         del options[:2]
-        return name
+        return True, name
 
     def _valid_pattern(self, c: Conn, name: bytes) -> bool:
         if b">" in name.split(b".")[:-1]:
@@ -946,8 +954,8 @@ class ModelBroker:
             self._error(c, "usage", UNSUBSCRIBE_USAGE)
             return
         cid, name, *options = args
-        group = self._group_option(c, options, UNSUBSCRIBE_USAGE)
-        if group is False:
+        ok, group = self._group_option(c, options, UNSUBSCRIBE_USAGE)
+        if not ok:
             return
         if options:
             self._error(c, "usage", UNSUBSCRIBE_USAGE)
@@ -1017,7 +1025,9 @@ class ModelBroker:
         backlog is checked before anything changes."""
         targets = groups + ([t] if t.rotation else [])
         for q in targets:
-            if len(q.backlog) >= self.max_backlog and (q.backlog or not any([self._can_take(s) for s in q.rotation])):
+            if len(q.backlog) >= self.max_backlog and (
+                q.backlog or not any([self._can_take(s) for s in q.rotation])
+            ):
                 self._warn_full(q)
                 if c.sub_of(q) is None:
                     c.held_topic = q
@@ -1050,13 +1060,17 @@ class ModelBroker:
             self._error(c, "usage", DESTROY_USAGE)
             return
         cid, name, *options = args
-        group = self._group_option(c, options, DESTROY_USAGE)
-        if group is False:
+        ok, group = self._group_option(c, options, DESTROY_USAGE)
+        if not ok:
             return
         if group is None or options:
             self._error(c, "usage", DESTROY_USAGE)
             return
-        if not self._own_id(c, cid) or not self._valid_topic(c, name) or not self._may(c, c.may_subscribe, name):
+        if (
+            not self._own_id(c, cid)
+            or not self._valid_topic(c, name)
+            or not self._may(c, c.may_subscribe, name)
+        ):
             return
         g = self.topics_held.get(name + b" " + group)
         if g is None or not g.registered:

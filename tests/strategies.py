@@ -164,7 +164,9 @@ def command(
     elif kind == "gsub":
         line = sep.join([_case(b"SUBSCRIBE", style), draw(ids), draw(group_patterns)]) + draw(group_options)
     elif kind == "gunsub":
-        line = sep.join([_case(b"UNSUBSCRIBE", style), draw(ids), draw(group_patterns)]) + draw(unsubscribe_groups)
+        line = sep.join([_case(b"UNSUBSCRIBE", style), draw(ids), draw(group_patterns)]) + draw(
+            unsubscribe_groups
+        )
     elif kind == "destroy":
         line = sep.join([_case(b"DESTROY", style), draw(ids), draw(group_patterns)]) + draw(destroy_groups)
     elif kind == "ack":

@@ -161,7 +161,8 @@ def test_hello_before_connect(make: Make) -> None:
     fresh = Client(b, c.events, connect=False)
     fresh.send("HELLO", "HELLO me")
     assert fresh.take() == (
-        b'HELLO {"protocol":1,"max_line":4096,"topic_max":255,"idle_timeout":30.0,"features":["ack","groups","wildcards"]}\n'
+        b'HELLO {"protocol":1,"max_line":4096,"topic_max":255,"idle_timeout":30.0,'
+        b'"features":["ack","groups","wildcards"]}\n'
         b"ERROR USAGE usage: HELLO\n"
     )
 

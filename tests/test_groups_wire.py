@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pigeon.testing import LineClient, ServerProcess
+from tests.test_monitoring import scrape
 
 
 def messages(client: LineClient, n: int) -> list[str]:
@@ -32,7 +33,8 @@ def stats(client: LineClient, section: str = "") -> Any:
 def topic_entry(client: LineClient, name: str) -> dict[str, Any]:
     entries = [t for t in stats(client, "TOPICS 0 1000")["topics"] if t["name"] == name]
     assert len(entries) == 1, entries
-    return entries[0]
+    entry: dict[str, Any] = entries[0]
+    return entry
 
 
 def group_entry(client: LineClient, pattern: str, group: str | None) -> dict[str, Any]:
@@ -40,7 +42,8 @@ def group_entry(client: LineClient, pattern: str, group: str | None) -> dict[str
         g for g in stats(client, "GROUPS 0 1000")["groups"] if (g["pattern"], g["group"]) == (pattern, group)
     ]
     assert len(entries) == 1, entries
-    return entries[0]
+    entry: dict[str, Any] = entries[0]
+    return entry
 
 
 def until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
@@ -78,7 +81,10 @@ def test_two_groups_each_get_every_message_shared_inside(connect: Callable[[], L
     # the topic keeps nothing that groups took: with every copy delivered, nothing holds it
     assert [t for t in stats(pub, "TOPICS")["topics"] if t["name"] == "orders"] == []
     # while a group holds a copy, the topic's entry lists its groups
-    assert shipping[0].ask(f"UNSUBSCRIBE {shipping[0].client_id} orders GROUP shipping") == b"UNSUBSCRIBED orders"
+    assert (
+        shipping[0].ask(f"UNSUBSCRIBE {shipping[0].client_id} orders GROUP shipping")
+        == b"UNSUBSCRIBED orders"
+    )
     pub.publish("orders", "o6")
     assert messages(billing[0], 1) == ["orders o6"]
     groups = {g["group"]: g for g in topic_entry(pub, "orders")["groups"]}
@@ -200,7 +206,9 @@ def test_wildcards_and_their_edges(connect: Callable[[], LineClient]) -> None:
     assert bad == b"ERROR BAD_TOPIC '>' may only be the last token of a pattern"
 
 
-def test_a_wildcard_default_group_keeps_nothing_without_subscribers(connect: Callable[[], LineClient]) -> None:
+def test_a_wildcard_default_group_keeps_nothing_without_subscribers(
+    connect: Callable[[], LineClient],
+) -> None:
     sub, pub = connect(), connect()
     subscribe(sub, "logs.*")
     assert sub.ask(f"UNSUBSCRIBE {sub.client_id} logs.*") == b"UNSUBSCRIBED logs.*"
@@ -283,3 +291,18 @@ def test_groups_survive_a_restart(start_server: Callable[..., ServerProcess], tm
         ("b", 0, 0),
         ("p", 0, 0),
     ]
+
+
+def test_metrics_count_groups(monitored: tuple[ServerProcess, str]) -> None:
+    proc, url = monitored
+    c = proc.client()
+    c.connect()
+    subscribe(c, "t GROUP g")
+    subscribe(c, "t.*")
+    assert c.ask(f"UNSUBSCRIBE {c.client_id} t GROUP g") == b"UNSUBSCRIBED t"
+    assert c.ask(f"DESTROY {c.client_id} t GROUP g") == b"DESTROYED t g"
+    samples = scrape(url)
+    assert samples[("pigeon_groups", ())] == 1  # the default group of t.*
+    assert samples[("pigeon_wildcard_subscriptions", ())] == 1
+    assert samples[("pigeon_groups_destroyed_total", ())] == 1
+    assert samples[("pigeon_commands_total", (("command", "destroy"),))] == 1

@@ -1,7 +1,9 @@
 """``pigeon-cli bench``: an end-to-end load generator for a running broker.
 
 Workloads: ``pipe`` (1 publisher, 1 subscriber), ``queue`` (1 publisher, K
-subscribers sharing a topic), ``fanin`` (P publishers over T topics, one
+subscribers sharing a topic), ``fanout`` (1 publisher, K subscribers that each get
+every message: Pigeon consumer groups, NATS and Redis plain subscriptions;
+deliveries per second), ``fanin`` (P publishers over T topics, one
 subscriber per topic), ``ackqueue`` (1 publisher, K consumers acknowledging in
 batches, ``pigeon.bench.acking``), ``latency`` (one message in flight, publish to
 delivery) and ``connections`` (N idle connections with one subscription each,
@@ -54,7 +56,7 @@ from pigeon.cli.common import Subparsers, add_tls, positive
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 
 DESCRIPTION = "Measure a running broker: throughput, latency and memory per connection."
-WORKLOADS = ("pipe", "queue", "fanin", "ackqueue", "latency", "connections")
+WORKLOADS = ("pipe", "queue", "fanout", "fanin", "ackqueue", "latency", "connections")
 DURABLE_WORKLOADS = ("durable", "durable_ackqueue4")  # run only when named, against a durable broker
 CONFIRM_WINDOW = 1000  # durable: unconfirmed messages the publisher may have
 ACK_DIALECTS: dict[str, type[AckDialect]] = {
@@ -302,8 +304,10 @@ def run_throughput(
     topics: int,
     subscribers: int,
     group: bool,
+    fanout: bool = False,
 ) -> Result:
-    """Pipelined publishing; messages per second counted as they reach the subscribers."""
+    """Pipelined publishing; messages per second counted as they reach the subscribers (with
+    ``fanout`` each subscriber gets every message, and each delivery counts)."""
     d = dialect(opts.dialect)
     tag = _run_tag()
     payload = b"x" * opts.size
@@ -318,7 +322,10 @@ def run_throughput(
         for i in range(subscribers):
             conn = d.connect(opts.host, opts.port, tls)
             subs.append(conn)
-            d.subscribe(conn, d.handshake(conn), _topic(tag, i % topics), group)
+            if fanout:
+                d.subscribe_fanout(conn, d.handshake(conn), _topic(tag, i % topics), i)
+            else:
+                d.subscribe(conn, d.handshake(conn), _topic(tag, i % topics), group)
         chunks = []
         for i in range(publishers):
             conn = d.connect(opts.host, opts.port, tls)
@@ -327,7 +334,9 @@ def run_throughput(
         _blocking(*(conn.sock for conn in subs + pubs))
         with _threads() as threads:
             for i, conn in enumerate(subs):
-                _start(threads, _count_lines, conn.sock, delivered, i, windows[i % topics])
+                # fanning out, the first subscriber alone paces the publisher (they all get the same)
+                window = windows[i % topics] if not fanout or i == 0 else None
+                _start(threads, _count_lines, conn.sock, delivered, i, window)
             for i, conn in enumerate(pubs):
                 _start(threads, _count_lines, conn.sock, acked, i)
                 _start(threads, _publish_loop, conn.sock, chunks[i], opts.batch, windows[i % topics], stop)
@@ -343,7 +352,7 @@ def run_throughput(
         stop.set()
         for conn in subs + pubs:
             conn.sock.close()
-    note = f"{publishers} pub, {topics} topic(s), {subscribers} sub"
+    note = f"{publishers} pub, {topics} topic(s), {subscribers} sub" + (", each gets all" if fanout else "")
     per_cpu = rate * 100.0 / cpu if cpu else None
     return Result(workload, msgs_per_s=rate, broker_cpu_percent=cpu, msgs_per_cpu_s=per_cpu, note=note)
 
@@ -608,6 +617,19 @@ def run(opts: Options, workloads: Sequence[str]) -> list[Result]:
             results.append(
                 run_throughput(
                     opts, probe, name, publishers=1, topics=1, subscribers=opts.subscribers, group=True
+                )
+            )
+        elif name == "fanout":
+            results.append(
+                run_throughput(
+                    opts,
+                    probe,
+                    name,
+                    publishers=1,
+                    topics=1,
+                    subscribers=opts.subscribers,
+                    group=False,
+                    fanout=True,
                 )
             )
         elif name == "fanin":

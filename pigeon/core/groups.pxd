@@ -36,7 +36,8 @@ ctypedef struct GroupIndex:
     uint64_t dropped        # group copies dropped because their group ended
     uint64_t expired        # named groups ended by --group-ttl
     uint64_t destroyed      # ... by DESTROY
-    Topic *first            # every registered group
+    Topic *first            # every registered group, the last registered first
+    uint64_t serials        # registrations so far (Topic.serial of a group)
     double ttl              # --group-ttl, seconds
 
 
@@ -50,6 +51,7 @@ cdef Topic *group_recover(Broker b, const char *key, size_t n) noexcept
 cdef void group_left(Broker b, Topic *g) noexcept
 cdef void group_end(Broker b, Topic *g) noexcept
 cdef void groups_expire(Broker b) noexcept
+cdef void groups_recovered(Broker b) noexcept
 cdef int32_t groups_of(Broker b, Topic *t) noexcept
 cdef bint group_drops(Broker b, Msg *msg) noexcept
 cdef list groups_report(Broker b, Topic *t)

@@ -116,8 +116,8 @@ cdef int _register(Broker b, Topic *g) noexcept:
         _prune(b, key, klen)
         return -1
     node.refs += 1
-    b.topic_table.serials += 1
-    g.serial = b.topic_table.serials     # copies go to groups in the order they were registered
+    gi.serials += 1
+    g.serial = gi.serials       # copies go to groups in the order they were registered
     g.registered = True
     g.group_prev = NULL
     g.group_next = gi.first
@@ -259,6 +259,18 @@ cdef void groups_expire(Broker b) noexcept:
         nxt = g.group_next
         if g.kind == GROUP_NAMED and g.nsubs == 0 and g.idle_since and now - g.idle_since >= b.group_index.ttl:
             b.group_index.expired += 1
+            group_end(b, g)
+        g = nxt
+
+
+cdef void groups_recovered(Broker b) noexcept:
+    """After a log's replay: a pattern's default group keeps nothing without a subscriber, so the
+    ones the log made again end (their copies dropped, recorded as done)."""
+    cdef Topic *g = b.group_index.first
+    cdef Topic *nxt
+    while g != NULL:
+        nxt = g.group_next
+        if g.kind == GROUP_WILDCARD and g.nsubs == 0:
             group_end(b, g)
         g = nxt
 

@@ -630,6 +630,7 @@ cdef tuple recovery_finish(Broker b, Recovery *r):
     if r.max_seq > b.next_seq:
         b.next_seq = r.max_seq
     b.log.rotate_next = True    # new records go to a new segment: the last one may end torn
+    groups_recovered(b)
     topics = 0
     t = touched
     while t != NULL:

@@ -26,10 +26,10 @@ from pigeon._core import Broker
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 from pigeon.server.limits import (
     DEFAULT_ACK_TIMEOUT,
+    DEFAULT_GROUP_TTL,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_BACKLOG,
     DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_GROUP_TTL,
     DEFAULT_MAX_DELIVERIES,
     DEFAULT_MAX_LINE,
     DEFAULT_MAX_MEMORY,
