@@ -1033,6 +1033,7 @@ class ModelBroker:
                     c.held_topic = q
                     q.waiters.append(c)
                     self.count["publish_holds"] += 1
+                    self._forget_if_unused(t)  # made for this PUBLISH, which runs again later
                     return True
                 self.count["refused"] += 1
                 full = b"backlog full (%d messages) for topic" % self.max_backlog

@@ -394,7 +394,7 @@ def hello_line() -> bytes:
 
 
 STATS_PAGE = 1000  # the most entries the server puts in one page of STATS TOPICS or CONNECTIONS
-STATS_SECTIONS = ("topics", "connections")
+STATS_SECTIONS = ("topics", "connections", "groups")
 
 
 def stats_line(section: str | None = None, cursor: int = 0) -> bytes:

@@ -180,7 +180,8 @@ class Client(ClientBase):
     def stats(self, section: str) -> list[dict[str, Any]]: ...
 
     def stats(self, section: str | None = None) -> dict[str, Any] | list[dict[str, Any]]:
-        """The server's figures (``STATS``), or every entry of ``"topics"`` or ``"connections"``.
+        """The server's figures (``STATS``), or every entry of a listing: ``"topics"``, ``"connections"``
+        or ``"groups"``.
 
         A section's listing is read page by page until the server says it is complete.
         """
