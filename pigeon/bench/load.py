@@ -56,8 +56,9 @@ from pigeon.cli.common import Subparsers, add_tls, positive
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 
 DESCRIPTION = "Measure a running broker: throughput, latency and memory per connection."
-WORKLOADS = ("pipe", "queue", "fanout", "fanin", "ackqueue", "latency", "connections")
+WORKLOADS = ("pipe", "queue", "fanin", "ackqueue", "latency", "connections")
 DURABLE_WORKLOADS = ("durable", "durable_ackqueue4")  # run only when named, against a durable broker
+NAMED_WORKLOADS = ("fanout",)  # run only when named (Pigeon's needs consumer groups, issue 15)
 CONFIRM_WINDOW = 1000  # durable: unconfirmed messages the publisher may have
 ACK_DIALECTS: dict[str, type[AckDialect]] = {
     d.name: d for d in (PigeonAcks, JetStreamAcks, RedisStreamAcks, RabbitAcks)
@@ -704,7 +705,7 @@ def write_chart(series: Mapping[str, Sequence[Result]], path: str) -> None:
 
     workloads = [
         w
-        for w in WORKLOADS + DURABLE_WORKLOADS
+        for w in WORKLOADS + NAMED_WORKLOADS + DURABLE_WORKLOADS
         if any(r.workload == w and r.msgs_per_s for rs in series.values() for r in rs)
     ]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -724,8 +725,8 @@ def write_chart(series: Mapping[str, Sequence[Result]], path: str) -> None:
 def _workload_list(text: str) -> list[str]:
     names = [w.strip() for w in text.split(",") if w.strip()]
     for name in names:
-        if name not in WORKLOADS + DURABLE_WORKLOADS:
-            known = ", ".join(WORKLOADS + DURABLE_WORKLOADS)
+        if name not in WORKLOADS + NAMED_WORKLOADS + DURABLE_WORKLOADS:
+            known = ", ".join(WORKLOADS + NAMED_WORKLOADS + DURABLE_WORKLOADS)
             raise argparse.ArgumentTypeError(f"unknown workload {name!r}; choose from {known}")
     return names
 
@@ -755,7 +756,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_workload_list,
         default=list(WORKLOADS),
         metavar="LIST",
-        help=f"comma-separated, from {','.join(WORKLOADS + DURABLE_WORKLOADS)} "
+        help=f"comma-separated, from {','.join(WORKLOADS + NAMED_WORKLOADS + DURABLE_WORKLOADS)} "
         f"(default {','.join(WORKLOADS)})",
     )
     parser.add_argument(
