@@ -459,13 +459,10 @@ cdef int _publish_groups(Broker b, int32_t h, Topic *t, const char *data, size_t
     _accepted(b, h, t)
     for i in range(targets):
         q = _target(t, i, k)
-        msg = msg_new(b, q, data, n)
+        msg = msg_copy_new(b, q, t, data, n) if q != t else msg_new(b, t, data, n)
         if msg == NULL:
             b.counters.lost += 1
             continue
-        if q != t:
-            msg.origin = t
-            t.refs += 1
         if b.log.durable and (log_publish_copy(b, msg) if q != t else log_publish(b, msg.seq, t, data, n, 0)) < 0:
             msg_release(b, msg)
             b.counters.lost += 1

@@ -210,7 +210,8 @@ cdef Topic *group_recover(Broker b, const char *key, size_t n) noexcept:
     from the restart); NULL when out of memory or the key is not one."""
     cdef const char *space = <const char *>memchr(key, b' ', n)
     cdef Topic *g
-    if space == NULL or space == key or n - (space - key) - 1 > <size_t>GROUP_NAME_MAX:
+    if (space == NULL or topic_problem(key, space - key) != TOPIC_OK
+            or n - (space - key) - 1 > <size_t>GROUP_NAME_MAX):
         return NULL
     g = _group_add(b, -1, key, n, space - key)
     if g != NULL and g.kind == GROUP_NAMED and g.nsubs == 0 and g.idle_since == 0:

@@ -182,7 +182,7 @@ cdef int log_publish(Broker b, uint64_t seq, Topic *t, const char *data, size_t 
 cdef int log_publish_copy(Broker b, Msg *msg) noexcept:
     """Record a group's copy of a message: its topic field is ``<topic> <group key>``; -1 when
     out of memory."""
-    return _log_publish(b, msg.seq, msg.origin, msg.topic, msg_data(msg), msg.len, msg.attempt)
+    return _log_publish(b, msg.seq, msg_origin(msg), msg.topic, msg_data(msg), msg.len, msg.attempt)
 
 
 cdef inline size_t record_name_len(Topic *t, Topic *group) noexcept:
@@ -536,12 +536,12 @@ cdef str _apply(Broker b, Recovery *r, const char *body, size_t n):
             if group == NULL:
                 topics_drop_if_unused(b, t)
                 return "a PUBLISH record with a bad group"
-        msg = msg_new(b, group if group != NULL else t, body + 27 + name_len, length)
+        if group != NULL:
+            msg = msg_copy_new(b, group, t, body + 27 + name_len, length)
+        else:
+            msg = msg_new(b, t, body + 27 + name_len, length)
         if msg == NULL:
             raise MemoryError()
-        if group != NULL:
-            msg.origin = t
-            t.refs += 1
         msg.seq = seq
         msg.attempt = attempt
         if _recovered(b, r, seq, msg) < 0:
@@ -618,7 +618,7 @@ cdef tuple recovery_finish(Broker b, Recovery *r):
         b.backlog_bytes += msg.len
         b.log.live += 1
         b.log.live_bytes += publish_record_size(
-            record_name_len(msg.origin, t if msg.origin != t else NULL), msg.len)
+            record_name_len(msg_origin(msg), t if msg_origin(msg) != t else NULL), msg.len)
         j = _epoch_of(&b.log, msg.seq)
         if j < b.log.nepochs:
             b.log.epoch_live[j] += 1

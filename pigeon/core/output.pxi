@@ -253,8 +253,9 @@ cdef bint out_deliver(Broker b, int32_t h, Msg *msg) noexcept:
     False when h's output cannot grow: h is broken and the message is back at the head of its topic.
     """
     cdef Topic *t = msg.topic
-    cdef size_t line_len = 8 + msg.origin.name_len + 1 + msg.len + 1
-    cdef char *line = _message_line(b, h, msg.origin, msg_data(msg), msg.len)
+    cdef Topic *origin = msg_origin(msg)
+    cdef size_t line_len = 8 + origin.name_len + 1 + msg.len + 1
+    cdef char *line = _message_line(b, h, origin, msg_data(msg), msg.len)
     if line == NULL or not _note_inflight(b, h, msg, t, line, line_len, 0, msg.seq):
         backlog_push(b, msg, True)
         return False
