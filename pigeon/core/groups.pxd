@@ -6,7 +6,8 @@
 # group, `<pattern> ` for the default group of a wildcard pattern (a space
 # never occurs in a topic, so keys and topics cannot meet). The default group
 # of an exact topic is the topic itself (v1). A group's copies of messages are
-# records of their own (Msg.topic the group, Msg.origin the topic published to).
+# records of their own (Msg.topic the group; msg_origin, stored past the payload, the topic published
+# to, which the delivery line names and which the copy keeps alive).
 #
 # Registered groups are indexed by pattern in a trie with one node per pattern
 # prefix (`a`, `a.*`, `a.*.>`), the nodes in a hash table of their own keyed by
