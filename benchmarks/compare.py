@@ -42,6 +42,7 @@ from pigeon.bench.load import (
     ACK_DIALECTS,
     DURABLE_WORKLOADS,
     LATENCY_STEP,
+    NAMED_WORKLOADS,
     WORKLOADS,
     BrokerProbe,
     LatencySession,
@@ -53,7 +54,7 @@ from pigeon.bench.load import (
 )
 from pigeon.server.limits import raise_open_files_limit
 
-THROUGHPUT = ("pipe", "queue", "fanin")
+THROUGHPUT = ("pipe", "queue", "fanout", "fanin")
 PEERS = ("nats", "redis", "rabbitmq")
 ACK_TARGETS = (("queue", 0.7), ("peers", 3.0))  # ackqueue >= 0.7 x Pigeon's queue, >= 3 x the fastest peer
 # durable: (Pigeon flavour, at least this many times, the other) for the workload ``durable``
@@ -272,8 +273,11 @@ def verdicts(table: Table) -> list[tuple[str, str, float | None, bool | None]]:
             return None
         return r.msgs_per_cpu_s if per_cpu else r.msgs_per_s
 
-    targets = [(w, need, nats, "nats") for w, need in (("pipe", 1.25), ("queue", 1.25), ("fanin", 1.0))]
-    targets += [(w, 2.0, redis, "redis") for w in THROUGHPUT]
+    targets = [
+        (w, need, nats, "nats")
+        for w, need in (("pipe", 1.25), ("queue", 1.25), ("fanout", 1.25), ("fanin", 1.0))
+    ]
+    targets += [(w, 2.0, redis, "redis") for w in THROUGHPUT if w != "fanout"]
     for w, need, peer, peer_name in targets:
         ratio = _ratio(tput(pigeon, w), tput(peer, w))
         per_cpu = _ratio(tput(pigeon, w, True), tput(peer, w, True))
@@ -341,7 +345,7 @@ def format_table(table: Table) -> str:
         ("p99.9 us", "p999_us", 1.0, 1),
         ("bytes/conn", "bytes_per_connection", 1.0, 0),
     )
-    for w in WORKLOADS:
+    for w in WORKLOADS + NAMED_WORKLOADS:
         for label, attr, scale, digits in figures:
             values: dict[str, float | None] = {
                 n: (getattr(r, attr) if (r := _get(table.results[n], w)) else None) for n in names
@@ -397,7 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64, help="message bytes (default 64)")
     parser.add_argument("--connections", type=int, default=5000, help="idle connections (default 5000)")
     parser.add_argument("--samples", type=int, default=20000, help="latency samples (default 20000)")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
+    parser.add_argument(
+        "--workloads", default=",".join(WORKLOADS + NAMED_WORKLOADS), help="comma-separated subset"
+    )
     parser.add_argument("--broker-cpu", type=int, default=0, help="CPU for the brokers (default 0)")
     parser.add_argument("--client-cpu", type=int, default=1, help="CPU for the load generator (default 1)")
     parser.add_argument(

@@ -5,7 +5,8 @@ operations (open, read with or without a flush, flush, pause, resume, EOF,
 close, ticks, transports that fill up, pause their connection, drain or fail,
 walks of the topic and connection pages, well-formed commands among them
 SUBSCRIBE ... ACK [PREFETCH n], and ACK or NACK of the tags a connection
-holds, single or as ranges, or of tags it does not; with authentication,
+holds, single or as ranges, or of tags it does not; consumer groups and
+wildcard patterns (SUBSCRIBE ... GROUP, DESTROY, STATS GROUPS); with authentication,
 CONNECT with the credentials of tests/harness.USERS or wrong ones, logins
 answered later, identities granted before CONNECT or again while connected,
 topics on the edges of the users' patterns; protocol 2: HELLO 2 and framed PUB
@@ -37,13 +38,13 @@ with atheris.instrument_imports(include=["tests"]):
     from tests.harness import USERS, Peer, Session
 
 # The version of the input format below; a saved regression starts with the line REGRESSION_HEADER.
-# Inputs of formats 2 (before acknowledgements), 3 (before authentication) and 4 (before protocol 2)
-# still replay, as they were read then.
-FORMAT = 5
+# Inputs of formats 2 (before acknowledgements), 3 (before authentication), 4 (before protocol 2) and
+# 5 (before consumer groups and wildcards) still replay, as they were read then.
+FORMAT = 6
 FORMATS = (2, 3, 4, 5)
 REGRESSION_HEADER = b"pigeon-fuzz %d\n" % FORMAT
 MEMORY_NEVER_FULL = 1 << 40  # the model does not count memory (tests/model.py)
-OPERATIONS = {2: 18, 3: 19, 4: 21, 5: 22}
+OPERATIONS = {2: 18, 3: 19, 4: 21, 5: 22, 6: 22}
 # well-formed commands, so that sessions route messages; <me> is the connection's own client id
 COMMANDS_2 = (
     b"CONNECT",
@@ -85,6 +86,24 @@ COMMANDS[4] = (
     b"STATS CONNECTIONS",
 )
 COMMANDS[5] = (*COMMANDS[4], b"HELLO 2", b"HELLO 2", b"HELLO 1", b"HELLO ")
+COMMANDS[6] = (
+    *COMMANDS[5],
+    b"SUBSCRIBE <me> %s GROUP g1",
+    b"SUBSCRIBE <me> %s GROUP g2 ACK",
+    b"SUBSCRIBE <me> %s GROUP g1 ACK PREFETCH ",
+    b"SUBSCRIBE <me> %s.*",
+    b"SUBSCRIBE <me> %s.> GROUP g2",
+    b"SUBSCRIBE <me> *.%s",
+    b"SUBSCRIBE <me> >",
+    b"UNSUBSCRIBE <me> %s GROUP g1",
+    b"UNSUBSCRIBE <me> %s.*",
+    b"UNSUBSCRIBE <me> %s.> GROUP g2",
+    b"DESTROY <me> %s GROUP g1",
+    b"DESTROY <me> %s.> GROUP g2",
+    b"PUBLISH <me> %s.b ",
+    b"PUBLISH <me> b.%s ",
+    b"STATS GROUPS",
+)
 USER_NAMES = sorted(USERS)
 MAX_PAYLOADS = (0, 5, 1 << 20)
 MAX_BACKLOG_BYTES = (0, 8, 30, 1 << 30)
@@ -126,6 +145,9 @@ class Input:
     the topic, a read for the payload (any bytes), one for how its count
     relates to it (FRAME_COUNTS), one for the line ends (CRLF or LF after the
     header, after the payload) and one for whether a flush follows.
+    Format 6 adds the commands of consumer groups and wildcards: SUBSCRIBE and
+    UNSUBSCRIBE with GROUP and with patterns (`*`, `>`), DESTROY, PUBLISH to
+    topics the patterns match, STATS GROUPS.
     """
 
     def __init__(self, data: bytes, version: int = FORMAT) -> None:

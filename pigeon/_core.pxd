@@ -7,6 +7,7 @@
 #   core/messages    message records and backlog rings
 #   core/topics      the topic table and round robin
 #   core/subs        subscriptions: plain or acknowledged, with a prefetch window
+#   core/groups      consumer groups and wildcard patterns: the pattern trie, per-topic resolution
 #   core/acks        acknowledged delivery: unacknowledged lists, ACK/NACK, redelivery,
 #                    dead letters, delays
 #   core/conns       connection state
@@ -33,6 +34,7 @@ include "core/memory.pxd"
 include "core/messages.pxd"
 include "core/topics.pxd"
 include "core/subs.pxd"
+include "core/groups.pxd"
 include "core/acks.pxd"
 include "core/conns.pxd"
 include "core/output.pxd"
@@ -50,6 +52,7 @@ cdef class Broker:
     cdef Memory mem
     cdef MsgPool pool
     cdef TopicTable topic_table
+    cdef GroupIndex group_index     # consumer groups and wildcard patterns
     cdef ConnTable conns
     cdef Outbox outbox
     cdef ReadBuffer rbuf

@@ -31,6 +31,7 @@ include "core/memory.pxi"
 include "core/messages.pxi"
 include "core/topics.pxi"
 include "core/subs.pxi"
+include "core/groups.pxi"
 include "core/conns.pxi"
 include "core/output.pxi"
 include "core/acks.pxi"
@@ -89,10 +90,10 @@ cdef class Broker:
         self.now = monotonic()
         self.conns.next_client_id = 1
         self.pool.keep = min(<size_t>POOL_KEEP_MAX, self.limit.max_memory // 16)
-        if topics_init(&self.mem, &self.topic_table) < 0:
+        if topics_init(&self.mem, &self.topic_table) < 0 or groups_init(self) < 0:
             raise MemoryError()
         # persistence, auth and tls are the server's: it says which are on (durable, auth, tls)
-        features = ["ack", "binary"]
+        features = ["ack", "binary", "groups", "wildcards"]
         features += [name for name, on in (("persistence", durable), ("auth", auth), ("tls", tls)) if on]
         hello = {
             "protocol": 1,
@@ -132,16 +133,20 @@ cdef class Broker:
             conn_free(self, h)
         delayed_free(self)
         if self.topic_table.buckets != NULL:
+            # every message first: a group's copy holds the topic it was published to
+            for i in range(self.topic_table.nbuckets):
+                t = self.topic_table.buckets[i]
+                while t != NULL:
+                    while t.backlog.count:
+                        msg_release(self, queue_pop(&t.backlog))
+                    t = t.next
             for i in range(self.topic_table.nbuckets):
                 t = self.topic_table.buckets[i]
                 while t != NULL:
                     nxt = t.next
-                    while t.backlog.count:
-                        msg_release(self, queue_pop(&t.backlog))
-                    queue_free_ring(&self.mem, &t.backlog)
-                    mem_free(&self.mem, t.subs, t.subs_cap * sizeof(Sub *))
-                    mem_free(&self.mem, t, sizeof(Topic) + t.name_len)
+                    topic_free(self, t)
                     t = nxt
+        groups_free(self)
         log_free(self)
         pool_clear(&self.pool, &self.mem)
         mem_free(&self.mem, self.topic_table.buckets, self.topic_table.nbuckets * sizeof(Topic *))
@@ -491,6 +496,8 @@ cdef class Broker:
                     self.counters.idle_closed += 1
                     out_error(self, h, ERR_IDLE_TIMEOUT, "idle timeout")
                     close_later(self, h, "idle timeout", not c.paused)
+        if self.group_index.count:
+            groups_expire(self)
         flow_memory_freed(self)     # output the transports took since the last tick freed memory
         self._settle()
 
@@ -525,6 +532,11 @@ cdef class Broker:
         Each topic: name, subscribers, backlog depth and bytes, published, delivered.
         """
         return topics_page(self, cursor, count)
+
+    def groups(self, uint64_t cursor=0, size_t count=STATS_PAGE_DEFAULT):
+        """One page of the consumer groups, newest first: ``{"groups": [...], "next": cursor}`` (next 0
+        at the end; the cursor is a registration serial, see STATS GROUPS)."""
+        return groups_page(self, cursor, count)
 
     def connections(self, size_t cursor=0, size_t count=STATS_PAGE_DEFAULT):
         """One page of connections: ``{"connections": [...], "next": cursor}`` (next 0 at the end)."""

@@ -163,6 +163,16 @@ class PayloadTooLargeError(CommandError):
     the server skipped the payload and the connection goes on."""
 
     CODE = "PAYLOAD_TOO_LARGE"
+class NoSuchGroupError(CommandError):
+    """``DESTROY`` of a consumer group the server does not hold (never made, expired or destroyed)."""
+
+    CODE = "NO_SUCH_GROUP"
+
+
+class GroupInUseError(CommandError):
+    """``DESTROY`` of a consumer group that still has subscribers; nothing changed."""
+
+    CODE = "GROUP_IN_USE"
 
 
 class ClosingError(CommandError):
@@ -225,6 +235,8 @@ ERROR_CLASSES: dict[str, type[CommandError]] = {
         PermissionDeniedError,
         PayloadTooLargeError,
         BadFrameError,
+        NoSuchGroupError,
+        GroupInUseError,
     )
     if cls.CODE is not None
 }

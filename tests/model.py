@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -112,6 +113,7 @@ COMMANDS = (
     "hello",
     "ack",
     "nack",
+    "destroy",
 )
 ERRORS = (
     "usage",
@@ -135,6 +137,8 @@ ERRORS = (
     "permission_denied",
     "payload_too_large",
     "bad_frame",
+    "no_such_group",
+    "group_in_use",
 )
 # the log's figures of a broker without --data-dir (the model has no log: tests/test_store_wire.py)
 NO_LOG = {
@@ -165,6 +169,13 @@ CONNECT_USAGE = b"usage: CONNECT [<user> <password>]"
 SUBSCRIBE_USAGE = b"usage: SUBSCRIBE <client_id> <topic> [ACK [PREFETCH <n>]]"
 ACK_USAGE = b"usage: ACK <client_id> <tag>|<first>-<last>"
 NACK_USAGE = b"usage: NACK <client_id> <tag>|<first>-<last> [<delay_ms>]"
+UNSUBSCRIBE_USAGE = b"usage: UNSUBSCRIBE <client_id> <topic>"
+DESTROY_USAGE = b"usage: DESTROY <client_id> <topic_or_pattern> GROUP <name>"
+GROUP_NAME_MAX = 64
+GROUP_NAME_RULE = (
+    b"group name must be 1 to 64 bytes without whitespace, control, format or separator characters"
+)
+BAD_PATTERN = b"'>' may only be the last token of a pattern"
 PREFETCH_MAX = 1_000_000
 NACK_DELAY_MAX = 86_400_000  # a day, in milliseconds
 DEAD_SUFFIX = b".dead"
@@ -175,7 +186,11 @@ BLANKS = b" \t"
 
 @dataclass(eq=False)
 class Topic:
-    """A topic while anything holds it: its rotation, whose turn is next, its backlog."""
+    """A topic while anything holds it: its rotation, whose turn is next, its backlog.
+
+    A consumer group is one too, named ``<pattern> <name>`` (``<pattern> `` for the default group of
+    a wildcard pattern): its own rotation and backlog.
+    """
 
     name: bytes
     rotation: list[Sub] = field(default_factory=list)
@@ -194,6 +209,16 @@ class Topic:
     redelivered: int = 0
     dead_lettered: int = 0
     warned: bool = False  # backlog-full warning given since the backlog last emptied
+    pattern: bytes = b""  # a group: the pattern it subscribes to
+    group: bytes | None = None  # a group: its name, None for a plain topic or a wildcard's default group
+    registered: bool = False  # a group that messages reach (from its first SUBSCRIBE until it ends)
+    serial: int = 0  # a group: when it was registered (copies go to groups in that order)
+    idle_since: float = 0.0  # a named group: when its last subscriber left (monotonic), 0 while it has some
+    copies: int = 0  # groups' copies of its messages not yet settled or dropped: they keep it
+
+    @property
+    def is_group(self) -> bool:
+        return bool(self.pattern)
 
 
 @dataclass(eq=False)
@@ -201,8 +226,14 @@ class Message:
     """A message: its body, its topic, and how often it was delivered on an acknowledged subscription."""
 
     payload: bytes
-    topic: Topic
+    topic: Topic  # where it waits: a topic, or a group's copy in its group
     attempt: int = 0
+    origin: Topic | None = None  # a group's copy: the topic it was published to
+
+    @property
+    def name(self) -> bytes:
+        """The topic named in its delivery line: the one it was published to."""
+        return (self.origin or self.topic).name
 
 
 @dataclass(eq=False)
@@ -310,6 +341,8 @@ class ModelBroker:
         self.write_timeout = float(given["write_timeout"])
         self.default_prefetch: int = given["default_prefetch"]
         self.max_deliveries: int = given["max_deliveries"]
+        self.group_ttl = float(given["group_ttl"])
+        self.serials = 0  # groups registered so far
         self.idle_ticks = math.ceil(self.idle_timeout / tick_interval)
         self.write_ticks = math.ceil(self.write_timeout / tick_interval)
         self.on_output: Callable[[], object] | None = None
@@ -363,6 +396,9 @@ class ModelBroker:
                 "auth_failures",
                 "logins",
                 "v1_altered",
+                "groups_expired",
+                "groups_destroyed",
+                "group_copies_dropped",
             ),
             0,
         )
@@ -495,6 +531,16 @@ class ModelBroker:
                     self.count["idle_closed"] += 1
                     self._error(c, "idle_timeout", b"idle timeout")
                     self._close_later(c, "idle timeout", flush=not c.paused)
+        now = time.monotonic()
+        for g in self._groups():
+            if (
+                g.group is not None
+                and not g.rotation
+                and g.idle_since
+                and now - g.idle_since >= self.group_ttl
+            ):
+                self.count["groups_expired"] += 1
+                self._end_group(g)
         self._settle()
 
     def grant(self, h: int, user: str, publish: list[str], subscribe: list[str], admin: bool = False) -> None:
@@ -507,10 +553,11 @@ class ModelBroker:
             i = 0
             while i < len(c.subscriptions):
                 s = c.subscriptions[i]
-                if any(pattern_matches(p, s.topic.name) for p in c.may_subscribe):
+                subscribed = s.topic.pattern or s.topic.name  # a group: its topic or pattern
+                if any(pattern_matches(p, subscribed) for p in c.may_subscribe):
                     i += 1
                     continue
-                name = s.topic.name.decode("utf-8", "replace")
+                name = subscribed.decode("utf-8", "replace")
                 who = f"user {user!r} ({c.client_id.decode()})"
                 self._warn(f"{who}: subscription to {name!r} ended: no longer allowed")
                 # as UNSUBSCRIBE: out of the rotation, what it holds back to the others; pinned: the
@@ -567,7 +614,11 @@ class ModelBroker:
         """The server-wide figures, but for those in NOT_STATED."""
         return {
             "connections": len(self.conns),
-            "topics": len(self.topics_held),
+            "topics": sum(1 for t in self.topics_held.values() if not t.is_group),
+            "groups": len(self._groups()),
+            "wildcard_subscriptions": sum(
+                1 for c in self.conns.values() for s in c.subscriptions if is_pattern(s.topic.pattern)
+            ),
             "backlog_messages": sum(len(t.backlog) for t in self.topics_held.values()),
             "backlog_bytes": sum(map(len, self._backlogged())),
             "memory_in_transports_bytes": sum(c.in_transport for c in self.conns.values()),
@@ -586,12 +637,22 @@ class ModelBroker:
 
     def topics(self, cursor: int = 0, count: int = STATS_PAGE_DEFAULT) -> dict[str, Any]:
         """A page of topics in name order; the cursor is a position in that order."""
-        names = sorted(self.topics_held)
+        names = sorted(name for name, t in self.topics_held.items() if not t.is_group)
         page = names[cursor : cursor + count]
         after = cursor + count
         return {
             "topics": [self._topic_entry(self.topics_held[name]) for name in page],
             "next": after if after < len(names) else 0,
+        }
+
+    def groups(self, cursor: int = 0, count: int = STATS_PAGE_DEFAULT) -> dict[str, Any]:
+        """A page of the registered groups, newest first; the cursor is the registration serial of the
+        last one listed (0: from the newest)."""
+        newest_first = [g for g in reversed(self._groups()) if not cursor or g.serial < cursor]
+        page = newest_first[:count]
+        return {
+            "groups": [self._group_entry(g) for g in page],
+            "next": page[-1].serial if len(newest_first) > count else 0,
         }
 
     def connections(self, cursor: int = 0, count: int = STATS_PAGE_DEFAULT) -> dict[str, Any]:
@@ -607,6 +668,26 @@ class ModelBroker:
             yield from (m.payload for m in t.backlog)
 
     def _topic_entry(self, t: Topic) -> dict[str, Any]:
+        entry = self._topic_figures(t)
+        groups = self._groups_of(t)
+        if groups:
+            entry["groups"] = [self._group_entry(g) for g in groups]
+        return entry
+
+    def _group_entry(self, g: Topic) -> dict[str, Any]:
+        return {
+            "pattern": g.pattern.decode("utf-8", "replace"),
+            "group": None if g.group is None else g.group.decode("utf-8", "replace"),
+            "subscribers": len(g.rotation),
+            "backlog_messages": len(g.backlog),
+            "backlog_bytes": sum(len(m.payload) for m in g.backlog),
+            "delivered": g.delivered,
+            "unacked": g.unacked,
+            "acked": g.acked,
+            "redelivered": g.redelivered,
+        }
+
+    def _topic_figures(self, t: Topic) -> dict[str, Any]:
         return {
             "name": t.name.decode("utf-8", "replace"),
             "subscribers": len(t.rotation),
@@ -776,6 +857,8 @@ class ModelBroker:
             self._on_stats(c, args)
         elif kind == "hello":
             self._on_hello(c, args)
+        elif kind == "destroy":
+            self._on_destroy(c, args)
         elif args:
             self._error(c, "usage", b"usage: " + kind.upper().encode())
         elif kind == "ping":
@@ -797,7 +880,14 @@ class ModelBroker:
             "topic_max": TOPIC_MAX,
             "idle_timeout": self.idle_timeout,
             "max_payload": self.max_payload,
-            "features": ["ack", "binary", *(["auth"] if self.auth else []), *(["tls"] if self.tls else [])],
+            "features": [
+                "ack",
+                "binary",
+                "groups",
+                "wildcards",
+                *(["auth"] if self.auth else []),
+                *(["tls"] if self.tls else []),
+            ],
         }
         self._reply(c, b"HELLO " + json.dumps(about, separators=(",", ":")).encode())
 
@@ -867,16 +957,22 @@ class ModelBroker:
             self._error(c, "usage", SUBSCRIBE_USAGE)
             return
         cid, name, *options = args
+        ok, group = self._group_option(c, options, SUBSCRIBE_USAGE)
+        if not ok:
+            return
         mode = self._subscribe_options(c, options)
         if (
             mode is None
             or not self._own_id(c, cid)
             or not self._valid_topic(c, name)
             or not self._may(c, c.may_subscribe, name)
+            or not self._valid_pattern(c, name)
         ):
             return
         ack, prefetch = mode
-        t = self.topics_held.get(name)
+        grouped = group is not None or is_pattern(name)
+        key = name + b" " + (group or b"") if grouped else name
+        t = self.topics_held.get(key)
         s = c.sub_of(t)
         if s is not None:
             t = s.topic
@@ -886,9 +982,13 @@ class ModelBroker:
                 self._error(c, "too_many_subscriptions", limit)
                 return
             if t is None:
-                t = self._new_topic(c, name)
+                t = self._new_topic(c, key)
                 if t is None:
                     return
+                if grouped:
+                    t.pattern, t.group = name, group
+            if grouped:
+                self._register(t)
             s = Sub(t, c)
             t.rotation.append(s)
             c.subscriptions.append(s)
@@ -896,6 +996,27 @@ class ModelBroker:
         s.ack, s.prefetch = ack, prefetch
         self._reply(c, b"SUBSCRIBED " + name)
         self._serve(t)
+
+    def _group_option(self, c: Conn, options: list[bytes], usage: bytes) -> tuple[bool, bytes | None]:
+        """Take a leading ``GROUP <name>`` off options: (True, the name or None when there is none), or
+        (False, None) after the ERROR."""
+        if not options or options[0].lower() != b"group":
+            return True, None
+        if len(options) < 2:
+            self._error(c, "usage", usage)
+            return False, None
+        name = options[1]
+        if len(name) > GROUP_NAME_MAX or topic_problem(name):
+            self._error(c, "bad_topic", GROUP_NAME_RULE)
+            return False, None
+        del options[:2]
+        return True, name
+
+    def _valid_pattern(self, c: Conn, name: bytes) -> bool:
+        if b">" in name.split(b".")[:-1]:
+            self._error(c, "bad_topic", BAD_PATTERN)
+            return False
+        return True
 
     def _subscribe_options(self, c: Conn, options: list[bytes]) -> tuple[bool, int | None] | None:
         """(acknowledged, prefetch) from nothing, ``ACK`` or ``ACK PREFETCH <n>``; None after the ERROR."""
@@ -914,13 +1035,20 @@ class ModelBroker:
         return None
 
     def _on_unsubscribe(self, c: Conn, args: list[bytes]) -> None:
-        if len(args) != 2:
-            self._error(c, "usage", b"usage: UNSUBSCRIBE <client_id> <topic>")
+        if len(args) < 2:
+            self._error(c, "usage", UNSUBSCRIBE_USAGE)
             return
-        cid, name = args
+        cid, name, *options = args
+        ok, group = self._group_option(c, options, UNSUBSCRIBE_USAGE)
+        if not ok:
+            return
+        if options:
+            self._error(c, "usage", UNSUBSCRIBE_USAGE)
+            return
         if not self._own_id(c, cid) or not self._valid_topic(c, name):
             return
-        s = c.sub_of(self.topics_held.get(name))
+        grouped = group is not None or is_pattern(name)
+        s = c.sub_of(self.topics_held.get(name + b" " + (group or b"") if grouped else name))
         if s is None:
             self._error_quoting(c, "not_subscribed", b"not subscribed to", name)
             return
@@ -956,6 +1084,9 @@ class ModelBroker:
                 return False
         elif not self._may(c, c.may_publish, name):
             return False
+        groups = self._groups_of(t)
+        if groups:
+            return self._publish_groups(c, t, groups, message)
         if not t.backlog:
             to = self._next_taker(t)
             if to is not None:
@@ -991,6 +1122,115 @@ class ModelBroker:
             return f"backlog full ({self.max_backlog} messages)"
         return f"backlog full ({self.max_backlog_bytes} bytes)"
 
+    def _publish_groups(self, c: Conn, t: Topic, groups: list[Topic], payload: bytes) -> bool:
+        """A copy to each group, and to t itself when it has subscribers; True when it waits: every
+        backlog is checked before anything changes."""
+        targets = groups + ([t] if t.rotation else [])
+        for q in targets:
+            if self._backlog_at_limit(q):
+                self._warn_full(q)
+                if c.sub_of(q) is None:
+                    c.held_topic = q
+                    q.waiters.append(c)
+                    self.count["publish_holds"] += 1
+                    self._forget_if_unused(t)  # made for this PUBLISH, which runs again later
+                    return True
+                self.count["refused"] += 1
+                full = self._backlog_full_text(q).encode() + b" for topic"
+                self._error_quoting(c, "backlog_full", full, q.name)
+                self._forget_if_unused(t)
+                return False
+        self._accepted(c, t)
+        for q in targets:
+            if q is not t:
+                q.published += 1
+            copy = Message(payload, q, origin=t if q is not t else None)
+            if q is not t:
+                t.copies += 1
+            to = self._next_taker(q) if not q.backlog else None
+            if to is not None:
+                self._deliver(to, copy)
+                continue
+            q.backlog.append(copy)
+            self.count["backlogged"] += 1
+            self._serve(q)
+        return False
+
+    def _on_destroy(self, c: Conn, args: list[bytes]) -> None:
+        if len(args) < 2:
+            self._error(c, "usage", DESTROY_USAGE)
+            return
+        cid, name, *options = args
+        ok, group = self._group_option(c, options, DESTROY_USAGE)
+        if not ok:
+            return
+        if group is None or options:
+            self._error(c, "usage", DESTROY_USAGE)
+            return
+        if (
+            not self._own_id(c, cid)
+            or not self._valid_topic(c, name)
+            or not self._may(c, c.may_subscribe, name)
+        ):
+            return
+        g = self.topics_held.get(name + b" " + group)
+        if g is None or not g.registered:
+            self._error_quoting(c, "no_such_group", b"no such group on", name)
+            return
+        if g.rotation:
+            self._error_quoting(c, "group_in_use", b"group has %d subscriber(s) on" % len(g.rotation), name)
+            return
+        self.count["groups_destroyed"] += 1
+        g.pins += 1
+        self._end_group(g)
+        self._reply(c, b"DESTROYED " + g.name)
+        g.pins -= 1
+        self._forget_if_unused(g)
+
+    # ---------------------------------------------------------------- groups
+
+    def _groups(self) -> list[Topic]:
+        """The registered groups, in the order they were registered."""
+        return sorted((t for t in self.topics_held.values() if t.registered), key=lambda g: g.serial)
+
+    def _groups_of(self, t: Topic) -> list[Topic]:
+        """The groups whose pattern matches t's name, in the order they were registered."""
+        return [g for g in self._groups() if pattern_matches(g.pattern, t.name)]
+
+    def _register(self, g: Topic) -> None:
+        g.idle_since = 0.0
+        if not g.registered:
+            self.serials += 1
+            g.registered, g.serial = True, self.serials
+
+    def _end_group(self, g: Topic) -> None:
+        """g ends: no message reaches it any more; its backlog is dropped, its publishers woken."""
+        g.registered = False
+        self.count["group_copies_dropped"] += len(g.backlog)
+        dropped = list(g.backlog)
+        g.backlog.clear()
+        for message in dropped:
+            self._copy_done(message)
+        if g.waiters:
+            self._wake(g)
+        self._forget_if_unused(g)
+
+    def _back_to(self, message: Message) -> bool:
+        """Whether a copy coming back can go to its group (False: the group ended, it is dropped)."""
+        t = message.topic
+        if t.is_group and not t.registered:
+            self.count["group_copies_dropped"] += 1
+            self._copy_done(message)
+            return False
+        return True
+
+    def _copy_done(self, message: Message) -> None:
+        """A group's copy is settled or dropped: it holds its topic no more."""
+        origin, message.origin = message.origin, None
+        if origin is not None:
+            origin.copies -= 1
+            self._forget_if_unused(origin)
+
     def _warn_full(self, t: Topic) -> None:
         """Tell the operator once, until the backlog empties again."""
         if not t.warned:
@@ -1020,7 +1260,7 @@ class ModelBroker:
         cursor = numbers[0] if numbers else 0
         count = numbers[1] if len(numbers) > 1 else STATS_PAGE_DEFAULT
         if (
-            section not in ("topics", "connections")
+            section not in ("topics", "connections", "groups")
             or len(args) > 3
             or cursor is None
             or count is None
@@ -1035,6 +1275,10 @@ class ModelBroker:
 
     def _page(self, section: str, cursor: int, count: int) -> dict[str, Any]:
         """A STATS page: the model's own, or the core's choice of entries with the model's figures."""
+        if section == "groups":
+            if self.unstated is not None:
+                self.unstated()  # the core's reply, which the model states whole
+            return self.groups(cursor, count)
         if self.unstated is None:
             return self.topics(cursor, count) if section == "topics" else self.connections(cursor, count)
         key = "name" if section == "topics" else "address"
@@ -1103,6 +1347,7 @@ class ModelBroker:
             message = self._unlink(c, e)
             message.topic.acked += 1
             self._forget_if_unused(message.topic)
+            self._copy_done(message)
         self.count["acks"] += len(settled)
         self._serve_touched(touched)
         return len(settled)
@@ -1152,12 +1397,13 @@ class ModelBroker:
         t.redelivered += 1
         self.count["redelivered"] += 1
         self.count["backlogged"] += 1
-        t.backlog.appendleft(message)
+        if self._back_to(message):
+            t.backlog.appendleft(message)
 
     def _dead_letter(self, message: Message) -> None:
         """To the tail of <topic>.dead as a new message; dropped when that topic cannot take it."""
-        t = message.topic
-        name = t.name + DEAD_SUFFIX
+        t, origin = message.topic, message.origin
+        name = message.name + DEAD_SUFFIX  # a group's copy: the dead letters of its topic
         dead = None
         if len(name) <= TOPIC_MAX:
             dead = self.topics_held.get(name)
@@ -1165,16 +1411,21 @@ class ModelBroker:
                 dead = self.topics_held[name] = Topic(name)
         if dead is None or len(dead.backlog) >= self.max_backlog:
             self.count["dead_letters_dropped"] += 1
+            self._copy_done(message)
             self._forget_if_unused(t)
             if dead is not None:
                 self._forget_if_unused(dead)
             return
         t.dead_lettered += 1
         self.count["dead_lettered"] += 1
-        message.topic, message.attempt = dead, 0
+        message.topic, message.attempt, message.origin = dead, 0, None
+        if origin is not None:
+            origin.copies -= 1
         dead.published += 1
         self.count["backlogged"] += 1
         dead.backlog.append(message)
+        if origin is not None:
+            self._forget_if_unused(origin)
         self._forget_if_unused(t)
         self._serve(dead)
 
@@ -1215,9 +1466,9 @@ class ModelBroker:
         t.in_flight += 1
         if not s.ack:
             if c.framed:
-                head = b"MSG %s %d\n" % (t.name, len(message.payload))
+                head = b"MSG %s %d\n" % (message.name, len(message.payload))
             else:
-                head = b"MESSAGE " + t.name + b" "
+                head = b"MESSAGE " + message.name + b" "
             c.unsent.append(Line(head + self._payload(c, message.payload) + b"\n", t, message))
             self._wait(c)
             return
@@ -1227,9 +1478,9 @@ class ModelBroker:
         s.unacked += 1
         t.unacked += 1
         if c.framed:
-            head = b"DMSG %s %d %d %d\n" % (t.name, c.next_tag, message.attempt, len(message.payload))
+            head = b"DMSG %s %d %d %d\n" % (message.name, c.next_tag, message.attempt, len(message.payload))
         else:
-            head = b"DELIVER %s %d %d " % (t.name, c.next_tag, message.attempt)
+            head = b"DELIVER %s %d %d " % (message.name, c.next_tag, message.attempt)
         c.unsent.append(Line(head + self._payload(c, message.payload) + b"\n", t, message, c.next_tag))
         self._wait(c)
 
@@ -1302,6 +1553,8 @@ class ModelBroker:
                 line.topic.delivered += 1
                 line.topic.in_flight -= 1
                 self._forget_if_unused(line.topic)
+                if not line.tag and line.message is not None:
+                    self._copy_done(line.message)
         self.count["bytes_out"] += len(data)
         c.bytes_out += len(data)
         self._ask_transport(c)
@@ -1358,7 +1611,8 @@ class ModelBroker:
                     continue
                 self._unlink(c, e)
                 message.attempt -= 1
-            t.backlog.appendleft(message)
+            if self._back_to(message):
+                t.backlog.appendleft(message)
             self.count["requeued"] += 1
             self.count["backlogged"] += 1
         c.unsent = [] if how == "drop" else [line for line in c.unsent if id(line) not in given]
@@ -1470,12 +1724,20 @@ class ModelBroker:
         last = c.subscriptions.pop()
         if j < len(c.subscriptions):
             c.subscriptions[j] = last
+        if t.registered and not t.rotation:
+            # its last subscriber left: a named group's --group-ttl starts, a wildcard default group ends
+            if t.group is None:
+                self._end_group(t)
+            else:
+                t.idle_since = time.monotonic()
         self._forget_if_unused(t)
 
     def _forget_if_unused(self, t: Topic) -> None:
         """A topic exists while it has subscribers or messages (or a publisher waits for it)."""
         if (
             not t.rotation
+            and not t.registered
+            and not t.copies
             and not t.backlog
             and not (t.in_flight or t.unacked or t.delayed or t.pins or t.waiters or t.touched)
             and self.topics_held.get(t.name) is t
@@ -1495,6 +1757,11 @@ def pattern_matches(pattern: bytes, name: bytes) -> bool:
             and bool(b".".join(have[len(head) :]))
         )
     return len(want) == len(have) and _tokens_match(want, have)
+
+
+def is_pattern(name: bytes) -> bool:
+    """Whether a name has a wildcard token: SUBSCRIBE to it joins a pattern's group."""
+    return any(token in (b"*", b">") for token in name.split(b".")) if name else False
 
 
 def _tokens_match(want: list[bytes], have: list[bytes]) -> bool:

@@ -39,6 +39,9 @@ stats_lines = st.sampled_from(
         b"STATS TOPICS 0 1001",
         b"STATS TOPICS x",
         b"STATS TOPICS 0 5 6",
+        b"STATS GROUPS",
+        b"STATS groups 0 1",
+        b"STATS GROUPS 3 2",
     ]
 )
 
@@ -110,6 +113,30 @@ logins = st.sampled_from(
 pattern_topics = st.sampled_from([b"a", b"a.b", b"a.b.c", b"b.a", b"a.", b"b", b"a.dead", "\u00e9".encode()])
 
 
+# consumer groups and wildcards (issue 15): patterns and exact topics to subscribe to, with their
+# edge cases (`*` against empty tokens, `>` alone, `>` not last), topics to publish to, group options
+group_patterns = st.sampled_from(
+    [b"a", b"a.b", b"a.*", b"a.>", b">", b"*", b"*.b", b"a.*.c", b"a..b", b"a.", b"a.>.b", b"a*"]
+)
+group_topics = st.sampled_from([b"a", b"a.b", b"a.c", b"a.b.c", b"b", b"a..b", b"a.", b"a.*", b"x.b", b"a*"])
+group_options = st.sampled_from(
+    [
+        b"",
+        b" GROUP g1",
+        b" group g2",
+        b" GROUP g1 ACK",
+        b" GROUP g2 ACK PREFETCH 1",
+        b" GROUP g1 ACK PREFETCH 0",
+        b" GROUP",
+        b" GROUP " + b"x" * 65,
+        b" GROUP \xff",
+        b" GROUP g1 EXTRA",
+    ]
+)
+unsubscribe_groups = st.sampled_from([b"", b" GROUP g1", b" GROUP g2", b" GROUP", b" GROUP g1 x"])
+destroy_groups = st.sampled_from([b" GROUP g1", b" GROUP g2", b" group g1", b"", b" GROUP", b" GROUP g1 x"])
+
+
 def _case(word: bytes, style: int) -> bytes:
     return (word, word.lower(), word.capitalize())[style]
 
@@ -156,7 +183,7 @@ def command(
     broker's, which a test of one connection on a shared server cannot predict).
     """
     kinds = ["pub", "pub", "frame", "sub", "sub", "unsub", "ping", "hello", "connect", "junk", "ack", "ack"]
-    kinds.append("nack")
+    kinds += ["nack", "gpub", "gsub", "gunsub", "destroy"]
     kinds += (["bye"] if bye else []) + (["stats"] if stats else [])
     kind = draw(st.sampled_from(kinds))
     sep = draw(separators)
@@ -167,6 +194,16 @@ def command(
         line = sep.join([_case(b"PUBLISH", style), draw(ids), draw(topics)]) + b" " + draw(messages)
     elif kind == "sub":
         line = sep.join([_case(b"SUBSCRIBE", style), draw(ids), draw(topics)]) + draw(subscribe_options)
+    elif kind == "gpub":
+        line = sep.join([_case(b"PUBLISH", style), draw(ids), draw(group_topics)]) + b" " + draw(messages)
+    elif kind == "gsub":
+        line = sep.join([_case(b"SUBSCRIBE", style), draw(ids), draw(group_patterns)]) + draw(group_options)
+    elif kind == "gunsub":
+        line = sep.join([_case(b"UNSUBSCRIBE", style), draw(ids), draw(group_patterns)]) + draw(
+            unsubscribe_groups
+        )
+    elif kind == "destroy":
+        line = sep.join([_case(b"DESTROY", style), draw(ids), draw(group_patterns)]) + draw(destroy_groups)
     elif kind == "ack":
         line = sep.join([_case(b"ACK", style), draw(ids), draw(tag_specs)])
     elif kind == "nack":

@@ -253,3 +253,20 @@ def test_bench_without_psutil_says_what_to_install(server: ServerProcess) -> Non
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.splitlines() == ["bench: needs psutil: pip install 'pigeon-broker[bench]'"]
+
+
+def test_sub_group_joins_a_consumer_group_on_a_pattern(server: ServerProcess, start_sub: StartSub) -> None:
+    first = start_sub("orders.*", "--group", "billing", "--count", "2", "--json")
+    other = start_sub("orders.*", "--group", "shipping", "--count", "2")
+    with Client(server.host, server.port) as client:
+        client.publish("orders.eu", "one")
+        client.publish("orders.us", "two")
+    out, err = first.communicate(timeout=30)
+    assert first.returncode == 0, err
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"topic": "orders.eu", "data": "one"},
+        {"topic": "orders.us", "data": "two"},
+    ]
+    out, err = other.communicate(timeout=30)
+    assert other.returncode == 0, err
+    assert out.splitlines() == ["one", "two"]  # each group gets every message

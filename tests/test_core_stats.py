@@ -61,6 +61,7 @@ def test_commands_and_errors_are_counted_by_kind() -> None:
         "hello": 0,
         "ack": 0,
         "nack": 0,
+        "destroy": 0,
         "unknown": 1,
     }
     assert stats["errors"] == {
@@ -85,6 +86,8 @@ def test_commands_and_errors_are_counted_by_kind() -> None:
         "permission_denied": 0,
         "payload_too_large": 0,
         "bad_frame": 0,
+        "no_such_group": 0,
+        "group_in_use": 0,
     }
     assert list(stats["commands"]) == list(COMMAND_NAMES)
     assert list(stats["errors"]) == list(ERROR_NAMES)

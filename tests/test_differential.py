@@ -40,8 +40,12 @@ from tests.strategies import (
     FRAME_SHAPES,
     GOOD_TOPICS,
     command,
+    destroy_groups,
     frame,
     good_topics,
+    group_options,
+    group_patterns,
+    group_topics,
     hello_lines,
     logins,
     messages,
@@ -269,6 +273,29 @@ class CoreVsModel(RuleBasedStateMachine):
         else:
             self.session.pause(victim)
         self.session.flush()
+
+    @rule(i=picks, pattern=group_patterns, options=group_options)
+    def join_group(self, i: int, pattern: bytes, options: bytes) -> None:
+        """SUBSCRIBE to a pattern or an exact topic, in a named group or the default one."""
+        self._send(self.session.live(i), b"SUBSCRIBE <me> " + pattern + options + b"\n")
+
+    @rule(i=picks, pattern=group_patterns, group=st.sampled_from([b"", b" GROUP g1", b" GROUP g2"]))
+    def leave_group(self, i: int, pattern: bytes, group: bytes) -> None:
+        self._send(self.session.live(i), b"UNSUBSCRIBE <me> " + pattern + group + b"\n")
+
+    @rule(i=picks, pattern=group_patterns, group=destroy_groups)
+    def destroy_group(self, i: int, pattern: bytes, group: bytes) -> None:
+        self._send(self.session.live(i), b"DESTROY <me> " + pattern + group + b"\n")
+
+    @rule(
+        i=picks,
+        items=st.lists(st.tuples(group_topics, messages), min_size=1, max_size=8),
+        flush=st.booleans(),
+    )
+    def publish_to_groups(self, i: int, items: list[tuple[bytes, bytes]], flush: bool) -> None:
+        """Messages to topics that patterns and groups match (fan-out, backlogs of groups)."""
+        lines = b"".join(b"PUBLISH <me> " + topic + b" " + body + b"\n" for topic, body in items)
+        self._send(self.session.live(i), lines, flush=flush)
 
     @rule(i=picks, topic=good_topics)
     def unsubscribe(self, i: int, topic: bytes) -> None:

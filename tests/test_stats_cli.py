@@ -53,6 +53,20 @@ def test_stats_tables(server: ServerProcess) -> None:
     pub.close()
 
 
+def test_stats_groups_table(server: ServerProcess) -> None:
+    member = server.client()
+    member.connect()
+    for line in ("SUBSCRIBE {} orders GROUP billing ACK", "SUBSCRIBE {} orders.*"):
+        assert member.ask(line.format(member.client_id)).startswith(b"SUBSCRIBED ")
+    member.publish("orders", "one")
+    assert member.line().startswith(b"DELIVER orders 1 1 one")
+    groups = rows(cli("stats", "groups", "--port", str(server.port)).stdout)
+    assert groups["TOPIC"] == ["OR", "PATTERN", "GROUP", "SUBS", "BACKLOG", "DELIVERED", "UNACKED"]
+    assert groups["orders"] == ["billing", "1", "0", "1", "1"]
+    assert groups["orders.*"] == ["-", "1", "0", "0", "0"]
+    member.close()
+
+
 def test_stats_reports_an_unreachable_broker() -> None:
     with socket.socket() as probe:  # a port nobody listens on: bound, then released
         probe.bind(("127.0.0.1", 0))

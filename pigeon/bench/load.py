@@ -1,7 +1,9 @@
 """``pigeon-cli bench``: an end-to-end load generator for a running broker.
 
 Workloads: ``pipe`` (1 publisher, 1 subscriber), ``queue`` (1 publisher, K
-subscribers sharing a topic), ``fanin`` (P publishers over T topics, one
+subscribers sharing a topic), ``fanout`` (1 publisher, K subscribers that each get
+every message: Pigeon consumer groups, NATS and Redis plain subscriptions;
+deliveries per second), ``fanin`` (P publishers over T topics, one
 subscriber per topic), ``ackqueue`` (1 publisher, K consumers acknowledging in
 batches, ``pigeon.bench.acking``), ``latency`` (one message in flight, publish to
 delivery) and ``connections`` (N idle connections with one subscription each,
@@ -56,6 +58,7 @@ from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 DESCRIPTION = "Measure a running broker: throughput, latency and memory per connection."
 WORKLOADS = ("pipe", "queue", "fanin", "ackqueue", "latency", "connections")
 DURABLE_WORKLOADS = ("durable", "durable_ackqueue4")  # run only when named, against a durable broker
+NAMED_WORKLOADS = ("fanout",)  # run only when named (Pigeon's needs consumer groups, issue 15)
 CONFIRM_WINDOW = 1000  # durable: unconfirmed messages the publisher may have
 ACK_DIALECTS: dict[str, type[AckDialect]] = {
     d.name: d for d in (PigeonAcks, JetStreamAcks, RedisStreamAcks, RabbitAcks)
@@ -303,8 +306,10 @@ def run_throughput(
     topics: int,
     subscribers: int,
     group: bool,
+    fanout: bool = False,
 ) -> Result:
-    """Pipelined publishing; messages per second counted as they reach the subscribers."""
+    """Pipelined publishing; messages per second counted as they reach the subscribers (with
+    ``fanout`` each subscriber gets every message, and each delivery counts)."""
     d = dialect(opts.dialect)
     tag = _run_tag()
     payload = b"x" * opts.size
@@ -319,7 +324,10 @@ def run_throughput(
         for i in range(subscribers):
             conn = d.connect(opts.host, opts.port, tls)
             subs.append(conn)
-            d.subscribe(conn, d.handshake(conn), _topic(tag, i % topics), group)
+            if fanout:
+                d.subscribe_fanout(conn, d.handshake(conn), _topic(tag, i % topics), i)
+            else:
+                d.subscribe(conn, d.handshake(conn), _topic(tag, i % topics), group)
         chunks = []
         for i in range(publishers):
             conn = d.connect(opts.host, opts.port if opts.pub_port is None else opts.pub_port, tls)
@@ -328,7 +336,9 @@ def run_throughput(
         _blocking(*(conn.sock for conn in subs + pubs))
         with _threads() as threads:
             for i, conn in enumerate(subs):
-                _start(threads, _count_lines, conn.sock, delivered, i, windows[i % topics])
+                # fanning out, the first subscriber alone paces the publisher (they all get the same)
+                window = windows[i % topics] if not fanout or i == 0 else None
+                _start(threads, _count_lines, conn.sock, delivered, i, window)
             for i, conn in enumerate(pubs):
                 _start(threads, _count_lines, conn.sock, acked, i)
                 _start(threads, _publish_loop, conn.sock, chunks[i], opts.batch, windows[i % topics], stop)
@@ -344,7 +354,7 @@ def run_throughput(
         stop.set()
         for conn in subs + pubs:
             conn.sock.close()
-    note = f"{publishers} pub, {topics} topic(s), {subscribers} sub"
+    note = f"{publishers} pub, {topics} topic(s), {subscribers} sub" + (", each gets all" if fanout else "")
     per_cpu = rate * 100.0 / cpu if cpu else None
     return Result(workload, msgs_per_s=rate, broker_cpu_percent=cpu, msgs_per_cpu_s=per_cpu, note=note)
 
@@ -611,6 +621,19 @@ def run(opts: Options, workloads: Sequence[str]) -> list[Result]:
                     opts, probe, name, publishers=1, topics=1, subscribers=opts.subscribers, group=True
                 )
             )
+        elif name == "fanout":
+            results.append(
+                run_throughput(
+                    opts,
+                    probe,
+                    name,
+                    publishers=1,
+                    topics=1,
+                    subscribers=opts.subscribers,
+                    group=False,
+                    fanout=True,
+                )
+            )
         elif name == "fanin":
             results.append(
                 run_throughput(
@@ -683,7 +706,7 @@ def write_chart(series: Mapping[str, Sequence[Result]], path: str) -> None:
 
     workloads = [
         w
-        for w in WORKLOADS + DURABLE_WORKLOADS
+        for w in WORKLOADS + NAMED_WORKLOADS + DURABLE_WORKLOADS
         if any(r.workload == w and r.msgs_per_s for rs in series.values() for r in rs)
     ]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -703,8 +726,8 @@ def write_chart(series: Mapping[str, Sequence[Result]], path: str) -> None:
 def _workload_list(text: str) -> list[str]:
     names = [w.strip() for w in text.split(",") if w.strip()]
     for name in names:
-        if name not in WORKLOADS + DURABLE_WORKLOADS:
-            known = ", ".join(WORKLOADS + DURABLE_WORKLOADS)
+        if name not in WORKLOADS + NAMED_WORKLOADS + DURABLE_WORKLOADS:
+            known = ", ".join(WORKLOADS + NAMED_WORKLOADS + DURABLE_WORKLOADS)
             raise argparse.ArgumentTypeError(f"unknown workload {name!r}; choose from {known}")
     return names
 
@@ -741,7 +764,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_workload_list,
         default=list(WORKLOADS),
         metavar="LIST",
-        help=f"comma-separated, from {','.join(WORKLOADS + DURABLE_WORKLOADS)} "
+        help=f"comma-separated, from {','.join(WORKLOADS + NAMED_WORKLOADS + DURABLE_WORKLOADS)} "
         f"(default {','.join(WORKLOADS)})",
     )
     parser.add_argument(

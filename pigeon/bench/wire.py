@@ -84,6 +84,12 @@ class Dialect:
         conn.sock.sendall(b"SUBSCRIBE %s %s\n" % (client_id, topic))
         conn.expect(b"SUBSCRIBED ")
 
+    def subscribe_fanout(self, conn: LineSocket, client_id: bytes, topic: bytes, index: int) -> None:
+        """Subscribe so that every subscriber of the topic gets every message: a consumer group of
+        its own per subscriber (Pigeon's topics share among their plain subscribers)."""
+        conn.sock.sendall(b"SUBSCRIBE %s %s GROUP g%d\n" % (client_id, topic, index))
+        conn.expect(b"SUBSCRIBED ")
+
     def publish(self, client_id: bytes, topic: bytes, payload: bytes) -> bytes:
         """One PUBLISH command, framed."""
         return b"PUBLISH %s %s %s\n" % (client_id, topic, payload)
@@ -129,6 +135,10 @@ class NatsDialect(Dialect):
         conn.sock.sendall(b"SUB %s%s 1\r\nPING\r\n" % (topic, queue))
         conn.expect(b"PONG")
 
+    def subscribe_fanout(self, conn: LineSocket, client_id: bytes, topic: bytes, index: int) -> None:
+        """A plain subscription: every one gets every message."""
+        self.subscribe(conn, client_id, topic, False)
+
     def publish(self, client_id: bytes, topic: bytes, payload: bytes) -> bytes:
         return b"PUB %s %d\r\n%s\r\n" % (topic, len(payload), payload)
 
@@ -153,6 +163,10 @@ class RedisDialect(Dialect):
         conn.sock.sendall(resp(b"SUBSCRIBE", topic))
         for _ in range(6):  # *3, $9, subscribe, $n, <channel>, :<count>
             conn.line()
+
+    def subscribe_fanout(self, conn: LineSocket, client_id: bytes, topic: bytes, index: int) -> None:
+        """Pub/sub channels fan out by themselves."""
+        self.subscribe(conn, client_id, topic, False)
 
     def publish(self, client_id: bytes, topic: bytes, payload: bytes) -> bytes:
         return resp(b"PUBLISH", topic, payload)

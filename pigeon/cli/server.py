@@ -73,6 +73,12 @@ _LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
         "BYTES",
         "largest payload of a framed PUB (protocol 2); a larger one gets ERROR PAYLOAD_TOO_LARGE",
     ),
+    (
+        "group_ttl",
+        "SECONDS",
+        "a named consumer group (SUBSCRIBE ... GROUP) and its backlog live on this long after its last "
+        "subscriber left",
+    ),
 )
 
 

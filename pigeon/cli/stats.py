@@ -16,7 +16,7 @@ from typing import Any
 
 from pigeon.cli.common import Subparsers, add_connection_options, open_client
 
-SECTIONS = ("server", "topics", "connections")
+SECTIONS = ("server", "topics", "connections", "groups")
 
 
 def human_bytes(n: float) -> str:
@@ -97,6 +97,24 @@ def connection_rows(connections: Sequence[dict[str, Any]]) -> list[tuple[object,
 CONNECTION_HEADER = ("CLIENT", "ADDRESS", "SUBS", "PENDING", "MSGS IN", "MSGS OUT", "AGE")
 
 
+def group_rows(groups: Sequence[dict[str, Any]]) -> list[tuple[object, ...]]:
+    """One row per consumer group, in the order given (a pattern's default group named ``-``)."""
+    return [
+        (
+            g["pattern"],
+            g["group"] or "-",
+            g["subscribers"],
+            g["backlog_messages"],
+            g["delivered"],
+            g["unacked"],
+        )
+        for g in groups
+    ]
+
+
+GROUP_HEADER = ("TOPIC OR PATTERN", "GROUP", "SUBS", "BACKLOG", "DELIVERED", "UNACKED")
+
+
 def _run_stats(args: argparse.Namespace) -> int:
     with open_client(args) as client:
         figures: Any = client.stats(None if args.section == "server" else args.section)
@@ -107,6 +125,8 @@ def _run_stats(args: argparse.Namespace) -> int:
         lines = table(("FIGURE", "VALUE"), server_rows(figures))
     elif args.section == "topics":
         lines = table(TOPIC_HEADER, topic_rows(figures))
+    elif args.section == "groups":
+        lines = table(GROUP_HEADER, group_rows(figures))
     else:
         lines = table(CONNECTION_HEADER, connection_rows(figures))
     print("\n".join(lines))

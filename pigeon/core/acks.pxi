@@ -127,7 +127,7 @@ cdef bint ack_deliver(Broker b, Sub *s, Msg *msg) noexcept:
     cdef double deadline = b.now + b.limit.ack_timeout if b.limit.ack_timeout > 0 else 0
     _count_up(l)
     tl = l.tag_len
-    line_len = (5 + dl + 1 if framed else 8) + t.name_len + 1 + tl + 1 + al + 1 + msg.len + 1
+    line_len = (5 + dl + 1 if framed else 8) + msg_origin(msg).name_len + 1 + tl + 1 + al + 1 + msg.len + 1
     line = out_reserve(b, h, line_len)
     if line == NULL or _unacked_push(&b.mem, &b.conns.items[h].unacked, l.next_tag, msg, s, deadline) < 0:
         if line != NULL:
@@ -150,8 +150,8 @@ cdef bint ack_deliver(Broker b, Sub *s, Msg *msg) noexcept:
     else:
         memcpy(p, b"DELIVER ", 8)
         p += 8
-    memcpy(p, topic_name(t), t.name_len)
-    p += t.name_len
+    memcpy(p, topic_name(msg_origin(msg)), msg_origin(msg).name_len)
+    p += msg_origin(msg).name_len
     p[0] = b' '
     memcpy(p + 1, l.tag_text, tl)
     p += 1 + tl
@@ -327,13 +327,14 @@ cdef void _dead_letter(Broker b, Msg *msg) noexcept:
     """Move a message delivered --max-deliveries times to the tail of <topic>.dead, as a new message;
     when that topic cannot take it (name too long, limits), it is dropped and counted."""
     cdef Topic *t = msg.topic
+    cdef Topic *origin = msg_origin(msg)    # a group's copy goes to the dead letters of its topic
     cdef char name[TOPIC_MAX + 1]
-    cdef size_t n = t.name_len + 5
+    cdef size_t n = origin.name_len + 5
     cdef uint64_t hv
     cdef Topic *dead = NULL
     if n <= <size_t>TOPIC_MAX:
-        memcpy(name, topic_name(t), t.name_len)
-        memcpy(name + t.name_len, b".dead", 5)
+        memcpy(name, topic_name(origin), origin.name_len)
+        memcpy(name + origin.name_len, b".dead", 5)
         hv = topic_hash(name, n)
         dead = topics_find(&b.topic_table, name, n, hv)
         if dead == NULL and b.topic_table.count < b.limit.max_topics:
@@ -348,6 +349,8 @@ cdef void _dead_letter(Broker b, Msg *msg) noexcept:
     b.counters.dead_lettered += 1
     dead.refs += 1
     msg.topic = dead
+    if msg.copy:
+        msg_set_origin(msg, dead)   # its topic now, held once (the copy keeps its record's size)
     msg.attempt = 0
     b.next_seq += 1
     if b.log.durable:
@@ -358,6 +361,8 @@ cdef void _dead_letter(Broker b, Msg *msg) noexcept:
     b.backlog_messages += 1
     b.backlog_bytes += msg.len
     b.counters.backlogged += 1
+    if origin != t:
+        topic_release(b, origin)
     t.refs -= 1
     topics_drop_if_unused(b, t)
     topic_drain(b, dead)

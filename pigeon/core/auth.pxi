@@ -216,11 +216,12 @@ cdef int _end_subscriptions_denied(Broker b, int32_t h) except -1:
     while i < c.nsubs:
         s = c.subs[i]
         t = s.topic
-        if perms_allow(c.may_subscribe, topic_name(t), t.name_len):
+        # a group's subscription is to its topic or pattern
+        if perms_allow(c.may_subscribe, topic_name(t), t.pattern_len):
             i += 1
             continue
         warn(b, f"user {<object>c.user!r} ({c.id_text[:c.id_len].decode()}): subscription to "
-                f"{topic_name(t)[:t.name_len].decode('utf-8', 'replace')!r} ended: no longer allowed")
+                f"{topic_name(t)[:t.pattern_len].decode('utf-8', 'replace')!r} ended: no longer allowed")
         c = &b.conns.items[h]
         sub_leave_rotation(s)
         acks_give_back_sub(b, s)

@@ -17,12 +17,17 @@ cdef extern from *:
     #define PIGEON_ACK_USAGE "usage: ACK <client_id> <tag>|<first>-<last>"
     #define PIGEON_NACK_USAGE "usage: NACK <client_id> <tag>|<first>-<last> [<delay_ms>]"
     #define PIGEON_PUB_USAGE "usage: PUB <client_id> <topic> <nbytes>, a line end, the payload, a line end"
+    #define PIGEON_DESTROY_USAGE "usage: DESTROY <client_id> <topic_or_pattern> GROUP <name>"
+    #define PIGEON_GROUP_NAME_RULE \
+        "group name must be 1 to 64 bytes without whitespace, control, format or separator characters"
     """
     const char *CONNECT_USAGE "PIGEON_CONNECT_USAGE"
     const char *SUBSCRIBE_USAGE "PIGEON_SUBSCRIBE_USAGE"
     const char *ACK_USAGE "PIGEON_ACK_USAGE"
     const char *NACK_USAGE "PIGEON_NACK_USAGE"
     const char *PUB_USAGE "PIGEON_PUB_USAGE"
+    const char *DESTROY_USAGE "PIGEON_DESTROY_USAGE"
+    const char *GROUP_NAME_RULE "PIGEON_GROUP_NAME_RULE"
 
 
 cdef void connect_client(Broker b, int32_t h, bint login) noexcept
@@ -39,3 +44,4 @@ cdef int on_stats(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_hello(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_ack(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_nack(Broker b, int32_t h, char *args, size_t n) except -1
+cdef int on_destroy(Broker b, int32_t h, char *args, size_t n) except -1

@@ -103,12 +103,41 @@ cdef int on_connect(Broker b, int32_t h, char *args, size_t n) except -1:
     return 0
 
 
-cdef bint _subscribe_options(Broker b, int32_t h, char *args, size_t n, bint *ack, uint32_t *prefetch) noexcept:
-    """The options after the topic: nothing, ``ACK``, or ``ACK PREFETCH <n>``; else sends the ERROR."""
+cdef bint _group_option(Broker b, int32_t h, char **args, size_t *n, char **group, size_t *gl) noexcept:
+    """An optional ``GROUP <name>`` next in (args, n), taken when there (else group stays NULL); False
+    after sending the ERROR for a bad name or a GROUP without one."""
+    cdef char *p = args[0]
+    cdef size_t left = n[0]
+    cdef char *word
+    cdef size_t wl
+    group[0] = NULL
+    gl[0] = 0
+    if not next_field(&p, &left, &word, &wl) or not word_is(word, wl, "group", 5):
+        return True
+    if not next_field(&p, &left, group, gl):
+        return False        # the caller sends its usage
+    if gl[0] > <size_t>GROUP_NAME_MAX or topic_problem(group[0], gl[0]) != TOPIC_OK:
+        out_error(b, h, ERR_BAD_TOPIC, GROUP_NAME_RULE)
+        group[0] = NULL
+        gl[0] = 1           # told already
+        return False
+    args[0] = p
+    n[0] = left
+    return True
+
+
+cdef bint _subscribe_options(Broker b, int32_t h, char *args, size_t n, bint *ack, uint32_t *prefetch,
+                             char **group, size_t *gl) noexcept:
+    """The options after the topic: ``[GROUP <name>]``, then nothing, ``ACK``, or ``ACK PREFETCH <n>``;
+    else sends the ERROR."""
     cdef char *word
     cdef size_t wl, value
     ack[0] = False
     prefetch[0] = b.limit.default_prefetch
+    if not _group_option(b, h, &args, &n, group, gl):
+        if gl[0] == 0:
+            out_error(b, h, ERR_USAGE, SUBSCRIBE_USAGE)
+        return False
     if not next_field(&args, &n, &word, &wl):
         return True
     if word_is(word, wl, "ack", 3):
@@ -125,47 +154,83 @@ cdef bint _subscribe_options(Broker b, int32_t h, char *args, size_t n, bint *ac
     return False
 
 
+cdef bint _valid_pattern(Broker b, int32_t h, char *name, size_t n):
+    """A name with wildcard tokens follows the NATS rules of the permission patterns (auth.pxi):
+    `>` only as the last token; else sends the ERROR."""
+    try:
+        _parse_pattern(name[:n])
+    except ValueError:
+        out_error(b, h, ERR_BAD_TOPIC, "'>' may only be the last token of a pattern")
+        return False
+    return True
+
+
+cdef Topic *_subscription_target(Broker b, int32_t h, char *name, size_t n, char *group, size_t gl,
+                                 bint wildcard, Topic *found) noexcept:
+    """What a SUBSCRIBE of h joins: the topic (its default group) or a consumer group, ``found``
+    when it exists, made (a group: registered again) when needed; NULL after the ERROR."""
+    if group != NULL or wildcard:
+        return group_join(b, h, name, n, group, gl, wildcard)
+    return found if found != NULL else _new_topic(b, h, name, n, topic_hash(name, n))
+
+
+cdef bint _subscriptions_left(Broker b, int32_t h) noexcept:
+    """Whether h may subscribe to one more topic or group; else sends the ERROR."""
+    cdef char reason[80]
+    if b.conns.items[h].nsubs < b.limit.max_subscriptions:
+        return True
+    snprintf(reason, sizeof(reason), "too many subscriptions on this connection (limit %d)",
+             b.limit.max_subscriptions)
+    out_error(b, h, ERR_TOO_MANY_SUBSCRIPTIONS, reason)
+    return False
+
+
 cdef int on_subscribe(Broker b, int32_t h, char *args, size_t n) except -1:
     cdef char *id
     cdef char *name
-    cdef size_t id_len, name_len
-    cdef uint64_t hv
+    cdef char *group
+    cdef size_t id_len, name_len, gl
     cdef Topic *t
-    cdef Sub *s
-    cdef bint ack
+    cdef Topic *found
+    cdef Sub *s = NULL
+    cdef bint ack, wildcard
     cdef uint32_t prefetch
-    cdef char reason[80]
     if not next_field(&args, &n, &id, &id_len) or not next_field(&args, &n, &name, &name_len):
         out_error(b, h, ERR_USAGE, SUBSCRIBE_USAGE)
         return 0
-    if not _subscribe_options(b, h, args, n, &ack, &prefetch):
+    if not _subscribe_options(b, h, args, n, &ack, &prefetch, &group, &gl):
         return 0
     if (not _own_id(b, h, id, id_len) or not _valid_topic(b, h, name, name_len)
             or not auth_may_subscribe(b, h, name, name_len)):
         return 0
-    hv = topic_hash(name, name_len)
-    t = topics_find(&b.topic_table, name, name_len, hv)
-    s = sub_find(&b.conns.items[h], t) if t != NULL else NULL
+    wildcard = is_pattern(name, name_len)
+    if wildcard and not _valid_pattern(b, h, name, name_len):
+        return 0
+    if group != NULL or wildcard:
+        found = group_find(b, name, name_len, group, gl)
+    else:
+        found = topics_find(&b.topic_table, name, name_len, topic_hash(name, name_len))
+    if found != NULL:
+        s = sub_find(&b.conns.items[h], found)
     if s == NULL:
-        if b.conns.items[h].nsubs >= b.limit.max_subscriptions:
-            snprintf(reason, sizeof(reason), "too many subscriptions on this connection (limit %d)",
-                     b.limit.max_subscriptions)
-            out_error(b, h, ERR_TOO_MANY_SUBSCRIPTIONS, reason)
+        if not _subscriptions_left(b, h):
             return 0
+        t = _subscription_target(b, h, name, name_len, group, gl, wildcard, found)
         if t == NULL:
-            t = _new_topic(b, h, name, name_len, hv)
-            if t == NULL:
-                return 0
+            return 0
         s = sub_add(b, h, t)
         if s == NULL:
-            topics_drop_if_unused(b, t)
+            if t.kind != TOPIC_PLAIN and t.nsubs == 0:
+                group_left(b, t)    # which frees it when nothing holds it
+            else:
+                topics_drop_if_unused(b, t)
             _memory_full(b, h)
             return 0
     # subscribing again keeps the turn and changes the mode and the prefetch window
     s.ack = ack
     s.prefetch = prefetch if ack else UINT32_MAX
     out_reply(b, h, "SUBSCRIBED", name, name_len)
-    topic_drain(b, t)
+    topic_drain(b, s.topic)
     return 0
 
 
@@ -173,15 +238,21 @@ cdef int on_unsubscribe(Broker b, int32_t h, char *args, size_t n) except -1:
     cdef char *id
     cdef char *name
     cdef size_t id_len, name_len
+    cdef char *group = NULL
+    cdef size_t gl = 0
     cdef Topic *t
     cdef Sub *s = NULL
     if (not next_field(&args, &n, &id, &id_len) or not next_field(&args, &n, &name, &name_len)
-            or not only_blanks(args, n)):
-        out_error(b, h, ERR_USAGE, "usage: UNSUBSCRIBE <client_id> <topic>")
+            or not _group_option(b, h, &args, &n, &group, &gl) or not only_blanks(args, n)):
+        if group != NULL or gl == 0:     # else _group_option told what is wrong
+            out_error(b, h, ERR_USAGE, "usage: UNSUBSCRIBE <client_id> <topic>")
         return 0
     if not _own_id(b, h, id, id_len) or not _valid_topic(b, h, name, name_len):
         return 0
-    t = topics_find(&b.topic_table, name, name_len, topic_hash(name, name_len))
+    if group != NULL or is_pattern(name, name_len):
+        t = group_find(b, name, name_len, group, gl)
+    else:
+        t = topics_find(&b.topic_table, name, name_len, topic_hash(name, name_len))
     if t != NULL:
         s = sub_find(&b.conns.items[h], t)
     if s == NULL:
@@ -307,10 +378,16 @@ cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n) 
     cdef Msg *msg
     cdef size_t size
     cdef uint64_t seq
+    cdef int32_t k
     if b.log.durable and (b.log.failed or b.limit.max_disk or b.recovery.restoring):
         held = _storage_full(b, h, t, n)
         if held:
             return HOLD if held == HOLD else 0
+    if b.group_index.count:
+        # the groups are resolved once per topic and index generation (groups.pxd)
+        k = groups_of(b, t)
+        if k:
+            return _publish_groups(b, h, t, data, n, k)
     if t.backlog.count == 0:
         s = topic_next_subscriber(b, t)
         if s != NULL:
@@ -397,6 +474,66 @@ cdef int _publish_pinned(Broker b, int32_t h, Topic *t, const char *data, size_t
     held = _publish_to(b, h, t, data, n)
     _unpin(b, t)
     return held
+cdef inline Topic *_target(Topic *t, int32_t i, int32_t k) noexcept:
+    """The i-th queue a message of t goes to: its k groups, then t itself (its default group)."""
+    return t.groups[i] if i < k else t
+
+
+cdef int _publish_groups(Broker b, int32_t h, Topic *t, const char *data, size_t n, int32_t k) noexcept:
+    """Route one message to each of t's k groups and, when it has subscribers, to t's own default
+    group: a copy each, to its next subscriber or the tail of its backlog. Every backlog and the
+    memory are checked first, so that a PUBLISH that waits (HOLD) has changed nothing."""
+    cdef Conn *c = &b.conns.items[h]
+    cdef int32_t i, targets
+    cdef Topic *q
+    cdef Sub *s
+    cdef Msg *msg
+    cdef size_t size
+    cdef bint own = False
+    if k < 0:
+        return _refuse(b, h, t, ERR_MEMORY_FULL)
+    # t's own subscribers take a copy; with none, the groups took it and t keeps no backlog of it
+    targets = k + (1 if t.nsubs else 0)
+    for i in range(targets):
+        q = _target(t, i, k)
+        if sub_find(c, q) != NULL:
+            own = True
+        if _backlog_at_limit(b, q):
+            if sub_find(c, q) != NULL:
+                return _refuse(b, h, q, ERR_BACKLOG_FULL)   # waiting for itself could deadlock it
+            flow_hold(b, h, q, HELD_TOPIC)
+            _backlog_full(b, q)
+            return HOLD
+    size = (msg_size(n) + sizeof(Msg *)) * targets
+    if not _has_room(b, size):
+        if size > b.limit.max_memory // 4 or own:
+            return _refuse(b, h, t, ERR_MEMORY_FULL)
+        flow_hold(b, h, NULL, HELD_MEMORY)
+        return HOLD
+    _accepted(b, h, t)
+    for i in range(targets):
+        q = _target(t, i, k)
+        msg = msg_copy_new(b, q, t, data, n) if q != t else msg_new(b, t, data, n)
+        if msg == NULL:
+            b.counters.lost += 1
+            continue
+        if b.log.durable and (log_publish_copy(b, msg) if q != t else log_publish(b, msg.seq, t, data, n, 0)) < 0:
+            msg_release(b, msg)
+            b.counters.lost += 1
+            continue
+        if q != t:
+            q.published += 1
+        if q.backlog.count == 0:
+            s = topic_next_subscriber(b, q)
+            if s != NULL:
+                deliver(b, s, msg)
+                continue
+        backlog_push(b, msg, False)
+        b.counters.backlogged += 1
+        topic_drain(b, q)
+    if b.log.durable:
+        log_wait(b, h)      # the reply waits for every copy's record
+    return 0
 
 
 cdef int on_publish(Broker b, int32_t h, char *args, size_t n) except -1:
@@ -478,14 +615,15 @@ cdef int on_stats(Broker b, int32_t h, char *args, size_t n) except -1:
     cdef char *field
     cdef size_t sl, fl, cursor = 0, count = STATS_PAGE_DEFAULT
     cdef bytes text
-    cdef bint topics
+    cdef bint topics, groups
     if not _connected(b, h):
         return 0
     if not next_field(&args, &n, &section, &sl):
         figures = stats_dict(b)
     else:
         topics = word_is(section, sl, "topics", 6)
-        if not topics and not word_is(section, sl, "connections", 11):
+        groups = word_is(section, sl, "groups", 6)
+        if not topics and not groups and not word_is(section, sl, "connections", 11):
             out_error(b, h, ERR_USAGE, STATS_USAGE)
             return 0
         if next_field(&args, &n, &field, &fl):
@@ -499,9 +637,12 @@ cdef int on_stats(Broker b, int32_t h, char *args, size_t n) except -1:
         if not only_blanks(args, n):
             out_error(b, h, ERR_USAGE, STATS_USAGE)
             return 0
-        if not topics and not auth_may_list_connections(b, h):
+        if not topics and not groups and not auth_may_list_connections(b, h):
             return 0
-        figures = topics_page(b, cursor, count) if topics else connections_page(b, cursor, count)
+        if groups:
+            figures = groups_page(b, cursor, count)
+        else:
+            figures = topics_page(b, cursor, count) if topics else connections_page(b, cursor, count)
     try:
         text = json.dumps(figures, separators=(",", ":")).encode()
     except MemoryError:
@@ -572,4 +713,37 @@ cdef int on_nack(Broker b, int32_t h, char *args, size_t n) except -1:
         out_error(b, h, ERR_USAGE, NACK_USAGE)
     elif acks_nack(b, h, first, last, delay_ms / 1000.0) == 0:
         _unknown_tags(b, h, first, last)
+    return 0
+
+
+cdef int on_destroy(Broker b, int32_t h, char *args, size_t n) except -1:
+    """DESTROY: end a named group that has no subscriber now, its backlog dropped (Redis's XGROUP
+    DESTROY, RabbitMQ's queue.delete with if-unused)."""
+    cdef char *id
+    cdef char *name
+    cdef char *group = NULL
+    cdef size_t id_len, name_len, gl = 0
+    cdef Topic *g
+    cdef char reason[96]
+    if (not next_field(&args, &n, &id, &id_len) or not next_field(&args, &n, &name, &name_len)
+            or not _group_option(b, h, &args, &n, &group, &gl) or group == NULL or not only_blanks(args, n)):
+        if gl == 0 or group != NULL:
+            out_error(b, h, ERR_USAGE, DESTROY_USAGE)
+        return 0
+    if (not _own_id(b, h, id, id_len) or not _valid_topic(b, h, name, name_len)
+            or not auth_may_subscribe(b, h, name, name_len)):
+        return 0
+    g = group_find(b, name, name_len, group, gl)
+    if g == NULL or not g.registered:
+        out_error_quoting(b, h, ERR_NO_SUCH_GROUP, "no such group on", name, name_len)
+        return 0
+    if g.nsubs:
+        snprintf(reason, sizeof(reason), "group has %d subscriber(s) on", g.nsubs)
+        out_error_quoting(b, h, ERR_GROUP_IN_USE, reason, name, name_len)
+        return 0
+    b.group_index.destroyed += 1
+    g.refs += 1     # named in the reply below
+    group_end(b, g)
+    out_reply(b, h, "DESTROYED", topic_name(g), g.name_len)
+    topic_release(b, g)
     return 0

@@ -36,6 +36,7 @@ ctypedef struct Limits:
     uint64_t max_disk           # bytes of log on disk before publishers wait (durable); 0 = no limit
     size_t max_payload          # largest payload of a framed PUB; a larger one is refused and skipped
     size_t max_backlog_bytes    # payload bytes one topic keeps (past them, like max_backlog, publishers wait)
+    double group_ttl            # seconds a named consumer group lives on without a subscriber
 
 
 cdef Limits limits_default() noexcept

@@ -2,7 +2,7 @@
 
 LIMIT_NAMES = ("max_line", "max_backlog", "max_connections", "max_memory", "max_subscriptions",
                "max_topics", "max_pending", "idle_timeout", "write_timeout", "out_batch", "default_prefetch",
-               "ack_timeout", "max_deliveries", "max_disk", "max_payload", "max_backlog_bytes")
+               "ack_timeout", "max_deliveries", "max_disk", "max_payload", "max_backlog_bytes", "group_ttl")
 
 
 # (smallest, largest) accepted for each integer limit; the largest is what its C field holds
@@ -42,13 +42,14 @@ cdef Limits limits_default() noexcept:
     limits.max_disk = 0
     limits.max_payload = 8 * 1024 * 1024
     limits.max_backlog_bytes = 64 * 1024 * 1024
+    limits.group_ttl = 3600.0
     return limits
 
 
 cdef int limits_set(Limits *limits, str name, object value) except -1:
     """Set one limit from a Python value; ValueError (naming the limit) when it is out of range."""
     cdef double seconds
-    if name in ("idle_timeout", "write_timeout", "ack_timeout"):
+    if name in ("idle_timeout", "write_timeout", "ack_timeout", "group_ttl"):
         seconds = float(value)
         if not seconds >= 0 or seconds == float("inf"):      # also refuses nan
             raise ValueError(f"{name} must be a finite number of seconds, 0 or more, not {value!r}")
@@ -56,6 +57,8 @@ cdef int limits_set(Limits *limits, str name, object value) except -1:
             limits.idle_timeout = seconds
         elif name == "write_timeout":
             limits.write_timeout = seconds
+        elif name == "group_ttl":
+            limits.group_ttl = seconds
         else:
             limits.ack_timeout = seconds
         return 0
@@ -113,6 +116,7 @@ cdef dict limits_dict(const Limits *limits):
         "max_disk": limits.max_disk,
         "max_payload": limits.max_payload,
         "max_backlog_bytes": limits.max_backlog_bytes,
+        "group_ttl": limits.group_ttl,
     }
 
 

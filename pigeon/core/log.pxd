@@ -94,6 +94,7 @@ ctypedef struct Recovery:
 
 cdef int log_publish(Broker b, uint64_t seq, Topic *t, const char *data, size_t n,
                      uint32_t attempt) noexcept
+cdef int log_publish_copy(Broker b, Msg *msg) noexcept
 cdef void log_settle(Broker b, uint64_t seq) noexcept
 cdef void log_delivered(Broker b, uint64_t seq, uint32_t attempt) noexcept
 cdef void log_wait(Broker b, int32_t h) noexcept

@@ -176,7 +176,24 @@ cdef inline void _seal(char *record, size_t body) noexcept:
 cdef int log_publish(Broker b, uint64_t seq, Topic *t, const char *data, size_t n,
                      uint32_t attempt) noexcept:
     """Record an accepted message; -1 when out of memory (the PUBLISH is refused)."""
-    cdef size_t size = publish_record_size(t.name_len, n)
+    return _log_publish(b, seq, t, NULL, data, n, attempt)
+
+
+cdef int log_publish_copy(Broker b, Msg *msg) noexcept:
+    """Record a group's copy of a message: its topic field is ``<topic> <group key>``; -1 when
+    out of memory."""
+    return _log_publish(b, msg.seq, msg_origin(msg), msg.topic, msg_data(msg), msg.len, msg.attempt)
+
+
+cdef inline size_t record_name_len(Topic *t, Topic *group) noexcept:
+    """The bytes of a PUBLISH record's topic field: the topic, then a space and the group's key."""
+    return t.name_len if group == NULL else t.name_len + 1 + group.name_len
+
+
+cdef int _log_publish(Broker b, uint64_t seq, Topic *t, Topic *group, const char *data, size_t n,
+                      uint32_t attempt) noexcept:
+    cdef size_t name_len = record_name_len(t, group)
+    cdef size_t size = publish_record_size(name_len, n)
     cdef size_t body = size - RECORD_HEAD
     cdef char *rec = _record(b, REC_PUBLISH, body)
     cdef char *p
@@ -186,9 +203,12 @@ cdef int log_publish(Broker b, uint64_t seq, Topic *t, const char *data, size_t 
     _put64(p, seq)
     _put64(p + 8, b.wall_ms)
     _put32(p + 16, attempt)
-    _put16(p + 20, t.name_len)
+    _put16(p + 20, <uint16_t>name_len)
     memcpy(p + 22, topic_name(t), t.name_len)
-    p += 22 + t.name_len
+    if group != NULL:
+        p[22 + t.name_len] = b' '
+        memcpy(p + 23 + t.name_len, topic_name(group), group.name_len)
+    p += 22 + name_len
     _put32(p, <uint32_t>n)
     memcpy(p + 4, data, n)
     _seal(rec, body)
@@ -473,18 +493,26 @@ cdef str _scan_record(Broker b, Recovery *r, const char *body, size_t n):
     cdef int kind = <unsigned char>body[0]
     cdef uint64_t seq
     cdef uint32_t name_len, length
+    cdef const char *space
+    cdef size_t topic_len
     if kind == REC_PUBLISH:
         if n < 27:
             return "a PUBLISH record too short"
         seq = _get64(body + 1)
         name_len = _get16(body + 21)
-        if n < 27 + name_len or name_len == 0 or name_len > TOPIC_MAX:
+        if n < 27 + name_len or name_len == 0 or name_len > 2 * TOPIC_MAX + 2 + GROUP_NAME_MAX:
             return "a PUBLISH record with a bad topic length"
         length = _get32(body + 23 + name_len)
         if n != 27 + name_len + length:
             return "a PUBLISH record whose length does not add up"
         if seq <= r.max_seq:
             return "a PUBLISH record out of sequence"
+        space = <const char *>memchr(body + 23, b' ', name_len)
+        topic_len = space - (body + 23) if space != NULL else name_len
+        if topic_len == 0 or topic_len > TOPIC_MAX:
+            return "a PUBLISH record with a bad topic length"
+        if space != NULL and not group_key_valid(space + 1, name_len - topic_len - 1):
+            return "a PUBLISH record with a bad group"
         r.max_seq = seq
         r.total_bytes += RECORD_HEAD + n
         return None
@@ -617,9 +645,11 @@ cdef Py_ssize_t recovery_restore(Broker b, Recovery *r, const char *data, size_t
     cdef uint64_t seq
     cdef uint32_t name_len, length
     cdef Topic *t = NULL
+    cdef Topic *group
     cdef Topic *touched = NULL
     cdef Msg *msg
-    cdef size_t j
+    cdef size_t j, topic_len
+    cdef const char *space
     cdef bint out_of_memory = False
     while pos < n and walked < limit:
         body = _get32(data + pos)
@@ -634,13 +664,20 @@ cdef Py_ssize_t recovery_restore(Broker b, Recovery *r, const char *data, size_t
             continue
         name_len = _get16(rec + 21)
         length = _get32(rec + 23 + name_len)
+        # a group's copy names "<topic> <group key>": it goes back to its group (groups.pxd)
+        space = <const char *>memchr(rec + 23, b' ', name_len)
+        topic_len = space - (rec + 23) if space != NULL else name_len
         # pipelined publishers repeat a topic: keep the last one while it is pinned (touched)
-        if t == NULL or t.name_len != name_len or memcmp(topic_name(t), rec + 23, name_len) != 0:
-            t = _restore_topic(b, rec + 23, name_len)
+        if t == NULL or t.name_len != topic_len or memcmp(topic_name(t), rec + 23, topic_len) != 0:
+            t = _restore_topic(b, rec + 23, topic_len)
             if t == NULL:
                 out_of_memory = True
                 break
-        msg = msg_new(b, t, rec + 27 + name_len, length)
+        if space != NULL:
+            group = group_recover(b, space + 1, name_len - topic_len - 1)   # the scan checked the key
+            msg = msg_copy_new(b, group, t, rec + 27 + name_len, length) if group != NULL else NULL
+        else:
+            msg = msg_new(b, t, rec + 27 + name_len, length)
         if msg == NULL:
             topics_drop_if_unused(b, t)
             out_of_memory = True
@@ -648,11 +685,12 @@ cdef Py_ssize_t recovery_restore(Broker b, Recovery *r, const char *data, size_t
         b.next_seq -= 1     # msg_new numbered it: it keeps the seq of its record
         msg.seq = seq
         msg.attempt = _attempt(r, seq, _get32(rec + 17))
-        if queue_push(&b.mem, &t.backlog, msg) < 0 or _count_topic(b, r, t.serial) < 0:
+        if queue_push(&b.mem, &msg.topic.backlog, msg) < 0 or _count_topic(b, r, msg.topic.serial) < 0:
             msg_release(b, msg)
             out_of_memory = True
             break
         touch_topic(t, &touched)
+        touch_topic(msg.topic, &touched)
         b.backlog_messages += 1
         b.backlog_bytes += length
         b.log.live += 1
@@ -685,6 +723,7 @@ cdef tuple recovery_finish(Broker b, Recovery *r):
     cdef uint64_t messages = r.messages, total = r.total_bytes
     result = (messages, r.ntopics, r.records, r.oldest)
     _recovery_free(b, r)
+    groups_recovered(b)
     r.messages = messages       # STATS keeps what the recovery did
     r.total_bytes = total
     r.done_bytes = total

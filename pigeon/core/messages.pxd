@@ -10,8 +10,12 @@ cdef struct Msg:
     uint32_t attempt        # times it was delivered as a DELIVER line (a MESSAGE line settles it
                             # once handed over, and one given back unsent was not delivered)
     uint64_t seq            # publish order across the broker, from 1
-    Topic *topic            # holds a reference on its topic (Topic.refs)
-    size_t len              # payload bytes, stored just past the record (msg_data)
+    Topic *topic            # holds a reference on its topic (Topic.refs): the queue it is in, a
+                            # topic or a consumer group (groups.pxd)
+    uint32_t len            # payload bytes, stored just past the record (msg_data); a line holds
+                            # less than max_line <= 2^32 bytes
+    uint32_t copy           # a group's copy: the topic it was published to (msg_origin) is stored
+                            # just past the payload, with a reference on it; v1 records keep their size
 
 
 cdef enum:
@@ -38,6 +42,9 @@ ctypedef struct Queue:
 
 
 cdef Msg *msg_new(Broker b, Topic *t, const char *data, size_t n) noexcept
+cdef Msg *msg_copy_new(Broker b, Topic *group, Topic *origin, const char *data, size_t n) noexcept
+cdef Topic *msg_origin(Msg *msg) noexcept
+cdef void msg_set_origin(Msg *msg, Topic *t) noexcept
 cdef char *msg_data(Msg *msg) noexcept
 cdef size_t msg_size(size_t n) noexcept
 cdef void msg_release(Broker b, Msg *msg) noexcept

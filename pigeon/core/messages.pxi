@@ -53,10 +53,42 @@ cdef char *msg_data(Msg *msg) noexcept:
     return <char *>(msg + 1)
 
 
+cdef inline size_t _record_size(Msg *msg) noexcept:
+    return msg_size(msg.len + (sizeof(Topic *) if msg.copy else 0))
+
+
+cdef inline Topic *msg_origin(Msg *msg) noexcept:
+    """The topic a message was published to, which its delivery line names."""
+    cdef Topic *t
+    if not msg.copy:
+        return msg.topic
+    memcpy(&t, msg_data(msg) + msg.len, sizeof(Topic *))    # past the payload: maybe unaligned
+    return t
+
+
+cdef inline void msg_set_origin(Msg *msg, Topic *t) noexcept:
+    """Change a group copy's origin (the caller moves the references)."""
+    memcpy(msg_data(msg) + msg.len, &t, sizeof(Topic *))
+
+
+cdef Msg *msg_copy_new(Broker b, Topic *group, Topic *origin, const char *data, size_t n) noexcept:
+    """A group's copy of a message published to ``origin`` (msg_new's, with a reference on
+    ``origin`` too); NULL when out of memory."""
+    cdef Msg *msg = _msg_alloc(b, group, data, n, True)
+    if msg != NULL:
+        msg_set_origin(msg, origin)
+        origin.refs += 1
+    return msg
+
+
 cdef Msg *msg_new(Broker b, Topic *t, const char *data, size_t n) noexcept:
     """A record holding a copy of the payload, numbered, with one reference for the caller;
     NULL when out of memory."""
-    cdef size_t size = msg_size(n), cls = size // POOL_STEP
+    return _msg_alloc(b, t, data, n, False)
+
+
+cdef Msg *_msg_alloc(Broker b, Topic *t, const char *data, size_t n, bint copy) noexcept:
+    cdef size_t size = msg_size(n + (sizeof(Topic *) if copy else 0)), cls = size // POOL_STEP
     cdef Msg *msg
     if cls < POOL_CLASSES and b.pool.free[cls] != NULL:
         msg = <Msg *>b.pool.free[cls]
@@ -71,7 +103,8 @@ cdef Msg *msg_new(Broker b, Topic *t, const char *data, size_t n) noexcept:
     msg.attempt = 0
     msg.seq = b.next_seq
     msg.topic = t
-    msg.len = n
+    msg.len = <uint32_t>n
+    msg.copy = copy
     memcpy(msg_data(msg), data, n)
     t.refs += 1
     return msg
@@ -84,8 +117,10 @@ cdef void msg_release(Broker b, Msg *msg) noexcept:
     msg.refs -= 1
     if msg.refs:
         return
+    if msg.copy and msg_origin(msg) != msg.topic:
+        topic_release(b, msg_origin(msg))
     t = msg.topic
-    size = msg_size(msg.len)
+    size = _record_size(msg)
     cls = size // POOL_STEP
     if cls < POOL_CLASSES and b.pool.kept + size <= b.pool.keep:
         (<void **>msg)[0] = b.pool.free[cls]
@@ -93,9 +128,7 @@ cdef void msg_release(Broker b, Msg *msg) noexcept:
         b.pool.kept += size
     else:
         mem_free(&b.mem, msg, size)
-    t.refs -= 1
-    if t.refs == 0 and t.nsubs == 0:
-        topics_drop_if_unused(b, t)
+    topic_release(b, t)
 
 
 cdef void pool_clear(MsgPool *pool, Memory *m) noexcept:

@@ -276,8 +276,9 @@ cdef bint out_deliver(Broker b, int32_t h, Msg *msg) noexcept:
     False when h's output cannot grow: h is broken and the message is back at the head of its topic.
     """
     cdef Topic *t = msg.topic
-    cdef size_t line_len = _message_line_len(&b.conns.items[h], t, msg.len)
-    cdef char *line = _message_line(b, h, t, msg_data(msg), msg.len, line_len)
+    cdef Topic *origin = msg_origin(msg)
+    cdef size_t line_len = _message_line_len(&b.conns.items[h], origin, msg.len)
+    cdef char *line = _message_line(b, h, origin, msg_data(msg), msg.len, line_len)
     if line == NULL or not _note_inflight(b, h, msg, t, line, line_len, 0, msg.seq):
         backlog_push(b, msg, True)
         return False
@@ -311,7 +312,10 @@ cdef void backlog_push(Broker b, Msg *msg, bint front) noexcept:
     """Put a message (the caller's reference) in its topic's backlog; when even that
     cannot be allocated the message is lost, counted, and warned about."""
     cdef Queue *q = &msg.topic.backlog
-    cdef int r = queue_push_front(&b.mem, q, msg) if front else queue_push(&b.mem, q, msg)
+    cdef int r
+    if group_drops(b, msg):
+        return
+    r = queue_push_front(&b.mem, q, msg) if front else queue_push(&b.mem, q, msg)
     if r < 0:
         b.counters.lost += 1
         msg_release(b, msg)

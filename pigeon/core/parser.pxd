@@ -20,6 +20,7 @@ cdef enum:
     CMD_HELLO
     CMD_ACK
     CMD_NACK
+    CMD_DESTROY
     CMD_UNKNOWN
     CMD_KINDS
 
@@ -46,6 +47,8 @@ cdef enum:
     ERR_PAYLOAD_TOO_LARGE   # a PUB frame over max_payload: refused, its payload skipped
     ERR_BAD_FRAME           # a PUB header without a byte count, or a payload not followed by a line
                             # end: where the next command starts is unknown, so the connection closes
+    ERR_NO_SUCH_GROUP       # DESTROY of a group the broker does not hold
+    ERR_GROUP_IN_USE        # DESTROY of a group that has subscribers
     ERR_KINDS
 
     # what topic_problem finds wrong with a name
@@ -68,7 +71,7 @@ cdef extern from *:
         "BAD_TOPIC", "NOT_SUBSCRIBED", "BACKLOG_FULL", "LINE_TOO_LONG", "TOO_MANY_CONNECTIONS",
         "TOO_MANY_SUBSCRIPTIONS", "TOO_MANY_TOPICS", "MEMORY_FULL", "IDLE_TIMEOUT", "UNKNOWN_DELIVERY_TAG",
         "STORAGE_FULL", "AUTH_REQUIRED", "AUTH_FAILED", "PERMISSION_DENIED", "PAYLOAD_TOO_LARGE",
-        "BAD_FRAME",
+        "BAD_FRAME", "NO_SUCH_GROUP", "GROUP_IN_USE",
     };
     """
     # the stable upper-case code of each error kind, sent as ERROR <CODE> <text>

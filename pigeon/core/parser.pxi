@@ -6,7 +6,7 @@ cdef uint64_t _PUBLISH_WORD
 memcpy(&_PUBLISH_WORD, b"publish ", 8)
 
 COMMAND_NAMES = ("connect", "subscribe", "unsubscribe", "publish", "ping", "disconnect", "stats",
-                 "hello", "ack", "nack", "unknown")
+                 "hello", "ack", "nack", "destroy", "unknown")
 ERROR_CODES = tuple(ERROR_CODE_TEXT[i].decode() for i in range(ERR_KINDS))
 ERROR_NAMES = tuple(code.lower() for code in ERROR_CODES)
 assert len(COMMAND_NAMES) == CMD_KINDS
@@ -407,6 +407,9 @@ cdef int dispatch(Broker b, int32_t h, char *line, size_t n) except -1:
     if word_is(word, wl, "hello", 5):
         b.counters.commands[CMD_HELLO] += 1
         return on_hello(b, h, args, an)
+    if word_is(word, wl, "destroy", 7):
+        b.counters.commands[CMD_DESTROY] += 1
+        return on_destroy(b, h, args, an)
     b.counters.commands[CMD_UNKNOWN] += 1
     out_error_quoting(b, h, ERR_UNKNOWN_COMMAND, "unknown command", word, wl)
     return 0

@@ -14,7 +14,12 @@ cdef dict stats_dict(Broker b):
         "uptime_seconds": time.time() - b.started,
         "connections": b.conns.count,
         "connections_total": b.counters.connections_total,
-        "topics": b.topic_table.count,
+        "topics": b.topic_table.count - b.group_index.held,
+        "groups": b.group_index.count,
+        "wildcard_subscriptions": b.group_index.wildcard_subs,
+        "groups_expired": b.group_index.expired,
+        "groups_destroyed": b.group_index.destroyed,
+        "group_copies_dropped": b.group_index.dropped,
         "backlog_messages": b.backlog_messages,
         "backlog_bytes": b.backlog_bytes,
         "memory_bytes": mem_total(&b.mem),
@@ -91,6 +96,9 @@ cdef dict topics_page(Broker b, size_t cursor, size_t count):
             break
         t = b.topic_table.buckets[v]
         while t != NULL:
+            if t.kind != TOPIC_PLAIN:
+                t = t.next          # a group: listed with the topics it takes messages of
+                continue
             entries.append({
                 "name": _text(topic_name(t), t.name_len),
                 "subscribers": t.nsubs,
@@ -104,6 +112,9 @@ cdef dict topics_page(Broker b, size_t cursor, size_t count):
                 "redelivered": t.redelivered,
                 "dead_lettered": t.dead_lettered,
             })
+            groups = groups_report(b, t)
+            if groups:
+                entries[len(entries) - 1]["groups"] = groups
             size += 6 * t.name_len + 160   # the worst JSON escaping of the name, and the figures
             t = t.next
         v = topics_next_cursor(&b.topic_table, v)

@@ -45,6 +45,8 @@ cdef Sub *sub_add(Broker b, int32_t h, Topic *t) noexcept:
         mem_free(&b.mem, s, sizeof(Sub))
         return NULL
     s.in_rotation = True
+    if t.wild:
+        b.group_index.wildcard_subs += 1
     return s
 
 
@@ -79,6 +81,12 @@ cdef void sub_free(Broker b, Sub *s) noexcept:
             c.subs[i] = c.subs[c.nsubs]
             break
     mem_free(&b.mem, s, sizeof(Sub))
+    if t.kind != TOPIC_PLAIN:
+        if t.wild:
+            b.group_index.wildcard_subs -= 1
+        if t.nsubs == 0:
+            group_left(b, t)        # which frees it when nothing holds it
+            return
     topics_drop_if_unused(b, t)
 
 

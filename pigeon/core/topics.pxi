@@ -73,6 +73,7 @@ cdef Topic *topics_add(Memory *m, TopicTable *table, const char *name, size_t n,
     t.waiter = -1
     memcpy(topic_name(t), name, n)
     t.name_len = <uint16_t>n
+    t.pattern_len = <uint16_t>n
     t.hash = hash
     table.serials += 1
     t.serial = table.serials
@@ -84,20 +85,38 @@ cdef Topic *topics_add(Memory *m, TopicTable *table, const char *name, size_t n,
 
 cdef void topics_drop_if_unused(Broker b, Topic *t) noexcept:
     """Free a topic once nothing holds it: no subscriber, no message (backlog or in flight)."""
-    cdef TopicTable *table = &b.topic_table
-    cdef Topic **link
-    if t.nsubs or t.refs or b.tearing_down:
+    if t.nsubs or t.refs or t.registered or b.tearing_down:
         return
-    link = &table.buckets[t.hash & (table.nbuckets - 1)]
+    if t.kind != TOPIC_PLAIN:
+        b.group_index.held -= 1
+    topics_unlink(&b.topic_table, t)
+    topic_free(b, t)
+
+
+cdef void topics_unlink(TopicTable *table, Topic *t) noexcept:
+    """Take t out of its table (it is not freed)."""
+    cdef Topic **link = &table.buckets[t.hash & (table.nbuckets - 1)]
     while link[0] != t:
         link = &link[0].next
     link[0] = t.next
     if table.last == t:
         table.last = NULL
+    table.count -= 1
+
+
+cdef void topic_free(Broker b, Topic *t) noexcept:
+    """Free a topic's memory (out of its table, its backlog empty)."""
     queue_free_ring(&b.mem, &t.backlog)
     mem_free(&b.mem, t.subs, t.subs_cap * sizeof(Sub *))
+    mem_free(&b.mem, t.groups, t.groups_cap * sizeof(Topic *))
     mem_free(&b.mem, t, sizeof(Topic) + t.name_len)
-    table.count -= 1
+
+
+cdef inline void topic_release(Broker b, Topic *t) noexcept:
+    """Drop one of t's references; it goes if nothing else holds it."""
+    t.refs -= 1
+    if t.refs == 0 and t.nsubs == 0:
+        topics_drop_if_unused(b, t)
 
 
 cdef inline uint64_t _reverse_bits(uint64_t v) noexcept:

@@ -27,6 +27,7 @@ DEFAULT_ACK_TIMEOUT: float = LIMIT_DEFAULTS["ack_timeout"]  # seconds; 0 is off
 DEFAULT_MAX_DELIVERIES: int = LIMIT_DEFAULTS["max_deliveries"]  # 0 is no limit
 DEFAULT_MAX_PAYLOAD: int = LIMIT_DEFAULTS["max_payload"]
 DEFAULT_MAX_BACKLOG_BYTES: int = LIMIT_DEFAULTS["max_backlog_bytes"]
+DEFAULT_GROUP_TTL: float = LIMIT_DEFAULTS["group_ttl"]  # seconds
 
 
 class ServerLimits(TypedDict, total=False):
@@ -44,6 +45,7 @@ class ServerLimits(TypedDict, total=False):
     default_prefetch: int
     ack_timeout: float
     max_deliveries: int
+    group_ttl: float
     max_disk: int
     max_payload: int
     max_backlog_bytes: int

@@ -48,6 +48,13 @@ _COUNTERS = (
         "for flow control.",
     ),
     ("published", "pigeon_messages_published", "PUBLISH commands accepted."),
+    ("groups_expired", "pigeon_groups_expired", "Consumer groups ended by --group-ttl."),
+    ("groups_destroyed", "pigeon_groups_destroyed", "Consumer groups ended by DESTROY."),
+    (
+        "group_copies_dropped",
+        "pigeon_group_copies_dropped",
+        "Copies of messages dropped because their consumer group ended.",
+    ),
     ("delivered", "pigeon_messages_delivered", "MESSAGE lines handed to subscribers' sockets."),
     ("backlogged", "pigeon_messages_backlogged", "Messages that waited in a topic backlog."),
     (
@@ -111,6 +118,8 @@ _GAUGES = (
         "for flow control.",
     ),
     ("topics", "pigeon_topics", "Topics held (with a subscriber or a message)."),
+    ("groups", "pigeon_groups", "Consumer groups that exist (named, and default groups of patterns)."),
+    ("wildcard_subscriptions", "pigeon_wildcard_subscriptions", "Subscriptions to patterns (* or >)."),
     ("backlog_messages", "pigeon_backlog_messages", "Messages waiting in all backlogs."),
     ("backlog_bytes", "pigeon_backlog_bytes", "Payload bytes waiting in all backlogs."),
     (

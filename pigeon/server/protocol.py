@@ -26,6 +26,7 @@ from pigeon._core import Broker
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
 from pigeon.server.limits import (
     DEFAULT_ACK_TIMEOUT,
+    DEFAULT_GROUP_TTL,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_BACKLOG,
     DEFAULT_MAX_BACKLOG_BYTES,
@@ -254,6 +255,7 @@ class Server:
         default_prefetch: int = DEFAULT_PREFETCH,
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        group_ttl: float = DEFAULT_GROUP_TTL,
         max_disk: int = 0,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_backlog_bytes: int = DEFAULT_MAX_BACKLOG_BYTES,
@@ -292,6 +294,7 @@ class Server:
             max_deliveries=max_deliveries,
             max_payload=max_payload,
             max_backlog_bytes=max_backlog_bytes,
+            group_ttl=group_ttl,
             tick_interval=TICK_INTERVAL,
             auth=users_file is not None,
             tls=tls is not None,
