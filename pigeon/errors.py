@@ -163,6 +163,8 @@ class PayloadTooLargeError(CommandError):
     the server skipped the payload and the connection goes on."""
 
     CODE = "PAYLOAD_TOO_LARGE"
+
+
 class NoSuchGroupError(CommandError):
     """``DESTROY`` of a consumer group the server does not hold (never made, expired or destroyed)."""
 

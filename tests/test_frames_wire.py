@@ -97,7 +97,10 @@ def test_hello_2_names_the_protocol_the_features_and_max_payload(server: ServerP
 def test_features_follow_the_servers_flags(start_server: StartServer, tmp_path: Path) -> None:
     server = start_server("--data-dir", str(tmp_path), "--max-payload", "1000")
     hello = json.loads(server.client().ask("HELLO 2")[6:])
-    assert hello["features"] == ["ack", "binary", "groups", "wildcards", "persistence"] and hello["max_payload"] == 1000
+    assert (
+        hello["features"] == ["ack", "binary", "groups", "wildcards", "persistence"]
+        and hello["max_payload"] == 1000
+    )
 
 
 def test_every_byte_value_round_trips(framed: Callable[[], LineClient]) -> None:
