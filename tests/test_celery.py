@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from celery import chain, chord
+from celery.result import AsyncResult
 
 from pigeon import Client
 from pigeon.testing import ServerProcess
@@ -204,3 +205,58 @@ def test_acks_late_tasks_of_a_worker_killed_mid_task_complete_elsewhere(
     )
     assert set(completions) == set(names)  # every task completed at least once
     assert redelivered >= 1  # the kill did catch the worker holding tasks
+
+
+def parked(server: ServerProcess) -> int:
+    """Messages in the backlog of the queue ``parked``."""
+    with Client(server.host, server.port) as client:
+        return sum(entry["backlog_messages"] for entry in client.stats("topics") if entry["name"] == "parked")
+
+
+@pytest.mark.slow
+def test_a_worker_stays_connected_through_idle_time_and_reconnects_after_a_broker_restart(
+    tmp_path: Path,
+) -> None:
+    """A broker that closes quiet connections (``--idle-timeout 2``): the worker's heartbeats keep its
+    connection through 5 quiet seconds. Then the broker is killed (``kill -9``) and started again on
+    the same port and data directory: the worker and the sender reconnect by themselves, every task
+    sent before and after completes, and the task that waited in the broker's log is not lost."""
+    from celery import Celery
+
+    data = tmp_path / "data"
+    options = ("--ack-timeout", "0", "--idle-timeout", "2", "--data-dir", str(data))
+    server = ServerProcess(*options)
+    url = f"pigeon://{server.host}:{server.port}"
+    env = dict(
+        os.environ, PIGEON_CELERY_BROKER=url, PIGEON_CELERY_RESULTS=str(tmp_path), PYTHONPATH=str(ROOT)
+    )
+    sender = Celery("sender", broker=url, backend=f"file://{tmp_path}")
+    worker = Worker(env, tmp_path / "worker.log", "restart", "--pool", "solo", "--queues", "restart")
+
+    def add_remote(x: int, y: int) -> AsyncResult:
+        return sender.send_task("tests.celery_app.add", (x, y), queue="restart")
+
+    try:
+        assert add_remote(1, 2).get(timeout=WAIT) == 3, worker.tail()
+        time.sleep(5)  # more than twice the idle timeout, with nothing to do
+        assert add_remote(3, 4).get(timeout=WAIT) == 7, worker.tail()
+        with Client(server.host, server.port) as client:
+            assert client.stats()["idle_closed"] >= 1  # the broker did close the quiet sender
+        for restart in range(1, 4):
+            # a queue nobody consumes; the publish is not confirmed, so wait until the broker holds it
+            sender.send_task("tests.celery_app.add", (5, 6), queue="parked")
+            deadline = time.monotonic() + WAIT
+            while parked(server) != restart:
+                assert time.monotonic() < deadline, parked(server)
+                time.sleep(0.05)
+            server.stop(signal.SIGKILL)
+            server = ServerProcess(*options, "--port", str(server.port))
+            results = [add_remote(i, restart) for i in range(20)]
+            assert [result.get(timeout=WAIT) for result in results] == [i + restart for i in range(20)], (
+                worker.tail()
+            )
+            assert parked(server) == restart  # every parked task survived every kill
+    finally:
+        worker.stop()
+        sender.close()
+        server.stop()

@@ -8,6 +8,7 @@ the tests check the broker's side of every acknowledgement, not only kombu's.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -354,6 +355,61 @@ def test_a_lost_broker_is_a_connection_error_kombu_can_retry(name: str) -> None:
                 queue.channel.wire.sync()
     finally:
         connection.release()
+
+
+def beat_for(connection: Connection, seconds: float) -> None:
+    """Call ``heartbeat_check`` as Celery's worker does (``rate`` times per interval) for ``seconds``."""
+    interval = connection.get_heartbeat_interval()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        connection.heartbeat_check(rate=2)
+        time.sleep(interval / 2)
+
+
+@pytest.mark.parametrize("beating", [True, False])
+def test_heartbeats_keep_a_quiet_connection_open_under_the_brokers_idle_timeout(
+    name: str, beating: bool
+) -> None:
+    """The interval is half the broker's ``--idle-timeout`` (from HELLO); without the checks the
+    broker closes the quiet connection, which is what the checks prevent."""
+    server = ServerProcess("--idle-timeout", "1")
+    try:
+        with Connection(f"pigeon://{server.host}:{server.port}") as connection:
+            queue = connection.SimpleQueue(name)
+            assert connection.supports_heartbeats
+            assert connection.get_heartbeat_interval() == 0.5
+            if beating:
+                beat_for(connection, 3.0)
+                queue.put({"after": "quiet"})
+                assert queue.get(timeout=10).payload == {"after": "quiet"}
+            else:
+                time.sleep(3.0)
+                with pytest.raises(connection.connection_errors):
+                    queue.put({"after": "quiet"})
+                    queue.channel.wire.sync()
+    finally:
+        assert server.stop() == 0, "".join(server.log)
+
+
+def test_heartbeat_check_raises_a_connection_error_for_a_hung_broker(name: str) -> None:
+    """A broker that stops answering (SIGSTOP) is found out within two intervals plus a check, as a
+    connection error kombu and Celery recover from."""
+    server = ServerProcess()
+    connection = Connection(f"pigeon://{server.host}:{server.port}", heartbeat=0.5)
+    try:
+        connection.SimpleQueue(name)
+        assert connection.get_heartbeat_interval() == 0.5
+        beat_for(connection, 1.0)  # a live broker answers the pings
+        server.proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 30
+        with pytest.raises(connection.connection_errors, match="no heartbeat"):
+            while time.monotonic() < deadline:
+                connection.heartbeat_check(rate=2)
+                time.sleep(0.25)
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        connection.release()
+        server.stop()
 
 
 def test_a_cancelled_consumer_keeps_what_it_holds_until_it_settles_it(

@@ -23,8 +23,10 @@ and in Celery's worker ``register_with_event_loop`` puts them in the worker's ev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
+import socket
 import time
 from typing import Any
 
@@ -347,18 +349,48 @@ class Transport(virtual.Transport):  # type: ignore[misc]
     implements = virtual.Transport.implements.extend(
         asynchronous=True,
         exchange_type=frozenset(["direct"]),
+        heartbeats=True,
     )
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
         self._hub: Any = None
         self._watched: dict[int, ChannelT] = {}  # channels whose sockets the event loop watches, by fd
+        # in an event loop, a socket pair whose reader wakes it for deliveries already read (_on_tick)
+        self._wakers: tuple[socket.socket, socket.socket] | None = None
+        self._wake_pending = False
         self._ack_timers: dict[ChannelT, Any] = {}  # the event loop's timer that sends a channel's acks
         self.delivered_total = 0  # deliveries handed to consumers' callbacks, for tests and tools
 
     def driver_version(self) -> str:
         """The pigeon-broker version."""
         return __version__
+
+    # ------------------------------------------------------------ heartbeats
+
+    def get_heartbeat_interval(self, connection: Any) -> float:
+        """Seconds between heartbeats: the connection's ``heartbeat`` (Celery's ``broker_heartbeat``),
+        shortened to half the broker's ``--idle-timeout`` when it has one, so that the broker never
+        closes a quiet worker's connection; 0 (none) when neither asks for them."""
+        requested = float(self.client.heartbeat or 0)
+        idle = [
+            channel.wire.info.idle_timeout
+            for channel in self._open_channels()
+            if channel.wire.info.idle_timeout
+        ]
+        if not idle:
+            return requested
+        bound = min(idle) / 2
+        return min(requested, bound) if requested else bound
+
+    def heartbeat_check(self, connection: Any, rate: int = 2) -> None:
+        """Called ``rate`` times per interval (Celery's worker does it from its event loop): ``PING``
+        quiet channels, and raise ConnectionClosedError for a broker silent for two intervals (kombu
+        and Celery then reconnect)."""
+        interval = self.get_heartbeat_interval(connection)
+        if interval:
+            for channel in self._open_channels():
+                channel.wire.heartbeat(interval)
 
     # ------------------------------------------------------------ without an event loop
 
@@ -403,6 +435,11 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         for channel in self._open_channels():
             self.watch(channel)
         loop.on_tick.add(self._on_tick)
+        if self._wakers is None:
+            self._wakers = socket.socketpair()
+            for end in self._wakers:
+                end.setblocking(False)
+        loop.add_reader(self._wakers[0].fileno(), self._on_wake)
 
     def watch(self, channel: ChannelT) -> None:
         """Have the event loop (once there is one) wake this transport when ``channel`` has bytes."""
@@ -422,7 +459,25 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             self.delivered_total += channel.deliver_buffered()
 
     def _on_tick(self) -> None:
-        # deliveries read while a command waited for its reply
+        """Deliveries read while a command waited for its reply are in no socket any more, so no
+        read event would hand them over: wake the event loop through the transport's own socket
+        pair, whose reader (``_on_wake``) delivers them.
+
+        Delivering them from this callback instead would stall: the hub polls right after its tick
+        callbacks with a timeout computed before them (up to seconds), and what Celery does after a
+        delivery (acknowledging, through ``call_soon``) would wait for that poll.
+        """
+        if self._wakers is None or self._wake_pending:
+            return
+        if any(channel.wire.has_deliveries for channel in self._open_channels()):
+            self._wake_pending = True
+            self._wakers[1].send(b"\0")
+
+    def _on_wake(self) -> None:
+        self._wake_pending = False
+        if self._wakers is not None:
+            with contextlib.suppress(BlockingIOError):
+                self._wakers[0].recv(64)
         self._deliver_buffered(send_acks=False)
 
     def ack_queued(self, channel: ChannelT) -> None:
@@ -462,4 +517,10 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         """Close every channel and stop being called by the event loop."""
         if self._hub is not None:
             self._hub.on_tick.discard(self._on_tick)
+        if self._wakers is not None:
+            if self._hub is not None:
+                self._hub.remove_reader(self._wakers[0].fileno())
+            for end in self._wakers:
+                end.close()
+            self._wakers = None
         super().close_connection(connection)

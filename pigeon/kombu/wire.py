@@ -68,6 +68,7 @@ class Wire:
         self._out = bytearray()  # what the socket has not taken yet
         self._acks: list[int] = []  # tags to acknowledge with the next flush_acks()
         self._refused: deque[CommandError | Exception] = deque()  # pipelined publishes the broker refused
+        self.last_sent = self.last_received = time.monotonic()  # for heartbeats
         try:
             hello = self._session.expect(b"HELLO")
             connected = self._session.expect(b"CONNECTED")
@@ -121,6 +122,11 @@ class Wire:
     def publish(self, topic: str, data: bytes) -> None:
         """Send a PUBLISH without waiting for its reply; raises the refusal of an earlier one whose reply
         has been read, if any."""
+        # A pipelined publish is not waited for, so one written into a connection the broker has
+        # already closed (its --idle-timeout, a restart) would be lost without an error: reading first
+        # (one system call) sees the close, raises a connection error, and kombu publishes again on
+        # a new connection.
+        self.read_available()
         self.raise_refused()
         line = codec.publish_line(
             self.client_id, codec.encode_topic(topic), codec.encode_message(data), self.info.max_line
@@ -134,6 +140,18 @@ class Wire:
         """Wait until the broker has answered everything sent (a PING round trip); raise a refusal."""
         self.command(codec.ping_line(), b"PONG")
         self.raise_refused()
+
+    def heartbeat(self, interval: float) -> None:
+        """Send a ``PING`` when nothing was sent or nothing received for ``interval`` seconds, so that
+        the broker's ``--idle-timeout`` never closes a quiet connection and a live broker always answers
+        something; raise ConnectionClosedError when nothing came for two intervals (it is gone or hung)."""
+        self.read_available()  # the answer to the last PING, when no event loop took it yet
+        now = time.monotonic()
+        if now - self.last_received > 2 * interval:
+            raise self._lose(f"no heartbeat from the broker for {now - self.last_received:.1f}s")
+        if now - self.last_sent >= interval or now - self.last_received >= interval:
+            self._session.expect(b"PONG")  # its reply is matched in order, and not waited for
+            self._send(self._take_ack_lines() + codec.ping_line())
 
     def raise_refused(self) -> None:
         """Raise the first refusal of a pipelined publish not reported yet."""
@@ -204,7 +222,12 @@ class Wire:
         return bool(self._session.messages)
 
     def read_available(self) -> None:
-        """Take in whatever the socket holds now, without waiting; raises ConnectionClosedError when lost."""
+        """Take in whatever the socket holds now, without waiting; raises ConnectionClosedError when lost.
+
+        It reads until the socket has nothing more (one read more than the bytes need), so that a
+        close right behind the last bytes (the broker's reply, then its end) is seen now, and not
+        after the next publish went into the dead connection.
+        """
         while self._read_once():
             pass
 
@@ -239,6 +262,7 @@ class Wire:
 
     def _send(self, data: bytes) -> None:
         """Send ``data`` after anything unsent; while the socket has no room, read what arrives."""
+        self.last_sent = time.monotonic()
         if not self._out:  # the usual case, an ACK line or a PUBLISH: one system call
             sent = self._send_some(data)
             if sent == len(data):
@@ -288,6 +312,7 @@ class Wire:
             raise self._lose(f"connection lost: {exc}") from exc
         if not data:
             raise self._lose("connection closed by the broker")
+        self.last_received = time.monotonic()
         session = self._session
         for entry in session.receive(data):
             self._refused.extend(refusal.error for refusal in entry.refused)
@@ -295,9 +320,7 @@ class Wire:
             raise self._lose(session.broken, ProtocolError)
         if session.closing:
             raise self._lose("the broker closed the connection")
-        # more may wait: in the socket when the read filled the buffer, or decrypted already in a TLS
-        # socket (which its file descriptor does not show)
-        return len(data) == RECV_SIZE or (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0)
+        return True
 
     def _socket(self) -> socket.socket:
         if self.sock is None:
