@@ -152,6 +152,8 @@ class Broker:
         """One page of topics: ``{"topics": [...], "next": cursor}``, next 0 at the end."""
     def connections(self, cursor: int = 0, count: int = 100) -> dict[str, Any]:
         """One page of connections: ``{"connections": [...], "next": cursor}``, next 0 at the end."""
+    def groups(self, cursor: int = 0, count: int = 100) -> dict[str, Any]:
+        """One page of consumer groups, newest first: ``{"groups": [...], "next": cursor}``, next 0 at the end."""
     @property
     def limits(self) -> dict[str, Any]:
         """Every limit of this broker, by keyword."""

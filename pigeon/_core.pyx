@@ -501,6 +501,11 @@ cdef class Broker:
         """
         return topics_page(self, cursor, count)
 
+    def groups(self, uint64_t cursor=0, size_t count=STATS_PAGE_DEFAULT):
+        """One page of the consumer groups, newest first: ``{"groups": [...], "next": cursor}`` (next 0
+        at the end; the cursor is a registration serial, see STATS GROUPS)."""
+        return groups_page(self, cursor, count)
+
     def connections(self, size_t cursor=0, size_t count=STATS_PAGE_DEFAULT):
         """One page of connections: ``{"connections": [...], "next": cursor}`` (next 0 at the end)."""
         return connections_page(self, cursor, count)

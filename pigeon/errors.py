@@ -158,6 +158,18 @@ class PermissionDeniedError(CommandError):
     CODE = "PERMISSION_DENIED"
 
 
+class NoSuchGroupError(CommandError):
+    """``DESTROY`` of a consumer group the server does not hold (never made, expired or destroyed)."""
+
+    CODE = "NO_SUCH_GROUP"
+
+
+class GroupInUseError(CommandError):
+    """``DESTROY`` of a consumer group that still has subscribers; nothing changed."""
+
+    CODE = "GROUP_IN_USE"
+
+
 class ClosingError(CommandError):
     """An error the server sends just before it closes the connection; see ``ConnectionClosedError.error``."""
 
@@ -209,6 +221,8 @@ ERROR_CLASSES: dict[str, type[CommandError]] = {
         AuthRequiredError,
         AuthFailedError,
         PermissionDeniedError,
+        NoSuchGroupError,
+        GroupInUseError,
     )
     if cls.CODE is not None
 }

@@ -353,6 +353,7 @@ class Session:
         assert not differ, f"stats (core, model): {differ}"
         core_topics = self.core.topics(1000)
         assert _entries(core_topics) == _entries(self.model.topics(1000))
+        assert core.groups(0, 1000) == model.groups(0, 1000)
         for entry in core_topics:
             name = entry["name"].encode()
             assert core.topic_info(name) == model.topic_info(name), name

@@ -198,6 +198,7 @@ class Topic:
     registered: bool = False  # a group that messages reach (from its first SUBSCRIBE until it ends)
     serial: int = 0  # a group: when it was registered (copies go to groups in that order)
     idle_since: float = 0.0  # a named group: when its last subscriber left (monotonic), 0 while it has some
+    copies: int = 0  # groups' copies of its messages not yet settled or dropped: they keep it
 
     @property
     def is_group(self) -> bool:
@@ -614,6 +615,16 @@ class ModelBroker:
             "next": after if after < len(names) else 0,
         }
 
+    def groups(self, cursor: int = 0, count: int = STATS_PAGE_DEFAULT) -> dict[str, Any]:
+        """A page of the registered groups, newest first; the cursor is the registration serial of the
+        last one listed (0: from the newest)."""
+        newest_first = [g for g in reversed(self._groups()) if not cursor or g.serial < cursor]
+        page = newest_first[:count]
+        return {
+            "groups": [self._group_entry(g) for g in page],
+            "next": page[-1].serial if len(newest_first) > count else 0,
+        }
+
     def connections(self, cursor: int = 0, count: int = STATS_PAGE_DEFAULT) -> dict[str, Any]:
         """A page of connections in the order they opened; the cursor is a handle."""
         handles = [h for h in self.conns if h >= cursor]
@@ -630,21 +641,21 @@ class ModelBroker:
         entry = self._topic_figures(t)
         groups = self._groups_of(t)
         if groups:
-            entry["groups"] = [
-                {
-                    "pattern": g.pattern.decode("utf-8", "replace"),
-                    "group": None if g.group is None else g.group.decode("utf-8", "replace"),
-                    "subscribers": len(g.rotation),
-                    "backlog_messages": len(g.backlog),
-                    "backlog_bytes": sum(len(m.payload) for m in g.backlog),
-                    "delivered": g.delivered,
-                    "unacked": g.unacked,
-                    "acked": g.acked,
-                    "redelivered": g.redelivered,
-                }
-                for g in groups
-            ]
+            entry["groups"] = [self._group_entry(g) for g in groups]
         return entry
+
+    def _group_entry(self, g: Topic) -> dict[str, Any]:
+        return {
+            "pattern": g.pattern.decode("utf-8", "replace"),
+            "group": None if g.group is None else g.group.decode("utf-8", "replace"),
+            "subscribers": len(g.rotation),
+            "backlog_messages": len(g.backlog),
+            "backlog_bytes": sum(len(m.payload) for m in g.backlog),
+            "delivered": g.delivered,
+            "unacked": g.unacked,
+            "acked": g.acked,
+            "redelivered": g.redelivered,
+        }
 
     def _topic_figures(self, t: Topic) -> dict[str, Any]:
         return {
@@ -1023,6 +1034,8 @@ class ModelBroker:
             if q is not t:
                 q.published += 1
             copy = Message(payload, q, origin=t if q is not t else None)
+            if q is not t:
+                t.copies += 1
             to = self._next_taker(q) if not q.backlog else None
             if to is not None:
                 self._deliver(to, copy)
@@ -1079,7 +1092,10 @@ class ModelBroker:
         """g ends: no message reaches it any more; its backlog is dropped, its publishers woken."""
         g.registered = False
         self.count["group_copies_dropped"] += len(g.backlog)
+        dropped = list(g.backlog)
         g.backlog.clear()
+        for message in dropped:
+            self._copy_done(message)
         if g.waiters:
             self._wake(g)
         self._forget_if_unused(g)
@@ -1089,8 +1105,16 @@ class ModelBroker:
         t = message.topic
         if t.is_group and not t.registered:
             self.count["group_copies_dropped"] += 1
+            self._copy_done(message)
             return False
         return True
+
+    def _copy_done(self, message: Message) -> None:
+        """A group's copy is settled or dropped: it holds its topic no more."""
+        origin, message.origin = message.origin, None
+        if origin is not None:
+            origin.copies -= 1
+            self._forget_if_unused(origin)
 
     def _warn_full(self, t: Topic) -> None:
         """Tell the operator once, until the backlog empties again."""
@@ -1121,7 +1145,7 @@ class ModelBroker:
         cursor = numbers[0] if numbers else 0
         count = numbers[1] if len(numbers) > 1 else STATS_PAGE_DEFAULT
         if (
-            section not in ("topics", "connections")
+            section not in ("topics", "connections", "groups")
             or len(args) > 3
             or cursor is None
             or count is None
@@ -1136,6 +1160,10 @@ class ModelBroker:
 
     def _page(self, section: str, cursor: int, count: int) -> dict[str, Any]:
         """A STATS page: the model's own, or the core's choice of entries with the model's figures."""
+        if section == "groups":
+            if self.unstated is not None:
+                self.unstated()  # the core's reply, which the model states whole
+            return self.groups(cursor, count)
         if self.unstated is None:
             return self.topics(cursor, count) if section == "topics" else self.connections(cursor, count)
         key = "name" if section == "topics" else "address"
@@ -1204,6 +1232,7 @@ class ModelBroker:
             message = self._unlink(c, e)
             message.topic.acked += 1
             self._forget_if_unused(message.topic)
+            self._copy_done(message)
         self.count["acks"] += len(settled)
         self._serve_touched(touched)
         return len(settled)
@@ -1258,7 +1287,7 @@ class ModelBroker:
 
     def _dead_letter(self, message: Message) -> None:
         """To the tail of <topic>.dead as a new message; dropped when that topic cannot take it."""
-        t = message.topic
+        t, origin = message.topic, message.origin
         name = message.name + DEAD_SUFFIX  # a group's copy: the dead letters of its topic
         dead = None
         if len(name) <= TOPIC_MAX:
@@ -1267,6 +1296,7 @@ class ModelBroker:
                 dead = self.topics_held[name] = Topic(name)
         if dead is None or len(dead.backlog) >= self.max_backlog:
             self.count["dead_letters_dropped"] += 1
+            self._copy_done(message)
             self._forget_if_unused(t)
             if dead is not None:
                 self._forget_if_unused(dead)
@@ -1274,9 +1304,13 @@ class ModelBroker:
         t.dead_lettered += 1
         self.count["dead_lettered"] += 1
         message.topic, message.attempt, message.origin = dead, 0, None
+        if origin is not None:
+            origin.copies -= 1
         dead.published += 1
         self.count["backlogged"] += 1
         dead.backlog.append(message)
+        if origin is not None:
+            self._forget_if_unused(origin)
         self._forget_if_unused(t)
         self._serve(dead)
 
@@ -1385,6 +1419,8 @@ class ModelBroker:
                 line.topic.delivered += 1
                 line.topic.in_flight -= 1
                 self._forget_if_unused(line.topic)
+                if not line.tag and line.message is not None:
+                    self._copy_done(line.message)
         self.count["bytes_out"] += len(data)
         c.bytes_out += len(data)
         self._ask_transport(c)
@@ -1566,6 +1602,7 @@ class ModelBroker:
         if (
             not t.rotation
             and not t.registered
+            and not t.copies
             and not t.backlog
             and not (t.in_flight or t.unacked or t.delayed or t.pins or t.waiters or t.touched)
             and self.topics_held.get(t.name) is t

@@ -37,6 +37,9 @@ stats_lines = st.sampled_from(
         b"STATS TOPICS 0 1001",
         b"STATS TOPICS x",
         b"STATS TOPICS 0 5 6",
+        b"STATS GROUPS",
+        b"STATS groups 0 1",
+        b"STATS GROUPS 3 2",
     ]
 )
 

@@ -36,7 +36,13 @@ def register(subparsers: Subparsers) -> None:
         help="print the messages delivered to this subscriber",
         description="Subscribe and print each delivery's data on its own line, until interrupted.",
     )
-    sub.add_argument("topics", nargs="+", metavar="topic")
+    sub.add_argument("topics", nargs="+", metavar="topic", help="a topic, or a pattern (orders.*, orders.>)")
+    sub.add_argument(
+        "--group",
+        metavar="NAME",
+        help="join this consumer group on each topic: every group gets each message once, shared among "
+        "its members; the group keeps a backlog while none is there",
+    )
     sub.add_argument("--count", type=positive, metavar="N", help="exit after N messages")
     sub.add_argument(
         "--json",
@@ -120,6 +126,7 @@ def _format(message: Message, as_json: bool) -> bytes:
 def run_sub(args: argparse.Namespace) -> int:
     """``pigeon-cli sub``: print deliveries until interrupted, or until ``--count`` of them.
 
+    With ``--group`` it joins that consumer group on each topic or pattern.
     With ``--ack`` each message is acknowledged after it is printed (and
     flushed), so one that the command dies before printing is delivered again.
     With ``--reconnect`` a lost connection is re-established (retrying for
@@ -131,7 +138,7 @@ def run_sub(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     with _client(args) as client:
         for topic in args.topics:
-            client.subscribe(os.fsencode(topic), ack=args.ack, prefetch=args.prefetch)
+            client.subscribe(os.fsencode(topic), args.group, ack=args.ack, prefetch=args.prefetch)
         print(f"subscribed to {' '.join(args.topics)}; waiting for messages", file=sys.stderr, flush=True)
         received = 0
         while args.count is None or received < args.count:

@@ -63,6 +63,12 @@ _LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
         "deliveries of a message before it is moved to the topic <topic>.dead instead; 0 is no limit",
     ),
     ("max_disk", "BYTES", "log bytes on disk with --data-dir; past it publishers wait; 0 is no limit"),
+    (
+        "group_ttl",
+        "SECONDS",
+        "a named consumer group (SUBSCRIBE ... GROUP) and its backlog live on this long after its last "
+        "subscriber left",
+    ),
 )
 
 

@@ -127,18 +127,31 @@ class AsyncClient(ClientBase):
             await self._connect()
         return self
 
-    async def subscribe(self, topic: str | bytes, *, ack: bool = False, prefetch: int | None = None) -> None:
-        """Receive a share of the messages published to ``topic``; ``ack`` and ``prefetch`` as for ``Client``.
+    async def subscribe(
+        self,
+        topic_or_pattern: str | bytes,
+        group: str | bytes | None = None,
+        *,
+        ack: bool = False,
+        prefetch: int | None = None,
+    ) -> None:
+        """Receive a share of the messages of a topic or pattern, in a group or not; ``group``, ``ack``
+        and ``prefetch`` as for ``Client.subscribe``.
 
         ``ack()`` and ``nack()`` (on the client or on a message) are plain
         methods here too: they only write to the connection.
         """
-        await self._subscribe(topic, ack, prefetch)
+        await self._subscribe(topic_or_pattern, group, ack, prefetch)
 
-    async def unsubscribe(self, topic: str | bytes) -> None:
-        """Stop receiving ``topic``; plain deliveries already received stay queued, acknowledged ones are
-        dropped (the broker gives them back)."""
-        await self._unsubscribe(topic)
+    async def unsubscribe(self, topic_or_pattern: str | bytes, group: str | bytes | None = None) -> None:
+        """Stop receiving what a ``subscribe`` with the same topic or pattern and group gave; plain
+        deliveries already received stay queued, acknowledged ones are dropped (the broker gives them
+        back)."""
+        await self._unsubscribe(topic_or_pattern, group)
+
+    async def destroy_group(self, topic_or_pattern: str | bytes, group: str | bytes) -> None:
+        """End a named consumer group that has no subscriber now, as ``Client.destroy_group``."""
+        await self._destroy_group(topic_or_pattern, group)
 
     async def publish(self, topic: str | bytes, message: Data, *, wait: bool = True) -> None:
         """Publish one message; waits while the broker holds a publisher (flow control), raises its refusals.

@@ -93,7 +93,8 @@ class ClientBase(abc.ABC):
         self._max_line: int | None = None  # the longest command line the server takes, when HELLO said
         self._cid = b""
         self._session = Session()
-        self._topics: dict[bytes, SubscribeOptions] = {}  # in order, re-subscribed after a reconnect
+        # (topic or pattern, group) -> options, in order, re-subscribed after a reconnect
+        self._topics: dict[tuple[bytes, bytes | None], SubscribeOptions] = {}
         self._unflushed: list[Pending] = []  # publish(wait=False) batches since the last flush
         self._out = bytearray()  # publish(wait=False) lines not sent yet
         self._lost: ConnectionClosedError | None = None  # why the last connection ended
@@ -103,8 +104,8 @@ class ClientBase(abc.ABC):
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
-        """The topics this client is subscribed to."""
-        return tuple(topic.decode() for topic in self._topics)
+        """The topics and patterns this client is subscribed to (once per group it joined there)."""
+        return tuple(topic.decode() for topic, _ in self._topics)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.host}:{self.port} id={self.client_id or '-'}>"
@@ -201,7 +202,7 @@ class ClientBase(abc.ABC):
 
     async def _resubscribe(self) -> None:
         """Subscribe again to every topic, each as before (acknowledged ones with their prefetch)."""
-        lines = [codec.subscribe_line(self._cid, name, how) for name, how in self._topics.items()]
+        lines = [codec.subscribe_line(self._cid, name, how) for (name, _), how in self._topics.items()]
         self._write(b"".join(lines))
         pendings = [self._session.expect(b"SUBSCRIBED") for _ in self._topics]
         for pending in pendings:
@@ -332,21 +333,34 @@ class ClientBase(abc.ABC):
             self._send(data)
             self._last_sent = time.monotonic()
 
-    async def _subscribe(self, topic: str | bytes, ack: bool, prefetch: int | None) -> None:
+    async def _subscribe(
+        self, topic: str | bytes, group: str | bytes | None, ack: bool, prefetch: int | None
+    ) -> None:
         name = codec.encode_topic(topic)
-        how = SubscribeOptions(ack, prefetch)
+        gname = None if group is None else codec.encode_group(group)
+        how = SubscribeOptions(ack, prefetch, gname)
         await self._command(b"SUBSCRIBED", lambda: codec.subscribe_line(self._cid, name, how), retry=True)
-        self._topics[name] = how
+        self._topics[name, gname] = how
 
-    async def _unsubscribe(self, topic: str | bytes) -> None:
+    async def _unsubscribe(self, topic: str | bytes, group: str | bytes | None) -> None:
         name = codec.encode_topic(topic)
+        gname = None if group is None else codec.encode_group(group)
         try:
-            await self._command(b"UNSUBSCRIBED", lambda: codec.unsubscribe_line(self._cid, name), retry=True)
+            await self._command(
+                b"UNSUBSCRIBED", lambda: codec.unsubscribe_line(self._cid, name, gname), retry=True
+            )
         finally:
-            self._topics.pop(name, None)
-        # the server gave this topic's unacknowledged messages back: the queued ones would come again
+            self._topics.pop((name, gname), None)
+        # the server gave this subscription's unacknowledged messages back: the queued ones would come
+        # again (the deliveries of a pattern are told apart from others of the same topics by no more
+        # than their topic)
         text = name.decode()
-        self._session.drop_acked(lambda message: message.topic == text)
+        self._session.drop_acked(lambda message: codec.topic_matches(text, message.topic))
+
+    async def _destroy_group(self, topic: str | bytes, group: str | bytes) -> None:
+        name = codec.encode_topic(topic)
+        gname = codec.encode_group(group)
+        await self._command(b"DESTROYED", lambda: codec.destroy_line(self._cid, name, gname), retry=True)
 
     # ------------------------------------------------------------ acknowledgements
 

@@ -205,12 +205,17 @@ PREFETCH_MAX = 1_000_000  # the most unacknowledged messages a subscription may 
 NACK_DELAY_MAX = 86_400.0  # seconds: the longest delay of a NACK (the server's 86,400,000 ms)
 
 
+GROUP_NAME_MAX = 64  # bytes of a consumer group's name
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class SubscribeOptions:
-    """How to subscribe: plainly, or with acknowledgements and an optional prefetch window."""
+    """How to subscribe: plainly, or with acknowledgements and an optional prefetch window; in a
+    consumer group (its encoded name) or the default one (None)."""
 
     ack: bool = False
     prefetch: int | None = None
+    group: bytes | None = None
 
     def __post_init__(self) -> None:
         if self.prefetch is None:
@@ -224,13 +229,47 @@ class SubscribeOptions:
 PLAIN = SubscribeOptions()
 
 
+def encode_group(group: str | bytes) -> bytes:
+    """A consumer group's name as wire bytes: a valid topic name of at most 64 bytes; raises
+    InvalidArgumentError for one the server would refuse."""
+    raw = encode_topic(group)
+    if len(raw) > GROUP_NAME_MAX:
+        raise InvalidArgumentError(f"group name must be at most {GROUP_NAME_MAX} bytes, not {len(raw)}")
+    return raw
+
+
+def _group_suffix(group: bytes | None) -> bytes:
+    return b"" if group is None else b" GROUP " + group
+
+
 def subscribe_line(client_id: bytes, topic: bytes, options: SubscribeOptions = PLAIN) -> bytes:
-    """SUBSCRIBE for an encoded topic, with ``ACK`` and ``PREFETCH <n>`` as ``options`` say."""
+    """SUBSCRIBE for an encoded topic or pattern, with ``GROUP <name>``, ``ACK`` and ``PREFETCH <n>``
+    as ``options`` say."""
+    head = b"SUBSCRIBE %s %s%s" % (client_id, topic, _group_suffix(options.group))
     if not options.ack:
-        return b"SUBSCRIBE %s %s\n" % (client_id, topic)
+        return head + b"\n"
     if options.prefetch is None:
-        return b"SUBSCRIBE %s %s ACK\n" % (client_id, topic)
-    return b"SUBSCRIBE %s %s ACK PREFETCH %d\n" % (client_id, topic, options.prefetch)
+        return head + b" ACK\n"
+    return head + b" ACK PREFETCH %d\n" % options.prefetch
+
+
+def destroy_line(client_id: bytes, topic: bytes, group: bytes) -> bytes:
+    """DESTROY of the consumer group (encoded topic or pattern, encoded name)."""
+    return b"DESTROY %s %s GROUP %s\n" % (client_id, topic, group)
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """Whether a subscription to ``pattern`` gets messages of ``topic`` (the NATS rules of the
+    server: ``*`` one non-empty token, ``>`` as the last token one or more tokens)."""
+    want, have = pattern.split("."), topic.split(".")
+    if want[-1] == ">":
+        head = want[:-1]
+        return len(have) > len(head) and _tokens_match(head, have) and bool(".".join(have[len(head) :]))
+    return len(want) == len(have) and _tokens_match(want, have)
+
+
+def _tokens_match(want: list[str], have: list[str]) -> bool:
+    return all(w == h or (w == "*" and h) for w, h in zip(want, have, strict=False))
 
 
 def settle_lines(verb: bytes, client_id: bytes, tags: list[int], suffix: bytes = b"") -> bytes:
@@ -267,9 +306,9 @@ def nack_suffix(delay: float | None) -> bytes:
     return b" %d" % round(delay * 1000)
 
 
-def unsubscribe_line(client_id: bytes, topic: bytes) -> bytes:
-    """UNSUBSCRIBE for an encoded topic."""
-    return b"UNSUBSCRIBE %s %s\n" % (client_id, topic)
+def unsubscribe_line(client_id: bytes, topic: bytes, group: bytes | None = None) -> bytes:
+    """UNSUBSCRIBE for an encoded topic or pattern, from a group when ``group`` names one."""
+    return b"UNSUBSCRIBE %s %s%s\n" % (client_id, topic, _group_suffix(group))
 
 
 def publish_line(client_id: bytes, topic: bytes, data: bytes, max_line: int | None = None) -> bytes:

@@ -88,21 +88,40 @@ class Client(ClientBase):
         """True while the client holds an open connection."""
         return self._sock is not None
 
-    def subscribe(self, topic: str | bytes, *, ack: bool = False, prefetch: int | None = None) -> None:
-        """Receive a share of the messages published to ``topic``.
+    def subscribe(
+        self,
+        topic_or_pattern: str | bytes,
+        group: str | bytes | None = None,
+        *,
+        ack: bool = False,
+        prefetch: int | None = None,
+    ) -> None:
+        """Receive a share of the messages published to a topic, or to every topic a pattern matches.
 
-        With ``ack=True`` every delivery must be acknowledged (``ack()``) or
-        given back (``nack()``), and the broker redelivers what this client
-        leaves unsettled; ``prefetch`` (1 to 1,000,000; default the broker's
+        A pattern has ``*`` tokens (one token each) or ends with ``>`` (one or
+        more tokens): ``orders.*``, ``orders.>``. Every group of subscribers
+        gets each message once, shared round robin among its members: with
+        ``group`` this client joins that named group (its messages wait in
+        the group's own backlog while no member can take them), without it
+        the topic's (or pattern's) default group. With ``ack=True`` every
+        delivery must be acknowledged (``ack()``) or given back (``nack()``),
+        and the broker redelivers what this client leaves unsettled;
+        ``prefetch`` (1 to 1,000,000; default the broker's
         ``--default-prefetch``) bounds the unacknowledged messages it holds.
-        Subscribing again to a topic changes its mode and prefetch.
+        Subscribing again the same way changes the mode and prefetch.
         """
-        run_blocking(self._subscribe(topic, ack, prefetch))
+        run_blocking(self._subscribe(topic_or_pattern, group, ack, prefetch))
 
-    def unsubscribe(self, topic: str | bytes) -> None:
-        """Stop receiving ``topic``; plain deliveries already received stay queued, acknowledged ones are
-        dropped (the broker gives them back)."""
-        run_blocking(self._unsubscribe(topic))
+    def unsubscribe(self, topic_or_pattern: str | bytes, group: str | bytes | None = None) -> None:
+        """Stop receiving what a ``subscribe`` with the same topic or pattern and group gave; plain
+        deliveries already received stay queued, acknowledged ones are dropped (the broker gives them
+        back)."""
+        run_blocking(self._unsubscribe(topic_or_pattern, group))
+
+    def destroy_group(self, topic_or_pattern: str | bytes, group: str | bytes) -> None:
+        """End a named consumer group that has no subscriber now, dropping its backlog (before its
+        ``--group-ttl``); NoSuchGroupError or GroupInUseError when it cannot."""
+        run_blocking(self._destroy_group(topic_or_pattern, group))
 
     def publish(self, topic: str | bytes, message: Data, *, wait: bool = True) -> None:
         """Publish one message; waits while the broker holds a publisher (flow control), raises its refusals.

@@ -221,8 +221,9 @@ cdef int on_subscribe(Broker b, int32_t h, char *args, size_t n) except -1:
         s = sub_add(b, h, t)
         if s == NULL:
             if t.kind != TOPIC_PLAIN and t.nsubs == 0:
-                group_left(b, t)
-            topics_drop_if_unused(b, t)
+                group_left(b, t)    # which frees it when nothing holds it
+            else:
+                topics_drop_if_unused(b, t)
             _memory_full(b, h)
             return 0
     # subscribing again keeps the turn and changes the mode and the prefetch window
@@ -556,14 +557,15 @@ cdef int on_stats(Broker b, int32_t h, char *args, size_t n) except -1:
     cdef char *field
     cdef size_t sl, fl, cursor = 0, count = STATS_PAGE_DEFAULT
     cdef bytes text
-    cdef bint topics
+    cdef bint topics, groups
     if not _connected(b, h):
         return 0
     if not next_field(&args, &n, &section, &sl):
         figures = stats_dict(b)
     else:
         topics = word_is(section, sl, "topics", 6)
-        if not topics and not word_is(section, sl, "connections", 11):
+        groups = word_is(section, sl, "groups", 6)
+        if not topics and not groups and not word_is(section, sl, "connections", 11):
             out_error(b, h, ERR_USAGE, STATS_USAGE)
             return 0
         if next_field(&args, &n, &field, &fl):
@@ -577,9 +579,12 @@ cdef int on_stats(Broker b, int32_t h, char *args, size_t n) except -1:
         if not only_blanks(args, n):
             out_error(b, h, ERR_USAGE, STATS_USAGE)
             return 0
-        if not topics and not auth_may_list_connections(b, h):
+        if not topics and not groups and not auth_may_list_connections(b, h):
             return 0
-        figures = topics_page(b, cursor, count) if topics else connections_page(b, cursor, count)
+        if groups:
+            figures = groups_page(b, cursor, count)
+        else:
+            figures = topics_page(b, cursor, count) if topics else connections_page(b, cursor, count)
     try:
         text = json.dumps(figures, separators=(",", ":")).encode()
     except MemoryError:

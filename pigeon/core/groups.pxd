@@ -53,3 +53,4 @@ cdef void groups_expire(Broker b) noexcept
 cdef int32_t groups_of(Broker b, Topic *t) noexcept
 cdef bint group_drops(Broker b, Msg *msg) noexcept
 cdef list groups_report(Broker b, Topic *t)
+cdef dict groups_page(Broker b, uint64_t cursor, size_t count)

@@ -239,8 +239,10 @@ cdef void group_end(Broker b, Topic *g) noexcept:
 
 
 cdef void group_left(Broker b, Topic *g) noexcept:
-    """g's last subscriber left: a named group's --group-ttl starts, a wildcard default group ends."""
+    """g's last subscriber left: a named group's --group-ttl starts, a wildcard default group ends;
+    g is freed when nothing holds it (the caller must not use it after this)."""
     if b.tearing_down or not g.registered:
+        topics_drop_if_unused(b, g)
         return
     if g.kind == GROUP_WILDCARD:
         group_end(b, g)
@@ -335,25 +337,42 @@ cdef int32_t groups_of(Broker b, Topic *t) noexcept:
     return t.ngroups
 
 
+cdef dict _group_entry(Topic *g):
+    return {
+        "pattern": _text(topic_name(g), g.pattern_len),
+        "group": _text(topic_name(g) + g.pattern_len + 1, g.name_len - g.pattern_len - 1)
+        if g.kind == GROUP_NAMED else None,
+        "subscribers": g.nsubs,
+        "backlog_messages": g.backlog.count,
+        "backlog_bytes": g.backlog.nbytes,
+        "delivered": g.delivered,
+        "unacked": g.unacked,
+        "acked": g.acked,
+        "redelivered": g.redelivered,
+    }
+
+
 cdef list groups_report(Broker b, Topic *t):
     """STATS TOPICS: the groups a topic's messages go to, with their figures."""
     cdef int32_t i
-    cdef Topic *g
-    cdef list entries = []
     if b.group_index.count == 0 or groups_of(b, t) <= 0:
-        return entries
-    for i in range(t.ngroups):
-        g = t.groups[i]
-        entries.append({
-            "pattern": _text(topic_name(g), g.pattern_len),
-            "group": _text(topic_name(g) + g.pattern_len + 1, g.name_len - g.pattern_len - 1)
-            if g.kind == GROUP_NAMED else None,
-            "subscribers": g.nsubs,
-            "backlog_messages": g.backlog.count,
-            "backlog_bytes": g.backlog.nbytes,
-            "delivered": g.delivered,
-            "unacked": g.unacked,
-            "acked": g.acked,
-            "redelivered": g.redelivered,
-        })
-    return entries
+        return []
+    return [_group_entry(t.groups[i]) for i in range(t.ngroups)]
+
+
+cdef dict groups_page(Broker b, uint64_t cursor, size_t count):
+    """STATS GROUPS: up to ``count`` registered groups, newest first, from those registered before
+    ``cursor`` (0: from the newest): ``{"groups": [...], "next": cursor}``, next 0 at the end. The
+    list is in registration order (a group registered again moves to its front), so the cursor is
+    the registration serial of the last group listed."""
+    cdef Topic *g = b.group_index.first
+    cdef list entries = []
+    cdef size_t size = 0
+    while g != NULL and cursor and g.serial >= cursor:
+        g = g.group_next
+    while g != NULL and <size_t>len(entries) < count and size < STATS_PAGE_BYTES:
+        entries.append(_group_entry(g))
+        size += 6 * g.name_len + 200
+        cursor = g.serial
+        g = g.group_next
+    return {"groups": entries, "next": cursor if g != NULL else 0}

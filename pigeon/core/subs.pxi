@@ -85,7 +85,8 @@ cdef void sub_free(Broker b, Sub *s) noexcept:
         if t.wild:
             b.group_index.wildcard_subs -= 1
         if t.nsubs == 0:
-            group_left(b, t)
+            group_left(b, t)        # which frees it when nothing holds it
+            return
     topics_drop_if_unused(b, t)
 
 

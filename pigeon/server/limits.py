@@ -25,6 +25,7 @@ DEFAULT_WRITE_TIMEOUT: float = LIMIT_DEFAULTS["write_timeout"]  # seconds; 0 is 
 DEFAULT_PREFETCH: int = LIMIT_DEFAULTS["default_prefetch"]
 DEFAULT_ACK_TIMEOUT: float = LIMIT_DEFAULTS["ack_timeout"]  # seconds; 0 is off
 DEFAULT_MAX_DELIVERIES: int = LIMIT_DEFAULTS["max_deliveries"]  # 0 is no limit
+DEFAULT_GROUP_TTL: float = LIMIT_DEFAULTS["group_ttl"]  # seconds
 
 
 class ServerLimits(TypedDict, total=False):
@@ -42,6 +43,7 @@ class ServerLimits(TypedDict, total=False):
     default_prefetch: int
     ack_timeout: float
     max_deliveries: int
+    group_ttl: float
     max_disk: int
     data_dir: str | os.PathLike[str] | None
     fsync: str

@@ -29,6 +29,7 @@ from pigeon.server.limits import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_BACKLOG,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_GROUP_TTL,
     DEFAULT_MAX_DELIVERIES,
     DEFAULT_MAX_LINE,
     DEFAULT_MAX_MEMORY,
@@ -249,6 +250,7 @@ class Server:
         default_prefetch: int = DEFAULT_PREFETCH,
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        group_ttl: float = DEFAULT_GROUP_TTL,
         max_disk: int = 0,
         data_dir: str | os.PathLike[str] | None = None,
         fsync: str = "everysec",
@@ -281,6 +283,7 @@ class Server:
             default_prefetch=default_prefetch,
             ack_timeout=ack_timeout,
             max_deliveries=max_deliveries,
+            group_ttl=group_ttl,
             tick_interval=TICK_INTERVAL,
             auth=users_file is not None,
         )
