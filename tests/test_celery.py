@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -146,15 +147,31 @@ def test_purge_empties_a_queue_no_worker_consumes(
     assert "Purged 25 messages" in result.stdout
 
 
-def test_celery_inspect_fails_clearly_instead_of_waiting(
+def celery_command(env: dict[str, str], *words: str) -> str:
+    """Run ``celery -A tests.celery_app <words>`` and return its output (it must succeed)."""
+    command = [sys.executable, "-m", "celery", "-A", "tests.celery_app", *words]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=WAIT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_celery_inspect_and_control_reach_the_worker_through_its_broadcast_queue(
     worker: Worker, setup: tuple[ServerProcess, dict[str, str], Path]
 ) -> None:
-    """Broadcast (the pidbox) needs consumer groups (protocol 2): the command says so at once."""
+    """The pidbox: a fanout exchange (each worker's queue a consumer group on it) and replies through
+    a direct exchange to the asking process's queue."""
     _, env, _ = setup
-    command = [sys.executable, "-m", "celery", "-A", "tests.celery_app", "inspect", "ping", "--timeout", "30"]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=WAIT)
-    assert result.returncode != 0
-    assert "consumer groups" in result.stdout + result.stderr
+    # naming the worker, a command returns once it answered (without, it waits the whole timeout)
+    to_worker = ("--destination", f"main@{socket.gethostname()}", "--timeout", str(WAIT / 2))
+    assert "pong" in celery_command(env, "inspect", "ping", *to_worker)
+    assert "'name': 'celery'" in celery_command(env, "inspect", "active_queues", *to_worker)
+    assert "add consumer" in celery_command(env, "control", "add_consumer", "extra", *to_worker).lower()
+    assert "'name': 'extra'" in celery_command(env, "inspect", "active_queues", *to_worker)
+    assert add.apply_async((2, 3), queue="extra").get(timeout=WAIT) == 5
+    assert (
+        "no longer consuming"
+        in celery_command(env, "control", "cancel_consumer", "extra", *to_worker).lower()
+    )
 
 
 def consumers(server: ServerProcess, queue: str) -> int:

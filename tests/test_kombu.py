@@ -23,7 +23,8 @@ from kombu.asynchronous import Hub
 
 from pigeon import Client
 from pigeon.errors import TooManyTopicsError
-from pigeon.kombu.transport import ExchangeTypeNotSupported, Transport
+from pigeon.kombu.routes import ExchangeTypeNotSupported, OverlappingQueues
+from pigeon.kombu.transport import Transport
 from pigeon.testing import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -265,35 +266,133 @@ def test_consumer_with_prefetch_holds_at_most_its_window(server: ServerProcess, 
         assert [m.payload["i"] for m in received] == list(range(50))
 
 
-def test_direct_exchange_routes_by_local_bindings_else_to_the_queue_named_by_the_key(
+def publish_elsewhere(url: str, exchange: str, kind: str, keys: list[str], count: int = 1) -> None:
+    """Publish ``count`` messages ``{"key": key, "i": i}`` per routing key through ``exchange`` from
+    another process, which declares the exchange but knows none of this process's bindings (kombu
+    keeps bindings per process: the broker has to route)."""
+    script = (
+        "from kombu import Connection, Exchange, Producer\n"
+        f"with Connection({url!r}) as connection:\n"
+        f"    producer = Producer(connection.channel(), exchange=Exchange({exchange!r}, type={kind!r}))\n"
+        "    producer.declare()\n"
+        f"    for key in {keys!r}:\n"
+        f"        for i in range({count}):\n"
+        "            producer.publish({'key': key, 'i': i}, routing_key=key)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def consume_all(connection: Connection, queues: list[Queue], count: int) -> dict[str, list[Any]]:
+    """Consume ``count`` messages from ``queues`` (one channel each), acknowledging them: the bodies
+    per queue name."""
+    got: dict[str, list[Any]] = {queue.name: [] for queue in queues}
+    consumers = [
+        Consumer(connection.channel(), [queue], callbacks=[acking(got[queue.name])]) for queue in queues
+    ]
+    for consumer in consumers:
+        consumer.consume()
+    drain(connection, count)
+    for consumer in consumers:
+        consumer.cancel()
+    return got
+
+
+def test_a_direct_exchange_routes_by_the_key_to_every_queue_bound_with_it(url: str, name: str) -> None:
+    """The publisher knows no binding: the key goes to the queues bound with it (each a group on the
+    topic the key names, declared before the publish: they keep it until consumed)."""
+    exchange = Exchange(f"{name}-ex", type="direct")
+    bound = [
+        Queue(f"{name}-{kind}", exchange, routing_key=f"{name}-images") for kind in ("thumbs", "archive")
+    ]
+    with Connection(url) as connection:
+        for queue in bound:
+            queue(connection.channel()).declare()
+        publish_elsewhere(url, exchange.name, "direct", [f"{name}-images"], count=3)
+        got = consume_all(connection, bound, 6)
+    assert got == {queue.name: [{"key": f"{name}-images", "i": i} for i in range(3)] for queue in bound}
+
+
+def test_a_queue_bound_with_its_own_name_is_its_topic_as_celerys_task_queues(url: str, name: str) -> None:
+    exchange = Exchange(f"{name}-tasks", type="direct")
+    queue = Queue(f"{name}-default", exchange, routing_key=f"{name}-default")
+    with Connection(url) as connection:
+        queue(connection.channel()).declare()
+        publish_elsewhere(url, exchange.name, "direct", [queue.name], count=3)
+        assert (
+            connection.default_channel.wire.stats_group(queue.name, queue.name) is None
+        )  # its topic, no group
+        assert consume_all(connection, [queue], 3) == {
+            queue.name: [{"key": queue.name, "i": i} for i in range(3)]
+        }
+
+
+def test_a_fanout_exchange_gives_every_bound_queue_a_copy_and_consumers_of_a_queue_share_it(
     url: str, name: str
 ) -> None:
-    exchange = Exchange(f"{name}-ex", type="direct")
-    bound = Queue(f"{name}-bound", exchange, routing_key="images")
-    by_key = Queue(f"{name}-images", Exchange(f"{name}-other", type="direct"), routing_key=f"{name}-images")
+    broadcast = Exchange(f"{name}-fanout", type="fanout")
+    first, second = Queue(f"{name}-a", broadcast), Queue(f"{name}-b", broadcast)
     with Connection(url) as connection:
-        producer = Producer(connection.channel())
-        # bound in this process: routed through the binding
-        producer.publish({"to": "bound"}, exchange=exchange, routing_key="images", declare=[bound])
-        # an exchange without bindings here: to the queue the routing key names
-        producer.publish({"to": "by key"}, exchange=f"{name}-undeclared", routing_key=f"{name}-images")
-        bodies: list[Any] = []
-        keys: list[str] = []
-        with Consumer(connection.channel(), [bound, by_key], callbacks=[acking(bodies, keys)]):
-            drain(connection, 2)
-    assert dict(zip(keys, bodies, strict=True)) == {
-        "images": {"to": "bound"},
-        f"{name}-images": {"to": "by key"},
+        for queue in (first, second):
+            queue(connection.channel()).declare()
+        publish_elsewhere(url, broadcast.name, "fanout", [""], count=20)
+        # the size is the group's backlog: kept before any consumer came
+        assert connection.default_channel.queue_declare(first.name, passive=True).message_count == 20
+        sharing: list[Any] = []
+        with Consumer(connection.channel(), [second], callbacks=[acking(sharing)]):  # a second consumer of b
+            got = consume_all(connection, [first, second], 40)
+    assert got[first.name] == [{"key": "", "i": i} for i in range(20)]
+    assert sorted(body["i"] for body in got[second.name] + sharing) == list(range(20))  # b's 20, shared out
+
+
+def test_a_topic_exchange_routes_by_binding_patterns(url: str, name: str) -> None:
+    events = Exchange(f"{name}-events", type="topic")
+    star = Queue(f"{name}-star", events, routing_key="task.*")
+    hash_ = Queue(f"{name}-hash", events, routing_key="task.#")
+    exact = Queue(f"{name}-exact", events, routing_key="worker.online")
+    keys = ["task", "task.sent", "task.sent.late", "worker.online", "worker.offline"]
+    with Connection(url) as connection:
+        for queue in (star, hash_, exact):
+            queue(connection.channel()).declare()
+        publish_elsewhere(url, events.name, "topic", keys)
+        got = consume_all(connection, [star, hash_, exact], 5)
+    assert {queue: sorted(body["key"] for body in bodies) for queue, bodies in got.items()} == {
+        star.name: ["task.sent"],
+        hash_.name: ["task", "task.sent", "task.sent.late"],  # '#' matches zero or more words
+        exact.name: ["worker.online"],
     }
 
 
-def test_fanout_publishing_fails_clearly_until_consumer_groups_exist(url: str, name: str) -> None:
-    broadcast = Exchange(f"{name}-fanout", type="fanout")
+def test_bindings_pigeon_cannot_express_and_overlapping_queues_on_one_channel_are_refused(
+    url: str, name: str
+) -> None:
+    events = Exchange(f"{name}-events", type="topic")
     with Connection(url) as connection:
-        producer = Producer(connection.channel(), exchange=broadcast)
-        producer.declare()
-        with pytest.raises(ExchangeTypeNotSupported, match="consumer groups"):
-            producer.publish({"hello": "all"}, routing_key="")
+        with pytest.raises(ExchangeTypeNotSupported, match="only supported as the last word"):
+            Queue(f"{name}-mid", events, routing_key="a.#.b")(connection.channel()).declare()
+        wide = Queue(f"{name}-wide", events, routing_key="a.*")
+        narrow = Queue(f"{name}-narrow", events, routing_key="a.b")
+        with pytest.raises(OverlappingQueues, match="use two channels"):
+            Consumer(connection.channel(), [wide, narrow], callbacks=[lambda body, message: None]).consume()
+        headers = Exchange(f"{name}-h", type="headers")
+        with pytest.raises(ExchangeTypeNotSupported, match="headers"):
+            Producer(connection.channel()).publish({}, exchange=headers, declare=[headers])
+
+
+def test_purge_size_and_delete_of_a_queue_bound_to_a_fanout_exchange(url: str, name: str) -> None:
+    broadcast = Exchange(f"{name}-fanout", type="fanout")
+    queue = Queue(f"{name}-q", broadcast)
+    with Connection(url) as connection:
+        bound = queue(connection.channel())
+        bound.declare()
+        publish_elsewhere(url, broadcast.name, "fanout", [""], count=7)
+        assert bound.queue_declare(passive=True).message_count == 7
+        assert bound.purge() == 7
+        assert bound.queue_declare(passive=True).message_count == 0
+        wire = connection.default_channel.wire
+        assert wire.stats_group(f"_ex.{broadcast.name}", queue.name) is not None
+        bound.delete()
+        assert wire.stats_group(f"_ex.{broadcast.name}", queue.name) is None
 
 
 def test_a_message_longer_than_the_brokers_line_limit_is_refused_before_sending(name: str) -> None:

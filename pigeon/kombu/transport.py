@@ -11,9 +11,8 @@ connection (``Wire``). What maps to what, and why, is in docs/celery.md:
   message goes back to the head of its queue), ``requeue=False`` is ``ACK``: the message is
   dropped, as RabbitMQ does without a dead-letter exchange. The broker moves a message that keeps
   coming back to ``<queue>.dead`` after ``--max-deliveries`` attempts;
-- publishing is pipelined; a direct exchange routes by the bindings this process declared, and
-  to the queue named by the routing key when it declared none (Celery's convention: routing key
-  = queue name); fanout and topic exchanges need consumer groups (protocol 2) and are refused;
+- publishing is pipelined; exchanges and bindings map to topics and consumer groups as
+  pigeon.kombu.routes says (a queue bound to a fanout exchange is a group on the exchange's topic);
 - the broker keeps the unacknowledged messages and redelivers them when a connection goes, so the
   channel keeps none and restores none.
 
@@ -33,8 +32,9 @@ from typing import Any
 from kombu.transport import virtual
 
 from pigeon._version import __version__
+from pigeon.client import codec
 from pigeon.errors import CommandError, ConnectionClosedError
-from pigeon.kombu import envelope
+from pigeon.kombu import envelope, routes
 from pigeon.kombu.address import broker_address
 from pigeon.kombu.wire import PREFETCH_MAX, Wire
 from pigeon.protocol import DEFAULT_PORT
@@ -48,11 +48,9 @@ DEFAULT_REPLY_TIMEOUT = 10.0  # seconds to wait for the broker without progress
 # In an event loop, acknowledgements wait up to this long (seconds) to go out together: one send for
 # several tasks instead of one per turn of the loop (a prefork worker gets a turn for nearly each task).
 DEFAULT_ACK_DELAY = 0.002
-ACK_BATCH_MAX = 64  # queued acknowledgements sent at once, without waiting for the delay
-
-
-class ExchangeTypeNotSupported(NotImplementedError):
-    """A fanout or topic exchange: routing to every bound queue needs consumer groups (protocol 2)."""
+ACK_BATCH_MAX = 64
+# seconds a fanout or topic exchange's publisher trusts what it learnt of the bound groups
+ROUTES_TTL = 1.0  # queued acknowledgements sent at once, without waiting for the delay
 
 
 class QoS(virtual.QoS):  # type: ignore[misc]
@@ -97,6 +95,8 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         self._acked_queues: set[str] = set()  # the queues consumed with acknowledgements
         self._held: dict[str, dict[int, None]] = {}  # per queue, the tags delivered and not settled yet
         self._cancelled: set[str] = set()  # queues whose consumer was cancelled while holding messages
+        self._subscribed: dict[str, list[tuple[str, str | None]]] = {}  # per consumed queue: (topic, group)s
+        self._bound_cache: dict[str, tuple[bool, float]] = {}  # _bound_anywhere's answers, until when
         self._closing = False
         self.wire = self._open_wire()
 
@@ -106,36 +106,53 @@ class Channel(virtual.Channel):  # type: ignore[misc]
     # ------------------------------------------------------------ publishing and routing
 
     def basic_publish(self, message: dict[str, Any], exchange: str, routing_key: str, **kwargs: Any) -> None:
-        """Publish ``message`` to the queues ``exchange`` and ``routing_key`` route it to (see ``route``)."""
+        """Publish ``message`` to the topic ``exchange`` and ``routing_key`` map to (pigeon.kombu.routes):
+        the broker hands a copy to every queue bound to it."""
         self._inplace_augment_message(message, exchange, routing_key)
-        line = envelope.encode(message)
-        for queue in self.route(exchange, routing_key):
-            self.wire.publish(queue, line)
+        topic = self.route(exchange, routing_key)
+        if exchange and self._kind(exchange) != "direct" and not self._bound_anywhere(topic):
+            return  # unroutable: dropped, as AMQP drops what no queue is bound to
+        self.wire.publish(topic, envelope.encode(message))
         if self.confirm_publish:
             self.wire.sync()
 
-    def route(self, exchange: str, routing_key: str) -> list[str]:
-        """The queues a message goes to.
+    def _bound_anywhere(self, topic: str) -> bool:
+        """Whether some consumer group takes messages of a fanout or topic exchange's ``topic``.
 
-        The default exchange (``""``) routes to the queue named by the routing
-        key. A direct exchange routes to the queues this process bound to it with
-        that routing key, and when there are none, to the queue named by the
-        routing key: the publisher and the consumer are different processes, and
-        kombu keeps bindings in each process, so this is the rule that needs no
-        shared table (Celery binds each queue with its own name as routing key).
+        Pigeon keeps what no group takes in the topic's own backlog (a plain
+        topic's messages wait for a subscriber), while AMQP drops what no queue
+        is bound to: Celery's worker events, sent every two seconds whether
+        anyone listens or not, would pile up. So the broker is asked (STATS
+        GROUPS), at most once per ``ROUTES_TTL`` seconds per topic.
         """
+        now = time.monotonic()
+        known = self._bound_cache.get(topic)
+        if known is None or known[1] <= now:
+            known = (self.wire.group_matches(topic), now + ROUTES_TTL)
+            self._bound_cache[topic] = known
+        return known[0]
+
+    def route(self, exchange: str, routing_key: str) -> str:
+        """The topic a message published to ``exchange`` with ``routing_key`` goes to: the queue named
+        by the key for the default exchange, else as pigeon.kombu.routes says for the exchange's type
+        (a direct exchange this process did not declare is taken as direct)."""
         if not exchange:
-            return [routing_key]
+            return routing_key
+        return routes.publish_topic(self._kind(exchange), exchange, routing_key)
+
+    def _kind(self, exchange: str) -> str:
         declared = self.state.exchanges.get(exchange)
-        kind = declared["type"] if declared else "direct"
-        if kind != "direct":
-            raise ExchangeTypeNotSupported(
-                f"pigeon:// cannot route through the {kind} exchange {exchange!r}: routing one message to "
-                "every bound queue needs consumer groups (Pigeon protocol 2). Until then broadcast "
-                "(celery inspect/control, worker events) does not work; see docs/celery.md"
-            )
-        queues = {queue for key, _, queue in declared["table"] if key == routing_key} if declared else set()
-        return sorted(queues) or [routing_key]
+        return str(declared["type"]) if declared else "direct"
+
+    def _subscriptions(self, queue: str) -> list[tuple[str, str | None]]:
+        """What consuming ``queue`` subscribes to: its own topic plainly, and as group ``queue`` the
+        topics and patterns of its bindings that route elsewhere (pigeon.kombu.routes)."""
+        subscriptions: list[tuple[str, str | None]] = [(queue, None)]
+        group = routes.group_name(queue)
+        for exchange, routing_key, _ in self.state.queue_bindings(queue):
+            for pattern in routes.binding_patterns(self._kind(exchange), exchange, routing_key, queue):
+                subscriptions.append((pattern, group))
+        return subscriptions
 
     # ------------------------------------------------------------ queues
 
@@ -146,39 +163,71 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         """Every queue name exists (topics are made on first use)."""
         return True
 
-    def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
-        """Nothing to delete: protocol 1 has no command for it; the topic goes once it is empty and unused."""
+    def queue_bind(
+        self,
+        queue: str,
+        exchange: str | None = None,
+        routing_key: str = "",
+        arguments: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Bind ``queue``; a binding that routes through a group makes the group exist now, so that it
+        keeps what is published before a consumer comes (an AMQP queue exists once declared)."""
+        super().queue_bind(queue, exchange, routing_key, arguments, **kwargs)
+        exchange = exchange or "amq.direct"
+        group = routes.group_name(queue)
+        for pattern in routes.binding_patterns(self._kind(exchange), exchange, routing_key, queue):
+            if queue in self._subscribed:
+                self._subscribe(queue, [(pattern, group)])
+            elif self.wire.stats_group(pattern, group) is None:
+                # an acknowledged subscription with a window of 1, so no message can be lost meanwhile
+                self.wire.subscribe(pattern, ack=True, prefetch=1, group=group)
+                self.wire.unsubscribe(pattern, group, taken=routes.matcher(pattern))
+
+    def _delete(self, queue: str, exchange: str, routing_key: str, *args: Any, **kwargs: Any) -> None:
+        """End the groups a binding of ``queue`` made (the broker refuses while one has a consumer);
+        a plain queue's topic goes by itself once it is empty and unused."""
+        for pattern in routes.binding_patterns(self._kind(exchange), exchange, routing_key, queue):
+            with contextlib.suppress(CommandError):
+                self.wire.destroy_group(pattern, routes.group_name(queue))
+
+    def _backlog(self, wire: Wire, topic: str, group: str | None) -> int:
+        entry = wire.stats_group(topic, group) if group else wire.stats_topic(topic)
+        return int(entry["backlog_messages"]) if entry else 0
 
     def _size(self, queue: str) -> int:
-        """Messages ready in the queue: its backlog (delivered, unacknowledged ones are not counted)."""
-        entry = self.wire.stats_topic(queue)
-        return int(entry["backlog_messages"]) if entry else 0
+        """Messages ready in the queue: its backlogs (delivered, unacknowledged ones are not counted)."""
+        return sum(self._backlog(self.wire, topic, group) for topic, group in self._subscriptions(queue))
 
     def _purge(self, queue: str) -> int:
         """Drop the queue's ready messages; returns how many.
 
-        Protocol 1 has no purge command, so a second connection subscribes
-        plainly (at-most-once: a message handed to it is gone), takes messages
-        until the backlog is empty (the STATS round trips let them flow), and
-        unsubscribes. Consumers of the queue with room in their window keep
-        taking messages meanwhile, as they would in any broker.
+        Pigeon has no purge command, so a second connection subscribes plainly
+        to each of the queue's topics and groups (at-most-once: a message handed
+        to it is gone), takes messages until the backlog is empty (the STATS
+        round trips let them flow), and unsubscribes. Consumers of the queue with
+        room in their window keep taking messages meanwhile, as they would in any broker.
         """
-        if not self._size(queue):
-            return 0
+        purged = 0
+        for topic, group in self._subscriptions(queue):
+            if self._backlog(self.wire, topic, group):
+                purged += self._drain(topic, group)
+        return purged
+
+    def _drain(self, topic: str, group: str | None) -> int:
         purger = self._open_wire()
         try:
-            purger.subscribe(queue, ack=False, prefetch=None)
+            purger.subscribe(topic, ack=False, prefetch=None, group=group)
             left: int | None = None
             deadline = time.monotonic() + purger.timeout
             while time.monotonic() < deadline:  # gives up after `timeout` s without progress
-                entry = purger.stats_topic(queue)
-                backlog = int(entry["backlog_messages"]) if entry else 0
+                backlog = self._backlog(purger, topic, group)
                 if not backlog:
                     break
                 if left is None or backlog < left:
                     left = backlog
                     deadline = time.monotonic() + purger.timeout
-            return purger.unsubscribe(queue)
+            return purger.unsubscribe(topic, group, taken=routes.matcher(topic))
         finally:
             purger.close()
 
@@ -193,19 +242,56 @@ class Channel(virtual.Channel):  # type: ignore[misc]
     def basic_consume(
         self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any
     ) -> None:
-        """Consume ``queue``: an acknowledged subscription with the channel's prefetch, or a plain one."""
+        """Consume ``queue``: its subscriptions (``_subscriptions``), acknowledged with the channel's
+        prefetch, or plain.
+
+        A delivery names only its topic, so the queues one channel consumes
+        must not share a topic: a queue whose subscriptions overlap another's
+        on this channel is refused (routes.OverlappingQueues; use another channel).
+        """
+        subscriptions = self._subscriptions(queue)
+        for other, theirs in self._subscribed.items():
+            for pattern, _ in subscriptions:
+                clash = routes.first_overlap(pattern, [topic for topic, _ in theirs])
+                if clash is not None and other != queue:
+                    raise routes.OverlappingQueues(
+                        f"pigeon:// cannot consume {queue!r} and {other!r} on one channel: {pattern!r} and "
+                        f"{clash!r} can both match a topic, and a delivery names only its topic: "
+                        "use two channels"
+                    )
         super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        if not no_ack:
+            self._acked_queues.add(queue)
         try:
-            if no_ack:
-                self.wire.subscribe(queue, ack=False, prefetch=None)
-            else:
-                self.wire.subscribe(queue, ack=True, prefetch=self._window())
-                self._acked_queues.add(queue)
+            self._subscribed[queue] = []
+            self._subscribe(queue, subscriptions)
         except CommandError:
-            # refused (e.g. PERMISSION_DENIED): no consumer, and nothing to unsubscribe when cancelled
+            # refused (e.g. PERMISSION_DENIED): no consumer
+            self._unsubscribe(queue)
             super().basic_cancel(consumer_tag)
             raise
         self.connection.watch(self)
+
+    def _subscribe(self, queue: str, subscriptions: list[tuple[str, str | None]]) -> None:
+        """SUBSCRIBE to ``subscriptions`` for ``queue`` in its mode (again: with the current window)."""
+        acked = queue in self._acked_queues
+        window = (1 if queue in self._cancelled else self._window()) if acked else None
+        done = self._subscribed[queue]
+        for topic, group in subscriptions:
+            self.wire.subscribe(topic, ack=acked, prefetch=window, group=group)
+            if (topic, group) not in done:
+                done.append((topic, group))
+
+    def _queue_of(self, topic: str) -> str | None:
+        """The consumed queue a delivery of ``topic`` is for."""
+        if topic in self._subscribed:
+            return topic
+        for queue, subscriptions in self._subscribed.items():
+            if any(
+                group is not None and codec.topic_matches(pattern, topic) for pattern, group in subscriptions
+            ):
+                return queue
+        return None
 
     def basic_cancel(self, consumer_tag: str) -> None:
         """Stop consuming; the messages the consumer still holds stay its own until settled.
@@ -223,7 +309,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             return  # closing: DISCONNECT gives everything back at once
         if self._held.get(queue):
             self._cancelled.add(queue)
-            self.wire.subscribe(queue, ack=True, prefetch=1)
+            self._subscribe(queue, self._subscribed[queue])
         else:
             self._unsubscribe(queue)
 
@@ -231,13 +317,14 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         self._acked_queues.discard(queue)
         self._cancelled.discard(queue)
         self._held.pop(queue, None)
-        self.wire.unsubscribe(queue)
+        for topic, group in self._subscribed.pop(queue, []):
+            self.wire.unsubscribe(topic, group, taken=routes.matcher(topic))
 
     def basic_qos(self, prefetch_size: int = 0, prefetch_count: int = 0, apply_global: bool = False) -> None:
         """Set the prefetch window (per consumed queue: Pigeon's window is per subscription)."""
         self._prefetch_count = prefetch_count
         for queue in sorted(self._acked_queues - self._cancelled):
-            self.wire.subscribe(queue, ack=True, prefetch=self._window())
+            self._subscribe(queue, self._subscribed.get(queue, []))
 
     def _window(self) -> int:
         count = self._prefetch_count
@@ -290,7 +377,8 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         delivered = 0
         callbacks = self.connection._callbacks
         for message in self.wire.take_deliveries():
-            callback = callbacks.get(message.topic)
+            queue = self._queue_of(message.topic)
+            callback = callbacks.get(queue) if queue is not None else None
             try:
                 raw = envelope.decode(message.data)
             except ValueError:
@@ -301,7 +389,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
                 self.basic_reject(message.tag, requeue=True)
                 continue
             if message.tag is not None:
-                self._held.setdefault(message.topic, {})[message.tag] = None
+                self._held.setdefault(str(queue), {})[message.tag] = None
             properties = raw["properties"]
             properties["delivery_tag"] = message.tag
             properties.setdefault("delivery_info", {})["redelivered"] = (message.attempt or 1) > 1
@@ -348,7 +436,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
     recoverable_channel_errors = ()
     implements = virtual.Transport.implements.extend(
         asynchronous=True,
-        exchange_type=frozenset(["direct"]),
+        exchange_type=routes.SUPPORTED,
         heartbeats=True,
     )
 

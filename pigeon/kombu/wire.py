@@ -100,20 +100,29 @@ class Wire:
         self._wait(pending)
         return self._reply(pending)
 
-    def subscribe(self, topic: str, ack: bool, prefetch: int | None) -> None:
-        """SUBSCRIBE (acknowledged with a window of ``prefetch``, or plain); again changes the window."""
-        options = SubscribeOptions(ack, prefetch if ack else None)
+    def subscribe(self, topic: str, ack: bool, prefetch: int | None, group: str | None = None) -> None:
+        """SUBSCRIBE to a topic or pattern (acknowledged with a window of ``prefetch``, or plain), in
+        consumer group ``group`` or the default one; again changes the window."""
+        options = SubscribeOptions(
+            ack, prefetch if ack else None, codec.encode_group(group) if group else None
+        )
         self.command(codec.subscribe_line(self.client_id, codec.encode_topic(topic), options), b"SUBSCRIBED")
 
-    def unsubscribe(self, topic: str) -> int:
-        """UNSUBSCRIBE, and drop the deliveries of ``topic`` not taken yet; returns how many were dropped.
+    def unsubscribe(
+        self, topic: str, group: str | None = None, taken: Callable[[str], bool] | None = None
+    ) -> int:
+        """UNSUBSCRIBE from a topic or pattern (in ``group``), and drop the deliveries not taken yet that
+        were its own (whose topic is ``topic``, or for which ``taken`` says so); returns how many.
 
         Acknowledged ones go back to the topic (the broker redelivers what an
         unsubscribing connection held); plain ones are gone, as in AMQP's no-ack mode.
         """
-        self.command(codec.unsubscribe_line(self.client_id, codec.encode_topic(topic)), b"UNSUBSCRIBED")
+        encoded_group = codec.encode_group(group) if group else None
+        line = codec.unsubscribe_line(self.client_id, codec.encode_topic(topic), encoded_group)
+        self.command(line, b"UNSUBSCRIBED")
+        own = taken or topic.__eq__
         messages = self._session.messages
-        kept = [message for message in messages if message.topic != topic]
+        kept = [message for message in messages if not own(message.topic)]
         dropped = len(messages) - len(kept)
         messages.clear()
         messages.extend(kept)
@@ -190,17 +199,38 @@ class Wire:
         tags, self._acks = self._acks, []
         return codec.settle_lines(b"ACK", self.client_id, tags)
 
+    def destroy_group(self, pattern: str, group: str) -> None:
+        """DESTROY a consumer group with no subscriber (its backlog goes with it)."""
+        line = codec.destroy_line(self.client_id, codec.encode_topic(pattern), codec.encode_group(group))
+        self.command(line, b"DESTROYED")
+
+    def stats_group(self, pattern: str, group: str) -> dict[str, Any] | None:
+        """The ``STATS GROUPS`` entry of ``group`` on ``pattern``, or None when the broker holds none."""
+        return self._find_entry(
+            "groups", lambda entry: entry.get("pattern") == pattern and entry.get("group") == group
+        )
+
+    def group_matches(self, topic: str) -> bool:
+        """Whether the broker holds a consumer group whose pattern matches ``topic``."""
+        return (
+            self._find_entry("groups", lambda entry: codec.topic_matches(str(entry.get("pattern")), topic))
+            is not None
+        )
+
     def stats_topic(self, topic: str) -> dict[str, Any] | None:
         """The ``STATS TOPICS`` entry of ``topic``, or None when the broker holds no such topic.
 
         The listing has no lookup by name: its pages are walked until the topic is found.
         """
+        return self._find_entry("topics", lambda entry: entry.get("name") == topic)
+
+    def _find_entry(self, section: str, wanted: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
         cursor = 0
         while True:
-            reply = self.command(codec.stats_line("topics", cursor), b"STATS")
-            entries, cursor = codec.parse_stats_page("topics", reply)
+            reply = self.command(codec.stats_line(section, cursor), b"STATS")
+            entries, cursor = codec.parse_stats_page(section, reply)
             for entry in entries:
-                if entry.get("name") == topic:
+                if wanted(entry):
                     return entry
             if cursor == 0:
                 return None
