@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from pigeon.cluster.etcd import EtcdProcess
 from pigeon.cluster.router import REMOTE_TAG_BASE
 from pigeon.cluster.slots import slot_of
-from pigeon.testing import ServerProcess
+from pigeon.testing import LineClient, ServerProcess
 from tests.cluster_kit import connected, start_node, status, topic_owned_by, wait_balanced
 
 Cluster = tuple[dict[str, ServerProcess], dict[str, set[int]]]
@@ -91,6 +92,13 @@ def test_unacknowledged_messages_of_a_remote_subscriber_are_redelivered_when_it_
     assert sorted(line.split(b" ", 3)[3] for line in replies[1:]) == [b"2 m1", b"2 m2"]
 
 
+def _settled(owner: ServerProcess, topic: str) -> tuple[int, int, int]:
+    """(unacked, acked, nacked) of ``topic`` as its owner counts them."""
+    reply = connected(owner).ask("STATS TOPICS 0 1000")
+    (entry,) = [t for t in json.loads(reply[len(b"STATS ") :])["topics"] if t["name"] == topic]
+    return entry["unacked"], entry["acked"], entry["nacked"]
+
+
 def test_acks_and_nacks_of_relayed_tags_reach_the_owner(cluster: Cluster) -> None:
     nodes, owned = cluster
     topic = topic_owned_by(owned, "n1", "settle")
@@ -110,10 +118,7 @@ def test_acks_and_nacks_of_relayed_tags_reach_the_owner(cluster: Cluster) -> Non
         == f"ERROR UNKNOWN_DELIVERY_TAG unknown delivery tag {tags[0]}".encode()
     )
     assert sub.ask("PING") == b"PONG"
-    owner = connected(nodes["n1"])
-    reply = owner.ask("STATS TOPICS 0 1000")
-    (entry,) = [t for t in json.loads(reply[len(b"STATS ") :])["topics"] if t["name"] == topic]
-    assert (entry["unacked"], entry["acked"], entry["nacked"]) == (0, 4, 1)
+    assert _settled(nodes["n1"], topic) == (0, 4, 1)
 
 
 def test_pipelined_commands_for_different_owners_are_answered_in_order(cluster: Cluster) -> None:
@@ -197,3 +202,175 @@ def test_a_client_that_half_closes_gets_every_forwarded_reply_then_the_end(clust
     backlog = connected(nodes["n1"])
     backlog.subscribe(topic)
     assert backlog.lines(50) == [f"MESSAGE {topic} m{i}".encode() for i in range(50)]
+
+
+# -- protocol 2 through the router -----------------------------------------------------------------
+
+# every byte value, both line ends, NUL, and lines that look like commands and frames
+PAYLOAD = bytes(range(256)) + b"\r\n\x00\nMSG t 3\nDMSG t 1 1 3\nPUBLISH c1 t x\nPUB c1 t 2\nab\n\r"
+
+
+def _pub(client: LineClient, topic: str, payload: bytes, end: bytes = b"\n") -> bytes:
+    """A ``PUB`` frame of ``client`` to ``topic``, its payload followed by ``end``."""
+    return b"PUB %s %s %d\n%s%s" % (client.client_id.encode(), topic.encode(), len(payload), payload, end)
+
+
+def _hello2(node: ServerProcess) -> LineClient:
+    """A connected client of ``node`` that speaks protocol 2."""
+    client = connected(node)
+    assert json.loads(client.ask("HELLO 2")[len(b"HELLO ") :])["protocol"] == 2
+    return client
+
+
+def _send_in_pieces(client: LineClient, data: bytes, size: int) -> None:
+    """Send ``data`` ``size`` bytes at a time, so that frames are split across the router's reads."""
+    for start in range(0, len(data), size):
+        client.send(data[start : start + size])
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("owner", ["n0", "n1"])
+def test_framed_payloads_published_through_a_node_arrive_byte_exact_as_msg_on_a_third(
+    cluster: Cluster, owner: str
+) -> None:
+    # the publisher is on n1: a topic of n0 goes to its owner upstream, one of n1 to n1's own core
+    nodes, owned = cluster
+    topic = topic_owned_by(owned, owner, f"frames{owner}")
+    sub = _hello2(nodes["n2"])
+    sub.subscribe(topic)
+    pub = _hello2(nodes["n1"])
+    text = f"PUBLISH {pub.client_id} {topic} text\n".encode()
+    first = (
+        _pub(pub, topic, PAYLOAD) + _pub(pub, topic, PAYLOAD[::-1], b"\r\n") + text + _pub(pub, topic, b"")
+    )
+    _send_in_pieces(pub, first, 7)
+    assert pub.lines(4) == [f"PUBLISHED {topic}".encode()] * 4
+    assert [sub.frame() for _ in range(4)] == [
+        (f"MSG {topic} {len(PAYLOAD)}".encode(), PAYLOAD),
+        (f"MSG {topic} {len(PAYLOAD)}".encode(), PAYLOAD[::-1]),
+        (f"MSG {topic} 4".encode(), b"text"),
+        (f"MSG {topic} 0".encode(), b""),
+    ]
+    # a pipelined batch of frames to the same topic (the router's shortcut), payloads that hold the
+    # batch's own header
+    payloads = [b"%d\n%s\n" % (i, _pub(pub, topic, b"x")) + PAYLOAD[i:] for i in range(200)]
+    pub.send(b"".join(_pub(pub, topic, payload) for payload in payloads))
+    assert pub.lines(200) == [f"PUBLISHED {topic}".encode()] * 200
+    assert [sub.frame()[1] for _ in range(200)] == payloads
+    assert sub.quiet() and pub.quiet()
+
+
+def test_a_framed_payload_arrives_byte_exact_as_dmsg_and_its_acks_reach_the_owner(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    topic = topic_owned_by(owned, "n0", "dframes")
+    sub = _hello2(nodes["n2"])
+    assert sub.ask(f"SUBSCRIBE {sub.client_id} {topic} ACK PREFETCH 10") == f"SUBSCRIBED {topic}".encode()
+    pub = _hello2(nodes["n1"])
+    _send_in_pieces(pub, b"".join(_pub(pub, topic, PAYLOAD) for _ in range(3)), 100)
+    assert pub.lines(3) == [f"PUBLISHED {topic}".encode()] * 3
+    frames = [sub.frame() for _ in range(3)]
+    assert [payload for _, payload in frames] == [PAYLOAD] * 3
+    headers = [header.split() for header, _ in frames]
+    assert [(h[0], h[1], h[3], h[4]) for h in headers] == [
+        (b"DMSG", topic.encode(), b"1", str(len(PAYLOAD)).encode())
+    ] * 3
+    tags = [int(h[2]) for h in headers]
+    assert tags == list(range(tags[0], tags[0] + 3)) and tags[0] >= REMOTE_TAG_BASE
+    sub.send(f"ACK {sub.client_id} {tags[0]}-{tags[1]}\nNACK {sub.client_id} {tags[2]}\n")
+    header, payload = sub.frame()
+    again = header.split()
+    assert (again[0], again[3], payload) == (b"DMSG", b"2", PAYLOAD)
+    sub.send(f"ACK {sub.client_id} {int(again[2])}")
+    assert sub.ask("PING") == b"PONG"
+    assert _settled(nodes["n0"], topic) == (0, 3, 1)
+
+
+def test_a_v1_client_through_a_non_owner_gets_lines_and_may_switch_protocol(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    plain, acked = topic_owned_by(owned, "n0", "v1plain"), topic_owned_by(owned, "n1", "v1acked")
+    sub = connected(nodes["n2"])  # a raw socket that never says HELLO: protocol 1
+    sub.subscribe(plain)
+    assert sub.ask(f"SUBSCRIBE {sub.client_id} {acked} ACK PREFETCH 100") == f"SUBSCRIBED {acked}".encode()
+    pub = connected(nodes["n1"])
+
+    def publish_both(payload: bytes) -> None:
+        pub.send(_pub(pub, plain, payload) + _pub(pub, acked, payload))
+        assert pub.lines(2) == [f"PUBLISHED {plain}".encode(), f"PUBLISHED {acked}".encode()]
+
+    publish_both(b"one")
+    # the two owners' deliveries may come in either order
+    first = sorted(sub.lines(2))
+    assert first[0].startswith(f"DELIVER {acked} ".encode()) and first[0].endswith(b" 1 one")
+    assert first[1] == f"MESSAGE {plain} one".encode()
+    assert json.loads(sub.ask("HELLO 2")[len(b"HELLO ") :])["protocol"] == 2
+    assert sub.quiet()  # the HELLO replies of the upstreams are not the client's
+    publish_both(b"two\nlines")
+    framed = sorted(sub.frame() for _ in range(2))
+    assert framed[0][0].startswith(f"DMSG {acked} ".encode()) and framed[0][1] == b"two\nlines"
+    assert framed[1] == (f"MSG {plain} 9".encode(), b"two\nlines")
+    assert json.loads(sub.ask("HELLO 1")[len(b"HELLO ") :])["protocol"] == 1
+    assert sub.quiet()
+    publish_both(b"three")
+    last = sorted(sub.lines(2))
+    assert last[0].startswith(f"DELIVER {acked} ".encode()) and last[1] == f"MESSAGE {plain} three".encode()
+    tags = [int(first[0].split()[2]), int(framed[0][0].split()[2]), int(last[0].split()[2])]
+    assert len(set(tags)) == 3 and min(tags) >= REMOTE_TAG_BASE
+    sub.send(b"".join(f"ACK {sub.client_id} {tag}\n".encode() for tag in tags))
+    assert sub.ask("PING") == b"PONG"
+
+
+def test_a_frame_with_a_wrong_count_through_a_non_owner_is_refused_and_closed(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    topic = topic_owned_by(owned, "n0", "badframe")
+    client = connected(nodes["n1"])
+    client.send(f"PUB {client.client_id} {topic} 3\nhello\n".encode())
+    assert client.line() == b"ERROR BAD_FRAME payload of 3 bytes is not followed by a line end"
+    assert client.at_eof()
+
+
+def test_a_wildcard_pattern_is_refused_on_a_cluster_node(cluster: Cluster) -> None:
+    nodes, _ = cluster
+    client = connected(nodes["n0"])
+    for command in ("SUBSCRIBE {} orders.*", "subscribe {} orders.> GROUP billing ACK", "UNSUBSCRIBE {} >"):
+        pattern = command.split()[2]
+        assert (
+            client.ask(command.format(client.client_id))
+            == b"ERROR NO_PATTERNS_IN_CLUSTER wildcard patterns are not supported on a cluster node: '%s'"
+            % pattern.encode()
+        )
+    assert client.ask(f"DESTROY {client.client_id} a.*.c GROUP g").startswith(
+        b"ERROR NO_PATTERNS_IN_CLUSTER "
+    )
+    # a topic with a wildcard character in a token is no pattern; publishing to a pattern-like name is allowed
+    client.publish("a*b.c", "x")
+    client.publish("orders.*", "x")
+
+
+def test_a_frame_over_the_payload_limit_through_a_non_owner_is_refused_and_skipped(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    topic = topic_owned_by(owned, "n0", "toolarge")
+    client = connected(nodes["n1"])
+    limit = 8 << 20  # the default --max-payload
+    header = f"PUB {client.client_id} {topic} {limit + 1}\n".encode()
+    # the header and the start of the payload in one write, the rest (and a frame) in several
+    payload = b"PUBLISH x y z\n" * ((limit + 1) // 14) + b"\n" * ((limit + 1) % 14)
+    client.send(header + payload[:1000])
+    _send_in_pieces(client, payload[1000:] + b"\n" + _pub(client, topic, b"fine") + b"PING\n", 1 << 20)
+    assert client.lines(3) == [
+        f"ERROR PAYLOAD_TOO_LARGE payload of {limit + 1} bytes is over the limit of {limit} bytes".encode(),
+        f"PUBLISHED {topic}".encode(),
+        b"PONG",
+    ]
+    # the frame's bytes were all skipped, the skip ending inside a read
+    client.send(header + payload + b"\n" + _pub(client, topic, b"again"))
+    assert client.lines(2)[1] == f"PUBLISHED {topic}".encode()
+    sub = connected(nodes["n2"])
+    sub.subscribe(topic)
+    assert sub.lines(2) == [f"MESSAGE {topic} fine".encode(), f"MESSAGE {topic} again".encode()]
+    # before CONNECT too: the payload is skipped, the connection goes on
+    stranger = nodes["n1"].client()
+    stranger.send(f"PUB nobody {topic} {limit + 1}\n".encode() + payload + b"\nPING\n")
+    assert stranger.lines(2) == [
+        f"ERROR PAYLOAD_TOO_LARGE payload of {limit + 1} bytes is over the limit of {limit} bytes".encode(),
+        b"PONG",
+    ]

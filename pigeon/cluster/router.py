@@ -10,6 +10,11 @@ command, only on cluster nodes) and keeps the protocol's promises across sources
   come at any time);
 - delivery tags stay one space per connection: the core's own tags are below ``REMOTE_TAG_BASE``, a
   delivery relayed from an owner gets a tag from ``REMOTE_TAG_BASE`` up, mapped back on ACK/NACK;
+- protocol 2 (docs/protocol.md): a ``PUB`` frame is one command, routed whole by its topic; each
+  upstream of a client speaks the client's protocol (``HELLO 1``/``HELLO 2``), and ``MSG``/``DMSG``
+  frames from owners are relayed whole by their length (a ``DMSG`` tag renumbered like ``DELIVER``);
+- a wildcard pattern spans slots: ``SUBSCRIBE``/``UNSUBSCRIBE``/``DESTROY`` of one is refused with
+  ``ERROR NO_PATTERNS_IN_CLUSTER`` (docs/cluster.md, limits);
 - with ``CLUSTER REDIRECT`` a client asks to be told ``ERROR MOVED <slot> <host:port>`` instead of
   being forwarded (docs/cluster.md), the way Redis Cluster clients are.
 """
@@ -21,6 +26,7 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 
 from pigeon._core import Broker
@@ -34,7 +40,10 @@ log = logging.getLogger("pigeon.cluster")
 REMOTE_TAG_BASE = 1 << 40
 
 # commands whose third field is a topic, and whose reply is one line
-_TOPIC_COMMANDS = frozenset((b"PUBLISH", b"SUBSCRIBE", b"UNSUBSCRIBE"))
+_TOPIC_COMMANDS = frozenset((b"PUBLISH", b"PUB", b"SUBSCRIBE", b"UNSUBSCRIBE", b"DESTROY"))
+# commands whose third field may be a wildcard pattern (consumer groups), which spans slots
+_PATTERN_COMMANDS = frozenset((b"SUBSCRIBE", b"UNSUBSCRIBE", b"DESTROY"))
+_WILDCARDS = (b"*", b">")
 _SETTLE_COMMANDS = frozenset((b"ACK", b"NACK"))
 _LOCAL = ""  # the source name of this node's own core
 _NO_OWNER = "\0"  # a command for a slot without owner now: it waits (no node name has a NUL: argv cannot)
@@ -43,6 +52,109 @@ _NO_OWNER = "\0"  # a command for a slot without owner now: it waits (no node na
 # command waits for one before it is refused with TRYAGAIN.
 OWNER_RETRY = 0.1
 OWNER_WAIT_MARGIN = 2.0
+
+
+def is_pattern(topic: bytes) -> bool:
+    """Whether ``topic`` is a wildcard pattern: one of its dot-separated tokens is ``*`` or ``>``."""
+    return any(token in _WILDCARDS for token in topic.split(b"."))
+
+
+def frame_end(data: bytes, start: int, nbytes: int) -> int | None:
+    """Where a frame whose payload of ``nbytes`` begins at ``start`` ends, past the line end after
+    the payload (``\\n`` or ``\\r\\n``); None while ``data`` does not hold it all, -1 when the byte after
+    the payload is no line end (a wrong count)."""
+    stop = start + nbytes
+    if len(data) <= stop or (data[stop] == 13 and len(data) == stop + 1):
+        return None
+    if data[stop] == 10:
+        return stop + 1
+    if data[stop : stop + 2] == b"\r\n":
+        return stop + 2
+    return -1
+
+
+def pub_nbytes(header: bytes) -> int | None:
+    """The ``<nbytes>`` of a well-formed ``PUB <id> <topic> <nbytes>`` header line, else None (a line
+    that is no ``PUB``, or a malformed one, which the core answers ``BAD_FRAME``)."""
+    if header[:16].lstrip()[:4].upper() not in (b"PUB ", b"PUB\t"):
+        return None
+    fields = header.split()
+    if len(fields) != 4 or not fields[3].isdigit():
+        return None
+    return int(fields[3])
+
+
+def split_commands(data: bytes, max_payload: int) -> tuple[list[bytes], int, int, bool]:
+    """The whole commands at the start of ``data``: each line without its ``\\n``, each well-formed
+    ``PUB`` frame as one item (its header line, ``\\n``, the payload and its line end less the last
+    ``\\n``, so that items joined by ``\\n`` are the input again). Also how many bytes they take, and
+    how many bytes the rest must reach before another command can be whole (0: one more line end),
+    and whether the last item is a ``PUB`` over ``max_payload``: its header alone, and the bytes taken
+    include its payload (maybe past the end of ``data``), refused and skipped as the core does; what
+    follows it is then more input, not an unfinished command.
+    A frame not followed by a line end is the last item with all the rest of ``data``: the core it
+    goes to answers ``BAD_FRAME`` and closes."""
+    items: list[bytes] = []
+    pos = 0
+    while (nl := data.find(b"\n", pos)) >= 0:
+        nbytes = pub_nbytes(data[pos:nl])
+        if nbytes is None:
+            items.append(data[pos:nl])
+            pos = nl + 1
+            continue
+        if nbytes > max_payload:
+            items.append(data[pos:nl])
+            return items, nl + 1 + nbytes, 0, True
+        end = frame_end(data, nl + 1, nbytes)
+        if end is None:
+            return items, pos, nl + 2 + nbytes - pos, False
+        if end < 0:
+            items.append(data[pos:])
+            return items, len(data), 0, False
+        items.append(data[pos : end - 1])
+        pos = end
+    return items, pos, 0, False
+
+
+def pub_run(data: bytes, prefix: bytes) -> tuple[list[int], int]:
+    """The run of whole ``PUB`` frames at the start of ``data`` whose headers all start with ``prefix``
+    (``PUB <id> <topic> ``) and end, like their payloads, with a bare ``\\n``: where each begins and
+    where the run ends. Only their headers are read: the router's shortcut for a busy publisher."""
+    starts: list[int] = []
+    pos, skip = 0, len(prefix)
+    while data.startswith(prefix, pos):
+        nl = data.find(b"\n", pos + skip)
+        count = data[pos + skip : nl]
+        if nl < 0 or not count.isdigit():
+            break
+        stop = nl + 1 + int(count)
+        if len(data) <= stop or data[stop] != 10:
+            break
+        starts.append(pos)
+        pos = stop + 1
+    return starts, pos
+
+
+def msg_run_end(data: bytes, pos: int) -> int:
+    """Where the run of whole ``MSG`` frames that starts at ``pos`` ends (``pos`` when none does):
+    they pass on as one slice, only their headers read."""
+    while data.startswith(b"MSG ", pos):
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            break
+        stop = nl + 1 + int(data[data.rfind(b" ", pos, nl) + 1 : nl])
+        if len(data) <= stop:
+            break
+        pos = stop + 1
+    return pos
+
+
+def is_whole_frame(item: bytes) -> bool:
+    """Whether an item of ``split_commands`` is a well-formed ``PUB`` frame (not a malformed header, nor
+    a frame whose count was wrong), which may be routed by its topic."""
+    header, sep, body = item.partition(b"\n")
+    nbytes = pub_nbytes(header)
+    return bool(sep) and nbytes is not None and body[nbytes:] in (b"", b"\r")
 
 
 def parse_tags(spec: bytes) -> tuple[int, int] | None:
@@ -63,11 +175,23 @@ class Upstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.outstanding = 0  # replies owed to the client
         self._queued: list[tuple[bytes, bytes]] = []  # (verb, rest) until CONNECTED
-        self._inbuf = b""
+        self._inbuf = bytearray()
+        self._wanted = 0  # bytes _inbuf must hold before a frame in it is whole
+        self.protocol = router.protocol  # the client's, which this connection speaks too
+        self._hellos = 0  # HELLO replies to swallow: this node asked, not the client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.write(b"CONNECT\n")
+        if self.protocol != 1:
+            self.set_protocol(self.protocol)
+
+    def set_protocol(self, protocol: int) -> None:
+        """Speak ``protocol`` (``HELLO 1``/``HELLO 2``), the client's, so that deliveries come in its form."""
+        self.protocol = protocol
+        if self.transport is not None:
+            self._hellos += 1
+            self.transport.write(b"HELLO %d\n" % protocol)
 
     def send(self, verb: bytes, rest: bytes, replies: int) -> None:
         """Send ``<verb> <id> <rest>`` with this connection's own client id at the owner."""
@@ -78,19 +202,43 @@ class Upstream(asyncio.Protocol):
             self.transport.write(b"%s %s %s\n" % (verb, self.client_id, rest))
 
     def data_received(self, data: bytes) -> None:
-        data = self._inbuf + data
+        self._inbuf += data
+        if len(self._inbuf) < self._wanted:
+            return  # a frame still arriving: do not look at it again for every read
+        data = bytes(self._inbuf)
         end = data.rfind(b"\n") + 1
-        if end and self.client_id is not None and self._relay_whole(data[:end]):
-            self._inbuf = data[end:]
+        if end and self.client_id is not None and not self._hellos and self._relay_whole(data[:end]):
+            self._inbuf = bytearray(data[end:])
+            self._wanted = 0
             return
-        lines = data.split(b"\n")
-        self._inbuf = lines.pop()
         out: list[bytes] = []
-        for line in lines:
+        pos = 0
+        self._wanted = 0
+        while (nl := data.find(b"\n", pos)) >= 0:
+            run_end = msg_run_end(data, pos)
+            if run_end > pos:
+                out.append(data[pos:run_end])
+                pos = run_end
+                continue
+            line = data[pos:nl]
+            if line.startswith(b"MSG ") or line.startswith(b"DMSG "):
+                # a frame: relayed whole by its length, whatever its payload holds
+                stop = nl + 1 + int(line.rsplit(b" ", 1)[1])
+                if len(data) <= stop:
+                    self._wanted = stop + 1 - pos
+                    break
+                if line.startswith(b"DMSG "):
+                    line = self.router.relayed_delivery(self, line)
+                out.append(line + data[nl : stop + 1])
+                pos = stop + 1
+                continue
+            pos = nl + 1
             if line.startswith(b"DELIVER "):
-                out.append(self.router.relayed_delivery(self, line))
+                out.append(self.router.relayed_delivery(self, line) + b"\n")
             elif line.startswith(b"MESSAGE ") or line.startswith(b"ERROR UNKNOWN_DELIVERY_TAG"):
-                out.append(line)
+                out.append(line + b"\n")
+            elif self._hellos and line.startswith(b"HELLO "):
+                self._hellos -= 1  # the answer to this node's own HELLO
             elif self.client_id is None and line.startswith(b"CONNECTED "):
                 self.client_id = line[len(b"CONNECTED ") :]
                 assert self.transport is not None
@@ -98,10 +246,11 @@ class Upstream(asyncio.Protocol):
                 self.transport.write(b"".join(queued))
                 self._queued.clear()
             else:
-                out.append(line)
+                out.append(line + b"\n")
                 self.outstanding -= 1
+        self._inbuf = bytearray(data[pos:])
         if out:
-            self.router.relay(out)
+            self.router.relay_chunk(b"".join(out))
         if self.outstanding == 0:
             self.router.source_idle(self.node)
 
@@ -113,7 +262,12 @@ class Upstream(asyncio.Protocol):
         if chunk.startswith(b"MESSAGE ") and chunk.count(b"\nMESSAGE ") + 1 == lines:
             self.router.relay_chunk(chunk)
             return True
-        if b"MESSAGE " in chunk or b"DELIVER " in chunk or b"ERROR UNKNOWN_DELIVERY_TAG" in chunk:
+        if (
+            b"MESSAGE " in chunk
+            or b"DELIVER " in chunk
+            or b"MSG " in chunk
+            or b"ERROR UNKNOWN_DELIVERY_TAG" in chunk
+        ):
             return False
         self.outstanding -= lines
         self.router.relay_chunk(chunk)
@@ -128,6 +282,19 @@ class Upstream(asyncio.Protocol):
         mine = b"%s %s %s" % (verb, self.client_id, prefix[len(verb) + 1 :].split(b" ", 1)[1])
         self.outstanding += chunk.count(b"\n")
         self.transport.write(mine + chunk[len(prefix) :].replace(b"\n" + prefix, b"\n" + mine))
+
+    def send_frames(self, data: bytes, starts: list[int], end: int, prefix: bytes) -> None:
+        """Send the whole ``PUB`` frames of ``data`` that begin at ``starts`` (the last ending at
+        ``end``) and all start with ``prefix`` (``PUB <client's id> <topic> ``) with this connection's
+        own id instead."""
+        assert self.client_id is not None and self.transport is not None
+        mine = b"PUB %s %s " % (self.client_id, prefix.split(b" ", 3)[2])
+        self.outstanding += len(starts)
+        skip = len(prefix)
+        pieces: list[bytes] = []
+        for start, stop in zip(starts, [*starts[1:], end], strict=True):
+            pieces += (mine, data[start + skip : stop])
+        self.transport.write(b"".join(pieces))
 
     def pause_writing(self) -> None:
         self.router.pause_input(self.node)
@@ -155,8 +322,11 @@ class RoutedConnection(_Connection):
         "_pending",
         "_redirect",
         "_remote_tags",
+        "_skip",
         "_source",
         "_upstreams",
+        "_wanted",
+        "protocol",
     )
 
     def __init__(
@@ -170,8 +340,11 @@ class RoutedConnection(_Connection):
         super().__init__(broker, connections, write_timeout, logins)
         self._cluster = cluster
         self._inbuf = bytearray(1 << 16)
-        self._partial = b""  # an unfinished line
-        self._last_publish = b""  # "PUBLISH <id> <topic> " of the last PUBLISH routed
+        self._partial = bytearray()  # an unfinished command
+        self._wanted = 0  # bytes _partial must hold before the frame in it is whole
+        self._skip = 0  # bytes still to drop of a payload over --max-payload
+        self.protocol = 1  # the client's protocol (HELLO 1 or 2), which its upstreams speak too
+        self._last_publish = b""  # "PUBLISH <id> <topic> " (or "PUB ...") of the last one routed
         self._last_slot = 0  # and its topic's slot
         self._pending: deque[bytes] = deque()  # whole lines not routed yet
         self._source = _LOCAL  # where the last command went
@@ -189,15 +362,35 @@ class RoutedConnection(_Connection):
         return memoryview(self._inbuf)
 
     def buffer_updated(self, nbytes: int) -> None:
-        data = self._partial + bytes(self._inbuf[:nbytes])
-        end = data.rfind(b"\n") + 1
-        if end and self._batch(data[:end]):
-            self._partial = data[end:]
-            return
-        lines = data.split(b"\n")
-        self._partial = lines.pop()
-        self._pending.extend(lines)
-        self._route()
+        self._take(memoryview(self._inbuf)[:nbytes])
+
+    def _take(self, incoming: bytes | memoryview) -> None:
+        """Route the whole commands that ``incoming`` completes; keep the rest for the next read."""
+        if self._skip:
+            dropped = min(self._skip, len(incoming))
+            self._skip -= dropped
+            incoming = incoming[dropped:]
+        self._partial += incoming
+        if not self._partial or len(self._partial) < self._wanted:
+            return  # a PUB frame still arriving: do not parse it again for every read
+        data = bytes(self._partial)
+        if self._last_publish.startswith(b"PUBLISH "):
+            end = data.rfind(b"\n") + 1
+            if end and self._batch(data[:end]):
+                self._partial = bytearray(data[end:])
+                return
+        elif self._last_publish.startswith(b"PUB "):
+            starts, end = pub_run(data, self._last_publish)
+            if starts and self._batch_frames(data, starts, end):
+                data = data[end:]
+        items, used, self._wanted, too_large = split_commands(data, self._broker.limits["max_payload"])
+        self._partial = bytearray() if too_large else bytearray(data[used:])
+        self._skip = max(0, used - len(data))
+        if items:
+            self._pending.extend(items)
+            self._route()
+        if too_large and used < len(data):
+            self._take(data[used:])  # what follows the skipped payload
 
     def _batch(self, chunk: bytes) -> bool:
         """Route a whole batch of lines at once when every one is a ``PUBLISH`` to the same topic as
@@ -208,6 +401,13 @@ class RoutedConnection(_Connection):
             return False
         if chunk.count(b"\n" + prefix) + 1 != chunk.count(b"\n"):
             return False
+        return self._send_batch(chunk, lambda upstream: upstream.send_chunk(chunk, prefix, b"PUBLISH"))
+
+    def _send_batch(self, chunk: bytes, to_owner: Callable[[Upstream], None]) -> bool:
+        """Send a batch of publishes to the topic of the last one routed at once: ``chunk`` to the core
+        as it is when this node serves the topic, else ``to_owner(the owner's upstream)``. False when
+        its commands must be routed one by one (another source has not answered yet, the owner
+        changed, its connection is not ready)."""
         if self._cluster.serves(self._last_slot):
             if self._source != _LOCAL:
                 return False
@@ -220,8 +420,17 @@ class RoutedConnection(_Connection):
             or self._cluster.owner(self._last_slot) != self._source
         ):
             return False
-        upstream.send_chunk(chunk, prefix, b"PUBLISH")
+        to_owner(upstream)
         return True
+
+    def _batch_frames(self, data: bytes, starts: list[int], end: int) -> bool:
+        """Like ``_batch`` for the run of whole ``PUB`` frames of ``pub_run`` (to the topic of the last
+        one routed) at the start of ``data``: to the core as it is, or to the owner with only each
+        header's client id rewritten."""
+        if self._pending or self._holds:
+            return False
+        prefix = self._last_publish
+        return self._send_batch(data[:end], lambda upstream: upstream.send_frames(data, starts, end, prefix))
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -242,6 +451,8 @@ class RoutedConnection(_Connection):
                 break
             self._pending.popleft()
             if source == _LOCAL:
+                if verb == b"HELLO":
+                    self._hello(line)
                 local.append(line)
             elif source is None:
                 self._feed_local(local)
@@ -254,6 +465,15 @@ class RoutedConnection(_Connection):
         if self._eof and not self._pending and not self._holds and self._all_idle():
             self._eof = False
             super().eof_received()
+
+    def _hello(self, line: bytes) -> None:
+        """The client chose its protocol (``HELLO 1``/``HELLO 2``; the core answers it): its upstreams
+        switch too, so that deliveries relayed from owners come in the client's form."""
+        fields = line.split()
+        if len(fields) == 2 and fields[1] in (b"1", b"2"):
+            self.protocol = int(fields[1])
+            for upstream in self._upstreams.values():
+                upstream.set_protocol(self.protocol)
 
     def _source_idle(self, source: str, local: list[bytes]) -> bool:
         if source == _LOCAL:
@@ -277,11 +497,17 @@ class RoutedConnection(_Connection):
         verb = fields[0].upper() if fields else b""
         if verb == b"CLUSTER":
             return None, verb, line[len(fields[0]) :].strip()
+        if verb == b"PUB" and b"\n" not in line and pub_nbytes(line) is not None:
+            # over --max-payload (split_commands): refused here, whoever sent it, as the router (not
+            # the core) skips its payload
+            return None, verb, line
         if len(fields) < 3 or (verb not in _TOPIC_COMMANDS and verb not in _SETTLE_COMMANDS):
             return _LOCAL, verb, b""
         own_id = self._broker.client_id(self._handle)
         if own_id is None or fields[1] != own_id.encode():
             return _LOCAL, verb, b""  # the core answers NOT_CONNECTED or WRONG_CLIENT_ID
+        if verb == b"PUB" and not is_whole_frame(line):
+            return _LOCAL, verb, b""  # the core answers BAD_FRAME and closes
         rest = fields[2]
         if verb in _SETTLE_COMMANDS:
             tags = parse_tags(rest.split(None, 1)[0])
@@ -290,9 +516,11 @@ class RoutedConnection(_Connection):
             return None, verb, rest
         topic = rest.split(None, 1)[0]
         slot = slot_of(topic)
-        if verb == b"PUBLISH":
+        if verb in _PATTERN_COMMANDS and is_pattern(topic):
+            return None, verb, rest
+        if verb in (b"PUBLISH", b"PUB"):
             # what _batch compares the next batches with (only this exact spelling takes the shortcut)
-            prefix = b"PUBLISH %s %s " % (fields[1], topic)
+            prefix = b"%s %s %s " % (verb, fields[1], topic)
             self._last_publish = prefix if line.startswith(prefix) else b""
             self._last_slot = slot
         if self._cluster.serves(slot):
@@ -320,6 +548,17 @@ class RoutedConnection(_Connection):
             self._cluster_command(rest)
         elif verb in _SETTLE_COMMANDS:
             self._settle_remote(verb, rest)
+        elif verb == b"PUB" and b"\n" not in rest:
+            self._reply(
+                b"ERROR PAYLOAD_TOO_LARGE payload of %d bytes is over the limit of %d bytes"
+                % (pub_nbytes(rest) or 0, self._broker.limits["max_payload"])
+            )
+        elif verb in _PATTERN_COMMANDS and is_pattern(rest.split(None, 1)[0]):
+            pattern = rest.split(None, 1)[0]
+            self._reply(
+                b"ERROR NO_PATTERNS_IN_CLUSTER wildcard patterns are not supported on a cluster node: '%s'"
+                % pattern
+            )
         else:
             topic = rest.split(None, 1)[0]
             slot = slot_of(topic)
@@ -389,16 +628,13 @@ class RoutedConnection(_Connection):
             self.upstream_lost(upstream)
 
     def relayed_delivery(self, upstream: Upstream, line: bytes) -> bytes:
-        """``DELIVER <topic> <tag> ...`` from an owner, with a tag of this connection instead."""
-        _, topic, tag, rest = line.split(b" ", 3)
+        """``DELIVER <topic> <tag> ...`` (or a ``DMSG <topic> <tag> ...`` header) from an owner, with
+        a tag of this connection instead."""
+        verb, topic, tag, rest = line.split(b" ", 3)
         client_tag = self._next_remote_tag
         self._next_remote_tag += 1
         self._remote_tags[client_tag] = (upstream, int(tag))
-        return b"DELIVER %s %d %s" % (topic, client_tag, rest)
-
-    def relay(self, lines: list[bytes]) -> None:
-        """Hand the client lines that came from an owner."""
-        self.relay_chunk(b"\n".join(lines) + b"\n")
+        return b"%s %s %d %s" % (verb, topic, client_tag, rest)
 
     def relay_chunk(self, chunk: bytes) -> None:
         """Hand the client whole lines that came from an owner."""
