@@ -374,3 +374,30 @@ def test_a_frame_over_the_payload_limit_through_a_non_owner_is_refused_and_skipp
         f"ERROR PAYLOAD_TOO_LARGE payload of {limit + 1} bytes is over the limit of {limit} bytes".encode(),
         b"PONG",
     ]
+
+
+def test_consumer_groups_on_a_topic_work_across_nodes(cluster: Cluster) -> None:
+    """Two groups on a topic owned by n2, their members on n0 and n1: each group gets every message
+    published on n1, shared inside the group; DESTROY through a non-owner ends an idle group."""
+    nodes, owned = cluster
+    topic = topic_owned_by(owned, "n2", "groups")
+    billing = [connected(nodes[name]) for name in ("n0", "n1")]
+    audit = connected(nodes["n0"])
+    for member in billing:
+        assert (
+            member.ask(f"SUBSCRIBE {member.client_id} {topic} GROUP billing")
+            == f"SUBSCRIBED {topic}".encode()
+        )
+    assert audit.ask(f"SUBSCRIBE {audit.client_id} {topic} GROUP audit") == f"SUBSCRIBED {topic}".encode()
+    publisher = connected(nodes["n1"])
+    for i in range(4):
+        publisher.publish(topic, f"m{i}")
+    assert audit.lines(4) == [f"MESSAGE {topic} m{i}".encode() for i in range(4)]
+    shared = billing[0].lines(2) + billing[1].lines(2)
+    assert sorted(shared) == [f"MESSAGE {topic} m{i}".encode() for i in range(4)]
+    assert all(member.quiet() for member in [*billing, audit])
+    assert audit.ask(f"UNSUBSCRIBE {audit.client_id} {topic} GROUP audit") == f"UNSUBSCRIBED {topic}".encode()
+    assert (
+        publisher.ask(f"DESTROY {publisher.client_id} {topic} GROUP audit")
+        == f"DESTROYED {topic} audit".encode()
+    )
