@@ -35,7 +35,7 @@ from pigeon.server.limits import raise_open_files_limit
 START_TIMEOUT = 60.0  # RabbitMQ boots an Erlang node
 
 # Pigeon without a consumer for the whole run: every message stays in one backlog
-ROOMY = ["--max-backlog", str(1 << 30), "--max-memory", str(12 << 30)]
+ROOMY = ["--max-backlog", str(1 << 30), "--max-backlog-bytes", str(8 << 30), "--max-memory", str(12 << 30)]
 
 
 class BrokerProcess(subprocess.Popen[str]):
