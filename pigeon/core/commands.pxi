@@ -293,10 +293,16 @@ cdef inline Topic *_publish_fast(Broker b, int32_t h, char **args, size_t *n) no
 
 
 cdef void _accepted(Broker b, int32_t h, Topic *t) noexcept:
+    cdef char *p
     t.published += 1
     b.counters.published += 1
     b.conns.items[h].msgs_in += 1
-    out_reply(b, h, "PUBLISHED", topic_name(t), t.name_len)
+    # out_reply's work with the word's length known: this reply goes out once per message
+    p = out_reserve(b, h, 10 + t.name_len + 1)
+    if p != NULL:
+        memcpy(p, b"PUBLISHED ", 10)
+        memcpy(p + 10, topic_name(t), t.name_len)
+        p[10 + t.name_len] = b'\n'
     if b.log.durable:
         log_wait(b, h)      # the reply leaves once the message's record is in the log
 
@@ -370,10 +376,10 @@ cdef Msg *_record_for(Broker b, Topic *t, const char *data, size_t n) noexcept:
     return msg
 
 
-cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n) noexcept:
+cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n, bint lf_free) noexcept:
     """Route one message: straight to the next subscriber when nothing waits before it, else
     to the tail of the backlog. HOLD when the backlog, the memory or the disk is full and
-    the publisher has to wait (flow.pxd)."""
+    the publisher has to wait (flow.pxd). ``lf_free``: the payload has no LF (line_safe)."""
     cdef Sub *s
     cdef Msg *msg
     cdef size_t size
@@ -393,7 +399,7 @@ cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n) 
         if s != NULL:
             # an acknowledged delivery keeps its record; so does a payload that a v1 line alters,
             # since a record made again from that line (give_back_inflight) would hold the alteration
-            if s.ack or not (b.conns.items[s.conn].framed or line_safe(data, n)):
+            if s.ack or not (b.conns.items[s.conn].framed or line_safe(data, n, lf_free)):
                 msg = _record_for(b, t, data, n)
                 if msg == NULL:
                     return _refuse(b, h, t, ERR_MEMORY_FULL)
@@ -466,14 +472,15 @@ cdef Topic *_publish_topic(Broker b, int32_t h, char *name, size_t name_len) noe
     return t
 
 
-cdef int _publish_pinned(Broker b, int32_t h, Topic *t, const char *data, size_t n) noexcept:
+cdef int _publish_pinned(Broker b, int32_t h, Topic *t, const char *data, size_t n, bint lf_free) noexcept:
     """_publish_to with t pinned, so that it outlives a message refused or lost on the way; a
     topic made for a refused message goes again when unpinned."""
     cdef int held
     _pin(t)
-    held = _publish_to(b, h, t, data, n)
+    held = _publish_to(b, h, t, data, n, lf_free)
     _unpin(b, t)
     return held
+
 cdef inline Topic *_target(Topic *t, int32_t i, int32_t k) noexcept:
     """The i-th queue a message of t goes to: its k groups, then t itself (its default group)."""
     return t.groups[i] if i < k else t
@@ -554,7 +561,7 @@ cdef int on_publish(Broker b, int32_t h, char *args, size_t n) except -1:
         t = _publish_topic(b, h, name, name_len)
         if t == NULL:
             return 0
-    return _publish_pinned(b, h, t, args, n)
+    return _publish_pinned(b, h, t, args, n, True)    # a text line holds no LF
 
 
 cdef Topic *pub_fast(Broker b, int32_t h, char **args, size_t *n) noexcept:
@@ -572,7 +579,7 @@ cdef int on_pub(Broker b, int32_t h, Topic *t, char *id, size_t id_len, char *na
         t = _publish_topic(b, h, name, name_len)
         if t == NULL:
             return 0
-    return _publish_pinned(b, h, t, data, n)
+    return _publish_pinned(b, h, t, data, n, False)
 
 
 cdef int on_ping(Broker b, int32_t h, char *args, size_t n) except -1:

@@ -49,7 +49,7 @@ cdef char *msg_data(Msg *msg) noexcept
 cdef size_t msg_size(size_t n) noexcept
 cdef void msg_release(Broker b, Msg *msg) noexcept
 cdef void pool_clear(MsgPool *pool, Memory *m) noexcept
-cdef bint line_safe(const char *data, size_t n) noexcept
+cdef bint line_safe(const char *data, size_t n, bint lf_free) noexcept
 cdef bint put_payload(char *p, const char *data, size_t n, bint framed) noexcept
 
 cdef int queue_push(Memory *m, Queue *q, Msg *msg) noexcept
