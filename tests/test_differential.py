@@ -29,6 +29,7 @@ long run in docs/operations.md uses 5000).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -60,6 +61,11 @@ from tests.strategies import (
 # which live connection a rule acts on (modulo their number)
 picks = st.integers(0, 7)
 MEMORY_NEVER_FULL = 1 << 40
+
+
+def publishes(items: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """One ``PUBLISH <me> <topic> <body>`` line per (topic, body)."""
+    return b"".join(b"PUBLISH <me> %s %s\n" % item for item in items)
 
 
 class CoreVsModel(RuleBasedStateMachine):
@@ -227,7 +233,7 @@ class CoreVsModel(RuleBasedStateMachine):
         self, i: int, j: int, topic: bytes, bodies: list[bytes], nack: bool, back: int, span: int, flush: bool
     ) -> None:
         """A publisher's messages, then a consumer that settles some of what it holds."""
-        lines = b"".join(b"PUBLISH <me> " + topic + b" " + body + b"\n" for body in bodies)
+        lines = publishes((topic, body) for body in bodies)
         self._send(self.session.live(i), lines, flush=flush)
         self.settle(j, nack, back, span, b"", flush)
 
@@ -238,7 +244,7 @@ class CoreVsModel(RuleBasedStateMachine):
 
     @rule(i=picks, topic=good_topics, bodies=st.lists(messages, min_size=1, max_size=8), flush=st.booleans())
     def publish(self, i: int, topic: bytes, bodies: list[bytes], flush: bool) -> None:
-        lines = b"".join(b"PUBLISH <me> " + topic + b" " + body + b"\n" for body in bodies)
+        lines = publishes((topic, body) for body in bodies)
         self._send(self.session.live(i), lines, flush=flush)
 
     @rule(
@@ -247,7 +253,7 @@ class CoreVsModel(RuleBasedStateMachine):
         flush=st.booleans(),
     )
     def publish_to_several_topics(self, i: int, items: list[tuple[bytes, bytes]], flush: bool) -> None:
-        lines = b"".join(b"PUBLISH <me> " + topic + b" " + body + b"\n" for topic, body in items)
+        lines = publishes(items)
         self._send(self.session.live(i), lines, flush=flush)
 
     @rule(
@@ -258,9 +264,7 @@ class CoreVsModel(RuleBasedStateMachine):
     )
     def strand(self, i: int, j: int, items: list[tuple[bytes, bytes]], fate: str) -> None:
         """Messages routed to a connection that goes, fails or pauses before they are handed over."""
-        self._send(
-            self.session.live(i), b"".join(b"PUBLISH <me> %s %s\n" % item for item in items), flush=False
-        )
+        self._send(self.session.live(i), publishes(items), flush=False)
         victim = self.session.live(j)
         if victim is None:
             return
@@ -294,7 +298,7 @@ class CoreVsModel(RuleBasedStateMachine):
     )
     def publish_to_groups(self, i: int, items: list[tuple[bytes, bytes]], flush: bool) -> None:
         """Messages to topics that patterns and groups match (fan-out, backlogs of groups)."""
-        lines = b"".join(b"PUBLISH <me> " + topic + b" " + body + b"\n" for topic, body in items)
+        lines = publishes(items)
         self._send(self.session.live(i), lines, flush=flush)
 
     @rule(i=picks, topic=good_topics)
