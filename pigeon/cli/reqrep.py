@@ -9,16 +9,8 @@ import subprocess
 import sys
 
 from pigeon.cli.common import EXIT_ERROR, Subparsers, add_connection_options, open_client, positive
-from pigeon.client.base import DEFAULT_REQUEST_TIMEOUT
 from pigeon.client.codec import Message
 from pigeon.errors import InvalidArgumentError
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds over 0, not {text!r}")
-    return value
 
 
 def register(subparsers: Subparsers) -> None:
@@ -26,25 +18,21 @@ def register(subparsers: Subparsers) -> None:
     request = subparsers.add_parser(
         "request",
         help="send a request and print its reply",
-        description="Send DATA as a request to TOPIC and print the first reply; exit 1 without one in time.",
+        description="Send DATA as a request to TOPIC and print the first reply; exit 1 without one within "
+        "--timeout seconds.",
     )
     request.add_argument("topic")
     request.add_argument("data")
-    request.add_argument(
-        "--timeout",
-        type=_seconds,
-        default=DEFAULT_REQUEST_TIMEOUT,
-        metavar="SECONDS",
-        help=f"how long to wait for the reply (default {DEFAULT_REQUEST_TIMEOUT:g})",
-    )
     add_connection_options(request)
     request.set_defaults(func=run_request)
 
     reply = subparsers.add_parser(
         "reply",
         help="answer the requests sent to a topic, from a command or by echoing them",
+        usage="pigeon-cli reply [options] TOPIC (--echo | -- COMMAND [ARGS...])",
         description="Answer each request to TOPIC: with the standard output of COMMAND run with the "
-        "request on its standard input (-- COMMAND ARGS...), or with the request itself (--echo).",
+        "request on its standard input (-- COMMAND ARGS...), or with the request itself (--echo). "
+        "With a COMMAND, the options come before TOPIC.",
     )
     reply.add_argument("topic", help="a topic, or a pattern (svc.*, svc.>)")
     reply.add_argument(
@@ -54,7 +42,8 @@ def register(subparsers: Subparsers) -> None:
     )
     reply.add_argument("--echo", action="store_true", help="answer each request with its own data")
     reply.add_argument("--count", type=positive, metavar="N", help="exit after answering N requests")
-    reply.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    # after "--" every word is the command's, options included
+    reply.add_argument("command", nargs="*", help="-- COMMAND [ARGS...]: answers with its stdout")
     add_connection_options(reply)
     reply.set_defaults(func=run_reply)
 
@@ -81,7 +70,7 @@ def _answer(message: Message, command: list[str]) -> bytes:
 
 def run_reply(args: argparse.Namespace) -> int:
     """``pigeon-cli reply``: answer requests until interrupted, or until ``--count`` of them."""
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command: list[str] = args.command
     if args.echo == bool(command):
         raise InvalidArgumentError("give either --echo or -- COMMAND [ARGS...]")
     with open_client(args) as client:

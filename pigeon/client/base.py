@@ -553,7 +553,9 @@ class ClientBase(abc.ABC):
                 if self._generation != generation or not self.connected:
                     raise ConnectionClosedError("the connection was lost before the reply to a request came")
                 if time.monotonic() >= deadline:
-                    raise errors.RequestTimeoutError(f"no reply to a request on {topic!r} within {timeout}s")
+                    raise errors.RequestTimeoutError(
+                        f"no reply to a request on {name.decode('utf-8', 'replace')!r} within {timeout}s"
+                    )
                 await self._wait_for_data(deadline)
             return Message(name.decode(), session.replies.pop(request_id))
         finally:
