@@ -53,6 +53,12 @@ class Reader:
         line, self.buf = self.buf[:end].rstrip(b"\r"), self.buf[end + 1 :]
         return line
 
+    def header(self) -> list[bytes]:
+        """The fields of the next frame header; a server's PING (nats-server sends them) is answered."""
+        while (line := self.line()) == b"PING":
+            self.sock.sendall(b"PONG\r\n")
+        return line.split(b" ")
+
     def take(self, n: int) -> bytes:
         while len(self.buf) < n:
             self.fill()
@@ -103,7 +109,7 @@ def respond(dialect: str, port: int, ready: multiprocessing.synchronize.Event) -
     while True:
         out = []
         while True:
-            fields = reader.line().split(b" ")
+            fields = reader.header()
             n = int(fields[-1])
             payload = reader.take(n + eol)[:n]
             if dialect == "pigeon":  # MSG svc <token> <n>
@@ -136,7 +142,7 @@ def request_loop(
         sock.sendall(head + b"%d%s%s%s" % (len(payload), eol, payload, eol))
         if dialect == "pigeon":
             _expect(reader, b"REQUESTED ")
-        fields = reader.line().split(b" ")
+        fields = reader.header()
         n = int(fields[-1])
         if reader.take(n + len(eol))[:n] != payload:
             raise RuntimeError(f"requester {k} got someone else's reply")
