@@ -315,3 +315,19 @@ def test_a_cluster_node_takes_request_frames_whole_to_refuse_them() -> None:
     items, used, _, _ = split_commands(data, 1 << 20)
     assert items == [b"REQ c1 svc 9\nPING\nPING", b"REPLY 0.1.1 4\nPING", b"PING"]
     assert used == len(data)
+
+
+def test_past_4096_waiting_requests_the_oldest_is_forgotten(connect: Connect) -> None:
+    requester = connect()
+    cid = requester.client_id.encode()
+    requester.send(b"".join(b"REQ %s pile 1\n%d\n" % (cid, i % 10) for i in range(4097)))
+    assert requester.lines(4097)[-1] == b"REQUESTED 4097"
+    responder = framed(connect)
+    responder.subscribe("pile")
+    tokens = [request_frame(responder)[1] for _ in range(4097)]
+    assert tokens[0].endswith(".1") and tokens[-1].endswith(".4097")
+    reply(responder, tokens[0], b"too late")  # forgotten when the 4097th was asked
+    reply(responder, tokens[1], b"kept")
+    assert rmsg(requester) == (2, b"kept")
+    figures = stats(requester)
+    assert (figures["requests_forgotten"], figures["replies_dropped"], figures["replies"]) == (1, 1, 1)
