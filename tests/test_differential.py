@@ -52,6 +52,8 @@ from tests.strategies import (
     messages,
     nack_delays,
     pattern_topics,
+    payloads,
+    reply_tokens,
     separators,
     stats_lines,
     subscribe_options,
@@ -327,6 +329,17 @@ class CoreVsModel(RuleBasedStateMachine):
         self._send(peer, data[:cut], flush=flush)
         self._send(peer, data[cut:], flush=flush)
 
+    @rule(i=picks, j=picks, topic=good_topics, payload=payloads, token=reply_tokens, twice=st.booleans())
+    def request_and_reply(
+        self, i: int, j: int, topic: bytes, payload: bytes, token: bytes, twice: bool
+    ) -> None:
+        """A request, then a reply from some connection: the first connections' first requests have
+        the tokens ``reply_tokens`` mostly names, so many replies reach a requester; a second reply
+        to the same token is dropped."""
+        self._send(self.session.live(i), b"REQ <me> %s %d\n%s\n" % (topic, len(payload), payload))
+        for _ in range(2 if twice else 1):
+            self._send(self.session.live(j), b"REPLY %s %d\n%s\n" % (token, len(payload), payload))
+
     @rule(i=picks, event=st.sampled_from(["pause", "resume", "eof", "close"]))
     def connection_event(self, i: int, event: str) -> None:
         """The transport fills up or drains, the client sends FIN, or the socket goes."""
@@ -395,3 +408,32 @@ CoreVsModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_core_matches_model = pytest.mark.slow(CoreVsModel.TestCase)
+
+
+def test_request_reply_session_matches_the_model() -> None:
+    """One request/reply session step by step, so that every path is compared on every run: a request to a
+    framed subscriber and a v1 one, its reply (RMSG), a second reply dropped, a malformed token, a reply to
+    a closed requester, and a reused handle of a new generation."""
+    session = Session({"max_memory": MEMORY_NEVER_FULL, "ack_timeout": 0}, deferred=False)
+    try:
+        requester, responder, v1 = session.open(), session.open(), session.open()
+        for peer in (requester, responder, v1):
+            session.feed(peer, b"CONNECT\n")
+        session.feed(
+            responder, session.own_id(responder, b"HELLO 2\nSUBSCRIBE <me> a\nSUBSCRIBE <me> b ACK\n")
+        )
+        session.feed(v1, session.own_id(v1, b"SUBSCRIBE <me> a GROUP g\n"))
+        session.feed(requester, session.own_id(requester, b"REQ <me> a 3\nx\ny\nREQ <me> b 0\n\n"))
+        session.feed(responder, b"REPLY 0.1.1 2\nok\nREPLY 0.1.1 2\nno\nREPLY 0.1.2 0\n\nREPLY 1..2 1\nz\n")
+        session.check()
+        session.feed(requester, session.own_id(requester, b"REQ <me> c 1\nq\n"))
+        session.close(requester)
+        again = session.open()  # the core's handle 0 again, of generation 4
+        session.feed(again, b"CONNECT\n")
+        session.feed(again, session.own_id(again, b"REQ <me> c 1\nr\n"))
+        session.feed(responder, session.own_id(responder, b"SUBSCRIBE <me> c\n"))
+        session.feed(responder, b"REPLY 0.1.3 1\n1\nREPLY 0.4.1 1\n2\n")
+        session.check()
+        assert session.core_broker.stats()["replies"] == 3
+    finally:
+        session.finish()

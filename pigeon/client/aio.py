@@ -19,6 +19,7 @@ from pigeon.client.address import TlsOption, url_keywords
 from pigeon.client.base import (
     DEFAULT_MAX_QUEUED,
     DEFAULT_RECONNECT_TIMEOUT,
+    DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_TIMEOUT,
     WINDOW,
     ClientBase,
@@ -190,6 +191,13 @@ class AsyncClient(ClientBase):
         was lost with the connection is reported with a ConnectionClosedError.
         """
         return await self._publish_many(topic, messages)
+
+    async def request(
+        self, topic: str | bytes, message: Data, *, timeout: float = DEFAULT_REQUEST_TIMEOUT
+    ) -> Message:
+        """Send a request to ``topic`` and return the first reply (see ``Client.request``); many may
+        be awaited at once on one client."""
+        return await self._request(topic, message, timeout)
 
     async def check_acks(self) -> list[UnknownDeliveryTagError]:
         """Wait until the broker has read every ACK and NACK sent; return its refusals (see ``Client``)."""

@@ -17,6 +17,7 @@ from pigeon import errors
 from pigeon.client.address import TlsOption, url_keywords
 from pigeon.client.base import (
     DEFAULT_RECONNECT_TIMEOUT,
+    DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_TIMEOUT,
     RECV_SIZE,
     WINDOW,
@@ -161,6 +162,18 @@ class Client(ClientBase):
         was lost with the connection is reported with a ConnectionClosedError.
         """
         return run_blocking(self._publish_many(topic, messages))
+
+    def request(
+        self, topic: str | bytes, message: Data, *, timeout: float = DEFAULT_REQUEST_TIMEOUT
+    ) -> Message:
+        """Send a request to ``topic`` and return the first reply, as a Message (its topic the request's).
+
+        The request is routed like a publish (one subscriber of each group);
+        a subscriber answers with ``message.respond(data)``. Raises
+        RequestTimeoutError when no reply comes within ``timeout`` seconds;
+        a later reply is dropped. Deliveries arriving meanwhile stay queued.
+        """
+        return run_blocking(self._request(topic, message, timeout))
 
     def check_acks(self) -> list[UnknownDeliveryTagError]:
         """Wait until the broker has read every ACK and NACK sent (a PING round trip); return its refusals.

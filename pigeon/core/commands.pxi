@@ -297,6 +297,9 @@ cdef void _accepted(Broker b, int32_t h, Topic *t) noexcept:
     t.published += 1
     b.counters.published += 1
     b.conns.items[h].msgs_in += 1
+    if b.request.id:
+        request_accepted(b, h)      # REQUESTED <id>; a request is not logged
+        return
     # out_reply's work with the word's length known: this reply goes out once per message
     p = out_reserve(b, h, 10 + t.name_len + 1)
     if p != NULL:
@@ -368,8 +371,11 @@ cdef int _storage_full(Broker b, int32_t h, Topic *t, size_t n) noexcept:
 
 
 cdef Msg *_record_for(Broker b, Topic *t, const char *data, size_t n) noexcept:
-    """A record of a new message, logged when durable; NULL when out of memory."""
-    cdef Msg *msg = msg_new(b, t, data, n)
+    """A record of a new message, logged when durable (unless a request); NULL when out of memory."""
+    cdef Msg *msg
+    if b.request.id:
+        return msg_request_new(b, t, t, data, n, &b.request)
+    msg = msg_new(b, t, data, n)
     if msg != NULL and b.log.durable and log_publish(b, msg.seq, t, data, n, 0) < 0:
         msg_release(b, msg)
         return NULL
@@ -385,7 +391,7 @@ cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n, 
     cdef size_t size
     cdef uint64_t seq
     cdef int32_t k
-    if b.log.durable and (b.log.failed or b.limit.max_disk or b.recovery.restoring):
+    if b.log.durable and (b.log.failed or b.limit.max_disk or b.recovery.restoring) and not b.request.id:
         held = _storage_full(b, h, t, n)
         if held:
             return HOLD if held == HOLD else 0
@@ -398,8 +404,9 @@ cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n, 
         s = topic_next_subscriber(b, t)
         if s != NULL:
             # an acknowledged delivery keeps its record; so does a payload that a v1 line alters,
-            # since a record made again from that line (give_back_inflight) would hold the alteration
-            if s.ack or not (b.conns.items[s.conn].framed or line_safe(data, n, lf_free)):
+            # since a record made again from that line (give_back_inflight) would hold the
+            # alteration, and a request, whose line may lack its reply token
+            if s.ack or b.request.id or not (b.conns.items[s.conn].framed or line_safe(data, n, lf_free)):
                 msg = _record_for(b, t, data, n)
                 if msg == NULL:
                     return _refuse(b, h, t, ERR_MEMORY_FULL)
@@ -520,11 +527,14 @@ cdef int _publish_groups(Broker b, int32_t h, Topic *t, const char *data, size_t
     _accepted(b, h, t)
     for i in range(targets):
         q = _target(t, i, k)
-        msg = msg_copy_new(b, q, t, data, n) if q != t else msg_new(b, t, data, n)
+        if b.request.id:
+            msg = msg_request_new(b, q, t, data, n, &b.request)
+        else:
+            msg = msg_copy_new(b, q, t, data, n) if q != t else msg_new(b, t, data, n)
         if msg == NULL:
             b.counters.lost += 1
             continue
-        if b.log.durable and (log_publish_copy(b, msg) if q != t else log_publish(b, msg.seq, t, data, n, 0)) < 0:
+        if b.log.durable and not b.request.id and (log_publish_copy(b, msg) if q != t else log_publish(b, msg.seq, t, data, n, 0)) < 0:
             msg_release(b, msg)
             b.counters.lost += 1
             continue
@@ -538,7 +548,7 @@ cdef int _publish_groups(Broker b, int32_t h, Topic *t, const char *data, size_t
         backlog_push(b, msg, False)
         b.counters.backlogged += 1
         topic_drain(b, q)
-    if b.log.durable:
+    if b.log.durable and not b.request.id:
         log_wait(b, h)      # the reply waits for every copy's record
     return 0
 

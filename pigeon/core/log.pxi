@@ -226,6 +226,8 @@ cdef void log_settle(Broker b, uint64_t seq) noexcept:
     cdef Log *log = &b.log
     cdef uint64_t *grown
     cdef size_t cap
+    if seq == 0:
+        return      # a request: never logged (msg_request_new)
     if log.nsettled == log.settled_cap:
         cap = log.settled_cap * 2 if log.settled_cap else 1024
         grown = <uint64_t *>mem_grow(&b.mem, log.settled, log.settled_cap * sizeof(uint64_t),
@@ -336,7 +338,10 @@ cdef void _record_done(Broker b) noexcept:
 cdef void log_delivered(Broker b, uint64_t seq, uint32_t attempt) noexcept:
     """A message goes out for delivery to an acknowledged subscription (its attempt counts after a
     restart). Not recorded when out of memory: the attempt is then counted one short."""
-    cdef char *rec = _record(b, REC_DELIVERED, 13)
+    cdef char *rec
+    if seq == 0:
+        return      # a request: never logged (msg_request_new)
+    rec = _record(b, REC_DELIVERED, 13)
     if rec == NULL:
         return
     _put64(rec + RECORD_HEAD + 1, seq)

@@ -210,16 +210,18 @@ cdef void out_error_quoting(Broker b, int32_t h, int kind, const char *text,
     out_error(b, h, kind, line)
 
 
-cdef inline size_t _message_line_len(Conn *c, Topic *t, size_t n) noexcept:
-    """Bytes of the line that delivers n payload bytes of t to c: ``MSG <topic> <n>``, a line end
-    and the payload when c sent HELLO 2, else ``MESSAGE <topic> <payload>``; each with its line end."""
+cdef inline size_t _message_line_len(Conn *c, Topic *t, size_t n, size_t tl) noexcept:
+    """Bytes of the line that delivers n payload bytes of t to c: ``MSG <topic> <n>`` (``MSG <topic>
+    <reply token> <n>``, the token tl bytes, for a request: the count stays last, as in NATS), a
+    line end and the payload when c sent HELLO 2, else ``MESSAGE <topic> <payload>``; each with
+    its line end."""
     if c.framed:
-        return 4 + t.name_len + 1 + _digits(n) + 1 + n + 1
+        return 4 + t.name_len + 1 + _digits(n) + (tl + 1 if tl else 0) + 1 + n + 1
     return 8 + t.name_len + 1 + n + 1
 
 
 cdef char *_message_line(Broker b, int32_t h, Topic *t, const char *data, size_t n,
-                         size_t line_len, bint as_is) noexcept:
+                         size_t line_len, bint as_is, const char *token, size_t tl) noexcept:
     """The line that delivers a message to h (_message_line_len) written to h's output; NULL
     when h's output cannot grow. ``as_is``: the caller knows the payload needs no change for
     a text line (line_safe), so it is copied without a scan."""
@@ -240,6 +242,10 @@ cdef char *_message_line(Broker b, int32_t h, Topic *t, const char *data, size_t
     q[0] = b' '
     q += 1
     if framed:
+        if tl:
+            memcpy(q, token, tl)
+            q[tl] = b' '
+            q += tl + 1
         dl = _digits(n)
         _put_uint(q, n, dl)
         q[dl] = b'\n'
@@ -287,8 +293,16 @@ cdef bint out_deliver(Broker b, int32_t h, Msg *msg) noexcept:
     """
     cdef Topic *t = msg.topic
     cdef Topic *origin = msg_origin(msg)
-    cdef size_t line_len = _message_line_len(&b.conns.items[h], origin, msg.len)
-    cdef char *line = _message_line(b, h, origin, msg_data(msg), msg.len, line_len, False)
+    cdef char token[REPLY_TOKEN_MAX]
+    cdef size_t tl = 0
+    cdef size_t line_len
+    cdef char *line
+    cdef ReplyTo to
+    if msg.copy & MSG_REQUEST and b.conns.items[h].framed:
+        to = msg_reply_to(msg)
+        tl = reply_token(&to, token)
+    line_len = _message_line_len(&b.conns.items[h], origin, msg.len, tl)
+    line = _message_line(b, h, origin, msg_data(msg), msg.len, line_len, False, token, tl)
     if line == NULL or not _note_inflight(b, h, msg, t, line, line_len, 0, msg.seq):
         backlog_push(b, msg, True)
         return False
@@ -310,8 +324,8 @@ cdef bint out_deliver_direct(Broker b, int32_t h, Topic *t, const char *data, si
 
     False when h's output cannot grow: h is broken, and the caller keeps the message.
     """
-    cdef size_t line_len = _message_line_len(&b.conns.items[h], t, n)
-    cdef char *line = _message_line(b, h, t, data, n, line_len, True)
+    cdef size_t line_len = _message_line_len(&b.conns.items[h], t, n, 0)
+    cdef char *line = _message_line(b, h, t, data, n, line_len, True, NULL, 0)
     if line == NULL or not _note_inflight(b, h, NULL, t, line, line_len, 0, seq):
         return False
     t.refs += 1

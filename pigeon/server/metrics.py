@@ -105,6 +105,19 @@ _COUNTERS = (
         "pigeon_v1_altered",
         "MESSAGE/DELIVER lines whose binary payload was altered to fit a v1 text line.",
     ),
+    ("requests", "pigeon_requests", "Requests (REQ) accepted."),
+    ("replies", "pigeon_replies", "Replies (REPLY) handed to a waiting requester."),
+    (
+        "replies_dropped",
+        "pigeon_replies_dropped",
+        "Replies to a request no longer waiting (answered already, forgotten, or its requester gone).",
+    ),
+    ("replies_malformed", "pigeon_replies_malformed", "Replies whose token is not a reply token."),
+    (
+        "requests_forgotten",
+        "pigeon_requests_forgotten",
+        "Requests forgotten unanswered: over 4096 waiting on one connection.",
+    ),
 )
 
 # (stats key, metric name, help) of the server-wide gauges
