@@ -21,14 +21,14 @@ same attempts. docs/storage.md, "Compaction".
 
 from __future__ import annotations
 
-import bisect
 import os
 import signal
 import struct
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pigeon._core import record_checksum
+from pigeon._core import record_checksum, segment_kept, segment_summary
 
 # A sealed segment is rewritten when fewer than this share of its messages are not done (Kafka's
 # log cleaner starts at a dirty ratio of 0.5 too: at most half of what it copies is kept).
@@ -41,8 +41,7 @@ INTENT_MAKING = "compact.intent.part"  # its name until it is whole and synced
 KILL_AT_ENV = "PIGEON_TEST_KILL_AT"
 
 RECORD_HEAD = struct.Struct("<II")  # body length, CRC-32C of the body
-PUBLISH_KIND, DONE_KIND, DELIVERED_KIND = 1, 2, 3
-SEQ = struct.Struct("<Q")
+DONE_KIND = 2
 RUN = struct.Struct("<QQ")  # a DONE record's first and last seq
 
 Runs = list[tuple[int, int]]  # sorted, disjoint, inclusive ranges of seqs
@@ -80,18 +79,6 @@ def count(runs: Runs) -> int:
     return sum(last - first + 1 for first, last in runs)
 
 
-class RunSet:
-    """Merged runs of seqs, asked whether they hold a seq."""
-
-    def __init__(self, runs: Runs) -> None:
-        self.runs = runs
-        self._firsts = [first for first, _ in runs]
-
-    def __contains__(self, seq: int) -> bool:
-        i = bisect.bisect_right(self._firsts, seq) - 1
-        return i >= 0 and self.runs[i][1] >= seq
-
-
 @dataclass
 class Summary:
     """What compaction needs to know of a sealed segment, read once."""
@@ -103,48 +90,17 @@ class Summary:
     others: int = 0  # its DONE and DELIVERED records
 
 
-def _records(data: memoryview, start: int) -> list[tuple[int, int, int]]:
-    """(offset, size, kind) of each record from ``start`` (the segments were checked at start and
-    are written whole, so every record is sound)."""
-    found = []
-    pos, end = start, len(data)
-    unpack = RECORD_HEAD.unpack_from
-    while pos + RECORD_HEAD.size < end:
-        body = unpack(data, pos)[0]
-        if body == 0:
-            break  # the zeros of a segment made ahead: its end
-        found.append((pos, RECORD_HEAD.size + body, data[pos + RECORD_HEAD.size]))
-        pos += RECORD_HEAD.size + body
-    return found
-
-
 def summarize(data: memoryview, start: int) -> Summary:
-    """The Summary of a segment's bytes, its records starting at ``start``."""
-    summary = Summary(size=len(data))
-    published: Runs = []
-    done: Runs = []
-    for pos, _, kind in _records(data, start):
-        if kind == PUBLISH_KIND:
-            seq = SEQ.unpack_from(data, pos + RECORD_HEAD.size + 1)[0]
-            if published and published[-1][1] + 1 == seq:
-                published[-1] = (published[-1][0], seq)
-            else:
-                published.append((seq, seq))
-            summary.publishes += 1
-        else:
-            if kind == DONE_KIND:
-                done.append(RUN.unpack_from(data, pos + RECORD_HEAD.size + 1))
-            summary.others += 1
-    summary.published = published
-    summary.done = merge(done)
-    return summary
+    """The Summary of a segment's bytes, its records starting at ``start`` (walked in C)."""
+    published, publishes, done, others = segment_summary(data[start:])
+    return Summary(len(data), publishes, published, merge(done), others)
 
 
 @dataclass
 class Plan:
     """Which sealed segments a pass rewrites, and what each keeps of its DONE runs."""
 
-    done: RunSet  # every message the sealed segments' DONE records say is done
+    done: bytes  # every message the sealed segments' DONE records say is done, as runs (array('Q'))
     keep_done: dict[int, Runs]  # segment index -> the DONE runs it keeps
 
 
@@ -170,7 +126,7 @@ def plan(summaries: list[Summary], small: int) -> Plan:
             keep_done[index] = needed
         else:
             left = merge(left + finished)
-    return Plan(RunSet(done), keep_done)
+    return Plan(array("Q", [seq for run in done for seq in run]).tobytes(), keep_done)
 
 
 def _done_record(first: int, last: int) -> bytes:
@@ -178,14 +134,11 @@ def _done_record(first: int, last: int) -> bytes:
     return RECORD_HEAD.pack(len(body), record_checksum(body)) + body
 
 
-def rewrite(data: memoryview, start: int, done: RunSet, keep_done: Runs) -> list[bytes | memoryview]:
+def rewrite(data: memoryview, start: int, done: bytes, keep_done: Runs) -> list[bytes | memoryview]:
     """The records of a segment that a recovery still needs: PUBLISH and DELIVERED records of
     messages not done, in their order, then the DONE runs in ``keep_done``."""
-    kept: list[bytes | memoryview] = []
-    for pos, size, kind in _records(data, start):
-        seq = SEQ.unpack_from(data, pos + RECORD_HEAD.size + 1)[0]
-        if kind in (PUBLISH_KIND, DELIVERED_KIND) and seq not in done:
-            kept.append(data[pos : pos + size])
+    records = data[start:]
+    kept: list[bytes | memoryview] = [records[first:end] for first, end in segment_kept(records, done)]
     kept.extend(_done_record(first, last) for first, last in keep_done)
     return kept
 
