@@ -111,9 +111,10 @@ def _check_recovered(server: ServerProcess, scene: Scene, attempts: tuple[int, .
 
 
 @pytest.mark.slow
-def test_one_old_message_no_longer_keeps_every_later_segment(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fsync", ["everysec", "always"])
+def test_one_old_message_no_longer_keeps_every_later_segment(tmp_path: Path, fsync: str) -> None:
     data = tmp_path / "data"
-    server = ServerProcess("--data-dir", str(data), "--max-disk", str(MAX_DISK))
+    server = ServerProcess("--data-dir", str(data), "--max-disk", str(MAX_DISK), "--fsync", fsync)
     try:
         scene = Scene(server)
         # 48 MB of traffic through an 8 MiB bound: without compaction the publisher would wait
