@@ -544,6 +544,15 @@ class Store:
         size = compaction.replace(group, HEADER, list(kept))
         return {**{path: 0 for path in group[:-1]}, group[-1]: size}
 
+    def _kept(self, path: Path, done: bytes, keep_done: compaction.Runs) -> list[bytes]:
+        """The records segment ``path`` keeps, copied out of its mapping (what is kept is small)."""
+        with (
+            open(path, "rb") as f,
+            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapping,
+            memoryview(mapping) as data,
+        ):
+            return [bytes(part) for part in compaction.rewrite(data, len(HEADER), done, keep_done)]
+
     def _compaction_pass(self, sealed: list[Path], segment_max: int) -> None:
         """One pass, off the loop: rewrite the sealed segments the plan chooses, oldest first,
         consecutive ones merged up to ``segment_max`` bytes."""
@@ -560,8 +569,7 @@ class Store:
             kept_bytes = 0
             for index, keep_done in sorted(chosen.keep_done.items()):
                 path = sealed[index]
-                data = memoryview(path.read_bytes())  # a segment mostly done: what is kept is small
-                records = [bytes(r) for r in compaction.rewrite(data, len(HEADER), chosen.done, keep_done)]
+                records = self._kept(path, chosen.done, keep_done)
                 size = sum(len(record) for record in records)
                 full = len(HEADER) + kept_bytes + size > segment_max
                 if group and (group[-1] != sealed[index - 1] or full):
@@ -574,6 +582,8 @@ class Store:
                 sizes.update(self._replace(group, kept, kept_bytes))
         except OSError as exc:
             log.warning("log compaction stopped: %s; trying again later", exc.strerror or exc)
+        except Exception:  # a bug: said, not swallowed by the thread's future; the log stays sound
+            log.exception("log compaction failed")
         finally:
             self._loop.call_soon_threadsafe(self._compacted, sizes)
 
