@@ -2,8 +2,8 @@
 later segment on disk, and a kill -9 at any step of a compaction loses and repeats nothing.
 
 Every test runs ``pigeon --data-dir`` as a subprocess and talks to it over TCP. ``--max-disk 8 MiB``
-makes segments of 1 MiB (an eighth of it), so 24 MB of traffic is 24 segments: the same as 1.5 GB
-with the default 64 MiB segments.
+makes segments of 1 MiB (an eighth of it), so the 48 MB of traffic of the first test is 48
+segments: the same as 3 GB with the default 64 MiB segments.
 """
 
 from __future__ import annotations
