@@ -84,7 +84,8 @@ def measure(pinned: bool, seconds: float, size: int) -> tuple[float, int, int]:
     try:
         if pinned:
             pin(running.port)
-        taken, confirmed, errors = [0], [0], []
+        taken, confirmed = [0], [0]
+        errors: list[str] = []
         subscriber = subscribe(running.port, taken)
         sock, command = d.publisher("127.0.0.1", running.port, QUEUE, b"x" * size)
         batch = min(PUBLISH_BATCH, CONFIRM_WINDOW // 2)
