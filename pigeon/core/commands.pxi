@@ -354,16 +354,39 @@ cdef int _refuse(Broker b, int32_t h, Topic *t, int kind) noexcept:
     return 0
 
 
+cdef size_t _records_bytes(Broker b, int32_t h, Topic *t, size_t n, bint *own) noexcept:
+    """The bytes of the PUBLISH records a message of n bytes to t makes: one per copy when it goes
+    to groups (docs/storage.md, "Consumer groups"); ``own``: whether h subscribes to one of the
+    queues it goes to. Groups that cannot be resolved (out of memory) count as none: the PUBLISH
+    is then refused by _publish_groups."""
+    cdef int32_t k = groups_of(b, t) if b.group_index.count else 0
+    cdef int32_t i
+    cdef Topic *q
+    cdef Conn *c = &b.conns.items[h]
+    cdef size_t size = 0
+    if k <= 0:
+        own[0] = sub_find(c, t) != NULL
+        return publish_record_size(t.name_len, n)
+    own[0] = False
+    for i in range(k + (1 if t.nsubs else 0)):
+        q = _target(t, i, k)
+        own[0] = own[0] or sub_find(c, q) != NULL
+        size += publish_record_size(record_name_len(t, q if q != t else NULL), n)
+    return size
+
+
 cdef int _storage_full(Broker b, int32_t h, Topic *t, size_t n) noexcept:
-    """0 when the log can take a message of n bytes; else HOLD (the publisher waits for the disk),
-    or -1 with an ERROR STORAGE_FULL sent when waiting cannot help (see flow.pxd)."""
-    cdef size_t size = publish_record_size(t.name_len, n)
+    """0 when the log can take a message of n bytes (every copy's record); else HOLD (the
+    publisher waits for the disk), or -1 with an ERROR STORAGE_FULL sent when waiting cannot help
+    (see flow.pxd)."""
+    cdef bint own
+    cdef size_t size = _records_bytes(b, h, t, n, &own)
     cdef Log *log = &b.log
     if log_restoring_hold(b, h):
         return HOLD
     if not log.failed and (b.limit.max_disk == 0 or log.disk + log.len + size <= b.limit.max_disk):
         return 0
-    if size > b.limit.max_disk // 4 and b.limit.max_disk or sub_find(&b.conns.items[h], t) != NULL:
+    if size > b.limit.max_disk // 4 and b.limit.max_disk or own:
         _refuse(b, h, t, ERR_STORAGE_FULL)    # too large to wait for, or waiting for itself
         return -1
     flow_hold(b, h, NULL, HELD_STORAGE)
