@@ -16,6 +16,7 @@ import os
 import struct
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -215,6 +216,11 @@ class Store:
             broker.recover_scanned()
         except MemoryError:
             raise StoreError(f"not enough memory to recover the messages of {self.directory}") from None
+        except StoreError as exc:
+            # the scan's views of the mapped segment live on in the traceback's frames: let them
+            # go, so that close() can unmap it (BufferError: cannot close exported pointers exist)
+            traceback.clear_frames(exc.__traceback__)
+            raise
         if paths:
             self._next_number = int(paths[-1].stem) + 1
         found.segments = len(self._sizes)
