@@ -16,7 +16,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +156,9 @@ class Store:
         self._started = 0.0
         self._mappings: list[mmap.mmap] = []
         self._restoring: list[tuple[memoryview, list[tuple[int, int]]]] = []
+        # who hears that the log is synced up to a position: the broker, unless replication must
+        # also confirm it before the replies waiting for it go (pigeon.cluster.replication)
+        self.on_synced: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------ the directory
 
@@ -473,7 +476,9 @@ class Store:
 
     def _synced(self, position: int) -> None:
         self._sync_in_flight = False
-        if self._broker is not None:
+        if self.on_synced is not None:
+            self.on_synced(position)
+        elif self._broker is not None:
             self._broker.log_synced(position)
 
     def _sync_failed(self, exc: OSError) -> None:
