@@ -182,3 +182,58 @@ def test_kill_9_of_a_busy_owner_loses_no_confirmed_message(etcd: EtcdProcess, tm
         assert lost == 0
     finally:
         _stop(nodes)
+
+
+def _consume(node: ServerProcess, topic: str, count: int, last: bool = True) -> list[bytes]:
+    """``count`` messages of ``topic`` through ``node``, each acknowledged; with ``last``, nothing
+    more comes (else the one delivered after them goes back when the client leaves)."""
+    client = node.client(timeout=TTL + 30)
+    client.connect()
+    assert client.ask(f"SUBSCRIBE {client.client_id} {topic} ACK PREFETCH 1") == f"SUBSCRIBED {topic}".encode()
+    got = []
+    for _ in range(count):
+        fields = client.line().split(b" ", 4)
+        assert fields[0] == b"DELIVER", fields
+        got.append(fields[4])
+        client.send(f"ACK {client.client_id} {fields[2].decode()}\n")
+    assert not last or client.quiet(0.5), "more messages than expected"
+    client.close()
+    return got
+
+
+def _publish(node: ServerProcess, topic: str, bodies: list[str]) -> None:
+    publisher = connected(node)
+    publisher.send("".join(f"PUBLISH {publisher.client_id} {topic} {body}\n" for body in bodies))
+    assert publisher.lines(len(bodies)) == [f"PUBLISHED {topic}".encode()] * len(bodies)
+    publisher.close()
+
+
+def test_a_returning_node_drops_its_stale_copies_and_catches_up_before_it_takes_over_again(
+    etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    nodes = _cluster(etcd, tmp_path)
+    try:
+        owned = wait_balanced(list(nodes.values()))
+        topic = topic_owned_by(owned, "n0", "back")
+        successor = _successor(topic, "n0", list(NAMES))
+        third = next(name for name in NAMES if name not in ("n0", successor))
+        _publish(nodes[third], topic, [f"a{i}" for i in range(200)])
+        nodes["n0"].proc.send_signal(signal.SIGKILL)
+        nodes["n0"].proc.wait()
+        wait_balanced([nodes[successor], nodes[third]], timeout=TTL + 30)
+        # half of the backlog is consumed at the successor; the other half keeps the topic there
+        assert _consume(nodes[third], topic, 100, last=False) == [b"a%d" % i for i in range(100)]
+        # n0 comes back: its log still holds all 200, which are stale now
+        nodes["n0"] = _node(etcd, "n0", tmp_path)
+        assert nodes["n0"].wait_for_log("dropping the messages of 1 topics")
+        wait_balanced(list(nodes.values()))
+        _publish(nodes[third], topic, [f"b{i}" for i in range(100)])
+        # the topic's owner dies: n0, its successor now, has caught up and takes it over
+        nodes[successor].proc.send_signal(signal.SIGKILL)
+        nodes[successor].proc.wait()
+        wait_balanced([nodes["n0"], nodes[third]], timeout=TTL + 30)
+        got = _consume(nodes[third], topic, 200)
+        assert got == [b"a%d" % i for i in range(100, 200)] + [b"b%d" % i for i in range(100)]
+        assert nodes["n0"].wait_for_log("took over 200 replicated messages")
+    finally:
+        _stop(nodes)
