@@ -4,6 +4,7 @@ Real etcd, real node processes, real kill -9 (docs/cluster.md, "Replication").""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -76,7 +77,9 @@ class _Load:
     """A publisher (batches of pipelined publishes with unique bodies) and acknowledging consumers,
     each on its own thread and reconnecting client; what was confirmed, delivered and acked."""
 
-    def __init__(self, nodes: dict[str, ServerProcess], topic: str, publisher_on: str, consumers_on: list[str]):
+    def __init__(
+        self, nodes: dict[str, ServerProcess], topic: str, publisher_on: str, consumers_on: list[str]
+    ) -> None:
         self.topic = topic
         self.confirmed: set[bytes] = set()
         self.received: list[bytes] = []
@@ -122,10 +125,9 @@ class _Load:
                 continue
             with self.lock:
                 self.received.append(message.data)
-            try:
+            # a lost connection: the owner delivers it again (a duplicate)
+            with contextlib.suppress(Exception):
                 consumer.ack([message])
-            except Exception:
-                pass  # a lost connection: the owner delivers it again (a duplicate)
 
     def finish(self, timeout: float) -> tuple[int, int, int]:
         """Stop publishing, wait until every confirmed message came (or ``timeout``), stop:
@@ -189,7 +191,8 @@ def _consume(node: ServerProcess, topic: str, count: int, last: bool = True) -> 
     more comes (else the one delivered after them goes back when the client leaves)."""
     client = node.client(timeout=TTL + 30)
     client.connect()
-    assert client.ask(f"SUBSCRIBE {client.client_id} {topic} ACK PREFETCH 1") == f"SUBSCRIBED {topic}".encode()
+    reply = client.ask(f"SUBSCRIBE {client.client_id} {topic} ACK PREFETCH 1")
+    assert reply == f"SUBSCRIBED {topic}".encode()
     got = []
     for _ in range(count):
         fields = client.line().split(b" ", 4)
