@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from pigeon import Client
 from pigeon.cluster.etcd import EtcdProcess
 from pigeon.cluster.slots import owner_order, slot_of
-from pigeon.testing import ServerProcess
+from pigeon.testing import ServerProcess, server_command
 from tests.cluster_kit import TTL, connected, start_node, topic_owned_by, wait_balanced
 
 pytestmark = pytest.mark.slow
@@ -240,3 +241,33 @@ def test_a_returning_node_drops_its_stale_copies_and_catches_up_before_it_takes_
         assert nodes["n0"].wait_for_log("took over 200 replicated messages")
     finally:
         _stop(nodes)
+
+
+def test_published_waits_for_the_successor(etcd: EtcdProcess, tmp_path: Path) -> None:
+    nodes = _cluster(etcd, tmp_path)
+    try:
+        owned = wait_balanced(list(nodes.values()))
+        topic = topic_owned_by(owned, "n0", "held")
+        successor = _successor(topic, "n0", list(NAMES))
+        publisher = connected(nodes["n0"])
+        publisher.publish(topic, "first")  # the link to the successor is up
+        nodes[successor].proc.send_signal(signal.SIGSTOP)
+        try:
+            publisher.send(f"PUBLISH {publisher.client_id} {topic} second\n")
+            # the owner has the message, but its successor cannot confirm it: no PUBLISHED yet
+            assert publisher.quiet(1.0)
+        finally:
+            nodes[successor].proc.send_signal(signal.SIGCONT)
+        assert publisher.line() == f"PUBLISHED {topic}".encode()
+        publisher.close()
+    finally:
+        _stop(nodes)
+
+
+def test_replicas_need_a_cluster_and_a_data_dir() -> None:
+    for args in (["--replicas", "1"], ["--replicas", "1", "--cluster", "etcd://127.0.0.1:1"]):
+        done = subprocess.run(
+            [*server_command(), *args], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 2
+        assert "--replicas needs --cluster and --data-dir" in done.stderr
