@@ -26,7 +26,7 @@ import asyncio
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -42,24 +42,18 @@ DONE_KIND = 2
 PUBLISH_HEAD = struct.Struct("<QQIH")  # seq, time, attempt, topic length (after the kind byte)
 LENGTH = struct.Struct("<I")
 DONE_RANGE = struct.Struct("<QQ")
+SEQ = struct.Struct("<Q")
+TOPIC_LENGTH = struct.Struct("<H")
+# where a PUBLISH record's seq and topic length are, from the record's start
+SEQ_AT = RECORD_HEAD.size + 1
+TOPIC_AT = RECORD_HEAD.size + 1 + 8 + 8 + 4
 BATCH = struct.Struct("<IQ")  # bytes of records, the owner's log position after them
 ACK = struct.Struct("<Q")
 REPLICATE = b"CLUSTER REPLICATE"
 # Seconds between two attempts to reach a successor that did not answer.
 RECONNECT_DELAY = 0.2
-
-
-def records(data: bytes | memoryview) -> Iterator[tuple[int, int, int]]:
-    """(kind, start, end) of each record of ``data`` (whole records, as the core writes them)."""
-    view = memoryview(data)
-    pos = 0
-    while pos + RECORD_HEAD.size < len(view):
-        body: int = RECORD_HEAD.unpack_from(view, pos)[0]
-        end = pos + RECORD_HEAD.size + body
-        if body == 0:
-            return  # the zeros of a segment made ahead: its end
-        yield view[pos + RECORD_HEAD.size], pos, end
-        pos = end
+# Topic fields whose slot a successor remembers before it starts again (a bound on its memory).
+SLOT_CACHE = 65536
 
 
 def published(data: bytes | memoryview, start: int) -> tuple[int, bytes, bytes]:
@@ -80,24 +74,39 @@ def topic_slot(topic_field: bytes) -> int:
 
 def _select(
     data: bytes | memoryview, successor: Callable[[int], str | None], done_to: Iterable[str]
-) -> dict[str, list[bytes]]:
+) -> dict[str, list[memoryview]]:
     """The records of ``data`` each node gets: the ``PUBLISH`` records of the slots it is
-    ``successor(slot)`` of, and every ``DONE`` record to each of ``done_to``."""
-    out: dict[str, list[bytes]] = {}
+    ``successor(slot)`` of, and every ``DONE`` record to each of ``done_to``; as slices of ``data``,
+    neighbouring records in one. The busy path of replication: a few struct reads per record."""
+    runs: dict[str, list[list[int]]] = {}
+    nodes: dict[bytes, str | None] = {}  # topic field -> successor, for this batch
     view = memoryview(data)
-    for kind, start, end in records(view):
+    pos, size = 0, len(view)
+    while pos + RECORD_HEAD.size < size:
+        body: int = LENGTH.unpack_from(view, pos)[0]
+        if body == 0:
+            break  # the zeros of a segment made ahead: its end
+        end = pos + RECORD_HEAD.size + body
+        kind = view[pos + RECORD_HEAD.size]
+        targets: Iterable[str] = ()
         if kind == PUBLISH_KIND:
-            at = start + RECORD_HEAD.size + 1
-            topic_len: int = PUBLISH_HEAD.unpack_from(view, at)[3]
-            at += PUBLISH_HEAD.size
-            node = successor(topic_slot(bytes(view[at : at + topic_len])))
+            topic_len: int = TOPIC_LENGTH.unpack_from(view, pos + TOPIC_AT)[0]
+            field = bytes(view[pos + TOPIC_AT + 2 : pos + TOPIC_AT + 2 + topic_len])
+            node = nodes.get(field, "")
+            if node == "":
+                node = nodes[field] = successor(topic_slot(field))
             if node is not None:
-                out.setdefault(node, []).append(bytes(view[start:end]))
+                targets = (node,)
         elif kind == DONE_KIND:
-            record = bytes(view[start:end])
-            for node in done_to:
-                out.setdefault(node, []).append(record)
-    return out
+            targets = done_to
+        for node in targets:
+            spans = runs.setdefault(node, [])
+            if spans and spans[-1][1] == pos:
+                spans[-1][1] = end  # the record right after the last one this node gets
+            else:
+                spans.append([pos, end])
+        pos = end
+    return {node: [view[start:end] for start, end in spans] for node, spans in runs.items()}
 
 
 class ReplicaLink(asyncio.Protocol):
@@ -259,7 +268,7 @@ class ReplicationSender:
         """Send ``link`` every record on disk of ``slots`` (and every DONE): the successor then has
         every message of theirs not done. Every position not confirmed yet waits for it too. Read
         on the loop: a known cost (docs/cluster.md)."""
-        parts: list[bytes] = []
+        parts: list[memoryview] = []
         for path in self.store.segments():
             data = path.read_bytes()[len(HEADER) :]
             chosen = _select(data, lambda slot: link.node if slot in slots else None, (link.node,))
@@ -337,8 +346,9 @@ class ReplicaStore:
     def __init__(self, directory: Path, fsync: str) -> None:
         self.directory = directory
         self.fsync = fsync
-        # owner -> seq -> (slot, topic field, message)
-        self.messages: dict[str, dict[int, tuple[int, bytes, bytes]]] = {}
+        # owner -> seq -> (slot, the records that hold it, where its record starts in them)
+        self.messages: dict[str, dict[int, tuple[int, bytes, int]]] = {}
+        self._slots: dict[bytes, int] = {}  # topic field -> slot
         self._files: dict[str, int] = {}
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-replica-sync")
 
@@ -354,21 +364,33 @@ class ReplicaStore:
         )
 
     def keep(self, owner: str, chunk: bytes) -> None:
-        """Records from ``owner``: kept in memory (the messages not done) and appended to its file."""
+        """Records from ``owner``: indexed in memory (the messages not done, each by where its record
+        is in ``chunk``) and appended to its file."""
         index = self.messages.setdefault(owner, {})
+        slots = self._slots
+        if len(slots) > SLOT_CACHE:
+            slots.clear()
         view = memoryview(chunk)
-        for kind, start, _ in records(view):
+        pos, size = 0, len(view)
+        while pos + RECORD_HEAD.size < size:
+            body: int = LENGTH.unpack_from(view, pos)[0]
+            kind = view[pos + RECORD_HEAD.size]
             if kind == PUBLISH_KIND:
-                seq, topic, message = published(view, start)
-                index[seq] = (topic_slot(topic), topic, message)
+                topic_len: int = TOPIC_LENGTH.unpack_from(view, pos + TOPIC_AT)[0]
+                field = bytes(view[pos + TOPIC_AT + 2 : pos + TOPIC_AT + 2 + topic_len])
+                slot = slots.get(field)
+                if slot is None:
+                    slot = slots[field] = topic_slot(field)
+                index[SEQ.unpack_from(view, pos + SEQ_AT)[0]] = (slot, chunk, pos)
             elif kind == DONE_KIND:
-                first, last = DONE_RANGE.unpack_from(view, start + RECORD_HEAD.size + 1)
+                first, last = DONE_RANGE.unpack_from(view, pos + SEQ_AT)
                 if last - first < len(index):
                     for seq in range(first, last + 1):
                         index.pop(seq, None)
                 else:
                     for seq in [seq for seq in index if first <= seq <= last]:
                         del index[seq]
+            pos += RECORD_HEAD.size + body
         fd = self._files.get(owner)
         if fd is not None:
             if not index:
@@ -396,7 +418,8 @@ class ReplicaStore:
                 continue
             mine = sorted(seq for seq, (slot, _, _) in index.items() if slot in slots)
             for seq in mine:
-                _, topic, message = index.pop(seq)
+                _, chunk, start = index.pop(seq)
+                _, topic, message = published(chunk, start)
                 taken.append((topic, message))
         return taken
 
