@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from pigeon import Client
+from pigeon._core import Broker
 from pigeon.cluster.etcd import EtcdProcess
+from pigeon.cluster.replication import ReplicaStore, split_records
 from pigeon.cluster.slots import owner_order, slot_of
 from pigeon.testing import ServerProcess, server_command
 from tests.cluster_kit import TTL, connected, start_node, topic_owned_by, wait_balanced
@@ -271,3 +273,59 @@ def test_replicas_need_a_cluster_and_a_data_dir() -> None:
         )
         assert done.returncode == 2
         assert "--replicas needs --cluster and --data-dir" in done.stderr
+
+
+def _core_records(commands: list[bytes]) -> bytes:
+    """The log records a real durable core writes for ``commands``, fed by one connection each."""
+    broker = Broker(durable=True)
+    written: list[bytes] = []
+    broker.on_log = lambda data, new_segment: written.append(bytes(data))
+    broker.on_sync = lambda position: None
+    for command in commands:
+        handle = broker.open(lambda data: None, "test")
+        broker.feed(handle, b"CONNECT\n" + command)
+        broker.flush()
+    return b"".join(written)
+
+
+def test_a_replica_keeps_the_messages_not_done_and_gives_each_slot_its_own_in_order(tmp_path: Path) -> None:
+    topics = [f"t{n}" for n in range(50)]
+    a, b = (next(t for t in topics if slot_of(t.encode()) % 2 == parity) for parity in (0, 1))
+    publishes = b"".join(
+        b"PUBLISH c1 %s %s%d\n" % (t.encode(), t.encode(), i) for i in range(5) for t in (a, b)
+    )
+    # a plain subscriber takes a's messages: they are done (a DONE record)
+    records = _core_records([publishes + b"SUBSCRIBE c1 %s\n" % a.encode()])
+    store = ReplicaStore(tmp_path, "everysec")
+    try:
+        store.open("owner")
+        store.keep("owner", records)
+        assert store.take({slot_of(a.encode())}, "me") == []
+        assert store.take({slot_of(b.encode())}, "owner") == []  # never its own messages
+        taken = store.take({slot_of(b.encode())}, "me")
+        assert taken == [(b.encode(), b"%s%d" % (b.encode(), i)) for i in range(5)]
+        assert store.take({slot_of(b.encode())}, "me") == []  # taken once
+    finally:
+        store.close()
+
+
+def test_an_owner_sends_each_successor_the_publishes_of_its_slots_and_every_done(tmp_path: Path) -> None:
+    x, y = (
+        next(f"{stem}{n}" for n in range(50) if slot_of(f"{stem}{n}".encode()) % 2 == parity)
+        for stem, parity in (("x", 0), ("y", 1))
+    )
+    # x's message is taken by a plain subscriber (done); y's waits
+    records = _core_records([f"PUBLISH c1 {x} one\nPUBLISH c1 {y} two\nSUBSCRIBE c1 {x}\n".encode()])
+    successor = {slot_of(x.encode()): "n1", slot_of(y.encode()): "n2"}
+    parts = split_records(records, successor.get, ["n1", "n2"])
+    everything = {slot_of(x.encode()), slot_of(y.encode())}
+    got = {}
+    for node in ("n1", "n2"):
+        store = ReplicaStore(tmp_path / node, "everysec")
+        try:
+            store.open("owner")
+            store.keep("owner", b"".join(parts[node]))
+            got[node] = store.take(everything, "me")
+        finally:
+            store.close()
+    assert got == {"n1": [], "n2": [(y.encode(), b"two")]}

@@ -27,7 +27,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ def topic_slot(topic_field: bytes) -> int:
     return slot_of(topic_field.split(b" ", 1)[0])
 
 
-def _select(
+def split_records(
     data: bytes | memoryview, successor: Callable[[int], str | None], done_to: Iterable[str]
 ) -> dict[str, list[memoryview]]:
     """The records of ``data`` each node gets: the ``PUBLISH`` records of the slots it is
@@ -271,7 +271,7 @@ class ReplicationSender:
         parts: list[memoryview] = []
         for path in self.store.segments():
             data = path.read_bytes()[len(HEADER) :]
-            chosen = _select(data, lambda slot: link.node if slot in slots else None, (link.node,))
+            chosen = split_records(data, lambda slot: link.node if slot in slots else None, (link.node,))
             parts.extend(chosen.get(link.node, []))
         link.send(b"".join(parts), self._written)
         for _, nodes in self._pending:
@@ -289,7 +289,7 @@ class ReplicationSender:
             self._local = self._written
         done_to = {node for node in self._successors if node is not None}
         waiting: set[str] = set()
-        for node, parts in _select(data, self._successors.__getitem__, done_to).items():
+        for node, parts in split_records(data, self._successors.__getitem__, done_to).items():
             link = self._links.get(node)
             if link is not None:
                 link.send(b"".join(parts), self._written)
@@ -399,15 +399,23 @@ class ReplicaStore:
             else:
                 os.write(fd, chunk)
 
-    def confirm(self, owner: str, answer: Callable[[], None]) -> None:
-        """Call ``answer`` once what ``owner`` sent so far is as safe as --fsync says."""
+    def confirm(self, owner: str, answer: Callable[[], None], fail: Callable[[], None]) -> None:
+        """Call ``answer`` once what ``owner`` sent so far is as safe as --fsync says, or ``fail``
+        when the sync failed (nothing is confirmed: the owner connects again, with a snapshot)."""
         fd = self._files.get(owner)
         if self.fsync != "always" or fd is None:
             answer()
             return
         loop = asyncio.get_running_loop()
-        future = self._syncer.submit(os.fdatasync, fd)
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(answer))
+
+        def synced(future: Future[None]) -> None:
+            if future.exception() is not None:
+                log.error("cannot sync the replica of %s: %s", owner, future.exception())
+                loop.call_soon_threadsafe(fail)
+            else:
+                loop.call_soon_threadsafe(answer)
+
+        self._syncer.submit(os.fdatasync, fd).add_done_callback(synced)
 
     def take(self, slots: set[int], me: str) -> list[tuple[bytes, bytes]]:
         """The messages of ``slots`` this node replicated for other owners, in each owner's log
@@ -435,10 +443,13 @@ class ReplicaReceiver:
     """A connection that said ``CLUSTER REPLICATE <owner>``: its batches go to the replica store,
     and each read's batches are confirmed with the position of the last."""
 
-    def __init__(self, store: ReplicaStore, owner: str, reply: Callable[[bytes], None]) -> None:
+    def __init__(
+        self, store: ReplicaStore, owner: str, reply: Callable[[bytes], None], close: Callable[[], None]
+    ) -> None:
         self.store = store
         self.owner = owner
         self._reply = reply
+        self._close = close
         self._inbuf = bytearray()
         store.open(owner)
 
@@ -459,4 +470,4 @@ class ReplicaReceiver:
             return
         del self._inbuf[:pos]
         self.store.keep(self.owner, b"".join(chunks))
-        self.store.confirm(self.owner, lambda: self._reply(ACK.pack(position)))
+        self.store.confirm(self.owner, lambda: self._reply(ACK.pack(position)), self._close)

@@ -598,7 +598,7 @@ class RoutedConnection(_Connection):
         if self._replicas is None:
             self._reply(b"ERROR USAGE this node keeps no replicas (start it with --replicas 1)")
             return
-        self._receiver = ReplicaReceiver(self._replicas, owner, self._reply_bytes)
+        self._receiver = ReplicaReceiver(self._replicas, owner, self._reply_bytes, self.abort)
         self._reply(b"%s %s" % (REPLICATE, owner.encode()))
 
     def _reply_bytes(self, data: bytes) -> None:
