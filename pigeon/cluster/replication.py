@@ -13,7 +13,7 @@ design and the guarantees.
 
 On the wire, a node opens a connection to its successor, sends ``CLUSTER REPLICATE <its name>``,
 waits for the same line back, then sends batches: a header (``BATCH``: the bytes of records that
-follow, and the owner's log position after them) and the records as the store wrote them. The
+follow, and the owner's log position after them) and those records, as the store wrote them. The
 successor answers each run of batches with the position of the last one (8 bytes) once it holds
 them. A new connection starts with a *snapshot*: every record of the owner's segments on disk for
 the slots the successor replicates, so a successor that is new (a node joined, the old one died)
@@ -201,10 +201,6 @@ class ReplicationSender:
         self.members_changed()
 
     # -- who replicates which slot -----------------------------------------------------------------
-
-    def successor(self, slot: int) -> str | None:
-        """The node that keeps ``slot``'s replica: the next live member in its rendezvous order."""
-        return self._successors[slot]
 
     def members_changed(self) -> None:
         """The member set may have changed: move slots to their new successors, each new or changed
