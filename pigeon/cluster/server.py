@@ -47,7 +47,8 @@ class ClusterServer(Server):
             raise ValueError("--replicas must be 0 or 1 in this version")
         if replicas and kwargs.get("data_dir") is None:
             raise ValueError("--replicas needs --data-dir: only durable topics are replicated")
-        super().__init__(*args, replies_wait_for_sync=bool(replicas), **kwargs)
+        self._replicating = bool(replicas)  # read by core_fsync, from Server.__init__
+        super().__init__(*args, **kwargs)
         self.replicas: ReplicaStore | None = None
         self._sender: ReplicationSender | None = None
         if replicas:
@@ -68,6 +69,11 @@ class ClusterServer(Server):
             on_members=self._members_changed,
             on_taking=self._taking,
         )
+
+    def core_fsync(self, fsync: str) -> str:
+        """With replicas, the core holds every ``PUBLISHED`` until the replication sender calls
+        ``broker.log_synced`` (the store still syncs as ``fsync`` says)."""
+        return "always" if self._replicating else fsync
 
     def new_connection(self, write_timeout: float) -> asyncio.BufferedProtocol:
         return RoutedConnection(

@@ -235,8 +235,6 @@ class Server:
     (``pigeon.server.users``) clients must log in, and ``tls_map_user`` logs in
     a client whose certificate's commonName is a user of the file. With ``reuse_port``
     several processes listen on the same port (SO_REUSEPORT; ``pigeon --workers``).
-    With ``replies_wait_for_sync`` (and a ``data_dir``) ``PUBLISHED`` waits until whoever the
-    store's ``on_synced`` names calls ``broker.log_synced``, whatever ``fsync`` is (replication).
     Use ``async with Server(...) as server:`` or ``start()`` and ``stop()``.
     """
 
@@ -269,7 +267,6 @@ class Server:
         tls_handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         tls_map_user: bool = False,
         reuse_port: bool = False,
-        replies_wait_for_sync: bool = False,
     ) -> None:
         self.host = host
         self._reuse_port = reuse_port
@@ -281,9 +278,7 @@ class Server:
         self._repair = repair
         self.broker = Broker(
             durable=self.store is not None,
-            # with replication, PUBLISHED waits for Broker.log_synced whatever --fsync says: the
-            # replication layer calls it once the replicas (and, under always, the disk) hold the records
-            fsync="always" if replies_wait_for_sync else fsync,
+            fsync=self.core_fsync(fsync),
             max_disk=max_disk,
             max_line=max_line,
             max_backlog=max_backlog,
@@ -319,6 +314,12 @@ class Server:
         self._clock: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._restoring: asyncio.Handle | None = None
+
+    def core_fsync(self, fsync: str) -> str:
+        """The ``--fsync`` policy the core runs with: ``fsync`` itself. A subclass may make every
+        ``PUBLISHED`` wait for ``broker.log_synced`` (``"always"``) whatever the store does, as a
+        cluster node with replicas does (``pigeon.cluster.replication`` calls it)."""
+        return fsync
 
     @property
     def port(self) -> int:
