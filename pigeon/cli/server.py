@@ -286,6 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="lease of this node in etcd: a dead node's topics move after this long (default %(default)s)",
     )
+    cluster.add_argument(
+        "--replicas",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        metavar="N",
+        help="copy each durable topic's messages to N other node (0 or 1) before PUBLISHED, so that "
+        "losing a node loses no confirmed message; needs --data-dir (default %(default)s)",
+    )
     parser.add_argument("--version", action="version", version=f"pigeon {__version__}")
     return parser
 
@@ -453,6 +462,7 @@ def _new_server(args: argparse.Namespace) -> Callable[..., Server]:
         node_port=args.node_port,
         reuse_port=args.reuse_port,
         lease_ttl=args.cluster_ttl,
+        replicas=args.replicas,
     )
 
 
@@ -486,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return supervise(args, arguments)
     if args.cluster is None and (args.node_name or args.advertise or args.node_port is not None):
         parser.error("--node-name, --advertise and --node-port need --cluster")
+    if args.replicas and (args.cluster is None or args.data_dir is None):
+        parser.error("--replicas needs --cluster and --data-dir (only durable topics are replicated)")
     try:
         server = _new_server(args)(
             args.host,

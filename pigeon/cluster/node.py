@@ -45,7 +45,9 @@ class ClusterNode:
     ``info`` is what the member key says about this node (at least ``"address"``, where clients
     and other nodes reach it). ``busy_slots()`` names the slots of the topics the node holds (with
     subscribers or messages): it hands any other slot to its preferred owner; ``on_lost()`` is
-    called when the node stops serving every slot because its lease is lost.
+    called when the node stops serving every slot because its lease is lost; ``on_members()`` after
+    each read of the member set; ``on_taking(slots)`` just before it starts serving slots it did
+    not hold (with no await in between: nothing of theirs has been served yet).
     """
 
     def __init__(
@@ -58,6 +60,8 @@ class ClusterNode:
         cluster: str = "pigeon",
         busy_slots: Callable[[], set[int]] = lambda: set(range(SLOTS)),
         on_lost: Callable[[], None] = lambda: None,
+        on_members: Callable[[], None] = lambda: None,
+        on_taking: Callable[[list[int]], None] = lambda slots: None,
     ) -> None:
         self.endpoints = endpoints
         self.name = name
@@ -66,6 +70,8 @@ class ClusterNode:
         self.prefix = f"/pigeon/{cluster}/".encode()
         self._busy_slots = busy_slots
         self._on_lost = on_lost
+        self._on_members = on_members
+        self._on_taking = on_taking
         self.members: dict[str, dict[str, Any]] = {}
         self.owners: dict[int, str] = {}  # slot -> owner, as etcd said last
         self._held: set[int] = set()  # slots whose keys are bound to this node's current lease
@@ -243,6 +249,7 @@ class ClusterNode:
                 if kv.lease == lease:
                     held.add(int(name))
         self.members, self.owners, self._held = members, owners, held
+        self._on_members()
         # a slot etcd no longer gives this node (its key is gone): stop serving it at once
         for slot in list(self.owned):
             if slot not in held:
@@ -321,6 +328,7 @@ class ClusterNode:
             if self._lease is not None:
                 self.owners.update(dict.fromkeys(batch, self.name))
                 self._held.update(batch)
+                self._on_taking(batch)
                 self.owned.update(batch)
                 taken.extend(batch)
         if taken or handed:

@@ -17,7 +17,9 @@ command, only on cluster nodes) and keeps the protocol's promises across sources
   ``ERROR NO_PATTERNS_IN_CLUSTER`` (docs/cluster.md, limits); so are ``REQ`` and ``REPLY`` frames
   with ``ERROR NO_REQUEST_IN_CLUSTER``, a reply token naming one node's connection;
 - with ``CLUSTER REDIRECT`` a client asks to be told ``ERROR MOVED <slot> <host:port>`` instead of
-  being forwarded (docs/cluster.md), the way Redis Cluster clients are.
+  being forwarded (docs/cluster.md), the way Redis Cluster clients are;
+- with ``CLUSTER REPLICATE <owner>`` another node makes the connection a replication stream
+  (``pigeon.cluster.replication``): what follows is its records, not commands.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any, cast
 
 from pigeon._core import Broker
 from pigeon.cluster.node import ClusterNode
+from pigeon.cluster.replication import REPLICATE, ReplicaReceiver, ReplicaStore
 from pigeon.cluster.slots import slot_of
 from pigeon.server.logins import Logins
 from pigeon.server.protocol import _Connection
@@ -336,8 +339,10 @@ class RoutedConnection(_Connection):
         "_owner_wait_since",
         "_partial",
         "_pending",
+        "_receiver",
         "_redirect",
         "_remote_tags",
+        "_replicas",
         "_skip",
         "_source",
         "_upstreams",
@@ -352,9 +357,12 @@ class RoutedConnection(_Connection):
         write_timeout: float,
         logins: Logins | None,
         cluster: ClusterNode,
+        replicas: ReplicaStore | None = None,
     ) -> None:
         super().__init__(broker, connections, write_timeout, logins)
         self._cluster = cluster
+        self._replicas = replicas
+        self._receiver: ReplicaReceiver | None = None  # once another node replicates over this one
         self._inbuf = bytearray(1 << 16)
         self._partial = bytearray()  # an unfinished command
         self._wanted = 0  # bytes _partial must hold before the frame in it is whole
@@ -382,6 +390,9 @@ class RoutedConnection(_Connection):
 
     def _take(self, incoming: bytes | memoryview) -> None:
         """Route the whole commands that ``incoming`` completes; keep the rest for the next read."""
+        if self._receiver is not None:
+            self._receiver.take(incoming)
+            return
         if self._skip:
             dropped = min(self._skip, len(incoming))
             self._skip -= dropped
@@ -597,8 +608,22 @@ class RoutedConnection(_Connection):
         elif word == b"REDIRECT":
             self._redirect = True
             self._reply(b"CLUSTER REDIRECT")
+        elif word.startswith(b"REPLICATE ") and len(rest.split()) == 2:
+            self._replicate(rest.split()[1].decode(errors="replace"))
         else:
             self._reply(b"ERROR USAGE usage: CLUSTER [STATUS|REDIRECT]")
+
+    def _replicate(self, owner: str) -> None:
+        """Another node's replication stream: from now on this connection carries its records."""
+        if self._replicas is None:
+            self._reply(b"ERROR USAGE this node keeps no replicas (start it with --replicas 1)")
+            return
+        self._receiver = ReplicaReceiver(self._replicas, owner, self._reply_bytes, self.abort)
+        self._reply(b"%s %s" % (REPLICATE, owner.encode()))
+
+    def _reply_bytes(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
 
     def _settle_remote(self, verb: bytes, rest: bytes) -> None:
         """ACK or NACK of tags at or above REMOTE_TAG_BASE (and of the core's below it, if a range

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from pigeon.cluster.node import DEFAULT_TTL, ClusterNode
+from pigeon.cluster.replication import ReplicaStore, ReplicationSender
 from pigeon.cluster.router import RoutedConnection
 from pigeon.cluster.slots import slot_of
 from pigeon.server.busiest import PAGE_MAX
+from pigeon.server.internal import InternalClient
 from pigeon.server.protocol import Server, format_address
 
 log = logging.getLogger("pigeon.cluster")
@@ -22,7 +26,9 @@ class ClusterServer(Server):
     ``advertise`` (``host:port``) is where clients and other nodes reach it; by default its own
     host and port. With ``node_port`` (0 picks a free one) the node also listens on that port of
     its host, and advertises it: the way to reach this very node when its client port is shared by
-    several processes (``pigeon --workers``). The other keywords are ``Server``'s.
+    several processes (``pigeon --workers``). With ``replicas=1`` (and a ``data_dir``) each durable
+    topic's messages are copied to its slot's successor before ``PUBLISHED`` (docs/cluster.md,
+    "Replication"). The other keywords are ``Server``'s.
     """
 
     def __init__(
@@ -34,9 +40,21 @@ class ClusterServer(Server):
         node_port: int | None = None,
         lease_ttl: float = DEFAULT_TTL,
         cluster_name: str = "pigeon",
+        replicas: int = 0,
         **kwargs: Any,
     ) -> None:
+        if replicas not in (0, 1):
+            raise ValueError("--replicas must be 0 or 1 in this version")
+        if replicas and kwargs.get("data_dir") is None:
+            raise ValueError("--replicas needs --data-dir: only durable topics are replicated")
+        self._replicating = bool(replicas)  # read by core_fsync, from Server.__init__
         super().__init__(*args, **kwargs)
+        self.replicas: ReplicaStore | None = None
+        self._sender: ReplicationSender | None = None
+        if replicas:
+            self.replicas = ReplicaStore(
+                Path(kwargs["data_dir"]) / "replicas", kwargs.get("fsync", "everysec")
+            )
         self._advertise = advertise
         self._node_port = node_port
         self._node_listener: asyncio.Server | None = None
@@ -48,10 +66,19 @@ class ClusterServer(Server):
             cluster=cluster_name,
             busy_slots=self.busy_slots,
             on_lost=self._lease_lost,
+            on_members=self._members_changed,
+            on_taking=self._taking,
         )
 
+    def core_fsync(self, fsync: str) -> str:
+        """With replicas, the core holds every ``PUBLISHED`` until the replication sender calls
+        ``broker.log_synced`` (the store still syncs as ``fsync`` says)."""
+        return "always" if self._replicating else fsync
+
     def new_connection(self, write_timeout: float) -> asyncio.BufferedProtocol:
-        return RoutedConnection(self.broker, self._connections, write_timeout, self.logins, self.cluster)
+        return RoutedConnection(
+            self.broker, self._connections, write_timeout, self.logins, self.cluster, self.replicas
+        )
 
     async def start(self) -> None:
         """Listen, then join the cluster (the member key names the port actually bound)."""
@@ -67,15 +94,67 @@ class ClusterServer(Server):
             )
             port = int(self._node_listener.sockets[0].getsockname()[1])
         self.cluster.info["address"] = self._advertise or format_address((self.host, port))
+        if self.replicas is not None:
+            await self._start_replication()
         try:
             await self.cluster.start()
         except BaseException:
             await super().stop()
             raise
+        if self.replicas is not None:
+            self._drop_stale()
+
+    async def _start_replication(self) -> None:
+        """Wait until the log's messages are back (what is stale is known only then), then put the
+        replication sender between the core and the store."""
+        while self.broker.recovering:
+            await asyncio.sleep(0.01)
+        assert self.store is not None
+        self._sender = ReplicationSender(
+            self.cluster.name, self.broker, self.store, lambda: self.cluster.members
+        )
+        self._sender.attach()
+
+    def _drop_stale(self) -> None:
+        """A node that comes back after its slots were taken over holds stale copies of their
+        messages (the successor delivered them meanwhile): drop every topic of a slot another node
+        owns now. The slots still free, or still held by this node's previous lease, keep theirs."""
+        stale = [
+            topic
+            for topic in self._topics()
+            if self.cluster.owners.get(slot_of(topic)) not in (None, self.cluster.name)
+        ]
+        if stale:
+            log.info("dropping the messages of %d topics whose slots other nodes took over", len(stale))
+            InternalClient(self.broker).drain(stale)
+
+    def _members_changed(self) -> None:
+        if self._sender is not None:
+            self._sender.members_changed()
+
+    def _taking(self, slots: list[int]) -> None:
+        """Before serving slots taken from a dead (or departed) owner: their replicated messages
+        not done go to their topics first, in the owner's order, ahead of anything new."""
+        if self.replicas is None:
+            return
+        started = time.perf_counter()
+        messages = self.replicas.take(set(slots), self.cluster.name)
+        if messages:
+            InternalClient(self.broker).publish(messages)
+            log.info(
+                "took over %d replicated messages of %d slots in %.3f s",
+                len(messages),
+                len(slots),
+                time.perf_counter() - started,
+            )
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Leave the cluster (other nodes take the slots at once), then stop as ``Server`` does."""
+        if self._sender is not None:
+            self._sender.stop()
         await self.cluster.stop()
+        if self.replicas is not None:
+            self.replicas.close()
         if self._node_listener is not None:
             self._node_listener.close()
         await super().stop(timeout)
@@ -86,14 +165,18 @@ class ClusterServer(Server):
 
     def busy_slots(self) -> set[int]:
         """The slots of every topic the core holds."""
-        slots: set[int] = set()
+        return {slot_of(topic) for topic in self._topics()}
+
+    def _topics(self) -> list[bytes]:
+        """The name of every topic the core holds."""
+        names: list[bytes] = []
         cursor = 0
         while True:
             page = self.broker.topics(cursor, PAGE_MAX)
-            slots.update(slot_of(topic["name"].encode()) for topic in page["topics"])
+            names.extend(topic["name"].encode() for topic in page["topics"])
             cursor = page["next"]
             if cursor == 0:
-                return slots
+                return names
 
     def _lease_lost(self) -> None:
         """This node serves no slot any more: its clients reconnect, to whichever node serves them."""

@@ -278,7 +278,7 @@ class Server:
         self._repair = repair
         self.broker = Broker(
             durable=self.store is not None,
-            fsync=fsync,
+            fsync=self.core_fsync(fsync),
             max_disk=max_disk,
             max_line=max_line,
             max_backlog=max_backlog,
@@ -314,6 +314,12 @@ class Server:
         self._clock: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._restoring: asyncio.Handle | None = None
+
+    def core_fsync(self, fsync: str) -> str:
+        """The ``--fsync`` policy the core runs with: ``fsync`` itself. A subclass may make every
+        ``PUBLISHED`` wait for ``broker.log_synced`` (``"always"``) whatever the store does, as a
+        cluster node with replicas does (``pigeon.cluster.replication`` calls it)."""
+        return fsync
 
     @property
     def port(self) -> int:

@@ -17,7 +17,7 @@ import struct
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +164,9 @@ class Store:
         self._compacting = False
         self._compacted_at: object = None  # what the sealed segments looked like at the last pass
         self._summaries: dict[Path, tuple[int, int, compaction.Summary]] = {}  # by (size, mtime)
+        # who hears that the log is synced up to a position: the broker, unless replication must
+        # also confirm it before the replies waiting for it go (pigeon.cluster.replication)
+        self.on_synced: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------ the directory
 
@@ -481,7 +484,9 @@ class Store:
 
     def _synced(self, position: int) -> None:
         self._sync_in_flight = False
-        if self._broker is not None:
+        if self.on_synced is not None:
+            self.on_synced(position)
+        elif self._broker is not None:
             self._broker.log_synced(position)
 
     def _sync_failed(self, exc: OSError) -> None:

@@ -1,0 +1,469 @@
+"""Replication of durable topics (``--replicas 1``): each slot's log records go to its successor.
+
+The owner of a slot hands every pass's records to its store (``Store.write``) and also sends the
+``PUBLISH`` records of each slot, and every ``DONE`` record, to that slot's *successor*: the next
+live member in the slot's rendezvous order, the node that takes the slot if the owner dies. The
+core runs as under ``--fsync always``: a ``PUBLISHED`` waits for ``Broker.log_synced``, which this
+module calls only once every successor that got records up to a position has confirmed them (and,
+under ``--fsync always``, the local disk has synced them). The successor keeps, per owner, the
+messages not done yet (``ReplicaStore``) and appends what it gets to a file of its own (synced
+before it confirms under ``--fsync always``); when it takes a slot, the cluster server puts that
+slot's messages into its core before it serves the slot. docs/cluster.md ("Replication") has the
+design and the guarantees.
+
+On the wire, a node opens a connection to its successor, sends ``CLUSTER REPLICATE <its name>``,
+waits for the same line back, then sends batches: a header (``BATCH``: the bytes of records that
+follow, and the owner's log position after them) and those records, as the store wrote them. The
+successor answers each run of batches with the position of the last one (8 bytes) once it holds
+them. A new connection starts with a *snapshot*: every record of the owner's segments on disk for
+the slots the successor replicates, so a successor that is new (a node joined, the old one died)
+or was cut off has every message not done before anything newer is confirmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pigeon._core import Broker
+from pigeon.cluster.slots import SLOTS, owner_order, slot_of
+from pigeon.server.store import HEADER, RECORD_HEAD, Store
+
+log = logging.getLogger("pigeon.cluster")
+
+PUBLISH_KIND = 1
+DONE_KIND = 2
+PUBLISH_HEAD = struct.Struct("<QQIH")  # seq, time, attempt, topic length (after the kind byte)
+LENGTH = struct.Struct("<I")
+DONE_RANGE = struct.Struct("<QQ")
+SEQ = struct.Struct("<Q")
+TOPIC_LENGTH = struct.Struct("<H")
+# where a PUBLISH record's seq and topic length are, from the record's start
+SEQ_AT = RECORD_HEAD.size + 1
+TOPIC_AT = RECORD_HEAD.size + 1 + 8 + 8 + 4
+BATCH = struct.Struct("<IQ")  # bytes of records, the owner's log position after them
+ACK = struct.Struct("<Q")
+REPLICATE = b"CLUSTER REPLICATE"
+# Seconds between two attempts to reach a successor that did not answer.
+RECONNECT_DELAY = 0.2
+# Topic fields whose slot a successor remembers before it starts again (a bound on its memory).
+SLOT_CACHE = 65536
+
+
+def published(data: bytes | memoryview, start: int) -> tuple[int, bytes, bytes]:
+    """(seq, topic field, message) of the ``PUBLISH`` record at ``start``."""
+    at = start + RECORD_HEAD.size + 1
+    seq, _, _, topic_len = PUBLISH_HEAD.unpack_from(data, at)
+    at += PUBLISH_HEAD.size
+    topic = bytes(data[at : at + topic_len])
+    at += topic_len
+    size: int = LENGTH.unpack_from(data, at)[0]
+    return seq, topic, bytes(data[at + LENGTH.size : at + LENGTH.size + size])
+
+
+def topic_slot(topic_field: bytes) -> int:
+    """The slot of a ``PUBLISH`` record's topic field (a group copy's is ``<topic> <group key>``)."""
+    return slot_of(topic_field.split(b" ", 1)[0])
+
+
+def split_records(
+    data: bytes | memoryview, successor: Callable[[int], str | None], done_to: Iterable[str]
+) -> dict[str, list[memoryview]]:
+    """The records of ``data`` each node gets: the ``PUBLISH`` records of the slots it is
+    ``successor(slot)`` of, and every ``DONE`` record to each of ``done_to``; as slices of ``data``,
+    neighbouring records in one. The busy path of replication: a few struct reads per record."""
+    runs: dict[str, list[list[int]]] = {}
+    nodes: dict[bytes, str | None] = {}  # topic field -> successor, for this batch
+    view = memoryview(data)
+    pos, size = 0, len(view)
+    while pos + RECORD_HEAD.size < size:
+        body: int = LENGTH.unpack_from(view, pos)[0]
+        if body == 0:
+            break  # the zeros of a segment made ahead: its end
+        end = pos + RECORD_HEAD.size + body
+        kind = view[pos + RECORD_HEAD.size]
+        targets: Iterable[str] = ()
+        if kind == PUBLISH_KIND:
+            topic_len: int = TOPIC_LENGTH.unpack_from(view, pos + TOPIC_AT)[0]
+            field = bytes(view[pos + TOPIC_AT + 2 : pos + TOPIC_AT + 2 + topic_len])
+            node = nodes.get(field, "")
+            if node == "":
+                node = nodes[field] = successor(topic_slot(field))
+            if node is not None:
+                targets = (node,)
+        elif kind == DONE_KIND:
+            targets = done_to
+        for node in targets:
+            spans = runs.setdefault(node, [])
+            if spans and spans[-1][1] == pos:
+                spans[-1][1] = end  # the record right after the last one this node gets
+            else:
+                spans.append([pos, end])
+        pos = end
+    return {node: [view[start:end] for start, end in spans] for node, spans in runs.items()}
+
+
+class ReplicaLink(asyncio.Protocol):
+    """This node's connection to one successor: batches out, confirmed positions back."""
+
+    def __init__(self, sender: ReplicationSender, node: str) -> None:
+        self.sender = sender
+        self.node = node
+        self.acked = 0  # the highest position the successor confirmed on this connection
+        self.transport: asyncio.Transport | None = None
+        self.ready = False  # the successor answered CLUSTER REPLICATE
+        self.closed = False
+        self._queued: list[bytes] = []  # batches until ready
+        self._inbuf = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        assert self.transport is not None
+        self.transport.write(b"%s %s\n" % (REPLICATE, self.sender.name.encode()))
+
+    def send(self, chunk: bytes, position: int) -> None:
+        """Send the records ``chunk`` that end at the owner's log ``position``."""
+        batch = BATCH.pack(len(chunk), position) + chunk
+        if self.ready and self.transport is not None:
+            self.transport.write(batch)
+        else:
+            self._queued.append(batch)
+
+    def data_received(self, data: bytes) -> None:
+        self._inbuf += data
+        if not self.ready:
+            nl = self._inbuf.find(b"\n")
+            if nl < 0:
+                return
+            line = bytes(self._inbuf[:nl])
+            del self._inbuf[: nl + 1]
+            if not line.startswith(REPLICATE):
+                log.warning("%s refused to keep replicas: %r", self.node, line)
+                self.close()
+                return
+            self.ready = True
+            assert self.transport is not None
+            self.transport.write(b"".join(self._queued))
+            self._queued.clear()
+        whole = len(self._inbuf) - len(self._inbuf) % ACK.size
+        if whole:
+            self.acked = max(self.acked, ACK.unpack_from(self._inbuf, whole - ACK.size)[0])
+            del self._inbuf[:whole]
+            self.sender.release()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sender.link_lost(self)
+
+    def close(self) -> None:
+        """End this connection (its successor changed, or the node stops)."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class ReplicationSender:
+    """The owner's half: sits between the core and its store (``on_log``/``on_sync``), sends each
+    slot's records to its successor and lets ``PUBLISHED`` go once they confirmed.
+
+    ``members()`` is the live member set as etcd said last (names to info with ``"address"``).
+    """
+
+    def __init__(
+        self, name: str, broker: Broker, store: Store, members: Callable[[], dict[str, Any]]
+    ) -> None:
+        self.name = name
+        self.broker = broker
+        self.store = store
+        self._members = members
+        self._links: dict[str, ReplicaLink] = {}
+        self._successors: list[str | None] = [None] * SLOTS
+        self._member_names: frozenset[str] = frozenset()
+        self._written = int(broker.log_state["written"])  # the core's log position
+        self._local = self._written  # what the disk holds, as --fsync promises it
+        self._released = int(broker.log_state["synced"])
+        # (position, nodes that must confirm it): in log order
+        self._pending: list[tuple[int, set[str]]] = []
+        self._stopping = False
+
+    def attach(self) -> None:
+        """Take the store's place as the broker's log writer (after ``Store.attach``)."""
+        self.broker.on_log = self.write
+        self.broker.on_sync = self.sync
+        self.store.on_synced = self._synced
+        self.members_changed()
+
+    # -- who replicates which slot -----------------------------------------------------------------
+
+    def members_changed(self) -> None:
+        """The member set may have changed: move slots to their new successors, each new or changed
+        successor getting a snapshot first; nothing waits any more for a successor that is gone."""
+        names = frozenset(self._members())
+        if names == self._member_names or self._stopping:
+            return
+        self._member_names = names
+        old = self._successors
+        self._successors = [
+            next((node for node in owner_order(slot, names) if node != self.name), None)
+            for slot in range(SLOTS)
+        ]
+        needed = {node for node in self._successors if node is not None}
+        for node in list(self._links):
+            if node not in needed:
+                self._links.pop(node).close()
+        moved: dict[str, set[int]] = {}
+        for slot, successor in enumerate(self._successors):
+            if successor is not None and successor != old[slot]:
+                moved.setdefault(successor, set()).add(slot)
+        for node, slots in sorted(moved.items()):
+            link = self._links.get(node)
+            if link is None:
+                self._open(node)
+            else:
+                self._snapshot(link, slots)
+        for _, nodes in self._pending:
+            nodes.intersection_update(needed)
+        self._release_soon()
+
+    def _open(self, node: str) -> None:
+        """Connect to ``node``, a successor; it gets a snapshot of all its slots first."""
+        address = str(self._members().get(node, {}).get("address", ""))
+        host, _, port = address.rpartition(":")
+        link = ReplicaLink(self, node)
+        self._links[node] = link
+        self._snapshot(link, {slot for slot in range(SLOTS) if self._successors[slot] == node})
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.create_connection(lambda: link, host.strip("[]"), int(port or 0)))
+        task.add_done_callback(lambda done: self._connected(link, done))
+
+    def _connected(self, link: ReplicaLink, done: asyncio.Task[Any]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            log.warning("cannot reach %s to keep replicas: %s", link.node, done.exception())
+            link.connection_lost(None)
+
+    def link_lost(self, link: ReplicaLink) -> None:
+        """A successor's connection broke: while it is still a successor, connect again after a
+        short delay (with a snapshot: what was in flight may be lost). What waited for it waits on."""
+        if self._links.get(link.node) is not link or self._stopping:
+            return
+        del self._links[link.node]
+        asyncio.get_running_loop().call_later(RECONNECT_DELAY, self._reopen, link.node)
+
+    def _reopen(self, node: str) -> None:
+        if not self._stopping and node not in self._links and node in self._successors:
+            self._open(node)
+
+    def _snapshot(self, link: ReplicaLink, slots: set[int]) -> None:
+        """Send ``link`` every record on disk of ``slots`` (and every DONE): the successor then has
+        every message of theirs not done. Every position not confirmed yet waits for it too. Read
+        on the loop: a known cost (docs/cluster.md)."""
+        parts: list[memoryview] = []
+        for path in self.store.segments():
+            data = path.read_bytes()[len(HEADER) :]
+            chosen = split_records(data, lambda slot: link.node if slot in slots else None, (link.node,))
+            parts.extend(chosen.get(link.node, []))
+        link.send(b"".join(parts), self._written)
+        for _, nodes in self._pending:
+            nodes.add(link.node)
+        self._pending.append((self._written, {link.node}))
+
+    # -- the core's log, through here --------------------------------------------------------------
+
+    def write(self, data: memoryview, new_segment: bool) -> None:
+        """The core's records of one pass: to the store, then each successor its share (a successor
+        whose connection is being made again gets them in its snapshot; they wait for it)."""
+        self.store.write(data, new_segment)
+        self._written += len(data)
+        if self.store.fsync != "always":
+            self._local = self._written
+        done_to = {node for node in self._successors if node is not None}
+        waiting: set[str] = set()
+        for node, parts in split_records(data, self._successors.__getitem__, done_to).items():
+            link = self._links.get(node)
+            if link is not None:
+                link.send(b"".join(parts), self._written)
+            waiting.add(node)
+        self._pending.append((self._written, waiting))
+
+    def sync(self, position: int) -> None:
+        """The core asks for ``position`` to be confirmed: synced first under --fsync always."""
+        if self.store.fsync == "always":
+            self.store.sync(position)
+        else:
+            self._release_soon()
+
+    def _release_soon(self) -> None:
+        # never from inside the core's own call (on_log, on_sync): log_synced re-enters it
+        asyncio.get_running_loop().call_soon(self.release)
+
+    def _synced(self, position: int) -> None:
+        if self.store.fsync == "always":
+            self._local = max(self._local, position)
+            self.release()
+
+    def release(self) -> None:
+        """Tell the core how far the log is confirmed: on disk as --fsync says, and at every
+        successor that got records up to there."""
+        released = self._released
+        while self._pending:
+            position, nodes = self._pending[0]
+            if position > self._local:
+                break
+            if any(node not in self._links or self._links[node].acked < position for node in nodes):
+                break
+            self._pending.pop(0)
+            released = position
+        if not self._pending:
+            released = max(released, min(self._local, self._written))
+        if released > self._released:
+            self._released = released
+            self.broker.log_synced(released)
+
+    def stop(self) -> None:
+        """Close every link (the node stops)."""
+        self._stopping = True
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+
+
+class ReplicaStore:
+    """The successor's half: per owner, the messages it replicated that are not done yet, in log
+    order, and the file under ``directory`` each owner's records are appended to (synced before
+    they are confirmed under --fsync always)."""
+
+    def __init__(self, directory: Path, fsync: str) -> None:
+        self.directory = directory
+        self.fsync = fsync
+        # owner -> seq -> (slot, the records that hold it, where its record starts in them)
+        self.messages: dict[str, dict[int, tuple[int, bytes, int]]] = {}
+        self._slots: dict[bytes, int] = {}  # topic field -> slot
+        self._files: dict[str, int] = {}
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-replica-sync")
+
+    def open(self, owner: str) -> None:
+        """A new connection from ``owner``: it starts with a snapshot, so forget what it sent before."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.messages[owner] = {}
+        old = self._files.pop(owner, None)
+        if old is not None:
+            os.close(old)
+        self._files[owner] = os.open(
+            self.directory / f"{owner.replace('/', '_')}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644
+        )
+
+    def keep(self, owner: str, chunk: bytes) -> None:
+        """Records from ``owner``: indexed in memory (the messages not done, each by where its record
+        is in ``chunk``) and appended to its file."""
+        index = self.messages.setdefault(owner, {})
+        slots = self._slots
+        if len(slots) > SLOT_CACHE:
+            slots.clear()
+        view = memoryview(chunk)
+        pos, size = 0, len(view)
+        while pos + RECORD_HEAD.size < size:
+            body: int = LENGTH.unpack_from(view, pos)[0]
+            kind = view[pos + RECORD_HEAD.size]
+            if kind == PUBLISH_KIND:
+                topic_len: int = TOPIC_LENGTH.unpack_from(view, pos + TOPIC_AT)[0]
+                field = bytes(view[pos + TOPIC_AT + 2 : pos + TOPIC_AT + 2 + topic_len])
+                slot = slots.get(field)
+                if slot is None:
+                    slot = slots[field] = topic_slot(field)
+                index[SEQ.unpack_from(view, pos + SEQ_AT)[0]] = (slot, chunk, pos)
+            elif kind == DONE_KIND:
+                first, last = DONE_RANGE.unpack_from(view, pos + SEQ_AT)
+                if last - first < len(index):
+                    for seq in range(first, last + 1):
+                        index.pop(seq, None)
+                else:
+                    for seq in [seq for seq in index if first <= seq <= last]:
+                        del index[seq]
+            pos += RECORD_HEAD.size + body
+        fd = self._files.get(owner)
+        if fd is not None:
+            if not index:
+                os.ftruncate(fd, 0)  # everything done: the file starts again
+                os.lseek(fd, 0, os.SEEK_SET)
+            else:
+                os.write(fd, chunk)
+
+    def confirm(self, owner: str, answer: Callable[[], None], fail: Callable[[], None]) -> None:
+        """Call ``answer`` once what ``owner`` sent so far is as safe as --fsync says, or ``fail``
+        when the sync failed (nothing is confirmed: the owner connects again, with a snapshot)."""
+        fd = self._files.get(owner)
+        if self.fsync != "always" or fd is None:
+            answer()
+            return
+        loop = asyncio.get_running_loop()
+
+        def synced(future: Future[None]) -> None:
+            if future.exception() is not None:
+                log.error("cannot sync the replica of %s: %s", owner, future.exception())
+                loop.call_soon_threadsafe(fail)
+            else:
+                loop.call_soon_threadsafe(answer)
+
+        self._syncer.submit(os.fdatasync, fd).add_done_callback(synced)
+
+    def take(self, slots: set[int], me: str) -> list[tuple[bytes, bytes]]:
+        """The messages of ``slots`` this node replicated for other owners, in each owner's log
+        order, removed from the replica: (topic field, message)."""
+        taken: list[tuple[bytes, bytes]] = []
+        for owner, index in self.messages.items():
+            if owner == me:
+                continue
+            mine = sorted(seq for seq, (slot, _, _) in index.items() if slot in slots)
+            for seq in mine:
+                _, chunk, start = index.pop(seq)
+                _, topic, message = published(chunk, start)
+                taken.append((topic, message))
+        return taken
+
+    def close(self) -> None:
+        """Close the files."""
+        self._syncer.shutdown(wait=False)
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+
+class ReplicaReceiver:
+    """A connection that said ``CLUSTER REPLICATE <owner>``: its batches go to the replica store,
+    and each read's batches are confirmed with the position of the last."""
+
+    def __init__(
+        self, store: ReplicaStore, owner: str, reply: Callable[[bytes], None], close: Callable[[], None]
+    ) -> None:
+        self.store = store
+        self.owner = owner
+        self._reply = reply
+        self._close = close
+        self._inbuf = bytearray()
+        store.open(owner)
+
+    def take(self, data: bytes | memoryview) -> None:
+        """Bytes read from the owner."""
+        self._inbuf += data
+        pos = 0
+        position = 0
+        chunks: list[bytes] = []
+        while len(self._inbuf) - pos >= BATCH.size:
+            size, at = BATCH.unpack_from(self._inbuf, pos)
+            if len(self._inbuf) - pos - BATCH.size < size:
+                break
+            chunks.append(bytes(self._inbuf[pos + BATCH.size : pos + BATCH.size + size]))
+            pos += BATCH.size + size
+            position = at
+        if not pos:
+            return
+        del self._inbuf[:pos]
+        self.store.keep(self.owner, b"".join(chunks))
+        self.store.confirm(self.owner, lambda: self._reply(ACK.pack(position)), self._close)

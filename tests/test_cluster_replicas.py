@@ -1,0 +1,331 @@
+"""Replication (``--replicas 1``): a durable topic's messages are at its slot's successor before
+``PUBLISHED``, so ``kill -9`` of the owner loses none of them; a node that comes back catches up.
+Real etcd, real node processes, real kill -9 (docs/cluster.md, "Replication")."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pigeon import Client
+from pigeon._core import Broker
+from pigeon.cluster.etcd import EtcdProcess
+from pigeon.cluster.replication import ReplicaStore, split_records
+from pigeon.cluster.slots import owner_order, slot_of
+from pigeon.testing import ServerProcess, server_command
+from tests.cluster_kit import TTL, connected, start_node, topic_owned_by, wait_balanced
+
+pytestmark = pytest.mark.slow
+
+NAMES = ("n0", "n1", "n2")
+
+
+def _node(etcd: EtcdProcess, name: str, data: Path, *extra: str) -> ServerProcess:
+    return start_node(etcd.endpoint, name, "--data-dir", str(data / name), "--replicas", "1", *extra)
+
+
+def _cluster(etcd: EtcdProcess, data: Path, *extra: str) -> dict[str, ServerProcess]:
+    return {name: _node(etcd, name, data, *extra) for name in NAMES}
+
+
+def _client(nodes: dict[str, ServerProcess], first: str) -> Client:
+    seeds = [(node.host, node.port) for node in nodes.values()]
+    node = nodes[first]
+    return Client(node.host, node.port, reconnect=True, reconnect_timeout=60, timeout=30, seeds=seeds)
+
+
+def _successor(topic: str, owner: str, names: list[str]) -> str:
+    return next(node for node in owner_order(slot_of(topic.encode()), names) if node != owner)
+
+
+def _stop(nodes: dict[str, ServerProcess]) -> None:
+    for node in nodes.values():
+        node.stop()
+
+
+@pytest.mark.parametrize("fsync", ["everysec", "always"])
+def test_a_killed_owners_backlog_is_served_by_its_successor(
+    etcd: EtcdProcess, tmp_path: Path, fsync: str
+) -> None:
+    nodes = _cluster(etcd, tmp_path, "--fsync", fsync)
+    try:
+        owned = wait_balanced(list(nodes.values()))
+        topic = topic_owned_by(owned, "n0", "jobs")
+        publisher = connected(nodes["n1"])
+        publisher.send("".join(f"PUBLISH {publisher.client_id} {topic} m{i}\n" for i in range(500)))
+        assert publisher.lines(500) == [f"PUBLISHED {topic}".encode()] * 500
+        publisher.close()
+        nodes["n0"].proc.send_signal(signal.SIGKILL)
+        nodes["n0"].proc.wait()
+        live = {name: node for name, node in nodes.items() if name != "n0"}
+        wait_balanced(list(live.values()), timeout=TTL + 30)
+        consumer = _client(live, "n1")
+        consumer.subscribe(topic)
+        got = [consumer.next_message(timeout=TTL + 30).data for _ in range(500)]
+        assert got == [f"m{i}".encode() for i in range(500)]
+        consumer.close()
+        successor = _successor(topic, "n0", list(NAMES))
+        assert nodes[successor].wait_for_log("took over 500 replicated messages")
+    finally:
+        _stop(nodes)
+
+
+class _Load:
+    """A publisher (batches of pipelined publishes with unique bodies) and acknowledging consumers,
+    each on its own thread and reconnecting client; what was confirmed, delivered and acked."""
+
+    def __init__(
+        self, nodes: dict[str, ServerProcess], topic: str, publisher_on: str, consumers_on: list[str]
+    ) -> None:
+        self.topic = topic
+        self.confirmed: set[bytes] = set()
+        self.received: list[bytes] = []
+        self.lock = threading.Lock()
+        self.stop_publishing = threading.Event()
+        self.stop_consuming = threading.Event()
+        self.whole_batches: list[tuple[float, float]] = []  # (sent, confirmed) of each batch confirmed whole
+        self._publisher = _client(nodes, publisher_on)
+        self._consumers = [_client(nodes, name) for name in consumers_on]
+        for consumer in self._consumers:
+            consumer.subscribe(topic, ack=True, prefetch=50)
+        self._threads = [threading.Thread(target=self._publish)] + [
+            threading.Thread(target=self._consume, args=(consumer,)) for consumer in self._consumers
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _publish(self) -> None:
+        n = 0
+        while not self.stop_publishing.is_set():
+            batch = [b"m%d" % i for i in range(n, n + 100)]
+            n += 100
+            sent = time.monotonic()
+            try:
+                refused = {r.index for r in self._publisher.publish_many(self.topic, batch)}
+            except Exception:
+                refused = set(range(len(batch)))
+            with self.lock:
+                self.confirmed.update(body for i, body in enumerate(batch) if i not in refused)
+                if not refused:
+                    self.whole_batches.append((sent, time.monotonic()))
+            if refused:
+                time.sleep(0.05)
+
+    def _consume(self, consumer: Client) -> None:
+        while not self.stop_consuming.is_set():
+            try:
+                message = consumer.next_message(timeout=0.5)
+            except TimeoutError:
+                continue
+            except Exception:
+                time.sleep(0.05)
+                continue
+            with self.lock:
+                self.received.append(message.data)
+            # a lost connection: the owner delivers it again (a duplicate)
+            with contextlib.suppress(Exception):
+                consumer.ack([message])
+
+    def finish(self, timeout: float) -> tuple[int, int, int]:
+        """Stop publishing, wait until every confirmed message came (or ``timeout``), stop:
+        (confirmed, lost, duplicates)."""
+        self.stop_publishing.set()
+        self._threads[0].join(60)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.confirmed <= set(self.received):
+                    break
+            time.sleep(0.2)
+        time.sleep(1.0)  # late duplicates
+        self.stop_consuming.set()
+        for thread in self._threads[1:]:
+            thread.join(60)
+        for client in [self._publisher, *self._consumers]:
+            client.close()
+        with self.lock:
+            lost = len(self.confirmed - set(self.received))
+            duplicates = len(self.received) - len(set(self.received))
+            return len(self.confirmed), lost, duplicates
+
+
+def test_kill_9_of_a_busy_owner_loses_no_confirmed_message(etcd: EtcdProcess, tmp_path: Path) -> None:
+    nodes = _cluster(etcd, tmp_path)
+    try:
+        owned = wait_balanced(list(nodes.values()))
+        topic = topic_owned_by(owned, "n0", "busy")
+        load = _Load(nodes, topic, "n1", ["n1", "n2"])
+        time.sleep(3)
+        with load.lock:
+            before = len(load.confirmed)
+        assert before > 0
+        nodes["n0"].proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        nodes["n0"].proc.wait()
+        # recovered: a batch sent after the kill is confirmed whole
+        deadline = killed + TTL + 60
+        recovered = None
+        while recovered is None:
+            assert time.monotonic() < deadline, f"publishing did not recover: {nodes['n1'].log[-20:]}"
+            with load.lock:
+                after = [done for sent, done in load.whole_batches if sent > killed]
+            if after:
+                recovered = after[0] - killed
+            time.sleep(0.05)
+        time.sleep(3)
+        confirmed, lost, duplicates = load.finish(timeout=60)
+        print(
+            f"kill -9 of the owner under load: {confirmed} confirmed, {lost} lost, {duplicates} duplicates; "
+            f"a batch sent after the kill was confirmed {recovered:.2f} s after it (TTL {TTL} s)"
+        )
+        assert lost == 0
+    finally:
+        _stop(nodes)
+
+
+def _consume(node: ServerProcess, topic: str, count: int, last: bool = True) -> list[bytes]:
+    """``count`` messages of ``topic`` through ``node``, each acknowledged; with ``last``, nothing
+    more comes (else the one delivered after them goes back when the client leaves)."""
+    client = node.client(timeout=TTL + 30)
+    client.connect()
+    reply = client.ask(f"SUBSCRIBE {client.client_id} {topic} ACK PREFETCH 1")
+    assert reply == f"SUBSCRIBED {topic}".encode()
+    got = []
+    for _ in range(count):
+        fields = client.line().split(b" ", 4)
+        assert fields[0] == b"DELIVER", fields
+        got.append(fields[4])
+        client.send(f"ACK {client.client_id} {fields[2].decode()}\n")
+    assert not last or client.quiet(0.5), "more messages than expected"
+    client.close()
+    return got
+
+
+def _publish(node: ServerProcess, topic: str, bodies: list[str]) -> None:
+    publisher = connected(node)
+    publisher.send("".join(f"PUBLISH {publisher.client_id} {topic} {body}\n" for body in bodies))
+    assert publisher.lines(len(bodies)) == [f"PUBLISHED {topic}".encode()] * len(bodies)
+    publisher.close()
+
+
+def test_a_returning_node_drops_its_stale_copies_and_catches_up_before_it_takes_over_again(
+    etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    nodes = _cluster(etcd, tmp_path)
+    try:
+        owned = wait_balanced(list(nodes.values()))
+        topic = topic_owned_by(owned, "n0", "back")
+        successor = _successor(topic, "n0", list(NAMES))
+        third = next(name for name in NAMES if name not in ("n0", successor))
+        _publish(nodes[third], topic, [f"a{i}" for i in range(200)])
+        nodes["n0"].proc.send_signal(signal.SIGKILL)
+        nodes["n0"].proc.wait()
+        wait_balanced([nodes[successor], nodes[third]], timeout=TTL + 30)
+        # half of the backlog is consumed at the successor; the other half keeps the topic there
+        assert _consume(nodes[third], topic, 100, last=False) == [b"a%d" % i for i in range(100)]
+        # n0 comes back: its log still holds all 200, which are stale now
+        nodes["n0"] = _node(etcd, "n0", tmp_path)
+        assert nodes["n0"].wait_for_log("dropping the messages of 1 topics")
+        wait_balanced(list(nodes.values()))
+        _publish(nodes[third], topic, [f"b{i}" for i in range(100)])
+        # the topic's owner dies: n0, its successor now, has caught up and takes it over
+        nodes[successor].proc.send_signal(signal.SIGKILL)
+        nodes[successor].proc.wait()
+        wait_balanced([nodes["n0"], nodes[third]], timeout=TTL + 30)
+        got = _consume(nodes[third], topic, 200)
+        assert got == [b"a%d" % i for i in range(100, 200)] + [b"b%d" % i for i in range(100)]
+        assert nodes["n0"].wait_for_log("took over 200 replicated messages")
+    finally:
+        _stop(nodes)
+
+
+def test_published_waits_for_the_successor(etcd: EtcdProcess, tmp_path: Path) -> None:
+    nodes = _cluster(etcd, tmp_path)
+    try:
+        owned = wait_balanced(list(nodes.values()))
+        topic = topic_owned_by(owned, "n0", "held")
+        successor = _successor(topic, "n0", list(NAMES))
+        publisher = connected(nodes["n0"])
+        publisher.publish(topic, "first")  # the link to the successor is up
+        nodes[successor].proc.send_signal(signal.SIGSTOP)
+        try:
+            publisher.send(f"PUBLISH {publisher.client_id} {topic} second\n")
+            # the owner has the message, but its successor cannot confirm it: no PUBLISHED yet
+            assert publisher.quiet(1.0)
+        finally:
+            nodes[successor].proc.send_signal(signal.SIGCONT)
+        assert publisher.line() == f"PUBLISHED {topic}".encode()
+        publisher.close()
+    finally:
+        _stop(nodes)
+
+
+def test_replicas_need_a_cluster_and_a_data_dir() -> None:
+    for args in (["--replicas", "1"], ["--replicas", "1", "--cluster", "etcd://127.0.0.1:1"]):
+        done = subprocess.run(
+            [*server_command(), *args], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 2
+        assert "--replicas needs --cluster and --data-dir" in done.stderr
+
+
+def _core_records(commands: list[bytes]) -> bytes:
+    """The log records a real durable core writes for ``commands``, fed by one connection each."""
+    broker = Broker(durable=True)
+    written: list[bytes] = []
+    broker.on_log = lambda data, new_segment: written.append(bytes(data))
+    broker.on_sync = lambda position: None
+    for command in commands:
+        handle = broker.open(lambda data: None, "test")
+        broker.feed(handle, b"CONNECT\n" + command)
+        broker.flush()
+    return b"".join(written)
+
+
+def test_a_replica_keeps_the_messages_not_done_and_gives_each_slot_its_own_in_order(tmp_path: Path) -> None:
+    topics = [f"t{n}" for n in range(50)]
+    a, b = (next(t for t in topics if slot_of(t.encode()) % 2 == parity) for parity in (0, 1))
+    publishes = b"".join(
+        b"PUBLISH c1 %s %s%d\n" % (t.encode(), t.encode(), i) for i in range(5) for t in (a, b)
+    )
+    # a plain subscriber takes a's messages: they are done (a DONE record)
+    records = _core_records([publishes + b"SUBSCRIBE c1 %s\n" % a.encode()])
+    store = ReplicaStore(tmp_path, "everysec")
+    try:
+        store.open("owner")
+        store.keep("owner", records)
+        assert store.take({slot_of(a.encode())}, "me") == []
+        assert store.take({slot_of(b.encode())}, "owner") == []  # never its own messages
+        taken = store.take({slot_of(b.encode())}, "me")
+        assert taken == [(b.encode(), b"%s%d" % (b.encode(), i)) for i in range(5)]
+        assert store.take({slot_of(b.encode())}, "me") == []  # taken once
+    finally:
+        store.close()
+
+
+def test_an_owner_sends_each_successor_the_publishes_of_its_slots_and_every_done(tmp_path: Path) -> None:
+    x, y = (
+        next(f"{stem}{n}" for n in range(50) if slot_of(f"{stem}{n}".encode()) % 2 == parity)
+        for stem, parity in (("x", 0), ("y", 1))
+    )
+    # x's message is taken by a plain subscriber (done); y's waits
+    records = _core_records([f"PUBLISH c1 {x} one\nPUBLISH c1 {y} two\nSUBSCRIBE c1 {x}\n".encode()])
+    successor = {slot_of(x.encode()): "n1", slot_of(y.encode()): "n2"}
+    parts = split_records(records, successor.get, ["n1", "n2"])
+    everything = {slot_of(x.encode()), slot_of(y.encode())}
+    got = {}
+    for node in ("n1", "n2"):
+        store = ReplicaStore(tmp_path / node, "everysec")
+        try:
+            store.open("owner")
+            store.keep("owner", b"".join(parts[node]))
+            got[node] = store.take(everything, "me")
+        finally:
+            store.close()
+    assert got == {"n1": [], "n2": [(y.encode(), b"two")]}
