@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import pytest
+
+from pigeon.cluster.etcd import EtcdProcess, etcd_binary
 from pigeon.cluster.slots import SLOTS, slot_of
 from pigeon.testing import LineClient, ServerProcess
 
@@ -16,6 +21,25 @@ TTL = 2.0
 def start_node(endpoint: str, name: str, *args: str) -> ServerProcess:
     """A node named ``name`` of the cluster at ``endpoint``, on a free port."""
     return ServerProcess("--cluster", endpoint, "--node-name", name, "--cluster-ttl", str(TTL), *args)
+
+
+Cluster = tuple[dict[str, ServerProcess], dict[str, set[int]]]
+
+
+@contextmanager
+def running_cluster(count: int = 3) -> Iterator[Cluster]:
+    """An etcd and ``count`` nodes n0, n1, ... with every slot served, and who serves which; skips
+    the test where etcd or the cluster extra is missing. Every node must stop cleanly at the end."""
+    if etcd_binary() is None:
+        pytest.skip("etcd is not installed (apt-get install etcd-server)")
+    pytest.importorskip("aetcd", reason="the cluster extra is not installed")
+    with EtcdProcess() as etcd:
+        nodes = {f"n{i}": start_node(etcd.endpoint, f"n{i}") for i in range(count)}
+        try:
+            yield nodes, wait_balanced(list(nodes.values()))
+        finally:
+            for node in nodes.values():
+                assert node.stop() in (0, -9), "".join(node.log)
 
 
 def status(node: ServerProcess) -> dict[str, Any]:

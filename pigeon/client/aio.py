@@ -65,8 +65,8 @@ class AsyncClient(ClientBase):
     background, for up to ``reconnect_timeout`` seconds, and its
     subscriptions are restored. While more than
     ``max_queued`` deliveries wait to be consumed, the client stops reading,
-    so the server's rotation passes it over. ``user``, ``password``, ``tls``, ``seeds``
-    and ``AsyncClient.from_url`` are as for ``Client``. Many tasks may share one client.
+    so the server's rotation passes it over. ``user``, ``password``, ``tls``, ``seeds``,
+    ``redirects`` and ``AsyncClient.from_url`` are as for ``Client``. Many tasks may share one client.
     """
 
     def __init__(
@@ -82,8 +82,11 @@ class AsyncClient(ClientBase):
         password: str | None = None,
         tls: TlsOption = None,
         seeds: Sequence[tuple[str, int]] = (),
+        redirects: bool = False,
     ) -> None:
-        super().__init__(host, port, timeout, reconnect, reconnect_timeout, user, password, tls, seeds)
+        super().__init__(
+            host, port, timeout, reconnect, reconnect_timeout, user, password, tls, seeds, redirects
+        )
         self.max_queued = max_queued
         self._reading_paused = False
         self._protocol: _Protocol | None = None
@@ -226,8 +229,7 @@ class AsyncClient(ClientBase):
         message = self._take_message()
         if message is None:
             message = await self._next_message(timeout)
-        if self._reading_paused and len(self._session.messages) <= self.max_queued // 2:
-            self._resume_reading()
+        self._taken()
         return message
 
     async def messages(self, timeout: float | None = None) -> AsyncIterator[Message]:
@@ -379,6 +381,11 @@ class AsyncClient(ClientBase):
     def _on_closed(self, protocol: _Protocol, reason: str) -> None:
         if protocol is self._protocol:
             self._lose(reason)
+
+    def _taken(self) -> None:
+        """A delivery was taken: read again once half of what made the client stop reading is consumed."""
+        if self._reading_paused and len(self._session.messages) <= self.max_queued // 2:
+            self._resume_reading()
 
     def _resume_reading(self) -> None:
         self._reading_paused = False

@@ -79,6 +79,7 @@ class ClientBase(abc.ABC):
         password: str | None = None,
         tls: TlsOption = None,
         seeds: Sequence[tuple[str, int]] = (),
+        redirects: bool = False,
     ) -> None:
         check_credentials(user, password)
         self.host = host
@@ -86,6 +87,8 @@ class ClientBase(abc.ABC):
         # the nodes of a cluster to try in turn when reconnecting: this one first, then the seeds
         self.seeds = [(host, port), *((h, p) for h, p in seeds if (h, p) != (host, port))]
         self.timeout = timeout
+        # ask a cluster node for ERROR MOVED instead of forwarding (CLUSTER REDIRECT), on every connection
+        self.redirects = redirects
         self.reconnect = reconnect
         self.reconnect_timeout = reconnect_timeout
         self.user = user
@@ -174,9 +177,11 @@ class ClientBase(abc.ABC):
         self._generation += 1
         self._session.link = Link(self)
         try:
-            self._write(codec.hello_line(2) + codec.connect_line(self.user, self._password))
+            greeting = codec.hello_line(2) + codec.connect_line(self.user, self._password)
+            self._write(greeting + codec.redirect_line() if self.redirects else greeting)
             hello = self._session.expect(b"HELLO")
             connected = self._session.expect(b"CONNECTED")
+            redirect = self._session.expect(b"CLUSTER") if self.redirects else None
             await self._wait(hello)
             if isinstance(hello.error, errors.UsageError):
                 # a server older than protocol 2 refuses HELLO 2: ask for its v1 answer
@@ -184,6 +189,11 @@ class ClientBase(abc.ABC):
             self._take_hello(hello)
             await self._wait(connected)
             self._take_id(result(connected))
+            if redirect is not None:
+                await self._wait(redirect)
+                # a broker that is no cluster node does not know CLUSTER: it owns every topic
+                if not isinstance(redirect.error, errors.UnknownCommandError):
+                    result(redirect)
             if self._topics:
                 await self._resubscribe()
         except BaseException as exc:
@@ -543,7 +553,7 @@ class ClientBase(abc.ABC):
                 await self._ready()  # a reconnect may bring deliveries: check again before waiting
                 continue
             try:
-                await self._wait_for_data(_earliest(deadline, self._keepalive_due()))
+                await self._wait_for_data(earliest(deadline, self._keepalive_due()))
             except ConnectionClosedError:
                 if not self.reconnect:
                     raise
@@ -627,7 +637,8 @@ def result(pending: Pending) -> bytes:
     return pending.reply
 
 
-def _earliest(first: float | None, second: float | None) -> float | None:
+def earliest(first: float | None, second: float | None) -> float | None:
+    """The earlier of two deadlines, either of which may be None (none)."""
     if first is None:
         return second
     return first if second is None else min(first, second)

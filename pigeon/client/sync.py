@@ -41,7 +41,9 @@ class Client(ClientBase):
     to ``reconnect_timeout`` seconds, and its subscriptions are restored; with ``seeds``
     (other nodes of a cluster, ``(host, port)`` pairs) each failed attempt tries the next node.
     ``user`` and ``password`` are sent with CONNECT (on every connection);
-    ``tls`` is an ``ssl.SSLContext``, or True for the system's default one.
+    ``tls`` is an ``ssl.SSLContext``, or True for the system's default one. With ``redirects``
+    (a cluster node: ``CLUSTER REDIRECT``), a command for a topic another node owns raises MovedError,
+    naming the owner, instead of being forwarded there (``ClusterClient`` follows them).
     ``Client.from_url("pigeons://user:password@host:3333")`` says it all in one.
     Not thread-safe: use one client per thread.
     """
@@ -58,8 +60,11 @@ class Client(ClientBase):
         password: str | None = None,
         tls: TlsOption = None,
         seeds: Sequence[tuple[str, int]] = (),
+        redirects: bool = False,
     ) -> None:
-        super().__init__(host, port, timeout, reconnect, reconnect_timeout, user, password, tls, seeds)
+        super().__init__(
+            host, port, timeout, reconnect, reconnect_timeout, user, password, tls, seeds, redirects
+        )
         self._sock: socket.socket | None = None
         self._sock_timeout: float | None = None
         run_blocking(self._connect())

@@ -71,6 +71,7 @@ class ClusterNode:
         self._held: set[int] = set()  # slots whose keys are bound to this node's current lease
         self.owned: set[int] = set()  # the slots this node serves
         self.etcd_ok = False
+        self.upstreams_opened = 0  # connections to owners opened to forward a client's commands
         self._client: Any = None
         self._endpoint = 0
         self._lease: Any = None
@@ -115,6 +116,7 @@ class ClusterNode:
                 node: {**info, "slots": per_node.get(node, [])} for node, info in sorted(self.members.items())
             },
             "unowned": SLOTS - len(self.owners),
+            "upstreams_opened": self.upstreams_opened,
         }
 
     # -- life ------------------------------------------------------------------------------------

@@ -615,6 +615,7 @@ class RoutedConnection(_Connection):
         if upstream is None:
             upstream = Upstream(self, node)
             self._upstreams[node] = upstream
+            self._cluster.upstreams_opened += 1
             address = self._cluster.address_of(node) or ""
             host, _, port = address.rpartition(":")
             loop = asyncio.get_running_loop()
