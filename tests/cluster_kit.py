@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pigeon.cluster.etcd import EtcdProcess, etcd_binary
-from pigeon.cluster.slots import SLOTS, slot_of
+from pigeon.cluster.slots import SLOTS, preferred_owner, slot_of
 from pigeon.testing import LineClient, ServerProcess
 
 # a short lease, so that failover tests wait seconds, not minutes
@@ -36,7 +36,7 @@ def running_cluster(count: int = 3) -> Iterator[Cluster]:
     with EtcdProcess() as etcd:
         nodes = {f"n{i}": start_node(etcd.endpoint, f"n{i}") for i in range(count)}
         try:
-            yield nodes, wait_balanced(list(nodes.values()))
+            yield nodes, wait_preferred(list(nodes.values()))
         finally:
             for node in nodes.values():
                 assert node.stop() in (0, -9), "".join(node.log)
@@ -111,6 +111,23 @@ def wait_balanced(nodes: list[ServerProcess], timeout: float = 30.0) -> dict[str
             raise AssertionError(
                 f"not balanced after {timeout} s: { ({n: len(s) for n, s in owned.items()}) }"
             )
+        time.sleep(0.1)
+
+
+def all_preferred(owned: dict[str, set[int]]) -> bool:
+    """Whether every slot is served by its preferred owner among the nodes of ``owned``: no idle slot
+    is left to hand over, so who owns what stays put while nothing dies."""
+    return all(slot in owned[preferred_owner(slot, owned) or ""] for slot in range(SLOTS))
+
+
+def wait_preferred(nodes: list[ServerProcess], timeout: float = 30.0) -> dict[str, set[int]]:
+    """``wait_balanced``, then wait until every slot is with its preferred owner; who serves what."""
+    deadline = time.monotonic() + timeout
+    while True:
+        owned = wait_balanced(nodes, timeout)
+        if all_preferred(owned):
+            return owned
+        assert time.monotonic() < deadline, "the slots did not settle with their preferred owners"
         time.sleep(0.1)
 
 

@@ -177,11 +177,9 @@ class ClientBase(abc.ABC):
         self._generation += 1
         self._session.link = Link(self)
         try:
-            greeting = codec.hello_line(2) + codec.connect_line(self.user, self._password)
-            self._write(greeting + codec.redirect_line() if self.redirects else greeting)
+            self._write(codec.hello_line(2) + codec.connect_line(self.user, self._password))
             hello = self._session.expect(b"HELLO")
             connected = self._session.expect(b"CONNECTED")
-            redirect = self._session.expect(b"CLUSTER") if self.redirects else None
             await self._wait(hello)
             if isinstance(hello.error, errors.UsageError):
                 # a server older than protocol 2 refuses HELLO 2: ask for its v1 answer
@@ -189,8 +187,10 @@ class ClientBase(abc.ABC):
             self._take_hello(hello)
             await self._wait(connected)
             self._take_id(result(connected))
-            if redirect is not None:
-                await self._wait(redirect)
+            if self.redirects:
+                # after CONNECTED, not pipelined with it: a node answers CLUSTER itself, at once, even
+                # while the core is still checking the login's password
+                redirect = await self._ask_redirects()
                 # a broker that is no cluster node does not know CLUSTER: it owns every topic
                 if not isinstance(redirect.error, errors.UnknownCommandError):
                     result(redirect)
@@ -203,6 +203,13 @@ class ClientBase(abc.ABC):
                 # the refusal itself, not the closed connection that follows it: no reconnection retries it
                 raise exc.error from exc
             raise
+
+    async def _ask_redirects(self) -> Pending:
+        """``CLUSTER REDIRECT``, and its answer."""
+        redirect = self._session.expect(b"CLUSTER")
+        self._write(codec.redirect_line())
+        await self._wait(redirect)
+        return redirect
 
     async def _ask_hello(self) -> Pending:
         """A plain HELLO, sent once the CONNECT before it is answered, and its answer."""
