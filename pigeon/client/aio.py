@@ -10,23 +10,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
-from types import TracebackType
-from typing import Any, cast, overload
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, cast, overload
 
-from pigeon import errors
 from pigeon.client.address import TlsOption, url_keywords
 from pigeon.client.base import (
     DEFAULT_MAX_QUEUED,
-    DEFAULT_RECONNECT_TIMEOUT,
-    DEFAULT_TIMEOUT,
     WINDOW,
     ClientBase,
+    ClientOptions,
+    UrlOptions,
 )
 from pigeon.client.codec import Data, Message, Refused
 from pigeon.client.session import Pending
+from pigeon.client.usage import AsyncUse
 from pigeon.errors import ConnectionClosedError, UnknownDeliveryTagError
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
+
+if TYPE_CHECKING:
+    from typing_extensions import Self, Unpack
 
 
 class _Protocol(asyncio.Protocol):
@@ -54,7 +56,7 @@ class _Protocol(asyncio.Protocol):
         self._client._writable.set()
 
 
-class AsyncClient(ClientBase):
+class AsyncClient(ClientBase, AsyncUse):
     """An asyncio connection to a Pigeon server.
 
     Connect with ``async with AsyncClient(...) as client:`` or
@@ -74,19 +76,10 @@ class AsyncClient(ClientBase):
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
         *,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        reconnect: bool = False,
-        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
         max_queued: int = DEFAULT_MAX_QUEUED,
-        user: str | None = None,
-        password: str | None = None,
-        tls: TlsOption = None,
-        seeds: Sequence[tuple[str, int]] = (),
-        redirects: bool = False,
+        **options: Unpack[ClientOptions],
     ) -> None:
-        super().__init__(
-            host, port, timeout, reconnect, reconnect_timeout, user, password, tls, seeds, redirects
-        )
+        super().__init__(host, port, **options)
         self.max_queued = max_queued
         self._reading_paused = False
         self._protocol: _Protocol | None = None
@@ -101,20 +94,12 @@ class AsyncClient(ClientBase):
         cls,
         url: str,
         *,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        reconnect: bool = False,
-        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
-        max_queued: int = DEFAULT_MAX_QUEUED,
         tls: TlsOption = None,
-    ) -> AsyncClient:
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        **options: Unpack[UrlOptions],
+    ) -> Self:
         """A client (not connected yet) for a ``pigeon://`` or ``pigeons://`` URL, as ``Client.from_url``."""
-        return cls(
-            timeout=timeout,
-            reconnect=reconnect,
-            reconnect_timeout=reconnect_timeout,
-            max_queued=max_queued,
-            **url_keywords(url, tls),
-        )
+        return cls(max_queued=max_queued, **url_keywords(url, tls), **options)
 
     # ------------------------------------------------------------ public API
 
@@ -232,32 +217,12 @@ class AsyncClient(ClientBase):
         self._taken()
         return message
 
-    async def messages(self, timeout: float | None = None) -> AsyncIterator[Message]:
-        """Deliveries as they arrive; the iteration ends after ``timeout`` seconds without one."""
-        while True:
-            try:
-                message = await self.next_message(timeout)
-            except errors.TimeoutError:
-                return
-            yield message
-
     async def close(self) -> None:
         """Send DISCONNECT (after anything queued) and close the connection; safe to call twice."""
         if self._reconnecting is not None and not self._closed:
             self._reconnecting.cancel()
         await self._close()
         self._arrived.set()
-
-    async def __aenter__(self) -> AsyncClient:
-        return await self.connect()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # ------------------------------------------------------------ the primitives, on the event loop
 

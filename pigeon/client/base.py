@@ -15,11 +15,11 @@ import abc
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
 
 from pigeon import errors
 from pigeon.client import codec
-from pigeon.client.address import TlsOption, check_credentials, tls_context
+from pigeon.client.address import TlsOption, check_credentials, tls_context, url_keywords
 from pigeon.client.codec import Data, Link, Message, Refused, ServerInfo, SubscribeOptions
 from pigeon.client.session import Pending, Session
 from pigeon.errors import (
@@ -34,6 +34,10 @@ from pigeon.errors import (
     StaleDeliveryError,
     UnknownDeliveryTagError,
 )
+from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
+
+if TYPE_CHECKING:
+    from typing_extensions import Self, Unpack
 
 T = TypeVar("T")
 
@@ -65,16 +69,35 @@ def run_blocking(steps: Coroutine[Any, Any, T]) -> T:
     raise RuntimeError("a step of the blocking client tried to suspend")
 
 
+class UrlOptions(TypedDict, total=False):
+    """The keywords of ``Client`` and ``AsyncClient`` that a URL does not give (see ``Client``)."""
+
+    timeout: float | None
+    reconnect: bool
+    reconnect_timeout: float
+    seeds: Sequence[tuple[str, int]]
+    redirects: bool
+
+
+class ClientOptions(UrlOptions, total=False):
+    """Every keyword of ``Client`` and ``AsyncClient`` but the asyncio client's ``max_queued``."""
+
+    user: str | None
+    password: str | None
+    tls: TlsOption
+
+
 class ClientBase(abc.ABC):
     """The state and the protocol logic of one client; a subclass supplies the I/O primitives."""
 
     def __init__(
         self,
-        host: str,
-        port: int,
-        timeout: float | None,
-        reconnect: bool,
-        reconnect_timeout: float,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        reconnect: bool = False,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
         user: str | None = None,
         password: str | None = None,
         tls: TlsOption = None,
@@ -115,6 +138,14 @@ class ClientBase(abc.ABC):
     def subscriptions(self) -> tuple[str, ...]:
         """The topics and patterns this client is subscribed to (once per group it joined there)."""
         return tuple(topic.decode() for topic, _ in self._topics)
+
+    @classmethod
+    def from_url(cls, url: str, *, tls: TlsOption = None, **options: Unpack[UrlOptions]) -> Self:
+        """A client for ``pigeon://[user:password@]host[:port]``, or ``pigeons://`` for TLS (with
+        ``tls``, a context, when the server's certificate is not signed by a CA the system trusts);
+        the other keywords as for the class itself. ``Client`` connects at once, ``AsyncClient`` on
+        ``connect()``."""
+        return cls(**url_keywords(url, tls), **options)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.host}:{self.port} id={self.client_id or '-'}>"
@@ -450,11 +481,7 @@ class ClientBase(abc.ABC):
                     f"cannot {verb.decode()}: {exc}; the broker gives the messages back", list(batch)
                 ) from exc
         if stale:
-            raise StaleDeliveryError(
-                f"{len(stale)} of the messages came on a connection that has closed since: their tags are "
-                "dead, and the broker gave them back for redelivery",
-                stale,
-            )
+            raise stale_error(stale)
 
     async def _check_acks(self) -> list[UnknownDeliveryTagError]:
         """A PING round trip, so that the broker has read every ACK and NACK sent; then the refusals."""
@@ -635,6 +662,15 @@ def _text_only(data: bytes) -> bytes:
 def _text_only_data(message: Data) -> Data:
     """_text_only for any message, as ``checked_messages`` takes them."""
     return _text_only(codec.payload_bytes(message))
+
+
+def stale_error(stale: list[Message]) -> StaleDeliveryError:
+    """The error for an ack or nack of messages that came on a connection that has closed since."""
+    return StaleDeliveryError(
+        f"{len(stale)} of the messages came on a connection that has closed since: their tags are "
+        "dead, and the broker gave them back for redelivery",
+        stale,
+    )
 
 
 def result(pending: Pending) -> bytes:

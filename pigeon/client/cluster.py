@@ -25,10 +25,9 @@ import socket
 import ssl
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
-from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar
 
 from pigeon import errors
 from pigeon.client import codec
@@ -43,9 +42,11 @@ from pigeon.client.base import (
     ClientBase,
     earliest,
     run_blocking,
+    stale_error,
 )
 from pigeon.client.codec import Data, Message, Refused
 from pigeon.client.sync import Client
+from pigeon.client.usage import AsyncUse, BlockingUse
 from pigeon.cluster.slots import slot_of
 from pigeon.errors import (
     ConnectionClosedError,
@@ -57,6 +58,9 @@ from pigeon.errors import (
     UnknownDeliveryTagError,
 )
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT, parse_host_port
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 N = TypeVar("N", bound=ClientBase)
 T = TypeVar("T")
@@ -92,19 +96,31 @@ def _publish_many(node: ClientBase, name: bytes, part: list[Data]) -> Awaitable[
     return node._publish_many(name, part)
 
 
+class ClusterOptions(TypedDict, total=False):
+    """The keywords of ``ClusterClient`` and ``AsyncClusterClient`` but the latter's ``max_queued``."""
+
+    seeds: Sequence[Address]
+    timeout: float | None
+    reconnect_timeout: float
+    user: str | None
+    password: str | None
+    tls: TlsOption
+
+
 class ClusterBase(abc.ABC, Generic[N]):
     """The routing state and logic of a cluster client; a subclass makes the node clients and waits."""
 
     def __init__(
         self,
-        host: str,
-        port: int,
-        seeds: Sequence[Address],
-        timeout: float | None,
-        reconnect_timeout: float,
-        user: str | None,
-        password: str | None,
-        tls: TlsOption,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        *,
+        seeds: Sequence[Address] = (),
+        timeout: float | None = DEFAULT_TIMEOUT,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        user: str | None = None,
+        password: str | None = None,
+        tls: TlsOption = None,
     ) -> None:
         self.seeds: list[Address] = [(host, port), *(seed for seed in seeds if seed != (host, port))]
         self.timeout = timeout
@@ -388,11 +404,7 @@ class ClusterBase(abc.ABC, Generic[N]):
             except StaleDeliveryError as exc:
                 stale += exc.messages
         if stale:
-            raise StaleDeliveryError(
-                f"{len(stale)} of the messages came on a connection that has closed since: the broker "
-                "gave them back for redelivery",
-                stale,
-            )
+            raise stale_error(stale)
 
     async def _check_acks(self) -> list[UnknownDeliveryTagError]:
         refused: list[UnknownDeliveryTagError] = []
@@ -452,7 +464,7 @@ class ClusterBase(abc.ABC, Generic[N]):
             await self._wait_for_data(nodes, until)
 
 
-class ClusterClient(ClusterBase[Client]):
+class ClusterClient(ClusterBase[Client], BlockingUse):
     """A blocking client of a Pigeon cluster that sends each topic's commands to the node owning it.
 
     ``host``, ``port`` and ``seeds`` (``(host, port)`` pairs) are nodes to learn the cluster from
@@ -467,18 +479,9 @@ class ClusterClient(ClusterBase[Client]):
     """
 
     def __init__(
-        self,
-        host: str = DEFAULT_HOST,
-        port: int = DEFAULT_PORT,
-        *,
-        seeds: Sequence[Address] = (),
-        timeout: float | None = DEFAULT_TIMEOUT,
-        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
-        user: str | None = None,
-        password: str | None = None,
-        tls: TlsOption = None,
+        self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **options: Unpack[ClusterOptions]
     ) -> None:
-        super().__init__(host, port, seeds, timeout, reconnect_timeout, user, password, tls)
+        super().__init__(host, port, **options)
         run_blocking(self._refresh())
 
     def subscribe(
@@ -546,29 +549,9 @@ class ClusterClient(ClusterBase[Client]):
         message = self._take_message()
         return run_blocking(self._next_message(timeout)) if message is None else message
 
-    def messages(self, timeout: float | None = None) -> Iterator[Message]:
-        """Deliveries as they arrive; the iteration ends after ``timeout`` seconds without one."""
-        while True:
-            try:
-                message = self.next_message(timeout)
-            except errors.TimeoutError:
-                return
-            yield message
-
     def close(self) -> None:
         """Close every node's connection (DISCONNECT after anything queued); safe to call twice."""
         run_blocking(self._close())
-
-    def __enter__(self) -> ClusterClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     async def _open_node(self, address: Address) -> Client:
         host, port = address
@@ -603,7 +586,7 @@ class ClusterClient(ClusterBase[Client]):
         node.publish(topic, message, wait=False)
 
 
-class AsyncClusterClient(ClusterBase[AsyncClient]):
+class AsyncClusterClient(ClusterBase[AsyncClient], AsyncUse):
     """The asyncio ``ClusterClient``: ``async with AsyncClusterClient(...) as client:`` or
     ``client = await AsyncClusterClient(...).connect()``; the calls are ``AsyncClient``'s, routed as
     ``ClusterClient`` routes them. ``max_queued`` applies to each node's connection."""
@@ -613,15 +596,10 @@ class AsyncClusterClient(ClusterBase[AsyncClient]):
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
         *,
-        seeds: Sequence[Address] = (),
-        timeout: float | None = DEFAULT_TIMEOUT,
-        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
         max_queued: int = DEFAULT_MAX_QUEUED,
-        user: str | None = None,
-        password: str | None = None,
-        tls: TlsOption = None,
+        **options: Unpack[ClusterOptions],
     ) -> None:
-        super().__init__(host, port, seeds, timeout, reconnect_timeout, user, password, tls)
+        super().__init__(host, port, **options)
         self.max_queued = max_queued
         self._arrived = asyncio.Event()  # every node client's: set when any of them receives or is lost
 
@@ -692,30 +670,10 @@ class AsyncClusterClient(ClusterBase[AsyncClient]):
         message = self._take_message()
         return await self._next_message(timeout) if message is None else message
 
-    async def messages(self, timeout: float | None = None) -> AsyncIterator[Message]:
-        """As ``ClusterClient.messages``."""
-        while True:
-            try:
-                message = await self.next_message(timeout)
-            except errors.TimeoutError:
-                return
-            yield message
-
     async def close(self) -> None:
         """As ``ClusterClient.close``."""
         await self._close()
         self._arrived.set()
-
-    async def __aenter__(self) -> AsyncClusterClient:
-        return await self.connect()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def _open_node(self, address: Address) -> AsyncClient:
         host, port = address
