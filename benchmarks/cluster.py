@@ -22,7 +22,8 @@ each ``publish_many`` of 64-byte messages in batches of 1,000 to its own topic, 
 processes, one topic each; 4 topics owned by each worker) with ``ClusterClient`` (each client
 connects to its topic's owner: nothing is forwarded) against ``Client`` on the shared port (the kernel
 spreads the connections, so about half of the traffic is forwarded to the other worker). Both sides
-are the same Python client, so the difference is the brokers' forwarding; msgs/s are deliveries.
+are the same Python client, so the difference is the brokers' forwarding; msgs/s are deliveries, and
+"broker us/msg" the workers' CPU time (user + system, psutil) per delivery during the measured span.
 """
 
 from __future__ import annotations
@@ -166,11 +167,19 @@ BATCH = [b"m" * 64] * 1000
 WARM_UP = 0.5
 
 
-def _topics_per_worker(port: int) -> list[str]:
-    """FANIN topics, half of them owned by each of the two workers behind ``port``."""
-    with Client("127.0.0.1", port) as client:
-        members = client.cluster()["members"]
-    owners = [set(member["slots"]) for member in members.values()]
+def _topics_per_worker(port: int, timeout: float = 30.0) -> list[str]:
+    """FANIN topics, half of them owned by each of the two workers behind ``port`` (as the worker
+    that answers sees the slots: asked again until both hold some)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with Client("127.0.0.1", port) as client:
+            members = client.cluster()["members"]
+        owners = [set(member["slots"]) for member in members.values()]
+        if len(owners) == 2 and all(owners):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the workers do not both own slots: {members}")
+        time.sleep(0.1)
     chosen: list[str] = []
     for owned in owners:
         mine = (f"fanin{n}" for n in range(100_000) if slot_of(f"fanin{n}".encode()) in owned)
@@ -213,9 +222,24 @@ def _subscriber(port: int, aware: bool, topic: str, start: float, end: float, co
                 return
 
 
-def client_fanin(aware: bool, duration: float) -> float:
+def _workers_cpu(supervisor: int) -> float:
+    """CPU seconds used so far by the ``pigeon`` worker processes under ``supervisor`` (not etcd)."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process(supervisor).children(recursive=True):
+        try:
+            if "pigeon" in " ".join(child.cmdline()):
+                times = child.cpu_times()
+                total += times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def client_fanin(aware: bool, duration: float) -> tuple[float, float]:
     """Deliveries per second of fan-in 8x8 on a fresh ``pigeon --workers 2``, with ``ClusterClient``
-    (``aware``) or ``Client`` on the shared port."""
+    (``aware``) or ``Client`` on the shared port, and the workers' CPU microseconds per delivery."""
     proc = ServerProcess("--workers", "2", loop="uvloop")
     try:
         wait_spread(proc.port, 2)
@@ -231,9 +255,14 @@ def client_fanin(aware: bool, duration: float) -> float:
         ]
         for p in procs:
             p.start()
+        time.sleep(max(start + WARM_UP - time.time(), 0.0))
+        cpu = _workers_cpu(proc.proc.pid)
+        time.sleep(max(end - time.time(), 0.0))
+        cpu = _workers_cpu(proc.proc.pid) - cpu
         for p in procs:
             p.join(duration + 60)
-        return float(sum(counts[:])) / duration
+        delivered = float(sum(counts[:]))
+        return delivered / duration, cpu / delivered * 1e6 if delivered else float("nan")
     finally:
         proc.stop()
 
@@ -242,17 +271,19 @@ def compare_clients(repeats: int, duration: float) -> None:
     """``client_fanin`` with each client in turns, ``repeats`` times; prints the medians."""
     print(f"load average before: {os.getloadavg()}")
     forwarded = "Client (shared port, forwarded)"
-    rates: dict[str, list[float]] = {"ClusterClient (to the owner)": [], forwarded: []}
+    runs: dict[str, list[tuple[float, float]]] = {"ClusterClient (to the owner)": [], forwarded: []}
     for _ in range(repeats):
-        for name, values in rates.items():
+        for name, values in runs.items():
             values.append(client_fanin(name.startswith("ClusterClient"), duration))
     print(f"load average after: {os.getloadavg()}")
-    base = statistics.median(rates[forwarded])
-    print(f"{'client on --workers 2':<34} {'msgs/s (median)':>16} {'vs forwarded':>13}  runs")
-    for name, values in rates.items():
-        median = statistics.median(values)
-        runs = ", ".join(f"{v:,.0f}" for v in values)
-        print(f"{name:<34} {median:>16,.0f} {median / base:>12.2f}x  {runs}")
+    base = statistics.median(rate for rate, _ in runs[forwarded])
+    columns = f"{'msgs/s (median)':>15} {'vs forwarded':>12} {'broker us/msg':>13}"
+    print(f"{'client on --workers 2':<32} {columns}  runs")
+    for name, values in runs.items():
+        median = statistics.median(rate for rate, _ in values)
+        cpu = statistics.median(us for _, us in values)
+        each = ", ".join(f"{rate:,.0f} ({us:.2f} us)" for rate, us in values)
+        print(f"{name:<32} {median:>15,.0f} {median / base:>11.2f}x {cpu:>13.2f}  {each}")
 
 
 def main() -> int:
