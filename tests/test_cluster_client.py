@@ -18,6 +18,7 @@ from pigeon import (
     ClusterClient,
     MovedError,
     NoPatternsInClusterError,
+    StaleDeliveryError,
     TryAgainError,
 )
 from pigeon.cluster.etcd import EtcdProcess
@@ -271,3 +272,31 @@ def test_an_owner_killed_the_cluster_client_carries_on_with_its_new_owner() -> N
             assert new_owner != _address(nodes["n2"]) and new_owner == publisher.owner_of(doomed)
             assert _address(nodes["n2"]) not in consumer.nodes
             print(f"the killed owner's topic was served again {recovered:.2f} s after the kill (TTL {TTL} s)")
+
+
+@pytest.mark.slow
+def test_an_owner_killed_the_async_cluster_client_carries_on_too() -> None:
+    with running_cluster() as (nodes, owned):
+        doomed = topic_owned_by(owned, "n1", "adoomed")
+        seeds = [_address(node) for node in nodes.values()]
+
+        async def run() -> None:
+            consumer = await AsyncClusterClient(*seeds[0], seeds=seeds, reconnect_timeout=TTL + 30).connect()
+            publisher = await AsyncClusterClient(*seeds[2], seeds=seeds, reconnect_timeout=TTL + 30).connect()
+            async with consumer, publisher:
+                await consumer.subscribe(doomed, ack=True)
+                await publisher.publish(doomed, "before")
+                before = await consumer.next_message(timeout=10)
+                nodes["n1"].proc.send_signal(signal.SIGKILL)
+                nodes["n1"].proc.wait(10)
+                await asyncio.sleep(0.5)  # the event loop sees the connection end
+                with pytest.raises(StaleDeliveryError):
+                    before.ack()  # its node is gone, and its tag with it
+                await publisher.publish(doomed, "after")  # waits until the slot has a new owner
+                message = await consumer.next_message(timeout=TTL + 30)
+                assert (message.topic, message.data, message.attempt) == (doomed, b"after", 1)
+                message.ack()
+                assert await consumer.check_acks() == []
+                assert consumer.owner_of(doomed) != _address(nodes["n1"])
+
+        asyncio.run(run())
