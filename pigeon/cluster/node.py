@@ -162,7 +162,9 @@ class ClusterNode:
     async def _next_endpoint(self) -> None:
         if self._client is not None:
             with contextlib.suppress(Exception):
-                await self._client.close()
+                # bounded: _keep_alive calls this before it checks the lease, so a close that hangs
+                # (etcd gone) must not keep a node serving past its lease
+                await asyncio.wait_for(self._client.close(), CALL_TIMEOUT)
         self._endpoint = (self._endpoint + 1) % len(self.endpoints)
         self._client = None
 
