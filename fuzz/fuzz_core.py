@@ -10,7 +10,8 @@ wildcard patterns (SUBSCRIBE ... GROUP, DESTROY, STATS GROUPS); with authenticat
 CONNECT with the credentials of tests/harness.USERS or wrong ones, logins
 answered later, identities granted before CONNECT or again while connected,
 topics on the edges of the users' patterns; protocol 2: HELLO 2 and framed PUB
-with any payload, wrong counts and counts over max_payload), run on the Cython core and on
+with any payload, wrong counts and counts over max_payload; request/reply: REQ
+frames, REPLY frames with real, stale and malformed tokens), run on the Cython core and on
 tests/model.py through tests/harness.Session, which the differential test uses
 too. After every operation the session compares what the model states
 (output bytes, close and reading events, client ids, warnings, figures,
@@ -38,13 +39,13 @@ with atheris.instrument_imports(include=["tests"]):
     from tests.harness import USERS, Peer, Session
 
 # The version of the input format below; a saved regression starts with the line REGRESSION_HEADER.
-# Inputs of formats 2 (before acknowledgements), 3 (before authentication), 4 (before protocol 2) and
-# 5 (before consumer groups and wildcards) still replay, as they were read then.
-FORMAT = 6
-FORMATS = (2, 3, 4, 5)
+# Inputs of formats 2 (before acknowledgements), 3 (before authentication), 4 (before protocol 2),
+# 5 (before consumer groups and wildcards) and 6 (before request/reply) still replay, as they were read then.
+FORMAT = 7
+FORMATS = (2, 3, 4, 5, 6)
 REGRESSION_HEADER = b"pigeon-fuzz %d\n" % FORMAT
 MEMORY_NEVER_FULL = 1 << 40  # the model does not count memory (tests/model.py)
-OPERATIONS = {2: 18, 3: 19, 4: 21, 5: 22, 6: 22}
+OPERATIONS = {2: 18, 3: 19, 4: 21, 5: 22, 6: 22, 7: 23}
 # well-formed commands, so that sessions route messages; <me> is the connection's own client id
 COMMANDS_2 = (
     b"CONNECT",
@@ -86,7 +87,7 @@ COMMANDS[4] = (
     b"STATS CONNECTIONS",
 )
 COMMANDS[5] = (*COMMANDS[4], b"HELLO 2", b"HELLO 2", b"HELLO 1", b"HELLO ")
-COMMANDS[6] = (
+COMMANDS[7] = COMMANDS[6] = (
     *COMMANDS[5],
     b"SUBSCRIBE <me> %s GROUP g1",
     b"SUBSCRIBE <me> %s GROUP g2 ACK",
@@ -110,6 +111,9 @@ MAX_BACKLOG_BYTES = (0, 8, 30, 1 << 30)
 # how a framed PUB's count relates to its payload: right, one short, one over, missing
 FRAME_COUNTS = ("ok", "ok", "short", "long", "none")
 TOPICS = (b"a", b"b", "\u00e9".encode())
+# reply tokens <handle>.<generation>.<id>: a session's first connections are handles 0 to 2 of generations
+# 1 to 3 asking few requests, so most are real; then stale (a later generation, an id not given) and malformed
+REPLY_TOKENS = (b"0.1.1", b"0.1.2", b"1.2.1", b"1.2.2", b"2.3.1", b"0.4.1", b"0.1.9", b"x", b"0.1", b"0.1.0")
 DEFAULT_PREFETCH = (1, 2, 3, 1000)
 # a NACK's delay: none, 0 (at once), a day (never due in a session: the model keeps it for good), broken
 NACK_DELAYS = (b"", b"", b" 0", b" 86400000", b" 86400001", b" x")
@@ -148,6 +152,9 @@ class Input:
     Format 6 adds the commands of consumer groups and wildcards: SUBSCRIBE and
     UNSUBSCRIBE with GROUP and with patterns (`*`, `>`), DESTROY, PUBLISH to
     topics the patterns match, STATS GROUPS.
+    Format 7 adds an operation that sends a request/reply frame: a byte (odd: a
+    REQ, else a REPLY), a read for the payload, a byte for the topic (REQ) or
+    the token (REPLY_TOKENS), and one for whether a flush follows.
     """
 
     def __init__(self, data: bytes, version: int = FORMAT) -> None:
@@ -248,6 +255,8 @@ def act(session: Session, peer: Peer, op: int, source: Input) -> None:
         session.grant(peer, USER_NAMES[source.byte() % len(USER_NAMES)])
     elif op == 21:
         publish_frame(session, peer, source)
+    elif op == 22:
+        request_frame(session, peer, source)
     else:
         commands = COMMANDS[source.version]
         command = commands[source.byte() % len(commands)]
@@ -270,6 +279,22 @@ def publish_frame(session: Session, peer: Peer, source: Input) -> None:
     header_end = b"\r\n" if ends & 1 else b"\n"
     payload_end = b"\r\n" if ends & 2 else b"\n"
     frame = session.own_id(peer, head + header_end) + payload + payload_end
+    if source.byte() & 1:
+        session.feed(peer, frame)
+    else:
+        session.read(peer, frame)
+
+
+def request_frame(session: Session, peer: Peer, source: Input) -> None:
+    """A REQ frame to a topic, or a REPLY frame with a token that is real, stale or malformed."""
+    request = bool(source.byte() & 1)
+    payload = source.chunk()
+    choice = source.byte()
+    if request:
+        head = b"REQ <me> %s %d\n" % (TOPICS[choice % len(TOPICS)], len(payload))
+    else:
+        head = b"REPLY %s %d\n" % (REPLY_TOKENS[choice % len(REPLY_TOKENS)], len(payload))
+    frame = session.own_id(peer, head) + payload + b"\n"
     if source.byte() & 1:
         session.feed(peer, frame)
     else:
@@ -314,7 +339,7 @@ def replay(path: Path) -> None:
     """Run a saved regression input (the format line, then the input)."""
     data = path.read_bytes()
     header, _, rest = data.partition(b"\n")
-    versions = {b"pigeon-fuzz %d" % version: version for version in FORMATS}
+    versions = {b"pigeon-fuzz %d" % version: version for version in (*FORMATS, FORMAT)}
     assert header in versions, f"{path.name} is in format {header!r}: re-encode it"
     test_one_input(rest, versions[header])
 

@@ -14,6 +14,7 @@
 #   core/output      output buffers, delivery, flushing, giving messages back
 #   core/parser      the protocol's vocabulary, tokenizer, topic checks, dispatch
 #   core/commands    one handler per command
+#   core/requests    request/reply: reply tokens, request ids waiting, REQ and REPLY
 #   core/flow        publisher flow control
 #   core/auth        authentication, and permissions compiled per connection
 #   core/log         durability: what is recorded, its order with the replies, recovery
@@ -40,6 +41,7 @@ include "core/conns.pxd"
 include "core/output.pxd"
 include "core/parser.pxd"
 include "core/commands.pxd"
+include "core/requests.pxd"
 include "core/flow.pxd"
 include "core/auth.pxd"
 include "core/log.pxd"
@@ -64,6 +66,7 @@ cdef class Broker:
     cdef size_t delayed_messages
     cdef double timer_due           # the delay on_timer was last armed for, 0: none
     cdef double now                 # the monotonic clock, read once per call from Python
+    cdef ReplyTo request            # the request being routed now (on_req), id 0: a plain publish
     cdef int32_t publishers_held    # connections whose PUBLISH waits for flow control
     cdef int32_t memory_waiter      # first connection waiting for memory (Conn.next_waiter), -1: none
     cdef int32_t woken              # first connection to go on at the next flush, -1: none

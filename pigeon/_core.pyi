@@ -31,6 +31,16 @@ def record_checksum(data: bytes | memoryview, hardware: bool = True) -> int:
 def checksum_in_hardware() -> bool:
     """Whether this CPU computes CRC-32C with its own instruction."""
 
+def segment_summary(
+    data: bytes | memoryview,
+) -> tuple[list[tuple[int, int]], int, list[tuple[int, int]], int]:
+    """A segment's records (after the header): its PUBLISH seqs as runs, how many, its DONE runs,
+    how many DONE and DELIVERED records (compaction)."""
+
+def segment_kept(data: bytes | memoryview, done: bytes | memoryview) -> list[tuple[int, int]]:
+    """The (start, end) parts of a segment's records (after the header) that compaction keeps: the
+    PUBLISH and DELIVERED records of messages not in ``done`` (runs: the bytes of an ``array('Q')``)."""
+
 def keep_heap(mmap_threshold: int = ..., trim_threshold: int = ...) -> bool:
     """Keep output batches on glibc's heap instead of fresh pages (the server calls it once);
     False where the C library is not glibc."""

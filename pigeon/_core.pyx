@@ -37,6 +37,7 @@ include "core/output.pxi"
 include "core/acks.pxi"
 include "core/parser.pxi"
 include "core/commands.pxi"
+include "core/requests.pxi"
 include "core/flow.pxi"
 include "core/auth.pxi"
 include "core/log.pxi"
@@ -93,7 +94,7 @@ cdef class Broker:
         if topics_init(&self.mem, &self.topic_table) < 0 or groups_init(self) < 0:
             raise MemoryError()
         # persistence, auth and tls are the server's: it says which are on (durable, auth, tls)
-        features = ["ack", "binary", "groups", "wildcards"]
+        features = ["ack", "binary", "groups", "wildcards", "request"]
         features += [name for name, on in (("persistence", durable), ("auth", auth), ("tls", tls)) if on]
         hello = {
             "protocol": 1,

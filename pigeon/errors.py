@@ -180,6 +180,13 @@ class GroupInUseError(CommandError):
     CODE = "GROUP_IN_USE"
 
 
+class BadReplyTokenError(CommandError):
+    """A ``REPLY`` whose token is not one the server mints (``<handle>.<generation>.<id>``); its
+    payload was skipped. A well-formed token of a request no longer waiting gets no error."""
+
+    CODE = "BAD_REPLY_TOKEN"
+
+
 class MovedError(CommandError):
     """A command for a topic another cluster node owns, from a client that asked for redirects
     (``CLUSTER REDIRECT``): ``ERROR MOVED <slot> <host:port>``, as Redis Cluster. Nothing was done;
@@ -284,6 +291,7 @@ ERROR_CLASSES: dict[str, type[CommandError]] = {
         BadFrameError,
         NoSuchGroupError,
         GroupInUseError,
+        BadReplyTokenError,
     )
     if cls.CODE is not None
 }
@@ -345,6 +353,11 @@ class FeatureNotSupportedError(InvalidArgumentError):
 
 class TimeoutError(PigeonError, builtins.TimeoutError):
     """No reply or message arrived in time. The connection stays usable: a late reply is discarded."""
+
+
+class RequestTimeoutError(TimeoutError):
+    """``request()`` got no reply within its timeout (no responder, or one too slow or gone). A
+    reply arriving later is dropped."""
 
 
 def error_from_reply(text: str) -> CommandError:

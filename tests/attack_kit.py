@@ -282,31 +282,51 @@ def error_code(reply: bytes) -> str:
     return parts[1].decode("ascii", "replace") if len(parts) > 1 and parts[0] == b"ERROR" else ""
 
 
-class MemorySampler:
-    """Samples a process's VmRSS and VmHWM every ``interval`` s in a thread: the peak survives a crash."""
+class _Sampler:
+    """Calls ``_sample`` every ``interval`` s in a daemon thread until it returns False or ``_halt``.
 
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
-        self.pid = pid
+    A subclass sets what ``_sample`` needs before calling ``__init__``, which starts the thread.
+    """
+
+    def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.rss_kib = 0
-        self.peak_kib = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _sample(self) -> bool:
+        """Take one sample; False ends the thread."""
+        raise NotImplementedError
+
     def _run(self) -> None:
-        while not self._stop.is_set():
-            rss, hwm = memory_kib(self.pid)
-            if rss == 0:
-                return
-            self.rss_kib = rss
-            self.peak_kib = max(self.peak_kib, hwm)
+        while not self._stop.is_set() and self._sample():
             self._stop.wait(self.interval)
+
+    def _halt(self, timeout: float) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+
+class MemorySampler(_Sampler):
+    """Samples a process's VmRSS and VmHWM every ``interval`` s in a thread: the peak survives a crash."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid = pid
+        self.rss_kib = 0
+        self.peak_kib = 0
+        super().__init__(interval)
+
+    def _sample(self) -> bool:
+        rss, hwm = memory_kib(self.pid)
+        if rss == 0:
+            return False
+        self.rss_kib = rss
+        self.peak_kib = max(self.peak_kib, hwm)
+        return True
 
     def stop(self) -> tuple[int, int]:
         """(last VmRSS, highest VmHWM) seen, in KiB."""
-        self._stop.set()
-        self._thread.join(5)
+        self._halt(5)
         rss, hwm = memory_kib(self.pid)
         if rss:
             self.rss_kib = rss
@@ -314,30 +334,26 @@ class MemorySampler:
         return self.rss_kib, self.peak_kib
 
 
-class Pinger:
+class Pinger(_Sampler):
     """A bystander that PINGs in a thread and records each round trip, until stopped."""
 
     def __init__(self, proc: ServerProcess, interval: float = 0.01) -> None:
         self.client = connected(proc, timeout=60)
-        self.interval = interval
         self.samples: list[float] = []
         self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        super().__init__(interval)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.samples.append(ping_seconds(self.client))
-            except (OSError, EOFError, AssertionError) as exc:
-                self.failures.append(repr(exc))
-                return
-            self._stop.wait(self.interval)
+    def _sample(self) -> bool:
+        try:
+            self.samples.append(ping_seconds(self.client))
+        except (OSError, EOFError, AssertionError) as exc:
+            self.failures.append(repr(exc))
+            return False
+        return True
 
     def stop(self) -> list[float]:
-        self._stop.set()
-        self._thread.join(70)
+        """The round trips seen, in seconds."""
+        self._halt(70)
         self.client.close()
         return self.samples
 
@@ -948,26 +964,22 @@ def kernel_queued(server_port: int, client_ports: Iterable[int]) -> int:
     return total
 
 
-class QueueSampler:
+class QueueSampler(_Sampler):
     """The most the kernel held at once (``kernel_queued``) for some connections, sampled in a thread."""
 
     def __init__(self, server_port: int, client_ports: Iterable[int], interval: float = 0.02) -> None:
         self.server_port = server_port
         self.client_ports = list(client_ports)
-        self.interval = interval
         self.most = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        super().__init__(interval)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.most = max(self.most, kernel_queued(self.server_port, self.client_ports))
-            self._stop.wait(self.interval)
+    def _sample(self) -> bool:
+        self.most = max(self.most, kernel_queued(self.server_port, self.client_ports))
+        return True
 
     def stop(self) -> int:
-        self._stop.set()
-        self._thread.join(5)
+        """The most bytes the kernel held at once."""
+        self._halt(5)
         return self.most
 
 

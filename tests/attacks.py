@@ -209,24 +209,22 @@ def _flood_table(title: str, flood: kit.Flood, message: str) -> None:
         print(f"first other reply: {flood.first_other[:120]!r}")
 
 
-def cmd_memory_empty(args: argparse.Namespace) -> None:
-    limit = 1 * MiB
+def _memory_flood(args: argparse.Namespace, limit: int, message: bytes, title: str, label: str) -> None:
+    """Publish ``message`` round robin to a server under ``--max-memory limit`` and print the figures."""
     with kit.running("--max-memory", str(limit), loop=args.loop) as proc:
         flood = kit.publish_flood(
-            proc, limit, b"", seconds=args.seconds, stop_above_kib=args.stop_above * 1024
+            proc, limit, message, seconds=args.seconds, stop_above_kib=args.stop_above * 1024
         )
         proc.stop()
-    _flood_table(f"3a. Empty messages over 1,332 topics ({args.loop})", flood, "empty")
+    _flood_table(f"{title} ({args.loop})", flood, label)
+
+
+def cmd_memory_empty(args: argparse.Namespace) -> None:
+    _memory_flood(args, 1 * MiB, b"", "3a. Empty messages over 1,332 topics", "empty")
 
 
 def cmd_memory_small(args: argparse.Namespace) -> None:
-    limit = 32 * MiB
-    with kit.running("--max-memory", str(limit), loop=args.loop) as proc:
-        flood = kit.publish_flood(
-            proc, limit, b"x", seconds=args.seconds, stop_above_kib=args.stop_above * 1024
-        )
-        proc.stop()
-    _flood_table(f"3b. 1-byte messages over 1,332 topics ({args.loop})", flood, "1 byte")
+    _memory_flood(args, 32 * MiB, b"x", "3b. 1-byte messages over 1,332 topics", "1 byte")
 
 
 def cmd_memory_unfinished(args: argparse.Namespace) -> None:

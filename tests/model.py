@@ -27,6 +27,14 @@ reports) and states, for every connection:
   BAD_FRAME and close), ``HELLO [1|2]``, ``MSG``/``DMSG`` frames to a
   connection that sent ``HELLO 2``, and in a v1 line each LF of a payload and
   a CR at its end written as a space (``v1_altered``);
+- request/reply: ``REQ <id> <topic> <nbytes>`` frames published like PUB and
+  answered ``REQUESTED <id>``, their deliveries ``MSG <topic> <token> <n>`` and
+  ``DMSG <topic> <tag> <attempt> <token> <n>`` (a v1 line has no token), the
+  token ``<handle>.<generation>.<id>`` naming the core's handle (the model
+  keeps the core's handle order: the last freed first), ``REPLY <token>
+  <nbytes>`` frames to the requester as ``RMSG <id> <n>`` when the request
+  waits (the first reply; a connection keeps its last 4096), else dropped and
+  counted, ERROR BAD_REPLY_TOKEN for one that is no token;
 - acknowledged subscriptions (``SUBSCRIBE <id> <topic> ACK [PREFETCH <n>]``):
   ``DELIVER <topic> <tag> <attempt> <message>`` lines, tags counted per
   connection, ``ACK`` and ``NACK`` of single tags and ranges, unknown tags,
@@ -115,6 +123,7 @@ COMMANDS = (
     "nack",
     "destroy",
 )
+FRAMED_COMMANDS = ("req", "reply")  # commands that exist only as frames (a line of that word is unknown)
 ERRORS = (
     "usage",
     "unknown_command",
@@ -139,6 +148,7 @@ ERRORS = (
     "bad_frame",
     "no_such_group",
     "group_in_use",
+    "bad_reply_token",
 )
 # the log's figures of a broker without --data-dir (the model has no log: tests/test_store_wire.py)
 NO_LOG = {
@@ -160,6 +170,15 @@ NOT_STATED = frozenset({"uptime_seconds", "memory_bytes", "connected_since", "co
 
 PROTOCOL_VERSION = 2  # the newest, chosen by HELLO 2
 PUB_USAGE = b"usage: PUB <client_id> <topic> <nbytes>, a line end, the payload, a line end"
+REQ_USAGE = b"usage: REQ <client_id> <topic> <nbytes>, a line end, the payload, a line end"
+REPLY_USAGE = b"usage: REPLY <token> <nbytes>, a line end, the payload, a line end"
+# the frames: their word, how many fields follow it, the command they count as, their usage
+FRAMES = {
+    b"pub": (3, "publish", PUB_USAGE),
+    b"req": (3, "req", REQ_USAGE),
+    b"reply": (2, "reply", REPLY_USAGE),
+}
+REQUEST_WINDOW = 4096  # requests of one connection that wait for a reply; past it the oldest is forgotten
 QUOTE_MAX = 64  # the longest input an ERROR quotes
 STATS_PAGE_DEFAULT = 100
 STATS_PAGE_MAX = 1000
@@ -229,6 +248,7 @@ class Message:
     topic: Topic  # where it waits: a topic, or a group's copy in its group
     attempt: int = 0
     origin: Topic | None = None  # a group's copy: the topic it was published to
+    reply_to: bytes | None = None  # a request: its reply token
 
     @property
     def name(self) -> bytes:
@@ -309,6 +329,10 @@ class Conn:
     bytes_out: int = 0
     framed: bool = False  # sent HELLO 2: deliveries are MSG and DMSG frames
     skip: int = 0  # payload bytes of a refused PUB still to drop
+    slot: int = 0  # the core's handle for it, which reply tokens name
+    generation: int = 0  # connections opened before it and it
+    requests: int = 0  # the last request id it was given
+    waiting: set[int] = field(default_factory=set)  # ids of its requests that wait for a reply
 
     def unsent_bytes(self) -> int:
         return sum(len(line.data) for line in self.unsent)
@@ -356,6 +380,9 @@ class ModelBroker:
         self.conns: dict[int, Conn] = {}
         self.topics_held: dict[bytes, Topic] = {}
         self.next_handle = 0
+        self.free_slots: list[int] = []  # the core's free handles, the last freed on top
+        self.slots = 0  # core handles ever used
+        self.request: bytes | None = None  # the reply token of the request being routed now
         self.next_client = 1
         self.ticks = 0
         # connections whose output waits for a flush, in the order it began to wait
@@ -369,7 +396,7 @@ class ModelBroker:
         self.flush_asked = False
         # the core's figures of the next STATS reply, for what the model does not state
         self.unstated: Callable[[], dict[str, Any]] | None = None
-        self.commands = dict.fromkeys((*COMMANDS, "unknown"), 0)
+        self.commands = dict.fromkeys((*COMMANDS, *FRAMED_COMMANDS, "unknown"), 0)
         self.errors = dict.fromkeys(ERRORS, 0)
         self.count = dict.fromkeys(
             (
@@ -399,6 +426,11 @@ class ModelBroker:
                 "groups_expired",
                 "groups_destroyed",
                 "group_copies_dropped",
+                "requests",
+                "replies",
+                "replies_dropped",
+                "replies_malformed",
+                "requests_forgotten",
             ),
             0,
         )
@@ -411,6 +443,12 @@ class ModelBroker:
         """A new connection; one over max_connections gets an ERROR and is closed."""
         c = Conn(self.next_handle, writer, transport_size, peer)
         self.next_handle += 1
+        c.generation = self.next_handle
+        if self.free_slots:
+            c.slot = self.free_slots.pop()
+        else:
+            c.slot = self.slots
+            self.slots += 1
         admitted = sum(1 for other in self.conns.values() if not other.rejected)
         self.conns[c.handle] = c
         self.count["connections_total"] += 1
@@ -502,6 +540,7 @@ class ModelBroker:
         if c in self.closing:
             self.closing.remove(c)
         del self.conns[h]
+        self.free_slots.append(c.slot)
         self._settle()
 
     def tick(self, order: Iterable[int] | None = None) -> None:
@@ -741,8 +780,9 @@ class ModelBroker:
             if nl - pos > self.max_line:
                 too_long = True
                 break
-            if nl - pos > 4 and buf[pos : pos + 3].lower() == b"pub" and buf[pos + 3] in BLANKS:
-                end = self._frame(c, buf, pos, nl)
+            word = _frame_word(buf, pos, nl)
+            if word:
+                end = self._frame(c, buf, pos, nl, word)
                 if end is None:
                     break  # its payload has not all arrived, or it waits for flow control
                 pos = end
@@ -765,21 +805,23 @@ class ModelBroker:
         if c.paused or c.held_topic is not None or c.authenticating:
             self._stop_reading(c)
 
-    def _frame(self, c: Conn, buf: bytes, pos: int, nl: int) -> int | None:
-        """A framed PUB whose header is buf[pos:nl]: where the input goes on after it, or None when
-        its payload (and the line end after it) has not all arrived, or when it waits."""
-        header = buf[pos + 3 : nl]
+    def _frame(self, c: Conn, buf: bytes, pos: int, nl: int, word: bytes) -> int | None:
+        """A frame (PUB, REQ or REPLY: ``word``) whose header is buf[pos:nl]: where the input goes on
+        after it, or None when its payload (and the line end after it) has not all arrived, or when
+        it waits."""
+        fields, kind, usage = FRAMES[word]
+        header = buf[pos + len(word) : nl]
         if header.endswith(b"\r"):
             header = header[:-1]
         args = _fields(header)
-        if len(args) != 3 or not (args[2].isdigit() and len(args[2]) <= 18):
-            self.commands["publish"] += 1
-            self._error(c, "bad_frame", PUB_USAGE)
+        if len(args) != fields or not (args[-1].isdigit() and len(args[-1]) <= 18):
+            self.commands[kind] += 1
+            self._error(c, "bad_frame", usage)
             self._close_later(c, "bad frame", flush=True)
             return nl + 1
-        cid, name, count = args[0], args[1], int(args[2])
+        count = int(args[-1])
         if count > self.max_payload:
-            self.commands["publish"] += 1
+            self.commands[kind] += 1
             self.count["refused"] += 1
             self._error(
                 c,
@@ -796,13 +838,16 @@ class ModelBroker:
         elif buf[end : end + 2] == b"\r\n":
             after = end + 2
         else:
-            self.commands["publish"] += 1
+            self.commands[kind] += 1
             self._error(c, "bad_frame", b"payload of %d bytes is not followed by a line end" % count)
             self._close_later(c, "bad frame", flush=True)
             return nl + 1
-        if self._on_pub(c, cid, name, buf[nl + 1 : end]):
+        payload = buf[nl + 1 : end]
+        if kind == "reply":
+            self._on_reply(c, args[0], payload)
+        elif self._on_pub(c, args[0], args[1], payload, request=kind == "req"):
             return None
-        self.commands["publish"] += 1
+        self.commands[kind] += 1
         return after
 
     def _continue(self, c: Conn) -> None:
@@ -885,6 +930,7 @@ class ModelBroker:
                 "binary",
                 "groups",
                 "wildcards",
+                "request",
                 *(["auth"] if self.auth else []),
                 *(["tls"] if self.tls else []),
             ],
@@ -1069,9 +1115,42 @@ class ModelBroker:
             return False
         return self._publish(c, name, rest[1:])  # everything after the one separator that ends the topic
 
-    def _on_pub(self, c: Conn, cid: bytes, name: bytes, payload: bytes) -> bool:
-        """A framed PUB with its payload; True when it waits for flow control."""
-        return self._own_id(c, cid) and self._publish(c, name, payload)
+    def _on_pub(self, c: Conn, cid: bytes, name: bytes, payload: bytes, *, request: bool) -> bool:
+        """A framed PUB (or REQ: ``request``) with its payload; True when it waits for flow control."""
+        if not self._own_id(c, cid):
+            return False
+        if not request:
+            return self._publish(c, name, payload)
+        self.request = b"%d.%d.%d" % (c.slot, c.generation, c.requests + 1)
+        try:
+            return self._publish(c, name, payload)
+        finally:
+            self.request = None
+
+    def _on_reply(self, c: Conn, token: bytes, payload: bytes) -> None:
+        """A framed REPLY: to the requester as RMSG when its request waits; else dropped and counted."""
+        if not self._connected(c):
+            return
+        parts = token.split(b".")
+        numbers = [int(p) if p.isdigit() and len(p) <= 18 else -1 for p in parts]
+        if (
+            len(parts) != 3
+            or min(numbers) < 0
+            or numbers[0] > 0x7FFFFFFF
+            or numbers[1] > 0xFFFFFFFF
+            or not numbers[2]
+        ):
+            self.count["replies_malformed"] += 1
+            self._error_quoting(c, "bad_reply_token", b"not a reply token:", token)
+            return
+        slot, generation, request_id = numbers
+        to = next((o for o in self.conns.values() if o.slot == slot and o.open), None)
+        if to is None or to.generation != generation or request_id not in to.waiting:
+            self.count["replies_dropped"] += 1
+            return
+        to.waiting.discard(request_id)
+        self.count["replies"] += 1
+        self._reply(to, b"RMSG %d %d\n%s" % (request_id, len(payload), payload))
 
     def _publish(self, c: Conn, name: bytes, message: bytes) -> bool:
         """Route a message of a PUBLISH or PUB whose sender is checked; True when it waits."""
@@ -1091,25 +1170,31 @@ class ModelBroker:
             to = self._next_taker(t)
             if to is not None:
                 self._accepted(c, t)
-                self._deliver(to, Message(message, t))
+                self._deliver(to, Message(message, t, reply_to=self.request))
                 return False
         if self._backlog_at_limit(t):
-            self._warn_full(t)
-            if c.sub_of(t) is None:
-                c.held_topic = t
-                t.waiters.append(c)
-                self.count["publish_holds"] += 1
-                return True
-            # waiting for a topic it drains itself could deadlock it
-            self.count["refused"] += 1
-            full = self._backlog_full_text(t).encode() + b" for topic"
-            self._error_quoting(c, "backlog_full", full, name)
-            self._forget_if_unused(t)
-            return False
-        t.backlog.append(Message(message, t))
+            return self._hold_or_refuse(c, t, t)
+        t.backlog.append(Message(message, t, reply_to=self.request))
         self.count["backlogged"] += 1
         self._accepted(c, t)
         self._serve(t)
+        return False
+
+    def _hold_or_refuse(self, c: Conn, q: Topic, t: Topic) -> bool:
+        """A message of c to topic t finds the backlog of q (t, or one of its groups) full: c waits
+        for it (True), unless it is subscribed to q itself, as waiting for a backlog it drains
+        could deadlock it (ERROR BACKLOG_FULL, False). t, made for this PUBLISH, goes when unused."""
+        self._warn_full(q)
+        if c.sub_of(q) is None:
+            c.held_topic = q
+            q.waiters.append(c)
+            self.count["publish_holds"] += 1
+            self._forget_if_unused(t)  # the PUBLISH runs again later
+            return True
+        self.count["refused"] += 1
+        full = self._backlog_full_text(q).encode() + b" for topic"
+        self._error_quoting(c, "backlog_full", full, q.name)
+        self._forget_if_unused(t)
         return False
 
     def _backlog_at_limit(self, t: Topic) -> bool:
@@ -1128,23 +1213,12 @@ class ModelBroker:
         targets = groups + ([t] if t.rotation else [])
         for q in targets:
             if self._backlog_at_limit(q):
-                self._warn_full(q)
-                if c.sub_of(q) is None:
-                    c.held_topic = q
-                    q.waiters.append(c)
-                    self.count["publish_holds"] += 1
-                    self._forget_if_unused(t)  # made for this PUBLISH, which runs again later
-                    return True
-                self.count["refused"] += 1
-                full = self._backlog_full_text(q).encode() + b" for topic"
-                self._error_quoting(c, "backlog_full", full, q.name)
-                self._forget_if_unused(t)
-                return False
+                return self._hold_or_refuse(c, q, t)
         self._accepted(c, t)
         for q in targets:
             if q is not t:
                 q.published += 1
-            copy = Message(payload, q, origin=t if q is not t else None)
+            copy = Message(payload, q, origin=t if q is not t else None, reply_to=self.request)
             if q is not t:
                 t.copies += 1
             to = self._next_taker(q) if not q.backlog else None
@@ -1244,7 +1318,16 @@ class ModelBroker:
         t.published += 1
         self.count["published"] += 1
         c.messages_in += 1
-        self._reply(c, b"PUBLISHED " + t.name)
+        if self.request is None:
+            self._reply(c, b"PUBLISHED " + t.name)
+            return
+        c.requests += 1
+        forgotten = {i for i in c.waiting if i <= c.requests - REQUEST_WINDOW}
+        self.count["requests_forgotten"] += len(forgotten)
+        c.waiting -= forgotten
+        c.waiting.add(c.requests)
+        self.count["requests"] += 1
+        self._reply(c, b"REQUESTED %d" % c.requests)
 
     def _on_stats(self, c: Conn, args: list[bytes]) -> None:
         if not self._connected(c):
@@ -1466,7 +1549,7 @@ class ModelBroker:
         t.in_flight += 1
         if not s.ack:
             if c.framed:
-                head = b"MSG %s %d\n" % (message.name, len(message.payload))
+                head = b"MSG %s%s %d\n" % (message.name, _token_field(message), len(message.payload))
             else:
                 head = b"MESSAGE " + message.name + b" "
             c.unsent.append(Line(head + self._payload(c, message.payload) + b"\n", t, message))
@@ -1478,7 +1561,13 @@ class ModelBroker:
         s.unacked += 1
         t.unacked += 1
         if c.framed:
-            head = b"DMSG %s %d %d %d\n" % (message.name, c.next_tag, message.attempt, len(message.payload))
+            head = b"DMSG %s %d %d%s %d\n" % (
+                message.name,
+                c.next_tag,
+                message.attempt,
+                _token_field(message),
+                len(message.payload),
+            )
         else:
             head = b"DELIVER %s %d %d " % (message.name, c.next_tag, message.attempt)
         c.unsent.append(Line(head + self._payload(c, message.payload) + b"\n", t, message, c.next_tag))
@@ -1779,6 +1868,21 @@ def topic_problem(name: bytes) -> bytes:
     if any(unicodedata.category(ch) in INVISIBLE for ch in text):
         return b"topic must not contain whitespace, control, format or separator characters"
     return b"topic is not valid UTF-8" if bad_utf8 else b""
+
+
+def _frame_word(buf: bytes, pos: int, nl: int) -> bytes:
+    """The word of a frame's header line buf[pos:nl] (``pub``, ``req``, ``reply``), lower case; b"" for
+    any other line."""
+    for word in FRAMES:
+        n = len(word)
+        if nl - pos > n + 1 and buf[pos : pos + n].lower() == word and buf[pos + n] in BLANKS:
+            return word
+    return b""
+
+
+def _token_field(message: Message) -> bytes:
+    """`` <reply token>`` of a request's MSG or DMSG header (before the count); b"" for a plain message."""
+    return b"" if message.reply_to is None else b" " + message.reply_to
 
 
 def _split_field(data: bytes) -> tuple[bytes, bytes]:

@@ -149,6 +149,13 @@ hello_lines = st.sampled_from(
 # which must then be a line end), no count or a word for it (BAD_FRAME); ``long`` (a count one over,
 # which takes a byte of what follows) only where a frame left waiting for more input is fine
 FRAME_SHAPES = ("ok", "ok", "ok", "ok", "short", "no count", "word")
+# a frame's word: mostly PUB, sometimes a request (REQ, the same fields: issue 15, request/reply)
+frame_words = st.sampled_from([b"PUB", b"PUB", b"PUB", b"REQ"])
+# reply tokens <handle>.<generation>.<id>: a session's first connections are handles 0, 1, 2 of
+# generations 1, 2, 3 and ask few requests, so these are mostly real; then stale and malformed ones
+reply_tokens = st.sampled_from(
+    [b"0.1.1", b"0.1.2", b"1.2.1", b"1.2.2", b"2.3.1", b"0.2.1", b"9.1.1", b"0.1.99", b"x", b"1.2", b"0.1.0"]
+)
 
 
 @st.composite
@@ -158,10 +165,15 @@ def frame(
     ids: st.SearchStrategy[bytes] = ids,
     shapes: tuple[str, ...] = FRAME_SHAPES,
 ) -> bytes:
-    """``PUB <id> <topic> <nbytes>``, its line end, any payload and a line end: mostly well formed."""
+    """``PUB <id> <topic> <nbytes>`` (or ``REQ``, or ``REPLY <token>``), its line end, any payload and a
+    line end: mostly well formed."""
     payload = draw(payloads)
     sep = draw(separators)
-    head = sep.join([_case(b"PUB", draw(st.integers(0, 2))), draw(ids), draw(topics)])
+    word = draw(st.sampled_from([b"REPLY", b"other"]))
+    if word == b"REPLY":
+        head = sep.join([_case(word, draw(st.integers(0, 2))), draw(reply_tokens)])
+    else:
+        head = sep.join([_case(draw(frame_words), draw(st.integers(0, 2))), draw(ids), draw(topics)])
     shape = draw(st.sampled_from(shapes))
     count = {"short": max(len(payload) - 1, 0), "long": len(payload) + 1}.get(shape, len(payload))
     if shape == "no count":

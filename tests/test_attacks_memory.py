@@ -22,34 +22,30 @@ MiB = kit.MiB
 FLOOD_SECONDS = 10.0
 
 
-def _check_flood(proc: kit.Server, flood: kit.Flood, bound_kib: int) -> None:
-    assert flood.alive, proc.text()
-    assert not flood.stopped_early, f"VmHWM passed {bound_kib} KiB: {flood}"
-    assert flood.peak_kib < bound_kib, flood
-    # past the limit the publisher waits: no refusal, no other reply, and the server says it held it
-    assert flood.errors == 0 and flood.other_replies == 0, f"reply: {flood.first_other!r}"
-    assert flood.publish_holds > 0, flood
-    assert 0 < flood.accepted < flood.sent, flood
+def _flood_stays_under_max_memory(limit: int, message: bytes) -> None:
+    """Flood a server under ``--max-memory limit`` with ``message``: its VmHWM stays under the limit
+    plus 48 MiB, and past the limit the publisher waits (no refusal, no other reply, the server
+    says it held it)."""
+    bound_kib = (limit + 48 * MiB) // 1024
+    with kit.running("--max-memory", str(limit)) as proc:
+        flood = kit.publish_flood(proc, limit, message, seconds=FLOOD_SECONDS, stop_above_kib=bound_kib)
+        assert flood.alive, proc.text()
+        assert not flood.stopped_early, f"VmHWM passed {bound_kib} KiB: {flood}"
+        assert flood.peak_kib < bound_kib, flood
+        assert flood.errors == 0 and flood.other_replies == 0, f"reply: {flood.first_other!r}"
+        assert flood.publish_holds > 0, flood
+        assert 0 < flood.accepted < flood.sent, flood
+        assert proc.stop() == 0, proc.text()
 
 
 @pytest.mark.slow
 def test_empty_messages_count_against_max_memory() -> None:
-    limit = 1 * MiB
-    bound_kib = (limit + 48 * MiB) // 1024
-    with kit.running("--max-memory", str(limit)) as proc:
-        flood = kit.publish_flood(proc, limit, b"", seconds=FLOOD_SECONDS, stop_above_kib=bound_kib)
-        _check_flood(proc, flood, bound_kib)
-        assert proc.stop() == 0, proc.text()
+    _flood_stays_under_max_memory(1 * MiB, b"")
 
 
 @pytest.mark.slow
 def test_one_byte_messages_count_their_overhead_against_max_memory() -> None:
-    limit = 32 * MiB
-    bound_kib = (limit + 48 * MiB) // 1024
-    with kit.running("--max-memory", str(limit)) as proc:
-        flood = kit.publish_flood(proc, limit, b"x", seconds=FLOOD_SECONDS, stop_above_kib=bound_kib)
-        _check_flood(proc, flood, bound_kib)
-        assert proc.stop() == 0, proc.text()
+    _flood_stays_under_max_memory(32 * MiB, b"x")
 
 
 @pytest.mark.slow

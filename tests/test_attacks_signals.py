@@ -23,6 +23,16 @@ def _backlog_of_five(proc: kit.Server) -> None:
     pub.close()
 
 
+def _signal_logged(proc: kit.Server, sig: signal.Signals) -> int:
+    """Leave a backlog of five, send ``sig``, and wait for a log line that names it; where the log
+    stood before the signal."""
+    _backlog_of_five(proc)
+    mark = len(proc.log)
+    proc.proc.send_signal(sig)
+    assert proc.wait_log(sig.name, start=mark), f"no log line about {sig.name}: {proc.text()}"
+    return mark
+
+
 def _still_serving(proc: kit.Server) -> None:
     assert proc.alive(), f"exit {proc.proc.poll()}: {proc.text()}"
     client = kit.connected(proc)
@@ -37,10 +47,7 @@ def _still_serving(proc: kit.Server) -> None:
 @pytest.mark.parametrize("loop", kit.LOOPS)
 def test_sighup_is_logged_and_the_broker_keeps_serving(loop: str) -> None:
     with kit.running(loop=loop) as proc:
-        _backlog_of_five(proc)
-        mark = len(proc.log)
-        proc.proc.send_signal(signal.SIGHUP)
-        assert proc.wait_log("SIGHUP", start=mark), f"no log line about SIGHUP: {proc.text()}"
+        _signal_logged(proc, signal.SIGHUP)
         _still_serving(proc)
         assert proc.stop() == 0, proc.text()
 
@@ -48,10 +55,7 @@ def test_sighup_is_logged_and_the_broker_keeps_serving(loop: str) -> None:
 @pytest.mark.parametrize("loop", kit.LOOPS)
 def test_sigusr1_logs_the_counters_and_the_broker_keeps_serving(loop: str) -> None:
     with kit.running(loop=loop) as proc:
-        _backlog_of_five(proc)
-        mark = len(proc.log)
-        proc.proc.send_signal(signal.SIGUSR1)
-        assert proc.wait_log("SIGUSR1", start=mark), f"no log line about SIGUSR1: {proc.text()}"
+        mark = _signal_logged(proc, signal.SIGUSR1)
         assert proc.wait_log(r"published=5\b", start=mark), f"no counters in the log: {proc.text()}"
         _still_serving(proc)
         assert proc.stop() == 0, proc.text()

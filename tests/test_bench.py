@@ -266,3 +266,35 @@ def test_tls_benchmark_quick_measures_every_broker_over_tls() -> None:
         assert "nats-tls" in header and "pigeon-tls/nats-tls" in header
     else:
         assert "nats-server: not installed, skipped" in done.stdout
+
+
+def test_cluster_scaling_simulation_spreads_work_by_the_clusters_own_rules(tmp_path: Path) -> None:
+    from benchmarks.cluster_scaling import simulate
+
+    one = simulate(1, 1000, 0.0, 1.0, redirect=True)
+    assert one.throughput == pytest.approx(1.0)
+    for n in (2, 4, 8):
+        redirect = simulate(n, 1000, 0.0, 1.0, redirect=True)
+        random = simulate(n, 1000, 0.0, 1.0, redirect=False)
+        # even traffic over 256 slots: near n nodes' worth, never more; forwarding costs a share
+        assert 0.75 * n <= redirect.throughput <= n
+        assert random.throughput < redirect.throughput
+    # one topic is served by one owner: it never goes faster than one node, whatever the nodes
+    assert simulate(8, 1, 0.0, 1.0, redirect=True).throughput == pytest.approx(1.0)
+    # skewed traffic saturates the busiest owner first
+    assert (
+        simulate(8, 1000, 1.0, 1.0, redirect=True).throughput < simulate(8, 1000, 0.0, 1.0, True).throughput
+    )
+    out = tmp_path / "scaling.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cluster_scaling", "--nodes", "1,3", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())
+    assert {(r["nodes"], r["clients"], r["skew"]) for r in rows} == {
+        (n, c, s) for n in (1, 3) for c in ("redirect", "random") for s in (0.0, 1.0)
+    }

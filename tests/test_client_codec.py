@@ -169,21 +169,28 @@ def test_frame_splitter_keeps_partial_lines() -> None:
 def test_frame_splitter_takes_payloads_by_length_across_reads() -> None:
     payload = b"\nMSG t 1\nx\n\r\x00"
     stream = b"PUBLISHED t\nMSG t %d\n%s\nDMSG u 7 2 0\n\nMESSAGE v MSG w\n" % (len(payload), payload)
+    # requests carry their reply token before the count; a reply (RMSG) has its request id
+    stream += b"MSG s 0.1.7 2\nhi\nDMSG r 3 1 0.1.8 1\nz\nRMSG 9 2\nok\n"
     whole = [
         b"PUBLISHED t\n",
-        (b"t", payload, None, None),
-        (b"u", b"", 7, 2),
+        (b"t", payload, None, None, None),
+        (b"u", b"", 7, 2, None),
         b"MESSAGE v MSG w\n",
+        (b"s", b"hi", None, None, b"0.1.7"),
+        (b"r", b"z", 3, 1, b"0.1.8"),
+        (b"", b"ok", 9, None, None),
     ]
     assert codec.FrameSplitter().feed(stream) == whole
     one_by_one = codec.FrameSplitter()
     parts = [part for i in range(len(stream)) for part in one_by_one.feed(stream[i : i + 1])]
     assert b"".join(p for p in parts if isinstance(p, bytes)) == b"PUBLISHED t\nMESSAGE v MSG w\n"
-    assert [p for p in parts if isinstance(p, tuple)] == whole[1:3]
+    assert [p for p in parts if isinstance(p, tuple)] == [p for p in whole if isinstance(p, tuple)]
 
 
 @pytest.mark.parametrize(
-    "stream", [b"MSG t x\nabc\n", b"DMSG t 1 1\n\n", b"MSG t 2\nabc\n"], ids=["count", "fields", "line end"]
+    "stream",
+    [b"MSG t x\nabc\n", b"DMSG t 1 1\n\n", b"MSG t 2\nabc\n", b"RMSG 1 2 3\nab\n", b"MSG t a b 1\nx\n"],
+    ids=["count", "fields", "line end", "reply fields", "message fields"],
 )
 def test_frame_splitter_refuses_what_is_not_a_frame(stream: bytes) -> None:
     with pytest.raises(codec.BadStream):

@@ -35,6 +35,13 @@ class Harness:
         assert self.broker.feed(handle, b"CONNECT\n")
         return handle, self.take(handle).split()[1].decode()
 
+    def subscribed(self, topic: str = "t") -> tuple[int, str]:
+        """A connection that connected and subscribed to ``topic`` (its replies taken), and its client id."""
+        handle, client_id = self.connected()
+        reply = self.feed(handle, f"SUBSCRIBE {client_id} {topic}\n".encode())
+        assert reply == f"SUBSCRIBED {topic}\n".encode()
+        return handle, client_id
+
     def take(self, handle: int) -> bytes:
         data = b"".join(self.out[handle])
         self.out[handle].clear()
@@ -191,10 +198,7 @@ def test_a_publisher_never_waits_for_a_topic_it_consumes() -> None:
 def test_paused_subscribers_are_skipped_and_the_backlog_waits_for_a_resume() -> None:
     h = Harness()
     pub, pid = h.connected()
-    (a, ida), (b, idb) = h.connected(), h.connected()
-    h.feed(a, f"SUBSCRIBE {ida} t\n".encode())
-    h.feed(b, f"SUBSCRIBE {idb} t\n".encode())
-    h.take(a), h.take(b)
+    (a, _), (b, _) = h.subscribed(), h.subscribed()
     h.broker.pause(a)
     h.feed(pub, f"PUBLISH {pid} t 1\nPUBLISH {pid} t 2\n".encode())
     assert h.take(a) == b""
@@ -210,9 +214,7 @@ def test_paused_subscribers_are_skipped_and_the_backlog_waits_for_a_resume() -> 
 def test_the_message_is_kept_byte_for_byte() -> None:
     h = Harness()
     pub, pid = h.connected()
-    a, ida = h.connected()
-    h.feed(a, f"SUBSCRIBE {ida} t\n".encode())
-    h.take(a)
+    a, _ = h.subscribed()
     payload = b"  two leading spaces,\ttabs, \x00 NUL, \xff\xfe bytes, trailing  "
     h.feed(pub, f"PUBLISH {pid} t ".encode() + payload + b"\n")
     h.feed(pub, f"PUBLISH {pid} t \n".encode())
@@ -287,9 +289,7 @@ def test_valid_topics_include_utf8_and_the_longest_length() -> None:
 def test_disconnect_replies_leaves_every_rotation_and_ignores_what_follows() -> None:
     h = Harness()
     pub, pid = h.connected()
-    a, ida = h.connected()
-    h.feed(a, f"SUBSCRIBE {ida} t\n".encode())
-    h.take(a)
+    a, _ = h.subscribed()
     assert h.broker.feed(a, b"DISCONNECT\nPING\n") is False
     assert h.take(a) == b"DISCONNECTED\n"
     assert h.broker.topic_info(b"t") is None
@@ -325,9 +325,7 @@ def test_a_line_of_exactly_max_line_is_accepted() -> None:
 def test_output_is_one_write_per_connection_per_read() -> None:
     h = Harness()
     pub, pid = h.connected()
-    a, ida = h.connected()
-    h.feed(a, f"SUBSCRIBE {ida} t\n".encode())
-    h.take(a)
+    a, _ = h.subscribed()
     h.broker.feed(pub, b"".join(f"PUBLISH {pid} t {i}\nPING\n".encode() for i in range(1000)))
     assert len(h.out[pub]) == 1 and len(h.out[a]) == 1
     assert h.out[a][0].count(b"\n") == 1000
@@ -353,9 +351,7 @@ def test_a_writer_that_fails_takes_only_its_connection_out() -> None:
     dead = h.broker.open(broken)
     h.broker.feed(dead, b"CONNECT\n")
     dead_id = h.broker.client_id(dead)
-    a, ida = h.connected()
-    h.feed(a, f"SUBSCRIBE {ida} t\n".encode())
-    h.take(a)
+    a, _ = h.subscribed()
     assert h.broker.feed(dead, f"SUBSCRIBE {dead_id} t\n".encode()) is False
     assert h.broker.topic_info(b"t") == (1, 0)
     h.feed(pub, f"PUBLISH {pid} t x\nPUBLISH {pid} t y\n".encode())

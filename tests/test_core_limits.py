@@ -162,7 +162,7 @@ def test_hello_before_connect(make: Make) -> None:
     fresh.send("HELLO", "HELLO me")
     assert fresh.take() == (
         b'HELLO {"protocol":1,"max_line":4096,"topic_max":255,"idle_timeout":30.0,"max_payload":8388608,'
-        b'"features":["ack","binary","groups","wildcards"]}\n'
+        b'"features":["ack","binary","groups","wildcards","request"]}\n'
         b"ERROR USAGE usage: HELLO [1|2]\n"
     )
 

@@ -604,7 +604,7 @@ def test_hello_tells_the_protocol_and_the_limits_before_connect() -> None:
         "topic_max": 255,
         "idle_timeout": 30.0,
         "max_payload": 8388608,
-        "features": ["ack", "binary", "groups", "wildcards"],
+        "features": ["ack", "binary", "groups", "wildcards", "request"],
     }
     p.send(b"HELLO there\n")
     assert p.take() == b"ERROR USAGE usage: HELLO [1|2]\n"

@@ -62,6 +62,8 @@ def test_commands_and_errors_are_counted_by_kind() -> None:
         "ack": 0,
         "nack": 0,
         "destroy": 0,
+        "req": 0,
+        "reply": 0,
         "unknown": 1,
     }
     assert stats["errors"] == {
@@ -88,6 +90,7 @@ def test_commands_and_errors_are_counted_by_kind() -> None:
         "bad_frame": 0,
         "no_such_group": 0,
         "group_in_use": 0,
+        "bad_reply_token": 0,
     }
     assert list(stats["commands"]) == list(COMMAND_NAMES)
     assert list(stats["errors"]) == list(ERROR_NAMES)

@@ -266,6 +266,55 @@ def test_dashboard_shows_the_log_on_disk(tmp_path: Path, browser: webdriver.Chro
     assert proc.stop() == 0
 
 
+def test_dashboard_shows_the_recovery(tmp_path: Path, browser: webdriver.Chrome) -> None:
+    data = tmp_path / "data"
+    proc, _ = start_monitored("--data-dir", str(data))
+    pub = proc.client()
+    pub.connect()
+    pub.send("".join(f"PUBLISH {pub.client_id} idle kept-{i}\n" for i in range(1000)))
+    pub.lines(1000)
+    pub.close()
+    assert proc.stop() == 0
+    proc, url = start_monitored("--data-dir", str(data))
+    proc.wait_for_log(" topics from ")  # the restore is over
+    browser.get(url)
+    stats = get_json(url + "stats")
+    assert stats["log_recovered_messages"] == 1000 and not stats["log_recovering"]
+
+    def figures() -> list[str]:
+        return list(
+            browser.execute_script(
+                "const e = id => document.getElementById(id);"
+                "return [e('log-recovery').textContent, e('log-restored').dataset.bytes,"
+                " e('log-restored').dataset.total, e('log-recovered').textContent,"
+                " String(e('log-recovery-meter').hidden)];"
+            )
+        )
+
+    expected = [
+        "done",
+        str(stats["log_recovery_done_bytes"]),
+        str(stats["log_recovery_total_bytes"]),
+        "1000",
+        "true",
+    ]
+    WebDriverWait(browser, 20, poll_frequency=0.2).until(lambda _: figures() == expected)
+    assert stats["log_recovery_total_bytes"] > 0
+    # a restore under way (a large log restores in about a second, less than the page's poll):
+    # the page drawn from such figures, in one script so that no poll comes in between
+    shown = browser.execute_script(
+        "showLog(Object.assign({}, arguments[0], {log_recovering: true, log_recovery_done_bytes: 1024,"
+        " log_recovery_total_bytes: 4096, log_recovered_messages: 7}));"
+        "const e = id => document.getElementById(id);"
+        "return [e('log-recovery').textContent, e('log-restored').textContent,"
+        " e('log-recovered').textContent, e('log-recovery-meter').hidden,"
+        " e('log-recovery-meter').firstElementChild.style.width];",
+        stats,
+    )
+    assert shown == ["restoring", "1.0 KiB of 4.0 KiB", "7", False, "25%"]
+    assert proc.stop() == 0
+
+
 def table(browser: webdriver.Chrome, table_id: str) -> list[list[str]]:
     """The text of every cell of a table's body, read in one script (the page replaces rows at every poll)."""
     rows = browser.execute_script(

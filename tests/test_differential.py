@@ -29,6 +29,7 @@ long run in docs/operations.md uses 5000).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -51,6 +52,8 @@ from tests.strategies import (
     messages,
     nack_delays,
     pattern_topics,
+    payloads,
+    reply_tokens,
     separators,
     stats_lines,
     subscribe_options,
@@ -60,6 +63,11 @@ from tests.strategies import (
 # which live connection a rule acts on (modulo their number)
 picks = st.integers(0, 7)
 MEMORY_NEVER_FULL = 1 << 40
+
+
+def publishes(items: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """One ``PUBLISH <me> <topic> <body>`` line per (topic, body)."""
+    return b"".join(b"PUBLISH <me> %s %s\n" % item for item in items)
 
 
 class CoreVsModel(RuleBasedStateMachine):
@@ -227,7 +235,7 @@ class CoreVsModel(RuleBasedStateMachine):
         self, i: int, j: int, topic: bytes, bodies: list[bytes], nack: bool, back: int, span: int, flush: bool
     ) -> None:
         """A publisher's messages, then a consumer that settles some of what it holds."""
-        lines = b"".join(b"PUBLISH <me> " + topic + b" " + body + b"\n" for body in bodies)
+        lines = publishes((topic, body) for body in bodies)
         self._send(self.session.live(i), lines, flush=flush)
         self.settle(j, nack, back, span, b"", flush)
 
@@ -238,7 +246,7 @@ class CoreVsModel(RuleBasedStateMachine):
 
     @rule(i=picks, topic=good_topics, bodies=st.lists(messages, min_size=1, max_size=8), flush=st.booleans())
     def publish(self, i: int, topic: bytes, bodies: list[bytes], flush: bool) -> None:
-        lines = b"".join(b"PUBLISH <me> " + topic + b" " + body + b"\n" for body in bodies)
+        lines = publishes((topic, body) for body in bodies)
         self._send(self.session.live(i), lines, flush=flush)
 
     @rule(
@@ -247,7 +255,7 @@ class CoreVsModel(RuleBasedStateMachine):
         flush=st.booleans(),
     )
     def publish_to_several_topics(self, i: int, items: list[tuple[bytes, bytes]], flush: bool) -> None:
-        lines = b"".join(b"PUBLISH <me> " + topic + b" " + body + b"\n" for topic, body in items)
+        lines = publishes(items)
         self._send(self.session.live(i), lines, flush=flush)
 
     @rule(
@@ -258,9 +266,7 @@ class CoreVsModel(RuleBasedStateMachine):
     )
     def strand(self, i: int, j: int, items: list[tuple[bytes, bytes]], fate: str) -> None:
         """Messages routed to a connection that goes, fails or pauses before they are handed over."""
-        self._send(
-            self.session.live(i), b"".join(b"PUBLISH <me> %s %s\n" % item for item in items), flush=False
-        )
+        self._send(self.session.live(i), publishes(items), flush=False)
         victim = self.session.live(j)
         if victim is None:
             return
@@ -294,7 +300,7 @@ class CoreVsModel(RuleBasedStateMachine):
     )
     def publish_to_groups(self, i: int, items: list[tuple[bytes, bytes]], flush: bool) -> None:
         """Messages to topics that patterns and groups match (fan-out, backlogs of groups)."""
-        lines = b"".join(b"PUBLISH <me> " + topic + b" " + body + b"\n" for topic, body in items)
+        lines = publishes(items)
         self._send(self.session.live(i), lines, flush=flush)
 
     @rule(i=picks, topic=good_topics)
@@ -322,6 +328,17 @@ class CoreVsModel(RuleBasedStateMachine):
         cut %= len(data) + 1
         self._send(peer, data[:cut], flush=flush)
         self._send(peer, data[cut:], flush=flush)
+
+    @rule(i=picks, j=picks, topic=good_topics, payload=payloads, token=reply_tokens, twice=st.booleans())
+    def request_and_reply(
+        self, i: int, j: int, topic: bytes, payload: bytes, token: bytes, twice: bool
+    ) -> None:
+        """A request, then a reply from some connection: the first connections' first requests have
+        the tokens ``reply_tokens`` mostly names, so many replies reach a requester; a second reply
+        to the same token is dropped."""
+        self._send(self.session.live(i), b"REQ <me> %s %d\n%s\n" % (topic, len(payload), payload))
+        for _ in range(2 if twice else 1):
+            self._send(self.session.live(j), b"REPLY %s %d\n%s\n" % (token, len(payload), payload))
 
     @rule(i=picks, event=st.sampled_from(["pause", "resume", "eof", "close"]))
     def connection_event(self, i: int, event: str) -> None:
@@ -391,3 +408,32 @@ CoreVsModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_core_matches_model = pytest.mark.slow(CoreVsModel.TestCase)
+
+
+def test_request_reply_session_matches_the_model() -> None:
+    """One request/reply session step by step, so that every path is compared on every run: a request to a
+    framed subscriber and a v1 one, its reply (RMSG), a second reply dropped, a malformed token, a reply to
+    a closed requester, and a reused handle of a new generation."""
+    session = Session({"max_memory": MEMORY_NEVER_FULL, "ack_timeout": 0}, deferred=False)
+    try:
+        requester, responder, v1 = session.open(), session.open(), session.open()
+        for peer in (requester, responder, v1):
+            session.feed(peer, b"CONNECT\n")
+        session.feed(
+            responder, session.own_id(responder, b"HELLO 2\nSUBSCRIBE <me> a\nSUBSCRIBE <me> b ACK\n")
+        )
+        session.feed(v1, session.own_id(v1, b"SUBSCRIBE <me> a GROUP g\n"))
+        session.feed(requester, session.own_id(requester, b"REQ <me> a 3\nx\ny\nREQ <me> b 0\n\n"))
+        session.feed(responder, b"REPLY 0.1.1 2\nok\nREPLY 0.1.1 2\nno\nREPLY 0.1.2 0\n\nREPLY 1..2 1\nz\n")
+        session.check()
+        session.feed(requester, session.own_id(requester, b"REQ <me> c 1\nq\n"))
+        session.close(requester)
+        again = session.open()  # the core's handle 0 again, of generation 4
+        session.feed(again, b"CONNECT\n")
+        session.feed(again, session.own_id(again, b"REQ <me> c 1\nr\n"))
+        session.feed(responder, session.own_id(responder, b"SUBSCRIBE <me> c\n"))
+        session.feed(responder, b"REPLY 0.1.3 1\n1\nREPLY 0.4.1 1\n2\n")
+        session.check()
+        assert session.core_broker.stats()["replies"] == 3
+    finally:
+        session.finish()

@@ -86,7 +86,7 @@ def test_hello_2_names_the_protocol_the_features_and_max_payload(server: ServerP
     client = server.client()
     v1 = json.loads(client.ask("HELLO")[6:])
     assert v1["protocol"] == 1 and v1["max_payload"] == LIMIT_DEFAULTS["max_payload"]
-    assert v1["features"] == ["ack", "binary", "groups", "wildcards"]
+    assert v1["features"] == ["ack", "binary", "groups", "wildcards", "request"]
     v2 = json.loads(client.ask("hello 2")[6:])
     assert v2 == {**v1, "protocol": 2}
     assert json.loads(client.ask("HELLO")[6:])["protocol"] == 2, "bare HELLO answers for the current protocol"
@@ -98,7 +98,7 @@ def test_features_follow_the_servers_flags(start_server: StartServer, tmp_path: 
     server = start_server("--data-dir", str(tmp_path), "--max-payload", "1000")
     hello = json.loads(server.client().ask("HELLO 2")[6:])
     assert (
-        hello["features"] == ["ack", "binary", "groups", "wildcards", "persistence"]
+        hello["features"] == ["ack", "binary", "groups", "wildcards", "request", "persistence"]
         and hello["max_payload"] == 1000
     )
 

@@ -463,6 +463,35 @@ def test_publishers_wait_at_max_disk_and_go_on_once_a_consumer_drains(tmp_path: 
         assert _stats(probe)["publishers_held"] == 0
 
 
+def test_max_disk_counts_every_copy_of_a_message_to_groups(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    limit = 1 << 20
+    with _server(data, "--max-disk", str(limit)) as server:
+        pub, probe, member = server.client(), server.client(), server.client()
+        for client in (pub, probe, member):
+            client.connect()
+        for group in range(4):
+            reply = member.ask(f"SUBSCRIBE {member.client_id} fan GROUP g{group} ACK PREFETCH 1")
+            assert reply == b"SUBSCRIBED fan"
+        body = "f" * 55_000
+        # each message is four records of 55 KB: four messages fit in the limit, the fifth waits
+        # (counting one copy, it was taken and the log went past the limit)
+        pub.send("".join(f"PUBLISH {pub.client_id} fan {body}\n" for _ in range(6)))
+        deadline = time.monotonic() + DEADLINE
+        while _stats(probe)["publishers_held"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = _stats(probe)
+        assert stats["publishers_held"] == 1
+        assert isinstance(stats["log_disk_bytes"], int) and 4 * 4 * 55_000 < stats["log_disk_bytes"] <= limit
+        assert sum(p.stat().st_size for p in _segments(data)) <= limit
+        assert pub.lines(4) == [b"PUBLISHED fan"] * 4 and pub.quiet()
+        # five copies take more than a quarter of the limit: waiting cannot help
+        another = server.client()
+        another.connect()
+        assert another.ask(f"SUBSCRIBE {another.client_id} fan GROUP g4") == b"SUBSCRIBED fan"
+        assert probe.ask(f"PUBLISH {probe.client_id} fan {body}").startswith(b"ERROR STORAGE_FULL ")
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs (needs the right to mount; skipped where the environment does not allow it)."""

@@ -55,11 +55,22 @@ def _read_exactly(client: LineClient, n: int) -> bytes:
     return data
 
 
+def _until_closed(client_id: str, lines: list[bytes]) -> list[bytes]:
+    """The lines up to the one after which the server closes the connection (all of them when
+    none does): bytes sent after the close would race with it (a reset, a broken pipe)."""
+    for k in range(1, len(lines)):
+        if not Expect(client_id).feed(b"".join(lines[:k]))[1]:
+            return lines[:k]
+    return lines
+
+
 def _check_stream(server: ServerProcess, lines: list[bytes], cuts: list[int]) -> None:
     """Send the stream cut at ``cuts`` on a new connection; its output must be the model's."""
     client = server.client()
     cid = client.connect()
-    stream = b"".join(lines).replace(NONCE, b"p%d." % next(_nonces)).replace(OWN_ID, cid.encode())
+    nonce = b"p%d." % next(_nonces)
+    lines = _until_closed(cid, [line.replace(NONCE, nonce).replace(OWN_ID, cid.encode()) for line in lines])
+    stream = b"".join(lines)
     expected, still_open = Expect(cid).feed(stream)
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
     for a, b in itertools.pairwise(points):

@@ -20,6 +20,7 @@ from pigeon.errors import PigeonError
 
 SUBCOMMAND_MODULES = (
     "pigeon.cli.pubsub",
+    "pigeon.cli.reqrep",
     "pigeon.cli.stats",
     "pigeon.cli.top",
     "pigeon.cli.cluster",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast, overload
 from pigeon.client.address import TlsOption, url_keywords
 from pigeon.client.base import (
     DEFAULT_MAX_QUEUED,
+    DEFAULT_REQUEST_TIMEOUT,
     WINDOW,
     ClientBase,
     ClientOptions,
@@ -178,6 +179,13 @@ class AsyncClient(ClientBase, AsyncUse):
         was lost with the connection is reported with a ConnectionClosedError.
         """
         return await self._publish_many(topic, messages)
+
+    async def request(
+        self, topic: str | bytes, message: Data, *, timeout: float = DEFAULT_REQUEST_TIMEOUT
+    ) -> Message:
+        """Send a request to ``topic`` and return the first reply (see ``Client.request``); many may
+        be awaited at once on one client."""
+        return await self._request(topic, message, timeout)
 
     async def check_acks(self) -> list[UnknownDeliveryTagError]:
         """Wait until the broker has read every ACK and NACK sent; return its refusals (see ``Client``)."""

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 10.0
+DEFAULT_REQUEST_TIMEOUT = 5.0  # seconds request() waits for a reply
 DEFAULT_RECONNECT_TIMEOUT = 30.0
 DEFAULT_MAX_QUEUED = 10_000  # deliveries an AsyncClient holds before it stops reading
 
@@ -124,7 +125,7 @@ class ClientBase(abc.ABC):
         self._max_payload: int | None = None  # the largest framed payload it takes, when HELLO said
         self._framed = False  # the connection speaks protocol 2: framed publishes and deliveries
         self._cid = b""
-        self._session = Session()
+        self._session = Session(self)
         # (topic or pattern, group) -> options, in order, re-subscribed after a reconnect
         self._topics: dict[tuple[bytes, bytes | None], SubscribeOptions] = {}
         self._unflushed: list[Pending] = []  # publish(wait=False) batches since the last flush
@@ -569,6 +570,55 @@ class ClientBase(abc.ABC):
             self._session.cut_batch(batch, sent, errors.TimeoutError("interrupted"))
             raise
         return batch.refused
+
+    # ------------------------------------------------------------ request/reply
+
+    async def _request(self, topic: str | bytes, message: Data, timeout: float) -> Message:
+        """Send a request (``REQ``) and wait up to ``timeout`` seconds for its reply (``RMSG``).
+
+        The reply comes to this connection only: a connection lost meanwhile
+        loses it, so that raises ConnectionClosedError (the request may have
+        been answered). Deliveries arriving while waiting stay queued.
+        """
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise InvalidArgumentError(f"timeout must be a number of seconds over 0, not {timeout!r}")
+        name = codec.encode_topic(topic)
+        data = codec.payload_bytes(message)
+        deadline = time.monotonic() + timeout
+        await self._ready()
+        self._require("request", "request/reply")
+        codec.check_payload(data, self._max_payload)
+        reply = await self._command(b"REQUESTED", lambda: codec.req_frame(self._cid, name, data), retry=False)
+        request_id = int(reply)
+        session = self._session
+        generation = self._generation
+        try:
+            while request_id not in session.replies:
+                if self._generation != generation or not self.connected:
+                    raise ConnectionClosedError("the connection was lost before the reply to a request came")
+                if time.monotonic() >= deadline:
+                    raise errors.RequestTimeoutError(
+                        f"no reply to a request on {name.decode('utf-8', 'replace')!r} within {timeout}s"
+                    )
+                await self._wait_for_data(deadline)
+            return Message(name.decode(), session.replies.pop(request_id))
+        finally:
+            session.awaited.discard(request_id)  # a reply after the timeout is dropped
+
+    def reply(self, token: bytes, data: Data) -> None:
+        """Send ``REPLY <token>`` with ``data`` (``Message.respond``), at once and without waiting."""
+        self._require("request", "request/reply")
+        payload = codec.payload_bytes(data)
+        codec.check_payload(payload, self._max_payload)
+        self._write(codec.reply_frame(token, payload))
+
+    def _require(self, feature: str, what: str) -> None:
+        """FeatureNotSupportedError unless the server speaks protocol 2 and its HELLO lists ``feature``."""
+        info = self.server_info
+        if not self._framed or info is None or feature not in info.features:
+            raise FeatureNotSupportedError(
+                feature, f"the server does not support {what} (no {feature!r} in its HELLO)"
+            )
 
     # ------------------------------------------------------------ deliveries
 

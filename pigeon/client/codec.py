@@ -33,6 +33,13 @@ class Settler(Protocol):
         """Give ``messages`` back for redelivery."""
 
 
+class Replier(Protocol):
+    """What answers a request: the client it came to."""
+
+    def reply(self, token: bytes, data: Data) -> None:
+        """Send ``data`` as the reply to the request whose reply token is ``token``."""
+
+
 class Link:
     """One connection of a client, as the deliveries of its acknowledged subscriptions know it.
 
@@ -52,11 +59,12 @@ class Message:
 
     From an acknowledged subscription it also has its delivery ``tag`` and
     ``attempt`` (1 on the first delivery), and ``ack()`` and ``nack()``
-    settle it; from a plain one both are None. Read-only; equal when topic,
-    data, tag and attempt are; unpacks as ``topic, data``.
+    settle it; from a plain one both are None. A request (``client.request``)
+    has its ``reply_to`` token, and ``respond()`` answers it. Read-only; equal
+    when topic, data, tag and attempt are; unpacks as ``topic, data``.
     """
 
-    __slots__ = ("_attempt", "_data", "_link", "_tag", "_topic")
+    __slots__ = ("_attempt", "_data", "_link", "_replier", "_reply_to", "_tag", "_topic")
 
     def __init__(
         self,
@@ -65,12 +73,16 @@ class Message:
         tag: int | None = None,
         attempt: int | None = None,
         link: Link | None = None,
+        reply_to: bytes | None = None,
+        replier: Replier | None = None,
     ) -> None:
         self._topic = topic
         self._data = data
         self._tag = tag
         self._attempt = attempt
         self._link = link
+        self._reply_to = reply_to
+        self._replier = replier
 
     @property
     def topic(self) -> str:
@@ -93,6 +105,11 @@ class Message:
         return self._attempt
 
     @property
+    def reply_to(self) -> str | None:
+        """The reply token of a request (``<handle>.<generation>.<id>``); None for a plain message."""
+        return None if self._reply_to is None else self._reply_to.decode()
+
+    @property
     def text(self) -> str:
         """The data decoded as UTF-8."""
         return self._data.decode()
@@ -104,6 +121,14 @@ class Message:
     def nack(self, delay: float | None = None) -> None:
         """Give this message back for redelivery, after ``delay`` seconds if given (``client.nack``)."""
         self._settler().nack((self,), delay)
+
+    def respond(self, data: Data) -> None:
+        """Answer this request: ``data`` goes straight back to its requester (the first answer of
+        any responder wins; later ones are dropped by the broker). Sent at once, without waiting:
+        the broker does not reply to a ``REPLY``. InvalidArgumentError when this is no request."""
+        if self._reply_to is None or self._replier is None:
+            raise InvalidArgumentError("not a request: there is no one to respond to")
+        self._replier.reply(self._reply_to, data)
 
     def _settler(self) -> Settler:
         if self._link is None:
@@ -223,6 +248,16 @@ def check_payload(data: Bytes, max_payload: int | None) -> None:
 def pub_frame(client_id: bytes, topic: bytes, data: bytes) -> bytes:
     """The framed publish of protocol 2: ``PUB <client_id> <topic> <nbytes>``, the payload, a line end."""
     return b"PUB %s %s %d\n%s\n" % (client_id, topic, len(data), data)
+
+
+def req_frame(client_id: bytes, topic: bytes, data: bytes) -> bytes:
+    """A request: ``REQ <client_id> <topic> <nbytes>``, the payload, a line end (``REQUESTED <id>``)."""
+    return b"REQ %s %s %d\n%s\n" % (client_id, topic, len(data), data)
+
+
+def reply_frame(token: bytes, data: bytes) -> bytes:
+    """The answer to a request: ``REPLY <token> <nbytes>``, the payload, a line end (no answer)."""
+    return b"REPLY %s %d\n%s\n" % (token, len(data), data)
 
 
 def pub_frames(client_id: bytes, topic: bytes, messages: Sequence[Bytes]) -> bytes:
@@ -524,9 +559,12 @@ def parse_stats_page(section: str, reply: bytes) -> tuple[list[dict[str, Any]], 
 
 
 HEADERS_KEPT = 256  # parsed MSG headers a FrameSplitter keeps
-# A delivery of protocol 2: (topic, payload, tag, attempt), tag and attempt None for ``MSG``. A
-# plain tuple: a client reads hundreds of thousands a second, and a tuple costs least to make.
-Frame = tuple[bytes, bytes, int | None, int | None]
+# A delivery of protocol 2: (topic, payload, tag, attempt, reply token), tag and attempt None for
+# ``MSG``, the token None but for a request; a reply to a request of this client (``RMSG``) has an
+# empty topic (no topic is empty) and its request id as tag. A plain tuple: a client reads
+# hundreds of thousands a second, and a tuple costs least to make.
+Frame = tuple[bytes, bytes, int | None, int | None, bytes | None]
+Header = tuple[bytes, int | None, int | None, bytes | None, int]
 
 
 class BadStream(ValueError):
@@ -534,29 +572,31 @@ class BadStream(ValueError):
 
 
 def _frame_start(buf: bytes, pos: int) -> int:
-    """Where the first line after ``pos`` that starts with ``MSG `` or ``DMSG `` starts, else -1."""
+    """Where the first line after ``pos`` starting with ``MSG ``, ``DMSG `` or ``RMSG `` starts, else -1."""
     at = pos + 1
     while True:
         found = buf.find(b"MSG ", at)
         if found < 0:
             return -1
-        start = found - 1 if buf[found - 1] == 0x44 else found  # 0x44: the D of DMSG
+        # 0x44, 0x52: the D of DMSG, the R of RMSG
+        start = found - 1 if buf[found - 1] in (0x44, 0x52) else found
         if buf[start - 1] == 0x0A:
             return start
         at = found + 1
 
 
-def _frame_header(header: bytes) -> tuple[bytes, int | None, int | None, int]:
-    """``(topic, tag, attempt, nbytes)`` of a ``MSG`` or ``DMSG`` header line; raises BadStream."""
+def _frame_header(header: bytes) -> Header:
+    """``(topic, tag, attempt, reply token, nbytes)`` of a ``MSG``, ``DMSG`` or ``RMSG`` header
+    line (an RMSG's: an empty topic, its request id as tag); raises BadStream."""
+    fields = header.split(b" ")
     try:
-        if header.startswith(b"MSG "):
-            topic, _, count = header[4:].rpartition(b" ")
-            if topic and b" " not in topic:
-                return topic, None, None, int(count)
-        else:
-            fields = header.split(b" ")
-            if len(fields) == 5:
-                return fields[1], int(fields[2]), int(fields[3]), int(fields[4])
+        if fields[0] == b"MSG" and len(fields) in (3, 4):
+            return fields[1], None, None, fields[2] if len(fields) == 4 else None, int(fields[-1])
+        if fields[0] == b"DMSG" and len(fields) in (5, 6):
+            token = fields[4] if len(fields) == 6 else None
+            return fields[1], int(fields[2]), int(fields[3]), token, int(fields[-1])
+        if fields[0] == b"RMSG" and len(fields) == 3:
+            return b"", int(fields[1]), None, None, int(fields[2])
     except ValueError:
         pass
     raise BadStream(f"bad frame header from the server: {header[:100]!r}")
@@ -574,7 +614,7 @@ class FrameSplitter:
 
     def __init__(self) -> None:
         # MSG headers seen lately, parsed: a stream repeats a few (one topic, one size) many times
-        self._headers: dict[bytes, tuple[bytes, int | None, int | None, int]] = {}
+        self._headers: dict[bytes, Header] = {}
         self._parts: list[bytes] = []  # input not yet cut, in order
         self._held = 0  # its length
         self._need = 0  # bytes the unfinished frame needs in all before cutting is worth trying
@@ -596,7 +636,7 @@ class FrameSplitter:
         size = len(buf)
         starts, find, headers = buf.startswith, buf.find, self._headers
         while pos < size:
-            if starts(b"MSG ", pos) or starts(b"DMSG ", pos):
+            if starts(b"MSG ", pos) or starts(b"DMSG ", pos) or starts(b"RMSG ", pos):
                 eol = find(b"\n", pos)
                 if eol < 0:
                     break
@@ -604,11 +644,11 @@ class FrameSplitter:
                 parsed = headers.get(header)
                 if parsed is None:
                     parsed = _frame_header(header)
-                    if parsed[1] is None:  # a DMSG header has its own tag: not worth keeping
+                    if parsed[1] is None and parsed[3] is None:  # a tag or token is its own: not kept
                         if len(headers) >= HEADERS_KEPT:
                             headers.clear()
                         headers[header] = parsed
-                topic, tag, attempt, nbytes = parsed
+                topic, tag, attempt, token, nbytes = parsed
                 end = eol + 1 + nbytes
                 if end >= size:
                     self._need = end + 1 - pos
@@ -617,7 +657,7 @@ class FrameSplitter:
                     raise BadStream(
                         f"a frame of {nbytes} bytes from the server is not followed by a line end"
                     )
-                out.append((topic, buf[eol + 1 : end], tag, attempt))
+                out.append((topic, buf[eol + 1 : end], tag, attempt, token))
                 pos = end + 1
                 continue
             start = _frame_start(buf, pos)

@@ -6,7 +6,10 @@ deliveries anywhere in between: ``MSG`` and ``DMSG`` frames after ``HELLO 2``
 to commands first in, first out, and deliveries are set aside for the consumer: a
 delivery that arrives while a reply is awaited is never lost and never taken for
 the reply. ``ACK`` and ``NACK`` have no reply on success; their one error,
-``UNKNOWN_DELIVERY_TAG``, is told apart by its code and set aside too.
+``UNKNOWN_DELIVERY_TAG``, is told apart by its code and set aside too; so does
+``REPLY`` (``BAD_REPLY_TOKEN``). A request's ``REQUESTED <id>`` reply makes the
+id awaited, and the reply to it (an ``RMSG`` frame, which always comes after)
+is kept in ``replies`` for ``request()``; one for an id not awaited is dropped.
 
 ``Client`` and ``AsyncClient`` wrap one ``Session`` each and do the socket work.
 """
@@ -18,8 +21,9 @@ from collections.abc import Callable
 from typing import cast
 
 from pigeon.client import codec
-from pigeon.client.codec import Link, Message, Refused
+from pigeon.client.codec import Link, Message, Refused, Replier
 from pigeon.errors import (
+    BadReplyTokenError,
     ClosingError,
     CommandError,
     ConnectionClosedError,
@@ -60,16 +64,20 @@ class Session:
         "_lines",
         "_pending",
         "_topic_names",
+        "awaited",
+        "bad_replies",
         "broken",
         "closing",
         "in_flight",
         "link",
         "messages",
         "notice",
+        "replier",
+        "replies",
         "unknown_tags",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, replier: Replier | None = None) -> None:
         self._lines = codec.FrameSplitter()
         self._pending: deque[Pending] = deque()
         self._topic_names: dict[bytes, str] = {}
@@ -80,6 +88,10 @@ class Session:
         self.broken: str | None = None  # why the server's output stopped making sense
         self.link: Link | None = None  # the open connection, as its acknowledged deliveries know it
         self.unknown_tags: deque[UnknownDeliveryTagError] = deque(maxlen=UNKNOWN_TAGS_KEPT)
+        self.bad_replies: deque[BadReplyTokenError] = deque(maxlen=UNKNOWN_TAGS_KEPT)
+        self.replier = replier  # what answers the requests delivered here (the client)
+        self.awaited: set[int] = set()  # ids of this connection's requests that await a reply
+        self.replies: dict[int, bytes] = {}  # replies arrived for them, by request id
 
     def expect(self, verb: bytes) -> Pending:
         """Register one command just sent; its reply word on success is ``verb``."""
@@ -140,9 +152,22 @@ class Session:
         messages, link = self.messages, self.link
         for part in parts:
             if type(part) is tuple:
-                topic, data, tag, attempt = part
+                topic, data, tag, attempt, token = part
+                if not topic:  # RMSG: the reply to one of this connection's requests
+                    if tag in self.awaited:
+                        self.awaited.discard(tag)
+                        self.replies[tag] = data
+                    continue
                 messages.append(
-                    Message(self._topic_name(topic), data, tag, attempt, None if tag is None else link)
+                    Message(
+                        self._topic_name(topic),
+                        data,
+                        tag,
+                        attempt,
+                        None if tag is None else link,
+                        token,
+                        None if token is None else self.replier,
+                    )
                 )
             elif not self._receive_lines(cast(bytes, part), completed):
                 break
@@ -197,6 +222,7 @@ class Session:
         self._pending.clear()
         self._lines.reset()
         self.in_flight = 0
+        self.awaited.clear()  # replies are sent to the connection that asked: none will come now
         self.notice = None
         self.closing = False
         self.broken = None
@@ -240,6 +266,9 @@ class Session:
         if isinstance(error, UnknownDeliveryTagError):
             self.unknown_tags.append(error)  # an ACK or NACK refused: no command awaits it
             return True
+        if isinstance(error, BadReplyTokenError):
+            self.bad_replies.append(error)  # a REPLY refused: no command awaits it either
+            return True
         if isinstance(error, ClosingError):
             # the connection ends here: what is awaited fails with this error as the reason
             self.notice = error
@@ -254,6 +283,8 @@ class Session:
         head = self._pending[0]
         if word == head.verb:
             head.reply = rest
+            if word == b"REQUESTED" and rest.isdigit():
+                self.awaited.add(int(rest))  # before its RMSG can be read
         elif error is not None:
             if head.batch:
                 head.refused.append(Refused(head.answered, error))

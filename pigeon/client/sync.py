@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from pigeon import errors
 from pigeon.client.base import (
+    DEFAULT_REQUEST_TIMEOUT,
     RECV_SIZE,
     WINDOW,
     ClientBase,
@@ -135,6 +136,18 @@ class Client(ClientBase, BlockingUse):
         was lost with the connection is reported with a ConnectionClosedError.
         """
         return run_blocking(self._publish_many(topic, messages))
+
+    def request(
+        self, topic: str | bytes, message: Data, *, timeout: float = DEFAULT_REQUEST_TIMEOUT
+    ) -> Message:
+        """Send a request to ``topic`` and return the first reply, as a Message (its topic the request's).
+
+        The request is routed like a publish (one subscriber of each group);
+        a subscriber answers with ``message.respond(data)``. Raises
+        RequestTimeoutError when no reply comes within ``timeout`` seconds;
+        a later reply is dropped. Deliveries arriving meanwhile stay queued.
+        """
+        return run_blocking(self._request(topic, message, timeout))
 
     def check_acks(self) -> list[UnknownDeliveryTagError]:
         """Wait until the broker has read every ACK and NACK sent (a PING round trip); return its refusals.

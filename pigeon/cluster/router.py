@@ -14,7 +14,8 @@ command, only on cluster nodes) and keeps the protocol's promises across sources
   upstream of a client speaks the client's protocol (``HELLO 1``/``HELLO 2``), and ``MSG``/``DMSG``
   frames from owners are relayed whole by their length (a ``DMSG`` tag renumbered like ``DELIVER``);
 - a wildcard pattern spans slots: ``SUBSCRIBE``/``UNSUBSCRIBE``/``DESTROY`` of one is refused with
-  ``ERROR NO_PATTERNS_IN_CLUSTER`` (docs/cluster.md, limits);
+  ``ERROR NO_PATTERNS_IN_CLUSTER`` (docs/cluster.md, limits); so are ``REQ`` and ``REPLY`` frames
+  with ``ERROR NO_REQUEST_IN_CLUSTER``, a reply token naming one node's connection;
 - with ``CLUSTER REDIRECT`` a client asks to be told ``ERROR MOVED <slot> <host:port>`` instead of
   being forwarded (docs/cluster.md), the way Redis Cluster clients are.
 """
@@ -84,6 +85,21 @@ def pub_nbytes(header: bytes) -> int | None:
     return int(fields[3])
 
 
+_REQUEST_FRAMES = {b"REQ": 4, b"REPLY": 3}  # the frames of request/reply, by their number of fields
+
+
+def frame_nbytes(header: bytes) -> int | None:
+    """The ``<nbytes>`` of a well-formed frame header: ``PUB`` (pub_nbytes), or ``REQ <id> <topic>
+    <nbytes>`` and ``REPLY <token> <nbytes>``, which a cluster node takes whole to refuse them."""
+    nbytes = pub_nbytes(header)
+    if nbytes is not None:
+        return nbytes
+    fields = header.split()
+    if not fields or _REQUEST_FRAMES.get(fields[0].upper()) != len(fields) or not fields[-1].isdigit():
+        return None
+    return int(fields[-1])
+
+
 def split_commands(data: bytes, max_payload: int) -> tuple[list[bytes], int, int, bool]:
     """The whole commands at the start of ``data``: each line without its ``\\n``, each well-formed
     ``PUB`` frame as one item (its header line, ``\\n``, the payload and its line end less the last
@@ -97,7 +113,7 @@ def split_commands(data: bytes, max_payload: int) -> tuple[list[bytes], int, int
     items: list[bytes] = []
     pos = 0
     while (nl := data.find(b"\n", pos)) >= 0:
-        nbytes = pub_nbytes(data[pos:nl])
+        nbytes = frame_nbytes(data[pos:nl])
         if nbytes is None:
             items.append(data[pos:nl])
             pos = nl + 1
@@ -497,7 +513,7 @@ class RoutedConnection(_Connection):
         the rest after the client id."""
         fields = line.split(None, 2)
         verb = fields[0].upper() if fields else b""
-        if verb == b"CLUSTER":
+        if verb == b"CLUSTER" or verb in _REQUEST_FRAMES:
             return None, verb, line[len(fields[0]) :].strip()
         if verb == b"CONNECT" and len(fields) == 3 and self._login is None:
             # the first login: a wrong one closes the connection, a later CONNECT is refused
@@ -551,6 +567,10 @@ class RoutedConnection(_Connection):
     def _answer(self, verb: bytes, rest: bytes) -> None:
         if verb == b"CLUSTER":
             self._cluster_command(rest)
+        elif verb in _REQUEST_FRAMES:
+            # a reply token names a connection of one node's core: request/reply does not span nodes
+            # (docs/cluster.md, limits); the frame's payload was taken whole by split_commands
+            self._reply(b"ERROR NO_REQUEST_IN_CLUSTER request/reply is not supported on a cluster node")
         elif verb in _SETTLE_COMMANDS:
             self._settle_remote(verb, rest)
         elif verb == b"PUB" and b"\n" not in rest:

@@ -106,7 +106,8 @@ cdef Msg *_unlink(Broker b, Unacked *e) noexcept:
 
 cdef bint ack_deliver(Broker b, Sub *s, Msg *msg) noexcept:
     """Write ``DELIVER <topic> <tag> <attempt> <payload>`` (or, to a connection that sent HELLO 2,
-    ``DMSG <topic> <tag> <attempt> <nbytes>``, a line end and the payload) to s's connection,
+    ``DMSG <topic> <tag> <attempt> <nbytes>``, a line end and the payload; a request's with its reply
+    token before <nbytes>) to s's connection,
     taking over the reference.
 
     False when that connection's output cannot grow: it is broken, and the
@@ -125,9 +126,15 @@ cdef bint ack_deliver(Broker b, Sub *s, Msg *msg) noexcept:
     cdef char *line
     cdef char *p
     cdef double deadline = b.now + b.limit.ack_timeout if b.limit.ack_timeout > 0 else 0
+    cdef char token[REPLY_TOKEN_MAX]
+    cdef size_t kl = 0
+    cdef ReplyTo to
+    if msg.copy & MSG_REQUEST and framed:
+        to = msg_reply_to(msg)
+        kl = reply_token(&to, token) + 1     # with the space before it
     _count_up(l)
     tl = l.tag_len
-    line_len = (5 + dl + 1 if framed else 8) + msg_origin(msg).name_len + 1 + tl + 1 + al + 1 + msg.len + 1
+    line_len = (5 + dl + 1 + kl if framed else 8) + msg_origin(msg).name_len + 1 + tl + 1 + al + 1 + msg.len + 1
     line = out_reserve(b, h, line_len)
     if line == NULL or _unacked_push(&b.mem, &b.conns.items[h].unacked, l.next_tag, msg, s, deadline) < 0:
         if line != NULL:
@@ -162,6 +169,10 @@ cdef bint ack_deliver(Broker b, Sub *s, Msg *msg) noexcept:
         _put_uint(p + 1, attempt, al)
     p += 1 + al
     if framed:
+        if kl:
+            p[0] = b' '
+            memcpy(p + 1, token, kl - 1)
+            p += kl
         p[0] = b' '
         _put_uint(p + 1, msg.len, dl)
         p += 1 + dl
@@ -349,7 +360,7 @@ cdef void _dead_letter(Broker b, Msg *msg) noexcept:
     b.counters.dead_lettered += 1
     dead.refs += 1
     msg.topic = dead
-    if msg.copy:
+    if msg.copy & MSG_COPY:
         msg_set_origin(msg, dead)   # its topic now, held once (the copy keeps its record's size)
     msg.attempt = 0
     b.next_seq += 1

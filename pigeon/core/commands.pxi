@@ -293,10 +293,19 @@ cdef inline Topic *_publish_fast(Broker b, int32_t h, char **args, size_t *n) no
 
 
 cdef void _accepted(Broker b, int32_t h, Topic *t) noexcept:
+    cdef char *p
     t.published += 1
     b.counters.published += 1
     b.conns.items[h].msgs_in += 1
-    out_reply(b, h, "PUBLISHED", topic_name(t), t.name_len)
+    if b.request.id:
+        request_accepted(b, h)      # REQUESTED <id>; a request is not logged
+        return
+    # out_reply's work with the word's length known: this reply goes out once per message
+    p = out_reserve(b, h, 10 + t.name_len + 1)
+    if p != NULL:
+        memcpy(p, b"PUBLISHED ", 10)
+        memcpy(p + 10, topic_name(t), t.name_len)
+        p[10 + t.name_len] = b'\n'
     if b.log.durable:
         log_wait(b, h)      # the reply leaves once the message's record is in the log
 
@@ -345,16 +354,39 @@ cdef int _refuse(Broker b, int32_t h, Topic *t, int kind) noexcept:
     return 0
 
 
+cdef size_t _records_bytes(Broker b, int32_t h, Topic *t, size_t n, bint *own) noexcept:
+    """The bytes of the PUBLISH records a message of n bytes to t makes: one per copy when it goes
+    to groups (docs/storage.md, "Consumer groups"); ``own``: whether h subscribes to one of the
+    queues it goes to. Groups that cannot be resolved (out of memory) count as none: the PUBLISH
+    is then refused by _publish_groups."""
+    cdef int32_t k = groups_of(b, t) if b.group_index.count else 0
+    cdef int32_t i
+    cdef Topic *q
+    cdef Conn *c = &b.conns.items[h]
+    cdef size_t size = 0
+    if k <= 0:
+        own[0] = sub_find(c, t) != NULL
+        return publish_record_size(t.name_len, n)
+    own[0] = False
+    for i in range(k + (1 if t.nsubs else 0)):
+        q = _target(t, i, k)
+        own[0] = own[0] or sub_find(c, q) != NULL
+        size += publish_record_size(record_name_len(t, q if q != t else NULL), n)
+    return size
+
+
 cdef int _storage_full(Broker b, int32_t h, Topic *t, size_t n) noexcept:
-    """0 when the log can take a message of n bytes; else HOLD (the publisher waits for the disk),
-    or -1 with an ERROR STORAGE_FULL sent when waiting cannot help (see flow.pxd)."""
-    cdef size_t size = publish_record_size(t.name_len, n)
+    """0 when the log can take a message of n bytes (every copy's record); else HOLD (the
+    publisher waits for the disk), or -1 with an ERROR STORAGE_FULL sent when waiting cannot help
+    (see flow.pxd)."""
+    cdef bint own
+    cdef size_t size = _records_bytes(b, h, t, n, &own)
     cdef Log *log = &b.log
     if log_restoring_hold(b, h):
         return HOLD
     if not log.failed and (b.limit.max_disk == 0 or log.disk + log.len + size <= b.limit.max_disk):
         return 0
-    if size > b.limit.max_disk // 4 and b.limit.max_disk or sub_find(&b.conns.items[h], t) != NULL:
+    if size > b.limit.max_disk // 4 and b.limit.max_disk or own:
         _refuse(b, h, t, ERR_STORAGE_FULL)    # too large to wait for, or waiting for itself
         return -1
     flow_hold(b, h, NULL, HELD_STORAGE)
@@ -362,24 +394,27 @@ cdef int _storage_full(Broker b, int32_t h, Topic *t, size_t n) noexcept:
 
 
 cdef Msg *_record_for(Broker b, Topic *t, const char *data, size_t n) noexcept:
-    """A record of a new message, logged when durable; NULL when out of memory."""
-    cdef Msg *msg = msg_new(b, t, data, n)
+    """A record of a new message, logged when durable (unless a request); NULL when out of memory."""
+    cdef Msg *msg
+    if b.request.id:
+        return msg_request_new(b, t, t, data, n, &b.request)
+    msg = msg_new(b, t, data, n)
     if msg != NULL and b.log.durable and log_publish(b, msg.seq, t, data, n, 0) < 0:
         msg_release(b, msg)
         return NULL
     return msg
 
 
-cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n) noexcept:
+cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n, bint lf_free) noexcept:
     """Route one message: straight to the next subscriber when nothing waits before it, else
     to the tail of the backlog. HOLD when the backlog, the memory or the disk is full and
-    the publisher has to wait (flow.pxd)."""
+    the publisher has to wait (flow.pxd). ``lf_free``: the payload has no LF (line_safe)."""
     cdef Sub *s
     cdef Msg *msg
     cdef size_t size
     cdef uint64_t seq
     cdef int32_t k
-    if b.log.durable and (b.log.failed or b.limit.max_disk or b.recovery.restoring):
+    if b.log.durable and (b.log.failed or b.limit.max_disk or b.recovery.restoring) and not b.request.id:
         held = _storage_full(b, h, t, n)
         if held:
             return HOLD if held == HOLD else 0
@@ -392,8 +427,9 @@ cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n) 
         s = topic_next_subscriber(b, t)
         if s != NULL:
             # an acknowledged delivery keeps its record; so does a payload that a v1 line alters,
-            # since a record made again from that line (give_back_inflight) would hold the alteration
-            if s.ack or not (b.conns.items[s.conn].framed or line_safe(data, n)):
+            # since a record made again from that line (give_back_inflight) would hold the
+            # alteration, and a request, whose line may lack its reply token
+            if s.ack or b.request.id or not (b.conns.items[s.conn].framed or line_safe(data, n, lf_free)):
                 msg = _record_for(b, t, data, n)
                 if msg == NULL:
                     return _refuse(b, h, t, ERR_MEMORY_FULL)
@@ -466,14 +502,15 @@ cdef Topic *_publish_topic(Broker b, int32_t h, char *name, size_t name_len) noe
     return t
 
 
-cdef int _publish_pinned(Broker b, int32_t h, Topic *t, const char *data, size_t n) noexcept:
+cdef int _publish_pinned(Broker b, int32_t h, Topic *t, const char *data, size_t n, bint lf_free) noexcept:
     """_publish_to with t pinned, so that it outlives a message refused or lost on the way; a
     topic made for a refused message goes again when unpinned."""
     cdef int held
     _pin(t)
-    held = _publish_to(b, h, t, data, n)
+    held = _publish_to(b, h, t, data, n, lf_free)
     _unpin(b, t)
     return held
+
 cdef inline Topic *_target(Topic *t, int32_t i, int32_t k) noexcept:
     """The i-th queue a message of t goes to: its k groups, then t itself (its default group)."""
     return t.groups[i] if i < k else t
@@ -513,11 +550,14 @@ cdef int _publish_groups(Broker b, int32_t h, Topic *t, const char *data, size_t
     _accepted(b, h, t)
     for i in range(targets):
         q = _target(t, i, k)
-        msg = msg_copy_new(b, q, t, data, n) if q != t else msg_new(b, t, data, n)
+        if b.request.id:
+            msg = msg_request_new(b, q, t, data, n, &b.request)
+        else:
+            msg = msg_copy_new(b, q, t, data, n) if q != t else msg_new(b, t, data, n)
         if msg == NULL:
             b.counters.lost += 1
             continue
-        if b.log.durable and (log_publish_copy(b, msg) if q != t else log_publish(b, msg.seq, t, data, n, 0)) < 0:
+        if b.log.durable and not b.request.id and (log_publish_copy(b, msg) if q != t else log_publish(b, msg.seq, t, data, n, 0)) < 0:
             msg_release(b, msg)
             b.counters.lost += 1
             continue
@@ -531,7 +571,7 @@ cdef int _publish_groups(Broker b, int32_t h, Topic *t, const char *data, size_t
         backlog_push(b, msg, False)
         b.counters.backlogged += 1
         topic_drain(b, q)
-    if b.log.durable:
+    if b.log.durable and not b.request.id:
         log_wait(b, h)      # the reply waits for every copy's record
     return 0
 
@@ -554,7 +594,7 @@ cdef int on_publish(Broker b, int32_t h, char *args, size_t n) except -1:
         t = _publish_topic(b, h, name, name_len)
         if t == NULL:
             return 0
-    return _publish_pinned(b, h, t, args, n)
+    return _publish_pinned(b, h, t, args, n, True)    # a text line holds no LF
 
 
 cdef Topic *pub_fast(Broker b, int32_t h, char **args, size_t *n) noexcept:
@@ -572,7 +612,7 @@ cdef int on_pub(Broker b, int32_t h, Topic *t, char *id, size_t id_len, char *na
         t = _publish_topic(b, h, name, name_len)
         if t == NULL:
             return 0
-    return _publish_pinned(b, h, t, data, n)
+    return _publish_pinned(b, h, t, data, n, False)
 
 
 cdef int on_ping(Broker b, int32_t h, char *args, size_t n) except -1:

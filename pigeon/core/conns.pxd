@@ -82,6 +82,10 @@ cdef struct Conn:
     char close_reason[96]       # for on_close; empty when the client asked (DISCONNECT)
     bint framed                 # sent HELLO 2: its deliveries are MSG/DMSG frames, not text lines
     size_t skip                 # payload bytes of a refused PUB frame still to be read and dropped
+    uint32_t gen                # ConnTable.generation when it opened: reply tokens name it with the handle
+    uint64_t req_last           # the last request id it was given (requests.pxd), 0: none
+    uint64_t req_low            # the oldest request id that may still wait for its reply
+    uint64_t *req_waiting       # a bit per request id waiting, a ring of REQUEST_WINDOW; NULL until a REQ
 
 
 ctypedef struct ConnTable:
@@ -92,6 +96,7 @@ ctypedef struct ConnTable:
     int32_t *free               # free handles, the last freed on top
     int32_t nfree
     uint64_t next_client_id
+    uint32_t generation         # connections opened so far (wraps): Conn.gen
 
 
 cdef int32_t conns_open(Broker b, object writer, object transport_size, object peer) except -2

@@ -40,6 +40,8 @@ cdef int32_t conns_open(Broker b, object writer, object transport_size, object p
     c = &table.items[h]
     memset(c, 0, sizeof(Conn))
     c.state = CONN_OPEN
+    table.generation += 1
+    c.gen = table.generation
     c.since = time.time()
     c.paused_at = b.ticks
     c.next_waiter = -1
@@ -74,6 +76,7 @@ cdef void conn_free(Broker b, int32_t h) noexcept:
     log_forget(b, h)
     mem_free(&b.mem, c.subs, c.subs_cap * sizeof(Sub *))
     acks_free(b, &c.unacked)
+    requests_free(b, c)
     auth_forget(b, c)
     if not c.rejected:
         b.conns.admitted -= 1

@@ -1,6 +1,6 @@
 # Log: records, their order with the replies, and recovery (see log.pxd).
 
-from libc.stdlib cimport qsort
+from libc.stdlib cimport free, qsort, realloc
 from libc.string cimport memcmp, memmove, memset
 
 
@@ -123,7 +123,7 @@ cdef inline uint32_t _get16(const char *p) noexcept:
     return (<unsigned char>p[0]) | ((<uint32_t><unsigned char>p[1]) << 8)
 
 
-cdef inline uint32_t _get32(const char *p) noexcept:
+cdef inline uint32_t _get32(const char *p) noexcept nogil:
     cdef uint32_t v = 0
     cdef int i
     for i in range(4):
@@ -131,7 +131,7 @@ cdef inline uint32_t _get32(const char *p) noexcept:
     return v
 
 
-cdef inline uint64_t _get64(const char *p) noexcept:
+cdef inline uint64_t _get64(const char *p) noexcept nogil:
     cdef uint64_t v = 0
     cdef int i
     for i in range(8):
@@ -226,6 +226,8 @@ cdef void log_settle(Broker b, uint64_t seq) noexcept:
     cdef Log *log = &b.log
     cdef uint64_t *grown
     cdef size_t cap
+    if seq == 0:
+        return      # a request: never logged (msg_request_new)
     if log.nsettled == log.settled_cap:
         cap = log.settled_cap * 2 if log.settled_cap else 1024
         grown = <uint64_t *>mem_grow(&b.mem, log.settled, log.settled_cap * sizeof(uint64_t),
@@ -336,7 +338,10 @@ cdef void _record_done(Broker b) noexcept:
 cdef void log_delivered(Broker b, uint64_t seq, uint32_t attempt) noexcept:
     """A message goes out for delivery to an acknowledged subscription (its attempt counts after a
     restart). Not recorded when out of memory: the attempt is then counted one short."""
-    cdef char *rec = _record(b, REC_DELIVERED, 13)
+    cdef char *rec
+    if seq == 0:
+        return      # a request: never logged (msg_request_new)
+    rec = _record(b, REC_DELIVERED, 13)
     if rec == NULL:
         return
     _put64(rec + RECORD_HEAD + 1, seq)
@@ -738,3 +743,158 @@ cdef bint log_restoring_hold(Broker b, int32_t h) noexcept:
         return False
     flow_hold(b, h, NULL, HELD_STORAGE)
     return True
+
+
+# ---------------------------------------------------------------- compaction
+#
+# The store rewrites sealed segments with only the records a recovery still needs
+# (pigeon/server/compaction.py, docs/storage.md "Compaction"). These two walk a
+# segment's records at C speed for it; they change nothing. The segments they are
+# given were checked at start or written by this process: lengths are trusted,
+# checksums not checked again, and the walk stops at zeros (a segment made ahead).
+
+
+cdef inline size_t _next_record(const char *data, size_t pos, size_t n) noexcept nogil:
+    """The size of the record at ``pos``, or 0 at the end of the records."""
+    cdef size_t body
+    if n - pos < RECORD_HEAD + 1:
+        return 0
+    body = _get32(data + pos)
+    if body == 0 or body > n - pos - RECORD_HEAD:
+        return 0
+    return RECORD_HEAD + body
+
+
+ctypedef struct Pairs:
+    # (u64, u64) pairs a walk collects without Python's lock (plain malloc: it lives for one call)
+    uint64_t *items
+    size_t count
+    size_t cap
+
+
+cdef int _pairs_add(Pairs *pairs, uint64_t first, uint64_t second) noexcept nogil:
+    """Append a pair; -1 when out of memory."""
+    cdef size_t cap
+    cdef uint64_t *grown
+    if pairs.count == pairs.cap:
+        cap = pairs.cap * 2 if pairs.cap else 256
+        grown = <uint64_t *>realloc(pairs.items, cap * 2 * sizeof(uint64_t))
+        if grown == NULL:
+            return -1
+        pairs.items = grown
+        pairs.cap = cap
+    pairs.items[2 * pairs.count] = first
+    pairs.items[2 * pairs.count + 1] = second
+    pairs.count += 1
+    return 0
+
+
+cdef list _pairs_list(Pairs *pairs):
+    """The pairs as a list of tuples; frees them."""
+    cdef size_t i
+    found = [(pairs.items[2 * i], pairs.items[2 * i + 1]) for i in range(pairs.count)]
+    free(pairs.items)
+    pairs.items = NULL
+    return found
+
+
+cdef int _summary_walk(const char *p, size_t n, Pairs *published, Pairs *done,
+                       Py_ssize_t *publishes, Py_ssize_t *others) noexcept nogil:
+    """segment_summary's walk; -1 when out of memory."""
+    cdef size_t pos = 0, size
+    cdef int kind
+    cdef uint64_t seq
+    while pos < n:
+        size = _next_record(p, pos, n)
+        if size == 0:
+            break
+        kind = <unsigned char>p[pos + RECORD_HEAD]
+        if kind == REC_PUBLISH:
+            seq = _get64(p + pos + RECORD_HEAD + 1)
+            if published.count and seq == published.items[2 * published.count - 1] + 1:
+                published.items[2 * published.count - 1] = seq
+            elif _pairs_add(published, seq, seq) < 0:
+                return -1
+            publishes[0] += 1
+        else:
+            if kind == REC_DONE and _pairs_add(done, _get64(p + pos + RECORD_HEAD + 1),
+                                               _get64(p + pos + RECORD_HEAD + 9)) < 0:
+                return -1
+            others[0] += 1
+        pos += size
+    return 0
+
+
+def segment_summary(data):
+    """What compaction needs of a segment's records (its bytes after the header): ``(published,
+    publishes, done, others)``, the seqs of its PUBLISH records as (first, last) runs, how many
+    there are, the runs its DONE records name (as written), and how many DONE and DELIVERED
+    records it has. The walk runs without Python's lock (the event loop goes on meanwhile)."""
+    cdef const unsigned char[:] view = data
+    cdef size_t n = view.shape[0]
+    cdef const char *p = <const char *>&view[0] if n else <const char *>b""
+    cdef Pairs published, done
+    cdef Py_ssize_t publishes = 0, others = 0
+    cdef int failed
+    memset(&published, 0, sizeof(Pairs))
+    memset(&done, 0, sizeof(Pairs))
+    with nogil:
+        failed = _summary_walk(p, n, &published, &done, &publishes, &others)
+    found = _pairs_list(&published), publishes, _pairs_list(&done), others
+    if failed:
+        raise MemoryError()
+    return found
+
+
+cdef bint _in_runs(const uint64_t *runs, size_t nruns, uint64_t seq) noexcept nogil:
+    """Whether sorted, disjoint (first, last) pairs hold seq."""
+    cdef size_t low = 0, high = nruns, mid
+    while low < high:
+        mid = (low + high) // 2
+        if runs[2 * mid + 1] < seq:
+            low = mid + 1
+        else:
+            high = mid
+    return low < nruns and runs[2 * low] <= seq
+
+
+cdef int _kept_walk(const char *p, size_t n, const uint64_t *runs, size_t nruns,
+                    Pairs *kept) noexcept nogil:
+    """segment_kept's walk; -1 when out of memory."""
+    cdef size_t pos = 0, size
+    cdef int kind
+    while pos < n:
+        size = _next_record(p, pos, n)
+        if size == 0:
+            break
+        kind = <unsigned char>p[pos + RECORD_HEAD]
+        if (kind == REC_PUBLISH or kind == REC_DELIVERED) and not _in_runs(
+                runs, nruns, _get64(p + pos + RECORD_HEAD + 1)):
+            if kept.count and kept.items[2 * kept.count - 1] == pos:
+                kept.items[2 * kept.count - 1] = pos + size
+            elif _pairs_add(kept, pos, pos + size) < 0:
+                return -1
+        pos += size
+    return 0
+
+
+def segment_kept(data, done):
+    """The parts of a segment's records (its bytes after the header) that a compaction keeps: the
+    PUBLISH and DELIVERED records of the messages not in ``done`` (sorted, disjoint (first, last)
+    runs of seqs, the bytes of an ``array('Q')`` of first, last, first, last ...), as (start,
+    end) offsets, adjacent ones joined. The walk runs without Python's lock."""
+    cdef const unsigned char[:] view = data
+    cdef const unsigned char[:] runs_view = done
+    cdef size_t n = view.shape[0]
+    cdef size_t nruns = runs_view.shape[0] // 16
+    cdef const char *p = <const char *>&view[0] if n else <const char *>b""
+    cdef const uint64_t *runs = <const uint64_t *>&runs_view[0] if nruns else NULL
+    cdef Pairs kept
+    cdef int failed
+    memset(&kept, 0, sizeof(Pairs))
+    with nogil:
+        failed = _kept_walk(p, n, runs, nruns, &kept)
+    found = _pairs_list(&kept)
+    if failed:
+        raise MemoryError()
+    return found

@@ -17,10 +17,11 @@ cdef inline void _put_uint(char *p, uint64_t v, size_t n) noexcept:
         v //= 10
 
 
-cdef bint line_safe(const char *data, size_t n) noexcept:
+cdef bint line_safe(const char *data, size_t n, bint lf_free) noexcept:
     """Whether a payload can be the rest of a v1 text line as it is: no LF in it, and no CR at
-    its end (a v1 reader strips one there)."""
-    return memchr(data, b'\n', n) == NULL and (n == 0 or data[n - 1] != b'\r')
+    its end (a v1 reader strips one there). ``lf_free`` says the caller knows there is no LF
+    (the payload of a text PUBLISH line), which saves the scan on the hot path."""
+    return (n == 0 or data[n - 1] != b'\r') and (lf_free or memchr(data, b'\n', n) == NULL)
 
 
 cdef bint put_payload(char *p, const char *data, size_t n, bint framed) noexcept:
@@ -53,14 +54,20 @@ cdef char *msg_data(Msg *msg) noexcept:
     return <char *>(msg + 1)
 
 
+cdef inline size_t _trailer_size(uint32_t flags) noexcept:
+    """Bytes stored past the payload: a copy's origin, then a request's ReplyTo."""
+    return ((sizeof(Topic *) if flags & MSG_COPY else 0)
+            + (sizeof(ReplyTo) if flags & MSG_REQUEST else 0))
+
+
 cdef inline size_t _record_size(Msg *msg) noexcept:
-    return msg_size(msg.len + (sizeof(Topic *) if msg.copy else 0))
+    return msg_size(msg.len + _trailer_size(msg.copy))
 
 
 cdef inline Topic *msg_origin(Msg *msg) noexcept:
     """The topic a message was published to, which its delivery line names."""
     cdef Topic *t
-    if not msg.copy:
+    if not msg.copy & MSG_COPY:
         return msg.topic
     memcpy(&t, msg_data(msg) + msg.len, sizeof(Topic *))    # past the payload: maybe unaligned
     return t
@@ -74,21 +81,62 @@ cdef inline void msg_set_origin(Msg *msg, Topic *t) noexcept:
 cdef Msg *msg_copy_new(Broker b, Topic *group, Topic *origin, const char *data, size_t n) noexcept:
     """A group's copy of a message published to ``origin`` (msg_new's, with a reference on
     ``origin`` too); NULL when out of memory."""
-    cdef Msg *msg = _msg_alloc(b, group, data, n, True)
+    cdef Msg *msg = _msg_alloc(b, group, data, n, MSG_COPY)
     if msg != NULL:
         msg_set_origin(msg, origin)
         origin.refs += 1
     return msg
 
 
+cdef Msg *msg_request_new(Broker b, Topic *t, Topic *origin, const char *data, size_t n,
+                          const ReplyTo *to) noexcept:
+    """A request's record for queue t (its topic, ``origin``, or one of its groups), carrying
+    where its replies go. Its seq is 0: a request is never logged (docs/storage.md), and
+    the log skips settling seq 0. NULL when out of memory."""
+    cdef uint32_t flags = MSG_REQUEST | (MSG_COPY if t != origin else 0)
+    cdef Msg *msg = _msg_alloc(b, t, data, n, flags)
+    if msg == NULL:
+        return NULL
+    if t != origin:
+        msg_set_origin(msg, origin)
+        origin.refs += 1
+    memcpy(msg_data(msg) + n + _trailer_size(flags & MSG_COPY), to, sizeof(ReplyTo))
+    msg.seq = 0
+    return msg
+
+
+cdef ReplyTo msg_reply_to(Msg *msg) noexcept:
+    """Where a message's replies go; id 0 when it is no request."""
+    cdef ReplyTo to
+    if not msg.copy & MSG_REQUEST:
+        to.conn = -1
+        to.gen = 0
+        to.id = 0
+    else:
+        memcpy(&to, msg_data(msg) + msg.len + _trailer_size(msg.copy & MSG_COPY), sizeof(ReplyTo))
+    return to
+
+
+cdef size_t reply_token(const ReplyTo *to, char *out) noexcept:
+    """Write the reply token ``<handle>.<generation>.<request id>`` (at most REPLY_TOKEN_MAX bytes,
+    no terminator); returns its length."""
+    cdef size_t a = _digits(<uint32_t>to.conn), g = _digits(to.gen), i = _digits(to.id)
+    _put_uint(out, <uint32_t>to.conn, a)
+    out[a] = b'.'
+    _put_uint(out + a + 1, to.gen, g)
+    out[a + 1 + g] = b'.'
+    _put_uint(out + a + 2 + g, to.id, i)
+    return a + g + i + 2
+
+
 cdef Msg *msg_new(Broker b, Topic *t, const char *data, size_t n) noexcept:
     """A record holding a copy of the payload, numbered, with one reference for the caller;
     NULL when out of memory."""
-    return _msg_alloc(b, t, data, n, False)
+    return _msg_alloc(b, t, data, n, 0)
 
 
-cdef Msg *_msg_alloc(Broker b, Topic *t, const char *data, size_t n, bint copy) noexcept:
-    cdef size_t size = msg_size(n + (sizeof(Topic *) if copy else 0)), cls = size // POOL_STEP
+cdef Msg *_msg_alloc(Broker b, Topic *t, const char *data, size_t n, uint32_t flags) noexcept:
+    cdef size_t size = msg_size(n + _trailer_size(flags)), cls = size // POOL_STEP
     cdef Msg *msg
     if cls < POOL_CLASSES and b.pool.free[cls] != NULL:
         msg = <Msg *>b.pool.free[cls]
@@ -104,7 +152,7 @@ cdef Msg *_msg_alloc(Broker b, Topic *t, const char *data, size_t n, bint copy) 
     msg.seq = b.next_seq
     msg.topic = t
     msg.len = <uint32_t>n
-    msg.copy = copy
+    msg.copy = flags
     memcpy(msg_data(msg), data, n)
     t.refs += 1
     return msg
@@ -117,7 +165,7 @@ cdef void msg_release(Broker b, Msg *msg) noexcept:
     msg.refs -= 1
     if msg.refs:
         return
-    if msg.copy and msg_origin(msg) != msg.topic:
+    if msg.copy & MSG_COPY and msg_origin(msg) != msg.topic:
         topic_release(b, msg_origin(msg))
     t = msg.topic
     size = _record_size(msg)

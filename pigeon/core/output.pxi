@@ -122,38 +122,47 @@ cdef void out_failed(Broker b, int32_t h) noexcept:
     b.outbox.flush_due = True
 
 
-cdef char *out_reserve(Broker b, int32_t h, size_t need) noexcept:
+cdef bint _out_grow(Broker b, int32_t h, size_t need) noexcept:
+    """Give h's output room for ``need`` more bytes in a larger bytes object; False (h broken,
+    see out_failed) when it cannot be allocated. Kept apart from out_reserve so that the C
+    compiler inlines the common case (room left) at every delivery."""
+    cdef Conn *c = &b.conns.items[h]
+    cdef size_t cap
+    cdef PyObject *fresh
+    if c.out_bytes == NULL:
+        # sized from the last hand-over, so a steady stream fills one object without regrowing
+        cap = c.out_hint + c.out_hint // 4
+        if cap < OUT_MIN:
+            cap = OUT_MIN
+        while cap < need:
+            cap *= 2
+    else:
+        cap = c.out_cap * 2
+        while cap < c.out_len + need:
+            cap *= 2
+    fresh = _new_bytes(b, NULL, cap)
+    if fresh == NULL:
+        out_failed(b, h)
+        return False
+    if c.out_bytes != NULL:
+        memcpy(PyBytes_AS_STRING(<object>fresh), c.out, c.out_len)
+        mem_count(&b.mem, 0, out_bytes_size(c.out_cap))
+        Py_XDECREF(c.out_bytes)
+    mem_count(&b.mem, out_bytes_size(cap), 0)
+    c.out_bytes = fresh
+    c.out = PyBytes_AS_STRING(<object>fresh)
+    c.out_cap = cap
+    return True
+
+
+cdef inline char *out_reserve(Broker b, int32_t h, size_t need) noexcept:
     """Room for ``need`` more output bytes of h, marked for the next flush.
 
     NULL when the output cannot grow: h is then broken (see out_failed).
     """
     cdef Conn *c = &b.conns.items[h]
-    cdef size_t cap
-    cdef PyObject *fresh
-    if c.out_len + need > c.out_cap:
-        if c.out_bytes == NULL:
-            # sized from the last hand-over, so a steady stream fills one object without regrowing
-            cap = c.out_hint + c.out_hint // 4
-            if cap < OUT_MIN:
-                cap = OUT_MIN
-            while cap < need:
-                cap *= 2
-        else:
-            cap = c.out_cap * 2
-            while cap < c.out_len + need:
-                cap *= 2
-        fresh = _new_bytes(b, NULL, cap)
-        if fresh == NULL:
-            out_failed(b, h)
-            return NULL
-        if c.out_bytes != NULL:
-            memcpy(PyBytes_AS_STRING(<object>fresh), c.out, c.out_len)
-            mem_count(&b.mem, 0, out_bytes_size(c.out_cap))
-            Py_XDECREF(c.out_bytes)
-        mem_count(&b.mem, out_bytes_size(cap), 0)
-        c.out_bytes = fresh
-        c.out = PyBytes_AS_STRING(<object>fresh)
-        c.out_cap = cap
+    if c.out_len + need > c.out_cap and not _out_grow(b, h, need):
+        return NULL
     mark_dirty(b, h)
     c.out_len += need
     return c.out + c.out_len - need
@@ -201,18 +210,21 @@ cdef void out_error_quoting(Broker b, int32_t h, int kind, const char *text,
     out_error(b, h, kind, line)
 
 
-cdef inline size_t _message_line_len(Conn *c, Topic *t, size_t n) noexcept:
-    """Bytes of the line that delivers n payload bytes of t to c: ``MSG <topic> <n>``, a line end
-    and the payload when c sent HELLO 2, else ``MESSAGE <topic> <payload>``; each with its line end."""
+cdef inline size_t _message_line_len(Conn *c, Topic *t, size_t n, size_t tl) noexcept:
+    """Bytes of the line that delivers n payload bytes of t to c: ``MSG <topic> <n>`` (``MSG <topic>
+    <reply token> <n>``, the token tl bytes, for a request: the count stays last, as in NATS), a
+    line end and the payload when c sent HELLO 2, else ``MESSAGE <topic> <payload>``; each with
+    its line end."""
     if c.framed:
-        return 4 + t.name_len + 1 + _digits(n) + 1 + n + 1
+        return 4 + t.name_len + 1 + _digits(n) + (tl + 1 if tl else 0) + 1 + n + 1
     return 8 + t.name_len + 1 + n + 1
 
 
 cdef char *_message_line(Broker b, int32_t h, Topic *t, const char *data, size_t n,
-                         size_t line_len) noexcept:
+                         size_t line_len, bint as_is, const char *token, size_t tl) noexcept:
     """The line that delivers a message to h (_message_line_len) written to h's output; NULL
-    when h's output cannot grow."""
+    when h's output cannot grow. ``as_is``: the caller knows the payload needs no change for
+    a text line (line_safe), so it is copied without a scan."""
     cdef bint framed = b.conns.items[h].framed
     cdef char *p = out_reserve(b, h, line_len)
     cdef char *q = p
@@ -230,11 +242,15 @@ cdef char *_message_line(Broker b, int32_t h, Topic *t, const char *data, size_t
     q[0] = b' '
     q += 1
     if framed:
+        if tl:
+            memcpy(q, token, tl)
+            q[tl] = b' '
+            q += tl + 1
         dl = _digits(n)
         _put_uint(q, n, dl)
         q[dl] = b'\n'
         q += dl + 1
-    if put_payload(q, data, n, framed):
+    if put_payload(q, data, n, framed or as_is):
         b.counters.v1_altered += 1
     q[n] = b'\n'
     return p
@@ -277,8 +293,16 @@ cdef bint out_deliver(Broker b, int32_t h, Msg *msg) noexcept:
     """
     cdef Topic *t = msg.topic
     cdef Topic *origin = msg_origin(msg)
-    cdef size_t line_len = _message_line_len(&b.conns.items[h], origin, msg.len)
-    cdef char *line = _message_line(b, h, origin, msg_data(msg), msg.len, line_len)
+    cdef char token[REPLY_TOKEN_MAX]
+    cdef size_t tl = 0
+    cdef size_t line_len
+    cdef char *line
+    cdef ReplyTo to
+    if msg.copy & MSG_REQUEST and b.conns.items[h].framed:
+        to = msg_reply_to(msg)
+        tl = reply_token(&to, token)
+    line_len = _message_line_len(&b.conns.items[h], origin, msg.len, tl)
+    line = _message_line(b, h, origin, msg_data(msg), msg.len, line_len, False, token, tl)
     if line == NULL or not _note_inflight(b, h, msg, t, line, line_len, 0, msg.seq):
         backlog_push(b, msg, True)
         return False
@@ -300,8 +324,8 @@ cdef bint out_deliver_direct(Broker b, int32_t h, Topic *t, const char *data, si
 
     False when h's output cannot grow: h is broken, and the caller keeps the message.
     """
-    cdef size_t line_len = _message_line_len(&b.conns.items[h], t, n)
-    cdef char *line = _message_line(b, h, t, data, n, line_len)
+    cdef size_t line_len = _message_line_len(&b.conns.items[h], t, n, 0)
+    cdef char *line = _message_line(b, h, t, data, n, line_len, True, NULL, 0)
     if line == NULL or not _note_inflight(b, h, NULL, t, line, line_len, 0, seq):
         return False
     t.refs += 1

@@ -2,8 +2,9 @@
 # codes), the tokenizer over the shared read buffer (fields are pointers into
 # it, never copies), topic-name checks, and the loop that splits a
 # connection's input into lines and dispatches each to its command handler.
-# A framed publish (``PUB <client_id> <topic> <nbytes>``) is found by its
-# header line and one length: its payload is handed on without being looked at.
+# A frame (``PUB <client_id> <topic> <nbytes>``, ``REQ`` alike, ``REPLY <token>
+# <nbytes>``) is found by its header line and one length: its payload is handed
+# on without being looked at.
 
 from libc.stdint cimport int32_t
 
@@ -21,6 +22,8 @@ cdef enum:
     CMD_ACK
     CMD_NACK
     CMD_DESTROY
+    CMD_REQ
+    CMD_REPLY
     CMD_UNKNOWN
     CMD_KINDS
 
@@ -49,6 +52,7 @@ cdef enum:
                             # end: where the next command starts is unknown, so the connection closes
     ERR_NO_SUCH_GROUP       # DESTROY of a group the broker does not hold
     ERR_GROUP_IN_USE        # DESTROY of a group that has subscribers
+    ERR_BAD_REPLY_TOKEN     # a REPLY whose token is not <handle>.<generation>.<id> (payload skipped)
     ERR_KINDS
 
     # what topic_problem finds wrong with a name
@@ -59,6 +63,11 @@ cdef enum:
 
     HOLD = 1                # a handler's answer: this line waits (flow control); stop here
     FRAME_PARTIAL = 3       # run_frame's answer: the frame's payload has not all arrived yet
+
+    # the frames: a header line with a byte count, then that many bytes and a line end
+    FRAME_PUB = 1
+    FRAME_REQ = 2           # requests.pxd
+    FRAME_REPLY = 3
 
     READ_ROOM = 256 * 1024  # free space offered to each socket read
     INPUT_SLACK = 4096      # unfinished input kept even when memory is full
@@ -71,7 +80,7 @@ cdef extern from *:
         "BAD_TOPIC", "NOT_SUBSCRIBED", "BACKLOG_FULL", "LINE_TOO_LONG", "TOO_MANY_CONNECTIONS",
         "TOO_MANY_SUBSCRIPTIONS", "TOO_MANY_TOPICS", "MEMORY_FULL", "IDLE_TIMEOUT", "UNKNOWN_DELIVERY_TAG",
         "STORAGE_FULL", "AUTH_REQUIRED", "AUTH_FAILED", "PERMISSION_DENIED", "PAYLOAD_TOO_LARGE",
-        "BAD_FRAME", "NO_SUCH_GROUP", "GROUP_IN_USE",
+        "BAD_FRAME", "NO_SUCH_GROUP", "GROUP_IN_USE", "BAD_REPLY_TOKEN",
     };
     """
     # the stable upper-case code of each error kind, sent as ERROR <CODE> <text>
@@ -98,4 +107,5 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1
 cdef int conn_continue(Broker b, int32_t h) except -1
 cdef int stop_reading(Broker b, int32_t h) except -1
 cdef int dispatch(Broker b, int32_t h, char *line, size_t n) except -1
-cdef int run_frame(Broker b, int32_t h, char *p, size_t line_len, size_t avail, size_t *used) except -1
+cdef int run_frame(Broker b, int32_t h, char *p, size_t line_len, size_t avail, size_t *used,
+                   int kind) except -1

@@ -6,7 +6,7 @@ cdef uint64_t _PUBLISH_WORD
 memcpy(&_PUBLISH_WORD, b"publish ", 8)
 
 COMMAND_NAMES = ("connect", "subscribe", "unsubscribe", "publish", "ping", "disconnect", "stats",
-                 "hello", "ack", "nack", "destroy", "unknown")
+                 "hello", "ack", "nack", "destroy", "req", "reply", "unknown")
 ERROR_CODES = tuple(ERROR_CODE_TEXT[i].decode() for i in range(ERR_KINDS))
 ERROR_NAMES = tuple(code.lower() for code in ERROR_CODES)
 assert len(COMMAND_NAMES) == CMD_KINDS
@@ -50,6 +50,20 @@ cdef inline bint _starts_with_pub(const char *p, size_t n) noexcept:
     """``PUB`` and a separator, in any case: the header of a framed publish."""
     return (n > 4 and (<unsigned char>p[0] | 0x20) == c'p' and (<unsigned char>p[1] | 0x20) == c'u'
             and (<unsigned char>p[2] | 0x20) == c'b' and _blank(p[3]))
+
+
+cdef inline int _frame_kind(const char *p, size_t n) noexcept:
+    """FRAME_PUB, FRAME_REQ or FRAME_REPLY for a line that starts a frame's header (its word and
+    a separator, in any case), else 0; a PUBLISH line is told apart by its fourth byte."""
+    if _starts_with_pub(p, n):
+        return FRAME_PUB
+    if n > 4 and (<unsigned char>p[0] | 0x20) == c'r' and (<unsigned char>p[1] | 0x20) == c'e':
+        if (<unsigned char>p[2] | 0x20) == c'q' and _blank(p[3]):
+            return FRAME_REQ
+        if (n > 6 and (<unsigned char>p[2] | 0x20) == c'p' and (<unsigned char>p[3] | 0x20) == c'l'
+                and (<unsigned char>p[4] | 0x20) == c'y' and _blank(p[5])):
+            return FRAME_REPLY
+    return 0
 
 
 cdef bint only_blanks(const char *p, size_t n) noexcept:
@@ -198,7 +212,7 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
     cdef Conn *c = &b.conns.items[h]
     cdef char reason[96]
     cdef bint waits
-    cdef int stop
+    cdef int stop, kind
     while pos < n and c.state == CONN_OPEN and not c.paused and not c.held:
         if c.skip:
             # the payload of a refused frame: dropped unread (its line end is then a blank line)
@@ -214,8 +228,9 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
         if line_len > b.limit.max_line:
             too_long = True
             break
-        if _starts_with_pub(buf + pos, line_len):
-            stop = run_frame(b, h, buf + pos, line_len, n - pos, &used)
+        kind = _frame_kind(buf + pos, line_len)
+        if kind:
+            stop = run_frame(b, h, buf + pos, line_len, n - pos, &used, kind)
             if stop == FRAME_PARTIAL:
                 partial_frame = True    # its size was checked against the memory limit
                 break
@@ -278,10 +293,12 @@ cdef int conn_continue(Broker b, int32_t h) except -1:
     return 0
 
 
-cdef int run_frame(Broker b, int32_t h, char *p, size_t line_len, size_t avail, size_t *used) except -1:
-    """A framed ``PUB <client_id> <topic> <nbytes>`` whose header line (p, line_len) is
-    followed by ``avail - line_len - 1`` bytes of input: run it once its payload and the line
-    end after it are there (used: the bytes it took), else FRAME_PARTIAL.
+cdef int run_frame(Broker b, int32_t h, char *p, size_t line_len, size_t avail, size_t *used,
+                   int kind) except -1:
+    """A framed ``PUB <client_id> <topic> <nbytes>`` (or ``REQ``, the same fields, or ``REPLY
+    <token> <nbytes>``: ``kind``) whose header line (p, line_len) is followed by
+    ``avail - line_len - 1`` bytes of input: run it once its payload and the line end after it
+    are there (used: the bytes it took), else FRAME_PARTIAL.
 
     A payload over max_payload, or one that the memory limit cannot hold, is
     refused and skipped (Conn.skip): the connection goes on. A header without a
@@ -289,39 +306,42 @@ cdef int run_frame(Broker b, int32_t h, char *p, size_t line_len, size_t avail, 
     where the next command starts: ERROR BAD_FRAME, and the connection closes.
     """
     cdef Conn *c = &b.conns.items[h]
-    cdef char *args = p + 3
-    cdef size_t an = line_len - 3
-    cdef char *id
-    cdef char *name
+    cdef int cmd = CMD_PUBLISH if kind == FRAME_PUB else (CMD_REQ if kind == FRAME_REQ else CMD_REPLY)
+    cdef char *args = p + (5 if kind == FRAME_REPLY else 3)
+    cdef size_t an = line_len - (5 if kind == FRAME_REPLY else 3)
+    cdef char *id = NULL
+    cdef char *name = NULL
     cdef char *field
-    cdef size_t id_len, name_len, fl, count, end
+    cdef size_t id_len = 0, name_len = 0, fl, count, end
     cdef size_t start = line_len + 1
     cdef char reason[128]
     cdef int held
     cdef char *fast_args
     cdef size_t fast_n
-    cdef Topic *t
+    cdef Topic *t = NULL
     if args[an - 1] == b'\r':
         an -= 1
     used[0] = start
     # the pipelined case (own id, last topic, single spaces) by comparison alone, as for PUBLISH
     fast_args = args
     fast_n = an
-    t = pub_fast(b, h, &fast_args, &fast_n)
+    if kind != FRAME_REPLY:
+        t = pub_fast(b, h, &fast_args, &fast_n)
     if t != NULL and parse_count(fast_args, fast_n, &count):
-        id = name = NULL
-        id_len = name_len = 0
-    elif (not next_field(&args, &an, &id, &id_len) or not next_field(&args, &an, &name, &name_len)
+        pass
+    elif (not next_field(&args, &an, &id, &id_len)
+            or (kind != FRAME_REPLY and not next_field(&args, &an, &name, &name_len))
             or not next_field(&args, &an, &field, &fl) or not only_blanks(args, an)
             or not parse_count(field, fl, &count)):
-        b.counters.commands[CMD_PUBLISH] += 1
-        out_error(b, h, ERR_BAD_FRAME, PUB_USAGE)
+        b.counters.commands[cmd] += 1
+        out_error(b, h, ERR_BAD_FRAME,
+                  PUB_USAGE if kind == FRAME_PUB else (REQ_USAGE if kind == FRAME_REQ else REPLY_USAGE))
         close_later(b, h, "bad frame", True)
         return 0
     else:
         t = NULL
     if count > b.limit.max_payload:
-        b.counters.commands[CMD_PUBLISH] += 1
+        b.counters.commands[cmd] += 1
         b.counters.refused += 1
         snprintf(reason, sizeof(reason), "payload of %zu bytes is over the limit of %zu bytes",
                  count, b.limit.max_payload)
@@ -332,7 +352,7 @@ cdef int run_frame(Broker b, int32_t h, char *p, size_t line_len, size_t avail, 
     if end >= avail or (p[end] == b'\r' and end + 1 >= avail):
         # the input held for it replaces what is held now: refused when the whole frame cannot be
         if end + 2 > INPUT_SLACK and mem_total(&b.mem) - c.input_len + end + 2 > b.limit.max_memory:
-            b.counters.commands[CMD_PUBLISH] += 1
+            b.counters.commands[cmd] += 1
             b.counters.refused += 1
             snprintf(reason, sizeof(reason), "memory limit reached: cannot hold a payload of %zu bytes",
                      count)
@@ -346,14 +366,19 @@ cdef int run_frame(Broker b, int32_t h, char *p, size_t line_len, size_t avail, 
     elif p[end] == b'\r' and p[end + 1] == b'\n':
         used[0] = end + 2
     else:
-        b.counters.commands[CMD_PUBLISH] += 1
+        b.counters.commands[cmd] += 1
         snprintf(reason, sizeof(reason), "payload of %zu bytes is not followed by a line end", count)
         out_error(b, h, ERR_BAD_FRAME, reason)
         close_later(b, h, "bad frame", True)
         return 0
-    held = on_pub(b, h, t, id, id_len, name, name_len, p + start, count)
+    if kind == FRAME_PUB:
+        held = on_pub(b, h, t, id, id_len, name, name_len, p + start, count)
+    elif kind == FRAME_REQ:
+        held = on_req(b, h, t, id, id_len, name, name_len, p + start, count)
+    else:
+        held = on_reply(b, h, id, id_len, p + start, count)
     if held != HOLD:
-        b.counters.commands[CMD_PUBLISH] += 1
+        b.counters.commands[cmd] += 1
     return held
 
 

@@ -47,6 +47,11 @@ ctypedef struct Counters:
     uint64_t auth_failures      # ERROR AUTH_FAILED sent (wrong user or password)
     uint64_t logins             # CONNECT that logged in as a user: with credentials, or a granted identity
     uint64_t v1_altered         # MESSAGE/DELIVER lines whose payload was altered to fit a v1 text line
+    uint64_t requests           # REQ accepted
+    uint64_t replies            # REPLY handed to a waiting requester (RMSG)
+    uint64_t replies_dropped    # REPLY to a request not waiting: answered already, forgotten, requester gone
+    uint64_t replies_malformed  # REPLY whose token is not one (ERROR BAD_REPLY_TOKEN)
+    uint64_t requests_forgotten # requests forgotten unanswered past REQUEST_WINDOW waiting on a connection
 
 
 cdef dict stats_dict(Broker b)

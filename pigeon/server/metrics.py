@@ -105,6 +105,19 @@ _COUNTERS = (
         "pigeon_v1_altered",
         "MESSAGE/DELIVER lines whose binary payload was altered to fit a v1 text line.",
     ),
+    ("requests", "pigeon_requests", "Requests (REQ) accepted."),
+    ("replies", "pigeon_replies", "Replies (REPLY) handed to a waiting requester."),
+    (
+        "replies_dropped",
+        "pigeon_replies_dropped",
+        "Replies to a request no longer waiting (answered already, forgotten, or its requester gone).",
+    ),
+    ("replies_malformed", "pigeon_replies_malformed", "Replies whose token is not a reply token."),
+    (
+        "requests_forgotten",
+        "pigeon_requests_forgotten",
+        "Requests forgotten unanswered: over 4096 waiting on one connection.",
+    ),
 )
 
 # (stats key, metric name, help) of the server-wide gauges
@@ -212,6 +225,14 @@ _TOPIC_FAMILIES = (
 )
 
 
+def _counts_by(name: str, doc: str, label: str, counts: Mapping[str, int]) -> CounterMetricFamily:
+    """A counter family with one series per key of ``counts``, labelled ``label``."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, count in counts.items():
+        family.add_metric([key], count)
+    return family
+
+
 class BrokerCollector(Collector):
     """Turns the broker's counters, and the given topics' figures, into Prometheus metric families."""
 
@@ -234,16 +255,8 @@ class BrokerCollector(Collector):
             yield CounterMetricFamily(name, doc, value=stats[key])
         for key, name, doc in _SERVER_COUNTERS:
             yield CounterMetricFamily(name, doc, value=self._server_stats.get(key, 0))
-        commands = CounterMetricFamily(
-            "pigeon_commands", "Commands received, by command.", labels=["command"]
-        )
-        for command, count in stats["commands"].items():
-            commands.add_metric([command], count)
-        yield commands
-        errors = CounterMetricFamily("pigeon_errors", "ERROR replies sent, by kind.", labels=["kind"])
-        for kind, count in stats["errors"].items():
-            errors.add_metric([kind], count)
-        yield errors
+        yield _counts_by("pigeon_commands", "Commands received, by command.", "command", stats["commands"])
+        yield _counts_by("pigeon_errors", "ERROR replies sent, by kind.", "kind", stats["errors"])
         if self._topics:
             yield from self._topic_families()
 

@@ -20,8 +20,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pigeon._core import Broker, record_checksum
+from pigeon.server import compaction
 
 log = logging.getLogger("pigeon")
 
@@ -156,6 +158,11 @@ class Store:
         self._started = 0.0
         self._mappings: list[mmap.mmap] = []
         self._restoring: list[tuple[memoryview, list[tuple[int, int]]]] = []
+        # compaction (pigeon/server/compaction.py): one pass at a time, on a thread of its own
+        self._compactor: ThreadPoolExecutor | None = None
+        self._compacting = False
+        self._compacted_at: object = None  # what the sealed segments looked like at the last pass
+        self._summaries: dict[Path, tuple[int, int, compaction.Summary]] = {}  # by (size, mtime)
 
     # ------------------------------------------------------------ the directory
 
@@ -179,6 +186,7 @@ class Store:
         self._lock_fd = fd
         for name in (SPARE_NAME, SPARE_MAKING):  # made ahead before a crash
             (self.directory / name).unlink(missing_ok=True)
+        compaction.finish_interrupted(self.directory)
 
     def segments(self) -> list[Path]:
         """The segment files, oldest first."""
@@ -344,6 +352,7 @@ class Store:
             self._segment_max = broker.log_state["segment_max"]
             self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-spare")
             self._preparer.submit(self._prepare_spare)
+        self._compactor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-compact")
         broker.on_log = self.write
         broker.on_sync = self.sync
         self._housekeeping = loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeep)
@@ -424,13 +433,6 @@ class Store:
             os.close(fd)
             path.unlink(missing_ok=True)
 
-    def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def _close_unsynced(self) -> None:
         with self._mutex:
             fds, self._unsynced = self._unsynced, []
@@ -465,7 +467,7 @@ class Store:
         try:
             self._sync_written()
             if directory:
-                self._sync_directory()
+                compaction.sync_directory(self.directory)
         except OSError as exc:
             self._loop.call_soon_threadsafe(self._sync_failed, exc)
             return
@@ -487,20 +489,115 @@ class Store:
         log.error("cannot sync the log: %s; trying again in %g s", exc.strerror or exc, HOUSEKEEPING_INTERVAL)
 
     def _housekeep(self) -> None:
-        """Once a second: sync under everysec, delete the segments whose messages are all done."""
+        """Once a second: sync under everysec, delete the segments whose messages are all done,
+        and compact the sealed segments left behind an old message."""
         broker, loop = self._broker, self._loop
         assert broker is not None and loop is not None
         state = broker.log_state
         if self.fsync == "everysec" and state["written"] > state["synced"] and not self._sync_in_flight:
             self.sync(state["written"])
         done = broker.log_deletable()
-        if done:
+        if done and not self._compacting:  # a pass may be rewriting one of them
             for path in list(self._sizes)[:done]:
-                path.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)  # a segment compaction emptied is gone already
                 del self._sizes[path]
             broker.log_deleted(done)
             broker.log_disk = self.disk_bytes()
+        self._compact(state)
         self._housekeeping = loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeep)
+
+    def _compact(self, state: dict[str, Any]) -> None:
+        """Start a compaction pass over the sealed segments when they changed since the last one
+        (a segment was sealed, or an old message in one got done), and none is running."""
+        broker = self._broker
+        assert broker is not None and self._compactor is not None
+        if self._compacting or broker.recovering or broker.stats()["log_write_failed"]:
+            return
+        sealed = [path for path in list(self._sizes)[:-1] if self._sizes[path]]
+        looks = (sealed, state["segment_live"][: len(self._sizes) - 1])
+        if not sealed or looks == self._compacted_at:
+            return
+        self._compacted_at = looks
+        self._compacting = True
+        self._compactor.submit(self._compaction_pass, sealed, state["segment_max"])
+
+    def _summary(self, path: Path) -> compaction.Summary:
+        """The compaction Summary of sealed segment ``path``, read once per version of the file."""
+        status = path.stat()
+        cached = self._summaries.get(path)
+        if cached is not None and cached[:2] == (status.st_size, status.st_mtime_ns):
+            return cached[2]
+        with (
+            open(path, "rb") as f,
+            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapping,
+            memoryview(mapping) as data,
+        ):
+            summary = compaction.summarize(data, len(HEADER))
+        self._summaries[path] = (status.st_size, status.st_mtime_ns, summary)
+        return summary
+
+    def _replace(self, group: list[Path], kept: list[bytes], kept_bytes: int) -> dict[Path, int]:
+        """Replace consecutive segments with one holding ``kept``: their new sizes (0: deleted).
+        A lone segment that would keep every byte is left alone."""
+        if len(group) == 1 and len(HEADER) + kept_bytes >= group[0].stat().st_size:
+            return {}
+        size = compaction.replace(group, HEADER, list(kept))
+        return {**{path: 0 for path in group[:-1]}, group[-1]: size}
+
+    def _kept(self, path: Path, done: bytes, keep_done: compaction.Runs) -> list[bytes]:
+        """The records segment ``path`` keeps, copied out of its mapping (what is kept is small)."""
+        with (
+            open(path, "rb") as f,
+            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapping,
+            memoryview(mapping) as data,
+        ):
+            return [bytes(part) for part in compaction.rewrite(data, len(HEADER), done, keep_done)]
+
+    def _compaction_pass(self, sealed: list[Path], segment_max: int) -> None:
+        """One pass, off the loop: rewrite the sealed segments the plan chooses, oldest first,
+        consecutive ones merged up to ``segment_max`` bytes."""
+        assert self._loop is not None
+        sizes: dict[Path, int] = {}
+        try:
+            for path in list(self._summaries):
+                if path not in sealed:
+                    del self._summaries[path]
+            # a segment of up to a quarter of the most is merged with its neighbours
+            chosen = compaction.plan([self._summary(path) for path in sealed], segment_max // 4)
+            group: list[Path] = []  # consecutive segments rewritten into one, and what they keep
+            kept: list[bytes] = []
+            kept_bytes = 0
+            for index, keep_done in sorted(chosen.keep_done.items()):
+                path = sealed[index]
+                records = self._kept(path, chosen.done, keep_done)
+                size = sum(len(record) for record in records)
+                full = len(HEADER) + kept_bytes + size > segment_max
+                if group and (group[-1] != sealed[index - 1] or full):
+                    sizes.update(self._replace(group, kept, kept_bytes))
+                    group, kept, kept_bytes = [], [], 0
+                group.append(path)
+                kept.extend(records)
+                kept_bytes += size
+            if group:
+                sizes.update(self._replace(group, kept, kept_bytes))
+        except OSError as exc:
+            log.warning("log compaction stopped: %s; trying again later", exc.strerror or exc)
+        except Exception:  # a bug: said, not swallowed by the thread's future; the log stays sound
+            log.exception("log compaction failed")
+        finally:
+            self._loop.call_soon_threadsafe(self._compacted, sizes)
+
+    def _compacted(self, sizes: dict[Path, int]) -> None:
+        """A pass ended (on the loop): the segments it rewrote have their new sizes (0: deleted)."""
+        self._compacting = False
+        for path, size in sizes.items():
+            if path in self._sizes:
+                self._sizes[path] = size
+        if sizes and self._broker is not None:
+            before = self._broker.log_disk
+            self._broker.log_disk = self.disk_bytes()
+            after = self.disk_bytes()
+            log.debug("log compaction: %d segments rewritten, %d -> %d bytes", len(sizes), before, after)
 
     def close(self) -> None:
         """Sync what was written (unless --fsync no), close the files and let go of the lock."""
@@ -510,6 +607,9 @@ class Store:
         if self._syncer is not None:
             self._syncer.shutdown(wait=True)
             self._syncer = None
+        if self._compactor is not None:
+            self._compactor.shutdown(wait=True)
+            self._compactor = None
         if self._preparer is not None:
             self._preparer.shutdown(wait=True, cancel_futures=True)
             self._preparer = None

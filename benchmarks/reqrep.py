@@ -1,0 +1,215 @@
+"""Request/reply round trips per second, Pigeon against nats-server, with one generator for both.
+
+    python benchmarks/reqrep.py                      # 16 requesters, 2 s, median of 3
+    python benchmarks/reqrep.py --requesters 1 --repeat 5
+
+Each requester is a thread with a connection of its own that sends one request,
+waits for its reply and sends the next (``--requesters`` of them at once); one
+responder process answers every request with its own payload (``--size``
+bytes). Pigeon: ``REQ <id> svc <n>`` (answered ``REQUESTED <id>``), the
+responder reads ``MSG svc <token> <n>`` and sends ``REPLY <token> <n>``, the
+requester reads ``RMSG <id> <n>`` (docs/protocol.md, "Request/reply"). NATS:
+each requester subscribes to its own inbox ``_INBOX.<k>`` and sends ``PUB svc
+_INBOX.<k> <n>``; the responder (a queue subscriber) reads ``MSG svc 1
+_INBOX.<k> <n>`` and sends ``PUB _INBOX.<k> <n>``, which the requester reads,
+as the NATS clients' ``request()`` does. The brokers take turns within each
+repeat, each fresh and pinned to ``--broker-cpu`` with taskset; the
+generator runs on the other CPU. The load average is printed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable
+
+from pigeon.bench.brokers import brokers, running
+from pigeon.bench.load import render_rows
+
+TOPIC = b"svc"
+
+
+class Reader:
+    """Buffered reads of lines and counted payloads from a socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def fill(self) -> None:
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise ConnectionError("the broker closed the connection")
+        self.buf += chunk
+
+    def line(self) -> bytes:
+        while (end := self.buf.find(b"\n")) < 0:
+            self.fill()
+        line, self.buf = self.buf[:end].rstrip(b"\r"), self.buf[end + 1 :]
+        return line
+
+    def header(self) -> list[bytes]:
+        """The fields of the next frame header; a server's PING (nats-server sends them) is answered."""
+        while (line := self.line()) == b"PING":
+            self.sock.sendall(b"PONG\r\n")
+        return line.split(b" ")
+
+    def take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self.fill()
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+
+def _connect(port: int) -> tuple[socket.socket, Reader]:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock, Reader(sock)
+
+
+def _expect(reader: Reader, prefix: bytes) -> bytes:
+    line = reader.line()
+    if not line.startswith(prefix):
+        raise RuntimeError(f"expected {prefix!r}, got {line!r}")
+    return line
+
+
+def _pigeon_session(port: int) -> tuple[socket.socket, Reader, bytes]:
+    sock, reader = _connect(port)
+    sock.sendall(b"HELLO 2\nCONNECT\n")
+    _expect(reader, b"HELLO ")
+    return sock, reader, _expect(reader, b"CONNECTED ").split()[1]
+
+
+def _nats_session(port: int) -> tuple[socket.socket, Reader]:
+    sock, reader = _connect(port)
+    _expect(reader, b"INFO ")
+    sock.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\nPING\r\n')
+    _expect(reader, b"PONG")
+    return sock, reader
+
+
+def respond(dialect: str, port: int, ready: multiprocessing.synchronize.Event) -> None:
+    """The responder: answer every request with its payload, one write per read of requests."""
+    if dialect == "pigeon":
+        sock, reader, cid = _pigeon_session(port)
+        sock.sendall(b"SUBSCRIBE %s %s GROUP workers\n" % (cid, TOPIC))
+        _expect(reader, b"SUBSCRIBED ")
+    else:
+        sock, reader = _nats_session(port)
+        sock.sendall(b"SUB %s workers 1\r\nPING\r\n" % TOPIC)
+        _expect(reader, b"PONG")
+    ready.set()
+    eol = 1 if dialect == "pigeon" else 2
+    while True:
+        out = []
+        while True:
+            fields = reader.header()
+            n = int(fields[-1])
+            payload = reader.take(n + eol)[:n]
+            if dialect == "pigeon":  # MSG svc <token> <n>
+                out.append(b"REPLY %s %d\n%s\n" % (fields[2], n, payload))
+            else:  # MSG svc 1 <reply subject> <n>
+                out.append(b"PUB %s %d\r\n%s\r\n" % (fields[3], n, payload))
+            if b"\n" not in reader.buf:
+                break
+        sock.sendall(b"".join(out))
+
+
+def request_loop(
+    dialect: str, port: int, k: int, size: int, stop: threading.Event, counts: list[int]
+) -> None:
+    """One requester: a request, its reply, checked to be its own, and again until ``stop``."""
+    payload_of: Callable[[int], bytes] = lambda i: (b"%d:%d:" % (k, i)).ljust(size, b"x")  # noqa: E731
+    if dialect == "pigeon":
+        sock, reader, cid = _pigeon_session(port)
+        head = b"REQ %s %s " % (cid, TOPIC)
+    else:
+        sock, reader = _nats_session(port)
+        inbox = b"_INBOX.%d" % k
+        sock.sendall(b"SUB %s 9\r\nPING\r\n" % inbox)
+        _expect(reader, b"PONG")
+        head = b"PUB %s %s " % (TOPIC, inbox)
+    eol = b"\n" if dialect == "pigeon" else b"\r\n"
+    i = 0
+    while not stop.is_set():
+        payload = payload_of(i)
+        sock.sendall(head + b"%d%s%s%s" % (len(payload), eol, payload, eol))
+        if dialect == "pigeon":
+            _expect(reader, b"REQUESTED ")
+        fields = reader.header()
+        n = int(fields[-1])
+        if reader.take(n + len(eol))[:n] != payload:
+            raise RuntimeError(f"requester {k} got someone else's reply")
+        counts[k] += 1
+        i += 1
+    sock.close()
+
+
+def measure(dialect: str, port: int, requesters: int, size: int, duration: float) -> float:
+    """Round trips per second over ``duration`` seconds, after half a second of warm-up."""
+    ready = multiprocessing.Event()
+    responder = multiprocessing.Process(target=respond, args=(dialect, port, ready), daemon=True)
+    responder.start()
+    try:
+        if not ready.wait(20):
+            raise RuntimeError("the responder did not start")
+        stop = threading.Event()
+        counts = [0] * requesters
+        threads = [
+            threading.Thread(target=request_loop, args=(dialect, port, k, size, stop, counts), daemon=True)
+            for k in range(requesters)
+        ]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        before, start = sum(counts), time.perf_counter()
+        time.sleep(duration)
+        done, elapsed = sum(counts), time.perf_counter() - start
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        return (done - before) / elapsed
+    finally:
+        responder.kill()
+        responder.join(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requesters", type=int, default=16)
+    parser.add_argument("--size", type=int, default=64, help="payload bytes of a request and its reply")
+    parser.add_argument("--duration", type=float, default=2.0)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--broker-cpu", type=int, default=0)
+    parser.add_argument("--client-cpu", type=int, default=1)
+    args = parser.parse_args()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {args.client_cpu})
+    pin = ["taskset", "-c", str(args.broker_cpu)]
+    found = {b.name: b for b in brokers(include_sink=False)}
+    compared = [found["pigeon"]] + ([found["nats"]] if found["nats"].executable else [])
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    rates: dict[str, list[float]] = {b.name: [] for b in compared}
+    for _ in range(args.repeat):
+        for broker in compared:
+            with running(broker, pin) as (_, port):
+                dialect = "pigeon" if broker.name == "pigeon" else "nats"
+                rates[broker.name].append(measure(dialect, port, args.requesters, args.size, args.duration))
+    print(f"load average after: {os.getloadavg()}")
+    best = statistics.median(rates["pigeon"])
+    rows = [["broker", "round trips/s (median)", "runs", "pigeon / broker"]]
+    for name, runs in rates.items():
+        median = statistics.median(runs)
+        rows.append([name, f"{median:,.0f}", " ".join(f"{r:,.0f}" for r in runs), f"{best / median:.2f}"])
+    print(f"{args.requesters} requesters, {args.size} B payloads, {args.duration} s x {args.repeat}")
+    print(render_rows(rows))
+
+
+if __name__ == "__main__":
+    main()
