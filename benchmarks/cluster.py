@@ -14,11 +14,22 @@ topics, one subscriber per topic, 64-byte messages):
 
 Nothing is pinned: the cluster's point is to use both cores. The load average is printed before and
 after; read the ratios within one run. Needs etcd (etcd-server), nats-server and the bench extra.
+
+    python -m benchmarks.cluster --clients [--repeats 3] [--duration 3]
+
+compares the client library on ``pigeon --workers 2`` instead: fan-in 8x8 (8 publisher processes,
+each ``publish_many`` of 64-byte messages in batches of 1,000 to its own topic, 8 subscriber
+processes, one topic each; 4 topics owned by each worker) with ``ClusterClient`` (each client
+connects to its topic's owner: nothing is forwarded) against ``Client`` on the shared port (the kernel
+spreads the connections, so about half of the traffic is forwarded to the other worker). Both sides
+are the same Python client, so the difference is the brokers' forwarding; msgs/s are deliveries, and
+"broker us/msg" the workers' CPU time (user + system, psutil) per delivery during the measured span.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import re
 import shutil
@@ -27,11 +38,13 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
-from pigeon import Client
+from pigeon import Client, ClusterClient
+from pigeon import TimeoutError as PigeonTimeout
 from pigeon.bench.load import Options, run
 from pigeon.cluster.etcd import EtcdProcess, free_port
-from pigeon.cluster.slots import SLOTS, preferred_owner
+from pigeon.cluster.slots import SLOTS, preferred_owner, slot_of
 from pigeon.testing import ServerProcess
 
 # (subscribers' port, publishers' port) of a running setup
@@ -149,12 +162,143 @@ SETUPS: dict[str, tuple[str, Callable[[], AbstractContextManager[Ports]]]] = {
 }
 
 
+FANIN = 8  # publishers, topics and subscribers of the client comparison
+BATCH = [b"m" * 64] * 1000
+WARM_UP = 0.5
+
+
+def _topics_per_worker(port: int, timeout: float = 30.0) -> list[str]:
+    """FANIN topics, half of them owned by each of the two workers behind ``port`` (as the worker
+    that answers sees the slots: asked again until both hold some)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with Client("127.0.0.1", port) as client:
+            members = client.cluster()["members"]
+        owners = [set(member["slots"]) for member in members.values()]
+        if len(owners) == 2 and all(owners):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the workers do not both own slots: {members}")
+        time.sleep(0.1)
+    chosen: list[str] = []
+    for owned in owners:
+        mine = (f"fanin{n}" for n in range(100_000) if slot_of(f"fanin{n}".encode()) in owned)
+        chosen += [next(mine) for _ in range(FANIN // len(owners))]
+    return chosen
+
+
+def _client(port: int, aware: bool) -> Client | ClusterClient:
+    return ClusterClient("127.0.0.1", port) if aware else Client("127.0.0.1", port)
+
+
+def _publisher(port: int, aware: bool, topic: str, start: float, end: float) -> None:
+    with _client(port, aware) as client:
+        while time.time() < start:
+            time.sleep(0.01)
+        while time.time() < end:
+            client.publish_many(topic, BATCH)
+
+
+def _subscriber(port: int, aware: bool, topic: str, start: float, end: float, counts: Any, i: int) -> None:
+    """Count the deliveries between ``start + WARM_UP`` and ``end`` (read every 256 messages)."""
+    with _client(port, aware) as client:
+        client.subscribe(topic)
+        received = 0
+        first: int | None = None
+        while True:
+            try:
+                client.next_message(timeout=1.0)
+            except PigeonTimeout:
+                now = time.time()
+            else:
+                received += 1
+                if received % 256:
+                    continue
+                now = time.time()
+            if first is None and now >= start + WARM_UP:
+                first = received
+            if now >= end:
+                counts[i] = received - (first or received)
+                return
+
+
+def _workers_cpu(supervisor: int) -> float:
+    """CPU seconds used so far by the ``pigeon`` worker processes under ``supervisor`` (not etcd)."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process(supervisor).children(recursive=True):
+        try:
+            if "pigeon" in " ".join(child.cmdline()):
+                times = child.cpu_times()
+                total += times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def client_fanin(aware: bool, duration: float) -> tuple[float, float]:
+    """Deliveries per second of fan-in 8x8 on a fresh ``pigeon --workers 2``, with ``ClusterClient``
+    (``aware``) or ``Client`` on the shared port, and the workers' CPU microseconds per delivery."""
+    proc = ServerProcess("--workers", "2", loop="uvloop")
+    try:
+        wait_spread(proc.port, 2)
+        topics = _topics_per_worker(proc.port)
+        counts: Any = multiprocessing.Array("q", FANIN)
+        start = time.time() + 2.0  # every process connected and subscribed by then
+        end = start + WARM_UP + duration
+        procs = [
+            multiprocessing.Process(target=_subscriber, args=(proc.port, aware, t, start, end, counts, i))
+            for i, t in enumerate(topics)
+        ] + [
+            multiprocessing.Process(target=_publisher, args=(proc.port, aware, t, start, end)) for t in topics
+        ]
+        for p in procs:
+            p.start()
+        time.sleep(max(start + WARM_UP - time.time(), 0.0))
+        cpu = _workers_cpu(proc.proc.pid)
+        time.sleep(max(end - time.time(), 0.0))
+        cpu = _workers_cpu(proc.proc.pid) - cpu
+        for p in procs:
+            p.join(duration + 60)
+        delivered = float(sum(counts[:]))
+        return delivered / duration, cpu / delivered * 1e6 if delivered else float("nan")
+    finally:
+        proc.stop()
+
+
+def compare_clients(repeats: int, duration: float) -> None:
+    """``client_fanin`` with each client in turns, ``repeats`` times; prints the medians."""
+    print(f"load average before: {os.getloadavg()}")
+    forwarded = "Client (shared port, forwarded)"
+    runs: dict[str, list[tuple[float, float]]] = {"ClusterClient (to the owner)": [], forwarded: []}
+    for _ in range(repeats):
+        for name, values in runs.items():
+            values.append(client_fanin(name.startswith("ClusterClient"), duration))
+    print(f"load average after: {os.getloadavg()}")
+    base = statistics.median(rate for rate, _ in runs[forwarded])
+    columns = f"{'msgs/s (median)':>15} {'vs forwarded':>12} {'broker us/msg':>13}"
+    print(f"{'client on --workers 2':<32} {columns}  runs")
+    for name, values in runs.items():
+        median = statistics.median(rate for rate, _ in values)
+        cpu = statistics.median(us for _, us in values)
+        each = ", ".join(f"{rate:,.0f} ({us:.2f} us)" for rate, us in values)
+        print(f"{name:<32} {median:>15,.0f} {median / base:>11.2f}x {cpu:>13.2f}  {each}")
+
+
 def main() -> int:
     """Run every setup ``--repeats`` times, in turns, and print the median msgs/s of each."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--clients", action="store_true", help="ClusterClient against Client on --workers 2")
     args = parser.parse_args()
+    if args.clients:
+        if shutil.which("etcd") is None:
+            print("needs etcd (apt-get install etcd-server)")
+            return 1
+        compare_clients(args.repeats, args.duration)
+        return 0
     if shutil.which("nats-server") is None or shutil.which("etcd") is None:
         print("needs nats-server and etcd (apt-get install nats-server etcd-server)")
         return 1

@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any
 from pigeon._version import __version__
 
 if TYPE_CHECKING:
-    from pigeon.client import AsyncClient, Client, Message, Refused, ServerInfo
+    from pigeon.client import (
+        AsyncClient,
+        AsyncClusterClient,
+        Client,
+        ClusterClient,
+        Message,
+        Refused,
+        ServerInfo,
+    )
     from pigeon.errors import (
         AlreadyConnectedError,
         AuthFailedError,
@@ -30,6 +38,8 @@ if TYPE_CHECKING:
         InvalidArgumentError,
         LineTooLongError,
         MemoryFullError,
+        MovedError,
+        NoPatternsInClusterError,
         NoSuchGroupError,
         NotConnectedError,
         NotSubscribedError,
@@ -56,6 +66,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AlreadyConnectedError",
     "AsyncClient",
+    "AsyncClusterClient",
     "AuthFailedError",
     "AuthRequiredError",
     "BacklogFullError",
@@ -64,6 +75,7 @@ __all__ = [
     "BadTopicError",
     "Client",
     "ClosingError",
+    "ClusterClient",
     "CommandError",
     "ConnectionClosedError",
     "FeatureNotSupportedError",
@@ -73,6 +85,8 @@ __all__ = [
     "LineTooLongError",
     "MemoryFullError",
     "Message",
+    "MovedError",
+    "NoPatternsInClusterError",
     "NoSuchGroupError",
     "NotConnectedError",
     "NotSubscribedError",
@@ -92,6 +106,7 @@ __all__ = [
     "TooManyConnectionsError",
     "TooManySubscriptionsError",
     "TooManyTopicsError",
+    "TryAgainError",
     "UnknownCommandError",
     "UnknownDeliveryTagError",
     "UsageError",
@@ -103,6 +118,8 @@ __all__ = [
 _MODULES = {
     "AsyncClient": "pigeon.client",
     "Client": "pigeon.client",
+    "AsyncClusterClient": "pigeon.client",
+    "ClusterClient": "pigeon.client",
     "Message": "pigeon.client",
     "Refused": "pigeon.client",
     "ServerInfo": "pigeon.client",
@@ -124,6 +141,9 @@ _MODULES = {
     "LineTooLongError": "pigeon.errors",
     "MemoryFullError": "pigeon.errors",
     "NoSuchGroupError": "pigeon.errors",
+    "MovedError": "pigeon.errors",
+    "NoPatternsInClusterError": "pigeon.errors",
+    "TryAgainError": "pigeon.errors",
     "StorageFullError": "pigeon.errors",
     "NotConnectedError": "pigeon.errors",
     "NotSubscribedError": "pigeon.errors",

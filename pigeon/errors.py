@@ -6,7 +6,8 @@ class below (``ERROR_CLASSES``), under ``CommandError``. The retryable limits
 server sends just before it closes a connection (``ClosingError``) reach
 the caller as the ``error`` of a ``ConnectionClosedError``. This table is the
 client's own: the client does not load the server's compiled core, and a test
-checks the table against the core's ``ERROR_CODES``.
+checks the table against the core's ``ERROR_CODES``. The codes a cluster node's router sends
+itself (``MOVED``, ``TRYAGAIN``, ``NO_PATTERNS_IN_CLUSTER``) have theirs in ``CLUSTER_ERROR_CLASSES``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import builtins
 import re
 from typing import TYPE_CHECKING
+
+from pigeon.protocol import parse_host_port
 
 if TYPE_CHECKING:
     from pigeon.client.codec import Message
@@ -184,6 +187,48 @@ class BadReplyTokenError(CommandError):
     CODE = "BAD_REPLY_TOKEN"
 
 
+class MovedError(CommandError):
+    """A command for a topic another cluster node owns, from a client that asked for redirects
+    (``CLUSTER REDIRECT``): ``ERROR MOVED <slot> <host:port>``, as Redis Cluster. Nothing was done;
+    send the command to ``address``. ``slot`` is the topic's slot (None when the reason does not
+    name it), ``address`` the owner's ``(host, port)``."""
+
+    CODE = "MOVED"
+
+    def __init__(self, reason: str, code: str | None = None) -> None:
+        super().__init__(reason, code)
+        slot, _, address = reason.partition(" ")
+        self.slot = int(slot) if slot.isdigit() else None
+        self.address = parse_host_port(address)
+
+
+class TryAgainError(RetryableError):
+    """A command for a topic whose cluster slot has no owner yet (its owner died and its lease has
+    not expired, or the slot is being handed over) after the node waited its lease TTL plus 2 s:
+    nothing was done, retry. ``slot`` is the slot (None when the reason does not name it)."""
+
+    CODE = "TRYAGAIN"
+
+    @property
+    def slot(self) -> int | None:
+        """The slot without owner, from the reason ``slot <n> of '<topic>' ...``."""
+        match = _SLOT.match(self.reason)
+        return int(match[1]) if match else None
+
+
+class NoPatternsInClusterError(CommandError):
+    """``SUBSCRIBE``, ``UNSUBSCRIBE`` or ``DESTROY`` of a wildcard pattern on a cluster node: a
+    pattern spans slots owned by different nodes, so a cluster refuses it (docs/cluster.md)."""
+
+    CODE = "NO_PATTERNS_IN_CLUSTER"
+
+    @property
+    def pattern(self) -> str | None:
+        """The refused pattern, from the reason (None when it does not end with one in quotes)."""
+        match = _QUOTED_END.search(self.reason)
+        return match[1] if match else None
+
+
 class ClosingError(CommandError):
     """An error the server sends just before it closes the connection; see ``ConnectionClosedError.error``."""
 
@@ -252,8 +297,15 @@ ERROR_CLASSES: dict[str, type[CommandError]] = {
 }
 ERROR_CODES = tuple(ERROR_CLASSES)
 
+# code -> class for the codes a cluster node's router sends itself (pigeon/cluster/router.py), not the core
+CLUSTER_ERROR_CLASSES: dict[str, type[CommandError]] = {
+    cls.CODE: cls for cls in (MovedError, TryAgainError, NoPatternsInClusterError) if cls.CODE is not None
+}
+
 _CODE = re.compile(r"[A-Z][A-Z0-9_]*\Z")
 _TAGS = re.compile(r"(\d+)(?:-(\d+))?\Z")
+_SLOT = re.compile(r"slot (\d+) ")
+_QUOTED_END = re.compile(r"'(.*)'\Z")
 
 
 class ConnectionClosedError(PigeonError, builtins.ConnectionError):
@@ -317,5 +369,5 @@ def error_from_reply(text: str) -> CommandError:
     code, _, reason = text.partition(" ")
     if not _CODE.match(code):
         return CommandError(text)
-    cls = ERROR_CLASSES.get(code)
+    cls = ERROR_CLASSES.get(code) or CLUSTER_ERROR_CLASSES.get(code)
     return cls(reason) if cls is not None else CommandError(reason, code)

@@ -26,3 +26,11 @@ def topic_problem(text: str) -> str | None:
     if any(unicodedata.category(char) in REFUSED_IN_TOPICS for char in text):
         return f"topic {text!r} must not contain whitespace, control, format or separator characters"
     return None
+
+
+def parse_host_port(text: str) -> tuple[str, int] | None:
+    """``host:port`` (``[v6]:port`` too), as cluster nodes advertise themselves, as a pair; None when
+    it is not one."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    return (host, int(port)) if host and port.isdigit() else None

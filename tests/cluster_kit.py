@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from pigeon.cluster.slots import SLOTS, slot_of
+import pytest
+
+from pigeon.cluster.etcd import EtcdProcess, etcd_binary
+from pigeon.cluster.slots import SLOTS, preferred_owner, slot_of
 from pigeon.testing import LineClient, ServerProcess
 
 # a short lease, so that failover tests wait seconds, not minutes
@@ -16,6 +21,25 @@ TTL = 2.0
 def start_node(endpoint: str, name: str, *args: str) -> ServerProcess:
     """A node named ``name`` of the cluster at ``endpoint``, on a free port."""
     return ServerProcess("--cluster", endpoint, "--node-name", name, "--cluster-ttl", str(TTL), *args)
+
+
+Cluster = tuple[dict[str, ServerProcess], dict[str, set[int]]]
+
+
+@contextmanager
+def running_cluster(count: int = 3) -> Iterator[Cluster]:
+    """An etcd and ``count`` nodes n0, n1, ... with every slot served, and who serves which; skips
+    the test where etcd or the cluster extra is missing. Every node must stop cleanly at the end."""
+    if etcd_binary() is None:
+        pytest.skip("etcd is not installed (apt-get install etcd-server)")
+    pytest.importorskip("aetcd", reason="the cluster extra is not installed")
+    with EtcdProcess() as etcd:
+        nodes = {f"n{i}": start_node(etcd.endpoint, f"n{i}") for i in range(count)}
+        try:
+            yield nodes, wait_preferred(list(nodes.values()))
+        finally:
+            for node in nodes.values():
+                assert node.stop() in (0, -9), "".join(node.log)
 
 
 def status(node: ServerProcess) -> dict[str, Any]:
@@ -87,6 +111,23 @@ def wait_balanced(nodes: list[ServerProcess], timeout: float = 30.0) -> dict[str
             raise AssertionError(
                 f"not balanced after {timeout} s: { ({n: len(s) for n, s in owned.items()}) }"
             )
+        time.sleep(0.1)
+
+
+def all_preferred(owned: dict[str, set[int]]) -> bool:
+    """Whether every slot is served by its preferred owner among the nodes of ``owned``: no idle slot
+    is left to hand over, so who owns what stays put while nothing dies."""
+    return all(slot in owned[preferred_owner(slot, owned) or ""] for slot in range(SLOTS))
+
+
+def wait_preferred(nodes: list[ServerProcess], timeout: float = 30.0) -> dict[str, set[int]]:
+    """``wait_balanced``, then wait until every slot is with its preferred owner; who serves what."""
+    deadline = time.monotonic() + timeout
+    while True:
+        owned = wait_balanced(nodes, timeout)
+        if all_preferred(owned):
+            return owned
+        assert time.monotonic() < deadline, "the slots did not settle with their preferred owners"
         time.sleep(0.1)
 
 

@@ -49,7 +49,7 @@ def test_slots_and_preferred_owners_are_the_same_in_every_process() -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--node-name", "n1"], ["--cluster", "etcd://127.0.0.1:2379", "--users", "u.toml"], ["--cluster", "x"]],
+    [["--node-name", "n1"], ["--cluster", "x"]],
 )
 def test_cluster_flags_are_checked(argv: list[str]) -> None:
     from pigeon.cli.server import main
@@ -57,6 +57,18 @@ def test_cluster_flags_are_checked(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("mode", [["--cluster", "etcd://127.0.0.1:2379"], ["--workers", "2"]])
+def test_a_cluster_refuses_certificate_mapped_users(
+    mode: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pigeon.cli.server import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*mode, "--users", "u.toml", "--tls-ca", "ca.pem", "--tls-map-user"])
+    assert exit_info.value.code == 2
+    assert "do not work with --tls-map-user" in capsys.readouterr().err
 
 
 def test_every_slot_has_exactly_one_owner_in_etcd_and_in_the_nodes(etcd: EtcdProcess) -> None:

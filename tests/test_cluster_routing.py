@@ -12,30 +12,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from pigeon.cluster.etcd import EtcdProcess
 from pigeon.cluster.router import REMOTE_TAG_BASE
 from pigeon.cluster.slots import slot_of
 from pigeon.testing import LineClient, ServerProcess
-from tests.cluster_kit import connected, start_node, status, topic_owned_by, wait_balanced
-
-Cluster = tuple[dict[str, ServerProcess], dict[str, set[int]]]
+from tests.cluster_kit import Cluster, connected, running_cluster, status, topic_owned_by
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """Three nodes n0, n1, n2 and who serves which slots, shared by this module's tests."""
-    from pigeon.cluster.etcd import etcd_binary
-
-    if etcd_binary() is None:
-        pytest.skip("etcd is not installed (apt-get install etcd-server)")
-    pytest.importorskip("aetcd", reason="the cluster extra is not installed")
-    with EtcdProcess() as etcd:
-        nodes = {f"n{i}": start_node(etcd.endpoint, f"n{i}") for i in range(3)}
-        try:
-            yield nodes, wait_balanced(list(nodes.values()))
-        finally:
-            for node in nodes.values():
-                assert node.stop() == 0, "".join(node.log)
+    with running_cluster() as started:
+        yield started
 
 
 def test_round_robin_across_subscribers_on_every_node(cluster: Cluster) -> None:

@@ -480,6 +480,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_level, args.log_format)
     if args.inspect:
         return _inspect(args.data_dir)
+    if (args.cluster is not None or args.workers) and args.tls_map_user:
+        # a node forwards a client's commands logged in with the client's own CONNECT <user> <password>:
+        # a certificate-mapped login has none to give
+        parser.error("--cluster and --workers do not work with --tls-map-user (see docs/cluster.md)")
     tls = _tls_context(args, parser)
     if args.tls_map_user and (args.tls_ca is None or args.users is None):
         parser.error("--tls-map-user needs --tls-ca (client certificates) and --users (the users they name)")
@@ -487,9 +491,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.users is None and not args.allow_anonymous and not is_loopback(args.host):
         log.error("%s", protected_mode_refusal(args.host))
         return 1
-    if (args.cluster is not None or args.workers) and args.users is not None:
-        # nodes forward clients' commands over connections of their own, which carry no credentials
-        parser.error("--cluster and --workers do not work with --users yet (see docs/cluster.md)")
     if args.workers:
         from pigeon.cluster.workers import supervise
 

@@ -10,24 +10,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
-from types import TracebackType
-from typing import Any, cast, overload
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, cast, overload
 
-from pigeon import errors
 from pigeon.client.address import TlsOption, url_keywords
 from pigeon.client.base import (
     DEFAULT_MAX_QUEUED,
-    DEFAULT_RECONNECT_TIMEOUT,
     DEFAULT_REQUEST_TIMEOUT,
-    DEFAULT_TIMEOUT,
     WINDOW,
     ClientBase,
+    ClientOptions,
+    UrlOptions,
 )
 from pigeon.client.codec import Data, Message, Refused
 from pigeon.client.session import Pending
+from pigeon.client.usage import AsyncUse
 from pigeon.errors import ConnectionClosedError, UnknownDeliveryTagError
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
+
+if TYPE_CHECKING:
+    from typing_extensions import Self, Unpack
 
 
 class _Protocol(asyncio.Protocol):
@@ -55,7 +57,7 @@ class _Protocol(asyncio.Protocol):
         self._client._writable.set()
 
 
-class AsyncClient(ClientBase):
+class AsyncClient(ClientBase, AsyncUse):
     """An asyncio connection to a Pigeon server.
 
     Connect with ``async with AsyncClient(...) as client:`` or
@@ -66,8 +68,8 @@ class AsyncClient(ClientBase):
     background, for up to ``reconnect_timeout`` seconds, and its
     subscriptions are restored. While more than
     ``max_queued`` deliveries wait to be consumed, the client stops reading,
-    so the server's rotation passes it over. ``user``, ``password``, ``tls``, ``seeds``
-    and ``AsyncClient.from_url`` are as for ``Client``. Many tasks may share one client.
+    so the server's rotation passes it over. ``user``, ``password``, ``tls``, ``seeds``,
+    ``redirects`` and ``AsyncClient.from_url`` are as for ``Client``. Many tasks may share one client.
     """
 
     def __init__(
@@ -75,16 +77,10 @@ class AsyncClient(ClientBase):
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
         *,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        reconnect: bool = False,
-        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
         max_queued: int = DEFAULT_MAX_QUEUED,
-        user: str | None = None,
-        password: str | None = None,
-        tls: TlsOption = None,
-        seeds: Sequence[tuple[str, int]] = (),
+        **options: Unpack[ClientOptions],
     ) -> None:
-        super().__init__(host, port, timeout, reconnect, reconnect_timeout, user, password, tls, seeds)
+        super().__init__(host, port, **options)
         self.max_queued = max_queued
         self._reading_paused = False
         self._protocol: _Protocol | None = None
@@ -99,20 +95,12 @@ class AsyncClient(ClientBase):
         cls,
         url: str,
         *,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        reconnect: bool = False,
-        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
-        max_queued: int = DEFAULT_MAX_QUEUED,
         tls: TlsOption = None,
-    ) -> AsyncClient:
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        **options: Unpack[UrlOptions],
+    ) -> Self:
         """A client (not connected yet) for a ``pigeon://`` or ``pigeons://`` URL, as ``Client.from_url``."""
-        return cls(
-            timeout=timeout,
-            reconnect=reconnect,
-            reconnect_timeout=reconnect_timeout,
-            max_queued=max_queued,
-            **url_keywords(url, tls),
-        )
+        return cls(max_queued=max_queued, **url_keywords(url, tls), **options)
 
     # ------------------------------------------------------------ public API
 
@@ -234,18 +222,8 @@ class AsyncClient(ClientBase):
         message = self._take_message()
         if message is None:
             message = await self._next_message(timeout)
-        if self._reading_paused and len(self._session.messages) <= self.max_queued // 2:
-            self._resume_reading()
+        self._taken()
         return message
-
-    async def messages(self, timeout: float | None = None) -> AsyncIterator[Message]:
-        """Deliveries as they arrive; the iteration ends after ``timeout`` seconds without one."""
-        while True:
-            try:
-                message = await self.next_message(timeout)
-            except errors.TimeoutError:
-                return
-            yield message
 
     async def close(self) -> None:
         """Send DISCONNECT (after anything queued) and close the connection; safe to call twice."""
@@ -253,17 +231,6 @@ class AsyncClient(ClientBase):
             self._reconnecting.cancel()
         await self._close()
         self._arrived.set()
-
-    async def __aenter__(self) -> AsyncClient:
-        return await self.connect()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # ------------------------------------------------------------ the primitives, on the event loop
 
@@ -387,6 +354,11 @@ class AsyncClient(ClientBase):
     def _on_closed(self, protocol: _Protocol, reason: str) -> None:
         if protocol is self._protocol:
             self._lose(reason)
+
+    def _taken(self) -> None:
+        """A delivery was taken: read again once half of what made the client stop reading is consumed."""
+        if self._reading_paused and len(self._session.messages) <= self.max_queued // 2:
+            self._resume_reading()
 
     def _resume_reading(self) -> None:
         self._reading_paused = False

@@ -15,11 +15,11 @@ import abc
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
 
 from pigeon import errors
 from pigeon.client import codec
-from pigeon.client.address import TlsOption, check_credentials, tls_context
+from pigeon.client.address import TlsOption, check_credentials, tls_context, url_keywords
 from pigeon.client.codec import Data, Link, Message, Refused, ServerInfo, SubscribeOptions
 from pigeon.client.session import Pending, Session
 from pigeon.errors import (
@@ -34,6 +34,10 @@ from pigeon.errors import (
     StaleDeliveryError,
     UnknownDeliveryTagError,
 )
+from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
+
+if TYPE_CHECKING:
+    from typing_extensions import Self, Unpack
 
 T = TypeVar("T")
 
@@ -66,20 +70,40 @@ def run_blocking(steps: Coroutine[Any, Any, T]) -> T:
     raise RuntimeError("a step of the blocking client tried to suspend")
 
 
+class UrlOptions(TypedDict, total=False):
+    """The keywords of ``Client`` and ``AsyncClient`` that a URL does not give (see ``Client``)."""
+
+    timeout: float | None
+    reconnect: bool
+    reconnect_timeout: float
+    seeds: Sequence[tuple[str, int]]
+    redirects: bool
+
+
+class ClientOptions(UrlOptions, total=False):
+    """Every keyword of ``Client`` and ``AsyncClient`` but the asyncio client's ``max_queued``."""
+
+    user: str | None
+    password: str | None
+    tls: TlsOption
+
+
 class ClientBase(abc.ABC):
     """The state and the protocol logic of one client; a subclass supplies the I/O primitives."""
 
     def __init__(
         self,
-        host: str,
-        port: int,
-        timeout: float | None,
-        reconnect: bool,
-        reconnect_timeout: float,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        reconnect: bool = False,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
         user: str | None = None,
         password: str | None = None,
         tls: TlsOption = None,
         seeds: Sequence[tuple[str, int]] = (),
+        redirects: bool = False,
     ) -> None:
         check_credentials(user, password)
         self.host = host
@@ -87,6 +111,8 @@ class ClientBase(abc.ABC):
         # the nodes of a cluster to try in turn when reconnecting: this one first, then the seeds
         self.seeds = [(host, port), *((h, p) for h, p in seeds if (h, p) != (host, port))]
         self.timeout = timeout
+        # ask a cluster node for ERROR MOVED instead of forwarding (CLUSTER REDIRECT), on every connection
+        self.redirects = redirects
         self.reconnect = reconnect
         self.reconnect_timeout = reconnect_timeout
         self.user = user
@@ -113,6 +139,14 @@ class ClientBase(abc.ABC):
     def subscriptions(self) -> tuple[str, ...]:
         """The topics and patterns this client is subscribed to (once per group it joined there)."""
         return tuple(topic.decode() for topic, _ in self._topics)
+
+    @classmethod
+    def from_url(cls, url: str, *, tls: TlsOption = None, **options: Unpack[UrlOptions]) -> Self:
+        """A client for ``pigeon://[user:password@]host[:port]``, or ``pigeons://`` for TLS (with
+        ``tls``, a context, when the server's certificate is not signed by a CA the system trusts);
+        the other keywords as for the class itself. ``Client`` connects at once, ``AsyncClient`` on
+        ``connect()``."""
+        return cls(**url_keywords(url, tls), **options)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.host}:{self.port} id={self.client_id or '-'}>"
@@ -185,6 +219,13 @@ class ClientBase(abc.ABC):
             self._take_hello(hello)
             await self._wait(connected)
             self._take_id(result(connected))
+            if self.redirects:
+                # after CONNECTED, not pipelined with it: a node answers CLUSTER itself, at once, even
+                # while the core is still checking the login's password
+                redirect = await self._ask_redirects()
+                # a broker that is no cluster node does not know CLUSTER: it owns every topic
+                if not isinstance(redirect.error, errors.UnknownCommandError):
+                    result(redirect)
             if self._topics:
                 await self._resubscribe()
         except BaseException as exc:
@@ -194,6 +235,13 @@ class ClientBase(abc.ABC):
                 # the refusal itself, not the closed connection that follows it: no reconnection retries it
                 raise exc.error from exc
             raise
+
+    async def _ask_redirects(self) -> Pending:
+        """``CLUSTER REDIRECT``, and its answer."""
+        redirect = self._session.expect(b"CLUSTER")
+        self._write(codec.redirect_line())
+        await self._wait(redirect)
+        return redirect
 
     async def _ask_hello(self) -> Pending:
         """A plain HELLO, sent once the CONNECT before it is answered, and its answer."""
@@ -434,11 +482,7 @@ class ClientBase(abc.ABC):
                     f"cannot {verb.decode()}: {exc}; the broker gives the messages back", list(batch)
                 ) from exc
         if stale:
-            raise StaleDeliveryError(
-                f"{len(stale)} of the messages came on a connection that has closed since: their tags are "
-                "dead, and the broker gave them back for redelivery",
-                stale,
-            )
+            raise stale_error(stale)
 
     async def _check_acks(self) -> list[UnknownDeliveryTagError]:
         """A PING round trip, so that the broker has read every ACK and NACK sent; then the refusals."""
@@ -593,7 +637,7 @@ class ClientBase(abc.ABC):
                 await self._ready()  # a reconnect may bring deliveries: check again before waiting
                 continue
             try:
-                await self._wait_for_data(_earliest(deadline, self._keepalive_due()))
+                await self._wait_for_data(earliest(deadline, self._keepalive_due()))
             except ConnectionClosedError:
                 if not self.reconnect:
                     raise
@@ -670,6 +714,15 @@ def _text_only_data(message: Data) -> Data:
     return _text_only(codec.payload_bytes(message))
 
 
+def stale_error(stale: list[Message]) -> StaleDeliveryError:
+    """The error for an ack or nack of messages that came on a connection that has closed since."""
+    return StaleDeliveryError(
+        f"{len(stale)} of the messages came on a connection that has closed since: their tags are "
+        "dead, and the broker gave them back for redelivery",
+        stale,
+    )
+
+
 def result(pending: Pending) -> bytes:
     """A single command's reply text after its verb; raises the server's refusal."""
     if pending.error is not None:
@@ -677,7 +730,8 @@ def result(pending: Pending) -> bytes:
     return pending.reply
 
 
-def _earliest(first: float | None, second: float | None) -> float | None:
+def earliest(first: float | None, second: float | None) -> float | None:
+    """The earlier of two deadlines, either of which may be None (none)."""
     if first is None:
         return second
     return first if second is None else min(first, second)

@@ -539,6 +539,11 @@ def cluster_line() -> bytes:
     return b"CLUSTER STATUS\n"
 
 
+def redirect_line() -> bytes:
+    """CLUSTER REDIRECT: a cluster node answers ``ERROR MOVED`` for other nodes' topics, not forwarding."""
+    return b"CLUSTER REDIRECT\n"
+
+
 def parse_cluster(reply: bytes) -> dict[str, Any]:
     """The JSON after ``CLUSTER``; raises ValueError for a reply that is not a JSON object."""
     return _json_object("CLUSTER", reply)

@@ -9,30 +9,31 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from types import TracebackType
-from typing import Any, overload
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, overload
 
 from pigeon import errors
-from pigeon.client.address import TlsOption, url_keywords
 from pigeon.client.base import (
-    DEFAULT_RECONNECT_TIMEOUT,
     DEFAULT_REQUEST_TIMEOUT,
-    DEFAULT_TIMEOUT,
     RECV_SIZE,
     WINDOW,
     ClientBase,
+    ClientOptions,
     run_blocking,
 )
 from pigeon.client.codec import Data, Message, Refused
 from pigeon.client.session import Pending
+from pigeon.client.usage import BlockingUse
 from pigeon.errors import ConnectionClosedError, UnknownDeliveryTagError
 from pigeon.protocol import DEFAULT_HOST, DEFAULT_PORT
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 POLL_READS = 16  # at most this many reads of what has already arrived before a command
 
 
-class Client(ClientBase):
+class Client(ClientBase, BlockingUse):
     """A blocking connection to a Pigeon server; connects (HELLO and CONNECT) when created.
 
     ``timeout`` bounds each wait for a reply, counted from the last bytes that
@@ -42,47 +43,20 @@ class Client(ClientBase):
     to ``reconnect_timeout`` seconds, and its subscriptions are restored; with ``seeds``
     (other nodes of a cluster, ``(host, port)`` pairs) each failed attempt tries the next node.
     ``user`` and ``password`` are sent with CONNECT (on every connection);
-    ``tls`` is an ``ssl.SSLContext``, or True for the system's default one.
+    ``tls`` is an ``ssl.SSLContext``, or True for the system's default one. With ``redirects``
+    (a cluster node: ``CLUSTER REDIRECT``), a command for a topic another node owns raises MovedError,
+    naming the owner, instead of being forwarded there (``ClusterClient`` follows them).
     ``Client.from_url("pigeons://user:password@host:3333")`` says it all in one.
     Not thread-safe: use one client per thread.
     """
 
     def __init__(
-        self,
-        host: str = DEFAULT_HOST,
-        port: int = DEFAULT_PORT,
-        *,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        reconnect: bool = False,
-        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
-        user: str | None = None,
-        password: str | None = None,
-        tls: TlsOption = None,
-        seeds: Sequence[tuple[str, int]] = (),
+        self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **options: Unpack[ClientOptions]
     ) -> None:
-        super().__init__(host, port, timeout, reconnect, reconnect_timeout, user, password, tls, seeds)
+        super().__init__(host, port, **options)
         self._sock: socket.socket | None = None
         self._sock_timeout: float | None = None
         run_blocking(self._connect())
-
-    @classmethod
-    def from_url(
-        cls,
-        url: str,
-        *,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        reconnect: bool = False,
-        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
-        tls: TlsOption = None,
-    ) -> Client:
-        """A client for ``pigeon://[user:password@]host[:port]``, or ``pigeons://`` for TLS (with
-        ``tls``, a context, when the server's certificate is not signed by a CA the system trusts)."""
-        return cls(
-            timeout=timeout,
-            reconnect=reconnect,
-            reconnect_timeout=reconnect_timeout,
-            **url_keywords(url, tls),
-        )
 
     # ------------------------------------------------------------ public API
 
@@ -216,29 +190,9 @@ class Client(ClientBase):
         message = self._take_message()
         return run_blocking(self._next_message(timeout)) if message is None else message
 
-    def messages(self, timeout: float | None = None) -> Iterator[Message]:
-        """Deliveries as they arrive; the iteration ends after ``timeout`` seconds without one."""
-        while True:
-            try:
-                message = self.next_message(timeout)
-            except errors.TimeoutError:
-                return
-            yield message
-
     def close(self) -> None:
         """Send DISCONNECT (after anything queued) and close the socket; safe to call twice."""
         run_blocking(self._close())
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # ------------------------------------------------------------ the primitives, blocking
 

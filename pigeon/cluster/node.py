@@ -77,6 +77,7 @@ class ClusterNode:
         self._held: set[int] = set()  # slots whose keys are bound to this node's current lease
         self.owned: set[int] = set()  # the slots this node serves
         self.etcd_ok = False
+        self.upstreams_opened = 0  # connections to owners opened to forward a client's commands
         self._client: Any = None
         self._endpoint = 0
         self._lease: Any = None
@@ -121,6 +122,7 @@ class ClusterNode:
                 node: {**info, "slots": per_node.get(node, [])} for node, info in sorted(self.members.items())
             },
             "unowned": SLOTS - len(self.owners),
+            "upstreams_opened": self.upstreams_opened,
         }
 
     # -- life ------------------------------------------------------------------------------------
@@ -166,7 +168,9 @@ class ClusterNode:
     async def _next_endpoint(self) -> None:
         if self._client is not None:
             with contextlib.suppress(Exception):
-                await self._client.close()
+                # bounded: _keep_alive calls this before it checks the lease, so a close that hangs
+                # (etcd gone) must not keep a node serving past its lease
+                await asyncio.wait_for(self._client.close(), CALL_TIMEOUT)
         self._endpoint = (self._endpoint + 1) % len(self.endpoints)
         self._client = None
 

@@ -201,7 +201,7 @@ class Upstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(b"CONNECT\n")
+        self.transport.write(self.router.login_line())
         if self.protocol != 1:
             self.set_protocol(self.protocol)
 
@@ -335,6 +335,7 @@ class RoutedConnection(_Connection):
         "_inbuf",
         "_last_publish",
         "_last_slot",
+        "_login",
         "_next_remote_tag",
         "_owner_wait_since",
         "_partial",
@@ -377,6 +378,7 @@ class RoutedConnection(_Connection):
         self._next_remote_tag = REMOTE_TAG_BASE
         self._holds: set[str] = set()  # why input is not processed: "core", "client", an owner
         self._redirect = False
+        self._login: bytes | None = None  # the client's CONNECT <user> <password>, for its upstreams
         self._eof = False
         self._owner_wait_since = 0.0  # when a command began to wait for its slot's owner
 
@@ -524,6 +526,9 @@ class RoutedConnection(_Connection):
         verb = fields[0].upper() if fields else b""
         if verb == b"CLUSTER" or verb in _REQUEST_FRAMES:
             return None, verb, line[len(fields[0]) :].strip()
+        if verb == b"CONNECT" and len(fields) == 3 and self._login is None:
+            # the first login: a wrong one closes the connection, a later CONNECT is refused
+            self._login = line
         if verb == b"PUB" and b"\n" not in line and pub_nbytes(line) is not None:
             # over --max-payload (split_commands): refused here, whoever sent it, as the router (not
             # the core) skips its payload
@@ -601,9 +606,18 @@ class RoutedConnection(_Connection):
             else:
                 self._reply(b"ERROR MOVED %d %s" % (slot, address.encode()))
 
+    def login_line(self) -> bytes:
+        """The CONNECT an upstream of this client sends: with ``--users``, the client's own (so the
+        owner checks that user's password and permissions, docs/cluster.md), else a bare one."""
+        if self._logins is None or self._login is None:
+            return b"CONNECT\n"
+        return self._login + b"\n"
+
     def _cluster_command(self, rest: bytes) -> None:
         word = rest.upper()
-        if word in (b"", b"STATUS"):
+        if self._logins is not None and self._broker.client_id(self._handle) is None:
+            self._reply(b"ERROR NOT_CONNECTED not connected: send CONNECT first")
+        elif word in (b"", b"STATUS"):
             self._reply(b"CLUSTER " + json.dumps(self._cluster.status(), separators=(",", ":")).encode())
         elif word == b"REDIRECT":
             self._redirect = True
@@ -660,6 +674,7 @@ class RoutedConnection(_Connection):
         if upstream is None:
             upstream = Upstream(self, node)
             self._upstreams[node] = upstream
+            self._cluster.upstreams_opened += 1
             address = self._cluster.address_of(node) or ""
             host, _, port = address.rpartition(":")
             loop = asyncio.get_running_loop()
