@@ -266,13 +266,34 @@ def test_published_waits_for_the_successor(etcd: EtcdProcess, tmp_path: Path) ->
         _stop(nodes)
 
 
-def test_replicas_need_a_cluster_and_a_data_dir() -> None:
+def test_replicas_need_a_cluster_and_a_data_dir_and_no_users(tmp_path: Path) -> None:
     for args in (["--replicas", "1"], ["--replicas", "1", "--cluster", "etcd://127.0.0.1:1"]):
         done = subprocess.run(
             [*server_command(), *args], capture_output=True, text=True, timeout=60, check=False
         )
         assert done.returncode == 2
         assert "--replicas needs --cluster and --data-dir" in done.stderr
+    users = tmp_path / "users"
+    users.write_text("")
+    done = subprocess.run(
+        [
+            *server_command(),
+            "--replicas",
+            "1",
+            "--cluster",
+            "etcd://127.0.0.1:1",
+            "--data-dir",
+            str(tmp_path),
+            "--users",
+            str(users),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--replicas cannot be used with --users" in done.stderr
 
 
 def _core_records(commands: list[bytes]) -> bytes:

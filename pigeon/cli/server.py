@@ -499,6 +499,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--node-name, --advertise and --node-port need --cluster")
     if args.replicas and (args.cluster is None or args.data_dir is None):
         parser.error("--replicas needs --cluster and --data-dir (only durable topics are replicated)")
+    if args.replicas and args.users:
+        # a replication stream carries no node credential: with logins, any user could feed a replica
+        parser.error("--replicas cannot be used with --users yet (replication streams carry no credentials)")
     try:
         server = _new_server(args)(
             args.host,
