@@ -99,8 +99,25 @@ cdef bint next_field(char **p, size_t *n, char **field, size_t *flen) noexcept
 cdef bint only_blanks(const char *p, size_t n) noexcept
 cdef bint word_is(const char *p, size_t n, const char *lower, size_t ln) noexcept
 cdef bint printable(const char *p, size_t n) noexcept
-cdef bint parse_count(const char *p, size_t n, size_t *value) noexcept
 cdef int topic_problem(const char *p, size_t n) noexcept
+
+
+cdef inline bint parse_count(const char *p, size_t n, size_t *value) noexcept:
+    """A decimal number of at most 18 digits; False for anything else. Inline: every PUB frame's
+    byte count goes through it."""
+    cdef size_t i, v = 0
+    cdef unsigned char d
+    if n == 0 or n > 18:
+        return False
+    for i in range(n):
+        d = <unsigned char>p[i] - c'0'
+        if d > 9:
+            return False
+        v = v * 10 + d
+    value[0] = v
+    return True
+
+
 
 cdef char *read_buffer_load(Broker b, int32_t h) except NULL
 cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1

@@ -96,19 +96,6 @@ cdef bint printable(const char *p, size_t n) noexcept:
     return True
 
 
-cdef bint parse_count(const char *p, size_t n, size_t *value) noexcept:
-    """A decimal number of at most 18 digits; False for anything else."""
-    cdef size_t i, v = 0
-    if n == 0 or n > 18:
-        return False
-    for i in range(n):
-        if p[i] < b'0' or p[i] > b'9':
-            return False
-        v = v * 10 + <size_t>(p[i] - c'0')
-    value[0] = v
-    return True
-
-
 cdef bint _invisible(uint32_t cp) noexcept:
     """Whether a code point is in the generated table of refused ones (a binary search)."""
     cdef size_t low = 0, high = INVISIBLE_RANGES, mid
