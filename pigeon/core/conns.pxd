@@ -69,6 +69,8 @@ cdef struct Conn:
     uint32_t inflight_cap
     char *input                 # input carried over: a partial line, or lines held while it is paused
     size_t input_len
+    size_t input_cap            # bytes allocated at input: more than input_len while a large PUB frame
+                                # is read straight into it (conn_keep_frame)
     size_t in_transport         # what its transport held unsent when last asked
     Sub **subs                  # its subscriptions
     int32_t nsubs
@@ -103,5 +105,6 @@ cdef int32_t conns_open(Broker b, object writer, object transport_size, object p
 cdef void conn_free(Broker b, int32_t h) noexcept
 cdef Conn *conn_get(Broker b, int32_t h) except NULL
 cdef int conn_keep_input(Broker b, int32_t h, const char *data, size_t n) noexcept
+cdef int conn_keep_frame(Broker b, int32_t h, const char *data, size_t n, size_t room) noexcept
 cdef int inflight_push(Memory *m, Conn *c, Msg *msg, Topic *t, size_t offset, size_t line_len,
                        uint64_t tag, uint64_t seq) noexcept

@@ -72,7 +72,7 @@ cdef void conn_free(Broker b, int32_t h) noexcept:
         Py_XDECREF(c.out_bytes)
     b.mem.in_transports -= c.in_transport
     mem_free(&b.mem, c.inflight, c.inflight_cap * sizeof(InFlight))
-    mem_free(&b.mem, c.input, c.input_len)
+    mem_free(&b.mem, c.input, c.input_cap)
     log_forget(b, h)
     mem_free(&b.mem, c.subs, c.subs_cap * sizeof(Sub *))
     acks_free(b, &c.unacked)
@@ -102,9 +102,31 @@ cdef int conn_keep_input(Broker b, int32_t h, const char *data, size_t n) noexce
         if kept == NULL:
             return -1
         memcpy(kept, data, n)
-    mem_free(&b.mem, c.input, c.input_len)
+    mem_free(&b.mem, c.input, c.input_cap)
     c.input = kept
     c.input_len = n
+    c.input_cap = n
+    return 0
+
+
+cdef int conn_keep_frame(Broker b, int32_t h, const char *data, size_t n, size_t room) noexcept:
+    """Carry over ``data``, the start of a large PUB frame, in a buffer of ``room`` bytes (the
+    whole frame), into which the socket then reads the rest (read_buffer_load): each byte of
+    the frame is copied once, not again at every read. ``data`` already at the front of such
+    a buffer stays where it is. -1 when out of memory."""
+    cdef Conn *c = &b.conns.items[h]
+    cdef char *kept
+    if data == c.input and room <= c.input_cap:
+        c.input_len = n
+        return 0
+    kept = <char *>mem_alloc(&b.mem, room)
+    if kept == NULL:
+        return -1
+    memcpy(kept, data, n)
+    mem_free(&b.mem, c.input, c.input_cap)
+    c.input = kept
+    c.input_len = n
+    c.input_cap = room
     return 0
 
 

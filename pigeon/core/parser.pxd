@@ -63,6 +63,8 @@ cdef enum:
 
     HOLD = 1                # a handler's answer: this line waits (flow control); stop here
     FRAME_PARTIAL = 3       # run_frame's answer: the frame's payload has not all arrived yet
+    FRAME_IN_PLACE = 256 * 1024  # a partial frame this large (header, payload, line end) is read
+                                 # straight into its own buffer (conn_keep_frame)
 
     # the frames: a header line with a byte count, then that many bytes and a line end
     FRAME_PUB = 1
@@ -89,10 +91,14 @@ cdef extern from *:
 
 ctypedef struct ReadBuffer:
     # One buffer for every connection's reads: a connection's carried-over
-    # input is copied to its front, and the socket reads just after it.
+    # input is copied to its front, and the socket reads just after it. A
+    # large PUB frame's remainder is read into the connection's own input
+    # buffer instead (conn_keep_frame), so it is not copied at every read.
     char *data
     size_t cap
-    int32_t owner           # handle whose input sits at the front, -1 when none
+    int32_t owner           # handle whose input sits at the front of target, -1 when none
+    char *target            # where the owner's input is and its next read goes: data, or its input
+    size_t target_cap       # bytes at target
 
 
 cdef bint next_field(char **p, size_t *n, char **field, size_t *flen) noexcept
