@@ -375,7 +375,10 @@ cdef int run_frame(Broker b, int32_t h, char *p, size_t line_len, size_t avail, 
         close_later(b, h, "bad frame", True)
         return 0
     if kind == FRAME_PUB:
-        held = on_pub(b, h, t, id, id_len, name, name_len, p + start, count)
+        if t != NULL:
+            held = pub_to_topic(b, h, t, p + start, count)
+        else:
+            held = on_pub(b, h, NULL, id, id_len, name, name_len, p + start, count)
     elif kind == FRAME_REQ:
         held = on_req(b, h, t, id, id_len, name, name_len, p + start, count)
     else:
