@@ -156,6 +156,7 @@ cdef class Broker:
         mem_free(&self.mem, self.outbox.dirty, self.outbox.dirty_cap * sizeof(int32_t))
         mem_free(&self.mem, self.outbox.closing, self.outbox.closing_cap * sizeof(int32_t))
         mem_free(&self.mem, self.rbuf.data, self.rbuf.cap)
+        mem_free(&self.mem, self.rbuf.spare, self.rbuf.spare_cap)
 
     cdef int _settle(self) except -1:
         """End of a call from Python: get flush() run (now, or by the server through

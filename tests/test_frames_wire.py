@@ -153,6 +153,11 @@ def test_a_max_size_frame_in_64_kib_pieces_is_one_frame_held_once(framed: Callab
     pub.send(data[sent:])
     assert pub.lines(2) == [b"PUBLISHED big", b"PONG"]
     assert sub.frame() == (b"MSG big %d" % size, payload)
+    # the next large frame reuses the buffer the first one left
+    reversed_payload = payload[::-1]
+    pub.send(_frame(pub.client_id, b"big", reversed_payload) + b"PING\n")
+    assert pub.lines(2) == [b"PUBLISHED big", b"PONG"]
+    assert sub.frame() == (b"MSG big %d" % size, reversed_payload)
 
 
 @pytest.mark.slow

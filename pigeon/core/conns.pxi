@@ -102,11 +102,22 @@ cdef int conn_keep_input(Broker b, int32_t h, const char *data, size_t n) noexce
         if kept == NULL:
             return -1
         memcpy(kept, data, n)
-    mem_free(&b.mem, c.input, c.input_cap)
+    _input_release(b, c)
     c.input = kept
     c.input_len = n
     c.input_cap = n
     return 0
+
+
+cdef void _input_release(Broker b, Conn *c) noexcept:
+    """Free c's input buffer; a large frame's becomes the spare (ReadBuffer.spare) unless the
+    spare is as large."""
+    if c.input_cap >= FRAME_IN_PLACE and c.input_cap > b.rbuf.spare_cap:
+        mem_free(&b.mem, b.rbuf.spare, b.rbuf.spare_cap)
+        b.rbuf.spare = c.input
+        b.rbuf.spare_cap = c.input_cap
+    else:
+        mem_free(&b.mem, c.input, c.input_cap)
 
 
 cdef int conn_keep_frame(Broker b, int32_t h, const char *data, size_t n, size_t room) noexcept:
@@ -119,11 +130,17 @@ cdef int conn_keep_frame(Broker b, int32_t h, const char *data, size_t n, size_t
     if data == c.input and room <= c.input_cap:
         c.input_len = n
         return 0
-    kept = <char *>mem_alloc(&b.mem, room)
-    if kept == NULL:
-        return -1
+    if b.rbuf.spare_cap >= room:
+        kept = b.rbuf.spare
+        room = b.rbuf.spare_cap
+        b.rbuf.spare = NULL
+        b.rbuf.spare_cap = 0
+    else:
+        kept = <char *>mem_alloc(&b.mem, room)
+        if kept == NULL:
+            return -1
     memcpy(kept, data, n)
-    mem_free(&b.mem, c.input, c.input_cap)
+    _input_release(b, c)
     c.input = kept
     c.input_len = n
     c.input_cap = room

@@ -99,6 +99,8 @@ ctypedef struct ReadBuffer:
     int32_t owner           # handle whose input sits at the front of target, -1 when none
     char *target            # where the owner's input is and its next read goes: data, or its input
     size_t target_cap       # bytes at target
+    char *spare             # the last large frame's buffer, kept for the next one (conn_keep_frame):
+    size_t spare_cap        # a fresh one would page-fault all its pages at every frame
 
 
 cdef bint next_field(char **p, size_t *n, char **field, size_t *flen) noexcept
