@@ -377,15 +377,6 @@ class ClientBase(abc.ABC):
             self._require("wildcards", "wildcard patterns")
         return codec.subscribe_line(self._cid, name, how)
 
-    def _require(self, feature: str, what: str) -> None:
-        """FeatureNotSupportedError when the server's HELLO does not list ``feature`` (or it answered
-        no HELLO at all: it is older than protocol 2)."""
-        info = self.server_info
-        if info is None or feature not in info.features:
-            raise FeatureNotSupportedError(
-                feature, f"the server does not have {what} (its HELLO lists no '{feature}')"
-            )
-
     async def _unsubscribe(self, topic: str | bytes, group: str | bytes | None) -> None:
         name = codec.encode_topic(topic)
         gname = None if group is None else codec.encode_group(group)
