@@ -161,9 +161,9 @@ cdef char *read_buffer_load(Broker b, int32_t h) except NULL:
     cdef size_t need = c.input_len + READ_ROOM
     cdef char *grown
     b.rbuf.owner = h
-    if c.input_cap > c.input_len:
+    if c.input_room > c.input_len:
         b.rbuf.target = c.input
-        b.rbuf.target_cap = c.input_cap
+        b.rbuf.target_cap = c.input_room
         return c.input
     if b.rbuf.cap < need:
         grown = <char *>mem_grow(&b.mem, b.rbuf.data, b.rbuf.cap, need)
@@ -262,7 +262,7 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
         close_later(b, h, "memory full", True)
         conn_keep_input(b, h, NULL, 0)
         return 0
-    if partial_frame and frame_size >= FRAME_IN_PLACE:
+    if partial_frame and FRAME_IN_PLACE <= frame_size < (<size_t>1 << 32):    # Conn.input_room
         if conn_keep_frame(b, h, buf + pos, left, frame_size) < 0:
             close_later(b, h, "out of memory for its input", False)
             return 0
@@ -353,7 +353,7 @@ cdef int run_frame(Broker b, int32_t h, char *p, size_t line_len, size_t avail, 
     end = start + count
     if end >= avail or (p[end] == b'\r' and end + 1 >= avail):
         # the input held for it replaces what is held now: refused when the whole frame cannot be
-        if end + 2 > INPUT_SLACK and mem_total(&b.mem) - c.input_cap + end + 2 > b.limit.max_memory:
+        if end + 2 > INPUT_SLACK and mem_total(&b.mem) - input_size(c) + end + 2 > b.limit.max_memory:
             b.counters.commands[cmd] += 1
             b.counters.refused += 1
             snprintf(reason, sizeof(reason), "memory limit reached: cannot hold a payload of %zu bytes",
