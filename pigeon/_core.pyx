@@ -156,6 +156,7 @@ cdef class Broker:
         mem_free(&self.mem, self.outbox.dirty, self.outbox.dirty_cap * sizeof(int32_t))
         mem_free(&self.mem, self.outbox.closing, self.outbox.closing_cap * sizeof(int32_t))
         mem_free(&self.mem, self.rbuf.data, self.rbuf.cap)
+        mem_free(&self.mem, self.rbuf.spare, self.rbuf.spare_cap)
 
     cdef int _settle(self) except -1:
         """End of a call from Python: get flush() run (now, or by the server through
@@ -213,7 +214,7 @@ cdef class Broker:
         """
         cdef Conn *c = conn_get(self, handle)
         cdef char *data = read_buffer_load(self, handle)
-        return PyMemoryView_FromMemory(data + c.input_len, self.rbuf.cap - c.input_len, PyBUF_WRITE)
+        return PyMemoryView_FromMemory(data + c.input_len, self.rbuf.target_cap - c.input_len, PyBUF_WRITE)
 
     def buffer_updated(self, int32_t handle, Py_ssize_t nbytes):
         """Process ``nbytes`` just read into the view from ``get_buffer``."""
@@ -221,7 +222,7 @@ cdef class Broker:
         cdef size_t total
         if self.rbuf.owner != handle:
             raise RuntimeError("buffer_updated without get_buffer for this connection")
-        if nbytes < 0 or <size_t>nbytes > self.rbuf.cap - c.input_len:
+        if nbytes < 0 or <size_t>nbytes > self.rbuf.target_cap - c.input_len:
             raise ValueError("nbytes is outside the buffer")
         self.rbuf.owner = -1
         self.now = monotonic()
@@ -234,10 +235,10 @@ cdef class Broker:
             pass                        # after DISCONNECT or an error: the rest is ignored
         elif c.reading_stopped:
             # a read already under way when reading stopped: held with the rest
-            if conn_keep_input(self, handle, self.rbuf.data, total) < 0:
+            if conn_keep_input(self, handle, self.rbuf.target, total) < 0:
                 close_later(self, handle, "out of memory for its input", False)
         else:
-            process_input(self, handle, self.rbuf.data, total)
+            process_input(self, handle, self.rbuf.target, total)
         self._settle()
 
     def feed(self, int32_t handle, data):
@@ -256,7 +257,7 @@ cdef class Broker:
             room = len(view)
             chunk = total - done if total - done < room else room
             if chunk:
-                memcpy(self.rbuf.data + c.input_len, &src[done], chunk)
+                memcpy(self.rbuf.target + c.input_len, &src[done], chunk)
             done += chunk
             self.buffer_updated(handle, chunk)
             if done == total:

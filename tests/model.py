@@ -748,6 +748,7 @@ class ModelBroker:
             "client_id": c.client_id.decode() if c.client_id else None,
             "user": c.user,
             "address": c.peer,
+            "protocol": 2 if c.framed else 1,
             "subscriptions": names[:SUBSCRIPTIONS_LISTED],
             "subscriptions_total": len(names),
             "pending_bytes": c.unsent_bytes() + c.in_transport,

@@ -1,17 +1,22 @@
 """Consumer groups and wildcards through the client library (``Client`` and ``AsyncClient`` alike, by
 tests/faces.py), against a real server: subscribe with a group, patterns, unsubscribe from a group,
-destroy_group and its errors, and the group kept across a reconnection."""
+destroy_group and its errors, and the group kept across a reconnection; against fake servers whose
+HELLO lacks ``groups`` and ``wildcards`` (or who answer no HELLO), the FeatureNotSupportedError
+raised before anything is sent."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+import threading
+from collections.abc import Callable, Iterator
 
 import pytest
 
 import pigeon
-from pigeon import GroupInUseError, InvalidArgumentError, NoSuchGroupError
+from pigeon import FeatureNotSupportedError, GroupInUseError, InvalidArgumentError, NoSuchGroupError
 from pigeon.testing import ServerProcess
 from tests.faces import OpenClient
+from tests.test_client import _Address
 
 StartServer = Callable[..., ServerProcess]
 
@@ -93,3 +98,72 @@ def test_a_reconnection_keeps_the_group(start_server: StartServer, open_client: 
         ("jobs", "workers"),
         ("jobs", "audit"),
     }
+
+
+# a protocol 2 server without consumer groups and wildcards, and one older than HELLO
+HELLO_WITHOUT_GROUPS = (
+    b'HELLO {"protocol":2,"max_line":4096,"topic_max":255,"idle_timeout":0.0,"max_payload":1024,'
+    b'"features":["ack","binary"]}\n'
+)
+NO_HELLO = b"ERROR UNKNOWN_COMMAND unknown command 'HELLO'\n"
+
+
+class RecordingServer:
+    """A fake server that answers the handshake with ``hello`` and CONNECTED, PING with PONG, and
+    SUBSCRIBE with SUBSCRIBED; ``lines`` holds every line it received."""
+
+    def __init__(self, hello: bytes) -> None:
+        self.lines: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = _Address(*self.listener.getsockname()[:2])
+        self.thread = threading.Thread(target=self._serve, args=(hello,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, hello: bytes) -> None:
+        conn, _ = self.listener.accept()
+        buf = b""
+        with conn:
+            while chunk := conn.recv(4096):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    self.lines.append(line)
+                    if line.startswith(b"HELLO"):
+                        conn.sendall(hello)
+                    elif line == b"CONNECT":
+                        conn.sendall(b"CONNECTED c7\n")
+                    elif line == b"PING":
+                        conn.sendall(b"PONG\n")
+                    elif line.startswith(b"SUBSCRIBE "):
+                        conn.sendall(b"SUBSCRIBED %s\n" % line.split()[2])
+                    elif line == b"DISCONNECT":
+                        conn.sendall(b"DISCONNECTED\n")
+
+
+@pytest.fixture(params=[HELLO_WITHOUT_GROUPS, NO_HELLO], ids=["hello-without-groups", "no-hello"])
+def server_without_groups(request: pytest.FixtureRequest) -> Iterator[RecordingServer]:
+    fake = RecordingServer(request.param)
+    yield fake
+    fake.listener.close()
+    fake.thread.join(5)
+
+
+def test_groups_and_patterns_need_the_servers_features(
+    server_without_groups: RecordingServer, open_client: OpenClient
+) -> None:
+    client = open_client(server_without_groups.address)
+    calls: list[tuple[Callable[[], object], str]] = [
+        (lambda: client.subscribe("orders", group="billing"), "groups"),
+        (lambda: client.subscribe("orders", group="billing", ack=True), "groups"),
+        (lambda: client.subscribe("metrics.*"), "wildcards"),
+        (lambda: client.subscribe("metrics.>", ack=True), "wildcards"),
+        (lambda: client.destroy_group("orders", "billing"), "groups"),
+    ]
+    for call, feature in calls:
+        with pytest.raises(FeatureNotSupportedError, match=f"no '{feature}' in its HELLO") as info:
+            call()
+        assert info.value.feature == feature
+    client.subscribe("metrics.cpu")  # an exact topic (with a dot) needs neither
+    client.ping()
+    sent = [line for line in server_without_groups.lines if not line.startswith((b"HELLO", b"CONNECT"))]
+    assert sent == [b"SUBSCRIBE c7 metrics.cpu", b"PING"], "nothing was sent for the refused calls"

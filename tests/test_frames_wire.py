@@ -124,6 +124,56 @@ def test_a_frame_split_into_one_byte_writes_is_one_frame(framed: Callable[[], Li
     assert sub.frame() == (b"MSG slow %d" % len(NASTY), NASTY)
 
 
+def _figure(client: LineClient, name: str) -> int:
+    value = _stats(client)[name]
+    assert isinstance(value, int)
+    return value
+
+
+def test_a_max_size_frame_in_64_kib_pieces_is_one_frame_held_once(framed: Callable[[], LineClient]) -> None:
+    """A large frame's remainder is read straight into its own buffer: the partly received
+    frame is held once (not also in a read buffer grown to its size), and each of its bytes
+    is copied once, not again at every read."""
+    sub, pub, watcher = framed(), framed(), framed()
+    sub.subscribe("big")
+    size = LIMIT_DEFAULTS["max_payload"]
+    payload = bytes(i * 13 % 256 for i in range(size))
+    data = _frame(pub.client_id, b"big", payload, b"\r\n") + b"PING\n"
+    memory, read = _figure(watcher, "memory_bytes"), _figure(watcher, "bytes_in")
+    piece = 64 * 1024
+    sent = size - piece  # all but the end of the frame, 64 KiB at a time
+    for start in range(0, sent, piece):
+        pub.send(data[start : start + piece])
+    deadline = time.monotonic() + 10
+    while _figure(watcher, "bytes_in") - read < sent:
+        assert time.monotonic() < deadline, "the server did not read the frame"
+        time.sleep(0.01)
+    # held in a read buffer grown to the frame as well, it would be about twice the frame
+    assert _figure(watcher, "memory_bytes") - memory < size + size // 4
+    pub.send(data[sent:])
+    assert pub.lines(2) == [b"PUBLISHED big", b"PONG"]
+    assert sub.frame() == (b"MSG big %d" % size, payload)
+    # the next large frame reuses the buffer the first one left
+    reversed_payload = payload[::-1]
+    pub.send(_frame(pub.client_id, b"big", reversed_payload) + b"PING\n")
+    assert pub.lines(2) == [b"PUBLISHED big", b"PONG"]
+    assert sub.frame() == (b"MSG big %d" % size, reversed_payload)
+
+
+@pytest.mark.slow
+def test_a_frame_over_the_in_place_size_in_one_byte_pieces_is_one_frame(start_server: StartServer) -> None:
+    size = READ_ROOM + 1000
+    server = start_server("--max-payload", str(size))
+    sub, pub = _framed(server), _framed(server)
+    sub.subscribe("bytes")
+    payload = bytes(i * 7 % 251 for i in range(size))
+    data = _frame(pub.client_id, b"bytes", payload) + b"PING\n"
+    for i in range(len(data)):
+        pub.send(data[i : i + 1])
+    assert pub.lines(2) == [b"PUBLISHED bytes", b"PONG"]
+    assert sub.frame() == (b"MSG bytes %d" % size, payload)
+
+
 def test_text_and_framed_commands_pipelined(framed: Callable[[], LineClient]) -> None:
     sub, pub = framed(), framed()
     cid = pub.client_id
@@ -291,8 +341,9 @@ def test_a_payload_memory_cannot_hold_is_refused_and_skipped(start_server: Start
     assert client.line() == b"ERROR MEMORY_FULL memory limit reached: cannot hold a payload of %d bytes" % big
     client.sock.sendall(b"z" * big + b"\nPING\n")
     assert client.line() == b"PONG"
-    # one that fits in memory to be received is still over a quarter of it to be kept
-    client.send(_frame(client.client_id, b"t", b"y" * (3 * 1024 * 1024)))
+    # one that fits in memory to be received is still over a quarter of it to be kept (and
+    # received and kept it would not fit)
+    client.send(_frame(client.client_id, b"t", b"y" * (5 * 1024 * 1024)))
     assert client.line().startswith(b"ERROR MEMORY_FULL memory limit reached (")
     assert client.ask("PING") == b"PONG"
 

@@ -43,10 +43,16 @@ def test_stats_tables(server: ServerProcess) -> None:
     topics = rows(cli("stats", "topics", "--port", port).stdout)
     assert topics["idle"] == ["0", "3", "3", "0"]
     assert topics["jobs"] == ["1", "0", "4", "4"]
+    framed = server.client()
+    assert framed.ask("HELLO 2").startswith(b'HELLO {"protocol":2')
+    framed.connect()
     conns = rows(cli("stats", "connections", "--port", port).stdout)
+    assert conns["CLIENT"][:3] == ["ADDRESS", "PROTO", "SUBS"]
     assert conns[sub.client_id][0] == "{}:{}".format(*sub.sock.getsockname()[:2])
-    assert conns[sub.client_id][1:2] == ["1"] and conns[sub.client_id][-3:-1] == ["0", "4"]
+    assert conns[sub.client_id][1:3] == ["1", "1"] and conns[sub.client_id][-3:-1] == ["0", "4"]
     assert conns[pub.client_id][-3:-1] == ["7", "0"]
+    assert conns[framed.client_id][1] == "2", "the protocol its HELLO 2 chose"
+    framed.close()
     raw = json.loads(cli("stats", "topics", "--json", "--port", port).stdout)
     assert sorted(t["name"] for t in raw) == ["idle", "jobs"]  # in the server's hash table order
     sub.close()
@@ -109,11 +115,20 @@ def test_screen_lines_show_rates_between_two_samples() -> None:
     }
     topic = {"name": "jobs", "subscribers": 1, "backlog_messages": 10, "published": 100, "delivered": 90}
     before = Sample(10.0, stats, [topic], [])
+    group = {
+        "pattern": "orders.*",
+        "group": "billing",
+        "subscribers": 2,
+        "backlog_messages": 5,
+        "delivered": 40,
+        "unacked": 3,
+    }
     after = Sample(
         12.0,
         {**stats, "published": 300, "delivered": 250},
         [{**topic, "published": 300, "delivered": 250}],
         [],
+        [group],
     )
     lines = screen_lines(after, before, "host:1")
     assert lines[0].startswith("pigeon host:1  up 1m01s  connections 2 (5 total)")
@@ -121,6 +136,9 @@ def test_screen_lines_show_rates_between_two_samples() -> None:
     assert "errors 1" in lines[2]
     jobs = next(line for line in lines if line.startswith("jobs"))
     assert jobs.split() == ["jobs", "1", "10", "100", "80", "300", "250"]
+    assert "TOPIC OR PATTERN" in lines[lines.index(jobs) + 2]
+    assert lines[lines.index(jobs) + 3].split() == ["orders.*", "billing", "2", "5", "40", "3"]
+    assert not any(line.startswith("TOPIC OR PATTERN") for line in screen_lines(before, None, "host:1"))
 
 
 @pytest.fixture
@@ -135,6 +153,7 @@ def tmux() -> Iterator[list[str]]:
 
 def test_top_in_a_terminal(server: ServerProcess, tmux: list[str]) -> None:
     sub, pub = traffic(server)
+    assert sub.ask(f"SUBSCRIBE {sub.client_id} audit.* GROUP ops") == b"SUBSCRIBED audit.*"
     top = " ".join(shlex.quote(a) for a in [*CLI, "top", "--port", str(server.port), "--interval", "0.2"])
     done = f"{top}; echo top exited $?; sleep 30"
     subprocess.run([*tmux, "new-session", "-d", "-x", "120", "-y", "30", done], check=True)
@@ -155,6 +174,7 @@ def test_top_in_a_terminal(server: ServerProcess, tmux: list[str]) -> None:
     assert "published 7  delivered 4  backlog 3" in shown, shown
     assert lines["idle"][:2] == ["0", "3"] and lines["jobs"][:2] == ["1", "0"], shown
     assert lines[sub.client_id][0] == "{}:{}".format(*sub.sock.getsockname()[:2]), shown
+    assert lines["audit.*"] == ["ops", "1", "0", "0", "0"], shown
     pub.publish("jobs", "c")
     assert sub.line() == b"MESSAGE jobs c"
     while time.monotonic() < deadline and "published 8" not in screen():

@@ -84,6 +84,7 @@ def connection_rows(connections: Sequence[dict[str, Any]]) -> list[tuple[object,
         (
             c["client_id"] or "-",
             c["address"] or "-",
+            c.get("protocol", 1),  # absent from servers older than protocol 2
             c["subscriptions_total"],
             human_bytes(c["pending_bytes"]),
             c["messages_in"],
@@ -94,7 +95,7 @@ def connection_rows(connections: Sequence[dict[str, Any]]) -> list[tuple[object,
     ]
 
 
-CONNECTION_HEADER = ("CLIENT", "ADDRESS", "SUBS", "PENDING", "MSGS IN", "MSGS OUT", "AGE")
+CONNECTION_HEADER = ("CLIENT", "ADDRESS", "PROTO", "SUBS", "PENDING", "MSGS IN", "MSGS OUT", "AGE")
 
 
 def group_rows(groups: Sequence[dict[str, Any]]) -> list[tuple[object, ...]]:

@@ -1,8 +1,9 @@
 """``pigeon-cli top``: a live terminal view of a broker, refreshed from its STATS replies.
 
-Each refresh reads the server-wide figures and the full topic and connection
-listings (``Client.stats()``, every page). It needs a terminal; its errors
-are one line on stderr, like every pigeon-cli command's.
+Each refresh reads the server-wide figures and the full topic, consumer group
+and connection listings (``Client.stats()``, every page; groups only from a
+server whose HELLO names ``groups``). It needs a terminal; its errors are one
+line on stderr, like every pigeon-cli command's.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pigeon.cli.common import CliError, Subparsers, add_connection_options, open_client
 from pigeon.cli.stats import (
     CONNECTION_HEADER,
+    GROUP_HEADER,
     connection_rows,
+    group_rows,
     human_bytes,
     human_duration,
     table,
@@ -37,14 +40,17 @@ class Sample:
     stats: dict[str, Any]
     topics: list[dict[str, Any]]
     connections: list[dict[str, Any]]
+    groups: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def read(cls, client: Client) -> Sample:
-        """Ask the broker for all three sections."""
+        """Ask the broker for every section (its groups when it has them)."""
         stats = client.stats()
         topics = client.stats("topics")
         connections = client.stats("connections")
-        return cls(time.monotonic(), stats, topics, connections)
+        info = client.server_info
+        groups = client.stats("groups") if info is not None and "groups" in info.features else []
+        return cls(time.monotonic(), stats, topics, connections, groups)
 
 
 def _per_second(now: float, then: float, seconds: float) -> float:
@@ -52,7 +58,8 @@ def _per_second(now: float, then: float, seconds: float) -> float:
 
 
 def screen_lines(current: Sample, previous: Sample | None, target: str) -> list[str]:
-    """What the screen shows: a summary, the busiest topics, then the clients."""
+    """What the screen shows: a summary, the busiest topics, the consumer groups (when there are
+    any), then the clients."""
     s = current.stats
     seconds = current.at - previous.at if previous is not None else 0.0
     before = previous.stats if previous is not None else s
@@ -99,6 +106,9 @@ def screen_lines(current: Sample, previous: Sample | None, target: str) -> list[
         ],
     )
     lines.append("")
+    if current.groups:
+        lines += table(GROUP_HEADER, group_rows(current.groups))
+        lines.append("")
     lines += table(CONNECTION_HEADER, connection_rows(current.connections))
     return lines
 

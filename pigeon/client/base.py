@@ -413,8 +413,17 @@ class ClientBase(abc.ABC):
         name = codec.encode_topic(topic)
         gname = None if group is None else codec.encode_group(group)
         how = SubscribeOptions(ack, prefetch, gname)
-        await self._command(b"SUBSCRIBED", lambda: codec.subscribe_line(self._cid, name, how), retry=True)
+        await self._command(b"SUBSCRIBED", lambda: self._subscribe_line(name, how), retry=True)
         self._topics[name, gname] = how
+
+    def _subscribe_line(self, name: bytes, how: SubscribeOptions) -> bytes:
+        """The SUBSCRIBE line; FeatureNotSupportedError (nothing is sent) for a group or a pattern
+        that the server's HELLO does not list."""
+        if how.group is not None:
+            self._require("groups", "consumer groups")
+        if codec.is_pattern(name):
+            self._require("wildcards", "wildcard patterns")
+        return codec.subscribe_line(self._cid, name, how)
 
     async def _unsubscribe(self, topic: str | bytes, group: str | bytes | None) -> None:
         name = codec.encode_topic(topic)
@@ -434,7 +443,12 @@ class ClientBase(abc.ABC):
     async def _destroy_group(self, topic: str | bytes, group: str | bytes) -> None:
         name = codec.encode_topic(topic)
         gname = codec.encode_group(group)
-        await self._command(b"DESTROYED", lambda: codec.destroy_line(self._cid, name, gname), retry=True)
+
+        def line() -> bytes:
+            self._require("groups", "consumer groups")
+            return codec.destroy_line(self._cid, name, gname)
+
+        await self._command(b"DESTROYED", line, retry=True)
 
     # ------------------------------------------------------------ acknowledgements
 

@@ -346,6 +346,11 @@ def destroy_line(client_id: bytes, topic: bytes, group: bytes) -> bytes:
     return b"DESTROY %s %s GROUP %s\n" % (client_id, topic, group)
 
 
+def is_pattern(name: bytes) -> bool:
+    """Whether a subscription name is a wildcard pattern: it has a ``*`` or ``>`` token."""
+    return any(token in (b"*", b">") for token in name.split(b"."))
+
+
 def topic_matches(pattern: str, topic: str) -> bool:
     """Whether a subscription to ``pattern`` gets messages of ``topic`` (the NATS rules of the
     server: ``*`` one non-empty token, ``>`` as the last token one or more tokens)."""

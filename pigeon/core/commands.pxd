@@ -36,6 +36,7 @@ cdef int on_subscribe(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_unsubscribe(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_publish(Broker b, int32_t h, char *args, size_t n) except -1
 cdef Topic *pub_fast(Broker b, int32_t h, char **args, size_t *n) noexcept
+cdef int pub_to_topic(Broker b, int32_t h, Topic *t, const char *data, size_t n) noexcept
 cdef int on_pub(Broker b, int32_t h, Topic *t, char *id, size_t id_len, char *name, size_t name_len,
                 const char *data, size_t n) except -1
 cdef int on_ping(Broker b, int32_t h, char *args, size_t n) except -1

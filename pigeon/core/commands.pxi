@@ -602,6 +602,12 @@ cdef Topic *pub_fast(Broker b, int32_t h, char **args, size_t *n) noexcept:
     return _publish_fast(b, h, args, n)
 
 
+cdef int pub_to_topic(Broker b, int32_t h, Topic *t, const char *data, size_t n) noexcept:
+    """A framed PUB whose header pub_fast matched (``t``: its topic): on_pub's work without the
+    checks it needs for other headers, in a call of fewer arguments (every pipelined frame)."""
+    return _publish_pinned(b, h, t, data, n, False)
+
+
 cdef int on_pub(Broker b, int32_t h, Topic *t, char *id, size_t id_len, char *name, size_t name_len,
                 const char *data, size_t n) except -1:
     """A framed PUB whose header and payload the parser found (parser.pxd, run_frame); ``t`` is

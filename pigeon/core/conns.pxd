@@ -81,6 +81,9 @@ cdef struct Conn:
     uint64_t bytes_out
     char close_reason[96]       # for on_close; empty when the client asked (DISCONNECT)
     bint framed                 # sent HELLO 2: its deliveries are MSG/DMSG frames, not text lines
+    uint32_t input_room         # bytes allocated at input while a large PUB frame is read straight into
+                                # it (conn_keep_frame), else 0 (input_len bytes); 32 bits in what was
+                                # padding: sizeof(Conn) stays as it was (conns.items[h] is on every path)
     size_t skip                 # payload bytes of a refused PUB frame still to be read and dropped
     uint32_t gen                # ConnTable.generation when it opened: reply tokens name it with the handle
     uint64_t req_last           # the last request id it was given (requests.pxd), 0: none
@@ -103,5 +106,11 @@ cdef int32_t conns_open(Broker b, object writer, object transport_size, object p
 cdef void conn_free(Broker b, int32_t h) noexcept
 cdef Conn *conn_get(Broker b, int32_t h) except NULL
 cdef int conn_keep_input(Broker b, int32_t h, const char *data, size_t n) noexcept
+cdef int conn_keep_frame(Broker b, int32_t h, const char *data, size_t n, size_t room) noexcept
+
+
+cdef inline size_t input_size(Conn *c) noexcept:
+    """Bytes allocated at c.input."""
+    return c.input_room if c.input_room else c.input_len
 cdef int inflight_push(Memory *m, Conn *c, Msg *msg, Topic *t, size_t offset, size_t line_len,
                        uint64_t tag, uint64_t seq) noexcept

@@ -72,7 +72,7 @@ cdef void conn_free(Broker b, int32_t h) noexcept:
         Py_XDECREF(c.out_bytes)
     b.mem.in_transports -= c.in_transport
     mem_free(&b.mem, c.inflight, c.inflight_cap * sizeof(InFlight))
-    mem_free(&b.mem, c.input, c.input_len)
+    mem_free(&b.mem, c.input, input_size(c))
     log_forget(b, h)
     mem_free(&b.mem, c.subs, c.subs_cap * sizeof(Sub *))
     acks_free(b, &c.unacked)
@@ -102,9 +102,48 @@ cdef int conn_keep_input(Broker b, int32_t h, const char *data, size_t n) noexce
         if kept == NULL:
             return -1
         memcpy(kept, data, n)
-    mem_free(&b.mem, c.input, c.input_len)
+    _input_release(b, c)
     c.input = kept
     c.input_len = n
+    c.input_room = 0
+    return 0
+
+
+cdef void _input_release(Broker b, Conn *c) noexcept:
+    """Free c's input buffer; a large frame's becomes the spare (ReadBuffer.spare) unless the
+    spare is as large."""
+    if c.input_room > b.rbuf.spare_cap:
+        mem_free(&b.mem, b.rbuf.spare, b.rbuf.spare_cap)
+        b.rbuf.spare = c.input
+        b.rbuf.spare_cap = c.input_room
+    else:
+        mem_free(&b.mem, c.input, input_size(c))
+
+
+cdef int conn_keep_frame(Broker b, int32_t h, const char *data, size_t n, size_t room) noexcept:
+    """Carry over ``data``, the start of a large PUB frame, in a buffer of ``room`` bytes (the
+    whole frame), into which the socket then reads the rest (read_buffer_load): each byte of
+    the frame is copied once, not again at every read. ``data`` already at the front of such
+    a buffer stays where it is. ``room`` is under 2^32 (Conn.input_room). -1 when out of memory."""
+    cdef Conn *c = &b.conns.items[h]
+    cdef char *kept
+    if data == c.input and room <= c.input_room:
+        c.input_len = n
+        return 0
+    if b.rbuf.spare_cap >= room:
+        kept = b.rbuf.spare
+        room = b.rbuf.spare_cap
+        b.rbuf.spare = NULL
+        b.rbuf.spare_cap = 0
+    else:
+        kept = <char *>mem_alloc(&b.mem, room)
+        if kept == NULL:
+            return -1
+    memcpy(kept, data, n)
+    _input_release(b, c)
+    c.input = kept
+    c.input_len = n
+    c.input_room = <uint32_t>room
     return 0
 
 

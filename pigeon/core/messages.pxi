@@ -2,19 +2,37 @@
 
 
 cdef inline size_t _digits(uint64_t v) noexcept:
-    cdef size_t n = 1
-    while v >= 10:
+    cdef size_t n = 4
+    # by comparison for the common sizes: a frame header counts every payload's digits
+    if v < 10:
+        return 1
+    if v < 100:
+        return 2
+    if v < 1000:
+        return 3
+    while v >= 10000:
         v //= 10
         n += 1
     return n
 
 
+# "00", "01", ... "99": _put_uint writes two digits per division
+cdef const char *_DIGIT_PAIRS = (b"00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+                                 b"40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+                                 b"8081828384858687888990919293949596979899")
+
+
 cdef inline void _put_uint(char *p, uint64_t v, size_t n) noexcept:
     """Write v in decimal into exactly n bytes (n == _digits(v))."""
-    while n:
-        n -= 1
-        p[n] = <char>(c'0' + v % 10)
-        v //= 10
+    cdef size_t pair
+    while n >= 2:
+        n -= 2
+        pair = <size_t>(v % 100) * 2
+        v //= 100
+        p[n] = _DIGIT_PAIRS[pair]
+        p[n + 1] = _DIGIT_PAIRS[pair + 1]
+    if n:
+        p[0] = <char>(c'0' + v)
 
 
 cdef bint line_safe(const char *data, size_t n, bint lf_free) noexcept:

@@ -246,7 +246,8 @@ cdef char *_message_line(Broker b, int32_t h, Topic *t, const char *data, size_t
             memcpy(q, token, tl)
             q[tl] = b' '
             q += tl + 1
-        dl = _digits(n)
+        # the count's digits are what the line's length leaves for them (_message_line_len)
+        dl = line_len - (4 + t.name_len + 1 + (tl + 1 if tl else 0) + 1 + n + 1)
         _put_uint(q, n, dl)
         q[dl] = b'\n'
         q += dl + 1

@@ -63,6 +63,8 @@ cdef enum:
 
     HOLD = 1                # a handler's answer: this line waits (flow control); stop here
     FRAME_PARTIAL = 3       # run_frame's answer: the frame's payload has not all arrived yet
+    FRAME_IN_PLACE = 256 * 1024  # a partial frame this large (header, payload, line end) is read
+                                 # straight into its own buffer (conn_keep_frame)
 
     # the frames: a header line with a byte count, then that many bytes and a line end
     FRAME_PUB = 1
@@ -89,18 +91,41 @@ cdef extern from *:
 
 ctypedef struct ReadBuffer:
     # One buffer for every connection's reads: a connection's carried-over
-    # input is copied to its front, and the socket reads just after it.
+    # input is copied to its front, and the socket reads just after it. A
+    # large PUB frame's remainder is read into the connection's own input
+    # buffer instead (conn_keep_frame), so it is not copied at every read.
     char *data
     size_t cap
-    int32_t owner           # handle whose input sits at the front, -1 when none
+    int32_t owner           # handle whose input sits at the front of target, -1 when none
+    char *target            # where the owner's input is and its next read goes: data, or its input
+    size_t target_cap       # bytes at target
+    char *spare             # the last large frame's buffer, kept for the next one (conn_keep_frame):
+    size_t spare_cap        # a fresh one would page-fault all its pages at every frame
 
 
 cdef bint next_field(char **p, size_t *n, char **field, size_t *flen) noexcept
 cdef bint only_blanks(const char *p, size_t n) noexcept
 cdef bint word_is(const char *p, size_t n, const char *lower, size_t ln) noexcept
 cdef bint printable(const char *p, size_t n) noexcept
-cdef bint parse_count(const char *p, size_t n, size_t *value) noexcept
 cdef int topic_problem(const char *p, size_t n) noexcept
+
+
+cdef inline bint parse_count(const char *p, size_t n, size_t *value) noexcept:
+    """A decimal number of at most 18 digits; False for anything else. Inline: every PUB frame's
+    byte count goes through it."""
+    cdef size_t i, v = 0
+    cdef unsigned char d
+    if n == 0 or n > 18:
+        return False
+    for i in range(n):
+        d = <unsigned char>p[i] - c'0'
+        if d > 9:
+            return False
+        v = v * 10 + d
+    value[0] = v
+    return True
+
+
 
 cdef char *read_buffer_load(Broker b, int32_t h) except NULL
 cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1

@@ -96,19 +96,6 @@ cdef bint printable(const char *p, size_t n) noexcept:
     return True
 
 
-cdef bint parse_count(const char *p, size_t n, size_t *value) noexcept:
-    """A decimal number of at most 18 digits; False for anything else."""
-    cdef size_t i, v = 0
-    if n == 0 or n > 18:
-        return False
-    for i in range(n):
-        if p[i] < b'0' or p[i] > b'9':
-            return False
-        v = v * 10 + <size_t>(p[i] - c'0')
-    value[0] = v
-    return True
-
-
 cdef bint _invisible(uint32_t cp) noexcept:
     """Whether a code point is in the generated table of refused ones (a binary search)."""
     cdef size_t low = 0, high = INVISIBLE_RANGES, mid
@@ -167,10 +154,17 @@ cdef int topic_problem(const char *p, size_t n) noexcept:
 
 
 cdef char *read_buffer_load(Broker b, int32_t h) except NULL:
-    """Put h's carried-over input at the front of the read buffer, with READ_ROOM free after it."""
+    """Put h's carried-over input at the front of the read buffer, with READ_ROOM free after it;
+    or, while h reads a large frame into its own buffer, leave the input there. Returns where the
+    input now is (b.rbuf.target, b.rbuf.target_cap bytes)."""
     cdef Conn *c = &b.conns.items[h]
     cdef size_t need = c.input_len + READ_ROOM
     cdef char *grown
+    b.rbuf.owner = h
+    if c.input_room > c.input_len:
+        b.rbuf.target = c.input
+        b.rbuf.target_cap = c.input_room
+        return c.input
     if b.rbuf.cap < need:
         grown = <char *>mem_grow(&b.mem, b.rbuf.data, b.rbuf.cap, need)
         if grown == NULL:
@@ -179,7 +173,8 @@ cdef char *read_buffer_load(Broker b, int32_t h) except NULL:
         b.rbuf.cap = need
     if c.input_len:
         memcpy(b.rbuf.data, c.input, c.input_len)
-    b.rbuf.owner = h
+    b.rbuf.target = b.rbuf.data
+    b.rbuf.target_cap = b.rbuf.cap
     return b.rbuf.data
 
 
@@ -209,6 +204,7 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
     cdef char *nl
     cdef bint too_long = False
     cdef bint partial_frame = False
+    cdef size_t frame_size = 0
     cdef Conn *c = &b.conns.items[h]
     cdef char reason[96]
     cdef bint waits
@@ -233,6 +229,7 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
             stop = run_frame(b, h, buf + pos, line_len, n - pos, &used, kind)
             if stop == FRAME_PARTIAL:
                 partial_frame = True    # its size was checked against the memory limit
+                frame_size = used
                 break
         else:
             stop = dispatch(b, h, buf + pos, line_len)
@@ -265,7 +262,11 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
         close_later(b, h, "memory full", True)
         conn_keep_input(b, h, NULL, 0)
         return 0
-    if conn_keep_input(b, h, buf + pos, left) < 0:
+    if partial_frame and FRAME_IN_PLACE <= frame_size < (<size_t>1 << 32):    # Conn.input_room
+        if conn_keep_frame(b, h, buf + pos, left, frame_size) < 0:
+            close_later(b, h, "out of memory for its input", False)
+            return 0
+    elif conn_keep_input(b, h, buf + pos, left) < 0:
         close_later(b, h, "out of memory for its input", False)
         return 0
     if waits:
@@ -298,7 +299,8 @@ cdef int run_frame(Broker b, int32_t h, char *p, size_t line_len, size_t avail, 
     """A framed ``PUB <client_id> <topic> <nbytes>`` (or ``REQ``, the same fields, or ``REPLY
     <token> <nbytes>``: ``kind``) whose header line (p, line_len) is followed by
     ``avail - line_len - 1`` bytes of input: run it once its payload and the line end after it
-    are there (used: the bytes it took), else FRAME_PARTIAL.
+    are there (used: the bytes it took), else FRAME_PARTIAL (used: the bytes the whole frame can
+    take, with a CRLF line end).
 
     A payload over max_payload, or one that the memory limit cannot hold, is
     refused and skipped (Conn.skip): the connection goes on. A header without a
@@ -351,7 +353,7 @@ cdef int run_frame(Broker b, int32_t h, char *p, size_t line_len, size_t avail, 
     end = start + count
     if end >= avail or (p[end] == b'\r' and end + 1 >= avail):
         # the input held for it replaces what is held now: refused when the whole frame cannot be
-        if end + 2 > INPUT_SLACK and mem_total(&b.mem) - c.input_len + end + 2 > b.limit.max_memory:
+        if end + 2 > INPUT_SLACK and mem_total(&b.mem) - input_size(c) + end + 2 > b.limit.max_memory:
             b.counters.commands[cmd] += 1
             b.counters.refused += 1
             snprintf(reason, sizeof(reason), "memory limit reached: cannot hold a payload of %zu bytes",
@@ -360,6 +362,7 @@ cdef int run_frame(Broker b, int32_t h, char *p, size_t line_len, size_t avail, 
             used[0] = end if end < avail else avail
             c.skip = end - used[0]
             return 0
+        used[0] = end + 2
         return FRAME_PARTIAL
     if p[end] == b'\n':
         used[0] = end + 1
@@ -372,7 +375,10 @@ cdef int run_frame(Broker b, int32_t h, char *p, size_t line_len, size_t avail, 
         close_later(b, h, "bad frame", True)
         return 0
     if kind == FRAME_PUB:
-        held = on_pub(b, h, t, id, id_len, name, name_len, p + start, count)
+        if t != NULL:
+            held = pub_to_topic(b, h, t, p + start, count)
+        else:
+            held = on_pub(b, h, NULL, id, id_len, name, name_len, p + start, count)
     elif kind == FRAME_REQ:
         held = on_req(b, h, t, id, id_len, name, name_len, p + start, count)
     else:

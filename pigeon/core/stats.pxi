@@ -148,6 +148,7 @@ cdef dict connections_page(Broker b, size_t cursor, size_t count):
             "client_id": _text(c.id_text, c.id_len) if c.client_id else None,
             "user": <object>c.user if c.user != NULL else None,
             "address": <object>c.peer if c.peer != NULL else None,
+            "protocol": 2 if c.framed else 1,
             "subscriptions": names,
             "subscriptions_total": c.nsubs,
             "pending_bytes": c.out_len + c.in_transport,
