@@ -184,6 +184,7 @@ class ReplicationSender:
         self.store = store
         self._members = members
         self._links: dict[str, ReplicaLink] = {}
+        self._unreachable: set[str] = set()  # successors warned about, until a connection works
         self._successors: list[str | None] = [None] * SLOTS
         self._member_names: frozenset[str] = frozenset()
         self._written = int(broker.log_state["written"])  # the core's log position
@@ -245,8 +246,13 @@ class ReplicationSender:
 
     def _connected(self, link: ReplicaLink, done: asyncio.Task[Any]) -> None:
         if done.cancelled() or done.exception() is not None:
-            log.warning("cannot reach %s to keep replicas: %s", link.node, done.exception())
+            # retried every RECONNECT_DELAY until the node's lease expires: one warning per outage
+            if link.node not in self._unreachable:
+                self._unreachable.add(link.node)
+                log.warning("cannot reach %s to keep replicas: %s (retrying)", link.node, done.exception())
             link.connection_lost(None)
+        else:
+            self._unreachable.discard(link.node)
 
     def link_lost(self, link: ReplicaLink) -> None:
         """A successor's connection broke: while it is still a successor, connect again after a
