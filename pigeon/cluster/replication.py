@@ -117,9 +117,8 @@ class ReplicaLink(asyncio.Protocol):
         self.node = node
         self.acked = 0  # the highest position the successor confirmed on this connection
         self.transport: asyncio.Transport | None = None
-        self.ready = False  # the successor answered CLUSTER REPLICATE
+        self.ready = False  # the successor answered CLUSTER REPLICATE (then it got its snapshot)
         self.closed = False
-        self._queued: list[bytes] = []  # batches until ready
         self._inbuf = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -128,12 +127,9 @@ class ReplicaLink(asyncio.Protocol):
         self.transport.write(b"%s %s\n" % (REPLICATE, self.sender.name.encode()))
 
     def send(self, chunk: bytes, position: int) -> None:
-        """Send the records ``chunk`` that end at the owner's log ``position``."""
-        batch = BATCH.pack(len(chunk), position) + chunk
-        if self.ready and self.transport is not None:
-            self.transport.write(batch)
-        else:
-            self._queued.append(batch)
+        """Send the records ``chunk`` that end at the owner's log ``position`` (once ready)."""
+        assert self.ready and self.transport is not None
+        self.transport.write(BATCH.pack(len(chunk), position) + chunk)
 
     def data_received(self, data: bytes) -> None:
         self._inbuf += data
@@ -148,9 +144,7 @@ class ReplicaLink(asyncio.Protocol):
                 self.close()
                 return
             self.ready = True
-            assert self.transport is not None
-            self.transport.write(b"".join(self._queued))
-            self._queued.clear()
+            self.sender.link_ready(self)
         whole = len(self._inbuf) - len(self._inbuf) % ACK.size
         if whole:
             self.acked = max(self.acked, ACK.unpack_from(self._inbuf, whole - ACK.size)[0])
@@ -227,19 +221,18 @@ class ReplicationSender:
             link = self._links.get(node)
             if link is None:
                 self._open(node)
-            else:
-                self._snapshot(link, slots)
+            elif link.ready:
+                self._snapshot(link, slots)  # a link not ready yet gets every slot of its node then
         for _, nodes in self._pending:
             nodes.intersection_update(needed)
         self._release_soon()
 
     def _open(self, node: str) -> None:
-        """Connect to ``node``, a successor; it gets a snapshot of all its slots first."""
+        """Connect to ``node``, a successor; once it answers it gets a snapshot (link_ready)."""
         address = str(self._members().get(node, {}).get("address", ""))
         host, _, port = address.rpartition(":")
         link = ReplicaLink(self, node)
         self._links[node] = link
-        self._snapshot(link, {slot for slot in range(SLOTS) if self._successors[slot] == node})
         loop = asyncio.get_running_loop()
         task = loop.create_task(loop.create_connection(lambda: link, host.strip("[]"), int(port or 0)))
         task.add_done_callback(lambda done: self._connected(link, done))
@@ -253,6 +246,13 @@ class ReplicationSender:
             link.connection_lost(None)
         else:
             self._unreachable.discard(link.node)
+
+    def link_ready(self, link: ReplicaLink) -> None:
+        """A successor accepted ``link``: it gets a snapshot of all its slots, read now and not at
+        every connection attempt (a dead successor is retried until its lease expires, and the
+        snapshot reads the whole log). Records written while it connected are in that snapshot."""
+        if self._links.get(link.node) is link and not self._stopping:
+            self._snapshot(link, {slot for slot in range(SLOTS) if self._successors[slot] == link.node})
 
     def link_lost(self, link: ReplicaLink) -> None:
         """A successor's connection broke: while it is still a successor, connect again after a
@@ -276,6 +276,7 @@ class ReplicationSender:
             chosen = split_records(data, lambda slot: link.node if slot in slots else None, (link.node,))
             parts.extend(chosen.get(link.node, []))
         link.send(b"".join(parts), self._written)
+        log.info("sent a snapshot of %d slots (%d bytes) to %s", len(slots), sum(map(len, parts)), link.node)
         for _, nodes in self._pending:
             nodes.add(link.node)
         self._pending.append((self._written, {link.node}))
@@ -284,7 +285,8 @@ class ReplicationSender:
 
     def write(self, data: memoryview, new_segment: bool) -> None:
         """The core's records of one pass: to the store, then each successor its share (a successor
-        whose connection is being made again gets them in its snapshot; they wait for it)."""
+        whose connection is being made gets them in its snapshot, read from the store once it is
+        ready; they wait for it)."""
         self.store.write(data, new_segment)
         self._written += len(data)
         if self.store.fsync != "always":
@@ -293,7 +295,7 @@ class ReplicationSender:
         waiting: set[str] = set()
         for node, parts in split_records(data, self._successors.__getitem__, done_to).items():
             link = self._links.get(node)
-            if link is not None:
+            if link is not None and link.ready:
                 link.send(b"".join(parts), self._written)
             waiting.add(node)
         self._pending.append((self._written, waiting))
