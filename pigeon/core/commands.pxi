@@ -293,19 +293,13 @@ cdef inline Topic *_publish_fast(Broker b, int32_t h, char **args, size_t *n) no
 
 
 cdef void _accepted(Broker b, int32_t h, Topic *t) noexcept:
-    cdef char *p
     t.published += 1
     b.counters.published += 1
     b.conns.items[h].msgs_in += 1
     if b.request.id:
         request_accepted(b, h)      # REQUESTED <id>; a request is not logged
         return
-    # out_reply's work with the word's length known: this reply goes out once per message
-    p = out_reserve(b, h, 10 + t.name_len + 1)
-    if p != NULL:
-        memcpy(p, b"PUBLISHED ", 10)
-        memcpy(p + 10, topic_name(t), t.name_len)
-        p[10 + t.name_len] = b'\n'
+    out_reply(b, h, "PUBLISHED", topic_name(t), t.name_len)
     if b.log.durable:
         log_wait(b, h)      # the reply leaves once the message's record is in the log
 

@@ -70,7 +70,7 @@ cdef size_t msg_size(size_t n) noexcept
 cdef void msg_release(Broker b, Msg *msg) noexcept
 cdef void pool_clear(MsgPool *pool, Memory *m) noexcept
 cdef bint line_safe(const char *data, size_t n, bint lf_free) noexcept
-cdef bint put_payload(char *p, const char *data, size_t n, bint framed) noexcept
+cdef bint put_payload(char *p, const char *data, size_t n, bint as_is) noexcept
 
 cdef int queue_push(Memory *m, Queue *q, Msg *msg) noexcept
 cdef int queue_push_front(Memory *m, Queue *q, Msg *msg) noexcept

@@ -42,15 +42,16 @@ cdef bint line_safe(const char *data, size_t n, bint lf_free) noexcept:
     return (n == 0 or data[n - 1] != b'\r') and (lf_free or memchr(data, b'\n', n) == NULL)
 
 
-cdef bint put_payload(char *p, const char *data, size_t n, bint framed) noexcept:
-    """Copy a payload into an output line. In a text line (not ``framed``) each LF becomes a
-    space, and so does a CR left at its end (docs/protocol.md, "Binary payloads and v1
-    subscribers"); returns whether it had to alter anything."""
+cdef bint put_payload(char *p, const char *data, size_t n, bint as_is) noexcept:
+    """Copy a payload into an output line. ``as_is`` for a frame, or a payload known to be
+    line_safe; otherwise (a text line) each LF becomes a space, and so does a CR left at its end
+    (docs/protocol.md, "Binary payloads and v1 subscribers"); returns whether it had to alter
+    anything."""
     cdef char *lf
     cdef char *end = p + n
     cdef bint altered = False
     memcpy(p, data, n)
-    if framed:
+    if as_is:
         return False
     lf = <char *>memchr(p, b'\n', n)
     while lf != NULL:

@@ -168,8 +168,9 @@ cdef inline char *out_reserve(Broker b, int32_t h, size_t need) noexcept:
     return c.out + c.out_len - need
 
 
-cdef void out_reply(Broker b, int32_t h, const char *word, const char *arg, size_t n) noexcept:
-    """``<word>\\n``, or ``<word> <arg>\\n`` when arg is not NULL."""
+cdef inline void out_reply(Broker b, int32_t h, const char *word, const char *arg, size_t n) noexcept:
+    """``<word>\\n``, or ``<word> <arg>\\n`` when arg is not NULL. Inline, so that the C compiler
+    folds the length of a constant word (PUBLISHED goes out once per message)."""
     cdef size_t wl = strlen(word)
     cdef char *p = out_reserve(b, h, wl + (n + 1 if arg != NULL else 0) + 1)
     if p == NULL:
