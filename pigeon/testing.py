@@ -235,8 +235,36 @@ class LineClient:
     ) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout, source_address=source_address)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = b""
+        # what was received and not read yet is _data[_pos:]: reading a line moves _pos instead of
+        # copying the rest, which made draining a flood of small lines quadratic
+        self._data = b""
+        self._pos = 0
         self.client_id = ""
+
+    @classmethod
+    def over(cls, sock: socket.socket) -> LineClient:
+        """A client on a socket made elsewhere (e.g. with a small receive buffer), already connected."""
+        client = cls.__new__(cls)
+        client.sock, client._data, client._pos, client.client_id = sock, b"", 0, ""
+        return client
+
+    @property
+    def buf(self) -> bytes:
+        """What was received and not read yet."""
+        if self._pos:
+            self._data, self._pos = self._data[self._pos :], 0
+        return self._data
+
+    @buf.setter
+    def buf(self, value: bytes) -> None:
+        self._data, self._pos = value, 0
+
+    def _receive(self) -> None:
+        """Append one read of the socket to what is unread; raises on EOF."""
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise EOFError(f"connection closed; unread: {self.buf[:200]!r}")
+        self._data, self._pos = self._data[self._pos :] + chunk, 0
 
     def send(self, data: bytes | str) -> None:
         """Send raw bytes (a str is encoded and gets a trailing newline)."""
@@ -246,22 +274,19 @@ class LineClient:
 
     def line(self) -> bytes:
         """The next line, without its newline; raises on timeout or EOF."""
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(1 << 20)
-            if not chunk:
-                raise EOFError(f"connection closed; unread: {self.buf!r}")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
+        end = self._data.find(b"\n", self._pos)
+        while end < 0:
+            searched = len(self._data) - self._pos
+            self._receive()
+            end = self._data.find(b"\n", searched)
+        line, self._pos = self._data[self._pos : end], end + 1
         return line
 
     def take(self, n: int) -> bytes:
         """The next n bytes; raises on timeout or EOF."""
-        while len(self.buf) < n:
-            chunk = self.sock.recv(1 << 20)
-            if not chunk:
-                raise EOFError(f"connection closed; unread: {self.buf[:200]!r}")
-            self.buf += chunk
-        data, self.buf = self.buf[:n], self.buf[n:]
+        while len(self._data) - self._pos < n:
+            self._receive()
+        data, self._pos = self._data[self._pos : self._pos + n], self._pos + n
         return data
 
     def frame(self) -> tuple[bytes, bytes]:
@@ -299,7 +324,7 @@ class LineClient:
         """True when the server closes the connection with nothing more to read."""
         self.sock.settimeout(timeout)
         try:
-            return self.buf == b"" and self.sock.recv(1) == b""
+            return not self.buf and self.sock.recv(1) == b""
         except ConnectionResetError:
             return True
 

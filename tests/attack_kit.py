@@ -261,8 +261,7 @@ def small_buffer_socket(proc: ServerProcess, timeout: float = 30.0) -> socket.so
 
 def small_buffer_client(proc: ServerProcess) -> LineClient:
     """A ``LineClient`` on a ``small_buffer_socket``, after CONNECT."""
-    client = LineClient.__new__(LineClient)
-    client.sock, client.buf, client.client_id = small_buffer_socket(proc), b"", ""
+    client = LineClient.over(small_buffer_socket(proc))
     client.connect()
     return client
 

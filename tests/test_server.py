@@ -276,8 +276,7 @@ def _small_receive_buffer_client(server: ServerProcess) -> LineClient:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect((server.host, server.port))
-    client = LineClient.__new__(LineClient)
-    client.sock, client.buf, client.client_id = sock, b"", ""
+    client = LineClient.over(sock)
     sock.settimeout(30)
     client.connect()
     return client
