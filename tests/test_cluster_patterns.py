@@ -14,8 +14,17 @@ import pytest
 from pigeon import ClusterClient, GroupInUseError, NoSuchGroupError, TimeoutError
 from pigeon.client.cluster import PATTERN_CHECK
 from pigeon.cluster.router import REMOTE_TAG_BASE
+from pigeon.cluster.slots import preferred_owner, slot_of
 from pigeon.testing import ServerProcess
-from tests.cluster_kit import Cluster, connected, running_cluster, start_node, topic_owned_by, wait_balanced
+from tests.cluster_kit import (
+    Cluster,
+    connected,
+    running_cluster,
+    start_node,
+    status,
+    topic_owned_by,
+    wait_balanced,
+)
 
 NAMES = ("n0", "n1", "n2")
 
@@ -169,7 +178,7 @@ def test_the_cluster_client_subscribes_a_pattern_on_every_node(cluster: Cluster)
         with pytest.raises(GroupInUseError):
             subscriber.destroy_group("cc.*", "workers")
         subscriber.unsubscribe("cc.*", group="workers")
-        assert subscriber.subscriptions == ()
+        assert not subscriber.subscriptions
         subscriber.destroy_group("cc.*", "workers")
         with pytest.raises(NoSuchGroupError):
             subscriber.destroy_group("cc.*", "workers")
@@ -196,9 +205,23 @@ def test_a_node_that_joins_gets_the_patterns_and_one_that_dies_leaves_them_worki
         subscriber = connected(nodes["n0"])
         assert subscriber.ask(f"SUBSCRIBE {subscriber.client_id} join.>") == b"SUBSCRIBED join.>"
         cluster_client = ClusterClient(*_address(nodes["n1"]))
-        cluster_client.subscribe("join.>", group="cc")
+        cluster_client.subscribe("join.*", group="cc")
+        # a topic whose slot moves to n2 when it joins: published to all along, every message arrives
+        moving = (f"join.move.{i}" for i in range(10_000))
+        move = next(t for t in moving if preferred_owner(slot_of(t.encode()), NAMES) == "n2")
+        mover = connected(nodes["n1"])
         endpoint = nodes["n0"].args[nodes["n0"].args.index("--cluster") + 1]
         nodes["n2"] = start_node(endpoint, "n2")
+        sent = 0
+        deadline = time.monotonic() + 60
+        while slot_of(move.encode()) not in status(nodes["n2"])["owned"] or sent < 3:
+            assert time.monotonic() < deadline, "the slot did not move to n2"
+            mover.publish(move, f"m{sent}")
+            sent += 1
+            time.sleep(0.05)
+        mover.publish(move, "last")
+        bodies = [*(f"m{i}" for i in range(sent)), "last"]
+        assert sorted(subscriber.lines(sent + 1)) == sorted(f"MESSAGE {move} {m}".encode() for m in bodies)
         owned = wait_balanced(list(nodes.values()))
         # the node that holds the subscriber's connection places its pattern on the new node by itself
         _wait_for("the node's pattern is placed on n2", lambda: _wildcard_subscriptions(nodes["n2"]) == 1)
