@@ -253,3 +253,17 @@ def test_a_node_that_joins_gets_the_patterns_and_one_that_dies_leaves_them_worki
         assert sorted(m.topic for m in got) == sorted(after.values())
         assert subscriber.ask("PING") == b"PONG"
         cluster_client.close()
+
+
+def test_a_pattern_from_another_nodes_upstream_stays_on_the_node_it_reaches(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    topics = _topics(owned, "up.t")
+    upstream = connected(nodes["n1"])
+    assert upstream.ask("CLUSTER UPSTREAM") == b"CLUSTER UPSTREAM"
+    assert upstream.ask(f"SUBSCRIBE {upstream.client_id} up.>") == b"SUBSCRIBED up.>"
+    publisher = connected(nodes["n0"])
+    for topic in topics.values():
+        publisher.publish(topic, "x")
+    # only n1's own topic reaches it: the other nodes never got the subscription
+    assert upstream.line() == f"MESSAGE {topics['n1']} x".encode()
+    assert upstream.quiet()
