@@ -267,3 +267,25 @@ def test_a_pattern_from_another_nodes_upstream_stays_on_the_node_it_reaches(clus
     # only n1's own topic reaches it: the other nodes never got the subscription
     assert upstream.line() == f"MESSAGE {topics['n1']} x".encode()
     assert upstream.quiet()
+
+
+def test_pipelined_pattern_commands_are_answered_in_command_order(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    theirs = topic_owned_by(owned, "n1", "pipe.t")
+    client = connected(nodes["n0"])
+    cid = client.client_id
+    client.send(
+        f"SUBSCRIBE {cid} pipe.>\nPUBLISH {cid} {theirs} x\nSUBSCRIBE {cid} pipe.* GROUP g\n"
+        f"UNSUBSCRIBE {cid} pipe.>\nUNSUBSCRIBE {cid} pipe.* GROUP g\nPING\n"
+    )
+    lines = client.lines(7)
+    assert [line for line in lines if not line.startswith(b"MESSAGE ")] == [
+        b"SUBSCRIBED pipe.>",
+        f"PUBLISHED {theirs}".encode(),
+        b"SUBSCRIBED pipe.*",
+        b"UNSUBSCRIBED pipe.>",
+        b"UNSUBSCRIBED pipe.*",
+        b"PONG",
+    ]
+    assert lines.count(f"MESSAGE {theirs} x".encode()) == 1
+    assert client.quiet()

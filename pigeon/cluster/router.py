@@ -561,7 +561,8 @@ class RoutedConnection(_Connection):
 
     def _source_idle(self, source: str, local: list[bytes]) -> bool:
         if source == EVERY_NODE:
-            return not self._patterns.busy
+            # answered, then run in the core (or answered here): the core is the last source
+            return not self._patterns.busy and self._source_idle(_LOCAL, local)
         if source == _LOCAL:
             self._feed_local(local)
             return "core" not in self._holds
