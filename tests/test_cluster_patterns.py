@@ -4,6 +4,7 @@ the matching topics of every owner, whichever node its client is connected to (d
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pigeon import ClusterClient, GroupInUseError, NoSuchGroupError, TimeoutError
+from pigeon import AsyncClusterClient, ClusterClient, GroupInUseError, NoSuchGroupError, TimeoutError
 from pigeon.client.cluster import PATTERN_CHECK
 from pigeon.cluster.router import REMOTE_TAG_BASE
 from pigeon.cluster.slots import preferred_owner, slot_of
@@ -289,3 +290,21 @@ def test_pipelined_pattern_commands_are_answered_in_command_order(cluster: Clust
     ]
     assert lines.count(f"MESSAGE {theirs} x".encode()) == 1
     assert client.quiet()
+
+
+def test_the_async_cluster_client_subscribes_a_pattern_on_every_node(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    topics = _topics(owned, "acc.t")
+
+    async def run() -> list[tuple[str, bytes]]:
+        async with AsyncClusterClient(*_address(nodes["n0"])) as client:
+            await client.subscribe("acc.>", ack=True)
+            for name, topic in topics.items():
+                await client.publish(topic, name)
+            got = [await client.next_message(timeout=10) for _ in topics]
+            client.ack(got)
+            assert await client.check_acks() == []
+            await client.unsubscribe("acc.>")
+            return sorted((m.topic, m.data) for m in got)
+
+    assert asyncio.run(run()) == sorted((topic, name.encode()) for name, topic in topics.items())
