@@ -811,8 +811,8 @@ class RoutedConnection(_Connection):
         del self._upstreams[upstream.node]
         for tag in [tag for tag, (source, _) in self._remote_tags.items() if source is upstream]:
             del self._remote_tags[tag]
-        upstream.fail_captures()
         self._patterns.lost(upstream.node)
+        upstream.fail_captures()  # after: a pattern command answered now may open a new upstream there
 
     def remote_members(self) -> list[str]:
         """The live members other than this node, which a pattern subscription is placed on."""
