@@ -84,7 +84,7 @@ class PatternPlacement:
             placed = self._placed.setdefault(node, set())
             if verb == b"SUBSCRIBE":
                 placed.add(key)
-            else:
+            elif verb == b"UNSUBSCRIBE":
                 placed.discard(key)
             self._conn.upstream_to(node).capture(verb, rest, partial(self._answered, node))
         self._starting = False
