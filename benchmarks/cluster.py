@@ -24,6 +24,12 @@ connects to its topic's owner: nothing is forwarded) against ``Client`` on the s
 spreads the connections, so about half of the traffic is forwarded to the other worker). Both sides
 are the same Python client, so the difference is the brokers' forwarding; msgs/s are deliveries, and
 "broker us/msg" the workers' CPU time (user + system, psutil) per delivery during the measured span.
+
+    python -m benchmarks.cluster --patterns [--repeats 3] [--duration 3]
+
+runs that fan-in with ``Client`` on the shared port twice: each subscriber subscribed to its topic
+(``fanin<n>.t``), and each subscribed to a wildcard pattern that matches only its topic
+(``fanin<n>.*``), which its node places on both workers (docs/cluster.md, "Wildcard patterns").
 """
 
 from __future__ import annotations
@@ -182,7 +188,7 @@ def _topics_per_worker(port: int, timeout: float = 30.0) -> list[str]:
         time.sleep(0.1)
     chosen: list[str] = []
     for owned in owners:
-        mine = (f"fanin{n}" for n in range(100_000) if slot_of(f"fanin{n}".encode()) in owned)
+        mine = (f"fanin{n}.t" for n in range(100_000) if slot_of(f"fanin{n}.t".encode()) in owned)
         chosen += [next(mine) for _ in range(FANIN // len(owners))]
     return chosen
 
@@ -199,10 +205,13 @@ def _publisher(port: int, aware: bool, topic: str, start: float, end: float) -> 
             client.publish_many(topic, BATCH)
 
 
-def _subscriber(port: int, aware: bool, topic: str, start: float, end: float, counts: Any, i: int) -> None:
-    """Count the deliveries between ``start + WARM_UP`` and ``end`` (read every 256 messages)."""
+def _subscriber(
+    port: int, aware: bool, topic: str, start: float, end: float, counts: Any, i: int, pattern: bool
+) -> None:
+    """Count the deliveries between ``start + WARM_UP`` and ``end`` (read every 256 messages); with
+    ``pattern``, of a subscription to ``<topic's first token>.*`` instead of the topic."""
     with _client(port, aware) as client:
-        client.subscribe(topic)
+        client.subscribe(topic.split(".")[0] + ".*" if pattern else topic)
         received = 0
         first: int | None = None
         while True:
@@ -237,9 +246,10 @@ def _workers_cpu(supervisor: int) -> float:
     return total
 
 
-def client_fanin(aware: bool, duration: float) -> tuple[float, float]:
+def client_fanin(aware: bool, duration: float, pattern: bool = False) -> tuple[float, float]:
     """Deliveries per second of fan-in 8x8 on a fresh ``pigeon --workers 2``, with ``ClusterClient``
-    (``aware``) or ``Client`` on the shared port, and the workers' CPU microseconds per delivery."""
+    (``aware``) or ``Client`` on the shared port, and the workers' CPU microseconds per delivery;
+    ``pattern``: each subscriber on a wildcard pattern that matches its topic only."""
     proc = ServerProcess("--workers", "2", loop="uvloop")
     try:
         wait_spread(proc.port, 2)
@@ -248,7 +258,9 @@ def client_fanin(aware: bool, duration: float) -> tuple[float, float]:
         start = time.time() + 2.0  # every process connected and subscribed by then
         end = start + WARM_UP + duration
         procs = [
-            multiprocessing.Process(target=_subscriber, args=(proc.port, aware, t, start, end, counts, i))
+            multiprocessing.Process(
+                target=_subscriber, args=(proc.port, aware, t, start, end, counts, i, pattern)
+            )
             for i, t in enumerate(topics)
         ] + [
             multiprocessing.Process(target=_publisher, args=(proc.port, aware, t, start, end)) for t in topics
@@ -267,14 +279,20 @@ def client_fanin(aware: bool, duration: float) -> tuple[float, float]:
         proc.stop()
 
 
-def compare_clients(repeats: int, duration: float) -> None:
-    """``client_fanin`` with each client in turns, ``repeats`` times; prints the medians."""
+def compare_clients(repeats: int, duration: float, patterns: bool = False) -> None:
+    """``client_fanin`` with each client in turns (with ``patterns``: ``Client`` with exact
+    subscriptions and with patterns), ``repeats`` times; prints the medians."""
     print(f"load average before: {os.getloadavg()}")
     forwarded = "Client (shared port, forwarded)"
-    runs: dict[str, list[tuple[float, float]]] = {"ClusterClient (to the owner)": [], forwarded: []}
+    # name -> (ClusterClient, pattern subscriptions)
+    setups = {"ClusterClient (to the owner)": (True, False), forwarded: (False, False)}
+    if patterns:
+        setups = {forwarded: (False, False), "Client, pattern subscribers": (False, True)}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in setups}
     for _ in range(repeats):
         for name, values in runs.items():
-            values.append(client_fanin(name.startswith("ClusterClient"), duration))
+            aware, pattern = setups[name]
+            values.append(client_fanin(aware, duration, pattern))
     print(f"load average after: {os.getloadavg()}")
     base = statistics.median(rate for rate, _ in runs[forwarded])
     columns = f"{'msgs/s (median)':>15} {'vs forwarded':>12} {'broker us/msg':>13}"
@@ -292,12 +310,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--clients", action="store_true", help="ClusterClient against Client on --workers 2")
+    parser.add_argument("--patterns", action="store_true", help="exact against pattern subscribers")
     args = parser.parse_args()
-    if args.clients:
+    if args.clients or args.patterns:
         if shutil.which("etcd") is None:
             print("needs etcd (apt-get install etcd-server)")
             return 1
-        compare_clients(args.repeats, args.duration)
+        compare_clients(args.repeats, args.duration, args.patterns)
         return 0
     if shutil.which("nats-server") is None or shutil.which("etcd") is None:
         print("needs nats-server and etcd (apt-get install nats-server etcd-server)")

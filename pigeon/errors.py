@@ -7,7 +7,7 @@ server sends just before it closes a connection (``ClosingError``) reach
 the caller as the ``error`` of a ``ConnectionClosedError``. This table is the
 client's own: the client does not load the server's compiled core, and a test
 checks the table against the core's ``ERROR_CODES``. The codes a cluster node's router sends
-itself (``MOVED``, ``TRYAGAIN``, ``NO_PATTERNS_IN_CLUSTER``) have theirs in ``CLUSTER_ERROR_CLASSES``.
+itself (``MOVED``, ``TRYAGAIN``) have theirs in ``CLUSTER_ERROR_CLASSES``.
 """
 
 from __future__ import annotations
@@ -216,19 +216,6 @@ class TryAgainError(RetryableError):
         return int(match[1]) if match else None
 
 
-class NoPatternsInClusterError(CommandError):
-    """``SUBSCRIBE``, ``UNSUBSCRIBE`` or ``DESTROY`` of a wildcard pattern on a cluster node: a
-    pattern spans slots owned by different nodes, so a cluster refuses it (docs/cluster.md)."""
-
-    CODE = "NO_PATTERNS_IN_CLUSTER"
-
-    @property
-    def pattern(self) -> str | None:
-        """The refused pattern, from the reason (None when it does not end with one in quotes)."""
-        match = _QUOTED_END.search(self.reason)
-        return match[1] if match else None
-
-
 class ClosingError(CommandError):
     """An error the server sends just before it closes the connection; see ``ConnectionClosedError.error``."""
 
@@ -299,13 +286,12 @@ ERROR_CODES = tuple(ERROR_CLASSES)
 
 # code -> class for the codes a cluster node's router sends itself (pigeon/cluster/router.py), not the core
 CLUSTER_ERROR_CLASSES: dict[str, type[CommandError]] = {
-    cls.CODE: cls for cls in (MovedError, TryAgainError, NoPatternsInClusterError) if cls.CODE is not None
+    cls.CODE: cls for cls in (MovedError, TryAgainError) if cls.CODE is not None
 }
 
 _CODE = re.compile(r"[A-Z][A-Z0-9_]*\Z")
 _TAGS = re.compile(r"(\d+)(?:-(\d+))?\Z")
 _SLOT = re.compile(r"slot (\d+) ")
-_QUOTED_END = re.compile(r"'(.*)'\Z")
 
 
 class ConnectionClosedError(PigeonError, builtins.ConnectionError):

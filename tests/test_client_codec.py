@@ -411,7 +411,7 @@ def test_every_code_has_its_class() -> None:
     assert closing == {"LINE_TOO_LONG", "TOO_MANY_CONNECTIONS", "IDLE_TIMEOUT", "AUTH_FAILED", "BAD_FRAME"}
 
 
-def test_the_cluster_errors_carry_their_slot_address_and_pattern() -> None:
+def test_the_cluster_errors_carry_their_slot_and_address() -> None:
     moved = errors.error_from_reply("MOVED 197 10.0.0.2:4333")
     assert isinstance(moved, errors.MovedError) and (moved.slot, moved.address) == (197, ("10.0.0.2", 4333))
     v6 = errors.error_from_reply("MOVED 3 [::1]:4333")
@@ -420,10 +420,6 @@ def test_the_cluster_errors_carry_their_slot_address_and_pattern() -> None:
     assert isinstance(odd, errors.MovedError) and (odd.slot, odd.address) == (None, None)
     again = errors.error_from_reply("TRYAGAIN slot 5 of 'jobs' has no owner yet: retry")
     assert isinstance(again, errors.TryAgainError) and isinstance(again, RetryableError) and again.slot == 5
-    refused = errors.error_from_reply(
-        "NO_PATTERNS_IN_CLUSTER wildcard patterns are not supported on a cluster node: 'orders.>'"
-    )
-    assert isinstance(refused, errors.NoPatternsInClusterError) and refused.pattern == "orders.>"
 
 
 def test_unknown_codes_and_codeless_errors_are_command_errors() -> None:

@@ -17,7 +17,6 @@ from pigeon import (
     Client,
     ClusterClient,
     MovedError,
-    NoPatternsInClusterError,
     StaleDeliveryError,
     TryAgainError,
 )
@@ -85,17 +84,6 @@ def test_a_client_asking_for_redirects_gets_moved_error_naming_the_slot_and_owne
     with Client(*_address(nodes["n1"])) as forwarded:  # without redirects a node forwards
         forwarded.publish(theirs, "there")
     assert status(nodes["n1"])["upstreams_opened"] == before + 1
-
-
-def test_a_wildcard_pattern_raises_no_patterns_in_cluster_error(cluster: Cluster) -> None:
-    nodes, _ = cluster
-    with Client(*_address(nodes["n2"])) as client:
-        with pytest.raises(NoPatternsInClusterError) as caught:
-            client.subscribe("orders.*")
-        assert caught.value.pattern == "orders.*"
-        assert client.subscriptions == ()
-    with ClusterClient(*_address(nodes["n2"])) as client, pytest.raises(NoPatternsInClusterError):
-        client.subscribe("orders.>")
 
 
 @pytest.mark.slow

@@ -315,24 +315,6 @@ def test_a_frame_with_a_wrong_count_through_a_non_owner_is_refused_and_closed(cl
     assert client.at_eof()
 
 
-def test_a_wildcard_pattern_is_refused_on_a_cluster_node(cluster: Cluster) -> None:
-    nodes, _ = cluster
-    client = connected(nodes["n0"])
-    for command in ("SUBSCRIBE {} orders.*", "subscribe {} orders.> GROUP billing ACK", "UNSUBSCRIBE {} >"):
-        pattern = command.split()[2]
-        assert (
-            client.ask(command.format(client.client_id))
-            == b"ERROR NO_PATTERNS_IN_CLUSTER wildcard patterns are not supported on a cluster node: '%s'"
-            % pattern.encode()
-        )
-    assert client.ask(f"DESTROY {client.client_id} a.*.c GROUP g").startswith(
-        b"ERROR NO_PATTERNS_IN_CLUSTER "
-    )
-    # a topic with a wildcard character in a token is no pattern; publishing to a pattern-like name is allowed
-    client.publish("a*b.c", "x")
-    client.publish("orders.*", "x")
-
-
 def test_request_and_reply_frames_are_refused_whole_on_a_cluster_node(cluster: Cluster) -> None:
     nodes, _ = cluster
     client = connected(nodes["n0"])

@@ -169,3 +169,17 @@ def test_workers_with_users_require_logins_and_forward_as_the_clients_user(tmp_p
             subscriber.close()
     finally:
         assert server.stop() == 0, "".join(server.log)
+
+
+def test_a_pattern_is_placed_on_every_node_logged_in_as_the_clients_user(secured: Nodes) -> None:
+    nodes, owned = secured
+    topics = {name: topic_owned_by(owned, name, "orders.p") for name in nodes}
+    with _login(nodes["n0"], "worker") as worker, _login(nodes["n1"], "ops") as ops:
+        worker.subscribe("orders.*")  # allowed by the worker's orders.> on every node
+        with pytest.raises(PermissionDeniedError):
+            worker.subscribe("jobs.*")  # refused by every node: one error, nothing left subscribed
+        assert worker.subscriptions == ("orders.*",)
+        for name, topic in topics.items():
+            ops.publish(topic, name)
+        got = sorted((m.topic, m.data) for m in (worker.next_message(timeout=10) for _ in topics))
+        assert got == sorted((topic, name.encode()) for name, topic in topics.items())

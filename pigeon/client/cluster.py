@@ -82,6 +82,28 @@ class _Subscription:
     address: Address | None  # the node it is on; None while it must be made again
 
 
+@dataclasses.dataclass
+class _PatternSubscription:
+    """One ``subscribe`` call to a wildcard pattern, kept on every node of the cluster."""
+
+    pattern: bytes
+    group: bytes | None
+    ack: bool
+    prefetch: int | None
+    nodes: set[Address]  # the nodes it is on
+
+
+# Seconds between two reads of the member set while the client holds pattern subscriptions: how
+# late it places them on a node that joined (or came back)
+PATTERN_CHECK = 1.0
+
+
+def member_addresses(status: dict[str, Any]) -> list[Address]:
+    """Every member's address, from a ``CLUSTER STATUS`` document."""
+    found = (parse_host_port(str(member.get("address", ""))) for member in status.get("members", {}).values())
+    return [address for address in found if address is not None]
+
+
 def slot_map(status: dict[str, Any]) -> dict[int, Address]:
     """slot -> owner's address, from a ``CLUSTER STATUS`` document (docs/cluster.md)."""
     owners: dict[int, Address] = {}
@@ -135,6 +157,9 @@ class ClusterBase(abc.ABC, Generic[N]):
         self._owners: dict[int, Address] = {}  # slot -> owner, as last learnt
         self._default = self.seeds[0]  # the node for commands without topic and slots without known owner
         self._subscriptions: dict[tuple[bytes, bytes | None], _Subscription] = {}
+        self._patterns: dict[tuple[bytes, bytes | None], _PatternSubscription] = {}
+        self._members: list[Address] = []  # every node of the cluster, as last read
+        self._members_read = 0.0  # when (time.monotonic())
         self._queued: list[tuple[N, bytes, Data]] = []  # publish(wait=False) calls since the last flush
         self._turn = 0  # the node whose deliveries are taken first next time: each gets its turn
         self._closed = False
@@ -146,8 +171,8 @@ class ClusterBase(abc.ABC, Generic[N]):
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
-        """The topics this client is subscribed to (once per group it joined there)."""
-        return tuple(topic.decode() for topic, _ in self._subscriptions)
+        """The topics and patterns this client is subscribed to (once per group it joined there)."""
+        return tuple(topic.decode() for topic, _ in [*self._subscriptions, *self._patterns])
 
     def owner_of(self, topic: str | bytes) -> Address:
         """The node this client sends ``topic``'s commands to, as it knows the map now."""
@@ -211,6 +236,8 @@ class ClusterBase(abc.ABC, Generic[N]):
         for subscription in self._subscriptions.values():
             if subscription.address == address:
                 subscription.address = None
+        for pattern in self._patterns.values():
+            pattern.nodes.discard(address)
 
     async def _refresh(self) -> None:
         """Read the slot map from the first node that answers: those connected, then the seeds."""
@@ -221,13 +248,14 @@ class ClusterBase(abc.ABC, Generic[N]):
                 status = await node._cluster()
             except UnknownCommandError:
                 # a broker that is no cluster node: it owns every topic
-                self._owners, self._default = {}, address
+                self._owners, self._default, self._members = {}, address, [address]
                 return
             except (ConnectionClosedError, errors.TimeoutError) as exc:
                 failure = exc
                 await self._drop(address)
                 continue
-            self._owners, self._default = slot_map(status), address
+            self._owners, self._default, self._members = slot_map(status), address, member_addresses(status)
+            self._members_read = time.monotonic()
             return
         raise ConnectionClosedError(f"no node of the cluster answers: {failure}")
 
@@ -293,6 +321,9 @@ class ClusterBase(abc.ABC, Generic[N]):
     ) -> None:
         name = codec.encode_topic(topic)
         gname = None if group is None else codec.encode_group(group)
+        if codec.is_pattern(name):
+            await self._subscribe_pattern(_PatternSubscription(name, gname, ack, prefetch, set()))
+            return
         subscription = _Subscription(name, gname, ack, prefetch, None)
         await self._make(subscription)
         self._subscriptions[name, gname] = subscription
@@ -304,9 +335,81 @@ class ClusterBase(abc.ABC, Generic[N]):
             s.topic, lambda node: node._subscribe(s.topic, s.group, s.ack, s.prefetch), repeat=True
         )
 
+    async def _subscribe_pattern(self, pattern: _PatternSubscription) -> None:
+        """Subscribe to a pattern on every node: each owner gives the client its share of the topics it
+        owns that match (docs/cluster.md, "Wildcard patterns"). A refusal undoes it on the nodes that
+        accepted and is raised; a node that cannot be reached gets it later (``_place_patterns``)."""
+        await self._refresh()
+        try:
+            await self._place(pattern)
+        except errors.CommandError:
+            await self._unplace(pattern)
+            raise
+        self._patterns[pattern.pattern, pattern.group] = pattern
+
+    async def _place(self, pattern: _PatternSubscription) -> None:
+        """Subscribe to ``pattern`` on each member it is not on yet, but those that cannot be reached."""
+        p = pattern
+        for address in self._members:
+            if address in p.nodes:
+                continue
+            try:
+                node = await self._node(address)
+                await node._subscribe(p.pattern, p.group, p.ack, p.prefetch)
+            except (ConnectionClosedError, errors.TimeoutError):
+                await self._drop(address)
+                continue
+            p.nodes.add(address)
+
+    async def _unplace(self, pattern: _PatternSubscription) -> None:
+        """Unsubscribe from ``pattern`` on every node it is on (those lost meanwhile have lost it)."""
+        nodes, pattern.nodes = pattern.nodes, set()
+        for address in nodes:
+            with contextlib.suppress(ConnectionClosedError, errors.TimeoutError, errors.NotSubscribedError):
+                await (await self._node(address))._unsubscribe(pattern.pattern, pattern.group)
+
+    async def _place_patterns(self) -> None:
+        """Read the member set again (every PATTERN_CHECK seconds) and place the pattern subscriptions
+        on the nodes that lack them: a node that joined, or came back after it was lost."""
+        if not self._patterns or time.monotonic() < self._members_read + PATTERN_CHECK:
+            return
+        self._members_read = time.monotonic()  # not again before PATTERN_CHECK, even if no node answers
+        with contextlib.suppress(ConnectionClosedError):
+            await self._refresh()
+        for pattern in self._patterns.values():
+            with contextlib.suppress(errors.CommandError):
+                await self._place(pattern)
+
+    async def _destroy_pattern_group(self, name: bytes, group: str | bytes) -> None:
+        """``DESTROY`` of a pattern's group on every node: done when some node destroyed it; the
+        first refusal other than NoSuchGroupError is raised (after every node had its turn), and
+        NoSuchGroupError when no node held the group."""
+        await self._refresh()
+        refusals: list[errors.CommandError] = []
+        destroyed = False
+        for address in self._members:
+            try:
+                await (await self._node(address))._destroy_group(name, group)
+            except (ConnectionClosedError, errors.TimeoutError):
+                await self._drop(address)
+                continue
+            except errors.CommandError as exc:
+                refusals.append(exc)
+                continue
+            destroyed = True
+        others = [exc for exc in refusals if not isinstance(exc, errors.NoSuchGroupError)]
+        if others:
+            raise others[0]
+        if refusals and not destroyed:
+            raise refusals[0]
+
     async def _unsubscribe(self, topic: str | bytes, group: str | bytes | None) -> None:
         name = codec.encode_topic(topic)
         gname = None if group is None else codec.encode_group(group)
+        pattern = self._patterns.pop((name, gname), None)
+        if pattern is not None:
+            await self._unplace(pattern)
+            return
         subscription = self._subscriptions.pop((name, gname), None)
         if subscription is not None and subscription.address is None:
             return  # its node was lost, and the subscription with it
@@ -314,6 +417,9 @@ class ClusterBase(abc.ABC, Generic[N]):
 
     async def _destroy_group(self, topic: str | bytes, group: str | bytes) -> None:
         name = codec.encode_topic(topic)
+        if codec.is_pattern(name):
+            await self._destroy_pattern_group(name, group)
+            return
         await self._routed(name, lambda node: node._destroy_group(name, group), repeat=True)
 
     async def _publish(self, topic: str | bytes, message: Data) -> None:
@@ -452,12 +558,15 @@ class ClusterBase(abc.ABC, Generic[N]):
             orphans = [s for s in self._subscriptions.values() if s.address is None]
             for subscription in orphans:
                 await self._make(subscription)
+            await self._place_patterns()
             if lost or orphans:
                 continue
             if deadline is not None and time.monotonic() >= deadline:
                 raise errors.TimeoutError(f"no message within {timeout}s")
             nodes = list(self._nodes.values())
             until = deadline
+            if self._patterns:  # wake up to place them on nodes that joined
+                until = earliest(until, self._members_read + PATTERN_CHECK)
             for node in nodes:
                 node._keep_alive()
                 until = earliest(until, node._keepalive_due())
@@ -492,7 +601,7 @@ class ClusterClient(ClusterBase[Client], BlockingUse):
         ack: bool = False,
         prefetch: int | None = None,
     ) -> None:
-        """Subscribe on the topic's owner, as ``Client.subscribe`` (no wildcard patterns on a cluster)."""
+        """Subscribe on the topic's owner, as ``Client.subscribe``; to a wildcard pattern on every node."""
         run_blocking(self._subscribe(topic, group, ack, prefetch))
 
     def unsubscribe(self, topic: str | bytes, group: str | bytes | None = None) -> None:

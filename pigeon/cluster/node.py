@@ -37,6 +37,10 @@ POLL = 1.0
 # Seconds an etcd call may take before the node tries the next endpoint.
 CALL_TIMEOUT = 2
 
+# Seconds a node must have been seen as a member before it is handed slots: time for every node to
+# place its clients' wildcard patterns on it first (pigeon.cluster.patterns; docs/cluster.md)
+JOIN_GRACE = 2.0
+
 
 class ClusterNode:
     """Membership and slot ownership of one node, kept in etcd.
@@ -73,6 +77,8 @@ class ClusterNode:
         self._on_members = on_members
         self._on_taking = on_taking
         self.members: dict[str, dict[str, Any]] = {}
+        # member -> (its lease, when this node first read it with that lease: a restart is a new member)
+        self._first_seen: dict[str, tuple[int, float]] = {}
         self.owners: dict[int, str] = {}  # slot -> owner, as etcd said last
         self._held: set[int] = set()  # slots whose keys are bound to this node's current lease
         self.owned: set[int] = set()  # the slots this node serves
@@ -241,6 +247,7 @@ class ClusterNode:
 
     async def _read(self) -> None:
         members: dict[str, dict[str, Any]] = {}
+        leases: dict[str, int] = {}
         owners: dict[int, str] = {}
         held: set[int] = set()
         lease = None if self._lease is None else self._lease.id
@@ -248,11 +255,18 @@ class ClusterNode:
             kind, _, name = kv.key[len(self.prefix) :].decode().partition("/")
             if kind == "members":
                 members[name] = json.loads(kv.value)
+                leases[name] = kv.lease
             elif kind == "slots" and name.isdigit():
                 owners[int(name)] = kv.value.decode()
                 if kv.lease == lease:
                     held.add(int(name))
         self.members, self.owners, self._held = members, owners, held
+        now = time.monotonic()
+        seen = self._first_seen
+        self._first_seen = {
+            node: seen[node] if seen.get(node, (None,))[0] == lease else (lease, now)
+            for node, lease in leases.items()
+        }
         self._on_members()
         # a slot etcd no longer gives this node (its key is gone): stop serving it at once
         for slot in list(self.owned):
@@ -276,6 +290,11 @@ class ClusterNode:
                 self.etcd_ok = False
                 log.debug("cluster read failed: %s", exc)
 
+    def _settled(self, node: str | None) -> bool:
+        """Whether ``node`` has been a member for JOIN_GRACE seconds, as this node saw it."""
+        seen = None if node is None else self._first_seen.get(node)
+        return seen is not None and time.monotonic() - seen[1] >= JOIN_GRACE
+
     async def _txn(self, compare: list[Any], success: list[Any]) -> bool:
         """One etcd transaction: ``success`` if every comparison holds; whether it did."""
         ok, _ = await asyncio.wait_for(
@@ -294,8 +313,9 @@ class ClusterNode:
             slot
             for slot in sorted(self.owned)
             if self.owners.get(slot) == self.name
-            and preferred_owner(slot, self.members) != self.name
+            and (preferred := preferred_owner(slot, self.members)) != self.name
             and slot not in busy
+            and self._settled(preferred)
         ]
         self.owned.difference_update(handed)
         for batch in _batches(handed):

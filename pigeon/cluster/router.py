@@ -13,8 +13,8 @@ command, only on cluster nodes) and keeps the protocol's promises across sources
 - protocol 2 (docs/protocol.md): a ``PUB`` frame is one command, routed whole by its topic; each
   upstream of a client speaks the client's protocol (``HELLO 1``/``HELLO 2``), and ``MSG``/``DMSG``
   frames from owners are relayed whole by their length (a ``DMSG`` tag renumbered like ``DELIVER``);
-- a wildcard pattern spans slots: ``SUBSCRIBE``/``UNSUBSCRIBE``/``DESTROY`` of one is refused with
-  ``ERROR NO_PATTERNS_IN_CLUSTER`` (docs/cluster.md, limits); so are ``REQ`` and ``REPLY`` frames
+- a wildcard pattern spans slots: ``SUBSCRIBE``/``UNSUBSCRIBE``/``DESTROY`` of one goes to every
+  live node (``pigeon.cluster.patterns``), answered once; ``REQ`` and ``REPLY`` frames are refused
   with ``ERROR NO_REQUEST_IN_CLUSTER``, a reply token naming one node's connection;
 - with ``CLUSTER REDIRECT`` a client asks to be told ``ERROR MOVED <slot> <host:port>`` instead of
   being forwarded (docs/cluster.md), the way Redis Cluster clients are;
@@ -34,8 +34,10 @@ from typing import Any, cast
 
 from pigeon._core import Broker
 from pigeon.cluster.node import ClusterNode
+from pigeon.cluster.patterns import EVERY_NODE, PatternPlacement, ignored_answer
 from pigeon.cluster.replication import REPLICATE, ReplicaReceiver, ReplicaStore
 from pigeon.cluster.slots import slot_of
+from pigeon.server.busiest import PAGE_MAX
 from pigeon.server.logins import Logins
 from pigeon.server.protocol import _Connection
 
@@ -198,10 +200,15 @@ class Upstream(asyncio.Protocol):
         self._wanted = 0  # bytes _inbuf must hold before a frame in it is whole
         self.protocol = router.protocol  # the client's, which this connection speaks too
         self._hellos = 0  # HELLO replies to swallow: this node asked, not the client
+        self.forwarded = False  # whether the client's own commands went here (not only its patterns)
+        # replies this node takes instead of the client: [relayed replies owed before it, callback]
+        self._captures: deque[list[Any]] = deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(self.router.login_line())
+        self.transport.write(self.router.login_line() + b"CLUSTER UPSTREAM\n")
+        # its answer is the first after CONNECTED: taken here, before any reply owed to the client
+        self._captures.appendleft([0, ignored_answer])
         if self.protocol != 1:
             self.set_protocol(self.protocol)
 
@@ -226,7 +233,13 @@ class Upstream(asyncio.Protocol):
             return  # a frame still arriving: do not look at it again for every read
         data = bytes(self._inbuf)
         end = data.rfind(b"\n") + 1
-        if end and self.client_id is not None and not self._hellos and self._relay_whole(data[:end]):
+        if (
+            end
+            and self.client_id is not None
+            and not self._hellos
+            and not self._captures
+            and self._relay_whole(data[:end])
+        ):
             self._inbuf = bytearray(data[end:])
             self._wanted = 0
             return
@@ -264,6 +277,8 @@ class Upstream(asyncio.Protocol):
                 queued = (b"%s %s %s\n" % (verb, self.client_id, rest) for verb, rest in self._queued)
                 self.transport.write(b"".join(queued))
                 self._queued.clear()
+            elif self._captures and self._captured(line, out):
+                continue
             else:
                 out.append(line + b"\n")
                 self.outstanding -= 1
@@ -272,6 +287,37 @@ class Upstream(asyncio.Protocol):
             self.router.relay_chunk(b"".join(out))
         if self.outstanding == 0:
             self.router.source_idle(self.node)
+
+    def capture(self, verb: bytes, rest: bytes, answered: Callable[[bytes | None], None]) -> None:
+        """Send ``<verb> <id> <rest>`` on this node's own behalf: its reply goes to ``answered``, not
+        to the client (None if the connection is lost first). The replies owed to the client before
+        it are counted, since the two kinds may interleave."""
+        before = self.outstanding - sum(capture[0] for capture in self._captures)
+        self._captures.append([before, answered])
+        if self.client_id is None or self.transport is None:
+            self._queued.append((verb, rest))
+        else:
+            self.transport.write(b"%s %s %s\n" % (verb, self.client_id, rest))
+
+    def _captured(self, line: bytes, out: list[bytes]) -> bool:
+        """Whether reply ``line`` is the answer to the oldest ``capture``: then it is handed over (after
+        the lines relayed before it)."""
+        head = self._captures[0]
+        if head[0]:
+            head[0] -= 1
+            return False
+        self._captures.popleft()
+        if out:
+            self.router.relay_chunk(b"".join(out))
+            out.clear()
+        head[1](line)
+        return True
+
+    def fail_captures(self) -> None:
+        """The connection is lost: every capture still waiting is answered None."""
+        captures, self._captures = self._captures, deque()
+        for _, answered in captures:
+            answered(None)
 
     def _relay_whole(self, chunk: bytes) -> bool:
         """Relay whole lines at once, without splitting them, when they are only ``MESSAGE`` lines or
@@ -337,8 +383,10 @@ class RoutedConnection(_Connection):
         "_last_slot",
         "_login",
         "_next_remote_tag",
+        "_node_upstream",
         "_owner_wait_since",
         "_partial",
+        "_patterns",
         "_pending",
         "_receiver",
         "_redirect",
@@ -378,9 +426,11 @@ class RoutedConnection(_Connection):
         self._next_remote_tag = REMOTE_TAG_BASE
         self._holds: set[str] = set()  # why input is not processed: "core", "client", an owner
         self._redirect = False
+        self._node_upstream = False  # another node's connection on behalf of its client (CLUSTER UPSTREAM)
         self._login: bytes | None = None  # the client's CONNECT <user> <password>, for its upstreams
         self._eof = False
         self._owner_wait_since = 0.0  # when a command began to wait for its slot's owner
+        self._patterns = PatternPlacement(self)  # its pattern subscriptions, on every node
 
     # -- input -----------------------------------------------------------------------------------
 
@@ -476,7 +526,9 @@ class RoutedConnection(_Connection):
                 self.pause_input(_NO_OWNER)
                 asyncio.get_running_loop().call_later(OWNER_RETRY, self.resume_input, _NO_OWNER)
                 break
-            if source != self._source and not self._source_idle(self._source, local):
+            if (source != self._source or source == EVERY_NODE) and not self._source_idle(
+                self._source, local
+            ):
                 break
             self._pending.popleft()
             if source == _LOCAL:
@@ -486,6 +538,9 @@ class RoutedConnection(_Connection):
             elif source is None:
                 self._feed_local(local)
                 self._answer(verb, rest)
+            elif source == EVERY_NODE:
+                self._feed_local(local)
+                self._patterns.start(verb, rest, line)
             else:
                 self._feed_local(local)
                 self._forward(source, verb, rest)
@@ -505,6 +560,9 @@ class RoutedConnection(_Connection):
                 upstream.set_protocol(self.protocol)
 
     def _source_idle(self, source: str, local: list[bytes]) -> bool:
+        if source == EVERY_NODE:
+            # answered, then run in the core (or answered here): the core is the last source
+            return not self._patterns.busy and self._source_idle(_LOCAL, local)
         if source == _LOCAL:
             self._feed_local(local)
             return "core" not in self._holds
@@ -512,7 +570,9 @@ class RoutedConnection(_Connection):
         return upstream is None or upstream.outstanding == 0
 
     def _all_idle(self) -> bool:
-        return all(upstream.outstanding == 0 for upstream in self._upstreams.values())
+        return not self._patterns.busy and all(
+            upstream.outstanding == 0 for upstream in self._upstreams.values()
+        )
 
     def _feed_local(self, lines: list[bytes]) -> None:
         if lines:
@@ -549,7 +609,9 @@ class RoutedConnection(_Connection):
         topic = rest.split(None, 1)[0]
         slot = slot_of(topic)
         if verb in _PATTERN_COMMANDS and is_pattern(topic):
-            return None, verb, rest
+            # a client that follows redirects places it on every node itself (ClusterClient), and a
+            # node placing its client's pattern here places it on the other nodes itself
+            return (_LOCAL if self._redirect or self._node_upstream else EVERY_NODE), verb, rest
         if verb in (b"PUBLISH", b"PUB"):
             # what _batch compares the next batches with (only this exact spelling takes the shortcut)
             prefix = b"%s %s %s " % (verb, fields[1], topic)
@@ -589,12 +651,6 @@ class RoutedConnection(_Connection):
                 b"ERROR PAYLOAD_TOO_LARGE payload of %d bytes is over the limit of %d bytes"
                 % (pub_nbytes(rest) or 0, self._broker.limits["max_payload"])
             )
-        elif verb in _PATTERN_COMMANDS and is_pattern(rest.split(None, 1)[0]):
-            pattern = rest.split(None, 1)[0]
-            self._reply(
-                b"ERROR NO_PATTERNS_IN_CLUSTER wildcard patterns are not supported on a cluster node: '%s'"
-                % pattern
-            )
         else:
             topic = rest.split(None, 1)[0]
             slot = slot_of(topic)
@@ -622,6 +678,9 @@ class RoutedConnection(_Connection):
         elif word == b"REDIRECT":
             self._redirect = True
             self._reply(b"CLUSTER REDIRECT")
+        elif word == b"UPSTREAM":
+            self._node_upstream = True
+            self._reply(b"CLUSTER UPSTREAM")
         elif word.startswith(b"REPLICATE ") and len(rest.split()) == 2:
             self._replicate(rest.split()[1].decode(errors="replace"))
         else:
@@ -663,6 +722,10 @@ class RoutedConnection(_Connection):
                 spec_out = b"%d" % low if low == high else b"%d-%d" % (low, high)
                 upstream.send(verb, (spec_out + b" " + delay).rstrip(), 0)
 
+    def reply(self, line: bytes) -> None:
+        """Answer the client from this node (not its core, not an owner)."""
+        self._reply(line)
+
     def _reply(self, line: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(line + b"\n")
@@ -670,6 +733,12 @@ class RoutedConnection(_Connection):
     # -- forwarding ------------------------------------------------------------------------------
 
     def _forward(self, node: str, verb: bytes, rest: bytes) -> None:
+        upstream = self.upstream_to(node)
+        upstream.forwarded = True
+        upstream.send(verb, rest, 1)
+
+    def upstream_to(self, node: str) -> Upstream:
+        """This client's connection to ``node``, opened on first use."""
         upstream = self._upstreams.get(node)
         if upstream is None:
             upstream = Upstream(self, node)
@@ -680,7 +749,7 @@ class RoutedConnection(_Connection):
             loop = asyncio.get_running_loop()
             task = loop.create_task(loop.create_connection(lambda: upstream, host.strip("[]"), int(port)))
             task.add_done_callback(lambda done: self._connected(upstream, done))
-        upstream.send(verb, rest, 1)
+        return upstream
 
     def _connected(self, upstream: Upstream, done: asyncio.Task[Any]) -> None:
         if done.cancelled() or done.exception() is not None:
@@ -724,10 +793,56 @@ class RoutedConnection(_Connection):
     def upstream_lost(self, upstream: Upstream) -> None:
         """An owner's connection is gone: so is what this client had there (its subscriptions, its
         deliveries: the owner redelivers them). Close the client, which reconnects and subscribes
-        again, rather than let it wait for messages that will not come."""
-        if self._upstreams.get(upstream.node) is upstream and self._transport is not None:
+        again, rather than let it wait for messages that will not come; unless the connection only
+        carried its pattern subscriptions (``_lost_patterns_only``)."""
+        if self._upstreams.get(upstream.node) is upstream and not upstream.forwarded:
+            self._lost_patterns_only(upstream)
+        elif self._upstreams.get(upstream.node) is upstream and self._transport is not None:
             log.info("lost %s: closing client %s so that it reconnects", upstream.node, self.peer)
             self._transport.abort()
+
+    # -- wildcard patterns (pigeon.cluster.patterns) ----------------------------------------------
+
+    def _lost_patterns_only(self, upstream: Upstream) -> None:
+        """A node that only held this client's pattern subscriptions is gone (dead, or the link
+        broke): the nodes that take its slots hold them too, so the client goes on. Its deliveries
+        from there can no longer be settled; the patterns are placed there again if it is still a
+        member (``PatternPlacement.lost``)."""
+        del self._upstreams[upstream.node]
+        for tag in [tag for tag, (source, _) in self._remote_tags.items() if source is upstream]:
+            del self._remote_tags[tag]
+        self._patterns.lost(upstream.node)
+        upstream.fail_captures()  # after: a pattern command answered now may open a new upstream there
+
+    def remote_members(self) -> list[str]:
+        """The live members other than this node, which a pattern subscription is placed on."""
+        return [node for node in sorted(self._cluster.members) if node != self._cluster.name]
+
+    def feed_core(self, line: bytes) -> None:
+        """Run one of the client's command lines in this node's core, which answers it."""
+        self._broker.feed(self._handle, line + b"\n")
+
+    def core_holds_group(self, pattern: bytes, group: bytes) -> bool:
+        """Whether this node's core holds the consumer group ``group`` of ``pattern``."""
+        wanted = (pattern.decode(errors="replace"), group.decode(errors="replace"))
+        cursor = 0
+        while True:
+            page = self._broker.groups(cursor, PAGE_MAX)
+            if any((entry["pattern"], entry["group"]) == wanted for entry in page["groups"]):
+                return True
+            cursor = page["next"]
+            if cursor == 0:
+                return False
+
+    def members_changed(self) -> None:
+        """The member set was read again: place the client's patterns on nodes that lack them."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._patterns.place()
+
+    def fan_out_done(self) -> None:
+        """A pattern command has its answer: the client's input goes on."""
+        if self._pending or self._eof:
+            self._route()
 
     # -- the core's side -------------------------------------------------------------------------
 

@@ -131,6 +131,10 @@ class ClusterServer(Server):
     def _members_changed(self) -> None:
         if self._sender is not None:
             self._sender.members_changed()
+        # each client's pattern subscriptions go to the members that lack them (docs/cluster.md)
+        for conn in list(self._connections.values()):
+            if isinstance(conn, RoutedConnection):
+                conn.members_changed()
 
     def _taking(self, slots: list[int]) -> None:
         """Before serving slots taken from a dead (or departed) owner: their replicated messages

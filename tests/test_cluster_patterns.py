@@ -1,0 +1,310 @@
+"""Wildcard patterns across a cluster: a pattern subscription is placed on every live node, so it gets
+the matching topics of every owner, whichever node its client is connected to (docs/cluster.md,
+"Wildcard patterns"). Real processes, a real etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pigeon import AsyncClusterClient, ClusterClient, GroupInUseError, NoSuchGroupError, TimeoutError
+from pigeon.client.cluster import PATTERN_CHECK
+from pigeon.cluster.router import REMOTE_TAG_BASE
+from pigeon.cluster.slots import preferred_owner, slot_of
+from pigeon.testing import ServerProcess
+from tests.cluster_kit import (
+    Cluster,
+    connected,
+    running_cluster,
+    start_node,
+    status,
+    topic_owned_by,
+    wait_balanced,
+)
+
+NAMES = ("n0", "n1", "n2")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """Three nodes n0, n1, n2 and who serves which slots, shared by this module's tests."""
+    with running_cluster() as started:
+        yield started
+
+
+def _topics(owned: dict[str, set[int]], stem: str) -> dict[str, str]:
+    """One topic under ``stem`` per node, owned by that node."""
+    return {name: topic_owned_by(owned, name, stem) for name in owned}
+
+
+def _address(node: ServerProcess) -> tuple[str, int]:
+    return node.host, node.port
+
+
+def _body(line: bytes) -> bytes:
+    """The message of a MESSAGE or DELIVER line."""
+    return line.rsplit(b" ", 1)[1]
+
+
+def test_a_pattern_subscriber_gets_the_matching_topics_of_every_owner(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    topics = _topics(owned, "every.t")
+    subscriber = connected(nodes["n0"])
+    # one answer, as on one server, though every node took the subscription
+    assert subscriber.ask(f"SUBSCRIBE {subscriber.client_id} every.>") == b"SUBSCRIBED every.>"
+    assert subscriber.quiet()
+    publisher = connected(nodes["n1"])
+    for name, topic in topics.items():
+        publisher.publish(topic, f"to-{name}")
+    publisher.publish("elsewhere.x", "not matched")
+    got = sorted(subscriber.lines(3))
+    assert got == sorted(f"MESSAGE {topic} to-{name}".encode() for name, topic in topics.items())
+    assert subscriber.quiet()
+
+
+def test_a_refused_pattern_is_answered_once_with_the_error_of_one_server(cluster: Cluster) -> None:
+    nodes, _ = cluster
+    client = connected(nodes["n2"])
+    assert client.ask(f"SUBSCRIBE {client.client_id} bad.>.x") == (
+        b"ERROR BAD_TOPIC '>' may only be the last token of a pattern"
+    )
+    assert client.ask(f"SUBSCRIBE {client.client_id} bad.* PREFETCH 3").startswith(
+        b"ERROR USAGE usage: SUBSCRIBE "
+    )
+    assert (
+        client.ask(f"UNSUBSCRIBE {client.client_id} never.*")
+        == b"ERROR NOT_SUBSCRIBED not subscribed to 'never.*'"
+    )
+    assert client.ask("PING") == b"PONG"
+    # nothing was left subscribed on any node
+    publisher = connected(nodes["n0"])
+    for topic in _topics(cluster[1], "bad.t").values():
+        publisher.publish(topic, "x")
+    assert client.quiet()
+
+
+def test_two_members_of_a_group_on_different_nodes_split_each_topic_and_redeliver(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    topics = _topics(owned, "split.t")
+    first, second = connected(nodes["n0"]), connected(nodes["n2"])
+    for sub in (first, second):
+        assert sub.ask(f"SUBSCRIBE {sub.client_id} split.* GROUP g ACK PREFETCH 100") == b"SUBSCRIBED split.*"
+    publisher = connected(nodes["n1"])
+    for topic in topics.values():
+        for i in range(6):
+            publisher.publish(topic, f"{topic}-{i}")
+    one, two = first.lines(9), second.lines(9)
+    for topic in topics.values():
+        # round robin on each topic's owner: each member gets every other message of it
+        mine = [_body(line) for line in one if line.split()[1] == topic.encode()]
+        theirs = [_body(line) for line in two if line.split()[1] == topic.encode()]
+        assert len(mine) == len(theirs) == 3
+        assert sorted(mine + theirs) == sorted(f"{topic}-{i}".encode() for i in range(6))
+    assert first.quiet() and second.quiet()
+    # the second member acks its share; the first leaves without acking: its share goes to the second
+    for line in two:
+        second.send(f"ACK {second.client_id} {line.split()[2].decode()}")
+    first.close()
+    again = second.lines(9)
+    assert sorted(_body(line) for line in again) == sorted(_body(line) for line in one)
+    assert all(line.split()[3] == b"2" for line in again)  # the second attempt
+    tags = [int(line.split()[2]) for line in again]
+    assert any(tag >= REMOTE_TAG_BASE for tag in tags)  # relayed from other owners, tags of this connection
+    for tag in tags:
+        second.send(f"ACK {second.client_id} {tag}")
+    assert second.ask("PING") == b"PONG" and second.quiet()
+
+
+def test_unsubscribe_and_destroy_reach_every_node(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    topics = _topics(owned, "gone.t")
+    client = connected(nodes["n1"])
+    assert client.ask(f"SUBSCRIBE {client.client_id} gone.> GROUP keep") == b"SUBSCRIBED gone.>"
+    assert client.ask(f"DESTROY {client.client_id} gone.> GROUP keep").startswith(b"ERROR GROUP_IN_USE ")
+    assert client.ask(f"UNSUBSCRIBE {client.client_id} gone.> GROUP keep") == b"UNSUBSCRIBED gone.>"
+    assert client.quiet()
+    publisher = connected(nodes["n0"])
+    for topic in topics.values():
+        publisher.publish(topic, "kept")  # the named group keeps it on each owner
+    assert client.quiet()
+    assert client.ask(f"DESTROY {client.client_id} gone.> GROUP keep") == b"DESTROYED gone.> keep"
+    assert client.ask(f"DESTROY {client.client_id} gone.> GROUP keep") == (
+        b"ERROR NO_SUCH_GROUP no such group on 'gone.>'"
+    )
+    # made again, the group is empty on every node: the backlogs went with DESTROY
+    assert client.ask(f"SUBSCRIBE {client.client_id} gone.> GROUP keep") == b"SUBSCRIBED gone.>"
+    assert client.quiet()
+    # a plain pattern subscription: after UNSUBSCRIBED no node delivers to it
+    assert client.ask(f"UNSUBSCRIBE {client.client_id} gone.> GROUP keep") == b"UNSUBSCRIBED gone.>"
+    assert client.ask(f"SUBSCRIBE {client.client_id} gone.*") == b"SUBSCRIBED gone.*"
+    assert client.ask(f"UNSUBSCRIBE {client.client_id} gone.*") == b"UNSUBSCRIBED gone.*"
+    for topic in topics.values():
+        publisher.publish(topic, "nobody")
+    assert client.quiet()
+
+
+def test_a_pattern_on_a_group_made_on_another_node_is_destroyed_from_here(cluster: Cluster) -> None:
+    nodes, _ = cluster
+    member = connected(nodes["n0"])
+    assert member.ask(f"SUBSCRIBE {member.client_id} far.> GROUP g") == b"SUBSCRIBED far.>"
+    assert member.ask(f"UNSUBSCRIBE {member.client_id} far.> GROUP g") == b"UNSUBSCRIBED far.>"
+    other = connected(nodes["n2"])
+    assert other.ask(f"DESTROY {other.client_id} far.> GROUP g") == b"DESTROYED far.> g"
+    assert json.loads(other.ask("STATS")[len(b"STATS ") :])["groups_destroyed"] >= 1
+
+
+def test_the_cluster_client_subscribes_a_pattern_on_every_node(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    topics = _topics(owned, "cc.t")
+    with (
+        ClusterClient(*_address(nodes["n1"])) as subscriber,
+        ClusterClient(*_address(nodes["n2"])) as publisher,
+    ):
+        subscriber.subscribe("cc.*", group="workers", ack=True)
+        assert subscriber.subscriptions == ("cc.*",)
+        assert sorted(subscriber.nodes) == sorted(_address(node) for node in nodes.values())
+        for name, topic in topics.items():
+            publisher.publish(topic, f"from-{name}")
+        got = [subscriber.next_message(timeout=10) for _ in topics]
+        assert sorted((m.topic, m.data) for m in got) == sorted(
+            (topic, f"from-{name}".encode()) for name, topic in topics.items()
+        )
+        subscriber.ack(got)
+        assert subscriber.check_acks() == []
+        with pytest.raises(GroupInUseError):
+            subscriber.destroy_group("cc.*", "workers")
+        subscriber.unsubscribe("cc.*", group="workers")
+        assert not subscriber.subscriptions
+        subscriber.destroy_group("cc.*", "workers")
+        with pytest.raises(NoSuchGroupError):
+            subscriber.destroy_group("cc.*", "workers")
+
+
+def _wildcard_subscriptions(node: ServerProcess) -> int:
+    client = connected(node)
+    try:
+        return int(json.loads(client.ask("STATS")[len(b"STATS ") :])["wildcard_subscriptions"])
+    finally:
+        client.close()
+
+
+def _wait_for(condition: str, check: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"not within {timeout} s: {condition}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_node_that_joins_gets_the_patterns_and_one_that_dies_leaves_them_working() -> None:
+    with running_cluster(2) as (nodes, _):
+        subscriber = connected(nodes["n0"])
+        assert subscriber.ask(f"SUBSCRIBE {subscriber.client_id} join.>") == b"SUBSCRIBED join.>"
+        cluster_client = ClusterClient(*_address(nodes["n1"]))
+        cluster_client.subscribe("join.*", group="cc")
+        # a topic whose slot moves to n2 when it joins: published to all along, every message arrives
+        moving = (f"join.move.{i}" for i in range(10_000))
+        move = next(t for t in moving if preferred_owner(slot_of(t.encode()), NAMES) == "n2")
+        mover = connected(nodes["n1"])
+        endpoint = nodes["n0"].args[nodes["n0"].args.index("--cluster") + 1]
+        nodes["n2"] = start_node(endpoint, "n2")
+        sent = 0
+        deadline = time.monotonic() + 60
+        while slot_of(move.encode()) not in status(nodes["n2"])["owned"] or sent < 3:
+            assert time.monotonic() < deadline, "the slot did not move to n2"
+            mover.publish(move, f"m{sent}")
+            sent += 1
+            time.sleep(0.05)
+        mover.publish(move, "last")
+        bodies = [*(f"m{i}" for i in range(sent)), "last"]
+        assert sorted(subscriber.lines(sent + 1)) == sorted(f"MESSAGE {move} {m}".encode() for m in bodies)
+        owned = wait_balanced(list(nodes.values()))
+        # the node that holds the subscriber's connection places its pattern on the new node by itself
+        _wait_for("the node's pattern is placed on n2", lambda: _wildcard_subscriptions(nodes["n2"]) == 1)
+        # the cluster client does it while it waits for messages (it reads the members every second)
+        with pytest.raises(TimeoutError):
+            cluster_client.next_message(timeout=PATTERN_CHECK * 2)
+        _wait_for("the client's pattern is placed on n2", lambda: _wildcard_subscriptions(nodes["n2"]) == 2)
+        topics = _topics(owned, "join.t")
+        publisher = connected(nodes["n1"])
+        for name, topic in topics.items():
+            publisher.publish(topic, f"to-{name}")
+        expected = sorted((topic.encode(), f"to-{name}".encode()) for name, topic in topics.items())
+        assert sorted((line.split()[1], _body(line)) for line in subscriber.lines(3)) == expected
+        got = [cluster_client.next_message(timeout=10) for _ in topics]
+        assert sorted((m.topic.encode(), m.data) for m in got) == expected
+        # n2 dies: its slots go to n0 and n1, which hold the patterns already; nobody is closed
+        nodes["n2"].stop(signal.SIGKILL)
+        survivors = wait_balanced([nodes["n0"], nodes["n1"]])
+        # topics of slots n2 owned, now n0's and n1's
+        taken = {name: survivors[name] & owned["n2"] for name in ("n0", "n1")}
+        after = {name: topic_owned_by(taken, name, "join.after") for name in taken}
+        publisher = connected(nodes["n1"])  # the first one was closed: it had published through n2
+        for topic in after.values():
+            publisher.publish(topic, "after")
+        assert sorted(subscriber.lines(2)) == sorted(
+            f"MESSAGE {topic} after".encode() for topic in after.values()
+        )
+        got = [cluster_client.next_message(timeout=10) for _ in after]
+        assert sorted(m.topic for m in got) == sorted(after.values())
+        assert subscriber.ask("PING") == b"PONG"
+        cluster_client.close()
+
+
+def test_a_pattern_from_another_nodes_upstream_stays_on_the_node_it_reaches(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    topics = _topics(owned, "up.t")
+    upstream = connected(nodes["n1"])
+    assert upstream.ask("CLUSTER UPSTREAM") == b"CLUSTER UPSTREAM"
+    assert upstream.ask(f"SUBSCRIBE {upstream.client_id} up.>") == b"SUBSCRIBED up.>"
+    publisher = connected(nodes["n0"])
+    for topic in topics.values():
+        publisher.publish(topic, "x")
+    # only n1's own topic reaches it: the other nodes never got the subscription
+    assert upstream.line() == f"MESSAGE {topics['n1']} x".encode()
+    assert upstream.quiet()
+
+
+def test_pipelined_pattern_commands_are_answered_in_command_order(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    theirs = topic_owned_by(owned, "n1", "pipe.t")
+    client = connected(nodes["n0"])
+    cid = client.client_id
+    client.send(
+        f"SUBSCRIBE {cid} pipe.>\nPUBLISH {cid} {theirs} x\nSUBSCRIBE {cid} pipe.* GROUP g\n"
+        f"UNSUBSCRIBE {cid} pipe.>\nUNSUBSCRIBE {cid} pipe.* GROUP g\nPING\n"
+    )
+    lines = client.lines(7)
+    assert [line for line in lines if not line.startswith(b"MESSAGE ")] == [
+        b"SUBSCRIBED pipe.>",
+        f"PUBLISHED {theirs}".encode(),
+        b"SUBSCRIBED pipe.*",
+        b"UNSUBSCRIBED pipe.>",
+        b"UNSUBSCRIBED pipe.*",
+        b"PONG",
+    ]
+    assert lines.count(f"MESSAGE {theirs} x".encode()) == 1
+    assert client.quiet()
+
+
+def test_the_async_cluster_client_subscribes_a_pattern_on_every_node(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    topics = _topics(owned, "acc.t")
+
+    async def run() -> list[tuple[str, bytes]]:
+        async with AsyncClusterClient(*_address(nodes["n0"])) as client:
+            await client.subscribe("acc.>", ack=True)
+            for name, topic in topics.items():
+                await client.publish(topic, name)
+            got = [await client.next_message(timeout=10) for _ in topics]
+            client.ack(got)
+            assert await client.check_acks() == []
+            await client.unsubscribe("acc.>")
+            return sorted((m.topic, m.data) for m in got)
+
+    assert asyncio.run(run()) == sorted((topic, name.encode()) for name, topic in topics.items())
