@@ -18,6 +18,10 @@ successor answers each run of batches with the position of the last one (8 bytes
 them. A new connection starts with a *snapshot*: every record of the owner's segments on disk for
 the slots the successor replicates, so a successor that is new (a node joined, the old one died)
 or was cut off has every message not done before anything newer is confirmed.
+
+The walks over records are C's: ``SlotSplitter`` (pigeon/cluster/_split.pyx) splits a pass's
+records among the successors, ``ReplicaIndex`` (pigeon/cluster/_index.pyx) is a successor's index
+of one owner's messages not done; neither makes a Python object per record.
 """
 
 from __future__ import annotations
