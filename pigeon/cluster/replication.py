@@ -48,6 +48,8 @@ ACK = struct.Struct("<Q")
 REPLICATE = b"CLUSTER REPLICATE"
 # Seconds between two attempts to reach a successor that did not answer.
 RECONNECT_DELAY = 0.2
+# Bytes of records a link holds back while a batch is in flight, before it sends them anyway.
+HOLD_MAX = 1 << 20
 
 
 def split_records(
@@ -79,6 +81,10 @@ class ReplicaLink(asyncio.Protocol):
         self.ready = False  # the successor answered CLUSTER REPLICATE (then it got its snapshot)
         self.closed = False
         self._inbuf = bytearray()
+        self._sent = 0  # the position after the last batch sent
+        self._held: list[bytes] = []  # records sent once the batch in flight is confirmed
+        self._held_bytes = 0
+        self._held_at = 0  # the position after them
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -86,10 +92,25 @@ class ReplicaLink(asyncio.Protocol):
         self.transport.write(b"%s %s\n" % (REPLICATE, self.sender.name.encode()))
 
     def send(self, chunk: bytes, position: int) -> None:
-        """Send the records ``chunk`` that end at the owner's log ``position`` (once ready)."""
+        """Send the records ``chunk`` that end at the owner's log ``position`` (once ready): now
+        when nothing is in flight, else with the others held once the successor confirms (a
+        successor busy with one batch gets the next passes' records in one: fewer sends and
+        confirmations per record as the load grows, as Nagle's algorithm does for TCP)."""
         assert self.ready and self.transport is not None
+        self._held.append(chunk)
+        self._held_bytes += len(chunk)
+        self._held_at = position
+        if self.acked >= self._sent or self._held_bytes >= HOLD_MAX:
+            self._send_held()
+
+    def _send_held(self) -> None:
+        assert self.transport is not None
+        chunk = self._held[0] if len(self._held) == 1 else b"".join(self._held)
         # two buffers, one system call (uvloop's writev): the records are not copied once more
-        self.transport.writelines((BATCH.pack(len(chunk), position), chunk))
+        self.transport.writelines((BATCH.pack(len(chunk), self._held_at), chunk))
+        self._sent = self._held_at
+        self._held.clear()
+        self._held_bytes = 0
 
     def data_received(self, data: bytes) -> None:
         self._inbuf += data
@@ -109,6 +130,8 @@ class ReplicaLink(asyncio.Protocol):
         if whole:
             self.acked = max(self.acked, ACK.unpack_from(self._inbuf, whole - ACK.size)[0])
             del self._inbuf[:whole]
+            if self._held and self.acked >= self._sent:
+                self._send_held()
             self.sender.release()
 
     def connection_lost(self, exc: Exception | None) -> None:
