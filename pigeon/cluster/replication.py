@@ -418,16 +418,22 @@ class ReplicaReceiver:
         self._inbuf += data
         pos = 0
         position = 0
-        chunks: list[bytes] = []
-        while len(self._inbuf) - pos >= BATCH.size:
-            size, at = BATCH.unpack_from(self._inbuf, pos)
-            if len(self._inbuf) - pos - BATCH.size < size:
-                break
-            chunks.append(bytes(self._inbuf[pos + BATCH.size : pos + BATCH.size + size]))
-            pos += BATCH.size + size
-            position = at
+        # the batches' records copied once, into one bytes object, from views of the buffer (all
+        # released before the buffer is resized)
+        with memoryview(self._inbuf) as view:
+            parts: list[memoryview] = []
+            while len(view) - pos >= BATCH.size:
+                size, at = BATCH.unpack_from(view, pos)
+                if len(view) - pos - BATCH.size < size:
+                    break
+                parts.append(view[pos + BATCH.size : pos + BATCH.size + size])
+                pos += BATCH.size + size
+                position = at
+            chunk = b"".join(parts)
+            for part in parts:
+                part.release()
         if not pos:
             return
         del self._inbuf[:pos]
-        self.store.keep(self.owner, b"".join(chunks))
+        self.store.keep(self.owner, chunk)
         self.store.confirm(self.owner, lambda: self._reply(ACK.pack(position)), self._close)
