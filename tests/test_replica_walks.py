@@ -7,10 +7,12 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterable
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pigeon.cluster._index import ReplicaIndex
+from pigeon.cluster._split import SlotSplitter
 from pigeon.cluster.replication import split_records
 from pigeon.cluster.slots import SLOTS, slot_of
 
@@ -195,3 +197,8 @@ def test_the_index_survives_many_messages_done_out_of_order() -> None:
         reference.keep(chunk)
         assert len(index) == len(reference.messages)
     assert index.take(set(range(SLOTS))) == reference.take(set(range(SLOTS)))
+
+
+def test_a_slot_targets_a_tuple_of_nodes_not_a_name() -> None:
+    with pytest.raises(TypeError, match="slot 3"):
+        SlotSplitter([()] * 3 + ["n1"] + [()] * (SLOTS - 4), ())

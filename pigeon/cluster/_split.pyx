@@ -62,6 +62,8 @@ cdef class SlotSplitter:
             raise ValueError(f"one entry per slot ({SLOTS}), not {len(targets)}")
         for slot in range(SLOTS):
             self._starts[slot] = len(flat)
+            if isinstance(targets[slot], str):
+                raise TypeError(f"slot {slot}: a tuple of nodes, not the name {targets[slot]!r}")
             for node in dict.fromkeys(targets[slot]):
                 flat.append(numbers.setdefault(node, len(numbers)))
         self._starts[SLOTS] = len(flat)
