@@ -73,7 +73,18 @@ extensions = [
         extra_compile_args=compile_args,
         extra_link_args=link_args,
         depends=[str(part) for part in Path("pigeon/core").iterdir()],
-    )
+    ),
+    *(
+        # replication's walks over log records (pigeon/cluster/replication.py)
+        Extension(
+            f"pigeon.cluster.{name}",
+            [f"pigeon/cluster/{name}.pyx"],
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
+            depends=["pigeon/cluster/_records.pxd"],
+        )
+        for name in ("_split", "_index")
+    ),
 ]
 
 setup(

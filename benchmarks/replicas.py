@@ -85,6 +85,10 @@ def measure(etcd: EtcdProcess, replicas: int, fsync: str, duration: float) -> fl
             time.sleep(1.0)  # the replication links are up
             return publish_rate(nodes[0].port, topic, duration)
         finally:
+            # killed together: a node stopped alone hands its slots to the next, which would take
+            # over every replicated message first (a failover, not what this measures)
+            for node in nodes:
+                node.proc.kill()
             for node in nodes:
                 node.stop()
 

@@ -16,7 +16,7 @@ import pytest
 from pigeon import Client
 from pigeon._core import Broker
 from pigeon.cluster.etcd import EtcdProcess
-from pigeon.cluster.replication import ReplicaStore, split_records
+from pigeon.cluster.replication import ACK, BATCH, ReplicaReceiver, ReplicaStore, split_records
 from pigeon.cluster.slots import owner_order, slot_of
 from pigeon.testing import ServerProcess, server_command
 from tests.cluster_kit import TTL, connected, start_node, topic_owned_by, wait_balanced
@@ -355,3 +355,33 @@ def test_an_owner_sends_each_successor_the_publishes_of_its_slots_and_every_done
         finally:
             store.close()
     assert got == {"n1": [], "n2": [(y.encode(), b"two")]}
+
+
+@pytest.mark.parametrize("piece", [1, 7, 100, 1 << 20])
+def test_a_successor_confirms_each_read_with_its_last_whole_batch_however_the_bytes_arrive(
+    tmp_path: Path, piece: int
+) -> None:
+    records = _core_records([b"".join(b"PUBLISH c1 t m%d\n" % i for i in range(30))])
+    # (records, the owner's position after them); a batch may be empty
+    batches = [(b"", 1000), (records, 2000), (b"", 3000)]
+    stream, ends = b"", []  # ends: where each batch ends in the stream
+    for chunk, position in batches:
+        stream += BATCH.pack(len(chunk), position) + chunk
+        ends.append(len(stream))
+    store = ReplicaStore(tmp_path, "everysec")
+    replies: list[bytes] = []
+    receiver = ReplicaReceiver(store, "owner", replies.append, lambda: None)
+    try:
+        for start in range(0, len(stream), piece):
+            read = stream[start : start + piece]
+            completed = [
+                position
+                for end, (_, position) in zip(ends, batches, strict=True)
+                if start < end <= start + piece
+            ]
+            before = len(replies)
+            receiver.take(read)
+            assert [ACK.unpack(reply)[0] for reply in replies[before:]] == completed[-1:]
+        assert store.take({slot_of(b"t")}, "me") == [(b"t", b"m%d" % i) for i in range(30)]
+    finally:
+        store.close()

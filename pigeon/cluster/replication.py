@@ -18,6 +18,10 @@ successor answers each run of batches with the position of the last one (8 bytes
 them. A new connection starts with a *snapshot*: every record of the owner's segments on disk for
 the slots the successor replicates, so a successor that is new (a node joined, the old one died)
 or was cut off has every message not done before anything newer is confirmed.
+
+The walks over records are C's: ``SlotSplitter`` (pigeon/cluster/_split.pyx) splits a pass's
+records among the successors, ``ReplicaIndex`` (pigeon/cluster/_index.pyx) is a successor's index
+of one owner's messages not done; neither makes a Python object per record.
 """
 
 from __future__ import annotations
@@ -32,81 +36,38 @@ from pathlib import Path
 from typing import Any
 
 from pigeon._core import Broker
-from pigeon.cluster.slots import SLOTS, owner_order, slot_of
-from pigeon.server.store import HEADER, RECORD_HEAD, Store
+from pigeon.cluster._index import ReplicaIndex
+from pigeon.cluster._split import SlotSplitter
+from pigeon.cluster.slots import SLOTS, owner_order
+from pigeon.server.store import HEADER, Store
 
 log = logging.getLogger("pigeon.cluster")
 
-PUBLISH_KIND = 1
-DONE_KIND = 2
-PUBLISH_HEAD = struct.Struct("<QQIH")  # seq, time, attempt, topic length (after the kind byte)
-LENGTH = struct.Struct("<I")
-DONE_RANGE = struct.Struct("<QQ")
-SEQ = struct.Struct("<Q")
-TOPIC_LENGTH = struct.Struct("<H")
-# where a PUBLISH record's seq and topic length are, from the record's start
-SEQ_AT = RECORD_HEAD.size + 1
-TOPIC_AT = RECORD_HEAD.size + 1 + 8 + 8 + 4
 BATCH = struct.Struct("<IQ")  # bytes of records, the owner's log position after them
 ACK = struct.Struct("<Q")
 REPLICATE = b"CLUSTER REPLICATE"
 # Seconds between two attempts to reach a successor that did not answer.
 RECONNECT_DELAY = 0.2
-# Topic fields whose slot a successor remembers before it starts again (a bound on its memory).
-SLOT_CACHE = 65536
-
-
-def published(data: bytes | memoryview, start: int) -> tuple[int, bytes, bytes]:
-    """(seq, topic field, message) of the ``PUBLISH`` record at ``start``."""
-    at = start + RECORD_HEAD.size + 1
-    seq, _, _, topic_len = PUBLISH_HEAD.unpack_from(data, at)
-    at += PUBLISH_HEAD.size
-    topic = bytes(data[at : at + topic_len])
-    at += topic_len
-    size: int = LENGTH.unpack_from(data, at)[0]
-    return seq, topic, bytes(data[at + LENGTH.size : at + LENGTH.size + size])
-
-
-def topic_slot(topic_field: bytes) -> int:
-    """The slot of a ``PUBLISH`` record's topic field (a group copy's is ``<topic> <group key>``)."""
-    return slot_of(topic_field.split(b" ", 1)[0])
+# Bytes of records a link holds back while a batch is in flight, before it sends them anyway.
+HOLD_MAX = 1 << 20
 
 
 def split_records(
-    data: bytes | memoryview, successor: Callable[[int], str | None], done_to: Iterable[str]
+    data: bytes | memoryview,
+    targets: Callable[[int], str | tuple[str, ...] | None],
+    done_to: Iterable[str],
 ) -> dict[str, list[memoryview]]:
-    """The records of ``data`` each node gets: the ``PUBLISH`` records of the slots it is
-    ``successor(slot)`` of, and every ``DONE`` record to each of ``done_to``; as slices of ``data``,
-    neighbouring records in one. The busy path of replication: a few struct reads per record."""
-    runs: dict[str, list[list[int]]] = {}
-    nodes: dict[bytes, str | None] = {}  # topic field -> successor, for this batch
-    view = memoryview(data)
-    pos, size = 0, len(view)
-    while pos + RECORD_HEAD.size < size:
-        body: int = LENGTH.unpack_from(view, pos)[0]
-        if body == 0:
-            break  # the zeros of a segment made ahead: its end
-        end = pos + RECORD_HEAD.size + body
-        kind = view[pos + RECORD_HEAD.size]
-        targets: Iterable[str] = ()
-        if kind == PUBLISH_KIND:
-            topic_len: int = TOPIC_LENGTH.unpack_from(view, pos + TOPIC_AT)[0]
-            field = bytes(view[pos + TOPIC_AT + 2 : pos + TOPIC_AT + 2 + topic_len])
-            node = nodes.get(field, "")
-            if node == "":
-                node = nodes[field] = successor(topic_slot(field))
-            if node is not None:
-                targets = (node,)
-        elif kind == DONE_KIND:
-            targets = done_to
-        for node in targets:
-            spans = runs.setdefault(node, [])
-            if spans and spans[-1][1] == pos:
-                spans[-1][1] = end  # the record right after the last one this node gets
-            else:
-                spans.append([pos, end])
-        pos = end
-    return {node: [view[start:end] for start, end in spans] for node, spans in runs.items()}
+    """The records of ``data`` each node gets: the ``PUBLISH`` records of the slots it is one of
+    ``targets(slot)`` of, and every ``DONE`` record to each of ``done_to``; as slices of ``data``,
+    neighbouring records in one. The walk is C's (``SlotSplitter``, without Python's lock)."""
+    return SlotSplitter([slot_targets(targets(slot)) for slot in range(SLOTS)], done_to).split(data)
+
+
+def slot_targets(nodes: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """A slot's targets as a tuple: a node's name, several, or None for none."""
+    if nodes is None:
+        return ()
+    return (nodes,) if isinstance(nodes, str) else nodes
 
 
 class ReplicaLink(asyncio.Protocol):
@@ -120,6 +81,10 @@ class ReplicaLink(asyncio.Protocol):
         self.ready = False  # the successor answered CLUSTER REPLICATE (then it got its snapshot)
         self.closed = False
         self._inbuf = bytearray()
+        self._sent = 0  # the position after the last batch sent
+        self._held: list[bytes] = []  # records sent once the batch in flight is confirmed
+        self._held_bytes = 0
+        self._held_at = 0  # the position after them
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -127,9 +92,25 @@ class ReplicaLink(asyncio.Protocol):
         self.transport.write(b"%s %s\n" % (REPLICATE, self.sender.name.encode()))
 
     def send(self, chunk: bytes, position: int) -> None:
-        """Send the records ``chunk`` that end at the owner's log ``position`` (once ready)."""
+        """Send the records ``chunk`` that end at the owner's log ``position`` (once ready): now
+        when nothing is in flight, else with the others held once the successor confirms (a
+        successor busy with one batch gets the next passes' records in one: fewer sends and
+        confirmations per record as the load grows, as Nagle's algorithm does for TCP)."""
         assert self.ready and self.transport is not None
-        self.transport.write(BATCH.pack(len(chunk), position) + chunk)
+        self._held.append(chunk)
+        self._held_bytes += len(chunk)
+        self._held_at = position
+        if self.acked >= self._sent or self._held_bytes >= HOLD_MAX:
+            self._send_held()
+
+    def _send_held(self) -> None:
+        assert self.transport is not None
+        chunk = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        # two buffers, one system call (uvloop's writev): the records are not copied once more
+        self.transport.writelines((BATCH.pack(len(chunk), self._held_at), chunk))
+        self._sent = self._held_at
+        self._held.clear()
+        self._held_bytes = 0
 
     def data_received(self, data: bytes) -> None:
         self._inbuf += data
@@ -149,6 +130,8 @@ class ReplicaLink(asyncio.Protocol):
         if whole:
             self.acked = max(self.acked, ACK.unpack_from(self._inbuf, whole - ACK.size)[0])
             del self._inbuf[:whole]
+            if self._held and self.acked >= self._sent:
+                self._send_held()
             self.sender.release()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -180,6 +163,7 @@ class ReplicationSender:
         self._links: dict[str, ReplicaLink] = {}
         self._unreachable: set[str] = set()  # successors warned about, until a connection works
         self._successors: list[str | None] = [None] * SLOTS
+        self._splitter = SlotSplitter([()] * SLOTS, ())  # each pass's records to the successors
         self._member_names: frozenset[str] = frozenset()
         self._written = int(broker.log_state["written"])  # the core's log position
         self._local = self._written  # what the disk holds, as --fsync promises it
@@ -210,6 +194,7 @@ class ReplicationSender:
             for slot in range(SLOTS)
         ]
         needed = {node for node in self._successors if node is not None}
+        self._splitter = SlotSplitter([slot_targets(node) for node in self._successors], needed)
         for node in list(self._links):
             if node not in needed:
                 self._links.pop(node).close()
@@ -291,9 +276,8 @@ class ReplicationSender:
         self._written += len(data)
         if self.store.fsync != "always":
             self._local = self._written
-        done_to = {node for node in self._successors if node is not None}
         waiting: set[str] = set()
-        for node, parts in split_records(data, self._successors.__getitem__, done_to).items():
+        for node, parts in self._splitter.split(data).items():
             link = self._links.get(node)
             if link is not None and link.ready:
                 link.send(b"".join(parts), self._written)
@@ -350,16 +334,14 @@ class ReplicaStore:
     def __init__(self, directory: Path, fsync: str) -> None:
         self.directory = directory
         self.fsync = fsync
-        # owner -> seq -> (slot, the records that hold it, where its record starts in them)
-        self.messages: dict[str, dict[int, tuple[int, bytes, int]]] = {}
-        self._slots: dict[bytes, int] = {}  # topic field -> slot
+        self.messages: dict[str, ReplicaIndex] = {}  # per owner, its messages not done
         self._files: dict[str, int] = {}
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-replica-sync")
 
     def open(self, owner: str) -> None:
         """A new connection from ``owner``: it starts with a snapshot, so forget what it sent before."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.messages[owner] = {}
+        self.messages[owner] = ReplicaIndex()
         old = self._files.pop(owner, None)
         if old is not None:
             os.close(old)
@@ -368,33 +350,12 @@ class ReplicaStore:
         )
 
     def keep(self, owner: str, chunk: bytes) -> None:
-        """Records from ``owner``: indexed in memory (the messages not done, each by where its record
-        is in ``chunk``) and appended to its file."""
-        index = self.messages.setdefault(owner, {})
-        slots = self._slots
-        if len(slots) > SLOT_CACHE:
-            slots.clear()
-        view = memoryview(chunk)
-        pos, size = 0, len(view)
-        while pos + RECORD_HEAD.size < size:
-            body: int = LENGTH.unpack_from(view, pos)[0]
-            kind = view[pos + RECORD_HEAD.size]
-            if kind == PUBLISH_KIND:
-                topic_len: int = TOPIC_LENGTH.unpack_from(view, pos + TOPIC_AT)[0]
-                field = bytes(view[pos + TOPIC_AT + 2 : pos + TOPIC_AT + 2 + topic_len])
-                slot = slots.get(field)
-                if slot is None:
-                    slot = slots[field] = topic_slot(field)
-                index[SEQ.unpack_from(view, pos + SEQ_AT)[0]] = (slot, chunk, pos)
-            elif kind == DONE_KIND:
-                first, last = DONE_RANGE.unpack_from(view, pos + SEQ_AT)
-                if last - first < len(index):
-                    for seq in range(first, last + 1):
-                        index.pop(seq, None)
-                else:
-                    for seq in [seq for seq in index if first <= seq <= last]:
-                        del index[seq]
-            pos += RECORD_HEAD.size + body
+        """Records from ``owner``: indexed in memory (``ReplicaIndex``: the messages not done, each by
+        where its record is in ``chunk``) and appended to its file."""
+        index = self.messages.get(owner)
+        if index is None:
+            index = self.messages[owner] = ReplicaIndex()
+        index.keep(chunk)
         fd = self._files.get(owner)
         if fd is not None:
             if not index:
@@ -426,13 +387,8 @@ class ReplicaStore:
         order, removed from the replica: (topic field, message)."""
         taken: list[tuple[bytes, bytes]] = []
         for owner, index in self.messages.items():
-            if owner == me:
-                continue
-            mine = sorted(seq for seq, (slot, _, _) in index.items() if slot in slots)
-            for seq in mine:
-                _, chunk, start = index.pop(seq)
-                _, topic, message = published(chunk, start)
-                taken.append((topic, message))
+            if owner != me:
+                taken.extend(index.take(slots))
         return taken
 
     def close(self) -> None:
@@ -462,16 +418,22 @@ class ReplicaReceiver:
         self._inbuf += data
         pos = 0
         position = 0
-        chunks: list[bytes] = []
-        while len(self._inbuf) - pos >= BATCH.size:
-            size, at = BATCH.unpack_from(self._inbuf, pos)
-            if len(self._inbuf) - pos - BATCH.size < size:
-                break
-            chunks.append(bytes(self._inbuf[pos + BATCH.size : pos + BATCH.size + size]))
-            pos += BATCH.size + size
-            position = at
+        # the batches' records copied once, into one bytes object, from views of the buffer (all
+        # released before the buffer is resized)
+        with memoryview(self._inbuf) as view:
+            parts: list[memoryview] = []
+            while len(view) - pos >= BATCH.size:
+                size, at = BATCH.unpack_from(view, pos)
+                if len(view) - pos - BATCH.size < size:
+                    break
+                parts.append(view[pos + BATCH.size : pos + BATCH.size + size])
+                pos += BATCH.size + size
+                position = at
+            chunk = b"".join(parts)
+            for part in parts:
+                part.release()
         if not pos:
             return
         del self._inbuf[:pos]
-        self.store.keep(self.owner, b"".join(chunks))
+        self.store.keep(self.owner, chunk)
         self.store.confirm(self.owner, lambda: self._reply(ACK.pack(position)), self._close)
