@@ -485,6 +485,7 @@ class RoutedConnection(_Connection):
                 local.append(line)
             elif source is None:
                 self._feed_local(local)
+                self._hand_over_core_output()
                 self._answer(verb, rest)
             else:
                 self._feed_local(local)
@@ -510,6 +511,12 @@ class RoutedConnection(_Connection):
             return "core" not in self._holds
         upstream = self._upstreams.get(source)
         return upstream is None or upstream.outstanding == 0
+
+    def _hand_over_core_output(self) -> None:
+        """Before the router writes a reply of its own: the core's replies to the commands before it
+        (a ``CONNECTED`` just granted, say) are handed over first. The core flushes once per loop pass,
+        so they may still be in its buffers although it has answered them."""
+        self._broker.flush()
 
     def _all_idle(self) -> bool:
         return all(upstream.outstanding == 0 for upstream in self._upstreams.values())
