@@ -34,10 +34,20 @@ def _cluster(etcd: EtcdProcess, data: Path, *extra: str) -> dict[str, ServerProc
     return {name: _node(etcd, name, data, *extra) for name in NAMES}
 
 
-def _client(nodes: dict[str, ServerProcess], first: str) -> Client:
+def _client(nodes: dict[str, ServerProcess], first: str, login: tuple[str, str] | None = None) -> Client:
     seeds = [(node.host, node.port) for node in nodes.values()]
     node = nodes[first]
-    return Client(node.host, node.port, reconnect=True, reconnect_timeout=60, timeout=30, seeds=seeds)
+    user, password = login or (None, None)
+    return Client(
+        node.host,
+        node.port,
+        reconnect=True,
+        reconnect_timeout=60,
+        timeout=30,
+        seeds=seeds,
+        user=user,
+        password=password,
+    )
 
 
 def _successor(topic: str, owner: str, names: list[str]) -> str:
@@ -83,10 +93,17 @@ def test_a_killed_owners_backlog_is_served_by_its_successor(
 
 class _Load:
     """A publisher (batches of pipelined publishes with unique bodies) and acknowledging consumers,
-    each on its own thread and reconnecting client; what was confirmed, delivered and acked."""
+    each on its own thread and reconnecting client; what was confirmed, delivered and acked. With
+    logins, ``publisher_login`` and ``consumer_login`` are the (user, password) of each."""
 
     def __init__(
-        self, nodes: dict[str, ServerProcess], topic: str, publisher_on: str, consumers_on: list[str]
+        self,
+        nodes: dict[str, ServerProcess],
+        topic: str,
+        publisher_on: str,
+        consumers_on: list[str],
+        publisher_login: tuple[str, str] | None = None,
+        consumer_login: tuple[str, str] | None = None,
     ) -> None:
         self.topic = topic
         self.confirmed: set[bytes] = set()
@@ -95,8 +112,8 @@ class _Load:
         self.stop_publishing = threading.Event()
         self.stop_consuming = threading.Event()
         self.whole_batches: list[tuple[float, float]] = []  # (sent, confirmed) of each batch confirmed whole
-        self._publisher = _client(nodes, publisher_on)
-        self._consumers = [_client(nodes, name) for name in consumers_on]
+        self._publisher = _client(nodes, publisher_on, publisher_login)
+        self._consumers = [_client(nodes, name, consumer_login) for name in consumers_on]
         for consumer in self._consumers:
             consumer.subscribe(topic, ack=True, prefetch=50)
         self._threads = [threading.Thread(target=self._publish)] + [
@@ -271,7 +288,7 @@ def test_published_waits_for_the_successor(etcd: EtcdProcess, tmp_path: Path) ->
         _stop(nodes)
 
 
-def test_replicas_need_a_cluster_and_a_data_dir_and_no_users(tmp_path: Path) -> None:
+def test_replicas_need_a_cluster_and_a_data_dir_and_with_users_a_node_user(tmp_path: Path) -> None:
     for args in (["--replicas", "1"], ["--replicas", "1", "--cluster", "etcd://127.0.0.1:1"]):
         done = subprocess.run(
             [*server_command(), *args], capture_output=True, text=True, timeout=60, check=False
@@ -297,8 +314,8 @@ def test_replicas_need_a_cluster_and_a_data_dir_and_no_users(tmp_path: Path) -> 
         timeout=60,
         check=False,
     )
-    assert done.returncode == 2
-    assert "--replicas cannot be used with --users" in done.stderr
+    assert done.returncode == 1
+    assert "--replicas with --users needs --node-user" in done.stderr
 
 
 def _core_records(commands: list[bytes]) -> bytes:

@@ -124,7 +124,7 @@ class ReplicaLink(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         assert self.transport is not None
-        self.transport.write(b"%s %s\n" % (REPLICATE, self.sender.name.encode()))
+        self.transport.write(self.sender.login + b"%s %s\n" % (REPLICATE, self.sender.name.encode()))
 
     def send(self, chunk: bytes, position: int) -> None:
         """Send the records ``chunk`` that end at the owner's log ``position`` (once ready)."""
@@ -139,6 +139,9 @@ class ReplicaLink(asyncio.Protocol):
                 return
             line = bytes(self._inbuf[:nl])
             del self._inbuf[: nl + 1]
+            if self.sender.login and line.startswith(b"CONNECTED "):
+                self.data_received(b"")  # this node's login went through: the answer follows
+                return
             if not line.startswith(REPLICATE):
                 log.warning("%s refused to keep replicas: %r", self.node, line)
                 self.close()
@@ -167,13 +170,21 @@ class ReplicationSender:
     """The owner's half: sits between the core and its store (``on_log``/``on_sync``), sends each
     slot's records to its successor and lets ``PUBLISHED`` go once they confirmed.
 
-    ``members()`` is the live member set as etcd said last (names to info with ``"address"``).
+    ``members()`` is the live member set as etcd said last (names to info with ``"address"``);
+    ``login`` is the ``CONNECT <user> <password>`` line a link sends first where nodes require
+    logins (``--node-user``), else empty.
     """
 
     def __init__(
-        self, name: str, broker: Broker, store: Store, members: Callable[[], dict[str, Any]]
+        self,
+        name: str,
+        broker: Broker,
+        store: Store,
+        members: Callable[[], dict[str, Any]],
+        login: bytes = b"",
     ) -> None:
         self.name = name
+        self.login = login
         self.broker = broker
         self.store = store
         self._members = members

@@ -639,8 +639,17 @@ class RoutedConnection(_Connection):
         if self._replicas is None:
             self._reply(b"ERROR USAGE this node keeps no replicas (start it with --replicas 1)")
             return
+        if self._logins is not None and not self._may_replicate():
+            self._reply(b"ERROR PERMISSION_DENIED permission denied: CLUSTER REPLICATE is for node users")
+            return
         self._receiver = ReplicaReceiver(self._replicas, owner, self._reply_bytes, self.abort)
         self._reply(b"%s %s" % (REPLICATE, owner.encode()))
+
+    def _may_replicate(self) -> bool:
+        """With logins, only a node user may feed this node's replicas (docs/security.md)."""
+        assert self._logins is not None
+        user = self._logins.user_of(self._handle)
+        return user is not None and user.may_replicate
 
     def _reply_bytes(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
