@@ -19,7 +19,7 @@ from pigeon.cluster.etcd import EtcdProcess
 from pigeon.cluster.replication import ReplicaStore, split_records
 from pigeon.cluster.slots import owner_order, slot_of
 from pigeon.testing import ServerProcess, server_command
-from tests.cluster_kit import TTL, connected, start_node, topic_owned_by, wait_balanced
+from tests.cluster_kit import TTL, connected, start_node, status, topic_owned_by, wait_balanced
 
 pytestmark = pytest.mark.slow
 
@@ -284,6 +284,77 @@ def test_published_waits_for_the_successor(etcd: EtcdProcess, tmp_path: Path) ->
             nodes[successor].proc.send_signal(signal.SIGCONT)
         assert publisher.line() == f"PUBLISHED {topic}".encode()
         publisher.close()
+    finally:
+        _stop(nodes)
+
+
+class _Pinger:
+    """A thread that asks one node PING over and over: how many PONGs came."""
+
+    def __init__(self, node: ServerProcess) -> None:
+        self.pongs = 0
+        self._client = node.client(timeout=60)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            assert self._client.ask("PING") == b"PONG"
+            self.pongs += 1
+
+    def stop(self) -> int:
+        """Stop asking; how many PONGs came."""
+        self._stop.set()
+        self._thread.join(60)
+        self._client.close()
+        return self.pongs
+
+
+def test_an_owner_serves_while_a_snapshot_is_read_and_the_snapshot_goes_first(
+    etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    """A node joins and becomes the successor of a slot whose owner holds a large log: the owner reads
+    the snapshot off its loop (it answers meanwhile, and says how many commands it served), and what
+    is published meanwhile reaches the new successor after the snapshot, so that after kill -9 of the
+    owner the successor has every message, in order."""
+    # a lease long enough for the successor's take-over of 40 MB on its loop, on a loaded machine
+    ttl = ("--cluster-ttl", "10")
+    nodes = {name: _node(etcd, name, tmp_path, *ttl) for name in ("n0", "n1")}
+    try:
+        wait_balanced(list(nodes.values()))
+        topic = next(
+            f"big{n}"
+            for n in range(10_000)
+            if owner_order(slot_of(f"big{n}".encode()), list(NAMES))[:2] == ["n0", "n2"]
+            and slot_of(f"big{n}".encode()) in status(nodes["n0"])["owned"]
+        )
+        body = "x" * 4000
+        count = 10_000  # about 40 MB of log for the snapshot to read
+        publisher = connected(nodes["n0"])
+
+        def publish(first: int, last: int) -> None:
+            lines = (f"PUBLISH {publisher.client_id} {topic} {i}-{body}\n" for i in range(first, last))
+            publisher.send("".join(lines))
+
+        for start in range(0, count, 1000):
+            publish(start, start + 1000)
+            assert publisher.lines(1000) == [f"PUBLISHED {topic}".encode()] * 1000
+        pinger = _Pinger(nodes["n0"])
+        nodes["n2"] = _node(etcd, "n2", tmp_path, *ttl)
+        live = 200  # published while the snapshot is (most likely) being read: they must come after it
+        publish(count, count + live)
+        sent = nodes["n0"].wait_for_log(" bytes) to n2\n", timeout=120)
+        pongs = pinger.stop()
+        served = int(sent.split("while ", 1)[1].split(" ", 1)[0])
+        print(f"the snapshot: {sent.strip()}; {pongs} PONGs in all")
+        assert served > 0, sent  # on the loop, nothing could run between its start and its end
+        assert publisher.lines(live) == [f"PUBLISHED {topic}".encode()] * live  # the successor confirmed
+        nodes["n0"].proc.send_signal(signal.SIGKILL)
+        nodes["n0"].proc.wait()
+        assert nodes["n2"].wait_for_log(f"took over {count + live} replicated messages", timeout=70)
+        got = _consume(nodes["n2"], topic, count + live)
+        assert [int(message.split(b"-", 1)[0]) for message in got] == list(range(count + live))
     finally:
         _stop(nodes)
 

@@ -26,6 +26,7 @@ import asyncio
 import logging
 import os
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -120,6 +121,8 @@ class ReplicaLink(asyncio.Protocol):
         self.ready = False  # the successor answered CLUSTER REPLICATE (then it got its snapshot)
         self.closed = False
         self._inbuf = bytearray()
+        # batches that wait for a snapshot being read ahead of them: (records or their read, position)
+        self._outbox: deque[tuple[bytes | Future[bytes], int]] = deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -127,9 +130,38 @@ class ReplicaLink(asyncio.Protocol):
         self.transport.write(self.sender.login + b"%s %s\n" % (REPLICATE, self.sender.name.encode()))
 
     def send(self, chunk: bytes, position: int) -> None:
-        """Send the records ``chunk`` that end at the owner's log ``position`` (once ready)."""
+        """Send the records ``chunk`` that end at the owner's log ``position`` (once ready), after
+        any snapshot still being read."""
         assert self.ready and self.transport is not None
-        self.transport.write(BATCH.pack(len(chunk), position) + chunk)
+        if self._outbox:
+            self._outbox.append((chunk, position))
+        else:
+            self.transport.write(BATCH.pack(len(chunk), position) + chunk)
+
+    def send_when_read(self, snapshot: Future[bytes], position: int) -> None:
+        """Send the records ``snapshot`` reads off the loop (up to ``position``) once they are read;
+        what is sent meanwhile waits behind them, in order. ``drain`` once it is done."""
+        assert self.ready
+        self._outbox.append((snapshot, position))
+
+    def drain(self) -> None:
+        """Send what waited, up to the next snapshot not read yet. A snapshot that could not be read
+        breaks the connection: the owner connects again, with a new snapshot."""
+        while self._outbox:
+            chunk, position = self._outbox[0]
+            if isinstance(chunk, Future):
+                if not chunk.done():
+                    return
+                if chunk.exception() is not None:
+                    log.error("cannot read a snapshot for %s: %s", self.node, chunk.exception())
+                    self._outbox.clear()
+                    if self.transport is not None:
+                        self.transport.abort()
+                    return
+                chunk = chunk.result()
+            self._outbox.popleft()
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(BATCH.pack(len(chunk), position) + chunk)
 
     def data_received(self, data: bytes) -> None:
         self._inbuf += data
@@ -198,6 +230,8 @@ class ReplicationSender:
         # (position, nodes that must confirm it): in log order
         self._pending: list[tuple[int, set[str]]] = []
         self._stopping = False
+        # snapshots are read here, off the loop, one at a time
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-snapshot")
 
     def attach(self) -> None:
         """Take the store's place as the broker's log writer (after ``Store.attach``)."""
@@ -279,18 +313,42 @@ class ReplicationSender:
 
     def _snapshot(self, link: ReplicaLink, slots: set[int]) -> None:
         """Send ``link`` every record on disk of ``slots`` (and every DONE): the successor then has
-        every message of theirs not done. Every position not confirmed yet waits for it too. Read
-        on the loop: a known cost (docs/cluster.md)."""
-        parts: list[memoryview] = []
-        for path in self.store.segments():
-            data = path.read_bytes()[len(HEADER) :]
-            chosen = split_records(data, lambda slot: link.node if slot in slots else None, (link.node,))
-            parts.extend(chosen.get(link.node, []))
-        link.send(b"".join(parts), self._written)
-        log.info("sent a snapshot of %d slots (%d bytes) to %s", len(slots), sum(map(len, parts)), link.node)
+        every message of theirs not done. Every position not confirmed yet waits for it too. The
+        segments are opened now, as they are at this position, and read on a thread, so the loop
+        serves on meanwhile; records written meanwhile wait behind the snapshot on the link."""
+        loop = asyncio.get_running_loop()
+        served = _commands(self.broker)
+        snapshot = self._reader.submit(read_snapshot, self._segment_files(), link.node, frozenset(slots))
+
+        def read(_: Future[bytes]) -> None:
+            link.drain()
+            if snapshot.exception() is None:
+                log.info(
+                    "while %d commands were served, read and sent a snapshot of %d slots (%d bytes) to %s",
+                    _commands(self.broker) - served,
+                    len(slots),
+                    len(snapshot.result()),
+                    link.node,
+                )
+
+        link.send_when_read(snapshot, self._written)
+        snapshot.add_done_callback(lambda done: loop.call_soon_threadsafe(read, done))
         for _, nodes in self._pending:
             nodes.add(link.node)
         self._pending.append((self._written, {link.node}))
+
+    def _segment_files(self) -> list[tuple[int, int | None]]:
+        """Every segment opened now (a compaction or deletion that replaces one later leaves this
+        file as it is), with how many of its bytes to read: the tail's written part, the others whole."""
+        tail = self.store.tail()
+        files: list[tuple[int, int | None]] = []
+        for path in self.store.segments():
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # deleted since the listing: it held only messages done
+            files.append((fd, tail[1] if tail is not None and tail[0] == path else None))
+        return files
 
     # -- the core's log, through here --------------------------------------------------------------
 
@@ -348,9 +406,30 @@ class ReplicationSender:
     def stop(self) -> None:
         """Close every link (the node stops)."""
         self._stopping = True
+        self._reader.shutdown(wait=False)
         for link in self._links.values():
             link.close()
         self._links.clear()
+
+
+def read_snapshot(files: list[tuple[int, int | None]], node: str, slots: frozenset[int]) -> bytes:
+    """The records of segment ``files`` (descriptor, bytes to read or None for all) that ``node``
+    gets for ``slots``: their PUBLISH records, and every DONE. Runs on a thread; closes the files."""
+    parts: list[memoryview] = []
+    try:
+        for fd, size in files:
+            data = os.pread(fd, os.fstat(fd).st_size if size is None else size, 0)[len(HEADER) :]
+            chosen = split_records(data, lambda slot: node if slot in slots else None, (node,))
+            parts.extend(chosen.get(node, []))
+    finally:
+        for fd, _ in files:
+            os.close(fd)
+    return b"".join(parts)
+
+
+def _commands(broker: Broker) -> int:
+    """How many commands the core has run (a gauge of whether the loop served meanwhile)."""
+    return sum(broker.stats()["commands"].values())
 
 
 class ReplicaStore:
