@@ -15,7 +15,7 @@ from pigeon.cluster.router import RoutedConnection
 from pigeon.cluster.slots import slot_of
 from pigeon.server.busiest import PAGE_MAX
 from pigeon.server.internal import InternalClient
-from pigeon.server.protocol import Server, format_address
+from pigeon.server.protocol import Server, _Connection, format_address
 from pigeon.server.users import UsersError
 
 log = logging.getLogger("pigeon.cluster")
@@ -207,9 +207,12 @@ class ClusterServer(Server):
                 return names
 
     def _lease_lost(self) -> None:
-        """This node serves no slot any more: its clients reconnect, to whichever node serves them."""
-        asyncio.get_running_loop().call_soon(self._drop_clients)
+        """This node serves no slot any more: its clients reconnect, to whichever node serves them.
+        Those connected now, closed just after (not from inside the routing that may have noticed):
+        a client accepted meanwhile already finds the node serving nothing."""
+        connections = list(self._connections.values())
+        asyncio.get_running_loop().call_soon(self._drop_clients, connections)
 
-    def _drop_clients(self) -> None:
-        for conn in list(self._connections.values()):
+    def _drop_clients(self, connections: list[_Connection]) -> None:
+        for conn in connections:
             conn.abort()
