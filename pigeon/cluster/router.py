@@ -56,6 +56,8 @@ _NO_OWNER = "\0"  # a command for a slot without owner now: it waits (no node na
 # command waits for one before it is refused with TRYAGAIN.
 OWNER_RETRY = 0.1
 OWNER_WAIT_MARGIN = 2.0
+# Seconds between two looks at the log while replies of the core may wait for it to be synced.
+SYNC_RETRY = 0.001
 
 
 def is_pattern(topic: bytes) -> bool:
@@ -346,6 +348,8 @@ class RoutedConnection(_Connection):
         "_replicas",
         "_skip",
         "_source",
+        "_sync_mark",
+        "_sync_replies",
         "_upstreams",
         "_wanted",
         "protocol",
@@ -359,10 +363,15 @@ class RoutedConnection(_Connection):
         logins: Logins | None,
         cluster: ClusterNode,
         replicas: ReplicaStore | None = None,
+        sync_replies: bool = False,
     ) -> None:
         super().__init__(broker, connections, write_timeout, logins)
         self._cluster = cluster
         self._replicas = replicas
+        # the core holds PUBLISHED until the log is synced (--fsync always, --replicas): a reply it
+        # holds must go before any the router makes or relays after it
+        self._sync_replies = sync_replies
+        self._sync_mark = 0  # the log position a switch away from the core waits to see synced
         self._receiver: ReplicaReceiver | None = None  # once another node replicates over this one
         self._inbuf = bytearray(1 << 16)
         self._partial = bytearray()  # an unfinished command
@@ -508,7 +517,7 @@ class RoutedConnection(_Connection):
     def _source_idle(self, source: str, local: list[bytes]) -> bool:
         if source == _LOCAL:
             self._feed_local(local)
-            return "core" not in self._holds
+            return "core" not in self._holds and not self._core_waits_for_sync()
         upstream = self._upstreams.get(source)
         return upstream is None or upstream.outstanding == 0
 
@@ -517,6 +526,22 @@ class RoutedConnection(_Connection):
         (a ``CONNECTED`` just granted, say) are handed over first. The core flushes once per loop pass,
         so they may still be in its buffers although it has answered them."""
         self._broker.flush()
+
+    def _core_waits_for_sync(self) -> bool:
+        """Whether the core may still hold replies of this connection until the log is synced (a
+        ``PUBLISHED``): then hold the input, and look again soon. Asked only when the commands switch
+        from the core to another source; it may wait for other connections' records appended before."""
+        if not self._sync_replies:
+            return False
+        state = self._broker.log_state
+        # the position when the wait began: records other clients append meanwhile do not prolong it
+        self._sync_mark = self._sync_mark or state["appended"]
+        if state["synced"] >= self._sync_mark:
+            self._sync_mark = 0
+            return False
+        self.pause_input("sync")
+        asyncio.get_running_loop().call_later(SYNC_RETRY, self.resume_input, "sync")
+        return True
 
     def _all_idle(self) -> bool:
         return all(upstream.outstanding == 0 for upstream in self._upstreams.values())

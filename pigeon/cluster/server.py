@@ -105,7 +105,13 @@ class ClusterServer(Server):
 
     def new_connection(self, write_timeout: float) -> asyncio.BufferedProtocol:
         return RoutedConnection(
-            self.broker, self._connections, write_timeout, self.logins, self.cluster, self.replicas
+            self.broker,
+            self._connections,
+            write_timeout,
+            self.logins,
+            self.cluster,
+            self.replicas,
+            sync_replies=self.store is not None and self.core_fsync(self.store.fsync) == "always",
         )
 
     async def start(self) -> None:
