@@ -23,6 +23,7 @@ or was cut off has every message not done before anything newer is confirmed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import struct
@@ -331,8 +332,12 @@ class ReplicationSender:
                     link.node,
                 )
 
+        def hand_back(done: Future[bytes]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the node stopped meanwhile
+                loop.call_soon_threadsafe(read, done)
+
         link.send_when_read(snapshot, self._written)
-        snapshot.add_done_callback(lambda done: loop.call_soon_threadsafe(read, done))
+        snapshot.add_done_callback(hand_back)
         for _, nodes in self._pending:
             nodes.add(link.node)
         self._pending.append((self._written, {link.node}))
