@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 import time
@@ -221,3 +222,45 @@ def test_ownership_changes_wait_while_etcd_is_down(etcd: EtcdProcess) -> None:
     finally:
         for node in nodes.values():
             node.stop()
+
+
+@pytest.mark.slow
+def test_a_node_whose_lease_expired_while_etcd_runs_serves_nothing_when_it_wakes(etcd: EtcdProcess) -> None:
+    """Fencing: n1 is frozen (SIGSTOP) past its lease while etcd runs, n0 takes its slots; when n1
+    wakes it must not serve them, even before it hears from etcd: its own clock fences it."""
+    nodes = [start_node(etcd.endpoint, f"n{i}") for i in range(2)]
+    try:
+        before = wait_balanced(nodes)
+        topic = next(f"fenced{n}" for n in range(10_000) if slot_of(f"fenced{n}".encode()) in before["n1"])
+        subscriber = connected(nodes[0])
+        subscriber.subscribe(topic)  # forwarded to n1, its owner now
+        nodes[1].proc.send_signal(signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + TTL + 20
+            while len(status(nodes[0])["owned"]) < SLOTS:
+                assert time.monotonic() < deadline, "n0 did not take the frozen node's slots"
+                time.sleep(0.1)
+            # accepted by the kernel, read as soon as n1 wakes: before it can hear from etcd
+            early = nodes[1].client(timeout=10)
+            early.send("CONNECT\nCLUSTER STATUS\n")
+        finally:
+            nodes[1].proc.send_signal(signal.SIGCONT)
+        try:
+            assert early.line().startswith(b"CONNECTED ")
+            reply = early.line()
+            assert reply.startswith(b"CLUSTER "), reply
+            assert json.loads(reply[len(b"CLUSTER ") :])["owned"] == [], "n1 woke still serving slots"
+        except (EOFError, ConnectionResetError):
+            pass  # n1 closed its clients first, which it does when it stops serving
+        # the subscriber's path through n1 was closed (n1 lost its lease); one on n0 gets what n1 forwards
+        subscriber.close()
+        subscriber = connected(nodes[0])
+        subscriber.subscribe(topic)
+        publisher = connected(nodes[1])
+        publisher.publish(topic, "after")
+        assert subscriber.line() == f"MESSAGE {topic} after".encode()
+        wait_balanced(nodes, timeout=TTL + 30)  # n1 joins again with a new lease
+    finally:
+        for node in nodes:
+            node.proc.send_signal(signal.SIGCONT)
+            assert node.stop() == 0, "".join(node.log)

@@ -19,7 +19,7 @@ from pigeon.cluster.etcd import EtcdProcess
 from pigeon.cluster.replication import ACK, BATCH, ReplicaReceiver, ReplicaStore, split_records
 from pigeon.cluster.slots import owner_order, slot_of
 from pigeon.testing import ServerProcess, server_command
-from tests.cluster_kit import TTL, connected, start_node, topic_owned_by, wait_balanced
+from tests.cluster_kit import TTL, connected, start_node, status, topic_owned_by, wait_balanced
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +34,20 @@ def _cluster(etcd: EtcdProcess, data: Path, *extra: str) -> dict[str, ServerProc
     return {name: _node(etcd, name, data, *extra) for name in NAMES}
 
 
-def _client(nodes: dict[str, ServerProcess], first: str) -> Client:
+def _client(nodes: dict[str, ServerProcess], first: str, login: tuple[str, str] | None = None) -> Client:
     seeds = [(node.host, node.port) for node in nodes.values()]
     node = nodes[first]
-    return Client(node.host, node.port, reconnect=True, reconnect_timeout=60, timeout=30, seeds=seeds)
+    user, password = login or (None, None)
+    return Client(
+        node.host,
+        node.port,
+        reconnect=True,
+        reconnect_timeout=60,
+        timeout=30,
+        seeds=seeds,
+        user=user,
+        password=password,
+    )
 
 
 def _successor(topic: str, owner: str, names: list[str]) -> str:
@@ -83,10 +93,17 @@ def test_a_killed_owners_backlog_is_served_by_its_successor(
 
 class _Load:
     """A publisher (batches of pipelined publishes with unique bodies) and acknowledging consumers,
-    each on its own thread and reconnecting client; what was confirmed, delivered and acked."""
+    each on its own thread and reconnecting client; what was confirmed, delivered and acked. With
+    logins, ``publisher_login`` and ``consumer_login`` are the (user, password) of each."""
 
     def __init__(
-        self, nodes: dict[str, ServerProcess], topic: str, publisher_on: str, consumers_on: list[str]
+        self,
+        nodes: dict[str, ServerProcess],
+        topic: str,
+        publisher_on: str,
+        consumers_on: list[str],
+        publisher_login: tuple[str, str] | None = None,
+        consumer_login: tuple[str, str] | None = None,
     ) -> None:
         self.topic = topic
         self.confirmed: set[bytes] = set()
@@ -95,8 +112,8 @@ class _Load:
         self.stop_publishing = threading.Event()
         self.stop_consuming = threading.Event()
         self.whole_batches: list[tuple[float, float]] = []  # (sent, confirmed) of each batch confirmed whole
-        self._publisher = _client(nodes, publisher_on)
-        self._consumers = [_client(nodes, name) for name in consumers_on]
+        self._publisher = _client(nodes, publisher_on, publisher_login)
+        self._consumers = [_client(nodes, name, consumer_login) for name in consumers_on]
         for consumer in self._consumers:
             consumer.subscribe(topic, ack=True, prefetch=50)
         self._threads = [threading.Thread(target=self._publish)] + [
@@ -271,7 +288,78 @@ def test_published_waits_for_the_successor(etcd: EtcdProcess, tmp_path: Path) ->
         _stop(nodes)
 
 
-def test_replicas_need_a_cluster_and_a_data_dir_and_no_users(tmp_path: Path) -> None:
+class _Pinger:
+    """A thread that asks one node PING over and over: how many PONGs came."""
+
+    def __init__(self, node: ServerProcess) -> None:
+        self.pongs = 0
+        self._client = node.client(timeout=60)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            assert self._client.ask("PING") == b"PONG"
+            self.pongs += 1
+
+    def stop(self) -> int:
+        """Stop asking; how many PONGs came."""
+        self._stop.set()
+        self._thread.join(60)
+        self._client.close()
+        return self.pongs
+
+
+def test_an_owner_serves_while_a_snapshot_is_read_and_the_snapshot_goes_first(
+    etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    """A node joins and becomes the successor of a slot whose owner holds a large log: the owner reads
+    the snapshot off its loop (it answers meanwhile, and says how many commands it served), and what
+    is published meanwhile reaches the new successor after the snapshot, so that after kill -9 of the
+    owner the successor has every message, in order."""
+    # a lease long enough for the successor's take-over of 40 MB on its loop, on a loaded machine
+    ttl = ("--cluster-ttl", "10")
+    nodes = {name: _node(etcd, name, tmp_path, *ttl) for name in ("n0", "n1")}
+    try:
+        wait_balanced(list(nodes.values()))
+        topic = next(
+            f"big{n}"
+            for n in range(10_000)
+            if owner_order(slot_of(f"big{n}".encode()), list(NAMES))[:2] == ["n0", "n2"]
+            and slot_of(f"big{n}".encode()) in status(nodes["n0"])["owned"]
+        )
+        body = "x" * 4000
+        count = 10_000  # about 40 MB of log for the snapshot to read
+        publisher = connected(nodes["n0"])
+
+        def publish(first: int, last: int) -> None:
+            lines = (f"PUBLISH {publisher.client_id} {topic} {i}-{body}\n" for i in range(first, last))
+            publisher.send("".join(lines))
+
+        for start in range(0, count, 1000):
+            publish(start, start + 1000)
+            assert publisher.lines(1000) == [f"PUBLISHED {topic}".encode()] * 1000
+        pinger = _Pinger(nodes["n0"])
+        nodes["n2"] = _node(etcd, "n2", tmp_path, *ttl)
+        live = 200  # published while the snapshot is (most likely) being read: they must come after it
+        publish(count, count + live)
+        sent = nodes["n0"].wait_for_log(" bytes) to n2\n", timeout=120)
+        pongs = pinger.stop()
+        served = int(sent.split("while ", 1)[1].split(" ", 1)[0])
+        print(f"the snapshot: {sent.strip()}; {pongs} PONGs in all")
+        assert served > 0, sent  # on the loop, nothing could run between its start and its end
+        assert publisher.lines(live) == [f"PUBLISHED {topic}".encode()] * live  # the successor confirmed
+        nodes["n0"].proc.send_signal(signal.SIGKILL)
+        nodes["n0"].proc.wait()
+        assert nodes["n2"].wait_for_log(f"took over {count + live} replicated messages", timeout=70)
+        got = _consume(nodes["n2"], topic, count + live)
+        assert [int(message.split(b"-", 1)[0]) for message in got] == list(range(count + live))
+    finally:
+        _stop(nodes)
+
+
+def test_replicas_need_a_cluster_and_a_data_dir_and_with_users_a_node_user(tmp_path: Path) -> None:
     for args in (["--replicas", "1"], ["--replicas", "1", "--cluster", "etcd://127.0.0.1:1"]):
         done = subprocess.run(
             [*server_command(), *args], capture_output=True, text=True, timeout=60, check=False
@@ -297,8 +385,8 @@ def test_replicas_need_a_cluster_and_a_data_dir_and_no_users(tmp_path: Path) -> 
         timeout=60,
         check=False,
     )
-    assert done.returncode == 2
-    assert "--replicas cannot be used with --users" in done.stderr
+    assert done.returncode == 1
+    assert "--replicas with --users needs --node-user" in done.stderr
 
 
 def _core_records(commands: list[bytes]) -> bytes:

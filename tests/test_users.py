@@ -133,6 +133,7 @@ admin = true
         ('[users.bob]\npassword = "{h}"\npublish = "a"\n', "user 'bob': publish: must be a list of strings"),
         ('[users.bob]\npassword = "{h}"\nsubscribe = ["a..b"]\n', "user 'bob': subscribe: pattern 'a..b'"),
         ('[users.bob]\npassword = "{h}"\nadmin = "yes"\n', "user 'bob': admin: must be true or false"),
+        ('[users.bob]\npassword = "{h}"\ncluster = 1\n', "user 'bob': cluster: must be true or false"),
         ('[users.bob]\npassword = "{h}"\nsubcribe = ["a"]\n', "user 'bob': unknown field(s) ['subcribe']"),
         ('[users."two words"]\npassword = "{h}"\n', "user 'two words': user name"),
         ('[users.bob]\npassword = "{h}"\n[extra]\nx = 1\n', "unknown top-level key(s) ['extra']"),
@@ -233,3 +234,18 @@ def test_ipv6_addresses_count_by_their_64_network() -> None:
     assert address_key("2001:db8::1") == address_key("2001:db8::ffff:1") == "2001:db8::/64"
     assert address_key("::ffff:10.0.0.1") == "10.0.0.1"
     assert address_key("10.0.0.1") == "10.0.0.1"
+
+
+def test_a_node_user_is_one_with_cluster_true_and_an_admin_may_replicate_too() -> None:
+    users = parse_users(
+        {
+            "users": {
+                "node": {"password": fast_hash("x"), "cluster": True},
+                "ops": {"password": fast_hash("x"), "admin": True},
+                "bob": {"password": fast_hash("x"), "publish": [">"]},
+            }
+        }
+    )
+    assert [name for name in ("node", "ops", "bob") if users.get(name).may_replicate] == ["node", "ops"]  # type: ignore[union-attr]
+    node = users.get("node")
+    assert node is not None and not node.admin and node.publish == () and node.subscribe == ()

@@ -295,6 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="copy each durable topic's messages to N other node (0 or 1) before PUBLISHED, so that "
         "losing a node loses no confirmed message; needs --data-dir (default %(default)s)",
     )
+    cluster.add_argument(
+        "--node-user",
+        metavar="NAME",
+        help="the user this node logs in as on other nodes (a user of the users file with cluster = true), "
+        "for replication where nodes run with --users; its password comes from --node-password-file or "
+        "the environment variable PIGEON_NODE_PASSWORD, never from the command line",
+    )
+    cluster.add_argument(
+        "--node-password-file",
+        metavar="FILE",
+        help="read --node-user's password from FILE (surrounding whitespace dropped)",
+    )
     parser.add_argument("--version", action="version", version=f"pigeon {__version__}")
     return parser
 
@@ -463,7 +475,33 @@ def _new_server(args: argparse.Namespace) -> Callable[..., Server]:
         reuse_port=args.reuse_port,
         lease_ttl=args.cluster_ttl,
         replicas=args.replicas,
+        node_login=_node_login(args),
     )
+
+
+def _node_login(args: argparse.Namespace) -> tuple[str, str] | None:
+    """--node-user and its password (from --node-password-file, else $PIGEON_NODE_PASSWORD), or None.
+
+    Raises UsersError when one comes without the other or the file cannot be read."""
+    from pigeon.cluster.server import NODE_PASSWORD_ENV
+    from pigeon.server.users import UsersError
+
+    password = os.environ.get(NODE_PASSWORD_ENV)
+    if args.node_password_file is not None:
+        try:
+            with open(args.node_password_file, encoding="utf-8") as file:
+                password = file.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsersError(f"cannot read --node-password-file {args.node_password_file}: {exc}") from None
+    if args.node_user is None:
+        if args.node_password_file is not None:
+            raise UsersError("--node-password-file needs --node-user")
+        return None
+    if not password:
+        raise UsersError(
+            f"--node-user {args.node_user!r} needs a password: --node-password-file or {NODE_PASSWORD_ENV}"
+        )
+    return args.node_user, password
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -495,13 +533,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pigeon.cluster.workers import supervise
 
         return supervise(args, arguments)
-    if args.cluster is None and (args.node_name or args.advertise or args.node_port is not None):
-        parser.error("--node-name, --advertise and --node-port need --cluster")
+    node_flags = (args.node_name, args.advertise, args.node_user, args.node_password_file)
+    if args.cluster is None and (any(node_flags) or args.node_port is not None):
+        parser.error(
+            "--node-name, --advertise, --node-port, --node-user and --node-password-file need --cluster"
+        )
     if args.replicas and (args.cluster is None or args.data_dir is None):
         parser.error("--replicas needs --cluster and --data-dir (only durable topics are replicated)")
-    if args.replicas and args.users:
-        # a replication stream carries no node credential: with logins, any user could feed a replica
-        parser.error("--replicas cannot be used with --users yet (replication streams carry no credentials)")
     try:
         server = _new_server(args)(
             args.host,

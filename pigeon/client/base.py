@@ -220,8 +220,8 @@ class ClientBase(abc.ABC):
             await self._wait(connected)
             self._take_id(result(connected))
             if self.redirects:
-                # after CONNECTED, not pipelined with it: a node answers CLUSTER itself, at once, even
-                # while the core is still checking the login's password
+                # after CONNECTED, not pipelined with it: nodes of earlier versions answered CLUSTER
+                # at once, even while the core was still checking the login's password
                 redirect = await self._ask_redirects()
                 # a broker that is no cluster node does not know CLUSTER: it owns every topic
                 if not isinstance(redirect.error, errors.UnknownCommandError):

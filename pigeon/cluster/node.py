@@ -18,15 +18,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import aetcd
 
 from pigeon.cluster.slots import SLOTS, preferred_owner
 
 log = logging.getLogger("pigeon.cluster")
+
+T = TypeVar("T")
 
 DEFAULT_TTL = 5.0
 
@@ -88,6 +91,7 @@ class ClusterNode:
         self._endpoint = 0
         self._lease: Any = None
         self._alive_until = 0.0
+        self._fence: asyncio.TimerHandle | None = None  # stops serving when the lease runs out
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -96,9 +100,25 @@ class ClusterNode:
 
     def serves(self, slot: int) -> bool:
         """Whether this node owns ``slot`` now (and its lease is believed alive)."""
-        if slot in self.owned and time.monotonic() >= self._alive_until:
-            self._lose("its lease was not renewed in time")
+        self._check_lease()
         return slot in self.owned
+
+    def _check_lease(self) -> None:
+        """Stop serving every slot once the lease is no longer believed alive. Checked on every
+        routing decision and status, and by a timer (``_renewed``): what stops a node is its own
+        clock, never an etcd call that returns (a call to an etcd that is gone may hang)."""
+        if self.owned and time.monotonic() >= self._alive_until:
+            self._lose("its lease was not renewed in time")
+
+    def _renewed(self, sent: float, granted: float) -> None:
+        """etcd answered a grant or keep-alive sent at ``sent`` with a TTL of ``granted`` s: the
+        lease is believed alive until ``sent`` plus the shorter of that and ``--cluster-ttl`` (etcd
+        may round the TTL), and the fence timer moves there."""
+        self._alive_until = sent + min(self.ttl, granted)
+        if self._fence is not None:
+            self._fence.cancel()
+        delay = self._alive_until - time.monotonic()
+        self._fence = asyncio.get_running_loop().call_later(max(0.0, delay), self._check_lease)
 
     def owner(self, slot: int) -> str | None:
         """The node that owns ``slot`` as etcd said last, or None (also for a slot this node is
@@ -115,6 +135,7 @@ class ClusterNode:
 
     def status(self) -> dict[str, Any]:
         """The cluster as this node sees it: for ``CLUSTER STATUS``, HTTP ``/cluster`` and the CLI."""
+        self._check_lease()
         per_node: dict[str, list[int]] = {}
         for slot, node in sorted(self.owners.items()):
             per_node.setdefault(node, []).append(slot)
@@ -164,9 +185,11 @@ class ClusterNode:
         # etcd's client may turn a cancellation into an error of its own: do not wait for ever
         await asyncio.wait(self._tasks, timeout=CALL_TIMEOUT)
         self.owned.clear()
+        if self._fence is not None:
+            self._fence.cancel()
         if self._lease is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._client.revoke_lease(self._lease.id), CALL_TIMEOUT)
+                await bounded(self._client.revoke_lease(self._lease.id))
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.close()
@@ -176,7 +199,7 @@ class ClusterNode:
             with contextlib.suppress(Exception):
                 # bounded: _keep_alive calls this before it checks the lease, so a close that hangs
                 # (etcd gone) must not keep a node serving past its lease
-                await asyncio.wait_for(self._client.close(), CALL_TIMEOUT)
+                await bounded(self._client.close())
         self._endpoint = (self._endpoint + 1) % len(self.endpoints)
         self._client = None
 
@@ -189,8 +212,9 @@ class ClusterNode:
     async def _join(self) -> None:
         client = self._etcd()
         sent = time.monotonic()
-        self._lease = await client.lease(max(1, round(self.ttl)))
-        self._alive_until = sent + self.ttl
+        # etcd's TTL is whole seconds: ask for no less than --cluster-ttl, believe no more of it
+        self._lease = await client.lease(max(1, math.ceil(self.ttl)))
+        self._renewed(sent, float(self._lease.ttl))
         await client.put(self._key("members", self.name), json.dumps(self.info).encode(), self._lease)
         self.etcd_ok = True
         log.info("joined the cluster as %s (lease %x, ttl %g s)", self.name, self._lease.id, self.ttl)
@@ -220,7 +244,7 @@ class ClusterNode:
                 continue
             sent = time.monotonic()
             try:
-                reply = await asyncio.wait_for(self._etcd().refresh_lease(self._lease.id), CALL_TIMEOUT)
+                reply = await bounded(self._etcd().refresh_lease(self._lease.id))
             except Exception as exc:
                 self.etcd_ok = False
                 log.warning("etcd did not renew the lease: %s", exc)
@@ -232,7 +256,7 @@ class ClusterNode:
             if reply.TTL <= 0:
                 self._lose("etcd says its lease expired", lease_gone=True)
                 continue
-            self._alive_until = sent + self.ttl
+            self._renewed(sent, float(reply.TTL))
 
     async def _watch(self) -> None:
         """Wake the balancer whenever a key of the cluster changes; retry when the watch breaks."""
@@ -251,7 +275,7 @@ class ClusterNode:
         owners: dict[int, str] = {}
         held: set[int] = set()
         lease = None if self._lease is None else self._lease.id
-        for kv in await asyncio.wait_for(self._etcd().get_prefix(self.prefix), CALL_TIMEOUT):
+        for kv in await bounded(self._etcd().get_prefix(self.prefix)):
             kind, _, name = kv.key[len(self.prefix) :].decode().partition("/")
             if kind == "members":
                 members[name] = json.loads(kv.value)
@@ -297,9 +321,7 @@ class ClusterNode:
 
     async def _txn(self, compare: list[Any], success: list[Any]) -> bool:
         """One etcd transaction: ``success`` if every comparison holds; whether it did."""
-        ok, _ = await asyncio.wait_for(
-            self._etcd().transaction(compare=compare, success=success, failure=[]), CALL_TIMEOUT
-        )
+        ok, _ = await bounded(self._etcd().transaction(compare=compare, success=success, failure=[]))
         return bool(ok)
 
     async def _rebalance(self) -> None:
@@ -363,6 +385,30 @@ class ClusterNode:
                 len(self.owned),
                 len(self.members),
             )
+
+
+async def bounded(call: Coroutine[Any, Any, T]) -> T:
+    """The result of an etcd ``call``, or TimeoutError after CALL_TIMEOUT s. Unlike ``wait_for``, a
+    call that does not end when cancelled (the etcd client may go on retrying a gone server) is left
+    to end on its own rather than waited for: every etcd call of a node returns within the bound."""
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=CALL_TIMEOUT)
+    except asyncio.CancelledError:
+        task.cancel()
+        task.add_done_callback(_consume)
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_consume)
+        raise TimeoutError(f"etcd did not answer within {CALL_TIMEOUT} s")
+    return task.result()
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned call's outcome, so that asyncio does not report it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 # etcd refuses a transaction of more than 128 operations (--max-txn-ops)

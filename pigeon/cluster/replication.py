@@ -27,9 +27,11 @@ of one owner's messages not done; neither makes a Python object per record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -85,18 +87,27 @@ class ReplicaLink(asyncio.Protocol):
         self._held: list[bytes] = []  # records sent once the batch in flight is confirmed
         self._held_bytes = 0
         self._held_at = 0  # the position after them
+        # batches that wait for a snapshot being read ahead of them: (records or their read, position)
+        self._outbox: deque[tuple[bytes | Future[bytes], int]] = deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         assert self.transport is not None
-        self.transport.write(b"%s %s\n" % (REPLICATE, self.sender.name.encode()))
+        self.transport.write(self.sender.login + b"%s %s\n" % (REPLICATE, self.sender.name.encode()))
 
     def send(self, chunk: bytes, position: int) -> None:
-        """Send the records ``chunk`` that end at the owner's log ``position`` (once ready): now
-        when nothing is in flight, else with the others held once the successor confirms (a
-        successor busy with one batch gets the next passes' records in one: fewer sends and
-        confirmations per record as the load grows, as Nagle's algorithm does for TCP)."""
+        """Send the records ``chunk`` that end at the owner's log ``position`` (once ready), after
+        any snapshot still being read."""
         assert self.ready and self.transport is not None
+        if self._outbox:
+            self._outbox.append((chunk, position))
+        else:
+            self._hold(chunk, position)
+
+    def _hold(self, chunk: bytes, position: int) -> None:
+        """Send ``chunk`` now when nothing is in flight, else with the others held once the successor
+        confirms (a successor busy with one batch gets the next passes' records in one: fewer sends
+        and confirmations per record as the load grows, as Nagle's algorithm does for TCP)."""
         self._held.append(chunk)
         self._held_bytes += len(chunk)
         self._held_at = position
@@ -112,6 +123,31 @@ class ReplicaLink(asyncio.Protocol):
         self._held.clear()
         self._held_bytes = 0
 
+    def send_when_read(self, snapshot: Future[bytes], position: int) -> None:
+        """Send the records ``snapshot`` reads off the loop (up to ``position``) once they are read;
+        what is sent meanwhile waits behind them, in order. ``drain`` once it is done."""
+        assert self.ready
+        self._outbox.append((snapshot, position))
+
+    def drain(self) -> None:
+        """Send what waited, up to the next snapshot not read yet. A snapshot that could not be read
+        breaks the connection: the owner connects again, with a new snapshot."""
+        while self._outbox:
+            chunk, position = self._outbox[0]
+            if isinstance(chunk, Future):
+                if not chunk.done():
+                    return
+                if chunk.exception() is not None:
+                    log.error("cannot read a snapshot for %s: %s", self.node, chunk.exception())
+                    self._outbox.clear()
+                    if self.transport is not None:
+                        self.transport.abort()
+                    return
+                chunk = chunk.result()
+            self._outbox.popleft()
+            if self.transport is not None and not self.transport.is_closing():
+                self._hold(chunk, position)
+
     def data_received(self, data: bytes) -> None:
         self._inbuf += data
         if not self.ready:
@@ -120,6 +156,9 @@ class ReplicaLink(asyncio.Protocol):
                 return
             line = bytes(self._inbuf[:nl])
             del self._inbuf[: nl + 1]
+            if self.sender.login and line.startswith(b"CONNECTED "):
+                self.data_received(b"")  # this node's login went through: the answer follows
+                return
             if not line.startswith(REPLICATE):
                 log.warning("%s refused to keep replicas: %r", self.node, line)
                 self.close()
@@ -150,13 +189,21 @@ class ReplicationSender:
     """The owner's half: sits between the core and its store (``on_log``/``on_sync``), sends each
     slot's records to its successor and lets ``PUBLISHED`` go once they confirmed.
 
-    ``members()`` is the live member set as etcd said last (names to info with ``"address"``).
+    ``members()`` is the live member set as etcd said last (names to info with ``"address"``);
+    ``login`` is the ``CONNECT <user> <password>`` line a link sends first where nodes require
+    logins (``--node-user``), else empty.
     """
 
     def __init__(
-        self, name: str, broker: Broker, store: Store, members: Callable[[], dict[str, Any]]
+        self,
+        name: str,
+        broker: Broker,
+        store: Store,
+        members: Callable[[], dict[str, Any]],
+        login: bytes = b"",
     ) -> None:
         self.name = name
+        self.login = login
         self.broker = broker
         self.store = store
         self._members = members
@@ -171,6 +218,8 @@ class ReplicationSender:
         # (position, nodes that must confirm it): in log order
         self._pending: list[tuple[int, set[str]]] = []
         self._stopping = False
+        # snapshots are read here, off the loop, one at a time
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-snapshot")
 
     def attach(self) -> None:
         """Take the store's place as the broker's log writer (after ``Store.attach``)."""
@@ -253,18 +302,46 @@ class ReplicationSender:
 
     def _snapshot(self, link: ReplicaLink, slots: set[int]) -> None:
         """Send ``link`` every record on disk of ``slots`` (and every DONE): the successor then has
-        every message of theirs not done. Every position not confirmed yet waits for it too. Read
-        on the loop: a known cost (docs/cluster.md)."""
-        parts: list[memoryview] = []
-        for path in self.store.segments():
-            data = path.read_bytes()[len(HEADER) :]
-            chosen = split_records(data, lambda slot: link.node if slot in slots else None, (link.node,))
-            parts.extend(chosen.get(link.node, []))
-        link.send(b"".join(parts), self._written)
-        log.info("sent a snapshot of %d slots (%d bytes) to %s", len(slots), sum(map(len, parts)), link.node)
+        every message of theirs not done. Every position not confirmed yet waits for it too. The
+        segments are opened now, as they are at this position, and read on a thread, so the loop
+        serves on meanwhile; records written meanwhile wait behind the snapshot on the link."""
+        loop = asyncio.get_running_loop()
+        served = _commands(self.broker)
+        snapshot = self._reader.submit(read_snapshot, self._segment_files(), link.node, frozenset(slots))
+
+        def read(_: Future[bytes]) -> None:
+            link.drain()
+            if snapshot.exception() is None:
+                log.info(
+                    "while %d commands were served, read and sent a snapshot of %d slots (%d bytes) to %s",
+                    _commands(self.broker) - served,
+                    len(slots),
+                    len(snapshot.result()),
+                    link.node,
+                )
+
+        def hand_back(done: Future[bytes]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the node stopped meanwhile
+                loop.call_soon_threadsafe(read, done)
+
+        link.send_when_read(snapshot, self._written)
+        snapshot.add_done_callback(hand_back)
         for _, nodes in self._pending:
             nodes.add(link.node)
         self._pending.append((self._written, {link.node}))
+
+    def _segment_files(self) -> list[tuple[int, int | None]]:
+        """Every segment opened now (a compaction or deletion that replaces one later leaves this
+        file as it is), with how many of its bytes to read: the tail's written part, the others whole."""
+        tail = self.store.tail()
+        files: list[tuple[int, int | None]] = []
+        for path in self.store.segments():
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # deleted since the listing: it held only messages done
+            files.append((fd, tail[1] if tail is not None and tail[0] == path else None))
+        return files
 
     # -- the core's log, through here --------------------------------------------------------------
 
@@ -321,9 +398,30 @@ class ReplicationSender:
     def stop(self) -> None:
         """Close every link (the node stops)."""
         self._stopping = True
+        self._reader.shutdown(wait=False)
         for link in self._links.values():
             link.close()
         self._links.clear()
+
+
+def read_snapshot(files: list[tuple[int, int | None]], node: str, slots: frozenset[int]) -> bytes:
+    """The records of segment ``files`` (descriptor, bytes to read or None for all) that ``node``
+    gets for ``slots``: their PUBLISH records, and every DONE. Runs on a thread; closes the files."""
+    parts: list[memoryview] = []
+    try:
+        for fd, size in files:
+            data = os.pread(fd, os.fstat(fd).st_size if size is None else size, 0)[len(HEADER) :]
+            chosen = split_records(data, lambda slot: node if slot in slots else None, (node,))
+            parts.extend(chosen.get(node, []))
+    finally:
+        for fd, _ in files:
+            os.close(fd)
+    return b"".join(parts)
+
+
+def _commands(broker: Broker) -> int:
+    """How many commands the core has run (a gauge of whether the loop served meanwhile)."""
+    return sum(broker.stats()["commands"].values())
 
 
 class ReplicaStore:

@@ -58,6 +58,8 @@ _NO_OWNER = "\0"  # a command for a slot without owner now: it waits (no node na
 # command waits for one before it is refused with TRYAGAIN.
 OWNER_RETRY = 0.1
 OWNER_WAIT_MARGIN = 2.0
+# Seconds between two looks at the log while replies of the core may wait for it to be synced.
+SYNC_RETRY = 0.001
 
 
 def is_pattern(topic: bytes) -> bool:
@@ -394,6 +396,8 @@ class RoutedConnection(_Connection):
         "_replicas",
         "_skip",
         "_source",
+        "_sync_mark",
+        "_sync_replies",
         "_upstreams",
         "_wanted",
         "protocol",
@@ -407,10 +411,15 @@ class RoutedConnection(_Connection):
         logins: Logins | None,
         cluster: ClusterNode,
         replicas: ReplicaStore | None = None,
+        sync_replies: bool = False,
     ) -> None:
         super().__init__(broker, connections, write_timeout, logins)
         self._cluster = cluster
         self._replicas = replicas
+        # the core holds PUBLISHED until the log is synced (--fsync always, --replicas): a reply it
+        # holds must go before any the router makes or relays after it
+        self._sync_replies = sync_replies
+        self._sync_mark = 0  # the log position a switch away from the core waits to see synced
         self._receiver: ReplicaReceiver | None = None  # once another node replicates over this one
         self._inbuf = bytearray(1 << 16)
         self._partial = bytearray()  # an unfinished command
@@ -537,6 +546,7 @@ class RoutedConnection(_Connection):
                 local.append(line)
             elif source is None:
                 self._feed_local(local)
+                self._hand_over_core_output()
                 self._answer(verb, rest)
             elif source == EVERY_NODE:
                 self._feed_local(local)
@@ -565,9 +575,31 @@ class RoutedConnection(_Connection):
             return not self._patterns.busy and self._source_idle(_LOCAL, local)
         if source == _LOCAL:
             self._feed_local(local)
-            return "core" not in self._holds
+            return "core" not in self._holds and not self._core_waits_for_sync()
         upstream = self._upstreams.get(source)
         return upstream is None or upstream.outstanding == 0
+
+    def _hand_over_core_output(self) -> None:
+        """Before the router writes a reply of its own: the core's replies to the commands before it
+        (a ``CONNECTED`` just granted, say) are handed over first. The core flushes once per loop pass,
+        so they may still be in its buffers although it has answered them."""
+        self._broker.flush()
+
+    def _core_waits_for_sync(self) -> bool:
+        """Whether the core may still hold replies of this connection until the log is synced (a
+        ``PUBLISHED``): then hold the input, and look again soon. Asked only when the commands switch
+        from the core to another source; it may wait for other connections' records appended before."""
+        if not self._sync_replies:
+            return False
+        state = self._broker.log_state
+        # the position when the wait began: records other clients append meanwhile do not prolong it
+        self._sync_mark = self._sync_mark or state["appended"]
+        if state["synced"] >= self._sync_mark:
+            self._sync_mark = 0
+            return False
+        self.pause_input("sync")
+        asyncio.get_running_loop().call_later(SYNC_RETRY, self.resume_input, "sync")
+        return True
 
     def _all_idle(self) -> bool:
         return not self._patterns.busy and all(
@@ -691,8 +723,17 @@ class RoutedConnection(_Connection):
         if self._replicas is None:
             self._reply(b"ERROR USAGE this node keeps no replicas (start it with --replicas 1)")
             return
+        if self._logins is not None and not self._may_replicate():
+            self._reply(b"ERROR PERMISSION_DENIED permission denied: CLUSTER REPLICATE is for node users")
+            return
         self._receiver = ReplicaReceiver(self._replicas, owner, self._reply_bytes, self.abort)
         self._reply(b"%s %s" % (REPLICATE, owner.encode()))
+
+    def _may_replicate(self) -> bool:
+        """With logins, only a node user may feed this node's replicas (docs/security.md)."""
+        assert self._logins is not None
+        user = self._logins.user_of(self._handle)
+        return user is not None and user.may_replicate
 
     def _reply_bytes(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():

@@ -15,9 +15,13 @@ from pigeon.cluster.router import RoutedConnection
 from pigeon.cluster.slots import slot_of
 from pigeon.server.busiest import PAGE_MAX
 from pigeon.server.internal import InternalClient
-from pigeon.server.protocol import Server, format_address
+from pigeon.server.protocol import Server, _Connection, format_address
+from pigeon.server.users import UsersError
 
 log = logging.getLogger("pigeon.cluster")
+
+# where this node's own password (--node-user) is read from when no --node-password-file is given
+NODE_PASSWORD_ENV = "PIGEON_NODE_PASSWORD"
 
 
 class ClusterServer(Server):
@@ -28,7 +32,9 @@ class ClusterServer(Server):
     its host, and advertises it: the way to reach this very node when its client port is shared by
     several processes (``pigeon --workers``). With ``replicas=1`` (and a ``data_dir``) each durable
     topic's messages are copied to its slot's successor before ``PUBLISHED`` (docs/cluster.md,
-    "Replication"). The other keywords are ``Server``'s.
+    "Replication"). ``node_login`` (user, password) is what this node logs in as on other nodes
+    (``--node-user``): needed for replicas when ``users_file`` requires logins, and checked against
+    it. The other keywords are ``Server``'s.
     """
 
     def __init__(
@@ -41,6 +47,7 @@ class ClusterServer(Server):
         lease_ttl: float = DEFAULT_TTL,
         cluster_name: str = "pigeon",
         replicas: int = 0,
+        node_login: tuple[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         if replicas not in (0, 1):
@@ -51,6 +58,14 @@ class ClusterServer(Server):
         super().__init__(*args, **kwargs)
         self.replicas: ReplicaStore | None = None
         self._sender: ReplicationSender | None = None
+        self._node_login = b""
+        if node_login is not None:
+            self._node_login = self._check_node_login(*node_login)
+        elif replicas and self.logins is not None:
+            raise UsersError(
+                "--replicas with --users needs --node-user (a user with cluster = true) and its password "
+                f"(--node-password-file or {NODE_PASSWORD_ENV}): other nodes require a login to replicate"
+            )
         if replicas:
             self.replicas = ReplicaStore(
                 Path(kwargs["data_dir"]) / "replicas", kwargs.get("fsync", "everysec")
@@ -70,6 +85,19 @@ class ClusterServer(Server):
             on_taking=self._taking,
         )
 
+    def _check_node_login(self, user: str, password: str) -> bytes:
+        """The ``CONNECT`` line of this node's own login, checked against the users file when this
+        node has one (every node should have the same): UsersError when it would be refused."""
+        if not user or not password or len(f"{user} {password}".split()) != 2:
+            raise UsersError("--node-user and its password must be one word each, not empty")
+        if self.logins is not None:
+            found = self.logins.users.check(user.encode(), password.encode())
+            if found is None:
+                raise UsersError(f"--node-user {user!r}: no such user, or not that password")
+            if not found.may_replicate:
+                raise UsersError(f"--node-user {user!r} may not replicate: give it cluster = true")
+        return f"CONNECT {user} {password}\n".encode()
+
     def core_fsync(self, fsync: str) -> str:
         """With replicas, the core holds every ``PUBLISHED`` until the replication sender calls
         ``broker.log_synced`` (the store still syncs as ``fsync`` says)."""
@@ -77,7 +105,13 @@ class ClusterServer(Server):
 
     def new_connection(self, write_timeout: float) -> asyncio.BufferedProtocol:
         return RoutedConnection(
-            self.broker, self._connections, write_timeout, self.logins, self.cluster, self.replicas
+            self.broker,
+            self._connections,
+            write_timeout,
+            self.logins,
+            self.cluster,
+            self.replicas,
+            sync_replies=self.store is not None and self.core_fsync(self.store.fsync) == "always",
         )
 
     async def start(self) -> None:
@@ -111,7 +145,7 @@ class ClusterServer(Server):
             await asyncio.sleep(0.01)
         assert self.store is not None
         self._sender = ReplicationSender(
-            self.cluster.name, self.broker, self.store, lambda: self.cluster.members
+            self.cluster.name, self.broker, self.store, lambda: self.cluster.members, self._node_login
         )
         self._sender.attach()
 
@@ -183,9 +217,12 @@ class ClusterServer(Server):
                 return names
 
     def _lease_lost(self) -> None:
-        """This node serves no slot any more: its clients reconnect, to whichever node serves them."""
-        asyncio.get_running_loop().call_soon(self._drop_clients)
+        """This node serves no slot any more: its clients reconnect, to whichever node serves them.
+        Those connected now, closed just after (not from inside the routing that may have noticed):
+        a client accepted meanwhile already finds the node serving nothing."""
+        connections = list(self._connections.values())
+        asyncio.get_running_loop().call_soon(self._drop_clients, connections)
 
-    def _drop_clients(self) -> None:
-        for conn in list(self._connections.values()):
+    def _drop_clients(self, connections: list[_Connection]) -> None:
+        for conn in connections:
             conn.abort()

@@ -92,6 +92,11 @@ class Logins:
                 self.path,
             )
 
+    def user_of(self, handle: int) -> User | None:
+        """The user connection ``handle`` is logged in as (as the users file says now), or None."""
+        name = self._identities.get(handle)
+        return None if name is None else self.users.get(name)
+
     def closed(self, handle: int) -> None:
         """The connection ``handle`` is gone."""
         self._identities.pop(handle, None)

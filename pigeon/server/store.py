@@ -196,6 +196,14 @@ class Store:
         """The segment files, oldest first."""
         return _segments(self.directory)
 
+    def tail(self) -> tuple[Path, int] | None:
+        """The segment being written and how many of its bytes hold records (the rest is being
+        written, or zeros made ahead), or None before the first."""
+        if not self._sizes:
+            return None
+        path = next(reversed(self._sizes))
+        return path, self._sizes[path]
+
     def disk_bytes(self) -> int:
         """Bytes of the segments on disk."""
         return sum(self._sizes.values())

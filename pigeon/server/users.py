@@ -9,6 +9,9 @@ The file is TOML::
     [users.ops]
     password = "scrypt$..."
     admin = true
+    [users.node]                                  # what cluster nodes log in as (--node-user)
+    password = "scrypt$..."
+    cluster = true
 
 A password is kept as ``scrypt$<n>$<r>$<p>$<salt>$<hash>`` (salt and hash in
 standard base64): ``hashlib.scrypt`` with cost ``n``, block size ``r`` and
@@ -51,7 +54,7 @@ SCRYPT_MAX_P = 16
 SCRYPT_MAX_MEMORY = 1 << 30
 
 HASH_SCHEME = "scrypt"
-USER_KEYS = frozenset({"password", "publish", "subscribe", "admin"})
+USER_KEYS = frozenset({"password", "publish", "subscribe", "admin", "cluster"})
 
 
 class UsersError(ValueError):
@@ -150,13 +153,20 @@ def check_user_name(name: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class User:
-    """One user of the file: password hash and what it may do (``admin`` may do everything)."""
+    """One user of the file: password hash and what it may do (``admin`` may do everything;
+    ``cluster``: act as a cluster node towards other nodes, ``CLUSTER REPLICATE``)."""
 
     name: str
     password: PasswordHash
     publish: tuple[str, ...] = ()
     subscribe: tuple[str, ...] = ()
     admin: bool = False
+    cluster: bool = False
+
+    @property
+    def may_replicate(self) -> bool:
+        """Whether this user may open a replication stream (``CLUSTER REPLICATE``): a node user."""
+        return self.cluster or self.admin
 
 
 class Users:
@@ -234,15 +244,16 @@ def parse_users(document: Mapping[str, Any], source: str = "users file") -> User
             password = parse_hash(fields["password"])
         except ValueError as exc:
             raise UsersError(f"{where}: password: {exc}") from None
-        admin = fields.get("admin", False)
-        if not isinstance(admin, bool):
-            raise UsersError(f"{where}: admin: must be true or false")
+        flags = {key: fields.get(key, False) for key in ("admin", "cluster")}
+        for key, value in flags.items():
+            if not isinstance(value, bool):
+                raise UsersError(f"{where}: {key}: must be true or false")
         users[name] = User(
             name,
             password,
             publish=_patterns(f"{where}: publish", fields.get("publish", [])),
             subscribe=_patterns(f"{where}: subscribe", fields.get("subscribe", [])),
-            admin=admin,
+            **flags,
         )
     return Users(users)
 

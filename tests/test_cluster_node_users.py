@@ -1,0 +1,166 @@
+"""Replication where nodes require logins (``--replicas 1`` with ``--users``): each node logs in on
+the others as its node user (``--node-user``, a user with ``cluster = true``, its password from a file
+or the environment), and no other user may open a replication stream. Real etcd, real nodes, real
+kill -9 (docs/cluster.md, "Replication"; docs/security.md, "A cluster")."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pigeon.cluster.etcd import EtcdProcess
+from pigeon.testing import ServerProcess, server_command
+from tests.cluster_kit import TTL, start_node, topic_owned_by
+from tests.test_cluster_replicas import _Load
+from tests.test_security_wire import USERS, password_of, users_toml
+
+pytestmark = pytest.mark.slow
+
+NAMES = ("n0", "n1", "n2")
+NODE_USERS = {**USERS, "node": {"cluster": True}}
+
+
+@pytest.fixture
+def users(tmp_path: Path) -> Path:
+    """The users of tests/test_security_wire.py and a node user ``node`` (password pw-node)."""
+    path = tmp_path / "users.toml"
+    path.write_text(users_toml(NODE_USERS))
+    return path
+
+
+def _password_file(tmp_path: Path, user: str) -> Path:
+    path = tmp_path / f"{user}.password"
+    path.write_text(password_of(user) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def _node(etcd: EtcdProcess, name: str, data: Path, users: Path, *login: str) -> ServerProcess:
+    return start_node(
+        etcd.endpoint, name, "--data-dir", str(data / name), "--replicas", "1", "--users", str(users), *login
+    )
+
+
+def _login(user: str) -> tuple[str, str]:
+    return user, password_of(user)
+
+
+def test_kill_9_of_a_busy_owner_loses_no_confirmed_message_with_logins(
+    etcd: EtcdProcess, tmp_path: Path, users: Path
+) -> None:
+    login = ("--node-user", "node", "--node-password-file", str(_password_file(tmp_path, "node")))
+    nodes = {name: _node(etcd, name, tmp_path, users, *login) for name in NAMES}
+    try:
+        owned = wait_balanced_logged_in(nodes)
+        topic = topic_owned_by(owned, "n0", "orders.busy")  # orders-api publishes it, worker consumes it
+        load = _Load(nodes, topic, "n1", ["n1", "n2"], _login("orders-api"), _login("worker"))
+        time.sleep(3)
+        with load.lock:
+            assert load.confirmed, "nothing was confirmed: the replication links did not log in"
+        nodes["n0"].proc.send_signal(signal.SIGKILL)
+        nodes["n0"].proc.wait()
+        time.sleep(TTL + 3)  # the lease expires, n0's successors put its messages back
+        confirmed, lost, duplicates = load.finish(timeout=60)
+        print(f"kill -9 with logins: {confirmed} confirmed, {lost} lost, {duplicates} duplicates")
+        assert lost == 0
+        for node in (nodes["n1"], nodes["n2"]):
+            assert not any("refused to keep replicas" in line for line in node.log), node.log[-20:]
+    finally:
+        for node in nodes.values():
+            node.stop()
+
+
+def wait_balanced_logged_in(nodes: dict[str, ServerProcess]) -> dict[str, set[int]]:
+    """``wait_balanced`` asked as the admin (``CLUSTER STATUS`` needs a login with --users)."""
+    from pigeon import Client
+
+    deadline = time.monotonic() + 60
+    while True:
+        owned: dict[str, set[int]] = {}
+        for name, node in nodes.items():
+            with Client(node.host, node.port, user="ops", password=password_of("ops")) as admin:
+                owned[name] = set(admin.cluster()["owned"])
+        served = set().union(*owned.values())
+        if len(served) == 256 and all(owned.values()) and sum(map(len, owned.values())) == 256:
+            return owned
+        assert time.monotonic() < deadline, f"not balanced: { {n: len(s) for n, s in owned.items()} }"
+        time.sleep(0.1)
+
+
+def test_only_a_node_user_may_open_a_replication_stream(
+    etcd: EtcdProcess, tmp_path: Path, users: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PIGEON_NODE_PASSWORD", password_of("node"))  # the environment, not a file, this time
+    node = _node(etcd, "n0", tmp_path, users, "--node-user", "node")
+    monkeypatch.delenv("PIGEON_NODE_PASSWORD")
+    try:
+        for user, allowed in (("worker", False), ("orders-api", False), ("node", True), ("ops", True)):
+            client = node.client()
+            try:
+                client.send(f"CONNECT {user} {password_of(user)}\nCLUSTER REPLICATE intruder\n")
+                assert client.line().startswith(b"CONNECTED ")
+                reply = client.line()
+                if allowed:
+                    assert reply == b"CLUSTER REPLICATE intruder", (user, reply)
+                else:
+                    assert reply.startswith(b"ERROR PERMISSION_DENIED "), (user, reply)
+                    assert client.ask("PING") == b"PONG"  # refused, not made a stream
+            finally:
+                client.close()
+        anonymous = node.client()
+        try:
+            assert anonymous.ask("CLUSTER REPLICATE intruder").startswith(b"ERROR NOT_CONNECTED")
+        finally:
+            anonymous.close()
+    finally:
+        assert node.stop() == 0, "".join(node.log)
+
+
+def _refusal(
+    etcd: EtcdProcess, tmp_path: Path, users: Path, *args: str, env: dict[str, str] | None = None
+) -> str:
+    """What ``pigeon`` says when it refuses to start as a replicating node with these flags."""
+    command = [
+        *server_command(),
+        "--port",
+        "0",
+        "--cluster",
+        etcd.endpoint,
+        "--node-name",
+        "refused",
+        "--data-dir",
+        str(tmp_path / "refused"),
+        "--replicas",
+        "1",
+        "--users",
+        str(users),
+        *args,
+    ]
+    environment = {k: v for k, v in os.environ.items() if k != "PIGEON_NODE_PASSWORD"} | (env or {})
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=environment)
+    assert done.returncode != 0, done.stderr
+    return done.stderr
+
+
+def test_a_node_without_a_usable_node_login_refuses_to_start(
+    etcd: EtcdProcess, tmp_path: Path, users: Path
+) -> None:
+    assert "needs --node-user" in _refusal(etcd, tmp_path, users)
+    assert "needs a password" in _refusal(etcd, tmp_path, users, "--node-user", "node")
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("not-it\n")
+    assert "not that password" in _refusal(
+        etcd, tmp_path, users, "--node-user", "node", "--node-password-file", str(wrong)
+    )
+    worker = str(_password_file(tmp_path, "worker"))
+    assert "give it cluster = true" in _refusal(
+        etcd, tmp_path, users, "--node-user", "worker", "--node-password-file", worker
+    )
+    assert "needs a password" not in _refusal(
+        etcd, tmp_path, users, "--node-user", "worker", env={"PIGEON_NODE_PASSWORD": password_of("worker")}
+    )
