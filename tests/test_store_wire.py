@@ -623,7 +623,7 @@ def test_syncs_in_flight_while_segments_rotate_keep_serving(tmp_path: Path, fsyn
 
 # ---------------------------------------------------------------- serving while the log is recovered
 
-RECOVERING_TOTAL = 1_000_000  # two topics, a and b: enough records for about 60 passes of the restore
+RECOVERING_TOTAL = 1_000_000  # two topics, a and b: enough records for about 490 passes of the restore
 # segments of 25 MiB (--max-disk / 8): the log's 45 MB make a sealed segment, whose PUBLISH
 # checksums a start leaves to the restore, and a last one, checked in full before serving
 RECOVERING_MAX_DISK = 200 << 20
@@ -737,7 +737,7 @@ def test_a_kill_9_during_recovery_loses_nothing_confirmed(recovering_log: Path, 
         ]
     assert acked == [b"b-%d" % i for i in range(1, 2001, 2)]
     assert f"recovered {RECOVERING_TOTAL - 1000} messages on 2 topics" in recovered, recovered
-    # the restore walks a chunk per pass of the loop, about 60 passes: the kill came in the middle
+    # the restore walks a chunk per pass of the loop, about 490 passes: the kill came in the middle
     assert recovering is True
 
 
