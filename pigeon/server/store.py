@@ -53,7 +53,7 @@ ZEROS = bytes(1 << 20)
 # 64-byte messages on this machine. Every reply waits for the chunk of its pass, so a client that
 # sets itself up with a few round trips while a large log comes back (CONNECT, SUBSCRIBE) waits a
 # chunk per round trip: 16,384 records (2 ms a chunk) made 4 consumers' set-up take 120-180 ms
-# under load where 2,048 took 30-60 ms, for no measurable cost to the whole restore.
+# under load where 2,048 took 30-60 ms, for up to 10-20 % more CPU in the restore (BENCHMARKS.md).
 RESTORE_CHUNK = 2048
 
 
