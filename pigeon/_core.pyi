@@ -141,14 +141,20 @@ class Broker:
         on_auth (answer once it has returned)."""
     def recover_segment(self) -> None:
         """The next ``recover()`` calls scan a new segment (call before each one, oldest first)."""
-    def recover(self, data: bytes | memoryview | mmap) -> tuple[int, str | None]:
-        """Scan records: ``(offset, problem)``, how far they were sound and None or what is wrong there."""
+    def recover(
+        self, data: bytes | memoryview | mmap, publish_checksums: bool = True
+    ) -> tuple[int, str | None]:
+        """Scan records: ``(offset, problem)``, how far they were sound and None or what is wrong there;
+        without ``publish_checksums`` the PUBLISH records' checksums are left to ``recover_restore``."""
     def recover_scanned(self) -> int:
         """Every segment is scanned: the restore starts (PUBLISH waits until recover_finish); returns the
         bytes of records it walks."""
-    def recover_restore(self, data: bytes | memoryview | mmap, limit: int) -> int:
-        """Put the messages not done of scanned records back in their topics, at most ``limit`` records;
-        returns the bytes walked."""
+    def recover_restore(
+        self, data: bytes | memoryview | mmap, limit: int, checksums: bool = False
+    ) -> tuple[int, str | None]:
+        """Put the messages not done of scanned records back in their topics, at most ``limit`` records,
+        with ``checksums`` checking each PUBLISH record's first; returns ``(bytes walked, None or what is
+        wrong with the record there)``."""
     @property
     def recovering(self) -> bool:
         """Whether a restore is running."""

@@ -356,9 +356,10 @@ cdef class Broker:
 
     # ------------------------------------------------------------ the log (durable)
 
-    def recover(self, data):
+    def recover(self, data, bint publish_checksums=True):
         """Scan the records of one segment (its bytes after the header), before serving: check
-        them and keep what the DONE and DELIVERED records say.
+        them and keep what the DONE and DELIVERED records say. Without ``publish_checksums``
+        the checksums of its PUBLISH records are left to recover_restore (give it checksums=True).
 
         Returns ``(offset, problem)``: how far the records were sound, and None or
         what is wrong at that offset (a record cut short, a bad checksum, ...).
@@ -366,7 +367,8 @@ cdef class Broker:
         cdef const unsigned char[:] view = data
         if view.shape[0] == 0:
             return 0, None
-        return recovery_scan(self, &self.recovery, <const char *>&view[0], view.shape[0])
+        return recovery_scan(self, &self.recovery, <const char *>&view[0], view.shape[0],
+                             publish_checksums)
 
     def recover_segment(self):
         """The next recover() calls scan a new segment (call before each one, oldest first)."""
@@ -388,19 +390,23 @@ cdef class Broker:
         recovery_scanned(self, &self.recovery)
         return self.recovery.total_bytes
 
-    def recover_restore(self, data, size_t limit):
+    def recover_restore(self, data, size_t limit, bint checksums=False):
         """Walk the sound records of a segment scanned before (a part of its bytes after the
         header, from a record's start), at most ``limit`` records: the messages not done go to
-        the tail of their topics, in order, and their subscribers get them. Returns the bytes
-        walked; call again from there until all of ``data`` is walked. MemoryError when the
-        messages cannot be held."""
+        the tail of their topics, in order, and their subscribers get them. With ``checksums``
+        (the scan left them) each PUBLISH record's checksum is checked before its message goes
+        back. Returns ``(walked, problem)``: the bytes walked, and None or what is wrong with
+        the record there (the walk stopped before it); call again from there until all of
+        ``data`` is walked. MemoryError when the messages cannot be held."""
         cdef const unsigned char[:] view = data
         cdef Py_ssize_t walked
+        cdef bint damaged = False
         if view.shape[0] == 0:
-            return 0
-        walked = recovery_restore(self, &self.recovery, <const char *>&view[0], view.shape[0], limit)
+            return 0, None
+        walked = recovery_restore(self, &self.recovery, <const char *>&view[0], view.shape[0], limit,
+                                  checksums, &damaged)
         self._settle()
-        return walked
+        return walked, CHECKSUM_MISMATCH if damaged else None
 
     @property
     def recovering(self):

@@ -623,14 +623,19 @@ def test_syncs_in_flight_while_segments_rotate_keep_serving(tmp_path: Path, fsyn
 
 # ---------------------------------------------------------------- serving while the log is recovered
 
-RECOVERING_TOTAL = 1_000_000  # two topics, a and b: enough records for about 60 passes of the restore
+RECOVERING_TOTAL = 1_000_000  # two topics, a and b: enough records for about 490 passes of the restore
+# segments of 25 MiB (--max-disk / 8): the log's 45 MB make a sealed segment, whose PUBLISH
+# checksums a start leaves to the restore, and a last one, checked in full before serving
+RECOVERING_MAX_DISK = 200 << 20
 
 
 @pytest.fixture(scope="module")
 def recovering_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A data directory holding a-0, b-1, a-2, ... (RECOVERING_TOTAL messages), made once."""
+    """A data directory holding a-0, b-1, a-2, ... (RECOVERING_TOTAL messages) in two segments,
+    made once."""
     data = tmp_path_factory.mktemp("recovering") / "data"
-    with _server(data, "--max-backlog", str(RECOVERING_TOTAL), "--max-memory", str(4 << 30)) as server:
+    limits = ("--max-backlog", str(RECOVERING_TOTAL), "--max-memory", str(4 << 30))
+    with _server(data, *limits, "--max-disk", str(RECOVERING_MAX_DISK)) as server:
         pub = server.client(60)
         cid = pub.connect().encode()
         for start in range(0, RECOVERING_TOTAL, 20_000):
@@ -642,6 +647,7 @@ def recovering_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 )
             )
             _read_lines(pub, len(batch))
+    assert len(_segments(data)) == 2
     return data
 
 
@@ -684,7 +690,10 @@ def test_a_subscriber_served_during_recovery_gets_every_message_in_order_and_pub
         sub.connect()
         assert sub.ask(f"SUBSCRIBE {sub.client_id} a") == b"SUBSCRIBED a"
         half = RECOVERING_TOTAL // 2
-        got = _read_lines(sub, half + 1)
+        assert _read_lines(sub, 1) == [b"MESSAGE a a-0"]
+        assert _stats(probe)["log_recovering"] is True  # the first message came before the end
+        assert not [line for line in server.log if "recovered" in line]
+        got = [b"MESSAGE a a-0", *_read_lines(sub, half)]
         assert got[:-1] == [b"MESSAGE a a-%d" % i for i in range(0, RECOVERING_TOTAL, 2)]
         assert got[-1] == b"MESSAGE a late"  # after every recovered message of its topic
         assert pub.line() == b"PUBLISHED a"
@@ -728,7 +737,7 @@ def test_a_kill_9_during_recovery_loses_nothing_confirmed(recovering_log: Path, 
         ]
     assert acked == [b"b-%d" % i for i in range(1, 2001, 2)]
     assert f"recovered {RECOVERING_TOTAL - 1000} messages on 2 topics" in recovered, recovered
-    # the restore walks a chunk per pass of the loop, about 60 passes: the kill came in the middle
+    # the restore walks a chunk per pass of the loop, about 490 passes: the kill came in the middle
     assert recovering is True
 
 
@@ -741,3 +750,46 @@ def _read_a_topic(client: LineClient, topic: str, count: int) -> list[bytes]:
         assert line.startswith(prefix), line
         bodies.append(line[len(prefix) :])
     return bodies
+
+
+@pytest.mark.slow
+def test_a_damaged_record_found_while_serving_stops_the_server_and_the_next_start(
+    recovering_log: Path, tmp_path: Path
+) -> None:
+    data = _copy_of(recovering_log, tmp_path)
+    sealed = _segments(data)[0]  # the checksums of its PUBLISH records are left to the restore
+    records = _records(sealed)
+    offset, size = records[len(records) // 2]  # far from the first chunk the restore walks
+    raw = bytearray(sealed.read_bytes())
+    raw[offset + size - 2] ^= 0xFF  # a byte of that message's body
+    sealed.write_bytes(bytes(raw))
+    damage = f"{sealed}: a record whose checksum does not match at offset {offset}"
+    limits = ("--max-backlog", str(RECOVERING_TOTAL), "--max-memory", str(4 << 30))
+    server = ServerProcess("--data-dir", str(data), *limits)
+    try:
+        sub = server.client(60)
+        sub.connect()
+        # unacknowledged, the two messages it holds come back at the next start
+        assert sub.ask(f"SUBSCRIBE {sub.client_id} a ACK PREFETCH 2") == b"SUBSCRIBED a"
+        got = [line.split(b" ")[-1] for line in _read_lines(sub, 2)]
+        assert got == [b"a-0", b"a-2"]  # served before the restore reached the damage
+        assert damage in server.wait_for_log("stopping")
+        assert server.proc.wait(DEADLINE) == 1
+    finally:
+        server.stop()
+    assert "recovered" not in "".join(server.log)
+    assert (data / "DAMAGED").read_text().startswith(damage)
+    refused = subprocess.run(  # the next start checks every record before it serves, and refuses
+        [sys.executable, "-m", "pigeon", "--port", "0", "--data-dir", str(data), *limits],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert refused.returncode == 1
+    assert damage in refused.stderr and "--repair" in refused.stderr
+    assert "listening" not in refused.stderr
+    with _server(data, "--repair", *limits) as server:
+        assert f"recovered {RECOVERING_TOTAL - 1} messages on 2 topics" in _recovered_line(server)
+    assert not (data / "DAMAGED").exists()
+    with _server(data, *limits) as server:  # the repaired log serves as usual
+        assert f"recovered {RECOVERING_TOTAL - 1} messages on 2 topics" in _recovered_line(server)

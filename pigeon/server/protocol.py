@@ -365,7 +365,9 @@ class Server:
         try:
             done = self.store.restore(self.broker)
         except StoreError as exc:
-            # the log is intact: nothing was recorded as done that was not
+            # out of memory, or a damaged record in a sealed segment (its checksum is checked as
+            # its message comes back): stop rather than serve a log known to be wrong. Nothing was
+            # recorded as done that was not; the next start checks every record before serving.
             log.critical("%s; stopping", exc)
             os._exit(1)
         if not done:

@@ -45,10 +45,16 @@ HOUSEKEEPING_INTERVAL = 1.0
 # on an idle disk, and 0.1-0.4 instead of 1.7-4 ms while other processes keep the journal busy.
 SPARE_NAME = "spare.tmp"
 SPARE_MAKING = "spare.tmp.part"  # its name until it is whole and synced
+# Left by a restore that found a damaged record (the start had left the checksums of sealed
+# segments to it): the next start checks every checksum before it serves, as --repair does.
+DAMAGED_NAME = "DAMAGED"
 ZEROS = bytes(1 << 20)
-# Records the restore walks per pass of the event loop while the server serves: about 2 ms of
-# 64-byte messages on this machine, so a recovery delays nothing else by more than that.
-RESTORE_CHUNK = 16384
+# Records the restore walks per pass of the event loop while the server serves: about 0.25 ms of
+# 64-byte messages on this machine. Every reply waits for the chunk of its pass, so a client that
+# sets itself up with a few round trips while a large log comes back (CONNECT, SUBSCRIBE) waits a
+# chunk per round trip: 16,384 records (2 ms a chunk) made 4 consumers' set-up take 120-180 ms
+# under load where 2,048 took 30-60 ms, for up to 10-20 % more CPU in the restore (BENCHMARKS.md).
+RESTORE_CHUNK = 2048
 
 
 class StoreError(Exception):
@@ -158,7 +164,10 @@ class Store:
         self.recovered: Recovered | None = None
         self._started = 0.0
         self._mappings: list[mmap.mmap] = []
-        self._restoring: list[tuple[memoryview, list[tuple[int, int]]]] = []
+        # per segment: its path, its records, their sound parts still to walk, and whether the
+        # restore checks their PUBLISH checksums (the scan left them)
+        self._restoring: list[tuple[Path, memoryview, list[tuple[int, int]], bool]] = []
+        self._check_every_record = False  # a restore found damage before: check all before serving
         # compaction (pigeon/server/compaction.py): one pass at a time, on a thread of its own
         self._compactor: ThreadPoolExecutor | None = None
         self._compacting = False
@@ -190,6 +199,7 @@ class Store:
         self._lock_fd = fd
         for name in (SPARE_NAME, SPARE_MAKING):  # made ahead before a crash
             (self.directory / name).unlink(missing_ok=True)
+        self._check_every_record = (self.directory / DAMAGED_NAME).exists()
         compaction.finish_interrupted(self.directory)
 
     def segments(self) -> list[Path]:
@@ -215,7 +225,13 @@ class Store:
         DONE and DELIVERED records say. A torn tail is cut off with a warning; damage before it
         raises CorruptLog, or with ``repair`` is skipped (the segment rewritten with its sound
         records). With ``change`` False the files are only read (--inspect). The messages come
-        back afterwards, a chunk at a time, with ``restore`` (the server serves meanwhile)."""
+        back afterwards, a chunk at a time, with ``restore`` (the server serves meanwhile).
+
+        The checksums of the PUBLISH records of sealed segments (all but the last, which a crash
+        may have torn) are left to ``restore``: they are most of the bytes, and checking them
+        before serving would delay the first delivery by that much (docs/storage.md, "Recovery").
+        ``repair``, ``change`` False and a data directory whose restore found damage before
+        check every record here."""
         self._started = time.perf_counter()
         found = Recovered()
         paths = self.segments()
@@ -232,6 +248,9 @@ class Store:
             # go, so that close() can unmap it (BufferError: cannot close exported pointers exist)
             traceback.clear_frames(exc.__traceback__)
             raise
+        if change:
+            # every checksum was checked, and the damage, if any, repaired
+            (self.directory / DAMAGED_NAME).unlink(missing_ok=True)
         if paths:
             self._next_number = int(paths[-1].stem) + 1
         found.segments = len(self._sizes)
@@ -242,12 +261,16 @@ class Store:
     def restore(self, broker: Broker, limit: int = RESTORE_CHUNK) -> bool:
         """Put back the messages of about ``limit`` more records (in log order, each at the tail of
         its topic); True once every one is back (then the recovery is over and ``recovered`` says
-        what came back). StoreError when they cannot be held in memory."""
+        what came back). StoreError when they cannot be held in memory; CorruptLog at a PUBLISH
+        record whose checksum the scan left and that does not match (the messages before it are
+        back, none after it; the next start checks every record before serving)."""
         try:
             while self._restoring:
-                records, parts = self._restoring[0]
+                path, records, parts, checksums = self._restoring[0]
                 part = parts[0]
-                walked = broker.recover_restore(records[part[0] : part[1]], limit)
+                walked, problem = broker.recover_restore(records[part[0] : part[1]], limit, checksums)
+                if problem is not None:
+                    self._found_damage(path, len(HEADER) + part[0] + walked, problem)
                 if walked < part[1] - part[0]:
                     parts[0] = (part[0] + walked, part[1])
                     return False
@@ -274,6 +297,12 @@ class Store:
                 stats["memory_limit_bytes"],
             )
         return True
+
+    def _found_damage(self, path: Path, offset: int, problem: str) -> None:
+        """A damaged record found while serving: leave DAMAGED for the next start and raise."""
+        damage = CorruptLog(path, offset, problem)
+        (self.directory / DAMAGED_NAME).write_text(f"{damage}\n")
+        raise damage
 
     def _map(self, path: Path) -> memoryview:
         """The bytes of ``path``, mapped (read from the page cache as they are walked, never copied)."""
@@ -303,11 +332,12 @@ class Store:
             raise StoreError(f"{path}: log format {version}, this pigeon reads format {FORMAT_VERSION}")
         broker.recover_segment()
         records = data[len(HEADER) :]
+        publish_checksums = last or repair or not change or self._check_every_record
         pos = 0
         kept: list[tuple[int, int]] = []  # the sound parts of records, walked again by restore
         dropped = 0
         while pos < len(records):
-            sound, problem = broker.recover(records[pos:])
+            sound, problem = broker.recover(records[pos:], publish_checksums)
             kept.append((pos, pos + sound))
             pos += sound
             if problem is None:
@@ -332,7 +362,8 @@ class Store:
         found.dropped_bytes += dropped
         if dropped and change:
             self._rewrite(path, [records[start:end] for start, end in kept])
-        self._restoring.append((records, [part for part in kept if part[1] > part[0]] or [(0, 0)]))
+        parts = [part for part in kept if part[1] > part[0]] or [(0, 0)]
+        self._restoring.append((path, records, parts, not publish_checksums))
 
     def _cut(self, path: Path, offset: int, problem: str, change: bool, found: Recovered) -> None:
         """Cut a torn tail off ``path`` at ``offset`` (only report it when not ``change``)."""
