@@ -13,6 +13,7 @@ it there (SIGKILL, as ``kill -9``); the server has no hook for it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,11 +58,13 @@ def _segments(data: Path) -> list[Path]:
 def _disk(data: Path) -> int:
     """Bytes of the segments, as the server leaves them between the listing and each stat: a
     segment compaction deletes meanwhile counts as gone (it is)."""
-    total = 0
-    for path in _segments(data):
-        with contextlib.suppress(FileNotFoundError):
-            total += path.stat().st_size
-    return total
+    return sum(_disk_of(path) for path in _segments(data))
+
+
+def _disk_of(path: Path) -> int:
+    with contextlib.suppress(FileNotFoundError):
+        return path.stat().st_size
+    return 0
 
 
 def _connected(server: ServerProcess) -> LineClient:
@@ -219,6 +223,12 @@ class Scene:
             self.tag, self.attempt = int(tag), int(attempt)
 
 
+def _stats(client: LineClient) -> dict[str, Any]:
+    reply = client.ask("STATS").decode()
+    assert reply.startswith("STATS "), reply
+    return dict(json.loads(reply[6:]))
+
+
 def _recovered(server: ServerProcess) -> int:
     line = server.wait_for_log(" topics from ")
     match = re.search(r"recovered (\d+) messages", line)
@@ -264,10 +274,87 @@ def test_one_old_message_no_longer_keeps_every_later_segment(tmp_path: Path, fsy
             time.sleep(0.1)
         assert _disk(data) <= 2 * SEGMENT, [(p.name, p.stat().st_size) for p in _segments(data)]
         assert len(_segments(data)) <= 3, [(p.name, p.stat().st_size) for p in _segments(data)]
+        stats = _stats(scene.pub)
+        assert stats["log_compactions"] > 0 and not stats["log_compaction_failures"]
+        assert stats["log_compacted_segments"] >= stats["log_compaction_removed_segments"] > 0
+        # nothing but compaction removed a segment (the parked message pins the first): what was
+        # written, at least the payloads, is on disk or was reclaimed by it
+        assert stats["log_compaction_reclaimed_bytes"] + stats["log_disk_bytes"] >= 96 * BATCH * len(BODY)
+        assert stats["log_compaction_last_at"] > 0 and stats["log_compaction_last_seconds"] > 0
         server.stop(9)
         server = ServerProcess("--data-dir", str(data))
         # every traffic message was done: none comes back
         assert _check_recovered(server, scene, (scene.attempt + 1,)) == []
+    finally:
+        server.stop()
+
+
+COMPACTION_METRICS = {
+    "pigeon_compactions_total": "log_compactions",
+    "pigeon_compaction_segments_rewritten_total": "log_compacted_segments",
+    "pigeon_compaction_segments_removed_total": "log_compaction_removed_segments",
+    "pigeon_compaction_reclaimed_bytes_total": "log_compaction_reclaimed_bytes",
+    "pigeon_compaction_failures_total": "log_compaction_failures",
+    "pigeon_compaction_running": "log_compacting",
+    "pigeon_compaction_last_duration_seconds": "log_compaction_last_seconds",
+    "pigeon_compaction_last_run_timestamp_seconds": "log_compaction_last_at",
+}
+
+
+def _compaction_metrics(base: str) -> dict[str, float]:
+    from tests.monitoring import get
+
+    status, _, body = get(base + "metrics")
+    assert status == 200
+    pairs = (line.rsplit(" ", 1) for line in body.decode().splitlines() if not line.startswith("#"))
+    return {name: float(value) for name, value in pairs if name in COMPACTION_METRICS}
+
+
+@pytest.mark.slow
+def test_a_message_done_in_the_head_frees_its_older_segment(tmp_path: Path) -> None:
+    pytest.importorskip("prometheus_client")
+    from tests.monitoring import start_monitored
+
+    data = tmp_path / "data"
+    server, base = start_monitored("--data-dir", str(data), "--max-disk", str(MAX_DISK))
+    try:
+        scene = Scene(server)
+        for number in range(2):
+            scene.batch(number)
+        big = "B" * (SEGMENT * 6 // 10)  # most of a segment: its segment is never under half live
+        scene.pub.publish("big", big)
+        holder = _segments(data)[-1]  # PUBLISHED: its record is written, to the newest segment
+        number = 2
+        while _segments(data)[-1] == holder:  # until the big message's segment is sealed
+            scene.batch(number)
+            number += 1
+
+        def sealed() -> int:
+            """Bytes of the sealed segments (all but the one being written)."""
+            return _disk(data) - _disk_of(_segments(data)[-1])
+
+        deadline = time.monotonic() + DEADLINE
+        while sealed() > len(big) + SEGMENT // 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(big) < sealed() <= len(big) + SEGMENT // 2, "compaction did not settle around the message"
+        head = _segments(data)[-1]
+        taker = _connected(server)
+        taker.subscribe("big")
+        assert taker.line() == f"MESSAGE big {big}".encode()
+        assert taker.ask("PING") == b"PONG"  # its DONE record is written, in the head segment
+        while sealed() > len(big) // 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sealed() <= len(big) // 2, [(p.name, p.stat().st_size) for p in _segments(data)]
+        assert _segments(data)[-1] == head, "the head segment was sealed meanwhile: the test shows nothing"
+        # the figures, once no pass runs (STATS read the same before and after /metrics)
+        while time.monotonic() < deadline:
+            before, metrics, after = _stats(taker), _compaction_metrics(base), _stats(taker)
+            if before == after or all(before[key] == after[key] for key in COMPACTION_METRICS.values()):
+                break
+        assert {name: metrics[name] for name in COMPACTION_METRICS} == {
+            name: float(after[key]) for name, key in COMPACTION_METRICS.items()
+        }
+        assert metrics["pigeon_compaction_reclaimed_bytes_total"] >= len(big)
     finally:
         server.stop()
 
