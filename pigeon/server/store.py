@@ -597,7 +597,10 @@ class Store:
 
     def _kept_of(self, path: Path, summary: compaction.Summary, done: compaction.Runs, runs: bytes) -> int:
         """The bytes a rewrite of sealed segment ``path`` would keep with ``done`` (walked in C once
-        per change of the messages of it that are done)."""
+        per change of which of its messages are done). Its DELIVERED records of older messages count
+        as they were at that walk: a message of an older segment done since then is counted live
+        here until the next walk (the choice is conservative; the rewrite itself uses ``done``), so
+        that acks of old messages do not make every newer segment be walked again."""
         finished = compaction.intersect(summary.published, done)
         cached = self._kept_bytes.get(path)
         if cached is None or cached[0] != finished:
