@@ -560,7 +560,25 @@ class Store:
         self._compacting = True
         broker.log_compaction_started()
         head = next(reversed(self._sizes))
-        self._compactor.submit(self._compaction_pass, sealed, (head, self._sizes[head]), state["segment_max"])
+        all_done = self._all_done(state["segment_live"])
+        written = (head, self._sizes[head])
+        self._compactor.submit(self._compaction_pass, sealed, all_done, written, state["segment_max"])
+
+    def _all_done(self, segment_live: list[int]) -> list[bool]:
+        """For each sealed segment on disk, whether the core counts none of its messages live (its
+        DONE records may be in a later segment, the one being written too). A segment merged into
+        a newer one is counted with it (its entry in ``_sizes`` is 0); the entries of ``_sizes``
+        are the core's segments, oldest first."""
+        if len(segment_live) != len(self._sizes):
+            return [False] * (len(self._sizes) - 1)
+        found: list[bool] = []
+        live = 0
+        for size, count in zip(list(self._sizes.values())[:-1], segment_live, strict=False):
+            live += count
+            if size:
+                found.append(not live)
+                live = 0
+        return found
 
     def _summary(self, path: Path) -> compaction.Summary:
         """The compaction Summary of sealed segment ``path``, read once per version of the file."""
@@ -632,10 +650,14 @@ class Store:
             kept = segment_kept(data[len(HEADER) :], done)
             return [bytes(part) for part in compaction.rewrite(data, len(HEADER), kept, keep_done)]
 
-    def _compaction_pass(self, sealed: list[Path], head: tuple[Path, int], segment_max: int) -> None:
+    def _compaction_pass(
+        self, sealed: list[Path], all_done: list[bool], head: tuple[Path, int], segment_max: int
+    ) -> None:
         """One pass, off the loop: rewrite the sealed segments the plan chooses, oldest first,
         consecutive ones merged up to ``segment_max`` bytes. The DONE records written so far to
-        the segment being written (``head``: it and its size) count too."""
+        the segment being written (``head``: it and its size) count too. A segment whose messages
+        are ``all_done`` keeps about nothing: it is not walked to count what it keeps (its
+        DELIVERED records of older messages, which a rewrite keeps, are left out of the count)."""
         assert self._loop is not None
         started = time.perf_counter()
         sizes: dict[Path, int] = {}
@@ -648,7 +670,10 @@ class Store:
             summaries = [self._summary(path) for path in sealed]
             done = compaction.all_done(summaries, self._done_in_head(*head))
             done_array = compaction.as_array(done)
-            kept = [self._kept_of(*pair, done, done_array) for pair in zip(sealed, summaries, strict=True)]
+            kept = [
+                0 if empty else self._kept_of(path, summary, done, done_array)
+                for path, summary, empty in zip(sealed, summaries, all_done, strict=True)
+            ]
             # a segment of up to a quarter of the most is merged with its neighbours
             chosen = compaction.plan(summaries, kept, done, segment_max // 4)
             group: list[Path] = []  # consecutive segments rewritten into one, and what they keep
