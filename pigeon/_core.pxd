@@ -73,6 +73,7 @@ cdef class Broker:
     cdef int32_t storage_waiter     # first connection waiting for the disk, -1: none
     cdef Log log
     cdef Recovery recovery          # while a log is replayed (recover, recover_finish)
+    cdef Compaction compaction      # what the store's compaction passes did
     cdef uint64_t wall_ms           # the wall clock in milliseconds, read once per call from Python
     cdef uint64_t next_seq          # the last message's sequence number
     cdef uint64_t ticks             # tick() calls so far

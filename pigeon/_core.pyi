@@ -166,6 +166,12 @@ class Broker:
         """How many of the oldest segments hold only done messages."""
     def log_deleted(self, n: int) -> None:
         """The store deleted the ``n`` oldest segments."""
+    def log_compaction_started(self) -> None:
+        """The store started a compaction pass (STATS says log_compacting until it ends)."""
+    def log_compaction_ended(
+        self, rewritten: int, removed: int, reclaimed: int, failed: bool, seconds: float
+    ) -> None:
+        """A compaction pass ended: what it rewrote, deleted and freed, whether an error stopped it."""
     @property
     def log_state(self) -> dict[str, Any]:
         """Positions appended, written and synced; live messages and bytes; segments and their live counts."""

@@ -433,6 +433,23 @@ cdef class Broker:
             self.on_sync(self.log.written)
         self._settle()
 
+    def log_compaction_started(self):
+        """The store started a compaction pass (STATS says log_compacting until it ends)."""
+        self.compaction.running = True
+
+    def log_compaction_ended(self, uint64_t rewritten, uint64_t removed, uint64_t reclaimed, bint failed,
+                             double seconds):
+        """A compaction pass ended: it rewrote ``rewritten`` segments, ``removed`` of them deleted,
+        freed ``reclaimed`` bytes of disk in ``seconds``; ``failed`` when an error stopped it."""
+        self.compaction.running = False
+        self.compaction.runs += 1
+        self.compaction.failures += failed
+        self.compaction.rewritten += rewritten
+        self.compaction.removed += removed
+        self.compaction.reclaimed += reclaimed
+        self.compaction.last_seconds = seconds
+        self.compaction.last_at = time.time()
+
     @property
     def log_disk(self):
         """Bytes of the log on disk, as the store last said (for --max-disk)."""

@@ -164,6 +164,14 @@ NO_LOG = {
     "log_recovered_messages": 0,
     "log_recovery_done_bytes": 0,
     "log_recovery_total_bytes": 0,
+    "log_compacting": False,
+    "log_compactions": 0,
+    "log_compaction_failures": 0,
+    "log_compacted_segments": 0,
+    "log_compaction_removed_segments": 0,
+    "log_compaction_reclaimed_bytes": 0,
+    "log_compaction_last_seconds": 0.0,
+    "log_compaction_last_at": 0.0,
 }
 # figures of the core the model does not state (see the module docstring)
 NOT_STATED = frozenset({"uptime_seconds", "memory_bytes", "connected_since", "connected_seconds", "handle"})

@@ -14,10 +14,13 @@ from pigeon.server.compaction import (
     COMPACT_SUFFIX,
     INTENT,
     Summary,
+    all_done,
     finish_interrupted,
+    interrupted,
     intersect,
     merge,
     plan,
+    summarize,
 )
 from pigeon.server.store import HEADER
 
@@ -75,7 +78,8 @@ def test_plan_rewrites_mostly_done_segments_and_keeps_the_done_runs_older_segmen
     first = Summary(size=10_000, publishes=10, published=[(1, 10)], done=[(1, 9)])  # 1 of 10 live
     second = Summary(size=10_000, publishes=10, published=[(11, 20)], done=[(11, 13)])  # 7 of 10 live
     third = Summary(size=10_000, publishes=10, published=[(21, 30)], done=[(12, 12), (21, 30)])
-    chosen = plan([first, second, third], small=100)
+    summaries = [first, second, third]
+    chosen = plan(summaries, [1000, 7000, 0], all_done(summaries, []), small=100)
     # the first and third are rewritten; the second keeps its done messages 11-13, so the third
     # keeps the part of its DONE runs that covers one of them (12); the first's DONE runs cover
     # its own messages only, gone with them
@@ -86,8 +90,51 @@ def test_plan_rewrites_mostly_done_segments_and_keeps_the_done_runs_older_segmen
 def test_plan_merges_small_segments_with_their_neighbours() -> None:
     small = Summary(size=50, publishes=1, published=[(1, 1)])  # live, nothing to drop
     big = Summary(size=10_000, publishes=10, published=[(2, 11)])  # all live
-    assert plan([small, small, big], small=100).keep_done == {0: [], 1: []}
-    assert plan([small, big], small=100).keep_done == {}
+    assert plan([small, small, big], [40, 40, 9_990], [], small=100).keep_done == {0: [], 1: []}
+    assert plan([small, big], [40, 9_990], [], small=100).keep_done == {}
+
+
+def _kept_bytes(records: bytes, done_runs: list[tuple[int, int]]) -> int:
+    return sum(end - start for start, end in segment_kept(records, runs(done_runs)))
+
+
+def test_the_live_share_is_counted_in_bytes() -> None:
+    big, small = b"b" * 9000, b"s"
+    # one live 1 MiB-like message among many done small ones: most of the segment is live
+    records = publish(1, payload=big) + b"".join(publish(seq, payload=small) for seq in range(2, 40))
+    summary = summarize(memoryview(HEADER + records), len(HEADER))
+    done = all_done([summary], [(2, 39)])
+    assert plan([summary], [_kept_bytes(records, done)], done, small=100).keep_done == {}
+    # many live small messages and one done big one: most of the segment can go
+    records = b"".join(publish(seq, payload=small) for seq in range(1, 39)) + publish(39, payload=big)
+    summary = summarize(memoryview(HEADER + records), len(HEADER))
+    done = all_done([summary], [(39, 39)])
+    assert plan([summary], [_kept_bytes(records, done)], done, small=100).keep_done == {0: []}
+
+
+def test_done_records_of_the_segment_being_written_count() -> None:
+    summary = Summary(size=10_000, publishes=10, published=[(1, 10)])
+    # the DONE records of seqs 1-9 are in the head only: the sealed segment is rewritten all the same
+    done = all_done([summary], [(1, 9), (11, 40)])
+    assert done == [(1, 9), (11, 40)]
+    assert plan([summary], [1000], done, small=100).keep_done == {0: []}
+
+
+def test_an_interrupted_merge_is_described_without_a_change(tmp_path: Path) -> None:
+    paths = _segments(tmp_path, 1, 2, 3)
+    (tmp_path / INTENT).write_text("".join(f"{p.name}\n" for p in paths))
+    before = sorted(tmp_path.iterdir())
+    found = interrupted(tmp_path)
+    assert (found.merged_into, found.renamed) == (paths[-1].name, True)
+    assert found.replaced == [p.name for p in paths[:2]]
+    assert found.leftovers == [INTENT]
+    assert "a start completes it, deleting the segments it replaced: " in found.lines()[0]
+    assert sorted(tmp_path.iterdir()) == before
+    paths[-1].with_suffix(COMPACT_SUFFIX).write_bytes(HEADER)
+    found = interrupted(tmp_path)
+    assert (found.renamed, found.replaced) == (False, [])
+    assert found.leftovers == [INTENT, paths[-1].with_suffix(COMPACT_SUFFIX).name]
+    assert "was not renamed into place; a start forgets it" in found.lines()[0]
 
 
 def _segments(directory: Path, *numbers: int) -> list[Path]:

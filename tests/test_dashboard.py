@@ -260,6 +260,33 @@ def test_dashboard_shows_the_log_on_disk(tmp_path: Path, browser: webdriver.Chro
     assert stats["log_live_messages"] == 5 and stats["log_syncs"] > 0 and stats["log_disk_bytes"] > 0
     assert figure("log-write-failed") == "no" and "of 7.6 MiB" in figure("log-disk")
     assert browser.find_element(By.ID, "log-meter").is_displayed()
+    # no segment sealed yet: no compaction pass
+    assert (figure("log-compaction"), figure("log-compactions"), figure("log-reclaimed", "data-bytes")) == (
+        "not yet",
+        "0",
+        "0",
+    )
+    # figures of passes that ran (a pass needs sealed segments: 64 MiB each by default), drawn in
+    # one script so that no poll comes in between
+    shown = browser.execute_script(
+        "showLog(Object.assign({}, arguments[0], {log_compacting: true, log_compactions: 12,"
+        " log_compaction_failures: 1, log_compacted_segments: 30, log_compaction_removed_segments: 9,"
+        " log_compaction_reclaimed_bytes: 3 * 1048576, log_compaction_last_seconds: 0.25,"
+        " log_compaction_last_at: Date.now() / 1000 - 5}));"
+        "const e = id => document.getElementById(id);"
+        "return [e('log-compaction').textContent, e('log-compactions').textContent,"
+        " e('log-compactions').className, e('log-compacted').textContent, e('log-reclaimed').textContent,"
+        " e('log-compaction-last').textContent];",
+        stats,
+    )
+    assert shown == [
+        "running",
+        "12 (1 failed)",
+        "value failing",
+        "30 (9 removed)",
+        "3.0 MiB",
+        "0.250 s, 5 s ago",
+    ]
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "dashboard-log.png"))
     pub.close()

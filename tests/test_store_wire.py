@@ -131,6 +131,35 @@ def test_inspect_summarises_a_data_dir_without_serving(tmp_path: Path) -> None:
     assert "  jobs: 3 messages, 30 bytes" in shown and "  mail: 1 messages, 1 bytes" in shown
 
 
+def _inspect(data: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pigeon", "--data-dir", str(data), "--inspect"],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+
+
+def test_inspect_changes_nothing_and_refuses_a_running_server(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with _server(data) as server:
+        pub = server.client()
+        pub.connect()
+        _publish(pub, "jobs", ["x" * 10] * 3)
+        refused = _inspect(data)
+        assert refused.returncode == 1 and "is in use by a pigeon server" in refused.stderr
+    last = _segments(data)[-1]
+    with last.open("ab") as f:
+        f.write(b"\x40\x00\x00\x00torn")  # a record cut short: a crash in the middle of a write
+    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in sorted(data.iterdir())}
+    shown = _inspect(data)
+    assert shown.returncode == 0, shown.stderr
+    assert f"torn tail: {last.name} at offset " in shown.stdout and "a start cuts it off" in shown.stdout
+    assert "messages not done: 3 on 1 topics" in shown.stdout
+    after = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in sorted(data.iterdir())}
+    assert after == before
+
+
 def test_without_a_data_dir_nothing_is_kept(tmp_path: Path) -> None:
     server = ServerProcess()
     pub = server.client()

@@ -66,6 +66,18 @@ ctypedef struct Log:
     size_t epochs_cap
 
 
+ctypedef struct Compaction:
+    # What the store's compaction passes did (pigeon/server/compaction.py), for STATS: the store
+    # says when a pass starts and what it did when it ends; the core only keeps the figures.
+    bint running            # a pass is running
+    uint64_t runs           # passes ended
+    uint64_t failures       # ... stopped by an error (the log stays sound; a later pass tries again)
+    uint64_t rewritten      # segments rewritten (written anew with what they keep, or deleted)
+    uint64_t removed        # ... of them deleted: merged into a newer one, or left with no record
+    uint64_t reclaimed      # bytes of disk the passes freed
+    double last_seconds     # how long the last pass took
+    double last_at          # when it ended (seconds since the epoch), 0: none yet
+
 ctypedef struct Recovery:
     # Replaying a log takes two steps (docs/storage.md, "Recovery"). The scan, before
     # serving, checks every record and collects what DONE and DELIVERED records say;

@@ -71,6 +71,14 @@ cdef dict stats_dict(Broker b):
         "log_recovered_messages": b.recovery.messages,
         "log_recovery_done_bytes": b.recovery.done_bytes,
         "log_recovery_total_bytes": b.recovery.total_bytes,
+        "log_compacting": bool(b.compaction.running),
+        "log_compactions": b.compaction.runs,
+        "log_compaction_failures": b.compaction.failures,
+        "log_compacted_segments": b.compaction.rewritten,
+        "log_compaction_removed_segments": b.compaction.removed,
+        "log_compaction_reclaimed_bytes": b.compaction.reclaimed,
+        "log_compaction_last_seconds": b.compaction.last_seconds,
+        "log_compaction_last_at": b.compaction.last_at,
         "disk_limit_bytes": b.limit.max_disk,
     }
 

@@ -2,8 +2,9 @@
 
 A segment is deleted from the front of the log once all its messages are done; one old message
 that nobody takes would otherwise keep its segment and every later one on disk. A compaction pass
-reads the sealed segments (never the one being written), learns from their DONE records which
-messages are done, and rewrites each segment whose live share is below ``LIVE_SHARE`` with only:
+reads the sealed segments (never rewriting the one being written), learns from their DONE records,
+and from those written so far to the one being written, which messages are done, and rewrites each
+segment whose live share (the bytes of the records a rewrite keeps) is below ``LIVE_SHARE`` with only:
 
 - the PUBLISH records of messages not done (in their order: seqs still increase through the log,
   so a recovery puts each topic's messages back in their original order);
@@ -22,29 +23,27 @@ same attempts. docs/storage.md, "Compaction".
 from __future__ import annotations
 
 import os
-import signal
 import struct
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pigeon._core import record_checksum, segment_kept, segment_summary
+from pigeon._core import record_checksum, segment_summary
 
-# A sealed segment is rewritten when fewer than this share of its messages are not done (Kafka's
-# log cleaner starts at a dirty ratio of 0.5 too: at most half of what it copies is kept).
+# A sealed segment is rewritten when a rewrite would keep less than this share of its bytes (Kafka's
+# log cleaner starts at a dirty ratio of 0.5 too, counted in bytes: at most half of what it reads is
+# kept). Bytes, not messages: one live 1 MiB message among many done small ones is most of its segment.
 LIVE_SHARE = 0.5
 COMPACT_SUFFIX = ".compact"  # a rewrite until it is synced and renamed over its segment
 INTENT = "compact.intent"  # the segments a merge replaces, while it runs
 INTENT_MAKING = "compact.intent.part"  # its name until it is whole and synced
-# Set to a step's name, the server kills itself (SIGKILL) at that step of a compaction: the crash
-# tests use it to stop a real process exactly there.
-KILL_AT_ENV = "PIGEON_TEST_KILL_AT"
 
 RECORD_HEAD = struct.Struct("<II")  # body length, CRC-32C of the body
 DONE_KIND = 2
 RUN = struct.Struct("<QQ")  # a DONE record's first and last seq
 
 Runs = list[tuple[int, int]]  # sorted, disjoint, inclusive ranges of seqs
+Ranges = list[tuple[int, int]]  # (start, end) offsets of records in a segment
 
 
 def merge(runs: Runs) -> Runs:
@@ -104,15 +103,26 @@ class Plan:
     keep_done: dict[int, Runs]  # segment index -> the DONE runs it keeps
 
 
-def plan(summaries: list[Summary], small: int) -> Plan:
-    """Choose the segments to rewrite (oldest first): those whose live share is below LIVE_SHARE
-    and that hold records a recovery no longer needs, and those of at most ``small`` bytes next to
-    one chosen or as small (to be merged with it)."""
-    done = merge([run for summary in summaries for run in summary.done])
-    low: list[bool] = []
-    for summary in summaries:
-        live = summary.publishes - count(intersect(summary.published, done))
-        low.append(live < summary.publishes * LIVE_SHARE or not summary.publishes)
+def all_done(summaries: list[Summary], head: Runs) -> Runs:
+    """Every message the DONE records of the sealed segments and ``head`` (those written so far to
+    the segment being written) say is done, merged."""
+    return merge([run for summary in summaries for run in summary.done] + head)
+
+
+def as_array(runs: Runs) -> bytes:
+    """``runs`` as segment_kept takes them: the bytes of an array('Q') of first, last, first, ..."""
+    return array("Q", [seq for run in runs for seq in run]).tobytes()
+
+
+def plan(summaries: list[Summary], kept: list[int], done: Runs, small: int) -> Plan:
+    """Choose the segments to rewrite (oldest first): those whose ``kept`` bytes (what a rewrite
+    keeps of each: the PUBLISH and DELIVERED records of the messages not in ``done``) are below
+    LIVE_SHARE of their size and that hold records a recovery no longer needs, and those of at
+    most ``small`` bytes next to one chosen or as small (to be merged with it)."""
+    low = [
+        size < summary.size * LIVE_SHARE or not summary.publishes
+        for summary, size in zip(summaries, kept, strict=True)
+    ]
     little = [summary.size <= small for summary in summaries]
     keep_done: dict[int, Runs] = {}
     left: Runs = []  # PUBLISH records of done messages left in older segments not rewritten
@@ -126,7 +136,7 @@ def plan(summaries: list[Summary], small: int) -> Plan:
             keep_done[index] = needed
         else:
             left = merge(left + finished)
-    return Plan(array("Q", [seq for run in done for seq in run]).tobytes(), keep_done)
+    return Plan(as_array(done), keep_done)
 
 
 def _done_record(first: int, last: int) -> bytes:
@@ -134,19 +144,14 @@ def _done_record(first: int, last: int) -> bytes:
     return RECORD_HEAD.pack(len(body), record_checksum(body)) + body
 
 
-def rewrite(data: memoryview, start: int, done: bytes, keep_done: Runs) -> list[bytes | memoryview]:
-    """The records of a segment that a recovery still needs: PUBLISH and DELIVERED records of
-    messages not done, in their order, then the DONE runs in ``keep_done``."""
+def rewrite(data: memoryview, start: int, kept: Ranges, keep_done: Runs) -> list[bytes | memoryview]:
+    """The records of a segment that a recovery still needs: its ``kept`` parts (segment_kept's
+    offsets after ``start``: the PUBLISH and DELIVERED records of messages not done, in their
+    order), then the DONE runs in ``keep_done``."""
     records = data[start:]
-    kept: list[bytes | memoryview] = [records[first:end] for first, end in segment_kept(records, done)]
-    kept.extend(_done_record(first, last) for first, last in keep_done)
-    return kept
-
-
-def kill_point(step: str) -> None:
-    """Kill this process (SIGKILL, as ``kill -9``) at ``step`` when the crash tests ask for it."""
-    if os.environ.get(KILL_AT_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
+    parts: list[bytes | memoryview] = [records[first:end] for first, end in kept]
+    parts.extend(_done_record(first, last) for first, last in keep_done)
+    return parts
 
 
 def sync_directory(directory: Path) -> None:
@@ -164,7 +169,6 @@ def _write_synced(path: Path, parts: list[bytes | memoryview]) -> int:
         for part in parts:
             f.write(part)
         f.flush()
-        kill_point("before-sync")
         os.fdatasync(f.fileno())
         return f.tell()
 
@@ -179,7 +183,6 @@ def replace(segments: list[Path], header: bytes, records: list[bytes | memoryvie
     (a seq must never be in two segments at a start)."""
     directory, target, older = segments[-1].parent, segments[-1], segments[:-1]
     if not records:
-        kill_point("before-delete")
         for path in segments:
             path.unlink()
         sync_directory(directory)
@@ -190,12 +193,9 @@ def replace(segments: list[Path], header: bytes, records: list[bytes | memoryvie
         _write_synced(directory / INTENT_MAKING, ["".join(f"{p.name}\n" for p in segments).encode()])
         os.replace(directory / INTENT_MAKING, directory / INTENT)
         sync_directory(directory)
-    kill_point("before-rename")
     os.replace(temporary, target)
-    kill_point("before-directory-sync")
     sync_directory(directory)
     if older:
-        kill_point("before-delete")
         for path in older:
             path.unlink()
         sync_directory(directory)
@@ -203,17 +203,57 @@ def replace(segments: list[Path], header: bytes, records: list[bytes | memoryvie
     return size
 
 
-def finish_interrupted(directory: Path) -> None:
-    """At start, before the log is read: complete a merge whose new segment was renamed into place
-    (delete the segments it replaced), forget one that was not, and delete unfinished rewrites."""
+@dataclass
+class Interrupted:
+    """What a compaction cut short by a crash left in a data directory, and what a start does."""
+
+    merged_into: str = ""  # the segment a merge was making, "" when none was under way
+    renamed: bool = False  # ... whether its new segment was renamed into place
+    replaced: list[str] = field(default_factory=list)  # segments that merge replaced: a start deletes them
+    leftovers: list[str] = field(default_factory=list)  # its intent, unfinished rewrites: deleted too
+
+    def lines(self) -> list[str]:
+        """What ``pigeon --inspect`` says of it (nothing when no compaction was cut short)."""
+        said = []
+        if self.merged_into and self.renamed:
+            said.append(
+                f"interrupted compaction: a merge into {self.merged_into} was renamed into place; a start "
+                f"completes it, deleting the segments it replaced: {', '.join(self.replaced) or 'none left'}"
+            )
+        elif self.merged_into:
+            said.append(
+                f"interrupted compaction: a merge into {self.merged_into} was not renamed into place; a "
+                "start forgets it (its segments stay as they are)"
+            )
+        if self.leftovers:
+            said.append(f"unfinished compaction files, deleted at start: {', '.join(self.leftovers)}")
+        return said
+
+
+def interrupted(directory: Path) -> Interrupted:
+    """What a compaction cut short left in ``directory``; reads only, changes nothing (--inspect)."""
+    found = Interrupted()
     intent = directory / INTENT
     if intent.exists():
         names = intent.read_text().split()
-        if names and not (directory / names[-1]).with_suffix(COMPACT_SUFFIX).exists():
-            for name in names[:-1]:
-                (directory / name).unlink(missing_ok=True)
-        intent.unlink()
-    (directory / INTENT_MAKING).unlink(missing_ok=True)
-    for path in directory.glob("*" + COMPACT_SUFFIX):
-        path.unlink()
+        if names:
+            found.merged_into = names[-1]
+            found.renamed = not (directory / names[-1]).with_suffix(COMPACT_SUFFIX).exists()
+            if found.renamed:
+                found.replaced = [name for name in names[:-1] if (directory / name).exists()]
+        # the intent goes before the rewrites: without it, a start takes a merge whose .compact is
+        # gone for one renamed into place, and would delete the segments it did not replace
+        found.leftovers.append(INTENT)
+    if (directory / INTENT_MAKING).exists():
+        found.leftovers.append(INTENT_MAKING)
+    found.leftovers.extend(sorted(path.name for path in directory.glob("*" + COMPACT_SUFFIX)))
+    return found
+
+
+def finish_interrupted(directory: Path) -> None:
+    """At start, before the log is read: complete a merge whose new segment was renamed into place
+    (delete the segments it replaced), forget one that was not, and delete unfinished rewrites."""
+    found = interrupted(directory)
+    for name in found.replaced + found.leftovers:  # in this order (see interrupted)
+        (directory / name).unlink(missing_ok=True)
     sync_directory(directory)

@@ -118,6 +118,27 @@ _COUNTERS = (
         "pigeon_requests_forgotten",
         "Requests forgotten unanswered: over 4096 waiting on one connection.",
     ),
+    ("log_compactions", "pigeon_compactions", "Compaction passes over the sealed segments of the log."),
+    (
+        "log_compaction_failures",
+        "pigeon_compaction_failures",
+        "Compaction passes stopped by an error (a full disk): the log stays sound, a later pass tries again.",
+    ),
+    (
+        "log_compacted_segments",
+        "pigeon_compaction_segments_rewritten",
+        "Segments compaction rewrote with only what a recovery needs (or deleted).",
+    ),
+    (
+        "log_compaction_removed_segments",
+        "pigeon_compaction_segments_removed",
+        "Segments compaction deleted: merged into a newer one, or left with no record.",
+    ),
+    (
+        "log_compaction_reclaimed_bytes",
+        "pigeon_compaction_reclaimed_bytes",
+        "Bytes of disk compaction freed.",
+    ),
 )
 
 # (stats key, metric name, help) of the server-wide gauges
@@ -169,6 +190,17 @@ _GAUGES = (
         "log_recovering",
         "pigeon_log_recovering",
         "1 while the messages of the log are being put back after a start (PUBLISH waits meanwhile).",
+    ),
+    ("log_compacting", "pigeon_compaction_running", "1 while a compaction pass runs."),
+    (
+        "log_compaction_last_seconds",
+        "pigeon_compaction_last_duration_seconds",
+        "How long the last compaction pass took.",
+    ),
+    (
+        "log_compaction_last_at",
+        "pigeon_compaction_last_run_timestamp_seconds",
+        "When the last compaction pass ended (seconds since the epoch), 0: none yet.",
     ),
 )
 

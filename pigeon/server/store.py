@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pigeon._core import Broker, record_checksum
+from pigeon._core import Broker, record_checksum, segment_kept
 from pigeon.server import compaction
 
 log = logging.getLogger("pigeon")
@@ -162,6 +162,7 @@ class Store:
         self._segment_max = 0  # bytes of a segment made ahead
         # the recovery: the segments mapped, the sound parts of each the restore has yet to walk
         self.recovered: Recovered | None = None
+        self._left_out: set[Path] = set()  # segments a start deletes, left out when only reading
         self._started = 0.0
         self._mappings: list[mmap.mmap] = []
         # per segment: its path, its records, their sound parts still to walk, and whether the
@@ -173,6 +174,9 @@ class Store:
         self._compacting = False
         self._compacted_at: object = None  # what the sealed segments looked like at the last pass
         self._summaries: dict[Path, tuple[int, int, compaction.Summary]] = {}  # by (size, mtime)
+        # the bytes a rewrite would keep of each sealed segment, for which of its messages were done
+        self._kept_bytes: dict[Path, tuple[compaction.Runs, int]] = {}
+        self._head_done: tuple[Path | None, int, compaction.Runs] = (None, 0, [])  # read up to an offset
         # who hears that the log is synced up to a position: the broker, unless replication must
         # also confirm it before the replies waiting for it go (pigeon.cluster.replication)
         self.on_synced: Callable[[int], None] | None = None
@@ -202,9 +206,33 @@ class Store:
         self._check_every_record = (self.directory / DAMAGED_NAME).exists()
         compaction.finish_interrupted(self.directory)
 
+    def open_to_read(self) -> compaction.Interrupted:
+        """Take the lock (shared: a server holds it alone) without changing a byte of the directory
+        (--inspect); returns what a compaction cut short left, whose replaced segments the reading
+        leaves out, as a start would delete them. DataDirLocked while a server uses the directory."""
+        if not self.directory.is_dir():
+            raise StoreError(f"cannot use {self.directory}: no such directory")
+        try:
+            fd = os.open(self.directory / LOCK_NAME, os.O_RDONLY)
+        except FileNotFoundError:  # never served: nothing to share it with
+            fd = -1
+        except OSError as exc:
+            raise StoreError(f"cannot use {self.directory}: {exc.strerror or exc}") from exc
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise DataDirLocked(f"{self.directory} is in use by a pigeon server (pid {holder})") from None
+            self._lock_fd = fd
+        found = compaction.interrupted(self.directory)
+        self._left_out = {self.directory / name for name in found.replaced}
+        return found
+
     def segments(self) -> list[Path]:
-        """The segment files, oldest first."""
-        return _segments(self.directory)
+        """The segment files, oldest first (without those a merge cut short replaced, --inspect)."""
+        return [path for path in _segments(self.directory) if path not in self._left_out]
 
     def tail(self) -> tuple[Path, int] | None:
         """The segment being written and how many of its bytes hold records (the rest is being
@@ -569,7 +597,27 @@ class Store:
             return
         self._compacted_at = looks
         self._compacting = True
-        self._compactor.submit(self._compaction_pass, sealed, state["segment_max"])
+        broker.log_compaction_started()
+        head = next(reversed(self._sizes))
+        all_done = self._all_done(state["segment_live"])
+        written = (head, self._sizes[head])
+        self._compactor.submit(self._compaction_pass, sealed, all_done, written, state["segment_max"])
+
+    def _all_done(self, segment_live: list[int]) -> list[bool]:
+        """For each sealed segment on disk, whether the core counts none of its messages live (its
+        DONE records may be in a later segment, the one being written too). A segment merged into
+        a newer one is counted with it (its entry in ``_sizes`` is 0); the entries of ``_sizes``
+        are the core's segments, oldest first."""
+        if len(segment_live) != len(self._sizes):
+            return [False] * (len(self._sizes) - 1)
+        found: list[bool] = []
+        live = 0
+        for size, count in zip(list(self._sizes.values())[:-1], segment_live, strict=False):
+            live += count
+            if size:
+                found.append(not live)
+                live = 0
+        return found
 
     def _summary(self, path: Path) -> compaction.Summary:
         """The compaction Summary of sealed segment ``path``, read once per version of the file."""
@@ -584,7 +632,44 @@ class Store:
         ):
             summary = compaction.summarize(data, len(HEADER))
         self._summaries[path] = (status.st_size, status.st_mtime_ns, summary)
+        self._kept_bytes.pop(path, None)
         return summary
+
+    def _done_in_head(self, head: Path, size: int) -> compaction.Runs:
+        """The DONE runs of the segment being written, in its first ``size`` bytes (whole records,
+        written before the pass started); what was read before is not read again."""
+        path, offset, runs = self._head_done
+        if path != head:
+            offset, runs = len(HEADER), []
+        if size > offset:
+            with (
+                open(head, "rb") as f,
+                mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapping,
+                memoryview(mapping) as data,
+            ):
+                runs = compaction.merge(runs + compaction.summarize(data[:size], offset).done)
+            offset = size
+        self._head_done = (head, offset, runs)
+        return runs
+
+    def _kept_of(self, path: Path, summary: compaction.Summary, done: compaction.Runs, runs: bytes) -> int:
+        """The bytes a rewrite of sealed segment ``path`` would keep with ``done`` (walked in C once
+        per change of which of its messages are done). Its DELIVERED records of older messages count
+        as they were at that walk: a message of an older segment done since then is counted live
+        here until the next walk (the choice is conservative; the rewrite itself uses ``done``), so
+        that acks of old messages do not make every newer segment be walked again."""
+        finished = compaction.intersect(summary.published, done)
+        cached = self._kept_bytes.get(path)
+        if cached is None or cached[0] != finished:
+            with (
+                open(path, "rb") as f,
+                mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapping,
+                memoryview(mapping) as data,
+            ):
+                kept = segment_kept(data[len(HEADER) :], runs)
+            cached = (finished, sum(end - start for start, end in kept))
+            self._kept_bytes[path] = cached
+        return cached[1]
 
     def _replace(self, group: list[Path], kept: list[bytes], kept_bytes: int) -> dict[Path, int]:
         """Replace consecutive segments with one holding ``kept``: their new sizes (0: deleted).
@@ -601,53 +686,76 @@ class Store:
             mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapping,
             memoryview(mapping) as data,
         ):
-            return [bytes(part) for part in compaction.rewrite(data, len(HEADER), done, keep_done)]
+            kept = segment_kept(data[len(HEADER) :], done)
+            return [bytes(part) for part in compaction.rewrite(data, len(HEADER), kept, keep_done)]
 
-    def _compaction_pass(self, sealed: list[Path], segment_max: int) -> None:
+    def _compaction_pass(
+        self, sealed: list[Path], all_done: list[bool], head: tuple[Path, int], segment_max: int
+    ) -> None:
         """One pass, off the loop: rewrite the sealed segments the plan chooses, oldest first,
-        consecutive ones merged up to ``segment_max`` bytes."""
+        consecutive ones merged up to ``segment_max`` bytes. The DONE records written so far to
+        the segment being written (``head``: it and its size) count too. A segment whose messages
+        are ``all_done`` keeps about nothing: it is not walked to count what it keeps (its
+        DELIVERED records of older messages, which a rewrite keeps, are left out of the count)."""
         assert self._loop is not None
+        started = time.perf_counter()
         sizes: dict[Path, int] = {}
+        before: dict[Path, int] = {}
+        failed = False
         try:
-            for path in list(self._summaries):
-                if path not in sealed:
-                    del self._summaries[path]
+            for path in [path for path in self._summaries if path not in sealed]:
+                del self._summaries[path]
+                self._kept_bytes.pop(path, None)
+            summaries = [self._summary(path) for path in sealed]
+            done = compaction.all_done(summaries, self._done_in_head(*head))
+            done_array = compaction.as_array(done)
+            kept = [
+                0 if empty else self._kept_of(path, summary, done, done_array)
+                for path, summary, empty in zip(sealed, summaries, all_done, strict=True)
+            ]
             # a segment of up to a quarter of the most is merged with its neighbours
-            chosen = compaction.plan([self._summary(path) for path in sealed], segment_max // 4)
+            chosen = compaction.plan(summaries, kept, done, segment_max // 4)
             group: list[Path] = []  # consecutive segments rewritten into one, and what they keep
-            kept: list[bytes] = []
+            records: list[bytes] = []
             kept_bytes = 0
             for index, keep_done in sorted(chosen.keep_done.items()):
                 path = sealed[index]
-                records = self._kept(path, chosen.done, keep_done)
-                size = sum(len(record) for record in records)
+                before[path] = summaries[index].size
+                parts = self._kept(path, chosen.done, keep_done)
+                size = sum(len(part) for part in parts)
                 full = len(HEADER) + kept_bytes + size > segment_max
                 if group and (group[-1] != sealed[index - 1] or full):
-                    sizes.update(self._replace(group, kept, kept_bytes))
-                    group, kept, kept_bytes = [], [], 0
+                    sizes.update(self._replace(group, records, kept_bytes))
+                    group, records, kept_bytes = [], [], 0
                 group.append(path)
-                kept.extend(records)
+                records.extend(parts)
                 kept_bytes += size
             if group:
-                sizes.update(self._replace(group, kept, kept_bytes))
+                sizes.update(self._replace(group, records, kept_bytes))
         except OSError as exc:
+            failed = True
             log.warning("log compaction stopped: %s; trying again later", exc.strerror or exc)
         except Exception:  # a bug: said, not swallowed by the thread's future; the log stays sound
+            failed = True
             log.exception("log compaction failed")
         finally:
-            self._loop.call_soon_threadsafe(self._compacted, sizes)
+            reclaimed = sum(before[path] - size for path, size in sizes.items())
+            seconds = time.perf_counter() - started
+            self._loop.call_soon_threadsafe(self._compacted, sizes, reclaimed, failed, seconds)
 
-    def _compacted(self, sizes: dict[Path, int]) -> None:
+    def _compacted(self, sizes: dict[Path, int], reclaimed: int, failed: bool, seconds: float) -> None:
         """A pass ended (on the loop): the segments it rewrote have their new sizes (0: deleted)."""
         self._compacting = False
         for path, size in sizes.items():
             if path in self._sizes:
                 self._sizes[path] = size
-        if sizes and self._broker is not None:
-            before = self._broker.log_disk
+        if self._broker is None:
+            return
+        removed = sum(1 for size in sizes.values() if not size)
+        self._broker.log_compaction_ended(len(sizes), removed, reclaimed, failed, seconds)
+        if sizes:
             self._broker.log_disk = self.disk_bytes()
-            after = self.disk_bytes()
-            log.debug("log compaction: %d segments rewritten, %d -> %d bytes", len(sizes), before, after)
+            log.debug("log compaction: %d segments rewritten, %d bytes freed", len(sizes), reclaimed)
 
     def close(self) -> None:
         """Sync what was written (unless --fsync no), close the files and let go of the lock."""
@@ -705,9 +813,11 @@ def _published_at(segments: list[Path], seq: int) -> int | None:
 
 
 def inspect(directory: str | os.PathLike[str]) -> Iterator[str]:
-    """Lines describing a data directory (segments, messages per topic), read without serving."""
+    """Lines describing a data directory (segments, messages per topic), read without serving and
+    without changing it: what a start would change (a torn tail, a compaction a crash cut short) is
+    said instead."""
     store = Store(directory)
-    store.open()
+    interrupted = store.open_to_read()
     try:
         broker = Broker(durable=True)
         found = store.recover(broker, change=False)
@@ -715,8 +825,9 @@ def inspect(directory: str | os.PathLike[str]) -> Iterator[str]:
             pass
         yield f"data directory {store.directory}"
         yield f"segments: {found.segments} ({store.disk_bytes()} bytes), records: {found.records}"
+        yield from interrupted.lines()
         for path, offset, problem in found.torn:
-            yield f"torn tail cut off: {path.name} at offset {offset} ({problem})"
+            yield f"torn tail: {path.name} at offset {offset} ({problem}); a start cuts it off"
         yield f"messages not done: {found.messages} on {found.topics} topics"
         published = _published_at(store.segments(), found.oldest_seq)
         if published is not None:
