@@ -227,6 +227,16 @@ class ServerProcess:
         return code
 
 
+def inspect_data_dir(data: os.PathLike[str] | str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """What ``pigeon --data-dir DATA --inspect`` prints and exits with (it never changes DATA)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pigeon", "--data-dir", os.fspath(data), "--inspect"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 class LineClient:
     """A blocking socket that sends command lines and reads reply lines."""
 

@@ -19,7 +19,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import pytest
 
 from pigeon.server.compaction import COMPACT_SUFFIX, INTENT
 from pigeon.server.store import SEGMENT_SUFFIX, segment_name
-from pigeon.testing import LineClient, ServerProcess
+from pigeon.testing import LineClient, ServerProcess, inspect_data_dir
 
 DEADLINE = 30.0
 MAX_DISK = 8 << 20
@@ -423,13 +422,9 @@ def test_inspect_reports_a_merge_cut_short_and_changes_nothing(tmp_path: Path) -
     assert (data / INTENT).exists()
     replaced = (data / INTENT).read_text().split()[:-1]
     before = _files(data)
-    shown = subprocess.run(
-        [sys.executable, "-m", "pigeon", "--data-dir", str(data), "--inspect"],
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-        check=True,
-    ).stdout
+    inspected = inspect_data_dir(data, DEADLINE)
+    assert inspected.returncode == 0, inspected.stderr
+    shown = inspected.stdout
     assert _files(data) == before, "--inspect changed the data directory"
     assert "a start completes it, deleting the segments it replaced: " + ", ".join(replaced) in shown, shown
     # what it counts is what the start recovers: the replaced segments are left out, as the start deletes them

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from pigeon.server.store import HEADER, SEGMENT_SUFFIX
-from pigeon.testing import LineClient, ServerProcess
+from pigeon.testing import LineClient, ServerProcess, inspect_data_dir
 
 DEADLINE = 30.0
 
@@ -119,25 +119,12 @@ def test_inspect_summarises_a_data_dir_without_serving(tmp_path: Path) -> None:
         pub.connect()
         _publish(pub, "jobs", ["x" * 10] * 3)
         _publish(pub, "mail", ["y"])
-    shown = subprocess.run(
-        [sys.executable, "-m", "pigeon", "--data-dir", str(data), "--inspect"],
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-        check=True,
-    ).stdout
+    inspected = inspect_data_dir(data, DEADLINE)
+    assert inspected.returncode == 0, inspected.stderr
+    shown = inspected.stdout
     assert "messages not done: 4 on 2 topics" in shown
     assert f"oldest message: published {time.strftime('%Y-%m-%d', time.gmtime())}" in shown
     assert "  jobs: 3 messages, 30 bytes" in shown and "  mail: 1 messages, 1 bytes" in shown
-
-
-def _inspect(data: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pigeon", "--data-dir", str(data), "--inspect"],
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-    )
 
 
 def test_inspect_changes_nothing_and_refuses_a_running_server(tmp_path: Path) -> None:
@@ -146,13 +133,13 @@ def test_inspect_changes_nothing_and_refuses_a_running_server(tmp_path: Path) ->
         pub = server.client()
         pub.connect()
         _publish(pub, "jobs", ["x" * 10] * 3)
-        refused = _inspect(data)
+        refused = inspect_data_dir(data, DEADLINE)
         assert refused.returncode == 1 and "is in use by a pigeon server" in refused.stderr
     last = _segments(data)[-1]
     with last.open("ab") as f:
         f.write(b"\x40\x00\x00\x00torn")  # a record cut short: a crash in the middle of a write
     before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in sorted(data.iterdir())}
-    shown = _inspect(data)
+    shown = inspect_data_dir(data, DEADLINE)
     assert shown.returncode == 0, shown.stderr
     assert f"torn tail: {last.name} at offset " in shown.stdout and "a start cuts it off" in shown.stdout
     assert "messages not done: 3 on 1 topics" in shown.stdout
