@@ -14,8 +14,11 @@ command, only on cluster nodes) and keeps the protocol's promises across sources
   upstream of a client speaks the client's protocol (``HELLO 1``/``HELLO 2``), and ``MSG``/``DMSG``
   frames from owners are relayed whole by their length (a ``DMSG`` tag renumbered like ``DELIVER``);
 - a wildcard pattern spans slots: ``SUBSCRIBE``/``UNSUBSCRIBE``/``DESTROY`` of one is refused with
-  ``ERROR NO_PATTERNS_IN_CLUSTER`` (docs/cluster.md, limits); so are ``REQ`` and ``REPLY`` frames
-  with ``ERROR NO_REQUEST_IN_CLUSTER``, a reply token naming one node's connection;
+  ``ERROR NO_PATTERNS_IN_CLUSTER`` (docs/cluster.md, limits);
+- request/reply (docs/cluster.md): a ``REQ`` goes to its topic's owner like a ``PUB``, and its
+  ``REQUESTED`` id and ``RMSG`` from an owner are renumbered from ``REMOTE_TAG_BASE`` up like delivery
+  tags; a reply token in a ``MSG``/``DMSG`` from an owner gets a suffix naming the upstream it came
+  on (``RelayedTokens``), so that a ``REPLY`` with it goes back there with the owner's own token;
 - with ``CLUSTER REDIRECT`` a client asks to be told ``ERROR MOVED <slot> <host:port>`` instead of
   being forwarded (docs/cluster.md), the way Redis Cluster clients are;
 - with ``CLUSTER REPLICATE <owner>`` another node makes the connection a replication stream
@@ -27,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -42,9 +46,12 @@ from pigeon.server.protocol import _Connection
 log = logging.getLogger("pigeon.cluster")
 
 REMOTE_TAG_BASE = 1 << 40
+# the requests of a connection waiting for a reply that the core keeps (REQUEST_WINDOW of
+# pigeon/core/requests.pxd), and that a node keeps of those its client sent to owners
+REQUEST_WINDOW = 4096
 
 # commands whose third field is a topic, and whose reply is one line
-_TOPIC_COMMANDS = frozenset((b"PUBLISH", b"PUB", b"SUBSCRIBE", b"UNSUBSCRIBE", b"DESTROY"))
+_TOPIC_COMMANDS = frozenset((b"PUBLISH", b"PUB", b"REQ", b"SUBSCRIBE", b"UNSUBSCRIBE", b"DESTROY"))
 # commands whose third field may be a wildcard pattern (consumer groups), which spans slots
 _PATTERN_COMMANDS = frozenset((b"SUBSCRIBE", b"UNSUBSCRIBE", b"DESTROY"))
 _WILDCARDS = (b"*", b">")
@@ -89,11 +96,12 @@ def pub_nbytes(header: bytes) -> int | None:
 
 
 _REQUEST_FRAMES = {b"REQ": 4, b"REPLY": 3}  # the frames of request/reply, by their number of fields
+_FRAME_VERBS = frozenset((b"PUB", *_REQUEST_FRAMES))
 
 
 def frame_nbytes(header: bytes) -> int | None:
-    """The ``<nbytes>`` of a well-formed frame header: ``PUB`` (pub_nbytes), or ``REQ <id> <topic>
-    <nbytes>`` and ``REPLY <token> <nbytes>``, which a cluster node takes whole to refuse them."""
+    """The ``<nbytes>`` of a well-formed frame header: ``PUB`` (pub_nbytes), ``REQ <id> <topic>
+    <nbytes>`` or ``REPLY <token> <nbytes>``."""
     nbytes = pub_nbytes(header)
     if nbytes is not None:
         return nbytes
@@ -155,11 +163,11 @@ def pub_run(data: bytes, prefix: bytes) -> tuple[list[int], int]:
 
 
 def msg_run_end(data: bytes, pos: int) -> int:
-    """Where the run of whole ``MSG`` frames that starts at ``pos`` ends (``pos`` when none does):
-    they pass on as one slice, only their headers read."""
+    """Where the run of whole ``MSG`` frames without reply token that starts at ``pos`` ends (``pos``
+    when none does): they pass on as one slice, only their headers read."""
     while data.startswith(b"MSG ", pos):
         nl = data.find(b"\n", pos)
-        if nl < 0:
+        if nl < 0 or data.count(b" ", pos, nl) != 2:
             break
         stop = nl + 1 + int(data[data.rfind(b" ", pos, nl) + 1 : nl])
         if len(data) <= stop:
@@ -169,10 +177,10 @@ def msg_run_end(data: bytes, pos: int) -> int:
 
 
 def is_whole_frame(item: bytes) -> bool:
-    """Whether an item of ``split_commands`` is a well-formed ``PUB`` frame (not a malformed header, nor
-    a frame whose count was wrong), which may be routed by its topic."""
+    """Whether an item of ``split_commands`` is a well-formed frame (``PUB``, ``REQ``, ``REPLY``; not a
+    malformed header, nor a frame whose count was wrong), which may be routed."""
     header, sep, body = item.partition(b"\n")
-    nbytes = pub_nbytes(header)
+    nbytes = frame_nbytes(header)
     return bool(sep) and nbytes is not None and body[nbytes:] in (b"", b"\r")
 
 
@@ -182,6 +190,64 @@ def parse_tags(spec: bytes) -> tuple[int, int] | None:
     if not first.isdigit() or (sep and not last.isdigit()):
         return None
     return int(first), int(last if sep else first)
+
+
+def is_core_token(token: bytes) -> bool:
+    """Whether ``token`` is a reply token a core takes: ``<handle>.<generation>.<id>``, three decimal
+    numbers in range, the id not 0 (``_parse_token`` in pigeon/core/requests.pxi)."""
+    fields = token.split(b".")
+    if len(fields) != 3 or not all(field.isdigit() and len(field) < 20 for field in fields):
+        return False
+    handle, generation, request_id = (int(field) for field in fields)
+    return handle <= 0x7FFFFFFF and generation <= 0xFFFFFFFF and 0 < request_id < 1 << 64
+
+
+class RelayedTokens:
+    """The upstream connections of this process that relayed reply tokens to clients, by serial.
+
+    A token an owner put in a ``MSG``/``DMSG`` names a connection of the owner's core, so a client of
+    this node gets it as ``<owner's token>@<nonce>.<serial>``: the serial names the upstream it came
+    on, the nonce (random per process) makes a token of another node, or of this node before a
+    restart, name nothing here. A ``REPLY`` with it goes to that owner, over that upstream, with the
+    owner's token; one naming an upstream that has closed is dropped, as a reply to a requester that
+    has gone is on one server."""
+
+    def __init__(self) -> None:
+        self.nonce = b"%08x" % secrets.randbits(32)
+        self._next_serial = 1
+        self._upstreams: dict[int, Upstream] = {}
+
+    def suffix(self, upstream: Upstream) -> bytes:
+        """The suffix of the tokens relayed by ``upstream`` (given it a serial on first use)."""
+        if upstream.token_serial == 0:
+            upstream.token_serial = self._next_serial
+            self._next_serial += 1
+            self._upstreams[upstream.token_serial] = upstream
+        return b"@%s.%d" % (self.nonce, upstream.token_serial)
+
+    def forget(self, upstream: Upstream) -> None:
+        """``upstream`` has closed: the tokens it relayed name nothing any more."""
+        self._upstreams.pop(upstream.token_serial, None)
+
+    def is_relayed(self, token: bytes) -> bool:
+        """Whether ``token`` has the form of a relayed one (of this process or not): an owner's token,
+        ``@``, a nonce and a serial."""
+        owner_token, at, suffix = token.partition(b"@")
+        nonce, dot, serial = suffix.partition(b".")
+        return bool(at and dot) and is_core_token(owner_token) and len(nonce) == 8 and serial.isdigit()
+
+    def route(self, token: bytes) -> tuple[Upstream, bytes] | None:
+        """The open upstream a relayed ``token`` names and the owner's token, or None (another
+        process's token, or its upstream has closed)."""
+        owner_token, _, suffix = token.partition(b"@")
+        nonce, _, serial = suffix.partition(b".")
+        upstream = self._upstreams.get(int(serial)) if nonce == self.nonce else None
+        if upstream is None or upstream.transport is None or upstream.transport.is_closing():
+            return None
+        return upstream, owner_token
+
+
+RELAYED_TOKENS = RelayedTokens()
 
 
 class Upstream(asyncio.Protocol):
@@ -198,6 +264,8 @@ class Upstream(asyncio.Protocol):
         self._wanted = 0  # bytes _inbuf must hold before a frame in it is whole
         self.protocol = router.protocol  # the client's, which this connection speaks too
         self._hellos = 0  # HELLO replies to swallow: this node asked, not the client
+        self.token_serial = 0  # how the reply tokens it relays name it (RelayedTokens), once they do
+        self.requests: dict[int, int] = {}  # the owner's id of each request waiting -> the client's
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -240,20 +308,23 @@ class Upstream(asyncio.Protocol):
                 pos = run_end
                 continue
             line = data[pos:nl]
-            if line.startswith(b"MSG ") or line.startswith(b"DMSG "):
+            if line.startswith(b"MSG ") or line.startswith(b"DMSG ") or line.startswith(b"RMSG "):
                 # a frame: relayed whole by its length, whatever its payload holds
                 stop = nl + 1 + int(line.rsplit(b" ", 1)[1])
                 if len(data) <= stop:
                     self._wanted = stop + 1 - pos
                     break
-                if line.startswith(b"DMSG "):
-                    line = self.router.relayed_delivery(self, line)
-                out.append(line + data[nl : stop + 1])
+                header = self._relayed_header(line)
+                if header is not None:
+                    out.append(header + data[nl : stop + 1])
                 pos = stop + 1
                 continue
             pos = nl + 1
             if line.startswith(b"DELIVER "):
                 out.append(self.router.relayed_delivery(self, line) + b"\n")
+            elif line.startswith(b"REQUESTED "):
+                out.append(self.router.relayed_request(self, line) + b"\n")
+                self.outstanding -= 1
             elif line.startswith(b"MESSAGE ") or line.startswith(b"ERROR UNKNOWN_DELIVERY_TAG"):
                 out.append(line + b"\n")
             elif self._hellos and line.startswith(b"HELLO "):
@@ -273,6 +344,20 @@ class Upstream(asyncio.Protocol):
         if self.outstanding == 0:
             self.router.source_idle(self.node)
 
+    def _relayed_header(self, line: bytes) -> bytes | None:
+        """A frame header from the owner as the client gets it: a ``DMSG`` tag renumbered, a reply
+        token with this upstream's suffix (RelayedTokens), an ``RMSG`` with the client's request id
+        (None: an ``RMSG`` for a request the client no longer waits for, dropped)."""
+        if line.startswith(b"RMSG "):
+            return self.router.relayed_reply(self, line)
+        if line.startswith(b"DMSG "):
+            line = self.router.relayed_delivery(self, line)
+        fields = line.split(b" ")
+        if len(fields) == (4 if fields[0] == b"MSG" else 6):  # MSG/DMSG of a request: with its token
+            fields[-2] += RELAYED_TOKENS.suffix(self)
+            return b" ".join(fields)
+        return line
+
     def _relay_whole(self, chunk: bytes) -> bool:
         """Relay whole lines at once, without splitting them, when they are only ``MESSAGE`` lines or
         only replies (``PUBLISHED`` and the like): the common case of a busy publisher or
@@ -286,6 +371,7 @@ class Upstream(asyncio.Protocol):
             or b"DELIVER " in chunk
             or b"MSG " in chunk
             or b"ERROR UNKNOWN_DELIVERY_TAG" in chunk
+            or b"REQUESTED " in chunk
         ):
             return False
         self.outstanding -= lines
@@ -322,6 +408,7 @@ class Upstream(asyncio.Protocol):
         self.router.resume_input(self.node)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        RELAYED_TOKENS.forget(self)
         self.router.upstream_lost(self)
 
 
@@ -336,12 +423,14 @@ class RoutedConnection(_Connection):
         "_last_publish",
         "_last_slot",
         "_login",
+        "_next_remote_request",
         "_next_remote_tag",
         "_owner_wait_since",
         "_partial",
         "_pending",
         "_receiver",
         "_redirect",
+        "_remote_requests",
         "_remote_tags",
         "_replicas",
         "_skip",
@@ -376,6 +465,9 @@ class RoutedConnection(_Connection):
         self._upstreams: dict[str, Upstream] = {}
         self._remote_tags: dict[int, tuple[Upstream, int]] = {}  # client tag -> (owner, owner's tag)
         self._next_remote_tag = REMOTE_TAG_BASE
+        # the client's id of each request waiting at an owner -> (that owner, its id), oldest first
+        self._remote_requests: dict[int, tuple[Upstream, int]] = {}
+        self._next_remote_request = REMOTE_TAG_BASE
         self._holds: set[str] = set()  # why input is not processed: "core", "client", an owner
         self._redirect = False
         self._login: bytes | None = None  # the client's CONNECT <user> <password>, for its upstreams
@@ -524,21 +616,23 @@ class RoutedConnection(_Connection):
         the rest after the client id."""
         fields = line.split(None, 2)
         verb = fields[0].upper() if fields else b""
-        if verb == b"CLUSTER" or verb in _REQUEST_FRAMES:
+        if verb == b"CLUSTER":
             return None, verb, line[len(fields[0]) :].strip()
         if verb == b"CONNECT" and len(fields) == 3 and self._login is None:
             # the first login: a wrong one closes the connection, a later CONNECT is refused
             self._login = line
-        if verb == b"PUB" and b"\n" not in line and pub_nbytes(line) is not None:
+        if verb in _FRAME_VERBS and b"\n" not in line and frame_nbytes(line) is not None:
             # over --max-payload (split_commands): refused here, whoever sent it, as the router (not
             # the core) skips its payload
             return None, verb, line
+        if verb == b"REPLY":
+            return self._reply_source(fields[1] if len(fields) > 1 else b"", line), verb, line
         if len(fields) < 3 or (verb not in _TOPIC_COMMANDS and verb not in _SETTLE_COMMANDS):
             return _LOCAL, verb, b""
         own_id = self._broker.client_id(self._handle)
         if own_id is None or fields[1] != own_id.encode():
             return _LOCAL, verb, b""  # the core answers NOT_CONNECTED or WRONG_CLIENT_ID
-        if verb == b"PUB" and not is_whole_frame(line):
+        if verb in _FRAME_VERBS and not is_whole_frame(line):
             return _LOCAL, verb, b""  # the core answers BAD_FRAME and closes
         rest = fields[2]
         if verb in _SETTLE_COMMANDS:
@@ -578,17 +672,15 @@ class RoutedConnection(_Connection):
     def _answer(self, verb: bytes, rest: bytes) -> None:
         if verb == b"CLUSTER":
             self._cluster_command(rest)
-        elif verb in _REQUEST_FRAMES:
-            # a reply token names a connection of one node's core: request/reply does not span nodes
-            # (docs/cluster.md, limits); the frame's payload was taken whole by split_commands
-            self._reply(b"ERROR NO_REQUEST_IN_CLUSTER request/reply is not supported on a cluster node")
         elif verb in _SETTLE_COMMANDS:
             self._settle_remote(verb, rest)
-        elif verb == b"PUB" and b"\n" not in rest:
+        elif verb in _FRAME_VERBS and b"\n" not in rest:
             self._reply(
                 b"ERROR PAYLOAD_TOO_LARGE payload of %d bytes is over the limit of %d bytes"
-                % (pub_nbytes(rest) or 0, self._broker.limits["max_payload"])
+                % (frame_nbytes(rest) or 0, self._broker.limits["max_payload"])
             )
+        elif verb == b"REPLY":
+            self._relay_reply(rest)
         elif verb in _PATTERN_COMMANDS and is_pattern(rest.split(None, 1)[0]):
             pattern = rest.split(None, 1)[0]
             self._reply(
@@ -605,6 +697,60 @@ class RoutedConnection(_Connection):
                 self._reply(b"ERROR TRYAGAIN slot %d of '%s' has no owner yet: retry" % (slot, topic))
             else:
                 self._reply(b"ERROR MOVED %d %s" % (slot, address.encode()))
+
+    # -- request/reply across nodes (docs/cluster.md) -------------------------------------------------
+
+    def _reply_source(self, token: bytes, frame: bytes) -> str | None:
+        """Where a ``REPLY`` goes: None (``_relay_reply``) for a well-formed frame with a token an owner's
+        delivery carried (RelayedTokens) from a connected client; else the core, with this node's
+        own tokens and what it refuses as on one server (not connected, a bad frame or token)."""
+        if (
+            b"@" not in token
+            or self._broker.client_id(self._handle) is None
+            or not is_whole_frame(frame)
+            or not RELAYED_TOKENS.is_relayed(token)
+        ):
+            return _LOCAL
+        return None
+
+    def _relay_reply(self, frame: bytes) -> None:
+        """A ``REPLY`` with a relayed token: to the owner, over the upstream the token came on, with the
+        owner's own token (no answer, as for any ``REPLY``); dropped when that upstream has closed or
+        the token is another process's, as a reply to a requester that has gone is on one server."""
+        header, _, payload = frame.partition(b"\n")
+        _, token, nbytes = header.split()
+        route = RELAYED_TOKENS.route(token)
+        if route is None:
+            log.debug("dropped a reply to %r: its upstream has closed", token)
+            return
+        upstream, owner_token = route
+        assert upstream.transport is not None
+        upstream.transport.write(b"REPLY %s %s\n%s\n" % (owner_token, nbytes, payload))
+
+    def relayed_request(self, upstream: Upstream, line: bytes) -> bytes:
+        """``REQUESTED <id>`` from an owner with an id of this connection instead, from
+        ``REMOTE_TAG_BASE`` up like a relayed delivery's tag (the core's own ids are below it). Past
+        ``REQUEST_WINDOW`` requests waiting at owners the oldest is forgotten (its reply is dropped),
+        as the core forgets its own."""
+        owner_id = int(line[len(b"REQUESTED ") :])
+        client_id = self._next_remote_request
+        self._next_remote_request += 1
+        self._remote_requests[client_id] = (upstream, owner_id)
+        upstream.requests[owner_id] = client_id
+        if len(self._remote_requests) > REQUEST_WINDOW:
+            oldest_upstream, oldest_id = self._remote_requests.pop(next(iter(self._remote_requests)))
+            del oldest_upstream.requests[oldest_id]
+        return b"REQUESTED %d" % client_id
+
+    def relayed_reply(self, upstream: Upstream, header: bytes) -> bytes | None:
+        """An ``RMSG <id> <nbytes>`` header from an owner with the client's id of that request, which
+        waits no more; None when the client does not wait for it (forgotten: the reply is dropped)."""
+        _, owner_id, nbytes = header.split(b" ")
+        client_id = upstream.requests.pop(int(owner_id), None)
+        if client_id is None:
+            return None
+        del self._remote_requests[client_id]
+        return b"RMSG %d %s" % (client_id, nbytes)
 
     def login_line(self) -> bytes:
         """The CONNECT an upstream of this client sends: with ``--users``, the client's own (so the
