@@ -17,7 +17,7 @@ import pytest
 from pigeon.client import AsyncClient, Client, Message
 from pigeon.client.cluster import ClusterClient
 from pigeon.cluster.router import REMOTE_TAG_BASE, REQUEST_WINDOW
-from pigeon.errors import RequestTimeoutError
+from pigeon.errors import ConnectionClosedError, RequestTimeoutError
 from pigeon.testing import LineClient, ServerProcess
 from tests.cluster_kit import Cluster, connected, running_cluster, topic_owned_by
 from tests.test_reqrep_wire import reply, request, request_frame, rmsg, stats, until
@@ -293,11 +293,12 @@ def test_pigeon_cli_request_and_reply_through_cluster_nodes(cluster: Cluster) ->
 
 
 @pytest.mark.slow
-def test_a_responders_node_killed_with_requests_in_flight() -> None:
+def test_nodes_killed_with_requests_in_flight() -> None:
     """Requests delivered to responders on n2, unanswered, when n2 is killed: those of an acknowledged
     subscription go back to the owner's topic and another responder answers them; those of a plain
     subscription are lost with their responder (at most once, as on one server), and the requester's
-    client times out. No request hangs."""
+    client times out. Then the owner n0 is killed with a request waiting there: the requester's node
+    closes its connection, and its client raises ConnectionClosedError. No request hangs."""
     with running_cluster() as (nodes, owned):
         acked = topic_owned_by(owned, "n0", "acked.")
         plain = topic_owned_by(owned, "n0", "plain.")
@@ -321,6 +322,22 @@ def test_a_responders_node_killed_with_requests_in_flight() -> None:
         results = [r.data if isinstance(r, Message) else r for r in asyncio.run(ask_all())]
         assert results[:5] == [f"re:{acked}-{i}".encode() for i in range(5)]
         assert all(isinstance(r, RequestTimeoutError) for r in results[5:]), results[5:]
+
+        async def ask_the_doomed_owner() -> None:
+            async with AsyncClient(*address(nodes["n1"])) as requester:
+                call = asyncio.ensure_future(requester.request(plain, b"lost with n0", timeout=60))
+                await asyncio.to_thread(_kill_once_waiting, nodes["n0"])
+                with pytest.raises(ConnectionClosedError):
+                    await call
+
+        asyncio.run(ask_the_doomed_owner())
+
+
+def _kill_once_waiting(owner: ServerProcess) -> None:
+    """Kill ``owner`` once it has taken one more request (11: the ten before, then this one)."""
+    watcher = connected(owner)
+    until(lambda: stats(watcher)["requests"] == 11, "the request to reach its owner")
+    assert owner.stop(signal.SIGKILL) == -9
 
 
 def _kill_and_take_over(nodes: dict[str, ServerProcess], doomed: LineClient, acked: str, plain: str) -> None:
