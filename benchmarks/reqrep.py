@@ -226,12 +226,18 @@ def measure_cluster(requesters: int, size: int, duration: float, repeat: int) ->
                 node.stop()
     print(f"load average after: {os.getloadavg()}")
     base = statistics.median(rates["one process"])
-    rows = [["placement", "round trips/s (median)", "runs", "/ one process"]]
+    print(f"{requesters} requesters, {size} B payloads, {duration} s x {repeat}")
+    print(rates_table(rates, ["placement", "/ one process"], lambda median: median / base))
+
+
+def rates_table(rates: dict[str, list[float]], titles: list[str], ratio: Callable[[float], float]) -> str:
+    """The table of medians and runs per row name; ``titles`` of the first and last columns, the last
+    being ``ratio(median)``."""
+    rows = [[titles[0], "round trips/s (median)", "runs", titles[1]]]
     for name, runs in rates.items():
         median = statistics.median(runs)
-        rows.append([name, f"{median:,.0f}", " ".join(f"{r:,.0f}" for r in runs), f"{median / base:.2f}"])
-    print(f"{requesters} requesters, {size} B payloads, {duration} s x {repeat}")
-    print(render_rows(rows))
+        rows.append([name, f"{median:,.0f}", " ".join(f"{r:,.0f}" for r in runs), f"{ratio(median):.2f}"])
+    return render_rows(rows)
 
 
 def _owned(port: int) -> set[int]:
@@ -270,12 +276,8 @@ def main() -> None:
                 rates[broker.name].append(measure(dialect, port, args.requesters, args.size, args.duration))
     print(f"load average after: {os.getloadavg()}")
     best = statistics.median(rates["pigeon"])
-    rows = [["broker", "round trips/s (median)", "runs", "pigeon / broker"]]
-    for name, runs in rates.items():
-        median = statistics.median(runs)
-        rows.append([name, f"{median:,.0f}", " ".join(f"{r:,.0f}" for r in runs), f"{best / median:.2f}"])
     print(f"{args.requesters} requesters, {args.size} B payloads, {args.duration} s x {args.repeat}")
-    print(render_rows(rows))
+    print(rates_table(rates, ["broker", "pigeon / broker"], lambda median: best / median))
 
 
 if __name__ == "__main__":
