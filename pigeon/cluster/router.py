@@ -167,9 +167,12 @@ def msg_run_end(data: bytes, pos: int) -> int:
     when none does): they pass on as one slice, only their headers read."""
     while data.startswith(b"MSG ", pos):
         nl = data.find(b"\n", pos)
-        if nl < 0 or data.count(b" ", pos, nl) != 2:
+        if nl < 0:
             break
-        stop = nl + 1 + int(data[data.rfind(b" ", pos, nl) + 1 : nl])
+        try:  # what follows the topic: the count, or a reply token and the count
+            stop = nl + 1 + int(data[data.find(b" ", pos + 4, nl) + 1 : nl])
+        except ValueError:  # a request's: its token is rewritten (Upstream._relayed_header)
+            break
         if len(data) <= stop:
             break
         pos = stop + 1
