@@ -16,10 +16,11 @@ import pytest
 
 from pigeon.client import AsyncClient, Client, Message
 from pigeon.client.cluster import ClusterClient
+from pigeon.cluster.etcd import EtcdProcess, etcd_binary
 from pigeon.cluster.router import REMOTE_TAG_BASE, REQUEST_WINDOW
 from pigeon.errors import ConnectionClosedError, RequestTimeoutError
 from pigeon.testing import LineClient, ServerProcess
-from tests.cluster_kit import Cluster, connected, running_cluster, topic_owned_by
+from tests.cluster_kit import Cluster, connected, running_cluster, start_node, topic_owned_by, wait_preferred
 from tests.test_reqrep_wire import reply, request, request_frame, rmsg, stats, until
 
 NODES = ("n0", "n1", "n2")
@@ -356,3 +357,34 @@ def _kill_and_take_over(nodes: dict[str, ServerProcess], doomed: LineClient, ack
         reply(rescuer, fields[4], b"re:" + payload)
         rescuer.send(f"ACK {rescuer.client_id} {fields[2]}")
     assert rescuer.quiet(1.0)
+
+
+@pytest.mark.slow
+def test_a_reply_the_owner_refuses_is_not_taken_for_an_answer_to_the_responders_commands() -> None:
+    """n0 takes payloads of at most 1,000 bytes, n1 up to 8 MiB: a reply of 2,000 bytes from a
+    responder on n1 to a request of n0's is refused by n0, and the responder's commands that follow
+    get their own answers; the requester still waits, and a shorter reply reaches it."""
+    if etcd_binary() is None:
+        pytest.skip("etcd is not installed (apt-get install etcd-server)")
+    pytest.importorskip("aetcd", reason="the cluster extra is not installed")
+    with EtcdProcess() as etcd:
+        nodes = {"n0": start_node(etcd.endpoint, "n0", "--max-payload", "1000")}
+        nodes["n1"] = start_node(etcd.endpoint, "n1")
+        try:
+            owned = wait_preferred(list(nodes.values()))
+            topic, other = (topic_owned_by(owned, "n0", stem) for stem in ("big.", "next."))
+            requester, responder = connected(nodes["n0"]), framed(nodes["n1"])
+            responder.subscribe(topic)
+            request_id = request(requester, topic, b"q")
+            _, token, _ = request_frame(responder)
+            assert "@" in token
+            reply(responder, token, b"x" * 2000)
+            responder.subscribe(other)  # its answer is SUBSCRIBED, not n0's refusal of the reply
+            assert responder.ask("PING") == b"PONG"
+            assert requester.quiet()
+            reply(responder, token, b"short")
+            assert rmsg(requester) == (request_id, b"short")
+            assert responder.quiet()
+        finally:
+            for node in nodes.values():
+                assert node.stop() == 0, "".join(node.log)

@@ -269,6 +269,9 @@ class Upstream(asyncio.Protocol):
         self._hellos = 0  # HELLO replies to swallow: this node asked, not the client
         self.token_serial = 0  # how the reply tokens it relays name it (RelayedTokens), once they do
         self.requests: dict[int, int] = {}  # the owner's id of each request waiting -> the client's
+        self.answers = 0  # the replies to commands received so far
+        # for each REPLY relayed over this connection, how many replies come before its answer
+        self._reply_marks: deque[int] = deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -297,7 +300,13 @@ class Upstream(asyncio.Protocol):
             return  # a frame still arriving: do not look at it again for every read
         data = bytes(self._inbuf)
         end = data.rfind(b"\n") + 1
-        if end and self.client_id is not None and not self._hellos and self._relay_whole(data[:end]):
+        if (
+            end
+            and self.client_id is not None
+            and not self._hellos
+            and not self._reply_marks
+            and self._relay_whole(data[:end])
+        ):
             self._inbuf = bytearray(data[end:])
             self._wanted = 0
             return
@@ -328,6 +337,7 @@ class Upstream(asyncio.Protocol):
             elif line.startswith(b"REQUESTED "):
                 out.append(self.router.relayed_request(self, line) + b"\n")
                 self.outstanding -= 1
+                self.answers += 1
             elif line.startswith(b"MESSAGE ") or line.startswith(b"ERROR UNKNOWN_DELIVERY_TAG"):
                 out.append(line + b"\n")
             elif self._hellos and line.startswith(b"HELLO "):
@@ -338,14 +348,37 @@ class Upstream(asyncio.Protocol):
                 queued = (b"%s %s %s\n" % (verb, self.client_id, rest) for verb, rest in self._queued)
                 self.transport.write(b"".join(queued))
                 self._queued.clear()
+            elif self._reply_marks and self._reply_marks[0] == self.answers:
+                self._reply_answer(line)
             else:
                 out.append(line + b"\n")
                 self.outstanding -= 1
+                self.answers += 1
         self._inbuf = bytearray(data[pos:])
         if out:
             self.router.relay_chunk(b"".join(out))
         if self.outstanding == 0:
             self.router.source_idle(self.node)
+
+    def send_reply(self, frame: bytes) -> None:
+        """Send a ``REPLY`` frame (with the owner's token), then a ``PING``. The owner answers nothing to
+        a ``REPLY`` it takes but an error to one it cannot (over its ``--max-payload``, its memory
+        full): the ``PONG`` ends what answers it, so that neither is taken for the reply to a command
+        of this connection's client (``_reply_answer``)."""
+        assert self.transport is not None
+        self._reply_marks.append(self.answers + self.outstanding)
+        self.outstanding += 1
+        self.transport.write(frame + b"PING\n")
+
+    def _reply_answer(self, line: bytes) -> None:
+        """A line that answers a relayed ``REPLY``: its ``PONG``, or the error before it (logged: the
+        replier is not told, as it is not of a reply that is dropped)."""
+        if line == b"PONG":
+            self._reply_marks.popleft()
+            self.outstanding -= 1
+            self.answers += 1
+        else:
+            log.info("%s refused a reply relayed to it: %s", self.node, line.decode(errors="replace"))
 
     def _relayed_header(self, line: bytes) -> bytes | None:
         """A frame header from the owner as the client gets it: a ``DMSG`` tag renumbered, a reply
@@ -378,6 +411,7 @@ class Upstream(asyncio.Protocol):
         ):
             return False
         self.outstanding -= lines
+        self.answers += lines
         self.router.relay_chunk(chunk)
         if self.outstanding == 0:
             self.router.source_idle(self.node)
@@ -727,8 +761,7 @@ class RoutedConnection(_Connection):
             log.debug("dropped a reply to %r: its upstream has closed", token)
             return
         upstream, owner_token = route
-        assert upstream.transport is not None
-        upstream.transport.write(b"REPLY %s %s\n%s\n" % (owner_token, nbytes, payload))
+        upstream.send_reply(b"REPLY %s %s\n%s\n" % (owner_token, nbytes, payload))
 
     def relayed_request(self, upstream: Upstream, line: bytes) -> bytes:
         """``REQUESTED <id>`` from an owner with an id of this connection instead, from
