@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pigeon.client import AsyncClient, Client, Message
+from pigeon.client import AsyncClient, AsyncClusterClient, Client, Message
 from pigeon.client.cluster import ClusterClient
 from pigeon.cluster.etcd import EtcdProcess, etcd_binary
 from pigeon.cluster.router import REMOTE_TAG_BASE, REQUEST_WINDOW
@@ -264,6 +264,26 @@ def test_cluster_client_requests_and_responds_on_each_topics_owner(cluster: Clus
         asking.start()
         assert plain.request(topics[0], b"q", timeout=20).data == b"cluster"
         asking.join(timeout=30)
+
+
+def test_async_cluster_client_requests_and_responds(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    seeds = [address(nodes[name]) for name in NODES]
+    topic = topic_owned_by(owned, "n2", "acc.")
+
+    async def run() -> bytes:
+        responder, client = (AsyncClusterClient(*seed, seeds=seeds) for seed in seeds[:2])
+        async with responder, client:
+            await responder.subscribe(topic)
+
+            async def serve() -> None:
+                message = await responder.next_message(timeout=20)
+                message.respond(b"re:" + message.data)
+
+            answer, _ = await asyncio.gather(client.request(topic, b"async", timeout=20), serve())
+            return answer.data
+
+    assert asyncio.run(run()) == b"re:async"
 
 
 def test_pigeon_cli_request_and_reply_through_cluster_nodes(cluster: Cluster) -> None:
