@@ -17,7 +17,7 @@ import pytest
 from pigeon.client import AsyncClient, AsyncClusterClient, Client, Message
 from pigeon.client.cluster import ClusterClient
 from pigeon.cluster.etcd import EtcdProcess, etcd_binary
-from pigeon.cluster.router import REMOTE_TAG_BASE, REQUEST_WINDOW
+from pigeon.cluster.router import REMOTE_TAG_BASE, REQUEST_WINDOW, RelayedTokens
 from pigeon.errors import ConnectionClosedError, RequestTimeoutError
 from pigeon.testing import LineClient, ServerProcess
 from tests.cluster_kit import Cluster, connected, running_cluster, start_node, topic_owned_by, wait_preferred
@@ -158,6 +158,24 @@ def test_request_and_reply_frames_through_a_non_owner_are_taken_whole(cluster: C
         f"ERROR PAYLOAD_TOO_LARGE payload of {limit + 1} bytes is over the limit of {limit} bytes".encode(),
         b"PONG",
     ]
+
+
+def test_the_form_of_relayed_tokens() -> None:
+    """An owner's token with one suffix per node that relayed it; a REPLY with it goes to the upstream
+    the last suffix names, with the token it had there."""
+    tokens = RelayedTokens()
+    assert tokens.is_relayed(b"1.2.3@0123abcd.4")
+    assert tokens.is_relayed(b"1.2.3@0123abcd.4@89abcdef.5")
+    for bad in (
+        b"1.2.3",
+        b"1.2.3@",
+        b"1.2.0@0123abcd.4",
+        b"1.2@0123abcd.4",
+        b"1.2.3@0123abc.4",
+        b"1.2.3@0123abcd.x",
+    ):
+        assert not tokens.is_relayed(bad), bad
+    assert tokens.route(b"1.2.3@0123abcd.4@%s.1" % tokens.nonce) is None  # no upstream has serial 1
 
 
 def _answer(responder: LineClient, count: int) -> None:

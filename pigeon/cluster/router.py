@@ -234,20 +234,26 @@ class RelayedTokens:
 
     def is_relayed(self, token: bytes) -> bool:
         """Whether ``token`` has the form of a relayed one (of this process or not): an owner's token,
-        ``@``, a nonce and a serial."""
-        owner_token, at, suffix = token.partition(b"@")
-        nonce, dot, serial = suffix.partition(b".")
-        return bool(at and dot) and is_core_token(owner_token) and len(nonce) == 8 and serial.isdigit()
+        then ``@<nonce>.<serial>`` for each node that relayed it (two when the node a request went to
+        had just lost the topic's slot and passed the request on to its new owner)."""
+        owner_token, *suffixes = token.split(b"@")
+        return bool(suffixes) and is_core_token(owner_token) and all(map(_is_token_suffix, suffixes))
 
     def route(self, token: bytes) -> tuple[Upstream, bytes] | None:
-        """The open upstream a relayed ``token`` names and the owner's token, or None (another
-        process's token, or its upstream has closed)."""
-        owner_token, _, suffix = token.partition(b"@")
+        """The open upstream a relayed ``token`` names and the token it had there (the owner's, or
+        one the next node relayed), or None (another process's token, or its upstream has closed)."""
+        inner, _, suffix = token.rpartition(b"@")
         nonce, _, serial = suffix.partition(b".")
         upstream = self._upstreams.get(int(serial)) if nonce == self.nonce else None
         if upstream is None or upstream.transport is None or upstream.transport.is_closing():
             return None
-        return upstream, owner_token
+        return upstream, inner
+
+
+def _is_token_suffix(suffix: bytes) -> bool:
+    """Whether ``suffix`` is ``<nonce>.<serial>``, the part a node adds to a token it relays."""
+    nonce, dot, serial = suffix.partition(b".")
+    return bool(dot) and len(nonce) == 8 and serial.isdigit()
 
 
 RELAYED_TOKENS = RelayedTokens()
