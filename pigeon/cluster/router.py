@@ -275,6 +275,8 @@ class Upstream(asyncio.Protocol):
         self._hellos = 0  # HELLO replies to swallow: this node asked, not the client
         self.token_serial = 0  # how the reply tokens it relays name it (RelayedTokens), once they do
         self.requests: dict[int, int] = {}  # the owner's id of each request waiting -> the client's
+        # whether a REQ went this way: only then can a REQUESTED come, which the shortcut looks for
+        self.sent_requests = False
         self.answers = 0  # the replies to commands received so far
         # for each REPLY relayed over this connection, how many replies come before its answer
         self._reply_marks: deque[int] = deque()
@@ -295,6 +297,7 @@ class Upstream(asyncio.Protocol):
     def send(self, verb: bytes, rest: bytes, replies: int) -> None:
         """Send ``<verb> <id> <rest>`` with this connection's own client id at the owner."""
         self.outstanding += replies
+        self.sent_requests = self.sent_requests or verb == b"REQ"
         if self.client_id is None or self.transport is None:
             self._queued.append((verb, rest))
         else:
@@ -413,7 +416,7 @@ class Upstream(asyncio.Protocol):
             or b"DELIVER " in chunk
             or b"MSG " in chunk
             or b"ERROR UNKNOWN_DELIVERY_TAG" in chunk
-            or b"REQUESTED " in chunk
+            or (self.sent_requests and b"REQUESTED " in chunk)
         ):
             return False
         self.outstanding -= lines
