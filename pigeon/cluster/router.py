@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -216,7 +216,7 @@ class RelayedTokens:
     has gone is on one server."""
 
     def __init__(self) -> None:
-        self.nonce = b"%08x" % secrets.randbits(32)
+        self.nonce = os.urandom(4).hex().encode()  # (secrets would import hashlib and more at start)
         self._next_serial = 1
         self._upstreams: dict[int, Upstream] = {}
 
