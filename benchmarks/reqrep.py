@@ -15,11 +15,18 @@ _INBOX.<k> <n>`` and sends ``PUB _INBOX.<k> <n>``, which the requester reads,
 as the NATS clients' ``request()`` does. The brokers take turns within each
 repeat, each fresh and pinned to ``--broker-cpu`` with taskset; the
 generator runs on the other CPU. The load average is printed before and after.
+
+    python -m benchmarks.reqrep --cluster [--repeat 3]
+
+measures Pigeon on a 3-node cluster instead (etcd and three ``pigeon --cluster`` nodes, nothing
+pinned), for each placement of the requesters and the responder relative to the owner of ``svc``
+(docs/cluster.md, "Request/reply"), against one ``pigeon`` process, in turns within each repeat.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import socket
@@ -151,10 +158,15 @@ def request_loop(
     sock.close()
 
 
-def measure(dialect: str, port: int, requesters: int, size: int, duration: float) -> float:
-    """Round trips per second over ``duration`` seconds, after half a second of warm-up."""
+def measure(
+    dialect: str, port: int, requesters: int, size: int, duration: float, responder_port: int | None = None
+) -> float:
+    """Round trips per second over ``duration`` seconds, after half a second of warm-up; the
+    responder connects to ``responder_port`` when given (another node of a cluster), else to ``port``."""
     ready = multiprocessing.Event()
-    responder = multiprocessing.Process(target=respond, args=(dialect, port, ready), daemon=True)
+    responder = multiprocessing.Process(
+        target=respond, args=(dialect, responder_port or port, ready), daemon=True
+    )
     responder.start()
     try:
         if not ready.wait(20):
@@ -180,6 +192,63 @@ def measure(dialect: str, port: int, requesters: int, size: int, duration: float
         responder.join(10)
 
 
+def measure_cluster(requesters: int, size: int, duration: float, repeat: int) -> None:
+    """``--cluster``: each placement of requesters and responder on a 3-node cluster, and one process."""
+    from benchmarks.cluster import wait_spread  # only this mode needs it (and the repository root)
+    from pigeon.cluster.etcd import EtcdProcess
+    from pigeon.cluster.slots import slot_of
+    from pigeon.testing import ServerProcess
+
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    rates: dict[str, list[float]] = {}
+    with EtcdProcess() as etcd:
+        nodes = [
+            ServerProcess("--cluster", etcd.endpoint, "--node-name", f"n{i}", loop="uvloop") for i in range(3)
+        ]
+        single = ServerProcess(loop="uvloop")
+        try:
+            wait_spread(nodes[0].port, 3)
+            owner = next(n for n in nodes if slot_of(TOPIC) in _owned(n.port))
+            owner_port, (a, b) = owner.port, [n.port for n in nodes if n is not owner]
+            placements = {
+                "one process": (single.port, single.port),
+                "cluster, all on the owner": (owner_port, owner_port),
+                "requesters on another node": (a, owner_port),
+                "responder on another node": (owner_port, a),
+                "all three on different nodes": (a, b),
+            }
+            for _ in range(repeat):
+                for name, (asking, answering) in placements.items():
+                    rate = measure("pigeon", asking, requesters, size, duration, answering)
+                    rates.setdefault(name, []).append(rate)
+        finally:
+            for node in [*nodes, single]:
+                node.stop()
+    print(f"load average after: {os.getloadavg()}")
+    base = statistics.median(rates["one process"])
+    print(f"{requesters} requesters, {size} B payloads, {duration} s x {repeat}")
+    print(rates_table(rates, ["placement", "/ one process"], lambda median: median / base))
+
+
+def rates_table(rates: dict[str, list[float]], titles: list[str], ratio: Callable[[float], float]) -> str:
+    """The table of medians and runs per row name; ``titles`` of the first and last columns, the last
+    being ``ratio(median)``."""
+    rows = [[titles[0], "round trips/s (median)", "runs", titles[1]]]
+    for name, runs in rates.items():
+        median = statistics.median(runs)
+        rows.append([name, f"{median:,.0f}", " ".join(f"{r:,.0f}" for r in runs), f"{ratio(median):.2f}"])
+    return render_rows(rows)
+
+
+def _owned(port: int) -> set[int]:
+    """The slots the node on ``port`` serves."""
+    sock, reader = _connect(port)
+    sock.sendall(b"CLUSTER STATUS\n")
+    owned = set(json.loads(_expect(reader, b"CLUSTER ")[len(b"CLUSTER ") :])["owned"])
+    sock.close()
+    return owned
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requesters", type=int, default=16)
@@ -188,7 +257,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--broker-cpu", type=int, default=0)
     parser.add_argument("--client-cpu", type=int, default=1)
+    parser.add_argument("--cluster", action="store_true", help="placements on a 3-node cluster")
     args = parser.parse_args()
+    if args.cluster:
+        measure_cluster(args.requesters, args.size, args.duration, args.repeat)
+        return
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.client_cpu})
     pin = ["taskset", "-c", str(args.broker_cpu)]
@@ -203,12 +276,8 @@ def main() -> None:
                 rates[broker.name].append(measure(dialect, port, args.requesters, args.size, args.duration))
     print(f"load average after: {os.getloadavg()}")
     best = statistics.median(rates["pigeon"])
-    rows = [["broker", "round trips/s (median)", "runs", "pigeon / broker"]]
-    for name, runs in rates.items():
-        median = statistics.median(runs)
-        rows.append([name, f"{median:,.0f}", " ".join(f"{r:,.0f}" for r in runs), f"{best / median:.2f}"])
     print(f"{args.requesters} requesters, {args.size} B payloads, {args.duration} s x {args.repeat}")
-    print(render_rows(rows))
+    print(rates_table(rates, ["broker", "pigeon / broker"], lambda median: best / median))
 
 
 if __name__ == "__main__":

@@ -315,18 +315,6 @@ def test_a_frame_with_a_wrong_count_through_a_non_owner_is_refused_and_closed(cl
     assert client.at_eof()
 
 
-def test_request_and_reply_frames_are_refused_whole_on_a_cluster_node(cluster: Cluster) -> None:
-    nodes, _ = cluster
-    client = connected(nodes["n0"])
-    refused = b"ERROR NO_REQUEST_IN_CLUSTER request/reply is not supported on a cluster node"
-    # payloads that look like commands: taken with their frame, never run
-    client.send(f"REQ {client.client_id} svc 5\nPING\n\n".encode())
-    assert client.line() == refused
-    client.send(b"REPLY 0.1.1 5\nPING\n\n")
-    assert client.line() == refused
-    assert client.ask("PING") == b"PONG"
-
-
 def test_a_frame_over_the_payload_limit_through_a_non_owner_is_refused_and_skipped(cluster: Cluster) -> None:
     nodes, owned = cluster
     topic = topic_owned_by(owned, "n0", "toolarge")

@@ -101,7 +101,7 @@ def test_wrong_credentials_and_an_anonymous_cluster_status_are_refused(secured: 
 
 
 # Commands pipelined right behind a login, and the start of their reply: the router answers some
-# itself (CLUSTER, a REQ frame, a PUB over --max-payload) and the core the others, while the core
+# itself (CLUSTER, a REQ or PUB frame over --max-payload) and the core the others, while the core
 # checks the password off the loop; every reply must come after CONNECTED.
 BEHIND_LOGIN = [
     ("CLUSTER STATUS", b"CLUSTER {"),
@@ -110,7 +110,7 @@ BEHIND_LOGIN = [
     ("HELLO", b"HELLO {"),
     ("STATS", b"STATS {"),
     ("PING", b"PONG"),
-    ("REQ c9 jobs 2\nhi", b"ERROR NO_REQUEST_IN_CLUSTER"),
+    (f"REQ c9 jobs {9 << 20}\n" + "x" * (9 << 20), b"ERROR PAYLOAD_TOO_LARGE"),
     (f"PUB c9 jobs {9 << 20}\n" + "x" * (9 << 20), b"ERROR PAYLOAD_TOO_LARGE"),  # over the 8 MiB default
     ("SUBSCRIBE c9 jobs", b"ERROR WRONG_CLIENT_ID"),
 ]

@@ -307,10 +307,10 @@ def test_metrics_count_requests_and_replies(monitored: tuple[ServerProcess, str]
     assert samples[("pigeon_requests_forgotten_total", ())] == 0
 
 
-def test_a_cluster_node_takes_request_frames_whole_to_refuse_them() -> None:
+def test_a_cluster_node_takes_request_frames_whole() -> None:
     """The router's splitting (pigeon/cluster/router.py): a REQ or REPLY frame is one command, so its
-    payload is never read as commands; the node answers it ERROR NO_REQUEST_IN_CLUSTER (tests over a
-    real cluster need etcd and aetcd: test_cluster_routing.py)."""
+    payload is never read as commands (tests over a real cluster need etcd and aetcd:
+    test_cluster_reqrep.py)."""
     data = b"REQ c1 svc 9\nPING\nPING\nREPLY 0.1.1 4\nPING\nPING\n"
     items, used, _, _ = split_commands(data, 1 << 20)
     assert items == [b"REQ c1 svc 9\nPING\nPING", b"REPLY 0.1.1 4\nPING", b"PING"]

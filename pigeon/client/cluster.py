@@ -36,6 +36,7 @@ from pigeon.client.aio import AsyncClient
 from pigeon.client.base import (
     DEFAULT_MAX_QUEUED,
     DEFAULT_RECONNECT_TIMEOUT,
+    DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_TIMEOUT,
     RECONNECT_FIRST_DELAY,
     RECONNECT_MAX_DELAY,
@@ -446,6 +447,13 @@ class ClusterBase(abc.ABC, Generic[N]):
             refused += [Refused(i, errors.TimeoutError("the topic's owner kept moving")) for i in indexes]
         return sorted(refused, key=lambda r: r.index)
 
+    async def _request(self, topic: str | bytes, message: Data, timeout: float) -> Message:
+        """``request`` on the topic's owner, whose connection its reply comes back on; a connection
+        lost meanwhile is raised (the request may have been answered), not sent again."""
+        name = codec.encode_topic(topic)
+        _, reply = await self._routed(name, lambda node: node._request(name, message, timeout), repeat=False)
+        return reply
+
     async def _reroute(self, name: bytes, refusals: list[Exception]) -> None:
         """Learn from refusals with MOVED (the new owner) or TRYAGAIN (wait a moment, read the map)."""
         moved = next((e for e in refusals if isinstance(e, MovedError) and e.address is not None), None)
@@ -626,6 +634,14 @@ class ClusterClient(ClusterBase[Client], BlockingUse):
         """Publish many messages on the topic's owner, as ``Client.publish_many``."""
         return run_blocking(self._publish_many(topic, messages))
 
+    def request(
+        self, topic: str | bytes, message: Data, *, timeout: float = DEFAULT_REQUEST_TIMEOUT
+    ) -> Message:
+        """Send a request to the topic's owner and return the first reply, as ``Client.request``; a
+        request delivered to this client is answered with ``message.respond(data)``, which goes to the
+        node that delivered it (as ``ack`` does)."""
+        return run_blocking(self._request(topic, message, timeout))
+
     def ack(self, messages: Iterable[Message]) -> None:
         """Acknowledge deliveries, each to the node it came from, as ``Client.ack``."""
         self._settle(messages, None, ack=True)
@@ -747,6 +763,12 @@ class AsyncClusterClient(ClusterBase[AsyncClient], AsyncUse):
     async def publish_many(self, topic: str | bytes, messages: Iterable[Data]) -> list[Refused]:
         """As ``ClusterClient.publish_many``."""
         return await self._publish_many(topic, messages)
+
+    async def request(
+        self, topic: str | bytes, message: Data, *, timeout: float = DEFAULT_REQUEST_TIMEOUT
+    ) -> Message:
+        """As ``ClusterClient.request``; many may be awaited at once."""
+        return await self._request(topic, message, timeout)
 
     def ack(self, messages: Iterable[Message]) -> None:
         """As ``ClusterClient.ack`` (a plain method: it only writes)."""

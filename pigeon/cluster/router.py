@@ -14,8 +14,11 @@ command, only on cluster nodes) and keeps the protocol's promises across sources
   upstream of a client speaks the client's protocol (``HELLO 1``/``HELLO 2``), and ``MSG``/``DMSG``
   frames from owners are relayed whole by their length (a ``DMSG`` tag renumbered like ``DELIVER``);
 - a wildcard pattern spans slots: ``SUBSCRIBE``/``UNSUBSCRIBE``/``DESTROY`` of one goes to every
-  live node (``pigeon.cluster.patterns``), answered once; ``REQ`` and ``REPLY`` frames are refused
-  with ``ERROR NO_REQUEST_IN_CLUSTER``, a reply token naming one node's connection;
+  live node (``pigeon.cluster.patterns``), answered once;
+- request/reply (docs/cluster.md): a ``REQ`` goes to its topic's owner like a ``PUB``, and its
+  ``REQUESTED`` id and ``RMSG`` from an owner are renumbered from ``REMOTE_TAG_BASE`` up like delivery
+  tags; a reply token in a ``MSG``/``DMSG`` from an owner gets a suffix naming the upstream it came
+  on (``RelayedTokens``), so that a ``REPLY`` with it goes back there with the owner's own token;
 - with ``CLUSTER REDIRECT`` a client asks to be told ``ERROR MOVED <slot> <host:port>`` instead of
   being forwarded (docs/cluster.md), the way Redis Cluster clients are;
 - with ``CLUSTER REPLICATE <owner>`` another node makes the connection a replication stream
@@ -27,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -44,9 +48,12 @@ from pigeon.server.protocol import _Connection
 log = logging.getLogger("pigeon.cluster")
 
 REMOTE_TAG_BASE = 1 << 40
+# the requests of a connection waiting for a reply that the core keeps (REQUEST_WINDOW of
+# pigeon/core/requests.pxd), and that a node keeps of those its client sent to owners
+REQUEST_WINDOW = 4096
 
 # commands whose third field is a topic, and whose reply is one line
-_TOPIC_COMMANDS = frozenset((b"PUBLISH", b"PUB", b"SUBSCRIBE", b"UNSUBSCRIBE", b"DESTROY"))
+_TOPIC_COMMANDS = frozenset((b"PUBLISH", b"PUB", b"REQ", b"SUBSCRIBE", b"UNSUBSCRIBE", b"DESTROY"))
 # commands whose third field may be a wildcard pattern (consumer groups), which spans slots
 _PATTERN_COMMANDS = frozenset((b"SUBSCRIBE", b"UNSUBSCRIBE", b"DESTROY"))
 _WILDCARDS = (b"*", b">")
@@ -93,11 +100,12 @@ def pub_nbytes(header: bytes) -> int | None:
 
 
 _REQUEST_FRAMES = {b"REQ": 4, b"REPLY": 3}  # the frames of request/reply, by their number of fields
+_FRAME_VERBS = frozenset((b"PUB", *_REQUEST_FRAMES))
 
 
 def frame_nbytes(header: bytes) -> int | None:
-    """The ``<nbytes>`` of a well-formed frame header: ``PUB`` (pub_nbytes), or ``REQ <id> <topic>
-    <nbytes>`` and ``REPLY <token> <nbytes>``, which a cluster node takes whole to refuse them."""
+    """The ``<nbytes>`` of a well-formed frame header: ``PUB`` (pub_nbytes), ``REQ <id> <topic>
+    <nbytes>`` or ``REPLY <token> <nbytes>``."""
     nbytes = pub_nbytes(header)
     if nbytes is not None:
         return nbytes
@@ -159,13 +167,16 @@ def pub_run(data: bytes, prefix: bytes) -> tuple[list[int], int]:
 
 
 def msg_run_end(data: bytes, pos: int) -> int:
-    """Where the run of whole ``MSG`` frames that starts at ``pos`` ends (``pos`` when none does):
-    they pass on as one slice, only their headers read."""
+    """Where the run of whole ``MSG`` frames without reply token that starts at ``pos`` ends (``pos``
+    when none does): they pass on as one slice, only their headers read."""
     while data.startswith(b"MSG ", pos):
         nl = data.find(b"\n", pos)
         if nl < 0:
             break
-        stop = nl + 1 + int(data[data.rfind(b" ", pos, nl) + 1 : nl])
+        try:  # what follows the topic: the count, or a reply token and the count
+            stop = nl + 1 + int(data[data.find(b" ", pos + 4, nl) + 1 : nl])
+        except ValueError:  # a request's: its token is rewritten (Upstream._relayed_header)
+            break
         if len(data) <= stop:
             break
         pos = stop + 1
@@ -173,10 +184,10 @@ def msg_run_end(data: bytes, pos: int) -> int:
 
 
 def is_whole_frame(item: bytes) -> bool:
-    """Whether an item of ``split_commands`` is a well-formed ``PUB`` frame (not a malformed header, nor
-    a frame whose count was wrong), which may be routed by its topic."""
+    """Whether an item of ``split_commands`` is a well-formed frame (``PUB``, ``REQ``, ``REPLY``; not a
+    malformed header, nor a frame whose count was wrong), which may be routed."""
     header, sep, body = item.partition(b"\n")
-    nbytes = pub_nbytes(header)
+    nbytes = frame_nbytes(header)
     return bool(sep) and nbytes is not None and body[nbytes:] in (b"", b"\r")
 
 
@@ -186,6 +197,91 @@ def parse_tags(spec: bytes) -> tuple[int, int] | None:
     if not first.isdigit() or (sep and not last.isdigit()):
         return None
     return int(first), int(last if sep else first)
+
+
+def is_core_token(token: bytes) -> bool:
+    """Whether ``token`` is a reply token a core takes: ``<handle>.<generation>.<id>``, three decimal
+    numbers in range, the id not 0 (``_parse_token`` in pigeon/core/requests.pxi)."""
+    fields = token.split(b".")
+    if len(fields) != 3 or not all(field.isdigit() and len(field) < 20 for field in fields):
+        return False
+    handle, generation, request_id = (int(field) for field in fields)
+    return handle <= 0x7FFFFFFF and generation <= 0xFFFFFFFF and 0 < request_id < 1 << 64
+
+
+class RelayedTokens:
+    """The upstream connections of this process that relayed reply tokens to clients, by serial.
+
+    A token an owner put in a ``MSG``/``DMSG`` names a connection of the owner's core, so a client of
+    this node gets it as ``<owner's token>@<nonce>.<serial>``: the serial names the upstream it came
+    on, the nonce (random per process) makes a token of another node, or of this node before a
+    restart, name nothing here. A ``REPLY`` with it goes to that owner, over that upstream, with the
+    owner's token; one naming an upstream that has closed is dropped, as a reply to a requester that
+    has gone is on one server."""
+
+    def __init__(self) -> None:
+        self.nonce = os.urandom(4).hex().encode()  # (secrets would import hashlib and more at start)
+        self._next_serial = 1
+        self._upstreams: dict[int, Upstream] = {}
+
+    def suffix(self, upstream: Upstream) -> bytes:
+        """The suffix of the tokens relayed by ``upstream`` (given it a serial on first use)."""
+        if upstream.token_serial == 0:
+            upstream.token_serial = self._next_serial
+            self._next_serial += 1
+            self._upstreams[upstream.token_serial] = upstream
+        return b"@%s.%d" % (self.nonce, upstream.token_serial)
+
+    def forget(self, upstream: Upstream) -> None:
+        """``upstream`` has closed: the tokens it relayed name nothing any more."""
+        self._upstreams.pop(upstream.token_serial, None)
+
+    def is_relayed(self, token: bytes) -> bool:
+        """Whether ``token`` has the form of a relayed one (of this process or not): an owner's token,
+        then ``@<nonce>.<serial>`` for each node that relayed it (two when the node a request went to
+        had just lost the topic's slot and passed the request on to its new owner)."""
+        owner_token, *suffixes = token.split(b"@")
+        return bool(suffixes) and is_core_token(owner_token) and all(map(_is_token_suffix, suffixes))
+
+    def route(self, token: bytes) -> tuple[Upstream, bytes] | None:
+        """The open upstream a relayed ``token`` names and the token it had there (the owner's, or
+        one the next node relayed), or None (another process's token, or its upstream has closed)."""
+        inner, _, suffix = token.rpartition(b"@")
+        nonce, _, serial = suffix.partition(b".")
+        upstream = self._upstreams.get(int(serial)) if nonce == self.nonce else None
+        if upstream is None or upstream.transport is None or upstream.transport.is_closing():
+            return None
+        return upstream, inner
+
+
+def _is_token_suffix(suffix: bytes) -> bool:
+    """Whether ``suffix`` is ``<nonce>.<serial>``, the part a node adds to a token it relays."""
+    nonce, dot, serial = suffix.partition(b".")
+    return bool(dot) and len(nonce) == 8 and serial.isdigit()
+
+
+RELAYED_TOKENS = RelayedTokens()
+
+
+class KeptAnswer:
+    """An answer an upstream keeps instead of relaying it to the client: to a command this node sent
+    on its own behalf (``Upstream.capture``), or to a relayed ``REPLY`` (``Upstream.send_reply``)."""
+
+    __slots__ = ("before", "take")
+
+    def __init__(self, before: int, take: Callable[[bytes | None], bool]) -> None:
+        self.before = before  # replies owed to the client that come before it (after the one kept before)
+        self.take = take  # given each line of it (None: the connection is lost); True once it is whole
+
+
+def _one_line(answered: Callable[[bytes | None], None]) -> Callable[[bytes | None], bool]:
+    """A ``KeptAnswer.take`` for an answer of one line, which goes to ``answered``."""
+
+    def take(line: bytes | None) -> bool:
+        answered(line)
+        return True
+
+    return take
 
 
 class Upstream(asyncio.Protocol):
@@ -203,14 +299,18 @@ class Upstream(asyncio.Protocol):
         self.protocol = router.protocol  # the client's, which this connection speaks too
         self._hellos = 0  # HELLO replies to swallow: this node asked, not the client
         self.forwarded = False  # whether the client's own commands went here (not only its patterns)
-        # replies this node takes instead of the client: [relayed replies owed before it, callback]
-        self._captures: deque[list[Any]] = deque()
+        # answers this node keeps instead of relaying them to the client, oldest first (_takes)
+        self._kept_answers: deque[KeptAnswer] = deque()
+        self.token_serial = 0  # how the reply tokens it relays name it (RelayedTokens), once they do
+        self.requests: dict[int, int] = {}  # the owner's id of each request waiting -> the client's
+        # whether a REQ went this way: only then can a REQUESTED come, which the shortcut looks for
+        self.sent_requests = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.write(self.router.login_line() + b"CLUSTER UPSTREAM\n")
         # its answer is the first after CONNECTED: taken here, before any reply owed to the client
-        self._captures.appendleft([0, ignored_answer])
+        self._kept_answers.appendleft(KeptAnswer(0, _one_line(ignored_answer)))
         if self.protocol != 1:
             self.set_protocol(self.protocol)
 
@@ -224,6 +324,7 @@ class Upstream(asyncio.Protocol):
     def send(self, verb: bytes, rest: bytes, replies: int) -> None:
         """Send ``<verb> <id> <rest>`` with this connection's own client id at the owner."""
         self.outstanding += replies
+        self.sent_requests = self.sent_requests or verb == b"REQ"
         if self.client_id is None or self.transport is None:
             self._queued.append((verb, rest))
         else:
@@ -239,7 +340,7 @@ class Upstream(asyncio.Protocol):
             end
             and self.client_id is not None
             and not self._hellos
-            and not self._captures
+            and not self._kept_answers
             and self._relay_whole(data[:end])
         ):
             self._inbuf = bytearray(data[end:])
@@ -255,15 +356,15 @@ class Upstream(asyncio.Protocol):
                 pos = run_end
                 continue
             line = data[pos:nl]
-            if line.startswith(b"MSG ") or line.startswith(b"DMSG "):
+            if line.startswith(b"MSG ") or line.startswith(b"DMSG ") or line.startswith(b"RMSG "):
                 # a frame: relayed whole by its length, whatever its payload holds
                 stop = nl + 1 + int(line.rsplit(b" ", 1)[1])
                 if len(data) <= stop:
                     self._wanted = stop + 1 - pos
                     break
-                if line.startswith(b"DMSG "):
-                    line = self.router.relayed_delivery(self, line)
-                out.append(line + data[nl : stop + 1])
+                header = self._relayed_header(line)
+                if header is not None:
+                    out.append(header + data[nl : stop + 1])
                 pos = stop + 1
                 continue
             pos = nl + 1
@@ -279,8 +380,11 @@ class Upstream(asyncio.Protocol):
                 queued = (b"%s %s %s\n" % (verb, self.client_id, rest) for verb, rest in self._queued)
                 self.transport.write(b"".join(queued))
                 self._queued.clear()
-            elif self._captures and self._captured(line, out):
+            elif self._kept_answers and self._takes(line, out):
                 continue
+            elif line.startswith(b"REQUESTED "):  # after _takes: a reply owed to the client, counted
+                out.append(self.router.relayed_request(self, line) + b"\n")
+                self.outstanding -= 1
             else:
                 out.append(line + b"\n")
                 self.outstanding -= 1
@@ -292,34 +396,67 @@ class Upstream(asyncio.Protocol):
 
     def capture(self, verb: bytes, rest: bytes, answered: Callable[[bytes | None], None]) -> None:
         """Send ``<verb> <id> <rest>`` on this node's own behalf: its reply goes to ``answered``, not
-        to the client (None if the connection is lost first). The replies owed to the client before
-        it are counted, since the two kinds may interleave."""
-        before = self.outstanding - sum(capture[0] for capture in self._captures)
-        self._captures.append([before, answered])
-        if self.client_id is None or self.transport is None:
-            self._queued.append((verb, rest))
-        else:
-            self.transport.write(b"%s %s %s\n" % (verb, self.client_id, rest))
+        to the client (None if the connection is lost first)."""
+        self._keep(_one_line(answered))
+        self.send(verb, rest, 0)
 
-    def _captured(self, line: bytes, out: list[bytes]) -> bool:
-        """Whether reply ``line`` is the answer to the oldest ``capture``: then it is handed over (after
-        the lines relayed before it)."""
-        head = self._captures[0]
-        if head[0]:
-            head[0] -= 1
+    def send_reply(self, frame: bytes) -> None:
+        """Send a ``REPLY`` frame (with the owner's token), then a ``PING``. The owner answers nothing to
+        a ``REPLY`` it takes but an error to one it cannot (over its ``--max-payload``, its memory
+        full): the ``PONG`` ends what answers it, and this node keeps both (``_reply_answer``), so that
+        neither is taken for the reply to a command of this connection's client."""
+        assert self.transport is not None  # the token came over it, after CONNECTED: nothing is queued
+        self._keep(self._reply_answer)
+        self.transport.write(frame + b"PING\n")
+
+    def _keep(self, take: Callable[[bytes | None], bool]) -> None:
+        """Keep the answer to what is sent next, counting the replies owed to the client before it
+        (after the answer kept before it, if any): the two kinds interleave on the connection."""
+        before = self.outstanding - sum(kept.before for kept in self._kept_answers)
+        self._kept_answers.append(KeptAnswer(before, take))
+
+    def _takes(self, line: bytes, out: list[bytes]) -> bool:
+        """Whether reply ``line`` belongs to the oldest answer this node keeps: then it is handed over
+        (after the lines relayed before it). False for a reply owed to the client, counted."""
+        head = self._kept_answers[0]
+        if head.before:
+            head.before -= 1
             return False
-        self._captures.popleft()
+        self._kept_answers.popleft()
         if out:
             self.router.relay_chunk(b"".join(out))
             out.clear()
-        head[1](line)
+        if not head.take(line):
+            self._kept_answers.appendleft(head)  # more of its answer is to come
         return True
 
-    def fail_captures(self) -> None:
-        """The connection is lost: every capture still waiting is answered None."""
-        captures, self._captures = self._captures, deque()
-        for _, answered in captures:
-            answered(None)
+    def fail_kept_answers(self) -> None:
+        """The connection is lost: every answer still kept for is given None."""
+        kept_answers, self._kept_answers = self._kept_answers, deque()
+        for kept in kept_answers:
+            kept.take(None)
+
+    def _reply_answer(self, line: bytes | None) -> bool:
+        """A line that answers a relayed ``REPLY``: its ``PONG`` (the end), or the error before it
+        (logged: the replier is not told, as it is not of a reply that is dropped)."""
+        if line is None or line == b"PONG":
+            return True
+        log.info("%s refused a reply relayed to it: %s", self.node, line.decode(errors="replace"))
+        return False
+
+    def _relayed_header(self, line: bytes) -> bytes | None:
+        """A frame header from the owner as the client gets it: a ``DMSG`` tag renumbered, a reply
+        token with this upstream's suffix (RelayedTokens), an ``RMSG`` with the client's request id
+        (None: an ``RMSG`` for a request the client no longer waits for, dropped)."""
+        if line.startswith(b"RMSG "):
+            return self.router.relayed_reply(self, line)
+        if line.startswith(b"DMSG "):
+            line = self.router.relayed_delivery(self, line)
+        fields = line.split(b" ")
+        if len(fields) == (4 if fields[0] == b"MSG" else 6):  # MSG/DMSG of a request: with its token
+            fields[-2] += RELAYED_TOKENS.suffix(self)
+            return b" ".join(fields)
+        return line
 
     def _relay_whole(self, chunk: bytes) -> bool:
         """Relay whole lines at once, without splitting them, when they are only ``MESSAGE`` lines or
@@ -334,6 +471,7 @@ class Upstream(asyncio.Protocol):
             or b"DELIVER " in chunk
             or b"MSG " in chunk
             or b"ERROR UNKNOWN_DELIVERY_TAG" in chunk
+            or (self.sent_requests and b"REQUESTED " in chunk)
         ):
             return False
         self.outstanding -= lines
@@ -370,6 +508,7 @@ class Upstream(asyncio.Protocol):
         self.router.resume_input(self.node)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        RELAYED_TOKENS.forget(self)
         self.router.upstream_lost(self)
 
 
@@ -384,6 +523,7 @@ class RoutedConnection(_Connection):
         "_last_publish",
         "_last_slot",
         "_login",
+        "_next_remote_request",
         "_next_remote_tag",
         "_node_upstream",
         "_owner_wait_since",
@@ -392,6 +532,7 @@ class RoutedConnection(_Connection):
         "_pending",
         "_receiver",
         "_redirect",
+        "_remote_requests",
         "_remote_tags",
         "_replicas",
         "_skip",
@@ -433,6 +574,9 @@ class RoutedConnection(_Connection):
         self._upstreams: dict[str, Upstream] = {}
         self._remote_tags: dict[int, tuple[Upstream, int]] = {}  # client tag -> (owner, owner's tag)
         self._next_remote_tag = REMOTE_TAG_BASE
+        # the client's id of each request waiting at an owner -> (that owner, its id), oldest first
+        self._remote_requests: dict[int, tuple[Upstream, int]] = {}
+        self._next_remote_request = REMOTE_TAG_BASE
         self._holds: set[str] = set()  # why input is not processed: "core", "client", an owner
         self._redirect = False
         self._node_upstream = False  # another node's connection on behalf of its client (CLUSTER UPSTREAM)
@@ -616,21 +760,23 @@ class RoutedConnection(_Connection):
         the rest after the client id."""
         fields = line.split(None, 2)
         verb = fields[0].upper() if fields else b""
-        if verb == b"CLUSTER" or verb in _REQUEST_FRAMES:
+        if verb == b"CLUSTER":
             return None, verb, line[len(fields[0]) :].strip()
         if verb == b"CONNECT" and len(fields) == 3 and self._login is None:
             # the first login: a wrong one closes the connection, a later CONNECT is refused
             self._login = line
-        if verb == b"PUB" and b"\n" not in line and pub_nbytes(line) is not None:
+        if verb in _FRAME_VERBS and b"\n" not in line and frame_nbytes(line) is not None:
             # over --max-payload (split_commands): refused here, whoever sent it, as the router (not
             # the core) skips its payload
             return None, verb, line
+        if verb == b"REPLY":
+            return self._reply_source(fields[1] if len(fields) > 1 else b"", line), verb, line
         if len(fields) < 3 or (verb not in _TOPIC_COMMANDS and verb not in _SETTLE_COMMANDS):
             return _LOCAL, verb, b""
         own_id = self._broker.client_id(self._handle)
         if own_id is None or fields[1] != own_id.encode():
             return _LOCAL, verb, b""  # the core answers NOT_CONNECTED or WRONG_CLIENT_ID
-        if verb == b"PUB" and not is_whole_frame(line):
+        if verb in _FRAME_VERBS and not is_whole_frame(line):
             return _LOCAL, verb, b""  # the core answers BAD_FRAME and closes
         rest = fields[2]
         if verb in _SETTLE_COMMANDS:
@@ -672,17 +818,15 @@ class RoutedConnection(_Connection):
     def _answer(self, verb: bytes, rest: bytes) -> None:
         if verb == b"CLUSTER":
             self._cluster_command(rest)
-        elif verb in _REQUEST_FRAMES:
-            # a reply token names a connection of one node's core: request/reply does not span nodes
-            # (docs/cluster.md, limits); the frame's payload was taken whole by split_commands
-            self._reply(b"ERROR NO_REQUEST_IN_CLUSTER request/reply is not supported on a cluster node")
         elif verb in _SETTLE_COMMANDS:
             self._settle_remote(verb, rest)
-        elif verb == b"PUB" and b"\n" not in rest:
+        elif verb in _FRAME_VERBS and b"\n" not in rest:
             self._reply(
                 b"ERROR PAYLOAD_TOO_LARGE payload of %d bytes is over the limit of %d bytes"
-                % (pub_nbytes(rest) or 0, self._broker.limits["max_payload"])
+                % (frame_nbytes(rest) or 0, self._broker.limits["max_payload"])
             )
+        elif verb == b"REPLY":
+            self._relay_reply(rest)
         else:
             topic = rest.split(None, 1)[0]
             slot = slot_of(topic)
@@ -693,6 +837,59 @@ class RoutedConnection(_Connection):
                 self._reply(b"ERROR TRYAGAIN slot %d of '%s' has no owner yet: retry" % (slot, topic))
             else:
                 self._reply(b"ERROR MOVED %d %s" % (slot, address.encode()))
+
+    # -- request/reply across nodes (docs/cluster.md) -------------------------------------------------
+
+    def _reply_source(self, token: bytes, frame: bytes) -> str | None:
+        """Where a ``REPLY`` goes: None (``_relay_reply``) for a well-formed frame with a token an owner's
+        delivery carried (RelayedTokens) from a connected client; else the core, with this node's
+        own tokens and what it refuses as on one server (not connected, a bad frame or token)."""
+        if (
+            b"@" not in token
+            or self._broker.client_id(self._handle) is None
+            or not is_whole_frame(frame)
+            or not RELAYED_TOKENS.is_relayed(token)
+        ):
+            return _LOCAL
+        return None
+
+    def _relay_reply(self, frame: bytes) -> None:
+        """A ``REPLY`` with a relayed token: to the owner, over the upstream the token came on, with the
+        owner's own token (no answer, as for any ``REPLY``); dropped when that upstream has closed or
+        the token is another process's, as a reply to a requester that has gone is on one server."""
+        header, _, payload = frame.partition(b"\n")
+        _, token, nbytes = header.split()
+        route = RELAYED_TOKENS.route(token)
+        if route is None:
+            log.debug("dropped a reply to %r: its upstream has closed", token)
+            return
+        upstream, owner_token = route
+        upstream.send_reply(b"REPLY %s %s\n%s\n" % (owner_token, nbytes, payload))
+
+    def relayed_request(self, upstream: Upstream, line: bytes) -> bytes:
+        """``REQUESTED <id>`` from an owner with an id of this connection instead, from
+        ``REMOTE_TAG_BASE`` up like a relayed delivery's tag (the core's own ids are below it). Past
+        ``REQUEST_WINDOW`` requests waiting at owners the oldest is forgotten (its reply is dropped),
+        as the core forgets its own."""
+        owner_id = int(line[len(b"REQUESTED ") :])
+        client_id = self._next_remote_request
+        self._next_remote_request += 1
+        self._remote_requests[client_id] = (upstream, owner_id)
+        upstream.requests[owner_id] = client_id
+        if len(self._remote_requests) > REQUEST_WINDOW:
+            oldest_upstream, oldest_id = self._remote_requests.pop(next(iter(self._remote_requests)))
+            del oldest_upstream.requests[oldest_id]
+        return b"REQUESTED %d" % client_id
+
+    def relayed_reply(self, upstream: Upstream, header: bytes) -> bytes | None:
+        """An ``RMSG <id> <nbytes>`` header from an owner with the client's id of that request, which
+        waits no more; None when the client does not wait for it (forgotten: the reply is dropped)."""
+        _, owner_id, nbytes = header.split(b" ")
+        client_id = upstream.requests.pop(int(owner_id), None)
+        if client_id is None:
+            return None
+        del self._remote_requests[client_id]
+        return b"RMSG %d %s" % (client_id, nbytes)
 
     def login_line(self) -> bytes:
         """The CONNECT an upstream of this client sends: with ``--users``, the client's own (so the
@@ -853,7 +1050,7 @@ class RoutedConnection(_Connection):
         for tag in [tag for tag, (source, _) in self._remote_tags.items() if source is upstream]:
             del self._remote_tags[tag]
         self._patterns.lost(upstream.node)
-        upstream.fail_captures()  # after: a pattern command answered now may open a new upstream there
+        upstream.fail_kept_answers()  # after: a pattern command answered now may open a new upstream there
 
     def remote_members(self) -> list[str]:
         """The live members other than this node, which a pattern subscription is placed on."""
