@@ -186,13 +186,19 @@ def frame(
 
 @st.composite
 def command(
-    draw: st.DrawFn, topics: st.SearchStrategy[bytes] = topics, bye: bool = True, stats: bool = True
+    draw: st.DrawFn,
+    topics: st.SearchStrategy[bytes] = topics,
+    bye: bool = True,
+    stats: bool = True,
+    group_prefix: bytes = b"",
 ) -> bytes:
     """One command line, mostly well formed, sometimes not.
 
     ``bye=False`` leaves out DISCONNECT and broken frames (which close the
     connection); ``stats=False`` leaves STATS out (its figures are the whole
-    broker's, which a test of one connection on a shared server cannot predict).
+    broker's, which a test of one connection on a shared server cannot predict);
+    ``group_prefix`` goes before the topics and patterns of the consumer-group
+    commands (a test on a shared server keeps its examples apart with it).
     """
     kinds = ["pub", "pub", "frame", "sub", "sub", "unsub", "ping", "hello", "connect", "junk", "ack", "ack"]
     kinds += ["nack", "gpub", "gsub", "gunsub", "destroy"]
@@ -207,15 +213,23 @@ def command(
     elif kind == "sub":
         line = sep.join([_case(b"SUBSCRIBE", style), draw(ids), draw(topics)]) + draw(subscribe_options)
     elif kind == "gpub":
-        line = sep.join([_case(b"PUBLISH", style), draw(ids), draw(group_topics)]) + b" " + draw(messages)
-    elif kind == "gsub":
-        line = sep.join([_case(b"SUBSCRIBE", style), draw(ids), draw(group_patterns)]) + draw(group_options)
-    elif kind == "gunsub":
-        line = sep.join([_case(b"UNSUBSCRIBE", style), draw(ids), draw(group_patterns)]) + draw(
-            unsubscribe_groups
+        line = (
+            sep.join([_case(b"PUBLISH", style), draw(ids), group_prefix + draw(group_topics)])
+            + b" "
+            + draw(messages)
         )
+    elif kind == "gsub":
+        line = sep.join([_case(b"SUBSCRIBE", style), draw(ids), group_prefix + draw(group_patterns)]) + draw(
+            group_options
+        )
+    elif kind == "gunsub":
+        line = sep.join(
+            [_case(b"UNSUBSCRIBE", style), draw(ids), group_prefix + draw(group_patterns)]
+        ) + draw(unsubscribe_groups)
     elif kind == "destroy":
-        line = sep.join([_case(b"DESTROY", style), draw(ids), draw(group_patterns)]) + draw(destroy_groups)
+        line = sep.join([_case(b"DESTROY", style), draw(ids), group_prefix + draw(group_patterns)]) + draw(
+            destroy_groups
+        )
     elif kind == "ack":
         line = sep.join([_case(b"ACK", style), draw(ids), draw(tag_specs)])
     elif kind == "nack":
