@@ -13,8 +13,10 @@ from libc.stdlib cimport free, realloc
 from libc.string cimport memmove
 
 from pigeon.cluster._records cimport (
-    REC_DONE, REC_PUBLISH, RECORD_HEAD, SLOTS, TOPIC_AT, get16, get32, get64, publish_slot, record_size,
+    REC_DONE, REC_PUBLISH, RECORD_HEAD, SLOTS, TOPIC_AT, get16, get32, get64, crc32_init, publish_slot, record_size,
 )
+
+crc32_init()
 
 
 ctypedef struct Entry:

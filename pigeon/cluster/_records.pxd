@@ -10,28 +10,31 @@ cdef extern from *:
     """
     #include <stdint.h>
     #include <stddef.h>
-    /* CRC-32 as zlib computes it (the slot of a topic, pigeon/cluster/slots.py), by table:
-       the table is made the first time it is needed (a race on it writes the same values). */
+    /* CRC-32 as zlib computes it (the slot of a topic, pigeon/cluster/slots.py), by table. The
+       table is built once, when a module that includes this is imported (crc32_init): the walks
+       run on several threads without the GIL, and a table built on first use could be seen by
+       one thread half-filled while another builds it. */
     static uint32_t pigeon_crc32_table[256];
-    static int pigeon_crc32_ready = 0;
+    static void pigeon_crc32_init(void) {
+        uint32_t c, k;
+        size_t i;
+        for (i = 0; i < 256; i++) {
+            c = (uint32_t)i;
+            for (k = 0; k < 8; k++)
+                c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+            pigeon_crc32_table[i] = c;
+        }
+    }
     static uint32_t pigeon_crc32(const unsigned char *p, size_t n) {
         uint32_t crc = 0xFFFFFFFFu;
         size_t i;
-        if (!pigeon_crc32_ready) {
-            uint32_t c, k;
-            for (i = 0; i < 256; i++) {
-                c = (uint32_t)i;
-                for (k = 0; k < 8; k++)
-                    c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-                pigeon_crc32_table[i] = c;
-            }
-            pigeon_crc32_ready = 1;
-        }
         for (i = 0; i < n; i++)
             crc = pigeon_crc32_table[(crc ^ p[i]) & 0xFF] ^ (crc >> 8);
         return crc ^ 0xFFFFFFFFu;
     }
     """
+    # every module that cimports this calls crc32_init() once, at its import, before any walk
+    void crc32_init "pigeon_crc32_init"() noexcept nogil
     uint32_t crc32 "pigeon_crc32"(const unsigned char *p, size_t n) noexcept nogil
 
 

@@ -12,8 +12,10 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memset
 
 from pigeon.cluster._records cimport (
-    REC_DONE, REC_PUBLISH, RECORD_HEAD, SLOTS, publish_slot, record_size,
+    REC_DONE, REC_PUBLISH, RECORD_HEAD, SLOTS, crc32_init, publish_slot, record_size,
 )
+
+crc32_init()
 
 
 ctypedef struct Runs:
