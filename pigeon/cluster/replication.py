@@ -1,15 +1,16 @@
-"""Replication of durable topics (``--replicas 1``): each slot's log records go to its successor.
+"""Replication of durable topics (``--replicas N``): each slot's log records go to its successors.
 
 The owner of a slot hands every pass's records to its store (``Store.write``) and also sends the
-``PUBLISH`` records of each slot, and every ``DONE`` record, to that slot's *successor*: the next
-live member in the slot's rendezvous order, the node that takes the slot if the owner dies. The
-core runs as under ``--fsync always``: a ``PUBLISHED`` waits for ``Broker.log_synced``, which this
-module calls only once every successor that got records up to a position has confirmed them (and,
-under ``--fsync always``, the local disk has synced them). The successor keeps, per owner, the
-messages not done yet (``ReplicaStore``) and appends what it gets to a file of its own (synced
-before it confirms under ``--fsync always``); when it takes a slot, the cluster server puts that
-slot's messages into its core before it serves the slot. docs/cluster.md ("Replication") has the
-design and the guarantees.
+``PUBLISH`` records of each slot, and every ``DONE`` and ``DELIVERED`` record, to that slot's
+*successors*: the next N live members in the slot's rendezvous order, the first of which takes the
+slot if the owner dies. The core runs as under ``--fsync always``: a ``PUBLISHED`` waits for
+``Broker.log_synced``, which this module calls only once every successor that got records up to a
+position has confirmed them (and, under ``--fsync always``, the local disk has synced them). A
+successor keeps, per owner, the messages not done yet and the last ``DELIVERED`` record of each
+(``ReplicaStore``), and appends what it gets to a file of its own (synced before it confirms under
+``--fsync always``); when it takes a slot, the cluster server puts that slot's messages back into
+its core (``Broker.take_over``: with their groups and attempts) before it serves the slot.
+docs/cluster.md ("Replication") has the design and the guarantees.
 
 On the wire, a node opens a connection to its successor, sends ``CLUSTER REPLICATE <its name>``,
 waits for the same line back, then sends batches: a header (``BATCH``: the bytes of records that
@@ -39,7 +40,7 @@ log = logging.getLogger("pigeon.cluster")
 
 PUBLISH_KIND = 1
 DONE_KIND = 2
-PUBLISH_HEAD = struct.Struct("<QQIH")  # seq, time, attempt, topic length (after the kind byte)
+DELIVERED_KIND = 3
 LENGTH = struct.Struct("<I")
 DONE_RANGE = struct.Struct("<QQ")
 SEQ = struct.Struct("<Q")
@@ -56,15 +57,10 @@ RECONNECT_DELAY = 0.2
 SLOT_CACHE = 65536
 
 
-def published(data: bytes | memoryview, start: int) -> tuple[int, bytes, bytes]:
-    """(seq, topic field, message) of the ``PUBLISH`` record at ``start``."""
-    at = start + RECORD_HEAD.size + 1
-    seq, _, _, topic_len = PUBLISH_HEAD.unpack_from(data, at)
-    at += PUBLISH_HEAD.size
-    topic = bytes(data[at : at + topic_len])
-    at += topic_len
-    size: int = LENGTH.unpack_from(data, at)[0]
-    return seq, topic, bytes(data[at + LENGTH.size : at + LENGTH.size + size])
+def _record_at(chunk: bytes, start: int) -> memoryview:
+    """The whole record at ``start`` of ``chunk``."""
+    body: int = LENGTH.unpack_from(chunk, start)[0]
+    return memoryview(chunk)[start : start + RECORD_HEAD.size + body]
 
 
 def topic_slot(topic_field: bytes) -> int:
@@ -73,13 +69,14 @@ def topic_slot(topic_field: bytes) -> int:
 
 
 def split_records(
-    data: bytes | memoryview, successor: Callable[[int], str | None], done_to: Iterable[str]
+    data: bytes | memoryview, successors: Callable[[int], tuple[str, ...]], done_to: Iterable[str]
 ) -> dict[str, list[memoryview]]:
-    """The records of ``data`` each node gets: the ``PUBLISH`` records of the slots it is
-    ``successor(slot)`` of, and every ``DONE`` record to each of ``done_to``; as slices of ``data``,
-    neighbouring records in one. The busy path of replication: a few struct reads per record."""
+    """The records of ``data`` each node gets: the ``PUBLISH`` records of the slots it is one of
+    ``successors(slot)`` of, and every ``DONE`` and ``DELIVERED`` record to each of ``done_to``; as
+    slices of ``data``, neighbouring records in one. The busy path of replication: a few struct
+    reads per record."""
     runs: dict[str, list[list[int]]] = {}
-    nodes: dict[bytes, str | None] = {}  # topic field -> successor, for this batch
+    nodes: dict[bytes, tuple[str, ...]] = {}  # topic field -> successors, for this batch
     view = memoryview(data)
     pos, size = 0, len(view)
     while pos + RECORD_HEAD.size < size:
@@ -92,13 +89,12 @@ def split_records(
         if kind == PUBLISH_KIND:
             topic_len: int = TOPIC_LENGTH.unpack_from(view, pos + TOPIC_AT)[0]
             field = bytes(view[pos + TOPIC_AT + 2 : pos + TOPIC_AT + 2 + topic_len])
-            node = nodes.get(field, "")
-            if node == "":
-                node = nodes[field] = successor(topic_slot(field))
-            if node is not None:
-                targets = (node,)
-        elif kind == DONE_KIND:
-            targets = done_to
+            chosen = nodes.get(field)
+            if chosen is None:
+                chosen = nodes[field] = successors(topic_slot(field))
+            targets = chosen
+        else:
+            targets = done_to  # DONE and DELIVERED: they name seqs, not slots
         for node in targets:
             spans = runs.setdefault(node, [])
             if spans and spans[-1][1] == pos:
@@ -163,23 +159,38 @@ class ReplicaLink(asyncio.Protocol):
             self.transport.close()
 
 
+def successors_of(slot: int, owner: str, members: Iterable[str], replicas: int) -> tuple[str, ...]:
+    """The nodes that keep copies of ``slot``'s messages for ``owner``: the first ``replicas``
+    live members other than it, in the slot's rendezvous order (fewer when fewer are live). The
+    first is the node that takes the slot if the owner dies; the others, if it dies too."""
+    return tuple(node for node in owner_order(slot, members) if node != owner)[:replicas]
+
+
 class ReplicationSender:
     """The owner's half: sits between the core and its store (``on_log``/``on_sync``), sends each
-    slot's records to its successor and lets ``PUBLISHED`` go once they confirmed.
+    slot's records to its ``replicas`` successors and lets ``PUBLISHED`` go once every live one
+    confirmed.
 
     ``members()`` is the live member set as etcd said last (names to info with ``"address"``).
     """
 
     def __init__(
-        self, name: str, broker: Broker, store: Store, members: Callable[[], dict[str, Any]]
+        self,
+        name: str,
+        broker: Broker,
+        store: Store,
+        members: Callable[[], dict[str, Any]],
+        replicas: int = 1,
     ) -> None:
         self.name = name
         self.broker = broker
         self.store = store
+        self.replicas = replicas
         self._members = members
         self._links: dict[str, ReplicaLink] = {}
         self._unreachable: set[str] = set()  # successors warned about, until a connection works
-        self._successors: list[str | None] = [None] * SLOTS
+        self._successors: list[tuple[str, ...]] = [()] * SLOTS
+        self._needed: frozenset[str] = frozenset()  # every node that is a successor of some slot
         self._member_names: frozenset[str] = frozenset()
         self._written = int(broker.log_state["written"])  # the core's log position
         self._local = self._written  # what the disk holds, as --fsync promises it
@@ -205,18 +216,16 @@ class ReplicationSender:
             return
         self._member_names = names
         old = self._successors
-        self._successors = [
-            next((node for node in owner_order(slot, names) if node != self.name), None)
-            for slot in range(SLOTS)
-        ]
-        needed = {node for node in self._successors if node is not None}
+        self._successors = [successors_of(slot, self.name, names, self.replicas) for slot in range(SLOTS)]
+        needed = self._needed = frozenset(node for successors in self._successors for node in successors)
         for node in list(self._links):
             if node not in needed:
                 self._links.pop(node).close()
         moved: dict[str, set[int]] = {}
-        for slot, successor in enumerate(self._successors):
-            if successor is not None and successor != old[slot]:
-                moved.setdefault(successor, set()).add(slot)
+        for slot, successors in enumerate(self._successors):
+            for successor in successors:
+                if successor not in old[slot]:
+                    moved.setdefault(successor, set()).add(slot)
         for node, slots in sorted(moved.items()):
             link = self._links.get(node)
             if link is None:
@@ -252,7 +261,7 @@ class ReplicationSender:
         every connection attempt (a dead successor is retried until its lease expires, and the
         snapshot reads the whole log). Records written while it connected are in that snapshot."""
         if self._links.get(link.node) is link and not self._stopping:
-            self._snapshot(link, {slot for slot in range(SLOTS) if self._successors[slot] == link.node})
+            self._snapshot(link, {slot for slot in range(SLOTS) if link.node in self._successors[slot]})
 
     def link_lost(self, link: ReplicaLink) -> None:
         """A successor's connection broke: while it is still a successor, connect again after a
@@ -263,7 +272,7 @@ class ReplicationSender:
         asyncio.get_running_loop().call_later(RECONNECT_DELAY, self._reopen, link.node)
 
     def _reopen(self, node: str) -> None:
-        if not self._stopping and node not in self._links and node in self._successors:
+        if not self._stopping and node not in self._links and node in self._needed:
             self._open(node)
 
     def _snapshot(self, link: ReplicaLink, slots: set[int]) -> None:
@@ -273,7 +282,7 @@ class ReplicationSender:
         parts: list[memoryview] = []
         for path in self.store.segments():
             data = path.read_bytes()[len(HEADER) :]
-            chosen = split_records(data, lambda slot: link.node if slot in slots else None, (link.node,))
+            chosen = split_records(data, lambda slot: (link.node,) if slot in slots else (), (link.node,))
             parts.extend(chosen.get(link.node, []))
         link.send(b"".join(parts), self._written)
         log.info("sent a snapshot of %d slots (%d bytes) to %s", len(slots), sum(map(len, parts)), link.node)
@@ -291,9 +300,8 @@ class ReplicationSender:
         self._written += len(data)
         if self.store.fsync != "always":
             self._local = self._written
-        done_to = {node for node in self._successors if node is not None}
         waiting: set[str] = set()
-        for node, parts in split_records(data, self._successors.__getitem__, done_to).items():
+        for node, parts in split_records(data, self._successors.__getitem__, self._needed).items():
             link = self._links.get(node)
             if link is not None and link.ready:
                 link.send(b"".join(parts), self._written)
@@ -344,14 +352,16 @@ class ReplicationSender:
 
 class ReplicaStore:
     """The successor's half: per owner, the messages it replicated that are not done yet, in log
-    order, and the file under ``directory`` each owner's records are appended to (synced before
-    they are confirmed under --fsync always)."""
+    order, with the last ``DELIVERED`` record of each, and the file under ``directory`` each
+    owner's records are appended to (synced before they are confirmed under --fsync always)."""
 
     def __init__(self, directory: Path, fsync: str) -> None:
         self.directory = directory
         self.fsync = fsync
         # owner -> seq -> (slot, the records that hold it, where its record starts in them)
         self.messages: dict[str, dict[int, tuple[int, bytes, int]]] = {}
+        # owner -> seq -> (the records that hold its last DELIVERED record, where it starts)
+        self.delivered: dict[str, dict[int, tuple[bytes, int]]] = {}
         self._slots: dict[bytes, int] = {}  # topic field -> slot
         self._files: dict[str, int] = {}
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-replica-sync")
@@ -360,6 +370,7 @@ class ReplicaStore:
         """A new connection from ``owner``: it starts with a snapshot, so forget what it sent before."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self.messages[owner] = {}
+        self.delivered[owner] = {}
         old = self._files.pop(owner, None)
         if old is not None:
             os.close(old)
@@ -369,8 +380,9 @@ class ReplicaStore:
 
     def keep(self, owner: str, chunk: bytes) -> None:
         """Records from ``owner``: indexed in memory (the messages not done, each by where its record
-        is in ``chunk``) and appended to its file."""
+        is in ``chunk``, and where their last ``DELIVERED`` record is) and appended to its file."""
         index = self.messages.setdefault(owner, {})
+        delivered = self.delivered.setdefault(owner, {})
         slots = self._slots
         if len(slots) > SLOT_CACHE:
             slots.clear()
@@ -390,10 +402,16 @@ class ReplicaStore:
                 first, last = DONE_RANGE.unpack_from(view, pos + SEQ_AT)
                 if last - first < len(index):
                     for seq in range(first, last + 1):
-                        index.pop(seq, None)
+                        if index.pop(seq, None) is not None:
+                            delivered.pop(seq, None)
                 else:
                     for seq in [seq for seq in index if first <= seq <= last]:
                         del index[seq]
+                        delivered.pop(seq, None)
+            elif kind == DELIVERED_KIND:
+                seq = SEQ.unpack_from(view, pos + SEQ_AT)[0]
+                if seq in index:  # every successor gets every DELIVERED: keep those of its messages
+                    delivered[seq] = (chunk, pos)
             pos += RECORD_HEAD.size + body
         fd = self._files.get(owner)
         if fd is not None:
@@ -421,19 +439,45 @@ class ReplicaStore:
 
         self._syncer.submit(os.fdatasync, fd).add_done_callback(synced)
 
-    def take(self, slots: set[int], me: str) -> list[tuple[bytes, bytes]]:
-        """The messages of ``slots`` this node replicated for other owners, in each owner's log
-        order, removed from the replica: (topic field, message)."""
-        taken: list[tuple[bytes, bytes]] = []
+    def take(self, slots: set[int], me: str) -> list[bytes]:
+        """The messages of ``slots`` this node replicated for other owners, removed from the
+        replica: per owner, the ``PUBLISH`` record of each in its log order, each followed by its
+        last ``DELIVERED`` record if it has one (what ``Broker.take_over`` puts back)."""
+        taken: list[bytes] = []
         for owner, index in self.messages.items():
             if owner == me:
                 continue
-            mine = sorted(seq for seq, (slot, _, _) in index.items() if slot in slots)
-            for seq in mine:
+            delivered = self.delivered.get(owner, {})
+            parts: list[bytes | memoryview] = []
+            for seq in sorted(seq for seq, (slot, _, _) in index.items() if slot in slots):
                 _, chunk, start = index.pop(seq)
-                _, topic, message = published(chunk, start)
-                taken.append((topic, message))
+                parts.append(_record_at(chunk, start))
+                if seq in delivered:
+                    parts.append(_record_at(*delivered.pop(seq)))
+            if parts:
+                taken.append(b"".join(parts))
         return taken
+
+    def forget_taken(self, owners: dict[int, str], members: Iterable[str], me: str) -> None:
+        """Drop the messages of owners that are gone (not in ``members``) in the slots another
+        node serves now (``owners``: slot to owner, as etcd says): that node took them over and
+        replicates them as its own (with ``--replicas 2`` or more every successor of the dead
+        owner held them, and only the first took them)."""
+        live = set(members)
+        for owner, index in self.messages.items():
+            if owner in live or not index:
+                continue
+            stale = [seq for seq, (slot, _, _) in index.items() if owners.get(slot) not in (None, me, owner)]
+            delivered = self.delivered.get(owner, {})
+            for seq in stale:
+                del index[seq]
+                delivered.pop(seq, None)
+            if stale:
+                log.info(
+                    "dropped %d replicated messages of %s that another node took over",
+                    len(stale),
+                    owner,
+                )
 
     def close(self) -> None:
         """Close the files."""
