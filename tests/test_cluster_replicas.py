@@ -167,6 +167,21 @@ class _Load:
             duplicates = len(self.received) - len(set(self.received))
             return len(self.confirmed), lost, duplicates
 
+    def recovered_after_kill(self, node: ServerProcess, log_of: ServerProcess) -> float:
+        """``kill -9`` of ``node``; once a batch sent after the kill is confirmed whole, how long
+        after the kill that was (``log_of``'s log tail in the failure message)."""
+        node.proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        node.proc.wait()
+        deadline = killed + TTL + 60
+        while True:
+            assert time.monotonic() < deadline, f"publishing did not recover: {log_of.log[-20:]}"
+            with self.lock:
+                after = [done for sent, done in self.whole_batches if sent > killed]
+            if after:
+                return after[0] - killed
+            time.sleep(0.05)
+
 
 def test_kill_9_of_a_busy_owner_loses_no_confirmed_message(etcd: EtcdProcess, tmp_path: Path) -> None:
     nodes = _cluster(etcd, tmp_path)
@@ -178,24 +193,38 @@ def test_kill_9_of_a_busy_owner_loses_no_confirmed_message(etcd: EtcdProcess, tm
         with load.lock:
             before = len(load.confirmed)
         assert before > 0
-        nodes["n0"].proc.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        nodes["n0"].proc.wait()
-        # recovered: a batch sent after the kill is confirmed whole
-        deadline = killed + TTL + 60
-        recovered = None
-        while recovered is None:
-            assert time.monotonic() < deadline, f"publishing did not recover: {nodes['n1'].log[-20:]}"
-            with load.lock:
-                after = [done for sent, done in load.whole_batches if sent > killed]
-            if after:
-                recovered = after[0] - killed
-            time.sleep(0.05)
+        recovered = load.recovered_after_kill(nodes["n0"], nodes["n1"])
         time.sleep(3)
         confirmed, lost, duplicates = load.finish(timeout=60)
         print(
             f"kill -9 of the owner under load: {confirmed} confirmed, {lost} lost, {duplicates} duplicates; "
             f"a batch sent after the kill was confirmed {recovered:.2f} s after it (TTL {TTL} s)"
+        )
+        assert lost == 0
+    finally:
+        _stop(nodes)
+
+
+def test_kill_9_of_two_busy_owners_one_after_the_other_with_two_replicas_loses_nothing_confirmed(
+    etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    nodes = _cluster(etcd, tmp_path, replicas=2)
+    try:
+        owned = wait_balanced(list(nodes.values()))
+        topic = topic_owned_by(owned, "n0", "busy")
+        first, last = owner_order(slot_of(topic.encode()), list(NAMES))[1:]
+        # the clients are on the node that outlives the others
+        load = _Load(nodes, topic, last, [last, last])
+        time.sleep(3)
+        recovered = [load.recovered_after_kill(nodes["n0"], nodes[last])]
+        time.sleep(3)  # the first successor serves the topic, and replicates it to the last node
+        recovered.append(load.recovered_after_kill(nodes[first], nodes[last]))
+        time.sleep(3)
+        confirmed, lost, duplicates = load.finish(timeout=60)
+        print(
+            f"kill -9 of the owner, then of the new owner, under load with --replicas 2: {confirmed} "
+            f"confirmed, {lost} lost, {duplicates} duplicates; a batch sent after each kill was confirmed "
+            f"{recovered[0]:.2f} s and {recovered[1]:.2f} s after it (TTL {TTL} s)"
         )
         assert lost == 0
     finally:
@@ -432,6 +461,11 @@ def test_replicas_need_a_cluster_and_a_data_dir_and_no_users(tmp_path: Path) -> 
     )
     assert done.returncode == 2
     assert "--replicas cannot be used with --users" in done.stderr
+    done = subprocess.run(
+        [*server_command(), "--replicas", "-1"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 2
+    assert "--replicas: must be 0 or more, not -1" in done.stderr
 
 
 class _Core:
