@@ -366,15 +366,21 @@ def test_delivery_attempts_carry_over_a_failover_and_dead_lettering_counts_them(
         # the second NACK puts it off for long: it is NACKed twice and not out when the owner dies
         consumer.send(f"NACK {consumer.client_id} {consumer.tag} 600000\n")
         assert consumer.quiet(0.5)
-        consumer.close()
+        # y is out for delivery when the owner dies
+        _publish(nodes[third], topic, ["y"])
+        assert _delivery(consumer) == (b"y", 1)
         time.sleep(1.0)  # the owner's DELIVERED records reach its successor (nothing waits for them)
         _kill(nodes["n0"])
+        consumer.close()
         wait_balanced([nodes[successor], nodes[third]], timeout=TTL + 30)
         consumer = _acking(nodes[third], topic)
         # delivered twice before: this is attempt 3, the last --max-deliveries allows
         assert _delivery(consumer) == (b"x", 3)
         consumer.send(f"NACK {consumer.client_id} {consumer.tag}\n")
-        assert consumer.quiet(1.0), "delivered a fourth time instead of dead-lettered"
+        # x is dead-lettered rather than delivered a fourth time; y was out: this is its attempt 2
+        assert _delivery(consumer) == (b"y", 2)
+        consumer.send(f"ACK {consumer.client_id} {consumer.tag}\n")
+        assert consumer.quiet(1.0), "more deliveries than expected"
         consumer.close()
         assert _stats(nodes[successor])["dead_lettered"] == 1
     finally:
