@@ -149,6 +149,9 @@ class Broker:
     def recover_restore(self, data: bytes | memoryview | mmap, limit: int) -> int:
         """Put the messages not done of scanned records back in their topics, at most ``limit`` records;
         returns the bytes walked."""
+    def take_over(self, records: bytes | memoryview) -> int:
+        """Put back another node's messages from its PUBLISH and DELIVERED records (in its log order), as a
+        recovery does, each as a new message of this log; returns how many came back."""
     @property
     def recovering(self) -> bool:
         """Whether a restore is running."""

@@ -402,6 +402,22 @@ cdef class Broker:
         self._settle()
         return walked
 
+    def take_over(self, records):
+        """Put back another node's messages (a cluster node taking over a dead owner's topics):
+        ``records`` are its PUBLISH records of the messages not done and their DELIVERED records,
+        in its log order. Each message comes back as a recovery brings it back from this node's
+        own log (at the tail of its topic, a group's copy in its group, with its attempt), as a
+        new message of this log, and its topic's subscribers get it. Returns how many came back;
+        ValueError when a record is not sound, MemoryError when they cannot be held."""
+        cdef const unsigned char[:] view = records
+        cdef uint64_t messages
+        if view.shape[0] == 0:
+            return 0
+        messages = recovery_take_over(self, <const char *>&view[0], view.shape[0])
+        self._settle()
+        flush(self)
+        return messages
+
     @property
     def recovering(self):
         """Whether a restore is running (between recover_scanned and recover_finish)."""

@@ -10,28 +10,30 @@ cdef extern from *:
     """
     #include <stdint.h>
     #include <stddef.h>
-    /* CRC-32 as zlib computes it (the slot of a topic, pigeon/cluster/slots.py), by table:
-       the table is made the first time it is needed (a race on it writes the same values). */
+    /* CRC-32 as zlib computes it (the slot of a topic, pigeon/cluster/slots.py), by table. The
+       table is built once, when the module that includes this is imported (crc32_init): the walks
+       run without Python's lock, and a table built lazily by one thread could be seen as ready by
+       another before it is filled. */
     static uint32_t pigeon_crc32_table[256];
-    static int pigeon_crc32_ready = 0;
+    static void pigeon_crc32_init(void) {
+        uint32_t c, k, i;
+        for (i = 0; i < 256; i++) {
+            c = i;
+            for (k = 0; k < 8; k++)
+                c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+            pigeon_crc32_table[i] = c;
+        }
+    }
     static uint32_t pigeon_crc32(const unsigned char *p, size_t n) {
         uint32_t crc = 0xFFFFFFFFu;
         size_t i;
-        if (!pigeon_crc32_ready) {
-            uint32_t c, k;
-            for (i = 0; i < 256; i++) {
-                c = (uint32_t)i;
-                for (k = 0; k < 8; k++)
-                    c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-                pigeon_crc32_table[i] = c;
-            }
-            pigeon_crc32_ready = 1;
-        }
         for (i = 0; i < n; i++)
             crc = pigeon_crc32_table[(crc ^ p[i]) & 0xFF] ^ (crc >> 8);
         return crc ^ 0xFFFFFFFFu;
     }
     """
+    # every module that cimports this calls crc32_init() once, at its import, before any walk
+    void crc32_init "pigeon_crc32_init"() noexcept nogil
     uint32_t crc32 "pigeon_crc32"(const unsigned char *p, size_t n) noexcept nogil
 
 
@@ -40,7 +42,10 @@ cdef enum:
     RECORD_HEAD = 8         # u32 body length, u32 CRC-32C of the body
     REC_PUBLISH = 1         # u64 seq, u64 time_ms, u32 attempt, u16 topic_len, topic, u32 len, payload
     REC_DONE = 2            # u64 first, u64 last
+    REC_DELIVERED = 3       # u64 seq, u32 attempt
     TOPIC_AT = RECORD_HEAD + 1 + 8 + 8 + 4   # a PUBLISH record's topic length, from its start
+    SEQ_AT = RECORD_HEAD + 1                 # a PUBLISH's, DONE's (first) or DELIVERED's seq
+    ATTEMPT_AT = RECORD_HEAD + 1 + 8         # a DELIVERED record's attempt
 
 
 # Records are little-endian whatever the host: read byte by byte (the compiler makes one load of it).
