@@ -1,6 +1,7 @@
-"""Durable publish throughput on a 3-node cluster with ``--replicas 0`` against ``--replicas 1``.
+"""Durable publish throughput on a 3-node cluster with ``--replicas 0`` against ``--replicas 1``
+(or the counts ``--compare`` names: ``0,1,2`` adds two successors per slot).
 
-    python -m benchmarks.replicas [--repeats 3] [--duration 3] [--fsync everysec]
+    python -m benchmarks.replicas [--repeats 3] [--duration 3] [--fsync everysec] [--compare 0,1]
 
 Each setup: a real etcd and three ``pigeon --cluster`` nodes, each with its own ``--data-dir``
 (and the roomy limits of ``pigeon.bench.brokers``). One publisher connected straight to the owner
@@ -101,17 +102,18 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--fsync", choices=("everysec", "always", "no"), default="everysec")
+    parser.add_argument("--compare", default="0,1", help="the --replicas counts, the first the base")
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()}")
-    rates: dict[int, list[float]] = {0: [], 1: []}
+    rates: dict[int, list[float]] = {int(count): [] for count in args.compare.split(",")}
     with EtcdProcess() as etcd:
         for _ in range(args.repeats):
-            for replicas in (0, 1):
+            for replicas in rates:
                 rate = measure(etcd, replicas, args.fsync, args.duration)
                 rates[replicas].append(rate)
                 print(f"--replicas {replicas} --fsync {args.fsync}: {rate:,.0f} msgs/s", flush=True)
     print(f"load average after: {os.getloadavg()}")
-    base = statistics.median(rates[0])
+    base = statistics.median(next(iter(rates.values())))
     for replicas, values in rates.items():
         median = statistics.median(values)
         print(f"--replicas {replicas}: median {median:,.0f} msgs/s ({median / base:.2f}x)")

@@ -155,6 +155,11 @@ class Broker:
         """Put the messages not done of scanned records back in their topics, at most ``limit`` records,
         with ``checksums`` checking each PUBLISH record's first; returns ``(bytes walked, None or what is
         wrong with the record there)``."""
+    def take_over(self, records: bytes | memoryview) -> int:
+        """Put back another node's messages from its PUBLISH and DELIVERED records (in its log order), as a
+        recovery does (each PUBLISH record's checksum checked as its message comes back), each as a new
+        message of this log; returns how many came back. ValueError at a record not sound (the messages
+        before a PUBLISH record whose checksum does not match came back)."""
     @property
     def recovering(self) -> bool:
         """Whether a restore is running."""

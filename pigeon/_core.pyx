@@ -408,6 +408,28 @@ cdef class Broker:
         self._settle()
         return walked, CHECKSUM_MISMATCH if damaged else None
 
+    def take_over(self, records):
+        """Put back another node's messages (a cluster node taking over a dead owner's topics):
+        ``records`` are its PUBLISH records of the messages not done and their DELIVERED records,
+        in its log order. Each message comes back as a recovery brings it back from this node's
+        own log (at the tail of its topic, a group's copy in its group, with its attempt), as a
+        new message of this log, and its topic's subscribers get it. Returns how many came back;
+        MemoryError when they cannot be held; ValueError when a record is not sound: nothing came
+        back, or, at a PUBLISH record whose checksum does not match (checked as each message comes
+        back, as a restore checks them), the messages before it and none after it."""
+        cdef const unsigned char[:] view = records
+        cdef uint64_t messages
+        cdef Py_ssize_t damaged_at
+        if view.shape[0] == 0:
+            return 0
+        messages = recovery_take_over(self, <const char *>&view[0], view.shape[0], &damaged_at)
+        self._settle()
+        flush(self)
+        if damaged_at >= 0:
+            raise ValueError(f"{CHECKSUM_MISMATCH} at offset {damaged_at}: messages put back before it: "
+                             f"{messages}, none after it")
+        return messages
+
     @property
     def recovering(self):
         """Whether a restore is running (between recover_scanned and recover_finish)."""

@@ -110,6 +110,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _replica_count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
 def _flag(limit: str) -> str:
     return "--" + limit.replace("_", "-")
 
@@ -288,12 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cluster.add_argument(
         "--replicas",
-        type=int,
-        choices=(0, 1),
+        type=_replica_count,
         default=0,
         metavar="N",
-        help="copy each durable topic's messages to N other node (0 or 1) before PUBLISHED, so that "
-        "losing a node loses no confirmed message; needs --data-dir (default %(default)s)",
+        help="copy each durable topic's messages to N other nodes before PUBLISHED (to as many as are "
+        "live when fewer are), so that losing N nodes loses no confirmed message; needs --data-dir "
+        "(default %(default)s)",
     )
     cluster.add_argument(
         "--node-user",

@@ -43,7 +43,10 @@ cdef enum:
     RECORD_HEAD = 8         # u32 body length, u32 CRC-32C of the body
     REC_PUBLISH = 1         # u64 seq, u64 time_ms, u32 attempt, u16 topic_len, topic, u32 len, payload
     REC_DONE = 2            # u64 first, u64 last
+    REC_DELIVERED = 3       # u64 seq, u32 attempt
     TOPIC_AT = RECORD_HEAD + 1 + 8 + 8 + 4   # a PUBLISH record's topic length, from its start
+    SEQ_AT = RECORD_HEAD + 1                 # a PUBLISH's, DONE's (first) or DELIVERED's seq
+    ATTEMPT_AT = RECORD_HEAD + 1 + 8         # a DELIVERED record's attempt
 
 
 # Records are little-endian whatever the host: read byte by byte (the compiler makes one load of it).

@@ -2,9 +2,10 @@
 """The owner's split of its log records among the nodes that replicate them, in C.
 
 ``SlotSplitter`` holds, per slot, the nodes its ``PUBLISH`` records go to, and the nodes every
-``DONE`` record goes to; ``split`` walks one pass's records without Python's lock and gives each
-node its records as runs (slices of the records, neighbouring records in one run): a Python object
-per run, none per record. pigeon/cluster/replication.py uses it (docs/cluster.md, "Replication").
+other record (``DONE``, ``DELIVERED``: they name seqs, not slots) goes to; ``split`` walks one
+pass's records without Python's lock and gives each node its records as runs (slices of the
+records, neighbouring records in one run): a Python object per run, none per record.
+pigeon/cluster/replication.py uses it (docs/cluster.md, "Replication").
 """
 
 from libc.stdint cimport uint32_t
@@ -12,7 +13,7 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memset
 
 from pigeon.cluster._records cimport (
-    REC_DONE, REC_PUBLISH, RECORD_HEAD, SLOTS, crc32_init, publish_slot, record_size,
+    REC_PUBLISH, RECORD_HEAD, SLOTS, crc32_init, publish_slot, record_size,
 )
 
 crc32_init()
@@ -48,7 +49,8 @@ cdef int _extend(Runs *runs, size_t start, size_t end) noexcept nogil:
 
 cdef class SlotSplitter:
     """Which nodes get which records: ``targets[slot]`` (one entry per slot) names the nodes that
-    get the ``PUBLISH`` records of ``slot``, ``done_to`` those that get every ``DONE`` record."""
+    get the ``PUBLISH`` records of ``slot``, ``done_to`` those that get every other record
+    (``DONE`` and ``DELIVERED``)."""
 
     cdef readonly tuple nodes       # every node named, by its number here
     cdef uint32_t *_targets         # the numbers of each slot's nodes, slot after slot
@@ -98,11 +100,9 @@ cdef class SlotSplitter:
                 slot = publish_slot(p + pos)
                 chosen = self._targets + self._starts[slot]
                 last = self._starts[slot + 1] - self._starts[slot]
-            elif p[pos + RECORD_HEAD] == REC_DONE:
+            else:
                 chosen = self._done_to
                 last = self._ndone
-            else:
-                last = 0
             for i in range(last):
                 if _extend(&runs[chosen[i]], pos, pos + size) < 0:
                     return -1

@@ -1,15 +1,16 @@
-"""Replication of durable topics (``--replicas 1``): each slot's log records go to its successor.
+"""Replication of durable topics (``--replicas N``): each slot's log records go to its successors.
 
 The owner of a slot hands every pass's records to its store (``Store.write``) and also sends the
-``PUBLISH`` records of each slot, and every ``DONE`` record, to that slot's *successor*: the next
-live member in the slot's rendezvous order, the node that takes the slot if the owner dies. The
-core runs as under ``--fsync always``: a ``PUBLISHED`` waits for ``Broker.log_synced``, which this
-module calls only once every successor that got records up to a position has confirmed them (and,
-under ``--fsync always``, the local disk has synced them). The successor keeps, per owner, the
-messages not done yet (``ReplicaStore``) and appends what it gets to a file of its own (synced
-before it confirms under ``--fsync always``); when it takes a slot, the cluster server puts that
-slot's messages into its core before it serves the slot. docs/cluster.md ("Replication") has the
-design and the guarantees.
+``PUBLISH`` records of each slot, and every ``DONE`` and ``DELIVERED`` record, to that slot's
+*successors*: the next N live members in the slot's rendezvous order, the first of which takes the
+slot if the owner dies. The core runs as under ``--fsync always``: a ``PUBLISHED`` waits for
+``Broker.log_synced``, which this module calls only once every successor that got records up to a
+position has confirmed them (and, under ``--fsync always``, the local disk has synced them). A
+successor keeps, per owner, the messages not done yet and the last ``DELIVERED`` record of each
+(``ReplicaStore``), and appends what it gets to a file of its own (synced before it confirms under
+``--fsync always``); when it takes a slot, the cluster server puts that slot's messages back into
+its core (``Broker.take_over``: with their groups and attempts) before it serves the slot.
+docs/cluster.md ("Replication") has the design and the guarantees.
 
 On the wire, a node opens a connection to its successor, sends ``CLUSTER REPLICATE <its name>``,
 waits for the same line back, then sends batches: a header (``BATCH``: the bytes of records that
@@ -55,21 +56,13 @@ HOLD_MAX = 1 << 20
 
 
 def split_records(
-    data: bytes | memoryview,
-    targets: Callable[[int], str | tuple[str, ...] | None],
-    done_to: Iterable[str],
+    data: bytes | memoryview, successors: Callable[[int], tuple[str, ...]], done_to: Iterable[str]
 ) -> dict[str, list[memoryview]]:
     """The records of ``data`` each node gets: the ``PUBLISH`` records of the slots it is one of
-    ``targets(slot)`` of, and every ``DONE`` record to each of ``done_to``; as slices of ``data``,
-    neighbouring records in one. The walk is C's (``SlotSplitter``, without Python's lock)."""
-    return SlotSplitter([slot_targets(targets(slot)) for slot in range(SLOTS)], done_to).split(data)
-
-
-def slot_targets(nodes: str | tuple[str, ...] | None) -> tuple[str, ...]:
-    """A slot's targets as a tuple: a node's name, several, or None for none."""
-    if nodes is None:
-        return ()
-    return (nodes,) if isinstance(nodes, str) else nodes
+    ``successors(slot)`` of, and every ``DONE`` and ``DELIVERED`` record to each of ``done_to``; as
+    slices of ``data``, neighbouring records in one. The walk is C's (``SlotSplitter``, without
+    Python's lock)."""
+    return SlotSplitter([successors(slot) for slot in range(SLOTS)], done_to).split(data)
 
 
 class ReplicaLink(asyncio.Protocol):
@@ -185,9 +178,17 @@ class ReplicaLink(asyncio.Protocol):
             self.transport.close()
 
 
+def successors_of(slot: int, owner: str, members: Iterable[str], replicas: int) -> tuple[str, ...]:
+    """The nodes that keep copies of ``slot``'s messages for ``owner``: the first ``replicas``
+    live members other than it, in the slot's rendezvous order (fewer when fewer are live). The
+    first is the node that takes the slot if the owner dies; the others, if it dies too."""
+    return tuple(node for node in owner_order(slot, members) if node != owner)[:replicas]
+
+
 class ReplicationSender:
     """The owner's half: sits between the core and its store (``on_log``/``on_sync``), sends each
-    slot's records to its successor and lets ``PUBLISHED`` go once they confirmed.
+    slot's records to its ``replicas`` successors and lets ``PUBLISHED`` go once every live one
+    confirmed.
 
     ``members()`` is the live member set as etcd said last (names to info with ``"address"``);
     ``login`` is the ``CONNECT <user> <password>`` line a link sends first where nodes require
@@ -201,16 +202,19 @@ class ReplicationSender:
         store: Store,
         members: Callable[[], dict[str, Any]],
         login: bytes = b"",
+        replicas: int = 1,
     ) -> None:
         self.name = name
         self.login = login
         self.broker = broker
         self.store = store
+        self.replicas = replicas
         self._members = members
         self._links: dict[str, ReplicaLink] = {}
         self._unreachable: set[str] = set()  # successors warned about, until a connection works
-        self._successors: list[str | None] = [None] * SLOTS
-        self._splitter = SlotSplitter([()] * SLOTS, ())  # each pass's records to the successors
+        self._successors: list[tuple[str, ...]] = [()] * SLOTS
+        self._needed: frozenset[str] = frozenset()  # every node that is a successor of some slot
+        self._splitter = SlotSplitter(self._successors, ())  # each pass's records to the successors
         self._member_names: frozenset[str] = frozenset()
         self._written = int(broker.log_state["written"])  # the core's log position
         self._local = self._written  # what the disk holds, as --fsync promises it
@@ -238,19 +242,17 @@ class ReplicationSender:
             return
         self._member_names = names
         old = self._successors
-        self._successors = [
-            next((node for node in owner_order(slot, names) if node != self.name), None)
-            for slot in range(SLOTS)
-        ]
-        needed = {node for node in self._successors if node is not None}
-        self._splitter = SlotSplitter([slot_targets(node) for node in self._successors], needed)
+        self._successors = [successors_of(slot, self.name, names, self.replicas) for slot in range(SLOTS)]
+        needed = self._needed = frozenset(node for successors in self._successors for node in successors)
+        self._splitter = SlotSplitter(self._successors, needed)
         for node in list(self._links):
             if node not in needed:
                 self._links.pop(node).close()
         moved: dict[str, set[int]] = {}
-        for slot, successor in enumerate(self._successors):
-            if successor is not None and successor != old[slot]:
-                moved.setdefault(successor, set()).add(slot)
+        for slot, successors in enumerate(self._successors):
+            for successor in successors:
+                if successor not in old[slot]:
+                    moved.setdefault(successor, set()).add(slot)
         for node, slots in sorted(moved.items()):
             link = self._links.get(node)
             if link is None:
@@ -286,7 +288,7 @@ class ReplicationSender:
         every connection attempt (a dead successor is retried until its lease expires, and the
         snapshot reads the whole log). Records written while it connected are in that snapshot."""
         if self._links.get(link.node) is link and not self._stopping:
-            self._snapshot(link, {slot for slot in range(SLOTS) if self._successors[slot] == link.node})
+            self._snapshot(link, {slot for slot in range(SLOTS) if link.node in self._successors[slot]})
 
     def link_lost(self, link: ReplicaLink) -> None:
         """A successor's connection broke: while it is still a successor, connect again after a
@@ -297,14 +299,15 @@ class ReplicationSender:
         asyncio.get_running_loop().call_later(RECONNECT_DELAY, self._reopen, link.node)
 
     def _reopen(self, node: str) -> None:
-        if not self._stopping and node not in self._links and node in self._successors:
+        if not self._stopping and node not in self._links and node in self._needed:
             self._open(node)
 
     def _snapshot(self, link: ReplicaLink, slots: set[int]) -> None:
-        """Send ``link`` every record on disk of ``slots`` (and every DONE): the successor then has
-        every message of theirs not done. Every position not confirmed yet waits for it too. The
-        segments are opened now, as they are at this position, and read on a thread, so the loop
-        serves on meanwhile; records written meanwhile wait behind the snapshot on the link."""
+        """Send ``link`` every record on disk of ``slots`` (and every DONE and DELIVERED): the
+        successor then has every message of theirs not done, with its attempts. Every position not
+        confirmed yet waits for it too. The segments are opened now, as they are at this position,
+        and read on a thread, so the loop serves on meanwhile; records written meanwhile wait
+        behind the snapshot on the link. Each successor's link gets its own snapshot, read in turn."""
         loop = asyncio.get_running_loop()
         served = _commands(self.broker)
         snapshot = self._reader.submit(read_snapshot, self._segment_files(), link.node, frozenset(slots))
@@ -406,12 +409,13 @@ class ReplicationSender:
 
 def read_snapshot(files: list[tuple[int, int | None]], node: str, slots: frozenset[int]) -> bytes:
     """The records of segment ``files`` (descriptor, bytes to read or None for all) that ``node``
-    gets for ``slots``: their PUBLISH records, and every DONE. Runs on a thread; closes the files."""
+    gets for ``slots``: their PUBLISH records, and every DONE and DELIVERED. Runs on a thread;
+    closes the files."""
     parts: list[memoryview] = []
     try:
         for fd, size in files:
             data = os.pread(fd, os.fstat(fd).st_size if size is None else size, 0)[len(HEADER) :]
-            chosen = split_records(data, lambda slot: node if slot in slots else None, (node,))
+            chosen = split_records(data, lambda slot: (node,) if slot in slots else (), (node,))
             parts.extend(chosen.get(node, []))
     finally:
         for fd, _ in files:
@@ -426,13 +430,14 @@ def _commands(broker: Broker) -> int:
 
 class ReplicaStore:
     """The successor's half: per owner, the messages it replicated that are not done yet, in log
-    order, and the file under ``directory`` each owner's records are appended to (synced before
-    they are confirmed under --fsync always)."""
+    order, with the last ``DELIVERED`` record of each, and the file under ``directory`` each
+    owner's records are appended to (synced before they are confirmed under --fsync always)."""
 
     def __init__(self, directory: Path, fsync: str) -> None:
         self.directory = directory
         self.fsync = fsync
-        self.messages: dict[str, ReplicaIndex] = {}  # per owner, its messages not done
+        # per owner, its messages not done, each with its last DELIVERED record
+        self.messages: dict[str, ReplicaIndex] = {}
         self._files: dict[str, int] = {}
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-replica-sync")
 
@@ -449,7 +454,8 @@ class ReplicaStore:
 
     def keep(self, owner: str, chunk: bytes) -> None:
         """Records from ``owner``: indexed in memory (``ReplicaIndex``: the messages not done, each by
-        where its record is in ``chunk``) and appended to its file."""
+        where its record is in ``chunk``, and where its last ``DELIVERED`` record is) and appended
+        to its file."""
         index = self.messages.get(owner)
         if index is None:
             index = self.messages[owner] = ReplicaIndex()
@@ -480,14 +486,31 @@ class ReplicaStore:
 
         self._syncer.submit(os.fdatasync, fd).add_done_callback(synced)
 
-    def take(self, slots: set[int], me: str) -> list[tuple[bytes, bytes]]:
-        """The messages of ``slots`` this node replicated for other owners, in each owner's log
-        order, removed from the replica: (topic field, message)."""
-        taken: list[tuple[bytes, bytes]] = []
+    def take(self, slots: set[int], me: str) -> list[bytes]:
+        """The messages of ``slots`` this node replicated for other owners, removed from the
+        replica: per owner, the ``PUBLISH`` record of each in its log order, each followed by its
+        last ``DELIVERED`` record if it has one (what ``Broker.take_over`` puts back)."""
+        taken: list[bytes] = []
         for owner, index in self.messages.items():
             if owner != me:
-                taken.extend(index.take(slots))
+                records = index.take(slots)
+                if records:
+                    taken.append(records)
         return taken
+
+    def forget_taken(self, owners: dict[int, str], members: Iterable[str], me: str) -> None:
+        """Drop the messages of owners that are gone (not in ``members``) in the slots another
+        node serves now (``owners``: slot to owner, as etcd says): that node took them over and
+        replicates them as its own (with ``--replicas 2`` or more every successor of the dead
+        owner held them, and only the first took them)."""
+        live = set(members)
+        for owner, index in self.messages.items():
+            if owner in live or not index:
+                continue
+            taken = {slot for slot, node in owners.items() if node not in (me, owner)}
+            forgotten = index.forget(taken)
+            if forgotten:
+                log.info("dropped %d replicated messages of %s that another node took over", forgotten, owner)
 
     def close(self) -> None:
         """Close the files."""

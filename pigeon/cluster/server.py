@@ -30,8 +30,8 @@ class ClusterServer(Server):
     ``advertise`` (``host:port``) is where clients and other nodes reach it; by default its own
     host and port. With ``node_port`` (0 picks a free one) the node also listens on that port of
     its host, and advertises it: the way to reach this very node when its client port is shared by
-    several processes (``pigeon --workers``). With ``replicas=1`` (and a ``data_dir``) each durable
-    topic's messages are copied to its slot's successor before ``PUBLISHED`` (docs/cluster.md,
+    several processes (``pigeon --workers``). With ``replicas=N`` (and a ``data_dir``) each durable
+    topic's messages are copied to its slot's N successors before ``PUBLISHED`` (docs/cluster.md,
     "Replication"). ``node_login`` (user, password) is what this node logs in as on other nodes
     (``--node-user``): needed for replicas when ``users_file`` requires logins, and checked against
     it. The other keywords are ``Server``'s.
@@ -50,11 +50,11 @@ class ClusterServer(Server):
         node_login: tuple[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
-        if replicas not in (0, 1):
-            raise ValueError("--replicas must be 0 or 1 in this version")
+        if replicas < 0:
+            raise ValueError("--replicas must be 0 or more")
         if replicas and kwargs.get("data_dir") is None:
             raise ValueError("--replicas needs --data-dir: only durable topics are replicated")
-        self._replicating = bool(replicas)  # read by core_fsync, from Server.__init__
+        self._replicating = replicas  # read by core_fsync, from Server.__init__
         super().__init__(*args, **kwargs)
         self.replicas: ReplicaStore | None = None
         self._sender: ReplicationSender | None = None
@@ -145,7 +145,12 @@ class ClusterServer(Server):
             await asyncio.sleep(0.01)
         assert self.store is not None
         self._sender = ReplicationSender(
-            self.cluster.name, self.broker, self.store, lambda: self.cluster.members, self._node_login
+            self.cluster.name,
+            self.broker,
+            self.store,
+            lambda: self.cluster.members,
+            login=self._node_login,
+            replicas=self._replicating,
         )
         self._sender.attach()
 
@@ -169,19 +174,26 @@ class ClusterServer(Server):
         for conn in list(self._connections.values()):
             if isinstance(conn, RoutedConnection):
                 conn.members_changed()
+        if self.replicas is not None:
+            self.replicas.forget_taken(self.cluster.owners, self.cluster.members, self.cluster.name)
 
     def _taking(self, slots: list[int]) -> None:
         """Before serving slots taken from a dead (or departed) owner: their replicated messages
-        not done go to their topics first, in the owner's order, ahead of anything new."""
+        not done go to their topics (a group's copies to their group) first, in the owner's order,
+        ahead of anything new, with their delivery attempts (``Broker.take_over``)."""
         if self.replicas is None:
             return
         started = time.perf_counter()
-        messages = self.replicas.take(set(slots), self.cluster.name)
+        messages = 0
+        for records in self.replicas.take(set(slots), self.cluster.name):
+            try:
+                messages += self.broker.take_over(records)
+            except (ValueError, MemoryError) as exc:
+                log.error("could not take over replicated messages: %s", exc)
         if messages:
-            InternalClient(self.broker).publish(messages)
             log.info(
                 "took over %d replicated messages of %d slots in %.3f s",
-                len(messages),
+                messages,
                 len(slots),
                 time.perf_counter() - started,
             )

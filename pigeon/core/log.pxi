@@ -575,6 +575,15 @@ cdef void recovery_scanned(Broker b, Recovery *r) noexcept:
     """The scan is over: the DONE runs sorted and merged, the DELIVERED pairs sorted, new
     messages numbered after the log's, and new records in a new segment (the last one may end
     torn). The restore starts: PUBLISH waits until it ends."""
+    _recovery_sort(r)
+    if r.max_seq > b.next_seq:
+        b.next_seq = r.max_seq
+    b.log.rotate_next = True
+    r.restoring = True
+
+
+cdef void _recovery_sort(Recovery *r) noexcept:
+    """The DONE runs sorted and merged, the DELIVERED pairs sorted: what the restore looks up."""
     cdef size_t i, kept = 0
     qsort(r.done, r.ndone, 2 * sizeof(uint64_t), compare_u64)
     for i in range(r.ndone):
@@ -587,10 +596,6 @@ cdef void recovery_scanned(Broker b, Recovery *r) noexcept:
             kept += 1
     r.ndone = kept
     qsort(r.delivered, r.ndelivered, 2 * sizeof(uint64_t), compare_u64)
-    if r.max_seq > b.next_seq:
-        b.next_seq = r.max_seq
-    b.log.rotate_next = True
-    r.restoring = True
 
 
 cdef bint _is_done(Recovery *r, uint64_t seq) noexcept:
@@ -649,13 +654,14 @@ cdef Topic *_restore_topic(Broker b, const char *name, size_t n) noexcept:
 
 
 cdef Py_ssize_t recovery_restore(Broker b, Recovery *r, const char *data, size_t n, size_t limit,
-                                 bint checksums, bint *damaged) except -1:
+                                 bint checksums, bint *damaged, bint renumber=False) except -1:
     """Walk the records of ``data`` (scanned before) and put each message not done at the tail of
     its topic, with its attempt; stop at a record boundary after ``limit`` records. With
     ``checksums`` (the scan left them) each PUBLISH record's checksum is checked first: at one
     that does not match the walk stops before it and sets ``damaged``. Returns the bytes
     walked. The topics that got messages are drained at the end (their subscribers get them at
-    the next flush)."""
+    the next flush). With ``renumber`` the records are another node's (recovery_take_over):
+    each message is a new one of this log, numbered and recorded with its attempt."""
     cdef size_t pos = 0, walked = 0, body, start
     cdef const char *rec
     cdef uint64_t seq
@@ -703,9 +709,17 @@ cdef Py_ssize_t recovery_restore(Broker b, Recovery *r, const char *data, size_t
             topics_drop_if_unused(b, t)
             out_of_memory = True
             break
-        b.next_seq -= 1     # msg_new numbered it: it keeps the seq of its record
-        msg.seq = seq
         msg.attempt = _attempt(r, seq, _get32(rec + 17))
+        if renumber:
+            # a new message of this log (msg_new numbered it), recorded with its attempt
+            if b.log.durable and (log_publish_copy(b, msg) if space != NULL
+                                  else log_publish(b, msg.seq, t, msg_data(msg), length, msg.attempt)) < 0:
+                msg_release(b, msg)
+                out_of_memory = True
+                break
+        else:
+            b.next_seq -= 1     # msg_new numbered it: it keeps the seq of its record
+            msg.seq = seq
         if queue_push(&b.mem, &msg.topic.backlog, msg) < 0 or _count_topic(b, r, msg.topic.serial) < 0:
             msg_release(b, msg)
             out_of_memory = True
@@ -714,11 +728,13 @@ cdef Py_ssize_t recovery_restore(Broker b, Recovery *r, const char *data, size_t
         touch_topic(msg.topic, &touched)
         b.backlog_messages += 1
         b.backlog_bytes += length
-        b.log.live += 1
-        b.log.live_bytes += RECORD_HEAD + body
-        j = _epoch_of(&b.log, seq)
-        if j < b.log.nepochs:
-            b.log.epoch_live[j] += 1
+        if not renumber:
+            # its record is in the log already (log_publish counts a new one)
+            b.log.live += 1
+            b.log.live_bytes += RECORD_HEAD + body
+            j = _epoch_of(&b.log, seq)
+            if j < b.log.nepochs:
+                b.log.epoch_live[j] += 1
         if r.oldest == 0:
             r.oldest = seq
         r.messages += 1
@@ -750,6 +766,36 @@ cdef tuple recovery_finish(Broker b, Recovery *r):
     r.done_bytes = total
     flow_storage_freed(b)
     return result
+
+
+cdef uint64_t recovery_take_over(Broker b, const char *data, size_t n, Py_ssize_t *damaged_at) except? 0:
+    """Put back another node's messages: ``data`` holds its PUBLISH records of messages not done
+    and their DELIVERED records, in its log order. They are checked and replayed as a recovery
+    does (each to the tail of its topic, a group's copy to its group made again, with the highest
+    attempt its records say), but each is a new message of this log. As a start scans a sealed
+    segment, the scan leaves the PUBLISH records' checksums to the restore, which checks each
+    before its message comes back: at one that does not match ``damaged_at`` says where it is
+    (else -1), and the messages before it are back, none after it. Returns how many came back;
+    ValueError when the scan finds a record not sound (nothing was put back)."""
+    cdef Recovery r
+    cdef uint64_t messages
+    cdef Py_ssize_t walked
+    cdef bint damaged = False
+    memset(&r, 0, sizeof(Recovery))
+    damaged_at[0] = -1
+    try:
+        offset, problem = recovery_scan(b, &r, data, n, False)
+        if problem is not None:
+            raise ValueError(f"{problem} at offset {offset}")
+        _recovery_sort(&r)
+        walked = recovery_restore(b, &r, data, n, <size_t>-1, True, &damaged, True)
+        if damaged:
+            damaged_at[0] = walked
+        messages = r.messages
+    finally:
+        _recovery_free(b, &r)
+    groups_recovered(b)
+    return messages
 
 
 cdef bint log_restoring_hold(Broker b, int32_t h) noexcept:

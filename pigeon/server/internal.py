@@ -1,5 +1,5 @@
-"""A connection of the core's own, with no socket: how a node puts messages into its core (or takes
-them out) by the protocol, exactly as a client would, so the core records them in its log."""
+"""A connection of the core's own, with no socket: how a node takes messages out of its core by
+the protocol, exactly as a client would, so the core records them as done in its log."""
 
 from __future__ import annotations
 
@@ -19,14 +19,12 @@ DRAIN_TIMEOUT = 30.0
 class InternalClient:
     """One core connection, speaking protocol 2, whose output goes nowhere but here.
 
-    ``publish`` sends messages and closes once every ``PUBLISHED`` came back; ``drain`` subscribes
-    to topics (a plain subscription: what it is handed is done) and closes once they are empty.
+    ``drain`` subscribes to topics (a plain subscription: what it is handed is done) and closes
+    once they are empty.
     """
 
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
-        self._expected = 0
-        self._replies = 0
         self._client_id = b""
         self.handle = broker.open(self._output, "internal")
         broker.feed(self.handle, b"CONNECT\nHELLO 2\n")
@@ -37,29 +35,8 @@ class InternalClient:
         if not self._client_id and data.startswith(b"CONNECTED "):
             self._client_id = data.split(None, 2)[1]
         for line in data.split(b"\n"):
-            if line.startswith(b"PUBLISHED"):
-                self._replies += 1
-            elif line.startswith(b"ERROR"):
+            if line.startswith(b"ERROR"):
                 log.warning("an internal connection got %s", line[:200].decode(errors="replace"))
-        if self._expected and self._replies >= self._expected:
-            self._expected = 0
-            asyncio.get_running_loop().call_soon(self._broker.close, self.handle)
-
-    def publish(self, messages: list[tuple[bytes, bytes]]) -> None:
-        """Publish each (topic, message) in order; a consumer group's copy (a topic field with a
-        space) is left out: groups are not replicated in this version."""
-        frames = [
-            b"PUB %s %s %d\n%s\n" % (self._client_id, topic, len(message), message)
-            for topic, message in messages
-            if b" " not in topic
-        ]
-        if len(frames) < len(messages):
-            log.warning("left out %d consumer group copies (not replicated)", len(messages) - len(frames))
-        if not frames:
-            self._broker.close(self.handle)
-            return
-        self._expected = len(frames)
-        self._broker.feed(self.handle, b"".join(frames))
 
     def drain(self, topics: list[bytes]) -> None:
         """Take every message of ``topics`` (they are done), then close."""
