@@ -761,3 +761,31 @@ def test_a_taken_over_message_keeps_its_group_and_its_attempt_and_so_does_the_su
         [b"SUBSCRIBED t", b"DELIVER t 1 3 m2"],
     )
 
+
+def test_a_take_over_checks_the_records_as_a_restore_checks_a_sealed_segment() -> None:
+    """Handed-over records are checked as a start checks a sealed segment of its own log: the scan
+    checks every record's length and fields (damage there: nothing is put back), and leaves the
+    checksums of the PUBLISH records to the restore, which checks each before its message goes back
+    (a mismatch: the messages before it are back, none after it, and the error says where)."""
+    records = _core_records([b"".join(b"PUBLISH c1 t m%d\n" % i for i in range(3))])
+    starts = [0]
+    while starts[-1] < len(records):
+        starts.append(starts[-1] + 8 + int.from_bytes(records[starts[-1] : starts[-1] + 4], "little"))
+    assert len(starts) == 4  # three PUBLISH records, and the end
+    damaged = bytearray(records)
+    damaged[starts[2] - 1] ^= 0xFF  # the last byte of the second message: its checksum no longer matches
+    core = _Core()
+    with pytest.raises(ValueError) as raised:
+        core.broker.take_over(bytes(damaged))
+    assert str(raised.value) == (
+        f"a record whose checksum does not match at offset {starts[1]}: messages put back before it: 1, "
+        "none after it"
+    )
+    assert _drained(core, b"t") == [b"m0"]
+    core = _Core()
+    with pytest.raises(ValueError, match=f"a record cut short at offset {starts[2]}"):
+        core.broker.take_over(records[: starts[3] - 1])
+    assert _drained(core, b"t") == []
+    core = _Core()
+    assert core.broker.take_over(records) == 3
+    assert _drained(core, b"t") == [b"m0", b"m1", b"m2"]
