@@ -479,16 +479,19 @@ class _Pinger:
         return self.pongs
 
 
+@pytest.mark.parametrize("replicas", [1, 2])
 def test_an_owner_serves_while_a_snapshot_is_read_and_the_snapshot_goes_first(
-    etcd: EtcdProcess, tmp_path: Path
+    etcd: EtcdProcess, tmp_path: Path, replicas: int
 ) -> None:
     """A node joins and becomes the successor of a slot whose owner holds a large log: the owner reads
     the snapshot off its loop (it answers meanwhile, and says how many commands it served), and what
     is published meanwhile reaches the new successor after the snapshot, so that after kill -9 of the
-    owner the successor has every message, in order."""
+    owner the successor has every message, in order. With ``--replicas 2`` the new node is the first
+    of the slot's two successors: its link's snapshot is read on the thread the same way while the
+    other successor's link goes on."""
     # a lease long enough for the successor's take-over of 40 MB on its loop, on a loaded machine
     ttl = ("--cluster-ttl", "10")
-    nodes = {name: _node(etcd, name, tmp_path, *ttl) for name in ("n0", "n1")}
+    nodes = {name: _node(etcd, name, tmp_path, *ttl, replicas=replicas) for name in ("n0", "n1")}
     try:
         wait_balanced(list(nodes.values()))
         topic = next(
@@ -509,7 +512,7 @@ def test_an_owner_serves_while_a_snapshot_is_read_and_the_snapshot_goes_first(
             publish(start, start + 1000)
             assert publisher.lines(1000) == [f"PUBLISHED {topic}".encode()] * 1000
         pinger = _Pinger(nodes["n0"])
-        nodes["n2"] = _node(etcd, "n2", tmp_path, *ttl)
+        nodes["n2"] = _node(etcd, "n2", tmp_path, *ttl, replicas=replicas)
         live = 200  # published while the snapshot is (most likely) being read: they must come after it
         publish(count, count + live)
         sent = nodes["n0"].wait_for_log(" bytes) to n2\n", timeout=120)
@@ -520,7 +523,8 @@ def test_an_owner_serves_while_a_snapshot_is_read_and_the_snapshot_goes_first(
         assert publisher.lines(live) == [f"PUBLISHED {topic}".encode()] * live  # the successor confirmed
         nodes["n0"].proc.send_signal(signal.SIGKILL)
         nodes["n0"].proc.wait()
-        assert nodes["n2"].wait_for_log(f"took over {count + live} replicated messages", timeout=70)
+        took = nodes["n2"].wait_for_log(f"took over {count + live} replicated messages", timeout=70)
+        print(f"the take-over: {took.strip()}")
         got = _consume(nodes["n2"], topic, count + live)
         assert [int(message.split(b"-", 1)[0]) for message in got] == list(range(count + live))
     finally:
