@@ -131,10 +131,16 @@ def wait_preferred(nodes: list[ServerProcess], timeout: float = 30.0) -> dict[st
         time.sleep(0.1)
 
 
-def connected(node: ServerProcess) -> LineClient:
-    """A client of ``node`` that has sent CONNECT."""
-    client = node.client()
-    client.connect()
+def connected(node: ServerProcess, login: tuple[str, str] | None = None, timeout: float = 10.0) -> LineClient:
+    """A client of ``node`` that has sent CONNECT (with ``login``'s user and password, where given)."""
+    client = node.client(timeout)
+    if login is None:
+        client.connect()
+    else:
+        user, password = login
+        reply = client.ask(f"CONNECT {user} {password}").decode()
+        assert reply.startswith("CONNECTED "), reply
+        client.client_id = reply.split(" ", 1)[1]
     return client
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from pigeon.cluster.etcd import EtcdProcess
 from pigeon.testing import ServerProcess, server_command
-from tests.cluster_kit import TTL, start_node, topic_owned_by
-from tests.test_cluster_replicas import _Load
+from tests.cluster_kit import TTL, connected, start_node, topic_owned_by
+from tests.test_cluster_replicas import _Load, _publish, _successor
 from tests.test_security_wire import USERS, password_of, users_toml
 
 pytestmark = pytest.mark.slow
@@ -75,11 +75,45 @@ def test_kill_9_of_a_busy_owner_loses_no_confirmed_message_with_logins(
             node.stop()
 
 
-def wait_balanced_logged_in(nodes: dict[str, ServerProcess]) -> dict[str, set[int]]:
+def test_a_killed_owners_backlog_is_taken_over_and_its_stale_copy_dropped_with_logins(
+    etcd: EtcdProcess, tmp_path: Path, users: Path
+) -> None:
+    """The successor puts the replicated messages into its core through a connection of its own,
+    which needs no login; so does a returning node dropping its stale copies (both were refused with
+    AUTH_REQUIRED: the messages were taken out of the replica and lost, the node could not start)."""
+    login = ("--node-user", "node", "--node-password-file", str(_password_file(tmp_path, "node")))
+    nodes = {name: _node(etcd, name, tmp_path, users, *login) for name in NAMES}
+    try:
+        owned = wait_balanced_logged_in(nodes)
+        topic = topic_owned_by(owned, "n0", "orders.backlog")
+        successor = _successor(topic, "n0", list(NAMES))
+        third = next(name for name in NAMES if name not in ("n0", successor))
+        _publish(nodes[third], topic, [f"m{i}" for i in range(500)], _login("orders-api"))
+        nodes["n0"].proc.send_signal(signal.SIGKILL)
+        nodes["n0"].proc.wait()
+        live = {name: node for name, node in nodes.items() if name != "n0"}
+        wait_balanced_logged_in(live, timeout=TTL + 30)
+        assert nodes[successor].wait_for_log("took over 500 replicated messages", timeout=TTL + 30)
+        consumer = connected(nodes[third], _login("worker"), timeout=TTL + 30)
+        consumer.subscribe(topic)
+        got = [consumer.line() for _ in range(500)]
+        assert got == [f"MESSAGE {topic} m{i}".encode() for i in range(500)]
+        consumer.close()
+        # n0 comes back: its log still holds all 500, which are stale now
+        nodes["n0"] = _node(etcd, "n0", tmp_path, users, *login)
+        assert nodes["n0"].wait_for_log("dropping the messages of 1 topics")
+        wait_balanced_logged_in(nodes)
+        assert not any("internal connection got" in line for node in nodes.values() for line in node.log)
+    finally:
+        for node in nodes.values():
+            node.stop()
+
+
+def wait_balanced_logged_in(nodes: dict[str, ServerProcess], timeout: float = 60) -> dict[str, set[int]]:
     """``wait_balanced`` asked as the admin (``CLUSTER STATUS`` needs a login with --users)."""
     from pigeon import Client
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     while True:
         owned: dict[str, set[int]] = {}
         for name, node in nodes.items():

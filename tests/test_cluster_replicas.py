@@ -268,8 +268,10 @@ def _consume(node: ServerProcess, topic: str, count: int, last: bool = True, gro
     return got
 
 
-def _publish(node: ServerProcess, topic: str, bodies: list[str]) -> None:
-    publisher = connected(node)
+def _publish(
+    node: ServerProcess, topic: str, bodies: list[str], login: tuple[str, str] | None = None
+) -> None:
+    publisher = connected(node, login)
     publisher.send("".join(f"PUBLISH {publisher.client_id} {topic} {body}\n" for body in bodies))
     assert publisher.lines(len(bodies)) == [f"PUBLISHED {topic}".encode()] * len(bodies)
     publisher.close()

@@ -14,6 +14,9 @@ log = logging.getLogger("pigeon")
 # How often a drain looks whether its topics are empty, and for how long at most.
 DRAIN_POLL = 0.05
 DRAIN_TIMEOUT = 30.0
+# The user an internal connection is, as the core shows it (STATS CONNECTIONS, as its peer is
+# "internal"): granted by the server itself, it needs no entry in the users file.
+INTERNAL_USER = "internal"
 
 
 class InternalClient:
@@ -27,6 +30,10 @@ class InternalClient:
         self._broker = broker
         self._client_id = b""
         self.handle = broker.open(self._output, "internal")
+        # the server's own connection: an identity vouched for, allowed everything, so that a bare
+        # CONNECT is answered where logins are required too (--users: else AUTH_REQUIRED, and what
+        # it was to put back or take out would be lost)
+        broker.grant(self.handle, INTERNAL_USER, [], [], admin=True)
         broker.feed(self.handle, b"CONNECT\nHELLO 2\n")
         if not self._client_id:
             raise RuntimeError("the core did not answer CONNECT on an internal connection")
