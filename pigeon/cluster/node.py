@@ -310,9 +310,12 @@ class ClusterNode:
                 await self._rebalance()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except (aetcd.ClientError, TimeoutError, OSError) as exc:
                 self.etcd_ok = False
                 log.debug("cluster read failed: %s", exc)
+            except Exception:
+                # not etcd's: a failure of this node's own (a takeover's, say) must not pass as one
+                log.exception("balancing the slots failed")
 
     def _settled(self, node: str | None) -> bool:
         """Whether ``node`` has been a member for JOIN_GRACE seconds, as this node saw it."""
