@@ -10,10 +10,12 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pigeon.cluster.etcd import EtcdProcess
+from pigeon.cluster.slots import owner_order, slot_of
 from pigeon.testing import ServerProcess, server_command
 from tests.cluster_kit import TTL, connected, start_node, topic_owned_by
 from tests.test_cluster_replicas import _Load, _publish, _successor
@@ -107,6 +109,70 @@ def test_a_killed_owners_backlog_is_taken_over_and_its_stale_copy_dropped_with_l
     finally:
         for node in nodes.values():
             node.stop()
+
+
+def test_a_publish_waits_for_a_new_successor_that_refuses_until_it_lets_the_owner_in(
+    etcd: EtcdProcess, tmp_path: Path, users: Path
+) -> None:
+    """A publish waiting for its successor, which dies, then waits for the next one, even while that
+    one's link is not ready (here: it refuses the owner's node login until its users file is fixed
+    and reloaded); it used to be confirmed at once, held by no other node. The owner retries a
+    refusing successor, and once it is let in the message is confirmed and survives the owner."""
+    node_login = ("--node-user", "node", "--node-password-file", str(_password_file(tmp_path, "node")))
+    # n2's own node user is node2; it does not know the user n0 logs in as
+    n2_users = tmp_path / "n2-users.toml"
+    n2_users.write_text(users_toml({**USERS, "node2": {"cluster": True}}))
+    n2_login = ("--node-user", "node2", "--node-password-file", str(_password_file(tmp_path, "node2")))
+    topic = next(
+        f"orders.at-risk{n}"
+        for n in range(10_000)
+        if owner_order(slot_of(f"orders.at-risk{n}".encode()), NAMES) == list(NAMES)
+    )
+    nodes = {name: _node(etcd, name, tmp_path, users, *node_login) for name in ("n0", "n1")}
+    try:
+        wait_balanced_logged_in(nodes)
+        nodes["n2"] = _node(etcd, "n2", tmp_path, n2_users, *n2_login)
+        wait_balanced_logged_in(nodes)
+        publisher = connected(nodes["n0"], _login("orders-api"))
+        publisher.publish(topic, "m0")  # replicated to n1, its successor
+        slots_of_n0 = _cluster_seen_by(nodes["n2"])["members"]["n0"]["slots"]
+        nodes["n1"].proc.send_signal(signal.SIGSTOP)
+        publisher.send(f"PUBLISH {publisher.client_id} {topic} m1")
+        # n1's lease expires and n0 takes some of its slots, having made n2 the successor (asked of
+        # n2: a CLUSTER command on n0 waits behind m1's PUBLISHED, which waits)
+        deadline = time.monotonic() + TTL + 30
+        while "n1" in (members := _cluster_seen_by(nodes["n2"])["members"]) or len(
+            members["n0"]["slots"]
+        ) <= len(slots_of_n0):
+            assert time.monotonic() < deadline, f"n1's slots were not taken: {members}"
+            time.sleep(0.1)
+        publisher.sock.settimeout(TTL)
+        with pytest.raises(TimeoutError):
+            publisher.line()  # not PUBLISHED: no live successor holds m1
+        assert nodes["n0"].wait_for_log("n2 refused to keep replicas")
+        n2_users.write_text(users_toml(NODE_USERS | {"node2": {"cluster": True}}))
+        nodes["n2"].proc.send_signal(signal.SIGHUP)
+        publisher.sock.settimeout(30)
+        assert publisher.line() == f"PUBLISHED {topic}".encode()  # n2 let n0 in and holds m1
+        publisher.close()
+        nodes["n0"].proc.send_signal(signal.SIGKILL)
+        nodes["n0"].proc.wait()
+        assert nodes["n2"].wait_for_log("took over 2 replicated messages", timeout=TTL + 30)
+        consumer = connected(nodes["n2"], _login("worker"))
+        consumer.subscribe(topic)
+        assert consumer.lines(2) == [f"MESSAGE {topic} m0".encode(), f"MESSAGE {topic} m1".encode()]
+        consumer.close()
+    finally:
+        nodes["n1"].proc.send_signal(signal.SIGCONT)
+        for node in nodes.values():
+            node.stop()
+
+
+def _cluster_seen_by(node: ServerProcess) -> dict[str, Any]:
+    from pigeon import Client
+
+    with Client(node.host, node.port, user="ops", password=password_of("ops")) as admin:
+        return admin.cluster()
 
 
 def wait_balanced_logged_in(nodes: dict[str, ServerProcess], timeout: float = 60) -> dict[str, set[int]]:

@@ -51,6 +51,8 @@ ACK = struct.Struct("<Q")
 REPLICATE = b"CLUSTER REPLICATE"
 # Seconds between two attempts to reach a successor that did not answer.
 RECONNECT_DELAY = 0.2
+# Seconds between two attempts at a successor that refused this node (each costs it a password check).
+REFUSED_DELAY = 2.0
 # Bytes of records a link holds back while a batch is in flight, before it sends them anyway.
 HOLD_MAX = 1 << 20
 
@@ -153,8 +155,7 @@ class ReplicaLink(asyncio.Protocol):
                 self.data_received(b"")  # this node's login went through: the answer follows
                 return
             if not line.startswith(REPLICATE):
-                log.warning("%s refused to keep replicas: %r", self.node, line)
-                self.close()
+                self.sender.link_refused(self, line)
                 return
             self.ready = True
             self.sender.link_ready(self)
@@ -211,7 +212,7 @@ class ReplicationSender:
         self.replicas = replicas
         self._members = members
         self._links: dict[str, ReplicaLink] = {}
-        self._unreachable: set[str] = set()  # successors warned about, until a connection works
+        self._unreachable: set[str] = set()  # successors warned about, until one takes replicas
         self._successors: list[tuple[str, ...]] = [()] * SLOTS
         self._needed: frozenset[str] = frozenset()  # every node that is a successor of some slot
         self._splitter = SlotSplitter(self._successors, ())  # each pass's records to the successors
@@ -261,6 +262,9 @@ class ReplicationSender:
                 self._snapshot(link, slots)  # a link not ready yet gets every slot of its node then
         for _, nodes in self._pending:
             nodes.intersection_update(needed)
+            # a new successor's snapshot will hold every record written so far: until it confirms,
+            # they wait for it (else, their old successor gone, they would wait for no one)
+            nodes.update(moved)
         self._release_soon()
 
     def _open(self, node: str) -> None:
@@ -280,15 +284,28 @@ class ReplicationSender:
                 self._unreachable.add(link.node)
                 log.warning("cannot reach %s to keep replicas: %s (retrying)", link.node, done.exception())
             link.connection_lost(None)
-        else:
-            self._unreachable.discard(link.node)
 
     def link_ready(self, link: ReplicaLink) -> None:
         """A successor accepted ``link``: it gets a snapshot of all its slots, read now and not at
         every connection attempt (a dead successor is retried until its lease expires, and the
         snapshot reads the whole log). Records written while it connected are in that snapshot."""
+        self._unreachable.discard(link.node)
         if self._links.get(link.node) is link and not self._stopping:
             self._snapshot(link, {slot for slot in range(SLOTS) if link.node in self._successors[slot]})
+
+    def link_refused(self, link: ReplicaLink, answer: bytes) -> None:
+        """``link``'s successor refused to keep replicas (it does not accept this node's login, say):
+        warn once, and try again as after a broken connection, since a reload of its users file
+        (SIGHUP) may let this node in. What waits for it waits on."""
+        if link.node not in self._unreachable:
+            self._unreachable.add(link.node)
+            log.warning(
+                "%s refused to keep replicas: %r (retrying every %g s)", link.node, answer, REFUSED_DELAY
+            )
+        link.close()
+        if self._links.get(link.node) is link and not self._stopping:
+            del self._links[link.node]
+            asyncio.get_running_loop().call_later(REFUSED_DELAY, self._reopen, link.node)
 
     def link_lost(self, link: ReplicaLink) -> None:
         """A successor's connection broke: while it is still a successor, connect again after a
