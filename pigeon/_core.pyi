@@ -167,6 +167,8 @@ class Broker:
         """The restore is over: ``(messages, topics, records scanned, seq of the oldest message or 0)``."""
     def log_synced(self, position: int) -> None:
         """The store synced the log up to ``position``: replies waiting for it may go."""
+    def log_replicas(self, live: int, needed: int) -> None:
+        """``live`` successors hold copies, a PUBLISH needs ``needed``: below, NOT_ENOUGH_REPLICAS."""
     def log_deletable(self) -> int:
         """How many of the oldest segments hold only done messages."""
     def log_deleted(self, n: int) -> None:

@@ -455,6 +455,13 @@ cdef class Broker:
             self.on_sync(self.log.written)
         self._settle()
 
+    def log_replicas(self, uint32_t live, uint32_t needed):
+        """A cluster node's successors: ``live`` of them hold copies now, and a PUBLISH needs
+        ``needed`` (--min-replicas); while fewer are live, a durable PUBLISH gets ERROR
+        NOT_ENOUGH_REPLICAS."""
+        self.log.replicas_live = live
+        self.log.replicas_needed = needed
+
     def log_compaction_started(self):
         """The store started a compaction pass (STATS says log_compacting until it ends)."""
         self.compaction.running = True

@@ -145,6 +145,14 @@ class StorageFullError(RetryableError):
     CODE = "STORAGE_FULL"
 
 
+class NotEnoughReplicasError(RetryableError):
+    """A ``PUBLISH`` to a durable topic of a cluster node started with ``--min-replicas M`` while
+    fewer than M of its successors are live: nothing was stored; retry once nodes are back (as
+    Kafka's ``NOT_ENOUGH_REPLICAS``)."""
+
+    CODE = "NOT_ENOUGH_REPLICAS"
+
+
 class AuthRequiredError(CommandError):
     """A bare ``CONNECT`` to a server that requires a user and password (``--users``).
 
@@ -279,6 +287,7 @@ ERROR_CLASSES: dict[str, type[CommandError]] = {
         NoSuchGroupError,
         GroupInUseError,
         BadReplyTokenError,
+        NotEnoughReplicasError,
     )
     if cls.CODE is not None
 }

@@ -406,7 +406,7 @@ def test_every_code_has_its_class() -> None:
         assert (error.code, error.reason, str(error)) == (code, "some text", "some text")
         assert getattr(pigeon, cls.__name__) is cls, "exported from pigeon"
     retryable = {code for code, cls in errors.ERROR_CLASSES.items() if issubclass(cls, RetryableError)}
-    assert retryable == {"BACKLOG_FULL", "MEMORY_FULL", "STORAGE_FULL"}
+    assert retryable == {"BACKLOG_FULL", "MEMORY_FULL", "STORAGE_FULL", "NOT_ENOUGH_REPLICAS"}
     closing = {code for code, cls in errors.ERROR_CLASSES.items() if issubclass(cls, errors.ClosingError)}
     assert closing == {"LINE_TOO_LONG", "TOO_MANY_CONNECTIONS", "IDLE_TIMEOUT", "AUTH_FAILED", "BAD_FRAME"}
 

@@ -533,6 +533,50 @@ def test_an_owner_serves_while_a_snapshot_is_read_and_the_snapshot_goes_first(
         _stop(nodes)
 
 
+def test_min_replicas_refuses_publishes_and_holds_published_while_too_few_successors_are_live(
+    etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    """With ``--min-replicas 1``, an owner whose only successor dies neither confirms what that
+    successor had not confirmed (it would be confirmed with the owner's copy alone) nor takes new
+    publishes (ERROR NOT_ENOUGH_REPLICAS, retryable); once a successor is back and has the
+    message from its snapshot, the held PUBLISHED comes and publishes are taken again."""
+    guarded = ("--min-replicas", "1")
+    nodes = {name: _node(etcd, name, tmp_path, *guarded) for name in ("n0", "n1")}
+    try:
+        owned = wait_balanced(list(nodes.values()))
+        topic = topic_owned_by(owned, "n0", "guarded")
+        publisher = connected(nodes["n0"])
+        publisher.publish(topic, "first")
+        nodes["n1"].proc.send_signal(signal.SIGSTOP)
+        publisher.send(f"PUBLISH {publisher.client_id} {topic} second\n")
+        # n1's lease expired: n0 took its slots
+        assert nodes["n0"].wait_for_log(f"took {len(owned['n1'])} slots, handed 0", timeout=TTL + 30)
+        assert publisher.quiet(1.0), "PUBLISHED with no live successor holding the message"
+        refused = connected(nodes["n0"])
+        assert refused.ask(f"PUBLISH {refused.client_id} {topic} third") == (
+            b"ERROR NOT_ENOUGH_REPLICAS only 0 successors live, --min-replicas is 1"
+        )
+        _kill(nodes["n1"])
+        nodes["n1"] = _node(etcd, "n1", tmp_path, *guarded)
+        publisher.sock.settimeout(TTL + 30)
+        assert publisher.line() == f"PUBLISHED {topic}".encode()  # n1 is back and holds second
+        deadline = time.monotonic() + 30
+        while (answer := refused.ask(f"PUBLISH {refused.client_id} {topic} fourth")) != (
+            f"PUBLISHED {topic}".encode()
+        ):
+            assert answer.startswith(b"ERROR NOT_ENOUGH_REPLICAS "), answer
+            assert time.monotonic() < deadline, "publishes still refused with a successor back"
+            time.sleep(0.1)
+        errors = _stats(nodes["n0"])["errors"]
+        assert isinstance(errors, dict) and errors["not_enough_replicas"] >= 1
+        publisher.close()
+        refused.close()
+        assert _consume(nodes["n0"], topic, 3) == [b"first", b"second", b"fourth"]
+    finally:
+        nodes["n1"].proc.send_signal(signal.SIGCONT)
+        _stop(nodes)
+
+
 def test_replicas_need_a_cluster_and_a_data_dir_and_with_users_a_node_user(tmp_path: Path) -> None:
     for args in (["--replicas", "1"], ["--replicas", "1", "--cluster", "etcd://127.0.0.1:1"]):
         done = subprocess.run(
@@ -566,6 +610,15 @@ def test_replicas_need_a_cluster_and_a_data_dir_and_with_users_a_node_user(tmp_p
     )
     assert done.returncode == 2
     assert "--replicas: must be 0 or more, not -1" in done.stderr
+    done = subprocess.run(
+        [*server_command(), "--min-replicas", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--min-replicas cannot be more than --replicas" in done.stderr
 
 
 class _Core:

@@ -91,6 +91,7 @@ def test_commands_and_errors_are_counted_by_kind() -> None:
         "no_such_group": 0,
         "group_in_use": 0,
         "bad_reply_token": 0,
+        "not_enough_replicas": 0,
     }
     assert list(stats["commands"]) == list(COMMAND_NAMES)
     assert list(stats["errors"]) == list(ERROR_NAMES)

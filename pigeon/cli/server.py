@@ -303,6 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default %(default)s)",
     )
     cluster.add_argument(
+        "--min-replicas",
+        type=_replica_count,
+        default=0,
+        metavar="M",
+        help="refuse a durable PUBLISH (ERROR NOT_ENOUGH_REPLICAS) while fewer than M of the --replicas "
+        "successors are live, and hold PUBLISHED until M of them have the message, as Kafka's "
+        "min.insync.replicas (default %(default)s: confirm with as many as are live)",
+    )
+    cluster.add_argument(
         "--node-user",
         metavar="NAME",
         help="the user this node logs in as on other nodes (a user of the users file with cluster = true), "
@@ -482,6 +491,7 @@ def _new_server(args: argparse.Namespace) -> Callable[..., Server]:
         reuse_port=args.reuse_port,
         lease_ttl=args.cluster_ttl,
         replicas=args.replicas,
+        min_replicas=args.min_replicas,
         node_login=_node_login(args),
     )
 
@@ -547,6 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.replicas and (args.cluster is None or args.data_dir is None):
         parser.error("--replicas needs --cluster and --data-dir (only durable topics are replicated)")
+    if args.min_replicas > args.replicas:
+        parser.error("--min-replicas cannot be more than --replicas")
     try:
         server = _new_server(args)(
             args.host,

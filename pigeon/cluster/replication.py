@@ -204,12 +204,15 @@ class ReplicationSender:
         members: Callable[[], dict[str, Any]],
         login: bytes = b"",
         replicas: int = 1,
+        min_replicas: int = 0,
     ) -> None:
         self.name = name
         self.login = login
         self.broker = broker
         self.store = store
         self.replicas = replicas
+        self.min_replicas = min_replicas
+        self._short = False  # fewer successors live than min_replicas (members_changed says)
         self._members = members
         self._links: dict[str, ReplicaLink] = {}
         self._unreachable: set[str] = set()  # successors warned about, until one takes replicas
@@ -244,6 +247,19 @@ class ReplicationSender:
         self._member_names = names
         old = self._successors
         self._successors = [successors_of(slot, self.name, names, self.replicas) for slot in range(SLOTS)]
+        # every slot has as many successors: min(replicas, the other live members)
+        live = len(self._successors[0])
+        short = live < self.min_replicas
+        if short and not self._short:
+            log.warning(
+                "only %d successors live, --min-replicas is %d: durable publishes are refused",
+                live,
+                self.min_replicas,
+            )
+        elif self._short and not short:
+            log.warning("%d successors live again: durable publishes are taken", live)
+        self._short = short
+        self.broker.log_replicas(live, self.min_replicas)
         needed = self._needed = frozenset(node for successors in self._successors for node in successors)
         self._splitter = SlotSplitter(self._successors, needed)
         for node in list(self._links):
@@ -399,7 +415,10 @@ class ReplicationSender:
 
     def release(self) -> None:
         """Tell the core how far the log is confirmed: on disk as --fsync says, and at every
-        successor that got records up to there."""
+        successor that got records up to there. While fewer successors are live than
+        --min-replicas, nothing more is: what waits, waits for the successors that come."""
+        if self._short:
+            return
         released = self._released
         while self._pending:
             position, nodes = self._pending[0]

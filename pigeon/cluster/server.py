@@ -32,7 +32,8 @@ class ClusterServer(Server):
     its host, and advertises it: the way to reach this very node when its client port is shared by
     several processes (``pigeon --workers``). With ``replicas=N`` (and a ``data_dir``) each durable
     topic's messages are copied to its slot's N successors before ``PUBLISHED`` (docs/cluster.md,
-    "Replication"). ``node_login`` (user, password) is what this node logs in as on other nodes
+    "Replication"); with ``min_replicas=M`` a durable ``PUBLISH`` is refused while fewer than M
+    successors are live. ``node_login`` (user, password) is what this node logs in as on other nodes
     (``--node-user``): needed for replicas when ``users_file`` requires logins, and checked against
     it. The other keywords are ``Server``'s.
     """
@@ -47,14 +48,18 @@ class ClusterServer(Server):
         lease_ttl: float = DEFAULT_TTL,
         cluster_name: str = "pigeon",
         replicas: int = 0,
+        min_replicas: int = 0,
         node_login: tuple[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         if replicas < 0:
             raise ValueError("--replicas must be 0 or more")
+        if not 0 <= min_replicas <= replicas:
+            raise ValueError("--min-replicas must be 0 to --replicas")
         if replicas and kwargs.get("data_dir") is None:
             raise ValueError("--replicas needs --data-dir: only durable topics are replicated")
         self._replicating = replicas  # read by core_fsync, from Server.__init__
+        self._min_replicas = min_replicas
         super().__init__(*args, **kwargs)
         self.replicas: ReplicaStore | None = None
         self._sender: ReplicationSender | None = None
@@ -151,6 +156,7 @@ class ClusterServer(Server):
             lambda: self.cluster.members,
             login=self._node_login,
             replicas=self._replicating,
+            min_replicas=self._min_replicas,
         )
         self._sender.attach()
 

@@ -330,7 +330,8 @@ cdef void _backlog_full(Broker b, Topic *t) noexcept:
 
 
 cdef int _refuse(Broker b, int32_t h, Topic *t, int kind) noexcept:
-    """The PUBLISH cannot wait (see flow.pxd): BACKLOG_FULL, MEMORY_FULL or STORAGE_FULL."""
+    """The PUBLISH cannot wait (see flow.pxd): BACKLOG_FULL, MEMORY_FULL, STORAGE_FULL or
+    NOT_ENOUGH_REPLICAS."""
     cdef char reason[96]
     b.counters.refused += 1
     if kind == ERR_MEMORY_FULL:
@@ -340,6 +341,11 @@ cdef int _refuse(Broker b, int32_t h, Topic *t, int kind) noexcept:
         snprintf(reason, sizeof(reason), "storage full (%llu of %zu bytes on disk)",
                  <unsigned long long>b.log.disk, b.limit.max_disk)
         out_error(b, h, ERR_STORAGE_FULL, reason)
+        return 0
+    if kind == ERR_NOT_ENOUGH_REPLICAS:
+        snprintf(reason, sizeof(reason), "only %u successors live, --min-replicas is %u",
+                 b.log.replicas_live, b.log.replicas_needed)
+        out_error(b, h, ERR_NOT_ENOUGH_REPLICAS, reason)
         return 0
     _backlog_full_text(b, t, reason, sizeof(reason) - 12)
     strcat(reason, " for topic")
@@ -372,12 +378,18 @@ cdef size_t _records_bytes(Broker b, int32_t h, Topic *t, size_t n, bint *own) n
 cdef int _storage_full(Broker b, int32_t h, Topic *t, size_t n) noexcept:
     """0 when the log can take a message of n bytes (every copy's record); else HOLD (the
     publisher waits for the disk), or -1 with an ERROR STORAGE_FULL sent when waiting cannot help
-    (see flow.pxd)."""
+    (see flow.pxd), or ERROR NOT_ENOUGH_REPLICAS while too few successors are live to copy it
+    (--min-replicas: as Kafka's min.insync.replicas, a refusal the publisher retries, not a wait
+    that could last until a node is back)."""
     cdef bint own
-    cdef size_t size = _records_bytes(b, h, t, n, &own)
+    cdef size_t size
     cdef Log *log = &b.log
     if log_restoring_hold(b, h):
         return HOLD
+    if log.replicas_live < log.replicas_needed:
+        _refuse(b, h, t, ERR_NOT_ENOUGH_REPLICAS)
+        return -1
+    size = _records_bytes(b, h, t, n, &own)
     if not log.failed and (b.limit.max_disk == 0 or log.disk + log.len + size <= b.limit.max_disk):
         return 0
     if size > b.limit.max_disk // 4 and b.limit.max_disk or own:
@@ -408,7 +420,8 @@ cdef int _publish_to(Broker b, int32_t h, Topic *t, const char *data, size_t n, 
     cdef size_t size
     cdef uint64_t seq
     cdef int32_t k
-    if b.log.durable and (b.log.failed or b.limit.max_disk or b.recovery.restoring) and not b.request.id:
+    if b.log.durable and (b.log.failed or b.limit.max_disk or b.recovery.restoring
+                          or b.log.replicas_live < b.log.replicas_needed) and not b.request.id:
         held = _storage_full(b, h, t, n)
         if held:
             return HOLD if held == HOLD else 0

@@ -43,6 +43,10 @@ ctypedef struct Log:
     size_t nsettled
     size_t settled_cap
     bint failed             # the last write failed (disk full): publishers wait, replies too
+    # a cluster node's successors (--replicas) that are live, and how many a PUBLISH needs
+    # (--min-replicas): while fewer are live, a PUBLISH is refused (NOT_ENOUGH_REPLICAS)
+    uint32_t replicas_live
+    uint32_t replicas_needed
     int32_t *waiting        # connections whose output waits for the log (Conn.log_wait)
     int32_t nwaiting
     size_t waiting_cap

@@ -53,6 +53,7 @@ cdef enum:
     ERR_NO_SUCH_GROUP       # DESTROY of a group the broker does not hold
     ERR_GROUP_IN_USE        # DESTROY of a group that has subscribers
     ERR_BAD_REPLY_TOKEN     # a REPLY whose token is not <handle>.<generation>.<id> (payload skipped)
+    ERR_NOT_ENOUGH_REPLICAS # a durable PUBLISH while fewer successors are live than --min-replicas
     ERR_KINDS
 
     # what topic_problem finds wrong with a name
@@ -82,7 +83,7 @@ cdef extern from *:
         "BAD_TOPIC", "NOT_SUBSCRIBED", "BACKLOG_FULL", "LINE_TOO_LONG", "TOO_MANY_CONNECTIONS",
         "TOO_MANY_SUBSCRIPTIONS", "TOO_MANY_TOPICS", "MEMORY_FULL", "IDLE_TIMEOUT", "UNKNOWN_DELIVERY_TAG",
         "STORAGE_FULL", "AUTH_REQUIRED", "AUTH_FAILED", "PERMISSION_DENIED", "PAYLOAD_TOO_LARGE",
-        "BAD_FRAME", "NO_SUCH_GROUP", "GROUP_IN_USE", "BAD_REPLY_TOKEN",
+        "BAD_FRAME", "NO_SUCH_GROUP", "GROUP_IN_USE", "BAD_REPLY_TOKEN", "NOT_ENOUGH_REPLICAS",
     };
     """
     # the stable upper-case code of each error kind, sent as ERROR <CODE> <text>
