@@ -578,47 +578,25 @@ def test_min_replicas_refuses_publishes_and_holds_published_while_too_few_succes
 
 
 def test_replicas_need_a_cluster_and_a_data_dir_and_with_users_a_node_user(tmp_path: Path) -> None:
-    for args in (["--replicas", "1"], ["--replicas", "1", "--cluster", "etcd://127.0.0.1:1"]):
+    users = tmp_path / "users"
+    users.write_text("")
+    cluster = ["--cluster", "etcd://127.0.0.1:1"]
+    refused = [
+        (["--replicas", "1"], 2, "--replicas needs --cluster and --data-dir"),
+        (["--replicas", "1", *cluster], 2, "--replicas needs --cluster and --data-dir"),
+        (
+            ["--replicas", "1", *cluster, "--data-dir", str(tmp_path), "--users", str(users)],
+            1,
+            "--replicas with --users needs --node-user",
+        ),
+        (["--replicas", "-1"], 2, "--replicas: must be 0 or more, not -1"),
+        (["--min-replicas", "1"], 2, "--min-replicas cannot be more than --replicas"),
+    ]
+    for args, code, message in refused:
         done = subprocess.run(
             [*server_command(), *args], capture_output=True, text=True, timeout=60, check=False
         )
-        assert done.returncode == 2
-        assert "--replicas needs --cluster and --data-dir" in done.stderr
-    users = tmp_path / "users"
-    users.write_text("")
-    done = subprocess.run(
-        [
-            *server_command(),
-            "--replicas",
-            "1",
-            "--cluster",
-            "etcd://127.0.0.1:1",
-            "--data-dir",
-            str(tmp_path),
-            "--users",
-            str(users),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 1
-    assert "--replicas with --users needs --node-user" in done.stderr
-    done = subprocess.run(
-        [*server_command(), "--replicas", "-1"], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert done.returncode == 2
-    assert "--replicas: must be 0 or more, not -1" in done.stderr
-    done = subprocess.run(
-        [*server_command(), "--min-replicas", "1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 2
-    assert "--min-replicas cannot be more than --replicas" in done.stderr
+        assert (done.returncode, message in done.stderr) == (code, True), (args, done.stderr)
 
 
 class _Core:
