@@ -169,6 +169,9 @@ class Broker:
         """The store synced the log up to ``position``: replies waiting for it may go."""
     def log_replicas(self, live: int, needed: int) -> None:
         """``live`` successors hold copies, a PUBLISH needs ``needed``: below, NOT_ENOUGH_REPLICAS."""
+    def log_wait(self, handle: int) -> int:
+        """The log position this connection's output waits for (a held ``PUBLISHED``), 0 when none; once
+        that output has gone it may still say the position, which is then confirmed."""
     def log_deletable(self) -> int:
         """How many of the oldest segments hold only done messages."""
     def log_deleted(self, n: int) -> None:

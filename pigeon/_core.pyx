@@ -462,6 +462,12 @@ cdef class Broker:
         self.log.replicas_live = live
         self.log.replicas_needed = needed
 
+    def log_wait(self, int32_t handle):
+        """The log position this connection's output waits for (its last ``PUBLISHED`` is held until
+        the log is confirmed up to there), 0 when none. Once the output has gone it may still say
+        the position it waited for, which is then confirmed."""
+        return conn_get(self, handle).log_wait
+
     def log_compaction_started(self):
         """The store started a compaction pass (STATS says log_compacting until it ends)."""
         self.compaction.running = True

@@ -138,8 +138,7 @@ def test_a_publish_waits_for_a_new_successor_that_refuses_until_it_lets_the_owne
         slots_of_n0 = _cluster_seen_by(nodes["n2"])["members"]["n0"]["slots"]
         nodes["n1"].proc.send_signal(signal.SIGSTOP)
         publisher.send(f"PUBLISH {publisher.client_id} {topic} m1")
-        # n1's lease expires and n0 takes some of its slots, having made n2 the successor (asked of
-        # n2: a CLUSTER command on n0 waits behind m1's PUBLISHED, which waits)
+        # n1's lease expires and n0 takes some of its slots, having made n2 the successor (as n2 sees it)
         deadline = time.monotonic() + TTL + 30
         while "n1" in (members := _cluster_seen_by(nodes["n2"])["members"]) or len(
             members["n0"]["slots"]

@@ -1,16 +1,19 @@
-"""Replies in command order on a cluster node whose core holds ``PUBLISHED`` until the log is synced
+"""Replies in command order on a cluster node whose core holds ``PUBLISHED`` until the log is confirmed
 (``--fsync always``; ``--replicas`` runs the core so too): a reply the router makes itself, or relays
-from another node, after a local ``PUBLISH`` must not overtake that ``PUBLISHED`` (real etcd, real
-nodes)."""
+from another node, after a local ``PUBLISH`` must not overtake that ``PUBLISHED``, and need not wait
+for another connection's (real etcd, real nodes)."""
 
 from __future__ import annotations
 
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from pigeon.cluster.etcd import EtcdProcess
 from tests.cluster_kit import connected, start_node, topic_owned_by, wait_balanced
+from tests.test_cluster_replicas import NAMES, _cluster, _stop, _successor
 
 ROUNDS = 50
 
@@ -48,3 +51,36 @@ def test_a_forwarded_reply_comes_after_a_local_published_that_waits_for_the_log(
     finally:
         for node in nodes:
             assert node.stop() == 0, "".join(node.log)
+
+
+def test_a_command_the_node_answers_waits_for_its_own_connections_held_published_only(
+    etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    """While a PUBLISHED waits for a successor (stopped), a command the node's router answers itself
+    (``CLUSTER STATUS``) on another connection is answered at once: it used to wait for every record
+    appended before it, whoever published it. On the publisher's own connection it comes after that
+    PUBLISHED, as replies come in command order."""
+    # a lease that outlasts the stop: the stopped successor stays a member, PUBLISHED keeps waiting
+    nodes = _cluster(etcd, tmp_path, "--cluster-ttl", "10")
+    try:
+        owned = wait_balanced(list(nodes.values()))
+        topic = topic_owned_by(owned, "n0", "held")
+        successor = nodes[_successor(topic, "n0", list(NAMES))]
+        held = connected(nodes["n0"])
+        held.publish(topic, "first")  # the link to the successor is up
+        successor.proc.send_signal(signal.SIGSTOP)
+        try:
+            held.send(f"PUBLISH {held.client_id} {topic} second\nCLUSTER STATUS\n")
+            other = connected(nodes["n0"], timeout=5)
+            started = time.monotonic()
+            assert other.ask("CLUSTER STATUS").startswith(b"CLUSTER {")
+            print(f"CLUSTER STATUS beside a held PUBLISHED: {time.monotonic() - started:.4f} s")
+            other.close()
+            assert held.quiet(1.0)  # neither the PUBLISHED nor the status after it
+        finally:
+            successor.proc.send_signal(signal.SIGCONT)
+        assert held.line() == f"PUBLISHED {topic}".encode()
+        assert held.line().startswith(b"CLUSTER {")
+        held.close()
+    finally:
+        _stop(nodes)

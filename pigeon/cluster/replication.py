@@ -3,13 +3,14 @@
 The owner of a slot hands every pass's records to its store (``Store.write``) and also sends the
 ``PUBLISH`` records of each slot, and every ``DONE`` and ``DELIVERED`` record, to that slot's
 *successors*: the next N live members in the slot's rendezvous order, the first of which takes the
-slot if the owner dies. The core runs as under ``--fsync always``: a ``PUBLISHED`` waits for
-``Broker.log_synced``, which this module calls only once every successor that got records up to a
-position has confirmed them (and, under ``--fsync always``, the local disk has synced them). A
-successor keeps, per owner, the messages not done yet and the last ``DELIVERED`` record of each
-(``ReplicaStore``), and appends what it gets to a file of its own (synced before it confirms under
-``--fsync always``); when it takes a slot, the cluster server puts that slot's messages back into
-its core (``Broker.take_over``: with their groups and attempts) before it serves the slot.
+slot if the owner dies. The core runs as under ``--fsync always``: a ``PUBLISHED`` waits for the
+log to be confirmed (the store's ``ConfirmedLog``), which this module says only once every
+successor that got records up to a position has confirmed them (and, under ``--fsync always``, the
+local disk has synced them). A successor keeps, per owner, the messages not done yet and the last
+``DELIVERED`` record of each (``ReplicaStore``), and appends what it gets to a file of its own
+(synced before it confirms under ``--fsync always``); when it takes a slot, the cluster server puts
+that slot's messages back into its core (``Broker.take_over``: with their groups and attempts)
+before it serves the slot.
 docs/cluster.md ("Replication") has the design and the guarantees.
 
 On the wire, a node opens a connection to its successor, sends ``CLUSTER REPLICATE <its name>``,
@@ -432,7 +433,8 @@ class ReplicationSender:
             released = max(released, min(self._local, self._written))
         if released > self._released:
             self._released = released
-            self.broker.log_synced(released)
+            assert self.store.confirmed is not None  # attached before this sender
+            self.store.confirmed.confirmed(released)
 
     def stop(self) -> None:
         """Close every link (the node stops)."""

@@ -42,6 +42,7 @@ from pigeon.cluster.patterns import EVERY_NODE, PatternPlacement, ignored_answer
 from pigeon.cluster.replication import REPLICATE, ReplicaReceiver, ReplicaStore
 from pigeon.cluster.slots import slot_of
 from pigeon.server.busiest import PAGE_MAX
+from pigeon.server.confirmed import ConfirmedLog
 from pigeon.server.logins import Logins
 from pigeon.server.protocol import _Connection
 
@@ -65,8 +66,6 @@ _NO_OWNER = "\0"  # a command for a slot without owner now: it waits (no node na
 # command waits for one before it is refused with TRYAGAIN.
 OWNER_RETRY = 0.1
 OWNER_WAIT_MARGIN = 2.0
-# Seconds between two looks at the log while replies of the core may wait for it to be synced.
-SYNC_RETRY = 0.001
 
 
 def is_pattern(topic: bytes) -> bool:
@@ -517,11 +516,13 @@ class RoutedConnection(_Connection):
 
     __slots__ = (
         "_cluster",
+        "_confirmed",
         "_eof",
         "_holds",
         "_inbuf",
         "_last_publish",
         "_last_slot",
+        "_log_wait",
         "_login",
         "_next_remote_request",
         "_next_remote_tag",
@@ -537,8 +538,6 @@ class RoutedConnection(_Connection):
         "_replicas",
         "_skip",
         "_source",
-        "_sync_mark",
-        "_sync_replies",
         "_upstreams",
         "_wanted",
         "protocol",
@@ -552,15 +551,15 @@ class RoutedConnection(_Connection):
         logins: Logins | None,
         cluster: ClusterNode,
         replicas: ReplicaStore | None = None,
-        sync_replies: bool = False,
+        confirmed: ConfirmedLog | None = None,
     ) -> None:
         super().__init__(broker, connections, write_timeout, logins)
         self._cluster = cluster
         self._replicas = replicas
-        # the core holds PUBLISHED until the log is synced (--fsync always, --replicas): a reply it
-        # holds must go before any the router makes or relays after it
-        self._sync_replies = sync_replies
-        self._sync_mark = 0  # the log position a switch away from the core waits to see synced
+        # given when the core holds PUBLISHED until the log is confirmed (--fsync always, --replicas):
+        # a reply it holds must go before any the router makes or relays after it
+        self._confirmed = confirmed
+        self._log_wait: asyncio.Future[None] | None = None  # while input waits for that
         self._receiver: ReplicaReceiver | None = None  # once another node replicates over this one
         self._inbuf = bytearray(1 << 16)
         self._partial = bytearray()  # an unfinished command
@@ -577,7 +576,7 @@ class RoutedConnection(_Connection):
         # the client's id of each request waiting at an owner -> (that owner, its id), oldest first
         self._remote_requests: dict[int, tuple[Upstream, int]] = {}
         self._next_remote_request = REMOTE_TAG_BASE
-        self._holds: set[str] = set()  # why input is not processed: "core", "client", an owner
+        self._holds: set[str] = set()  # why input is not processed: "core", "client", "sync", an owner
         self._redirect = False
         self._node_upstream = False  # another node's connection on behalf of its client (CLUSTER UPSTREAM)
         self._login: bytes | None = None  # the client's CONNECT <user> <password>, for its upstreams
@@ -719,7 +718,7 @@ class RoutedConnection(_Connection):
             return not self._patterns.busy and self._source_idle(_LOCAL, local)
         if source == _LOCAL:
             self._feed_local(local)
-            return "core" not in self._holds and not self._core_waits_for_sync()
+            return "core" not in self._holds and not self._core_waits_for_log()
         upstream = self._upstreams.get(source)
         return upstream is None or upstream.outstanding == 0
 
@@ -729,21 +728,24 @@ class RoutedConnection(_Connection):
         so they may still be in its buffers although it has answered them."""
         self._broker.flush()
 
-    def _core_waits_for_sync(self) -> bool:
-        """Whether the core may still hold replies of this connection until the log is synced (a
-        ``PUBLISHED``): then hold the input, and look again soon. Asked only when the commands switch
-        from the core to another source; it may wait for other connections' records appended before."""
-        if not self._sync_replies:
+    def _core_waits_for_log(self) -> bool:
+        """Whether the core holds a reply of this connection until the log is confirmed up to its
+        record (a ``PUBLISHED``): then hold the input until it is. Asked only when the commands switch
+        from the core to another source; other connections' held replies do not matter."""
+        if self._confirmed is None:
             return False
-        state = self._broker.log_state
-        # the position when the wait began: records other clients append meanwhile do not prolong it
-        self._sync_mark = self._sync_mark or state["appended"]
-        if state["synced"] >= self._sync_mark:
-            self._sync_mark = 0
+        position = self._broker.log_wait(self._handle)
+        if position <= self._confirmed.position:  # 0: nothing held
             return False
         self.pause_input("sync")
-        asyncio.get_running_loop().call_later(SYNC_RETRY, self.resume_input, "sync")
+        self._log_wait = self._confirmed.wait_for(position)
+        self._log_wait.add_done_callback(self._log_confirmed)
         return True
+
+    def _log_confirmed(self, waited: asyncio.Future[None]) -> None:
+        if waited is self._log_wait:  # else the connection has gone meanwhile
+            self._log_wait = None
+            self.resume_input("sync")
 
     def _all_idle(self) -> bool:
         return not self._patterns.busy and all(
@@ -1106,6 +1108,9 @@ class RoutedConnection(_Connection):
                 upstream.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._log_wait is not None:
+            self._log_wait.cancel()  # its callback may be on its way already: it sees the None
+            self._log_wait = None
         upstreams = list(self._upstreams.values())
         self._upstreams.clear()
         for upstream in upstreams:

@@ -14,6 +14,7 @@ from pigeon.cluster.replication import ReplicaStore, ReplicationSender
 from pigeon.cluster.router import RoutedConnection
 from pigeon.cluster.slots import slot_of
 from pigeon.server.busiest import PAGE_MAX
+from pigeon.server.confirmed import ConfirmedLog
 from pigeon.server.internal import InternalClient
 from pigeon.server.protocol import Server, _Connection, format_address
 from pigeon.server.users import UsersError
@@ -116,8 +117,16 @@ class ClusterServer(Server):
             self.logins,
             self.cluster,
             self.replicas,
-            sync_replies=self.store is not None and self.core_fsync(self.store.fsync) == "always",
+            confirmed=self._replies_wait_for_log(),
         )
+
+    def _replies_wait_for_log(self) -> ConfirmedLog | None:
+        """How far the log is confirmed, when the core holds each ``PUBLISHED`` until it is
+        (``--fsync always``, ``--replicas``); None when a reply waits only for its record's write,
+        which the core's flush does."""
+        if self.store is None or self.core_fsync(self.store.fsync) != "always":
+            return None
+        return self.store.confirmed
 
     async def start(self) -> None:
         """Listen, then join the cluster (the member key names the port actually bound)."""

@@ -25,6 +25,7 @@ from typing import Any
 
 from pigeon._core import Broker, record_checksum, segment_kept
 from pigeon.server import compaction
+from pigeon.server.confirmed import ConfirmedLog
 
 log = logging.getLogger("pigeon")
 
@@ -177,9 +178,10 @@ class Store:
         # the bytes a rewrite would keep of each sealed segment, for which of its messages were done
         self._kept_bytes: dict[Path, tuple[compaction.Runs, int]] = {}
         self._head_done: tuple[Path | None, int, compaction.Runs] = (None, 0, [])  # read up to an offset
-        # who hears that the log is synced up to a position: the broker, unless replication must
+        # who hears that the log is synced up to a position: ``confirmed``, unless replication must
         # also confirm it before the replies waiting for it go (pigeon.cluster.replication)
         self.on_synced: Callable[[int], None] | None = None
+        self.confirmed: ConfirmedLog | None = None  # once attached: how far the log is confirmed
 
     # ------------------------------------------------------------ the directory
 
@@ -423,6 +425,7 @@ class Store:
         """Become ``broker``'s log: it hands its records to ``write`` and asks ``sync`` to sync them."""
         self._broker = broker
         self._loop = loop
+        self.confirmed = ConfirmedLog(broker)
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-fsync")
         if self.fsync == "always":
             self._segment_max = broker.log_state["segment_max"]
@@ -553,8 +556,8 @@ class Store:
         self._sync_in_flight = False
         if self.on_synced is not None:
             self.on_synced(position)
-        elif self._broker is not None:
-            self._broker.log_synced(position)
+        elif self.confirmed is not None:
+            self.confirmed.confirmed(position)
 
     def _sync_failed(self, exc: OSError) -> None:
         """A failed fdatasync may have lost written pages (the kernel forgets the error once
