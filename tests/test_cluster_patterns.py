@@ -14,6 +14,7 @@ import pytest
 
 from pigeon import AsyncClusterClient, ClusterClient, GroupInUseError, NoSuchGroupError, TimeoutError
 from pigeon.client.cluster import PATTERN_CHECK
+from pigeon.cluster.etcd import EtcdProcess
 from pigeon.cluster.router import REMOTE_TAG_BASE
 from pigeon.cluster.slots import preferred_owner, slot_of
 from pigeon.testing import ServerProcess
@@ -25,6 +26,7 @@ from tests.cluster_kit import (
     status,
     topic_owned_by,
     wait_balanced,
+    wait_preferred,
 )
 
 NAMES = ("n0", "n1", "n2")
@@ -86,6 +88,43 @@ def test_a_refused_pattern_is_answered_once_with_the_error_of_one_server(cluster
     for topic in _topics(cluster[1], "bad.t").values():
         publisher.publish(topic, "x")
     assert client.quiet()
+
+
+def test_a_pattern_refused_by_its_own_node_alone_is_left_on_no_node(etcd: EtcdProcess) -> None:
+    # n0 allows one subscription per connection, n1 and n2 the default: n0 alone refuses the second
+    nodes = {name: start_node(etcd.endpoint, name) for name in ("n1", "n2")}
+    nodes["n0"] = start_node(etcd.endpoint, "n0", "--max-subscriptions", "1")
+    try:
+        owned = wait_preferred(list(nodes.values()))
+        client = connected(nodes["n0"])
+        mine = topic_owned_by(owned, "n0", "own.t")
+        assert client.ask(f"SUBSCRIBE {client.client_id} {mine}") == f"SUBSCRIBED {mine}".encode()
+        assert client.ask(f"SUBSCRIBE {client.client_id} own.>") == (
+            b"ERROR TOO_MANY_SUBSCRIPTIONS too many subscriptions on this connection (limit 1)"
+        )
+        others = [nodes["n1"], nodes["n2"]]
+        _wait_for(
+            "n1 and n2 drop the refused pattern", lambda: not any(map(_wildcard_subscriptions, others)), 10
+        )
+        publisher = connected(nodes["n1"])
+        theirs = {name: topic_owned_by(owned, name, "own.t") for name in ("n1", "n2")}
+        for topic in theirs.values():
+            publisher.publish(topic, "refused")
+        assert client.quiet()
+        # forgotten, not only dropped: the reads of the member set (every second) do not place it again
+        time.sleep(2.5)
+        assert not any(map(_wildcard_subscriptions, others))
+        # with room for it on n0, the same pattern is placed everywhere
+        assert client.ask(f"UNSUBSCRIBE {client.client_id} {mine}") == f"UNSUBSCRIBED {mine}".encode()
+        assert client.ask(f"SUBSCRIBE {client.client_id} own.>") == b"SUBSCRIBED own.>"
+        for topic in theirs.values():
+            publisher.publish(topic, "taken")
+        assert sorted(client.lines(2)) == sorted(
+            f"MESSAGE {topic} taken".encode() for topic in theirs.values()
+        )
+    finally:
+        for node in nodes.values():
+            assert node.stop() == 0, "".join(node.log)
 
 
 def test_two_members_of_a_group_on_different_nodes_split_each_topic_and_redeliver(cluster: Cluster) -> None:
