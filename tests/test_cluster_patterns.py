@@ -9,6 +9,7 @@ import json
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from pigeon.client.cluster import PATTERN_CHECK
 from pigeon.cluster.etcd import EtcdProcess
 from pigeon.cluster.router import REMOTE_TAG_BASE
 from pigeon.cluster.slots import preferred_owner, slot_of
+from pigeon.server.users import hash_password
 from pigeon.testing import ServerProcess
 from tests.cluster_kit import (
     Cluster,
@@ -28,6 +30,8 @@ from tests.cluster_kit import (
     wait_balanced,
     wait_preferred,
 )
+from tests.test_cluster_users import _login, _spread
+from tests.test_security_wire import USERS, password_of, users_toml
 
 NAMES = ("n0", "n1", "n2")
 
@@ -293,6 +297,54 @@ def test_a_node_that_joins_gets_the_patterns_and_one_that_dies_leaves_them_worki
         assert sorted(m.topic for m in got) == sorted(after.values())
         assert subscriber.ask("PING") == b"PONG"
         cluster_client.close()
+
+
+SLOW_USER = "slow-worker"
+
+
+@pytest.mark.slow
+def test_a_node_that_joins_gets_slots_only_once_a_slow_login_has_placed_the_patterns(
+    etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    # the subscriber's password costs 8 times the default scrypt (a third of a second) on every node
+    # that checks it: n0 places its pattern on n2 only after such a check there, and the owner of a
+    # slot hands it to n2 only JOIN_GRACE after it joined; with no grace the slot moves at once, and
+    # what is published to it meanwhile stays on n2, where the pattern has no subscriber yet
+    users = tmp_path / "users.toml"
+    slow = hash_password(password_of(SLOW_USER), n=1 << 17)
+    users.write_text(
+        users_toml(USERS) + f'[users.{SLOW_USER}]\npassword = "{slow}"\nsubscribe = ["orders.>"]\n'
+    )
+    nodes = {name: start_node(etcd.endpoint, name, "--users", str(users)) for name in ("n0", "n1")}
+    try:
+        _spread(nodes)
+        # a topic whose slot moves to n2 when it joins, idle (nothing was ever published to it), and
+        # one whose slot stays
+        candidates = [f"orders.grace{i}" for i in range(10_000)]
+        moving = next(t for t in candidates if preferred_owner(slot_of(t.encode()), NAMES) == "n2")
+        staying = next(t for t in candidates if preferred_owner(slot_of(t.encode()), NAMES) != "n2")
+        subscriber = connected(nodes["n0"], (SLOW_USER, password_of(SLOW_USER)))
+        assert subscriber.ask(f"SUBSCRIBE {subscriber.client_id} orders.>") == b"SUBSCRIBED orders.>"
+        publisher = connected(nodes["n1"], ("orders-api", password_of("orders-api")))
+        publisher.publish(staying, "before")
+        assert subscriber.line() == f"MESSAGE {staying} before".encode()
+        nodes["n2"] = start_node(etcd.endpoint, "n2", "--users", str(users))
+        deadline = time.monotonic() + 30
+        with _login(nodes["n2"], "ops") as admin:
+            while slot_of(moving.encode()) not in admin.cluster()["owned"]:
+                assert time.monotonic() < deadline, "the slot did not move to n2"
+                time.sleep(0.01)
+        # published to n2 as soon as it serves the topic: the pattern is there already
+        for i in range(20):
+            publisher.publish(moving, f"m{i}")
+        received: list[bytes] = []
+        while len(received) < 20 and not subscriber.quiet(2.0):
+            received.append(subscriber.line())
+        expected = [f"MESSAGE {moving} m{i}".encode() for i in range(20)]
+        assert received == expected, f"{len(set(expected) - set(received))} of 20 lost"
+    finally:
+        for node in nodes.values():
+            assert node.stop() == 0, "".join(node.log)
 
 
 def test_a_pattern_from_another_nodes_upstream_stays_on_the_node_it_reaches(cluster: Cluster) -> None:
