@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -302,6 +303,48 @@ def test_a_node_that_joins_gets_the_patterns_and_one_that_dies_leaves_them_worki
 SLOW_USER = "slow-worker"
 
 
+def _users_with_a_slow_login(tmp_path: Path) -> Path:
+    """tests/test_security_wire.py's users and SLOW_USER, who may subscribe to ``orders.>``, with a
+    password that costs 8 times the default scrypt (a third of a second) on each node that checks it."""
+    users = tmp_path / "users.toml"
+    slow = hash_password(password_of(SLOW_USER), n=1 << 17)
+    users.write_text(
+        users_toml(USERS) + f'[users.{SLOW_USER}]\npassword = "{slow}"\nsubscribe = ["orders.>"]\n'
+    )
+    return users
+
+
+@pytest.mark.slow
+def test_a_pattern_subscribe_accepted_while_the_clients_output_is_paused_runs_once_it_drains(
+    etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    users = _users_with_a_slow_login(tmp_path)
+    nodes = {name: start_node(etcd.endpoint, name, "--users", str(users)) for name in NAMES}
+    try:
+        owned = _spread(nodes)
+        flooded, theirs = topic_owned_by(owned, "n0", "orders.f"), topic_owned_by(owned, "n1", "orders.t")
+        subscriber = connected(nodes["n0"], (SLOW_USER, password_of(SLOW_USER)))
+        subscriber.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        subscriber.subscribe(flooded)
+        # n1 and n2 answer the pattern after checking the slow password; meanwhile the subscriber
+        # reads nothing and its node's core stops taking its input (its output over the high mark)
+        subscriber.send(f"SUBSCRIBE {subscriber.client_id} orders.>")
+        publisher = connected(nodes["n0"], ("orders-api", password_of("orders-api")))
+        body = "x" * 700_000
+        publisher.send("".join(f"PUBLISH {publisher.client_id} {flooded} {body}\n" for _ in range(16)))
+        assert publisher.lines(16) == [f"PUBLISHED {flooded}".encode()] * 16
+        time.sleep(1.5)
+        lines = [subscriber.line() for _ in range(17)]
+        assert lines.count(b"SUBSCRIBED orders.>") == 1
+        assert lines.count(f"MESSAGE {flooded} {body}".encode()) == 16
+        # the pattern is on n1 too: n0's core said it subscribed, once it ran the command
+        publisher.publish(theirs, "placed")
+        assert subscriber.line() == f"MESSAGE {theirs} placed".encode()
+    finally:
+        for node in nodes.values():
+            assert node.stop() == 0, "".join(node.log)
+
+
 @pytest.mark.slow
 def test_a_node_that_joins_gets_slots_only_once_a_slow_login_has_placed_the_patterns(
     etcd: EtcdProcess, tmp_path: Path
@@ -310,11 +353,7 @@ def test_a_node_that_joins_gets_slots_only_once_a_slow_login_has_placed_the_patt
     # that checks it: n0 places its pattern on n2 only after such a check there, and the owner of a
     # slot hands it to n2 only JOIN_GRACE after it joined; with no grace the slot moves at once, and
     # what is published to it meanwhile stays on n2, where the pattern has no subscriber yet
-    users = tmp_path / "users.toml"
-    slow = hash_password(password_of(SLOW_USER), n=1 << 17)
-    users.write_text(
-        users_toml(USERS) + f'[users.{SLOW_USER}]\npassword = "{slow}"\nsubscribe = ["orders.>"]\n'
-    )
+    users = _users_with_a_slow_login(tmp_path)
     nodes = {name: start_node(etcd.endpoint, name, "--users", str(users)) for name in ("n0", "n1")}
     try:
         _spread(nodes)
