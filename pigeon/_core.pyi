@@ -189,6 +189,9 @@ class Broker:
         """Advance the clock by one tick_interval: idle, write and ack timeouts."""
     def client_id(self, handle: int) -> str | None:
         """The id CONNECT gave this connection, or None before CONNECT."""
+    def subscribed(self, handle: int, topic: bytes, group: bytes | None = None) -> bool:
+        """Whether the connection holds a subscription to ``topic`` (a topic or a pattern), in the
+        consumer group ``group`` when given."""
     def topic_info(self, topic: bytes) -> tuple[int, int] | None:
         """``(subscribers, backlog_messages)`` for a topic, or None if the broker holds no such topic."""
     def stats(self) -> dict[str, Any]:

@@ -570,6 +570,26 @@ cdef class Broker:
             return None
         return c.id_text[:c.id_len].decode("ascii")
 
+    def subscribed(self, int32_t handle, topic, group=None):
+        """Whether the connection holds a subscription to ``topic`` (a topic or a pattern), in the
+        consumer group ``group`` when given: what a SUBSCRIBE of it left (the cluster's router asks)."""
+        cdef const unsigned char[:] name = topic
+        cdef const unsigned char[:] group_name
+        cdef size_t n = name.shape[0], gl = 0
+        cdef char *g = NULL
+        cdef Conn *c = conn_get(self, handle)
+        cdef Topic *t
+        if n == 0 or n > <size_t>TOPIC_MAX:
+            return False
+        if group is not None:
+            group_name = group
+            gl = group_name.shape[0]
+            if gl == 0:
+                return False
+            g = <char *>&group_name[0]
+        t = subscription_topic(self, <char *>&name[0], n, g, gl)
+        return t != NULL and sub_find(c, t) != NULL
+
     def topic_info(self, topic):
         """``(subscribers, backlog_messages)`` for a topic, or None if the broker holds no such topic."""
         cdef const unsigned char[:] name = topic

@@ -20,6 +20,7 @@ from tests.cluster_kit import (
     start_node,
     status,
     wait_balanced,
+    wait_preferred,
 )
 from tests.monitoring import get_json, start_monitored
 
@@ -75,7 +76,9 @@ def test_a_cluster_refuses_certificate_mapped_users(
 def test_every_slot_has_exactly_one_owner_in_etcd_and_in_the_nodes(etcd: EtcdProcess) -> None:
     nodes = [start_node(etcd.endpoint, f"n{i}") for i in range(3)]
     try:
-        owned = wait_balanced(nodes)
+        # settled: a balanced moment may come while slots still move to a node that joined, whose keys
+        # are then briefly absent from etcd; once every slot is with its preferred owner none moves
+        owned = wait_preferred(nodes)
         recorded = asyncio.run(_slot_keys(etcd))
         assert set(recorded) == set(range(SLOTS))
         for name, slots in owned.items():

@@ -7,15 +7,19 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from pigeon import AsyncClusterClient, ClusterClient, GroupInUseError, NoSuchGroupError, TimeoutError
 from pigeon.client.cluster import PATTERN_CHECK
+from pigeon.cluster.etcd import EtcdProcess
 from pigeon.cluster.router import REMOTE_TAG_BASE
 from pigeon.cluster.slots import preferred_owner, slot_of
+from pigeon.server.users import hash_password
 from pigeon.testing import ServerProcess
 from tests.cluster_kit import (
     Cluster,
@@ -25,7 +29,10 @@ from tests.cluster_kit import (
     status,
     topic_owned_by,
     wait_balanced,
+    wait_preferred,
 )
+from tests.test_cluster_users import _login, _spread
+from tests.test_security_wire import USERS, password_of, users_toml
 
 NAMES = ("n0", "n1", "n2")
 
@@ -86,6 +93,43 @@ def test_a_refused_pattern_is_answered_once_with_the_error_of_one_server(cluster
     for topic in _topics(cluster[1], "bad.t").values():
         publisher.publish(topic, "x")
     assert client.quiet()
+
+
+def test_a_pattern_refused_by_its_own_node_alone_is_left_on_no_node(etcd: EtcdProcess) -> None:
+    # n0 allows one subscription per connection, n1 and n2 the default: n0 alone refuses the second
+    nodes = {name: start_node(etcd.endpoint, name) for name in ("n1", "n2")}
+    nodes["n0"] = start_node(etcd.endpoint, "n0", "--max-subscriptions", "1")
+    try:
+        owned = wait_preferred(list(nodes.values()))
+        client = connected(nodes["n0"])
+        mine = topic_owned_by(owned, "n0", "own.t")
+        assert client.ask(f"SUBSCRIBE {client.client_id} {mine}") == f"SUBSCRIBED {mine}".encode()
+        assert client.ask(f"SUBSCRIBE {client.client_id} own.>") == (
+            b"ERROR TOO_MANY_SUBSCRIPTIONS too many subscriptions on this connection (limit 1)"
+        )
+        others = [nodes["n1"], nodes["n2"]]
+        _wait_for(
+            "n1 and n2 drop the refused pattern", lambda: not any(map(_wildcard_subscriptions, others)), 10
+        )
+        publisher = connected(nodes["n1"])
+        theirs = {name: topic_owned_by(owned, name, "own.t") for name in ("n1", "n2")}
+        for topic in theirs.values():
+            publisher.publish(topic, "refused")
+        assert client.quiet()
+        # forgotten, not only dropped: the reads of the member set (every second) do not place it again
+        time.sleep(2.5)
+        assert not any(map(_wildcard_subscriptions, others))
+        # with room for it on n0, the same pattern is placed everywhere
+        assert client.ask(f"UNSUBSCRIBE {client.client_id} {mine}") == f"UNSUBSCRIBED {mine}".encode()
+        assert client.ask(f"SUBSCRIBE {client.client_id} own.>") == b"SUBSCRIBED own.>"
+        for topic in theirs.values():
+            publisher.publish(topic, "taken")
+        assert sorted(client.lines(2)) == sorted(
+            f"MESSAGE {topic} taken".encode() for topic in theirs.values()
+        )
+    finally:
+        for node in nodes.values():
+            assert node.stop() == 0, "".join(node.log)
 
 
 def test_two_members_of_a_group_on_different_nodes_split_each_topic_and_redeliver(cluster: Cluster) -> None:
@@ -254,6 +298,92 @@ def test_a_node_that_joins_gets_the_patterns_and_one_that_dies_leaves_them_worki
         assert sorted(m.topic for m in got) == sorted(after.values())
         assert subscriber.ask("PING") == b"PONG"
         cluster_client.close()
+
+
+SLOW_USER = "slow-worker"
+
+
+def _users_with_a_slow_login(tmp_path: Path) -> Path:
+    """tests/test_security_wire.py's users and SLOW_USER, who may subscribe to ``orders.>``, with a
+    password that costs 8 times the default scrypt (a third of a second) on each node that checks it."""
+    users = tmp_path / "users.toml"
+    slow = hash_password(password_of(SLOW_USER), n=1 << 17)
+    users.write_text(
+        users_toml(USERS) + f'[users.{SLOW_USER}]\npassword = "{slow}"\nsubscribe = ["orders.>"]\n'
+    )
+    return users
+
+
+@pytest.mark.slow
+def test_a_pattern_subscribe_accepted_while_the_clients_output_is_paused_runs_once_it_drains(
+    etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    users = _users_with_a_slow_login(tmp_path)
+    nodes = {name: start_node(etcd.endpoint, name, "--users", str(users)) for name in NAMES}
+    try:
+        owned = _spread(nodes)
+        flooded, theirs = topic_owned_by(owned, "n0", "orders.f"), topic_owned_by(owned, "n1", "orders.t")
+        subscriber = connected(nodes["n0"], (SLOW_USER, password_of(SLOW_USER)))
+        subscriber.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        subscriber.subscribe(flooded)
+        # n1 and n2 answer the pattern after checking the slow password; meanwhile the subscriber
+        # reads nothing and its node's core stops taking its input (its output over the high mark)
+        subscriber.send(f"SUBSCRIBE {subscriber.client_id} orders.>")
+        publisher = connected(nodes["n0"], ("orders-api", password_of("orders-api")))
+        body = "x" * 700_000
+        publisher.send("".join(f"PUBLISH {publisher.client_id} {flooded} {body}\n" for _ in range(16)))
+        assert publisher.lines(16) == [f"PUBLISHED {flooded}".encode()] * 16
+        time.sleep(1.5)
+        lines = [subscriber.line() for _ in range(17)]
+        assert lines.count(b"SUBSCRIBED orders.>") == 1
+        assert lines.count(f"MESSAGE {flooded} {body}".encode()) == 16
+        # the pattern is on n1 too: n0's core said it subscribed, once it ran the command
+        publisher.publish(theirs, "placed")
+        assert subscriber.line() == f"MESSAGE {theirs} placed".encode()
+    finally:
+        for node in nodes.values():
+            assert node.stop() == 0, "".join(node.log)
+
+
+@pytest.mark.slow
+def test_a_node_that_joins_gets_slots_only_once_a_slow_login_has_placed_the_patterns(
+    etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    # the subscriber's password costs 8 times the default scrypt (a third of a second) on every node
+    # that checks it: n0 places its pattern on n2 only after such a check there, and the owner of a
+    # slot hands it to n2 only JOIN_GRACE after it joined; with no grace the slot moves at once, and
+    # what is published to it meanwhile stays on n2, where the pattern has no subscriber yet
+    users = _users_with_a_slow_login(tmp_path)
+    nodes = {name: start_node(etcd.endpoint, name, "--users", str(users)) for name in ("n0", "n1")}
+    try:
+        _spread(nodes)
+        # a topic whose slot moves to n2 when it joins, idle (nothing was ever published to it), and
+        # one whose slot stays
+        candidates = [f"orders.grace{i}" for i in range(10_000)]
+        moving = next(t for t in candidates if preferred_owner(slot_of(t.encode()), NAMES) == "n2")
+        staying = next(t for t in candidates if preferred_owner(slot_of(t.encode()), NAMES) != "n2")
+        subscriber = connected(nodes["n0"], (SLOW_USER, password_of(SLOW_USER)))
+        assert subscriber.ask(f"SUBSCRIBE {subscriber.client_id} orders.>") == b"SUBSCRIBED orders.>"
+        publisher = connected(nodes["n1"], ("orders-api", password_of("orders-api")))
+        publisher.publish(staying, "before")
+        assert subscriber.line() == f"MESSAGE {staying} before".encode()
+        nodes["n2"] = start_node(etcd.endpoint, "n2", "--users", str(users))
+        deadline = time.monotonic() + 30
+        with _login(nodes["n2"], "ops") as admin:
+            while slot_of(moving.encode()) not in admin.cluster()["owned"]:
+                assert time.monotonic() < deadline, "the slot did not move to n2"
+                time.sleep(0.01)
+        # published to n2 as soon as it serves the topic: the pattern is there already
+        for i in range(20):
+            publisher.publish(moving, f"m{i}")
+        received: list[bytes] = []
+        while len(received) < 20 and not subscriber.quiet(2.0):
+            received.append(subscriber.line())
+        expected = [f"MESSAGE {moving} m{i}".encode() for i in range(20)]
+        assert received == expected, f"{len(set(expected) - set(received))} of 20 lost"
+    finally:
+        for node in nodes.values():
+            assert node.stop() == 0, "".join(node.log)
 
 
 def test_a_pattern_from_another_nodes_upstream_stays_on_the_node_it_reaches(cluster: Cluster) -> None:

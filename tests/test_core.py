@@ -80,6 +80,24 @@ def test_an_id_that_is_not_the_connections_own_changes_nothing() -> None:
     assert h.take(b) == b""
 
 
+def test_subscribed_says_what_each_connection_holds_after_its_subscribe() -> None:
+    h = Harness(max_subscriptions=3)
+    a, id_a = h.connected()
+    b, _ = h.connected()
+    lines = f"SUBSCRIBE {id_a} t\nSUBSCRIBE {id_a} p.>\nSUBSCRIBE {id_a} p.* GROUP g\nSUBSCRIBE {id_a} q.>\n"
+    assert h.feed(a, lines.encode()).endswith(
+        b"\nERROR TOO_MANY_SUBSCRIPTIONS too many subscriptions on this connection (limit 3)\n"
+    )
+    assert [h.broker.subscribed(a, *args) for args in ((b"t",), (b"p.>",), (b"p.*", b"g"))] == [True] * 3
+    # not the refused one, not another kind of the same name, not another connection's
+    assert not h.broker.subscribed(a, b"q.>")
+    assert not h.broker.subscribed(a, b"p.*") and not h.broker.subscribed(a, b"p.>", b"g")
+    assert not h.broker.subscribed(b, b"t") and not h.broker.subscribed(b, b"p.>")
+    assert h.feed(a, f"UNSUBSCRIBE {id_a} p.>\n".encode()) == b"UNSUBSCRIBED p.>\n"
+    assert not h.broker.subscribed(a, b"p.>")
+    assert not h.broker.subscribed(a, b"") and not h.broker.subscribed(a, b"t", b"")
+
+
 def test_round_robin_in_subscription_order() -> None:
     h = Harness()
     pub, pid = h.connected()

@@ -259,10 +259,14 @@ class ClusterNode:
             self._renewed(sent, float(reply.TTL))
 
     async def _watch(self) -> None:
-        """Wake the balancer whenever a key of the cluster changes; retry when the watch breaks."""
+        """Wake the balancer whenever a key of the cluster changes; retry when the watch breaks. Once
+        a watch is in place the balancer reads once more: a change made before (since the node's
+        first read, or while a watch was broken) is seen then, not a POLL later."""
         while not self._stopping:
             try:
-                async for _event in await self._etcd().watch_prefix(self.prefix):
+                events = await self._etcd().watch_prefix(self.prefix)
+                self._changed.set()
+                async for _event in events:
                     self._changed.set()
             except asyncio.CancelledError:
                 raise

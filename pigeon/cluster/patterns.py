@@ -12,8 +12,11 @@ A client's pattern command is sent to the other nodes first, their answers are t
 relayed), and then the client gets one answer:
 
 - ``SUBSCRIBE``: when every node accepted, the command runs in this node's core, whose answer is
-  the client's; when one refused, the client gets the first refusal as that node gave it, the
-  nodes that accepted a new subscription drop it again, and this node's core never sees it;
+  the client's (once that core runs input at once: not while the connection is paused or its
+  publish waits for flow control, so that whether it subscribed is known right after); when this
+  core refused it, the other nodes drop it again; when another node refused, the client gets the
+  first refusal as that node gave it, the nodes that accepted a new subscription drop it again, and
+  this node's core never sees it;
 - ``UNSUBSCRIBE``: this node's core answers, once every other node has dropped it;
 - ``DESTROY``: the first refusal other than ``NO_SUCH_GROUP``; else ``DESTROYED`` when some node
   destroyed the group (answered here when this node's core holds none); else this node's core
@@ -109,8 +112,10 @@ class PatternPlacement:
     def _finish(self) -> None:
         assert self._command is not None
         verb, rest, line = self._command
-        self._command = None
         refusals = [answer for answer in self._answers if answer.startswith(b"ERROR ")]
+        if verb == b"SUBSCRIBE" and not refusals and not self._conn.core_takes_input():
+            return  # its answer is looked at as soon as the core runs it: wait until it runs input at once
+        self._command = None
         key = subscription_key(rest)
         if verb == b"SUBSCRIBE":
             if refusals:
@@ -119,7 +124,14 @@ class PatternPlacement:
                 self._conn.reply(refusals[0])
                 return
             self.subscriptions[key] = rest
-        elif verb == b"UNSUBSCRIBE":
+            self._conn.feed_core(line)
+            if not self._conn.core_subscribed(*key):
+                # this node's core refused it (a limit or users file of its own): the client holds
+                # no part of a subscription it was refused
+                del self.subscriptions[key]
+                self._unplace(key)
+            return
+        if verb == b"UNSUBSCRIBE":
             self.subscriptions.pop(key, None)
         elif verb == b"DESTROY":
             refusals = [answer for answer in refusals if not answer.startswith(b"ERROR NO_SUCH_GROUP ")]
@@ -133,8 +145,15 @@ class PatternPlacement:
                 return
         self._conn.feed_core(line)
 
+    def core_resumed(self) -> None:
+        """This node's core runs the client's input at once again: a ``SUBSCRIBE`` every other node
+        accepted meanwhile runs there now."""
+        if self._command is not None and not self._waiting:
+            self._finish()
+
     def _unplace(self, key: Key) -> None:
-        """Drop a subscription some nodes accepted and another refused, from the nodes it is on."""
+        """Drop a subscription refused somewhere (by another node, or this node's core) from the nodes
+        it is on."""
         pattern, group = key
         rest = pattern if group is None else b"%s GROUP %s" % (pattern, group)
         for node, placed in self._placed.items():

@@ -1025,6 +1025,8 @@ class RoutedConnection(_Connection):
     def resume_input(self, why: str) -> None:
         """Take up the client's input again once nothing else holds it."""
         self._holds.discard(why)
+        if why == "core" and self._transport is not None and not self._transport.is_closing():
+            self._patterns.core_resumed()
         if not self._holds:
             if self._transport is not None and not self._transport.is_closing():
                 self._transport.resume_reading()
@@ -1061,6 +1063,18 @@ class RoutedConnection(_Connection):
     def feed_core(self, line: bytes) -> None:
         """Run one of the client's command lines in this node's core, which answers it."""
         self._broker.feed(self._handle, line + b"\n")
+
+    def core_takes_input(self) -> bool:
+        """Whether this node's core runs a line fed to it at once: the connection is not paused (its
+        transport full) and no publish of it waits for flow control (which hold its input)."""
+        page = self._broker.connections(self._handle, 1)["connections"]
+        return (
+            bool(page) and page[0]["handle"] == self._handle and not page[0]["paused"] and not page[0]["held"]
+        )
+
+    def core_subscribed(self, pattern: bytes, group: bytes | None) -> bool:
+        """Whether this node's core holds the client's subscription to ``pattern`` (in ``group``)."""
+        return self._broker.subscribed(self._handle, pattern, group)
 
     def core_holds_group(self, pattern: bytes, group: bytes) -> bool:
         """Whether this node's core holds the consumer group ``group`` of ``pattern``."""

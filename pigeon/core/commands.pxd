@@ -32,6 +32,7 @@ cdef extern from *:
 
 cdef void connect_client(Broker b, int32_t h, bint login) noexcept
 cdef int on_connect(Broker b, int32_t h, char *args, size_t n) except -1
+cdef Topic *subscription_topic(Broker b, char *name, size_t n, char *group, size_t gl) noexcept
 cdef int on_subscribe(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_unsubscribe(Broker b, int32_t h, char *args, size_t n) except -1
 cdef int on_publish(Broker b, int32_t h, char *args, size_t n) except -1

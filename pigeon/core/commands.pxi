@@ -174,6 +174,14 @@ cdef Topic *_subscription_target(Broker b, int32_t h, char *name, size_t n, char
     return found if found != NULL else _new_topic(b, h, name, n, topic_hash(name, n))
 
 
+cdef Topic *subscription_topic(Broker b, char *name, size_t n, char *group, size_t gl) noexcept:
+    """Where a subscription to ``name`` (in consumer group ``group`` when not NULL) is held: the topic,
+    or the group (a pattern's default one without ``group``); NULL when there is none."""
+    if group != NULL or is_pattern(name, n):
+        return group_find(b, name, n, group, gl)
+    return topics_find(&b.topic_table, name, n, topic_hash(name, n))
+
+
 cdef bint _subscriptions_left(Broker b, int32_t h) noexcept:
     """Whether h may subscribe to one more topic or group; else sends the ERROR."""
     cdef char reason[80]
@@ -206,10 +214,7 @@ cdef int on_subscribe(Broker b, int32_t h, char *args, size_t n) except -1:
     wildcard = is_pattern(name, name_len)
     if wildcard and not _valid_pattern(b, h, name, name_len):
         return 0
-    if group != NULL or wildcard:
-        found = group_find(b, name, name_len, group, gl)
-    else:
-        found = topics_find(&b.topic_table, name, name_len, topic_hash(name, name_len))
+    found = subscription_topic(b, name, name_len, group, gl)
     if found != NULL:
         s = sub_find(&b.conns.items[h], found)
     if s == NULL:
@@ -249,10 +254,7 @@ cdef int on_unsubscribe(Broker b, int32_t h, char *args, size_t n) except -1:
         return 0
     if not _own_id(b, h, id, id_len) or not _valid_topic(b, h, name, name_len):
         return 0
-    if group != NULL or is_pattern(name, name_len):
-        t = group_find(b, name, name_len, group, gl)
-    else:
-        t = topics_find(&b.topic_table, name, name_len, topic_hash(name, name_len))
+    t = subscription_topic(b, name, name_len, group, gl)
     if t != NULL:
         s = sub_find(&b.conns.items[h], t)
     if s == NULL:
