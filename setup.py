@@ -72,7 +72,7 @@ extensions = [
         define_macros=[("PIGEON_TOPIC_MAX", str(TOPIC_MAX))],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
-        depends=[str(part) for part in Path("pigeon/core").iterdir()],
+        depends=[str(part) for part in Path("pigeon/core").iterdir()] + ["pigeon/_little_endian.pxd"],
     ),
     *(
         # replication's walks over log records (pigeon/cluster/replication.py)
@@ -81,7 +81,7 @@ extensions = [
             [f"pigeon/cluster/{name}.pyx"],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
-            depends=["pigeon/cluster/_records.pxd"],
+            depends=["pigeon/cluster/_records.pxd", "pigeon/_little_endian.pxd"],
         )
         for name in ("_split", "_index")
     ),

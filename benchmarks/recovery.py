@@ -2,6 +2,7 @@
 
     python benchmarks/recovery.py --messages 10000000 --brokers pigeon     # the recovery figure
     python benchmarks/recovery.py --messages 1000000 --consume              # Pigeon and its peers
+    python benchmarks/recovery.py --messages 1000000 --restarts 5           # medians of 5 rounds
 
 For each broker in turn (Pigeon with ``--fsync everysec``, Redis Streams with AOF ``appendfsync
 everysec``, NATS JetStream with a file stream, RabbitMQ with a durable queue of persistent
@@ -10,7 +11,9 @@ drivers as ``compare.py --durable``), then the broker is killed with SIGKILL and
 on the same files. Reported: the time from the restart's exec until the broker is ready
 (Pigeon: its own "recovered N messages ... in T s"), until the first delivery reaches a
 consumer waiting for it, and (with --consume) until 4 acknowledging consumers (prefetch 1,000,
-acknowledging every 100) have acknowledged every message.
+acknowledging every 100) have acknowledged every message. With ``--restarts N`` each broker
+goes through N such rounds (fresh files, fill, kill -9, restart) and its figures are the medians,
+each round's ready and first-message times listed after them.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import tempfile
 import threading
 import time
@@ -166,6 +170,26 @@ def recovered_line(running: Started) -> str:
     return ""
 
 
+def medians(rounds: list[Figures]) -> Figures:
+    """The median of each figure over the rounds (one round: its figures); the last round's line."""
+    if len(rounds) == 1:
+        return rounds[0]
+    alls = [f.all_s for f in rounds if f.all_s is not None]
+    return Figures(
+        statistics.median(f.filled_per_s for f in rounds),
+        statistics.median(f.ready_s for f in rounds),
+        statistics.median(f.first_s for f in rounds if f.first_s is not None),
+        statistics.median(alls) if alls else None,
+        min(f.acked for f in rounds),
+        rounds[-1].recovered,
+    )
+
+
+def seconds(values: list[float | None]) -> str:
+    """Each round's time, as the line prints them."""
+    return " ".join(f"{v:.3f}" for v in values if v is not None)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Measure the brokers named, one after the other, and print a line each."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -175,24 +199,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--brokers", default=",".join(FLAVOURS), help=f"comma-separated, from {','.join(FLAVOURS)}"
     )
+    parser.add_argument(
+        "--restarts",
+        type=int,
+        default=1,
+        help="rounds of fill, kill -9 and restart per broker; their medians",
+    )
     args = parser.parse_args(argv)
     if args.messages % PUBLISH_BATCH:
         parser.error(f"--messages must be a multiple of {PUBLISH_BATCH}")
+    if args.restarts < 1:
+        parser.error(f"--restarts must be 1 or more, not {args.restarts}")
     known = {b.name: b for b in durable_brokers()}
     for name in args.brokers.split(","):
         broker = known[FLAVOURS[name]]
         if broker.executable is None:
             print(f"{name}: not installed, skipped")
             continue
-        figures = measure(broker, args.messages, args.size, args.consume, [])
+        rounds = [measure(broker, args.messages, args.size, args.consume, []) for _ in range(args.restarts)]
+        figures = medians(rounds)
         line = (
             f"{name}: filled {args.messages} messages of {args.size} bytes at {figures.filled_per_s:,.0f} "
-            f"confirmed/s, kill -9; restart ready after {figures.ready_s:.2f} s, first message "
-            f"{figures.first_s:.2f} s"
+            f"confirmed/s, kill -9; restart ready after {figures.ready_s:.3f} s, first message "
+            f"{figures.first_s:.3f} s"
         )
         if figures.all_s is not None:
             line += (
                 f", all {figures.acked} acked by {CONSUMERS} consumers {figures.all_s:.2f} s after the exec"
+            )
+        if len(rounds) > 1:
+            line += (
+                f"; medians of {len(rounds)} restarts (ready {seconds([f.ready_s for f in rounds])} s, "
+                f"first message {seconds([f.first_s for f in rounds])} s)"
             )
         if figures.recovered:
             line += f"; the server's own figure: {figures.recovered}"

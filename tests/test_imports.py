@@ -38,6 +38,23 @@ def test_the_server_loads_neither_the_clients_nor_the_tools() -> None:
     assert not loaded & {"pigeon.client", "pigeon.cli", "pigeon.bench", "pigeon.testing", "aiohttp"}
 
 
+def test_the_server_starts_without_what_only_help_and_json_logs_need(tmp_path: Path) -> None:
+    # argparse sizes a help formatter to the terminal (importing shutil, bz2, lzma) and JSON log
+    # lines need datetime: neither is on the way of a start to listening (benchmarks/recovery.py)
+    loaded = _loaded_after(
+        "import logging, os, signal\n"
+        "from pigeon.cli.server import main\n"
+        "class StopWhenListening(logging.Handler):\n"
+        "    def emit(self, record):\n"
+        "        if ' listening on ' in record.getMessage():\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "logging.getLogger('pigeon').addHandler(StopWhenListening())\n"
+        f"assert main(['--port', '0', '--data-dir', {str(tmp_path / 'data')!r}]) == 0\n"
+    )
+    assert "pigeon.server.store" in loaded
+    assert not loaded & {"shutil", "bz2", "lzma", "datetime"}
+
+
 def test_the_kombu_transport_loads_neither_the_core_nor_the_server() -> None:
     loaded = _loaded_after("import pigeon.kombu; pigeon.kombu.Transport")
     assert "pigeon.kombu.transport" in loaded

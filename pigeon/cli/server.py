@@ -82,6 +82,26 @@ _LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help formatter, sized to the terminal only when it formats help.
+
+    argparse makes a formatter for every ``add_argument`` too (to check its metavar), and sizing
+    one imports shutil (with bz2 and lzma) and asks the terminal: on every start of the server."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24) -> None:
+        super().__init__(prog, indent_increment, max_help_position, width=80)
+        self._asked_help_position = max_help_position
+
+    def format_help(self) -> str:
+        import shutil
+
+        # what HelpFormatter.__init__ does with no width given
+        width = shutil.get_terminal_size().columns - 2
+        self._width = width
+        self._max_help_position = min(self._asked_help_position, max(width - 20, self._indent_increment * 2))
+        return super().format_help()
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line on stderr, exit status 2."""
 
@@ -125,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pigeon`` command."""
     parser = _Parser(
         prog="pigeon",
+        formatter_class=_HelpFormatter,
         description="Pigeon: a lightweight pub/sub broker. Each message goes to one subscriber, in turn.",
     )
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default %(default)s)")

@@ -15,9 +15,10 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy, memmove
 
+from pigeon._little_endian cimport get32, get64
 from pigeon.cluster._records cimport (
-    ATTEMPT_AT, REC_DELIVERED, REC_DONE, REC_PUBLISH, RECORD_HEAD, SEQ_AT, SLOTS, crc32_init, get32,
-    get64, publish_slot, record_size,
+    ATTEMPT_AT, REC_DELIVERED, REC_DONE, REC_PUBLISH, RECORD_HEAD, SEQ_AT, SLOTS, crc32_init, publish_slot,
+    record_size,
 )
 
 crc32_init()

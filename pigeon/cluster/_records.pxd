@@ -3,7 +3,9 @@
 # or from an owner's core: lengths are trusted, checksums not checked again, and a walk stops at
 # zeros (a segment made ahead) or at a record that would run past the end.
 
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport uint32_t
+
+from pigeon._little_endian cimport get16, get32
 
 
 cdef extern from *:
@@ -47,20 +49,6 @@ cdef enum:
     TOPIC_AT = RECORD_HEAD + 1 + 8 + 8 + 4   # a PUBLISH record's topic length, from its start
     SEQ_AT = RECORD_HEAD + 1                 # a PUBLISH's, DONE's (first) or DELIVERED's seq
     ATTEMPT_AT = RECORD_HEAD + 1 + 8         # a DELIVERED record's attempt
-
-
-# Records are little-endian whatever the host: read byte by byte (the compiler makes one load of it).
-
-cdef inline uint32_t get16(const unsigned char *p) noexcept nogil:
-    return p[0] | (<uint32_t>p[1] << 8)
-
-
-cdef inline uint32_t get32(const unsigned char *p) noexcept nogil:
-    return p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
-
-
-cdef inline uint64_t get64(const unsigned char *p) noexcept nogil:
-    return get32(p) | (<uint64_t>get32(p + 4) << 32)
 
 
 cdef inline size_t record_size(const unsigned char *data, size_t pos, size_t n) noexcept nogil:

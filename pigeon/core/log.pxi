@@ -3,6 +3,8 @@
 from libc.stdlib cimport free, qsort, realloc
 from libc.string cimport memcmp, memmove, memset
 
+from pigeon._little_endian cimport get16, get32, get64, put16, put32, put64
+
 
 cdef extern from *:
     """
@@ -100,43 +102,7 @@ def checksum_in_hardware():
     return bool(crc32c_has_hardware())
 
 
-# Records are little-endian whatever the host: written and read byte by byte.
-
-cdef inline void _put16(char *p, uint32_t v) noexcept:
-    p[0] = <char>(v & 0xff)
-    p[1] = <char>((v >> 8) & 0xff)
-
-
-cdef inline void _put32(char *p, uint32_t v) noexcept:
-    cdef int i
-    for i in range(4):
-        p[i] = <char>((v >> (8 * i)) & 0xff)
-
-
-cdef inline void _put64(char *p, uint64_t v) noexcept:
-    cdef int i
-    for i in range(8):
-        p[i] = <char>((v >> (8 * i)) & 0xff)
-
-
-cdef inline uint32_t _get16(const char *p) noexcept:
-    return (<unsigned char>p[0]) | ((<uint32_t><unsigned char>p[1]) << 8)
-
-
-cdef inline uint32_t _get32(const char *p) noexcept nogil:
-    cdef uint32_t v = 0
-    cdef int i
-    for i in range(4):
-        v |= (<uint32_t><unsigned char>p[i]) << (8 * i)
-    return v
-
-
-cdef inline uint64_t _get64(const char *p) noexcept nogil:
-    cdef uint64_t v = 0
-    cdef int i
-    for i in range(8):
-        v |= (<uint64_t><unsigned char>p[i]) << (8 * i)
-    return v
+# Records are little-endian whatever the host: written and read with pigeon/_little_endian.pxd.
 
 
 cdef size_t publish_record_size(size_t topic_len, size_t n) noexcept:
@@ -169,8 +135,8 @@ cdef char *_record(Broker b, int kind, size_t body) noexcept:
 
 
 cdef inline void _seal(char *record, size_t body) noexcept:
-    _put32(record, <uint32_t>body)
-    _put32(record + 4, record_crc(record + RECORD_HEAD, body))
+    put32(record, <uint32_t>body)
+    put32(record + 4, record_crc(record + RECORD_HEAD, body))
 
 
 cdef int log_publish(Broker b, uint64_t seq, Topic *t, const char *data, size_t n,
@@ -200,16 +166,16 @@ cdef int _log_publish(Broker b, uint64_t seq, Topic *t, Topic *group, const char
     if rec == NULL:
         return -1
     p = rec + RECORD_HEAD + 1
-    _put64(p, seq)
-    _put64(p + 8, b.wall_ms)
-    _put32(p + 16, attempt)
-    _put16(p + 20, <uint16_t>name_len)
+    put64(p, seq)
+    put64(p + 8, b.wall_ms)
+    put32(p + 16, attempt)
+    put16(p + 20, <uint16_t>name_len)
     memcpy(p + 22, topic_name(t), t.name_len)
     if group != NULL:
         p[22 + t.name_len] = b' '
         memcpy(p + 23 + t.name_len, topic_name(group), group.name_len)
     p += 22 + name_len
-    _put32(p, <uint32_t>n)
+    put32(p, <uint32_t>n)
     memcpy(p + 4, data, n)
     _seal(rec, body)
     if b.log.buf_first_seq == 0:
@@ -328,8 +294,8 @@ cdef void _record_done(Broker b) noexcept:
             j += 1
         rec = _record(b, REC_DONE, 17)
         if rec != NULL:
-            _put64(rec + RECORD_HEAD + 1, log.settled[i])
-            _put64(rec + RECORD_HEAD + 9, log.settled[j])
+            put64(rec + RECORD_HEAD + 1, log.settled[i])
+            put64(rec + RECORD_HEAD + 9, log.settled[j])
             _seal(rec, 17)
         i = j + 1
     log.nsettled = 0
@@ -344,8 +310,8 @@ cdef void log_delivered(Broker b, uint64_t seq, uint32_t attempt) noexcept:
     rec = _record(b, REC_DELIVERED, 13)
     if rec == NULL:
         return
-    _put64(rec + RECORD_HEAD + 1, seq)
-    _put32(rec + RECORD_HEAD + 9, attempt)
+    put64(rec + RECORD_HEAD + 1, seq)
+    put32(rec + RECORD_HEAD + 9, attempt)
     _seal(rec, 13)
 
 
@@ -506,11 +472,11 @@ cdef str _scan_record(Broker b, Recovery *r, const char *body, size_t n):
     if kind == REC_PUBLISH:
         if n < 27:
             return "a PUBLISH record too short"
-        seq = _get64(body + 1)
-        name_len = _get16(body + 21)
+        seq = get64(body + 1)
+        name_len = get16(body + 21)
         if n < 27 + name_len or name_len == 0 or name_len > 2 * TOPIC_MAX + 2 + GROUP_NAME_MAX:
             return "a PUBLISH record with a bad topic length"
-        length = _get32(body + 23 + name_len)
+        length = get32(body + 23 + name_len)
         if n != 27 + name_len + length:
             return "a PUBLISH record whose length does not add up"
         if seq <= r.max_seq:
@@ -529,8 +495,8 @@ cdef str _scan_record(Broker b, Recovery *r, const char *body, size_t n):
             return "a DONE record of the wrong length"
         if _grow_pairs(b, &r.done, &r.done_cap, r.ndone) < 0:
             raise MemoryError()
-        r.done[2 * r.ndone] = _get64(body + 1)
-        r.done[2 * r.ndone + 1] = _get64(body + 9)
+        r.done[2 * r.ndone] = get64(body + 1)
+        r.done[2 * r.ndone + 1] = get64(body + 9)
         r.ndone += 1
         return None
     if kind == REC_DELIVERED:
@@ -538,8 +504,8 @@ cdef str _scan_record(Broker b, Recovery *r, const char *body, size_t n):
             return "a DELIVERED record of the wrong length"
         if _grow_pairs(b, &r.delivered, &r.delivered_cap, r.ndelivered) < 0:
             raise MemoryError()
-        r.delivered[2 * r.ndelivered] = _get64(body + 1)
-        r.delivered[2 * r.ndelivered + 1] = _get32(body + 9)
+        r.delivered[2 * r.ndelivered] = get64(body + 1)
+        r.delivered[2 * r.ndelivered + 1] = get32(body + 9)
         r.ndelivered += 1
         return None
     return f"a record of unknown kind {kind}"
@@ -557,11 +523,11 @@ cdef tuple recovery_scan(Broker b, Recovery *r, const char *data, size_t n, bint
     while pos < n:
         if n - pos < RECORD_HEAD:
             return pos, "a record cut short (its head is incomplete)"
-        body = _get32(data + pos)
+        body = get32(data + pos)
         if body == 0 or body > n - pos - RECORD_HEAD:
             return pos, "a record cut short" if body <= (1 << 30) else "a record of impossible length"
         if ((publish_checksums or <unsigned char>data[pos + RECORD_HEAD] != REC_PUBLISH)
-                and record_crc(data + pos + RECORD_HEAD, body) != _get32(data + pos + 4)):
+                and record_crc(data + pos + RECORD_HEAD, body) != get32(data + pos + 4)):
             return pos, CHECKSUM_MISMATCH
         problem = _scan_record(b, r, data + pos + RECORD_HEAD, body)
         if problem is not None:
@@ -675,22 +641,22 @@ cdef Py_ssize_t recovery_restore(Broker b, Recovery *r, const char *data, size_t
     cdef bint out_of_memory = False
     while pos < n and walked < limit:
         start = pos
-        body = _get32(data + pos)
+        body = get32(data + pos)
         rec = data + pos + RECORD_HEAD
         pos += RECORD_HEAD + body
         walked += 1
         if <unsigned char>rec[0] != REC_PUBLISH:
             continue
-        if checksums and record_crc(rec, body) != _get32(data + start + 4):
+        if checksums and record_crc(rec, body) != get32(data + start + 4):
             damaged[0] = True
             pos = start
             break
         r.done_bytes += RECORD_HEAD + body
-        seq = _get64(rec + 1)
+        seq = get64(rec + 1)
         if _is_done(r, seq):
             continue
-        name_len = _get16(rec + 21)
-        length = _get32(rec + 23 + name_len)
+        name_len = get16(rec + 21)
+        length = get32(rec + 23 + name_len)
         # a group's copy names "<topic> <group key>": it goes back to its group (groups.pxd)
         space = <const char *>memchr(rec + 23, b' ', name_len)
         topic_len = space - (rec + 23) if space != NULL else name_len
@@ -709,7 +675,7 @@ cdef Py_ssize_t recovery_restore(Broker b, Recovery *r, const char *data, size_t
             topics_drop_if_unused(b, t)
             out_of_memory = True
             break
-        msg.attempt = _attempt(r, seq, _get32(rec + 17))
+        msg.attempt = _attempt(r, seq, get32(rec + 17))
         if renumber:
             # a new message of this log (msg_new numbered it), recorded with its attempt
             if b.log.durable and (log_publish_copy(b, msg) if space != NULL
@@ -821,7 +787,7 @@ cdef inline size_t _next_record(const char *data, size_t pos, size_t n) noexcept
     cdef size_t body
     if n - pos < RECORD_HEAD + 1:
         return 0
-    body = _get32(data + pos)
+    body = get32(data + pos)
     if body == 0 or body > n - pos - RECORD_HEAD:
         return 0
     return RECORD_HEAD + body
@@ -872,15 +838,15 @@ cdef int _summary_walk(const char *p, size_t n, Pairs *published, Pairs *done,
             break
         kind = <unsigned char>p[pos + RECORD_HEAD]
         if kind == REC_PUBLISH:
-            seq = _get64(p + pos + RECORD_HEAD + 1)
+            seq = get64(p + pos + RECORD_HEAD + 1)
             if published.count and seq == published.items[2 * published.count - 1] + 1:
                 published.items[2 * published.count - 1] = seq
             elif _pairs_add(published, seq, seq) < 0:
                 return -1
             publishes[0] += 1
         else:
-            if kind == REC_DONE and _pairs_add(done, _get64(p + pos + RECORD_HEAD + 1),
-                                               _get64(p + pos + RECORD_HEAD + 9)) < 0:
+            if kind == REC_DONE and _pairs_add(done, get64(p + pos + RECORD_HEAD + 1),
+                                               get64(p + pos + RECORD_HEAD + 9)) < 0:
                 return -1
             others[0] += 1
         pos += size
@@ -931,7 +897,7 @@ cdef int _kept_walk(const char *p, size_t n, const uint64_t *runs, size_t nruns,
             break
         kind = <unsigned char>p[pos + RECORD_HEAD]
         if (kind == REC_PUBLISH or kind == REC_DELIVERED) and not _in_runs(
-                runs, nruns, _get64(p + pos + RECORD_HEAD + 1)):
+                runs, nruns, get64(p + pos + RECORD_HEAD + 1)):
             if kept.count and kept.items[2 * kept.count - 1] == pos:
                 kept.items[2 * kept.count - 1] = pos + size
             elif _pairs_add(kept, pos, pos + size) < 0:
