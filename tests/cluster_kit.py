@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ import pytest
 from pigeon.cluster.etcd import EtcdProcess, etcd_binary
 from pigeon.cluster.slots import SLOTS, preferred_owner, slot_of
 from pigeon.testing import LineClient, ServerProcess
+from tests.test_tls import TlsLineClient
 
 # a short lease, so that failover tests wait seconds, not minutes
 TTL = 2.0
@@ -42,9 +44,14 @@ def running_cluster(count: int = 3) -> Iterator[Cluster]:
                 assert node.stop() in (0, -9), "".join(node.log)
 
 
-def status(node: ServerProcess) -> dict[str, Any]:
-    """``CLUSTER STATUS`` of one node, as a dict."""
-    client = node.client(timeout=5)
+def client_of(node: ServerProcess, tls: ssl.SSLContext | None = None, timeout: float = 10.0) -> LineClient:
+    """A client of ``node``, over TLS with the client context ``tls`` where given."""
+    return node.client(timeout) if tls is None else TlsLineClient(node, tls, timeout)
+
+
+def status(node: ServerProcess, tls: ssl.SSLContext | None = None) -> dict[str, Any]:
+    """``CLUSTER STATUS`` of one node, as a dict (over TLS with ``tls``)."""
+    client = client_of(node, tls, timeout=5)
     try:
         reply = client.ask("CLUSTER STATUS")
     finally:
@@ -53,13 +60,15 @@ def status(node: ServerProcess) -> dict[str, Any]:
     return dict(json.loads(reply[len(b"CLUSTER ") :]))
 
 
-def owned_by_each(nodes: list[ServerProcess], skip_down: bool = False) -> dict[str, set[int]]:
+def owned_by_each(
+    nodes: list[ServerProcess], skip_down: bool = False, tls: ssl.SSLContext | None = None
+) -> dict[str, set[int]]:
     """The slots each node says it serves right now; with ``skip_down``, nodes that do not answer
     (killed, stopping) are left out."""
     owned: dict[str, set[int]] = {}
     for node in nodes:
         try:
-            doc = status(node)
+            doc = status(node, tls)
         except (OSError, EOFError, AssertionError):
             if not skip_down:
                 raise
@@ -88,22 +97,26 @@ class TwoOwnersWatch:
     def __init__(self) -> None:
         self._last: set[tuple[int, str, str]] = set()
 
-    def look(self, nodes: list[ServerProcess], skip_down: bool = False) -> dict[str, set[int]]:
+    def look(
+        self, nodes: list[ServerProcess], skip_down: bool = False, tls: ssl.SSLContext | None = None
+    ) -> dict[str, set[int]]:
         """One round: every node's view; raises AssertionError on a slot served twice twice in a row."""
-        owned = owned_by_each(nodes, skip_down)
+        owned = owned_by_each(nodes, skip_down, tls)
         twice = served_twice(owned)
         assert not twice & self._last, f"slots served by two nodes: {sorted(twice & self._last)}"
         self._last = twice
         return owned
 
 
-def wait_balanced(nodes: list[ServerProcess], timeout: float = 30.0) -> dict[str, set[int]]:
+def wait_balanced(
+    nodes: list[ServerProcess], timeout: float = 30.0, tls: ssl.SSLContext | None = None
+) -> dict[str, set[int]]:
     """Wait until every slot is served by exactly one of ``nodes`` and each serves some; returns who
     serves what. Checks on every look that no slot is served twice (``TwoOwnersWatch``)."""
     watch = TwoOwnersWatch()
     deadline = time.monotonic() + timeout
     while True:
-        owned = watch.look(nodes)
+        owned = watch.look(nodes, tls=tls)
         served = set().union(*owned.values())
         if len(served) == SLOTS and all(owned.values()) and not served_twice(owned):
             return owned
@@ -120,20 +133,28 @@ def all_preferred(owned: dict[str, set[int]]) -> bool:
     return all(slot in owned[preferred_owner(slot, owned) or ""] for slot in range(SLOTS))
 
 
-def wait_preferred(nodes: list[ServerProcess], timeout: float = 30.0) -> dict[str, set[int]]:
+def wait_preferred(
+    nodes: list[ServerProcess], timeout: float = 30.0, tls: ssl.SSLContext | None = None
+) -> dict[str, set[int]]:
     """``wait_balanced``, then wait until every slot is with its preferred owner; who serves what."""
     deadline = time.monotonic() + timeout
     while True:
-        owned = wait_balanced(nodes, timeout)
+        owned = wait_balanced(nodes, timeout, tls)
         if all_preferred(owned):
             return owned
         assert time.monotonic() < deadline, "the slots did not settle with their preferred owners"
         time.sleep(0.1)
 
 
-def connected(node: ServerProcess, login: tuple[str, str] | None = None, timeout: float = 10.0) -> LineClient:
-    """A client of ``node`` that has sent CONNECT (with ``login``'s user and password, where given)."""
-    client = node.client(timeout)
+def connected(
+    node: ServerProcess,
+    login: tuple[str, str] | None = None,
+    timeout: float = 10.0,
+    tls: ssl.SSLContext | None = None,
+) -> LineClient:
+    """A client of ``node`` that has sent CONNECT (with ``login``'s user and password, where given;
+    over TLS with ``tls``)."""
+    client = client_of(node, tls, timeout)
     if login is None:
         client.connect()
     else:

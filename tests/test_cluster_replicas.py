@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import ssl
 import subprocess
 import threading
 import time
@@ -248,12 +249,18 @@ def test_kill_9_of_two_busy_owners_one_after_the_other_with_two_replicas_loses_n
         _stop(nodes)
 
 
-def _consume(node: ServerProcess, topic: str, count: int, last: bool = True, group: str = "") -> list[bytes]:
-    """``count`` messages of ``topic`` (of its consumer ``group``) through ``node``, each
-    acknowledged; with ``last``, nothing more comes (else the one delivered after them goes back
-    when the client leaves)."""
-    client = node.client(timeout=TTL + 30)
-    client.connect()
+def _consume(
+    node: ServerProcess,
+    topic: str,
+    count: int,
+    last: bool = True,
+    group: str = "",
+    tls: ssl.SSLContext | None = None,
+) -> list[bytes]:
+    """``count`` messages of ``topic`` (of its consumer ``group``) through ``node`` (over TLS with
+    ``tls``), each acknowledged; with ``last``, nothing more comes (else the one delivered after
+    them goes back when the client leaves)."""
+    client = connected(node, timeout=TTL + 30, tls=tls)
     member = f" GROUP {group}" if group else ""
     reply = client.ask(f"SUBSCRIBE {client.client_id} {topic}{member} ACK PREFETCH 1")
     assert reply == f"SUBSCRIBED {topic}".encode()
@@ -269,9 +276,13 @@ def _consume(node: ServerProcess, topic: str, count: int, last: bool = True, gro
 
 
 def _publish(
-    node: ServerProcess, topic: str, bodies: list[str], login: tuple[str, str] | None = None
+    node: ServerProcess,
+    topic: str,
+    bodies: list[str],
+    login: tuple[str, str] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
-    publisher = connected(node, login)
+    publisher = connected(node, login, tls=tls)
     publisher.send("".join(f"PUBLISH {publisher.client_id} {topic} {body}\n" for body in bodies))
     assert publisher.lines(len(bodies)) == [f"PUBLISHED {topic}".encode()] * len(bodies)
     publisher.close()

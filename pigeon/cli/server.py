@@ -20,7 +20,7 @@ from pigeon.server.limits import raise_open_files_limit
 from pigeon.server.loops import loop_factory
 from pigeon.server.protocol import Server, format_address, is_loopback
 from pigeon.server.store import StoreError, inspect
-from pigeon.server.tls import DEFAULT_HANDSHAKE_TIMEOUT, server_context
+from pigeon.server.tls import DEFAULT_HANDSHAKE_TIMEOUT, node_context, server_context
 
 if TYPE_CHECKING:
     from pigeon.server.monitor import Monitor
@@ -333,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
         "min.insync.replicas (default %(default)s: confirm with as many as are live)",
     )
     cluster.add_argument(
+        "--node-tls-ca",
+        metavar="FILE",
+        help="with --tls-cert on a cluster: the CAs (PEM) that signed the other nodes' certificates, "
+        "which this node checks when it connects to them (default: --tls-ca, else the system's)",
+    )
+    cluster.add_argument(
         "--node-user",
         metavar="NAME",
         help="the user this node logs in as on other nodes (a user of the users file with cluster = true), "
@@ -514,7 +520,15 @@ def _new_server(args: argparse.Namespace) -> Callable[..., Server]:
         replicas=args.replicas,
         min_replicas=args.min_replicas,
         node_login=_node_login(args),
+        node_tls=_node_tls(args),
     )
+
+
+def _node_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """With --tls-cert, the context this node connects to the others with: they speak TLS too."""
+    if args.tls_cert is None:
+        return None
+    return node_context(args.tls_cert, args.tls_key, args.node_tls_ca or args.tls_ca)
 
 
 def _node_login(args: argparse.Namespace) -> tuple[str, str] | None:
@@ -571,11 +585,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pigeon.cluster.workers import supervise
 
         return supervise(args, arguments)
-    node_flags = (args.node_name, args.advertise, args.node_user, args.node_password_file)
+    node_flags = (args.node_name, args.advertise, args.node_user, args.node_password_file, args.node_tls_ca)
     if args.cluster is None and (any(node_flags) or args.node_port is not None):
         parser.error(
-            "--node-name, --advertise, --node-port, --node-user and --node-password-file need --cluster"
+            "--node-name, --advertise, --node-port, --node-user, --node-password-file and --node-tls-ca "
+            "need --cluster"
         )
+    if args.node_tls_ca is not None and tls is None:
+        parser.error("--node-tls-ca needs --tls-cert and --tls-key")
     if args.replicas and (args.cluster is None or args.data_dir is None):
         parser.error("--replicas needs --cluster and --data-dir (only durable topics are replicated)")
     if args.min_replicas > args.replicas:

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import math
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -54,7 +55,8 @@ class ClusterNode:
     subscribers or messages): it hands any other slot to its preferred owner; ``on_lost()`` is
     called when the node stops serving every slot because its lease is lost; ``on_members()`` after
     each read of the member set; ``on_taking(slots)`` just before it starts serving slots it did
-    not hold (with no await in between: nothing of theirs has been served yet).
+    not hold (with no await in between: nothing of theirs has been served yet). ``tls`` is the
+    client context this node opens its connections to the others with (``connect``).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class ClusterNode:
         on_lost: Callable[[], None] = lambda: None,
         on_members: Callable[[], None] = lambda: None,
         on_taking: Callable[[list[int]], None] = lambda slots: None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.endpoints = endpoints
         self.name = name
@@ -79,6 +82,7 @@ class ClusterNode:
         self._on_lost = on_lost
         self._on_members = on_members
         self._on_taking = on_taking
+        self.tls = tls  # how this node connects to the others (``connect``): TLS, or None for TCP
         self.members: dict[str, dict[str, Any]] = {}
         # member -> (its lease, when this node first read it with that lease: a restart is a new member)
         self._first_seen: dict[str, tuple[int, float]] = {}
@@ -132,6 +136,18 @@ class ClusterNode:
         """Where clients reach ``node`` (``host:port``), or None for a node not in the member set."""
         member = self.members.get(node)
         return None if member is None else str(member.get("address"))
+
+    def connect(
+        self, node: str, protocol: Callable[[], asyncio.BaseProtocol]
+    ) -> asyncio.Task[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]:
+        """Open a connection to ``node`` at its member address, over TLS (the peer's certificate
+        checked against its address) when this node has ``tls``: a client's forwarding upstream, a
+        replication link. A node not in the member set fails to connect, as an unreachable one."""
+        host, _, port = (self.address_of(node) or "").rpartition(":")
+        loop = asyncio.get_running_loop()
+        return loop.create_task(
+            loop.create_connection(protocol, host.strip("[]"), int(port or 0), ssl=self.tls)
+        )
 
     def status(self) -> dict[str, Any]:
         """The cluster as this node sees it: for ``CLUSTER STATUS``, HTTP ``/cluster`` and the CLI."""

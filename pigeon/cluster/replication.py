@@ -192,7 +192,8 @@ class ReplicationSender:
     slot's records to its ``replicas`` successors and lets ``PUBLISHED`` go once every live one
     confirmed.
 
-    ``members()`` is the live member set as etcd said last (names to info with ``"address"``);
+    ``members()`` is the live member set as etcd said last (names to info), ``connect(node,
+    protocol)`` opens a connection to one (``ClusterNode.connect``: over TLS between TLS nodes);
     ``login`` is the ``CONNECT <user> <password>`` line a link sends first where nodes require
     logins (``--node-user``), else empty.
     """
@@ -203,6 +204,7 @@ class ReplicationSender:
         broker: Broker,
         store: Store,
         members: Callable[[], dict[str, Any]],
+        connect: Callable[[str, Callable[[], asyncio.BaseProtocol]], asyncio.Task[Any]],
         login: bytes = b"",
         replicas: int = 1,
         min_replicas: int = 0,
@@ -215,6 +217,7 @@ class ReplicationSender:
         self.min_replicas = min_replicas
         self._short = False  # fewer successors live than min_replicas (members_changed says)
         self._members = members
+        self._connect = connect
         self._links: dict[str, ReplicaLink] = {}
         self._unreachable: set[str] = set()  # successors warned about, until one takes replicas
         self._successors: list[tuple[str, ...]] = [()] * SLOTS
@@ -286,12 +289,9 @@ class ReplicationSender:
 
     def _open(self, node: str) -> None:
         """Connect to ``node``, a successor; once it answers it gets a snapshot (link_ready)."""
-        address = str(self._members().get(node, {}).get("address", ""))
-        host, _, port = address.rpartition(":")
         link = ReplicaLink(self, node)
         self._links[node] = link
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(loop.create_connection(lambda: link, host.strip("[]"), int(port or 0)))
+        task = self._connect(node, lambda: link)
         task.add_done_callback(lambda done: self._connected(link, done))
 
     def _connected(self, link: ReplicaLink, done: asyncio.Task[Any]) -> None:

@@ -666,7 +666,10 @@ class RoutedConnection(_Connection):
     def eof_received(self) -> bool:
         self._eof = True
         self._route()
-        return True
+        # A plain socket stays open for the replies other nodes still owe (a half-closed peer may
+        # read them). A TLS transport shuts down after the peer's close_notify whatever is
+        # returned, and warns on every connection that asks to stay open.
+        return self._transport is None or self._transport.get_extra_info("sslcontext") is None
 
     def _route(self) -> None:
         """Send the pending lines to their sources, in order, while nothing holds them."""
@@ -984,10 +987,7 @@ class RoutedConnection(_Connection):
             upstream = Upstream(self, node)
             self._upstreams[node] = upstream
             self._cluster.upstreams_opened += 1
-            address = self._cluster.address_of(node) or ""
-            host, _, port = address.rpartition(":")
-            loop = asyncio.get_running_loop()
-            task = loop.create_task(loop.create_connection(lambda: upstream, host.strip("[]"), int(port)))
+            task = self._cluster.connect(node, lambda: upstream)
             task.add_done_callback(lambda done: self._connected(upstream, done))
         return upstream
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from functools import partial
 from pathlib import Path
@@ -36,7 +37,8 @@ class ClusterServer(Server):
     "Replication"); with ``min_replicas=M`` a durable ``PUBLISH`` is refused while fewer than M
     successors are live. ``node_login`` (user, password) is what this node logs in as on other nodes
     (``--node-user``): needed for replicas when ``users_file`` requires logins, and checked against
-    it. The other keywords are ``Server``'s.
+    it. ``node_tls`` is the client context for this node's connections to the others (given when
+    it speaks TLS, ``tls``: so do they). The other keywords are ``Server``'s.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class ClusterServer(Server):
         replicas: int = 0,
         min_replicas: int = 0,
         node_login: tuple[str, str] | None = None,
+        node_tls: ssl.SSLContext | None = None,
         **kwargs: Any,
     ) -> None:
         if replicas < 0:
@@ -89,6 +92,7 @@ class ClusterServer(Server):
             on_lost=self._lease_lost,
             on_members=self._members_changed,
             on_taking=self._taking,
+            tls=node_tls,
         )
 
     def _check_node_login(self, user: str, password: str) -> bytes:
@@ -163,6 +167,7 @@ class ClusterServer(Server):
             self.broker,
             self.store,
             lambda: self.cluster.members,
+            self.cluster.connect,
             login=self._node_login,
             replicas=self._replicating,
             min_replicas=self._min_replicas,

@@ -1,4 +1,5 @@
-"""TLS on the client port: the server's ``ssl.SSLContext``, and who a client certificate names.
+"""TLS on the client port: the server's ``ssl.SSLContext``, a cluster node's context for its
+connections to the other nodes, and who a client certificate names.
 
 The event loop (uvloop or asyncio) runs the handshake and the record layer
 through the standard library's ``ssl`` module; the broker's protocol sees
@@ -29,6 +30,20 @@ def server_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext
     if ca is not None:
         context.load_verify_locations(cafile=ca)
         context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def node_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
+    """The client context a cluster node connects to the other nodes with (they speak TLS on their
+    ports as it does): TLS 1.2 or later, each peer's certificate checked against ``ca`` (PEM
+    bundle; the system's trusted CAs without one) and against the address the peer advertises, and
+    this node's own ``cert`` and ``key`` presented, for peers that require client certificates.
+
+    Raises OSError or ssl.SSLError when a file cannot be read or the key does not match.
+    """
+    context = ssl.create_default_context(cafile=ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
     return context
 
 
