@@ -49,6 +49,28 @@ def test_slots_and_preferred_owners_are_the_same_in_every_process() -> None:
     assert preferred_owner(0, []) is None
 
 
+def test_a_free_slot_goes_to_the_first_live_node_that_holds_its_messages() -> None:
+    """``ClusterNode.taker``: a dead owner's slot goes to the first live node, in the slot's order, of
+    those etcd names as holding its messages; to its preferred owner when none of them is live, when
+    its last owner is still a member (it handed the slot over), or when nothing is recorded."""
+    from pigeon.cluster.node import ClusterNode
+
+    node = ClusterNode([("127.0.0.1", 2379)], "n1", {})
+    node.members = {name: {} for name in ("n1", "n2", "n3")}
+    for slot in range(SLOTS):
+        order = owner_order(slot, node.members)
+        node.copies = {}
+        assert node.taker(slot) == order[0]
+        node.copies = {slot: ("gone", (order[2],))}  # the new successor order[0] had not caught up
+        assert node.taker(slot) == order[2]
+        node.copies = {slot: ("gone", (order[2], order[1]))}
+        assert node.taker(slot) == order[1]
+        node.copies = {slot: ("gone", ("dead",))}
+        assert node.taker(slot) == order[0]
+        node.copies = {slot: (order[1], (order[2],))}  # its owner lives: it was handed over
+        assert node.taker(slot) == order[0]
+
+
 @pytest.mark.parametrize(
     "argv",
     [["--node-name", "n1"], ["--cluster", "x"]],

@@ -111,6 +111,23 @@ def test_a_killed_owners_backlog_is_taken_over_and_its_stale_copy_dropped_with_l
             node.stop()
 
 
+def _n2_refusing_node(tmp_path: Path) -> tuple[tuple[str, ...], Path, tuple[str, ...]]:
+    """The node login of n0 and n1 (user ``node``), and n2's users file and login: n2's own node
+    user is ``node2``, and it does not know the user the others log in as (it refuses them)."""
+    node_login = ("--node-user", "node", "--node-password-file", str(_password_file(tmp_path, "node")))
+    n2_users = tmp_path / "n2-users.toml"
+    n2_users.write_text(users_toml({**USERS, "node2": {"cluster": True}}))
+    n2_login = ("--node-user", "node2", "--node-password-file", str(_password_file(tmp_path, "node2")))
+    return node_login, n2_users, n2_login
+
+
+def _topic_in_order(prefix: str, order: list[str]) -> str:
+    """The first topic ``<prefix><n>`` whose slot orders the three nodes as ``order``."""
+    return next(
+        f"{prefix}{n}" for n in range(10_000) if owner_order(slot_of(f"{prefix}{n}".encode()), NAMES) == order
+    )
+
+
 def test_a_publish_waits_for_a_new_successor_that_refuses_until_it_lets_the_owner_in(
     etcd: EtcdProcess, tmp_path: Path, users: Path
 ) -> None:
@@ -118,16 +135,8 @@ def test_a_publish_waits_for_a_new_successor_that_refuses_until_it_lets_the_owne
     one's link is not ready (here: it refuses the owner's node login until its users file is fixed
     and reloaded); it used to be confirmed at once, held by no other node. The owner retries a
     refusing successor, and once it is let in the message is confirmed and survives the owner."""
-    node_login = ("--node-user", "node", "--node-password-file", str(_password_file(tmp_path, "node")))
-    # n2's own node user is node2; it does not know the user n0 logs in as
-    n2_users = tmp_path / "n2-users.toml"
-    n2_users.write_text(users_toml({**USERS, "node2": {"cluster": True}}))
-    n2_login = ("--node-user", "node2", "--node-password-file", str(_password_file(tmp_path, "node2")))
-    topic = next(
-        f"orders.at-risk{n}"
-        for n in range(10_000)
-        if owner_order(slot_of(f"orders.at-risk{n}".encode()), NAMES) == list(NAMES)
-    )
+    node_login, n2_users, n2_login = _n2_refusing_node(tmp_path)
+    topic = _topic_in_order("orders.at-risk", ["n0", "n1", "n2"])
     nodes = {name: _node(etcd, name, tmp_path, users, *node_login) for name in ("n0", "n1")}
     try:
         wait_balanced_logged_in(nodes)
@@ -165,6 +174,51 @@ def test_a_publish_waits_for_a_new_successor_that_refuses_until_it_lets_the_owne
         nodes["n1"].proc.send_signal(signal.SIGCONT)
         for node in nodes.values():
             node.stop()
+
+
+def test_a_new_successor_that_has_not_caught_up_does_not_take_over_the_old_one_does(
+    etcd: EtcdProcess, tmp_path: Path, users: Path
+) -> None:
+    """The owner dies while its new successor (which outranks the old one) has not confirmed its
+    snapshot (here it refuses the owner's login, so it never can): etcd still names the old
+    successor as the node that holds the slot's messages, and the old successor takes the slot over
+    with every confirmed message. Without the record, the new successor took the slot (the first
+    live node in its order) with none of them, and the old one dropped its copy: all were lost."""
+    node_login, n2_users, n2_login = _n2_refusing_node(tmp_path)
+    topic = _topic_in_order("orders.moved", ["n0", "n2", "n1"])
+    slot = str(slot_of(topic.encode()))
+    nodes = {name: _node(etcd, name, tmp_path, users, *node_login) for name in ("n0", "n1")}
+    try:
+        owned = wait_balanced_logged_in(nodes)
+        assert int(slot) in owned["n0"]
+        sent = [f"m{i}" for i in range(100)]
+        _publish(nodes["n0"], topic, sent, _login("orders-api"))  # confirmed by n1, its successor
+        assert _wait_copies(nodes["n0"], slot, ["n1"])
+        nodes["n2"] = _node(etcd, "n2", tmp_path, n2_users, *n2_login)
+        assert nodes["n0"].wait_for_log("n2 refused to keep replicas")
+        # n2 is the slot's successor now, but holds none of its messages: etcd still names n1
+        assert _cluster_seen_by(nodes["n0"])["copies"][slot] == ["n1"]
+        nodes["n0"].proc.send_signal(signal.SIGKILL)
+        nodes["n0"].proc.wait()
+        assert nodes["n1"].wait_for_log("took over 100 replicated messages", timeout=TTL + 30)
+        consumer = connected(nodes["n1"], _login("worker"))
+        consumer.subscribe(topic)
+        assert consumer.lines(100) == [f"MESSAGE {topic} {body}".encode() for body in sent]
+        consumer.close()
+        assert not any("took over" in line for line in nodes["n2"].log), nodes["n2"].log
+    finally:
+        for node in nodes.values():
+            node.stop()
+
+
+def _wait_copies(node: ServerProcess, slot: str, expected: list[str], timeout: float = 30) -> bool:
+    """Whether ``node`` comes to name ``expected`` in etcd as the nodes holding ``slot``'s messages."""
+    deadline = time.monotonic() + timeout
+    while _cluster_seen_by(node)["copies"].get(slot) != expected:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _cluster_seen_by(node: ServerProcess) -> dict[str, Any]:

@@ -4,7 +4,11 @@ etcd holds, under ``/pigeon/<cluster>/``:
 
 - ``members/<node>``: ``{"address": "host:port", "http": ...}``, bound to the node's lease;
 - ``slots/<n>``: the name of the node that owns slot ``n``, bound to that node's lease, created
-  only if absent (a transaction), so that two nodes never hold a slot at once.
+  only if absent (a transaction), so that two nodes never hold a slot at once;
+- ``copies/<n>``: with replicas, ``{"owner": ..., "nodes": [...]}``, the nodes that hold every
+  message of slot ``n`` its owner confirmed, written by that owner while it holds the slot (and
+  with the slot's key when it takes it), bound to no lease: when the owner dies, the first of
+  them that is live takes the slot over (``taker``).
 
 A node serves a slot only while it holds that key and believes its lease alive: a lease is
 believed alive until ``ttl`` seconds after the last keep-alive that etcd answered was *sent*, which
@@ -26,7 +30,7 @@ from typing import Any, TypeVar
 
 import aetcd
 
-from pigeon.cluster.slots import SLOTS, preferred_owner
+from pigeon.cluster.slots import SLOTS, owner_order, preferred_owner
 
 log = logging.getLogger("pigeon.cluster")
 
@@ -56,7 +60,10 @@ class ClusterNode:
     called when the node stops serving every slot because its lease is lost; ``on_members()`` after
     each read of the member set; ``on_taking(slots)`` just before it starts serving slots it did
     not hold (with no await in between: nothing of theirs has been served yet). ``tls`` is the
-    client context this node opens its connections to the others with (``connect``).
+    client context this node opens its connections to the others with (``connect``). With
+    replicas, ``copies_of(slot)`` names the nodes that hold every message of a slot this node
+    owns: they are recorded in etcd (``record_copies``), and ``on_copies()`` is called after each
+    write.
     """
 
     def __init__(
@@ -72,6 +79,8 @@ class ClusterNode:
         on_members: Callable[[], None] = lambda: None,
         on_taking: Callable[[list[int]], None] = lambda slots: None,
         tls: ssl.SSLContext | None = None,
+        copies_of: Callable[[int], tuple[str, ...]] | None = None,
+        on_copies: Callable[[], None] = lambda: None,
     ) -> None:
         self.endpoints = endpoints
         self.name = name
@@ -82,11 +91,15 @@ class ClusterNode:
         self._on_lost = on_lost
         self._on_members = on_members
         self._on_taking = on_taking
+        self._copies_of = copies_of
+        self._on_copies = on_copies
         self.tls = tls  # how this node connects to the others (``connect``): TLS, or None for TCP
         self.members: dict[str, dict[str, Any]] = {}
         # member -> (its lease, when this node first read it with that lease: a restart is a new member)
         self._first_seen: dict[str, tuple[int, float]] = {}
         self.owners: dict[int, str] = {}  # slot -> owner, as etcd said last
+        # slot -> (its owner, the nodes that hold all its messages), as etcd said last
+        self.copies: dict[int, tuple[str, tuple[str, ...]]] = {}
         self._held: set[int] = set()  # slots whose keys are bound to this node's current lease
         self.owned: set[int] = set()  # the slots this node serves
         self.etcd_ok = False
@@ -132,6 +145,30 @@ class ClusterNode:
         node = self.owners.get(slot)
         return None if node == self.name else node
 
+    def recorded(self, slot: int) -> tuple[str, ...] | None:
+        """The nodes etcd names as holding every message of ``slot`` when this node owns it (none
+        recorded yet: empty), or None for a slot it does not own."""
+        if slot not in self.owned:
+            return None
+        owner, nodes = self.copies.get(slot, (self.name, ()))
+        return nodes if owner == self.name else ()
+
+    def record_copies(self) -> None:
+        """``copies_of`` changed: write it to etcd soon (the balancer does, on its next pass)."""
+        self._changed.set()
+
+    def taker(self, slot: int) -> str | None:
+        """The live member that should take ``slot`` while nobody holds it: when its last owner is
+        gone and etcd names nodes that hold all its messages, the first live one of them in the
+        slot's order; else its preferred owner. Every node computes the same from etcd's keys."""
+        last = self.copies.get(slot)
+        if last is not None and last[0] not in self.members:
+            holders = set(last[1])
+            for node in owner_order(slot, self.members):
+                if node in holders:
+                    return node
+        return preferred_owner(slot, self.members)
+
     def address_of(self, node: str) -> str | None:
         """Where clients reach ``node`` (``host:port``), or None for a node not in the member set."""
         member = self.members.get(node)
@@ -165,6 +202,11 @@ class ClusterNode:
                 node: {**info, "slots": per_node.get(node, [])} for node, info in sorted(self.members.items())
             },
             "unowned": SLOTS - len(self.owners),
+            "copies": {
+                str(slot): list(nodes)
+                for slot, (owner, nodes) in sorted(self.copies.items())
+                if slot in self.owned and owner == self.name
+            },
             "upstreams_opened": self.upstreams_opened,
         }
 
@@ -293,6 +335,7 @@ class ClusterNode:
         members: dict[str, dict[str, Any]] = {}
         leases: dict[str, int] = {}
         owners: dict[int, str] = {}
+        copies: dict[int, tuple[str, tuple[str, ...]]] = {}
         held: set[int] = set()
         lease = None if self._lease is None else self._lease.id
         for kv in await bounded(self._etcd().get_prefix(self.prefix)):
@@ -304,7 +347,10 @@ class ClusterNode:
                 owners[int(name)] = kv.value.decode()
                 if kv.lease == lease:
                     held.add(int(name))
-        self.members, self.owners, self._held = members, owners, held
+            elif kind == "copies" and name.isdigit():
+                record = json.loads(kv.value)
+                copies[int(name)] = (str(record["owner"]), tuple(record["nodes"]))
+        self.members, self.owners, self.copies, self._held = members, owners, copies, held
         now = time.monotonic()
         seen = self._first_seen
         self._first_seen = {
@@ -328,6 +374,7 @@ class ClusterNode:
             try:
                 await self._read()
                 await self._rebalance()
+                await self._write_copies()
             except asyncio.CancelledError:
                 raise
             except (aetcd.ClientError, TimeoutError, OSError) as exc:
@@ -376,25 +423,26 @@ class ClusterNode:
                 self.owned.add(slot)  # the lease came back alive (etcd was away for a while)
                 taken.append(slot)
         free = [
-            slot
-            for slot in range(SLOTS)
-            if self.owners.get(slot) is None and preferred_owner(slot, self.members) == self.name
+            slot for slot in range(SLOTS) if self.owners.get(slot) is None and self.taker(slot) == self.name
         ]
-        for batch in _batches(free):
+        # a slot's key and (with replicas) its copies' key in one transaction: etcd never names the
+        # last owner's copies for a slot this node serves
+        for batch in _batches(free, TXN_BATCH // 2):
             keys = [self._key("slots", slot) for slot in batch]
+            copies = {slot: self._wanted_copies(slot) for slot in batch}
             # all at once when all are free; one by one when another node got some first
             if not await self._txn(
                 [txn.version(key) == 0 for key in keys],
-                [txn.put(key, self.name.encode(), self._lease) for key in keys],
+                [op for slot in batch for op in self._take_ops(slot, copies[slot])],
             ):
                 batch = [
                     slot
                     for slot, key in zip(batch, keys, strict=True)
-                    if await self._txn(
-                        [txn.version(key) == 0], [txn.put(key, self.name.encode(), self._lease)]
-                    )
+                    if await self._txn([txn.version(key) == 0], self._take_ops(slot, copies[slot]))
                 ]
             if self._lease is not None:
+                if self._copies_of is not None:
+                    self.copies.update({slot: (self.name, copies[slot]) for slot in batch})
                 self.owners.update(dict.fromkeys(batch, self.name))
                 self._held.update(batch)
                 self._on_taking(batch)
@@ -408,6 +456,45 @@ class ClusterNode:
                 len(self.owned),
                 len(self.members),
             )
+
+    def _wanted_copies(self, slot: int) -> tuple[str, ...]:
+        return () if self._copies_of is None else tuple(self._copies_of(slot))
+
+    def _take_ops(self, slot: int, copies: tuple[str, ...]) -> list[Any]:
+        """The etcd operations that take ``slot``: its key, bound to this node's lease, and with
+        replicas its copies' key (the successors that already hold all of its messages: none, as
+        this node has none of them yet, or successors fed since their snapshot)."""
+        txn = self._etcd().transactions
+        ops = [txn.put(self._key("slots", slot), self.name.encode(), self._lease)]
+        if self._copies_of is not None:
+            ops.append(txn.put(self._key("copies", slot), self._copies_value(copies)))
+        return ops
+
+    def _copies_value(self, nodes: tuple[str, ...]) -> bytes:
+        return json.dumps({"owner": self.name, "nodes": list(nodes)}).encode()
+
+    async def _write_copies(self) -> None:
+        """Record ``copies_of`` in etcd for every slot this node owns where etcd says otherwise, each
+        only while this node holds the slot's key; then ``on_copies`` (also when nothing changed:
+        the nodes replaced in slots this node does not own are let go then)."""
+        if self._copies_of is None or self._lease is None:
+            return
+        txn = self._etcd().transactions
+        wanted = {slot: self._wanted_copies(slot) for slot in sorted(self.owned)}
+        changed = [slot for slot, nodes in wanted.items() if self.copies.get(slot) != (self.name, nodes)]
+
+        def mine(slot: int) -> Any:
+            return txn.value(self._key("slots", slot)) == self.name.encode()
+
+        def put(slot: int) -> Any:
+            return txn.put(self._key("copies", slot), self._copies_value(wanted[slot]))
+
+        for batch in _batches(changed):
+            # all at once when all are still this node's; one by one when some were handed over
+            if not await self._txn([mine(slot) for slot in batch], [put(slot) for slot in batch]):
+                batch = [slot for slot in batch if await self._txn([mine(slot)], [put(slot)])]
+            self.copies.update({slot: (self.name, wanted[slot]) for slot in batch})
+        self._on_copies()
 
 
 async def bounded(call: Coroutine[Any, Any, T]) -> T:
@@ -438,6 +525,6 @@ def _consume(task: asyncio.Future[Any]) -> None:
 TXN_BATCH = 100
 
 
-def _batches(slots: list[int]) -> list[list[int]]:
-    """``slots`` in runs of at most TXN_BATCH."""
-    return [slots[i : i + TXN_BATCH] for i in range(0, len(slots), TXN_BATCH)]
+def _batches(slots: list[int], size: int = TXN_BATCH) -> list[list[int]]:
+    """``slots`` in runs of at most ``size``."""
+    return [slots[i : i + size] for i in range(0, len(slots), size)]

@@ -85,6 +85,8 @@ class ReplicaLink(asyncio.Protocol):
         self._held_at = 0  # the position after them
         # batches that wait for a snapshot being read ahead of them: (records or their read, position)
         self._outbox: deque[tuple[bytes | Future[bytes], int]] = deque()
+        # snapshots sent and not confirmed yet: (the position they end at, their slots)
+        self.snapshots: deque[tuple[int, frozenset[int]]] = deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -166,7 +168,7 @@ class ReplicaLink(asyncio.Protocol):
             del self._inbuf[:whole]
             if self._held and self.acked >= self._sent:
                 self._send_held()
-            self.sender.release()
+            self.sender.link_acked(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed:
@@ -192,10 +194,18 @@ class ReplicationSender:
     slot's records to its ``replicas`` successors and lets ``PUBLISHED`` go once every live one
     confirmed.
 
+    It also knows, per slot, which nodes hold every one of its messages (``copies_of``: what etcd
+    records, so that the node that takes a slot over when this one dies has them). A new
+    successor joins that set once it confirmed its snapshot; until etcd names it there, the nodes
+    it replaces are fed the slot's records as before and are waited for, so that a node named in
+    etcd never lacks a confirmed message.
+
     ``members()`` is the live member set as etcd said last (names to info), ``connect(node,
     protocol)`` opens a connection to one (``ClusterNode.connect``: over TLS between TLS nodes);
     ``login`` is the ``CONNECT <user> <password>`` line a link sends first where nodes require
-    logins (``--node-user``), else empty.
+    logins (``--node-user``), else empty. ``record()`` asks for ``copies_of`` to be written to
+    etcd (``ClusterNode.record_copies``), and ``recorded(slot)`` says what etcd names for a slot
+    this node owns (None for a slot it does not own); ``copies_recorded`` is called after a write.
     """
 
     def __init__(
@@ -208,6 +218,8 @@ class ReplicationSender:
         login: bytes = b"",
         replicas: int = 1,
         min_replicas: int = 0,
+        record: Callable[[], None] = lambda: None,
+        recorded: Callable[[int], tuple[str, ...] | None] = lambda slot: None,
     ) -> None:
         self.name = name
         self.login = login
@@ -220,9 +232,15 @@ class ReplicationSender:
         self._connect = connect
         self._links: dict[str, ReplicaLink] = {}
         self._unreachable: set[str] = set()  # successors warned about, until one takes replicas
+        self._record = record
+        self._recorded = recorded
         self._successors: list[tuple[str, ...]] = [()] * SLOTS
-        self._needed: frozenset[str] = frozenset()  # every node that is a successor of some slot
-        self._splitter = SlotSplitter(self._successors, ())  # each pass's records to the successors
+        # per slot, the nodes that hold every one of its messages (confirmed snapshot, fed since)
+        self._in_sync: list[set[str]] = [set() for _ in range(SLOTS)]
+        # per slot, the nodes its records go to: its successors, then the nodes they replace
+        self._targets: list[tuple[str, ...]] = [()] * SLOTS
+        self._needed: frozenset[str] = frozenset()  # every node that is a target of some slot
+        self._splitter = SlotSplitter(self._targets, ())  # each pass's records to the targets
         self._member_names: frozenset[str] = frozenset()
         self._written = int(broker.log_state["written"])  # the core's log position
         self._local = self._written  # what the disk holds, as --fsync promises it
@@ -249,7 +267,6 @@ class ReplicationSender:
         if names == self._member_names or self._stopping:
             return
         self._member_names = names
-        old = self._successors
         self._successors = [successors_of(slot, self.name, names, self.replicas) for slot in range(SLOTS)]
         # every slot has as many successors: min(replicas, the other live members)
         live = len(self._successors[0])
@@ -264,11 +281,11 @@ class ReplicationSender:
             log.warning("%d successors live again: durable publishes are taken", live)
         self._short = short
         self.broker.log_replicas(live, self.min_replicas)
-        needed = self._needed = frozenset(node for successors in self._successors for node in successors)
-        self._splitter = SlotSplitter(self._successors, needed)
-        for node in list(self._links):
-            if node not in needed:
-                self._links.pop(node).close()
+        for in_sync in self._in_sync:
+            in_sync.intersection_update(names)
+        old = self._targets
+        self._retarget()
+        needed = self._needed
         moved: dict[str, set[int]] = {}
         for slot, successors in enumerate(self._successors):
             for successor in successors:
@@ -285,7 +302,69 @@ class ReplicationSender:
             # a new successor's snapshot will hold every record written so far: until it confirms,
             # they wait for it (else, their old successor gone, they would wait for no one)
             nodes.update(moved)
+        self._record()
         self._release_soon()
+
+    def _retarget(self) -> None:
+        """Send each slot's records to its successors and to the nodes that still hold all of it
+        (the successors they replace, until etcd no longer names them); close the links to nodes
+        that are neither."""
+        self._targets = [
+            successors + tuple(sorted(in_sync.difference(successors)))
+            for successors, in_sync in zip(self._successors, self._in_sync, strict=True)
+        ]
+        needed = self._needed = frozenset(node for targets in self._targets for node in targets)
+        self._splitter = SlotSplitter(self._targets, needed)
+        for node in list(self._links):
+            if node not in needed:
+                self._links.pop(node).close()
+
+    def copies_of(self, slot: int) -> tuple[str, ...]:
+        """The nodes to name in etcd as holding every message of ``slot`` (where it goes if this node
+        dies): its successors once each has caught up, until then every node that holds it all."""
+        successors = self._successors[slot]
+        in_sync = self._in_sync[slot]
+        if in_sync.issuperset(successors):
+            return successors
+        return tuple(owner_order(slot, in_sync))
+
+    def copies_recorded(self) -> None:
+        """etcd was written: stop feeding (and waiting for) the nodes a slot's caught-up successors
+        replace once etcd no longer names them (at once for a slot this node does not own: it has
+        no messages)."""
+        changed = False
+        for slot, successors in enumerate(self._successors):
+            in_sync = self._in_sync[slot]
+            replaced = in_sync.difference(successors)
+            if not replaced or not in_sync.issuperset(successors):
+                continue
+            recorded = self._recorded(slot)
+            if recorded is None or replaced.isdisjoint(recorded):
+                in_sync.difference_update(replaced)
+                changed = True
+        if changed:
+            self._retarget()
+            self._wait_for_targets()
+
+    def _wait_for_targets(self) -> None:
+        """Positions no longer wait for nodes that are no longer targets."""
+        for _, nodes in self._pending:
+            nodes.intersection_update(self._needed)
+        self._release_soon()
+
+    def link_acked(self, link: ReplicaLink) -> None:
+        """``link``'s successor confirmed a position: once it covers a snapshot, the successor holds
+        every message of the snapshot's slots (etcd is told); then release what it confirmed."""
+        caught_up = False
+        while link.snapshots and link.acked >= link.snapshots[0][0]:
+            _, slots = link.snapshots.popleft()
+            for slot in slots:
+                if link.node in self._successors[slot]:
+                    self._in_sync[slot].add(link.node)
+                    caught_up = True
+        if caught_up and self._links.get(link.node) is link:
+            self._record()
+        self.release()
 
     def _open(self, node: str) -> None:
         """Connect to ``node``, a successor; once it answers it gets a snapshot (link_ready)."""
@@ -330,7 +409,22 @@ class ReplicationSender:
         if self._links.get(link.node) is not link or self._stopping:
             return
         del self._links[link.node]
+        self._out_of_sync(link.node)
         asyncio.get_running_loop().call_later(RECONNECT_DELAY, self._reopen, link.node)
+
+    def _out_of_sync(self, node: str) -> None:
+        """``node``'s link broke: it starts again from a snapshot, and until it has confirmed one it
+        does not hold every message (etcd is told). A node fed only because it held a slot's messages
+        is fed no longer."""
+        lost = False
+        for in_sync in self._in_sync:
+            if node in in_sync:
+                in_sync.discard(node)
+                lost = True
+        if lost:
+            self._retarget()
+            self._wait_for_targets()
+            self._record()
 
     def _reopen(self, node: str) -> None:
         if not self._stopping and node not in self._links and node in self._needed:
@@ -362,6 +456,7 @@ class ReplicationSender:
                 loop.call_soon_threadsafe(read, done)
 
         link.send_when_read(snapshot, self._written)
+        link.snapshots.append((self._written, frozenset(slots)))
         snapshot.add_done_callback(hand_back)
         for _, nodes in self._pending:
             nodes.add(link.node)

@@ -93,6 +93,8 @@ class ClusterServer(Server):
             on_members=self._members_changed,
             on_taking=self._taking,
             tls=node_tls,
+            copies_of=self._copies_of if replicas else None,
+            on_copies=self._copies_recorded,
         )
 
     def _check_node_login(self, user: str, password: str) -> bytes:
@@ -171,8 +173,18 @@ class ClusterServer(Server):
             login=self._node_login,
             replicas=self._replicating,
             min_replicas=self._min_replicas,
+            record=self.cluster.record_copies,
+            recorded=self.cluster.recorded,
         )
         self._sender.attach()
+
+    def _copies_of(self, slot: int) -> tuple[str, ...]:
+        """The nodes that hold every message of ``slot`` (``ReplicationSender.copies_of``)."""
+        return () if self._sender is None else self._sender.copies_of(slot)
+
+    def _copies_recorded(self) -> None:
+        if self._sender is not None:
+            self._sender.copies_recorded()
 
     def _drop_stale(self) -> None:
         """A node that comes back after its slots were taken over holds stale copies of their
