@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -551,6 +552,97 @@ def test_an_owner_serves_while_a_snapshot_is_read_and_the_snapshot_goes_first(
         _stop(nodes)
 
 
+class _StallingProxy:
+    """A TCP proxy on loopback to a node (the address it advertises, so other nodes reach it through
+    here). ``cut()`` breaks every connection through it; once ``stalling`` is set, a new connection
+    passes its first line to the node and nothing after it (the node's answers pass: ``answered``
+    is set at the first)."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self.target = 0  # the node's port, once known: connections wait for it
+        self.targeted = threading.Event()
+        self.stalling = False
+        self.first_line_passed = threading.Event()
+        self.answered = threading.Event()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self.targeted.wait()
+            server = socket.create_connection(("127.0.0.1", self.target))
+            self._sockets += [client, server]
+            stall = self.stalling
+            threading.Thread(target=self._pump, args=(client, server, stall), daemon=True).start()
+            answered = self.answered if stall else None
+            threading.Thread(target=self._pump, args=(server, client, False, answered), daemon=True).start()
+
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, stall: bool, passed: threading.Event | None = None
+    ) -> None:
+        held = b""
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not stall:
+                    sink.sendall(data)
+                    if passed is not None:
+                        passed.set()
+                elif not self.first_line_passed.is_set():
+                    held += data
+                    if b"\n" in held:
+                        sink.sendall(held[: held.index(b"\n") + 1])
+                        self.first_line_passed.set()
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        """Break every connection made so far."""
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._listener.close()
+        self.cut()
+
+
+def test_a_successor_whose_link_broke_keeps_its_copy_until_the_new_snapshot_comes(
+    etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    """The link from the owner to its only successor breaks; the owner connects again and the
+    successor answers, but the snapshot does not come (a proxy holds it back); the owner dies. The
+    successor takes the slot over with every confirmed message: it kept its copy for the snapshot
+    to replace (it emptied it at the new connection, and took over nothing)."""
+    proxy = _StallingProxy()
+    nodes = {"n0": _node(etcd, "n0", tmp_path)}
+    try:
+        nodes["n1"] = _node(etcd, "n1", tmp_path, "--advertise", f"127.0.0.1:{proxy.port}")
+        proxy.target = nodes["n1"].port
+        proxy.targeted.set()
+        owned = wait_balanced(list(nodes.values()))
+        topic = topic_owned_by(owned, "n0", "kept")
+        sent = [f"m{i}" for i in range(100)]
+        _publish(nodes["n0"], topic, sent)  # confirmed by n1, through the proxy
+        proxy.stalling = True
+        proxy.cut()
+        assert proxy.first_line_passed.wait(30)  # CLUSTER REPLICATE n0
+        assert proxy.answered.wait(30)  # n1 took the new link (its snapshot is held back by the proxy)
+        nodes["n0"].proc.send_signal(signal.SIGKILL)
+        nodes["n0"].proc.wait()
+        assert nodes["n1"].wait_for_log("took over 100 replicated messages", timeout=TTL + 30)
+        assert _consume(nodes["n1"], topic, len(sent)) == [body.encode() for body in sent]
+    finally:
+        proxy.close()
+        _stop(nodes)
+
+
 def test_min_replicas_refuses_publishes_and_holds_published_while_too_few_successors_are_live(
     etcd: EtcdProcess, tmp_path: Path
 ) -> None:
@@ -748,6 +840,32 @@ def test_a_successor_confirms_each_read_with_its_last_whole_batch_however_the_by
             receiver.take(read)
             assert [ACK.unpack(reply)[0] for reply in replies[before:]] == completed[-1:]
         assert _drained(_put_back(store.take({slot_of(b"t")}, "me")), b"t") == [b"m%d" % i for i in range(30)]
+    finally:
+        store.close()
+
+
+def test_a_successor_keeps_its_copy_until_the_owners_next_snapshot_replaces_it(tmp_path: Path) -> None:
+    """A new connection from the owner (its link broke) empties nothing until its first batch, the
+    owner's whole snapshot, has come: that replaces the copy. (The copy was emptied at the new
+    connection: an owner that died before its snapshot arrived left its successor with nothing.)"""
+    before = _core_records([b"".join(b"PUBLISH c1 t m%d\n" % i for i in range(10))])
+    owner = _Core()  # the owner after the break: what its snapshot holds, then a live record
+    owner.feed(owner.connect(), b"".join(b"PUBLISH c1 t n%d\n" % i for i in range(3)))
+    after = owner.records()
+    owner.feed(owner.connect(), b"PUBLISH c2 u live\n")
+    live = owner.records()[len(after) :]
+    store = ReplicaStore(tmp_path, "everysec")
+    try:
+        first = ReplicaReceiver(store, "owner", lambda reply: None, lambda: None)
+        first.take(BATCH.pack(len(before), 100) + before)
+        assert len(store.messages["owner"]) == 10
+        second = ReplicaReceiver(store, "owner", lambda reply: None, lambda: None)
+        assert len(store.messages["owner"]) == 10  # the owner may die now: the copy is whole
+        second.take(BATCH.pack(len(after), 200) + after + BATCH.pack(len(live), 300) + live)
+        assert len(store.messages["owner"]) == 4
+        core = _put_back(store.take({slot_of(b"t"), slot_of(b"u")}, "me"))
+        assert _drained(core, b"t") == [b"n0", b"n1", b"n2"]
+        assert _drained(core, b"u") == [b"live"]
     finally:
         store.close()
 

@@ -384,7 +384,9 @@ class ReplicationSender:
     def link_ready(self, link: ReplicaLink) -> None:
         """A successor accepted ``link``: it gets a snapshot of all its slots, read now and not at
         every connection attempt (a dead successor is retried until its lease expires, and the
-        snapshot reads the whole log). Records written while it connected are in that snapshot."""
+        snapshot reads the whole log). Records written while it connected are in that snapshot. It
+        is the link's first batch, alone (nothing is held before it), which the successor relies on:
+        that batch replaces its copy (``ReplicaReceiver``)."""
         self._unreachable.discard(link.node)
         if self._links.get(link.node) is link and not self._stopping:
             self._snapshot(link, {slot for slot in range(SLOTS) if link.node in self._successors[slot]})
@@ -575,15 +577,21 @@ class ReplicaStore:
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-replica-sync")
 
     def open(self, owner: str) -> None:
-        """A new connection from ``owner``: it starts with a snapshot, so forget what it sent before."""
+        """A new connection from ``owner``: it starts with a snapshot (``replace``). What it sent
+        before is kept until then: if the owner dies first, this copy holds every message it
+        confirmed (it confirmed none without this node while this node was its successor)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.messages[owner] = ReplicaIndex()
         old = self._files.pop(owner, None)
         if old is not None:
             os.close(old)
         self._files[owner] = os.open(
             self.directory / f"{owner.replace('/', '_')}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644
         )
+
+    def replace(self, owner: str, snapshot: bytes) -> None:
+        """``owner``'s snapshot came whole: it replaces what this node held of it."""
+        self.messages[owner] = ReplicaIndex()
+        self.keep(owner, snapshot)
 
     def keep(self, owner: str, chunk: bytes) -> None:
         """Records from ``owner``: indexed in memory (``ReplicaIndex``: the messages not done, each by
@@ -655,7 +663,8 @@ class ReplicaStore:
 
 class ReplicaReceiver:
     """A connection that said ``CLUSTER REPLICATE <owner>``: its batches go to the replica store,
-    and each read's batches are confirmed with the position of the last."""
+    and each read's batches are confirmed with the position of the last. The first batch is the
+    owner's whole snapshot (``ReplicationSender.link_ready``): it replaces the store's copy."""
 
     def __init__(
         self, store: ReplicaStore, owner: str, reply: Callable[[bytes], None], close: Callable[[], None]
@@ -665,6 +674,7 @@ class ReplicaReceiver:
         self._reply = reply
         self._close = close
         self._inbuf = bytearray()
+        self._snapshot_kept = False
         store.open(owner)
 
     def take(self, data: bytes | memoryview) -> None:
@@ -683,11 +693,20 @@ class ReplicaReceiver:
                 parts.append(view[pos + BATCH.size : pos + BATCH.size + size])
                 pos += BATCH.size + size
                 position = at
-            chunk = b"".join(parts)
+            snapshot = None
+            if parts and not self._snapshot_kept:
+                snapshot = bytes(parts[0])
+            chunk = b"".join(parts[0 if snapshot is None else 1 :])
             for part in parts:
                 part.release()
         if not pos:
             return
         del self._inbuf[:pos]
-        self.store.keep(self.owner, chunk)
+        if snapshot is not None:
+            self._snapshot_kept = True
+            self.store.replace(self.owner, snapshot)
+            if len(parts) > 1:
+                self.store.keep(self.owner, chunk)
+        else:
+            self.store.keep(self.owner, chunk)
         self.store.confirm(self.owner, lambda: self._reply(ACK.pack(position)), self._close)
