@@ -13,11 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from pigeon.cluster.etcd import EtcdProcess
-from pigeon.testing import ServerProcess, server_command
+from pigeon.cluster.etcd import EtcdProcess, etcd_binary
+from pigeon.testing import LineClient, ServerProcess, server_command
 from tests.certs import Certs
-from tests.cluster_kit import TTL, connected, start_node, topic_owned_by, wait_balanced, wait_preferred
+from tests.cluster_kit import (
+    TTL,
+    client_of,
+    connected,
+    start_node,
+    topic_owned_by,
+    wait_balanced,
+    wait_preferred,
+)
 from tests.test_cluster_replicas import _consume, _kill, _publish, _stop, _successor
+from tests.test_cluster_workers import _node as node_of
 
 pytestmark = pytest.mark.slow
 
@@ -97,3 +106,29 @@ def test_node_tls_ca_needs_a_cluster_and_tls_on_the_port(certs: Certs) -> None:
             [*server_command(), *args], capture_output=True, text=True, timeout=60, check=False
         )
         assert (done.returncode, message in done.stderr) == (2, True), (args, done.stderr)
+
+
+@pytest.mark.skipif(etcd_binary() is None, reason="etcd is not installed (apt-get install etcd-server)")
+def test_workers_with_tls_forward_to_each_other_over_tls(certs: Certs) -> None:
+    """``pigeon --workers 2`` with mutual TLS on the shared port: each worker's node port speaks TLS
+    too, so the workers forward to each other over TLS (presenting the certificate of --tls-cert);
+    clients on different workers get each other's messages."""
+    tls = certs.client_context(certs.client)
+    broker = ServerProcess("--workers", "2", "--cluster-ttl", "2", *certs.server_flags(mutual=True))
+    try:
+        clients = [client_of(broker, tls) for _ in range(16)]
+        by_node: dict[str, list[LineClient]] = {}
+        for client in clients:
+            client.connect()
+            by_node.setdefault(node_of(client), []).append(client)
+        assert len(by_node) == 2, "the kernel spread 16 connections over one worker only"
+        (subscriber, *_), (publisher, *_) = by_node.values()
+        for topic in ("across0", "across1", "across2"):  # owned by one worker or the other
+            subscriber.subscribe(topic)
+            publisher.publish(topic, "over tls")
+            assert subscriber.line() == f"MESSAGE {topic} over tls".encode()
+        for client in clients:
+            client.close()
+    finally:
+        assert broker.stop() == 0, "".join(broker.log)
+    assert not any("SSL" in line or "Traceback" in line for line in broker.log), "".join(broker.log)
