@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -58,6 +58,17 @@ def status(node: ServerProcess, tls: ssl.SSLContext | None = None) -> dict[str, 
         client.close()
     assert reply.startswith(b"CLUSTER "), reply
     return dict(json.loads(reply[len(b"CLUSTER ") :]))
+
+
+def wait_copies(
+    read_status: Callable[[], dict[str, Any]], slot: int, expected: list[str], timeout: float = 60.0
+) -> None:
+    """Wait until a node's ``CLUSTER STATUS`` (``read_status()``) names ``expected`` as the nodes
+    that hold every message of ``slot`` (``copies``: what etcd records for the slot it owns)."""
+    deadline = time.monotonic() + timeout
+    while (copies := read_status()["copies"]).get(str(slot)) != expected:
+        assert time.monotonic() < deadline, f"slot {slot}: {copies.get(str(slot))}, not {expected}"
+        time.sleep(0.05)
 
 
 def owned_by_each(

@@ -17,7 +17,7 @@ import pytest
 from pigeon.cluster.etcd import EtcdProcess
 from pigeon.cluster.slots import owner_order, slot_of
 from pigeon.testing import ServerProcess, server_command
-from tests.cluster_kit import TTL, connected, start_node, topic_owned_by
+from tests.cluster_kit import TTL, connected, start_node, topic_owned_by, wait_copies
 from tests.test_cluster_replicas import _Load, _publish, _successor
 from tests.test_security_wire import USERS, password_of, users_toml
 
@@ -186,18 +186,18 @@ def test_a_new_successor_that_has_not_caught_up_does_not_take_over_the_old_one_d
     live node in its order) with none of them, and the old one dropped its copy: all were lost."""
     node_login, n2_users, n2_login = _n2_refusing_node(tmp_path)
     topic = _topic_in_order("orders.moved", ["n0", "n2", "n1"])
-    slot = str(slot_of(topic.encode()))
+    slot = slot_of(topic.encode())
     nodes = {name: _node(etcd, name, tmp_path, users, *node_login) for name in ("n0", "n1")}
     try:
         owned = wait_balanced_logged_in(nodes)
-        assert int(slot) in owned["n0"]
+        assert slot in owned["n0"]
         sent = [f"m{i}" for i in range(100)]
         _publish(nodes["n0"], topic, sent, _login("orders-api"))  # confirmed by n1, its successor
-        assert _wait_copies(nodes["n0"], slot, ["n1"])
+        wait_copies(lambda: _cluster_seen_by(nodes["n0"]), slot, ["n1"], timeout=30)
         nodes["n2"] = _node(etcd, "n2", tmp_path, n2_users, *n2_login)
         assert nodes["n0"].wait_for_log("n2 refused to keep replicas")
         # n2 is the slot's successor now, but holds none of its messages: etcd still names n1
-        assert _cluster_seen_by(nodes["n0"])["copies"][slot] == ["n1"]
+        assert _cluster_seen_by(nodes["n0"])["copies"][str(slot)] == ["n1"]
         nodes["n0"].proc.send_signal(signal.SIGKILL)
         nodes["n0"].proc.wait()
         assert nodes["n1"].wait_for_log("took over 100 replicated messages", timeout=TTL + 30)
@@ -209,16 +209,6 @@ def test_a_new_successor_that_has_not_caught_up_does_not_take_over_the_old_one_d
     finally:
         for node in nodes.values():
             node.stop()
-
-
-def _wait_copies(node: ServerProcess, slot: str, expected: list[str], timeout: float = 30) -> bool:
-    """Whether ``node`` comes to name ``expected`` in etcd as the nodes holding ``slot``'s messages."""
-    deadline = time.monotonic() + timeout
-    while _cluster_seen_by(node)["copies"].get(slot) != expected:
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _cluster_seen_by(node: ServerProcess) -> dict[str, Any]:

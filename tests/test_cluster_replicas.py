@@ -23,7 +23,7 @@ from pigeon.cluster.etcd import EtcdProcess
 from pigeon.cluster.replication import ACK, BATCH, ReplicaReceiver, ReplicaStore, split_records, successors_of
 from pigeon.cluster.slots import owner_order, slot_of
 from pigeon.testing import LineClient, ServerProcess, server_command
-from tests.cluster_kit import TTL, connected, start_node, status, topic_owned_by, wait_balanced
+from tests.cluster_kit import TTL, connected, start_node, status, topic_owned_by, wait_balanced, wait_copies
 
 pytestmark = pytest.mark.slow
 
@@ -537,11 +537,8 @@ def test_an_owner_serves_while_a_snapshot_is_read_and_the_snapshot_goes_first(
         assert publisher.lines(live) == [f"PUBLISHED {topic}".encode()] * live
         # n2 confirmed its snapshot and etcd names it (before that, n1 would take the slot over: it
         # still holds every message, tests/test_cluster_node_users.py)
-        successors = owner_order(slot_of(topic.encode()), list(NAMES))[1 : 1 + replicas]
-        deadline = time.monotonic() + 60
-        while status(nodes["n0"])["copies"].get(str(slot_of(topic.encode()))) != successors:
-            assert time.monotonic() < deadline, status(nodes["n0"])["copies"]
-            time.sleep(0.05)
+        slot = slot_of(topic.encode())
+        wait_copies(lambda: status(nodes["n0"]), slot, owner_order(slot, list(NAMES))[1 : 1 + replicas])
         nodes["n0"].proc.send_signal(signal.SIGKILL)
         nodes["n0"].proc.wait()
         took = nodes["n2"].wait_for_log(f"took over {count + live} replicated messages", timeout=70)

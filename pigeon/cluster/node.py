@@ -458,7 +458,7 @@ class ClusterNode:
             )
 
     def _wanted_copies(self, slot: int) -> tuple[str, ...]:
-        return () if self._copies_of is None else tuple(self._copies_of(slot))
+        return () if self._copies_of is None else self._copies_of(slot)
 
     def _take_ops(self, slot: int, copies: tuple[str, ...]) -> list[Any]:
         """The etcd operations that take ``slot``: its key, bound to this node's lease, and with

@@ -285,7 +285,6 @@ class ReplicationSender:
             in_sync.intersection_update(names)
         old = self._targets
         self._retarget()
-        needed = self._needed
         moved: dict[str, set[int]] = {}
         for slot, successors in enumerate(self._successors):
             for successor in successors:
@@ -298,17 +297,15 @@ class ReplicationSender:
             elif link.ready:
                 self._snapshot(link, slots)  # a link not ready yet gets every slot of its node then
         for _, nodes in self._pending:
-            nodes.intersection_update(needed)
             # a new successor's snapshot will hold every record written so far: until it confirms,
             # they wait for it (else, their old successor gone, they would wait for no one)
             nodes.update(moved)
         self._record()
-        self._release_soon()
 
     def _retarget(self) -> None:
         """Send each slot's records to its successors and to the nodes that still hold all of it
         (the successors they replace, until etcd no longer names them); close the links to nodes
-        that are neither."""
+        that are neither, and let what waited for those nodes go."""
         self._targets = [
             successors + tuple(sorted(in_sync.difference(successors)))
             for successors, in_sync in zip(self._successors, self._in_sync, strict=True)
@@ -318,6 +315,9 @@ class ReplicationSender:
         for node in list(self._links):
             if node not in needed:
                 self._links.pop(node).close()
+        for _, nodes in self._pending:
+            nodes.intersection_update(needed)
+        self._release_soon()
 
     def copies_of(self, slot: int) -> tuple[str, ...]:
         """The nodes to name in etcd as holding every message of ``slot`` (where it goes if this node
@@ -344,13 +344,6 @@ class ReplicationSender:
                 changed = True
         if changed:
             self._retarget()
-            self._wait_for_targets()
-
-    def _wait_for_targets(self) -> None:
-        """Positions no longer wait for nodes that are no longer targets."""
-        for _, nodes in self._pending:
-            nodes.intersection_update(self._needed)
-        self._release_soon()
 
     def link_acked(self, link: ReplicaLink) -> None:
         """``link``'s successor confirmed a position: once it covers a snapshot, the successor holds
@@ -425,7 +418,6 @@ class ReplicationSender:
                 lost = True
         if lost:
             self._retarget()
-            self._wait_for_targets()
             self._record()
 
     def _reopen(self, node: str) -> None:
@@ -693,10 +685,9 @@ class ReplicaReceiver:
                 parts.append(view[pos + BATCH.size : pos + BATCH.size + size])
                 pos += BATCH.size + size
                 position = at
-            snapshot = None
-            if parts and not self._snapshot_kept:
-                snapshot = bytes(parts[0])
-            chunk = b"".join(parts[0 if snapshot is None else 1 :])
+            # the connection's first batch is the owner's whole snapshot: it replaces the copy
+            snapshot = bytes(parts[0]) if parts and not self._snapshot_kept else None
+            chunk = b"".join(parts if snapshot is None else parts[1:])
             for part in parts:
                 part.release()
         if not pos:
@@ -705,8 +696,6 @@ class ReplicaReceiver:
         if snapshot is not None:
             self._snapshot_kept = True
             self.store.replace(self.owner, snapshot)
-            if len(parts) > 1:
-                self.store.keep(self.owner, chunk)
-        else:
+        if snapshot is None or chunk:
             self.store.keep(self.owner, chunk)
         self.store.confirm(self.owner, lambda: self._reply(ACK.pack(position)), self._close)
