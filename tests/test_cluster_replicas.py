@@ -5,6 +5,7 @@ real node processes, real kill -9 (docs/cluster.md, "Replication")."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -19,6 +20,7 @@ import pytest
 
 from pigeon import Client
 from pigeon._core import Broker
+from pigeon.cluster import replication
 from pigeon.cluster.etcd import EtcdProcess
 from pigeon.cluster.replication import ACK, BATCH, ReplicaReceiver, ReplicaStore, split_records, successors_of
 from pigeon.cluster.slots import owner_order, slot_of
@@ -200,6 +202,34 @@ class _Load:
             if after:
                 return after[0] - killed
             time.sleep(0.05)
+
+
+@pytest.mark.parametrize("fsync", ["everysec", "always"])
+def test_a_successor_restarted_alone_after_the_whole_cluster_died_serves_what_it_held(
+    etcd: EtcdProcess, tmp_path: Path, fsync: str
+) -> None:
+    """Every node is killed at once (a power cut) and only the successor of a busy topic comes
+    back: it reads its replica of the owner's messages back from its data directory, and since etcd
+    names it among the slot's copies, it takes the slot over with all of them. (Before, replica files
+    were never read: it took the slot over with nothing.)"""
+    nodes = _cluster(etcd, tmp_path, "--fsync", fsync)
+    try:
+        owned = wait_balanced(list(nodes.values()))
+        topic = topic_owned_by(owned, "n0", "cut")
+        successor = _successor(topic, "n0", list(NAMES))
+        sent = [f"m{i}" for i in range(300)]
+        _publish(nodes["n0"], topic, sent)
+        wait_copies(lambda: status(nodes["n0"]), slot_of(topic.encode()), [successor])
+        for node in nodes.values():
+            _kill(node)
+        nodes = {successor: _node(etcd, successor, tmp_path, "--fsync", fsync)}
+        assert nodes[successor].wait_for_log("read back 300 replicated messages of 1 owners")
+        assert nodes[successor].wait_for_log("took over 300 replicated messages", timeout=TTL + 30)
+        assert _consume(nodes[successor], topic, len(sent)) == [body.encode() for body in sent]
+        # taken over: the replica file no longer holds them (a later start must not bring them back)
+        assert (tmp_path / successor / "replicas" / "n0.log").stat().st_size == 0
+    finally:
+        _stop(nodes)
 
 
 def test_kill_9_of_a_busy_owner_loses_no_confirmed_message(etcd: EtcdProcess, tmp_path: Path) -> None:
@@ -865,6 +895,134 @@ def test_a_successor_keeps_its_copy_until_the_owners_next_snapshot_replaces_it(t
         assert _drained(core, b"u") == [b"live"]
     finally:
         store.close()
+
+
+def _received(store: ReplicaStore, owner: str, *batches: bytes) -> None:
+    """``batches`` (records each) through a new connection from ``owner``, on an event loop, until
+    the store confirmed them (under --fsync always, once synced)."""
+
+    async def receive() -> None:
+        replies: list[bytes] = []
+        receiver = ReplicaReceiver(store, owner, replies.append, lambda: None)
+        receiver.take(b"".join(BATCH.pack(len(records), n) + records for n, records in enumerate(batches)))
+        while not replies:
+            await asyncio.sleep(0.001)
+
+    asyncio.run(receive())
+
+
+def _loaded(directory: Path) -> tuple[tuple[int, int], ReplicaStore]:
+    """A store that read back ``directory``'s files (as a start does), and what ``load`` said."""
+    store = ReplicaStore(directory, "everysec")
+    return store.load(), store
+
+
+@pytest.mark.parametrize("fsync", ["everysec", "always"])
+def test_a_successors_file_is_read_back_at_a_start_with_a_torn_record_cut_off(
+    tmp_path: Path, fsync: str
+) -> None:
+    records = _core_records([b"".join(b"PUBLISH c1 t m%d\n" % i for i in range(10))])
+    more = _core_records([b"PUBLISH c1 t late\n"])
+    store = ReplicaStore(tmp_path, fsync)
+    _received(store, "127.0.0.1:4331", records)
+    store.close()
+    path = tmp_path / "127.0.0.1%3A4331.log"
+    assert path.read_bytes() == records
+    with path.open("ab") as f:
+        f.write(more[: len(more) // 2])  # the run was killed mid-write
+    (tmp_path / "127.0.0.1%3A4331.log.new.7").write_bytes(b"half written anew")
+    (counted, store) = _loaded(tmp_path)
+    try:
+        assert counted == (10, 1)
+        assert path.read_bytes() == records  # the torn record cut off
+        assert not (tmp_path / "127.0.0.1%3A4331.log.new.7").exists()
+        taken = store.take({slot_of(b"t")}, "me")
+        assert _drained(_put_back(taken), b"t") == [b"m%d" % i for i in range(10)]
+    finally:
+        store.close()
+
+
+def test_a_snapshot_replaces_the_successors_file_too(tmp_path: Path) -> None:
+    """What a start reads back is the copy as memory held it: the owner's last snapshot and what
+    came after, not what that snapshot replaced."""
+    before = _core_records([b"".join(b"PUBLISH c1 t m%d\n" % i for i in range(10))])
+    after = _core_records([b"PUBLISH c1 t n0\nPUBLISH c1 t n1\n"])
+    store = ReplicaStore(tmp_path, "always")
+    try:
+        _received(store, "owner", before)
+        store.open("owner")  # the owner's next connection: its snapshot has not come yet
+        assert (tmp_path / "owner.log").read_bytes() == before
+        _received(store, "owner", after)
+    finally:
+        store.close()
+    assert [path.name for path in tmp_path.iterdir()] == ["owner.log"]  # each written anew, renamed over it
+    (counted, store) = _loaded(tmp_path)
+    try:
+        assert counted == (2, 1)
+        assert _drained(_put_back(store.take({slot_of(b"t")}, "me")), b"t") == [b"n0", b"n1"]
+    finally:
+        store.close()
+
+
+def test_a_successors_file_stays_bounded_while_its_messages_are_never_all_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One message is never done while thousands pass (published, delivered, done): the file is
+    written anew from what is left whenever it grows REWRITE_RATIO times past it (it only grew: it
+    was emptied only when nothing was left), and reads back the same."""
+    monkeypatch.setattr(replication, "REWRITE_MIN", 16 << 10)
+    core = _Core()
+    subscriber = core.connect()
+    core.feed(subscriber, b"SUBSCRIBE %s t\n" % core.ids[subscriber])
+    publisher = core.connect()
+    core.feed(publisher, b"PUBLISH %s stuck waits\n" % core.ids[publisher])
+    store = ReplicaStore(tmp_path, "everysec")
+    path = tmp_path / "owner.log"
+    largest = 0
+    try:
+        store.open("owner")
+        store.keep("owner", core.records())
+        for n in range(300):
+            core.written.clear()
+            core.feed(
+                publisher,
+                b"".join(b"PUBLISH %s t m%d\n" % (core.ids[publisher], n * 10 + i) for i in range(10)),
+            )
+            store.keep("owner", core.records())
+            largest = max(largest, path.stat().st_size)
+        assert len(store.messages["owner"]) == 1
+        assert largest <= (16 << 10) + len(core.records())
+    finally:
+        store.close()
+    (counted, store) = _loaded(tmp_path)
+    try:
+        assert counted == (1, 1)
+        assert _drained(_put_back(store.take({slot_of(b"stuck")}, "me")), b"stuck") == [b"waits"]
+    finally:
+        store.close()
+
+
+def test_a_copy_read_back_keeps_only_the_slots_etcd_still_names_this_node_for(tmp_path: Path) -> None:
+    a, b = (
+        next(f"{stem}{n}" for n in range(50) if slot_of(f"{stem}{n}".encode()) % 2 == parity)
+        for stem, parity in (("a", 0), ("b", 1))
+    )
+    records = _core_records([f"PUBLISH c1 {a} one\nPUBLISH c1 {b} two\n".encode()])
+    store = ReplicaStore(tmp_path, "everysec")
+    store.open("n0")
+    store.keep("n0", records)
+    store.close()
+    (counted, store) = _loaded(tmp_path)
+    try:
+        assert counted == (2, 1)
+        # a's slot: n0 recorded this node (n0 died with it); b's: n0 went on without it
+        copies = {slot_of(a.encode()): ("n0", ("n2", "me")), slot_of(b.encode()): ("n0", ("n2",))}
+        store.forget_unrecorded(copies, "me")
+        core = _put_back(store.take({slot_of(a.encode()), slot_of(b.encode())}, "me"))
+        assert (_drained(core, a.encode()), _drained(core, b.encode())) == ([b"one"], [])
+    finally:
+        store.close()
+    assert (tmp_path / "n0.log").stat().st_size == 0  # nothing left: the file says so too
 
 
 def test_the_successors_of_a_slot_are_the_next_live_members_in_its_order() -> None:

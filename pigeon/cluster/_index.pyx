@@ -61,6 +61,7 @@ cdef class ReplicaIndex:
     cdef uint64_t *_refs        # per chunk of _chunks, the records of live entries in it
     cdef size_t _refs_cap
     cdef uint64_t _current      # the chunk keep is walking (kept whatever _refs says meanwhile)
+    cdef size_t _nbytes         # the bytes of the records kept: live messages' PUBLISH and DELIVERED
 
     def __cinit__(self):
         self._chunks = []
@@ -72,6 +73,11 @@ cdef class ReplicaIndex:
 
     def __len__(self):
         return self._live
+
+    @property
+    def nbytes(self):
+        """The bytes of the records ``records()`` returns: what a file of this copy needs."""
+        return self._nbytes
 
     cdef size_t _find(self, uint64_t seq) noexcept:
         """The index of the first entry in use with a seq not below ``seq``."""
@@ -102,10 +108,12 @@ cdef class ReplicaIndex:
             if at < self._count and self._entries[at].seq == seq:
                 e = &self._entries[at]
                 if e.live:
+                    self._nbytes -= _size_at(self._record(e.chunk, e.offset))
                     self._release(e.chunk)
                 else:
                     self._live += 1
                 e.offset, e.chunk, e.slot, e.live = offset, chunk, slot, 1
+                self._nbytes += _size_at(self._record(chunk, offset))
                 return 0
         if self._count == self._cap:
             if self._head:
@@ -124,20 +132,25 @@ cdef class ReplicaIndex:
         e = &self._entries[at]
         e.seq, e.offset, e.chunk, e.slot, e.live = seq, offset, chunk, slot, 1
         e.delivered_chunk, e.delivered_offset, e.attempt = NONE, 0, 0
+        self._nbytes += _size_at(self._record(chunk, offset))
         return 0
 
     cdef void _delivered(self, Entry *e, uint32_t attempt, uint64_t chunk, uint64_t offset) noexcept:
         """A DELIVERED record of the live message ``e``: its last one (the one it replaces goes)."""
         if e.delivered_chunk != NONE:
+            self._nbytes -= _size_at(self._record(e.delivered_chunk, e.delivered_offset))
             self._release(e.delivered_chunk)
         e.delivered_chunk, e.delivered_offset, e.attempt = chunk, offset, attempt
+        self._nbytes += _size_at(self._record(chunk, offset))
 
     cdef void _drop(self, Entry *e) noexcept:
         """``e`` is done (or taken, or forgotten): its records' chunks may go."""
         e.live = 0
         self._live -= 1
+        self._nbytes -= _size_at(self._record(e.chunk, e.offset))
         self._release(e.chunk)
         if e.delivered_chunk != NONE:
+            self._nbytes -= _size_at(self._record(e.delivered_chunk, e.delivered_offset))
             self._release(e.delivered_chunk)
             e.delivered_chunk = NONE
 
@@ -209,7 +222,8 @@ cdef class ReplicaIndex:
     def keep(self, bytes chunk):
         """Index the records of ``chunk``: each PUBLISH adds its message, each DELIVERED becomes
         its message's last, each DONE removes its range; the chunk is kept while a record of it
-        is."""
+        is. Returns the bytes of the whole records walked: less than ``len(chunk)`` when it ends
+        with a torn one (a file cut off mid-write)."""
         cdef const unsigned char *p = <const unsigned char *>chunk
         cdef size_t n = len(chunk), pos = 0, size
         cdef size_t i
@@ -238,26 +252,44 @@ cdef class ReplicaIndex:
                 self._current = NONE
                 if self._refs[i] == 0:
                     self._chunks[i] = None
+        return pos
 
     def take(self, slots):
         """The messages of ``slots`` not done, removed from the index: in seq order, each one's
         PUBLISH record followed by its last DELIVERED record if it has one, as one bytes object
         (what ``Broker.take_over`` puts back)."""
         cdef bint wanted[SLOTS]
-        cdef size_t i, at, total = 0
+        cdef size_t i
+        for i in range(SLOTS):
+            wanted[i] = i in slots
+        taken = self._copy(wanted, True)
+        self._settle()
+        return taken
+
+    def records(self):
+        """Every message not done, as ``take`` gives them, left in the index: what a file of this
+        copy holds once it is written anew."""
+        cdef bint wanted[SLOTS]
+        cdef size_t i
+        for i in range(SLOTS):
+            wanted[i] = True
+        return self._copy(wanted, False)
+
+    cdef bytes _copy(self, const bint *wanted, bint drop):
+        """The records of the live messages of the ``wanted`` slots, in seq order, each PUBLISH
+        followed by its last DELIVERED; with ``drop``, those messages leave the index."""
+        cdef size_t at, total = 0
         cdef Entry *e
         cdef char *out
         cdef const unsigned char *record
-        for i in range(SLOTS):
-            wanted[i] = i in slots
         for at in range(self._head, self._count):
             e = &self._entries[at]
             if e.live and wanted[e.slot]:
                 total += _size_at(self._record(e.chunk, e.offset))
                 if e.delivered_chunk != NONE:
                     total += _size_at(self._record(e.delivered_chunk, e.delivered_offset))
-        taken = PyBytes_FromStringAndSize(NULL, total)
-        out = PyBytes_AS_STRING(taken)
+        copied = PyBytes_FromStringAndSize(NULL, total)
+        out = PyBytes_AS_STRING(copied)
         for at in range(self._head, self._count):
             e = &self._entries[at]
             if not e.live or not wanted[e.slot]:
@@ -269,9 +301,9 @@ cdef class ReplicaIndex:
                 record = self._record(e.delivered_chunk, e.delivered_offset)
                 memcpy(out, record, _size_at(record))
                 out += _size_at(record)
-            self._drop(e)
-        self._settle()
-        return taken
+            if drop:
+                self._drop(e)
+        return copied
 
     def forget(self, slots):
         """Drop the messages of ``slots`` not done (another node took them over); returns how many."""
@@ -286,6 +318,6 @@ cdef class ReplicaIndex:
         self._settle()
         return forgotten
 
-    cdef const unsigned char *_record(self, uint64_t chunk, uint64_t offset):
+    cdef const unsigned char *_record(self, uint64_t chunk, uint64_t offset) noexcept:
         """Where the record at ``offset`` of kept chunk number ``chunk`` starts."""
         return <const unsigned char *>PyBytes_AS_STRING(self._chunks[chunk - self._base]) + offset

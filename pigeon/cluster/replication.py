@@ -38,11 +38,13 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 from pigeon._core import Broker
 from pigeon.cluster._index import ReplicaIndex
 from pigeon.cluster._split import SlotSplitter
 from pigeon.cluster.slots import SLOTS, owner_order
+from pigeon.server.compaction import sync_directory
 from pigeon.server.store import HEADER, Store
 
 log = logging.getLogger("pigeon.cluster")
@@ -555,10 +557,22 @@ def _commands(broker: Broker) -> int:
     return sum(broker.stats()["commands"].values())
 
 
+# An owner's replica file is written anew from what memory holds once it is this many bytes and
+# REWRITE_RATIO times more than that: appends stay one write each, and the file stays within a
+# bounded multiple of the messages not done even when they never all are at once.
+REWRITE_MIN = 64 << 20
+REWRITE_RATIO = 4
+FILE_SUFFIX = ".log"
+# a file being written anew, renamed over the owner's once it is whole: ``<owner>.log.new.<n>``, n
+# counting (under --fsync always one may still wait for its sync when the next is written)
+FRESH_SUFFIX = FILE_SUFFIX + ".new."
+
+
 class ReplicaStore:
     """The successor's half: per owner, the messages it replicated that are not done yet, in log
     order, with the last ``DELIVERED`` record of each, and the file under ``directory`` each
-    owner's records are appended to (synced before they are confirmed under --fsync always)."""
+    owner's records are appended to (synced before they are confirmed under --fsync always),
+    which ``load`` reads back at a start."""
 
     def __init__(self, directory: Path, fsync: str) -> None:
         self.directory = directory
@@ -566,24 +580,66 @@ class ReplicaStore:
         # per owner, its messages not done, each with its last DELIVERED record
         self.messages: dict[str, ReplicaIndex] = {}
         self._files: dict[str, int] = {}
+        self._sizes: dict[str, int] = {}  # the bytes in each owner's file
+        # owners whose copy was read back at the start and has not been replaced by a snapshot since
+        self._loaded: set[str] = set()
+        self._written_anew = 0  # files written anew so far (each one's name is new)
+        # syncs, renames and closes, in order, off the loop
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-replica-sync")
+
+    def _path(self, owner: str) -> Path:
+        return self.directory / (quote(owner, safe="") + FILE_SUFFIX)
+
+    def load(self) -> tuple[int, int]:
+        """Read back the files a previous run left: each owner's messages not done, as they were
+        when it stopped. A torn record at a file's end (the run was killed mid-write) is cut off
+        with a warning. They stay until the owner's next snapshot replaces them, and only in the
+        slots etcd still names this node for (``forget_unrecorded``). Returns (messages, owners
+        they are of)."""
+        if not self.directory.is_dir():
+            return 0, 0
+        for fresh in self.directory.glob("*" + FRESH_SUFFIX + "*"):
+            fresh.unlink()  # a file written anew that a crash left half done: the old one stands
+        messages = 0
+        for path in sorted(self.directory.glob("*" + FILE_SUFFIX)):
+            owner = unquote(path.name[: -len(FILE_SUFFIX)])
+            data = path.read_bytes()
+            index = ReplicaIndex()
+            whole = index.keep(data)
+            if not index:
+                path.unlink()  # nothing left of this owner's: no file until it replicates here again
+                continue
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            if whole < len(data):
+                log.warning(
+                    "%s: cut off a torn record at offset %d (%d bytes)", path, whole, len(data) - whole
+                )
+                os.ftruncate(fd, whole)
+            self.messages[owner], self._files[owner], self._sizes[owner] = index, fd, whole
+            self._loaded.add(owner)
+            messages += len(index)
+            self._bound(owner)
+        return messages, len(self._loaded)
 
     def open(self, owner: str) -> None:
         """A new connection from ``owner``: it starts with a snapshot (``replace``). What it sent
-        before is kept until then: if the owner dies first, this copy holds every message it
-        confirmed (it confirmed none without this node while this node was its successor)."""
+        before is kept until then, in memory and in its file: if the owner dies first, this copy
+        holds every message it confirmed (it confirmed none without this node while this node was
+        its successor)."""
+        if owner in self._files:
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
-        old = self._files.pop(owner, None)
-        if old is not None:
-            os.close(old)
-        self._files[owner] = os.open(
-            self.directory / f"{owner.replace('/', '_')}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644
-        )
+        fd = os.open(self._path(owner), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._files[owner], self._sizes[owner] = fd, os.fstat(fd).st_size
 
     def replace(self, owner: str, snapshot: bytes) -> None:
-        """``owner``'s snapshot came whole: it replaces what this node held of it."""
-        self.messages[owner] = ReplicaIndex()
-        self.keep(owner, snapshot)
+        """``owner``'s snapshot came whole: it replaces what this node held of it, in memory and
+        (written anew) on disk."""
+        index = self.messages[owner] = ReplicaIndex()
+        self._loaded.discard(owner)
+        index.keep(snapshot)
+        self._write_anew(owner, snapshot)
+        self._bound(owner)
 
     def keep(self, owner: str, chunk: bytes) -> None:
         """Records from ``owner``: indexed in memory (``ReplicaIndex``: the messages not done, each by
@@ -595,11 +651,47 @@ class ReplicaStore:
         index.keep(chunk)
         fd = self._files.get(owner)
         if fd is not None:
-            if not index:
+            if index:
+                _write_all(fd, chunk)
+                self._sizes[owner] += len(chunk)
+            self._bound(owner)
+
+    def _bound(self, owner: str) -> None:
+        """Keep ``owner``'s file in step with its messages not done: emptied when there are none,
+        written anew from them once it has grown REWRITE_RATIO times larger (and REWRITE_MIN)."""
+        fd = self._files.get(owner)
+        if fd is None:
+            return
+        index = self.messages[owner]
+        if not index:
+            if self._sizes[owner]:
                 os.ftruncate(fd, 0)  # everything done: the file starts again
-                os.lseek(fd, 0, os.SEEK_SET)
-            else:
-                os.write(fd, chunk)
+                self._sizes[owner] = 0
+        elif self._sizes[owner] > max(REWRITE_MIN, REWRITE_RATIO * index.nbytes):
+            records = index.records()
+            # indexed again from those records alone: the reads they came in are let go
+            fresh = self.messages[owner] = ReplicaIndex()
+            fresh.keep(records)
+            self._write_anew(owner, records)
+
+    def _write_anew(self, owner: str, records: bytes) -> None:
+        """Replace ``owner``'s file with one holding ``records``: written beside it, then renamed over
+        it (under --fsync always, on the sync thread once it is synced, before any later sync there
+        confirms what follows). What comes next is appended to the new file."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self._path(owner)
+        self._written_anew += 1
+        fresh = path.with_name(f"{path.name[: -len(FILE_SUFFIX)]}{FRESH_SUFFIX}{self._written_anew}")
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        _write_all(fd, records)
+        old = self._files.get(owner)
+        self._files[owner], self._sizes[owner] = fd, len(records)
+        if self.fsync == "always":
+            self._syncer.submit(_settle_synced, fd, fresh, path)
+        else:
+            os.replace(fresh, path)
+        if old is not None:
+            self._syncer.submit(os.close, old)  # after the syncs already asked of it
 
     def confirm(self, owner: str, answer: Callable[[], None], fail: Callable[[], None]) -> None:
         """Call ``answer`` once what ``owner`` sent so far is as safe as --fsync says, or ``fail``
@@ -629,6 +721,7 @@ class ReplicaStore:
                 records = index.take(slots)
                 if records:
                     taken.append(records)
+                    self._bound(owner)
         return taken
 
     def forget_taken(self, owners: dict[int, str], members: Iterable[str], me: str) -> None:
@@ -644,13 +737,51 @@ class ReplicaStore:
             forgotten = index.forget(taken)
             if forgotten:
                 log.info("dropped %d replicated messages of %s that another node took over", forgotten, owner)
+                self._bound(owner)
+
+    def forget_unrecorded(self, copies: dict[int, tuple[str, tuple[str, ...]]], me: str) -> None:
+        """Drop, of each copy read back at the start (and not replaced by a snapshot since), the
+        messages of the slots where etcd does not name this node among the owner's copies
+        (``copies``: slot to owner and nodes, ``ClusterNode.copies``): the owner went on without
+        this node (it is sending a snapshot, or another node took the slot over), so they are
+        stale. The others are what this node holds for an owner that died with it."""
+        for owner in sorted(self._loaded):
+            stale = {
+                slot
+                for slot in range(SLOTS)
+                if copies.get(slot, ("", ()))[0] != owner or me not in copies[slot][1]
+            }
+            forgotten = self.messages[owner].forget(stale)
+            if forgotten:
+                log.info(
+                    "dropped %d replicated messages of %s that etcd no longer names this node for",
+                    forgotten,
+                    owner,
+                )
+                self._bound(owner)
 
     def close(self) -> None:
-        """Close the files."""
-        self._syncer.shutdown(wait=False)
+        """Finish the syncs and renames asked for, and close the files."""
+        self._syncer.shutdown(wait=True)
         for fd in self._files.values():
             os.close(fd)
         self._files.clear()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Append all of ``data`` to ``fd`` (one write, unless the kernel takes less at once)."""
+    with memoryview(data) as view:
+        written = 0
+        while written < len(view):
+            written += os.write(fd, view[written:])
+
+
+def _settle_synced(fd: int, fresh: Path, path: Path) -> None:
+    """On the sync thread: sync the file written anew, rename it over the owner's and sync the
+    directory, so that a crash leaves the old file or the whole new one."""
+    os.fdatasync(fd)
+    os.replace(fresh, path)
+    sync_directory(path.parent)
 
 
 class ReplicaReceiver:

@@ -159,8 +159,20 @@ class ClusterServer(Server):
             self._drop_stale()
 
     async def _start_replication(self) -> None:
-        """Wait until the log's messages are back (what is stale is known only then), then put the
-        replication sender between the core and the store."""
+        """Read back the replicas this node kept for other owners; wait until the log's messages are
+        back (what is stale is known only then), then put the replication sender between the core
+        and the store."""
+        assert self.replicas is not None
+        started = time.perf_counter()
+        messages, owners = self.replicas.load()
+        if owners:
+            log.info(
+                "read back %d replicated messages of %d owners from %s in %.3f s",
+                messages,
+                owners,
+                self.replicas.directory,
+                time.perf_counter() - started,
+            )
         while self.broker.recovering:
             await asyncio.sleep(0.01)
         assert self.store is not None
@@ -208,6 +220,7 @@ class ClusterServer(Server):
                 conn.members_changed()
         if self.replicas is not None:
             self.replicas.forget_taken(self.cluster.owners, self.cluster.members, self.cluster.name)
+            self.replicas.forget_unrecorded(self.cluster.copies, self.cluster.name)
 
     def _taking(self, slots: list[int]) -> None:
         """Before serving slots taken from a dead (or departed) owner: their replicated messages
