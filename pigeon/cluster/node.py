@@ -429,20 +429,19 @@ class ClusterNode:
         # last owner's copies for a slot this node serves
         for batch in _batches(free, TXN_BATCH // 2):
             keys = [self._key("slots", slot) for slot in batch]
-            copies = {slot: self._wanted_copies(slot) for slot in batch}
             # all at once when all are free; one by one when another node got some first
             if not await self._txn(
                 [txn.version(key) == 0 for key in keys],
-                [op for slot in batch for op in self._take_ops(slot, copies[slot])],
+                [op for slot in batch for op in self._take_ops(slot)],
             ):
                 batch = [
                     slot
                     for slot, key in zip(batch, keys, strict=True)
-                    if await self._txn([txn.version(key) == 0], self._take_ops(slot, copies[slot]))
+                    if await self._txn([txn.version(key) == 0], self._take_ops(slot))
                 ]
             if self._lease is not None:
                 if self._copies_of is not None:
-                    self.copies.update({slot: (self.name, copies[slot]) for slot in batch})
+                    self.copies.update({slot: (self.name, ()) for slot in batch})
                 self.owners.update(dict.fromkeys(batch, self.name))
                 self._held.update(batch)
                 self._on_taking(batch)
@@ -460,14 +459,15 @@ class ClusterNode:
     def _wanted_copies(self, slot: int) -> tuple[str, ...]:
         return () if self._copies_of is None else self._copies_of(slot)
 
-    def _take_ops(self, slot: int, copies: tuple[str, ...]) -> list[Any]:
+    def _take_ops(self, slot: int) -> list[Any]:
         """The etcd operations that take ``slot``: its key, bound to this node's lease, and with
-        replicas its copies' key (the successors that already hold all of its messages: none, as
-        this node has none of them yet, or successors fed since their snapshot)."""
+        replicas its copies' key, naming no node: the messages a takeover puts back are in no other
+        node's copy yet (``ReplicationSender.took_over``). The balancer's next write, in the same
+        pass, names the successors that hold all of a slot that got none."""
         txn = self._etcd().transactions
         ops = [txn.put(self._key("slots", slot), self.name.encode(), self._lease)]
         if self._copies_of is not None:
-            ops.append(txn.put(self._key("copies", slot), self._copies_value(copies)))
+            ops.append(txn.put(self._key("copies", slot), self._copies_value(())))
         return ops
 
     def _copies_value(self, nodes: tuple[str, ...]) -> bytes:

@@ -347,6 +347,26 @@ class ReplicationSender:
         if changed:
             self._retarget()
 
+    def took_over(self, slots: Iterable[int]) -> None:
+        """A takeover put messages of ``slots`` back into the core (at the log's end, handed to this
+        sender as they were written): a successor holds all of those slots again only once it has
+        confirmed the log up to here, as after a snapshot. Until then it leaves their in-sync set,
+        and etcd names nobody for them, so that the dead owner's other successors keep their copies
+        (``ReplicaStore.forget_taken``) while these messages are only here."""
+        position = int(self.broker.log_state["appended"])
+        resync: dict[str, set[int]] = {}
+        for slot in slots:
+            for node in self._in_sync[slot]:
+                resync.setdefault(node, set()).add(slot)
+            self._in_sync[slot].clear()
+        for node, node_slots in resync.items():
+            link = self._links.get(node)
+            if link is not None and link.ready:
+                link.snapshots.append((position, frozenset(node_slots)))
+        if resync:
+            self._retarget()
+            self._record()
+
     def link_acked(self, link: ReplicaLink) -> None:
         """``link``'s successor confirmed a position: once it covers a snapshot, the successor holds
         every message of the snapshot's slots (etcd is told); then release what it confirmed."""
@@ -724,16 +744,30 @@ class ReplicaStore:
                     self._bound(owner)
         return taken
 
-    def forget_taken(self, owners: dict[int, str], members: Iterable[str], me: str) -> None:
+    def forget_taken(
+        self,
+        owners: dict[int, str],
+        copies: dict[int, tuple[str, tuple[str, ...]]],
+        members: Iterable[str],
+        me: str,
+    ) -> None:
         """Drop the messages of owners that are gone (not in ``members``) in the slots another
-        node serves now (``owners``: slot to owner, as etcd says): that node took them over and
-        replicates them as its own (with ``--replicas 2`` or more every successor of the dead
-        owner held them, and only the first took them)."""
+        node serves now (``owners``: slot to owner, as etcd says) once etcd names nodes that hold
+        all of that node's messages of the slot (``copies``): it took them over and replicates them
+        as its own (with ``--replicas 2`` or more every successor of the dead owner held them, and
+        only the first took them). Until then this copy may be the only one besides the new owner's."""
         live = set(members)
         for owner, index in self.messages.items():
             if owner in live or not index:
                 continue
-            taken = {slot for slot, node in owners.items() if node not in (me, owner)}
+            taken = {
+                slot
+                for slot, node in owners.items()
+                if node not in (me, owner)
+                and (found := copies.get(slot)) is not None
+                and found[0] == node
+                and found[1]
+            }
             forgotten = index.forget(taken)
             if forgotten:
                 log.info("dropped %d replicated messages of %s that another node took over", forgotten, owner)

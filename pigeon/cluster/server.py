@@ -219,7 +219,9 @@ class ClusterServer(Server):
             if isinstance(conn, RoutedConnection):
                 conn.members_changed()
         if self.replicas is not None:
-            self.replicas.forget_taken(self.cluster.owners, self.cluster.members, self.cluster.name)
+            self.replicas.forget_taken(
+                self.cluster.owners, self.cluster.copies, self.cluster.members, self.cluster.name
+            )
             self.replicas.forget_unrecorded(self.cluster.copies, self.cluster.name)
 
     def _taking(self, slots: list[int]) -> None:
@@ -236,6 +238,8 @@ class ClusterServer(Server):
             except (ValueError, MemoryError) as exc:
                 log.error("could not take over replicated messages: %s", exc)
         if messages:
+            assert self._sender is not None
+            self._sender.took_over(slots)
             log.info(
                 "took over %d replicated messages of %d slots in %.3f s",
                 messages,
