@@ -902,11 +902,16 @@ def test_a_replica_keeps_the_messages_not_done_and_gives_each_slot_its_own_in_or
         store.close()
 
 
-def test_an_owner_sends_each_successor_the_publishes_of_its_slots_and_every_done(tmp_path: Path) -> None:
-    x, y = (
-        next(f"{stem}{n}" for n in range(50) if slot_of(f"{stem}{n}".encode()) % 2 == parity)
-        for stem, parity in (("x", 0), ("y", 1))
+def _in_two_slots(first: str, second: str) -> tuple[str, str]:
+    """Two topics, named from ``first`` and ``second``, in two different slots."""
+    return (
+        next(f"{first}{n}" for n in range(50) if slot_of(f"{first}{n}".encode()) % 2 == 0),
+        next(f"{second}{n}" for n in range(50) if slot_of(f"{second}{n}".encode()) % 2 == 1),
     )
+
+
+def test_an_owner_sends_each_successor_the_publishes_of_its_slots_and_every_done(tmp_path: Path) -> None:
+    x, y = _in_two_slots("x", "y")
     # x's message is taken by a plain subscriber (done); y's waits
     records = _core_records([f"PUBLISH c1 {x} one\nPUBLISH c1 {y} two\nSUBSCRIBE c1 {x}\n".encode()])
     successors = {slot_of(x.encode()): ("n1",), slot_of(y.encode()): ("n2", "n1")}
@@ -1088,10 +1093,7 @@ def test_a_successors_file_stays_bounded_while_its_messages_are_never_all_done(
 
 
 def test_a_copy_read_back_keeps_only_the_slots_etcd_still_names_this_node_for(tmp_path: Path) -> None:
-    a, b = (
-        next(f"{stem}{n}" for n in range(50) if slot_of(f"{stem}{n}".encode()) % 2 == parity)
-        for stem, parity in (("a", 0), ("b", 1))
-    )
+    a, b = _in_two_slots("a", "b")
     records = _core_records([f"PUBLISH c1 {a} one\nPUBLISH c1 {b} two\n".encode()])
     store = ReplicaStore(tmp_path, "everysec")
     store.open("n0")

@@ -655,10 +655,8 @@ class ReplicaStore:
     def replace(self, owner: str, snapshot: bytes) -> None:
         """``owner``'s snapshot came whole: it replaces what this node held of it, in memory and
         (written anew) on disk."""
-        index = self.messages[owner] = ReplicaIndex()
         self._loaded.discard(owner)
-        index.keep(snapshot)
-        self._write_anew(owner, snapshot)
+        self._reset(owner, snapshot)
         self._bound(owner)
 
     def keep(self, owner: str, chunk: bytes) -> None:
@@ -688,16 +686,16 @@ class ReplicaStore:
                 os.ftruncate(fd, 0)  # everything done: the file starts again
                 self._sizes[owner] = 0
         elif self._sizes[owner] > max(REWRITE_MIN, REWRITE_RATIO * index.nbytes):
-            records = index.records()
             # indexed again from those records alone: the reads they came in are let go
-            fresh = self.messages[owner] = ReplicaIndex()
-            fresh.keep(records)
-            self._write_anew(owner, records)
+            self._reset(owner, index.records())
 
-    def _write_anew(self, owner: str, records: bytes) -> None:
-        """Replace ``owner``'s file with one holding ``records``: written beside it, then renamed over
-        it (under --fsync always, on the sync thread once it is synced, before any later sync there
-        confirms what follows). What comes next is appended to the new file."""
+    def _reset(self, owner: str, records: bytes) -> None:
+        """``owner``'s copy becomes ``records`` alone: indexed anew, and its file replaced with one
+        holding them, written beside it, then renamed over it (under --fsync always, on the sync
+        thread once it is synced, before any later sync there confirms what follows). What comes
+        next is appended to the new file."""
+        index = self.messages[owner] = ReplicaIndex()
+        index.keep(records)
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self._path(owner)
         self._written_anew += 1
@@ -768,10 +766,7 @@ class ReplicaStore:
                 and found[0] == node
                 and found[1]
             }
-            forgotten = index.forget(taken)
-            if forgotten:
-                log.info("dropped %d replicated messages of %s that another node took over", forgotten, owner)
-                self._bound(owner)
+            self._forget(owner, taken, "another node took over")
 
     def forget_unrecorded(self, copies: dict[int, tuple[str, tuple[str, ...]]], me: str) -> None:
         """Drop, of each copy read back at the start (and not replaced by a snapshot since), the
@@ -785,14 +780,14 @@ class ReplicaStore:
                 for slot in range(SLOTS)
                 if copies.get(slot, ("", ()))[0] != owner or me not in copies[slot][1]
             }
-            forgotten = self.messages[owner].forget(stale)
-            if forgotten:
-                log.info(
-                    "dropped %d replicated messages of %s that etcd no longer names this node for",
-                    forgotten,
-                    owner,
-                )
-                self._bound(owner)
+            self._forget(owner, stale, "etcd no longer names this node for")
+
+    def _forget(self, owner: str, slots: set[int], why: str) -> None:
+        """Drop ``owner``'s messages of ``slots`` (logged, with ``why``), in memory and in its file."""
+        forgotten = self.messages[owner].forget(slots)
+        if forgotten:
+            log.info("dropped %d replicated messages of %s that %s", forgotten, owner, why)
+            self._bound(owner)
 
     def close(self) -> None:
         """Finish the syncs and renames asked for, and close the files."""
