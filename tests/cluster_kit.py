@@ -176,6 +176,25 @@ def connected(
     return client
 
 
+def connect_pipelined(node: ServerProcess, command: str, login: tuple[str, str] | None = None) -> LineClient:
+    """A new client of ``node`` that sent ``CONNECT`` (with ``login``'s user and password, where given)
+    and ``command`` in one write, its ``CONNECTED`` read. ``{id}`` in ``command`` is the id that
+    ``CONNECT`` is to give: the next after a client's made just before (ids are a counter), tried again
+    when another connection took it meanwhile."""
+    connect = "CONNECT" if login is None else "CONNECT {} {}".format(*login)
+    for _ in range(10):
+        probe = connected(node, login)
+        guess = f"c{int(probe.client_id[1:]) + 1}"
+        probe.close()
+        client = client_of(node)
+        client.send(f"{connect}\n{command.format(id=guess)}\n")
+        if client.line() == f"CONNECTED {guess}".encode():
+            client.client_id = guess
+            return client
+        client.close()
+    raise AssertionError("another connection took every id guessed")
+
+
 def topic_owned_by(owned: dict[str, set[int]], node: str, stem: str) -> str:
     """A topic name starting with ``stem`` whose slot ``node`` serves."""
     for n in range(10_000):

@@ -15,7 +15,7 @@ import pytest
 from pigeon.cluster.router import REMOTE_TAG_BASE
 from pigeon.cluster.slots import slot_of
 from pigeon.testing import LineClient, ServerProcess
-from tests.cluster_kit import Cluster, connected, running_cluster, status, topic_owned_by
+from tests.cluster_kit import Cluster, connect_pipelined, connected, running_cluster, status, topic_owned_by
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,24 @@ def test_pipelined_commands_for_different_owners_are_answered_in_order(cluster: 
     for topic in topics:
         expected += [f"PUBLISHED {topic}".encode(), b"PONG"]
     assert client.lines(len(expected)) == expected
+
+
+def test_commands_read_with_connect_go_to_their_topics_owner(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    topic = topic_owned_by(owned, "n2", "withconnect")
+    subscriber = connect_pipelined(nodes["n0"], f"SUBSCRIBE {{id}} {topic}")
+    assert subscriber.line() == f"SUBSCRIBED {topic}".encode()
+    publisher = connect_pipelined(nodes["n1"], f"PUBLISH {{id}} {topic} first\nPING")
+    assert publisher.lines(2) == [f"PUBLISHED {topic}".encode(), b"PONG"]
+    publisher.publish(topic, "second")
+    # both went to n2, the owner, and from there to the subscriber of n0 (before, each stayed in the
+    # core of the node it was sent to: n0 held the subscription, n1 the message, and nothing came)
+    assert subscriber.lines(2) == [f"MESSAGE {topic} first".encode(), f"MESSAGE {topic} second".encode()]
+    for name in ("n0", "n1"):  # neither keeps the topic in its own core
+        client = connected(nodes[name])
+        listing = json.loads(client.ask("STATS TOPICS 0 1000")[len(b"STATS ") :])
+        client.close()
+        assert topic not in [entry["name"] for entry in listing["topics"]]
 
 
 def test_a_client_that_asks_for_redirects_is_told_the_owner(cluster: Cluster) -> None:

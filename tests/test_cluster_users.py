@@ -14,7 +14,7 @@ from pigeon import AuthFailedError, Client, ClusterClient, PermissionDeniedError
 from pigeon.cluster.etcd import EtcdProcess
 from pigeon.cluster.slots import SLOTS
 from pigeon.testing import ServerProcess
-from tests.cluster_kit import all_preferred, start_node, topic_owned_by
+from tests.cluster_kit import all_preferred, connect_pipelined, start_node, topic_owned_by
 from tests.test_security_wire import USERS, password_of, users_toml
 
 Nodes = tuple[dict[str, ServerProcess], dict[str, set[int]]]
@@ -133,6 +133,21 @@ def test_a_command_pipelined_after_a_login_is_answered_after_connected(
         assert client.ask("PING") == b"PONG"  # nothing else came, and the connection goes on
     finally:
         client.close()
+
+
+def test_a_subscribe_pipelined_after_a_login_goes_to_its_topics_owner(secured: Nodes) -> None:
+    nodes, owned = secured
+    topic = topic_owned_by(owned, "n2", "orders.login")
+    login = ("worker", password_of("worker"))
+    # the core holds the SUBSCRIBE while it checks the password: only then is it routed, to n2
+    subscriber = connect_pipelined(nodes["n0"], f"SUBSCRIBE {{id}} {topic}", login)
+    try:
+        assert subscriber.line() == f"SUBSCRIBED {topic}".encode()
+        with _login(nodes["n1"], "orders-api") as publisher:
+            publisher.publish(topic, "paid")
+        assert subscriber.line() == f"MESSAGE {topic} paid".encode()
+    finally:
+        subscriber.close()
 
 
 def test_the_cluster_client_logs_in_on_every_node_it_uses(secured: Nodes) -> None:

@@ -690,6 +690,10 @@ class RoutedConnection(_Connection):
                 if verb == b"HELLO":
                     self._hello(line)
                 local.append(line)
+                if verb == b"CONNECT":
+                    # the id it gives (or the hold while its password is checked) decides where the
+                    # commands read with it go: the core must have run it before they are classified
+                    self._feed_local(local)
             elif source is None:
                 self._feed_local(local)
                 self._hand_over_core_output()
