@@ -108,6 +108,21 @@ def test_acks_and_nacks_of_relayed_tags_reach_the_owner(cluster: Cluster) -> Non
     assert _settled(nodes["n1"], topic) == (0, 4, 1)
 
 
+def test_an_ack_the_owner_refuses_is_answered_in_order_naming_the_clients_tag(cluster: Cluster) -> None:
+    nodes, owned = cluster
+    topic = topic_owned_by(owned, "n0", "refused")
+    subscriber = connected(nodes["n1"])
+    assert subscriber.ask(f"SUBSCRIBE {subscriber.client_id} {topic} ACK") == f"SUBSCRIBED {topic}".encode()
+    connected(nodes["n0"]).publish(topic, "x")
+    tag = subscriber.line().split()[2].decode()
+    assert int(tag) >= REMOTE_TAG_BASE
+    assert subscriber.ask(f"UNSUBSCRIBE {subscriber.client_id} {topic}") == f"UNSUBSCRIBED {topic}".encode()
+    # n0 no longer knows the delivery: its refusal comes before the PONG of n1's core, as one server
+    # answers, naming the client's tag (before: after the PONG, naming n0's own tag)
+    subscriber.send(f"ACK {subscriber.client_id} {tag}\nPING\n")
+    assert subscriber.lines(2) == [f"ERROR UNKNOWN_DELIVERY_TAG unknown delivery tag {tag}".encode(), b"PONG"]
+
+
 def test_pipelined_commands_for_different_owners_are_answered_in_order(cluster: Cluster) -> None:
     nodes, owned = cluster
     topics = [topic_owned_by(owned, name, f"order{name}") for name in ("n0", "n1", "n2", "n1", "n0")]

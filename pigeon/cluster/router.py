@@ -49,6 +49,9 @@ from pigeon.server.protocol import _Connection
 log = logging.getLogger("pigeon.cluster")
 
 REMOTE_TAG_BASE = 1 << 40
+# ACK/NACKs an upstream sends before it asks its owner to confirm them (a PING), whatever the client
+# does next: what it keeps to name the client's tags in an error stays bounded
+SETTLES_PER_CONFIRM = 1024
 # the requests of a connection waiting for a reply that the core keeps (REQUEST_WINDOW of
 # pigeon/core/requests.pxd), and that a node keeps of those its client sent to owners
 REQUEST_WINDOW = 4096
@@ -304,6 +307,10 @@ class Upstream(asyncio.Protocol):
         self.requests: dict[int, int] = {}  # the owner's id of each request waiting -> the client's
         # whether a REQ went this way: only then can a REQUESTED come, which the shortcut looks for
         self.sent_requests = False
+        # the owner's tags of each ACK/NACK sent -> the client's, per PING that confirms them (the
+        # last: those sent since the last PING), to name the client's tags in an error
+        self._settled: deque[dict[bytes, bytes]] = deque([{}])
+        self._confirming = 0  # those PINGs sent, not answered yet
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -369,8 +376,10 @@ class Upstream(asyncio.Protocol):
             pos = nl + 1
             if line.startswith(b"DELIVER "):
                 out.append(self.router.relayed_delivery(self, line) + b"\n")
-            elif line.startswith(b"MESSAGE ") or line.startswith(b"ERROR UNKNOWN_DELIVERY_TAG"):
+            elif line.startswith(b"MESSAGE "):
                 out.append(line + b"\n")
+            elif line.startswith(b"ERROR UNKNOWN_DELIVERY_TAG"):  # to an ACK/NACK: no reply counted
+                out.append(self._with_client_tags(line) + b"\n")
             elif self._hellos and line.startswith(b"HELLO "):
                 self._hellos -= 1  # the answer to this node's own HELLO
             elif self.client_id is None and line.startswith(b"CONNECTED "):
@@ -398,6 +407,41 @@ class Upstream(asyncio.Protocol):
         to the client (None if the connection is lost first)."""
         self._keep(_one_line(answered))
         self.send(verb, rest, 0)
+
+    def settle(self, verb: bytes, spec: bytes, client_spec: bytes, delay: bytes) -> None:
+        """Send ``ACK``/``NACK`` of the owner's tags ``spec`` (the client's ``client_spec``, with its
+        ``NACK`` delay): it has no reply, so ``confirm_settles`` asks the owner to confirm it."""
+        self._settled[-1][spec] = client_spec
+        self.send(verb, (spec + b" " + delay).rstrip(), 0)
+        if len(self._settled[-1]) >= SETTLES_PER_CONFIRM:
+            self.confirm_settles()
+
+    def confirm_settles(self) -> None:
+        """Send a ``PING``, kept here: its ``PONG`` comes once the owner has run every ``ACK``/``NACK``
+        sent before (and answered those it refused); then ``RoutedConnection.settles_applied``."""
+        if not self._settled[-1]:
+            return  # a PING in flight covers them all
+        assert self.transport is not None  # tags came over it, after CONNECTED: nothing is queued
+        self._settled.append({})
+        self._confirming += 1
+        self._keep(self._settles_confirmed)
+        self.transport.write(b"PING\n")
+
+    def _settles_confirmed(self, line: bytes | None) -> bool:
+        self._settled.popleft()
+        self._confirming -= 1
+        if not self._confirming and not self._settled[-1]:
+            self.router.settles_applied(self)
+        return True
+
+    def _with_client_tags(self, error: bytes) -> bytes:
+        """An owner's ``ERROR UNKNOWN_DELIVERY_TAG`` naming the tags as the client sent them."""
+        head, _, spec = error.rpartition(b" ")
+        for specs in self._settled:
+            client_spec = specs.get(spec)  # kept: the PING that confirms them is still to be sent
+            if client_spec is not None:
+                return b"%s %s" % (head, client_spec)
+        return error
 
     def send_reply(self, frame: bytes) -> None:
         """Send a ``REPLY`` frame (with the owner's token), then a ``PING``. The owner answers nothing to
@@ -538,6 +582,7 @@ class RoutedConnection(_Connection):
         "_replicas",
         "_skip",
         "_source",
+        "_unconfirmed",
         "_upstreams",
         "_wanted",
         "protocol",
@@ -583,6 +628,8 @@ class RoutedConnection(_Connection):
         self._eof = False
         self._owner_wait_since = 0.0  # when a command began to wait for its slot's owner
         self._patterns = PatternPlacement(self)  # its pattern subscriptions, on every node
+        # owners sent ACK/NACKs of the client's that no reply since has shown applied
+        self._unconfirmed: set[Upstream] = set()
 
     # -- input -----------------------------------------------------------------------------------
 
@@ -628,7 +675,7 @@ class RoutedConnection(_Connection):
         the last one routed, with nothing waiting: to the core as it is when this node serves the
         topic, else to its owner with one replace. False when the lines need routing one by one."""
         prefix = self._last_publish
-        if not prefix or self._pending or self._holds or not chunk.startswith(prefix):
+        if not prefix or self._pending or self._holds or self._unconfirmed or not chunk.startswith(prefix):
             return False
         if chunk.count(b"\n" + prefix) + 1 != chunk.count(b"\n"):
             return False
@@ -658,7 +705,7 @@ class RoutedConnection(_Connection):
         """Like ``_batch`` for the run of whole ``PUB`` frames of ``pub_run`` (to the topic of the last
         one routed) at the start of ``data``: to the core as it is, or to the owner with only each
         header's client id rewritten."""
-        if self._pending or self._holds:
+        if self._pending or self._holds or self._unconfirmed:
             return False
         prefix = self._last_publish
         return self._send_batch(data[:end], lambda upstream: upstream.send_frames(data, starts, end, prefix))
@@ -685,6 +732,8 @@ class RoutedConnection(_Connection):
                 self._source, local
             ):
                 break
+            if self._unconfirmed and not self._settles_applied(source, verb, rest):
+                break
             self._pending.popleft()
             if source == _LOCAL:
                 if verb == b"HELLO":
@@ -709,6 +758,28 @@ class RoutedConnection(_Connection):
         if self._eof and not self._pending and not self._holds and self._all_idle():
             self._eof = False
             super().eof_received()
+
+    def _settles_applied(self, source: str | None, verb: bytes, rest: bytes) -> bool:
+        """Whether a command for ``source`` may go on after the client's ``ACK``/``NACK``s sent to
+        owners, which have no reply: any reply after them must mean they are applied, as on one
+        server. Another ``ACK``/``NACK`` that only owners answer, or a command for that same owner
+        (which runs them first), goes at once; before any other, each owner confirms them
+        (``Upstream.confirm_settles``)."""
+        if source is None and verb in _SETTLE_COMMANDS:
+            tags = parse_tags(rest.split(None, 1)[0])
+            if tags is not None and tags[0] >= REMOTE_TAG_BASE and self._relayed_tags(*tags):
+                return True
+        for upstream in list(self._unconfirmed):
+            if upstream.node == source:
+                self._unconfirmed.discard(upstream)
+            else:
+                upstream.confirm_settles()
+        return not self._unconfirmed
+
+    def settles_applied(self, upstream: Upstream) -> None:
+        """``upstream``'s owner has run every ``ACK``/``NACK`` sent to it: input held for that goes on."""
+        self._unconfirmed.discard(upstream)
+        self.source_idle(upstream.node)
 
     def _hello(self, line: bytes) -> None:
         """The client chose its protocol (``HELLO 1``/``HELLO 2``; the core answers it): its upstreams
@@ -755,8 +826,10 @@ class RoutedConnection(_Connection):
             self.resume_input("sync")
 
     def _all_idle(self) -> bool:
-        return not self._patterns.busy and all(
-            upstream.outstanding == 0 for upstream in self._upstreams.values()
+        return (
+            self._settles_applied(None, b"", b"")
+            and not self._patterns.busy
+            and all(upstream.outstanding == 0 for upstream in self._upstreams.values())
         )
 
     def _feed_local(self, lines: list[bytes]) -> None:
@@ -956,7 +1029,7 @@ class RoutedConnection(_Connection):
             own_id = self._broker.client_id(self._handle) or ""
             local = b"%s %s %d-%d %s" % (verb, own_id.encode(), first, REMOTE_TAG_BASE - 1, delay)
             self._broker.feed(self._handle, local.rstrip() + b"\n")
-        found = [tag for tag in self._remote_tags if first <= tag <= last]
+        found = self._relayed_tags(first, last)
         if not found and first >= REMOTE_TAG_BASE:
             self._reply(b"ERROR UNKNOWN_DELIVERY_TAG unknown delivery tag %s" % spec)
             return
@@ -966,8 +1039,14 @@ class RoutedConnection(_Connection):
             by_owner.setdefault(upstream, []).append(owner_tag)
         for upstream, owner_tags in by_owner.items():
             for low, high in _ranges(sorted(owner_tags)):
-                spec_out = b"%d" % low if low == high else b"%d-%d" % (low, high)
-                upstream.send(verb, (spec_out + b" " + delay).rstrip(), 0)
+                upstream.settle(verb, b"%d" % low if low == high else b"%d-%d" % (low, high), spec, delay)
+            self._unconfirmed.add(upstream)
+
+    def _relayed_tags(self, first: int, last: int) -> list[int]:
+        """The tags from ``first`` to ``last`` of deliveries relayed from owners, not settled yet."""
+        if first == last:
+            return [first] if first in self._remote_tags else []
+        return [tag for tag in self._remote_tags if first <= tag <= last]
 
     def reply(self, line: bytes) -> None:
         """Answer the client from this node (not its core, not an owner)."""
@@ -1055,6 +1134,7 @@ class RoutedConnection(_Connection):
         from there can no longer be settled; the patterns are placed there again if it is still a
         member (``PatternPlacement.lost``)."""
         del self._upstreams[upstream.node]
+        self._unconfirmed.discard(upstream)
         for tag in [tag for tag, (source, _) in self._remote_tags.items() if source is upstream]:
             del self._remote_tags[tag]
         self._patterns.lost(upstream.node)

@@ -1,0 +1,254 @@
+"""Differential test of a cluster against one server (docs/cluster.md: a client may connect to any
+node and sees the same semantics as with one server).
+
+The same random sessions run over real sockets against one ``pigeon`` and against a 3-node cluster
+(a real etcd), with the session's clients spread over the nodes and its topics over the owners:
+each client pipelines a few commands at a time (subscriptions plain, acknowledged, with prefetch,
+in consumer groups and to wildcard patterns; PUBLISH lines and PUB frames; ACK and NACK of what it
+was given; UNSUBSCRIBE, DESTROY, broken commands), and every client must get the same replies and
+the same deliveries from both, each topic's in the same order. One server answers a step completely before the
+next (a PING of every client ends it); the cluster relays deliveries from owners when they come, so
+each client is waited for until it has as many as it had from the one server.
+
+Tags are numbers of each broker's own (a cluster node renumbers those it relays), so deliveries and
+replies are compared with tags left out; the ``ACK``/``NACK`` of a session names a position among
+the client's unsettled deliveries, which each run turns into its own tag, and an error naming a tag
+the client sent names it by that position.
+
+``PIGEON_CLUSTER_SESSIONS`` sets the number of sessions (default 12).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from pigeon.testing import LineClient, ServerProcess
+from tests.cluster_kit import Cluster, running_cluster, topic_owned_by
+
+CLIENTS = 6
+SESSIONS = int(os.environ.get("PIGEON_CLUSTER_SESSIONS", "12"))
+STEPS = 40
+WAIT = 10.0  # seconds a client of the cluster may take to get the deliveries one server gave
+GROUPS = ("g1", "g2")
+
+Command = tuple[str, ...]  # a command of a session, which each run renders with its own id and tags
+Step = tuple[int, list[Command]]  # a client and the commands it sends in one write
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """Three nodes n0, n1, n2 and who serves which slots."""
+    with running_cluster() as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def single() -> Iterator[ServerProcess]:
+    """One server, the reference."""
+    server = ServerProcess()
+    try:
+        yield server
+    finally:
+        assert server.stop() == 0, "".join(server.log)
+
+
+def _session(rng: random.Random, owned: dict[str, set[int]], seed: int) -> list[Step]:
+    """A session's steps, over two topics of each node and a pattern matching those two: a pattern
+    that matches topics of several owners has its prefetch and round robin per owner (docs/cluster.md,
+    "Wildcard patterns"), which one server does not."""
+    topics = [
+        topic_owned_by(owned, node, f"s{seed}.{node}.{half}") for node in sorted(owned) for half in "ab"
+    ]
+    targets = [*topics, *(f"s{seed}.{node}.*" for node in sorted(owned))]
+    bodies = iter(range(1 << 30))
+    subscribed: list[set[tuple[str, str]]] = [set() for _ in range(CLIENTS)]  # (target, GROUP ...)
+
+    def command(who: int) -> Command:
+        kind = rng.choices(
+            ("sub", "unsub", "publish", "frame", "ack", "nack", "ping", "destroy", "broken"),
+            weights=(4, 2, 8, 3, 3, 2, 1, 1, 1),
+        )[0]
+        target = rng.choice(targets)
+        group = rng.choice(("", *(f"GROUP {name}" for name in GROUPS)))
+        if kind == "sub":
+            acks = rng.choice(("", "ACK", "ACK PREFETCH 1", "ACK PREFETCH 2"))
+            subscribed[who].add((target, group))
+            return ("sub", target, f"{group} {acks}".strip())
+        if kind == "unsub":
+            if subscribed[who] and rng.random() < 0.7:  # mostly its own: what it holds goes to others
+                target, group = rng.choice(sorted(subscribed[who]))
+            subscribed[who].discard((target, group))
+            return ("unsub", target, group)
+        if kind in ("publish", "frame"):
+            return (kind, rng.choice(topics), f"m{next(bodies)}")
+        if kind in ("ack", "nack"):
+            return (kind, str(rng.randrange(4)))
+        if kind == "destroy":
+            return ("destroy", target, rng.choice(GROUPS))
+        if kind == "broken":
+            return ("raw", rng.choice(("PUBLISH c999999 {t} x", "SUBSCRIBE {me}", "NOPE", "ACK {me} x")))
+        return ("ping",)
+
+    steps: list[Step] = []
+    for _ in range(STEPS):
+        who = rng.randrange(CLIENTS)
+        steps.append((who, [command(who) for _ in range(rng.randint(1, 3))]))
+    return steps
+
+
+@dataclass
+class Peer:
+    """One client of a run: what it received, deliveries apart from replies."""
+
+    client: LineClient
+    deliveries: list[bytes] = field(default_factory=list)  # tags left out
+    unsettled: list[tuple[bytes, bytes]] = field(default_factory=list)  # (tag, topic) of each DELIVER
+    settled: list[bytes] = field(default_factory=list)  # the tags of the ACKs and NACKs of a step
+
+    def read(self) -> bytes | None:
+        """The next reply line, taking the deliveries before it; None on a read timeout."""
+        while True:
+            try:
+                line = self.client.line()
+            except TimeoutError:
+                return None
+            if line.startswith(b"MESSAGE "):
+                self.deliveries.append(line)
+            elif line.startswith(b"DELIVER "):
+                _, topic, tag, rest = line.split(b" ", 3)
+                self.unsettled.append((tag, topic))
+                self.deliveries.append(b"DELIVER %s %s" % (topic, rest))
+            else:
+                return line
+
+    def render(self, command: Command, topic_of_slot: list[str]) -> str:
+        """A command as this run sends it: with this client's id and tags."""
+        me = self.client.client_id
+        kind = command[0]
+        if kind == "sub":
+            return f"SUBSCRIBE {me} {command[1]} {command[2]}".rstrip()
+        if kind == "unsub":
+            return f"UNSUBSCRIBE {me} {command[1]} {command[2]}".rstrip()
+        if kind == "publish":
+            return f"PUBLISH {me} {command[1]} {command[2]}"
+        if kind == "frame":
+            return f"PUB {me} {command[1]} {len(command[2])}\n{command[2]}"
+        if kind in ("ack", "nack"):
+            if not self.unsettled:
+                return f"{kind.upper()} {me} 999999"
+            # by topic (stable: in the order each topic's came), as the owners' deliveries interleave
+            # in any order on a cluster
+            self.unsettled.sort(key=lambda unsettled: unsettled[1])
+            tag, _ = self.unsettled.pop(int(command[1]) % len(self.unsettled))
+            self.settled.append(tag)
+            return f"{kind.upper()} {me} {tag.decode()}"
+        if kind == "destroy":
+            return f"DESTROY {me} {command[1]} GROUP {command[2]}"
+        if kind == "raw":
+            return command[1].format(me=me, t=topic_of_slot[0])
+        return "PING"
+
+
+def _normal(reply: bytes, tags: list[bytes]) -> bytes:
+    """A reply with the tags the client sent in it named by their order (each broker numbers its own)."""
+    for number, tag in enumerate(tags):
+        reply = reply.replace(b"tag " + tag, b"tag #%d" % number)
+    return reply
+
+
+def _by_topic(deliveries: list[bytes]) -> dict[bytes, list[bytes]]:
+    """Deliveries by topic, each topic's in the order they came: the order kept across a cluster
+    (docs/cluster.md, "Guarantees"; those of topics with different owners interleave in any order)."""
+    found: dict[bytes, list[bytes]] = {}
+    for delivery in deliveries:
+        found.setdefault(delivery.split(b" ", 2)[1], []).append(delivery)
+    return found
+
+
+@dataclass
+class Run:
+    """A session run against one broker: each step's replies, how many deliveries each client had
+    after it, and each client's deliveries at the end."""
+
+    replies: list[list[bytes]] = field(default_factory=list)
+    delivered: list[list[int]] = field(default_factory=list)
+    deliveries: list[list[bytes]] = field(default_factory=list)
+
+
+def _connected(clients: list[LineClient]) -> list[Peer]:
+    for client in clients:
+        client.connect()
+    return [Peer(client) for client in clients]
+
+
+def _step(peers: list[Peer], step: Step, topics: list[str]) -> list[bytes]:
+    """Send a step's commands in one write, then a PING: the replies before its PONG."""
+    who, commands = step
+    peer = peers[who]
+    peer.settled.clear()
+    peer.client.send("".join(peer.render(command, topics) + "\n" for command in commands) + "PING\n")
+    pongs = sum(command == ("ping",) for command in commands) + 1
+    replies: list[bytes] = []
+    while pongs:
+        line = peer.read()
+        assert line is not None, f"no PONG after {replies}"
+        pongs -= line == b"PONG"
+        replies.append(_normal(line, peer.settled))
+    return replies[:-1]
+
+
+def _run_single(server: ServerProcess, session: list[Step], topics: list[str]) -> Run:
+    run = Run()
+    peers = _connected([server.client(timeout=WAIT) for _ in range(CLIENTS)])
+    for step in session:
+        run.replies.append(_step(peers, step, topics))
+        for peer in peers:  # one server: every delivery the step made comes before this PONG
+            peer.client.send("PING\n")
+            assert peer.read() == b"PONG"
+        run.delivered.append([len(peer.deliveries) for peer in peers])
+    run.deliveries = [peer.deliveries for peer in peers]
+    for peer in peers:
+        peer.client.close()
+    return run
+
+
+def _wait_for_deliveries(peer: Peer, count: int, context: str) -> None:
+    """Read ``peer`` until it holds ``count`` deliveries (a reply meanwhile fails the test)."""
+    deadline = time.monotonic() + WAIT
+    peer.client.sock.settimeout(0.05)
+    try:
+        while len(peer.deliveries) < count:
+            assert time.monotonic() < deadline, f"{context}: only {peer.deliveries}"
+            stray = peer.read()
+            assert stray is None, f"{context}: got {stray!r}"
+    finally:
+        peer.client.sock.settimeout(WAIT)
+
+
+def test_sessions_see_the_same_on_a_cluster_as_on_one_server(cluster: Cluster, single: ServerProcess) -> None:
+    nodes, owned = cluster
+    names = sorted(nodes)
+    for seed in range(SESSIONS):
+        session = _session(random.Random(seed), owned, seed)
+        topics = [topic_owned_by(owned, names[0], f"s{seed}.n0.a")]
+        expected = _run_single(single, session, topics)
+        peers = _connected([nodes[names[i % len(names)]].client(timeout=WAIT) for i in range(CLIENTS)])
+        for number, step in enumerate(session):
+            context = f"session {seed}, step {number}: client {step[0]} sent {step[1]}"
+            assert _step(peers, step, topics) == expected.replies[number], context
+            for who, peer in enumerate(peers):
+                count = expected.delivered[number][who]
+                _wait_for_deliveries(peer, count, f"{context}; client {who}")
+                assert _by_topic(peer.deliveries) == _by_topic(expected.deliveries[who][:count]), (
+                    f"{context}; client {who}"
+                )
+        for who, peer in enumerate(peers):  # nothing more: then close (which redelivers what is unsettled)
+            assert peer.client.quiet(0.3), f"session {seed}: client {who} got more: {peer.client.buf!r}"
+        for peer in peers:
+            peer.client.close()
