@@ -5,7 +5,8 @@ The same random sessions run over real sockets against one ``pigeon`` and agains
 (a real etcd), with the session's clients spread over the nodes and its topics over the owners:
 each client pipelines a few commands at a time (subscriptions plain, acknowledged, with prefetch,
 in consumer groups and to wildcard patterns; PUBLISH lines and PUB frames; ACK and NACK of what it
-was given; UNSUBSCRIBE, DESTROY, broken commands), and every client must get the same replies and
+was given; UNSUBSCRIBE, DESTROY, broken commands; HELLO 2 and back, deliveries as MSG and DMSG
+frames or as lines), and every client must get the same replies and
 the same deliveries from both, each topic's in the same order. One server answers a step completely before the
 next (a PING of every client ends it); the cluster relays deliveries from owners when they come, so
 each client is waited for until it has as many as it had from the one server.
@@ -71,8 +72,8 @@ def _session(rng: random.Random, owned: dict[str, set[int]], seed: int) -> list[
 
     def command(who: int) -> Command:
         kind = rng.choices(
-            ("sub", "unsub", "publish", "frame", "ack", "nack", "ping", "destroy", "broken"),
-            weights=(4, 2, 8, 3, 3, 2, 1, 1, 1),
+            ("sub", "unsub", "publish", "frame", "ack", "nack", "ping", "destroy", "broken", "hello"),
+            weights=(4, 2, 8, 3, 3, 2, 1, 1, 1, 1),
         )[0]
         target = rng.choice(targets)
         group = rng.choice(("", *(f"GROUP {name}" for name in GROUPS)))
@@ -93,6 +94,8 @@ def _session(rng: random.Random, owned: dict[str, set[int]], seed: int) -> list[
             return ("destroy", target, rng.choice(GROUPS))
         if kind == "broken":
             return ("raw", rng.choice(("PUBLISH c999999 {t} x", "SUBSCRIBE {me}", "NOPE", "ACK {me} x")))
+        if kind == "hello":
+            return ("hello", rng.choice("12"))
         return ("ping",)
 
     steps: list[Step] = []
@@ -124,6 +127,18 @@ class Peer:
                 _, topic, tag, rest = line.split(b" ", 3)
                 self.unsettled.append((tag, topic))
                 self.deliveries.append(b"DELIVER %s %s" % (topic, rest))
+            elif line.startswith((b"MSG ", b"DMSG ")):  # after HELLO 2: a frame, its payload after it
+                fields = line.split(b" ")
+                waited = self.client.sock.gettimeout()
+                self.client.sock.settimeout(WAIT)  # the payload is on its way: no read timeout inside
+                try:
+                    payload = self.client.take(int(fields[-1]) + 1)[:-1]
+                finally:
+                    self.client.sock.settimeout(waited)
+                if fields[0] == b"DMSG":
+                    self.unsettled.append((fields[2], fields[1]))
+                    del fields[2]
+                self.deliveries.append(b" ".join([*fields[:-1], payload]))
             else:
                 return line
 
@@ -150,6 +165,8 @@ class Peer:
             return f"{kind.upper()} {me} {tag.decode()}"
         if kind == "destroy":
             return f"DESTROY {me} {command[1]} GROUP {command[2]}"
+        if kind == "hello":
+            return f"HELLO {command[1]}"
         if kind == "raw":
             return command[1].format(me=me, t=topic_of_slot[0])
         return "PING"
