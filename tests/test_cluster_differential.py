@@ -5,11 +5,11 @@ The same random sessions run over real sockets against one ``pigeon`` and agains
 (a real etcd), with the session's clients spread over the nodes and its topics over the owners:
 each client pipelines a few commands at a time (subscriptions plain, acknowledged, with prefetch,
 in consumer groups and to wildcard patterns; PUBLISH lines and PUB frames; ACK and NACK of what it
-was given; UNSUBSCRIBE, DESTROY, broken commands; HELLO 2 and back, deliveries as MSG and DMSG
-frames or as lines), and every client must get the same replies and
-the same deliveries from both, each topic's in the same order. One server answers a step completely before the
-next (a PING of every client ends it); the cluster relays deliveries from owners when they come, so
-each client is waited for until it has as many as it had from the one server.
+was given; REQ and REPLY to the requests it was given; UNSUBSCRIBE, DESTROY, broken commands;
+HELLO 2 and back, deliveries as MSG and DMSG frames or as lines), and every client must get the same
+replies and the same deliveries from both, each topic's in the same order. One server answers a step
+completely before the next (a PING of every client ends it); the cluster relays deliveries from
+owners when they come, so each client is waited for until it has as many as it had from one server.
 
 Tags are numbers of each broker's own (a cluster node renumbers those it relays), so deliveries and
 replies are compared with tags left out; the ``ACK``/``NACK`` of a session names a position among
@@ -38,6 +38,22 @@ STEPS = 40
 WAIT = 10.0  # seconds a client of the cluster may take to get the deliveries one server gave
 GROUPS = ("g1", "g2")
 
+# the kinds of command of a session, and how often each comes
+KINDS = (
+    "sub",
+    "unsub",
+    "publish",
+    "frame",
+    "ack",
+    "nack",
+    "ping",
+    "destroy",
+    "broken",
+    "hello",
+    "req",
+    "reply",
+)
+KIND_WEIGHTS = (4, 2, 8, 3, 3, 2, 1, 1, 1, 1, 3, 4)
 Command = tuple[str, ...]  # a command of a session, which each run renders with its own id and tags
 Step = tuple[int, list[Command]]  # a client and the commands it sends in one write
 
@@ -71,10 +87,7 @@ def _session(rng: random.Random, owned: dict[str, set[int]], seed: int) -> list[
     subscribed: list[set[tuple[str, str]]] = [set() for _ in range(CLIENTS)]  # (target, GROUP ...)
 
     def command(who: int) -> Command:
-        kind = rng.choices(
-            ("sub", "unsub", "publish", "frame", "ack", "nack", "ping", "destroy", "broken", "hello"),
-            weights=(4, 2, 8, 3, 3, 2, 1, 1, 1, 1),
-        )[0]
+        kind = rng.choices(KINDS, weights=KIND_WEIGHTS)[0]
         target = rng.choice(targets)
         group = rng.choice(("", *(f"GROUP {name}" for name in GROUPS)))
         if kind == "sub":
@@ -86,9 +99,9 @@ def _session(rng: random.Random, owned: dict[str, set[int]], seed: int) -> list[
                 target, group = rng.choice(sorted(subscribed[who]))
             subscribed[who].discard((target, group))
             return ("unsub", target, group)
-        if kind in ("publish", "frame"):
+        if kind in ("publish", "frame", "req"):
             return (kind, rng.choice(topics), f"m{next(bodies)}")
-        if kind in ("ack", "nack"):
+        if kind in ("ack", "nack", "reply"):
             return (kind, str(rng.randrange(4)))
         if kind == "destroy":
             return ("destroy", target, rng.choice(GROUPS))
@@ -98,7 +111,8 @@ def _session(rng: random.Random, owned: dict[str, set[int]], seed: int) -> list[
             return ("hello", rng.choice("12"))
         return ("ping",)
 
-    steps: list[Step] = []
+    # half the clients start with protocol 2: only their deliveries of a request carry its token
+    steps: list[Step] = [(who, [("hello", "2")]) for who in range(0, CLIENTS, 2)]
     for _ in range(STEPS):
         who = rng.randrange(CLIENTS)
         steps.append((who, [command(who) for _ in range(rng.randint(1, 3))]))
@@ -113,6 +127,11 @@ class Peer:
     deliveries: list[bytes] = field(default_factory=list)  # tags left out
     unsettled: list[tuple[bytes, bytes]] = field(default_factory=list)  # (tag, topic) of each DELIVER
     settled: list[bytes] = field(default_factory=list)  # the tags of the ACKs and NACKs of a step
+    requests: list[bytes] = field(default_factory=list)  # the id of each REQUESTED, in order
+    tokens: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)  # (token, topic, payload)
+    # the payloads of the requests the run's clients replied to: one reply each, as two replies from
+    # different clients reach the requester in either order on a cluster (the first one wins)
+    replied: set[bytes] = field(default_factory=set)
 
     def read(self) -> bytes | None:
         """The next reply line, taking the deliveries before it; None on a read timeout."""
@@ -127,20 +146,35 @@ class Peer:
                 _, topic, tag, rest = line.split(b" ", 3)
                 self.unsettled.append((tag, topic))
                 self.deliveries.append(b"DELIVER %s %s" % (topic, rest))
-            elif line.startswith((b"MSG ", b"DMSG ")):  # after HELLO 2: a frame, its payload after it
-                fields = line.split(b" ")
-                waited = self.client.sock.gettimeout()
-                self.client.sock.settimeout(WAIT)  # the payload is on its way: no read timeout inside
-                try:
-                    payload = self.client.take(int(fields[-1]) + 1)[:-1]
-                finally:
-                    self.client.sock.settimeout(waited)
-                if fields[0] == b"DMSG":
-                    self.unsettled.append((fields[2], fields[1]))
-                    del fields[2]
-                self.deliveries.append(b" ".join([*fields[:-1], payload]))
+            elif line.startswith((b"MSG ", b"DMSG ", b"RMSG ")):  # a frame, its payload after it
+                self.deliveries.append(self._frame(line.split(b" ")))
+            elif line.startswith(b"REQUESTED "):
+                self.requests.append(line.split(b" ")[1])
+                return b"REQUESTED #%d" % (len(self.requests) - 1)
             else:
                 return line
+
+    def _frame(self, fields: list[bytes]) -> bytes:
+        """A frame whose header is ``fields``, read whole, as it is compared: a reply by its request's
+        position, a request's token (which each run makes its own) kept apart as R."""
+        waited = self.client.sock.gettimeout()
+        self.client.sock.settimeout(WAIT)  # the payload is on its way: no read timeout inside
+        try:
+            payload = self.client.take(int(fields[-1]) + 1)[:-1]
+        finally:
+            self.client.sock.settimeout(waited)
+        if fields[0] == b"RMSG":
+            request = self.requests.index(fields[1]) if fields[1] in self.requests else -1
+            return b"RMSG #%d %s" % (request, payload)
+        # MSG <topic> [<token>] <nbytes>, DMSG <topic> <tag> <attempt> [<token>] <nbytes>
+        token_at = 2 if fields[0] == b"MSG" else 4
+        if len(fields) == token_at + 2:
+            self.tokens.append((fields[token_at], fields[1], payload))
+            fields[token_at] = b"R"
+        if fields[0] == b"DMSG":
+            self.unsettled.append((fields[2], fields[1]))
+            del fields[2]
+        return b" ".join([*fields[:-1], payload])
 
     def render(self, command: Command, topic_of_slot: list[str]) -> str:
         """A command as this run sends it: with this client's id and tags."""
@@ -152,8 +186,17 @@ class Peer:
             return f"UNSUBSCRIBE {me} {command[1]} {command[2]}".rstrip()
         if kind == "publish":
             return f"PUBLISH {me} {command[1]} {command[2]}"
-        if kind == "frame":
-            return f"PUB {me} {command[1]} {len(command[2])}\n{command[2]}"
+        if kind in ("frame", "req"):
+            verb = "PUB" if kind == "frame" else "REQ"
+            return f"{verb} {me} {command[1]} {len(command[2])}\n{command[2]}"
+        if kind == "reply":
+            self.tokens.sort(key=lambda token: token[1])  # by topic, as for ACK
+            waiting = [token for token in self.tokens if token[2] not in self.replied]
+            if not waiting:
+                return "REPLY 0.0.0 1\nx"  # a token of nobody: dropped
+            token, _, payload = waiting[int(command[1]) % len(waiting)]
+            self.replied.add(payload)
+            return f"REPLY {token.decode()} {len(payload) + 1}\nr{payload.decode()}"
         if kind in ("ack", "nack"):
             if not self.unsettled:
                 return f"{kind.upper()} {me} 999999"
@@ -199,9 +242,10 @@ class Run:
 
 
 def _connected(clients: list[LineClient]) -> list[Peer]:
+    replied: set[bytes] = set()
     for client in clients:
         client.connect()
-    return [Peer(client) for client in clients]
+    return [Peer(client, replied=replied) for client in clients]
 
 
 def _step(peers: list[Peer], step: Step, topics: list[str]) -> list[bytes]:
