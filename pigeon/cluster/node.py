@@ -63,7 +63,7 @@ class ClusterNode:
     client context this node opens its connections to the others with (``connect``). With
     replicas, ``copies_of(slot)`` names the nodes that hold every message of a slot this node
     owns: they are recorded in etcd (``record_copies``), and ``on_copies()`` is called after each
-    write.
+    write; ``replica_figures()`` is what the node holds for other owners, for ``status``.
     """
 
     def __init__(
@@ -81,6 +81,7 @@ class ClusterNode:
         tls: ssl.SSLContext | None = None,
         copies_of: Callable[[int], tuple[str, ...]] | None = None,
         on_copies: Callable[[], None] = lambda: None,
+        replica_figures: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self.endpoints = endpoints
         self.name = name
@@ -93,6 +94,7 @@ class ClusterNode:
         self._on_taking = on_taking
         self._copies_of = copies_of
         self._on_copies = on_copies
+        self._replica_figures = replica_figures
         self.tls = tls  # how this node connects to the others (``connect``): TLS, or None for TCP
         self.members: dict[str, dict[str, Any]] = {}
         # member -> (its lease, when this node first read it with that lease: a restart is a new member)
@@ -192,7 +194,7 @@ class ClusterNode:
         per_node: dict[str, list[int]] = {}
         for slot, node in sorted(self.owners.items()):
             per_node.setdefault(node, []).append(slot)
-        return {
+        status = {
             "node": self.name,
             "etcd": self.etcd_ok,
             "lease_ttl": self.ttl,
@@ -209,6 +211,9 @@ class ClusterNode:
             },
             "upstreams_opened": self.upstreams_opened,
         }
+        if self._replica_figures is not None:
+            status["replicas"] = self._replica_figures()
+        return status
 
     # -- life ------------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ import contextlib
 import logging
 import os
 import struct
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,7 +46,7 @@ from pigeon.cluster._index import ReplicaIndex
 from pigeon.cluster._split import SlotSplitter
 from pigeon.cluster.slots import SLOTS, owner_order
 from pigeon.server.compaction import sync_directory
-from pigeon.server.store import HEADER, Store
+from pigeon.server.store import HEADER, HOUSEKEEPING_INTERVAL, Store
 
 log = logging.getLogger("pigeon.cluster")
 
@@ -591,8 +592,8 @@ FRESH_SUFFIX = FILE_SUFFIX + ".new."
 class ReplicaStore:
     """The successor's half: per owner, the messages it replicated that are not done yet, in log
     order, with the last ``DELIVERED`` record of each, and the file under ``directory`` each
-    owner's records are appended to (synced before they are confirmed under --fsync always),
-    which ``load`` reads back at a start."""
+    owner's records are appended to (synced before they are confirmed under --fsync always, within
+    a second under everysec), which ``load`` reads back at a start."""
 
     def __init__(self, directory: Path, fsync: str) -> None:
         self.directory = directory
@@ -604,6 +605,13 @@ class ReplicaStore:
         # owners whose copy was read back at the start and has not been replaced by a snapshot since
         self._loaded: set[str] = set()
         self._written_anew = 0  # files written anew so far (each one's name is new)
+        self.syncs = 0  # fdatasyncs of replica files done
+        self._counting = threading.Lock()  # a sync is counted on the thread that ends it
+        # under everysec: the owners whose files were written since their last sync, whether a file
+        # was renamed since the directory's, and the timer of the next sync
+        self._unsynced: set[str] = set()
+        self._renamed = False
+        self._sync_timer: asyncio.TimerHandle | None = None
         # syncs, renames and closes, in order, off the loop
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-replica-sync")
 
@@ -672,6 +680,7 @@ class ReplicaStore:
             if index:
                 _write_all(fd, chunk)
                 self._sizes[owner] += len(chunk)
+                self._written(owner)
             self._bound(owner)
 
     def _bound(self, owner: str) -> None:
@@ -685,6 +694,7 @@ class ReplicaStore:
             if self._sizes[owner]:
                 os.ftruncate(fd, 0)  # everything done: the file starts again
                 self._sizes[owner] = 0
+                self._written(owner)
         elif self._sizes[owner] > max(REWRITE_MIN, REWRITE_RATIO * index.nbytes):
             # indexed again from those records alone: the reads they came in are let go
             self._reset(owner, index.records())
@@ -705,11 +715,23 @@ class ReplicaStore:
         old = self._files.get(owner)
         self._files[owner], self._sizes[owner] = fd, len(records)
         if self.fsync == "always":
-            self._syncer.submit(_settle_synced, fd, fresh, path)
+            self._syncer.submit(_settle_synced, fd, fresh, path).add_done_callback(self._synced)
         else:
             os.replace(fresh, path)
+            self._renamed = True
+            self._written(owner)
         if old is not None:
             self._syncer.submit(os.close, old)  # after the syncs already asked of it
+
+    def figures(self) -> dict[str, int]:
+        """What this node holds for other owners, for ``CLUSTER STATUS``: the owners with messages
+        not done, those messages, the bytes of the replica files and the syncs of them so far."""
+        return {
+            "owners": sum(1 for index in self.messages.values() if index),
+            "messages": sum(len(index) for index in self.messages.values()),
+            "file_bytes": sum(self._sizes.values()),
+            "syncs": self.syncs,
+        }
 
     def confirm(self, owner: str, answer: Callable[[], None], fail: Callable[[], None]) -> None:
         """Call ``answer`` once what ``owner`` sent so far is as safe as --fsync says, or ``fail``
@@ -727,7 +749,39 @@ class ReplicaStore:
             else:
                 loop.call_soon_threadsafe(answer)
 
-        self._syncer.submit(os.fdatasync, fd).add_done_callback(synced)
+        done = self._syncer.submit(os.fdatasync, fd)
+        done.add_done_callback(self._synced)
+        done.add_done_callback(synced)
+
+    def _synced(self, done: Future[None]) -> None:
+        """After a sync (on the sync thread, or on the loop's when it was over already): counted
+        when it worked."""
+        if done.exception() is None:
+            with self._counting:
+                self.syncs += 1
+
+    def _written(self, owner: str) -> None:
+        """``owner``'s file changed: under everysec it is synced within a second (``_sync_written``)."""
+        if self.fsync != "everysec":
+            return
+        self._unsynced.add(owner)
+        if self._sync_timer is None:
+            loop = asyncio.get_running_loop()
+            self._sync_timer = loop.call_later(HOUSEKEEPING_INTERVAL, self._sync_written)
+
+    def _sync_written(self) -> None:
+        """Sync, on the sync thread, the files written since their last sync (and the directory after
+        a rename), as the store syncs the log under everysec: a crash of the machine loses at most
+        about the last second of what this node confirmed to owners."""
+        self._sync_timer = None
+        for owner in sorted(self._unsynced):
+            fd = self._files.get(owner)
+            if fd is not None:  # the file of the moment: one it replaced is closed after the syncs before
+                self._syncer.submit(_sync_logged, fd, self._path(owner)).add_done_callback(self._synced)
+        self._unsynced.clear()
+        if self._renamed:
+            self._renamed = False
+            self._syncer.submit(sync_directory, self.directory)
 
     def take(self, slots: set[int], me: str) -> list[bytes]:
         """The messages of ``slots`` this node replicated for other owners, removed from the
@@ -790,7 +844,11 @@ class ReplicaStore:
             self._bound(owner)
 
     def close(self) -> None:
-        """Finish the syncs and renames asked for, and close the files."""
+        """Finish the syncs and renames asked for (and under everysec, sync what was written since
+        the last one), and close the files."""
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+            self._sync_written()
         self._syncer.shutdown(wait=True)
         for fd in self._files.values():
             os.close(fd)
@@ -803,6 +861,17 @@ def _write_all(fd: int, data: bytes) -> None:
         written = 0
         while written < len(view):
             written += os.write(fd, view[written:])
+
+
+def _sync_logged(fd: int, path: Path) -> None:
+    """On the sync thread: sync one replica file under everysec; a failure is logged, and the next
+    write to the file asks for another sync (its confirmations were given already, as the log's are
+    under everysec)."""
+    try:
+        os.fdatasync(fd)
+    except OSError as exc:
+        log.error("cannot sync %s: %s", path, exc.strerror or exc)
+        raise
 
 
 def _settle_synced(fd: int, fresh: Path, path: Path) -> None:

@@ -95,6 +95,7 @@ class ClusterServer(Server):
             tls=node_tls,
             copies_of=self._copies_of if replicas else None,
             on_copies=self._copies_recorded,
+            replica_figures=None if self.replicas is None else self.replicas.figures,
         )
 
     def _check_node_login(self, user: str, password: str) -> bytes:
