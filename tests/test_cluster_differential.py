@@ -106,7 +106,8 @@ def _session(rng: random.Random, owned: dict[str, set[int]], seed: int) -> list[
         if kind == "destroy":
             return ("destroy", target, rng.choice(GROUPS))
         if kind == "broken":
-            return ("raw", rng.choice(("PUBLISH c999999 {t} x", "SUBSCRIBE {me}", "NOPE", "ACK {me} x")))
+            broken = (f"PUBLISH c999999 {topics[0]} x", "SUBSCRIBE {me}", "NOPE", "ACK {me} x")
+            return ("raw", rng.choice(broken))
         if kind == "hello":
             return ("hello", rng.choice("12"))
         return ("ping",)
@@ -176,7 +177,7 @@ class Peer:
             del fields[2]
         return b" ".join([*fields[:-1], payload])
 
-    def render(self, command: Command, topic_of_slot: list[str]) -> str:
+    def render(self, command: Command) -> str:
         """A command as this run sends it: with this client's id and tags."""
         me = self.client.client_id
         kind = command[0]
@@ -211,7 +212,7 @@ class Peer:
         if kind == "hello":
             return f"HELLO {command[1]}"
         if kind == "raw":
-            return command[1].format(me=me, t=topic_of_slot[0])
+            return command[1].format(me=me)
         return "PING"
 
 
@@ -248,12 +249,12 @@ def _connected(clients: list[LineClient]) -> list[Peer]:
     return [Peer(client, replied=replied) for client in clients]
 
 
-def _step(peers: list[Peer], step: Step, topics: list[str]) -> list[bytes]:
+def _step(peers: list[Peer], step: Step) -> list[bytes]:
     """Send a step's commands in one write, then a PING: the replies before its PONG."""
     who, commands = step
     peer = peers[who]
     peer.settled.clear()
-    peer.client.send("".join(peer.render(command, topics) + "\n" for command in commands) + "PING\n")
+    peer.client.send("".join(peer.render(command) + "\n" for command in commands) + "PING\n")
     pongs = sum(command == ("ping",) for command in commands) + 1
     replies: list[bytes] = []
     while pongs:
@@ -264,11 +265,11 @@ def _step(peers: list[Peer], step: Step, topics: list[str]) -> list[bytes]:
     return replies[:-1]
 
 
-def _run_single(server: ServerProcess, session: list[Step], topics: list[str]) -> Run:
+def _run_single(server: ServerProcess, session: list[Step]) -> Run:
     run = Run()
     peers = _connected([server.client(timeout=WAIT) for _ in range(CLIENTS)])
     for step in session:
-        run.replies.append(_step(peers, step, topics))
+        run.replies.append(_step(peers, step))
         for peer in peers:  # one server: every delivery the step made comes before this PONG
             peer.client.send("PING\n")
             assert peer.read() == b"PONG"
@@ -297,12 +298,11 @@ def test_sessions_see_the_same_on_a_cluster_as_on_one_server(cluster: Cluster, s
     names = sorted(nodes)
     for seed in range(SESSIONS):
         session = _session(random.Random(seed), owned, seed)
-        topics = [topic_owned_by(owned, names[0], f"s{seed}.n0.a")]
-        expected = _run_single(single, session, topics)
+        expected = _run_single(single, session)
         peers = _connected([nodes[names[i % len(names)]].client(timeout=WAIT) for i in range(CLIENTS)])
         for number, step in enumerate(session):
             context = f"session {seed}, step {number}: client {step[0]} sent {step[1]}"
-            assert _step(peers, step, topics) == expected.replies[number], context
+            assert _step(peers, step) == expected.replies[number], context
             for who, peer in enumerate(peers):
                 count = expected.delivered[number][who]
                 _wait_for_deliveries(peer, count, f"{context}; client {who}")
