@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -202,3 +203,20 @@ def topic_owned_by(owned: dict[str, set[int]], node: str, stem: str) -> str:
         if slot_of(topic.encode()) in owned[node]:
             return topic
     raise AssertionError(f"no topic of {node}")
+
+
+def silent_while_frozen(
+    client: LineClient, owner: ServerProcess, command: bytes, seconds: float = 0.5
+) -> None:
+    """Send ``command`` while ``owner`` is stopped (SIGSTOP, well within its lease): ``client`` gets
+    nothing for ``seconds`` (what answers it must wait for the owner), then ``owner`` goes on."""
+    timeout = client.sock.gettimeout()
+    owner.proc.send_signal(signal.SIGSTOP)
+    try:
+        client.send(command)
+        client.sock.settimeout(seconds)
+        with pytest.raises(TimeoutError):
+            client.line()
+    finally:
+        owner.proc.send_signal(signal.SIGCONT)
+        client.sock.settimeout(timeout)

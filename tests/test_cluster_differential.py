@@ -6,7 +6,8 @@ The same random sessions run over real sockets against one ``pigeon`` and agains
 each client pipelines a few commands at a time (subscriptions plain, acknowledged, with prefetch,
 in consumer groups and to wildcard patterns; PUBLISH lines and PUB frames; ACK and NACK of what it
 was given; REQ and REPLY to the requests it was given; UNSUBSCRIBE, DESTROY, broken commands;
-HELLO 2 and back, deliveries as MSG and DMSG frames or as lines), and every client must get the same
+HELLO 2 and back, deliveries as MSG and DMSG frames or as lines; DISCONNECT, after which it connects
+again), and every client must get the same
 replies and the same deliveries from both, each topic's in the same order. One server answers a step
 completely before the next (a PING of every client ends it); the cluster relays deliveries from
 owners when they come, so each client is waited for until it has as many as it had from one server.
@@ -24,7 +25,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -52,8 +53,9 @@ KINDS = (
     "hello",
     "req",
     "reply",
+    "disconnect",
 )
-KIND_WEIGHTS = (4, 2, 8, 3, 3, 2, 1, 1, 1, 1, 3, 4)
+KIND_WEIGHTS = (4, 2, 8, 3, 3, 2, 1, 1, 1, 1, 3, 4, 1)
 Command = tuple[str, ...]  # a command of a session, which each run renders with its own id and tags
 Step = tuple[int, list[Command]]  # a client and the commands it sends in one write
 
@@ -110,29 +112,38 @@ def _session(rng: random.Random, owned: dict[str, set[int]], seed: int) -> list[
             return ("raw", rng.choice(broken))
         if kind == "hello":
             return ("hello", rng.choice("12"))
+        if kind == "disconnect":
+            subscribed[who].clear()
+            return ("disconnect",)
         return ("ping",)
 
     # half the clients start with protocol 2: only their deliveries of a request carry its token
     steps: list[Step] = [(who, [("hello", "2")]) for who in range(0, CLIENTS, 2)]
     for _ in range(STEPS):
         who = rng.randrange(CLIENTS)
-        steps.append((who, [command(who) for _ in range(rng.randint(1, 3))]))
+        commands = [command(who) for _ in range(rng.randint(1, 3))]
+        if ("disconnect",) in commands:
+            # alone in its write: one server runs a write's commands before it delivers what they
+            # published, so a DISCONNECT behind a PUBLISH leaves before it could be given the
+            # message; a node sends the DISCONNECT only once the owner answered the PUBLISH (and
+            # may have delivered it), as one server does when they come in two writes
+            commands = [("disconnect",)]
+        steps.append((who, commands))
     return steps
 
 
 @dataclass
 class Peer:
-    """One client of a run: what it received, deliveries apart from replies."""
+    """One client of a run: what it received, deliveries apart from replies (those of each connection
+    it makes again after a DISCONNECT too)."""
 
     client: LineClient
+    opener: Callable[[], LineClient]  # a new connection to the same broker (or node)
     deliveries: list[bytes] = field(default_factory=list)  # tags left out
     unsettled: list[tuple[bytes, bytes]] = field(default_factory=list)  # (tag, topic) of each DELIVER
     settled: list[bytes] = field(default_factory=list)  # the tags of the ACKs and NACKs of a step
     requests: list[bytes] = field(default_factory=list)  # the id of each REQUESTED, in order
     tokens: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)  # (token, topic, payload)
-    # the payloads of the requests the run's clients replied to: one reply each, as two replies from
-    # different clients reach the requester in either order on a cluster (the first one wins)
-    replied: set[bytes] = field(default_factory=set)
 
     def read(self) -> bytes | None:
         """The next reply line, taking the deliveries before it; None on a read timeout."""
@@ -191,12 +202,11 @@ class Peer:
             verb = "PUB" if kind == "frame" else "REQ"
             return f"{verb} {me} {command[1]} {len(command[2])}\n{command[2]}"
         if kind == "reply":
+            # any token it was given, replied to already or not: the first reply wins, as on one server
             self.tokens.sort(key=lambda token: token[1])  # by topic, as for ACK
-            waiting = [token for token in self.tokens if token[2] not in self.replied]
-            if not waiting:
+            if not self.tokens:
                 return "REPLY 0.0.0 1\nx"  # a token of nobody: dropped
-            token, _, payload = waiting[int(command[1]) % len(waiting)]
-            self.replied.add(payload)
+            token, _, payload = self.tokens[int(command[1]) % len(self.tokens)]
             return f"REPLY {token.decode()} {len(payload) + 1}\nr{payload.decode()}"
         if kind in ("ack", "nack"):
             if not self.unsettled:
@@ -213,7 +223,20 @@ class Peer:
             return f"HELLO {command[1]}"
         if kind == "raw":
             return command[1].format(me=me)
+        if kind == "disconnect":
+            return "DISCONNECT"
         return "PING"
+
+    def connect_again(self) -> None:
+        """After its DISCONNECTED: a new connection, with nothing of the old one's (a relayed reply
+        token of the old one names a closed upstream on a cluster: docs/cluster.md)."""
+        assert self.client.sock.recv(1) == b"", "the broker did not close after DISCONNECTED"
+        self.client.close()
+        self.client = self.opener()
+        self.client.connect()
+        self.unsettled.clear()
+        self.tokens.clear()
+        self.requests.clear()  # each connection numbers its requests from 1
 
 
 def _normal(reply: bytes, tags: list[bytes]) -> bytes:
@@ -242,32 +265,39 @@ class Run:
     deliveries: list[list[bytes]] = field(default_factory=list)
 
 
-def _connected(clients: list[LineClient]) -> list[Peer]:
-    replied: set[bytes] = set()
-    for client in clients:
-        client.connect()
-    return [Peer(client, replied=replied) for client in clients]
+def _connected(openers: list[Callable[[], LineClient]]) -> list[Peer]:
+    peers = [Peer(opener(), opener) for opener in openers]
+    for peer in peers:
+        peer.client.connect()
+    return peers
 
 
 def _step(peers: list[Peer], step: Step) -> list[bytes]:
-    """Send a step's commands in one write, then a PING: the replies before its PONG."""
+    """Send a step's commands in one write, then a PING: the replies before its PONG. A step that ends
+    with DISCONNECT has no PING: the replies before DISCONNECTED; then the client connects again."""
     who, commands = step
     peer = peers[who]
     peer.settled.clear()
-    peer.client.send("".join(peer.render(command) + "\n" for command in commands) + "PING\n")
-    pongs = sum(command == ("ping",) for command in commands) + 1
+    disconnects = commands[-1] == ("disconnect",)
+    peer.client.send(
+        "".join(peer.render(command) + "\n" for command in commands) + ("" if disconnects else "PING\n")
+    )
+    last = b"DISCONNECTED" if disconnects else b"PONG"
+    ends = 1 if disconnects else sum(command == ("ping",) for command in commands) + 1
     replies: list[bytes] = []
-    while pongs:
+    while ends:
         line = peer.read()
-        assert line is not None, f"no PONG after {replies}"
-        pongs -= line == b"PONG"
+        assert line is not None, f"no {last.decode()} after {replies}"
+        ends -= line == last
         replies.append(_normal(line, peer.settled))
+    if disconnects:
+        peer.connect_again()
     return replies[:-1]
 
 
 def _run_single(server: ServerProcess, session: list[Step]) -> Run:
     run = Run()
-    peers = _connected([server.client(timeout=WAIT) for _ in range(CLIENTS)])
+    peers = _connected([_opener(server)] * CLIENTS)
     for step in session:
         run.replies.append(_step(peers, step))
         for peer in peers:  # one server: every delivery the step made comes before this PONG
@@ -278,6 +308,10 @@ def _run_single(server: ServerProcess, session: list[Step]) -> Run:
     for peer in peers:
         peer.client.close()
     return run
+
+
+def _opener(node: ServerProcess) -> Callable[[], LineClient]:
+    return lambda: node.client(timeout=WAIT)
 
 
 def _wait_for_deliveries(peer: Peer, count: int, context: str) -> None:
@@ -299,7 +333,7 @@ def test_sessions_see_the_same_on_a_cluster_as_on_one_server(cluster: Cluster, s
     for seed in range(SESSIONS):
         session = _session(random.Random(seed), owned, seed)
         expected = _run_single(single, session)
-        peers = _connected([nodes[names[i % len(names)]].client(timeout=WAIT) for i in range(CLIENTS)])
+        peers = _connected([_opener(nodes[names[i % len(names)]]) for i in range(CLIENTS)])
         for number, step in enumerate(session):
             context = f"session {seed}, step {number}: client {step[0]} sent {step[1]}"
             assert _step(peers, step) == expected.replies[number], context

@@ -20,7 +20,15 @@ from pigeon.cluster.etcd import EtcdProcess, etcd_binary
 from pigeon.cluster.router import REMOTE_TAG_BASE, REQUEST_WINDOW, RelayedTokens
 from pigeon.errors import ConnectionClosedError, RequestTimeoutError
 from pigeon.testing import LineClient, ServerProcess
-from tests.cluster_kit import Cluster, connected, running_cluster, start_node, topic_owned_by, wait_preferred
+from tests.cluster_kit import (
+    Cluster,
+    connected,
+    running_cluster,
+    silent_while_frozen,
+    start_node,
+    topic_owned_by,
+    wait_preferred,
+)
 from tests.test_reqrep_wire import reply, request, request_frame, rmsg, stats, until
 
 NODES = ("n0", "n1", "n2")
@@ -99,6 +107,26 @@ def test_a_v1_responder_on_another_node_gets_the_request_without_a_token(cluster
     requester = connected(nodes["n1"])
     request(requester, topic, b"plain")
     assert responder.line() == f"MESSAGE {topic} plain".encode()
+
+
+def test_a_relayed_reply_is_applied_before_the_replier_gets_its_next_answer(cluster: Cluster) -> None:
+    """A REPLY has no answer, but any answer after it means it was applied, as on one server: the
+    node waits for the owner it relayed it to (before: the PONG came at once, and a second reply
+    sent after it through the owner itself could win)."""
+    nodes, owned = cluster
+    topic = topic_owned_by(owned, "n2", "applied.")
+    requester, responder = connected(nodes["n0"]), framed(nodes["n1"])
+    responder.subscribe(topic)
+    request_id = request(requester, topic, b"q")
+    _, token, _ = request_frame(responder)
+    frame = b"REPLY %s 5\nfirst\n" % token.encode()
+    silent_while_frozen(responder, nodes["n2"], frame + b"PING\n")
+    assert responder.line() == b"PONG"
+    late = framed(nodes["n2"])
+    reply(late, token.split("@")[0], b"late")  # the owner's own token, straight to it: dropped
+    assert late.ask("PING") == b"PONG"
+    assert rmsg(requester) == (request_id, b"first")
+    assert requester.ask("PING") == b"PONG"  # and nothing before it: the late reply went nowhere
 
 
 def test_a_relayed_token_is_good_on_its_node_while_its_upstream_is_open(cluster: Cluster) -> None:

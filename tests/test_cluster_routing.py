@@ -15,7 +15,15 @@ import pytest
 from pigeon.cluster.router import REMOTE_TAG_BASE
 from pigeon.cluster.slots import slot_of
 from pigeon.testing import LineClient, ServerProcess
-from tests.cluster_kit import Cluster, connect_pipelined, connected, running_cluster, status, topic_owned_by
+from tests.cluster_kit import (
+    Cluster,
+    connect_pipelined,
+    connected,
+    running_cluster,
+    silent_while_frozen,
+    status,
+    topic_owned_by,
+)
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +129,29 @@ def test_an_ack_the_owner_refuses_is_answered_in_order_naming_the_clients_tag(cl
     # answers, naming the client's tag (before: after the PONG, naming n0's own tag)
     subscriber.send(f"ACK {subscriber.client_id} {tag}\nPING\n")
     assert subscriber.lines(2) == [f"ERROR UNKNOWN_DELIVERY_TAG unknown delivery tag {tag}".encode(), b"PONG"]
+
+
+def test_a_disconnect_through_a_node_is_answered_once_the_owner_took_its_messages_back(
+    cluster: Cluster,
+) -> None:
+    """As one server answers DISCONNECTED only after it took back the client's unacknowledged
+    messages, a node waits for each owner to do so (before: it answered at once, and the owners took
+    them back only when they saw its connections close, later)."""
+    nodes, owned = cluster
+    topic = topic_owned_by(owned, "n2", "leaving")
+    leaving = connected(nodes["n0"])
+    assert leaving.ask(f"SUBSCRIBE {leaving.client_id} {topic} ACK") == f"SUBSCRIBED {topic}".encode()
+    connected(nodes["n1"]).publish(topic, "job")
+    assert leaving.line().startswith(f"DELIVER {topic} ".encode())
+    staying = connected(nodes["n2"])
+    assert staying.ask(f"SUBSCRIBE {staying.client_id} {topic} ACK") == f"SUBSCRIBED {topic}".encode()
+    silent_while_frozen(leaving, nodes["n2"], b"DISCONNECT\n")
+    assert leaving.line() == b"DISCONNECTED"
+    # the owner gave the message to the other subscriber before it answered the node
+    staying.send("PING\n")
+    redelivered, pong = staying.lines(2)
+    assert redelivered.startswith(f"DELIVER {topic} ".encode()) and redelivered.endswith(b" 2 job")
+    assert pong == b"PONG"
 
 
 def test_pipelined_commands_for_different_owners_are_answered_in_order(cluster: Cluster) -> None:

@@ -8,6 +8,9 @@ command, only on cluster nodes) and keeps the protocol's promises across sources
 - replies come back in command order: the connection sends to one source at a time and switches
   only once the previous source has answered everything (deliveries are relayed at once, they may
   come at any time);
+- what has no reply (an ``ACK``/``NACK`` of relayed deliveries, a relayed ``REPLY``) is confirmed
+  applied by its owner (a ``PING``) before the client's next command for another source, and every
+  owner runs the client's ``DISCONNECT`` before the core answers it;
 - delivery tags stay one space per connection: the core's own tags are below ``REMOTE_TAG_BASE``, a
   delivery relayed from an owner gets a tag from ``REMOTE_TAG_BASE`` up, mapped back on ACK/NACK;
 - protocol 2 (docs/protocol.md): a ``PUB`` frame is one command, routed whole by its topic; each
@@ -267,7 +270,8 @@ RELAYED_TOKENS = RelayedTokens()
 
 class KeptAnswer:
     """An answer an upstream keeps instead of relaying it to the client: to a command this node sent
-    on its own behalf (``Upstream.capture``), or to a relayed ``REPLY`` (``Upstream.send_reply``)."""
+    on its own behalf (``Upstream.capture``, ``Upstream.disconnect``), or to a relayed ``REPLY``
+    (``Upstream.send_reply``)."""
 
     __slots__ = ("before", "take")
 
@@ -311,6 +315,7 @@ class Upstream(asyncio.Protocol):
         # last: those sent since the last PING), to name the client's tags in an error
         self._settled: deque[dict[bytes, bytes]] = deque([{}])
         self._confirming = 0  # those PINGs sent, not answered yet
+        self.released = False  # sent the client's DISCONNECT: its end here is expected (``disconnect``)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -408,17 +413,28 @@ class Upstream(asyncio.Protocol):
         self._keep(_one_line(answered))
         self.send(verb, rest, 0)
 
+    def disconnect(self, answered: Callable[[Upstream], None]) -> bool:
+        """Send ``DISCONNECT``, kept here: the owner takes back the client's unacknowledged messages
+        before it answers (or closes); then ``answered(self)``. False, with nothing sent, while the
+        connection is not open yet: then the owner holds nothing of the client's."""
+        if self.transport is None or self.client_id is None:
+            return False
+        self.released = True
+        self._keep(_one_line(lambda _line: answered(self)))
+        self.transport.write(b"DISCONNECT\n")
+        return True
+
     def settle(self, verb: bytes, spec: bytes, client_spec: bytes, delay: bytes) -> None:
         """Send ``ACK``/``NACK`` of the owner's tags ``spec`` (the client's ``client_spec``, with its
-        ``NACK`` delay): it has no reply, so ``confirm_settles`` asks the owner to confirm it."""
+        ``NACK`` delay): it has no reply, so ``confirm_unanswered`` asks the owner to confirm it."""
         self._settled[-1][spec] = client_spec
         self.send(verb, (spec + b" " + delay).rstrip(), 0)
         if len(self._settled[-1]) >= SETTLES_PER_CONFIRM:
-            self.confirm_settles()
+            self.confirm_unanswered()
 
-    def confirm_settles(self) -> None:
+    def confirm_unanswered(self) -> None:
         """Send a ``PING``, kept here: its ``PONG`` comes once the owner has run every ``ACK``/``NACK``
-        sent before (and answered those it refused); then ``RoutedConnection.settles_applied``."""
+        sent before (and answered those it refused); then ``RoutedConnection.unanswered_applied``."""
         if not self._settled[-1]:
             return  # a PING in flight covers them all
         assert self.transport is not None  # tags came over it, after CONNECTED: nothing is queued
@@ -431,7 +447,7 @@ class Upstream(asyncio.Protocol):
         self._settled.popleft()
         self._confirming -= 1
         if not self._confirming and not self._settled[-1]:
-            self.router.settles_applied(self)
+            self.router.unanswered_applied(self)
         return True
 
     def _with_client_tags(self, error: bytes) -> bytes:
@@ -443,13 +459,15 @@ class Upstream(asyncio.Protocol):
                 return b"%s %s" % (head, client_spec)
         return error
 
-    def send_reply(self, frame: bytes) -> None:
+    def send_reply(self, frame: bytes, applied: Callable[[], None]) -> None:
         """Send a ``REPLY`` frame (with the owner's token), then a ``PING``. The owner answers nothing to
         a ``REPLY`` it takes but an error to one it cannot (over its ``--max-payload``, its memory
         full): the ``PONG`` ends what answers it, and this node keeps both (``_reply_answer``), so that
-        neither is taken for the reply to a command of this connection's client."""
+        neither is taken for the reply to a command of this connection's client. The ``PONG`` also
+        shows the ``REPLY`` applied: then ``applied()`` (of whichever client of this node sent it; also
+        once the connection is lost)."""
         assert self.transport is not None  # the token came over it, after CONNECTED: nothing is queued
-        self._keep(self._reply_answer)
+        self._keep(lambda line: self._reply_answer(line, applied))
         self.transport.write(frame + b"PING\n")
 
     def _keep(self, take: Callable[[bytes | None], bool]) -> None:
@@ -479,10 +497,11 @@ class Upstream(asyncio.Protocol):
         for kept in kept_answers:
             kept.take(None)
 
-    def _reply_answer(self, line: bytes | None) -> bool:
+    def _reply_answer(self, line: bytes | None, applied: Callable[[], None]) -> bool:
         """A line that answers a relayed ``REPLY``: its ``PONG`` (the end), or the error before it
         (logged: the replier is not told, as it is not of a reply that is dropped)."""
         if line is None or line == b"PONG":
+            applied()
             return True
         log.info("%s refused a reply relayed to it: %s", self.node, line.decode(errors="replace"))
         return False
@@ -553,6 +572,8 @@ class Upstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         RELAYED_TOKENS.forget(self)
         self.router.upstream_lost(self)
+        # what is still kept comes no more: REPLYs that any client of this node relayed here among it
+        self.fail_kept_answers()
 
 
 class RoutedConnection(_Connection):
@@ -577,12 +598,14 @@ class RoutedConnection(_Connection):
         "_pending",
         "_receiver",
         "_redirect",
+        "_releasing",
         "_remote_requests",
         "_remote_tags",
         "_replicas",
         "_skip",
         "_source",
         "_unconfirmed",
+        "_unconfirmed_replies",
         "_upstreams",
         "_wanted",
         "protocol",
@@ -628,8 +651,13 @@ class RoutedConnection(_Connection):
         self._eof = False
         self._owner_wait_since = 0.0  # when a command began to wait for its slot's owner
         self._patterns = PatternPlacement(self)  # its pattern subscriptions, on every node
-        # owners sent ACK/NACKs of the client's that no reply since has shown applied
+        # owners sent commands of the client's without a reply (ACK/NACK, a relayed REPLY) that no
+        # reply since has shown applied
         self._unconfirmed: set[Upstream] = set()
+        # REPLYs relayed to owners, over whichever client's upstream their token names, not shown
+        # applied yet (Upstream.send_reply)
+        self._unconfirmed_replies = 0
+        self._releasing: set[Upstream] = set()  # owners asked to end the client's connection (DISCONNECT)
 
     # -- input -----------------------------------------------------------------------------------
 
@@ -675,7 +703,7 @@ class RoutedConnection(_Connection):
         the last one routed, with nothing waiting: to the core as it is when this node serves the
         topic, else to its owner with one replace. False when the lines need routing one by one."""
         prefix = self._last_publish
-        if not prefix or self._pending or self._holds or self._unconfirmed or not chunk.startswith(prefix):
+        if not prefix or self._pending or self._holds or self._unanswered() or not chunk.startswith(prefix):
             return False
         if chunk.count(b"\n" + prefix) + 1 != chunk.count(b"\n"):
             return False
@@ -705,7 +733,7 @@ class RoutedConnection(_Connection):
         """Like ``_batch`` for the run of whole ``PUB`` frames of ``pub_run`` (to the topic of the last
         one routed) at the start of ``data``: to the core as it is, or to the owner with only each
         header's client id rewritten."""
-        if self._pending or self._holds or self._unconfirmed:
+        if self._pending or self._holds or self._unanswered():
             return False
         prefix = self._last_publish
         return self._send_batch(data[:end], lambda upstream: upstream.send_frames(data, starts, end, prefix))
@@ -720,6 +748,8 @@ class RoutedConnection(_Connection):
 
     def _route(self) -> None:
         """Send the pending lines to their sources, in order, while nothing holds them."""
+        if self._transport is None or self._transport.is_closing():
+            return  # the client is gone or going (an answer that comes after must not start anything)
         local: list[bytes] = []
         while self._pending and not self._holds:
             line = self._pending[0]
@@ -732,7 +762,9 @@ class RoutedConnection(_Connection):
                 self._source, local
             ):
                 break
-            if self._unconfirmed and not self._settles_applied(source, verb, rest):
+            if self._unanswered() and not self._may_pass_unanswered(source, verb, rest):
+                break
+            if verb == b"DISCONNECT" and self._releases_upstreams(line):
                 break
             self._pending.popleft()
             if source == _LOCAL:
@@ -759,27 +791,51 @@ class RoutedConnection(_Connection):
             self._eof = False
             super().eof_received()
 
-    def _settles_applied(self, source: str | None, verb: bytes, rest: bytes) -> bool:
-        """Whether a command for ``source`` may go on after the client's ``ACK``/``NACK``s sent to
-        owners, which have no reply: any reply after them must mean they are applied, as on one
-        server. Another ``ACK``/``NACK`` that only owners answer, or a command for that same owner
-        (which runs them first), goes at once; before any other, each owner confirms them
-        (``Upstream.confirm_settles``)."""
+    def _may_pass_unanswered(self, source: str | None, verb: bytes, rest: bytes) -> bool:
+        """Whether a command for ``source`` may go on after the client's commands sent to owners that
+        have no reply (``ACK``/``NACK``, a relayed ``REPLY``): any reply after them must mean they
+        are applied, as on one server. Another of them that only owners see, or a command for that
+        same owner (which runs them first), goes at once; before any other, each owner confirms
+        them (``Upstream.confirm_unanswered``)."""
         if source is None and verb in _SETTLE_COMMANDS:
             tags = parse_tags(rest.split(None, 1)[0])
             if tags is not None and tags[0] >= REMOTE_TAG_BASE and self._relayed_tags(*tags):
                 return True
+        if source is None and verb == b"REPLY" and b"\n" in rest:  # relayed (not one over the limit)
+            return True
         for upstream in list(self._unconfirmed):
             if upstream.node == source:
                 self._unconfirmed.discard(upstream)
             else:
-                upstream.confirm_settles()
-        return not self._unconfirmed
+                upstream.confirm_unanswered()
+        return not self._unanswered()
 
-    def settles_applied(self, upstream: Upstream) -> None:
-        """``upstream``'s owner has run every ``ACK``/``NACK`` sent to it: input held for that goes on."""
+    def _unanswered(self) -> bool:
+        """Whether commands sent to owners without a reply wait to be shown applied."""
+        return bool(self._unconfirmed or self._unconfirmed_replies)
+
+    def unanswered_applied(self, upstream: Upstream) -> None:
+        """``upstream``'s owner has run every command without a reply sent to it: input held for that
+        goes on."""
         self._unconfirmed.discard(upstream)
         self.source_idle(upstream.node)
+
+    def _releases_upstreams(self, line: bytes) -> bool:
+        """Before the core answers the client's ``DISCONNECT`` (``line``): each owner ends the
+        client's connection there first, taking back its unacknowledged messages, as one server does
+        before it answers. True (the input held) while their answers are awaited."""
+        if len(line.split()) == 1 and self._broker.client_id(self._handle) is not None:
+            for upstream in self._upstreams.values():
+                if not upstream.released and upstream.disconnect(self._upstream_released):
+                    self._releasing.add(upstream)
+        if self._releasing:
+            self.pause_input("disconnect")
+        return bool(self._releasing)
+
+    def _upstream_released(self, upstream: Upstream) -> None:
+        self._releasing.discard(upstream)
+        if not self._releasing:
+            self.resume_input("disconnect")
 
     def _hello(self, line: bytes) -> None:
         """The client chose its protocol (``HELLO 1``/``HELLO 2``; the core answers it): its upstreams
@@ -827,7 +883,7 @@ class RoutedConnection(_Connection):
 
     def _all_idle(self) -> bool:
         return (
-            self._settles_applied(None, b"", b"")
+            self._may_pass_unanswered(None, b"", b"")
             and not self._patterns.busy
             and all(upstream.outstanding == 0 for upstream in self._upstreams.values())
         )
@@ -946,7 +1002,14 @@ class RoutedConnection(_Connection):
             log.debug("dropped a reply to %r: its upstream has closed", token)
             return
         upstream, owner_token = route
-        upstream.send_reply(b"REPLY %s %s\n%s\n" % (owner_token, nbytes, payload))
+        self._unconfirmed_replies += 1
+        upstream.send_reply(b"REPLY %s %s\n%s\n" % (owner_token, nbytes, payload), self._reply_applied)
+
+    def _reply_applied(self) -> None:
+        """A ``REPLY`` relayed to an owner is applied (or its connection lost): input held for it goes on."""
+        self._unconfirmed_replies -= 1
+        if not self._unconfirmed_replies:
+            self.source_idle(_LOCAL)
 
     def relayed_request(self, upstream: Upstream, line: bytes) -> bytes:
         """``REQUESTED <id>`` from an owner with an id of this connection instead, from
@@ -1119,7 +1182,10 @@ class RoutedConnection(_Connection):
         """An owner's connection is gone: so is what this client had there (its subscriptions, its
         deliveries: the owner redelivers them). Close the client, which reconnects and subscribes
         again, rather than let it wait for messages that will not come; unless the connection only
-        carried its pattern subscriptions (``_lost_patterns_only``)."""
+        carried its pattern subscriptions (``_lost_patterns_only``). One that the client's
+        ``DISCONNECT`` ended is expected to go."""
+        if upstream.released:
+            return
         if self._upstreams.get(upstream.node) is upstream and not upstream.forwarded:
             self._lost_patterns_only(upstream)
         elif self._upstreams.get(upstream.node) is upstream and self._transport is not None:
