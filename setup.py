@@ -64,6 +64,8 @@ def protocol_constant(name: str) -> int:
 
 
 TOPIC_MAX = protocol_constant("TOPIC_MAX")
+# the parts the core and replication's walks both cimport
+SHARED_PARTS = ["pigeon/_crc32c.pxd", "pigeon/_little_endian.pxd"]
 
 extensions = [
     Extension(
@@ -72,7 +74,7 @@ extensions = [
         define_macros=[("PIGEON_TOPIC_MAX", str(TOPIC_MAX))],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
-        depends=[str(part) for part in Path("pigeon/core").iterdir()] + ["pigeon/_little_endian.pxd"],
+        depends=[str(part) for part in Path("pigeon/core").iterdir()] + SHARED_PARTS,
     ),
     *(
         # replication's walks over log records (pigeon/cluster/replication.py)
@@ -81,7 +83,7 @@ extensions = [
             [f"pigeon/cluster/{name}.pyx"],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
-            depends=["pigeon/cluster/_records.pxd", "pigeon/_little_endian.pxd"],
+            depends=["pigeon/cluster/_records.pxd", *SHARED_PARTS],
         )
         for name in ("_split", "_index")
     ),

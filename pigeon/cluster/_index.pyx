@@ -15,13 +15,14 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy, memmove
 
+from pigeon._crc32c cimport crc32c_choose
 from pigeon._little_endian cimport get32, get64
 from pigeon.cluster._records cimport (
-    ATTEMPT_AT, REC_DELIVERED, REC_DONE, REC_PUBLISH, RECORD_HEAD, SEQ_AT, SLOTS, crc32_init, publish_slot,
+    ATTEMPT_AT, REC_DELIVERED, REC_DONE, REC_PUBLISH, RECORD_HEAD, SEQ_AT, SLOTS, publish_slot,
     record_size,
 )
 
-crc32_init()
+crc32c_choose(1)
 
 
 ctypedef struct Entry:

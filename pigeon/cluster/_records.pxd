@@ -5,39 +5,8 @@
 
 from libc.stdint cimport uint32_t
 
+from pigeon._crc32c cimport crc32c_run
 from pigeon._little_endian cimport get16, get32
-
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #include <stddef.h>
-    /* CRC-32 as zlib computes it (the slot of a topic, pigeon/cluster/slots.py), by table. The
-       table is built once, when a module that includes this is imported (crc32_init): the walks
-       run on several threads without the GIL, and a table built on first use could be seen by
-       one thread half-filled while another builds it. */
-    static uint32_t pigeon_crc32_table[256];
-    static void pigeon_crc32_init(void) {
-        uint32_t c, k;
-        size_t i;
-        for (i = 0; i < 256; i++) {
-            c = (uint32_t)i;
-            for (k = 0; k < 8; k++)
-                c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-            pigeon_crc32_table[i] = c;
-        }
-    }
-    static uint32_t pigeon_crc32(const unsigned char *p, size_t n) {
-        uint32_t crc = 0xFFFFFFFFu;
-        size_t i;
-        for (i = 0; i < n; i++)
-            crc = pigeon_crc32_table[(crc ^ p[i]) & 0xFF] ^ (crc >> 8);
-        return crc ^ 0xFFFFFFFFu;
-    }
-    """
-    # every module that cimports this calls crc32_init() once, at its import, before any walk
-    void crc32_init "pigeon_crc32_init"() noexcept nogil
-    uint32_t crc32 "pigeon_crc32"(const unsigned char *p, size_t n) noexcept nogil
 
 
 cdef enum:
@@ -63,9 +32,10 @@ cdef inline size_t record_size(const unsigned char *data, size_t pos, size_t n) 
 
 
 cdef inline uint32_t publish_slot(const unsigned char *record) noexcept nogil:
-    """The slot of a PUBLISH record's topic: a group copy's topic field is ``<topic> <group key>``."""
+    """The slot of a PUBLISH record's topic (CRC-32C mod SLOTS, as pigeon/cluster/slots.py computes
+    it): a group copy's topic field is ``<topic> <group key>``."""
     cdef size_t n = get16(record + TOPIC_AT), i = 0
     cdef const unsigned char *topic = record + TOPIC_AT + 2
     while i < n and topic[i] != 0x20:
         i += 1
-    return crc32(topic, i) % SLOTS
+    return crc32c_run(0, topic, i) % SLOTS

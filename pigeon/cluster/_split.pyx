@@ -12,11 +12,12 @@ from libc.stdint cimport uint32_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memset
 
+from pigeon._crc32c cimport crc32c_choose
 from pigeon.cluster._records cimport (
-    REC_PUBLISH, RECORD_HEAD, SLOTS, crc32_init, publish_slot, record_size,
+    REC_PUBLISH, RECORD_HEAD, SLOTS, publish_slot, record_size,
 )
 
-crc32_init()
+crc32c_choose(1)
 
 
 ctypedef struct Runs:

@@ -1,21 +1,23 @@
 """Topics to slots, and slots to the member that should own each (rendezvous hashing).
 
-Every node computes these the same way, in every process: CRC-32 and BLAKE2b, never Python's
-per-process ``hash``.
+Every node computes these the same way, in every process: CRC-32C and BLAKE2b, never Python's
+per-process ``hash``. CRC-32C is the core's (the checksum of its log records), which replication's C
+walks use too (pigeon/cluster/_records.pxd).
 """
 
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections.abc import Iterable
+
+from pigeon._core import record_checksum as crc32c
 
 SLOTS = 256
 
 
 def slot_of(topic: bytes) -> int:
-    """The slot of a topic: CRC-32 of its name modulo ``SLOTS``."""
-    return zlib.crc32(topic) % SLOTS
+    """The slot of a topic: CRC-32C of its name modulo ``SLOTS``."""
+    return crc32c(topic) % SLOTS
 
 
 def _weight(node: str, slot: int) -> bytes:

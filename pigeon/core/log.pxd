@@ -25,7 +25,7 @@ cdef enum:
     REC_DONE = 2            # u64 first, u64 last: every message published with a seq in it is done
     REC_DELIVERED = 3       # u64 seq, u32 attempt: out for delivery to an acknowledged subscription
 
-    RECORD_HEAD = 8         # u32 body length, u32 CRC-32 of the body
+    RECORD_HEAD = 8         # u32 body length, u32 CRC-32C of the body
 
 
 ctypedef struct Log:
