@@ -86,7 +86,7 @@ cdef class Broker:
             raise ValueError("log_segment must be more than 0 bytes")
         # with --max-disk, segments small enough that a drained log fits well under the resume mark
         self.log.segment_max = min(log_segment, self.limit.max_disk // 8) if self.limit.max_disk else log_segment
-        self.log.segment_max = max(self.log.segment_max, 4096)
+        self.log.segment_max = max(self.log.segment_max, <uint64_t>4096)
         self.wall_ms = <uint64_t>(time.time() * 1000)
         self.now = monotonic()
         self.conns.next_client_id = 1

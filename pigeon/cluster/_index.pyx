@@ -191,22 +191,22 @@ cdef class ReplicaIndex:
     cdef int _new_chunk(self, bytes chunk) except -1:
         """Keep ``chunk`` (it holds records of messages not done), first dropping the chunks emptied
         before it."""
-        cdef size_t gone = 0, kept
+        cdef size_t gone = 0, held = len(self._chunks)
         cdef uint64_t *grown
-        while gone < len(self._chunks) and self._refs[gone] == 0:
+        while gone < held and self._refs[gone] == 0:
             gone += 1
         if gone:
-            kept = len(self._chunks) - gone
+            held -= gone
             del self._chunks[:gone]
-            memmove(self._refs, self._refs + gone, kept * sizeof(uint64_t))
+            memmove(self._refs, self._refs + gone, held * sizeof(uint64_t))
             self._base += gone
-        if len(self._chunks) == self._refs_cap:
+        if held == self._refs_cap:
             self._refs_cap = self._refs_cap * 2 if self._refs_cap else 64
             grown = <uint64_t *>realloc(self._refs, self._refs_cap * sizeof(uint64_t))
             if grown == NULL:
                 raise MemoryError()
             self._refs = grown
-        self._refs[len(self._chunks)] = 0
+        self._refs[held] = 0
         self._chunks.append(chunk)
         return 0
 
@@ -261,7 +261,7 @@ cdef class ReplicaIndex:
         (what ``Broker.take_over`` puts back)."""
         cdef bint wanted[SLOTS]
         cdef size_t i
-        for i in range(SLOTS):
+        for i in range(<size_t>SLOTS):
             wanted[i] = i in slots
         taken = self._copy(wanted, True)
         self._settle()
@@ -272,7 +272,7 @@ cdef class ReplicaIndex:
         copy holds once it is written anew."""
         cdef bint wanted[SLOTS]
         cdef size_t i
-        for i in range(SLOTS):
+        for i in range(<size_t>SLOTS):
             wanted[i] = True
         return self._copy(wanted, False)
 
@@ -310,7 +310,7 @@ cdef class ReplicaIndex:
         """Drop the messages of ``slots`` not done (another node took them over); returns how many."""
         cdef bint wanted[SLOTS]
         cdef size_t i, at, forgotten = 0
-        for i in range(SLOTS):
+        for i in range(<size_t>SLOTS):
             wanted[i] = i in slots
         for at in range(self._head, self._count):
             if self._entries[at].live and wanted[self._entries[at].slot]:

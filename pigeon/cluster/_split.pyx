@@ -115,11 +115,11 @@ cdef class SlotSplitter:
         cdef const unsigned char[:] bytes_of = data
         cdef size_t n = bytes_of.shape[0], count = len(self.nodes), node, i
         cdef const unsigned char *p = &bytes_of[0] if n else <const unsigned char *>b""
-        cdef Runs *runs = <Runs *>malloc(max(count, 1) * sizeof(Runs))
+        cdef Runs *runs = <Runs *>malloc(max(count, <size_t>1) * sizeof(Runs))
         cdef int failed
         if runs == NULL:
             raise MemoryError()
-        memset(runs, 0, max(count, 1) * sizeof(Runs))
+        memset(runs, 0, max(count, <size_t>1) * sizeof(Runs))
         with nogil:
             failed = self._walk(p, n, runs)
         view = memoryview(data)

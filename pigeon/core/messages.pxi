@@ -58,8 +58,8 @@ cdef bint put_payload(char *p, const char *data, size_t n, bint as_is) noexcept:
         lf[0] = b' '
         altered = True
         lf = <char *>memchr(lf + 1, b'\n', end - lf - 1)
-    if n and end[-1] == b'\r':
-        end[-1] = b' '
+    if n and (end - 1)[0] == b'\r':
+        (end - 1)[0] = b' '
         altered = True
     return altered
 

@@ -314,7 +314,7 @@ cdef int run_frame(Broker b, int32_t h, char *p, size_t line_len, size_t avail, 
     cdef char *id = NULL
     cdef char *name = NULL
     cdef char *field
-    cdef size_t id_len = 0, name_len = 0, fl, count, end
+    cdef size_t id_len = 0, name_len = 0, fl, count = 0, end
     cdef size_t start = line_len + 1
     cdef char reason[128]
     cdef int held

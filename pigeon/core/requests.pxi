@@ -75,7 +75,7 @@ cdef bint _parse_token(const char *p, size_t n, ReplyTo *to) noexcept:
     cdef const char *end = p + n
     cdef const char *dot1 = <const char *>memchr(p, b'.', n)
     cdef const char *dot2
-    cdef size_t a, g, i
+    cdef size_t a = 0, g = 0, i = 0
     if dot1 == NULL:
         return False
     dot2 = <const char *>memchr(dot1 + 1, b'.', end - dot1 - 1)
