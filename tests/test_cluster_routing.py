@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -152,6 +153,36 @@ def test_a_disconnect_through_a_node_is_answered_once_the_owner_took_its_message
     redelivered, pong = staying.lines(2)
     assert redelivered.startswith(f"DELIVER {topic} ".encode()) and redelivered.endswith(b" 2 job")
     assert pong == b"PONG"
+
+
+def test_an_upstream_that_connects_after_its_client_went_sends_nothing(cluster: Cluster) -> None:
+    """A client that subscribes through a node and resets its connection at once: the node's
+    connection to the owner may open only after the client is gone, and then sends nothing (before,
+    it subscribed there: each such subscriber took its turn of the round robin, and the messages
+    went nowhere)."""
+    nodes, owned = cluster
+    topic = topic_owned_by(owned, "n2", "vanishing")
+    keeper = connected(nodes["n2"])
+    keeper.subscribe(topic)
+    for _ in range(20):
+        client = connected(nodes["n0"])
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.send(f"SUBSCRIBE {client.client_id} {topic}\n")
+        client.sock.close()
+    watcher = connected(nodes["n2"])
+    deadline = time.monotonic() + 10
+    while (subscribers := _topic_stats(watcher, topic)["subscribers"]) != 1:
+        assert time.monotonic() < deadline, f"{subscribers} subscribers at the owner, not 1"
+        time.sleep(0.1)
+    publisher = connected(nodes["n1"])
+    for n in range(20):
+        publisher.publish(topic, f"m{n}")
+    assert keeper.lines(20) == [f"MESSAGE {topic} m{n}".encode() for n in range(20)]
+
+
+def _topic_stats(client: LineClient, topic: str) -> dict[str, int]:
+    listing = json.loads(client.ask("STATS TOPICS 0 1000")[len(b"STATS ") :])
+    return next(entry for entry in listing["topics"] if entry["name"] == topic)
 
 
 def test_pipelined_commands_for_different_owners_are_answered_in_order(cluster: Cluster) -> None:

@@ -319,6 +319,11 @@ class Upstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        if self.router.gone():
+            # the client went while this connected: nothing of it may reach the owner (a
+            # subscription there would take messages that nobody reads)
+            self.transport.close()
+            return
         self.transport.write(self.router.login_line() + b"CLUSTER UPSTREAM\n")
         # its answer is the first after CONNECTED: taken here, before any reply owed to the client
         self._kept_answers.appendleft(KeptAnswer(0, _one_line(ignored_answer)))
@@ -572,7 +577,8 @@ class Upstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         RELAYED_TOKENS.forget(self)
         self.router.upstream_lost(self)
-        # what is still kept comes no more: REPLYs that any client of this node relayed here among it
+        # nothing kept is answered now; among it may be REPLYs that other clients of this node relayed
+        # here, which wait for their answer
         self.fail_kept_answers()
 
 
@@ -651,8 +657,7 @@ class RoutedConnection(_Connection):
         self._eof = False
         self._owner_wait_since = 0.0  # when a command began to wait for its slot's owner
         self._patterns = PatternPlacement(self)  # its pattern subscriptions, on every node
-        # owners sent commands of the client's without a reply (ACK/NACK, a relayed REPLY) that no
-        # reply since has shown applied
+        # owners sent ACK/NACKs of the client's that no reply since has shown applied
         self._unconfirmed: set[Upstream] = set()
         # REPLYs relayed to owners, over whichever client's upstream their token names, not shown
         # applied yet (Upstream.send_reply)
@@ -748,8 +753,8 @@ class RoutedConnection(_Connection):
 
     def _route(self) -> None:
         """Send the pending lines to their sources, in order, while nothing holds them."""
-        if self._transport is None or self._transport.is_closing():
-            return  # the client is gone or going (an answer that comes after must not start anything)
+        if self.gone():
+            return  # an answer that comes after must not start anything
         local: list[bytes] = []
         while self._pending and not self._holds:
             line = self._pending[0]
@@ -790,6 +795,10 @@ class RoutedConnection(_Connection):
         if self._eof and not self._pending and not self._holds and self._all_idle():
             self._eof = False
             super().eof_received()
+
+    def gone(self) -> bool:
+        """Whether the client's connection is closed or closing: nothing more is routed for it."""
+        return self._transport is None or self._transport.is_closing()
 
     def _may_pass_unanswered(self, source: str | None, verb: bytes, rest: bytes) -> bool:
         """Whether a command for ``source`` may go on after the client's commands sent to owners that
