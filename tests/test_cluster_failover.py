@@ -81,3 +81,40 @@ def test_the_topics_of_a_killed_owner_are_served_again_within_the_lease(etcd: Et
     finally:
         for node in nodes.values():
             node.stop()
+
+
+def test_the_clients_of_a_frozen_owner_are_served_again_by_the_node_that_takes_its_topics(
+    etcd: EtcdProcess,
+) -> None:
+    """An owner that stops answering without closing its connections (SIGSTOP: as a frozen machine
+    or a partition) leaves the member set when its lease runs out; then the nodes give up their
+    connections to it, so their clients reconnect and subscribe again at the new owner (before, a
+    subscriber through another node kept its connection and got nothing more)."""
+    nodes = {f"n{i}": start_node(etcd.endpoint, f"n{i}") for i in range(3)}
+    try:
+        owned = wait_balanced(list(nodes.values()))
+        topic = topic_owned_by(owned, "n2", "frozen")
+        consumer = _client(nodes, "n0")
+        consumer.subscribe(topic)
+        publisher = _client(nodes, "n1")
+        publisher.publish(topic, "before")
+        assert consumer.next_message(timeout=10).data == b"before"
+        nodes["n2"].proc.send_signal(signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + TTL + 30
+            while True:
+                try:
+                    publisher.publish(topic, "after")
+                    break
+                except Exception:
+                    assert time.monotonic() < deadline, "the topic was not served again"
+                    time.sleep(0.2)
+            assert consumer.next_message(timeout=TTL + 20).data == b"after"
+            assert consumer.reconnects >= 1
+        finally:
+            nodes["n2"].proc.send_signal(signal.SIGCONT)
+        publisher.close()
+        consumer.close()
+    finally:
+        for node in nodes.values():
+            node.stop()

@@ -1248,9 +1248,15 @@ class RoutedConnection(_Connection):
                 return False
 
     def members_changed(self) -> None:
-        """The member set was read again: place the client's patterns on nodes that lack them."""
-        if self._transport is not None and not self._transport.is_closing():
-            self._patterns.place()
+        """The member set was read again: connections to nodes that left it are given up, as if they
+        broke (a node frozen or cut off sends no reset: its lease running out is how this node
+        learns that it is gone), and the client's patterns go to the members that lack them."""
+        if self.gone():
+            return
+        for upstream in list(self._upstreams.values()):
+            if upstream.node not in self._cluster.members and upstream.transport is not None:
+                upstream.transport.abort()
+        self._patterns.place()
 
     def fan_out_done(self) -> None:
         """A pattern command has its answer: the client's input goes on."""
