@@ -77,7 +77,7 @@ extensions = [
         depends=[str(part) for part in Path("pigeon/core").iterdir()] + SHARED_PARTS,
     ),
     *(
-        # replication's walks over log records (pigeon/cluster/replication.py)
+        # replication's walks over log records (pigeon/cluster/replication.py), and a topic's slot
         Extension(
             f"pigeon.cluster.{name}",
             [f"pigeon/cluster/{name}.pyx"],
@@ -85,7 +85,7 @@ extensions = [
             extra_link_args=link_args,
             depends=["pigeon/cluster/_records.pxd", *SHARED_PARTS],
         )
-        for name in ("_split", "_index")
+        for name in ("_split", "_index", "_slot")
     ),
 ]
 

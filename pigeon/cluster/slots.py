@@ -1,8 +1,8 @@
 """Topics to slots, and slots to the member that should own each (rendezvous hashing).
 
 Every node computes these the same way, in every process: CRC-32C and BLAKE2b, never Python's
-per-process ``hash``. CRC-32C is the core's (the checksum of its log records), which replication's C
-walks use too (pigeon/cluster/_records.pxd).
+per-process ``hash``. ``slot_of`` is C (pigeon/cluster/_slot.pyx): CRC-32C, as the core checksums its
+log records and replication's C walks find a record's slot (pigeon/_crc32c.pxd).
 """
 
 from __future__ import annotations
@@ -10,14 +10,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from pigeon._core import record_checksum as crc32c
+from pigeon.cluster._slot import slot_of
 
-SLOTS = 256
-
-
-def slot_of(topic: bytes) -> int:
-    """The slot of a topic: CRC-32C of its name modulo ``SLOTS``."""
-    return crc32c(topic) % SLOTS
+SLOTS = 256  # pigeon/cluster/_records.pxd
+__all__ = ["SLOTS", "owner_order", "preferred_owner", "slot_of"]
 
 
 def _weight(node: str, slot: int) -> bytes:
