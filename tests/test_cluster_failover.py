@@ -23,6 +23,31 @@ def _client(nodes: dict[str, ServerProcess], first: str) -> Client:
     return Client(node.host, node.port, reconnect=True, reconnect_timeout=30, timeout=10, seeds=seeds)
 
 
+def _subscribed_through_others(nodes: dict[str, ServerProcess], stem: str) -> tuple[str, Client, Client]:
+    """A topic of n2's, a reconnecting subscriber of it on n0 and a reconnecting publisher on n1, once
+    a first message ("before") has gone from one to the other."""
+    owned = wait_balanced(list(nodes.values()))
+    topic = topic_owned_by(owned, "n2", stem)
+    consumer = _client(nodes, "n0")
+    consumer.subscribe(topic)
+    publisher = _client(nodes, "n1")
+    publisher.publish(topic, "before")
+    assert consumer.next_message(timeout=10).data == b"before"
+    return topic, consumer, publisher
+
+
+def _publish_until_served(publisher: Client, topic: str, deadline: float) -> None:
+    """Publish "after" until it works: while n2's slots move, the publisher's commands fail or wait
+    and it reconnects."""
+    while True:
+        try:
+            publisher.publish(topic, "after")
+            return
+        except Exception:
+            assert time.monotonic() < deadline, "the topic was not served again"
+            time.sleep(0.2)
+
+
 def test_clients_of_a_killed_node_reconnect_elsewhere_and_get_their_unacked_messages(
     etcd: EtcdProcess,
 ) -> None:
@@ -53,24 +78,11 @@ def test_clients_of_a_killed_node_reconnect_elsewhere_and_get_their_unacked_mess
 def test_the_topics_of_a_killed_owner_are_served_again_within_the_lease(etcd: EtcdProcess) -> None:
     nodes = {f"n{i}": start_node(etcd.endpoint, f"n{i}") for i in range(3)}
     try:
-        owned = wait_balanced(list(nodes.values()))
-        topic = topic_owned_by(owned, "n2", "moving")
-        consumer = _client(nodes, "n0")
-        consumer.subscribe(topic)
-        publisher = _client(nodes, "n1")
-        publisher.publish(topic, "before")
-        assert consumer.next_message(timeout=10).data == b"before"
+        topic, consumer, publisher = _subscribed_through_others(nodes, "moving")
         nodes.pop("n2").proc.send_signal(signal.SIGKILL)
         killed = time.monotonic()
         # every node forwards to the dead owner until its lease expires: clients reconnect meanwhile
-        deadline = killed + TTL + 20
-        while True:
-            try:
-                publisher.publish(topic, "after")
-                break
-            except Exception:
-                assert time.monotonic() < deadline, "the topic was not served again"
-                time.sleep(0.2)
+        _publish_until_served(publisher, topic, killed + TTL + 20)
         recovered = time.monotonic() - killed
         assert consumer.next_message(timeout=30).data == b"after"
         print(f"publishing to a killed owner's topic worked again after {recovered:.2f} s (TTL {TTL} s)")
@@ -92,23 +104,10 @@ def test_the_clients_of_a_frozen_owner_are_served_again_by_the_node_that_takes_i
     subscriber through another node kept its connection and got nothing more)."""
     nodes = {f"n{i}": start_node(etcd.endpoint, f"n{i}") for i in range(3)}
     try:
-        owned = wait_balanced(list(nodes.values()))
-        topic = topic_owned_by(owned, "n2", "frozen")
-        consumer = _client(nodes, "n0")
-        consumer.subscribe(topic)
-        publisher = _client(nodes, "n1")
-        publisher.publish(topic, "before")
-        assert consumer.next_message(timeout=10).data == b"before"
+        topic, consumer, publisher = _subscribed_through_others(nodes, "frozen")
         nodes["n2"].proc.send_signal(signal.SIGSTOP)
         try:
-            deadline = time.monotonic() + TTL + 30
-            while True:
-                try:
-                    publisher.publish(topic, "after")
-                    break
-                except Exception:
-                    assert time.monotonic() < deadline, "the topic was not served again"
-                    time.sleep(0.2)
+            _publish_until_served(publisher, topic, time.monotonic() + TTL + 30)
             assert consumer.next_message(timeout=TTL + 20).data == b"after"
             assert consumer.reconnects >= 1
         finally:
