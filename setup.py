@@ -83,7 +83,7 @@ extensions = [
             [f"pigeon/cluster/{name}.pyx"],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
-            depends=["pigeon/cluster/_records.pxd", *SHARED_PARTS],
+            depends=["pigeon/cluster/_records.pxd", "pigeon/cluster/_slot.pxd", *SHARED_PARTS],
         )
         for name in ("_split", "_index", "_slot")
     ),

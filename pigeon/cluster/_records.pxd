@@ -5,12 +5,11 @@
 
 from libc.stdint cimport uint32_t
 
-from pigeon._crc32c cimport crc32c_run
 from pigeon._little_endian cimport get16, get32
+from pigeon.cluster._slot cimport SLOTS, topic_slot
 
 
 cdef enum:
-    SLOTS = 256             # pigeon/cluster/slots.py
     RECORD_HEAD = 8         # u32 body length, u32 CRC-32C of the body
     REC_PUBLISH = 1         # u64 seq, u64 time_ms, u32 attempt, u16 topic_len, topic, u32 len, payload
     REC_DONE = 2            # u64 first, u64 last
@@ -32,10 +31,9 @@ cdef inline size_t record_size(const unsigned char *data, size_t pos, size_t n) 
 
 
 cdef inline uint32_t publish_slot(const unsigned char *record) noexcept nogil:
-    """The slot of a PUBLISH record's topic (CRC-32C mod SLOTS, as pigeon/cluster/slots.py computes
-    it): a group copy's topic field is ``<topic> <group key>``."""
+    """The slot of a PUBLISH record's topic: a group copy's topic field is ``<topic> <group key>``."""
     cdef size_t n = get16(record + TOPIC_AT), i = 0
     cdef const unsigned char *topic = record + TOPIC_AT + 2
     while i < n and topic[i] != 0x20:
         i += 1
-    return crc32c_run(0, topic, i) % SLOTS
+    return topic_slot(topic, i)

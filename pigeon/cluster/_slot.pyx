@@ -3,17 +3,16 @@
 
 A module of its own, apart from the core: the clients route by slot (``ClusterClient``) and do not
 load the broker's core. Replication's C walks compute the same with the same C
-(pigeon/cluster/_records.pxd, pigeon/_crc32c.pxd).
+(pigeon/cluster/_slot.pxd).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
-from pigeon._crc32c cimport crc32c_choose, crc32c_run
-from pigeon.cluster._records cimport SLOTS
+from pigeon._crc32c cimport crc32c_choose
 
 crc32c_choose(1)
 
 
 def slot_of(bytes topic not None):
     """The slot of ``topic`` (its name's bytes): CRC-32C modulo ``SLOTS``."""
-    return crc32c_run(0, <const unsigned char *>PyBytes_AS_STRING(topic), PyBytes_GET_SIZE(topic)) % SLOTS
+    return topic_slot(<const unsigned char *>PyBytes_AS_STRING(topic), PyBytes_GET_SIZE(topic))

@@ -1,8 +1,9 @@
 """Topics to slots, and slots to the member that should own each (rendezvous hashing).
 
 Every node computes these the same way, in every process: CRC-32C and BLAKE2b, never Python's
-per-process ``hash``. ``slot_of`` is C (pigeon/cluster/_slot.pyx): CRC-32C, as the core checksums its
-log records and replication's C walks find a record's slot (pigeon/_crc32c.pxd).
+per-process ``hash``. ``SLOTS`` and ``slot_of`` are C (pigeon/cluster/_slot.pxd): CRC-32C, as the core
+checksums its log records (pigeon/_crc32c.pxd), and the same code replication's C walks use to find
+a record's slot.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from pigeon.cluster._slot import slot_of
+from pigeon.cluster._slot import SLOTS, slot_of
 
-SLOTS = 256  # pigeon/cluster/_records.pxd
 __all__ = ["SLOTS", "owner_order", "preferred_owner", "slot_of"]
 
 
