@@ -298,6 +298,7 @@ class Upstream(asyncio.Protocol):
         self.node = node
         self.client_id: bytes | None = None
         self.transport: asyncio.Transport | None = None
+        self.opening: asyncio.Task[Any] | None = None  # the connect, until it is done
         self.outstanding = 0  # replies owed to the client
         self._queued: list[tuple[bytes, bytes]] = []  # (verb, rest) until CONNECTED
         self._inbuf = bytearray()
@@ -1142,12 +1143,16 @@ class RoutedConnection(_Connection):
             upstream = Upstream(self, node)
             self._upstreams[node] = upstream
             self._cluster.upstreams_opened += 1
-            task = self._cluster.connect(node, lambda: upstream)
-            task.add_done_callback(lambda done: self._connected(upstream, done))
+            upstream.opening = self._cluster.connect(node, lambda: upstream)
+            upstream.opening.add_done_callback(lambda done: self._connected(upstream, done))
         return upstream
 
     def _connected(self, upstream: Upstream, done: asyncio.Task[Any]) -> None:
-        if done.cancelled() or done.exception() is not None:
+        upstream.opening = None
+        if done.cancelled():
+            log.warning("gave up connecting to %s for a client: it left the cluster", upstream.node)
+            self.upstream_lost(upstream)
+        elif done.exception() is not None:
             log.warning("cannot reach %s for a client: %s", upstream.node, done.exception())
             self.upstream_lost(upstream)
 
@@ -1250,12 +1255,17 @@ class RoutedConnection(_Connection):
     def members_changed(self) -> None:
         """The member set was read again: connections to nodes that left it are given up, as if they
         broke (a node frozen or cut off sends no reset: its lease running out is how this node
-        learns that it is gone), and the client's patterns go to the members that lack them."""
+        learns that it is gone; one still connecting, unanswered, may wait minutes for the kernel to
+        give up), and the client's patterns go to the members that lack them."""
         if self.gone():
             return
         for upstream in list(self._upstreams.values()):
-            if upstream.node not in self._cluster.members and upstream.transport is not None:
+            if upstream.node in self._cluster.members:
+                continue
+            if upstream.transport is not None:
                 upstream.transport.abort()
+            elif upstream.opening is not None:
+                upstream.opening.cancel()
         self._patterns.place()
 
     def fan_out_done(self) -> None:
