@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -220,3 +223,48 @@ def silent_while_frozen(
     finally:
         owner.proc.send_signal(signal.SIGCONT)
         client.sock.settimeout(timeout)
+
+
+class UnansweredAddress:
+    """A loopback address for a node to advertise where nothing answers a connection at first: a
+    listener whose accept queue is full, so the kernel drops each SYN (as a firewall or a cut cable
+    would) and a connect waits. ``forward_to(port)`` then lets the connections through to ``port``
+    (the kernel's next SYN retry, within seconds), with a thread per direction."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+        self._filler = socket.create_connection(self._listener.getsockname())
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = [self._filler]
+
+    def forward_to(self, port: int) -> None:
+        """Accept from now on, each connection forwarded to ``port`` on loopback."""
+        threading.Thread(target=self._accept, args=(port,), daemon=True).start()
+
+    def _accept(self, port: int) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if client.getpeername() == self._filler.getsockname():
+                client.close()
+                continue
+            server = socket.create_connection(("127.0.0.1", port))
+            self._sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+
+    def close(self) -> None:
+        """Stop listening and close every connection."""
+        self._listener.close()
+        for sock in self._sockets:
+            sock.close()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while chunk := source.recv(1 << 16):
+            sink.sendall(chunk)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)

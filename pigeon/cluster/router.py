@@ -58,6 +58,9 @@ SETTLES_PER_CONFIRM = 1024
 # the requests of a connection waiting for a reply that the core keeps (REQUEST_WINDOW of
 # pigeon/core/requests.pxd), and that a node keeps of those its client sent to owners
 REQUEST_WINDOW = 4096
+# bytes of commands an upstream keeps while it connects (until CONNECTED) before the client's input
+# is held: an owner that does not answer must not make this node keep all a client sends
+QUEUED_MAX = 256 * 1024
 
 # commands whose third field is a topic, and whose reply is one line
 _TOPIC_COMMANDS = frozenset((b"PUBLISH", b"PUB", b"REQ", b"SUBSCRIBE", b"UNSUBSCRIBE", b"DESTROY"))
@@ -301,6 +304,7 @@ class Upstream(asyncio.Protocol):
         self.opening: asyncio.Task[Any] | None = None  # the connect, until it is done
         self.outstanding = 0  # replies owed to the client
         self._queued: list[tuple[bytes, bytes]] = []  # (verb, rest) until CONNECTED
+        self._queued_bytes = 0  # their size, held at QUEUED_MAX
         self._inbuf = bytearray()
         self._wanted = 0  # bytes _inbuf must hold before a frame in it is whole
         self.protocol = router.protocol  # the client's, which this connection speaks too
@@ -331,6 +335,10 @@ class Upstream(asyncio.Protocol):
         if self.protocol != 1:
             self.set_protocol(self.protocol)
 
+    def _opening_hold(self) -> str:
+        """How the client's input is held while this connection opens with QUEUED_MAX queued."""
+        return f"{self.node} opening"
+
     def set_protocol(self, protocol: int) -> None:
         """Speak ``protocol`` (``HELLO 1``/``HELLO 2``), the client's, so that deliveries come in its form."""
         self.protocol = protocol
@@ -344,6 +352,9 @@ class Upstream(asyncio.Protocol):
         self.sent_requests = self.sent_requests or verb == b"REQ"
         if self.client_id is None or self.transport is None:
             self._queued.append((verb, rest))
+            self._queued_bytes += len(verb) + len(rest)
+            if self._queued_bytes >= QUEUED_MAX:
+                self.router.pause_input(self._opening_hold())
         else:
             self.transport.write(b"%s %s %s\n" % (verb, self.client_id, rest))
 
@@ -399,6 +410,9 @@ class Upstream(asyncio.Protocol):
                 queued = (b"%s %s %s\n" % (verb, self.client_id, rest) for verb, rest in self._queued)
                 self.transport.write(b"".join(queued))
                 self._queued.clear()
+                if self._queued_bytes >= QUEUED_MAX:
+                    self.router.resume_input(self._opening_hold())
+                self._queued_bytes = 0
             elif self._kept_answers and self._takes(line, out):
                 continue
             elif line.startswith(b"REQUESTED "):  # after _takes: a reply owed to the client, counted
