@@ -6,90 +6,97 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from pigeon.cluster.etcd import EtcdProcess
 from pigeon.cluster.router import QUEUED_MAX
+from pigeon.testing import ServerProcess
 from tests.cluster_kit import TTL, UnansweredAddress, connected, start_node, topic_owned_by, wait_balanced
 
 pytestmark = pytest.mark.slow
 
 
-def test_a_client_whose_node_is_still_connecting_to_an_owner_that_left_is_closed(etcd: EtcdProcess) -> None:
-    """n2 advertises an address that never answers a connection (``UnansweredAddress``). A publish
-    through n0 to a topic of n2's waits while n0 tries to connect; once n2 is killed and its lease
-    runs out, n0 gives up that attempt and closes the client, which can then publish through n0 to
-    the new owner (before, the client waited until the kernel gave up connecting: over two minutes)."""
+Unanswered = tuple[dict[str, ServerProcess], UnansweredAddress, dict[str, set[int]]]
+
+
+@pytest.fixture
+def unanswered_n2(etcd: EtcdProcess) -> Iterator[Unanswered]:
+    """Nodes n0, n1 and n2, where n2 advertises an ``UnansweredAddress``; and who serves which slots."""
     unanswered = UnansweredAddress()
     nodes = {f"n{i}": start_node(etcd.endpoint, f"n{i}") for i in range(2)}
     nodes["n2"] = start_node(etcd.endpoint, "n2", "--advertise", unanswered.address)
     try:
-        topic = topic_owned_by(wait_balanced(list(nodes.values())), "n2", "unreachable")
-        client = connected(nodes["n0"])
-        client.send(f"PUBLISH {client.client_id} {topic} lost")
-        client.sock.settimeout(1)
-        with pytest.raises(TimeoutError):
-            client.line()  # n0 is still connecting to n2
-        nodes.pop("n2").proc.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        assert client.at_eof(timeout=TTL + 15), "n0 kept the client waiting on a node that left"
-        closed = time.monotonic() - killed
-        print(f"the client was closed {closed:.2f} s after its owner was killed (TTL {TTL} s)")
-        client.close()
-        wait_balanced(list(nodes.values()), timeout=TTL + 20)
-        again = connected(nodes["n0"])
-        again.publish(topic, "served")
-        again.close()
+        yield nodes, unanswered, wait_balanced(list(nodes.values()))
     finally:
         unanswered.close()
         for node in nodes.values():
             node.stop()
 
 
+def test_a_client_whose_node_is_still_connecting_to_an_owner_that_left_is_closed(
+    unanswered_n2: Unanswered,
+) -> None:
+    """n2 advertises an address that never answers a connection (``UnansweredAddress``). A publish
+    through n0 to a topic of n2's waits while n0 tries to connect; once n2 is killed and its lease
+    runs out, n0 gives up that attempt and closes the client, which can then publish through n0 to
+    the new owner (before, the client waited until the kernel gave up connecting: over two minutes)."""
+    nodes, _, owned = unanswered_n2
+    topic = topic_owned_by(owned, "n2", "unreachable")
+    client = connected(nodes["n0"])
+    client.send(f"PUBLISH {client.client_id} {topic} lost")
+    client.sock.settimeout(1)
+    with pytest.raises(TimeoutError):
+        client.line()  # n0 is still connecting to n2
+    nodes.pop("n2").proc.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    assert client.at_eof(timeout=TTL + 15), "n0 kept the client waiting on a node that left"
+    closed = time.monotonic() - killed
+    print(f"the client was closed {closed:.2f} s after its owner was killed (TTL {TTL} s)")
+    client.close()
+    wait_balanced(list(nodes.values()), timeout=TTL + 20)
+    again = connected(nodes["n0"])
+    again.publish(topic, "served")
+    again.close()
+
+
 def test_a_node_holds_a_clients_input_while_the_owner_does_not_answer_then_forwards_all_of_it(
-    etcd: EtcdProcess,
+    unanswered_n2: Unanswered,
 ) -> None:
     """A publisher on n0 pipelines 400,000 publishes to a topic of n2's while n2's address does not
     answer. n0 keeps at most QUEUED_MAX bytes of them and stops reading the client, whose sends then
     block; once n2 answers, every message reaches n2's subscriber, in order, and every PUBLISHED
     comes back. (Before, n0 read everything it was sent and kept it: 2.9 M publishes in 20 s took
     660 MB.)"""
-    unanswered = UnansweredAddress()
-    nodes = {f"n{i}": start_node(etcd.endpoint, f"n{i}") for i in range(2)}
-    nodes["n2"] = start_node(etcd.endpoint, "n2", "--advertise", unanswered.address)
-    try:
-        topic = topic_owned_by(wait_balanced(list(nodes.values())), "n2", "held")
-        subscriber = connected(nodes["n2"])
-        subscriber.subscribe(topic)
-        publisher = connected(nodes["n0"])
-        total = 400_000
-        bodies = [f"m{i:07d}-{'x' * 40}" for i in range(total)]
-        data = "".join(f"PUBLISH {publisher.client_id} {topic} {body}\n" for body in bodies).encode()
-        publisher.sock.settimeout(3)
-        sent = 0
-        with pytest.raises(TimeoutError):
-            while sent < len(data):
-                sent += publisher.sock.send(data[sent : sent + (1 << 16)])
-        # what the client got in is in the kernel's buffers and n0's queue (QUEUED_MAX), not all
-        print(f"the client got {sent} of {len(data)} bytes in before n0 stopped reading it")
-        assert sent < len(data) - QUEUED_MAX
-        unanswered.forward_to(nodes["n2"].port)
-        subscriber.sock.settimeout(30)
-        got: list[bytes] = []
-        reader = threading.Thread(target=lambda: got.extend(subscriber.lines(total)))
-        reader.start()
-        publisher.sock.settimeout(30)
-        rest = threading.Thread(target=publisher.sock.sendall, args=(data[sent:],))
-        rest.start()
-        replies = publisher.lines(total)
-        assert set(replies) == {f"PUBLISHED {topic}".encode()}
-        reader.join(60)
-        assert got == [f"MESSAGE {topic} {body}".encode() for body in bodies]
-        rest.join()
-        publisher.close()
-        subscriber.close()
-    finally:
-        unanswered.close()
-        for node in nodes.values():
-            node.stop()
+    nodes, unanswered, owned = unanswered_n2
+    topic = topic_owned_by(owned, "n2", "held")
+    subscriber = connected(nodes["n2"])
+    subscriber.subscribe(topic)
+    publisher = connected(nodes["n0"])
+    total = 400_000
+    bodies = [f"m{i:07d}-{'x' * 40}" for i in range(total)]
+    data = "".join(f"PUBLISH {publisher.client_id} {topic} {body}\n" for body in bodies).encode()
+    publisher.sock.settimeout(3)
+    sent = 0
+    with pytest.raises(TimeoutError):
+        while sent < len(data):
+            sent += publisher.sock.send(data[sent : sent + (1 << 16)])
+    # what the client got in is in the kernel's buffers and n0's queue (QUEUED_MAX), not all
+    print(f"the client got {sent} of {len(data)} bytes in before n0 stopped reading it")
+    assert sent < len(data) - QUEUED_MAX
+    unanswered.forward_to(nodes["n2"].port)
+    subscriber.sock.settimeout(30)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.extend(subscriber.lines(total)))
+    reader.start()
+    publisher.sock.settimeout(30)
+    rest = threading.Thread(target=publisher.sock.sendall, args=(data[sent:],))
+    rest.start()
+    replies = publisher.lines(total)
+    assert set(replies) == {f"PUBLISHED {topic}".encode()}
+    reader.join(60)
+    assert got == [f"MESSAGE {topic} {body}".encode() for body in bodies]
+    rest.join()
+    publisher.close()
+    subscriber.close()
