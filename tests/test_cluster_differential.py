@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -240,10 +241,17 @@ class Peer:
 
 
 def _normal(reply: bytes, tags: list[bytes]) -> bytes:
-    """A reply with the tags the client sent in it named by their order (each broker numbers its own)."""
+    """A reply with the tags the client sent in it named by their order (each broker numbers its own).
+    Whole numbers only: a node's tag 1 must not rename the start of its relayed tag 1099511627778."""
+    numbers: dict[bytes, int] = {}
     for number, tag in enumerate(tags):
-        reply = reply.replace(b"tag " + tag, b"tag #%d" % number)
-    return reply
+        numbers.setdefault(tag, number)
+
+    def named(match: re.Match[bytes]) -> bytes:
+        number = numbers.get(match[1])
+        return match[0] if number is None else b"tag #%d" % number
+
+    return re.sub(rb"tag (\d+)", named, reply)
 
 
 def _by_topic(deliveries: list[bytes]) -> dict[bytes, list[bytes]]:
