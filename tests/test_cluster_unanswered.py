@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from pigeon.cluster.etcd import EtcdProcess
-from pigeon.cluster.router import QUEUED_MAX
-from pigeon.testing import ServerProcess
+from pigeon.cluster.router import QUEUED_MAX, UNROUTED_MAX
+from pigeon.testing import LineClient, ServerProcess
 from tests.cluster_kit import TTL, UnansweredAddress, connected, start_node, topic_owned_by, wait_balanced
 
 pytestmark = pytest.mark.slow
@@ -61,6 +61,45 @@ def test_a_client_whose_node_is_still_connecting_to_an_owner_that_left_is_closed
     again.close()
 
 
+def _sent_until_held(publisher: LineClient, data: bytes, timeout: float, kept: int) -> int:
+    """Send ``data`` until ``timeout`` passes with nothing taken (the node stopped reading the client)
+    and return the bytes that got in: they must leave more than ``kept`` unsent (what got in is in the
+    kernel's buffers and at most ``kept`` of the node's memory, not all)."""
+    publisher.sock.settimeout(timeout)
+    sent = 0
+    with pytest.raises(TimeoutError):
+        while sent < len(data):
+            sent += publisher.sock.send(data[sent : sent + (1 << 16)])
+    print(f"the client got {sent} of {len(data)} bytes in before the node stopped reading it")
+    assert sent < len(data) - kept
+    return sent
+
+
+def _all_through(
+    unanswered_n2: Unanswered,
+    publisher: LineClient,
+    rest: bytes,
+    replies: int,
+    subscriber: LineClient,
+    deliveries: int,
+) -> tuple[list[bytes], list[bytes]]:
+    """Let the connections to n2 through, send the ``rest`` of the publisher's commands meanwhile, and
+    return its ``replies`` replies and the subscriber's ``deliveries`` lines."""
+    nodes, unanswered, _ = unanswered_n2
+    unanswered.forward_to(nodes["n2"].port)
+    subscriber.sock.settimeout(30)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.extend(subscriber.lines(deliveries)))
+    reader.start()
+    publisher.sock.settimeout(30)
+    sender = threading.Thread(target=publisher.sock.sendall, args=(rest,))
+    sender.start()
+    answers = publisher.lines(replies)
+    reader.join(60)
+    sender.join()
+    return answers, got
+
+
 def test_a_node_holds_a_clients_input_while_the_owner_does_not_answer_then_forwards_all_of_it(
     unanswered_n2: Unanswered,
 ) -> None:
@@ -69,7 +108,7 @@ def test_a_node_holds_a_clients_input_while_the_owner_does_not_answer_then_forwa
     block; once n2 answers, every message reaches n2's subscriber, in order, and every PUBLISHED
     comes back. (Before, n0 read everything it was sent and kept it: 2.9 M publishes in 20 s took
     660 MB.)"""
-    nodes, unanswered, owned = unanswered_n2
+    nodes, _, owned = unanswered_n2
     topic = topic_owned_by(owned, "n2", "held")
     subscriber = connected(nodes["n2"])
     subscriber.subscribe(topic)
@@ -77,26 +116,33 @@ def test_a_node_holds_a_clients_input_while_the_owner_does_not_answer_then_forwa
     total = 400_000
     bodies = [f"m{i:07d}-{'x' * 40}" for i in range(total)]
     data = "".join(f"PUBLISH {publisher.client_id} {topic} {body}\n" for body in bodies).encode()
-    publisher.sock.settimeout(3)
-    sent = 0
-    with pytest.raises(TimeoutError):
-        while sent < len(data):
-            sent += publisher.sock.send(data[sent : sent + (1 << 16)])
-    # what the client got in is in the kernel's buffers and n0's queue (QUEUED_MAX), not all
-    print(f"the client got {sent} of {len(data)} bytes in before n0 stopped reading it")
-    assert sent < len(data) - QUEUED_MAX
-    unanswered.forward_to(nodes["n2"].port)
-    subscriber.sock.settimeout(30)
-    got: list[bytes] = []
-    reader = threading.Thread(target=lambda: got.extend(subscriber.lines(total)))
-    reader.start()
-    publisher.sock.settimeout(30)
-    rest = threading.Thread(target=publisher.sock.sendall, args=(data[sent:],))
-    rest.start()
-    replies = publisher.lines(total)
+    sent = _sent_until_held(publisher, data, 3, QUEUED_MAX)
+    replies, got = _all_through(unanswered_n2, publisher, data[sent:], total, subscriber, total)
     assert set(replies) == {f"PUBLISHED {topic}".encode()}
-    reader.join(60)
     assert got == [f"MESSAGE {topic} {body}".encode() for body in bodies]
-    rest.join()
-    publisher.close()
-    subscriber.close()
+
+
+def test_a_node_stops_reading_a_client_whose_commands_wait_behind_an_owner_that_does_not_answer(
+    unanswered_n2: Unanswered,
+) -> None:
+    """A publish to a topic of n2's (whose address does not answer), then 200,000 to a topic of
+    n1's, pipelined through n0: those must wait for n2's answer (replies come in command order), and
+    n0 keeps at most UNROUTED_MAX bytes of them before it stops reading the client; once n2 answers,
+    every reply comes in order and n1's subscriber gets every message. (Before, n0 read all the
+    client sent meanwhile: 9.2 M commands took 910 MB of it in 20 s.)"""
+    nodes, _, owned = unanswered_n2
+    waiting, flooded = topic_owned_by(owned, "n2", "first"), topic_owned_by(owned, "n1", "behind")
+    subscriber = connected(nodes["n1"])
+    subscriber.subscribe(flooded)
+    publisher = connected(nodes["n0"])
+    total = 200_000
+    bodies = [f"m{i:07d}-{'x' * 30}" for i in range(total)]
+    data = (
+        f"PUBLISH {publisher.client_id} {waiting} first\n".encode()
+        + "".join(f"PUBLISH {publisher.client_id} {flooded} {body}\n" for body in bodies).encode()
+    )
+    sent = _sent_until_held(publisher, data, 5, UNROUTED_MAX)
+    replies, got = _all_through(unanswered_n2, publisher, data[sent:], total + 1, subscriber, total)
+    assert replies[0] == f"PUBLISHED {waiting}".encode()
+    assert set(replies[1:]) == {f"PUBLISHED {flooded}".encode()}
+    assert got == [f"MESSAGE {flooded} {body}".encode() for body in bodies]

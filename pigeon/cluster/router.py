@@ -61,6 +61,10 @@ REQUEST_WINDOW = 4096
 # bytes of commands an upstream keeps while it connects (until CONNECTED) before the client's input
 # is held: an owner that does not answer must not make this node keep all a client sends
 QUEUED_MAX = 256 * 1024
+# bytes of a client's commands read but not routed yet (they wait for another source's answers)
+# before the node stops reading the client, and reads again below half of it: a client that sends
+# faster than its owners answer must not make this node keep all it sends
+UNROUTED_MAX = 256 * 1024
 
 # commands whose third field is a topic, and whose reply is one line
 _TOPIC_COMMANDS = frozenset((b"PUBLISH", b"PUB", b"REQ", b"SUBSCRIBE", b"UNSUBSCRIBE", b"DESTROY"))
@@ -627,6 +631,8 @@ class RoutedConnection(_Connection):
         "_source",
         "_unconfirmed",
         "_unconfirmed_replies",
+        "_unrouted",
+        "_unrouted_full",
         "_upstreams",
         "_wanted",
         "protocol",
@@ -658,6 +664,8 @@ class RoutedConnection(_Connection):
         self._last_publish = b""  # "PUBLISH <id> <topic> " (or "PUB ...") of the last one routed
         self._last_slot = 0  # and its topic's slot
         self._pending: deque[bytes] = deque()  # whole lines not routed yet
+        self._unrouted = 0  # their bytes
+        self._unrouted_full = False  # whether the client is not read for that (UNROUTED_MAX)
         self._source = _LOCAL  # where the last command went
         self._upstreams: dict[str, Upstream] = {}
         self._remote_tags: dict[int, tuple[Upstream, int]] = {}  # client tag -> (owner, owner's tag)
@@ -714,6 +722,7 @@ class RoutedConnection(_Connection):
         self._skip = max(0, used - len(data))
         if items:
             self._pending.extend(items)
+            self._unrouted += sum(map(len, items))
             self._route()
         if too_large and used < len(data):
             self._take(data[used:])  # what follows the skipped payload
@@ -786,7 +795,7 @@ class RoutedConnection(_Connection):
                 break
             if verb == b"DISCONNECT" and self._releases_upstreams(line):
                 break
-            self._pending.popleft()
+            self._unrouted -= len(self._pending.popleft())
             if source == _LOCAL:
                 if verb == b"HELLO":
                     self._hello(line)
@@ -807,9 +816,23 @@ class RoutedConnection(_Connection):
                 self._forward(source, verb, rest)
             self._source = source if source is not None else _LOCAL
         self._feed_local(local)
+        self._limit_unrouted()
         if self._eof and not self._pending and not self._holds and self._all_idle():
             self._eof = False
             super().eof_received()
+
+    def _limit_unrouted(self) -> None:
+        """Stop reading the client while UNROUTED_MAX bytes of its commands wait to be routed; read
+        it again once they are below half of that (and nothing else holds it)."""
+        if self._transport is None or self._transport.is_closing():
+            return
+        if not self._unrouted_full and self._unrouted >= UNROUTED_MAX:
+            self._unrouted_full = True
+            self._transport.pause_reading()
+        elif self._unrouted_full and self._unrouted < UNROUTED_MAX // 2:
+            self._unrouted_full = False
+            if not self._holds:
+                self._transport.resume_reading()
 
     def gone(self) -> bool:
         """Whether the client's connection is closed or closing: nothing more is routed for it."""
@@ -1202,7 +1225,7 @@ class RoutedConnection(_Connection):
         if why == "core" and self._transport is not None and not self._transport.is_closing():
             self._patterns.core_resumed()
         if not self._holds:
-            if self._transport is not None and not self._transport.is_closing():
+            if self._transport is not None and not self._transport.is_closing() and not self._unrouted_full:
                 self._transport.resume_reading()
             self._route()
 
