@@ -325,6 +325,7 @@ class Upstream(asyncio.Protocol):
         self._settled: deque[dict[bytes, bytes]] = deque([{}])
         self._confirming = 0  # those PINGs sent, not answered yet
         self.released = False  # sent the client's DISCONNECT: its end here is expected (``disconnect``)
+        self.refusal: bytes | None = None  # the owner's ERROR instead of CONNECTED, which ends this
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -408,6 +409,13 @@ class Upstream(asyncio.Protocol):
                 out.append(self._with_client_tags(line) + b"\n")
             elif self._hellos and line.startswith(b"HELLO "):
                 self._hellos -= 1  # the answer to this node's own HELLO
+            elif self.client_id is None and line.startswith(b"ERROR "):
+                # the owner refused the login or the connection (TOO_MANY_CONNECTIONS, AUTH_FAILED,
+                # AUTH_REQUIRED, which leaves it open): nothing of the client's can go this way
+                self.refusal = line
+                assert self.transport is not None
+                self.transport.close()
+                break
             elif self.client_id is None and line.startswith(b"CONNECTED "):
                 self.client_id = line[len(b"CONNECTED ") :]
                 assert self.transport is not None
@@ -1240,8 +1248,16 @@ class RoutedConnection(_Connection):
         if self._upstreams.get(upstream.node) is upstream and not upstream.forwarded:
             self._lost_patterns_only(upstream)
         elif self._upstreams.get(upstream.node) is upstream and self._transport is not None:
-            log.info("lost %s: closing client %s so that it reconnects", upstream.node, self.peer)
-            self._transport.abort()
+            if upstream.refusal is None:
+                log.info("lost %s: closing client %s so that it reconnects", upstream.node, self.peer)
+                self._transport.abort()
+                return
+            # the client is told why, after every reply it is owed before (the owner was its source)
+            refusal = b"%s (node %s)" % (upstream.refusal, upstream.node.encode())
+            log.warning("closing client %s: %s", self.peer, refusal.decode(errors="replace"))
+            self._hand_over_core_output()
+            self._reply_bytes(refusal + b"\n")
+            self.close_after_output()
 
     # -- wildcard patterns (pigeon.cluster.patterns) ----------------------------------------------
 

@@ -1,5 +1,5 @@
-"""A topic's owner that does not answer a connection (its address drops every SYN, as behind a
-firewall or a cut cable): what the nodes that forward to it do with their clients meanwhile."""
+"""What a node does with its clients when a topic's owner does not answer the node's connection (its
+address drops every SYN, as behind a firewall or a cut cable) or refuses it."""
 
 from __future__ import annotations
 
@@ -7,13 +7,23 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from pigeon.cluster.etcd import EtcdProcess
 from pigeon.cluster.router import QUEUED_MAX, UNROUTED_MAX
 from pigeon.testing import LineClient, ServerProcess
-from tests.cluster_kit import TTL, UnansweredAddress, connected, start_node, topic_owned_by, wait_balanced
+from tests.cluster_kit import (
+    TTL,
+    UnansweredAddress,
+    connected,
+    start_node,
+    status,
+    topic_owned_by,
+    wait_balanced,
+)
+from tests.test_security_wire import USERS, users_toml
 
 pytestmark = pytest.mark.slow
 
@@ -146,3 +156,54 @@ def test_a_node_stops_reading_a_client_whose_commands_wait_behind_an_owner_that_
     assert replies[0] == f"PUBLISHED {waiting}".encode()
     assert set(replies[1:]) == {f"PUBLISHED {flooded}".encode()}
     assert got == [f"MESSAGE {flooded} {body}".encode() for body in bodies]
+
+
+def _closed(client: LineClient) -> bool:
+    """Whether the server closes ``client`` within half a second (with nothing more to read)."""
+    try:
+        return client.at_eof(timeout=0.5)
+    except TimeoutError:
+        return False
+
+
+def _publishes_through_n0(etcd: EtcdProcess, n1_flags: tuple[str, ...], clients: int) -> list[bytes]:
+    """Start n0 and n1 (with ``n1_flags``); ``clients`` clients of n0, one after the other and all
+    kept open, each publish to a topic of n1's: the reply each got, with " (then closed)" added where
+    the connection was closed after it."""
+    nodes = {"n0": start_node(etcd.endpoint, "n0"), "n1": start_node(etcd.endpoint, "n1", *n1_flags)}
+    try:
+        deadline = time.monotonic() + 30
+        while not (seen := status(nodes["n0"]))["members"].get("n1", {}).get("slots") or seen["unowned"]:
+            assert time.monotonic() < deadline, f"n1 serves nothing: {seen}"
+            time.sleep(0.1)
+        topic = topic_owned_by({"n1": set(seen["members"]["n1"]["slots"])}, "n1", "refused")
+        kept = [connected(nodes["n0"]) for _ in range(clients)]
+        replies = []
+        for client in kept:
+            reply = client.ask(f"PUBLISH {client.client_id} {topic} m")
+            replies.append(reply + b" (then closed)" if _closed(client) else reply)
+        return replies
+    finally:
+        for node in nodes.values():
+            node.stop()
+
+
+def test_a_client_whose_owner_refuses_the_connection_is_told_why(etcd: EtcdProcess) -> None:
+    """n1 takes 2 connections (--max-connections 2): the third client of n0 that publishes to a
+    topic of n1's gets n1's refusal, naming n1, before n0 closes it (before, it was closed without a
+    word)."""
+    replies = _publishes_through_n0(etcd, ("--max-connections", "2"), 3)
+    assert replies[:2] == [replies[0]] * 2 and replies[0].startswith(b"PUBLISHED "), replies
+    assert replies[2] == b"ERROR TOO_MANY_CONNECTIONS too many connections (limit 2) (node n1) (then closed)"
+
+
+def test_a_client_whose_owner_requires_a_login_its_node_does_not_is_told_why(
+    etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    """Only n1 has --users (a mistake in the nodes' flags): a client of n0, which takes a bare CONNECT,
+    gets n1's AUTH_REQUIRED, naming n1, and is closed (before, n1 kept the connection open, and the
+    client waited for ever)."""
+    users = tmp_path / "users.toml"
+    users.write_text(users_toml(USERS))
+    replies = _publishes_through_n0(etcd, ("--users", str(users)), 1)
+    assert replies == [b"ERROR AUTH_REQUIRED authentication required (node n1) (then closed)"]
