@@ -120,6 +120,12 @@ class Broker:
         """The connection's transport is full: skip it in every rotation and stop reading it."""
     def resume(self, handle: int) -> None:
         """The connection can take output again: hand it what was kept, read it again."""
+    def note_input(self, handle: int) -> None:
+        """The connection sent input this core does not run (forwarded to another node): its
+        ``--idle-timeout`` counts from now."""
+    def keep_open_when_idle(self, handle: int) -> None:
+        """Never close this connection for ``--idle-timeout`` (another node's connection on behalf of a
+        client of its own, or its replication stream: the client is checked on its own node)."""
     def close(self, handle: int) -> None:
         """The connection is gone: give back messages it was never handed, leave every rotation, free it."""
     def run_timers(self) -> None:

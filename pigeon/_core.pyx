@@ -310,6 +310,17 @@ cdef class Broker:
             conn_continue(self, handle)
         self._settle()
 
+    def note_input(self, int32_t handle):
+        """The connection sent input that this core does not run (the cluster's router forwarded it
+        to another node): its ``--idle-timeout`` counts from now."""
+        conn_get(self, handle).silent_ticks = 0
+
+    def keep_open_when_idle(self, int32_t handle):
+        """Never close this connection for ``--idle-timeout``: another node's connection on behalf
+        of a client of its own, or its replication stream (the cluster's router), whose idleness is
+        not this connection's to judge (the client is checked on its own node)."""
+        conn_get(self, handle).never_idle = True
+
     def close(self, int32_t handle):
         """The connection is gone: give back messages it was never handed, leave every rotation, free it."""
         cdef Conn *c = conn_get(self, handle)
@@ -550,7 +561,7 @@ cdef class Broker:
                 snprintf(reason, sizeof(reason), "write timeout: output not taken for %g s",
                          self.limit.write_timeout)
                 close_later(self, h, reason, False)
-            elif self.idle_ticks and not c.reading_stopped:
+            elif self.idle_ticks and not c.reading_stopped and not c.never_idle:
                 c.silent_ticks += 1
                 if c.silent_ticks > self.idle_ticks:
                     self.counters.idle_closed += 1

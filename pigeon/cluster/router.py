@@ -701,6 +701,7 @@ class RoutedConnection(_Connection):
         return memoryview(self._inbuf)
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._broker.note_input(self._handle)  # what goes to owners is input too (--idle-timeout)
         self._take(memoryview(self._inbuf)[:nbytes])
 
     def _take(self, incoming: bytes | memoryview) -> None:
@@ -1109,6 +1110,7 @@ class RoutedConnection(_Connection):
             self._reply(b"CLUSTER REDIRECT")
         elif word == b"UPSTREAM":
             self._node_upstream = True
+            self._broker.keep_open_when_idle(self._handle)
             self._reply(b"CLUSTER UPSTREAM")
         elif word.startswith(b"REPLICATE ") and len(rest.split()) == 2:
             self._replicate(rest.split()[1].decode(errors="replace"))
@@ -1124,6 +1126,7 @@ class RoutedConnection(_Connection):
             self._reply(b"ERROR PERMISSION_DENIED permission denied: CLUSTER REPLICATE is for node users")
             return
         self._receiver = ReplicaReceiver(self._replicas, owner, self._reply_bytes, self.abort)
+        self._broker.keep_open_when_idle(self._handle)  # quiet while the owner's topics are
         self._reply(b"%s %s" % (REPLICATE, owner.encode()))
 
     def _may_replicate(self) -> bool:
