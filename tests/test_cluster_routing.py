@@ -3,11 +3,13 @@ another node owns forwarded to it (real processes, a real etcd)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -465,3 +467,30 @@ def test_consumer_groups_on_a_topic_work_across_nodes(cluster: Cluster) -> None:
         publisher.ask(f"DESTROY {publisher.client_id} {topic} GROUP audit")
         == f"DESTROYED {topic} audit".encode()
     )
+
+
+def test_an_unfinished_line_past_max_line_is_refused_by_the_node_after_the_commands_before_it(
+    cluster: Cluster,
+) -> None:
+    """A publish to another node's topic, then 2 MiB without a line end: the node answers the publish,
+    then refuses the line as one server does (LINE_TOO_LONG, limit 1 MiB) and closes. Before, it kept
+    all of it waiting for a line end, and rescanned it on every read: 19 MB in one line took its
+    event loop long enough to lose its lease, and every client of the node with it."""
+    nodes, owned = cluster
+    topic = topic_owned_by(owned, "n1", "long")
+    client = connected(nodes["n0"])
+    data = f"PUBLISH {client.client_id} {topic} before\n".encode() + b"x" * (2 << 20)
+
+    def send() -> None:
+        with contextlib.suppress(OSError):  # the node may close before it has read all
+            client.sock.sendall(data)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    assert client.line() == f"PUBLISHED {topic}".encode()
+    assert client.line() == b"ERROR LINE_TOO_LONG line too long (limit 1048576 bytes)"
+    assert client.at_eof()
+    sender.join()
+    again = connected(nodes["n0"])
+    again.publish(topic, "after")
+    again.close()

@@ -73,6 +73,8 @@ _PATTERN_COMMANDS = frozenset((b"SUBSCRIBE", b"UNSUBSCRIBE", b"DESTROY"))
 _WILDCARDS = (b"*", b">")
 _SETTLE_COMMANDS = frozenset((b"ACK", b"NACK"))
 _LOCAL = ""  # the source name of this node's own core
+# stands in the pending commands for an unfinished line past --max-line (compared by identity)
+_LINE_TOO_LONG = b"LINE_TOO_LONG"
 _NO_OWNER = "\0"  # a command for a slot without owner now: it waits (no node name has a NUL: argv cannot)
 
 # Seconds between two looks for the owner of a slot that has none, and how long past the lease TTL a
@@ -620,6 +622,7 @@ class RoutedConnection(_Connection):
         "_inbuf",
         "_last_publish",
         "_last_slot",
+        "_line_too_long",
         "_log_wait",
         "_login",
         "_next_remote_request",
@@ -668,6 +671,7 @@ class RoutedConnection(_Connection):
         self._partial = bytearray()  # an unfinished command
         self._wanted = 0  # bytes _partial must hold before the frame in it is whole
         self._skip = 0  # bytes still to drop of a payload over --max-payload
+        self._line_too_long = False  # an unfinished line passed --max-line: the client's input ends there
         self.protocol = 1  # the client's protocol (HELLO 1 or 2), which its upstreams speak too
         self._last_publish = b""  # "PUBLISH <id> <topic> " (or "PUB ...") of the last one routed
         self._last_slot = 0  # and its topic's slot
@@ -709,6 +713,8 @@ class RoutedConnection(_Connection):
         if self._receiver is not None:
             self._receiver.take(incoming)
             return
+        if self._line_too_long:
+            return
         if self._skip:
             dropped = min(self._skip, len(incoming))
             self._skip -= dropped
@@ -726,9 +732,15 @@ class RoutedConnection(_Connection):
             starts, end = pub_run(data, self._last_publish)
             if starts and self._batch_frames(data, starts, end):
                 data = data[end:]
-        items, used, self._wanted, too_large = split_commands(data, self._broker.limits["max_payload"])
+        limits = self._broker.limits
+        items, used, self._wanted, too_large = split_commands(data, limits["max_payload"])
         self._partial = bytearray() if too_large else bytearray(data[used:])
         self._skip = max(0, used - len(data))
+        if not self._wanted and len(self._partial) > limits["max_line"]:
+            # refused as the core refuses it, after the commands before it; nothing after it is read
+            self._partial = bytearray()
+            self._line_too_long = True
+            items.append(_LINE_TOO_LONG)
         if items:
             self._pending.extend(items)
             self._unrouted += sum(map(len, items))
@@ -952,6 +964,8 @@ class RoutedConnection(_Connection):
     def _classify(self, line: bytes) -> tuple[str | None, bytes, bytes]:
         """Where ``line`` goes: ``_LOCAL``, an owner's name, or None (answered here), with its verb and
         the rest after the client id."""
+        if line is _LINE_TOO_LONG:
+            return None, line, b""
         fields = line.split(None, 2)
         verb = fields[0].upper() if fields else b""
         if verb == b"CLUSTER":
@@ -1021,6 +1035,11 @@ class RoutedConnection(_Connection):
             )
         elif verb == b"REPLY":
             self._relay_reply(rest)
+        elif verb is _LINE_TOO_LONG:
+            self._reply(
+                b"ERROR LINE_TOO_LONG line too long (limit %d bytes)" % self._broker.limits["max_line"]
+            )
+            self.close_after_output()
         else:
             topic = rest.split(None, 1)[0]
             slot = slot_of(topic)
