@@ -18,6 +18,8 @@ TOPIC_MAX_BYTES: int
 """The longest topic name the core accepts (pigeon.protocol.TOPIC_MAX)."""
 PROTOCOL_VERSION: int
 """The protocol version HELLO reports."""
+INPUT_SLACK_BYTES: int
+"""Bytes of a connection's unfinished input kept even when memory is full (``Broker.hold_input``)."""
 INVISIBLE_UNICODE_VERSION: str
 """The Unicode version of the table of characters refused in topic names."""
 FSYNC_MODES: tuple[str, ...]
@@ -123,6 +125,10 @@ class Broker:
     def note_input(self, handle: int) -> None:
         """The connection sent input this core does not run (forwarded to another node): its
         ``--idle-timeout`` counts from now."""
+    def hold_input(self, handle: int, nbytes: int) -> bool:
+        """The cluster's router now holds ``nbytes`` of this connection's unfinished input: counted
+        against ``--max-memory`` until the next call or the close. False, and nothing changes, when the
+        hold would grow past ``INPUT_SLACK_BYTES`` and the limit (the router refuses with MEMORY_FULL)."""
     def keep_open_when_idle(self, handle: int) -> None:
         """Never close this connection for ``--idle-timeout`` (another node's connection on behalf of a
         client of its own, or its replication stream: the client is checked on its own node)."""

@@ -49,6 +49,8 @@ PROTOCOL_VERSION = 2     # the newest protocol, chosen by HELLO 2
 FSYNC_MODES = ("no", "everysec", "always")
 # bytes of a log segment file (--data-dir): like a JetStream block, small enough to delete soon
 LOG_SEGMENT = 64 * 1024 * 1024
+# bytes of a connection's unfinished input kept even when memory is full (hold_input)
+INPUT_SLACK_BYTES = INPUT_SLACK
 
 
 @cython.final
@@ -314,6 +316,20 @@ cdef class Broker:
         """The connection sent input that this core does not run (the cluster's router forwarded it
         to another node): its ``--idle-timeout`` counts from now."""
         conn_get(self, handle).silent_ticks = 0
+
+    def hold_input(self, int32_t handle, size_t nbytes):
+        """The cluster's router now holds ``nbytes`` of this connection's input, an unfinished
+        command: counted against ``--max-memory`` as the core counts the input it holds, until the
+        next call or the connection's close. False, and nothing changes, when the hold would grow
+        past ``INPUT_SLACK_BYTES`` and the limit: the router then refuses the command (MEMORY_FULL)
+        as the core does."""
+        cdef Conn *c = conn_get(self, handle)
+        if (nbytes > c.outside_input and nbytes > INPUT_SLACK
+                and mem_total(&self.mem) - c.outside_input + nbytes > self.limit.max_memory):
+            return False
+        self.mem.outside_input = self.mem.outside_input - c.outside_input + nbytes
+        c.outside_input = nbytes
+        return True
 
     def keep_open_when_idle(self, int32_t handle):
         """Never close this connection for ``--idle-timeout``: another node's connection on behalf

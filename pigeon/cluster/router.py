@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
-from pigeon._core import Broker
+from pigeon._core import INPUT_SLACK_BYTES, Broker
 from pigeon.cluster.node import ClusterNode
 from pigeon.cluster.patterns import EVERY_NODE, PatternPlacement, ignored_answer
 from pigeon.cluster.replication import REPLICATE, ReplicaReceiver, ReplicaStore
@@ -73,8 +73,8 @@ _PATTERN_COMMANDS = frozenset((b"SUBSCRIBE", b"UNSUBSCRIBE", b"DESTROY"))
 _WILDCARDS = (b"*", b">")
 _SETTLE_COMMANDS = frozenset((b"ACK", b"NACK"))
 _LOCAL = ""  # the source name of this node's own core
-# stands in the pending commands for an unfinished line past --max-line (compared by identity)
-_LINE_TOO_LONG = b"LINE_TOO_LONG"
+# stands in the pending commands for an unfinished one the router refuses (compared by identity)
+_INPUT_REFUSED = b"INPUT_REFUSED"
 _NO_OWNER = "\0"  # a command for a slot without owner now: it waits (no node name has a NUL: argv cannot)
 
 # Seconds between two looks for the owner of a slot that has none, and how long past the lease TTL a
@@ -618,11 +618,12 @@ class RoutedConnection(_Connection):
         "_cluster",
         "_confirmed",
         "_eof",
+        "_held_input",
         "_holds",
         "_inbuf",
+        "_input_refused",
         "_last_publish",
         "_last_slot",
-        "_line_too_long",
         "_log_wait",
         "_login",
         "_next_remote_request",
@@ -671,7 +672,9 @@ class RoutedConnection(_Connection):
         self._partial = bytearray()  # an unfinished command
         self._wanted = 0  # bytes _partial must hold before the frame in it is whole
         self._skip = 0  # bytes still to drop of a payload over --max-payload
-        self._line_too_long = False  # an unfinished line passed --max-line: the client's input ends there
+        self._held_input = 0  # bytes of _partial counted against --max-memory (Broker.hold_input)
+        # the ERROR that refuses an unfinished command (too long, memory full): the input ends there
+        self._input_refused: bytes | None = None
         self.protocol = 1  # the client's protocol (HELLO 1 or 2), which its upstreams speak too
         self._last_publish = b""  # "PUBLISH <id> <topic> " (or "PUB ...") of the last one routed
         self._last_slot = 0  # and its topic's slot
@@ -713,7 +716,7 @@ class RoutedConnection(_Connection):
         if self._receiver is not None:
             self._receiver.take(incoming)
             return
-        if self._line_too_long:
+        if self._input_refused is not None:
             return
         if self._skip:
             dropped = min(self._skip, len(incoming))
@@ -721,12 +724,17 @@ class RoutedConnection(_Connection):
             incoming = incoming[dropped:]
         self._partial += incoming
         if not self._partial or len(self._partial) < self._wanted:
-            return  # a PUB frame still arriving: do not parse it again for every read
+            # a PUB frame still arriving: do not parse it again for every read
+            if not self._hold_partial():
+                self._route()
+            return
         data = bytes(self._partial)
         if self._last_publish.startswith(b"PUBLISH "):
             end = data.rfind(b"\n") + 1
             if end and self._batch(data[:end]):
                 self._partial = bytearray(data[end:])
+                if not self._hold_partial():
+                    self._route()
                 return
         elif self._last_publish.startswith(b"PUB "):
             starts, end = pub_run(data, self._last_publish)
@@ -736,17 +744,39 @@ class RoutedConnection(_Connection):
         items, used, self._wanted, too_large = split_commands(data, limits["max_payload"])
         self._partial = bytearray() if too_large else bytearray(data[used:])
         self._skip = max(0, used - len(data))
-        if not self._wanted and len(self._partial) > limits["max_line"]:
-            # refused as the core refuses it, after the commands before it; nothing after it is read
-            self._partial = bytearray()
-            self._line_too_long = True
-            items.append(_LINE_TOO_LONG)
         if items:
             self._pending.extend(items)
             self._unrouted += sum(map(len, items))
+        if not self._wanted and len(self._partial) > limits["max_line"]:
+            self._end_input(b"ERROR LINE_TOO_LONG line too long (limit %d bytes)" % limits["max_line"])
+        if self._input_refused is not None or not self._hold_partial() or items:
             self._route()
         if too_large and used < len(data):
             self._take(data[used:])  # what follows the skipped payload
+
+    def _hold_partial(self) -> bool:
+        """Count the unfinished command kept in ``_partial`` against ``--max-memory``, as the core
+        counts the input it keeps (``Broker.hold_input``); False when that would pass the limit: the
+        input ends there (``_end_input``, MEMORY_FULL)."""
+        held = len(self._partial)
+        if held <= INPUT_SLACK_BYTES and not self._held_input:
+            return True
+        if self._broker.hold_input(self._handle, held):
+            self._held_input = held
+            return True
+        self._end_input(b"ERROR MEMORY_FULL memory limit reached: cannot hold %d bytes of input" % held)
+        return False
+
+    def _end_input(self, error: bytes) -> None:
+        """Refuse the client's unfinished command, as the core does: ``error`` answers it once the
+        commands before it have their answers, then the connection closes; nothing more is read."""
+        self._input_refused = error
+        self._partial = bytearray()
+        if self._held_input:
+            self._broker.hold_input(self._handle, 0)
+            self._held_input = 0
+        self._pending.append(_INPUT_REFUSED)
+        self._unrouted += len(_INPUT_REFUSED)
 
     def _batch(self, chunk: bytes) -> bool:
         """Route a whole batch of lines at once when every one is a ``PUBLISH`` to the same topic as
@@ -964,7 +994,7 @@ class RoutedConnection(_Connection):
     def _classify(self, line: bytes) -> tuple[str | None, bytes, bytes]:
         """Where ``line`` goes: ``_LOCAL``, an owner's name, or None (answered here), with its verb and
         the rest after the client id."""
-        if line is _LINE_TOO_LONG:
+        if line is _INPUT_REFUSED:
             return None, line, b""
         fields = line.split(None, 2)
         verb = fields[0].upper() if fields else b""
@@ -1035,10 +1065,9 @@ class RoutedConnection(_Connection):
             )
         elif verb == b"REPLY":
             self._relay_reply(rest)
-        elif verb is _LINE_TOO_LONG:
-            self._reply(
-                b"ERROR LINE_TOO_LONG line too long (limit %d bytes)" % self._broker.limits["max_line"]
-            )
+        elif verb is _INPUT_REFUSED:
+            assert self._input_refused is not None
+            self._reply(self._input_refused)
             self.close_after_output()
         else:
             topic = rest.split(None, 1)[0]

@@ -45,6 +45,7 @@ cdef struct Conn:
     uint64_t log_wait           # log position its output waits for (a PUBLISHED reply, durable), 0: none
     uint32_t silent_ticks       # ticks since its last input
     bint never_idle             # --idle-timeout does not close it (keep_open_when_idle)
+    size_t outside_input        # its unfinished command that the cluster's router holds (hold_input)
     uint64_t paused_at          # the tick at which it last paused
     bint authenticating         # its CONNECT <user> <password> waits for auth_result: its input waits
     bint granted                # grant() gave it an identity (before CONNECT: a bare CONNECT logs in)

@@ -71,6 +71,7 @@ cdef void conn_free(Broker b, int32_t h) noexcept:
         mem_count(&b.mem, 0, out_bytes_size(c.out_cap))
         Py_XDECREF(c.out_bytes)
     b.mem.in_transports -= c.in_transport
+    b.mem.outside_input -= c.outside_input
     mem_free(&b.mem, c.inflight, c.inflight_cap * sizeof(InFlight))
     mem_free(&b.mem, c.input, input_size(c))
     log_forget(b, h)

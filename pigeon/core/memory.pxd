@@ -17,6 +17,7 @@ cdef enum:
 ctypedef struct Memory:
     size_t used             # bytes the core holds now
     size_t in_transports    # bytes handed to transports and not yet sent, as last reported
+    size_t outside_input    # unfinished commands the cluster's router holds (Broker.hold_input)
     int64_t fail_in         # tests: the fail_in-th allocation from now fails (0 = never)
     size_t failures         # allocations that failed, injected or real
 

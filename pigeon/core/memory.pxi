@@ -79,4 +79,4 @@ cdef void mem_free(Memory *m, void *p, size_t size) noexcept:
 
 
 cdef size_t mem_total(const Memory *m) noexcept:
-    return m.used + m.in_transports
+    return m.used + m.in_transports + m.outside_input

@@ -1,0 +1,50 @@
+"""The limits of one server on a cluster node, for what its router holds of a client's input before
+routing it (real etcd, real nodes): ``--max-memory`` counts it, as the core counts its own."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+
+from pigeon.cluster.etcd import EtcdProcess
+from tests.cluster_kit import connected, start_node, topic_owned_by, wait_balanced
+
+pytestmark = pytest.mark.slow
+
+MAX_MEMORY = 64 << 20
+
+
+def test_unfinished_frames_a_node_holds_count_against_max_memory(etcd: EtcdProcess) -> None:
+    """Twelve clients of n0 each send a PUB frame of 8 MiB to a topic of n1's and 6 MiB of it: n0's
+    router would hold 72 MiB while they arrive, past --max-memory 64 MiB, so some are refused
+    (MEMORY_FULL) and closed, as one server refuses them, and n0 goes on serving. Before, n0 held all
+    of them, past its limit."""
+    flags = ("--max-memory", str(MAX_MEMORY))
+    nodes = {name: start_node(etcd.endpoint, name, *flags) for name in ("n0", "n1")}
+    try:
+        topic = topic_owned_by(wait_balanced(list(nodes.values())), "n1", "big")
+        size = 8 << 20
+        clients = [connected(nodes["n0"]) for _ in range(12)]
+        for client in clients:
+            client.send(f"PUB {client.client_id} {topic} {size}\n".encode())
+            with contextlib.suppress(OSError):  # a refused one is closed
+                client.sock.sendall(b"x" * (6 << 20))
+        refused = []
+        for client in clients:
+            client.sock.settimeout(0.5)
+            with contextlib.suppress(TimeoutError):
+                refused.append(client.line())
+        assert refused and all(
+            line.startswith(b"ERROR MEMORY_FULL memory limit reached: cannot hold ") for line in refused
+        ), refused
+        held = json.loads(connected(nodes["n0"]).ask("STATS")[len(b"STATS ") :])["memory_bytes"]
+        assert held <= MAX_MEMORY, held
+        for client in clients:
+            client.close()
+        again = connected(nodes["n0"])
+        again.publish(topic, "served")
+    finally:
+        for node in nodes.values():
+            node.stop()
