@@ -1174,7 +1174,7 @@ class RoutedConnection(_Connection):
             self._reply(b"ERROR PERMISSION_DENIED permission denied: CLUSTER REPLICATE is for node users")
             return
         self._receiver = ReplicaReceiver(self._replicas, owner, self._reply_bytes, self.abort)
-        self._broker.keep_open_when_idle(self._handle)  # quiet while the owner's topics are
+        self._broker.keep_open_when_idle(self._handle)  # it carries nothing while no one publishes
         self._reply(b"%s %s" % (REPLICATE, owner.encode()))
 
     def _may_replicate(self) -> bool:
