@@ -73,6 +73,10 @@ _PATTERN_COMMANDS = frozenset((b"SUBSCRIBE", b"UNSUBSCRIBE", b"DESTROY"))
 _WILDCARDS = (b"*", b">")
 _SETTLE_COMMANDS = frozenset((b"ACK", b"NACK"))
 _LOCAL = ""  # the source name of this node's own core
+# the buffer every client connection of this process reads into: what a read leaves unrouted is
+# copied out before the next read (_take), so one serves them all, as the core's read buffer does
+# (a buffer each cost 64 KiB per connection, idle ones included)
+_READ_VIEW = memoryview(bytearray(1 << 16))
 # stands in the pending commands for an unfinished one the router refuses (compared by identity)
 _INPUT_REFUSED = b"INPUT_REFUSED"
 _NO_OWNER = "\0"  # a command for a slot without owner now: it waits (no node name has a NUL: argv cannot)
@@ -620,7 +624,6 @@ class RoutedConnection(_Connection):
         "_eof",
         "_held_input",
         "_holds",
-        "_inbuf",
         "_input_refused",
         "_last_publish",
         "_last_slot",
@@ -668,7 +671,6 @@ class RoutedConnection(_Connection):
         self._confirmed = confirmed
         self._log_wait: asyncio.Future[None] | None = None  # while input waits for that
         self._receiver: ReplicaReceiver | None = None  # once another node replicates over this one
-        self._inbuf = bytearray(1 << 16)
         self._partial = bytearray()  # an unfinished command
         self._wanted = 0  # bytes _partial must hold before the frame in it is whole
         self._skip = 0  # bytes still to drop of a payload over --max-payload
@@ -705,11 +707,11 @@ class RoutedConnection(_Connection):
     # -- input -----------------------------------------------------------------------------------
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self._inbuf)
+        return _READ_VIEW
 
     def buffer_updated(self, nbytes: int) -> None:
         self._broker.note_input(self._handle)  # what goes to owners is input too (--idle-timeout)
-        self._take(memoryview(self._inbuf)[:nbytes])
+        self._take(_READ_VIEW[:nbytes])
 
     def _take(self, incoming: bytes | memoryview) -> None:
         """Route the whole commands that ``incoming`` completes; keep the rest for the next read."""
