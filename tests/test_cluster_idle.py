@@ -4,16 +4,15 @@ on behalf of their clients, and their replication streams, are never closed as i
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from pigeon.cluster.etcd import EtcdProcess
 from pigeon.testing import LineClient, ServerProcess
+from tests import attack_kit as kit
 from tests.cluster_kit import connected, start_node, topic_owned_by, wait_balanced
 
 pytestmark = pytest.mark.slow
@@ -22,17 +21,14 @@ IDLE = 1.0  # --idle-timeout, seconds
 Nodes = dict[str, ServerProcess]
 
 
-def _stats(node: ServerProcess, what: str = "STATS") -> dict[str, Any]:
-    client = connected(node, timeout=5)
-    try:
-        return dict(json.loads(client.ask(what)[len(b"STATS ") :]))
-    finally:
-        client.close()
-
-
 def _subscribed_at(node: ServerProcess) -> list[str]:
     """The topics with subscribers on ``node``."""
-    return [entry["name"] for entry in _stats(node, "STATS TOPICS")["topics"] if entry["subscribers"]]
+    client = connected(node, timeout=5)
+    try:
+        topics, _ = kit.page_through(client, "TOPICS")
+    finally:
+        client.close()
+    return [entry["name"] for entry in topics if entry["subscribers"]]
 
 
 def _asked_for_a_while(client: LineClient, command: str) -> list[bytes]:
@@ -63,7 +59,7 @@ def test_a_client_whose_commands_all_go_to_another_owner_is_not_idle(idle_nodes:
     assert set(_asked_for_a_while(publisher, f"PUBLISH {publisher.client_id} {topic} m")) == {
         f"PUBLISHED {topic}".encode()
     }
-    assert _stats(nodes["n0"])["idle_closed"] == 0
+    assert kit.stats(nodes["n0"])["idle_closed"] == 0
 
 
 def test_a_subscriber_through_another_node_that_pings_is_kept_and_served(
@@ -79,7 +75,7 @@ def test_a_subscriber_through_another_node_that_pings_is_kept_and_served(
     publisher = connected(nodes["n1"])
     publisher.publish(topic, "served")
     assert subscriber.line() == f"MESSAGE {topic} served".encode()
-    assert _stats(nodes["n1"])["idle_closed"] == 0
+    assert kit.stats(nodes["n1"])["idle_closed"] == 0
 
 
 def test_a_silent_subscriber_through_another_node_is_closed_by_its_node_and_leaves_the_owner(
@@ -114,7 +110,7 @@ def test_a_quiet_replication_stream_is_not_closed_as_idle(etcd: EtcdProcess, tmp
         for node in nodes.values():
             node.wait_for_log("read and sent a snapshot")
         time.sleep(4 * IDLE)
-        assert [_stats(node)["idle_closed"] for node in nodes.values()] == [0, 0]
+        assert [kit.stats(node)["idle_closed"] for node in nodes.values()] == [0, 0]
     finally:
         for node in nodes.values():
             node.stop()

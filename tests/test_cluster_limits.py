@@ -5,7 +5,6 @@ idle client costs a node little more than it costs one server."""
 from __future__ import annotations
 
 import contextlib
-import json
 
 import pytest
 
@@ -41,7 +40,7 @@ def test_unfinished_frames_a_node_holds_count_against_max_memory(etcd: EtcdProce
         assert refused and all(
             line.startswith(b"ERROR MEMORY_FULL memory limit reached: cannot hold ") for line in refused
         ), refused
-        held = json.loads(connected(nodes["n0"]).ask("STATS")[len(b"STATS ") :])["memory_bytes"]
+        held = kit.stats(nodes["n0"])["memory_bytes"]
         assert held <= MAX_MEMORY, held
         for client in clients:
             client.close()
