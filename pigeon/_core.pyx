@@ -324,8 +324,7 @@ cdef class Broker:
         past ``INPUT_SLACK_BYTES`` and the limit: the router then refuses the command (MEMORY_FULL)
         as the core does."""
         cdef Conn *c = conn_get(self, handle)
-        if (nbytes > c.outside_input and nbytes > INPUT_SLACK
-                and mem_total(&self.mem) - c.outside_input + nbytes > self.limit.max_memory):
+        if nbytes > c.outside_input and not input_fits(self, c.outside_input, nbytes):
             return False
         self.mem.outside_input = self.mem.outside_input - c.outside_input + nbytes
         c.outside_input = nbytes

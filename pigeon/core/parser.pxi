@@ -190,6 +190,13 @@ cdef int stop_reading(Broker b, int32_t h) except -1:
     return 0
 
 
+cdef inline bint input_fits(Broker b, size_t held, size_t wanted) noexcept:
+    """Whether a connection's unfinished input may grow from ``held`` to ``wanted`` bytes (held here,
+    or by the cluster's router: Broker.hold_input): up to INPUT_SLACK always, past it only under
+    --max-memory."""
+    return wanted <= INPUT_SLACK or mem_total(&b.mem) - held + wanted <= b.limit.max_memory
+
+
 cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
     """Run the complete lines of ``buf`` while h can go on; keep the rest as its input.
 
@@ -255,8 +262,7 @@ cdef int process_input(Broker b, int32_t h, char *buf, size_t n) except -1:
     # input held because the connection waits (paused, or held by flow control) is at most one
     # read: only an unfinished line can grow without bound, so only that is refused when memory is full
     waits = c.paused or c.held or c.authenticating
-    if (not waits and not partial_frame and left > INPUT_SLACK
-            and mem_total(&b.mem) + left > b.limit.max_memory):
+    if not waits and not partial_frame and not input_fits(b, 0, left):
         snprintf(reason, sizeof(reason), "memory limit reached: cannot hold %zu bytes of input", left)
         out_error(b, h, ERR_MEMORY_FULL, reason)
         close_later(b, h, "memory full", True)
