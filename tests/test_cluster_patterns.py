@@ -192,6 +192,34 @@ def test_unsubscribe_and_destroy_reach_every_node(cluster: Cluster) -> None:
     assert client.quiet()
 
 
+def test_a_pattern_unsubscribed_while_a_node_is_slow_to_answer_is_not_placed_there_again(
+    etcd: EtcdProcess,
+) -> None:
+    # n1 is frozen while the UNSUBSCRIBE waits for its answer; the reads of the member set meanwhile
+    # (every second) must not send the subscription there again behind it. A long lease keeps n1 a
+    # member while it is frozen.
+    nodes = {name: start_node(etcd.endpoint, name, "--cluster-ttl", "8") for name in ("n0", "n1")}
+    try:
+        owned = wait_preferred(list(nodes.values()))
+        client = connected(nodes["n0"])
+        assert client.ask(f"SUBSCRIBE {client.client_id} slow.>") == b"SUBSCRIBED slow.>"
+        nodes["n1"].proc.send_signal(signal.SIGSTOP)
+        try:
+            client.send(f"UNSUBSCRIBE {client.client_id} slow.>")
+            assert client.quiet(2.5)  # no answer before n1 has dropped it
+        finally:
+            nodes["n1"].proc.send_signal(signal.SIGCONT)
+        assert client.line() == b"UNSUBSCRIBED slow.>"
+        publisher = connected(nodes["n1"])
+        for name in nodes:
+            publisher.publish(topic_owned_by(owned, name, "slow.t"), "nobody")
+        assert client.quiet(0.5)
+        assert _wildcard_subscriptions(nodes["n1"]) == 0
+    finally:
+        for node in nodes.values():
+            assert node.stop() == 0, "".join(node.log)
+
+
 def test_a_pattern_on_a_group_made_on_another_node_is_destroyed_from_here(cluster: Cluster) -> None:
     nodes, _ = cluster
     member = connected(nodes["n0"])

@@ -80,6 +80,10 @@ class PatternPlacement:
         """Send the client's pattern command (``line``) to every other live node; ``_finish``
         answers it once they all have."""
         key = subscription_key(rest)
+        if verb == b"UNSUBSCRIBE":
+            # forgotten now, not once every node answered: a read of the member set meanwhile
+            # (``place``) would send it again behind the UNSUBSCRIBE to a node slow to answer
+            self.subscriptions.pop(key, None)
         nodes = self._conn.remote_members()
         self._command, self._answers, self._waiting = (verb, rest, line), [], set(nodes)
         self._starting = True
@@ -131,9 +135,7 @@ class PatternPlacement:
                 del self.subscriptions[key]
                 self._unplace(key)
             return
-        if verb == b"UNSUBSCRIBE":
-            self.subscriptions.pop(key, None)
-        elif verb == b"DESTROY":
+        if verb == b"DESTROY":
             refusals = [answer for answer in refusals if not answer.startswith(b"ERROR NO_SUCH_GROUP ")]
             if refusals:
                 self._conn.reply(refusals[0])
