@@ -77,7 +77,8 @@ extensions = [
         depends=[str(part) for part in Path("pigeon/core").iterdir()] + SHARED_PARTS,
     ),
     *(
-        # replication's walks over log records (pigeon/cluster/replication.py), and a topic's slot
+        # replication's walks over log records (pigeon/cluster/replication.py), a topic's slot, and
+        # the router's scan of a client's input
         Extension(
             f"pigeon.cluster.{name}",
             [f"pigeon/cluster/{name}.pyx"],
@@ -85,7 +86,7 @@ extensions = [
             extra_link_args=link_args,
             depends=["pigeon/cluster/_records.pxd", "pigeon/cluster/_slot.pxd", *SHARED_PARTS],
         )
-        for name in ("_split", "_index", "_slot")
+        for name in ("_split", "_index", "_slot", "_scan")
     ),
 ]
 

@@ -51,7 +51,7 @@ step "sdist, then a wheel built from it"
 quietly "$tools/python" -m build --outdir "$work/built" "$root"
 sdist=$(echo "$work"/built/*.tar.gz)
 listing=$(tar -tzf "$sdist")
-for wanted in pigeon/_core.pyx pigeon/_core.pxd pigeon/cluster/_split.pyx pigeon/cluster/_index.pyx \
+for wanted in pigeon/_core.pyx pigeon/_core.pxd pigeon/cluster/_split.pyx pigeon/cluster/_index.pyx pigeon/cluster/_scan.pyx \
     pigeon/cluster/_records.pxd pigeon/server/dashboard.html setup.py LICENSE README.md \
     tests/test_server.py; do
     grep -q "/$wanted\$" <<<"$listing" || fail "sdist lacks $wanted"

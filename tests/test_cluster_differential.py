@@ -26,6 +26,7 @@ import os
 import random
 import re
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -240,6 +241,17 @@ class Peer:
         self.requests.clear()  # each connection numbers its requests from 1
 
 
+def _spelled(command: Command, line: str) -> str:
+    """``line`` with its verb spelled one of the ways both brokers take: as it is, in lower case, or
+    capitalized after a blank (the router must see a verb it routes however it is written). Chosen
+    by the command, so that both runs of a session spell it the same."""
+    spelling = zlib.crc32(repr(command).encode()) % 3
+    if command[0] == "raw" or spelling == 0:
+        return line
+    verb, sep, rest = line.partition(" ")
+    return (verb.lower() if spelling == 1 else " " + verb.capitalize()) + sep + rest
+
+
 def _normal(reply: bytes, tags: list[bytes]) -> bytes:
     """A reply with the tags the client sent in it named by their order (each broker numbers its own).
     Whole numbers only: a node's tag 1 must not rename the start of its relayed tag 1099511627778."""
@@ -288,7 +300,8 @@ def _step(peers: list[Peer], step: Step) -> list[bytes]:
     peer.settled.clear()
     disconnects = commands[-1] == ("disconnect",)
     peer.client.send(
-        "".join(peer.render(command) + "\n" for command in commands) + ("" if disconnects else "PING\n")
+        "".join(_spelled(command, peer.render(command)) + "\n" for command in commands)
+        + ("" if disconnects else "PING\n")
     )
     last = b"DISCONNECTED" if disconnects else b"PONG"
     ends = 1 if disconnects else sum(command == ("ping",) for command in commands) + 1

@@ -70,3 +70,22 @@ def test_an_idle_client_connection_costs_a_node_little_memory(etcd: EtcdProcess)
     finally:
         for node in nodes.values():
             node.stop()
+
+
+def test_clients_that_send_junk_and_never_read_do_not_cost_a_node_its_lease(etcd: EtcdProcess) -> None:
+    """The never-read attack of one server (tests/test_attacks_write_timeout.py) on a node: 30 clients
+    send 4.5 MB of junk lines each (every one answered by an ERROR) and never read. The node keeps
+    its lease, closes them all and serves newcomers. Before, its router parsed each line in Python:
+    the node was too busy to renew its lease (TTL 5 s) and stopped serving every slot."""
+    flags = ("--idle-timeout", "2", "--write-timeout", "2", "--max-connections", "40")
+    node = kit.Server("--cluster", etcd.endpoint, "--node-name", "n0", "--cluster-ttl", "5", *flags)
+    try:
+        wait_balanced([node])
+        result = kit.never_read(node, wait_closed=15.0)
+        assert result.closed_after is not None, f"{result.connections_after} attackers never closed"
+        assert result.new_clients_ok == 20, result.first_refusal
+        assert "stopped serving" not in node.text(), node.text()
+        client = connected(node)
+        assert client.ask("PING") == b"PONG"
+    finally:
+        assert node.stop() == 0, node.text()

@@ -442,6 +442,45 @@ def test_a_frame_over_the_payload_limit_through_a_non_owner_is_refused_and_skipp
     ]
 
 
+def test_a_node_reads_commands_with_odd_blanks_as_one_server_does(cluster: Cluster) -> None:
+    """Only spaces and tabs separate fields, and a frame's verb begins its line, for the core: lines
+    the router used to read otherwise (a frame after a blank, a vertical tab or a carriage return
+    between fields) get one server's answers through a node that does not own their topic, and no
+    message is published where one server publishes none."""
+    nodes, owned = cluster
+    topic = topic_owned_by(owned, "n0", "blanks")
+    single = ServerProcess()
+    try:
+        replies = []
+        for server in (single, nodes["n1"]):
+            client = connected(server)
+            me = client.client_id
+            client.send(
+                f" PUB {me} {topic} 3\nabc\n"
+                f"PUBLISH\x0b{me} {topic} vt-verb\n"
+                f"PUBLISH {me}\x0b{topic} vt-field\n"
+                f"PUBLISH {me}\r{topic} cr-field\n"
+                f"\tpublish {me} {topic} tab-first\r\n"
+                f"Pub\t{me}\t{topic}\t2\r\nok\r\n"
+                "PING\n".encode()
+            )
+            got: list[bytes] = []
+            while not got or got[-1] != b"PONG":
+                got.append(client.line())
+            replies.append([line.replace(me.encode(), b"<id>") for line in got])
+        assert replies[0] == replies[1]
+        assert replies[1][-3:] == [f"PUBLISHED {topic}".encode()] * 2 + [b"PONG"]
+        subscriber = connected(nodes["n0"])
+        subscriber.subscribe(topic)
+        assert sorted(subscriber.lines(2)) == [
+            f"MESSAGE {topic} ok".encode(),
+            f"MESSAGE {topic} tab-first".encode(),
+        ]
+        assert subscriber.quiet()
+    finally:
+        assert single.stop() == 0, "".join(single.log)
+
+
 def test_consumer_groups_on_a_topic_work_across_nodes(cluster: Cluster) -> None:
     """Two groups on a topic owned by n2, their members on n0 and n1: each group gets every message
     published on n1, shared inside the group; DESTROY through a non-owner ends an idle group."""

@@ -34,6 +34,8 @@ import logging
 from functools import partial
 from typing import TYPE_CHECKING
 
+from pigeon.cluster._scan import command_fields
+
 if TYPE_CHECKING:
     from pigeon.cluster.router import RoutedConnection
 
@@ -52,7 +54,7 @@ Key = tuple[bytes, bytes | None]  # (pattern, group name or None)
 
 def subscription_key(rest: bytes) -> Key:
     """(pattern, group) of a pattern command's fields after the client id."""
-    fields = rest.split()
+    fields = command_fields(rest)
     group = fields[2] if len(fields) > 2 and fields[1].upper() == b"GROUP" else None
     return fields[0], group
 

@@ -2,8 +2,10 @@
 others to their owner over one upstream Pigeon connection per (client connection, owner node).
 
 The owner sees each remote client as a subscriber of its own, so round robin, prefetch, acks and
-redelivery are the owner's, exact. This layer splits the client's input into lines (Python work per
-command, only on cluster nodes) and keeps the protocol's promises across sources:
+redelivery are the owner's, exact. This layer splits the client's input into commands (Python work per
+command that it routes, only on cluster nodes; runs of lines it does not route are found in C,
+``pigeon.cluster._scan``, and go to the core as one slice) and keeps the protocol's promises across
+sources:
 
 - replies come back in command order: the connection sends to one source at a time and switches
   only once the previous source has answered everything (deliveries are relayed at once, they may
@@ -40,6 +42,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from pigeon._core import INPUT_SLACK_BYTES, Broker
+from pigeon.cluster._scan import VerbScanner, command_fields
 from pigeon.cluster.node import ClusterNode
 from pigeon.cluster.patterns import EVERY_NODE, PatternPlacement, ignored_answer
 from pigeon.cluster.replication import REPLICATE, ReplicaReceiver, ReplicaStore
@@ -108,10 +111,11 @@ def frame_end(data: bytes, start: int, nbytes: int) -> int | None:
 
 def pub_nbytes(header: bytes) -> int | None:
     """The ``<nbytes>`` of a well-formed ``PUB <id> <topic> <nbytes>`` header line, else None (a line
-    that is no ``PUB``, or a malformed one, which the core answers ``BAD_FRAME``)."""
-    if header[:16].lstrip()[:4].upper() not in (b"PUB ", b"PUB\t"):
+    that is no ``PUB``, or a malformed one, which the core answers ``BAD_FRAME``). As for the core, a
+    frame's verb begins its line."""
+    if header[:4].upper() not in (b"PUB ", b"PUB\t"):
         return None
-    fields = header.split()
+    fields = command_fields(header)
     if len(fields) != 4 or not fields[3].isdigit():
         return None
     return int(fields[3])
@@ -119,16 +123,30 @@ def pub_nbytes(header: bytes) -> int | None:
 
 _REQUEST_FRAMES = {b"REQ": 4, b"REPLY": 3}  # the frames of request/reply, by their number of fields
 _FRAME_VERBS = frozenset((b"PUB", *_REQUEST_FRAMES))
+# every verb _classify or _route looks at: a line with none of them goes to the core as it is
+_PLAIN_LINES = VerbScanner(
+    (*_TOPIC_COMMANDS, *_SETTLE_COMMANDS, *_FRAME_VERBS, b"CLUSTER", b"CONNECT", b"HELLO", b"DISCONNECT")
+)
+
+
+class PlainLines(bytes):
+    """Whole lines of a client (joined by ``\\n``, the last without it) whose verbs the router does not
+    route: they go to this node's core as they are, one item of ``split_commands``."""
 
 
 def frame_nbytes(header: bytes) -> int | None:
     """The ``<nbytes>`` of a well-formed frame header: ``PUB`` (pub_nbytes), ``REQ <id> <topic>
-    <nbytes>`` or ``REPLY <token> <nbytes>``."""
+    <nbytes>`` or ``REPLY <token> <nbytes>``, its verb beginning the line."""
     nbytes = pub_nbytes(header)
     if nbytes is not None:
         return nbytes
-    fields = header.split()
-    if not fields or _REQUEST_FRAMES.get(fields[0].upper()) != len(fields) or not fields[-1].isdigit():
+    fields = command_fields(header)
+    if (
+        not fields
+        or header[:1] in (b" ", b"\t")
+        or _REQUEST_FRAMES.get(fields[0].upper()) != len(fields)
+        or not fields[-1].isdigit()
+    ):
         return None
     return int(fields[-1])
 
@@ -142,10 +160,16 @@ def split_commands(data: bytes, max_payload: int) -> tuple[list[bytes], int, int
     include its payload (maybe past the end of ``data``), refused and skipped as the core does; what
     follows it is then more input, not an unfinished command.
     A frame not followed by a line end is the last item with all the rest of ``data``: the core it
-    goes to answers ``BAD_FRAME`` and closes."""
+    goes to answers ``BAD_FRAME`` and closes. A run of lines the router does not route is one
+    ``PlainLines`` item."""
     items: list[bytes] = []
     pos = 0
     while (nl := data.find(b"\n", pos)) >= 0:
+        run_end = _PLAIN_LINES.plain_run_end(data, pos)
+        if run_end > pos:
+            items.append(PlainLines(data[pos : run_end - 1]))
+            pos = run_end
+            continue
         nbytes = frame_nbytes(data[pos:nl])
         if nbytes is None:
             items.append(data[pos:nl])
@@ -898,7 +922,7 @@ class RoutedConnection(_Connection):
         same owner (which runs them first), goes at once; before any other, each owner confirms
         them (``Upstream.confirm_unanswered``)."""
         if source is None and verb in _SETTLE_COMMANDS:
-            tags = parse_tags(rest.split(None, 1)[0])
+            tags = parse_tags(command_fields(rest, 1)[0])
             if tags is not None and tags[0] >= REMOTE_TAG_BASE and self._relayed_tags(*tags):
                 return True
         if source is None and verb == b"REPLY" and b"\n" in rest:  # relayed (not one over the limit)
@@ -924,7 +948,7 @@ class RoutedConnection(_Connection):
         """Before the core answers the client's ``DISCONNECT`` (``line``): each owner ends the
         client's connection there first, taking back its unacknowledged messages, as one server does
         before it answers. True (the input held) while their answers are awaited."""
-        if len(line.split()) == 1 and self._broker.client_id(self._handle) is not None:
+        if len(command_fields(line)) == 1 and self._broker.client_id(self._handle) is not None:
             for upstream in self._upstreams.values():
                 if not upstream.released and upstream.disconnect(self._upstream_released):
                     self._releasing.add(upstream)
@@ -940,7 +964,7 @@ class RoutedConnection(_Connection):
     def _hello(self, line: bytes) -> None:
         """The client chose its protocol (``HELLO 1``/``HELLO 2``; the core answers it): its upstreams
         switch too, so that deliveries relayed from owners come in the client's form."""
-        fields = line.split()
+        fields = command_fields(line)
         if len(fields) == 2 and fields[1] in (b"1", b"2"):
             self.protocol = int(fields[1])
             for upstream in self._upstreams.values():
@@ -998,10 +1022,12 @@ class RoutedConnection(_Connection):
         the rest after the client id."""
         if line is _INPUT_REFUSED:
             return None, line, b""
-        fields = line.split(None, 2)
+        if type(line) is PlainLines:
+            return _LOCAL, b"", b""
+        fields = command_fields(line, 2)
         verb = fields[0].upper() if fields else b""
         if verb == b"CLUSTER":
-            return None, verb, line[len(fields[0]) :].strip()
+            return None, verb, line.lstrip(b" \t")[len(fields[0]) :].strip()
         if verb == b"CONNECT" and len(fields) == 3 and self._login is None:
             # the first login: a wrong one closes the connection, a later CONNECT is refused
             self._login = line
@@ -1020,11 +1046,11 @@ class RoutedConnection(_Connection):
             return _LOCAL, verb, b""  # the core answers BAD_FRAME and closes
         rest = fields[2]
         if verb in _SETTLE_COMMANDS:
-            tags = parse_tags(rest.split(None, 1)[0])
+            tags = parse_tags(command_fields(rest, 1)[0])
             if tags is None or tags[1] < REMOTE_TAG_BASE:
                 return _LOCAL, verb, b""
             return None, verb, rest
-        topic = rest.split(None, 1)[0]
+        topic = command_fields(rest, 1)[0]
         slot = slot_of(topic)
         if verb in _PATTERN_COMMANDS and is_pattern(topic):
             # a client that follows redirects places it on every node itself (ClusterClient), and a
@@ -1072,7 +1098,7 @@ class RoutedConnection(_Connection):
             self._reply(self._input_refused)
             self.close_after_output()
         else:
-            topic = rest.split(None, 1)[0]
+            topic = command_fields(rest, 1)[0]
             slot = slot_of(topic)
             owner = self._cluster.owner(slot)
             address = None if owner is None else self._cluster.address_of(owner)
@@ -1102,7 +1128,7 @@ class RoutedConnection(_Connection):
         owner's own token (no answer, as for any ``REPLY``); dropped when that upstream has closed or
         the token is another process's, as a reply to a requester that has gone is on one server."""
         header, _, payload = frame.partition(b"\n")
-        _, token, nbytes = header.split()
+        _, token, nbytes = command_fields(header)
         route = RELAYED_TOKENS.route(token)
         if route is None:
             log.debug("dropped a reply to %r: its upstream has closed", token)
