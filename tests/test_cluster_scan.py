@@ -11,9 +11,10 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pigeon.cluster._scan import VerbScanner, command_fields
+from pigeon.cluster._scan import InputScanner, PlainLines, command_fields
 
-VERBS = (b"PUB", b"PUBLISH", b"ACK", b"DISCONNECT")
+ROUTED = frozenset((b"PUBLISH", b"ACK", b"DISCONNECT"))
+FRAMED = frozenset((b"PUB",))
 # bytes that look like separators to bytes.split but not to the core, and words near the verbs
 PIECES = st.sampled_from(
     [
@@ -60,12 +61,35 @@ def test_a_frames_payload_is_kept_whole_in_the_rest(payload: bytes) -> None:
 
 
 @given(st.lists(LINE, max_size=8), st.sampled_from([b"", b"PUB c1", b"ping"]))
-def test_a_plain_run_ends_at_the_first_line_with_a_verb(lines: list[bytes], unfinished: bytes) -> None:
+def test_lines_are_cut_into_plain_runs_and_routed_lines_up_to_a_frame(
+    lines: list[bytes], unfinished: bytes
+) -> None:
     data = b"".join(line + b"\n" for line in lines) + unfinished
-    end = 0
+    expected: list[bytes] = []
+    plain: list[bytes] = []
+    stop = 0
     for line in lines:
         words = fields_as_the_core_reads(line, -1)
-        if words and words[0].upper() in VERBS:
-            break
-        end += len(line) + 1
-    assert VerbScanner(VERBS).plain_run_end(data, 0) == end
+        verb = words[0].upper() if words else b""
+        if verb not in ROUTED and verb not in FRAMED:
+            plain.append(line)
+        else:
+            expected += [b"\n".join(plain)] if plain else []
+            plain = []
+            if (
+                verb in FRAMED
+                and line[:1] not in (b" ", b"\t")
+                and re.match(rb"[^ \t]+[ \t]", line[:-1] if line.endswith(b"\r") else line)
+            ):
+                break  # a frame begins: the router reads it itself
+            expected.append(line)
+        stop += len(line) + 1
+    expected += [b"\n".join(plain)] if plain else []
+    items: list[bytes] = []
+    assert InputScanner(ROUTED, FRAMED).split_lines(data, 0, items) == stop
+    assert items == expected
+    assert [type(item) is PlainLines for item in items] == [
+        not (fields := fields_as_the_core_reads(item.split(b"\n", 1)[0], -1))
+        or fields[0].upper() not in ROUTED | FRAMED
+        for item in items
+    ]

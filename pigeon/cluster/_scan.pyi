@@ -1,13 +1,19 @@
 from collections.abc import Iterable
 
-class VerbScanner:
-    """Finds runs of whole lines whose first word (in any case, after any leading blanks) is none of
-    the verbs ``routed`` (upper-case ASCII words)."""
+class PlainLines(bytes):
+    """Whole lines of a client (joined by ``\\n``, the last without it) whose verbs the router does
+    not route: they go to this node's core as they are, one item of ``InputScanner.split_lines``."""
 
-    def __init__(self, routed: Iterable[bytes]) -> None: ...
-    def plain_run_end(self, data: bytes, pos: int) -> int:
-        """Where the run of whole lines of ``data`` that starts at ``pos`` and holds none of the verbs
-        ends: just past its last ``\\n``; ``pos`` when the line there has one, or is not whole."""
+class InputScanner:
+    """Cuts a client's input into the items the router routes: the verbs ``routed`` (upper-case ASCII
+    words) are those it looks at, of which ``framed`` begin a frame."""
+
+    def __init__(self, routed: Iterable[bytes], framed: Iterable[bytes]) -> None: ...
+    def split_lines(self, data: bytes, pos: int, items: list[bytes]) -> int:
+        """Append the whole lines of ``data`` from ``pos`` on to ``items`` (without their ``\\n``):
+        each run of lines without a verb as one ``PlainLines``, each line with one as ``bytes``.
+        Stops before a line that begins a frame (its verb one of ``framed``, first on the line,
+        followed by a blank) and before an unfinished line: returns where."""
 
 def command_fields(line: bytes, maxsplit: int = -1) -> list[bytes]:
     """The fields of a command line (without its ``\\n``) as the core reads them: like

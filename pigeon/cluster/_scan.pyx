@@ -3,14 +3,16 @@
 
 The router (pigeon/cluster/router.py) looks at every command a client sends to decide where it
 goes. Most need no decision: a command whose first word is none of the verbs the router routes or
-watches goes to this node's own core as it is. ``VerbScanner.plain_run_end`` finds a run of such
-lines in one pass over the bytes, so that they reach the core as one slice, with no Python object
-per line: a client sending junk or ``PING``s costs a node what it costs one server, not a parse of
-each line in Python. ``command_fields`` splits a line the router does look at into its fields.
+watches goes to this node's own core as it is. ``InputScanner.split_lines`` cuts whole lines in
+one pass over the bytes: a run of such lines is one ``PlainLines`` item, fed to the core as one
+slice, with no Python object per line, and each line with a routed verb is an item of its own; it
+stops where a frame begins, whose payload the router reads itself. A client sending junk or
+``PING``s costs a node what it costs one server, not a parse of each line in Python.
+``command_fields`` splits a line the router does look at into its fields.
 
-Both read a line as the core's parser does (``pigeon/core/parser.pxi``): one ``\r`` before its
-``\n`` is dropped, and fields are separated by spaces and tabs only, so that the router never
-reads a command other than the one the core would run.
+Both read a line as the core's parser does (``pigeon/core/parser.pxi``): one ``\\r`` before its
+``\\n`` is dropped, fields are separated by spaces and tabs only, and a frame's verb begins its line,
+followed by a blank, so that the router never reads a command other than the one the core would run.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -19,6 +21,11 @@ from libc.string cimport memchr, memcmp, memset
 cdef enum:
     VERB_MAX = 16  # the longest verb a scanner holds ("UNSUBSCRIBE" has 11 letters)
     VERBS_MAX = 32
+
+
+class PlainLines(bytes):
+    """Whole lines of a client (joined by ``\\n``, the last without it) whose verbs the router does
+    not route: they go to this node's core as they are, one item of ``InputScanner.split_lines``."""
 
 
 cdef inline bint _blank(unsigned char c) noexcept nogil:
@@ -30,18 +37,20 @@ cdef inline unsigned char _upper(unsigned char c) noexcept nogil:
     return c - 32 if 97 <= c <= 122 else c
 
 
-cdef class VerbScanner:
-    """Finds runs of whole lines whose first word (in any case, after any leading blanks) is none of
-    the verbs ``routed`` (upper-case ASCII words)."""
+cdef class InputScanner:
+    """Cuts a client's input into the items the router routes: the verbs ``routed`` (upper-case ASCII
+    words) are those it looks at, of which ``framed`` begin a frame."""
 
     cdef unsigned char _verbs[VERBS_MAX][VERB_MAX]
     cdef size_t _lengths[VERBS_MAX]
+    cdef bint _framed[VERBS_MAX]
     cdef size_t _count
     cdef bint _first[256]  # whether a verb starts with this byte (either case)
 
-    def __cinit__(self, routed):
+    def __cinit__(self, routed, framed):
         memset(self._first, 0, sizeof(self._first))
-        verbs = sorted(set(routed))
+        framed = set(framed)
+        verbs = sorted(set(routed) | framed)
         if len(verbs) > VERBS_MAX:
             raise ValueError(f"at most {VERBS_MAX} verbs, not {len(verbs)}")
         self._count = 0
@@ -51,49 +60,62 @@ cdef class VerbScanner:
             for i in range(len(verb)):
                 self._verbs[self._count][i] = verb[i]
             self._lengths[self._count] = len(verb)
+            self._framed[self._count] = verb in framed
             self._first[verb[0]] = True
             self._first[verb.lower()[0]] = True
             self._count += 1
 
-    cdef bint _routed(self, const unsigned char *word, size_t length) noexcept nogil:
+    cdef int _verb(self, const unsigned char *word, size_t length) noexcept nogil:
+        """The number of the verb ``word`` is (in any case), or -1."""
         cdef unsigned char upper[VERB_MAX]
         cdef size_t i
         if length == 0 or length > VERB_MAX or not self._first[word[0]]:
-            return False
+            return -1
         for i in range(length):
             upper[i] = _upper(word[i])
         for i in range(self._count):
             if self._lengths[i] == length and memcmp(self._verbs[i], upper, length) == 0:
-                return True
-        return False
+                return <int>i
+        return -1
 
-    def plain_run_end(self, bytes data not None, Py_ssize_t pos):
-        """Where the run of whole lines of ``data`` that starts at ``pos`` and holds none of the verbs
-        ends: just past its last ``\\n``; ``pos`` when the line there has one, or is not whole."""
+    def split_lines(self, bytes data not None, Py_ssize_t pos, list items not None):
+        """Append the whole lines of ``data`` from ``pos`` on to ``items`` (without their ``\\n``):
+        each run of lines without a verb as one ``PlainLines``, each line with one as ``bytes``.
+        Stops before a line that begins a frame (its verb one of ``framed``, first on the line,
+        followed by a blank) and before an unfinished line: returns where."""
         cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(data)
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), end = pos, word, stop, line_end
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), run = pos, word, stop, line_end
         cdef const unsigned char *nl
+        cdef int verb
         if pos < 0 or pos > n:
             raise IndexError(f"position {pos} outside 0..{n}")
-        with nogil:
-            while pos < n:
-                nl = <const unsigned char *>memchr(p + pos, 10, n - pos)
-                if nl == NULL:
-                    break
-                line_end = nl - p
-                if line_end > pos and p[line_end - 1] == 13:
-                    line_end -= 1
-                word = pos
-                while word < line_end and _blank(p[word]):
-                    word += 1
-                stop = word
-                while stop < line_end and not _blank(p[stop]):
-                    stop += 1
-                if self._routed(p + word, stop - word):
-                    break
+        while pos < n:
+            nl = <const unsigned char *>memchr(p + pos, 10, n - pos)
+            if nl == NULL:
+                break
+            line_end = nl - p
+            if line_end > pos and p[line_end - 1] == 13:
+                line_end -= 1
+            word = pos
+            while word < line_end and _blank(p[word]):
+                word += 1
+            stop = word
+            while stop < line_end and not _blank(p[stop]):
+                stop += 1
+            verb = self._verb(p + word, stop - word)
+            if verb < 0:
                 pos = nl - p + 1
-                end = pos
-        return end
+                continue
+            if run < pos:
+                items.append(PlainLines(PyBytes_FromStringAndSize(<const char *>p + run, pos - 1 - run)))
+            if self._framed[verb] and word == pos and stop < line_end:
+                return pos
+            items.append(PyBytes_FromStringAndSize(<const char *>p + pos, nl - p - pos))
+            pos = nl - p + 1
+            run = pos
+        if run < pos:
+            items.append(PlainLines(PyBytes_FromStringAndSize(<const char *>p + run, pos - 1 - run)))
+        return pos
 
 
 def command_fields(bytes line not None, Py_ssize_t maxsplit=-1):

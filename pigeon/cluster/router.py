@@ -42,7 +42,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from pigeon._core import INPUT_SLACK_BYTES, Broker
-from pigeon.cluster._scan import VerbScanner, command_fields
+from pigeon.cluster._scan import InputScanner, PlainLines, command_fields
 from pigeon.cluster.node import ClusterNode
 from pigeon.cluster.patterns import EVERY_NODE, PatternPlacement, ignored_answer
 from pigeon.cluster.replication import REPLICATE, ReplicaReceiver, ReplicaStore
@@ -124,14 +124,9 @@ def pub_nbytes(header: bytes) -> int | None:
 _REQUEST_FRAMES = {b"REQ": 4, b"REPLY": 3}  # the frames of request/reply, by their number of fields
 _FRAME_VERBS = frozenset((b"PUB", *_REQUEST_FRAMES))
 # every verb _classify or _route looks at: a line with none of them goes to the core as it is
-_PLAIN_LINES = VerbScanner(
-    (*_TOPIC_COMMANDS, *_SETTLE_COMMANDS, *_FRAME_VERBS, b"CLUSTER", b"CONNECT", b"HELLO", b"DISCONNECT")
+_INPUT = InputScanner(
+    (*_TOPIC_COMMANDS, *_SETTLE_COMMANDS, b"CLUSTER", b"CONNECT", b"HELLO", b"DISCONNECT"), _FRAME_VERBS
 )
-
-
-class PlainLines(bytes):
-    """Whole lines of a client (joined by ``\\n``, the last without it) whose verbs the router does not
-    route: they go to this node's core as they are, one item of ``split_commands``."""
 
 
 def frame_nbytes(header: bytes) -> int | None:
@@ -160,17 +155,16 @@ def split_commands(data: bytes, max_payload: int) -> tuple[list[bytes], int, int
     include its payload (maybe past the end of ``data``), refused and skipped as the core does; what
     follows it is then more input, not an unfinished command.
     A frame not followed by a line end is the last item with all the rest of ``data``: the core it
-    goes to answers ``BAD_FRAME`` and closes. A run of lines the router does not route is one
-    ``PlainLines`` item."""
+    goes to answers ``BAD_FRAME`` and closes. Lines are cut in C (``InputScanner``): a run of those
+    the router does not route is one ``PlainLines`` item."""
     items: list[bytes] = []
     pos = 0
-    while (nl := data.find(b"\n", pos)) >= 0:
-        run_end = _PLAIN_LINES.plain_run_end(data, pos)
-        if run_end > pos:
-            items.append(PlainLines(data[pos : run_end - 1]))
-            pos = run_end
-            continue
-        nbytes = frame_nbytes(data[pos:nl])
+    while True:
+        pos = _INPUT.split_lines(data, pos, items)
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            return items, pos, 0, False
+        nbytes = frame_nbytes(data[pos:nl])  # a line that begins a frame
         if nbytes is None:
             items.append(data[pos:nl])
             pos = nl + 1
@@ -186,7 +180,6 @@ def split_commands(data: bytes, max_payload: int) -> tuple[list[bytes], int, int
             return items, len(data), 0, False
         items.append(data[pos : end - 1])
         pos = end
-    return items, pos, 0, False
 
 
 def pub_run(data: bytes, prefix: bytes) -> tuple[list[int], int]:
