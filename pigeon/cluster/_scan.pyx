@@ -119,10 +119,10 @@ cdef class InputScanner:
 
 
 def command_fields(bytes line not None, Py_ssize_t maxsplit=-1):
-    """The fields of a command line (without its ``\n``) as the core reads them: like
-    ``line.split(None, maxsplit)``, but only spaces and tabs separate fields and one final ``\r``
+    """The fields of a command line (without its ``\\n``) as the core reads them: like
+    ``line.split(None, maxsplit)``, but only spaces and tabs separate fields and one final ``\\r``
     ends the line; with ``maxsplit``, the last field is the rest of the line as it is (a frame's
-    payload, its own final ``\r`` included), from its first byte that is no blank."""
+    payload, its own final ``\\r`` included), from its first byte that is no blank."""
     cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(line)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(line), pos = 0, stop
     cdef Py_ssize_t end = n - 1 if n and p[n - 1] == 13 else n
