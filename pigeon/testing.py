@@ -250,12 +250,20 @@ class LineClient:
         self._data = b""
         self._pos = 0
         self.client_id = ""
+        self._peer_closed = False  # quiet() saw the end of the connection
+
+    def __repr__(self) -> str:
+        # what a failed ``assert client.quiet()`` shows: what came instead of silence
+        unread = self._data[self._pos : self._pos + 300]
+        ended = ", closed by the peer" if self._peer_closed else ""
+        return f"<LineClient {self.client_id or '-'} unread {unread!r}{ended}>"
 
     @classmethod
     def over(cls, sock: socket.socket) -> LineClient:
         """A client on a socket made elsewhere (e.g. with a small receive buffer), already connected."""
         client = cls.__new__(cls)
         client.sock, client._data, client._pos, client.client_id = sock, b"", 0, ""
+        client._peer_closed = False
         return client
 
     @property
@@ -351,6 +359,7 @@ class LineClient:
         finally:
             self.sock.settimeout(old)
         self.buf += data
+        self._peer_closed = not data
         return False
 
     def close(self) -> None:
