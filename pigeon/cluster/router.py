@@ -109,20 +109,10 @@ def frame_end(data: bytes, start: int, nbytes: int) -> int | None:
     return -1
 
 
-def pub_nbytes(header: bytes) -> int | None:
-    """The ``<nbytes>`` of a well-formed ``PUB <id> <topic> <nbytes>`` header line, else None (a line
-    that is no ``PUB``, or a malformed one, which the core answers ``BAD_FRAME``). As for the core, a
-    frame's verb begins its line."""
-    if header[:4].upper() not in (b"PUB ", b"PUB\t"):
-        return None
-    fields = command_fields(header)
-    if len(fields) != 4 or not fields[3].isdigit():
-        return None
-    return int(fields[3])
-
-
-_REQUEST_FRAMES = {b"REQ": 4, b"REPLY": 3}  # the frames of request/reply, by their number of fields
-_FRAME_VERBS = frozenset((b"PUB", *_REQUEST_FRAMES))
+# the frames, by the number of fields of their header: PUB <id> <topic> <nbytes>, REQ <id> <topic>
+# <nbytes>, REPLY <token> <nbytes>
+_FRAME_FIELDS = {b"PUB": 4, b"REQ": 4, b"REPLY": 3}
+_FRAME_VERBS = frozenset(_FRAME_FIELDS)
 # every verb _classify or _route looks at: a line with none of them goes to the core as it is
 _INPUT = InputScanner(
     (*_TOPIC_COMMANDS, *_SETTLE_COMMANDS, b"CLUSTER", b"CONNECT", b"HELLO", b"DISCONNECT"), _FRAME_VERBS
@@ -130,16 +120,14 @@ _INPUT = InputScanner(
 
 
 def frame_nbytes(header: bytes) -> int | None:
-    """The ``<nbytes>`` of a well-formed frame header: ``PUB`` (pub_nbytes), ``REQ <id> <topic>
-    <nbytes>`` or ``REPLY <token> <nbytes>``, its verb beginning the line."""
-    nbytes = pub_nbytes(header)
-    if nbytes is not None:
-        return nbytes
+    """The ``<nbytes>`` of a well-formed frame header line (``PUB``, ``REQ``, ``REPLY``; as for the
+    core, its verb begins the line), else None (a line that is no frame header, or a malformed one,
+    which the core answers ``BAD_FRAME``)."""
     fields = command_fields(header)
     if (
         not fields
         or header[:1] in (b" ", b"\t")
-        or _REQUEST_FRAMES.get(fields[0].upper()) != len(fields)
+        or _FRAME_FIELDS.get(fields[0].upper()) != len(fields)
         or not fields[-1].isdigit()
     ):
         return None
