@@ -3,6 +3,7 @@
     python benchmarks/recovery.py --messages 10000000 --brokers pigeon     # the recovery figure
     python benchmarks/recovery.py --messages 1000000 --consume              # Pigeon and its peers
     python benchmarks/recovery.py --messages 1000000 --restarts 5           # medians of 5 rounds
+    python benchmarks/recovery.py --brokers pigeon,jetstream,floor --restarts 5
 
 For each broker in turn (Pigeon with ``--fsync everysec``, Redis Streams with AOF ``appendfsync
 everysec``, NATS JetStream with a file stream, RabbitMQ with a durable queue of persistent
@@ -14,6 +15,10 @@ consumer waiting for it, and (with --consume) until 4 acknowledging consumers (p
 acknowledging every 100) have acknowledged every message. With ``--restarts N`` each broker
 goes through N such rounds (fresh files, fill, kill -9, restart) and its figures are the medians,
 each round's ready and first-message times listed after them.
+
+``floor`` is no broker: benchmarks/start_floor.py, the interpreter, asyncio and uvloop listening and
+answering a line, started the same way (its ready and first reply, nothing to fill or recover).
+Beside a broker's restart it shows what of that time Python alone takes on this machine.
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ import shutil
 import signal
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from pathlib import Path
 
 from pigeon.bench.acking import AckDialect
 from pigeon.bench.brokers import Broker, Started, durable_brokers, start_broker, stop_broker
@@ -50,6 +58,7 @@ PREFETCH = 1000
 ACK_BATCH = 100
 CONFIRM_WINDOW = 1000
 QUEUE = b"recovery.jobs"
+FLOOR = Path(__file__).with_name("start_floor.py")
 DEADLINE = 900.0  # the longest wait for a fill or a drain
 
 
@@ -158,6 +167,28 @@ def measure(broker: Broker, messages: int, size: int, consume_all: bool, pin: li
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def floor(pin: list[str]) -> Figures:
+    """Start benchmarks/start_floor.py: the time to its listening line, and to its answer to a line."""
+    started = time.perf_counter()
+    proc = subprocess.Popen([*pin, sys.executable, str(FLOOR)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        figures = Figures(0.0, time.perf_counter() - started)
+        port = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        if port is None:
+            raise WireError(f"{FLOOR.name} did not start: {line!r}")
+        with socket.create_connection(("127.0.0.1", int(port.group(1)))) as sock:
+            sock.sendall(b"CONNECT\r\n")
+            if not sock.recv(64):
+                raise WireError(f"{FLOOR.name} closed without answering")
+        figures.first_s = time.perf_counter() - started
+        return figures
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def recovered_line(running: Started) -> str:
     """Pigeon's "recovered N messages ..." line (logged once its restore ends, while it serves), or ""
     when it logs none within a minute."""
@@ -196,9 +227,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--consume", action="store_true", help="also time 4 acking consumers taking all")
-    parser.add_argument(
-        "--brokers", default=",".join(FLAVOURS), help=f"comma-separated, from {','.join(FLAVOURS)}"
-    )
+    names = [*FLAVOURS, "floor"]
+    parser.add_argument("--brokers", default=",".join(names), help=f"comma-separated, from {','.join(names)}")
     parser.add_argument(
         "--restarts",
         type=int,
@@ -212,6 +242,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--restarts must be 1 or more, not {args.restarts}")
     known = {b.name: b for b in durable_brokers()}
     for name in args.brokers.split(","):
+        if name == "floor":
+            starts = [floor([]) for _ in range(args.restarts)]
+            figures = medians(starts)
+            print(
+                f"floor: {FLOOR.name} (the interpreter, asyncio and uvloop; nothing to recover) ready after "
+                f"{figures.ready_s:.3f} s, first reply {figures.first_s:.3f} s"
+                + (
+                    f"; medians of {len(starts)} starts (ready {seconds([f.ready_s for f in starts])} s, "
+                    f"first reply {seconds([f.first_s for f in starts])} s)"
+                    if len(starts) > 1
+                    else ""
+                ),
+                flush=True,
+            )
+            continue
         broker = known[FLAVOURS[name]]
         if broker.executable is None:
             print(f"{name}: not installed, skipped")

@@ -246,6 +246,20 @@ def test_recovery_restarts_reports_the_medians_of_its_rounds() -> None:
     assert "error: --restarts must be 1 or more, not 0" in refused.stderr
 
 
+def test_recovery_floor_times_python_alone_starting_and_answering() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "recovery.py"), "--brokers", "floor", "--restarts", "3"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    [line] = done.stdout.splitlines()
+    rounds = re.search(r"medians of 3 starts \(ready ([0-9. ]+) s, first reply ([0-9. ]+) s\)", line)
+    assert line.startswith("floor: start_floor.py") and rounds is not None, line
+    ready, first = ([float(v) for v in group.split()] for group in rounds.groups())
+    assert all(0 < r <= f for r, f in zip(ready, first, strict=True)), line
+    assert f"ready after {sorted(ready)[1]:.3f} s, first reply {sorted(first)[1]:.3f} s" in line
+
+
 def test_compare_skips_peers_that_are_not_installed(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--quick", "--workloads", "latency"],
