@@ -25,6 +25,14 @@ spreads the connections, so about half of the traffic is forwarded to the other 
 are the same Python client, so the difference is the brokers' forwarding; msgs/s are deliveries, and
 "broker us/msg" the workers' CPU time (user + system, psutil) per delivery during the measured span.
 
+    python -m benchmarks.cluster --spread [--repeats 2] [--messages 100000]
+
+times one client that pipelines ``--messages`` ``PUBLISH`` lines of one byte over several topics, on
+two ``pigeon --cluster`` nodes, the client on n0: to 4 topics n0 owns, to 4 topics n1 owns, and to
+topics of both in alternation (one line each, in turns: each switch of owner waits for the previous
+one's answers), against one process with 8 topics; then the alternation with ``Client`` and with
+``ClusterClient`` (``publish(..., wait=False)``, then ``flush()``). msgs/s are ``PUBLISHED`` replies.
+
     python -m benchmarks.cluster --patterns [--repeats 3] [--duration 3]
 
 runs that fan-in with ``Client`` on the shared port twice: each subscriber subscribed to its topic
@@ -39,8 +47,10 @@ import multiprocessing
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -304,6 +314,76 @@ def compare_clients(repeats: int, duration: float, patterns: bool = False) -> No
         print(f"{name:<32} {median:>15,.0f} {median / base:>11.2f}x {cpu:>13.2f}  {each}")
 
 
+def _pipelined(port: int, topics: list[str], messages: int) -> float:
+    """``messages`` PUBLISH lines over ``topics`` in turns, sent on one connection by a thread while
+    this one reads the replies: PUBLISHED per second."""
+    with socket.create_connection(("127.0.0.1", port)) as sock, sock.makefile("rb") as replies:
+        sock.sendall(b"CONNECT\n")
+        me = replies.readline().split()[1]
+        lines = b"".join(
+            b"PUBLISH %s %s m\n" % (me, topics[i % len(topics)].encode()) for i in range(messages)
+        )
+        started = time.perf_counter()
+        sender = threading.Thread(target=sock.sendall, args=(lines,), daemon=True)
+        sender.start()
+        for _ in range(messages):
+            reply = replies.readline()
+            if not reply.startswith(b"PUBLISHED "):
+                raise RuntimeError(f"not published: {reply!r}")
+        rate = messages / (time.perf_counter() - started)
+        sender.join()
+    return rate
+
+
+def _with_library(port: int, aware: bool, topics: list[str], messages: int) -> float:
+    """The same with the client library: ``publish(..., wait=False)`` each, then ``flush()``."""
+    with _client(port, aware) as client:
+        started = time.perf_counter()
+        for i in range(messages):
+            client.publish(topics[i % len(topics)], b"m", wait=False)
+        refused = client.flush()
+        rate = messages / (time.perf_counter() - started)
+    if refused:
+        raise RuntimeError(f"refused: {refused[:1]}")
+    return rate
+
+
+def _owned_topics(port: int, node: str, count: int) -> list[str]:
+    """``count`` topics whose slots ``node`` serves, as the node behind ``port`` sees them."""
+    with Client("127.0.0.1", port) as client:
+        slots = set(client.cluster()["members"][node]["slots"])
+    names = (f"{node}.t{n}" for n in range(100_000) if slot_of(f"{node}.t{n}".encode()) in slots)
+    return [next(names) for _ in range(count)]
+
+
+def spread_publisher(repeats: int, messages: int) -> None:
+    """Time one pipelining client over topics of one owner and of two, ``repeats`` times in turns;
+    prints the medians."""
+    print(f"load average before: {os.getloadavg()}")
+    runs: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        with pigeon_single() as (port, _):
+            runs.setdefault("one process, 8 topics", []).append(
+                _pipelined(port, [f"t{i}" for i in range(8)], messages)
+            )
+        with pigeon_nodes(False)() as (port, _):
+            local, remote = _owned_topics(port, "n0", 4), _owned_topics(port, "n1", 4)
+            alternating = [topic for pair in zip(local, remote, strict=True) for topic in pair]
+            measured = {
+                "through n0, 4 topics of n0": _pipelined(port, local, messages),
+                "through n0, 4 topics of n1": _pipelined(port, remote, messages),
+                "through n0, n0 and n1 in turns": _pipelined(port, alternating, messages),
+                "Client, n0 and n1 in turns": _with_library(port, False, alternating, messages),
+                "ClusterClient, n0 and n1 in turns": _with_library(port, True, alternating, messages),
+            }
+            for name, rate in measured.items():
+                runs.setdefault(name, []).append(rate)
+    print(f"load average after: {os.getloadavg()}")
+    print(f"{'one pipelining publisher':<36} {'msgs/s (median)':>16}  runs")
+    for name, values in runs.items():
+        print(f"{name:<36} {statistics.median(values):>16,.0f}  {', '.join(f'{v:,.0f}' for v in values)}")
+
+
 def main() -> int:
     """Run every setup ``--repeats`` times, in turns, and print the median msgs/s of each."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
@@ -311,7 +391,15 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--clients", action="store_true", help="ClusterClient against Client on --workers 2")
     parser.add_argument("--patterns", action="store_true", help="exact against pattern subscribers")
+    parser.add_argument("--spread", action="store_true", help="one publisher over topics of several owners")
+    parser.add_argument("--messages", type=int, default=100_000, help="publishes per --spread run")
     args = parser.parse_args()
+    if args.spread:
+        if shutil.which("etcd") is None:
+            print("needs etcd (apt-get install etcd-server)")
+            return 1
+        spread_publisher(args.repeats, args.messages)
+        return 0
     if args.clients or args.patterns:
         if shutil.which("etcd") is None:
             print("needs etcd (apt-get install etcd-server)")

@@ -260,6 +260,25 @@ def test_recovery_floor_times_python_alone_starting_and_answering() -> None:
     assert f"ready after {sorted(ready)[1]:.3f} s, first reply {sorted(first)[1]:.3f} s" in line
 
 
+@pytest.mark.skipif(shutil.which("etcd") is None, reason="needs etcd (apt-get install etcd-server)")
+def test_cluster_spread_times_a_publisher_over_topics_of_one_owner_and_of_two() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cluster", "--spread", "--repeats", "1", "--messages", "2000"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = {line[:36].strip(): line[36:].split() for line in done.stdout.splitlines()[3:]}
+    assert list(rows) == [
+        "one process, 8 topics",
+        "through n0, 4 topics of n0",
+        "through n0, 4 topics of n1",
+        "through n0, n0 and n1 in turns",
+        "Client, n0 and n1 in turns",
+        "ClusterClient, n0 and n1 in turns",
+    ], done.stdout
+    assert all(float(row[0].replace(",", "")) > 0 for row in rows.values()), done.stdout
+
+
 def test_compare_skips_peers_that_are_not_installed(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--quick", "--workloads", "latency"],

@@ -481,6 +481,48 @@ def test_a_node_reads_commands_with_odd_blanks_as_one_server_does(cluster: Clust
         assert single.stop() == 0, "".join(single.log)
 
 
+def test_publishes_to_several_topics_of_one_owner_go_through_a_node_as_one_server_answers_them(
+    cluster: Cluster,
+) -> None:
+    """A client's pipelined PUBLISH lines to several topics go on as one batch when each topic is
+    served where its last command went (``publish_slots``), else one by one (topics of two owners, a
+    line without a topic, more blanks before one): answered as one server answers the same lines, and
+    each topic's messages reach its subscriber in the order one server gives them."""
+    nodes, owned = cluster
+    of_n0 = [topic_owned_by(owned, "n0", f"batch{i}x") for i in range(3)]
+    with_n2 = [*of_n0, topic_owned_by(owned, "n2", "batchn2")]
+    single = ServerProcess()
+    try:
+        answers: list[list[bytes]] = []
+        messages: list[dict[str, list[bytes]]] = []
+        for server, subscribers_at in ((single, single), (nodes["n1"], nodes["n2"])):
+            client = connected(server)
+            me = client.client_id
+            got: list[bytes] = [client.ask(f"PUBLISH {me} {of_n0[0]} first")]
+            for topics in (of_n0, with_n2):
+                lines = [f"PUBLISH {me} {topics[i % len(topics)]} m{i}" for i in range(300)]
+                client.send(("\n".join(lines) + "\nPING\n").encode())
+                got += client.lines(301)
+            odd = [f"PUBLISH {me} {of_n0[1]}", f"PUBLISH {me}  {of_n0[2]} two-blanks", f"PUBLISH {me} \r"]
+            client.send(("\n".join([f"PUBLISH {me} {of_n0[0]} m", *odd]) + "\nPING\n").encode())
+            got += client.lines(5)
+            answers.append([line.replace(me.encode(), b"<id>") for line in got])
+            received: dict[str, list[bytes]] = {}
+            for topic in with_n2:
+                subscriber = connected(subscribers_at)
+                subscriber.subscribe(topic)
+                received[topic] = subscriber.lines(got.count(f"PUBLISHED {topic}".encode()))
+                assert subscriber.quiet(), topic
+                subscriber.close()
+            messages.append(received)
+        assert answers[0] == answers[1]
+        assert answers[1].count(b"PONG") == 3
+        assert not any(line.startswith(b"ERROR") for line in answers[1][:603])  # before the odd lines
+        assert messages[0] == messages[1]
+    finally:
+        assert single.stop() == 0, "".join(single.log)
+
+
 def test_consumer_groups_on_a_topic_work_across_nodes(cluster: Cluster) -> None:
     """Two groups on a topic owned by n2, their members on n0 and n1: each group gets every message
     published on n1, shared inside the group; DESTROY through a non-owner ends an idle group."""

@@ -11,7 +11,8 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pigeon.cluster._scan import InputScanner, PlainLines, command_fields
+from pigeon.cluster._scan import InputScanner, PlainLines, command_fields, publish_slots
+from pigeon.cluster.slots import slot_of
 
 ROUTED = frozenset((b"PUBLISH", b"ACK", b"DISCONNECT"))
 FRAMED = frozenset((b"PUB",))
@@ -34,6 +35,7 @@ PIECES = st.sampled_from(
     ]
 )
 LINE = st.lists(PIECES, max_size=12).map(b"".join)
+TOPIC_PIECES = st.sampled_from([b"", b" ", b"\t", b"\r", b"\x0b", b"jobs", b"a", b"b.c", b"*", b" m"])
 
 
 def fields_as_the_core_reads(line: bytes, maxsplit: int) -> list[bytes]:
@@ -93,3 +95,17 @@ def test_lines_are_cut_into_plain_runs_and_routed_lines_up_to_a_frame(
         or fields[0].upper() not in ROUTED | FRAMED
         for item in items
     ]
+
+
+@given(st.lists(st.lists(TOPIC_PIECES, max_size=5).map(b"".join), min_size=1, max_size=8))
+def test_publish_slots_are_those_of_the_topics_the_router_reads_one_by_one(rests: list[bytes]) -> None:
+    # a batch of one client's PUBLISH lines: the slots of the topics _classify would route each to
+    prefix = b"PUBLISH c1 "
+    lines = [prefix + rest for rest in rests]
+    topics = [fields_as_the_core_reads(line, 2)[2:] for line in lines]
+    if not all(topics) or any(rest[:1] in (b" ", b"\t") for rest in rests):
+        # no topic, or one after more blanks: read one by one
+        expected = None
+    else:
+        expected = sorted({slot_of(fields_as_the_core_reads(t[0], 1)[0]) for t in topics})
+    assert publish_slots(b"".join(line + b"\n" for line in lines), len(prefix)) == expected

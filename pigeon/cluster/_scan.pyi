@@ -20,3 +20,9 @@ def command_fields(line: bytes, maxsplit: int = -1) -> list[bytes]:
     ``line.split(None, maxsplit)``, but only spaces and tabs separate fields and one final ``\\r``
     ends the line; with ``maxsplit``, the last field is the rest of the line as it is (a frame's
     payload, its own final ``\\r`` included), from its first byte that is no blank."""
+
+def publish_slots(lines: bytes, prefix: int) -> list[int] | None:
+    """The slots of the topics of ``lines``, whole lines (each ending with ``\\n``) that each begin
+    with the same ``PUBLISH <id> `` of ``prefix`` bytes, without repeats: the topic is the field after
+    that prefix, as ``command_fields`` reads it. None when a line has no topic right after the prefix
+    (a blank there, or the end of the line), so that the router reads such lines one by one."""

@@ -8,7 +8,9 @@ one pass over the bytes: a run of such lines is one ``PlainLines`` item, fed to 
 slice, with no Python object per line, and each line with a routed verb is an item of its own; it
 stops where a frame begins, whose payload the router reads itself. A client sending junk or
 ``PING``s costs a node what it costs one server, not a parse of each line in Python.
-``command_fields`` splits a line the router does look at into its fields.
+``command_fields`` splits a line the router does look at into its fields, and ``publish_slots``
+finds the slots of a batch of a client's ``PUBLISH`` lines, so that a batch to several topics of one
+owner goes on whole.
 
 Both read a line as the core's parser does (``pigeon/core/parser.pxi``): one ``\\r`` before its
 ``\\n`` is dropped, fields are separated by spaces and tabs only, and a frame's verb begins its line,
@@ -16,7 +18,13 @@ followed by a blank, so that the router never reads a command other than the one
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcmp, memset
+
+from pigeon._crc32c cimport crc32c_choose
+from pigeon.cluster._slot cimport SLOTS, topic_slot
+
+crc32c_choose(1)
 
 cdef enum:
     VERB_MAX = 16  # the longest verb a scanner holds ("UNSUBSCRIBE" has 11 letters)
@@ -140,3 +148,35 @@ def command_fields(bytes line not None, Py_ssize_t maxsplit=-1):
             stop += 1
         found.append(PyBytes_FromStringAndSize(<const char *>p + pos, stop - pos))
         pos = stop
+
+
+def publish_slots(bytes lines not None, Py_ssize_t prefix):
+    """The slots of the topics of ``lines``, whole lines (each ending with ``\\n``) that each begin
+    with the same ``PUBLISH <id> `` of ``prefix`` bytes, without repeats: the topic is the field after
+    that prefix, as ``command_fields`` reads it. None when a line has no topic right after the prefix
+    (a blank there, or the end of the line), so that the router reads such lines one by one."""
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(lines)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(lines), pos = 0, topic, line_end
+    cdef const unsigned char *nl
+    cdef uint64_t seen[(SLOTS + 63) >> 6]
+    cdef unsigned int slot
+    if prefix <= 0:
+        raise ValueError(f"a prefix of {prefix} bytes")
+    memset(seen, 0, sizeof(seen))
+    while pos < n:
+        nl = <const unsigned char *>memchr(p + pos, 10, n - pos)
+        if nl == NULL:
+            raise ValueError("the last line has no \\n")
+        line_end = nl - p
+        if line_end > pos and p[line_end - 1] == 13:
+            line_end -= 1
+        topic = pos + prefix
+        if topic >= line_end or _blank(p[topic]):
+            return None
+        pos = topic
+        while pos < line_end and not _blank(p[pos]):
+            pos += 1
+        slot = topic_slot(p + topic, pos - topic)
+        seen[slot // 64] |= (<uint64_t>1) << (slot % 64)
+        pos = nl - p + 1
+    return [slot for slot in range(SLOTS) if seen[slot // 64] >> (slot % 64) & 1]

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from pigeon._core import INPUT_SLACK_BYTES, Broker
-from pigeon.cluster._scan import InputScanner, PlainLines, command_fields
+from pigeon.cluster._scan import InputScanner, PlainLines, command_fields, publish_slots
 from pigeon.cluster.node import ClusterNode
 from pigeon.cluster.patterns import EVERY_NODE, PatternPlacement, ignored_answer
 from pigeon.cluster.replication import REPLICATE, ReplicaReceiver, ReplicaStore
@@ -786,23 +786,32 @@ class RoutedConnection(_Connection):
         self._unrouted += len(_INPUT_REFUSED)
 
     def _batch(self, chunk: bytes) -> bool:
-        """Route a whole batch of lines at once when every one is a ``PUBLISH`` to the same topic as
-        the last one routed, with nothing waiting: to the core as it is when this node serves the
-        topic, else to its owner with one replace. False when the lines need routing one by one."""
+        """Route a whole batch of lines at once when every one is a ``PUBLISH`` of the client's, with
+        nothing waiting, and the topics they name are all served where the last command went: to the
+        core as it is when that is this node, else to the owner with one replace. False when the
+        lines need routing one by one."""
         prefix = self._last_publish
-        if not prefix or self._pending or self._holds or self._unanswered() or not chunk.startswith(prefix):
+        if not prefix or self._pending or self._holds or self._unanswered():
             return False
-        if chunk.count(b"\n" + prefix) + 1 != chunk.count(b"\n"):
-            return False
-        return self._send_batch(chunk, lambda upstream: upstream.send_chunk(chunk, prefix, b"PUBLISH"))
+        if chunk.startswith(prefix) and chunk.count(b"\n" + prefix) + 1 == chunk.count(b"\n"):
+            slots = [self._last_slot]  # all to the topic of the last one routed
+        else:
+            prefix = prefix[: prefix.index(b" ", len(b"PUBLISH ")) + 1]  # PUBLISH <id>
+            if not chunk.startswith(prefix) or chunk.count(b"\n" + prefix) + 1 != chunk.count(b"\n"):
+                return False
+            found = publish_slots(chunk, len(prefix))
+            if found is None:
+                return False
+            slots = found
+        return self._send_batch(chunk, slots, lambda upstream: upstream.send_chunk(chunk, prefix, b"PUBLISH"))
 
-    def _send_batch(self, chunk: bytes, to_owner: Callable[[Upstream], None]) -> bool:
-        """Send a batch of publishes to the topic of the last one routed at once: ``chunk`` to the core
-        as it is when this node serves the topic, else ``to_owner(the owner's upstream)``. False when
-        its commands must be routed one by one (another source has not answered yet, the owner
-        changed, its connection is not ready)."""
-        if self._cluster.serves(self._last_slot):
-            if self._source != _LOCAL:
+    def _send_batch(self, chunk: bytes, slots: list[int], to_owner: Callable[[Upstream], None]) -> bool:
+        """Send a batch of publishes to topics of ``slots`` at once, when the last command went where
+        all of them are served: ``chunk`` to the core as it is when that is this node, else
+        ``to_owner(the owner's upstream)``. False when its commands must be routed one by one (they
+        go elsewhere, or to several places, the owner changed, its connection is not ready)."""
+        if self._source == _LOCAL:
+            if not all(map(self._cluster.serves, slots)):
                 return False
             self._broker.feed(self._handle, chunk)
             return True
@@ -810,7 +819,7 @@ class RoutedConnection(_Connection):
         if (
             upstream is None
             or upstream.client_id is None
-            or self._cluster.owner(self._last_slot) != self._source
+            or any(self._cluster.owner(slot) != self._source for slot in slots)
         ):
             return False
         to_owner(upstream)
@@ -823,7 +832,9 @@ class RoutedConnection(_Connection):
         if self._pending or self._holds or self._unanswered():
             return False
         prefix = self._last_publish
-        return self._send_batch(data[:end], lambda upstream: upstream.send_frames(data, starts, end, prefix))
+        return self._send_batch(
+            data[:end], [self._last_slot], lambda upstream: upstream.send_frames(data, starts, end, prefix)
+        )
 
     def eof_received(self) -> bool:
         self._eof = True
