@@ -217,11 +217,25 @@ class ServerProcess:
         return LineClient(self.host, self.port, timeout)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        """Signal the server and return its exit code; a second call just returns it again."""
+        """Signal the server and return its exit code; a second call just returns it again. When it
+        has not ended ``timeout`` seconds after the signal, it is killed and AssertionError says so
+        with its log (what it was doing)."""
         if self.proc.stderr is None or self.proc.stderr.closed:
             return self.proc.wait()
-        code = signal_and_wait(self.proc, sig, timeout)
-        assert self.proc.stderr is not None
+        try:
+            code = signal_and_wait(self.proc, sig, timeout)
+        except subprocess.TimeoutExpired:
+            # the processes it started may still hold its stderr open: read for a while, not to the end
+            rest: list[str] = []
+            stderr = self.proc.stderr
+            reader = threading.Thread(target=lambda: rest.append(stderr.read()), daemon=True)
+            reader.start()
+            reader.join(2)
+            self.log += rest
+            raise AssertionError(
+                f"the server did not stop within {timeout} s of {signal.Signals(sig).name} and was "
+                f"killed; its log:\n{''.join(self.log)}"
+            ) from None
         self.log.append(self.proc.stderr.read())
         self.proc.stderr.close()
         return code
