@@ -124,6 +124,12 @@ def _session(rng: random.Random, owned: dict[str, set[int]], seed: int) -> list[
     for _ in range(STEPS):
         who = rng.randrange(CLIENTS)
         commands = [command(who) for _ in range(rng.randint(1, 3))]
+        if rng.random() < 0.1:
+            # publishes sent so that a node passes them on as one batch (``_step``): to both topics of
+            # one node, or of two (then one by one)
+            nodes = rng.sample(range(len(owned)), rng.choice((1, 1, 2)))
+            chosen = [topic for node in nodes for topic in topics[2 * node : 2 * node + 2]]
+            commands = [("batch", rng.choice(chosen), f"m{next(bodies)}") for _ in range(rng.randint(3, 7))]
         if ("disconnect",) in commands:
             # alone in its write: one server runs a write's commands before it delivers what they
             # published, so a DISCONNECT behind a PUBLISH leaves before it could be given the
@@ -198,7 +204,7 @@ class Peer:
             return f"SUBSCRIBE {me} {command[1]} {command[2]}".rstrip()
         if kind == "unsub":
             return f"UNSUBSCRIBE {me} {command[1]} {command[2]}".rstrip()
-        if kind == "publish":
+        if kind in ("publish", "batch"):
             return f"PUBLISH {me} {command[1]} {command[2]}"
         if kind in ("frame", "req"):
             verb = "PUB" if kind == "frame" else "REQ"
@@ -246,7 +252,7 @@ def _spelled(command: Command, line: str) -> str:
     capitalized after a blank (the router must see a verb it routes however it is written). Chosen
     by the command, so that both runs of a session spell it the same."""
     spelling = zlib.crc32(repr(command).encode()) % 3
-    if command[0] == "raw" or spelling == 0:
+    if command[0] in ("raw", "batch") or spelling == 0:
         return line
     verb, sep, rest = line.partition(" ")
     return (verb.lower() if spelling == 1 else " " + verb.capitalize()) + sep + rest
@@ -294,18 +300,29 @@ def _connected(openers: list[Callable[[], LineClient]]) -> list[Peer]:
 
 def _step(peers: list[Peer], step: Step) -> list[bytes]:
     """Send a step's commands in one write, then a PING: the replies before its PONG. A step that ends
-    with DISCONNECT has no PING: the replies before DISCONNECTED; then the client connects again."""
+    with DISCONNECT has no PING: the replies before DISCONNECTED; then the client connects again.
+    A step of ``batch`` publishes is sent in three writes, each once the one before is answered: the
+    first publish (a node routes it by itself, to its topic's owner), the others (to topics of the
+    same node: passed on whole, ``publish_slots``), then the PING."""
     who, commands = step
     peer = peers[who]
     peer.settled.clear()
-    disconnects = commands[-1] == ("disconnect",)
+    replies: list[bytes] = []
+    if commands[0][0] == "batch":
+        for write in (commands[:1], commands[1:]):
+            peer.client.send("".join(peer.render(command) + "\n" for command in write).encode())
+            for _ in write:
+                line = peer.read()
+                assert line is not None, f"no reply to a publish after {replies}"
+                replies.append(_normal(line, peer.settled))
+        commands = []
+    disconnects = bool(commands) and commands[-1] == ("disconnect",)
     peer.client.send(
         "".join(_spelled(command, peer.render(command)) + "\n" for command in commands)
         + ("" if disconnects else "PING\n")
     )
     last = b"DISCONNECTED" if disconnects else b"PONG"
     ends = 1 if disconnects else sum(command == ("ping",) for command in commands) + 1
-    replies: list[bytes] = []
     while ends:
         line = peer.read()
         assert line is not None, f"no {last.decode()} after {replies}"
