@@ -41,6 +41,19 @@ cdef inline bint _blank(unsigned char c) noexcept nogil:
     return c == 32 or c == 9
 
 
+cdef inline Py_ssize_t _content_end(const unsigned char *p, Py_ssize_t start, Py_ssize_t end) noexcept nogil:
+    """Where the line ``p[start:end]`` (without its ``\\n``) ends for the core: before one final
+    ``\\r``."""
+    return end - 1 if end > start and p[end - 1] == 13 else end
+
+
+cdef inline Py_ssize_t _field_end(const unsigned char *p, Py_ssize_t pos, Py_ssize_t end) noexcept nogil:
+    """The end of the field that begins at ``pos``: its first blank, or ``end``."""
+    while pos < end and not _blank(p[pos]):
+        pos += 1
+    return pos
+
+
 cdef inline unsigned char _upper(unsigned char c) noexcept nogil:
     return c - 32 if 97 <= c <= 122 else c
 
@@ -101,15 +114,11 @@ cdef class InputScanner:
             nl = <const unsigned char *>memchr(p + pos, 10, n - pos)
             if nl == NULL:
                 break
-            line_end = nl - p
-            if line_end > pos and p[line_end - 1] == 13:
-                line_end -= 1
+            line_end = _content_end(p, pos, nl - p)
             word = pos
             while word < line_end and _blank(p[word]):
                 word += 1
-            stop = word
-            while stop < line_end and not _blank(p[stop]):
-                stop += 1
+            stop = _field_end(p, word, line_end)
             verb = self._verb(p + word, stop - word)
             if verb < 0:
                 pos = nl - p + 1
@@ -133,7 +142,7 @@ def command_fields(bytes line not None, Py_ssize_t maxsplit=-1):
     payload, its own final ``\\r`` included), from its first byte that is no blank."""
     cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(line)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(line), pos = 0, stop
-    cdef Py_ssize_t end = n - 1 if n and p[n - 1] == 13 else n
+    cdef Py_ssize_t end = _content_end(p, 0, n)
     cdef list found = []
     while True:
         while pos < end and _blank(p[pos]):
@@ -143,9 +152,7 @@ def command_fields(bytes line not None, Py_ssize_t maxsplit=-1):
         if maxsplit >= 0 and len(found) == maxsplit:
             found.append(PyBytes_FromStringAndSize(<const char *>p + pos, n - pos))
             return found
-        stop = pos
-        while stop < end and not _blank(p[stop]):
-            stop += 1
+        stop = _field_end(p, pos, end)
         found.append(PyBytes_FromStringAndSize(<const char *>p + pos, stop - pos))
         pos = stop
 
@@ -167,15 +174,11 @@ def publish_slots(bytes lines not None, Py_ssize_t prefix):
         nl = <const unsigned char *>memchr(p + pos, 10, n - pos)
         if nl == NULL:
             raise ValueError("the last line has no \\n")
-        line_end = nl - p
-        if line_end > pos and p[line_end - 1] == 13:
-            line_end -= 1
+        line_end = _content_end(p, pos, nl - p)
         topic = pos + prefix
         if topic >= line_end or _blank(p[topic]):
             return None
-        pos = topic
-        while pos < line_end and not _blank(p[pos]):
-            pos += 1
+        pos = _field_end(p, topic, line_end)
         slot = topic_slot(p + topic, pos - topic)
         seen[slot // 64] |= (<uint64_t>1) << (slot % 64)
         pos = nl - p + 1

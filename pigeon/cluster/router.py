@@ -170,6 +170,11 @@ def split_commands(data: bytes, max_payload: int) -> tuple[list[bytes], int, int
         pos = end
 
 
+def every_line_starts(chunk: bytes, prefix: bytes) -> bool:
+    """Whether every line of ``chunk`` (whole lines, each ending with ``\\n``) begins with ``prefix``."""
+    return chunk.startswith(prefix) and chunk.count(b"\n" + prefix) + 1 == chunk.count(b"\n")
+
+
 def pub_run(data: bytes, prefix: bytes) -> tuple[list[int], int]:
     """The run of whole ``PUB`` frames at the start of ``data`` whose headers all start with ``prefix``
     (``PUB <id> <topic> ``) and end, like their payloads, with a bare ``\\n``: where each begins and
@@ -793,11 +798,11 @@ class RoutedConnection(_Connection):
         prefix = self._last_publish
         if not prefix or self._pending or self._holds or self._unanswered():
             return False
-        if chunk.startswith(prefix) and chunk.count(b"\n" + prefix) + 1 == chunk.count(b"\n"):
+        if every_line_starts(chunk, prefix):
             slots = [self._last_slot]  # all to the topic of the last one routed
         else:
             prefix = prefix[: prefix.index(b" ", len(b"PUBLISH ")) + 1]  # PUBLISH <id>
-            if not chunk.startswith(prefix) or chunk.count(b"\n" + prefix) + 1 != chunk.count(b"\n"):
+            if not every_line_starts(chunk, prefix):
                 return False
             found = publish_slots(chunk, len(prefix))
             if found is None:
